@@ -1,0 +1,84 @@
+"""The one table of real model shapes. Benchmarks, the static report and model-shaped tests read it.
+
+Sources: the models' published configs (hidden sizes, patch sizes, heads). Token counts are per image
+(or per video clip for Qwen2-VL) at the listed resolution.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+
+@dataclasses.dataclass(frozen=True)
+class MLPShape:
+    """An MLP projector: tokens per image, then layer widths (in, hidden..., out)."""
+    name: str
+    tokens: int
+    widths: tuple[int, ...]
+    activation: str = "gelu"
+
+
+@dataclasses.dataclass(frozen=True)
+class PatchShape:
+    """A patch embedding: Conv2d(C, D, P, stride=P) on (H, W) images, or Conv3d with temporal T."""
+    name: str
+    channels: int
+    image: tuple[int, int]
+    patch: int
+    dim: int
+    temporal: int = 1
+    frames: int = 1
+
+    @property
+    def tokens(self) -> int:
+        return (self.frames // self.temporal) * (self.image[0] // self.patch) * (self.image[1] // self.patch)
+
+
+@dataclasses.dataclass(frozen=True)
+class AttentionShape:
+    """Resampler cross-attention: Lq learnable queries over Lk keys (context [+ latents])."""
+    name: str
+    queries: int
+    keys: int
+    heads: int
+    kv_heads: int
+    head_dim: int
+
+
+MLP_SHAPES = (
+    MLPShape("llava-1.5-7b", 576, (1024, 4096, 4096)),
+    MLPShape("llava-1.5-13b", 576, (1024, 5120, 5120)),
+    MLPShape("llava-next-7b", 2880, (1024, 4096, 4096)),
+    # Qwen2-VL merger: 2x2 patches of 1280 merged to 5120 -> 5120 -> 3584 (7B LLM); an 896x896
+    # image is 64x64 patches of 14, merged to 1024 tokens.
+    MLPShape("qwen2-vl-merger", 1024, (5120, 5120, 3584)),
+    # InternVL2-8B mlp1: LayerNorm(4096) -> Linear(4096, 4096) -> GELU -> Linear(4096, 4096);
+    # 4096 = 1024 (InternViT-300M) * 4 after pixel shuffle; 256 tokens per 448px tile.
+    MLPShape("internvl2-8b-mlp1", 256, (4096, 4096, 4096)),
+)
+
+PATCH_SHAPES = (
+    PatchShape("clip-l-14-336", 3, (336, 336), 14, 1024),
+    PatchShape("siglip-so400m-14-384", 3, (384, 384), 14, 1152),
+    # Fuyu-8B: 30x30 patches, flattened and projected by a Linear(2700, 4096); 1080x1920 max input.
+    PatchShape("fuyu-8b", 3, (1080, 1920), 30, 4096),
+    PatchShape("qwen2-vl", 3, (392, 392), 14, 1280, temporal=2, frames=2),
+)
+
+ATTENTION_SHAPES = (
+    # Idefics2: 64 latents, 16 heads, 4 KV heads, head dim 96; keys = context + latents, the
+    # context being SigLIP at 980px / 14 = 70x70 = 4900 tokens per image.
+    AttentionShape("idefics2-resampler", 64, 4900 + 64, 16, 4, 96),
+    # OpenFlamingo: 64 latents, 8 heads of 64; context = CLIP-L/14 at 224px: 256 tokens (+1 CLS).
+    AttentionShape("openflamingo-resampler", 64, 257 + 64, 8, 8, 64),
+    # BLIP-2 Q-Former cross-attention: 32 queries, 12 heads of 64, 257 EVA-CLIP tokens.
+    AttentionShape("blip2-qformer-xattn", 32, 257, 12, 12, 64),
+)
+
+
+def by_name(name: str):
+    for table in (MLP_SHAPES, PATCH_SHAPES, ATTENTION_SHAPES):
+        for s in table:
+            if s.name == name:
+                return s
+    raise KeyError(name)

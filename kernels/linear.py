@@ -1,0 +1,359 @@
+"""Fused GEMM for Linear -> bias -> activation, forward and backward.
+
+One kernel, ``fused_gemm_kernel``, computes ``C = A @ B`` over arbitrary strides with an fp32 (fp64
+for fp64 inputs) accumulator and three optional epilogues/side-outputs chosen by constexpr flags:
+
+* forward   ``y = act(x @ W^T + b)``; with ``STORE_AUX`` the pre-activation ``h`` is written from
+  the same registers (one extra store, no extra kernel: cuBLASLt's GELU_AUX_BIAS).
+* MLP dX    ``dH_prev = (dH @ W) * act'(h_prev)``: the next layer's input gradient is multiplied by
+  the activation derivative in the epilogue, which already holds the tile (``ACT_GRAD``).
+* dW        ``dW = dH^T @ X``; its K loop runs over tokens, so with ``ROWSUM_A`` each program also
+  sums the dH^T tiles it loads, giving ``db = sum_m dH`` for free and in a fixed order.
+
+plus ``act_grad_kernel`` (``dH = dY * act'(h)`` in one pass) for a standalone Linear+activation.
+
+Layout: A (M, K), B (K, N), C (M, N), any strides (the launcher folds leading dims into M).
+Tile order is grouped (GROUP_M rows of tiles share B in L2). Loads along M and N are clamped with
+``% M`` / ``% N`` instead of masked (the wrapped rows are never stored); the K tail is masked only
+when ``K % BLOCK_K != 0`` (EVEN_K heuristic). No atomics anywhere: every output element is written
+by exactly one program, so results are bitwise reproducible.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from mmfuse.kernels._common import (
+    ACTIVATIONS,
+    INTERPRET,
+    acc_dtype,
+    activation_grad,
+    apply_activation,
+    cdiv,
+    dot_precision,
+    empty,
+    num_sms,
+)
+
+
+@triton.jit
+def fused_gemm_kernel(
+    a_ptr, b_ptr, c_ptr, bias_ptr, aux_ptr, rowsum_ptr,
+    M, N, K,
+    stride_am, stride_ak, stride_bk, stride_bn, stride_cm, stride_cn, stride_auxm, stride_auxn,
+    ACTIVATION: tl.constexpr,   # 0 none, 1 gelu (erf), 2 gelu_tanh
+    HAS_BIAS: tl.constexpr,     # C += bias[None, :]
+    STORE_AUX: tl.constexpr,    # write the pre-activation to aux (forward, for backward)
+    ACT_GRAD: tl.constexpr,     # C *= act'(aux) instead of C = act(C)  (MLP backward)
+    ROWSUM_A: tl.constexpr,     # rowsum[m] = sum_k A[m, k]  (bias gradient inside dW)
+    INPUT_PRECISION: tl.constexpr,
+    ACC_DTYPE: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    GROUP_M: tl.constexpr, EVEN_K: tl.constexpr,
+):
+    # Grouped ordering: consecutive programs walk down GROUP_M tile rows before moving right, so
+    # the B columns they share stay in L2.
+    pid = tl.program_id(0)
+    num_pid_m = tl.cdiv(M, BLOCK_M)
+    num_pid_n = tl.cdiv(N, BLOCK_N)
+    num_pid_in_group = GROUP_M * num_pid_n
+    group_id = pid // num_pid_in_group
+    first_pid_m = group_id * GROUP_M
+    group_size_m = min(num_pid_m - first_pid_m, GROUP_M)
+    pid_m = first_pid_m + ((pid % num_pid_in_group) % group_size_m)
+    pid_n = (pid % num_pid_in_group) // group_size_m
+
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_k = tl.arange(0, BLOCK_K)
+    # Wrap instead of mask: rows/cols past the edge re-read valid memory and are never stored.
+    offs_am = (offs_m % M).to(tl.int64)
+    offs_bn = (offs_n % N).to(tl.int64)
+    a_ptrs = a_ptr + offs_am[:, None] * stride_am + offs_k[None, :] * stride_ak
+    b_ptrs = b_ptr + offs_k[:, None] * stride_bk + offs_bn[None, :] * stride_bn
+
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=ACC_DTYPE)
+    if ROWSUM_A:
+        rowsum = tl.zeros((BLOCK_M,), dtype=ACC_DTYPE)
+    for k in range(0, tl.cdiv(K, BLOCK_K)):
+        if EVEN_K:
+            a = tl.load(a_ptrs)
+            b = tl.load(b_ptrs)
+        else:
+            k_left = K - k * BLOCK_K
+            a = tl.load(a_ptrs, mask=offs_k[None, :] < k_left, other=0.0)
+            b = tl.load(b_ptrs, mask=offs_k[:, None] < k_left, other=0.0)
+        acc = tl.dot(a, b, acc, input_precision=INPUT_PRECISION)
+        if ROWSUM_A:
+            rowsum += tl.sum(a.to(ACC_DTYPE), axis=1)
+        a_ptrs += BLOCK_K * stride_ak
+        b_ptrs += BLOCK_K * stride_bk
+
+    # Epilogue, all in the accumulator type; one rounding to the output dtype at the store.
+    mask_m = offs_m < M
+    mask_n = offs_n < N
+    mask = mask_m[:, None] & mask_n[None, :]
+    # 64-bit offset of the tile corner once, 32-bit offsets inside it: per-element 64-bit addresses
+    # in the MMA layout cost ~2 registers per accumulator element and made the dX epilogue spill.
+    rm = tl.arange(0, BLOCK_M)[:, None]
+    rn = tl.arange(0, BLOCK_N)[None, :]
+    row0 = (pid_m * BLOCK_M).to(tl.int64)
+    col0 = (pid_n * BLOCK_N).to(tl.int64)
+    aux_ptrs = aux_ptr + (row0 * stride_auxm + col0 * stride_auxn) + (rm * stride_auxm + rn * stride_auxn)
+    c_ptrs = c_ptr + (row0 * stride_cm + col0 * stride_cn) + (rm * stride_cm + rn * stride_cn)
+    if HAS_BIAS:
+        bias = tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0)
+        acc += bias[None, :].to(ACC_DTYPE)
+    if STORE_AUX:
+        tl.store(aux_ptrs, acc.to(aux_ptr.dtype.element_ty), mask=mask)
+    if ACT_GRAD:
+        h = tl.load(aux_ptrs, mask=mask, other=0.0).to(ACC_DTYPE)
+        acc = acc * activation_grad(h, ACTIVATION)
+    else:
+        acc = apply_activation(acc, ACTIVATION)
+    tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=mask)
+    if ROWSUM_A:
+        # Every pid_n computed the same sums; one writes them.
+        if pid_n == 0:
+            tl.store(rowsum_ptr + offs_m, rowsum.to(rowsum_ptr.dtype.element_ty), mask=mask_m)
+
+
+@triton.jit
+def act_grad_kernel(
+    dy_ptr, h_ptr, dh_ptr,
+    M, N,
+    stride_dym, stride_dyn, stride_hm, stride_hn, stride_dhm, stride_dhn,
+    ACTIVATION: tl.constexpr, ACC_DTYPE: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    """dH = dY * act'(h), one read of each input and one write."""
+    offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask = (offs_m < M)[:, None] & (offs_n < N)[None, :]
+    rows = offs_m[:, None].to(tl.int64)
+    cols = offs_n[None, :]
+    dy = tl.load(dy_ptr + rows * stride_dym + cols * stride_dyn, mask=mask, other=0.0).to(ACC_DTYPE)
+    h = tl.load(h_ptr + rows * stride_hm + cols * stride_hn, mask=mask, other=0.0).to(ACC_DTYPE)
+    dh = dy * activation_grad(h, ACTIVATION)
+    tl.store(dh_ptr + rows * stride_dhm + cols * stride_dhn, dh.to(dh_ptr.dtype.element_ty), mask=mask)
+
+
+# ----------------------------------------------------------------------------------------------
+# Configs and tile choice
+# ----------------------------------------------------------------------------------------------
+#: (BLOCK_M, BLOCK_N, BLOCK_K for 2-byte dtypes, num_warps, num_stages). 4-byte dtypes halve
+#: BLOCK_K so every config fits the 164 KB of an A100 SM (and the 228 KB of an H100 one).
+#: 128x256x64 (8 warps) is absent: with the GELU+aux epilogue it spills on sm_80 and sm_90
+#: (bench/NOTES.md).
+GEMM_TILES = (
+    (128, 128, 64, 8, 4),
+    (128, 64, 64, 4, 4),
+    (64, 128, 64, 4, 4),
+    (64, 64, 64, 4, 4),
+)
+GROUP_M = 8
+#: Configs whose wave efficiency is below this are dropped before autotuning (see bench/NOTES.md).
+MIN_WAVE_EFFICIENCY = 0.70
+
+#: The single config used under the interpreter: small, so odd test sizes span several tiles.
+INTERPRETER_TILE = (32, 32, 32, 4, 1)
+
+ACT_GRAD_BLOCK = (64, 64)
+
+
+def block_k_for(block_k: int, elem_bytes: int) -> int:
+    return block_k if elem_bytes <= 2 else block_k // 2
+
+
+def wave_efficiency(M: int, N: int, block_m: int, block_n: int, sms: int) -> float:
+    """Useful MACs over MACs the occupied waves could do (one CTA of this size per SM).
+
+    Counts both the wave tail (the last wave leaves SMs idle) and the ragged edge tiles.
+    """
+    tiles = cdiv(M, block_m) * cdiv(N, block_n)
+    waves = cdiv(tiles, sms)
+    return (M * N) / (waves * sms * block_m * block_n)
+
+
+def candidate_tiles(M: int, N: int, sms: int):
+    """Tiles worth autotuning at (M, N): those with wave efficiency >= MIN_WAVE_EFFICIENCY,
+    or the best two when none reaches it (tiny problems)."""
+    scored = [(wave_efficiency(M, N, t[0], t[1], sms), t) for t in GEMM_TILES]
+    keep = [t for e, t in scored if e >= MIN_WAVE_EFFICIENCY]
+    if not keep:
+        keep = [t for _, t in sorted(scored, key=lambda s: -s[0])[:2]]
+    return keep
+
+
+def _config(tile, elem_bytes: int) -> triton.Config:
+    bm, bn, bk, warps, stages = tile
+    return triton.Config(
+        {"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": block_k_for(bk, elem_bytes), "GROUP_M": GROUP_M},
+        num_warps=warps, num_stages=stages,
+    )
+
+
+def _prune(configs, named_args, **kwargs):
+    M, N = named_args["M"], named_args["N"]
+    elem_bytes = named_args["a_ptr"].element_size()
+    keep = candidate_tiles(M, N, num_sms(named_args["a_ptr"].device))
+    return [_config(t, elem_bytes) for t in keep]
+
+
+_even_k = triton.heuristics({"EVEN_K": lambda args: args["K"] % args["BLOCK_K"] == 0})
+
+#: Fixed-config entry point: the interpreter (which cannot benchmark) and explicit ``tile=`` calls.
+_gemm_fixed = _even_k(fused_gemm_kernel)
+#: Autotuned entry point for GPUs: configs pruned by wave efficiency, keyed on shape and epilogue.
+_gemm_tuned = None if INTERPRET else triton.autotune(
+    configs=[_config(t, 2) for t in GEMM_TILES],
+    key=["M", "N", "K", "ACTIVATION", "HAS_BIAS", "STORE_AUX", "ACT_GRAD", "ROWSUM_A"],
+    prune_configs_by={"early_config_prune": _prune},
+)(_even_k(fused_gemm_kernel))
+
+
+def _launch_gemm(a, b, c, *, bias=None, aux=None, rowsum=None, activation=0,
+                 store_aux=False, act_grad=False, tile=None):
+    """C = epilogue(A @ B) for 2-D views A (M, K), B (K, N), C (M, N)."""
+    M, K = a.shape
+    N = b.shape[1]
+    if M == 0 or N == 0:
+        return
+    if K == 0:
+        raise ValueError("fused_gemm: K must be positive")
+    dummy = c  # never dereferenced when its flag is off
+    aux_t = aux if aux is not None else dummy
+    args = (
+        a, b, c, bias if bias is not None else dummy, aux_t, rowsum if rowsum is not None else dummy,
+        M, N, K,
+        a.stride(0), a.stride(1), b.stride(0), b.stride(1), c.stride(0), c.stride(1),
+        aux_t.stride(0), aux_t.stride(1),
+    )
+    flags = dict(
+        ACTIVATION=activation, HAS_BIAS=bias is not None, STORE_AUX=store_aux, ACT_GRAD=act_grad,
+        ROWSUM_A=rowsum is not None, INPUT_PRECISION=dot_precision(a.dtype), ACC_DTYPE=acc_dtype(a.dtype),
+    )
+    if INTERPRET or tile is not None:
+        bm, bn, bk, warps, stages = tile or INTERPRETER_TILE
+        if not INTERPRET:
+            bk = block_k_for(bk, a.element_size())
+        grid = (cdiv(M, bm) * cdiv(N, bn),)
+        _gemm_fixed[grid](*args, **flags, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=GROUP_M,
+                          num_warps=warps, num_stages=stages)
+    else:
+        grid = lambda meta: (cdiv(M, meta["BLOCK_M"]) * cdiv(N, meta["BLOCK_N"]),)  # noqa: E731
+        _gemm_tuned[grid](*args, **flags)
+
+
+# ----------------------------------------------------------------------------------------------
+# Launchers (2-D in, 2-D out)
+# ----------------------------------------------------------------------------------------------
+def linear_fwd(x, weight, bias=None, activation=None, store_preact=False):
+    """y = act(x @ weight^T + bias) for x (M, K), weight (N, K). Returns (y, h or None)."""
+    act = ACTIVATIONS[activation]
+    M, N = x.shape[0], weight.shape[0]
+    y = empty((M, N), dtype=x.dtype, device=x.device)
+    h = empty((M, N), dtype=x.dtype, device=x.device) if (store_preact and act) else None
+    _launch_gemm(x, weight.t(), y, bias=bias, aux=h, activation=act, store_aux=h is not None)
+    return y, h
+
+
+def act_grad(dy, h, activation):
+    """dH = dY * act'(h) (one elementwise pass)."""
+    M, N = dy.shape
+    dh = empty((M, N), dtype=dy.dtype, device=dy.device)
+    if dh.numel():
+        bm, bn = ACT_GRAD_BLOCK
+        act_grad_kernel[(cdiv(M, bm), cdiv(N, bn))](
+            dy, h, dh, M, N,
+            dy.stride(0), dy.stride(1), h.stride(0), h.stride(1), dh.stride(0), dh.stride(1),
+            ACTIVATION=ACTIVATIONS[activation], ACC_DTYPE=acc_dtype(dy.dtype), BLOCK_M=bm, BLOCK_N=bn,
+        )
+    return dh
+
+
+def input_grad(dh, weight, h_prev=None, activation_prev=None):
+    """dX = dH @ W; with ``h_prev``, returns the previous layer's dH_prev = dX * act'(h_prev)."""
+    M, K = dh.shape[0], weight.shape[1]
+    dx = empty((M, K), dtype=dh.dtype, device=dh.device)
+    if h_prev is not None:
+        _launch_gemm(dh, weight, dx, aux=h_prev, activation=ACTIVATIONS[activation_prev], act_grad=True)
+    else:
+        _launch_gemm(dh, weight, dx)
+    return dx
+
+
+def weight_grad(dh, x, with_bias: bool):
+    """dW = dH^T @ X and, with ``with_bias``, db = sum over rows of dH, from the same loads."""
+    N, K = dh.shape[1], x.shape[1]
+    dw = empty((N, K), dtype=dh.dtype, device=dh.device)
+    db = empty((N,), dtype=dh.dtype, device=dh.device) if with_bias else None
+    if dh.shape[0] == 0:  # no tokens: the sums are empty
+        dw.zero_()
+        if db is not None:
+            db.zero_()
+        return dw, db
+    _launch_gemm(dh.t(), x, dw, rowsum=db)
+    return dw, db
+
+
+# ----------------------------------------------------------------------------------------------
+# Ahead-of-time compile specs (tests/test_aot.py, `mmfuse report`)
+# ----------------------------------------------------------------------------------------------
+#: Representative launch: LLaVA-1.5-7B projector, 4 images (M = 4 * 576, K = 1024, N = 4096).
+AOT_SHAPE = (4 * 576, 1024, 4096)
+
+
+def _gemm_layouts(M, K, N):
+    """(variant, GEMM dims, strides, flags) of the three GEMMs one Linear layer launches."""
+    return [
+        ("fwd gelu+bias+aux", (M, N, K),
+         dict(stride_am=K, stride_ak=1, stride_bk=1, stride_bn=K, stride_cm=N, stride_cn=1,
+              stride_auxm=N, stride_auxn=1),
+         dict(ACTIVATION=1, HAS_BIAS=True, STORE_AUX=True, ACT_GRAD=False, ROWSUM_A=False)),
+        ("dX * gelu'(h_prev)", (M, K, N),
+         dict(stride_am=N, stride_ak=1, stride_bk=K, stride_bn=1, stride_cm=K, stride_cn=1,
+              stride_auxm=K, stride_auxn=1),
+         dict(ACTIVATION=1, HAS_BIAS=False, STORE_AUX=False, ACT_GRAD=True, ROWSUM_A=False)),
+        ("dW + db", (N, K, M),
+         dict(stride_am=1, stride_ak=N, stride_bk=K, stride_bn=1, stride_cm=K, stride_cn=1,
+              stride_auxm=K, stride_auxn=1),
+         dict(ACTIVATION=0, HAS_BIAS=False, STORE_AUX=False, ACT_GRAD=False, ROWSUM_A=True)),
+    ]
+
+
+def aot_specs():
+    from mmfuse._aot import CompileSpec
+
+    M, K, N = AOT_SHAPE
+    layouts = _gemm_layouts(M, K, N)
+    # fp16 runs every layout; the other dtypes the forward (the heaviest epilogue).
+    plans = [("fp16", "*fp16", "ieee", layouts), ("bf16", "*bf16", "ieee", layouts[:1]),
+             ("fp32-tf32", "*fp32", "tf32", layouts[:1]), ("fp32", "*fp32", "ieee", layouts[:1])]
+    specs = []
+    for bm, bn, bk, warps, stages in GEMM_TILES:
+        for dtype, ptr, precision, lays in plans:
+            elem = 2 if ptr != "*fp32" else 4
+            for variant, (gm, gn, gk), strides, flags in lays:
+                block_k = block_k_for(bk, elem)
+                args = dict(a_ptr=ptr, b_ptr=ptr, c_ptr=ptr, bias_ptr=ptr, aux_ptr=ptr, rowsum_ptr=ptr,
+                            M=gm, N=gn, K=gk, **strides)
+                cx = dict(flags, INPUT_PRECISION=precision, ACC_DTYPE=tl.float32, BLOCK_M=bm, BLOCK_N=bn,
+                          BLOCK_K=block_k, GROUP_M=GROUP_M, EVEN_K=gk % block_k == 0)
+                specs.append(CompileSpec(
+                    kernel="linear/fused_gemm_kernel", variant=variant, dtype=dtype,
+                    config=f"{bm}x{bn}x{block_k} w{warps} s{stages}", fn=fused_gemm_kernel,
+                    args=tuple(args.items()), constexprs=tuple(cx.items()), num_warps=warps,
+                    num_stages=stages, tensor_cores=precision == "tf32" or ptr != "*fp32"))
+    bm, bn = ACT_GRAD_BLOCK
+    for dtype, ptr in (("fp16", "*fp16"), ("bf16", "*bf16"), ("fp32", "*fp32")):
+        args = dict(dy_ptr=ptr, h_ptr=ptr, dh_ptr=ptr, M=M, N=N, stride_dym=N, stride_dyn=1,
+                    stride_hm=N, stride_hn=1, stride_dhm=N, stride_dhn=1)
+        cx = dict(ACTIVATION=1, ACC_DTYPE=tl.float32, BLOCK_M=bm, BLOCK_N=bn)
+        specs.append(CompileSpec(
+            kernel="linear/act_grad_kernel", variant="dY * gelu'(h)", dtype=dtype, config=f"{bm}x{bn} w4",
+            fn=act_grad_kernel, args=tuple(args.items()), constexprs=tuple(cx.items()), num_warps=4,
+            num_stages=1, tensor_cores=False))
+    return specs

@@ -1,0 +1,157 @@
+"""Ahead-of-time compilation of every kernel config for sm_80 / sm_90, without a GPU.
+
+Each kernel module exposes ``aot_specs()``: one ``CompileSpec`` per (config, variant) it can launch,
+described by a representative launch (pointer dtypes, integer values, constexprs). From that we build
+the signature, the constexprs and the divisibility hints exactly as Triton's JIT would specialize that
+launch (integers equal to 1 become constexprs; pointers and integers divisible by 16 get
+``tt.divisibility``), compile with ``triton.compile(..., target=GPUTarget("cuda", arch, 32))``, and read
+registers / spills from the cubin with the ``cuobjdump`` shipped in the Triton wheel.
+
+Used by the test suite (tests/test_aot.py) and by ``mmfuse report``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import os
+import re
+import subprocess
+import tempfile
+import time
+from typing import Any
+
+#: Architecture facts the checks use. Shared memory: the opt-in maximum per block.
+ARCHS = {
+    80: {"name": "sm_80", "max_shared": 166912, "tensor_core": "mma.sync", "max_regs": 255},
+    90: {"name": "sm_90", "max_shared": 232448, "tensor_core": "wgmma", "max_regs": 255},
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class CompileSpec:
+    kernel: str                     # kernel family and function, e.g. "linear/fused_gemm"
+    variant: str                    # what this launch does, e.g. "fwd gelu+bias+aux"
+    dtype: str                      # "fp16", "bf16", "fp32", "fp32-tf32"
+    config: str                     # e.g. "128x128x64 w8 s4"
+    fn: Any = dataclasses.field(compare=False, hash=False)
+    args: tuple = ()                # ((name, value), ...): "*fp16"-style pointers or ints
+    constexprs: tuple = ()          # ((name, value), ...)
+    num_warps: int = 4
+    num_stages: int = 3
+    tensor_cores: bool = True       # mma/wgmma expected in the PTX
+
+    @property
+    def label(self) -> str:
+        return f"{self.kernel} [{self.variant}] {self.dtype} {self.config}"
+
+
+@dataclasses.dataclass
+class CompileReport:
+    spec: CompileSpec
+    arch: int
+    registers: int
+    spill_bytes: int        # STACK from cuobjdump -res-usage (local memory = spills)
+    shared_bytes: int       # dynamic shared memory (metadata.shared)
+    mma: bool               # mma.sync in the PTX
+    wgmma: bool             # wgmma in the PTX
+    cp_async_16B: bool      # 16-byte cp.async (global -> shared, 128-bit)
+    tma: bool               # cp.async.bulk.tensor (TMA)
+    vec128_global: int      # number of 128-bit ld/st.global instructions
+    seconds: float
+
+    @property
+    def tensor_core_instr(self) -> str:
+        return "wgmma" if self.wgmma else ("mma.sync" if self.mma else "none")
+
+    def max_ctas_per_sm(self) -> int:
+        """Occupancy bound from registers and shared memory only (65536 regs, 2048 threads/SM)."""
+        threads = 32 * self.spec.num_warps
+        regs = max(self.registers, 1) * threads
+        by_regs = 65536 // regs
+        smem_sm = {80: 167936, 90: 233472}[self.arch]
+        by_smem = smem_sm // max(self.shared_bytes + 1024, 1)
+        return max(0, min(by_regs, by_smem, 2048 // threads, 32))
+
+
+def _signature(spec: CompileSpec):
+    names = spec.fn.arg_names
+    given = dict(spec.args)
+    constexprs = dict(spec.constexprs)
+    sig, attrs, cx = {}, {}, {}
+    for i, name in enumerate(names):
+        if name in constexprs:
+            sig[name] = "constexpr"
+            cx[(i,)] = constexprs[name]
+            continue
+        if name not in given:
+            raise KeyError(f"{spec.label}: no value for argument {name!r}")
+        value = given[name]
+        if isinstance(value, str):  # a pointer: torch allocations are 16-byte aligned (and more)
+            sig[name] = value
+            attrs[(i,)] = [["tt.divisibility", 16]]
+        elif isinstance(value, float):
+            sig[name] = "fp32"
+        elif value == 1:  # the JIT specializes integers equal to 1
+            sig[name] = "constexpr"
+            cx[(i,)] = 1
+        else:
+            sig[name] = "i32" if abs(value) < 2**31 else "i64"
+            if value % 16 == 0:
+                attrs[(i,)] = [["tt.divisibility", 16]]
+    return sig, cx, attrs
+
+
+def _tool(name: str) -> str:
+    import triton
+
+    return os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", name)
+
+
+_RES = re.compile(r"REG:(\d+)\s+STACK:(\d+)")
+
+
+@functools.lru_cache(maxsize=None)
+def compile_spec(spec: CompileSpec, arch: int) -> CompileReport:
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    sig, cx, attrs = _signature(spec)
+    t0 = time.perf_counter()
+    kernel = triton.compile(
+        ASTSource(fn=spec.fn, signature=sig, constexprs=cx, attrs=attrs),
+        target=GPUTarget("cuda", arch, 32),
+        options={"num_warps": spec.num_warps, "num_stages": spec.num_stages},
+    )
+    seconds = time.perf_counter() - t0
+    with tempfile.TemporaryDirectory() as d:
+        path = os.path.join(d, "kernel.cubin")
+        with open(path, "wb") as f:
+            f.write(kernel.asm["cubin"])
+        out = subprocess.run([_tool("cuobjdump"), "-res-usage", path], capture_output=True, text=True,
+                             check=True).stdout
+    m = _RES.search(out)
+    if m is None:
+        raise RuntimeError(f"{spec.label}: could not read register usage from cuobjdump:\n{out}")
+    ptx = kernel.asm["ptx"]
+    return CompileReport(
+        spec=spec, arch=arch, registers=int(m.group(1)), spill_bytes=int(m.group(2)),
+        shared_bytes=int(kernel.metadata.shared),
+        mma="mma.sync" in ptx, wgmma="wgmma.mma_async" in ptx,
+        cp_async_16B=bool(re.search(r"cp\.async\.c[ga]\.shared\.global[^\n]*, 16(, |;)", ptx)),
+        tma="cp.async.bulk.tensor" in ptx,
+        vec128_global=len(re.findall(r"(?:ld|st)\.global(?:\.[a-z0-9]+)*\.v4\.(?:b32|f32|u32|s32)", ptx))
+        + len(re.findall(r"(?:ld|st)\.global(?:\.[a-z0-9]+)*\.v2\.(?:b64|f64|u64)", ptx)),
+        seconds=seconds,
+    )
+
+
+def all_specs() -> list[CompileSpec]:
+    """Every config of every kernel, as the kernel modules list them."""
+    from mmfuse.kernels import linear
+
+    specs = []
+    for module in (linear,):
+        specs.extend(module.aot_specs())
+    return specs

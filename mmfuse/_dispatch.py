@@ -1,0 +1,56 @@
+"""The one place that decides which implementation a call runs.
+
+* CUDA tensors                          -> the compiled Triton kernels ("triton").
+* CPU tensors, Triton interpreter on     -> the same Triton kernels, interpreted ("interpreter").
+* CPU tensors otherwise                  -> the pure-PyTorch reference ("reference").
+
+Triton reads ``TRITON_INTERPRET`` when ``@triton.jit`` decorates a function, so the interpreter is
+"on" only if it was set before ``mmfuse.kernels`` was first imported. We read the environment once,
+here, at import of ``mmfuse`` (which imports this module before any kernel), and never again.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+TRITON = "triton"
+INTERPRETER = "interpreter"
+REFERENCE = "reference"
+
+
+def _env_interpret() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0").strip().lower() in ("1", "true", "yes", "on")
+
+
+#: Whether the Triton kernels were decorated in interpreter mode (decided at import).
+INTERPRET: bool = _env_interpret()
+
+if INTERPRET:
+    # The interpreter multiplies bf16 dot operands as raw bit patterns (see _interpreter.py).
+    from mmfuse._interpreter import install_bf16_dot_fix
+
+    install_bf16_dot_fix()
+
+
+def backend_for(*tensors: torch.Tensor | None) -> str:
+    """Which path a call on these tensors takes: ``"triton"``, ``"interpreter"`` or ``"reference"``.
+
+    ``None`` entries are ignored. The device of the first tensor decides (callers check that all
+    tensors share one device before asking).
+    """
+    for t in tensors:
+        if t is None:
+            continue
+        if t.device.type == "cuda":
+            return TRITON
+        if t.device.type == "cpu":
+            return INTERPRETER if INTERPRET else REFERENCE
+        return REFERENCE
+    return INTERPRETER if INTERPRET else REFERENCE
+
+
+def uses_kernels(*tensors: torch.Tensor | None) -> bool:
+    """True when the call runs Triton code (compiled or interpreted)."""
+    return backend_for(*tensors) != REFERENCE

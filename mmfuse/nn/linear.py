@@ -1,0 +1,130 @@
+"""Drop-in Linear (+ activation) and MLP projector layers on the fused GEMM kernels."""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+import torch.nn as nn
+
+from mmfuse import _patch
+from mmfuse.nn._activations import activation_name
+from mmfuse.ops.linear import linear, mlp
+
+
+class Linear(nn.Linear):
+    """``nn.Linear`` with an optional fused activation; same parameters and state_dict keys."""
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = True, activation: str | None = None,
+                 device=None, dtype=None):
+        super().__init__(in_features, out_features, bias=bias, device=device, dtype=dtype)
+        self.activation = activation
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return linear(x, self.weight, self.bias, self.activation)
+
+    def extra_repr(self) -> str:
+        return super().extra_repr() + f", activation={self.activation!r}"
+
+    @classmethod
+    def from_module(cls, module: nn.Linear, activation: str | None = None) -> "Linear":
+        """Wrap an ``nn.Linear``, sharing its parameters (no copy)."""
+        if not isinstance(module, nn.Linear):
+            raise TypeError(f"module: expected nn.Linear, got {type(module).__name__}")
+        new = cls.__new__(cls)
+        nn.Module.__init__(new)
+        new.in_features, new.out_features = module.in_features, module.out_features
+        new.weight = module.weight
+        new.bias = module.bias
+        new.activation = activation
+        return new
+
+
+class MLPProjector(nn.Module):
+    """``Linear -> act -> Linear -> ...`` (LLaVA's ``mlp{n}x_gelu``) as one fused autograd op.
+
+    The Linear layers are registered under the names of the module replaced, so state_dicts load
+    unchanged: ``"0", "2", "4", ...`` for an ``nn.Sequential(Linear, GELU, Linear, ...)`` (LLaVA's own
+    code) or ``"linear_1", "linear_2"`` for transformers' ``LlavaMultiModalProjector``.
+    """
+
+    def __init__(self, widths: Sequence[int], activation: str | None = "gelu", bias: bool = True,
+                 names: Sequence[str] | None = None, device=None, dtype=None):
+        super().__init__()
+        widths = list(widths)
+        if len(widths) < 2:
+            raise ValueError(f"widths: expected at least 2 entries (in, out), got {widths}")
+        n = len(widths) - 1
+        names = list(names) if names is not None else [str(2 * i) for i in range(n)]
+        if len(names) != n:
+            raise ValueError(f"names: expected {n} names (one per Linear), got {len(names)}")
+        self.activation = activation
+        self._layer_names = names
+        for name, k, m in zip(names, widths[:-1], widths[1:]):
+            self.add_module(name, nn.Linear(k, m, bias=bias, device=device, dtype=dtype))
+
+    @property
+    def layers(self) -> list[nn.Linear]:
+        return [getattr(self, name) for name in self._layer_names]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        layers = self.layers
+        return mlp(x, [lin.weight for lin in layers], [lin.bias for lin in layers], self.activation)
+
+    @classmethod
+    def _from_layers(cls, names, layers, activation) -> "MLPProjector":
+        new = cls.__new__(cls)
+        nn.Module.__init__(new)
+        new.activation = activation
+        new._layer_names = list(names)
+        for name, lin in zip(names, layers):
+            new.add_module(name, lin)  # shares the parameters
+        return new
+
+    @classmethod
+    def from_module(cls, module: nn.Module) -> "MLPProjector":
+        """From ``nn.Sequential(Linear, GELU, Linear, ...)`` or a ``LlavaMultiModalProjector``."""
+        if isinstance(module, nn.Sequential):
+            return cls._from_sequential(module)
+        if type(module).__name__ == "LlavaMultiModalProjector":
+            return cls._from_layers(["linear_1", "linear_2"], [module.linear_1, module.linear_2],
+                                    activation_name(module.act))
+        raise TypeError(f"module: expected nn.Sequential(Linear, GELU, Linear, ...) or "
+                        f"LlavaMultiModalProjector, got {type(module).__name__}")
+
+    @classmethod
+    def _from_sequential(cls, seq: nn.Sequential) -> "MLPProjector":
+        items = list(seq.named_children())
+        names, layers, acts = [], [], set()
+        for i, (name, m) in enumerate(items):
+            if i % 2 == 0:
+                if not isinstance(m, nn.Linear):
+                    raise TypeError(f"module[{i}]: expected nn.Linear, got {type(m).__name__}")
+                names.append(name)
+                layers.append(m)
+            else:
+                acts.add(activation_name(m))
+        if len(items) % 2 == 0:
+            raise TypeError(f"module: expected an odd number of children ending in nn.Linear, got {len(items)}")
+        if len(acts) > 1:
+            raise ValueError(f"module: expected one activation between all layers, got {sorted(map(str, acts))}")
+        return cls._from_layers(names, layers, acts.pop() if acts else None)
+
+
+def _is_llava_mlp_sequential(m: nn.Module) -> bool:
+    if not isinstance(m, nn.Sequential) or len(m) < 3 or len(m) % 2 == 0:
+        return False
+    try:
+        MLPProjector._from_sequential(m)
+    except (TypeError, ValueError):
+        return False
+    return True
+
+
+_patch.register(_patch.Rule(
+    "LlavaMultiModalProjector",
+    lambda m: type(m).__name__ == "LlavaMultiModalProjector",
+    MLPProjector.from_module,
+))
+_patch.register(_patch.Rule("Sequential(Linear, GELU, Linear, ...)", _is_llava_mlp_sequential,
+                            MLPProjector.from_module))

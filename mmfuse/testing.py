@@ -1,0 +1,77 @@
+"""What the tests and ``mmfuse verify`` share: the flash-attention error rule and input makers.
+
+The rule: a kernel's error against an fp64 reference may be at most ``MULT`` times the error that
+PyTorch's own same-precision reference makes against fp64, plus a rounding floor of a few units in the
+last place of the output's scale (so exact references do not demand bit equality).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+
+MULT = 3.0
+#: Units in the last place of the output scale allowed on top of MULT * reference error.
+FLOOR_ULPS = 4.0
+
+
+def floor_for(dtype: torch.dtype, scale: float) -> float:
+    return FLOOR_ULPS * torch.finfo(dtype).eps * max(scale, 1.0)
+
+
+@dataclasses.dataclass
+class Comparison:
+    what: str
+    error: float      # max |out - ref64|
+    ref_error: float  # max |ref_same_precision - ref64|
+    allowed: float
+
+    @property
+    def ok(self) -> bool:
+        return self.error <= self.allowed  # NaN compares False: a poisoned output fails
+
+    def __str__(self) -> str:
+        return (f"{self.what}: error {self.error:.3g} > allowed {self.allowed:.3g} "
+                f"(reference error {self.ref_error:.3g})") if not self.ok else \
+               f"{self.what}: error {self.error:.3g} <= {self.allowed:.3g}"
+
+
+def compare(what: str, out: torch.Tensor, ref64: torch.Tensor, ref_lowp: torch.Tensor,
+            mult: float = MULT) -> Comparison:
+    """Flash-attention rule for one output. ``ref_lowp`` is PyTorch's reference in ``out.dtype``."""
+    if out.shape != ref64.shape:
+        raise AssertionError(f"{what}: shape {tuple(out.shape)} != reference {tuple(ref64.shape)}")
+    if out.numel() == 0:
+        return Comparison(what, 0.0, 0.0, 0.0)
+    out64, ref_lowp64 = out.detach().double().cpu(), ref_lowp.detach().double().cpu()
+    ref64 = ref64.detach().double().cpu()
+    err = (out64 - ref64).abs().max().item()
+    if torch.isnan(out64).any():
+        err = float("nan")
+    ref_err = (ref_lowp64 - ref64).abs().max().item()
+    scale = ref64.abs().max().item()
+    return Comparison(what, err, ref_err, mult * ref_err + floor_for(out.dtype, scale))
+
+
+def assert_close(what, out, ref64, ref_lowp, mult: float = MULT) -> Comparison:
+    c = compare(what, out, ref64, ref_lowp, mult)
+    assert c.ok, str(c)
+    return c
+
+
+class poisoned_outputs:
+    """Context manager: every buffer the launchers allocate starts as NaN (-1 for integers)."""
+
+    def __enter__(self):
+        from mmfuse.kernels import _common
+
+        self._old = _common.POISON_OUTPUTS
+        _common.POISON_OUTPUTS = True
+        return self
+
+    def __exit__(self, *exc):
+        from mmfuse.kernels import _common
+
+        _common.POISON_OUTPUTS = self._old
+        return False

@@ -1,0 +1,74 @@
+"""``mmfuse verify``: every kernel against its reference on this machine, as a table.
+
+Each op module exposes ``verify_checks()``: a list of ``Check``s, each running one op at one shape
+and dtype and returning its ``Comparison``s (outputs and gradients) under the error rule of
+``mmfuse.testing``. Exit status is non-zero when any comparison fails or raises.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import sys
+import time
+from typing import Callable
+
+import torch
+
+from mmfuse.testing import Comparison, poisoned_outputs
+
+
+@dataclasses.dataclass
+class Check:
+    op: str
+    dtype: torch.dtype
+    shape: str
+    run: Callable[[torch.device], list[Comparison]]
+
+
+def all_checks() -> list[Check]:
+    from mmfuse.ops import linear
+
+    checks = []
+    for module in (linear,):
+        checks.extend(module.verify_checks())
+    return checks
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).replace("torch.", "")
+
+
+def main(device: str | None = None, out=sys.stdout) -> int:
+    import mmfuse
+
+    dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    backend = mmfuse.backend_for(torch.empty(0, device=dev))
+    print(f"mmfuse verify: device {dev}, backend {backend!r}", file=out)
+    if backend == mmfuse.REFERENCE:
+        print("warning: the Triton interpreter is off on CPU, so this compares the reference with itself; "
+              "run `mmfuse verify` (it turns the interpreter on) rather than importing mmfuse first",
+              file=out)
+    header = f"{'op':<34} {'dtype':<9} {'shape':<26} {'check':<10} {'max error':>10} {'allowed':>10}  pass"
+    print(header, file=out)
+    print("-" * len(header), file=out)
+    failures = 0
+    total = 0
+    t0 = time.perf_counter()
+    for check in all_checks():
+        torch.manual_seed(0)
+        try:
+            with poisoned_outputs():
+                comparisons = check.run(dev)
+        except Exception as e:  # a crash is a failure, reported in the table
+            failures += 1
+            total += 1
+            print(f"{check.op:<34} {_dtype_name(check.dtype):<9} {check.shape:<26} {'-':<10} "
+                  f"{'-':>10} {'-':>10}  FAIL ({type(e).__name__}: {e})", file=out)
+            continue
+        for c in comparisons:
+            total += 1
+            failures += not c.ok
+            print(f"{check.op:<34} {_dtype_name(check.dtype):<9} {check.shape:<26} {c.what:<10} "
+                  f"{c.error:>10.3g} {c.allowed:>10.3g}  {'ok' if c.ok else 'FAIL'}", file=out)
+    print(f"\n{total - failures} passed, {failures} failed ({time.perf_counter() - t0:.1f} s)", file=out)
+    return 1 if failures else 0

@@ -1,0 +1,28 @@
+"""Test setup: the kernels run through Triton's interpreter on CPU.
+
+TRITON_INTERPRET must be set before ``@triton.jit`` decorates anything, so it is set here, before
+any test module imports mmfuse.
+"""
+
+import os
+
+os.environ["TRITON_INTERPRET"] = "1"
+os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+import mmfuse  # noqa: E402
+from mmfuse.testing import poisoned_outputs  # noqa: E402
+
+assert mmfuse.INTERPRET, "mmfuse was imported before conftest set TRITON_INTERPRET"
+
+torch.set_num_threads(1)  # pytest-xdist runs one worker per core
+
+
+@pytest.fixture(autouse=True)
+def _poison_and_seed():
+    """Every launcher-allocated buffer starts as NaN; every test starts from a fixed seed."""
+    torch.manual_seed(0)
+    with poisoned_outputs():
+        yield

@@ -1,0 +1,25 @@
+"""Every kernel config compiled ahead of time for sm_80 and sm_90, as the JIT would specialize it:
+it compiles, does not spill, fits shared memory, and uses tensor cores where it should."""
+
+import pytest
+
+from mmfuse._aot import ARCHS, all_specs, compile_spec
+
+SPECS = all_specs()
+
+
+@pytest.mark.aot
+@pytest.mark.parametrize("arch", sorted(ARCHS))
+@pytest.mark.parametrize("spec", SPECS, ids=[s.label for s in SPECS])
+def test_compiles_without_spills(spec, arch):
+    r = compile_spec(spec, arch)
+    facts = ARCHS[arch]
+    assert r.spill_bytes == 0, f"{spec.label} on {facts['name']}: {r.spill_bytes} bytes of spills ({r.registers} regs)"
+    assert r.registers <= facts["max_regs"]
+    assert r.shared_bytes <= facts["max_shared"], f"{spec.label}: {r.shared_bytes} B shared > {facts['max_shared']}"
+    if spec.tensor_cores:
+        # wgmma needs a warpgroup-sized tile; every tensor-core config we ship is at least 64 rows x 4 warps.
+        expected = "wgmma" if arch == 90 else "mma.sync"
+        assert r.tensor_core_instr == expected, f"{spec.label} on {facts['name']}: {r.tensor_core_instr}"
+    else:
+        assert r.tensor_core_instr == "none"
