@@ -7,16 +7,20 @@ launch (integers equal to 1 become constexprs; pointers and integers divisible b
 ``tt.divisibility``), compile with ``triton.compile(..., target=GPUTarget("cuda", arch, 32))``, and read
 registers / spills from the cubin with the ``cuobjdump`` shipped in the Triton wheel.
 
-Used by the test suite (tests/test_aot.py) and by ``mmfuse report``.
+Used by the test suite (tests/test_aot.py) and by ``mmfuse report``. Kernels decorated under the
+interpreter cannot be compiled, so when ``TRITON_INTERPRET`` is on, ``compile_all`` runs the compiles
+in a subprocess without it (``python -m mmfuse._aot``) and reads back the figures as JSON.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import functools
+import json
 import os
 import re
 import subprocess
+import sys
 import tempfile
 import time
 from typing import Any
@@ -139,7 +143,7 @@ def compile_spec(spec: CompileSpec, arch: int) -> CompileReport:
         spec=spec, arch=arch, registers=int(m.group(1)), spill_bytes=int(m.group(2)),
         shared_bytes=int(kernel.metadata.shared),
         mma="mma.sync" in ptx, wgmma="wgmma.mma_async" in ptx,
-        cp_async_16B=bool(re.search(r"cp\.async\.c[ga]\.shared\.global[^\n]*, 16(, |;)", ptx)),
+        cp_async_16B=bool(re.search(r"cp\.async\.c[ga]\.shared\.global[^\n]*, (?:16|0x10)(?:, |;)", ptx)),
         tma="cp.async.bulk.tensor" in ptx,
         vec128_global=len(re.findall(r"(?:ld|st)\.global(?:\.[a-z0-9]+)*\.v4\.(?:b32|f32|u32|s32)", ptx))
         + len(re.findall(r"(?:ld|st)\.global(?:\.[a-z0-9]+)*\.v2\.(?:b64|f64|u64)", ptx)),
@@ -155,3 +159,54 @@ def all_specs() -> list[CompileSpec]:
     for module in (linear,):
         specs.extend(module.aot_specs())
     return specs
+
+
+# ----------------------------------------------------------------------------------------------
+# Batch compilation (in a subprocess when this process runs the interpreter)
+# ----------------------------------------------------------------------------------------------
+_FIELDS = ("registers", "spill_bytes", "shared_bytes", "mma", "wgmma", "cp_async_16B", "tma",
+           "vec128_global", "seconds")
+
+
+def _compile_index(job):
+    i, arch = job
+    r = compile_spec(all_specs()[i], arch)
+    return i, arch, {f: getattr(r, f) for f in _FIELDS}
+
+
+def _compile_jobs(jobs: int):
+    specs = all_specs()
+    todo = [(i, arch) for i in range(len(specs)) for arch in sorted(ARCHS)]
+    if jobs > 1:
+        import multiprocessing as mp
+
+        with mp.get_context("fork").Pool(jobs) as pool:
+            return pool.map(_compile_index, todo, chunksize=1)
+    return [_compile_index(job) for job in todo]
+
+
+@functools.lru_cache(maxsize=None)
+def compile_all(jobs: int = 2) -> dict[tuple[str, int], CompileReport]:
+    """Every spec of ``all_specs()`` for every arch: {(label, arch): CompileReport}."""
+    from mmfuse._dispatch import INTERPRET
+
+    specs = all_specs()
+    if INTERPRET:
+        env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+        proc = subprocess.run([sys.executable, "-m", "mmfuse._aot", "--jobs", str(jobs)], env=env,
+                              capture_output=True, text=True)
+        if proc.returncode != 0:
+            raise RuntimeError(f"AOT compile subprocess failed:\n{proc.stderr[-4000:]}")
+        rows = json.loads(proc.stdout)
+    else:
+        rows = _compile_jobs(jobs)
+    return {(specs[i].label, arch): CompileReport(spec=specs[i], arch=arch, **fields) for i, arch, fields in rows}
+
+
+if __name__ == "__main__":
+    import argparse
+
+    parser = argparse.ArgumentParser(description="Compile every kernel config for sm_80/sm_90; print JSON.")
+    parser.add_argument("--jobs", type=int, default=2)
+    args = parser.parse_args()
+    json.dump(_compile_jobs(args.jobs), sys.stdout)

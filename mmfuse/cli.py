@@ -27,6 +27,8 @@ def main(argv=None) -> int:
     sub = parser.add_subparsers(dest="command", required=True)
     p_verify = sub.add_parser("verify", help="run every kernel against its PyTorch reference")
     p_verify.add_argument("--device", default=None, help="cuda or cpu (default: cuda if available)")
+    p_verify.add_argument("--op", nargs="*", default=None,
+                          help="only these op families (e.g. linear mlp); default: all")
     args = parser.parse_args(argv)
 
     if args.command == "verify":
@@ -34,7 +36,7 @@ def main(argv=None) -> int:
             _ensure_interpreter_on_cpu(argv)
         from mmfuse import verify
 
-        return verify.main(args.device)
+        return verify.main(args.device, args.op)
     return 2
 
 

@@ -1,0 +1,119 @@
+"""mmfuse.nn.Linear / MLPProjector: drop-in state_dicts, from_module, mmfuse.patch on transformers' LLaVA."""
+
+import pytest
+import torch
+import torch.nn as nn
+
+import mmfuse
+from mmfuse.nn import Linear, MLPProjector
+from mmfuse.testing import assert_close
+
+
+def _grads(module, x, dy):
+    x = x.detach().clone().requires_grad_()
+    out = module(x)
+    params = [p for p in module.parameters()]
+    grads = torch.autograd.grad(out, [x, *params], dy)
+    return out, grads
+
+
+def _check_module_pair(original, replacement, x):
+    """Replacement (mmfuse) vs original in fp64 and same precision: outputs, input and parameter grads.
+
+    The two share parameters; ``original.to(float64)`` converts them in place and back (exactly)."""
+    with torch.no_grad():
+        dy = torch.randn_like(original(x))
+    ref = {}
+    for dtype in (torch.float64, x.dtype):
+        o, g = _grads(original.to(dtype), x.to(dtype), dy.to(dtype))
+        ref[dtype] = (o.detach(), [t.detach() for t in g])
+    original.to(x.dtype)
+    out, grads = _grads(replacement, x, dy)
+    assert_close("out", out, ref[torch.float64][0], ref[x.dtype][0])
+    assert len(grads) == len(ref[x.dtype][1])
+    for i, (g, r64, rlp) in enumerate(zip(grads, ref[torch.float64][1], ref[x.dtype][1])):
+        assert_close(f"grad {i}", g, r64, rlp)
+
+
+@pytest.mark.parametrize("activation", [None, "gelu_tanh"])
+def test_linear_from_module_shares_parameters(activation):
+    lin = nn.Linear(24, 40)
+    fused = Linear.from_module(lin, activation=activation)
+    assert fused.weight is lin.weight and fused.bias is lin.bias
+    assert list(fused.state_dict()) == list(lin.state_dict())
+    x = torch.randn(3, 7, 24)
+    act = {None: nn.Identity(), "gelu_tanh": nn.GELU(approximate="tanh")}[activation]
+    _check_module_pair(nn.Sequential(lin, act), fused, x)
+
+
+def test_linear_module_loads_nn_linear_state_dict():
+    lin = nn.Linear(16, 8, bias=False)
+    fused = Linear(16, 8, bias=False, activation="gelu")
+    fused.load_state_dict(lin.state_dict())  # strict: same keys and shapes
+    x = torch.randn(5, 16)
+    torch.testing.assert_close(fused(x), nn.functional.gelu(lin(x)))
+
+
+def test_mlp_projector_from_sequential():
+    seq = nn.Sequential(nn.Linear(32, 48), nn.GELU(), nn.Linear(48, 48), nn.GELU(), nn.Linear(48, 20))
+    proj = MLPProjector.from_module(seq)
+    assert list(proj.state_dict()) == list(seq.state_dict())  # "0.weight", ..., "4.bias"
+    assert proj.activation == "gelu"
+    _check_module_pair(seq, proj, torch.randn(2, 11, 32))
+
+
+def test_mlp_projector_fresh_loads_llava_checkpoint_layout():
+    seq = nn.Sequential(nn.Linear(32, 48), nn.GELU(), nn.Linear(48, 48))
+    proj = MLPProjector((32, 48, 48))
+    proj.load_state_dict(seq.state_dict())
+    x = torch.randn(9, 32)
+    torch.testing.assert_close(proj(x), seq(x), rtol=1e-5, atol=1e-5)
+
+
+def test_mlp_projector_rejects_unsupported_sequences():
+    with pytest.raises(ValueError, match="activation: expected nn.GELU"):
+        MLPProjector.from_module(nn.Sequential(nn.Linear(4, 4), nn.ReLU(), nn.Linear(4, 4)))
+    with pytest.raises(TypeError, match=r"module\[2\]: expected nn.Linear, got Conv1d"):
+        MLPProjector.from_module(nn.Sequential(nn.Linear(4, 4), nn.GELU(), nn.Conv1d(4, 4, 1)))
+    # mmfuse.patch leaves what it does not recognise alone
+    model = nn.Sequential(nn.Sequential(nn.Linear(4, 4), nn.ReLU(), nn.Linear(4, 4)))
+    assert len(mmfuse.patch(model)) == 0
+
+
+def _tiny_llava_config(act="gelu"):
+    from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig
+
+    vision = CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                              image_size=28, patch_size=14, projection_dim=32)
+    text = LlamaConfig(hidden_size=48, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+                       num_key_value_heads=4, vocab_size=128)
+    return LlavaConfig(vision_config=vision, text_config=text, projector_hidden_act=act, image_token_index=100)
+
+
+@pytest.mark.parametrize("act", ["gelu", "gelu_pytorch_tanh"])
+def test_mlp_projector_from_transformers_llava(act):
+    from transformers.models.llava.modeling_llava import LlavaMultiModalProjector
+
+    torch.manual_seed(0)
+    hf = LlavaMultiModalProjector(_tiny_llava_config(act))
+    proj = MLPProjector.from_module(hf)
+    assert proj.activation == {"gelu": "gelu", "gelu_pytorch_tanh": "gelu_tanh"}[act]
+    assert list(proj.state_dict()) == list(hf.state_dict())
+    # A fresh projector loads the HF checkpoint unchanged (strict).
+    fresh = MLPProjector((32, 48, 48), activation=proj.activation, names=["linear_1", "linear_2"])
+    fresh.load_state_dict(hf.state_dict())
+    _check_module_pair(hf, proj, torch.randn(2, 5, 32))
+
+
+def test_patch_swaps_projector_in_tiny_llava_model():
+    from transformers import LlavaForConditionalGeneration
+
+    torch.manual_seed(0)
+    model = LlavaForConditionalGeneration(_tiny_llava_config()).eval()
+    feats = torch.randn(1, 4, 32)
+    before = model.model.multi_modal_projector(feats)
+    report = mmfuse.patch(model)
+    assert [(old, new) for _, old, new in report.swapped] == [("LlavaMultiModalProjector", "MLPProjector")]
+    assert isinstance(model.model.multi_modal_projector, MLPProjector)
+    after = model.model.multi_modal_projector(feats)
+    torch.testing.assert_close(after, before, rtol=1e-5, atol=1e-5)
