@@ -69,82 +69,178 @@ def _check_x(x):
 
 
 # ----------------------------------------------------------------------------------------------
-# Autograd Functions
+# Custom operators with autograd (torch.compile sees them as opaque ops with fake implementations)
 # ----------------------------------------------------------------------------------------------
-class LinearFunction(torch.autograd.Function):
-    """y = act(x @ W^T + b) on 2-D x, with the fused kernels forward and backward."""
-
-    @staticmethod
-    def forward(ctx, x, weight, bias, activation):
-        training = any(ctx.needs_input_grad[:3])
-        y, h = K.linear_fwd(x, weight, bias, activation, store_preact=training)
-        ctx.activation = activation
-        ctx.has_bias = bias is not None
-        if training:
-            ctx.save_for_backward(x, weight, h)
-        return y
-
-    @staticmethod
-    def backward(ctx, dy):
-        x, weight, h = ctx.saved_tensors
-        need_x, need_w, need_b = ctx.needs_input_grad[:3]
-        dh = K.act_grad(dy, h, ctx.activation) if ctx.activation is not None else dy
-        dx = K.input_grad(dh, weight) if need_x else None
-        dw = db = None
-        if need_w:
-            dw, db = K.weight_grad(dh, x, with_bias=need_b)
-        elif need_b:  # frozen weight, trainable bias: the rare case gets a plain reduction
-            db = dh.sum(0, dtype=torch.float64 if dh.dtype == torch.float64 else torch.float32).to(dh.dtype)
-        return dx, dw, db, None
+# A plain ``custom_op`` rather than ``triton_op``: the launchers pick configs at run time (autotune
+# with pruning on a GPU, a fixed config in the interpreter), which Inductor would not reproduce, and the
+# interpreter path must stay callable on CPU. Empty tensors stand for "not computed" in op outputs
+# (an op's schema cannot return None).
+def _nothing(like: torch.Tensor) -> torch.Tensor:
+    return like.new_empty(0)
 
 
-class MLPFunction(torch.autograd.Function):
-    """A chain Linear -> act -> ... -> Linear; params are (W_0, b_0, W_1, b_1, ...), b_i may be None."""
+def _acc_sum_rows(dh: torch.Tensor) -> torch.Tensor:
+    """Bias gradient when the weight is frozen (no dW GEMM to fold it into): a plain reduction."""
+    return dh.sum(0, dtype=torch.float64 if dh.dtype == torch.float64 else torch.float32).to(dh.dtype)
 
-    @staticmethod
-    def forward(ctx, x, activation, *params):
-        n = len(params) // 2
-        weights, biases = params[0::2], params[1::2]
-        training = any(ctx.needs_input_grad)
-        inputs, preacts = [x], []
-        for i in range(n):
-            act = activation if i < n - 1 else None
-            y, h = K.linear_fwd(inputs[-1], weights[i], biases[i], act, store_preact=training)
-            inputs.append(y)
-            preacts.append(h)
-        out = inputs.pop()
-        ctx.activation = activation
-        ctx.n = n
-        ctx.has_bias = [b is not None for b in biases]
-        if training:
-            # inputs[i] is layer i's input; preacts[i] its pre-activation (None for the last layer).
-            ctx.save_for_backward(*inputs, *weights, *preacts[:-1])
-        return out
 
-    @staticmethod
-    def backward(ctx, dy):
-        n, act = ctx.n, ctx.activation
-        saved = ctx.saved_tensors
-        inputs, weights, preacts = saved[:n], saved[n:2 * n], saved[2 * n:]
-        needs = ctx.needs_input_grad
-        grads = [None] * (2 * n)
-        dh = dy  # no activation after the last layer
-        dx = None
-        for i in reversed(range(n)):
-            need_w, need_b = needs[2 + 2 * i], needs[3 + 2 * i]
-            if need_w:
-                grads[2 * i], grads[2 * i + 1] = K.weight_grad(dh, inputs[i], with_bias=need_b)
-            elif need_b:
-                acc = torch.float64 if dh.dtype == torch.float64 else torch.float32
-                grads[2 * i + 1] = dh.sum(0, dtype=acc).to(dh.dtype)
-            if i > 0:
-                if act is None:
-                    dh = K.input_grad(dh, weights[i])
-                else:  # dH_{i-1} straight from the GEMM epilogue
-                    dh = K.input_grad(dh, weights[i], h_prev=preacts[i - 1], activation_prev=act)
-            elif needs[0]:
-                dx = K.input_grad(dh, weights[0])
-        return (dx, None, *grads)
+@torch.library.custom_op("mmfuse::linear_fwd", mutates_args=())
+def linear_fwd_op(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, activation: str | None,
+                  save_preact: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """(y, h): y = act(x @ W^T + b) on 2-D x; h the pre-activation when saved for backward."""
+    y, h = K.linear_fwd(x, weight, bias, activation, store_preact=save_preact)
+    return y, (h if h is not None else _nothing(x))
+
+
+@linear_fwd_op.register_fake
+def _(x, weight, bias, activation, save_preact):
+    shape = (x.shape[0], weight.shape[0])
+    return x.new_empty(shape), (x.new_empty(shape) if save_preact and activation else _nothing(x))
+
+
+@torch.library.custom_op("mmfuse::linear_bwd", mutates_args=())
+def linear_bwd_op(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, h: torch.Tensor,
+                  activation: str | None, need_x: bool, need_w: bool, need_b: bool,
+                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(dx, dW, db); dH = dY * act'(h) in one pass, db inside the dW GEMM."""
+    dh = K.act_grad(dy, h, activation) if activation is not None else dy
+    dx = K.input_grad(dh, weight) if need_x else _nothing(x)
+    dw = db = _nothing(x)
+    if need_w:
+        dw, db = K.weight_grad(dh, x, with_bias=need_b)
+        db = db if need_b else _nothing(x)
+    elif need_b:
+        db = _acc_sum_rows(dh)
+    return dx, dw, db
+
+
+@linear_bwd_op.register_fake
+def _(dy, x, weight, h, activation, need_x, need_w, need_b):
+    return (x.new_empty(x.shape) if need_x else _nothing(x), weight.new_empty(weight.shape) if need_w else _nothing(x),
+            weight.new_empty(weight.shape[:1]) if need_b else _nothing(x))
+
+
+def _linear_setup(ctx, inputs, output):
+    x, weight, bias, activation, _ = inputs
+    ctx.set_materialize_grads(False)  # h is an output for backward only; no zeros for its "gradient"
+    ctx.activation = activation
+    ctx.needs = (x.requires_grad, weight.requires_grad, bias is not None and bias.requires_grad)
+    ctx.save_for_backward(x, weight, output[1])
+
+
+def _linear_backward(ctx, dy, _dh):
+    x, weight, h = ctx.saved_tensors
+    need_x, need_w, need_b = ctx.needs
+    if dy is None:
+        return None, None, None, None, None
+    dx, dw, db = linear_bwd_op(dy, x, weight, h, ctx.activation, need_x, need_w, need_b)
+    return dx if need_x else None, dw if need_w else None, db if need_b else None, None, None
+
+
+linear_fwd_op.register_autograd(_linear_backward, setup_context=_linear_setup)
+
+
+@torch.library.custom_op("mmfuse::mlp_fwd", mutates_args=())
+def mlp_fwd_op(x: torch.Tensor, weights: list[torch.Tensor], biases: list[torch.Tensor], has_bias: list[bool],
+               activation: str | None, save: bool) -> tuple[torch.Tensor, list[torch.Tensor], list[torch.Tensor]]:
+    """(y, hidden, preacts): hidden[i] = layer i's output (layer i+1's input) and preacts[i] its
+    pre-activation, for i < n-1, when saved for backward (empty lists otherwise).
+
+    ``biases[i]`` is a placeholder when ``has_bias[i]`` is False: a ``Tensor?[]`` argument cannot
+    receive per-entry gradients through ``register_autograd``."""
+    n = len(weights)
+    biases = [b if hb else None for b, hb in zip(biases, has_bias)]
+    inputs, preacts = [x], []
+    for i in range(n):
+        act = activation if i < n - 1 else None
+        y, h = K.linear_fwd(inputs[-1], weights[i], biases[i], act, store_preact=save)
+        inputs.append(y)
+        preacts.append(h if h is not None else _nothing(x))
+    if not save:
+        return inputs[-1], [], []
+    return inputs[-1], inputs[1:-1], preacts[:-1]
+
+
+@mlp_fwd_op.register_fake
+def _(x, weights, biases, has_bias, activation, save):
+    y = x.new_empty(x.shape[0], weights[-1].shape[0])
+    if not save:
+        return y, [], []
+    hidden = [x.new_empty(x.shape[0], w.shape[0]) for w in weights[:-1]]
+    pre = [x.new_empty(x.shape[0], w.shape[0]) if activation else _nothing(x) for w in weights[:-1]]
+    return y, hidden, pre
+
+
+@torch.library.custom_op("mmfuse::mlp_bwd", mutates_args=())
+def mlp_bwd_op(dy: torch.Tensor, x: torch.Tensor, hidden: list[torch.Tensor], weights: list[torch.Tensor],
+               preacts: list[torch.Tensor], activation: str | None, need_x: bool, need_w: list[bool],
+               need_b: list[bool]) -> tuple[torch.Tensor, list[torch.Tensor], list[torch.Tensor]]:
+    """(dx, dW_i, db_i). Layer i: dW_i, db_i = dH_i^T @ X_i, rowsum(dH_i) in one GEMM; then
+    dH_{i-1} = (dH_i @ W_i) * act'(h_{i-1}) in one GEMM (act' in its epilogue)."""
+    n = len(weights)
+    inputs = [x, *hidden]
+    dws, dbs = [_nothing(x)] * n, [_nothing(x)] * n
+    dh, dx = dy, _nothing(x)  # no activation after the last layer
+    for i in reversed(range(n)):
+        if need_w[i]:
+            dws[i], db = K.weight_grad(dh, inputs[i], with_bias=need_b[i])
+            dbs[i] = db if need_b[i] else dbs[i]
+        elif need_b[i]:
+            dbs[i] = _acc_sum_rows(dh)
+        if i > 0:
+            if activation is None:
+                dh = K.input_grad(dh, weights[i])
+            else:  # dH_{i-1} straight from the GEMM epilogue
+                dh = K.input_grad(dh, weights[i], h_prev=preacts[i - 1], activation_prev=activation)
+        elif need_x:
+            dx = K.input_grad(dh, weights[0])
+    return dx, dws, dbs
+
+
+@mlp_bwd_op.register_fake
+def _(dy, x, hidden, weights, preacts, activation, need_x, need_w, need_b):
+    dws = [w.new_empty(w.shape) if nw else _nothing(x) for w, nw in zip(weights, need_w)]
+    dbs = [w.new_empty(w.shape[:1]) if nb else _nothing(x) for w, nb in zip(weights, need_b)]
+    return (x.new_empty(x.shape) if need_x else _nothing(x)), dws, dbs
+
+
+def _mlp_setup(ctx, inputs, output):
+    x, weights, biases, has_bias, activation, _ = inputs
+    ctx.set_materialize_grads(False)
+    ctx.activation = activation
+    ctx.need_x = x.requires_grad
+    ctx.need_w = [w.requires_grad for w in weights]
+    ctx.need_b = [hb and b.requires_grad for b, hb in zip(biases, has_bias)]
+    ctx.n = len(weights)
+    _, hidden, preacts = output
+    ctx.save_for_backward(x, *hidden, *weights, *preacts)
+
+
+def _mlp_backward(ctx, dy, _hidden, _preacts):
+    n = ctx.n
+    if dy is None:
+        return None, [None] * n, [None] * n, None, None, None
+    saved = ctx.saved_tensors
+    x, hidden, weights, preacts = saved[0], list(saved[1:n]), list(saved[n:2 * n]), list(saved[2 * n:])
+    dx, dws, dbs = mlp_bwd_op(dy, x, hidden, weights, preacts, ctx.activation, ctx.need_x, ctx.need_w, ctx.need_b)
+    return (dx if ctx.need_x else None, [g if nw else None for g, nw in zip(dws, ctx.need_w)],
+            [g if nb else None for g, nb in zip(dbs, ctx.need_b)], None, None, None)
+
+
+mlp_fwd_op.register_autograd(_mlp_backward, setup_context=_mlp_setup)
+
+
+def _autocast(*tensors):
+    """Cast floating inputs as autocast would for F.linear (a 'lower precision' op on CPU and CUDA)."""
+    device = next(t for t in tensors if t is not None).device.type
+    if device in ("cpu", "cuda") and torch.is_autocast_enabled(device):
+        dtype = torch.get_autocast_dtype(device)
+        return [t.to(dtype) if t is not None and t.is_floating_point() else t for t in tensors]
+    return list(tensors)
+
+
+def _needs_grad(*tensors) -> bool:
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -158,11 +254,13 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     """
     _check_x(x)
     check_choice("activation", activation, ACTIVATION_NAMES)
-    _check_layer(x, weight, bias, x.shape[-1])
-    if backend_for(x) == REFERENCE:
+    if backend_for(x) == REFERENCE:  # plain torch: autocast and checks as F.linear does them
+        _check_layer(x, weight, bias, x.shape[-1])
         return linear_reference(x, weight, bias, activation)
+    x, weight, bias = _autocast(x, weight, bias)
+    _check_layer(x, weight, bias, x.shape[-1])
     lead = x.shape[:-1]
-    y = LinearFunction.apply(x.reshape(-1, x.shape[-1]), weight, bias, activation)
+    y, _ = linear_fwd_op(x.reshape(-1, x.shape[-1]), weight, bias, activation, _needs_grad(x, weight, bias))
     return y.reshape(*lead, weight.shape[0])
 
 
@@ -184,15 +282,22 @@ def mlp(x: torch.Tensor, weights: Sequence[torch.Tensor], biases: Sequence[torch
     else:
         biases = list(biases)
         check_size("biases", "len(biases) (one per weight)", len(biases), len(weights))
+    reference = backend_for(x) == REFERENCE
+    if not reference:
+        n = len(weights)
+        x, *params = _autocast(x, *weights, *biases)
+        weights, biases = params[:n], params[n:]
     features = x.shape[-1]
     for i, (w, b) in enumerate(zip(weights, biases)):
         _check_layer(x, w, b, features, wname=f"weights[{i}]", bname=f"biases[{i}]")
         features = w.shape[0]
-    if backend_for(x) == REFERENCE:
+    if reference:
         return mlp_reference(x, weights, biases, activation)
     lead = x.shape[:-1]
-    params = [p for wb in zip(weights, biases) for p in wb]
-    y = MLPFunction.apply(x.reshape(-1, x.shape[-1]), activation, *params)
+    has_bias = [b is not None for b in biases]
+    placeholders = [b if b is not None else _nothing(x) for b in biases]
+    y, _, _ = mlp_fwd_op(x.reshape(-1, x.shape[-1]), weights, placeholders, has_bias, activation,
+                         _needs_grad(x, *weights, *biases))
     return y.reshape(*lead, features)
 
 

@@ -1,0 +1,133 @@
+"""The layers survive what users do to models: torch.compile (fullgraph), torch.export, custom-op
+checks, autocast with fp32 master weights, DDP and FSDP2 across processes (gloo, CPU)."""
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.nn as nn
+
+import mmfuse
+from mmfuse.ops import linear as ops_linear
+
+
+def _model():
+    torch.manual_seed(0)
+    return nn.Sequential(mmfuse.nn.MLPProjector((16, 32, 24)), mmfuse.nn.Linear(24, 8, activation="gelu_tanh"))
+
+
+def _grads(model, x):
+    for p in model.parameters():
+        p.grad = None
+    x = x.detach().clone().requires_grad_()
+    y = model(x)
+    y.backward(torch.linspace(-1, 1, y.numel()).reshape(y.shape))
+    return y.detach(), [x.grad] + [p.grad.clone() for p in model.parameters()]
+
+
+@pytest.mark.parametrize("backend", ["aot_eager", "inductor"])
+def test_torch_compile_fullgraph_matches_eager(backend):
+    torch._dynamo.reset()
+    model = _model()
+    x = torch.randn(2, 5, 16)
+    y_eager, g_eager = _grads(model, x)
+    compiled = torch.compile(model, fullgraph=True, backend=backend)  # raises on any graph break
+    y_comp, g_comp = _grads(compiled, x)
+    torch.testing.assert_close(y_comp, y_eager, rtol=0, atol=0)
+    for a, b in zip(g_comp, g_eager):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+def test_torch_export_keeps_the_fused_ops():
+    with torch.no_grad():
+        ep = torch.export.export(_model(), (torch.randn(2, 5, 16),))
+    code = ep.graph_module.code
+    assert "torch.ops.mmfuse.mlp_fwd" in code and "torch.ops.mmfuse.linear_fwd" in code
+    x = torch.randn(2, 5, 16)  # exported for this shape (static)
+    torch.testing.assert_close(ep.module()(x), _model()(x), rtol=0, atol=0)
+
+
+def test_custom_ops_pass_opcheck():
+    x = torch.randn(7, 12, requires_grad=True)
+    w = torch.randn(9, 12, requires_grad=True)
+    b = torch.randn(9, requires_grad=True)
+    torch.library.opcheck(ops_linear.linear_fwd_op, (x, w, b, "gelu", True))
+    torch.library.opcheck(ops_linear.linear_fwd_op, (x, w, None, None, False))
+    ws = [torch.randn(10, 12, requires_grad=True), torch.randn(6, 10, requires_grad=True)]
+    bs = [torch.randn(10, requires_grad=True), torch.empty(0)]
+    torch.library.opcheck(ops_linear.mlp_fwd_op, (x, ws, bs, [True, False], "gelu", True))
+
+
+def test_autocast_computes_in_the_autocast_dtype_like_nn_linear():
+    torch.manual_seed(0)
+    lin = nn.Linear(24, 40)  # fp32 master weights
+    fused = mmfuse.nn.Linear.from_module(lin)
+    x = torch.randn(6, 24)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        ref = lin(x)
+        out = fused(x)
+    assert ref.dtype == out.dtype == torch.bfloat16
+    # Same bf16 inputs, fp32 accumulation on both sides: equal within one bf16 rounding.
+    torch.testing.assert_close(out.float(), ref.float(), rtol=1e-2, atol=1e-2)
+    out.float().sum().backward()
+    assert lin.weight.grad.dtype == torch.float32 and lin.bias.grad.dtype == torch.float32
+
+
+def test_autocast_mlp_projector_fp32_masters_bf16_activations():
+    proj = mmfuse.nn.MLPProjector((16, 32, 8))
+    seq = nn.Sequential(getattr(proj, "0"), nn.GELU(), getattr(proj, "2"))  # same parameters
+    x = torch.randn(5, 16, dtype=torch.bfloat16)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = proj(x)
+        ref = seq(x)
+    assert out.dtype == ref.dtype == torch.bfloat16
+    torch.testing.assert_close(out.float(), ref.float(), rtol=2e-2, atol=2e-2)
+    out.float().sum().backward()
+    assert all(p.grad is not None and p.grad.dtype == torch.float32 for p in proj.parameters())
+
+
+def test_mixed_dtypes_without_autocast_are_rejected():
+    with pytest.raises(TypeError, match="weight: expected dtype torch.bfloat16"):
+        mmfuse.linear(torch.randn(3, 8, dtype=torch.bfloat16), torch.randn(4, 8))
+
+
+def test_layers_hold_plain_parameters_and_no_global_state():
+    model = _model()
+    assert all(type(p) is nn.Parameter for p in model.parameters())
+    clone = _model()
+    clone.load_state_dict(model.state_dict())
+    x = torch.randn(2, 16)
+    torch.testing.assert_close(clone(x), model(x))
+
+
+# ----------------------------------------------------------------------------------------------
+# Distributed: two gloo processes on CPU (tests/_distributed_worker.py)
+# ----------------------------------------------------------------------------------------------
+WORKER = os.path.join(os.path.dirname(__file__), "_distributed_worker.py")
+
+
+def _single_process_reference():
+    sys.path.insert(0, os.path.dirname(WORKER))
+    try:
+        import _distributed_worker as w
+    finally:
+        sys.path.pop(0)
+    model = w.build_model()
+    loss = sum(model(w.batch(rank)).square().mean() for rank in range(2)) / 2  # DDP averages ranks
+    loss.backward()
+    return {n: p.grad for n, p in model.named_parameters()}
+
+
+@pytest.mark.parametrize("mode", ["ddp", "fsdp2"])
+def test_distributed_gradients_match_single_process(mode, tmp_path):
+    out = tmp_path / f"{mode}.pt"
+    r = subprocess.run([sys.executable, WORKER, "--mode", mode, "--out", str(out)], capture_output=True,
+                       text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    got = torch.load(out)
+    ref = _single_process_reference()
+    assert set(got) == set(ref)
+    for name in ref:
+        torch.testing.assert_close(got[name], ref[name], rtol=1e-5, atol=1e-6, msg=name)
