@@ -9,11 +9,11 @@ Dispatch: ``mmfuse.backend_for(tensor)`` says which path a call takes (see ``mmf
 from mmfuse._dispatch import INTERPRET, INTERPRETER, REFERENCE, TRITON, backend_for  # noqa: I001  (first)
 from mmfuse.ops.linear import linear, linear_reference, mlp, mlp_reference
 from mmfuse import nn  # noqa: E402  (registers the patch rules)
-from mmfuse._patch import patch
+from mmfuse._patch import patch, unpatch
 
 __version__ = "0.1.0"
 
 __all__ = [
     "INTERPRET", "TRITON", "INTERPRETER", "REFERENCE", "backend_for",
-    "linear", "linear_reference", "mlp", "mlp_reference", "nn", "patch",
+    "linear", "linear_reference", "mlp", "mlp_reference", "nn", "patch", "unpatch",
 ]

@@ -1,8 +1,11 @@
-"""``mmfuse.patch(model)``: swap every recognised module for its mmfuse drop-in, in place.
+"""``mmfuse.patch(model)`` / ``mmfuse.unpatch(model)``: swap recognised modules for their mmfuse
+drop-ins in place, and back.
 
 Each module family registers a ``Rule``: a predicate on a module and a factory that builds the
-replacement with ``from_module`` (sharing parameters). ``patch`` walks the model once, replaces what a
-rule recognises, and returns a report of what it swapped.
+replacement (``from_module``, sharing parameters). A factory raises ``Unsupported(reason)`` for a
+module it recognises but cannot replace faithfully (an activation the kernels do not compute, say):
+``patch`` leaves that module alone and reports why. The replaced module is kept on its replacement
+(outside the module tree, so state_dicts are unchanged) for ``unpatch``.
 """
 
 from __future__ import annotations
@@ -11,6 +14,11 @@ import dataclasses
 from typing import Callable
 
 import torch.nn as nn
+
+
+class Unsupported(ValueError):
+    """Raised by a factory (``from_module``): recognised, but not replaceable; the message says why.
+    A ValueError, so direct ``from_module`` callers get the usual exception type."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -22,6 +30,8 @@ class Rule:
 
 RULES: list[Rule] = []
 
+_ORIGINAL = "_mmfuse_original"
+
 
 def register(rule: Rule) -> Rule:
     RULES.append(rule)
@@ -30,11 +40,13 @@ def register(rule: Rule) -> Rule:
 
 @dataclasses.dataclass
 class PatchReport:
-    swapped: list[tuple[str, str, str]]  # (qualified name, original class, replacement class)
+    swapped: list[tuple[str, str, str]]   # (qualified name, original class, replacement class)
+    left_alone: list[tuple[str, str, str]]  # (qualified name, class, why)
 
     def __str__(self) -> str:
-        lines = [f"mmfuse.patch: swapped {len(self.swapped)} module(s)"]
-        lines += [f"  {name}: {old} -> {new}" for name, old, new in self.swapped]
+        lines = [f"mmfuse.patch: swapped {len(self.swapped)} module(s), left {len(self.left_alone)} alone"]
+        lines += [f"  swapped {name}: {old} -> {new}" for name, old, new in self.swapped]
+        lines += [f"  left alone {name} ({cls}): {why}" for name, cls, why in self.left_alone]
         return "\n".join(lines)
 
     def __len__(self) -> int:
@@ -42,19 +54,49 @@ class PatchReport:
 
 
 def patch(model: nn.Module) -> PatchReport:
-    """Replace recognised submodules of ``model`` in place (outermost match wins)."""
-    swapped = []
+    """Replace recognised submodules of ``model`` in place (an outer match wins over inner ones)."""
+    report = PatchReport([], [])
 
     def visit(parent: nn.Module, prefix: str):
         for child_name, child in list(parent.named_children()):
             qual = f"{prefix}.{child_name}" if prefix else child_name
             rule = next((r for r in RULES if r.matches(child)), None)
-            if rule is not None:
+            if rule is None:
+                visit(child, qual)
+                continue
+            try:
                 new = rule.build(child)
-                setattr(parent, child_name, new)
-                swapped.append((qual, type(child).__name__, type(new).__name__))
+            except Unsupported as why:
+                report.left_alone.append((qual, type(child).__name__, str(why)))
+                visit(child, qual)  # an inner part may still be replaceable
+                continue
+            object.__setattr__(new, _ORIGINAL, child)  # not a submodule: state_dict unchanged
+            new.train(child.training)
+            setattr(parent, child_name, new)
+            report.swapped.append((qual, type(child).__name__, type(new).__name__))
+
+    if next((r for r in RULES if r.matches(model)), None) is not None:
+        raise ValueError("model: patch() replaces submodules in place; wrap a bare "
+                         f"{type(model).__name__} in a parent module (or use its from_module)")
+    visit(model, "")
+    return report
+
+
+def unpatch(model: nn.Module) -> list[str]:
+    """Put back every module ``patch`` replaced (parameters were shared, so training carries over).
+    Returns the qualified names restored."""
+    restored = []
+
+    def visit(parent: nn.Module, prefix: str):
+        for child_name, child in list(parent.named_children()):
+            qual = f"{prefix}.{child_name}" if prefix else child_name
+            original = child.__dict__.get(_ORIGINAL)
+            if original is not None:
+                original.train(child.training)
+                setattr(parent, child_name, original)
+                restored.append(qual)
             else:
                 visit(child, qual)
 
     visit(model, "")
-    return PatchReport(swapped)
+    return restored

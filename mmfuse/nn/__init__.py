@@ -2,5 +2,6 @@
 ``from_module`` that builds it from that module (sharing the parameters)."""
 
 from mmfuse.nn.linear import Linear, MLPProjector
+from mmfuse.nn.hf import NormMLPProjector, PatchMerger, Qwen2VLPatchEmbed
 
-__all__ = ["Linear", "MLPProjector"]
+__all__ = ["Linear", "MLPProjector", "NormMLPProjector", "PatchMerger", "Qwen2VLPatchEmbed"]

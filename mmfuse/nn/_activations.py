@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import torch.nn as nn
 
+from mmfuse._patch import Unsupported
+
 # transformers' classes, by name (no import needed): exact erf GELU, and the tanh approximation
 # (GELUTanh/PytorchGELUTanh call F.gelu(approximate="tanh"); NewGELU writes the same formula out).
 _EXACT = {"GELUActivation"}
@@ -21,5 +23,5 @@ def activation_name(module: nn.Module | None) -> str | None:
         return "gelu"
     if name in _TANH:
         return "gelu_tanh"
-    raise ValueError(f"activation: expected nn.GELU, nn.Identity or a transformers GELU/GELUTanh, "
+    raise Unsupported(f"activation: expected nn.GELU, nn.Identity or a transformers GELU/GELUTanh, "
                      f"got {name}")
