@@ -303,3 +303,24 @@ def test_wave_efficiency_llava_1_image():
 def test_wave_efficiency_many_images_keeps_big_tiles():
     # 8 images: M = 4608 -> 36 x 32 = 1152 tiles of 128x128 = 8.7 waves: 97% busy.
     assert (128, 128, 64, 8, 4) in KL.candidate_tiles(8 * 576, 4096, 132)
+
+
+def test_gpu_autotune_prune_adapts_to_dtype_and_waves():
+    # What the GPU autotuner would time at LLaVA-1.5, one image: 4-byte inputs halve BLOCK_K.
+    fp32 = KL._prune(None, {"M": 576, "N": 4096, "a_ptr": torch.empty(1, dtype=torch.float32)})
+    fp16 = KL._prune(None, {"M": 576, "N": 4096, "a_ptr": torch.empty(1, dtype=torch.float16)})
+    assert {c.kwargs["BLOCK_K"] for c in fp32} == {32} and {c.kwargs["BLOCK_K"] for c in fp16} == {64}
+    assert {(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"]) for c in fp16} == {(128, 64), (64, 128), (64, 64)}
+
+
+def test_tf32_switch_sets_the_dot_precision():
+    from mmfuse.kernels._common import dot_precision
+
+    old = torch.backends.cuda.matmul.allow_tf32
+    try:
+        torch.backends.cuda.matmul.allow_tf32 = True
+        assert dot_precision(torch.float32) == "tf32" and dot_precision(torch.float16) == "ieee"
+        torch.backends.cuda.matmul.allow_tf32 = False
+        assert dot_precision(torch.float32) == "ieee"
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = old
