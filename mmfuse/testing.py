@@ -60,6 +60,35 @@ def assert_close(what, out, ref64, ref_lowp, mult: float = MULT) -> Comparison:
     return c
 
 
+def compare_with_reference(fn, ref_fn, inputs, names, dy=None, mult: float = MULT) -> list[Comparison]:
+    """``fn(*inputs)`` and its gradients w.r.t. every input, against ``ref_fn`` run in fp64 and in the
+    inputs' dtype (the flash-attention rule). ``dy`` (the upstream gradient) defaults to randn.
+    Returns one Comparison for the output and one per input, named ``"grad <name>"``."""
+    leaves = [t.detach().clone().requires_grad_() for t in inputs]
+    out = fn(*leaves)
+    dy = torch.randn_like(out) if dy is None else dy
+    grads = torch.autograd.grad(out, leaves, dy)
+    refs = {}
+    for dtype in (torch.float64, inputs[0].dtype):
+        rl = [t.detach().to(dtype).requires_grad_() for t in inputs]
+        ro = ref_fn(*rl)
+        refs[dtype] = (ro, torch.autograd.grad(ro, rl, dy.to(dtype)))
+    (o64, g64), (olp, glp) = refs[torch.float64], refs[inputs[0].dtype]
+    if out.dtype != inputs[0].dtype:
+        raise AssertionError(f"out: dtype {out.dtype} != input dtype {inputs[0].dtype}")
+    results = [compare("out", out, o64, olp, mult)]
+    results += [compare(f"grad {n}", g, r64, rlp, mult) for n, g, r64, rlp in zip(names, grads, g64, glp)]
+    return results
+
+
+def assert_matches_reference(fn, ref_fn, inputs, names, dy=None, mult: float = MULT) -> list[Comparison]:
+    """``compare_with_reference``, failing on the first comparison out of bounds."""
+    results = compare_with_reference(fn, ref_fn, inputs, names, dy, mult)
+    for c in results:
+        assert c.ok, str(c)
+    return results
+
+
 class poisoned_outputs:
     """Context manager: every buffer the launchers allocate starts as NaN (-1 for integers)."""
 

@@ -7,33 +7,10 @@ import torch.nn.functional as F
 
 import mmfuse
 from mmfuse.kernels import linear as KL
-from mmfuse.testing import assert_close
+from mmfuse.testing import assert_matches_reference
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 ACTS = [None, "gelu", "gelu_tanh"]
-
-
-def _leaf(t):
-    return t.detach().clone().requires_grad_()
-
-
-def _check_fn(fn, ref_fn, inputs, names, dy=None):
-    """Compare fn(*inputs) and its input gradients with ref_fn in fp64 and in the inputs' dtype."""
-    leaves = [_leaf(t) for t in inputs]
-    out = fn(*leaves)
-    dy = torch.randn_like(out) if dy is None else dy
-    grads = torch.autograd.grad(out, leaves, dy)
-    ref = {}
-    for dtype in (torch.float64, inputs[0].dtype):
-        rl = [t.detach().to(dtype).requires_grad_() for t in inputs]
-        ro = ref_fn(*rl)
-        ref[dtype] = (ro, torch.autograd.grad(ro, rl, dy.to(dtype)))
-    (o64, g64), (olp, glp) = ref[torch.float64], ref[inputs[0].dtype]
-    assert out.dtype == inputs[0].dtype
-    assert_close("out", out, o64, olp)
-    for name, g, r64, rlp in zip(names, grads, g64, glp):
-        assert_close(f"grad {name}", g, r64, rlp)
-    return out, grads
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
@@ -47,15 +24,15 @@ def test_linear_matches_reference(dtype, activation, bias):
     if bias:
         inputs.append(torch.randn(131, dtype=dtype))
         names.append("bias")
-    out, _ = _check_fn(lambda *t: mmfuse.linear(*t, activation=activation),
-                       lambda *t: mmfuse.linear_reference(*t, activation=activation), inputs, names)
-    assert out.shape == (2, 3, 131)
+    assert_matches_reference(lambda *t: mmfuse.linear(*t, activation=activation),
+              lambda *t: mmfuse.linear_reference(*t, activation=activation), inputs, names)
+    assert mmfuse.linear(x, w, activation=activation).shape == (2, 3, 131)
 
 
 def test_linear_m37_and_k_tail():
     # M=37 rows, K=75 not a multiple of BLOCK_K (masked K tail), N=131.
     x, w, b = torch.randn(37, 75), torch.randn(131, 75) / 9, torch.randn(131)
-    _check_fn(lambda *t: mmfuse.linear(*t, activation="gelu"),
+    assert_matches_reference(lambda *t: mmfuse.linear(*t, activation="gelu"),
               lambda *t: mmfuse.linear_reference(*t, activation="gelu"), [x, w, b], ["x", "weight", "bias"])
 
 
@@ -72,7 +49,7 @@ def test_linear_non_contiguous(layout):
         w = (torch.randn(75, 131) / 9).t()
     assert not x.is_contiguous() or not w.is_contiguous()
     b = torch.randn(131)
-    _check_fn(lambda *t: mmfuse.linear(*t, activation="gelu_tanh"),
+    assert_matches_reference(lambda *t: mmfuse.linear(*t, activation="gelu_tanh"),
               lambda *t: mmfuse.linear_reference(*t, activation="gelu_tanh"), [x, w, b], ["x", "weight", "bias"])
 
 
@@ -80,7 +57,7 @@ def test_linear_large_magnitudes_fp16():
     # Pre-activations in the thousands: GELU is identity / zero there; no overflow in the epilogue.
     x = torch.randn(33, 40, dtype=torch.float16) * 30
     w = torch.randn(20, 40, dtype=torch.float16) * 3
-    _check_fn(lambda *t: mmfuse.linear(*t, activation="gelu"),
+    assert_matches_reference(lambda *t: mmfuse.linear(*t, activation="gelu"),
               lambda *t: mmfuse.linear_reference(*t, activation="gelu"), [x, w], ["x", "weight"])
 
 
@@ -211,18 +188,18 @@ def test_mlp_matches_reference(dtype, activation):
         ws_, rest = params[:3], list(params[3:])
         return ws_, [rest.pop(0) if b is not None else None for b in bs]
 
-    out, _ = _check_fn(lambda x, *p: mmfuse.mlp(x, *split(p), activation=activation),
-                       lambda x, *p: mmfuse.mlp_reference(x, *split(p), activation=activation),
-                       [x, *ws, *biases], ["x", "W0", "W1", "W2", "b0", "b2"])
-    assert out.shape == (2, 23, 33)
+    assert_matches_reference(lambda x, *p: mmfuse.mlp(x, *split(p), activation=activation),
+              lambda x, *p: mmfuse.mlp_reference(x, *split(p), activation=activation),
+              [x, *ws, *biases], ["x", "W0", "W1", "W2", "b0", "b2"])
+    assert mmfuse.mlp(x, ws, bs, activation).shape == (2, 23, 33)
 
 
 def test_mlp_single_layer_and_llava_2x():
     x = torch.randn(19, 24)
     w = torch.randn(10, 24) / 5
-    _check_fn(lambda x, w: mmfuse.mlp(x, [w]), lambda x, w: mmfuse.mlp_reference(x, [w]), [x, w], ["x", "W"])
+    assert_matches_reference(lambda x, w: mmfuse.mlp(x, [w]), lambda x, w: mmfuse.mlp_reference(x, [w]), [x, w], ["x", "W"])
     w1, b1, w2, b2 = torch.randn(48, 24) / 5, torch.randn(48), torch.randn(40, 48) / 7, torch.randn(40)
-    _check_fn(lambda x, *p: mmfuse.mlp(x, p[0::2], p[1::2]), lambda x, *p: mmfuse.mlp_reference(x, p[0::2], p[1::2]),
+    assert_matches_reference(lambda x, *p: mmfuse.mlp(x, p[0::2], p[1::2]), lambda x, *p: mmfuse.mlp_reference(x, p[0::2], p[1::2]),
               [x, w1, b1, w2, b2], ["x", "W1", "b1", "W2", "b2"])
 
 

@@ -304,28 +304,8 @@ def mlp(x: torch.Tensor, weights: Sequence[torch.Tensor], biases: Sequence[torch
 # ----------------------------------------------------------------------------------------------
 # mmfuse verify
 # ----------------------------------------------------------------------------------------------
-def _grads_vs_reference(fn, ref_fn, tensors, names):
-    """Outputs and input gradients of ``fn`` against fp64 and same-precision references."""
-    from mmfuse.testing import compare
-
-    leaves = [t.detach().requires_grad_() for t in tensors]
-    out = fn(*leaves)
-    dy = torch.randn_like(out)
-    grads = torch.autograd.grad(out, leaves, dy)
-    results = []
-    refs = {}
-    for dtype in (torch.float64, tensors[0].dtype):
-        rl = [t.detach().to(dtype).requires_grad_() for t in tensors]
-        ro = ref_fn(*rl)
-        refs[dtype] = (ro, torch.autograd.grad(ro, rl, dy.to(dtype)))
-    (o64, g64), (olp, glp) = refs[torch.float64], refs[tensors[0].dtype]
-    results.append(compare("out", out, o64, olp))
-    for name, g, r64, rlp in zip(names, grads, g64, glp):
-        results.append(compare(f"grad {name}", g, r64, rlp))
-    return results
-
-
 def verify_checks():
+    from mmfuse.testing import compare_with_reference
     from mmfuse.verify import Check
 
     def linear_check(dtype, act, M, K, N):
@@ -333,7 +313,7 @@ def verify_checks():
             x = torch.randn(M, K, device=device, dtype=dtype)
             w = torch.randn(N, K, device=device, dtype=dtype) / K ** 0.5
             b = torch.randn(N, device=device, dtype=dtype)
-            return _grads_vs_reference(
+            return compare_with_reference(
                 lambda x, w, b: linear(x, w, b, act), lambda x, w, b: linear_reference(x, w, b, act),
                 [x, w, b], ["x", "weight", "bias"])
         return Check(f"linear {act or 'identity'}", dtype, f"M={M} K={K} N={N}", run)
@@ -344,7 +324,7 @@ def verify_checks():
             ws = [torch.randn(n, k, device=device, dtype=dtype) / k ** 0.5 for k, n in zip(widths, widths[1:])]
             bs = [torch.randn(n, device=device, dtype=dtype) for n in widths[1:]]
             n = len(ws)
-            return _grads_vs_reference(
+            return compare_with_reference(
                 lambda x, *p: mlp(x, p[:n], p[n:]), lambda x, *p: mlp_reference(x, p[:n], p[n:]),
                 [x, *ws, *bs], ["x"] + [f"W{i}" for i in range(n)] + [f"b{i}" for i in range(n)])
         return Check("mlp gelu", dtype, f"M={M} widths={'-'.join(map(str, widths))}", run)
