@@ -21,7 +21,6 @@ by exactly one program, so results are bitwise reproducible.
 
 from __future__ import annotations
 
-import torch
 import triton
 import triton.language as tl
 

@@ -3,7 +3,6 @@ gradcheck, determinism, launch counts, bad input. Kernels run in Triton's interp
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 import mmfuse
 from mmfuse.kernels import linear as KL
@@ -197,9 +196,11 @@ def test_mlp_matches_reference(dtype, activation):
 def test_mlp_single_layer_and_llava_2x():
     x = torch.randn(19, 24)
     w = torch.randn(10, 24) / 5
-    assert_matches_reference(lambda x, w: mmfuse.mlp(x, [w]), lambda x, w: mmfuse.mlp_reference(x, [w]), [x, w], ["x", "W"])
+    assert_matches_reference(lambda x, w: mmfuse.mlp(x, [w]), lambda x, w: mmfuse.mlp_reference(x, [w]),
+                             [x, w], ["x", "W"])
     w1, b1, w2, b2 = torch.randn(48, 24) / 5, torch.randn(48), torch.randn(40, 48) / 7, torch.randn(40)
-    assert_matches_reference(lambda x, *p: mmfuse.mlp(x, p[0::2], p[1::2]), lambda x, *p: mmfuse.mlp_reference(x, p[0::2], p[1::2]),
+    assert_matches_reference(lambda x, *p: mmfuse.mlp(x, p[0::2], p[1::2]),
+                             lambda x, *p: mmfuse.mlp_reference(x, p[0::2], p[1::2]),
               [x, w1, b1, w2, b2], ["x", "W1", "b1", "W2", "b2"])
 
 
@@ -214,7 +215,8 @@ def test_mlp_backward_is_deterministic():
     x = torch.randn(50, 40, dtype=torch.float16, requires_grad=True)
     ws = [(torch.randn(64, 40, dtype=torch.float16) / 6).requires_grad_(),
           (torch.randn(33, 64, dtype=torch.float16) / 8).requires_grad_()]
-    bs = [torch.randn(64, dtype=torch.float16, requires_grad=True), torch.randn(33, dtype=torch.float16, requires_grad=True)]
+    bs = [torch.randn(64, dtype=torch.float16, requires_grad=True),
+          torch.randn(33, dtype=torch.float16, requires_grad=True)]
     dy = torch.randn(50, 33, dtype=torch.float16)
     runs = [torch.autograd.grad(mmfuse.mlp(x, ws, bs), [x, *ws, *bs], dy) for _ in range(2)]
     for g1, g2 in zip(*runs):

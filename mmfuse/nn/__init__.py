@@ -1,7 +1,7 @@
 """Drop-in ``nn.Module``s: same state_dict keys and shapes as the modules they replace, each with a
 ``from_module`` that builds it from that module (sharing the parameters)."""
 
-from mmfuse.nn.linear import Linear, MLPProjector
 from mmfuse.nn.hf import NormMLPProjector, PatchMerger, Qwen2VLPatchEmbed
+from mmfuse.nn.linear import Linear, MLPProjector
 
 __all__ = ["Linear", "MLPProjector", "NormMLPProjector", "PatchMerger", "Qwen2VLPatchEmbed"]
