@@ -42,6 +42,21 @@ def activation_grad(x, ACTIVATION: tl.constexpr):
         g = tl.full(x.shape, 1.0, x.dtype)
     return g
 
+@triton.jit
+def grouped_tile(M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr):
+    """(pid_m, pid_n) of this program in grouped order: consecutive programs walk down GROUP_M tile
+    rows before moving right, so the B columns they share stay in L2."""
+    pid = tl.program_id(0)
+    num_pid_m = tl.cdiv(M, BLOCK_M)
+    num_pid_n = tl.cdiv(N, BLOCK_N)
+    num_pid_in_group = GROUP_M * num_pid_n
+    first_pid_m = (pid // num_pid_in_group) * GROUP_M
+    group_size_m = min(num_pid_m - first_pid_m, GROUP_M)
+    pid_m = first_pid_m + ((pid % num_pid_in_group) % group_size_m)
+    pid_n = (pid % num_pid_in_group) // group_size_m
+    return pid_m, pid_n
+
+
 # ----------------------------------------------------------------------------------------------
 # Dtypes
 # ----------------------------------------------------------------------------------------------
@@ -85,6 +100,6 @@ def num_sms(device: torch.device | None) -> int:
 
 __all__ = [
     "INTERPRET", "ACT_NONE", "ACT_GELU", "ACT_GELU_TANH", "ACTIVATIONS", "apply_activation",
-    "activation_grad", "KERNEL_DTYPES", "acc_dtype", "dot_precision", "POISON_OUTPUTS", "empty",
+    "activation_grad", "grouped_tile", "KERNEL_DTYPES", "acc_dtype", "dot_precision", "POISON_OUTPUTS", "empty",
     "cdiv", "next_pow2", "H100_SMS", "num_sms",
 ]
