@@ -61,7 +61,7 @@ class CompileReport:
     wgmma: bool             # wgmma in the PTX
     cp_async_16B: bool      # 16-byte cp.async (global -> shared, 128-bit)
     tma: bool               # cp.async.bulk.tensor (TMA)
-    vec128_global: int      # number of 128-bit ld/st.global instructions
+    vec128_loads: int       # number of 128-bit ld.global instructions (stores not counted)
     seconds: float
 
     @property
@@ -145,18 +145,18 @@ def compile_spec(spec: CompileSpec, arch: int) -> CompileReport:
         mma="mma.sync" in ptx, wgmma="wgmma.mma_async" in ptx,
         cp_async_16B=bool(re.search(r"cp\.async\.c[ga]\.shared\.global[^\n]*, (?:16|0x10)(?:, |;)", ptx)),
         tma="cp.async.bulk.tensor" in ptx,
-        vec128_global=len(re.findall(r"(?:ld|st)\.global(?:\.[a-z0-9]+)*\.v4\.(?:b32|f32|u32|s32)", ptx))
-        + len(re.findall(r"(?:ld|st)\.global(?:\.[a-z0-9]+)*\.v2\.(?:b64|f64|u64)", ptx)),
+        vec128_loads=len(re.findall(r"ld\.global(?:\.[a-z0-9:]+)*\.v4\.(?:b32|f32|u32|s32)", ptx))
+        + len(re.findall(r"ld\.global(?:\.[a-z0-9:]+)*\.v2\.(?:b64|f64|u64)", ptx)),
         seconds=seconds,
     )
 
 
 def all_specs() -> list[CompileSpec]:
     """Every config of every kernel, as the kernel modules list them."""
-    from mmfuse.kernels import linear
+    from mmfuse.kernels import linear, patch_embed
 
     specs = []
-    for module in (linear,):
+    for module in (linear, patch_embed):
         specs.extend(module.aot_specs())
     return specs
 
@@ -165,7 +165,7 @@ def all_specs() -> list[CompileSpec]:
 # Batch compilation (in a subprocess when this process runs the interpreter)
 # ----------------------------------------------------------------------------------------------
 _FIELDS = ("registers", "spill_bytes", "shared_bytes", "mma", "wgmma", "cp_async_16B", "tma",
-           "vec128_global", "seconds")
+           "vec128_loads", "seconds")
 
 
 def _compile_index(job):

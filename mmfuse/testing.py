@@ -64,7 +64,9 @@ def compare_with_reference(fn, ref_fn, inputs, names, dy=None, mult: float = MUL
     """``fn(*inputs)`` and its gradients w.r.t. every input, against ``ref_fn`` run in fp64 and in the
     inputs' dtype (the flash-attention rule). ``dy`` (the upstream gradient) defaults to randn.
     Returns one Comparison for the output and one per input, named ``"grad <name>"``."""
-    leaves = [t.detach().clone().requires_grad_() for t in inputs]
+    # detach() keeps the strides (clone() would make sliced views contiguous): the kernel must see
+    # the non-contiguous inputs a test built.
+    leaves = [t.detach().requires_grad_() for t in inputs]
     out = fn(*leaves)
     dy = torch.randn_like(out) if dy is None else dy
     grads = torch.autograd.grad(out, leaves, dy)

@@ -22,8 +22,8 @@ def test_compiles_without_spills(spec, arch):
         # wgmma needs a warpgroup-sized tile; every tensor-core config we ship is at least 64 rows x 4 warps.
         expected = "wgmma" if arch == 90 else "mma.sync"
         assert r.tensor_core_instr == expected, f"{spec.label} on {facts['name']}: {r.tensor_core_instr}"
-        # Operands arrive in 128-bit pieces (16-byte cp.async, TMA or v4 loads), not scalar loads:
-        # what the divisibility hints buy.
-        assert r.cp_async_16B or r.tma or r.vec128_global > 0, f"{spec.label}: no 128-bit global loads"
+        # Operands arrive in 128-bit pieces (16-byte cp.async, TMA or v4 loads; stores do not count),
+        # not scalar loads: what the divisibility hints buy.
+        assert r.cp_async_16B or r.tma or r.vec128_loads > 0, f"{spec.label}: no 128-bit global loads"
     else:
         assert r.tensor_core_instr == "none"
