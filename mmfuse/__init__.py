@@ -3,11 +3,13 @@
 Functional API (differentiable, fp16 / bf16 / fp32):
     mmfuse.linear(x, weight, bias=None, activation=None)
     mmfuse.mlp(x, weights, biases=None, activation="gelu")
+    mmfuse.patch_embed(pixels, weight, bias=None, pos_embed=None)
 Dispatch: ``mmfuse.backend_for(tensor)`` says which path a call takes (see ``mmfuse._dispatch``).
 """
 
 from mmfuse._dispatch import INTERPRET, INTERPRETER, REFERENCE, TRITON, backend_for  # noqa: I001  (first)
 from mmfuse.ops.linear import linear, linear_reference, mlp, mlp_reference
+from mmfuse.ops.patch_embed import patch_embed, patch_embed_reference
 from mmfuse import nn  # noqa: E402  (registers the patch rules)
 from mmfuse._patch import patch, unpatch
 
@@ -16,4 +18,5 @@ __version__ = "0.1.0"
 __all__ = [
     "INTERPRET", "TRITON", "INTERPRETER", "REFERENCE", "backend_for",
     "linear", "linear_reference", "mlp", "mlp_reference", "nn", "patch", "unpatch",
+    "patch_embed", "patch_embed_reference",
 ]

@@ -26,10 +26,10 @@ class Check:
 
 
 def all_checks() -> list[Check]:
-    from mmfuse.ops import linear
+    from mmfuse.ops import linear, patch_embed
 
     checks = []
-    for module in (linear,):
+    for module in (linear, patch_embed):
         checks.extend(module.verify_checks())
     return checks
 

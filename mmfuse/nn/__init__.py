@@ -3,5 +3,7 @@
 
 from mmfuse.nn.hf import NormMLPProjector, PatchMerger, Qwen2VLPatchEmbed
 from mmfuse.nn.linear import Linear, MLPProjector
+from mmfuse.nn.patch_embed import CLIPVisionEmbeddings, PatchEmbed, PatchEmbed3d, SiglipVisionEmbeddings
 
-__all__ = ["Linear", "MLPProjector", "NormMLPProjector", "PatchMerger", "Qwen2VLPatchEmbed"]
+__all__ = ["Linear", "MLPProjector", "NormMLPProjector", "PatchMerger", "Qwen2VLPatchEmbed",
+           "PatchEmbed", "PatchEmbed3d", "CLIPVisionEmbeddings", "SiglipVisionEmbeddings"]

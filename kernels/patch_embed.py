@@ -1,0 +1,537 @@
+"""Patch embedding (Conv2d / Conv3d with kernel_size == stride) as one GEMM, forward and backward.
+
+Token m = ((b*GF + pf)*GH + ph)*GW + pw owns the patch whose first pixel sits at
+``(b, :, pf*T, ph*P, pw*P)``; column k = ((c*T + t)*P + i)*P + j of the flattened (C, T, P, P)
+weight picks the pixel ``(c, pf*T + t, ph*P + i, pw*P + j)`` of that patch. The address of
+A[m, k] is therefore ``token_offset[m] + patch_offset[k]``: a sum of a row vector and a column
+vector, so the im2col matrix is gathered straight into each A tile and never written to memory.
+Images are the video form with T = F = 1 (a zero frame stride).
+
+* forward  ``out[b, n, :] = A[m, :] @ W^T + bias + pos[b, n, :]``, bias and pos in the epilogue,
+  written token-major (B, N, D) through strides (so a class-token layout can be a view). Its K runs
+  over patch rows padded to RUN = next_pow2(P) pixels (k = row*RUN + j, zeros at j >= P) so the
+  gathered pieces are contiguous and the loads pipeline; the weight comes packed in that order
+  (``pack_weight``: zero padding, 16-byte aligned rows);
+* dW       ``dW = dOut^T @ A``: the reduction runs over tokens and A is gathered again in the
+  loop; ``ROWSUM_A`` also sums the dOut^T tiles it loads, giving ``db`` from the same loads;
+* dpixels  ``dA = dOut @ W`` stored through the same gather addresses: with kernel == stride every
+  pixel belongs to exactly one (m, k), so the scatter is a permutation, with no atomics;
+* ``batch_sum_kernel``: ``dpos = sum_b dOut[b]`` in a fixed order (pos broadcast over the batch).
+
+Layout: pixels (B, C, [F,] H, W) and the weight with any strides (NCHW, channels-last, sliced
+views); H, W (and F) multiples of P (and T), checked by the caller. K = C*T*P*P need not be a
+multiple of BLOCK_K (588 for P = 14, C = 3): the tail is masked. Rows and columns past the edge
+are clamped with ``%`` for the loads (never stored), as in ``kernels/linear.py``. P and T are
+constexprs, so the index arithmetic divides by constants. The backward reads the weight as a
+(D, K) matrix (a view of a contiguous conv weight; other layouts are copied, D*K elements). Offsets are
+32-bit (the launchers refuse tensors spanning 2^31 elements or more): 64-bit gather offsets for
+every A element cost registers and made the 64x128 tile spill. Every output element is written by
+exactly one program: results are bitwise reproducible.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from mmfuse.kernels._common import (
+    INTERPRET,
+    acc_dtype,
+    cdiv,
+    dot_precision,
+    empty,
+    grouped_tile,
+    next_pow2,
+    num_sms,
+)
+from mmfuse.kernels.linear import MIN_WAVE_EFFICIENCY, block_k_for, wave_efficiency
+
+
+@triton.jit
+def _token_offsets(offs_m, M, GRID_F, GRID_H, GRID_W, stride_b, stride_f, stride_h, stride_w,
+                   T: tl.constexpr, P: tl.constexpr):
+    """Offset of the first pixel of each token's patch (rows past M wrap around)."""
+    m = offs_m % M
+    pw = m % GRID_W
+    r = m // GRID_W
+    ph = r % GRID_H
+    r = r // GRID_H
+    pf = r % GRID_F
+    b = r // GRID_F
+    return b * stride_b + (pf * T) * stride_f + (ph * P) * stride_h + (pw * P) * stride_w
+
+
+@triton.jit
+def _patch_offsets(offs_k, stride_c, stride_t, stride_i, stride_j, T: tl.constexpr, P: tl.constexpr):
+    """Offset of element k of a flattened (C, T, P, P) patch from the patch's first element."""
+    j = offs_k % P
+    i = (offs_k // P) % P
+    t = (offs_k // (P * P)) % T
+    c = offs_k // (T * P * P)
+    return c * stride_c + t * stride_t + i * stride_i + j * stride_j
+
+
+@triton.jit
+def _token_rows(offs_m, M, N_TOK, stride_b, stride_n):
+    """Offset of token m's row in a (B, N, D) tensor with any strides (wraps past M)."""
+    m = offs_m % M
+    return (m // N_TOK) * stride_b + (m % N_TOK) * stride_n
+
+
+@triton.jit
+def _run_offsets(run, stride_c, stride_t, stride_i, T: tl.constexpr, P: tl.constexpr):
+    """Offset of the first pixel of patch row ``run`` = (c*T + t)*P + i of a (C, T, P, P) patch."""
+    i = run % P
+    t = (run // P) % T
+    c = run // (T * P)
+    return c * stride_c + t * stride_t + i * stride_i
+
+
+@triton.jit
+def patch_embed_fwd_kernel(
+    pix_ptr, w_ptr, bias_ptr, pos_ptr, out_ptr,
+    M, D, K, GRID_F, GRID_H, GRID_W,
+    stride_xb, stride_xc, stride_xf, stride_xh, stride_xw,
+    stride_wd,
+    stride_pb, stride_pn, stride_pd,
+    stride_ob, stride_on, stride_od,
+    T: tl.constexpr, P: tl.constexpr, RUN: tl.constexpr,
+    HAS_BIAS: tl.constexpr, HAS_POS: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr, ACC_DTYPE: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    GROUP_M: tl.constexpr, EVEN_K: tl.constexpr,
+):
+    """out[b, n, d] = sum_k pixels[patch(b, n), k] * W[d, k] + bias[d] + pos[b, n, d].
+
+    The reduction runs over patch rows padded to RUN = next_pow2(P) pixels: k = run*RUN + j, and the
+    weight comes packed the same way (zeros at j >= P and past K). A run of pixels is contiguous
+    along W, so the gather loads are vectors the pipeliner can copy asynchronously (scalar loads
+    cannot be pipelined). K = C*T*P*RUN; the packed weight rows hold a multiple of 64 columns."""
+    pid_m, pid_n = grouped_tile(M, D, BLOCK_M, BLOCK_N, GROUP_M)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_k = tl.arange(0, BLOCK_K)
+
+    # im2col in the load: A[m, k] lives at token_offset[m] + run_offset[k // RUN] + (k % RUN).
+    x_rows = _token_offsets(offs_m, M, GRID_F, GRID_H, GRID_W, stride_xb, stride_xf, stride_xh, stride_xw, T, P)
+    w_ptrs = w_ptr + (offs_n % D)[None, :] * stride_wd + offs_k[:, None]
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=ACC_DTYPE)
+    for k0 in range(0, K, BLOCK_K):
+        k = k0 + offs_k
+        j = k % RUN
+        x_cols = _run_offsets(k // RUN, stride_xc, stride_xf, stride_xh, T, P) + j * stride_xw
+        x_ptrs = pix_ptr + x_rows[:, None] + x_cols[None, :]
+        if EVEN_K:
+            if P == RUN:
+                a = tl.load(x_ptrs)
+            else:
+                a = tl.load(x_ptrs, mask=(j < P)[None, :], other=0.0)
+        else:
+            a = tl.load(x_ptrs, mask=((j < P) & (k < K))[None, :], other=0.0)
+        b = tl.load(w_ptrs)  # packed: zero-padded past K to a multiple of BLOCK_K, no mask
+        acc = tl.dot(a, b, acc, input_precision=INPUT_PRECISION)
+        w_ptrs += BLOCK_K
+
+    # Epilogue in the accumulator type; one rounding at the store.
+    N_TOK = GRID_F * GRID_H * GRID_W
+    mask_n = offs_n < D
+    mask = (offs_m < M)[:, None] & mask_n[None, :]
+    if HAS_BIAS:
+        bias = tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0)
+        acc += bias[None, :].to(ACC_DTYPE)
+    if HAS_POS:  # pos is (B, N, D) with stride 0 along the dims it is broadcast over
+        p_rows = _token_rows(offs_m, M, N_TOK, stride_pb, stride_pn)
+        pos = tl.load(pos_ptr + p_rows[:, None] + offs_n[None, :] * stride_pd, mask=mask, other=0.0)
+        acc += pos.to(ACC_DTYPE)
+    o_rows = _token_rows(offs_m, M, N_TOK, stride_ob, stride_on)
+    tl.store(out_ptr + o_rows[:, None] + offs_n[None, :] * stride_od, acc.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def patch_embed_dx_kernel(
+    dout_ptr, w_ptr, dpix_ptr,
+    M, D, K, GRID_F, GRID_H, GRID_W,
+    stride_gb, stride_gn, stride_gd,
+    stride_wd,
+    stride_xb, stride_xc, stride_xf, stride_xh, stride_xw,
+    T: tl.constexpr, P: tl.constexpr, RUN: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr, ACC_DTYPE: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    GROUP_M: tl.constexpr, EVEN_K: tl.constexpr,
+):
+    """dpixels[patch(m), k] = sum_d dOut[m, d] * W[d, k]: a GEMM over D whose store is the
+    inverse of the forward's gather (tiles: BLOCK_M tokens x BLOCK_N patch elements). Columns are in
+    the forward's padded run order (K = C*T*P*RUN) over its packed weight; j >= P is not stored."""
+    pid_m, pid_n = grouped_tile(M, K, BLOCK_M, BLOCK_N, GROUP_M)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_K)
+
+    N_TOK = GRID_F * GRID_H * GRID_W
+    g_ptrs = dout_ptr + _token_rows(offs_m, M, N_TOK, stride_gb, stride_gn)[:, None] + offs_d[None, :] * stride_gd
+    # Packed rows hold a multiple of 128 columns (zeros past K): no wrap or mask needed along n.
+    w_ptrs = w_ptr + offs_d[:, None] * stride_wd + offs_n[None, :]
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=ACC_DTYPE)
+    for d0 in range(0, D, BLOCK_K):
+        if EVEN_K:
+            g = tl.load(g_ptrs)
+            w = tl.load(w_ptrs)
+        else:
+            d_left = D - d0
+            g = tl.load(g_ptrs, mask=offs_d[None, :] < d_left, other=0.0)
+            w = tl.load(w_ptrs, mask=offs_d[:, None] < d_left, other=0.0)
+        acc = tl.dot(g, w, acc, input_precision=INPUT_PRECISION)
+        g_ptrs += BLOCK_K * stride_gd
+        w_ptrs += BLOCK_K * stride_wd
+
+    # Scatter = the forward's gather addresses: each (m, k) is a distinct pixel (kernel == stride).
+    x_rows = _token_offsets(offs_m, M, GRID_F, GRID_H, GRID_W, stride_xb, stride_xf, stride_xh, stride_xw, T, P)
+    j = offs_n % RUN
+    x_cols = _run_offsets(offs_n // RUN, stride_xc, stride_xf, stride_xh, T, P) + j * stride_xw
+    mask = (offs_m < M)[:, None] & ((j < P) & (offs_n < K))[None, :]
+    tl.store(dpix_ptr + x_rows[:, None] + x_cols[None, :], acc.to(dpix_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def patch_embed_dw_kernel(
+    dout_ptr, pix_ptr, dw_ptr, db_ptr,
+    M, D, K, GRID_F, GRID_H, GRID_W,
+    stride_gb, stride_gn, stride_gd,
+    stride_xb, stride_xc, stride_xf, stride_xh, stride_xw,
+    stride_dwd, stride_dwk,
+    T: tl.constexpr, P: tl.constexpr,
+    ROWSUM_A: tl.constexpr,     # db[d] = sum_m dOut[m, d] from the dOut^T tiles already loaded
+    INPUT_PRECISION: tl.constexpr, ACC_DTYPE: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    GROUP_M: tl.constexpr, EVEN_K: tl.constexpr,
+):
+    """dW[d, k] = sum_m dOut[m, d] * pixels[patch(m), k] (tiles: BLOCK_M of D x BLOCK_N of K; the
+    loop walks BLOCK_K tokens at a time and gathers their patches again)."""
+    pid_m, pid_n = grouped_tile(D, K, BLOCK_M, BLOCK_N, GROUP_M)
+    offs_d = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_t = tl.arange(0, BLOCK_K)
+
+    N_TOK = GRID_F * GRID_H * GRID_W
+    g_cols = (offs_d % D) * stride_gd
+    x_cols = _patch_offsets(offs_n % K, stride_xc, stride_xf, stride_xh, stride_xw, T, P)
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=ACC_DTYPE)
+    if ROWSUM_A:
+        rowsum = tl.zeros((BLOCK_M,), dtype=ACC_DTYPE)
+    for m0 in range(0, M, BLOCK_K):
+        m = m0 + offs_t
+        g_ptrs = dout_ptr + g_cols[:, None] + _token_rows(m, M, N_TOK, stride_gb, stride_gn)[None, :]
+        x_rows = _token_offsets(m, M, GRID_F, GRID_H, GRID_W, stride_xb, stride_xf, stride_xh, stride_xw, T, P)
+        x_ptrs = pix_ptr + x_rows[:, None] + x_cols[None, :]
+        if EVEN_K:
+            g = tl.load(g_ptrs)
+            x = tl.load(x_ptrs)
+        else:
+            g = tl.load(g_ptrs, mask=m[None, :] < M, other=0.0)
+            x = tl.load(x_ptrs, mask=m[:, None] < M, other=0.0)
+        acc = tl.dot(g, x, acc, input_precision=INPUT_PRECISION)
+        if ROWSUM_A:
+            rowsum += tl.sum(g.to(ACC_DTYPE), axis=1)
+
+    mask_d = offs_d < D
+    mask = mask_d[:, None] & (offs_n < K)[None, :]
+    dw_ptrs = dw_ptr + offs_d[:, None] * stride_dwd + offs_n[None, :] * stride_dwk
+    tl.store(dw_ptrs, acc.to(dw_ptr.dtype.element_ty), mask=mask)
+    if ROWSUM_A:
+        if pid_n == 0:  # every pid_n computed the same sums; one writes them
+            tl.store(db_ptr + offs_d, rowsum.to(db_ptr.dtype.element_ty), mask=mask_d)
+
+
+@triton.jit
+def batch_sum_kernel(
+    g_ptr, out_ptr, B, N, D,
+    stride_gb, stride_gn, stride_gd, stride_on, stride_od,
+    ACC_DTYPE: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    """out[n, d] = sum_b g[b, n, d], b in order (the gradient of a batch-broadcast pos_embed)."""
+    offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_d = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
+    mask = (offs_n < N)[:, None] & (offs_d < D)[None, :]
+    g_ptrs = g_ptr + offs_n[:, None] * stride_gn + offs_d[None, :] * stride_gd
+    acc = tl.zeros((BLOCK_N, BLOCK_D), dtype=ACC_DTYPE)
+    for _ in range(0, B):
+        acc += tl.load(g_ptrs, mask=mask, other=0.0).to(ACC_DTYPE)
+        g_ptrs += stride_gb
+    out_ptrs = out_ptr + offs_n[:, None] * stride_on + offs_d[None, :] * stride_od
+    tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+# ----------------------------------------------------------------------------------------------
+# Configs and tile choice
+# ----------------------------------------------------------------------------------------------
+#: (BLOCK_M, BLOCK_N, BLOCK_K for 2-byte dtypes, num_warps, num_stages); 4-byte dtypes halve
+#: BLOCK_K. Per GEMM, the tiles that compile without spills on sm_80 and sm_90 (bench/NOTES.md):
+#: the forward's 64x128 (4 warps) spills in its bias+pos epilogue (64 accumulators and 64 gathered
+#: pos/out addresses per thread), dW's 128-row tiles spill on sm_80 (two gathered operands).
+#: Wave-efficiency pruning picks among them per shape.
+TILES = {
+    "fwd": ((128, 128, 64, 8, 3), (128, 64, 64, 4, 3), (64, 64, 64, 4, 3)),
+    "dx": ((128, 128, 64, 8, 3), (128, 64, 64, 4, 3), (64, 128, 64, 4, 3), (64, 64, 64, 4, 3)),
+    "dw": ((64, 128, 64, 4, 3), (64, 64, 64, 4, 3)),
+}
+GROUP_M = 8
+#: The single config used under the interpreter: small, so odd test sizes span several tiles.
+INTERPRETER_TILE = (32, 32, 32, 4, 1)
+BATCH_SUM_BLOCK = (32, 64)
+
+
+def candidate_tiles(gemm: str, rows: int, cols: int, sms: int):
+    """Tiles of ``gemm`` with wave efficiency >= MIN_WAVE_EFFICIENCY at (rows, cols), or the best two."""
+    scored = [(wave_efficiency(rows, cols, t[0], t[1], sms), t) for t in TILES[gemm]]
+    keep = [t for e, t in scored if e >= MIN_WAVE_EFFICIENCY]
+    return keep or [t for _, t in sorted(scored, key=lambda s: -s[0])[:2]]
+
+
+def _config(tile, elem_bytes: int) -> triton.Config:
+    bm, bn, bk, warps, stages = tile
+    return triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": block_k_for(bk, elem_bytes), "GROUP_M": GROUP_M},
+                         num_warps=warps, num_stages=stages)
+
+
+def _pruner(gemm: str, rows_arg: str, cols_arg: str, ptr_arg: str):
+    def prune(configs, named_args, **kwargs):
+        t = named_args[ptr_arg]
+        keep = candidate_tiles(gemm, named_args[rows_arg], named_args[cols_arg], num_sms(t.device))
+        return [_config(tile, t.element_size()) for tile in keep]
+    return prune
+
+
+#: (kernel, output rows, output cols, reduction length) argument names of each GEMM.
+_GEMMS = {
+    "fwd": (patch_embed_fwd_kernel, "M", "D", "K", "pix_ptr"),
+    "dx": (patch_embed_dx_kernel, "M", "K", "D", "dout_ptr"),
+    "dw": (patch_embed_dw_kernel, "D", "K", "M", "dout_ptr"),
+}
+_fixed, _tuned = {}, {}
+for _name, (_fn, _rows, _cols, _red, _ptr) in _GEMMS.items():
+    _even = triton.heuristics({"EVEN_K": lambda args, _red=_red: args[_red] % args["BLOCK_K"] == 0})
+    _fixed[_name] = _even(_fn)
+    _tuned[_name] = None if INTERPRET else triton.autotune(
+        configs=[_config(t, 2) for t in TILES[_name]],
+        key=["M", "D", "K", "T", "P"] + [f for f in ("HAS_BIAS", "HAS_POS", "ROWSUM_A") if f in _fn.arg_names],
+        prune_configs_by={"early_config_prune": _pruner(_name, _rows, _cols, _ptr)},
+    )(_even(_fn))
+
+
+def _launch(name, rows, cols, args, flags, elem_bytes, tile=None):
+    if INTERPRET or tile is not None:
+        bm, bn, bk, warps, stages = tile or INTERPRETER_TILE
+        if not INTERPRET:
+            bk = block_k_for(bk, elem_bytes)
+        # The packed weight is padded for these block sizes only (its loads are not masked).
+        assert name != "fwd" or PACK_ALIGN % bk == 0, "fwd: BLOCK_K must divide PACK_ALIGN"
+        assert name != "dx" or PACK_ALIGN % bn == 0, "dx: BLOCK_N must divide PACK_ALIGN"
+        grid = (cdiv(rows, bm) * cdiv(cols, bn),)
+        _fixed[name][grid](*args, **flags, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=GROUP_M,
+                           num_warps=warps, num_stages=stages)
+    else:
+        grid = lambda meta: (cdiv(rows, meta["BLOCK_M"]) * cdiv(cols, meta["BLOCK_N"]),)  # noqa: E731
+        _tuned[name][grid](*args, **flags)
+
+
+# ----------------------------------------------------------------------------------------------
+# Launchers: 5-D views in (images as (B, C, 1, H, W) with weight (D, C, 1, P, P)), tensors out.
+# ----------------------------------------------------------------------------------------------
+def _check_span(**tensors):
+    for name, t in tensors.items():
+        span = sum((n - 1) * abs(s) for n, s in zip(t.shape, t.stride()) if n > 0)
+        if span >= 2**31:
+            raise ValueError(f"{name}: spans {span + 1} elements; the patch-embedding kernels use 32-bit "
+                             "offsets (split the batch)")
+
+
+def _geometry(pixels5, weight5):
+    B, C, F, H, W = pixels5.shape
+    D, _, T, P, _ = weight5.shape
+    return B, D, C * T * P * P, F // T, H // P, W // P, T, P
+
+
+def _strides5(t):
+    """Strides of a 5-D view; a dim of size 1 gets stride 0 (never stepped, keeps offsets small)."""
+    return [s if n > 1 else 0 for n, s in zip(t.shape, t.stride())]
+
+
+#: The packed weight's rows hold a multiple of this many columns (the largest BLOCK_K of the forward
+#: and BLOCK_N of dpixels), zeros past K: neither kernel masks or wraps its weight loads.
+PACK_ALIGN = 128
+
+
+def pack_weight(weight5):
+    """(W_runs (D, KP), K): the weight in the forward's reduction order, patch rows padded to
+    RUN = next_pow2(P) with zeros, rows padded to KP = a multiple of PACK_ALIGN (16-byte aligned).
+    A view of the weight when that is already its layout (P a power of two, K % PACK_ALIGN == 0)."""
+    D, C, T, P, _ = weight5.shape
+    run = next_pow2(P)
+    rows = C * T * P
+    K = rows * run
+    if run == P and K % PACK_ALIGN == 0:
+        w = weight5.reshape(D, K)
+        if w.stride(1) == 1 and w.stride(0) % 8 == 0:
+            return w, K
+    packed = empty((D, cdiv(K, PACK_ALIGN) * PACK_ALIGN), dtype=weight5.dtype, device=weight5.device)
+    runs = packed[:, :K].view(D, rows, run)
+    runs[:, :, :P] = weight5.reshape(D, rows, P)
+    runs[:, :, P:] = 0  # only the padding is written twice: the copy and these fills are one pass
+    packed[:, K:] = 0
+    return packed, K
+
+
+def patch_embed_fwd(pixels5, weight5, bias=None, pos=None, out=None, packed=None, tile=None):
+    """out (B, N, D) = patches(pixels5) @ weight5.flatten(1)^T + bias + pos.
+
+    ``pos``: None or a (B, N, D) view (stride 0 where broadcast). ``out``: None (allocated) or a
+    (B, N, D) view to write into (any strides). ``packed``: ``pack_weight(weight5)`` if the caller
+    keeps it (modules cache it while the weight is unchanged), else packed here."""
+    B, D, _, GF, GH, GW, T, P = _geometry(pixels5, weight5)
+    M = B * GF * GH * GW
+    if out is None:
+        out = empty((B, GF * GH * GW, D), dtype=pixels5.dtype, device=pixels5.device)
+    if M == 0 or D == 0:
+        return out
+    pos_t = pos if pos is not None else out
+    w_runs, K = packed if packed is not None else pack_weight(weight5)
+    _check_span(pixels=pixels5, weight=w_runs, pos_embed=pos_t, out=out)
+    args = (pixels5, w_runs, bias if bias is not None else out, pos_t, out, M, D, K, GF, GH, GW,
+            *_strides5(pixels5), w_runs.stride(0), *pos_t.stride(), *out.stride())
+    flags = dict(T=T, P=P, RUN=next_pow2(P), HAS_BIAS=bias is not None, HAS_POS=pos is not None,
+                 INPUT_PRECISION=dot_precision(pixels5.dtype), ACC_DTYPE=acc_dtype(pixels5.dtype))
+    _launch("fwd", M, D, args, flags, pixels5.element_size(), tile)
+    return out
+
+
+def patch_embed_dx(dout, weight5, pixel_shape, packed=None, tile=None):
+    """dpixels (contiguous, ``pixel_shape`` 5-D) from dOut (B, N, D): a permutation of dOut @ W.
+    ``packed``: the forward's ``pack_weight(weight5)`` if kept, else packed here."""
+    dpix = empty(pixel_shape, dtype=dout.dtype, device=dout.device)
+    B, D, _, GF, GH, GW, T, P = _geometry(dpix, weight5)
+    M = B * GF * GH * GW
+    if dpix.numel() == 0:
+        return dpix
+    if M == 0 or D == 0:
+        return dpix.zero_()
+    w_runs, K = packed if packed is not None else pack_weight(weight5)
+    _check_span(grad_output=dout, weight=w_runs, pixels=dpix)
+    args = (dout, w_runs, dpix, M, D, K, GF, GH, GW, *dout.stride(), w_runs.stride(0), *_strides5(dpix))
+    flags = dict(T=T, P=P, RUN=next_pow2(P), INPUT_PRECISION=dot_precision(dout.dtype),
+                 ACC_DTYPE=acc_dtype(dout.dtype))
+    _launch("dx", M, K, args, flags, dout.element_size(), tile)
+    return dpix
+
+
+def patch_embed_dw(dout, pixels5, weight_shape, with_bias: bool, tile=None):
+    """(dW (D, K) contiguous, db (D,) or None): dOut^T @ patches(pixels5), db from the same loads."""
+    D = weight_shape[0]
+    dw = empty((D, weight_shape[1] * weight_shape[2] * weight_shape[3] * weight_shape[4]), dtype=dout.dtype,
+               device=dout.device)
+    db = empty((D,), dtype=dout.dtype, device=dout.device) if with_bias else None
+    _, _, K, GF, GH, GW, T, P = _geometry(pixels5, torch.empty(weight_shape, device="meta"))
+    M = pixels5.shape[0] * GF * GH * GW
+    if dw.numel() == 0 and db is None:
+        return dw, db
+    if M == 0:  # no tokens: the sums are empty
+        dw.zero_()
+        if db is not None:
+            db.zero_()
+        return dw, db
+    _check_span(grad_output=dout, pixels=pixels5)
+    args = (dout, pixels5, dw, db if db is not None else dw, M, D, K, GF, GH, GW,
+            *dout.stride(), *_strides5(pixels5), *dw.stride())
+    flags = dict(T=T, P=P, ROWSUM_A=db is not None, INPUT_PRECISION=dot_precision(dout.dtype),
+                 ACC_DTYPE=acc_dtype(dout.dtype))
+    _launch("dw", D, K, args, flags, dout.element_size(), tile)
+    return dw, db
+
+
+def batch_sum(g):
+    """sum_b g[b] for g (B, N, D), accumulated in fp32 (fp64) in batch order."""
+    B, N, D = g.shape
+    out = empty((N, D), dtype=g.dtype, device=g.device)
+    if out.numel() == 0:
+        return out
+    bn, bd = BATCH_SUM_BLOCK
+    batch_sum_kernel[(cdiv(N, bn), cdiv(D, bd))](
+        g, out, B, N, D, *g.stride(), *out.stride(), ACC_DTYPE=acc_dtype(g.dtype), BLOCK_N=bn, BLOCK_D=bd)
+    return out
+
+
+# ----------------------------------------------------------------------------------------------
+# Ahead-of-time compile specs (tests/test_aot.py, `mmfuse report`)
+# ----------------------------------------------------------------------------------------------
+#: Representative launch: CLIP-L/14-336 (C=3, 336x336, P=14, D=1024), 4 images, NCHW contiguous.
+AOT_BATCH = 4
+
+
+def _aot_launches(shape: str = "clip-l-14-336"):
+    from mmfuse.bench.shapes import by_name
+
+    s = by_name(shape)
+    B, C, (H, W), P, D, T, F = AOT_BATCH, s.channels, s.image, s.patch, s.dim, s.temporal, s.frames
+    GH, GW = H // P, W // P
+    M, K = B * (F // T) * GH * GW, C * T * P * P
+    geo = dict(M=M, D=D, K=K, GRID_F=F // T, GRID_H=GH, GRID_W=GW)
+    # Images get a zero frame stride from the launcher (a size-1 dim).
+    x = dict(stride_xb=C * F * H * W, stride_xc=F * H * W, stride_xf=H * W if F > 1 else 0, stride_xh=W, stride_xw=1)
+    N = M // B
+    g = dict(stride_gb=N * D, stride_gn=D, stride_gd=1)
+    run = next_pow2(P)
+    k_runs = C * T * P * run
+    fwd_ints = dict(geo, K=k_runs, **x, stride_wd=cdiv(k_runs, PACK_ALIGN) * PACK_ALIGN, stride_pb=0, stride_pn=D,
+                    stride_pd=1, stride_ob=N * D, stride_on=D, stride_od=1)
+    fwd = (patch_embed_fwd_kernel, "fwd bias+pos", ("M", "D", "K"), fwd_ints,
+           dict(RUN=run, HAS_BIAS=True, HAS_POS=True), ("pix_ptr", "w_ptr", "bias_ptr", "pos_ptr", "out_ptr"))
+    dx = (patch_embed_dx_kernel, "dpixels", ("M", "K", "D"),
+          dict(geo, K=k_runs, **g, stride_wd=cdiv(k_runs, PACK_ALIGN) * PACK_ALIGN, **x), dict(RUN=run),
+          ("dout_ptr", "w_ptr", "dpix_ptr"))
+    dw = (patch_embed_dw_kernel, "dW + db", ("D", "K", "M"), dict(geo, **g, **x, stride_dwd=K, stride_dwk=1),
+          dict(ROWSUM_A=True), ("dout_ptr", "pix_ptr", "dw_ptr", "db_ptr"))
+    return dict(T=T, P=P), {"fwd": fwd, "dx": dx, "dw": dw}
+
+
+def _spec(shape_cx, launch, tile, dtype, ptr, precision, label=""):
+    from mmfuse._aot import CompileSpec
+
+    fn, variant, (_, _, red), ints, flags, ptrs = launch
+    bm, bn, bk, warps, stages = tile
+    block_k = block_k_for(bk, 4 if ptr == "*fp32" else 2)
+    cx = dict(shape_cx, **flags, INPUT_PRECISION=precision, ACC_DTYPE=tl.float32, BLOCK_M=bm, BLOCK_N=bn,
+              BLOCK_K=block_k, GROUP_M=GROUP_M, EVEN_K=ints[red] % block_k == 0)
+    return CompileSpec(
+        kernel=f"patch_embed/{fn.fn.__name__}", variant=variant + label, dtype=dtype,
+        config=f"{bm}x{bn}x{block_k} w{warps} s{stages}", fn=fn,
+        args=tuple(dict({p: ptr for p in ptrs}, **ints).items()), constexprs=tuple(cx.items()),
+        num_warps=warps, num_stages=stages, tensor_cores=precision == "tf32" or ptr != "*fp32")
+
+
+def aot_specs():
+    from mmfuse._aot import CompileSpec
+
+    shape_cx, launches = _aot_launches()
+    # Every tile of every GEMM: the forward in each dtype, the backward GEMMs in fp16 (their
+    # epilogues carry no dtype logic); fp32 without TF32 (CUDA-core FMA) at one tile.
+    plans = [("fwd", "fp16", "*fp16", "ieee"), ("fwd", "bf16", "*bf16", "ieee"),
+             ("fwd", "fp32-tf32", "*fp32", "tf32"), ("dx", "fp16", "*fp16", "ieee"), ("dw", "fp16", "*fp16", "ieee")]
+    specs = [_spec(shape_cx, launches[gemm], tile, dtype, ptr, precision)
+             for gemm, dtype, ptr, precision in plans for tile in TILES[gemm]]
+    specs.append(_spec(shape_cx, launches["fwd"], TILES["fwd"][-1], "fp32", "*fp32", "ieee"))
+    # The other patch geometries of bench/shapes.py (P = 30; T = 2) specialise the index arithmetic
+    # differently: their forward in fp16 at the largest tile.
+    for name in ("fuyu-8b", "qwen2-vl"):
+        other_cx, other = _aot_launches(name)
+        specs.append(_spec(other_cx, other["fwd"], TILES["fwd"][0], "fp16", "*fp16", "ieee", f" {name}"))
+    ints = launches["fwd"][3]
+    bn, bd = BATCH_SUM_BLOCK
+    n = ints["M"] // AOT_BATCH
+    args = dict(g_ptr="*fp16", out_ptr="*fp16", B=AOT_BATCH, N=n, D=ints["D"], stride_gb=n * ints["D"],
+                stride_gn=ints["D"], stride_gd=1, stride_on=ints["D"], stride_od=1)
+    specs.append(CompileSpec(
+        kernel="patch_embed/batch_sum_kernel", variant="dpos = sum_b dOut", dtype="fp16", config=f"{bn}x{bd} w4",
+        fn=batch_sum_kernel, args=tuple(args.items()),
+        constexprs=(("ACC_DTYPE", tl.float32), ("BLOCK_N", bn), ("BLOCK_D", bd)), num_warps=4, num_stages=1,
+        tensor_cores=False))
+    return specs
