@@ -362,6 +362,12 @@ def _strides5(t):
 PACK_ALIGN = 128
 
 
+def pack_weight_cols(weight5) -> int:
+    """K of ``pack_weight(weight5)``: the forward's reduction length, C*T*P*next_pow2(P)."""
+    D, C, T, P, _ = weight5.shape
+    return C * T * P * next_pow2(P)
+
+
 def pack_weight(weight5):
     """(W_runs (D, KP), K): the weight in the forward's reduction order, patch rows padded to
     RUN = next_pow2(P) with zeros, rows padded to KP = a multiple of PACK_ALIGN (16-byte aligned).

@@ -131,3 +131,42 @@ def test_distributed_gradients_match_single_process(mode, tmp_path):
     assert set(got) == set(ref)
     for name in ref:
         torch.testing.assert_close(got[name], ref[name], rtol=1e-5, atol=1e-6, msg=name)
+
+
+class _PatchThenProject(nn.Module):
+    """Patch embedding (with a position table) feeding a GELU MLP: the image side of a projector."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.conv = nn.Conv2d(3, 16, 4, stride=4)
+        self.pos = nn.Parameter(torch.randn(6, 16))
+        self.proj = mmfuse.nn.MLPProjector((16, 24, 8))
+
+    def forward(self, pixels):
+        return self.proj(mmfuse.patch_embed(pixels, self.conv.weight, self.conv.bias, self.pos))
+
+
+def test_patch_embed_compiles_fullgraph():
+    torch._dynamo.reset()
+    model = _PatchThenProject()
+    x = torch.randn(2, 3, 8, 12)
+    y_eager, g_eager = _grads(model, x)
+    y_comp, g_comp = _grads(torch.compile(model, fullgraph=True, backend="inductor"), x)
+    torch.testing.assert_close(y_comp, y_eager, rtol=0, atol=0)
+    for a, b in zip(g_comp, g_eager):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    with torch.no_grad():
+        assert "torch.ops.mmfuse.patch_embed_fwd" in torch.export.export(model, (x,)).graph_module.code
+
+
+def test_patch_embed_op_passes_opcheck():
+    from mmfuse.ops import patch_embed as ops_patch
+
+    pixels = torch.randn(2, 3, 8, 12, requires_grad=True)
+    w = torch.randn(16, 3, 4, 4, requires_grad=True)
+    b = torch.randn(16, requires_grad=True)
+    pos = torch.randn(6, 16, requires_grad=True)
+    torch.library.opcheck(ops_patch.patch_embed_fwd_op, (pixels, w, b, pos, None, None))
+    cls = torch.randn(16, requires_grad=True)
+    torch.library.opcheck(ops_patch.patch_embed_fwd_op, (pixels, w, None, torch.randn(7, 16), cls, None))

@@ -112,7 +112,7 @@ def _check(pixels, weight, bias, pos_embed, class_embedding=None):
 
 
 # ----------------------------------------------------------------------------------------------
-# Autograd Function
+# Custom operators
 # ----------------------------------------------------------------------------------------------
 def _as5d(t):
     return t if t.dim() == 5 else t.unsqueeze(2)
@@ -136,50 +136,92 @@ def _pos_grad(g, pos_shape):
     return s.reshape(pos_shape)
 
 
-class PatchEmbedFunction(torch.autograd.Function):
-    """(pixels, weight, bias, pos_embed, class_embedding) -> (B, [1 +] N, D). Inputs checked by the caller."""
+def _rows(pixels, weight, prefix):
+    x5, w5 = _as5d(pixels), _as5d(weight)
+    return (x5.shape[2] // w5.shape[2]) * (x5.shape[3] // w5.shape[3]) * (x5.shape[4] // w5.shape[4]) + prefix
 
-    @staticmethod
-    def forward(ctx, pixels, weight, bias, pos_embed, class_embedding, packed=None):
-        x5, w5 = _as5d(pixels), _as5d(weight)
-        B, D = pixels.shape[0], weight.shape[0]
-        prefix = int(class_embedding is not None)
-        L = (x5.shape[2] // w5.shape[2]) * (x5.shape[3] // w5.shape[3]) * (x5.shape[4] // w5.shape[4]) + prefix
-        pos = pos_embed.expand(B, L, D) if pos_embed is not None else None
-        if packed is None:
-            packed = K.pack_weight(w5)
-        if prefix:
-            out = K.empty((B, L, D), dtype=pixels.dtype, device=pixels.device)
-            K.patch_embed_fwd(x5, w5, bias, pos[:, 1:] if pos is not None else None, out=out[:, 1:], packed=packed)
-            out[:, 0] = class_embedding + pos[:, 0] if pos is not None else class_embedding
-        else:
-            out = K.patch_embed_fwd(x5, w5, bias, pos, packed=packed)
-        ctx.save_for_backward(pixels, weight)
-        ctx.packed = packed if pixels.requires_grad else None  # dpixels reads the same packed weight
-        ctx.prefix = prefix
-        ctx.pos_shape = tuple(pos_embed.shape) if pos_embed is not None else None
-        return out
 
-    @staticmethod
-    @torch.autograd.function.once_differentiable  # the kernels' gradients carry no graph
-    def backward(ctx, g):
-        pixels, weight = ctx.saved_tensors
-        need_x, need_w, need_b, need_p, need_c = ctx.needs_input_grad[:5]
-        x5, w5 = _as5d(pixels), _as5d(weight)
-        g_patch = g[:, ctx.prefix:]
-        dx = dw = db = dpos = dcls = None
-        if need_x:
-            dx = K.patch_embed_dx(g_patch, w5, tuple(x5.shape), packed=ctx.packed).view(pixels.shape)
-        if need_w:
-            dw, db = K.patch_embed_dw(g_patch, x5, tuple(w5.shape), with_bias=need_b)
-            dw = dw.view(weight.shape)
-        elif need_b:  # frozen weight: a plain reduction for the bias
-            db = _acc_sum(g_patch, (0, 1))
-        if need_p:
-            dpos = _pos_grad(g, ctx.pos_shape)
-        if need_c:
-            dcls = _acc_sum(g[:, 0], 0)
-        return dx, dw, db, dpos, dcls, None
+# Custom operators with autograd (opaque to torch.compile, with fake implementations), as in
+# mmfuse/ops/linear.py. Inputs are checked by the caller. ``packed`` is the forward's packed weight
+# when a module's cache holds one (it may be a view of the weight, so it is an input, never an output).
+@torch.library.custom_op("mmfuse::patch_embed_fwd", mutates_args=())
+def patch_embed_fwd_op(pixels: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                       pos_embed: torch.Tensor | None, class_embedding: torch.Tensor | None,
+                       packed: torch.Tensor | None) -> torch.Tensor:
+    """(pixels, weight, bias, pos_embed, class_embedding) -> (B, [1 +] N, D)."""
+    x5, w5 = _as5d(pixels), _as5d(weight)
+    B, D = pixels.shape[0], weight.shape[0]
+    prefix = int(class_embedding is not None)
+    L = _rows(pixels, weight, prefix)
+    pos = pos_embed.expand(B, L, D) if pos_embed is not None else None
+    packed = K.pack_weight(w5) if packed is None else (packed, K.pack_weight_cols(w5))
+    if not prefix:
+        return K.patch_embed_fwd(x5, w5, bias, pos, packed=packed)
+    out = K.empty((B, L, D), dtype=pixels.dtype, device=pixels.device)
+    K.patch_embed_fwd(x5, w5, bias, pos[:, 1:] if pos is not None else None, out=out[:, 1:], packed=packed)
+    out[:, 0] = class_embedding + pos[:, 0] if pos is not None else class_embedding
+    return out
+
+
+@patch_embed_fwd_op.register_fake
+def _(pixels, weight, bias, pos_embed, class_embedding, packed):
+    L = _rows(pixels, weight, int(class_embedding is not None))
+    return pixels.new_empty(pixels.shape[0], L, weight.shape[0])
+
+
+@torch.library.custom_op("mmfuse::patch_embed_bwd", mutates_args=())
+def patch_embed_bwd_op(g: torch.Tensor, pixels: torch.Tensor, weight: torch.Tensor, packed: torch.Tensor | None,
+                       prefix: int, pos_shape: list[int], need_x: bool, need_w: bool, need_b: bool, need_p: bool,
+                       need_c: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(dpixels, dW, db, dpos, dclass); empty tensors for gradients not asked for."""
+    x5, w5 = _as5d(pixels), _as5d(weight)
+    g_patch = g[:, prefix:]
+    def nothing():  # one fresh empty tensor per missing gradient: op outputs may not alias
+        return pixels.new_empty(0)
+
+    dx, dw, db, dpos, dcls = (nothing() for _ in range(5))
+    if need_x:
+        packed_k = (packed, K.pack_weight_cols(w5)) if packed is not None else None
+        dx = K.patch_embed_dx(g_patch, w5, tuple(x5.shape), packed=packed_k).view(pixels.shape)
+    if need_w:
+        dw, db = K.patch_embed_dw(g_patch, x5, tuple(w5.shape), with_bias=need_b)
+        dw, db = dw.view(weight.shape), db if need_b else nothing()
+    elif need_b:  # frozen weight: a plain reduction for the bias
+        db = _acc_sum(g_patch, (0, 1))
+    if need_p:
+        dpos = _pos_grad(g, tuple(pos_shape))
+    if need_c:
+        dcls = _acc_sum(g[:, 0], 0)
+    return dx, dw, db, dpos, dcls
+
+
+@patch_embed_bwd_op.register_fake
+def _(g, pixels, weight, packed, prefix, pos_shape, need_x, need_w, need_b, need_p, need_c):
+    def maybe(flag, shape):
+        return pixels.new_empty(shape) if flag else pixels.new_empty(0)
+
+    D = weight.shape[0]
+    return (maybe(need_x, pixels.shape), maybe(need_w, weight.shape), maybe(need_b, (D,)),
+            maybe(need_p, tuple(pos_shape)), maybe(need_c, (D,)))
+
+
+def _setup(ctx, inputs, output):
+    pixels, weight, bias, pos_embed, class_embedding, packed = inputs
+    ctx.needs = (pixels.requires_grad, weight.requires_grad, bias is not None and bias.requires_grad,
+                 pos_embed is not None and pos_embed.requires_grad,
+                 class_embedding is not None and class_embedding.requires_grad)
+    ctx.prefix = int(class_embedding is not None)
+    ctx.pos_shape = list(pos_embed.shape) if pos_embed is not None else []
+    ctx.save_for_backward(pixels, weight, packed if pixels.requires_grad else None)
+
+
+def _backward(ctx, g):
+    pixels, weight, packed = ctx.saved_tensors
+    grads = patch_embed_bwd_op(g, pixels, weight, packed, ctx.prefix, ctx.pos_shape, *ctx.needs)
+    return tuple(gr if need else None for gr, need in zip(grads, ctx.needs)) + (None,)
+
+
+patch_embed_fwd_op.register_autograd(_backward, setup_context=_setup)
 
 
 class PackedWeight:
@@ -197,7 +239,7 @@ class PackedWeight:
         if self._key is None or self._key[0] is not weight or self._key[1:] != key:
             with torch.no_grad():
                 w5 = _as5d(weight.detach())
-                self._packed = K.pack_weight(w5)
+                self._packed = K.pack_weight(w5)[0]
             self._key = (weight, *key)
         return self._packed
 
@@ -214,7 +256,7 @@ def fused_patch_embed(pixels, weight, bias=None, pos_embed=None, class_embedding
             return patch_embed_reference(pixels, weight, bias, pos_embed)
         return patch_embed_with_class_reference(pixels, weight, bias, pos_embed, class_embedding)
     packed = cache.get(weight) if cache is not None and weight is given else None  # not an autocast copy
-    return PatchEmbedFunction.apply(pixels, weight, bias, pos_embed, class_embedding, packed)
+    return patch_embed_fwd_op(pixels, weight, bias, pos_embed, class_embedding, packed)
 
 
 # ----------------------------------------------------------------------------------------------
