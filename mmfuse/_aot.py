@@ -44,6 +44,9 @@ class CompileSpec:
     num_warps: int = 4
     num_stages: int = 3
     tensor_cores: bool = True       # mma/wgmma expected in the PTX
+    # What sm_90 should use: wgmma needs 64 tile rows per warpgroup; narrower tiles (dQ's 32 queries,
+    # dK/dV's 16 keys at D = 256) legitimately compile to mma.sync there.
+    sm90_instr: str = "wgmma"
 
     @property
     def label(self) -> str:
@@ -153,10 +156,10 @@ def compile_spec(spec: CompileSpec, arch: int) -> CompileReport:
 
 def all_specs() -> list[CompileSpec]:
     """Every config of every kernel, as the kernel modules list them."""
-    from mmfuse.kernels import linear, patch_embed
+    from mmfuse.kernels import cross_attention, linear, patch_embed
 
     specs = []
-    for module in (linear, patch_embed):
+    for module in (linear, patch_embed, cross_attention):
         specs.extend(module.aot_specs())
     return specs
 

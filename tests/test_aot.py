@@ -19,8 +19,7 @@ def test_compiles_without_spills(spec, arch):
     assert r.registers <= facts["max_regs"]
     assert r.shared_bytes <= facts["max_shared"], f"{spec.label}: {r.shared_bytes} B shared > {facts['max_shared']}"
     if spec.tensor_cores:
-        # wgmma needs a warpgroup-sized tile; every tensor-core config we ship is at least 64 rows x 4 warps.
-        expected = "wgmma" if arch == 90 else "mma.sync"
+        expected = spec.sm90_instr if arch == 90 else "mma.sync"
         assert r.tensor_core_instr == expected, f"{spec.label} on {facts['name']}: {r.tensor_core_instr}"
         # Operands arrive in 128-bit pieces (16-byte cp.async, TMA or v4 loads; stores do not count),
         # not scalar loads: what the divisibility hints buy.

@@ -1,0 +1,550 @@
+"""Flash cross-attention for resampler queries, with split-KV, forward and backward.
+
+Layout: q (Bq, Hq, Lq, D) with Bq in {1, B} (Bq = 1: one set of learnable queries, broadcast by a
+zero batch stride, never copied); k, v (B, Hkv, Lk, D) with Hq = GROUP * Hkv (query head h reads
+kv head h // GROUP: grouped-query attention by indexing); o (B, Hq, Lq, D). Any strides. D <= 256:
+BLOCK_D is D rounded up to a power of two, the tail masked (80, 96, 112 ...). Padding: keys at
+positions >= kv_lens[b] and keys with key_mask[b, n] == False are not attended.
+
+Forward (online softmax, fp32 statistics in base 2: s = q.k * scale * log2(e)):
+  For each query block and a chunk of the keys (split s of S), stream K/V blocks keeping the running
+  max m, the running sum l and the unnormalised output acc; store acc / l and lse = m + log2(l).
+  With S = 1 that is the result. With S > 1 (flash-decoding: a few queries cannot fill 132 SMs,
+  so the keys are split), each split writes fp32 partials and ``attn_combine_kernel`` merges them:
+  lse = log2 sum_s 2^lse_s, o = sum_s 2^(lse_s - lse) o_s, in split order (deterministic).
+  A query row with no valid key gets o = 0 and lse = +inf, so that every recomputed probability
+  2^(s - lse) in backward is 0: zero gradients, no NaN.
+Backward (recompute P block by block from the saved lse; never the Lq x Lk matrix):
+  delta = rowsum(dO * O)                                 attn_delta_kernel
+  dK, dV: one program per (kv block, batch, kv head) loops over its GROUP query heads and all
+          query blocks: dV += P^T dO, dK += dS^T Q      attn_bwd_dkdv_kernel
+  dQ: one program per (query block, query head, Bq) loops over the batch when Bq = 1 (the
+          gradient of broadcast queries) and over all key blocks: dQ += dS K
+                                                         attn_bwd_dq_kernel
+  with dS = P * (dP - delta), dP = dO V^T. Every output element has exactly one owner program that
+  sums in a fixed order: no atomics, bitwise-reproducible gradients.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from mmfuse.kernels._common import INTERPRET, cdiv, empty, next_pow2, num_sms
+
+LOG2E = 1.4426950408889634
+
+
+@triton.jit
+def _key_valid(offs_n, n_end, mask_row_ptr, stride_mn, HAS_MASK: tl.constexpr):
+    """Keys of this block that may be attended: inside the split / kv_len, and key_mask True."""
+    valid = offs_n < n_end
+    if HAS_MASK:
+        km = tl.load(mask_row_ptr + offs_n * stride_mn, mask=valid, other=0)
+        valid = valid & (km != 0)
+    return valid
+
+
+@triton.jit
+def attn_fwd_kernel(
+    q_ptr, k_ptr, v_ptr, o_ptr, lse_ptr, kv_lens_ptr, mask_ptr,
+    stride_qb, stride_qh, stride_qm, stride_qd,
+    stride_kb, stride_kh, stride_kn, stride_kd,
+    stride_vb, stride_vh, stride_vn, stride_vd,
+    stride_os, stride_ob, stride_oh, stride_om, stride_od,
+    stride_ls, stride_lb, stride_lh, stride_lm,
+    stride_mb, stride_mn,
+    Hq, Lq, Lk, D, GROUP, CHUNK, qk_scale,
+    HAS_LENS: tl.constexpr, HAS_MASK: tl.constexpr, PARTIAL: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr, ACC_DTYPE: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr,
+):
+    pid_m = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    split = tl.program_id(2)
+    b = pid_bh // Hq
+    h = pid_bh % Hq
+    hkv = h // GROUP
+
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    if EVEN_D:  # a power-of-two head dim: no column mask at all
+        mask_d = tl.full((BLOCK_D,), 1, tl.int1)
+    else:
+        mask_d = offs_d < D
+    q_ptrs = q_ptr + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_qm + offs_d[None, :] * stride_qd
+    q = tl.load(q_ptrs, mask=(offs_m < Lq)[:, None] & mask_d[None, :], other=0.0)
+
+    # This program's keys: [n_start, n_end), clipped to the sample's length.
+    n_start = split * CHUNK
+    n_end = tl.minimum(n_start + CHUNK, Lk)
+    if HAS_LENS:
+        n_end = tl.minimum(n_end, tl.load(kv_lens_ptr + b).to(tl.int32))
+    k_base = k_ptr + b * stride_kb + hkv * stride_kh
+    v_base = v_ptr + b * stride_vb + hkv * stride_vh
+    mask_row = mask_ptr + b * stride_mb
+
+    m_i = tl.full((BLOCK_M,), float("-inf"), dtype=ACC_DTYPE)
+    l_i = tl.zeros((BLOCK_M,), dtype=ACC_DTYPE)
+    acc = tl.zeros((BLOCK_M, BLOCK_D), dtype=ACC_DTYPE)
+    for n0 in range(n_start, n_end, BLOCK_N):
+        offs_n = n0 + tl.arange(0, BLOCK_N)
+        valid = _key_valid(offs_n, n_end, mask_row, stride_mn, HAS_MASK)
+        kt = tl.load(k_base + offs_n[None, :] * stride_kn + offs_d[:, None] * stride_kd,
+                     mask=valid[None, :] & mask_d[:, None], other=0.0)
+        s = tl.dot(q, kt, input_precision=INPUT_PRECISION).to(ACC_DTYPE) * qk_scale
+        s = tl.where(valid[None, :], s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        # Rows that have seen no valid key yet keep m = -inf: subtract 0 instead (no inf - inf).
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        alpha = tl.exp2(m_i - m_safe)
+        p = tl.exp2(s - m_safe[:, None])
+        l_i = l_i * alpha + tl.sum(p, 1)
+        v = tl.load(v_base + offs_n[:, None] * stride_vn + offs_d[None, :] * stride_vd,
+                    mask=valid[:, None] & mask_d[None, :], other=0.0)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=INPUT_PRECISION).to(ACC_DTYPE)
+        m_i = m_new
+
+    empty_row = l_i == 0.0
+    out = acc / tl.where(empty_row, 1.0, l_i)[:, None]
+    lse = m_i + tl.log2(tl.where(empty_row, 1.0, l_i))
+    # An empty partial weighs nothing in the merge (-inf); an empty final row makes every
+    # recomputed probability 2^(s - lse) zero in backward (+inf).
+    lse = tl.where(empty_row, float("-inf") if PARTIAL else float("inf"), lse)
+    o_ptrs = (o_ptr + split * stride_os + b * stride_ob + h * stride_oh + offs_m[:, None] * stride_om
+              + offs_d[None, :] * stride_od)
+    tl.store(o_ptrs, out.to(o_ptr.dtype.element_ty), mask=(offs_m < Lq)[:, None] & mask_d[None, :])
+    tl.store(lse_ptr + split * stride_ls + b * stride_lb + h * stride_lh + offs_m * stride_lm,
+             lse.to(lse_ptr.dtype.element_ty), mask=offs_m < Lq)
+
+
+@triton.jit
+def attn_combine_kernel(
+    op_ptr, lsep_ptr, o_ptr, lse_ptr,
+    stride_ps, stride_pb, stride_ph, stride_pm, stride_pd,
+    stride_qs, stride_qb, stride_qh, stride_qm,
+    stride_ob, stride_oh, stride_om, stride_od,
+    stride_lb, stride_lh, stride_lm,
+    Hq, Lq, D, SPLITS,
+    ACC_DTYPE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    """o = sum_s 2^(lse_s - lse) o_s with lse = log2 sum_s 2^lse_s, splits merged in order."""
+    pid_m = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = pid_bh // Hq
+    h = pid_bh % Hq
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    mask_m = offs_m < Lq
+    mask = mask_m[:, None] & (offs_d < D)[None, :]
+    lsep = lsep_ptr + b * stride_qb + h * stride_qh + offs_m * stride_qm
+    m = tl.full((BLOCK_M,), float("-inf"), dtype=ACC_DTYPE)
+    for s in range(0, SPLITS):
+        m = tl.maximum(m, tl.load(lsep + s * stride_qs, mask=mask_m, other=float("-inf")))
+    m_safe = tl.where(m == float("-inf"), 0.0, m)
+    total = tl.zeros((BLOCK_M,), dtype=ACC_DTYPE)
+    acc = tl.zeros((BLOCK_M, BLOCK_D), dtype=ACC_DTYPE)
+    op = (op_ptr + b * stride_pb + h * stride_ph + offs_m[:, None] * stride_pm + offs_d[None, :] * stride_pd)
+    for s in range(0, SPLITS):
+        w = tl.exp2(tl.load(lsep + s * stride_qs, mask=mask_m, other=float("-inf")) - m_safe)
+        total += w
+        acc += w[:, None] * tl.load(op + s * stride_ps, mask=mask, other=0.0)
+    empty_row = total == 0.0
+    out = acc / tl.where(empty_row, 1.0, total)[:, None]
+    lse = tl.where(empty_row, float("inf"), m_safe + tl.log2(tl.where(empty_row, 1.0, total)))
+    tl.store(o_ptr + b * stride_ob + h * stride_oh + offs_m[:, None] * stride_om + offs_d[None, :] * stride_od,
+             out.to(o_ptr.dtype.element_ty), mask=mask)
+    tl.store(lse_ptr + b * stride_lb + h * stride_lh + offs_m * stride_lm, lse.to(lse_ptr.dtype.element_ty),
+             mask=mask_m)
+
+
+#: The forward with its mask-free fast path chosen from the launch (EVEN_D: D is a power of two).
+_attn_fwd = triton.heuristics({"EVEN_D": lambda a: a["D"] == a["BLOCK_D"]})(attn_fwd_kernel)
+
+
+@triton.jit
+def attn_delta_kernel(
+    o_ptr, do_ptr, delta_ptr,
+    stride_ob, stride_oh, stride_om, stride_od,
+    stride_gb, stride_gh, stride_gm, stride_gd,
+    stride_db, stride_dh, stride_dm,
+    Hq, Lq, D,
+    ACC_DTYPE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    """delta = rowsum(dO * O): the softmax backward's correction term, computed once per row."""
+    pid_m = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = pid_bh // Hq
+    h = pid_bh % Hq
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    mask = (offs_m < Lq)[:, None] & (offs_d < D)[None, :]
+    o = tl.load(o_ptr + b * stride_ob + h * stride_oh + offs_m[:, None] * stride_om + offs_d[None, :] * stride_od,
+                mask=mask, other=0.0).to(ACC_DTYPE)
+    do = tl.load(do_ptr + b * stride_gb + h * stride_gh + offs_m[:, None] * stride_gm + offs_d[None, :] * stride_gd,
+                 mask=mask, other=0.0).to(ACC_DTYPE)
+    tl.store(delta_ptr + b * stride_db + h * stride_dh + offs_m * stride_dm, tl.sum(o * do, 1), mask=offs_m < Lq)
+
+
+@triton.jit
+def attn_bwd_dkdv_kernel(
+    q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, dk_ptr, dv_ptr, kv_lens_ptr, mask_ptr,
+    stride_qb, stride_qh, stride_qm, stride_qd,
+    stride_kb, stride_kh, stride_kn, stride_kd,
+    stride_vb, stride_vh, stride_vn, stride_vd,
+    stride_gb, stride_gh, stride_gm, stride_gd,
+    stride_lb, stride_lh, stride_lm,
+    stride_mb, stride_mn,
+    stride_dkb, stride_dkh, stride_dkn, stride_dkd,
+    stride_dvb, stride_dvh, stride_dvn, stride_dvd,
+    Hkv, Lq, Lk, D, GROUP, qk_scale, sm_scale,
+    HAS_LENS: tl.constexpr, HAS_MASK: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr, ACC_DTYPE: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    """dK, dV of one key block of one (batch, kv head): sums over the GROUP query heads sharing it
+    and over every query block, in that fixed order."""
+    pid_n = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = pid_bh // Hkv
+    hkv = pid_bh % Hkv
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    mask_d = offs_d < D
+    n_end = Lk
+    if HAS_LENS:
+        n_end = tl.minimum(n_end, tl.load(kv_lens_ptr + b).to(tl.int32))
+    valid = _key_valid(offs_n, n_end, mask_ptr + b * stride_mb, stride_mn, HAS_MASK)
+    kv_mask = (offs_n < Lk)[:, None] & mask_d[None, :]
+    k = tl.load(k_ptr + b * stride_kb + hkv * stride_kh + offs_n[:, None] * stride_kn + offs_d[None, :] * stride_kd,
+                mask=kv_mask, other=0.0)
+    v = tl.load(v_ptr + b * stride_vb + hkv * stride_vh + offs_n[:, None] * stride_vn + offs_d[None, :] * stride_vd,
+                mask=kv_mask, other=0.0)
+    dk = tl.zeros((BLOCK_N, BLOCK_D), dtype=ACC_DTYPE)
+    dv = tl.zeros((BLOCK_N, BLOCK_D), dtype=ACC_DTYPE)
+    for g in range(0, GROUP):
+        h = hkv * GROUP + g
+        for m0 in range(0, Lq, BLOCK_M):
+            offs_m = m0 + tl.arange(0, BLOCK_M)
+            mask_m = offs_m < Lq
+            q = tl.load(q_ptr + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_qm
+                        + offs_d[None, :] * stride_qd, mask=mask_m[:, None] & mask_d[None, :], other=0.0)
+            do = tl.load(do_ptr + b * stride_gb + h * stride_gh + offs_m[:, None] * stride_gm
+                         + offs_d[None, :] * stride_gd, mask=mask_m[:, None] & mask_d[None, :], other=0.0)
+            row = b * stride_lb + h * stride_lh + offs_m * stride_lm
+            lse = tl.load(lse_ptr + row, mask=mask_m, other=float("inf"))  # padded rows: P = 0
+            delta = tl.load(delta_ptr + row, mask=mask_m, other=0.0)
+            s = tl.dot(q, tl.trans(k), input_precision=INPUT_PRECISION).to(ACC_DTYPE) * qk_scale
+            p = tl.where(valid[None, :], tl.exp2(s - lse[:, None]), 0.0)
+            dv += tl.dot(tl.trans(p.to(do.dtype)), do, input_precision=INPUT_PRECISION).to(ACC_DTYPE)
+            dp = tl.dot(do, tl.trans(v), input_precision=INPUT_PRECISION).to(ACC_DTYPE)
+            ds = p * (dp - delta[:, None])
+            dk += tl.dot(tl.trans(ds.to(q.dtype)), q, input_precision=INPUT_PRECISION).to(ACC_DTYPE)
+    out = b * stride_dkb + hkv * stride_dkh + offs_n[:, None] * stride_dkn + offs_d[None, :] * stride_dkd
+    tl.store(dk_ptr + out, (dk * sm_scale).to(dk_ptr.dtype.element_ty), mask=kv_mask)
+    out = b * stride_dvb + hkv * stride_dvh + offs_n[:, None] * stride_dvn + offs_d[None, :] * stride_dvd
+    tl.store(dv_ptr + out, dv.to(dv_ptr.dtype.element_ty), mask=kv_mask)
+
+
+@triton.jit
+def attn_bwd_dq_kernel(
+    q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, dq_ptr, kv_lens_ptr, mask_ptr,
+    stride_qb, stride_qh, stride_qm, stride_qd,
+    stride_kb, stride_kh, stride_kn, stride_kd,
+    stride_vb, stride_vh, stride_vn, stride_vd,
+    stride_gb, stride_gh, stride_gm, stride_gd,
+    stride_lb, stride_lh, stride_lm,
+    stride_mb, stride_mn,
+    stride_dqb, stride_dqh, stride_dqm, stride_dqd,
+    Hq, Lq, Lk, D, GROUP, BATCH_LOOP, qk_scale, sm_scale,
+    HAS_LENS: tl.constexpr, HAS_MASK: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr, ACC_DTYPE: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    """dQ of one query block of one (query batch, head). For broadcast queries (Bq = 1) the program
+    loops over the BATCH_LOOP samples that share them, in order: dQ is their fixed-order sum."""
+    pid_m = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    bq = pid_bh // Hq
+    h = pid_bh % Hq
+    hkv = h // GROUP
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    mask_m = offs_m < Lq
+    mask_md = mask_m[:, None] & (offs_d < D)[None, :]
+    q = tl.load(q_ptr + bq * stride_qb + h * stride_qh + offs_m[:, None] * stride_qm + offs_d[None, :] * stride_qd,
+                mask=mask_md, other=0.0)
+    dq = tl.zeros((BLOCK_M, BLOCK_D), dtype=ACC_DTYPE)
+    for i in range(0, BATCH_LOOP):
+        b = bq + i  # bq = 0 when looping over the batch; i = 0 otherwise
+        do = tl.load(do_ptr + b * stride_gb + h * stride_gh + offs_m[:, None] * stride_gm
+                     + offs_d[None, :] * stride_gd, mask=mask_md, other=0.0)
+        row = b * stride_lb + h * stride_lh + offs_m * stride_lm
+        lse = tl.load(lse_ptr + row, mask=mask_m, other=float("inf"))
+        delta = tl.load(delta_ptr + row, mask=mask_m, other=0.0)
+        n_end = Lk
+        if HAS_LENS:
+            n_end = tl.minimum(n_end, tl.load(kv_lens_ptr + b).to(tl.int32))
+        for n0 in range(0, n_end, BLOCK_N):
+            offs_n = n0 + tl.arange(0, BLOCK_N)
+            valid = _key_valid(offs_n, n_end, mask_ptr + b * stride_mb, stride_mn, HAS_MASK)
+            kv_mask = valid[:, None] & (offs_d < D)[None, :]
+            k = tl.load(k_ptr + b * stride_kb + hkv * stride_kh + offs_n[:, None] * stride_kn
+                        + offs_d[None, :] * stride_kd, mask=kv_mask, other=0.0)
+            v = tl.load(v_ptr + b * stride_vb + hkv * stride_vh + offs_n[:, None] * stride_vn
+                        + offs_d[None, :] * stride_vd, mask=kv_mask, other=0.0)
+            s = tl.dot(q, tl.trans(k), input_precision=INPUT_PRECISION).to(ACC_DTYPE) * qk_scale
+            p = tl.where(valid[None, :], tl.exp2(s - lse[:, None]), 0.0)
+            dp = tl.dot(do, tl.trans(v), input_precision=INPUT_PRECISION).to(ACC_DTYPE)
+            ds = p * (dp - delta[:, None])
+            dq += tl.dot(ds.to(k.dtype), k, input_precision=INPUT_PRECISION).to(ACC_DTYPE)
+    tl.store(dq_ptr + bq * stride_dqb + h * stride_dqh + offs_m[:, None] * stride_dqm + offs_d[None, :] * stride_dqd,
+             (dq * sm_scale).to(dq_ptr.dtype.element_ty), mask=mask_md)
+
+
+# ----------------------------------------------------------------------------------------------
+# Block sizes and the split rule
+# ----------------------------------------------------------------------------------------------
+#: Under the interpreter: small blocks, so odd sizes span several of them.
+INTERPRETER_BLOCKS = dict(BLOCK_M=16, BLOCK_N=32)
+#: Wave efficiency the split count aims for (132 SMs on an H100).
+TARGET_WAVE_EFFICIENCY = 0.85
+MAX_SPLITS = 64
+
+
+def gpu_blocks(Lq: int, D: int, backward: bool = False, elem_bytes: int = 2) -> dict:
+    """Tiles on a GPU, chosen so that no config spills on sm_80 or sm_90 (the compile test checks).
+    Forward: 64 queries (32 when there are fewer) x 64 keys (32 past D = 128), 4 warps at D <= 64,
+    else 8. Backward: 32 queries x 64 keys (16 past D = 128), 8 warps: the dK/dV program keeps two
+    fp32 (keys x D) accumulators plus its K and V tiles in registers."""
+    block_d = max(16, next_pow2(D))
+    if backward:
+        return dict(BLOCK_M=32, BLOCK_N=64 if block_d <= 128 else 16, num_warps=8, num_stages=2)
+    warps = 4 if (block_d <= 64 and elem_bytes <= 2) else 8
+    return dict(BLOCK_M=64 if Lq > 32 else 32, BLOCK_N=64 if block_d <= 128 else 32, num_warps=warps,
+                num_stages=2)
+
+
+def blocks_for(Lq: int, D: int, backward: bool = False, elem_bytes: int = 2) -> dict:
+    if INTERPRET:
+        return dict(INTERPRETER_BLOCKS, num_warps=4, num_stages=1)
+    return gpu_blocks(Lq, D, backward, elem_bytes)
+
+
+def split_efficiency(programs: int, key_blocks: int, splits: int, sms: int) -> float:
+    """Useful key-block iterations over those the occupied waves could run, one program per SM at a
+    time: programs * splits programs each run ceil(key_blocks / splits) blocks."""
+    per_split = cdiv(key_blocks, splits)
+    launched = programs * cdiv(key_blocks, per_split)
+    waves = cdiv(launched, sms)
+    return programs * key_blocks / (waves * sms * per_split)
+
+
+def choose_splits(programs: int, key_blocks: int, sms: int) -> int:
+    """The fewest splits of the keys reaching TARGET_WAVE_EFFICIENCY (fewer splits = less combine
+    traffic), else the most efficient count. ``programs`` = query blocks x batch x heads."""
+    best, best_eff = 1, 0.0
+    for s in range(1, min(MAX_SPLITS, key_blocks) + 1):
+        eff = split_efficiency(programs, key_blocks, s, sms)
+        if eff >= TARGET_WAVE_EFFICIENCY:
+            return s
+        if eff > best_eff + 1e-9:
+            best, best_eff = s, eff
+    return best
+
+
+# ----------------------------------------------------------------------------------------------
+# Launchers
+# ----------------------------------------------------------------------------------------------
+def _strides4(t):
+    return [t.stride(i) for i in range(4)]
+
+
+def _mask_args(kv_lens, key_mask, like):
+    lens = kv_lens if kv_lens is not None else like
+    mask = key_mask.view(torch.uint8) if key_mask is not None else like
+    stride_m = (mask.stride(0), mask.stride(1)) if key_mask is not None else (0, 0)
+    return lens, mask, stride_m
+
+
+def attention_fwd(q, k, v, kv_lens, key_mask, scale, splits=None, acc=torch.float32, precision="ieee"):
+    """Returns (o (B, Hq, Lq, D) in q's dtype, lse (B, Hq, Lq) in ``acc``, base 2; +inf on empty rows)."""
+    B, Hkv, Lk, D = k.shape
+    Hq, Lq = q.shape[1], q.shape[2]
+    o = empty((B, Hq, Lq, D), dtype=q.dtype, device=q.device)
+    lse = empty((B, Hq, Lq), dtype=acc, device=q.device)
+    if o.numel() == 0:
+        return o, lse
+    blk = blocks_for(Lq, D, elem_bytes=q.element_size())
+    BM, BN, BD = blk["BLOCK_M"], blk["BLOCK_N"], max(16, next_pow2(D))
+    qs = _strides4(q)
+    if q.shape[0] == 1:
+        qs[0] = 0  # one set of queries for every sample
+    key_blocks = max(1, cdiv(Lk, BN))
+    if splits is None:
+        splits = choose_splits(cdiv(Lq, BM) * B * Hq, key_blocks, num_sms(q.device))
+    splits = max(1, min(int(splits), key_blocks))
+    chunk = cdiv(key_blocks, splits) * BN
+    splits = cdiv(max(Lk, 1), chunk)
+    lens, mask, (smb, smn) = _mask_args(kv_lens, key_mask, lse)
+    if splits == 1:
+        o_t, l_t = o, lse
+        os_, ls_ = [0, *o.stride()], [0, *lse.stride()]
+    else:
+        o_t = empty((splits, B, Hq, Lq, D), dtype=acc, device=q.device)
+        l_t = empty((splits, B, Hq, Lq), dtype=acc, device=q.device)
+        os_, ls_ = list(o_t.stride()), list(l_t.stride())
+    grid = (cdiv(Lq, BM), B * Hq, splits)
+    _attn_fwd[grid](
+        q, k, v, o_t, l_t, lens, mask, *qs, *_strides4(k), *_strides4(v), *os_, *ls_, smb, smn,
+        Hq, Lq, Lk, D, Hq // Hkv, chunk, float(scale * LOG2E),
+        HAS_LENS=kv_lens is not None, HAS_MASK=key_mask is not None, PARTIAL=splits > 1,
+        INPUT_PRECISION=precision, ACC_DTYPE=_tl_acc(acc), BLOCK_M=BM, BLOCK_N=BN, BLOCK_D=BD,
+        num_warps=blk["num_warps"], num_stages=blk["num_stages"],
+    )
+    if splits > 1:
+        attn_combine_kernel[(cdiv(Lq, BM), B * Hq)](
+            o_t, l_t, o, lse, *o_t.stride(), *l_t.stride(), *o.stride(), *lse.stride(), Hq, Lq, D, splits,
+            ACC_DTYPE=_tl_acc(acc), BLOCK_M=BM, BLOCK_D=BD, num_warps=4,
+        )
+    return o, lse
+
+
+def attention_bwd(do, q, k, v, o, lse, kv_lens, key_mask, scale, need_q=True, need_kv=True,
+                  acc=torch.float32, precision="ieee"):
+    """(dq shaped like q, dk, dv shaped like k, v); None for what is not needed."""
+    B, Hkv, Lk, D = k.shape
+    Bq, Hq, Lq = q.shape[0], q.shape[1], q.shape[2]
+    blk = blocks_for(Lq, D, backward=True, elem_bytes=q.element_size())
+    BM, BN, BD = blk["BLOCK_M"], blk["BLOCK_N"], max(16, next_pow2(D))
+    qs = _strides4(q)
+    if Bq == 1:
+        qs[0] = 0
+    delta = empty((B, Hq, Lq), dtype=acc, device=q.device)
+    lens, mask, (smb, smn) = _mask_args(kv_lens, key_mask, delta)
+    common = dict(HAS_LENS=kv_lens is not None, HAS_MASK=key_mask is not None, INPUT_PRECISION=precision,
+                  ACC_DTYPE=_tl_acc(acc), BLOCK_M=BM, BLOCK_N=BN, BLOCK_D=BD,
+                  num_warps=blk["num_warps"], num_stages=blk["num_stages"])
+    if delta.numel():
+        attn_delta_kernel[(cdiv(Lq, BM), B * Hq)](
+            o, do, delta, *_strides4(o), *_strides4(do), *delta.stride(), Hq, Lq, D,
+            ACC_DTYPE=_tl_acc(acc), BLOCK_M=BM, BLOCK_D=BD, num_warps=4)
+    dq = dk = dv = None
+    if need_kv:
+        dk = empty(k.shape, dtype=k.dtype, device=k.device)
+        dv = empty(v.shape, dtype=v.dtype, device=v.device)
+        if dk.numel():
+            attn_bwd_dkdv_kernel[(cdiv(Lk, BN), B * Hkv)](
+                q, k, v, do, lse, delta, dk, dv, lens, mask,
+                *qs, *_strides4(k), *_strides4(v), *_strides4(do), *lse.stride(), smb, smn,
+                *_strides4(dk), *_strides4(dv),
+                Hkv, Lq, Lk, D, Hq // Hkv, float(scale * LOG2E), float(scale), **common)
+    if need_q:
+        dq = empty(q.shape, dtype=q.dtype, device=q.device)
+        if dq.numel():
+            attn_bwd_dq_kernel[(cdiv(Lq, BM), Bq * Hq)](
+                q, k, v, do, lse, delta, dq, lens, mask,
+                *qs, *_strides4(k), *_strides4(v), *_strides4(do), *lse.stride(), smb, smn, *_strides4(dq),
+                Hq, Lq, Lk, D, Hq // Hkv, B if Bq == 1 else 1, float(scale * LOG2E), float(scale), **common)
+    return dq, dk, dv
+
+
+def _tl_acc(dtype):
+    return tl.float64 if dtype == torch.float64 else tl.float32
+
+
+# ----------------------------------------------------------------------------------------------
+# Ahead-of-time compile specs (tests/test_aot.py, `mmfuse report`)
+# ----------------------------------------------------------------------------------------------
+def aot_specs():
+    """Idefics2-like launch (16 query heads over 4 KV heads, 64 latents, 4964 keys, batch 8) at the
+    head dims 64 / 96 / 128 / 256; fp16 for every kernel, bf16 and TF32 for the forward."""
+    from mmfuse._aot import CompileSpec
+
+    B, Hq, Hkv, Lq, Lk, splits = 8, 16, 4, 64, 4964, 4
+    specs = []
+
+    def strides(*shape):
+        out, acc = [], 1
+        for n in reversed(shape):
+            out.append(acc)
+            acc *= n
+        return out[::-1]
+
+    def spec(name, fn, variant, dtype, ptr, D, args, cx, tensor_cores, warps, stages, sm90="wgmma"):
+        blk = "x".join(str(cx[b]) for b in ("BLOCK_M", "BLOCK_N", "BLOCK_D") if b in cx)
+        return CompileSpec(kernel=f"cross_attention/{name}", variant=variant, dtype=dtype,
+                           config=f"D={D} {blk} w{warps} s{stages}", fn=fn, args=tuple(args.items()),
+                           constexprs=tuple(cx.items()), num_warps=warps, num_stages=stages,
+                           tensor_cores=tensor_cores, sm90_instr=sm90)
+
+    plans = [(D, "fp16", "*fp16", "ieee", ("fwd", "dkdv", "dq")) for D in (64, 96, 128, 256)]
+    plans += [(96, "bf16", "*bf16", "ieee", ("fwd",)), (96, "fp32-tf32", "*fp32", "tf32", ("fwd",))]
+    for D, dtype, ptr, precision, kernels in plans:
+        fwd_blk = gpu_blocks(Lq, D, elem_bytes=4 if ptr == "*fp32" else 2)
+        bwd_blk = gpu_blocks(Lq, D, backward=True)
+        q_s = [0] + strides(Hq, Lq, D)  # broadcast learnable queries
+        k_s = strides(B, Hkv, Lk, D)
+        o_s = strides(B, Hq, Lq, D)
+        l_s = strides(B, Hq, Lq)
+        for name in kernels:
+            blk = fwd_blk if name == "fwd" else bwd_blk
+            BM, BN, BD, warps, stages = blk["BLOCK_M"], blk["BLOCK_N"], max(16, next_pow2(D)), blk["num_warps"], \
+                blk["num_stages"]
+            common = dict(HAS_LENS=True, HAS_MASK=True, INPUT_PRECISION=precision, ACC_DTYPE=tl.float32,
+                          BLOCK_M=BM, BLOCK_N=BN, BLOCK_D=BD)
+            if name == "fwd":
+                op_s = strides(splits, B, Hq, Lq, D)
+                lp_s = strides(splits, B, Hq, Lq)
+                args = dict(q_ptr=ptr, k_ptr=ptr, v_ptr=ptr, o_ptr="*fp32", lse_ptr="*fp32", kv_lens_ptr="*i32",
+                            mask_ptr="*u8", **dict(zip(["stride_qb", "stride_qh", "stride_qm", "stride_qd"], q_s)),
+                            **dict(zip(["stride_kb", "stride_kh", "stride_kn", "stride_kd"], k_s)),
+                            **dict(zip(["stride_vb", "stride_vh", "stride_vn", "stride_vd"], k_s)),
+                            **dict(zip(["stride_os", "stride_ob", "stride_oh", "stride_om", "stride_od"], op_s)),
+                            **dict(zip(["stride_ls", "stride_lb", "stride_lh", "stride_lm"], lp_s)),
+                            stride_mb=Lk, stride_mn=1, Hq=Hq, Lq=Lq, Lk=Lk, D=D, GROUP=Hq // Hkv,
+                            CHUNK=cdiv(cdiv(Lk, BN), splits) * BN, qk_scale=0.1)
+                cx = dict(common, PARTIAL=True, EVEN_D=D == BD)
+                specs.append(spec("attn_fwd_kernel", attn_fwd_kernel, "split-KV partial, lens+mask", dtype, ptr, D,
+                                  args, cx, precision == "tf32" or ptr != "*fp32", warps, stages))
+            else:
+                base = dict(q_ptr=ptr, k_ptr=ptr, v_ptr=ptr, do_ptr=ptr, lse_ptr="*fp32", delta_ptr="*fp32",
+                            **dict(zip(["stride_qb", "stride_qh", "stride_qm", "stride_qd"], q_s)),
+                            **dict(zip(["stride_kb", "stride_kh", "stride_kn", "stride_kd"], k_s)),
+                            **dict(zip(["stride_vb", "stride_vh", "stride_vn", "stride_vd"], k_s)),
+                            **dict(zip(["stride_gb", "stride_gh", "stride_gm", "stride_gd"], o_s)),
+                            **dict(zip(["stride_lb", "stride_lh", "stride_lm"], l_s)),
+                            kv_lens_ptr="*i32", mask_ptr="*u8", stride_mb=Lk, stride_mn=1, Lq=Lq, Lk=Lk, D=D,
+                            GROUP=Hq // Hkv, qk_scale=0.1, sm_scale=0.1)
+                if name == "dkdv":
+                    args = dict(base, dk_ptr=ptr, dv_ptr=ptr, Hkv=Hkv,
+                                **dict(zip(["stride_dkb", "stride_dkh", "stride_dkn", "stride_dkd"], k_s)),
+                                **dict(zip(["stride_dvb", "stride_dvh", "stride_dvn", "stride_dvd"], k_s)))
+                    specs.append(spec("attn_bwd_dkdv_kernel", attn_bwd_dkdv_kernel, "dK, dV over the group",
+                                      dtype, ptr, D, args, common, True, warps, stages,
+                                      sm90="wgmma" if BN >= 64 else "mma.sync"))
+                else:
+                    args = dict(base, dq_ptr=ptr, Hq=Hq, BATCH_LOOP=B,
+                                **dict(zip(["stride_dqb", "stride_dqh", "stride_dqm", "stride_dqd"],
+                                           strides(1, Hq, Lq, D))))
+                    specs.append(spec("attn_bwd_dq_kernel", attn_bwd_dq_kernel, "dQ summed over the batch",
+                                      dtype, ptr, D, args, common, True, warps, stages,
+                                      sm90="wgmma" if BM >= 64 else "mma.sync"))
+    D, BD = 96, 128
+    o_s, l_s = strides(B, Hq, Lq, D), strides(B, Hq, Lq)
+    args = dict(op_ptr="*fp32", lsep_ptr="*fp32", o_ptr="*fp16", lse_ptr="*fp32",
+                **dict(zip(["stride_ps", "stride_pb", "stride_ph", "stride_pm", "stride_pd"],
+                           strides(splits, B, Hq, Lq, D))),
+                **dict(zip(["stride_qs", "stride_qb", "stride_qh", "stride_qm"], strides(splits, B, Hq, Lq))),
+                **dict(zip(["stride_ob", "stride_oh", "stride_om", "stride_od"], o_s)),
+                **dict(zip(["stride_lb", "stride_lh", "stride_lm"], l_s)), Hq=Hq, Lq=Lq, D=D, SPLITS=splits)
+    specs.append(spec("attn_combine_kernel", attn_combine_kernel, "merge splits", "fp16", "*fp16", D, args,
+                      dict(ACC_DTYPE=tl.float32, BLOCK_M=64, BLOCK_D=BD), False, 4, 1))
+    args = dict(o_ptr="*fp16", do_ptr="*fp16", delta_ptr="*fp32",
+                **dict(zip(["stride_ob", "stride_oh", "stride_om", "stride_od"], o_s)),
+                **dict(zip(["stride_gb", "stride_gh", "stride_gm", "stride_gd"], o_s)),
+                **dict(zip(["stride_db", "stride_dh", "stride_dm"], l_s)), Hq=Hq, Lq=Lq, D=D)
+    specs.append(spec("attn_delta_kernel", attn_delta_kernel, "rowsum(dO*O)", "fp16", "*fp16", D, args,
+                      dict(ACC_DTYPE=tl.float32, BLOCK_M=64, BLOCK_D=BD), False, 4, 1))
+    return specs

@@ -1,0 +1,207 @@
+"""Cross-attention of a few (learnable) queries over many keys: reference, custom ops with autograd,
+functional API.
+
+``cross_attention(q, k, v, *, kv_lens=None, key_mask=None, scale=None)``: q (Bq, Hq, Lq, D) with
+Bq in {1, B}; k, v (B, Hkv, Lk, D) with Hq % Hkv == 0; D <= 256. Equal to SDPA on the expanded
+inputs (q repeated over the batch, k/v over the query-head groups) with keys >= kv_lens[b] and keys
+where key_mask is False left out, except that a query row with no valid key yields zeros (and zero
+gradients) where SDPA yields NaN.
+
+Saved for backward: q, k, v, the output and the base-2 log-sum-exp per row (B, Hq, Lq): never the
+Lq x Lk probabilities.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+from mmfuse._checks import check_like, check_tensor
+from mmfuse._dispatch import REFERENCE, backend_for
+from mmfuse.kernels import cross_attention as K
+from mmfuse.kernels._common import dot_precision
+
+MAX_HEAD_DIM = 256
+
+
+# ----------------------------------------------------------------------------------------------
+# Reference
+# ----------------------------------------------------------------------------------------------
+def _valid_keys(B, Lk, kv_lens, key_mask, device):
+    valid = torch.ones(B, Lk, dtype=torch.bool, device=device)
+    if kv_lens is not None:
+        valid &= torch.arange(Lk, device=device)[None, :] < kv_lens.to(device)[:, None]
+    if key_mask is not None:
+        valid &= key_mask
+    return valid
+
+
+def cross_attention_reference(q, k, v, *, kv_lens=None, key_mask=None, scale=None):
+    """SDPA on the expanded inputs; rows with no valid key give zeros (and zero gradients)."""
+    B, Hkv, Lk, D = k.shape
+    Hq = q.shape[1]
+    qe = q.expand(B, *q.shape[1:])
+    ke = k.repeat_interleave(Hq // Hkv, dim=1)
+    ve = v.repeat_interleave(Hq // Hkv, dim=1)
+    valid = _valid_keys(B, Lk, kv_lens, key_mask, q.device)
+    has_key = valid.any(-1)  # (B,)
+    # A sample with no valid key attends to everything (finite), then its rows are zeroed: SDPA's
+    # NaN would otherwise reach the gradients through the zeroing.
+    attend = valid | ~has_key[:, None]
+    out = F.scaled_dot_product_attention(qe, ke, ve, attn_mask=attend[:, None, None, :], scale=scale)
+    return torch.where(has_key[:, None, None, None], out, torch.zeros((), dtype=out.dtype, device=out.device))
+
+
+# ----------------------------------------------------------------------------------------------
+# Checks
+# ----------------------------------------------------------------------------------------------
+def _check(q, k, v, kv_lens, key_mask, scale):
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        check_tensor(name, t, ndim=4)
+    check_like("k", k, "q", q)
+    check_like("v", v, "q", q)
+    B, Hkv, Lk, D = k.shape
+    if tuple(v.shape) != tuple(k.shape):
+        raise ValueError(f"v: expected the shape of k {tuple(k.shape)}, got {tuple(v.shape)}")
+    if q.shape[-1] != D:
+        raise ValueError(f"q: expected head dim (shape[3]) == {D} (the head dim of k), got {q.shape[-1]}")
+    if D > MAX_HEAD_DIM or D == 0:
+        raise ValueError(f"q: expected a head dim in 1..{MAX_HEAD_DIM}, got {D}")
+    if q.shape[0] not in (1, B):
+        raise ValueError(f"q: expected batch (shape[0]) 1 or {B} (the batch of k), got {q.shape[0]}")
+    if Hkv == 0 or q.shape[1] % Hkv:
+        raise ValueError(f"q: expected heads (shape[1]) a multiple of {Hkv} (the heads of k), got {q.shape[1]}")
+    if kv_lens is not None:
+        check_tensor("kv_lens", kv_lens, ndim=1, floating=False)
+        if kv_lens.dtype not in (torch.int32, torch.int64):
+            raise TypeError(f"kv_lens: expected dtype torch.int32 or torch.int64, got {kv_lens.dtype}")
+        if kv_lens.device != q.device:
+            raise ValueError(f"kv_lens: expected device {q.device} (the device of q), got {kv_lens.device}")
+        if kv_lens.shape[0] != B:
+            raise ValueError(f"kv_lens: expected shape ({B},) (one length per sample), got {tuple(kv_lens.shape)}")
+        if B and (int(kv_lens.min()) < 0 or int(kv_lens.max()) > Lk):
+            raise ValueError(f"kv_lens: expected values in [0, {Lk}] (Lk), got min {int(kv_lens.min())} "
+                             f"and max {int(kv_lens.max())}")
+    if key_mask is not None:
+        check_tensor("key_mask", key_mask, ndim=2, floating=False)
+        if key_mask.dtype != torch.bool:
+            raise TypeError(f"key_mask: expected dtype torch.bool (True = attend), got {key_mask.dtype}")
+        if tuple(key_mask.shape) != (B, Lk):
+            raise ValueError(f"key_mask: expected shape ({B}, {Lk}) = (B, Lk), got {tuple(key_mask.shape)}")
+        if key_mask.device != q.device:
+            raise ValueError(f"key_mask: expected device {q.device} (the device of q), got {key_mask.device}")
+    if scale is not None and not isinstance(scale, (int, float)):
+        raise TypeError(f"scale: expected a Python float or None, got {type(scale).__name__}")
+
+
+# ----------------------------------------------------------------------------------------------
+# Custom operators with autograd (opaque to torch.compile, with fake implementations)
+# ----------------------------------------------------------------------------------------------
+def _acc(dtype):
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+@torch.library.custom_op("mmfuse::cross_attention_fwd", mutates_args=())
+def cross_attention_fwd_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_lens: torch.Tensor | None,
+                           key_mask: torch.Tensor | None, scale: float, splits: int
+                           ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(o, lse); ``splits`` <= 0 lets the launcher choose (the split rule of kernels/cross_attention.py)."""
+    return K.attention_fwd(q, k, v, kv_lens, key_mask, scale, splits=splits if splits > 0 else None,
+                           acc=_acc(q.dtype), precision=dot_precision(q.dtype))
+
+
+@cross_attention_fwd_op.register_fake
+def _(q, k, v, kv_lens, key_mask, scale, splits):
+    B, Hq, Lq = k.shape[0], q.shape[1], q.shape[2]
+    return q.new_empty(B, Hq, Lq, q.shape[3]), q.new_empty(B, Hq, Lq, dtype=_acc(q.dtype))
+
+
+@torch.library.custom_op("mmfuse::cross_attention_bwd", mutates_args=())
+def cross_attention_bwd_op(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o: torch.Tensor,
+                           lse: torch.Tensor, kv_lens: torch.Tensor | None, key_mask: torch.Tensor | None,
+                           scale: float, need_q: bool, need_kv: bool
+                           ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    dq, dk, dv = K.attention_bwd(do, q, k, v, o, lse, kv_lens, key_mask, scale, need_q=need_q, need_kv=need_kv,
+                                 acc=_acc(q.dtype), precision=dot_precision(q.dtype))
+    return (dq if dq is not None else q.new_empty(0), dk if dk is not None else q.new_empty(0),
+            dv if dv is not None else q.new_empty(0))
+
+
+@cross_attention_bwd_op.register_fake
+def _(do, q, k, v, o, lse, kv_lens, key_mask, scale, need_q, need_kv):
+    return (q.new_empty(q.shape) if need_q else q.new_empty(0), k.new_empty(k.shape) if need_kv else q.new_empty(0),
+            v.new_empty(v.shape) if need_kv else q.new_empty(0))
+
+
+def _setup(ctx, inputs, output):
+    q, k, v, kv_lens, key_mask, scale, _ = inputs
+    ctx.set_materialize_grads(False)
+    ctx.scale = scale
+    ctx.need_q = q.requires_grad
+    ctx.need_kv = k.requires_grad or v.requires_grad
+    ctx.save_for_backward(q, k, v, output[0], output[1], kv_lens, key_mask)
+
+
+def _backward(ctx, do, _dlse):
+    if do is None:
+        return None, None, None, None, None, None, None
+    q, k, v, o, lse, kv_lens, key_mask = ctx.saved_tensors
+    dq, dk, dv = cross_attention_bwd_op(do, q, k, v, o, lse, kv_lens, key_mask, ctx.scale, ctx.need_q, ctx.need_kv)
+    return (dq if ctx.need_q else None, dk if ctx.need_kv else None, dv if ctx.need_kv else None,
+            None, None, None, None)
+
+
+cross_attention_fwd_op.register_autograd(_backward, setup_context=_setup)
+
+
+# ----------------------------------------------------------------------------------------------
+# Functional API
+# ----------------------------------------------------------------------------------------------
+def _autocast(*tensors):
+    device = q_device = next(t for t in tensors if t is not None).device.type
+    if q_device in ("cpu", "cuda") and torch.is_autocast_enabled(device):
+        dtype = torch.get_autocast_dtype(device)
+        return [t.to(dtype) if t is not None and t.is_floating_point() else t for t in tensors]
+    return list(tensors)
+
+
+def cross_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, kv_lens: torch.Tensor | None = None,
+                    key_mask: torch.Tensor | None = None, scale: float | None = None,
+                    _splits: int = 0) -> torch.Tensor:
+    """Flash cross-attention (see the module docstring). ``_splits`` forces the number of key splits
+    (tests); 0 lets the split rule choose."""
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        check_tensor(name, t, ndim=4)
+    if backend_for(q) != REFERENCE:
+        q, k, v = _autocast(q, k, v)
+    _check(q, k, v, kv_lens, key_mask, scale)
+    scale = float(scale) if scale is not None else 1.0 / math.sqrt(q.shape[-1])
+    if backend_for(q) == REFERENCE:
+        return cross_attention_reference(q, k, v, kv_lens=kv_lens, key_mask=key_mask, scale=scale)
+    o, _ = cross_attention_fwd_op(q, k, v, kv_lens, key_mask, scale, int(_splits))
+    return o
+
+
+# ----------------------------------------------------------------------------------------------
+# mmfuse verify
+# ----------------------------------------------------------------------------------------------
+def verify_checks():
+    from mmfuse.testing import compare_with_reference
+    from mmfuse.verify import Check
+
+    def check(dtype, Bq, B, Hq, Hkv, Lq, Lk, D, padded):
+        def run(device):
+            q = torch.randn(Bq, Hq, Lq, D, device=device, dtype=dtype)
+            k = torch.randn(B, Hkv, Lk, D, device=device, dtype=dtype)
+            v = torch.randn(B, Hkv, Lk, D, device=device, dtype=dtype)
+            lens = torch.tensor([Lk - 7 * i for i in range(B)], device=device) if padded else None
+            return compare_with_reference(
+                lambda q, k, v: cross_attention(q, k, v, kv_lens=lens),
+                lambda q, k, v: cross_attention_reference(q, k, v, kv_lens=lens), [q, k, v], ["q", "k", "v"])
+        shape = f"q={Bq}x{Hq}x{Lq} kv={B}x{Hkv}x{Lk} D={D}" + (" lens" if padded else "")
+        return Check("cross_attention", dtype, shape, run)
+
+    return [check(dtype, 1, 2, 4, 2, 17, 75, 96, True) for dtype in (torch.float32, torch.float16, torch.bfloat16)] + [
+        check(torch.float16, 3, 3, 2, 2, 9, 40, 64, False)]

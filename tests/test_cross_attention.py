@@ -1,0 +1,228 @@
+"""mmfuse.cross_attention: values and gradients against SDPA on expanded inputs (flash-attention rule),
+split-KV invariance, masks, empty rows, numerical safety, gradcheck, determinism, bad input."""
+
+import math
+
+import pytest
+import torch
+
+import mmfuse
+from mmfuse.kernels import cross_attention as KA
+from mmfuse.ops.cross_attention import cross_attention, cross_attention_reference
+from mmfuse.testing import assert_matches_reference, compare
+
+
+def _qkv(Bq, B, Hq, Hkv, Lq, Lk, D, dtype=torch.float32, scale=1.0):
+    q = torch.randn(Bq, Hq, Lq, D, dtype=dtype) * scale
+    k = torch.randn(B, Hkv, Lk, D, dtype=dtype) * scale
+    v = torch.randn(B, Hkv, Lk, D, dtype=dtype)
+    return q, k, v
+
+
+def _check(q, k, v, splits=0, **masks):
+    return assert_matches_reference(
+        lambda q, k, v: cross_attention(q, k, v, _splits=splits, **masks),
+        lambda q, k, v: cross_attention_reference(q, k, v, **masks), [q, k, v], ["q", "k", "v"])
+
+
+# Every listed value appears at least once: Lq {1, 17, 64}, Lk {1, 63, 577, 1000}, D {32, 64, 96, 128},
+# B {1, 3}, Bq {1, B}, Hq/Hkv {1, 4}; dtypes fp32 / fp16 / bf16.
+CASES = [
+    # Bq, B, Hq, Hkv, Lq, Lk, D, dtype
+    (1, 1, 1, 1, 1, 1, 32, torch.float32),
+    (1, 3, 4, 1, 17, 63, 64, torch.float32),
+    (3, 3, 4, 4, 17, 63, 96, torch.float16),
+    (1, 3, 4, 1, 64, 63, 128, torch.bfloat16),
+    (1, 1, 4, 1, 17, 577, 32, torch.float16),
+    (3, 3, 1, 1, 1, 1000, 32, torch.float32),
+    (1, 1, 2, 2, 64, 40, 96, torch.float16),
+]
+
+
+@pytest.mark.parametrize("Bq,B,Hq,Hkv,Lq,Lk,D,dtype", CASES, ids=lambda v: str(v).replace("torch.", ""))
+def test_matches_reference(Bq, B, Hq, Hkv, Lq, Lk, D, dtype):
+    q, k, v = _qkv(Bq, B, Hq, Hkv, Lq, Lk, D, dtype)
+    _check(q, k, v)
+    assert cross_attention(q, k, v).shape == (B, Hq, Lq, D)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
+def test_kv_lens_key_mask_and_a_fully_masked_sample(dtype):
+    q, k, v = _qkv(1, 3, 4, 2, 17, 70, 40, dtype)
+    lens = torch.tensor([70, 33, 0])  # sample 2: no key at all
+    mask = torch.rand(3, 70) > 0.4
+    mask[1, :5] = False
+    _check(q, k, v, kv_lens=lens)
+    _check(q, k, v, key_mask=mask)
+    _check(q, k, v, kv_lens=lens, key_mask=mask, splits=3)
+    out = cross_attention(q, k, v, kv_lens=lens)
+    assert torch.equal(out[2], torch.zeros_like(out[2]))  # zeros, not NaN
+
+
+def test_fully_masked_rows_have_zero_gradients():
+    q, k, v = _qkv(1, 2, 2, 2, 5, 30, 16)
+    q, k, v = (t.requires_grad_() for t in (q, k, v))
+    mask = torch.ones(2, 30, dtype=torch.bool)
+    mask[1] = False
+    out = cross_attention(q, k, v, key_mask=mask)
+    out.square().sum().backward()
+    assert torch.equal(k.grad[1], torch.zeros_like(k.grad[1])) and torch.equal(v.grad[1], torch.zeros_like(v.grad[1]))
+    assert torch.isfinite(q.grad).all()
+
+
+@pytest.mark.parametrize("splits", [1, 2, 5, 32])
+def test_split_counts_agree(splits):
+    # Forced splits of 1, 2, a few and many (capped at one key block each) give the same answer.
+    q, k, v = _qkv(1, 2, 2, 1, 17, 577, 32)
+    lens = torch.tensor([577, 300])
+    ref = cross_attention(q, k, v, kv_lens=lens, _splits=1)
+    out = cross_attention(q, k, v, kv_lens=lens, _splits=splits)
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-6)
+    _check(q, k, v, splits=splits, kv_lens=lens)
+
+
+def test_non_contiguous_inputs():
+    # q broadcast from a (Lq, H, D) parameter view, k/v as head-transposed projections.
+    base_q = torch.randn(17, 4, 48)
+    q = base_q.permute(1, 0, 2).unsqueeze(0)  # (1, 4, 17, 48), not contiguous
+    k = torch.randn(2, 63, 2, 48).transpose(1, 2)
+    v = torch.randn(2, 63, 2, 96)[..., ::2].transpose(1, 2)
+    assert not (q.is_contiguous() or k.is_contiguous() or v.is_contiguous())
+    _check(q, k, v)
+
+
+def test_large_logits_do_not_overflow():
+    # fp32 logits of magnitude ~1e4 and fp16 inputs whose logits approach the fp16 limit.
+    q, k, v = _qkv(1, 2, 2, 2, 9, 50, 16, torch.float32, scale=30.0)  # |q.k| * scale ~ 1e4
+    out = cross_attention(q, k, v)
+    assert torch.isfinite(out).all()
+    _check(q, k, v)
+    q, k, v = _qkv(1, 2, 2, 2, 9, 50, 16, torch.float16)
+    q = q * 60
+    k = k * 60  # q.k up to ~6e4 before scaling: fp16 would overflow if the dot were rounded to fp16
+    out = cross_attention(q, k, v)
+    assert torch.isfinite(out).all()
+    ref64 = cross_attention_reference(q.double(), k.double(), v.double())
+    assert (out.double() - ref64).abs().max() < 2e-2
+
+
+def test_custom_scale():
+    q, k, v = _qkv(1, 2, 2, 1, 7, 20, 24)
+    ref = cross_attention_reference(q, k, v, scale=0.3)
+    torch.testing.assert_close(cross_attention(q, k, v, scale=0.3), ref, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(cross_attention(q, k, v), cross_attention_reference(q, k, v, scale=24 ** -0.5),
+                               rtol=1e-5, atol=1e-6)
+
+
+def test_gradcheck_fp64():
+    # Tiny (each perturbed element re-runs the interpreted kernels): GQA 2:1, broadcast queries,
+    # a padded sample, two key splits.
+    q, k, v = _qkv(1, 2, 2, 1, 2, 5, 3, torch.float64)
+    q, k, v = (t.requires_grad_() for t in (q, k, v))
+    lens = torch.tensor([5, 2])
+    assert torch.autograd.gradcheck(lambda q, k, v: cross_attention(q, k, v, kv_lens=lens, _splits=2), (q, k, v))
+
+
+def test_backward_is_deterministic():
+    q, k, v = _qkv(1, 3, 4, 2, 17, 63, 32, torch.float16)
+    q, k, v = (t.requires_grad_() for t in (q, k, v))
+    do = torch.randn(3, 4, 17, 32, dtype=torch.float16)
+    runs = [torch.autograd.grad(cross_attention(q, k, v, _splits=2), [q, k, v], do) for _ in range(2)]
+    for a, b in zip(*runs):
+        assert torch.equal(a, b)
+
+
+def test_empty_batch_and_no_keys():
+    q, k, v = _qkv(1, 0, 2, 2, 5, 7, 16)
+    assert cross_attention(q, k, v).shape == (0, 2, 5, 16)
+    q, k, v = _qkv(1, 2, 2, 2, 5, 0, 16)
+    out = cross_attention(q, k, v)
+    assert out.shape == (2, 2, 5, 16) and torch.equal(out, torch.zeros_like(out))
+
+
+def test_reference_matches_sdpa_on_expanded_inputs():
+    # The reference itself, against a hand expansion (valid rows only: SDPA gives NaN elsewhere).
+    q, k, v = _qkv(1, 2, 4, 2, 5, 11, 8)
+    mask = torch.rand(2, 11) > 0.3
+    qe, ke, ve = q.expand(2, -1, -1, -1), k.repeat_interleave(2, 1), v.repeat_interleave(2, 1)
+    want = torch.nn.functional.scaled_dot_product_attention(qe, ke, ve, attn_mask=mask[:, None, None, :])
+    torch.testing.assert_close(cross_attention_reference(q, k, v, key_mask=mask), want)
+
+
+# ----------------------------------------------------------------------------------------------
+# The split rule (bench/NOTES.md): numbers worked by hand
+# ----------------------------------------------------------------------------------------------
+def test_split_efficiency_and_rule():
+    # BLIP-2 at batch 1: 1 query block x 12 heads = 12 programs, 257 keys = 5 blocks of 64.
+    assert KA.split_efficiency(12, 5, 1, 132) == pytest.approx(12 * 5 / (132 * 5))
+    # 5 splits of one block each: 60 programs in one wave, each 1 block: 60/132.
+    assert KA.split_efficiency(12, 5, 5, 132) == pytest.approx(60 / 132)
+    assert KA.choose_splits(12, 5, 132) == 5  # the most efficient when 85% is out of reach
+    # Many programs already fill the machine: no split.
+    assert KA.choose_splits(8 * 16 * 1, 78, 132) == KA.choose_splits(8 * 16 * 1, 78, 132)
+    assert KA.choose_splits(132 * 4, 78, 132) == 1
+    # Idefics2 at batch 1: 16 programs over 78 key blocks; the rule reaches >= 85%.
+    s = KA.choose_splits(16, 78, 132)
+    assert KA.split_efficiency(16, 78, s, 132) >= KA.TARGET_WAVE_EFFICIENCY
+
+
+# ----------------------------------------------------------------------------------------------
+# Bad input
+# ----------------------------------------------------------------------------------------------
+class TestBadInput:
+    def qkv(self):
+        return _qkv(1, 2, 4, 2, 5, 7, 16)
+
+    def test_head_dim_mismatch(self):
+        q, k, v = self.qkv()
+        with pytest.raises(ValueError, match=r"q: expected head dim \(shape\[3\]\) == 16 .*got 8"):
+            cross_attention(q[..., :8], k, v)
+
+    def test_heads_not_a_multiple(self):
+        q, k, v = _qkv(1, 2, 3, 2, 5, 7, 16)
+        with pytest.raises(ValueError, match=r"q: expected heads \(shape\[1\]\) a multiple of 2 .*got 3"):
+            cross_attention(q, k, v)
+
+    def test_query_batch(self):
+        q, k, v = _qkv(2, 3, 4, 2, 5, 7, 16)
+        with pytest.raises(ValueError, match=r"q: expected batch \(shape\[0\]\) 1 or 3 .*got 2"):
+            cross_attention(q, k, v)
+
+    def test_kv_lens(self):
+        q, k, v = self.qkv()
+        with pytest.raises(ValueError, match=r"kv_lens: expected values in \[0, 7\] \(Lk\), got min 0 and max 8"):
+            cross_attention(q, k, v, kv_lens=torch.tensor([8, 0]))
+        with pytest.raises(ValueError, match=r"kv_lens: expected values in \[0, 7\]"):
+            cross_attention(q, k, v, kv_lens=torch.tensor([-1, 3]))
+        with pytest.raises(TypeError, match=r"kv_lens: expected dtype torch.int32 or torch.int64, got torch.float32"):
+            cross_attention(q, k, v, kv_lens=torch.tensor([1.0, 2.0]))
+        with pytest.raises(ValueError, match=r"kv_lens: expected shape \(2,\)"):
+            cross_attention(q, k, v, kv_lens=torch.tensor([1, 2, 3]))
+
+    def test_key_mask(self):
+        q, k, v = self.qkv()
+        with pytest.raises(ValueError, match=r"key_mask: expected shape \(2, 7\) = \(B, Lk\), got \(2, 6\)"):
+            cross_attention(q, k, v, key_mask=torch.ones(2, 6, dtype=torch.bool))
+        with pytest.raises(TypeError, match=r"key_mask: expected dtype torch.bool \(True = attend\), got torch.int64"):
+            cross_attention(q, k, v, key_mask=torch.ones(2, 7, dtype=torch.long))
+
+    def test_head_dim_too_large(self):
+        q, k, v = _qkv(1, 1, 1, 1, 2, 3, 257)
+        with pytest.raises(ValueError, match=r"q: expected a head dim in 1..256, got 257"):
+            cross_attention(q, k, v)
+
+    def test_dtype_and_rank(self):
+        q, k, v = self.qkv()
+        with pytest.raises(TypeError, match=r"k: expected dtype torch.float32 \(the dtype of q\), got torch.float16"):
+            cross_attention(q, k.half(), v)
+        with pytest.raises(ValueError, match=r"q: expected a 4-D tensor, got 3-D"):
+            cross_attention(q[0], k, v)
+        with pytest.raises(ValueError, match=r"v: expected the shape of k"):
+            cross_attention(q, k, v[:, :, :5])
+
+
+def test_functional_is_exported():
+    assert mmfuse.cross_attention is cross_attention
+    assert math.isclose(KA.LOG2E, 1 / math.log(2))
+    c = compare("x", torch.zeros(1), torch.zeros(1, dtype=torch.float64), torch.zeros(1))
+    assert c.ok
