@@ -308,3 +308,13 @@ def test_tf32_switch_sets_the_dot_precision():
         assert dot_precision(torch.float32) == "ieee"
     finally:
         torch.backends.cuda.matmul.allow_tf32 = old
+
+
+def test_mlp_without_biases_and_frozen_layers():
+    # Op outputs for gradients nobody asked for must still be distinct tensors (custom-op rule).
+    x = torch.randn(7, 12, requires_grad=True)
+    ws = [torch.randn(16, 12, requires_grad=True), torch.randn(16, 16), torch.randn(5, 16, requires_grad=True)]
+    mmfuse.mlp(x, ws).sum().backward()
+    assert ws[1].grad is None and ws[0].grad.shape == (16, 12) and x.grad.shape == (7, 12)
+    w = torch.randn(4, 12)
+    mmfuse.linear(x, w).sum().backward()  # neither weight nor bias needs a gradient

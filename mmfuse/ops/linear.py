@@ -105,7 +105,7 @@ def linear_bwd_op(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, h: to
     """(dx, dW, db); dH = dY * act'(h) in one pass, db inside the dW GEMM."""
     dh = K.act_grad(dy, h, activation) if activation is not None else dy
     dx = K.input_grad(dh, weight) if need_x else _nothing(x)
-    dw = db = _nothing(x)
+    dw, db = _nothing(x), _nothing(x)  # distinct: op outputs may not alias each other
     if need_w:
         dw, db = K.weight_grad(dh, x, with_bias=need_b)
         db = db if need_b else _nothing(x)
@@ -179,7 +179,7 @@ def mlp_bwd_op(dy: torch.Tensor, x: torch.Tensor, hidden: list[torch.Tensor], we
     dH_{i-1} = (dH_i @ W_i) * act'(h_{i-1}) in one GEMM (act' in its epilogue)."""
     n = len(weights)
     inputs = [x, *hidden]
-    dws, dbs = [_nothing(x)] * n, [_nothing(x)] * n
+    dws, dbs = [_nothing(x) for _ in range(n)], [_nothing(x) for _ in range(n)]  # distinct, no aliasing
     dh, dx = dy, _nothing(x)  # no activation after the last layer
     for i in reversed(range(n)):
         if need_w[i]:
