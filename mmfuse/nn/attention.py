@@ -1,0 +1,176 @@
+"""Cross-attention layers on ``mmfuse.cross_attention``: a drop-in ``nn.MultiheadAttention`` for
+cross-attention, a generic ``CrossAttention`` with grouped-query heads, and OpenFlamingo's
+``PerceiverResampler`` (same state_dict layout).
+
+Projections run through ``mmfuse.linear``; the attention never forms the Lq x Lk matrix.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+
+from mmfuse import _patch
+from mmfuse.ops.cross_attention import cross_attention
+from mmfuse.ops.linear import linear
+
+
+def _heads(x: torch.Tensor, heads: int) -> torch.Tensor:
+    """(B, L, H*Dh) -> (B, H, L, Dh), a view."""
+    B, L, _ = x.shape
+    return x.view(B, L, heads, -1).transpose(1, 2)
+
+
+def _merge(x: torch.Tensor) -> torch.Tensor:
+    """(B, H, L, Dh) -> (B, L, H*Dh)."""
+    B, H, L, Dh = x.shape
+    return x.transpose(1, 2).reshape(B, L, H * Dh)
+
+
+class MultiheadAttention(nn.Module):
+    """``nn.MultiheadAttention`` for cross-attention, same parameters and state_dict
+    (``in_proj_weight`` / ``q_proj_weight``..., ``in_proj_bias``, ``out_proj``), same call
+    convention: ``forward(query, key, value, key_padding_mask=None, need_weights=False)`` returns
+    ``(output, None)``; ``key_padding_mask`` True = ignore (PyTorch's convention for this module).
+    Attention weights, ``attn_mask``, ``add_bias_kv``, ``add_zero_attn`` and dropout are not
+    supported (``from_module`` refuses them; ``forward`` raises for the call-time ones)."""
+
+    @classmethod
+    def from_module(cls, module: nn.MultiheadAttention) -> "MultiheadAttention":
+        if not isinstance(module, nn.MultiheadAttention):
+            raise TypeError(f"module: expected nn.MultiheadAttention, got {type(module).__name__}")
+        if module.bias_k is not None or module.add_zero_attn:
+            raise _patch.Unsupported("module: add_bias_kv / add_zero_attn are not supported")
+        if module.dropout:
+            raise _patch.Unsupported(f"module: expected dropout 0.0, got {module.dropout}")
+        new = cls.__new__(cls)
+        nn.Module.__init__(new)
+        new.embed_dim, new.num_heads, new.batch_first = module.embed_dim, module.num_heads, module.batch_first
+        new.kdim, new.vdim = module.kdim, module.vdim
+        new._qkv_same_embed_dim = module._qkv_same_embed_dim
+        for name in ("in_proj_weight", "q_proj_weight", "k_proj_weight", "v_proj_weight", "in_proj_bias"):
+            setattr(new, name, getattr(module, name))  # parameters or None, shared
+        new.out_proj = module.out_proj
+        return new
+
+    def _weights(self):
+        E = self.embed_dim
+        if self._qkv_same_embed_dim:
+            w = self.in_proj_weight
+            return w[:E], w[E:2 * E], w[2 * E:]
+        return self.q_proj_weight, self.k_proj_weight, self.v_proj_weight
+
+    def forward(self, query, key, value, key_padding_mask=None, need_weights=False, attn_mask=None,
+                average_attn_weights=True, is_causal=False):
+        if need_weights or attn_mask is not None or is_causal:
+            raise ValueError("need_weights / attn_mask / is_causal: expected False / None / False "
+                             "(mmfuse.nn.MultiheadAttention computes padded cross-attention only)")
+        if not self.batch_first:  # (L, B, E) -> (B, L, E)
+            query, key, value = (t.transpose(0, 1) for t in (query, key, value))
+        wq, wk, wv = self._weights()
+        bq = bk = bv = None
+        if self.in_proj_bias is not None:
+            bq, bk, bv = self.in_proj_bias.chunk(3)
+        H = self.num_heads
+        q = _heads(linear(query, wq, bq), H)
+        k = _heads(linear(key, wk, bk), H)
+        v = _heads(linear(value, wv, bv), H)
+        key_mask = None
+        if key_padding_mask is not None:
+            if key_padding_mask.dtype != torch.bool:
+                raise TypeError(f"key_padding_mask: expected dtype torch.bool (True = ignore), got "
+                                f"{key_padding_mask.dtype}")
+            key_mask = ~key_padding_mask
+        out = linear(_merge(cross_attention(q, k, v, key_mask=key_mask)), self.out_proj.weight, self.out_proj.bias)
+        return (out if self.batch_first else out.transpose(0, 1)), None
+
+
+class CrossAttention(nn.Module):
+    """Queries (B or 1, Lq, dim) attend to context (B, Lk, kv_dim): ``to_q``, ``to_k``, ``to_v``,
+    ``to_out`` Linears, ``heads`` query heads of ``dim_head``, ``kv_heads`` key/value heads
+    (grouped-query attention when fewer). ``forward(x, context, kv_lens=None, key_mask=None)``."""
+
+    def __init__(self, dim: int, heads: int, dim_head: int, kv_dim: int | None = None,
+                 kv_heads: int | None = None, bias: bool = False):
+        super().__init__()
+        kv_dim = kv_dim or dim
+        kv_heads = kv_heads or heads
+        if heads % kv_heads:
+            raise ValueError(f"kv_heads: expected a divisor of heads={heads}, got {kv_heads}")
+        self.heads, self.kv_heads, self.dim_head = heads, kv_heads, dim_head
+        self.to_q = nn.Linear(dim, heads * dim_head, bias=bias)
+        self.to_k = nn.Linear(kv_dim, kv_heads * dim_head, bias=bias)
+        self.to_v = nn.Linear(kv_dim, kv_heads * dim_head, bias=bias)
+        self.to_out = nn.Linear(heads * dim_head, dim, bias=bias)
+
+    def forward(self, x, context, kv_lens=None, key_mask=None):
+        q = _heads(linear(x, self.to_q.weight, self.to_q.bias), self.heads)
+        k = _heads(linear(context, self.to_k.weight, self.to_k.bias), self.kv_heads)
+        v = _heads(linear(context, self.to_v.weight, self.to_v.bias), self.kv_heads)
+        out = cross_attention(q, k, v, kv_lens=kv_lens, key_mask=key_mask)
+        return linear(_merge(out), self.to_out.weight, self.to_out.bias)
+
+
+class PerceiverAttention(nn.Module):
+    """OpenFlamingo's PerceiverAttention: latents attend to ``media ‖ latents`` (keys and values
+    from both). Parameters ``norm_media``, ``norm_latents``, ``to_q``, ``to_kv``, ``to_out``."""
+
+    def __init__(self, dim: int, dim_head: int = 64, heads: int = 8):
+        super().__init__()
+        inner = dim_head * heads
+        self.heads = heads
+        self.norm_media = nn.LayerNorm(dim)
+        self.norm_latents = nn.LayerNorm(dim)
+        self.to_q = nn.Linear(dim, inner, bias=False)
+        self.to_kv = nn.Linear(dim, inner * 2, bias=False)
+        self.to_out = nn.Linear(inner, dim, bias=False)
+
+    def forward(self, media, latents, media_mask=None):
+        media = self.norm_media(media)
+        latents = self.norm_latents(latents)
+        q = _heads(linear(latents, self.to_q.weight), self.heads)
+        # K/V of media and of latents are projected separately and concatenated along the keys: the
+        # (media ‖ latents) input is never built, but the K/V concatenation is (one copy of
+        # 2 x (N + L) x inner; a two-source kernel would avoid it).
+        kv = torch.cat([linear(media, self.to_kv.weight), linear(latents, self.to_kv.weight)], dim=1)
+        k, v = (_heads(t, self.heads) for t in kv.chunk(2, dim=-1))
+        key_mask = None
+        if media_mask is not None:  # True = attend, per media token; latents always attend
+            ones = torch.ones(latents.shape[:2], dtype=torch.bool, device=latents.device)
+            key_mask = torch.cat([media_mask.expand(media.shape[0], -1), ones], dim=1)
+        out = cross_attention(q, k, v, key_mask=key_mask)
+        return linear(_merge(out), self.to_out.weight)
+
+
+def _feed_forward(dim: int, mult: int) -> nn.Sequential:
+    inner = dim * mult
+    return nn.Sequential(nn.LayerNorm(dim), nn.Linear(dim, inner, bias=False), nn.GELU(),
+                         nn.Linear(inner, dim, bias=False))
+
+
+class PerceiverResampler(nn.Module):
+    """OpenFlamingo's PerceiverResampler (state_dict layout ``latents``, ``layers.{i}.0.*``
+    (PerceiverAttention), ``layers.{i}.1.{0,1,3}.*`` (FeedForward), ``norm.*``), for media tokens
+    ``x (B, N, dim)``: ``latents = attn(x, latents) + latents; latents = ff(latents) + latents``,
+    then LayerNorm. The feed-forward's Linear-GELU-Linear runs as one fused ``mmfuse.mlp``.
+    (OpenFlamingo's optional media-time / frame embeddings are not included.)"""
+
+    def __init__(self, dim: int, depth: int = 6, dim_head: int = 64, heads: int = 8, num_latents: int = 64,
+                 ff_mult: int = 4):
+        super().__init__()
+        self.latents = nn.Parameter(torch.randn(num_latents, dim))
+        self.layers = nn.ModuleList(
+            nn.ModuleList([PerceiverAttention(dim, dim_head, heads), _feed_forward(dim, ff_mult)])
+            for _ in range(depth))
+        self.norm = nn.LayerNorm(dim)
+
+    def forward(self, x: torch.Tensor, media_mask: torch.Tensor | None = None) -> torch.Tensor:
+        from mmfuse.ops.linear import mlp
+
+        latents = self.latents.unsqueeze(0).expand(x.shape[0], -1, -1)
+        for attn, ff in self.layers:
+            latents = attn(x, latents, media_mask) + latents
+            norm, fc1, _, fc2 = ff
+            latents = mlp(norm(latents), [fc1.weight, fc2.weight], None, "gelu") + latents
+        return self.norm(latents)
+

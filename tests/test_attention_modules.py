@@ -1,0 +1,115 @@
+"""mmfuse.nn.MultiheadAttention (from nn.MultiheadAttention), CrossAttention (GQA) and the
+OpenFlamingo-layout PerceiverResampler: outputs and gradients against PyTorch within the error rule."""
+
+import copy
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import mmfuse
+from mmfuse.nn import CrossAttention, MultiheadAttention, PerceiverResampler
+from mmfuse.testing import assert_close
+
+
+def _run(fn, params, inputs):
+    for p in params:
+        p.grad = None
+    inputs = [t.detach().clone().requires_grad_() if t.is_floating_point() else t for t in inputs]
+    out = fn(*inputs)
+    out.backward(torch.cos(torch.arange(out.numel(), dtype=out.dtype)).reshape(out.shape))
+    return out.detach(), [t.grad for t in inputs if t.is_floating_point()] + [p.grad.clone() for p in params]
+
+
+def _compare(module, fused_fn, ref_fn, inputs):
+    """fused_fn(module) vs ref_fn on a float64 copy and on the module itself (same precision)."""
+    ref32 = _run(lambda *x: ref_fn(module, *x), list(module.parameters()), inputs)
+    m64 = copy.deepcopy(module).double()
+    ref64 = _run(lambda *x: ref_fn(m64, *x), list(m64.parameters()),
+                 [t.double() if t.is_floating_point() else t for t in inputs])
+    out = _run(lambda *x: fused_fn(module, *x), list(module.parameters()), inputs)
+    assert_close("out", out[0], ref64[0], ref32[0])
+    assert len(out[1]) == len(ref32[1])
+    for i, (g, g64, g32) in enumerate(zip(out[1], ref64[1], ref32[1])):
+        assert_close(f"grad {i}", g, g64, g32)
+
+
+@pytest.mark.parametrize("batch_first", [True, False])
+@pytest.mark.parametrize("kdim", [None, 24])
+def test_multihead_attention_from_module(batch_first, kdim):
+    torch.manual_seed(0)
+    mha = nn.MultiheadAttention(32, 4, batch_first=batch_first, kdim=kdim, vdim=kdim)
+    fused = MultiheadAttention.from_module(mha)
+    assert list(fused.state_dict()) == list(mha.state_dict())  # same checkpoint layout
+    kv_dim = kdim or 32
+    q = torch.randn(2, 7, 32)
+    kv = torch.randn(2, 13, kv_dim)
+    pad = torch.zeros(2, 13, dtype=torch.bool)
+    pad[1, 9:] = True  # True = ignore, nn.MultiheadAttention's convention
+    if not batch_first:
+        q, kv = q.transpose(0, 1), kv.transpose(0, 1)
+    _compare(mha,
+             lambda m, q, kv: MultiheadAttention.from_module(m)(q, kv, kv, key_padding_mask=pad)[0],
+             lambda m, q, kv: m(q, kv, kv, key_padding_mask=pad, need_weights=False)[0], [q, kv])
+
+
+def test_multihead_attention_refuses_what_it_cannot_compute():
+    with pytest.raises(ValueError, match="add_bias_kv"):
+        MultiheadAttention.from_module(nn.MultiheadAttention(8, 2, add_bias_kv=True))
+    fused = MultiheadAttention.from_module(nn.MultiheadAttention(8, 2, batch_first=True))
+    x = torch.randn(1, 3, 8)
+    with pytest.raises(ValueError, match="need_weights"):
+        fused(x, x, x, need_weights=True)
+
+
+def _cross_attention_reference(m, x, ctx):
+    q = F.linear(x, m.to_q.weight).unflatten(-1, (m.heads, -1)).transpose(1, 2)
+    k = F.linear(ctx, m.to_k.weight).unflatten(-1, (m.kv_heads, -1)).transpose(1, 2)
+    v = F.linear(ctx, m.to_v.weight).unflatten(-1, (m.kv_heads, -1)).transpose(1, 2)
+    out = mmfuse.cross_attention_reference(q, k, v)
+    return F.linear(out.transpose(1, 2).flatten(2), m.to_out.weight)
+
+
+def test_cross_attention_gqa_with_broadcast_queries():
+    torch.manual_seed(0)
+    m = CrossAttention(32, heads=4, dim_head=8, kv_dim=20, kv_heads=2)
+    queries = torch.randn(1, 6, 32)  # learnable queries, shared by the batch
+    ctx = torch.randn(3, 15, 20)
+    _compare(m, lambda m, x, c: m(x, c), _cross_attention_reference, [queries, ctx])
+
+
+def _openflamingo_reference(m, x):
+    """OpenFlamingo's resampler written out with an explicit softmax (media tokens (B, N, D))."""
+    latents = m.latents.unsqueeze(0).expand(x.shape[0], -1, -1)
+    for attn, ff in m.layers:
+        media, lat = attn.norm_media(x), attn.norm_latents(latents)
+        h = attn.heads
+        q = F.linear(lat, attn.to_q.weight).unflatten(-1, (h, -1)).transpose(1, 2)
+        kv = F.linear(torch.cat([media, lat], dim=1), attn.to_kv.weight)
+        k, v = (t.unflatten(-1, (h, -1)).transpose(1, 2) for t in kv.chunk(2, dim=-1))
+        sim = (q * q.shape[-1] ** -0.5) @ k.transpose(-1, -2)
+        out = (sim - sim.amax(-1, keepdim=True)).softmax(-1) @ v
+        latents = F.linear(out.transpose(1, 2).flatten(2), attn.to_out.weight) + latents
+        latents = ff(latents) + latents
+    return m.norm(latents)
+
+
+def test_perceiver_resampler_matches_openflamingo():
+    torch.manual_seed(0)
+    m = PerceiverResampler(dim=32, depth=2, dim_head=8, heads=4, num_latents=5, ff_mult=2)
+    keys = set(m.state_dict())
+    assert {"latents", "layers.0.0.norm_media.weight", "layers.0.0.to_q.weight", "layers.0.0.to_kv.weight",
+            "layers.0.0.to_out.weight", "layers.1.1.0.weight", "layers.1.1.1.weight", "layers.1.1.3.weight",
+            "norm.weight"} <= keys
+    _compare(m, lambda m, x: m(x), _openflamingo_reference, [torch.randn(2, 11, 32)])
+
+
+def test_perceiver_resampler_media_mask():
+    torch.manual_seed(0)
+    m = PerceiverResampler(dim=16, depth=1, dim_head=8, heads=2, num_latents=3, ff_mult=1)
+    x = torch.randn(2, 9, 16)
+    mask = torch.ones(2, 9, dtype=torch.bool)
+    mask[1, 5:] = False
+    short = m(x[1:, :5])  # the padded sample equals the same media without the padding
+    torch.testing.assert_close(m(x, mask)[1:], short, rtol=1e-5, atol=1e-5)
