@@ -170,3 +170,24 @@ def test_patch_embed_op_passes_opcheck():
     torch.library.opcheck(ops_patch.patch_embed_fwd_op, (pixels, w, b, pos, None, None))
     cls = torch.randn(16, requires_grad=True)
     torch.library.opcheck(ops_patch.patch_embed_fwd_op, (pixels, w, None, torch.randn(7, 16), cls, None))
+
+
+def test_cross_attention_compiles_fullgraph_and_passes_opcheck():
+    from mmfuse.ops import cross_attention as ops_attn
+
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    model = mmfuse.nn.CrossAttention(16, heads=4, dim_head=8, kv_heads=2)
+    queries = nn.Parameter(torch.randn(1, 5, 16))
+
+    def step(ctx):
+        return model(queries, ctx)
+
+    ctx = torch.randn(2, 9, 16)
+    eager = step(ctx)
+    compiled = torch.compile(step, fullgraph=True, backend="inductor")(ctx)
+    torch.testing.assert_close(compiled, eager, rtol=0, atol=0)
+    q = torch.randn(1, 4, 5, 8, requires_grad=True)
+    k = torch.randn(2, 2, 9, 8, requires_grad=True)
+    v = torch.randn(2, 2, 9, 8, requires_grad=True)
+    torch.library.opcheck(ops_attn.cross_attention_fwd_op, (q, k, v, torch.tensor([9, 4]), None, 0.35, 0))
