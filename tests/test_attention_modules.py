@@ -9,7 +9,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import mmfuse
-from mmfuse.nn import CrossAttention, MultiheadAttention, PerceiverResampler
+from mmfuse.nn import CrossAttention, Idefics2PerceiverAttention, MultiheadAttention, PerceiverResampler
 from mmfuse.testing import assert_close
 
 
@@ -113,3 +113,32 @@ def test_perceiver_resampler_media_mask():
     mask[1, 5:] = False
     short = m(x[1:, :5])  # the padded sample equals the same media without the padding
     torch.testing.assert_close(m(x, mask)[1:], short, rtol=1e-5, atol=1e-5)
+
+
+def test_idefics2_resampler_patched_matches_with_padding():
+    pytest.importorskip("transformers")
+    from transformers.models.idefics2.configuration_idefics2 import Idefics2PerceiverConfig
+    from transformers.models.idefics2.modeling_idefics2 import Idefics2PerceiverResampler
+
+    cfg = Idefics2PerceiverConfig(hidden_size=32, resampler_n_latents=5, resampler_depth=2, resampler_n_heads=4,
+                                  resampler_head_dim=8, num_key_value_heads=2, intermediate_size=64)
+    cfg._attn_implementation = "sdpa"
+    torch.manual_seed(0)
+    hf = Idefics2PerceiverResampler._from_config(cfg)
+    keys = list(hf.state_dict())
+    mask = torch.ones(2, 11, dtype=torch.long)
+    mask[1, 7:] = 0
+    ctx = torch.randn(2, 11, 32)
+    patched = copy.deepcopy(hf)
+    report = mmfuse.patch(patched)
+    assert [new for _, _, new in report.swapped] == ["Idefics2PerceiverAttention"] * 2
+    assert isinstance(patched.layers[0].self_attn, Idefics2PerceiverAttention)
+    assert list(patched.state_dict()) == keys  # the checkpoint layout is unchanged
+
+    def fused(m, c):  # runs last in _compare: patch hf itself (parameters shared) and call it
+        if not isinstance(m.layers[0].self_attn, Idefics2PerceiverAttention):
+            mmfuse.patch(m)
+        return m(c, mask)
+
+    _compare(hf, fused, lambda m, c: m(c, mask), [ctx])
+    assert isinstance(hf.layers[1].self_attn, Idefics2PerceiverAttention)

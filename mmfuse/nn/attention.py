@@ -174,3 +174,54 @@ class PerceiverResampler(nn.Module):
             latents = mlp(norm(latents), [fc1.weight, fc2.weight], None, "gelu") + latents
         return self.norm(latents)
 
+
+
+class Idefics2PerceiverAttention(nn.Module):
+    """transformers' ``Idefics2PerceiverAttention`` on ``mmfuse.cross_attention``: latents attend to
+    ``context ‖ latents`` with grouped-query heads and the resampler's padding mask. Same
+    ``q_proj`` / ``k_proj`` / ``v_proj`` / ``o_proj`` (shared) and state_dict; ``mmfuse.patch``
+    swaps it inside ``Idefics2PerceiverResampler``, which keeps its own class and checkpoint layout.
+    K/V of the context and of the latents are projected separately and concatenated (the
+    ``context ‖ latents`` hidden states are not built)."""
+
+    @classmethod
+    def from_module(cls, module: nn.Module) -> "Idefics2PerceiverAttention":
+        if type(module).__name__ != "Idefics2PerceiverAttention":
+            raise TypeError(f"module: expected Idefics2PerceiverAttention, got {type(module).__name__}")
+        if getattr(module.config, "attention_dropout", 0.0):
+            raise _patch.Unsupported(f"module: expected attention_dropout 0.0, got {module.config.attention_dropout}")
+        new = cls.__new__(cls)
+        nn.Module.__init__(new)
+        new.config = module.config
+        new.num_heads, new.head_dim = module.num_heads, module.head_dim
+        new.num_key_value_heads, new.scaling = module.num_key_value_heads, module.scaling
+        new.is_causal = False
+        new.q_proj, new.k_proj, new.v_proj, new.o_proj = module.q_proj, module.k_proj, module.v_proj, module.o_proj
+        return new
+
+    def forward(self, latents, context, attention_mask=None, position_ids=None, past_key_values=None, **kwargs):
+        from mmfuse.integrations import _key_mask
+
+        if past_key_values is not None:
+            raise ValueError("past_key_values: expected None (the resampler keeps no cache)")
+        B, Lq, _ = latents.shape
+        Lk = context.shape[1] + Lq
+        usable, key_mask = _key_mask(attention_mask, B, Lk)
+        if not usable:
+            raise ValueError(f"attention_mask: expected a key-padding mask (B, 1, 1 or {Lq}, {Lk}) with equal "
+                             f"rows, got shape {tuple(attention_mask.shape)}")
+        q = _heads(linear(latents, self.q_proj.weight, self.q_proj.bias), self.num_heads)
+        kv_heads = self.num_key_value_heads
+        k = _heads(torch.cat([linear(context, self.k_proj.weight, self.k_proj.bias),
+                              linear(latents, self.k_proj.weight, self.k_proj.bias)], dim=1), kv_heads)
+        v = _heads(torch.cat([linear(context, self.v_proj.weight, self.v_proj.bias),
+                              linear(latents, self.v_proj.weight, self.v_proj.bias)], dim=1), kv_heads)
+        out = cross_attention(q, k, v, key_mask=key_mask, scale=self.scaling)
+        return linear(_merge(out), self.o_proj.weight, self.o_proj.bias), None
+
+
+_patch.register(_patch.Rule(
+    "Idefics2PerceiverAttention",
+    lambda m: type(m).__name__ == "Idefics2PerceiverAttention" and type(m).__module__.startswith("transformers."),
+    Idefics2PerceiverAttention.from_module,
+))
