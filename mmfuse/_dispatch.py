@@ -54,3 +54,14 @@ def backend_for(*tensors: torch.Tensor | None) -> str:
 def uses_kernels(*tensors: torch.Tensor | None) -> bool:
     """True when the call runs Triton code (compiled or interpreted)."""
     return backend_for(*tensors) != REFERENCE
+
+
+def autocast_inputs(*tensors: torch.Tensor | None) -> list:
+    """Cast floating inputs as ``torch.autocast`` casts those of F.linear / conv / SDPA (all in its
+    lower-precision list on CPU and CUDA): to the autocast dtype when autocast is on for the device.
+    Our ops are custom operators, which autocast does not see, so each op calls this first."""
+    device = next(t for t in tensors if t is not None).device.type
+    if device in ("cpu", "cuda") and torch.is_autocast_enabled(device):
+        dtype = torch.get_autocast_dtype(device)
+        return [t.to(dtype) if t is not None and t.is_floating_point() else t for t in tensors]
+    return list(tensors)

@@ -26,3 +26,19 @@ def _poison_and_seed():
     torch.manual_seed(0)
     with poisoned_outputs():
         yield
+
+
+@pytest.fixture
+def launches(monkeypatch):
+    """Names of the Triton kernels launched (interpreter grid calls), in order."""
+    from triton.runtime import interpreter
+
+    names = []
+    real = interpreter.GridExecutor.__call__
+
+    def counting(self, *args, **kwargs):
+        names.append(self.fn.__name__)
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(interpreter.GridExecutor, "__call__", counting)
+    return names

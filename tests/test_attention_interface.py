@@ -12,19 +12,6 @@ from mmfuse.testing import assert_close
 pytest.importorskip("transformers")
 
 
-@pytest.fixture
-def launches(monkeypatch):
-    from triton.runtime import interpreter
-
-    names = []
-    real = interpreter.GridExecutor.__call__
-
-    def counting(self, *args, **kwargs):
-        names.append(self.fn.__name__)
-        return real(self, *args, **kwargs)
-
-    monkeypatch.setattr(interpreter.GridExecutor, "__call__", counting)
-    return names
 
 
 def _idefics2_resampler():

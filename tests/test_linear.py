@@ -231,19 +231,6 @@ def test_mlp_backward_is_deterministic():
 # ----------------------------------------------------------------------------------------------
 # Fusion: launches per op, counted from the interpreter's grid executor
 # ----------------------------------------------------------------------------------------------
-@pytest.fixture
-def launches(monkeypatch):
-    from triton.runtime import interpreter
-
-    names = []
-    real = interpreter.GridExecutor.__call__
-
-    def counting(self, *args, **kwargs):
-        names.append(self.fn.__name__)
-        return real(self, *args, **kwargs)
-
-    monkeypatch.setattr(interpreter.GridExecutor, "__call__", counting)
-    return names
 
 
 def test_linear_launch_counts(launches):

@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from mmfuse._checks import check_like, check_tensor
-from mmfuse._dispatch import REFERENCE, backend_for
+from mmfuse._dispatch import REFERENCE, autocast_inputs, backend_for
 from mmfuse.kernels import cross_attention as K
 from mmfuse.kernels._common import dot_precision
 
@@ -159,14 +159,6 @@ cross_attention_fwd_op.register_autograd(_backward, setup_context=_setup)
 # ----------------------------------------------------------------------------------------------
 # Functional API
 # ----------------------------------------------------------------------------------------------
-def _autocast(*tensors):
-    device = q_device = next(t for t in tensors if t is not None).device.type
-    if q_device in ("cpu", "cuda") and torch.is_autocast_enabled(device):
-        dtype = torch.get_autocast_dtype(device)
-        return [t.to(dtype) if t is not None and t.is_floating_point() else t for t in tensors]
-    return list(tensors)
-
-
 def cross_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, kv_lens: torch.Tensor | None = None,
                     key_mask: torch.Tensor | None = None, scale: float | None = None,
                     _splits: int = 0) -> torch.Tensor:
@@ -175,7 +167,7 @@ def cross_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, kv_len
     for name, t in (("q", q), ("k", k), ("v", v)):
         check_tensor(name, t, ndim=4)
     if backend_for(q) != REFERENCE:
-        q, k, v = _autocast(q, k, v)
+        q, k, v = autocast_inputs(q, k, v)
     _check(q, k, v, kv_lens, key_mask, scale)
     scale = float(scale) if scale is not None else 1.0 / math.sqrt(q.shape[-1])
     if backend_for(q) == REFERENCE:

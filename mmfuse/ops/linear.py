@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from mmfuse._checks import check_choice, check_like, check_size, check_tensor
-from mmfuse._dispatch import REFERENCE, backend_for
+from mmfuse._dispatch import REFERENCE, autocast_inputs, backend_for
 from mmfuse.kernels import linear as K
 
 ACTIVATION_NAMES = (None, "gelu", "gelu_tanh")
@@ -230,15 +230,6 @@ def _mlp_backward(ctx, dy, _hidden, _preacts):
 mlp_fwd_op.register_autograd(_mlp_backward, setup_context=_mlp_setup)
 
 
-def _autocast(*tensors):
-    """Cast floating inputs as autocast would for F.linear (a 'lower precision' op on CPU and CUDA)."""
-    device = next(t for t in tensors if t is not None).device.type
-    if device in ("cpu", "cuda") and torch.is_autocast_enabled(device):
-        dtype = torch.get_autocast_dtype(device)
-        return [t.to(dtype) if t is not None and t.is_floating_point() else t for t in tensors]
-    return list(tensors)
-
-
 def _needs_grad(*tensors) -> bool:
     return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
 
@@ -257,7 +248,7 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     if backend_for(x) == REFERENCE:  # plain torch: autocast and checks as F.linear does them
         _check_layer(x, weight, bias, x.shape[-1])
         return linear_reference(x, weight, bias, activation)
-    x, weight, bias = _autocast(x, weight, bias)
+    x, weight, bias = autocast_inputs(x, weight, bias)
     _check_layer(x, weight, bias, x.shape[-1])
     lead = x.shape[:-1]
     y, _ = linear_fwd_op(x.reshape(-1, x.shape[-1]), weight, bias, activation, _needs_grad(x, weight, bias))
@@ -285,7 +276,7 @@ def mlp(x: torch.Tensor, weights: Sequence[torch.Tensor], biases: Sequence[torch
     reference = backend_for(x) == REFERENCE
     if not reference:
         n = len(weights)
-        x, *params = _autocast(x, *weights, *biases)
+        x, *params = autocast_inputs(x, *weights, *biases)
         weights, biases = params[:n], params[n:]
     features = x.shape[-1]
     for i, (w, b) in enumerate(zip(weights, biases)):

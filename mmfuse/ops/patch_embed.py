@@ -24,9 +24,8 @@ import torch
 import torch.nn.functional as F
 
 from mmfuse._checks import check_like, check_tensor
-from mmfuse._dispatch import REFERENCE, backend_for
+from mmfuse._dispatch import REFERENCE, autocast_inputs, backend_for
 from mmfuse.kernels import patch_embed as K
-from mmfuse.ops.linear import _autocast
 
 
 # ----------------------------------------------------------------------------------------------
@@ -249,7 +248,8 @@ def fused_patch_embed(pixels, weight, bias=None, pos_embed=None, class_embedding
     ``PackedWeight`` cache: the entry point of the modules in ``mmfuse.nn.patch_embed``."""
     given = weight
     if backend_for(pixels) != REFERENCE:
-        pixels, weight, bias, pos_embed, class_embedding = _autocast(pixels, weight, bias, pos_embed, class_embedding)
+        pixels, weight, bias, pos_embed, class_embedding = autocast_inputs(
+            pixels, weight, bias, pos_embed, class_embedding)
     _check(pixels, weight, bias, pos_embed, class_embedding)
     if backend_for(pixels) == REFERENCE:
         if class_embedding is None:
