@@ -1,0 +1,22 @@
+"""mmfuse report: deterministic, one row per compiled config and arch, grids and waves as worked by hand."""
+
+import pytest
+
+from mmfuse import report
+from mmfuse._aot import ARCHS, all_specs, compile_all
+
+pytestmark = pytest.mark.xdist_group("aot")  # reuse the compile results of tests/test_aot.py
+
+
+def test_report_is_deterministic_and_complete(tmp_path):
+    text = report.render(compile_all())
+    assert text == report.render(compile_all())
+    rows = [line for line in text.splitlines() if line.startswith("| ") and " | sm_" in line]
+    assert len(rows) == len(all_specs()) * len(ARCHS)
+    assert not any(" | no | " in row and "| none |" not in row for row in rows)  # tensor-core configs load wide
+    # LLaVA-1.5-7B, one image: 64x64 tiles -> 9 x 64 = 576 tiles, 5 waves of 132: 576 / 660 = 87%.
+    assert "| llava-1.5-7b | 1 | 0 (1024->4096) | 576 x 4096 |" in text and "64x64 (576, 87%)" in text
+    # Idefics2 at batch 1: 1 query block x 16 heads = 16 programs over 78 key blocks: 16/132 = 12%.
+    assert "| idefics2-resampler | 1 | 16 (12%) |" in text
+    out = tmp_path / "report.md"
+    assert report.main(str(out)) == 0 and out.read_text() == text
