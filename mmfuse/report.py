@@ -25,7 +25,7 @@ def compile_section(reports) -> list[str]:
              "| kernel | variant | dtype | config | arch | regs | spill B | smem KB | tensor cores "
              "| 128-bit loads | CTAs/SM |",
              "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
-    for (label, arch), r in sorted(reports.items(), key=lambda kv: (kv[0][0], kv[0][1])):
+    for (_, arch), r in sorted(reports.items(), key=lambda kv: kv[0]):
         s = r.spec
         wide = "TMA" if r.tma else ("cp.async 16B" if r.cp_async_16B else ("v4" if r.vec128_loads else "no"))
         lines.append(f"| {s.kernel} | {s.variant} | {s.dtype} | {s.config} | sm_{arch} | {r.registers} | "
@@ -42,7 +42,8 @@ def waves_section() -> list[str]:
 
     lines = ["## Launch grids and wave efficiency on 132 SMs (model)", "",
              "### MLP projectors (`fused_gemm_kernel`, forward, per layer; tiles kept for autotuning)", "",
-             "| shape | images | layer | M x N | tiles kept (tiles, wave efficiency) |", "| --- | --- | --- | --- | --- |"]
+             "| shape | images | layer | M x N | tiles kept (tiles, wave efficiency) |",
+             "| --- | --- | --- | --- | --- |"]
     for s in MLP_SHAPES:
         for images in (1, 8):
             M = s.tokens * images
