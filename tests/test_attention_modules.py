@@ -142,3 +142,30 @@ def test_idefics2_resampler_patched_matches_with_padding():
 
     _compare(hf, fused, lambda m, c: m(c, mask), [ctx])
     assert isinstance(hf.layers[1].self_attn, Idefics2PerceiverAttention)
+
+
+def test_perceiver_resampler_from_idefics2_shares_parameters():
+    pytest.importorskip("transformers")
+    from transformers.models.idefics2.configuration_idefics2 import Idefics2PerceiverConfig
+    from transformers.models.idefics2.modeling_idefics2 import Idefics2PerceiverResampler
+
+    cfg = Idefics2PerceiverConfig(hidden_size=16, resampler_n_latents=3, resampler_depth=1, resampler_n_heads=4,
+                                  resampler_head_dim=4, num_key_value_heads=1, intermediate_size=32)
+    cfg._attn_implementation = "sdpa"
+    torch.manual_seed(0)
+    hf = Idefics2PerceiverResampler._from_config(cfg)
+    fused = PerceiverResampler.from_module(hf)
+    assert isinstance(fused.layers[0].self_attn, Idefics2PerceiverAttention)
+    assert type(hf.layers[0].self_attn).__name__ == "Idefics2PerceiverAttention" and hf.layers[0].self_attn is not \
+        fused.layers[0].self_attn  # the original is untouched
+    assert {id(p) for p in fused.parameters()} == {id(p) for p in hf.parameters()}
+    assert list(fused.state_dict()) == list(hf.state_dict())
+    mask = torch.ones(2, 7, dtype=torch.long)
+    mask[0, 4:] = 0
+    _compare(hf, lambda m, c: PerceiverResampler.from_module(m)(c, mask), lambda m, c: m(c, mask),
+             [torch.randn(2, 7, 16)])
+
+
+def test_cross_attention_from_module_builds_the_mha_drop_in():
+    mha = nn.MultiheadAttention(16, 2, batch_first=True)
+    assert isinstance(CrossAttention.from_module(mha), MultiheadAttention)

@@ -191,3 +191,21 @@ def test_cross_attention_compiles_fullgraph_and_passes_opcheck():
     k = torch.randn(2, 2, 9, 8, requires_grad=True)
     v = torch.randn(2, 2, 9, 8, requires_grad=True)
     torch.library.opcheck(ops_attn.cross_attention_fwd_op, (q, k, v, torch.tensor([9, 4]), None, 0.35, 0))
+
+
+def test_autocast_patch_embed_and_cross_attention_like_conv_and_sdpa():
+    torch.manual_seed(0)
+    conv = nn.Conv2d(3, 16, 4, stride=4)  # fp32 master weights
+    pixels = torch.randn(2, 3, 8, 8)
+    q, k, v = torch.randn(1, 2, 3, 8), torch.randn(2, 2, 5, 8), torch.randn(2, 2, 5, 8)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        ref = conv(pixels).flatten(2).transpose(1, 2)
+        out = mmfuse.patch_embed(pixels, conv.weight, conv.bias)
+        attn = mmfuse.cross_attention(q, k, v)
+        attn_ref = torch.nn.functional.scaled_dot_product_attention(q.expand(2, -1, -1, -1), k, v)
+    assert out.dtype == ref.dtype == torch.bfloat16
+    torch.testing.assert_close(out.float(), ref.float(), rtol=2e-2, atol=2e-2)
+    assert attn.dtype == attn_ref.dtype == torch.bfloat16
+    torch.testing.assert_close(attn.float(), attn_ref.float(), rtol=2e-2, atol=2e-2)
+    out.float().sum().backward()
+    assert conv.weight.grad.dtype == torch.float32

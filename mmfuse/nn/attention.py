@@ -103,6 +103,12 @@ class CrossAttention(nn.Module):
         self.to_v = nn.Linear(kv_dim, kv_heads * dim_head, bias=bias)
         self.to_out = nn.Linear(heads * dim_head, dim, bias=bias)
 
+    @classmethod
+    def from_module(cls, module: nn.Module) -> nn.Module:
+        """The drop-in for an ``nn.MultiheadAttention`` used as cross-attention: a
+        ``mmfuse.nn.MultiheadAttention`` keeping its parameters, state_dict and call convention."""
+        return MultiheadAttention.from_module(module)
+
     def forward(self, x, context, kv_lens=None, key_mask=None):
         q = _heads(linear(x, self.to_q.weight, self.to_q.bias), self.heads)
         k = _heads(linear(context, self.to_k.weight, self.to_k.bias), self.kv_heads)
@@ -163,6 +169,24 @@ class PerceiverResampler(nn.Module):
             nn.ModuleList([PerceiverAttention(dim, dim_head, heads), _feed_forward(dim, ff_mult)])
             for _ in range(depth))
         self.norm = nn.LayerNorm(dim)
+
+    @classmethod
+    def from_module(cls, module: nn.Module) -> nn.Module:
+        """From transformers' ``Idefics2PerceiverResampler``: Idefics2's resampler is not OpenFlamingo's
+        (RMSNorm, SwiGLU MLP, grouped-query heads, a padding mask), so this returns a shallow copy of
+        it, sharing every parameter and keeping its class and state_dict, whose attention layers are
+        ``mmfuse.nn.Idefics2PerceiverAttention``: same outputs and gradients, mask included."""
+        import copy
+
+        if type(module).__name__ != "Idefics2PerceiverResampler":
+            raise TypeError(f"module: expected Idefics2PerceiverResampler, got {type(module).__name__}")
+        new = copy.copy(module)
+        new._modules = dict(module._modules)
+        new.layers = nn.ModuleList(copy.copy(layer) for layer in module.layers)
+        for layer in new.layers:
+            layer._modules = dict(layer._modules)
+            layer.self_attn = Idefics2PerceiverAttention.from_module(layer.self_attn)
+        return new
 
     def forward(self, x: torch.Tensor, media_mask: torch.Tensor | None = None) -> torch.Tensor:
         from mmfuse.ops.linear import mlp
