@@ -59,6 +59,7 @@ def attn_fwd_kernel(
     HAS_LENS: tl.constexpr, HAS_MASK: tl.constexpr, PARTIAL: tl.constexpr,
     INPUT_PRECISION: tl.constexpr, ACC_DTYPE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr,
+    EVEN_N: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
@@ -90,7 +91,10 @@ def attn_fwd_kernel(
     acc = tl.zeros((BLOCK_M, BLOCK_D), dtype=ACC_DTYPE)
     for n0 in range(n_start, n_end, BLOCK_N):
         offs_n = n0 + tl.arange(0, BLOCK_N)
-        valid = _key_valid(offs_n, n_end, mask_row, stride_mn, HAS_MASK)
+        if EVEN_N:  # full key blocks, no padding: every key mask below folds away
+            valid = tl.full((BLOCK_N,), 1, tl.int1)
+        else:
+            valid = _key_valid(offs_n, n_end, mask_row, stride_mn, HAS_MASK)
         kt = tl.load(k_base + offs_n[None, :] * stride_kn + offs_d[:, None] * stride_kd,
                      mask=valid[None, :] & mask_d[:, None], other=0.0)
         s = tl.dot(q, kt, input_precision=INPUT_PRECISION).to(ACC_DTYPE) * qk_scale
@@ -159,8 +163,13 @@ def attn_combine_kernel(
              mask=mask_m)
 
 
-#: The forward with its mask-free fast path chosen from the launch (EVEN_D: D is a power of two).
-_attn_fwd = triton.heuristics({"EVEN_D": lambda a: a["D"] == a["BLOCK_D"]})(attn_fwd_kernel)
+#: The forward with its mask-free fast paths chosen from the launch: EVEN_D (D is a power of two) and
+#: EVEN_N (no padding and Lk a multiple of BLOCK_N, so every key block is full; splits are whole
+#: blocks).
+_attn_fwd = triton.heuristics({
+    "EVEN_D": lambda a: a["D"] == a["BLOCK_D"],
+    "EVEN_N": lambda a: not a["HAS_LENS"] and not a["HAS_MASK"] and a["Lk"] % a["BLOCK_N"] == 0,
+})(attn_fwd_kernel)
 
 
 @triton.jit
@@ -505,9 +514,20 @@ def aot_specs():
                             **dict(zip(["stride_ls", "stride_lb", "stride_lh", "stride_lm"], lp_s)),
                             stride_mb=Lk, stride_mn=1, Hq=Hq, Lq=Lq, Lk=Lk, D=D, GROUP=Hq // Hkv,
                             CHUNK=cdiv(cdiv(Lk, BN), splits) * BN, qk_scale=0.1)
-                cx = dict(common, PARTIAL=True, EVEN_D=D == BD)
+                cx = dict(common, PARTIAL=True, EVEN_D=D == BD, EVEN_N=False)
                 specs.append(spec("attn_fwd_kernel", attn_fwd_kernel, "split-KV partial, lens+mask", dtype, ptr, D,
                                   args, cx, precision == "tf32" or ptr != "*fp32", warps, stages))
+                if dtype == "fp16" and D in (64, 128):  # the mask-free path: no padding, 4096 keys
+                    even = dict(args, o_ptr=ptr, lse_ptr="*fp32", Lk=4096, stride_os=0, stride_ls=0,
+                                **dict(zip(["stride_ob", "stride_oh", "stride_om", "stride_od"], o_s)),
+                                **dict(zip(["stride_lb", "stride_lh", "stride_lm"], strides(B, Hq, Lq))),
+                                CHUNK=4096, **dict(zip(["stride_kb", "stride_kh", "stride_kn", "stride_kd"],
+                                                       strides(B, Hkv, 4096, D))),
+                                **dict(zip(["stride_vb", "stride_vh", "stride_vn", "stride_vd"],
+                                           strides(B, Hkv, 4096, D))))
+                    cx = dict(common, HAS_LENS=False, HAS_MASK=False, PARTIAL=False, EVEN_D=D == BD, EVEN_N=True)
+                    specs.append(spec("attn_fwd_kernel", attn_fwd_kernel, "no split, no padding (EVEN_N)", dtype,
+                                      ptr, D, even, cx, True, warps, stages))
             else:
                 base = dict(q_ptr=ptr, k_ptr=ptr, v_ptr=ptr, do_ptr=ptr, lse_ptr="*fp32", delta_ptr="*fp32",
                             **dict(zip(["stride_qb", "stride_qh", "stride_qm", "stride_qd"], q_s)),

@@ -36,6 +36,7 @@ CASES = [
     (1, 1, 4, 1, 17, 577, 32, torch.float16),
     (3, 3, 1, 1, 1, 1000, 32, torch.float32),
     (1, 1, 2, 2, 64, 40, 96, torch.float16),
+    (1, 2, 4, 2, 17, 64, 32, torch.float16),  # Lk a multiple of the key block, no padding: EVEN_N
 ]
 
 
@@ -68,6 +69,21 @@ def test_fully_masked_rows_have_zero_gradients():
     out.square().sum().backward()
     assert torch.equal(k.grad[1], torch.zeros_like(k.grad[1])) and torch.equal(v.grad[1], torch.zeros_like(v.grad[1]))
     assert torch.isfinite(q.grad).all()
+
+
+def test_even_key_blocks_take_the_mask_free_path(launches, monkeypatch):
+    seen = []
+    real = KA._attn_fwd.run
+
+    def spy(*args, **kwargs):
+        seen.append(KA._attn_fwd.values["EVEN_N"](dict(zip(KA.attn_fwd_kernel.arg_names, args), **kwargs)))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(KA._attn_fwd, "run", spy)
+    q, k, v = _qkv(1, 2, 4, 2, 17, 64, 32)
+    _check(q, k, v, splits=2)
+    cross_attention(q, k, v, kv_lens=torch.tensor([64, 30]))
+    assert seen[0] is True and seen[-1] is False  # padding (kv_lens) turns the masks back on
 
 
 @pytest.mark.parametrize("splits", [1, 2, 5, 32])
