@@ -115,16 +115,22 @@ def test_perceiver_resampler_media_mask():
     torch.testing.assert_close(m(x, mask)[1:], short, rtol=1e-5, atol=1e-5)
 
 
-def test_idefics2_resampler_patched_matches_with_padding():
+def _tiny_idefics2_resampler(hidden, latents, depth, heads, head_dim, kv_heads):
+    """transformers' Idefics2PerceiverResampler from a tiny config (no download), on SDPA."""
     pytest.importorskip("transformers")
     from transformers.models.idefics2.configuration_idefics2 import Idefics2PerceiverConfig
     from transformers.models.idefics2.modeling_idefics2 import Idefics2PerceiverResampler
 
-    cfg = Idefics2PerceiverConfig(hidden_size=32, resampler_n_latents=5, resampler_depth=2, resampler_n_heads=4,
-                                  resampler_head_dim=8, num_key_value_heads=2, intermediate_size=64)
+    cfg = Idefics2PerceiverConfig(hidden_size=hidden, resampler_n_latents=latents, resampler_depth=depth,
+                                  resampler_n_heads=heads, resampler_head_dim=head_dim,
+                                  num_key_value_heads=kv_heads, intermediate_size=2 * hidden)
     cfg._attn_implementation = "sdpa"
     torch.manual_seed(0)
-    hf = Idefics2PerceiverResampler._from_config(cfg)
+    return Idefics2PerceiverResampler._from_config(cfg)
+
+
+def test_idefics2_resampler_patched_matches_with_padding():
+    hf = _tiny_idefics2_resampler(32, latents=5, depth=2, heads=4, head_dim=8, kv_heads=2)
     keys = list(hf.state_dict())
     mask = torch.ones(2, 11, dtype=torch.long)
     mask[1, 7:] = 0
@@ -145,15 +151,7 @@ def test_idefics2_resampler_patched_matches_with_padding():
 
 
 def test_perceiver_resampler_from_idefics2_shares_parameters():
-    pytest.importorskip("transformers")
-    from transformers.models.idefics2.configuration_idefics2 import Idefics2PerceiverConfig
-    from transformers.models.idefics2.modeling_idefics2 import Idefics2PerceiverResampler
-
-    cfg = Idefics2PerceiverConfig(hidden_size=16, resampler_n_latents=3, resampler_depth=1, resampler_n_heads=4,
-                                  resampler_head_dim=4, num_key_value_heads=1, intermediate_size=32)
-    cfg._attn_implementation = "sdpa"
-    torch.manual_seed(0)
-    hf = Idefics2PerceiverResampler._from_config(cfg)
+    hf = _tiny_idefics2_resampler(16, latents=3, depth=1, heads=4, head_dim=4, kv_heads=1)
     fused = PerceiverResampler.from_module(hf)
     assert isinstance(fused.layers[0].self_attn, Idefics2PerceiverAttention)
     assert type(hf.layers[0].self_attn).__name__ == "Idefics2PerceiverAttention" and hf.layers[0].self_attn is not \
