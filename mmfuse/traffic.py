@@ -1,0 +1,160 @@
+"""Memory traffic of the kernels: a tile-by-tile model, and a probe that measures an interpreted run.
+
+``fused_gemm_traffic`` counts what ``fused_gemm_kernel`` loads and stores, program by program, as the
+launcher runs it: every program loads BLOCK_M rows of A and BLOCK_N columns of B over all of K (rows
+and columns past the edge wrap around and are re-read; the K tail is masked), the bias once per
+program row, the aux tile in the MLP backward, and stores its masked C tile (and aux / rowsum).
+``loaded`` is the total bytes requested by loads (what L2 serves); ``unique`` the distinct bytes
+(what HBM must deliver at least once: the HBM figure under the assumption that re-reads hit L2).
+
+``measure`` runs a function under Triton's interpreter while recording every address loaded and
+stored, and attributes them to the tensors given: the tests check the model against it at odd sizes.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+
+import torch
+
+
+@dataclasses.dataclass
+class Traffic:
+    loaded: int = 0   # bytes requested by loads, re-reads included
+    unique: int = 0   # distinct bytes loaded
+    stored: int = 0   # bytes stored
+
+    def __add__(self, other: "Traffic") -> "Traffic":
+        return Traffic(self.loaded + other.loaded, self.unique + other.unique, self.stored + other.stored)
+
+
+def _cdiv(a, b):
+    return -(-a // b)
+
+
+def fused_gemm_traffic(M: int, N: int, K: int, tile: tuple[int, int], elem: int, *, bias: bool = False,
+                       store_aux: bool = False, act_grad: bool = False, rowsum: bool = False) -> dict[str, Traffic]:
+    """Per operand ("a", "b", "bias", "aux", "c", "rowsum") of one ``fused_gemm_kernel`` launch."""
+    bm, bn = tile
+    pm, pn = _cdiv(M, bm), _cdiv(N, bn)
+    t = {
+        "a": Traffic(loaded=pm * pn * bm * K * elem, unique=min(M, pm * bm) * K * elem),
+        "b": Traffic(loaded=pm * pn * bn * K * elem, unique=min(N, pn * bn) * K * elem),
+        "c": Traffic(stored=M * N * elem),
+    }
+    if bias:
+        t["bias"] = Traffic(loaded=pm * N * elem, unique=N * elem)
+    if store_aux or act_grad:
+        t["aux"] = Traffic(loaded=M * N * elem if act_grad else 0, unique=M * N * elem if act_grad else 0,
+                           stored=M * N * elem if store_aux else 0)
+    if rowsum:
+        t["rowsum"] = Traffic(stored=M * elem)
+    return t
+
+
+def linear_traffic(M: int, K: int, N: int, tile: tuple[int, int], elem: int, *, bias: bool = True,
+                   activation: bool = True, training: bool = True) -> dict[str, Traffic]:
+    """Forward of ``mmfuse.linear`` (one launch), by tensor: x, weight, bias, y, h."""
+    g = fused_gemm_traffic(M, N, K, tile, elem, bias=bias, store_aux=activation and training)
+    out = {"x": g["a"], "weight": g["b"], "y": g["c"]}
+    if bias:
+        out["bias"] = g["bias"]
+    if "aux" in g:
+        out["h"] = g["aux"]
+    return out
+
+
+class _Recorder:
+    def __init__(self):
+        self.loads: list = []   # (addresses, itemsize)
+        self.stores: list = []
+
+
+@contextlib.contextmanager
+def _recording():
+    import numpy as np
+    from triton.runtime import interpreter as interp
+
+    rec = _Recorder()
+    cls = interp.InterpreterBuilder
+    load, store = cls.create_masked_load, cls.create_masked_store
+
+    def masked_load(self, ptrs, mask, other, cache_policy, is_volatile):
+        out = load(self, ptrs, mask, other, cache_policy, is_volatile)
+        rec.loads.append((np.asarray(ptrs.data)[np.asarray(mask.data, dtype=bool)].ravel(), out.data.itemsize))
+        return out
+
+    def masked_store(self, ptrs, value, mask, cache_policy):
+        rec.stores.append((np.asarray(ptrs.data)[np.asarray(mask.data, dtype=bool)].ravel(), value.data.itemsize))
+        return store(self, ptrs, value, mask, cache_policy)
+
+    cls.create_masked_load, cls.create_masked_store = masked_load, masked_store
+    try:
+        yield rec
+    finally:
+        cls.create_masked_load, cls.create_masked_store = load, store
+
+
+def measure(fn, tensors: dict[str, torch.Tensor]):
+    """Run ``fn()`` under the interpreter; returns (fn's result, {name: Traffic}) for the named
+    tensors (a callable value is evaluated after the run, for outputs the run allocates)."""
+    import numpy as np
+
+    from mmfuse._dispatch import INTERPRET
+
+    if not INTERPRET:
+        raise RuntimeError("measure: expected the Triton interpreter on (TRITON_INTERPRET=1 before import)")
+    with _recording() as rec:
+        result = fn()
+    named = {name: (t(result) if callable(t) else t) for name, t in tensors.items()}
+    traffic = {}
+    for name, t in named.items():
+        lo = t.untyped_storage().data_ptr()
+        hi = lo + t.untyped_storage().nbytes()
+        tr = Traffic()
+        seen = []
+        for addrs, size in rec.loads:
+            inside = addrs[(addrs >= lo) & (addrs < hi)]
+            tr.loaded += inside.size * size
+            seen.append(inside)
+        if seen:
+            tr.unique = np.unique(np.concatenate(seen)).size * t.element_size()
+        tr.stored = sum(int(((a >= lo) & (a < hi)).sum()) * s for a, s in rec.stores)
+        traffic[name] = tr
+    return result, traffic
+
+
+def mlp_traffic(M: int, widths, tile: tuple[int, int], elem: int) -> dict[str, dict]:
+    """``mmfuse.mlp`` in training (biases on, GELU between layers), forward and backward, against
+    eager PyTorch (addmm with bias, GELU, autograd), each as {"hbm": bytes, "l2": bytes, "launches": n}.
+    mmfuse's HBM is the sum of each launch's distinct bytes (re-reads assumed to hit L2); eager's
+    kernels are counted the same way: every input read once, every output written once."""
+    layers = list(zip(widths[:-1], widths[1:]))
+    n = len(layers)
+
+    def launch(**kw):
+        t = fused_gemm_traffic(**kw, tile=tile, elem=elem)
+        return sum(t.values(), Traffic())
+
+    fwd = [launch(M=M, N=nn_, K=k, bias=True, store_aux=i < n - 1) for i, (k, nn_) in enumerate(layers)]
+    bwd = []
+    for i in reversed(range(n)):
+        k, nn_ = layers[i]
+        bwd.append(launch(M=nn_, N=k, K=M, rowsum=True))                 # dW_i + db_i
+        bwd.append(launch(M=M, N=k, K=nn_, act_grad=i > 0))               # dX (x GELU'(h_{i-1}))
+    e = elem
+    eager_fwd = sum((M * k + nn_ * k + nn_ + M * nn_) * e + (2 * M * nn_ * e if i < n - 1 else 0)
+                    for i, (k, nn_) in enumerate(layers))
+    eager_bwd = 0
+    for i, (k, nn_) in enumerate(layers):
+        eager_bwd += (M * nn_ + nn_ * k + M * k) * e        # dX = dY W
+        eager_bwd += (M * nn_ + M * k + nn_ * k) * e        # dW = dY^T X
+        eager_bwd += (M * nn_ + nn_) * e                    # db = sum dY
+        if i > 0:
+            eager_bwd += 3 * M * k * e                      # GELU': read dA and h, write dH
+    total = lambda ts: {"hbm": sum(t.unique + t.stored for t in ts), "l2": sum(t.loaded + t.stored for t in ts),  # noqa: E731
+                        "launches": len(ts)}
+    return {"fwd": total(fwd), "bwd": total(bwd),
+            "eager_fwd": {"hbm": eager_fwd, "launches": 2 * n - 1},
+            "eager_bwd": {"hbm": eager_bwd, "launches": 3 * n + (n - 1)}}

@@ -1,0 +1,75 @@
+"""The tile-by-tile traffic model of fused_gemm_kernel against the bytes an interpreted run touches."""
+
+import pytest
+import torch
+
+import mmfuse
+from mmfuse.kernels import linear as KL
+from mmfuse.traffic import Traffic, fused_gemm_traffic, linear_traffic, measure
+
+TILE = KL.INTERPRETER_TILE[:2]
+
+
+@pytest.mark.parametrize("M,K,N", [(37, 75, 45), (64, 32, 64), (5, 40, 70)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
+def test_linear_forward_traffic_matches_an_interpreted_run(M, K, N, dtype):
+    x = torch.randn(M, K, dtype=dtype, requires_grad=True)
+    w = torch.randn(N, K, dtype=dtype)
+    b = torch.randn(N, dtype=dtype)
+    saved = {}
+
+    def run():
+        y, h = KL.linear_fwd(x.detach(), w, b, "gelu", store_preact=True)
+        saved["h"] = h
+        return y
+
+    y, got = measure(run, {"x": x, "weight": w, "bias": b, "y": lambda y: y, "h": lambda _: saved["h"]})
+    want = linear_traffic(M, K, N, TILE, x.element_size(), bias=True, activation=True, training=True)
+    assert got == want, (got, want)
+
+
+def test_dw_and_act_grad_epilogues():
+    M, K, N = 29, 40, 33
+    dh = torch.randn(M, N)
+    x = torch.randn(M, K)
+    w = torch.randn(N, K)
+    h = torch.randn(M, K)
+    (dw, db), got = measure(lambda: KL.weight_grad(dh, x, with_bias=True),
+                            {"dh": dh, "x": x, "dw": lambda r: r[0], "db": lambda r: r[1]})
+    # dW = dH^T @ X: GEMM (N, K) with reduction over M tokens; db from the same loads (pid_n == 0).
+    model = fused_gemm_traffic(N, K, M, TILE, 4, rowsum=True)
+    assert got["dh"] == model["a"] and got["x"] == model["b"]
+    assert got["dw"] == model["c"] and got["db"] == model["rowsum"]
+    _, got = measure(lambda: KL.input_grad(dh, w, h_prev=h, activation_prev="gelu"), {"h": h})
+    assert got["h"] == fused_gemm_traffic(M, K, N, TILE, 4, act_grad=True)["aux"]
+
+
+def test_unique_bytes_are_the_tensor_sizes_and_rereads_the_tiles():
+    t = fused_gemm_traffic(576, 4096, 1024, (128, 128), 2, bias=True)
+    assert t["a"].unique == 576 * 1024 * 2 and t["b"].unique == 4096 * 1024 * 2
+    # 5 x 32 programs: each loads 128 rows of A and 128 columns of B over K.
+    assert t["a"].loaded == 160 * 128 * 1024 * 2 and t["b"].loaded == 160 * 128 * 1024 * 2
+    assert Traffic(1, 2, 3) + Traffic(1, 1, 1) == Traffic(2, 3, 4)
+
+
+def test_measure_needs_the_interpreter(monkeypatch):
+    import mmfuse._dispatch as d
+
+    monkeypatch.setattr(d, "INTERPRET", False)
+    with pytest.raises(RuntimeError, match="interpreter"):
+        measure(lambda: None, {})
+    assert mmfuse.INTERPRET
+
+
+def test_mlp_traffic_matches_the_hand_counts_in_notes():
+    # bench/NOTES.md (Linear section), LLaVA-1.5-7B, 1 image, bf16, counted by hand from the formulas
+    # MK + NK + N^2 + 4MN (fused fwd, training) and 7MN + 2MK + 2NK + 2N^2 (fused bwd), plus biases.
+    from mmfuse.traffic import mlp_traffic
+
+    M, K, N = 576, 1024, 4096
+    t = mlp_traffic(M, (K, N, N), (64, 64), 2)
+    assert t["fwd"]["hbm"] == 2 * (M * K + N * K + N * N + 4 * M * N + 2 * N)
+    assert t["bwd"]["hbm"] == 2 * (7 * M * N + 2 * M * K + 2 * N * K + 2 * N * N + 2 * N)
+    assert round(t["fwd"]["hbm"] / 1e6, 1) == 62.0 and round(t["bwd"]["hbm"] / 1e6, 1) == 119.3
+    assert round(t["eager_fwd"]["hbm"] / 1e6, 1) == 66.7
+    assert (t["fwd"]["launches"], t["bwd"]["launches"], t["eager_bwd"]["launches"]) == (2, 4, 7)
