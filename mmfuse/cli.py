@@ -31,6 +31,9 @@ def main(argv=None) -> int:
     p_verify.add_argument("--device", default=None, help="cuda or cpu (default: cuda if available)")
     p_verify.add_argument("--op", nargs="*", default=None,
                           help="only these op families (e.g. linear mlp); default: all")
+    p_bench = sub.add_parser("bench", help="time every op against every baseline on this GPU (report without one)")
+    p_bench.add_argument("--out-dir", default=os.path.join("bench", "results"), help="where results are written")
+    p_bench.add_argument("--op", nargs="*", default=None, help="only these ops (mlp patch_embed cross_attention)")
     p_report = sub.add_parser("report", help="exact figures without a GPU: compiled configs, grids, waves")
     p_report.add_argument("--out", default=None, help="write the markdown here instead of stdout")
     args = parser.parse_args(argv)
@@ -41,11 +44,39 @@ def main(argv=None) -> int:
         from mmfuse import verify
 
         return verify.main(args.device, args.op)
+    if args.command == "bench":
+        return _bench(args.out_dir, args.op)
     if args.command == "report":
         from mmfuse import report
 
         return report.main(args.out)
     return 2
+
+
+def _bench(out_dir: str, ops=None, timer=None, cuda=None) -> int:
+    import datetime
+
+    import torch
+
+    from mmfuse import report
+    from mmfuse.bench import suite
+
+    cuda = torch.cuda.is_available() if cuda is None else cuda
+    if not cuda:
+        path = os.path.join(out_dir, f"no-gpu-{datetime.date.today().isoformat()}-report.md")
+        os.makedirs(out_dir, exist_ok=True)
+        print("mmfuse bench: no CUDA GPU on this machine, so nothing can be timed. Writing the exact "
+              "figures that need no GPU (compiled configs, grids, waves, bytes) instead.")
+        return report.main(path)
+    selected = [c for c in suite.cases() if not ops or c.op in ops]
+    if not selected:
+        print(f"mmfuse bench: no cases match --op {' '.join(ops or [])}")
+        return 2
+    rows = suite.run_suite(selected, **({"timer": timer} if timer else {}))
+    gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else "gpu"
+    for kind, path in suite.write_results(rows, out_dir, gpu).items():
+        print(f"mmfuse bench: {kind} -> {path}")
+    return 1 if any("error" in r and r.get("impl") == "mmfuse" for r in rows) else 0
 
 
 if __name__ == "__main__":

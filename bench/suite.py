@@ -1,0 +1,280 @@
+"""The GPU benchmark suite: every op x real shape x mode x dtype, against every baseline a user would
+otherwise pick. ``mmfuse bench`` runs it (``bench/test_bench.py`` exposes the same cases to
+pytest-benchmark); without CUDA it writes the exact no-GPU report instead.
+
+Timing (``time_cuda``): warm-up, then the median of many runs timed with CUDA events, cycling through
+enough input sets that together they exceed the L2 cache, so no implementation is flattered by a warm
+cache. The timer is a parameter of ``run_suite``, so tests drive the whole path with a fake one.
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import datetime
+import json
+import math
+import os
+import statistics
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+
+from mmfuse.bench.shapes import ATTENTION_SHAPES, MLP_SHAPES, PATCH_SHAPES
+
+L2_BYTES = 50 * 2**20  # H100: 50 MB of L2; input sets are rotated past it
+
+
+@dataclasses.dataclass(frozen=True)
+class Case:
+    op: str                       # "mlp", "patch_embed", "cross_attention"
+    shape: str                    # a name from bench/shapes.py
+    mode: str                     # "fwd" or "fwd+bwd"
+    dtype: str                    # "bfloat16" or "float16"
+    impl: str                     # "mmfuse" or a baseline
+    flops: float                  # of the forward (x3 for fwd+bwd)
+    make: Callable = dataclasses.field(compare=False, hash=False, repr=False)  # (device, dtype) -> (inputs, fn)
+
+    @property
+    def name(self) -> str:
+        return f"{self.op}/{self.shape}/{self.mode}/{self.dtype}/{self.impl}"
+
+
+def _mlp_impls():
+    import mmfuse
+
+    def mmfuse_fn(x, ws, bs):
+        return mmfuse.mlp(x, ws, bs)
+
+    def eager(x, ws, bs):
+        for i, (w, b) in enumerate(zip(ws, bs)):
+            x = F.linear(x, w, b)
+            x = F.gelu(x) if i < len(ws) - 1 else x
+        return x
+
+    def addmm_activation(x, ws, bs):  # cuBLASLt's GELU epilogue (tanh-free "use_gelu")
+        for i, (w, b) in enumerate(zip(ws, bs)):
+            x = torch._addmm_activation(b, x, w.t(), use_gelu=True) if i < len(ws) - 1 else F.linear(x, w, b)
+        return x
+
+    return {"mmfuse": mmfuse_fn, "eager": eager, "torch.compile": torch.compile(eager),
+            "torch.compile max-autotune": torch.compile(eager, mode="max-autotune"),
+            "addmm_activation": addmm_activation}
+
+
+def _patch_impls():
+    import mmfuse
+
+    def reshape_gemm(px, w, b, pos):
+        B, C, H, W = px.shape
+        P = w.shape[-1]
+        patches = px.reshape(B, C, H // P, P, W // P, P).permute(0, 2, 4, 1, 3, 5).reshape(B, -1, C * P * P)
+        return F.linear(patches, w.reshape(w.shape[0], -1), b) + pos
+
+    def eager(px, w, b, pos):
+        return F.conv2d(px, w, b, stride=w.shape[-1]).flatten(2).transpose(1, 2) + pos
+
+    return {"mmfuse": lambda px, w, b, pos: mmfuse.patch_embed(px, w, b, pos), "eager": eager,
+            "reshape+GEMM": reshape_gemm, "torch.compile": torch.compile(eager)}
+
+
+def _attention_impls():
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    import mmfuse
+
+    def sdpa(backend):
+        def fn(q, k, v):
+            group = q.shape[1] // k.shape[1]
+            ke, ve = k.repeat_interleave(group, 1), v.repeat_interleave(group, 1)
+            with sdpa_kernel(backend):
+                return F.scaled_dot_product_attention(q.expand(k.shape[0], -1, -1, -1), ke, ve)
+        return fn
+
+    return {"mmfuse": lambda q, k, v: mmfuse.cross_attention(q, k, v),
+            "sdpa flash": sdpa(SDPBackend.FLASH_ATTENTION), "sdpa efficient": sdpa(SDPBackend.EFFICIENT_ATTENTION),
+            "sdpa cudnn": sdpa(SDPBackend.CUDNN_ATTENTION), "sdpa math": sdpa(SDPBackend.MATH)}
+
+
+def cases(dtypes=("bfloat16", "float16"), modes=("fwd", "fwd+bwd"), images: int = 8) -> list[Case]:
+    """Every op x shape x mode x dtype x implementation (baselines built lazily on first use)."""
+    out = []
+    for s in MLP_SHAPES:
+        M = s.tokens * images
+        flops = sum(2 * M * k * n for k, n in zip(s.widths, s.widths[1:]))
+
+        def make(device, dtype, s=s, M=M):
+            x = torch.randn(M, s.widths[0], device=device, dtype=dtype)
+            ws = [torch.randn(n, k, device=device, dtype=dtype) / k ** 0.5 for k, n in zip(s.widths, s.widths[1:])]
+            bs = [torch.randn(n, device=device, dtype=dtype) for n in s.widths[1:]]
+            return [x, ws, bs]
+
+        # torch._addmm_activation has no derivative: a forward-only baseline.
+        out += [Case("mlp", s.name, m, d, impl, flops, make) for m in modes for d in dtypes
+                for impl in ("mmfuse", "eager", "torch.compile", "torch.compile max-autotune", "addmm_activation")
+                if not (impl == "addmm_activation" and m != "fwd")]
+    for s in PATCH_SHAPES:
+        if s.temporal != 1:
+            continue  # video: the Conv3d baselines differ; not in the suite yet
+        flops = 2 * s.tokens * images * s.dim * s.channels * s.patch * s.patch
+
+        def make(device, dtype, s=s):
+            px = torch.randn(images, s.channels, *s.image, device=device, dtype=dtype)
+            w = torch.randn(s.dim, s.channels, s.patch, s.patch, device=device, dtype=dtype) * 0.02
+            return [px, w, torch.zeros(s.dim, device=device, dtype=dtype),
+                    torch.randn(s.tokens, s.dim, device=device, dtype=dtype)]
+
+        out += [Case("patch_embed", s.name, m, d, impl, flops, make) for m in modes for d in dtypes
+                for impl in ("mmfuse", "eager", "reshape+GEMM", "torch.compile")]
+    for s in ATTENTION_SHAPES:
+        flops = 4 * images * s.heads * s.queries * s.keys * s.head_dim
+
+        def make(device, dtype, s=s):
+            q = torch.randn(1, s.heads, s.queries, s.head_dim, device=device, dtype=dtype)
+            k = torch.randn(images, s.kv_heads, s.keys, s.head_dim, device=device, dtype=dtype)
+            return [q, k, torch.randn_like(k)]
+
+        out += [Case("cross_attention", s.name, m, d, impl, flops, make) for m in modes for d in dtypes
+                for impl in ("mmfuse", "sdpa flash", "sdpa efficient", "sdpa cudnn", "sdpa math")]
+    return out
+
+
+_IMPLS = {"mlp": _mlp_impls, "patch_embed": _patch_impls, "cross_attention": _attention_impls}
+
+
+def _tensors(args):
+    for a in args:
+        if isinstance(a, (list, tuple)):
+            yield from _tensors(a)
+        elif isinstance(a, torch.Tensor):
+            yield a
+
+
+def _with_grad(args):
+    return [[t.detach().requires_grad_() for t in a] if isinstance(a, list) else a.detach().requires_grad_()
+            for a in args]
+
+
+def prepare(case: Case, device: str, impls: dict | None = None):
+    """(input sets, step): enough input sets to exceed L2, and a step(args) running one iteration."""
+    dtype = getattr(torch, case.dtype)
+    impls = impls or _IMPLS[case.op]()
+    fn = impls[case.impl]
+    first = case.make(device, dtype)
+    per_set = sum(t.numel() * t.element_size() for t in _tensors(first))
+    sets = [first] + [case.make(device, dtype) for _ in range(min(15, math.ceil(L2_BYTES / max(per_set, 1))))]
+    if case.mode == "fwd":
+        def step(args):
+            with torch.no_grad():
+                return fn(*args)
+    else:
+        sets = [_with_grad(a) for a in sets]
+
+        def step(args):
+            out = fn(*args)
+            out.backward(torch.ones_like(out))
+            return out
+    return sets, step
+
+
+def time_cuda(sets, step, warmup: int = 5, reps: int = 50) -> float:
+    """Median milliseconds of ``step`` over ``reps`` runs, cycling through ``sets``."""
+    for i in range(warmup):
+        step(sets[i % len(sets)])
+    torch.cuda.synchronize()
+    times = []
+    for i in range(reps):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        step(sets[i % len(sets)])
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end))
+    return statistics.median(times)
+
+
+def ceilings(timer=time_cuda, device: str = "cuda", n: int = 8192, copy_bytes: int = 2**28) -> dict:
+    """Measured roofline in this run: a big bf16 GEMM (TFLOP/s) and a big copy (GB/s)."""
+    a = torch.randn(n, n, device=device, dtype=torch.bfloat16)
+    ms = timer([[a, a]], lambda args: args[0] @ args[1])
+    src = torch.empty(copy_bytes, device=device, dtype=torch.uint8)
+    dst = torch.empty_like(src)
+    ms_copy = timer([[src, dst]], lambda args: args[1].copy_(args[0]))
+    return {"tflops": 2 * n ** 3 / ms / 1e9, "gbps": 2 * src.numel() / ms_copy / 1e6}
+
+
+def run_suite(selected: list[Case], timer=time_cuda, device: str = "cuda", progress=print,
+              roof: dict | None = None) -> list[dict]:
+    """Time each case; one result row per case (an implementation that fails gets its error).
+    ``roof``: the ceilings to report against (measured in this run by default)."""
+    roof = roof or ceilings(timer, device)
+    rows = []
+    impl_cache = {}
+    for i, case in enumerate(selected, 1):
+        progress(f"[{i}/{len(selected)}] {case.name}")
+        row = {"case": case.name, "op": case.op, "shape": case.shape, "mode": case.mode, "dtype": case.dtype,
+               "impl": case.impl}
+        try:
+            impls = impl_cache.setdefault(case.op, _IMPLS[case.op]())
+            sets, step = prepare(case, device, impls)
+            ms = timer(sets, step)
+            flops = case.flops * (3 if case.mode == "fwd+bwd" else 1)
+            row.update(ms=ms, tflops=flops / ms / 1e9, roofline_fraction=flops / ms / 1e9 / roof["tflops"])
+        except Exception as e:  # a baseline may be unavailable on this GPU (cuDNN, flash for a head dim)
+            row.update(error=f"{type(e).__name__}: {e}"[:200])
+        rows.append(row)
+    for row in rows:  # speedup of mmfuse against each baseline of the same case
+        ref = next((r for r in rows if r.get("ms") and r["impl"] == "mmfuse" and r["case"].rsplit("/", 1)[0] ==
+                    row["case"].rsplit("/", 1)[0]), None)
+        if ref and row.get("ms"):
+            row["mmfuse_speedup"] = row["ms"] / ref["ms"]
+    return [{"ceilings": roof}] + rows
+
+
+def write_results(rows: list[dict], out_dir: str, gpu: str, date: str | None = None) -> dict[str, str]:
+    """<gpu>-<date>.json / .csv / .md (and .png per op when matplotlib is installed)."""
+    date = date or datetime.date.today().isoformat()
+    os.makedirs(out_dir, exist_ok=True)
+    stem = os.path.join(out_dir, f"{gpu.replace(' ', '_')}-{date}")
+    paths = {"json": stem + ".json", "csv": stem + ".csv", "md": stem + ".md"}
+    with open(paths["json"], "w") as f:
+        json.dump({"gpu": gpu, "date": date, "rows": rows}, f, indent=1)
+    data = [r for r in rows if "case" in r]
+    fields = ["case", "op", "shape", "mode", "dtype", "impl", "ms", "tflops", "roofline_fraction", "mmfuse_speedup",
+              "error"]
+    with open(paths["csv"], "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=fields)
+        w.writeheader()
+        for r in data:
+            w.writerow({k: r.get(k, "") for k in fields})
+    lines = [f"# mmfuse benchmark, {gpu}, {date} (measured)", "",
+             "| case | ms | TFLOP/s | of roofline | baseline ms / mmfuse ms |", "| --- | --- | --- | --- | --- |"]
+    for r in data:
+        if "ms" in r:
+            lines.append(f"| {r['case']} | {r['ms']:.4f} | {r['tflops']:.1f} | {r['roofline_fraction']:.0%} | "
+                         f"{r.get('mmfuse_speedup', float('nan')):.2f} |")
+        else:
+            lines.append(f"| {r['case']} | failed: {r['error']} | | | |")
+    with open(paths["md"], "w") as f:
+        f.write("\n".join(lines) + "\n")
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return paths
+    for op in sorted({r["op"] for r in data}):
+        pts = [r for r in data if r["op"] == op and r.get("mmfuse_speedup") and r["impl"] != "mmfuse"]
+        if not pts:
+            continue
+        fig, ax = plt.subplots(figsize=(10, 4))
+        ax.barh([r["case"].split("/", 1)[1] for r in pts], [r["mmfuse_speedup"] for r in pts])
+        ax.axvline(1.0, color="k", lw=0.8)
+        ax.set_xlabel("speedup of mmfuse (baseline time / mmfuse time)")
+        fig.tight_layout()
+        paths[f"png:{op}"] = f"{stem}-{op}.png"
+        fig.savefig(paths[f"png:{op}"])
+        plt.close(fig)
+    return paths

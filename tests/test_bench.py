@@ -1,0 +1,94 @@
+"""The benchmark suite's logic on CPU: the case table, the runner with the timer mocked, the results
+files, and `mmfuse bench` without a GPU (which writes the exact report instead)."""
+
+import csv
+import json
+
+import pytest
+import torch
+
+from mmfuse import cli
+from mmfuse.bench import shapes, suite
+
+
+def test_every_op_shape_mode_dtype_and_baseline_is_a_case():
+    all_cases = suite.cases()
+    names = [c.name for c in all_cases]
+    assert len(names) == len(set(names))
+    images = [s for s in shapes.PATCH_SHAPES if s.temporal == 1]
+    # 2 dtypes; MLP: 5 implementations forward, 4 forward+backward (_addmm_activation has no derivative).
+    expected = 2 * ((5 + 4) * len(shapes.MLP_SHAPES) + 2 * 4 * len(images) + 2 * 5 * len(shapes.ATTENTION_SHAPES))
+    assert len(all_cases) == expected
+    assert {c.impl for c in all_cases if c.op == "cross_attention"} == {
+        "mmfuse", "sdpa flash", "sdpa efficient", "sdpa cudnn", "sdpa math"}
+    assert {c.impl for c in all_cases if c.op == "mlp"} >= {"eager", "torch.compile", "addmm_activation"}
+    # FLOPs of the LLaVA-1.5-7B projector at 8 images: 2*M*(1024*4096 + 4096*4096).
+    llava = next(c for c in all_cases if c.shape == "llava-1.5-7b")
+    assert llava.flops == 2 * 4608 * (1024 * 4096 + 4096 * 4096)
+
+
+def _tiny_cases():
+    def make_mlp(device, dtype):
+        return [torch.randn(5, 8, dtype=dtype), [torch.randn(16, 8, dtype=dtype), torch.randn(4, 16, dtype=dtype)],
+                [torch.randn(16, dtype=dtype), torch.randn(4, dtype=dtype)]]
+
+    def make_attn(device, dtype):
+        return [torch.randn(1, 2, 3, 8, dtype=dtype), torch.randn(2, 1, 5, 8, dtype=dtype),
+                torch.randn(2, 1, 5, 8, dtype=dtype)]
+
+    return [suite.Case("mlp", "tiny", mode, "float32", impl, 1e6, make_mlp)
+            for mode in ("fwd", "fwd+bwd") for impl in ("mmfuse", "eager")] + [
+        suite.Case("mlp", "tiny", "fwd", "float32", "addmm_activation", 1e6, make_mlp)] + [
+        suite.Case("cross_attention", "tiny", "fwd", "float32", impl, 1e6, make_attn)
+        for impl in ("mmfuse", "sdpa math")]
+
+
+class FakeTimer:
+    """Runs each step once (the code path is real), returns made-up but fixed milliseconds."""
+
+    def __init__(self):
+        self.calls = 0
+
+    def __call__(self, sets, step):
+        step(sets[0])
+        self.calls += 1
+        return 2.0 if self.calls % 2 else 1.0
+
+
+def test_runner_with_a_mocked_timer_and_results_files(tmp_path):
+    roof = suite.ceilings(FakeTimer(), "cpu", n=64, copy_bytes=1024)  # 2*64^3 flops in 2 ms; 2 KB in 1 ms
+    assert roof == {"tflops": pytest.approx(2 * 64**3 / 2.0 / 1e9), "gbps": pytest.approx(2 * 1024 / 1.0 / 1e6)}
+    rows = suite.run_suite(_tiny_cases(), timer=FakeTimer(), device="cpu", progress=lambda msg: None, roof=roof)
+    assert rows[0]["ceilings"] == roof
+    data = rows[1:]
+    assert len(data) == 7 and all("ms" in r for r in data), [r.get("error") for r in data]
+    for r in data:
+        assert r["tflops"] == pytest.approx(1e6 * (3 if r["mode"] == "fwd+bwd" else 1) / r["ms"] / 1e9)
+        assert "mmfuse_speedup" in r
+    paths = suite.write_results(rows, str(tmp_path), "Fake GPU", date="2026-11-24")
+    saved = json.loads(open(paths["json"]).read())
+    assert saved["gpu"] == "Fake GPU" and len(saved["rows"]) == 8
+    with open(paths["csv"]) as f:
+        assert len(list(csv.DictReader(f))) == 7
+    assert "(measured)" in open(paths["md"]).read()
+    assert paths["json"].endswith("Fake_GPU-2026-11-24.json")
+
+
+def test_a_failing_baseline_is_reported_not_fatal():
+    bad = suite.Case("mlp", "tiny", "fwd", "float32", "nonesuch", 1.0, _tiny_cases()[0].make)
+    rows = suite.run_suite([bad], timer=FakeTimer(), device="cpu", progress=lambda msg: None,
+                           roof={"tflops": 1.0, "gbps": 1.0})
+    assert "KeyError" in rows[1]["error"]
+
+
+@pytest.mark.xdist_group("aot")  # the report reuses the compile results of tests/test_aot.py
+def test_mmfuse_bench_without_a_gpu_writes_the_report(tmp_path, capsys):
+    assert cli._bench(str(tmp_path), cuda=False) == 0
+    out = capsys.readouterr().out
+    assert "no CUDA GPU" in out
+    (report,) = tmp_path.glob("no-gpu-*-report.md")
+    assert "# mmfuse report" in report.read_text()
+
+
+def test_mmfuse_bench_unknown_op_exit_code(tmp_path):
+    assert cli._bench(str(tmp_path), ops=["nonesuch"], timer=FakeTimer(), cuda=True) == 2
