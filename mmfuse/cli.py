@@ -34,6 +34,8 @@ def main(argv=None) -> int:
     p_bench = sub.add_parser("bench", help="time every op against every baseline on this GPU (report without one)")
     p_bench.add_argument("--out-dir", default=os.path.join("bench", "results"), help="where results are written")
     p_bench.add_argument("--op", nargs="*", default=None, help="only these ops (mlp patch_embed cross_attention)")
+    p_bench.add_argument("--readme", default=None,
+                         help="then rewrite this README's results section from the latest results file")
     p_report = sub.add_parser("report", help="exact figures without a GPU: compiled configs, grids, waves")
     p_report.add_argument("--out", default=None, help="write the markdown here instead of stdout")
     args = parser.parse_args(argv)
@@ -45,7 +47,13 @@ def main(argv=None) -> int:
 
         return verify.main(args.device, args.op)
     if args.command == "bench":
-        return _bench(args.out_dir, args.op)
+        rc = _bench(args.out_dir, args.op)
+        if args.readme:
+            from mmfuse.bench import readme
+
+            readme.rewrite(args.readme, args.out_dir)
+            print(f"mmfuse bench: results section of {args.readme} regenerated")
+        return rc
     if args.command == "report":
         from mmfuse import report
 

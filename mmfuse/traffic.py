@@ -65,6 +65,56 @@ def linear_traffic(M: int, K: int, N: int, tile: tuple[int, int], elem: int, *, 
     return out
 
 
+def patch_embed_fwd_traffic(B: int, C: int, H: int, W: int, P: int, D: int, tile: tuple[int, int, int], elem: int,
+                            *, T: int = 1, F: int = 1, bias: bool = True, pos_batched: bool | None = False
+                            ) -> dict[str, Traffic]:
+    """Per operand ("pixels", "weight" = the packed weight, "bias", "pos", "out") of one
+    ``patch_embed_fwd_kernel`` launch: each program gathers BLOCK_M patches (rows past M wrap) over
+    the whole reduction, of which only the P real pixels of each RUN = next_pow2(P) run are loaded,
+    and BLOCK_N packed weight rows over K rounded up to BLOCK_K (unmasked; columns past D wrap).
+    ``pos_batched``: None = no pos_embed, False = one (N, D) table broadcast over the batch."""
+    bm, bn, bk = tile
+    run = 1 << (P - 1).bit_length()
+    tokens = (F // T) * (H // P) * (W // P)
+    M, pixels_per_patch = B * tokens, C * T * P * P
+    k_loop = _cdiv(C * T * P * run, bk) * bk
+    pm, pn = _cdiv(M, bm), _cdiv(D, bn)
+    t = {
+        "pixels": Traffic(loaded=pm * pn * bm * pixels_per_patch * elem,
+                          unique=min(M, pm * bm) * pixels_per_patch * elem),
+        "weight": Traffic(loaded=pm * pn * bn * k_loop * elem, unique=min(D, pn * bn) * k_loop * elem),
+        "out": Traffic(stored=M * D * elem),
+    }
+    if bias:
+        t["bias"] = Traffic(loaded=pm * D * elem, unique=D * elem)
+    if pos_batched is not None:
+        t["pos"] = Traffic(loaded=M * D * elem, unique=(M if pos_batched else tokens) * D * elem)
+    return t
+
+
+def attention_fwd_traffic(B: int, Bq: int, Hq: int, Hkv: int, Lq: int, Lk: int, D: int, blocks: tuple[int, int],
+                          splits: int, elem: int, acc_elem: int = 4) -> dict[str, Traffic]:
+    """Per tensor of ``attention_fwd`` without kv_lens / key_mask: ``attn_fwd_kernel`` (grid: query
+    blocks x B*Hq x splits; each program loads its query block and every key and value of its chunk)
+    and, with more than one split, ``attn_combine_kernel`` (reads the fp32 partials, the partial
+    log-sum-exps twice, writes o and lse). "o_partial" / "lse_partial": the split buffers."""
+    bm, bn = blocks
+    key_blocks = max(1, _cdiv(Lk, bn))
+    chunk = _cdiv(key_blocks, max(1, min(splits, key_blocks))) * bn
+    splits = _cdiv(max(Lk, 1), chunk)
+    qm = _cdiv(Lq, bm)
+    rows = B * Hq * Lq
+    kv = Traffic(loaded=qm * B * Hq * Lk * D * elem, unique=B * Hkv * Lk * D * elem)
+    t = {"q": Traffic(loaded=splits * rows * D * elem, unique=Bq * Hq * Lq * D * elem), "k": kv, "v": kv,
+         "o": Traffic(stored=rows * D * elem), "lse": Traffic(stored=rows * acc_elem)}
+    if splits > 1:
+        t["o_partial"] = Traffic(loaded=splits * rows * D * acc_elem, unique=splits * rows * D * acc_elem,
+                                 stored=splits * rows * D * acc_elem)
+        t["lse_partial"] = Traffic(loaded=2 * splits * rows * acc_elem, unique=splits * rows * acc_elem,
+                                   stored=splits * rows * acc_elem)
+    return t
+
+
 class _Recorder:
     def __init__(self):
         self.loads: list = []   # (addresses, itemsize)
@@ -129,7 +179,9 @@ def mlp_traffic(M: int, widths, tile: tuple[int, int], elem: int) -> dict[str, d
     """``mmfuse.mlp`` in training (biases on, GELU between layers), forward and backward, against
     eager PyTorch (addmm with bias, GELU, autograd), each as {"hbm": bytes, "l2": bytes, "launches": n}.
     mmfuse's HBM is the sum of each launch's distinct bytes (re-reads assumed to hit L2); eager's
-    kernels are counted the same way: every input read once, every output written once."""
+    kernels are counted the same way: every input read once, every output written once.
+    ``eager_elementwise_hbm``: the part of eager's bytes moved by its kernels without a GEMM (GELU,
+    GELU', the bias-gradient reduction), which run at bandwidth and cannot hide behind a GEMM."""
     layers = list(zip(widths[:-1], widths[1:]))
     n = len(layers)
 
@@ -147,14 +199,18 @@ def mlp_traffic(M: int, widths, tile: tuple[int, int], elem: int) -> dict[str, d
     eager_fwd = sum((M * k + nn_ * k + nn_ + M * nn_) * e + (2 * M * nn_ * e if i < n - 1 else 0)
                     for i, (k, nn_) in enumerate(layers))
     eager_bwd = 0
+    elementwise = sum(2 * M * nn_ * e for i, (k, nn_) in enumerate(layers) if i < n - 1)  # GELU: read h, write a
     for i, (k, nn_) in enumerate(layers):
         eager_bwd += (M * nn_ + nn_ * k + M * k) * e        # dX = dY W
         eager_bwd += (M * nn_ + M * k + nn_ * k) * e        # dW = dY^T X
         eager_bwd += (M * nn_ + nn_) * e                    # db = sum dY
+        elementwise += (M * nn_ + nn_) * e
         if i > 0:
             eager_bwd += 3 * M * k * e                      # GELU': read dA and h, write dH
+            elementwise += 3 * M * k * e
     total = lambda ts: {"hbm": sum(t.unique + t.stored for t in ts), "l2": sum(t.loaded + t.stored for t in ts),  # noqa: E731
                         "launches": len(ts)}
     return {"fwd": total(fwd), "bwd": total(bwd),
             "eager_fwd": {"hbm": eager_fwd, "launches": 2 * n - 1},
-            "eager_bwd": {"hbm": eager_bwd, "launches": 3 * n + (n - 1)}}
+            "eager_bwd": {"hbm": eager_bwd, "launches": 3 * n + (n - 1)},
+            "eager_elementwise_hbm": elementwise}  # of eager's fwd+bwd bytes, those of its GEMM-free kernels

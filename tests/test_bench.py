@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from mmfuse import cli
-from mmfuse.bench import shapes, suite
+from mmfuse.bench import readme, shapes, suite
 
 
 def test_every_op_shape_mode_dtype_and_baseline_is_a_case():
@@ -92,3 +92,41 @@ def test_mmfuse_bench_without_a_gpu_writes_the_report(tmp_path, capsys):
 
 def test_mmfuse_bench_unknown_op_exit_code(tmp_path):
     assert cli._bench(str(tmp_path), ops=["nonesuch"], timer=FakeTimer(), cuda=True) == 2
+
+
+def _readme(tmp_path):
+    path = tmp_path / "README.md"
+    path.write_text("# x\n## Results\n<!-- results:start -->\nold\n<!-- results:end -->\n## After\nkept\n")
+    return path
+
+
+def test_readme_section_says_modelled_without_timings(tmp_path):
+    results = tmp_path / "results"
+    results.mkdir()
+    (results / "no-gpu-2026-11-23-report.md").write_text("# mmfuse report\n")
+    (results / "no-gpu-2026-11-24-report.md").write_text("# mmfuse report\n")
+    path = _readme(tmp_path)
+    assert readme.rewrite(str(path), str(results))
+    text = path.read_text()
+    assert "no measured timings" in text and "no-gpu-2026-11-24-report.md" in text and "old" not in text
+    assert text.endswith("<!-- results:end -->\n## After\nkept\n")
+    assert not readme.rewrite(str(path), str(results))  # idempotent
+
+
+def test_readme_section_from_a_measured_file(tmp_path):
+    rows = suite.run_suite(_tiny_cases()[:2], timer=FakeTimer(), device="cpu", progress=lambda m: None,
+                           roof={"tflops": 700.0, "gbps": 2900.0})
+    suite.write_results(rows, str(tmp_path / "results"), "Fake GPU", date="2026-11-24")
+    path = _readme(tmp_path)
+    readme.rewrite(str(path), str(tmp_path / "results"))
+    text = path.read_text()
+    # FakeTimer: mmfuse 2.0 ms, eager 1.0 ms -> eager is the fastest baseline, mmfuse 0.5x.
+    assert "Measured on **Fake GPU**, 2026-11-24" in text and "700 TFLOP/s" in text
+    assert "| mlp/tiny/fwd/float32 | 2.0000 | eager | 1.0000 | 0.50x |" in text
+
+
+def test_readme_without_markers_is_an_error(tmp_path):
+    path = tmp_path / "README.md"
+    path.write_text("# x\n")
+    with pytest.raises(ValueError, match="markers"):
+        readme.rewrite(str(path), str(tmp_path))

@@ -20,3 +20,9 @@ def test_report_is_deterministic_and_complete(tmp_path):
     assert "| idefics2-resampler | 1 | 16 (12%) |" in text
     out = tmp_path / "report.md"
     assert report.main(str(out)) == 0 and out.read_text() == text
+
+
+def test_roofline_time_takes_the_binding_limit_plus_launches():
+    # 800 TFLOP/s, 3.0 TB/s, 3 µs a launch: 8e9 FLOPs = 10 µs; 6e6 B = 2 µs -> compute-bound.
+    assert report.roofline_us(8e9, 6e6, 2) == pytest.approx(10 + 2 * 3)
+    assert report.roofline_us(8e6, 6e8, 1) == pytest.approx(200 + 3)  # bandwidth-bound

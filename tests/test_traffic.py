@@ -73,3 +73,43 @@ def test_mlp_traffic_matches_the_hand_counts_in_notes():
     assert round(t["fwd"]["hbm"] / 1e6, 1) == 62.0 and round(t["bwd"]["hbm"] / 1e6, 1) == 119.3
     assert round(t["eager_fwd"]["hbm"] / 1e6, 1) == 66.7
     assert (t["fwd"]["launches"], t["bwd"]["launches"], t["eager_bwd"]["launches"]) == (2, 4, 7)
+    # eager's GEMM-free kernels: GELU (2MN), two bias-gradient sums (MN + N each), GELU' of layer 1 (3MN).
+    assert t["eager_elementwise_hbm"] == 2 * (2 * M * N + 2 * (M * N + N) + 3 * M * N)
+
+
+@pytest.mark.parametrize("B,C,H,W,P,D", [(2, 3, 28, 42, 14, 40), (1, 2, 16, 16, 8, 33), (1, 3, 10, 15, 5, 20)])
+def test_patch_embed_forward_traffic_matches_an_interpreted_run(B, C, H, W, P, D):
+    from mmfuse.kernels import patch_embed as KP
+    from mmfuse.traffic import patch_embed_fwd_traffic
+
+    px = torch.randn(B, C, 1, H, W)
+    w = torch.randn(D, C, 1, P, P)
+    b, pos = torch.randn(D), torch.randn(1, (H // P) * (W // P), D)
+    packed = KP.pack_weight(w)
+    _, got = measure(lambda: KP.patch_embed_fwd(px, w, b, pos.expand(B, -1, -1), packed=packed),
+                     {"pixels": px, "weight": packed[0], "bias": b, "pos": pos, "out": lambda out: out})
+    want = patch_embed_fwd_traffic(B, C, H, W, P, D, KP.INTERPRETER_TILE[:3], 4, bias=True, pos_batched=False)
+    assert got == want, (got, want)
+
+
+@pytest.mark.parametrize("B,Bq,Hq,Hkv,Lq,Lk,D,splits", [(2, 1, 4, 2, 20, 70, 24, 1), (2, 2, 2, 1, 16, 97, 16, 3)])
+def test_attention_forward_traffic_matches_an_interpreted_run(B, Bq, Hq, Hkv, Lq, Lk, D, splits, monkeypatch):
+    from mmfuse.kernels import cross_attention as KA
+    from mmfuse.traffic import attention_fwd_traffic
+
+    allocated = []  # o, lse, then (with splits) the partial o and lse buffers, in the launcher's order
+
+    def recording_empty(*args, **kw):
+        allocated.append(torch.empty(*args, **kw))
+        return allocated[-1]
+
+    monkeypatch.setattr(KA, "empty", recording_empty)
+    q = torch.randn(Bq, Hq, Lq, D)
+    k, v = torch.randn(B, Hkv, Lk, D), torch.randn(B, Hkv, Lk, D)
+    named = {"q": q, "k": k, "v": v, "o": lambda r: r[0], "lse": lambda r: r[1]}
+    if splits > 1:
+        named.update(o_partial=lambda r: allocated[2], lse_partial=lambda r: allocated[3])
+    _, got = measure(lambda: KA.attention_fwd(q, k, v, None, None, D ** -0.5, splits=splits), named)
+    blocks = (KA.INTERPRETER_BLOCKS["BLOCK_M"], KA.INTERPRETER_BLOCKS["BLOCK_N"])
+    want = attention_fwd_traffic(B, Bq, Hq, Hkv, Lq, Lk, D, blocks, splits, 4)
+    assert got == want, (got, want)
