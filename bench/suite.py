@@ -204,6 +204,15 @@ def ceilings(timer=time_cuda, device: str = "cuda", n: int = 8192, copy_bytes: i
     return {"tflops": 2 * n ** 3 / ms / 1e9, "gbps": 2 * src.numel() / ms_copy / 1e6}
 
 
+def min_bytes(args, mode: str) -> int:
+    """The least HBM traffic of one step, for GB/s: every input read once and an output of the first
+    input's rows written once (forward); forward+backward counts that three times (the forward, the
+    backward reading the same operands and the upstream gradient, writing the input gradients).
+    A floor, not any implementation's real traffic (``mmfuse report`` models that)."""
+    inputs = sum(t.numel() * t.element_size() for t in _tensors(args))
+    return inputs * (3 if mode == "fwd+bwd" else 1)
+
+
 def run_suite(selected: list[Case], timer=time_cuda, device: str = "cuda", progress=print,
               roof: dict | None = None) -> list[dict]:
     """Time each case; one result row per case (an implementation that fails gets its error).
@@ -220,7 +229,9 @@ def run_suite(selected: list[Case], timer=time_cuda, device: str = "cuda", progr
             sets, step = prepare(case, device, impls)
             ms = timer(sets, step)
             flops = case.flops * (3 if case.mode == "fwd+bwd" else 1)
-            row.update(ms=ms, tflops=flops / ms / 1e9, roofline_fraction=flops / ms / 1e9 / roof["tflops"])
+            moved = min_bytes(sets[0], case.mode)
+            row.update(ms=ms, tflops=flops / ms / 1e9, gbps=moved / ms / 1e6, min_bytes=moved,
+                       roofline_fraction=max(flops / ms / 1e9 / roof["tflops"], moved / ms / 1e6 / roof["gbps"]))
         except Exception as e:  # a baseline may be unavailable on this GPU (cuDNN, flash for a head dim)
             row.update(error=f"{type(e).__name__}: {e}"[:200])
         rows.append(row)
@@ -241,7 +252,8 @@ def write_results(rows: list[dict], out_dir: str, gpu: str, date: str | None = N
     with open(paths["json"], "w") as f:
         json.dump({"gpu": gpu, "date": date, "rows": rows}, f, indent=1)
     data = [r for r in rows if "case" in r]
-    fields = ["case", "op", "shape", "mode", "dtype", "impl", "ms", "tflops", "roofline_fraction", "mmfuse_speedup",
+    fields = ["case", "op", "shape", "mode", "dtype", "impl", "ms", "tflops", "gbps", "min_bytes", "roofline_fraction",
+              "mmfuse_speedup",
               "error"]
     with open(paths["csv"], "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=fields)
@@ -249,13 +261,15 @@ def write_results(rows: list[dict], out_dir: str, gpu: str, date: str | None = N
         for r in data:
             w.writerow({k: r.get(k, "") for k in fields})
     lines = [f"# mmfuse benchmark, {gpu}, {date} (measured)", "",
-             "| case | ms | TFLOP/s | of roofline | baseline ms / mmfuse ms |", "| --- | --- | --- | --- | --- |"]
+             "| case | ms | TFLOP/s | GB/s (floor bytes) | of roofline | baseline ms / mmfuse ms |",
+             "| --- | --- | --- | --- | --- | --- |"]
     for r in data:
         if "ms" in r:
-            lines.append(f"| {r['case']} | {r['ms']:.4f} | {r['tflops']:.1f} | {r['roofline_fraction']:.0%} | "
+            lines.append(f"| {r['case']} | {r['ms']:.4f} | {r['tflops']:.1f} | {r['gbps']:.0f} | "
+                         f"{r['roofline_fraction']:.0%} | "
                          f"{r.get('mmfuse_speedup', float('nan')):.2f} |")
         else:
-            lines.append(f"| {r['case']} | failed: {r['error']} | | | |")
+            lines.append(f"| {r['case']} | failed: {r['error']} | | | | |")
     with open(paths["md"], "w") as f:
         f.write("\n".join(lines) + "\n")
     try:

@@ -64,6 +64,10 @@ def test_runner_with_a_mocked_timer_and_results_files(tmp_path):
     assert len(data) == 7 and all("ms" in r for r in data), [r.get("error") for r in data]
     for r in data:
         assert r["tflops"] == pytest.approx(1e6 * (3 if r["mode"] == "fwd+bwd" else 1) / r["ms"] / 1e9)
+        # The floor bytes of the tiny MLP: x (5x8) + W (16x8, 4x16) + b (16, 4) fp32 = 1008 B forward.
+        if r["op"] == "mlp":
+            assert r["min_bytes"] == 4 * (40 + 128 + 64 + 16 + 4) * (3 if r["mode"] == "fwd+bwd" else 1)
+            assert r["gbps"] == pytest.approx(r["min_bytes"] / r["ms"] / 1e6)
         assert "mmfuse_speedup" in r
     paths = suite.write_results(rows, str(tmp_path), "Fake GPU", date="2026-11-24")
     saved = json.loads(open(paths["json"]).read())
