@@ -14,6 +14,7 @@ in a subprocess without it (``python -m mmfuse._aot``) and reads back the figure
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import json
@@ -177,33 +178,70 @@ def _compile_index(job):
     return i, arch, {f: getattr(r, f) for f in _FIELDS}
 
 
-def _compile_jobs(jobs: int):
+def _compile_jobs(jobs: int, progress=None):
     specs = all_specs()
     todo = [(i, arch) for i in range(len(specs)) for arch in sorted(ARCHS)]
+    done = []
+    t0 = time.perf_counter()
+
+    def collect(results):
+        for row in results:
+            done.append(row)
+            if progress and (len(done) % 16 == 0 or len(done) == len(todo)):
+                progress(f"compiled {len(done)}/{len(todo)} kernel configs for sm_80/sm_90 "
+                         f"({time.perf_counter() - t0:.0f} s)")
+        return done
+
     if jobs > 1:
         import multiprocessing as mp
 
         with mp.get_context("fork").Pool(jobs) as pool:
-            return pool.map(_compile_index, todo, chunksize=1)
-    return [_compile_index(job) for job in todo]
+            return collect(pool.imap(_compile_index, todo, chunksize=1))
+    return collect(_compile_index(job) for job in todo)
 
 
-@functools.lru_cache(maxsize=None)
-def compile_all(jobs: int = 2) -> dict[tuple[str, int], CompileReport]:
-    """Every spec of ``all_specs()`` for every arch: {(label, arch): CompileReport}."""
+@contextlib.contextmanager
+def _one_compiler_at_a_time():
+    """Serialise batch compiles across processes on this machine. Two test workers (or a test run and
+    ``mmfuse report``) would otherwise compile the same configs side by side on the same cores; the
+    second one to get the lock finds Triton's on-disk cache warm and takes seconds. (pytest-xdist's
+    ``--dist loadgroup`` would keep the compile tests on one worker, but xdist 3.8 cannot rename node
+    ids under pytest 9.2, so groups are silently ignored there.)"""
+    import fcntl
+
+    path = os.path.join(tempfile.gettempdir(), f"mmfuse-aot-{os.getuid()}.lock")
+    with open(path, "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+
+
+_COMPILED: dict[int, dict] = {}
+
+
+def compile_all(jobs: int = 2, progress=None) -> dict[tuple[str, int], CompileReport]:
+    """Every spec of ``all_specs()`` for every arch: {(label, arch): CompileReport}, computed once per
+    process. ``progress``: called with a line of text now and then while compiling in this process."""
     from mmfuse._dispatch import INTERPRET
 
+    if jobs in _COMPILED:
+        return _COMPILED[jobs]
     specs = all_specs()
-    if INTERPRET:
-        env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-        proc = subprocess.run([sys.executable, "-m", "mmfuse._aot", "--jobs", str(jobs)], env=env,
-                              capture_output=True, text=True)
-        if proc.returncode != 0:
-            raise RuntimeError(f"AOT compile subprocess failed:\n{proc.stderr[-4000:]}")
-        rows = json.loads(proc.stdout)
-    else:
-        rows = _compile_jobs(jobs)
-    return {(specs[i].label, arch): CompileReport(spec=specs[i], arch=arch, **fields) for i, arch, fields in rows}
+    with _one_compiler_at_a_time():
+        if INTERPRET:
+            env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+            proc = subprocess.run([sys.executable, "-m", "mmfuse._aot", "--jobs", str(jobs)], env=env,
+                                  capture_output=True, text=True)
+            if proc.returncode != 0:
+                raise RuntimeError(f"AOT compile subprocess failed:\n{proc.stderr[-4000:]}")
+            rows = json.loads(proc.stdout)
+        else:
+            rows = _compile_jobs(jobs, progress)
+    _COMPILED[jobs] = {(specs[i].label, arch): CompileReport(spec=specs[i], arch=arch, **fields)
+                       for i, arch, fields in rows}
+    return _COMPILED[jobs]
 
 
 if __name__ == "__main__":

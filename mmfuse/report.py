@@ -193,12 +193,13 @@ def attention_traffic_section() -> list[str]:
     return lines
 
 
-def render(reports=None) -> str:
-    """The whole report as markdown (``reports``: ``mmfuse._aot.compile_all()`` by default)."""
+def render(reports=None, progress=None) -> str:
+    """The whole report as markdown (``reports``: ``mmfuse._aot.compile_all()`` by default;
+    ``progress`` gets a line now and then while that compiles)."""
     if reports is None:
         from mmfuse._aot import compile_all
 
-        reports = compile_all()
+        reports = compile_all(progress=progress)
     head = ["# mmfuse report: exact figures without a GPU", "",
             "Computed, not timed: compile figures from Triton's AOT compiler for sm_80 / sm_90, launch grids "
             "from the launchers' own tile and split rules on an H100's 132 SMs.", ""]
@@ -207,7 +208,8 @@ def render(reports=None) -> str:
 
 
 def main(out: str | None = None) -> int:
-    text = render()
+    # Progress goes to stderr: stdout may be the report itself.
+    text = render(progress=lambda line: print(f"mmfuse report: {line}", file=sys.stderr, flush=True))
     if out:
         with open(out, "w") as f:
             f.write(text)

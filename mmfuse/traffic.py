@@ -92,6 +92,42 @@ def patch_embed_fwd_traffic(B: int, C: int, H: int, W: int, P: int, D: int, tile
     return t
 
 
+def patch_embed_bwd_traffic(B: int, C: int, H: int, W: int, P: int, D: int, tiles: dict, elem: int, *,
+                            T: int = 1, F: int = 1, bias: bool = True, pos: bool = True
+                            ) -> dict[str, dict[str, Traffic]]:
+    """Per launch of the patch-embedding backward (every input requiring grad, pos_embed one (N, D)
+    table broadcast over the batch), per tensor:
+
+    * "dx" (``patch_embed_dx_kernel``, tile ``tiles["dx"]`` = (BLOCK_M, BLOCK_N, BLOCK_K)): BLOCK_M
+      rows of dOut over all of D (rows past M wrap) and BLOCK_N columns of the packed weight (run
+      order, no mask: columns up to the tile edge, inside the 128-column padding); stores every
+      pixel's gradient once (the run padding j >= P is not stored).
+    * "dw" (``patch_embed_dw_kernel``, ``tiles["dw"]``): BLOCK_M of D (wrapping) x every token of
+      dOut^T, and every token's patch at BLOCK_N of the exact C*T*P*P columns (wrapping); stores dW
+      and, from the programs of the first column block, db.
+    * "batch_sum" (``batch_sum_kernel``): reads dOut once, writes dpos (N, D)."""
+    run = 1 << (P - 1).bit_length()
+    tokens = (F // T) * (H // P) * (W // P)
+    M, K, k_runs = B * tokens, C * T * P * P, C * T * P * run
+    bm, bn, _ = tiles["dx"]
+    pm, pn = _cdiv(M, bm), _cdiv(k_runs, bn)
+    dx = {"dout": Traffic(loaded=pm * pn * bm * D * elem, unique=M * D * elem),
+          "weight": Traffic(loaded=pm * pn * D * bn * elem, unique=D * pn * bn * elem),
+          "pixels_grad": Traffic(stored=M * K * elem)}
+    bm, bn, _ = tiles["dw"]
+    pm, pn = _cdiv(D, bm), _cdiv(K, bn)
+    dw = {"dout": Traffic(loaded=pm * pn * bm * M * elem, unique=D * M * elem),
+          "pixels": Traffic(loaded=pm * pn * M * bn * elem, unique=M * K * elem),
+          "weight_grad": Traffic(stored=D * K * elem)}
+    if bias:
+        dw["bias_grad"] = Traffic(stored=D * elem)
+    out = {"dx": dx, "dw": dw}
+    if pos:
+        out["batch_sum"] = {"dout": Traffic(loaded=M * D * elem, unique=M * D * elem),
+                            "pos_grad": Traffic(stored=tokens * D * elem)}
+    return out
+
+
 def attention_fwd_traffic(B: int, Bq: int, Hq: int, Hkv: int, Lq: int, Lk: int, D: int, blocks: tuple[int, int],
                           splits: int, elem: int, acc_elem: int = 4) -> dict[str, Traffic]:
     """Per tensor of ``attention_fwd`` without kv_lens / key_mask: ``attn_fwd_kernel`` (grid: query
@@ -115,9 +151,39 @@ def attention_fwd_traffic(B: int, Bq: int, Hq: int, Hkv: int, Lq: int, Lk: int, 
     return t
 
 
+def attention_bwd_traffic(B: int, Bq: int, Hq: int, Hkv: int, Lq: int, Lk: int, D: int, blocks: tuple[int, int],
+                          elem: int, acc_elem: int = 4) -> dict[str, dict[str, Traffic]]:
+    """Per launch of ``attention_bwd`` (dq, dk and dv all needed, no kv_lens / key_mask), per tensor:
+
+    * "delta" (``attn_delta_kernel``): reads o and dO once, writes delta (fp32 per row).
+    * "dkdv" (``attn_bwd_dkdv_kernel``, one program per key block x batch x kv head): loads its K and
+      V block once, then for each of the GROUP query heads every query block of q, dO, lse and delta;
+      stores dK, dV.
+    * "dq" (``attn_bwd_dq_kernel``, one program per query block x query batch x head): loads its q
+      block once, then for each sample (all B of them for broadcast queries) dO, lse, delta and every
+      key and value of that sample's kv head; stores dQ.
+    ``blocks`` = (BLOCK_M, BLOCK_N) of the backward."""
+    bm, bn = blocks
+    rows = B * Hq * Lq
+    qm, kb = _cdiv(Lq, bm), _cdiv(Lk, bn)
+    kv = B * Hkv * Lk * D * elem
+    q_unique = Bq * Hq * Lq * D * elem
+    row_d, row_acc = rows * D * elem, rows * acc_elem
+    delta = {"o": Traffic(row_d, row_d), "do": Traffic(row_d, row_d), "delta": Traffic(stored=row_acc)}
+    dkdv = {"q": Traffic(loaded=kb * row_d, unique=q_unique), "do": Traffic(loaded=kb * row_d, unique=row_d),
+            "lse": Traffic(loaded=kb * row_acc, unique=row_acc), "delta": Traffic(loaded=kb * row_acc, unique=row_acc),
+            "k": Traffic(kv, kv), "v": Traffic(kv, kv), "dk": Traffic(stored=kv), "dv": Traffic(stored=kv)}
+    kv_loaded = qm * B * Hq * Lk * D * elem
+    dq = {"q": Traffic(q_unique, q_unique), "do": Traffic(row_d, row_d), "lse": Traffic(row_acc, row_acc),
+          "delta": Traffic(row_acc, row_acc), "k": Traffic(kv_loaded, kv), "v": Traffic(kv_loaded, kv),
+          "dq": Traffic(stored=q_unique)}
+    return {"delta": delta, "dkdv": dkdv, "dq": dq}
+
+
 class _Recorder:
     def __init__(self):
-        self.loads: list = []   # (addresses, itemsize)
+        self.launches: list[str] = []   # kernel names, in launch order
+        self.loads: list = []           # (launch index, addresses, itemsize)
         self.stores: list = []
 
 
@@ -127,30 +193,59 @@ def _recording():
     from triton.runtime import interpreter as interp
 
     rec = _Recorder()
-    cls = interp.InterpreterBuilder
-    load, store = cls.create_masked_load, cls.create_masked_store
+    cls, grid = interp.InterpreterBuilder, interp.GridExecutor
+    load, store, call = cls.create_masked_load, cls.create_masked_store, grid.__call__
 
     def masked_load(self, ptrs, mask, other, cache_policy, is_volatile):
         out = load(self, ptrs, mask, other, cache_policy, is_volatile)
-        rec.loads.append((np.asarray(ptrs.data)[np.asarray(mask.data, dtype=bool)].ravel(), out.data.itemsize))
+        addrs = np.asarray(ptrs.data)[np.asarray(mask.data, dtype=bool)].ravel()
+        rec.loads.append((len(rec.launches) - 1, addrs, out.data.itemsize))
         return out
 
     def masked_store(self, ptrs, value, mask, cache_policy):
-        rec.stores.append((np.asarray(ptrs.data)[np.asarray(mask.data, dtype=bool)].ravel(), value.data.itemsize))
+        addrs = np.asarray(ptrs.data)[np.asarray(mask.data, dtype=bool)].ravel()
+        rec.stores.append((len(rec.launches) - 1, addrs, value.data.itemsize))
         return store(self, ptrs, value, mask, cache_policy)
 
-    cls.create_masked_load, cls.create_masked_store = masked_load, masked_store
+    def launch(self, *args, **kwargs):
+        rec.launches.append(self.fn.__name__)
+        return call(self, *args, **kwargs)
+
+    cls.create_masked_load, cls.create_masked_store, grid.__call__ = masked_load, masked_store, launch
     try:
         yield rec
     finally:
-        cls.create_masked_load, cls.create_masked_store = load, store
+        cls.create_masked_load, cls.create_masked_store, grid.__call__ = load, store, call
 
 
-def measure(fn, tensors: dict[str, torch.Tensor]):
-    """Run ``fn()`` under the interpreter; returns (fn's result, {name: Traffic}) for the named
-    tensors (a callable value is evaluated after the run, for outputs the run allocates)."""
+def _attribute(rec, named: dict, launch: int | None) -> dict[str, Traffic]:
+    """Bytes of the recorded accesses (of one launch, or all) that fall inside each tensor's storage."""
     import numpy as np
 
+    traffic = {}
+    for name, t in named.items():
+        lo = t.untyped_storage().data_ptr()
+        hi = lo + t.untyped_storage().nbytes()
+        tr = Traffic()
+        seen = []
+        for i, addrs, size in rec.loads:
+            if launch is None or i == launch:
+                inside = addrs[(addrs >= lo) & (addrs < hi)]
+                tr.loaded += inside.size * size
+                seen.append(inside)
+        if seen:
+            tr.unique = np.unique(np.concatenate(seen)).size * t.element_size()
+        tr.stored = sum(int(((a >= lo) & (a < hi)).sum()) * size for i, a, size in rec.stores
+                        if launch is None or i == launch)
+        traffic[name] = tr
+    return traffic
+
+
+def measure(fn, tensors: dict[str, torch.Tensor], by_launch: bool = False):
+    """Run ``fn()`` under the interpreter; returns (fn's result, {name: Traffic}) for the named
+    tensors (a callable value is evaluated after the run, for outputs the run allocates). With
+    ``by_launch``, the traffic is split per launch: {kernel name: {name: Traffic}} (tensors a launch
+    does not touch get zeros; a kernel launched twice is an error: name its launches apart)."""
     from mmfuse._dispatch import INTERPRET
 
     if not INTERPRET:
@@ -158,21 +253,11 @@ def measure(fn, tensors: dict[str, torch.Tensor]):
     with _recording() as rec:
         result = fn()
     named = {name: (t(result) if callable(t) else t) for name, t in tensors.items()}
-    traffic = {}
-    for name, t in named.items():
-        lo = t.untyped_storage().data_ptr()
-        hi = lo + t.untyped_storage().nbytes()
-        tr = Traffic()
-        seen = []
-        for addrs, size in rec.loads:
-            inside = addrs[(addrs >= lo) & (addrs < hi)]
-            tr.loaded += inside.size * size
-            seen.append(inside)
-        if seen:
-            tr.unique = np.unique(np.concatenate(seen)).size * t.element_size()
-        tr.stored = sum(int(((a >= lo) & (a < hi)).sum()) * s for a, s in rec.stores)
-        traffic[name] = tr
-    return result, traffic
+    if not by_launch:
+        return result, _attribute(rec, named, None)
+    if len(set(rec.launches)) != len(rec.launches):
+        raise ValueError(f"measure: a kernel was launched more than once: {rec.launches}")
+    return result, {kernel: _attribute(rec, named, i) for i, kernel in enumerate(rec.launches)}
 
 
 def mlp_traffic(M: int, widths, tile: tuple[int, int], elem: int) -> dict[str, dict]:

@@ -113,3 +113,67 @@ def test_attention_forward_traffic_matches_an_interpreted_run(B, Bq, Hq, Hkv, Lq
     blocks = (KA.INTERPRETER_BLOCKS["BLOCK_M"], KA.INTERPRETER_BLOCKS["BLOCK_N"])
     want = attention_fwd_traffic(B, Bq, Hq, Hkv, Lq, Lk, D, blocks, splits, 4)
     assert got == want, (got, want)
+
+
+def _touched(per_launch):
+    """{kernel: {tensor: Traffic}} without the tensors a launch did not touch."""
+    return {k: {n: t for n, t in ts.items() if t != Traffic()} for k, ts in per_launch.items()}
+
+
+@pytest.mark.parametrize("B,C,F,H,W,T,P,D", [(2, 3, 1, 28, 42, 1, 14, 40), (1, 2, 4, 10, 15, 2, 5, 33)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
+def test_patch_embed_backward_traffic_matches_an_interpreted_run(B, C, F, H, W, T, P, D, dtype):
+    from mmfuse.kernels import patch_embed as KP
+    from mmfuse.traffic import patch_embed_bwd_traffic
+
+    px = torch.randn(B, C, F, H, W, dtype=dtype)
+    w = torch.randn(D, C, T, P, P, dtype=dtype)
+    tokens = (F // T) * (H // P) * (W // P)
+    g = torch.randn(B, tokens, D, dtype=dtype)
+    packed = KP.pack_weight(w)
+
+    def backward():
+        dx = KP.patch_embed_dx(g, w, tuple(px.shape), packed=packed)
+        dw, db = KP.patch_embed_dw(g, px, tuple(w.shape), with_bias=True)
+        return dx, dw, db, KP.batch_sum(g)
+
+    _, got = measure(backward, {"dout": g, "weight": packed[0], "pixels": px, "pixels_grad": lambda r: r[0],
+                                "weight_grad": lambda r: r[1], "bias_grad": lambda r: r[2],
+                                "pos_grad": lambda r: r[3]}, by_launch=True)
+    tile = KP.INTERPRETER_TILE[:3]
+    want = patch_embed_bwd_traffic(B, C, H, W, P, D, {"dx": tile, "dw": tile}, g.element_size(), T=T, F=F)
+    names = {"dx": "patch_embed_dx_kernel", "dw": "patch_embed_dw_kernel", "batch_sum": "batch_sum_kernel"}
+    assert _touched(got) == {names[k]: v for k, v in want.items()}
+
+
+@pytest.mark.parametrize("B,Bq,Hq,Hkv,Lq,Lk,D", [(2, 1, 4, 2, 20, 70, 24), (3, 3, 2, 1, 16, 97, 16)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
+def test_attention_backward_traffic_matches_an_interpreted_run(B, Bq, Hq, Hkv, Lq, Lk, D, dtype, monkeypatch):
+    from mmfuse.kernels import cross_attention as KA
+    from mmfuse.traffic import attention_bwd_traffic
+
+    q = torch.randn(Bq, Hq, Lq, D, dtype=dtype)
+    k, v = torch.randn(B, Hkv, Lk, D, dtype=dtype), torch.randn(B, Hkv, Lk, D, dtype=dtype)
+    o, lse = KA.attention_fwd(q, k, v, None, None, D ** -0.5)
+    do = torch.randn_like(o)
+    allocated = []  # delta first, then dk, dv, dq, in the launcher's order
+
+    def recording_empty(*args, **kw):
+        allocated.append(torch.empty(*args, **kw))
+        return allocated[-1]
+
+    monkeypatch.setattr(KA, "empty", recording_empty)
+    _, got = measure(lambda: KA.attention_bwd(do, q, k, v, o, lse, None, None, D ** -0.5),
+                     {"q": q, "k": k, "v": v, "o": o, "do": do, "lse": lse, "delta": lambda _: allocated[0],
+                      "dq": lambda r: r[0], "dk": lambda r: r[1], "dv": lambda r: r[2]}, by_launch=True)
+    blocks = (KA.INTERPRETER_BLOCKS["BLOCK_M"], KA.INTERPRETER_BLOCKS["BLOCK_N"])
+    want = attention_bwd_traffic(B, Bq, Hq, Hkv, Lq, Lk, D, blocks, q.element_size())
+    names = {"delta": "attn_delta_kernel", "dkdv": "attn_bwd_dkdv_kernel", "dq": "attn_bwd_dq_kernel"}
+    assert _touched(got) == {names[k]: v for k, v in want.items()}
+
+
+def test_measure_by_launch_refuses_a_kernel_launched_twice():
+    x = torch.randn(8, 16)
+    w = torch.randn(4, 16)
+    with pytest.raises(ValueError, match="more than once"):
+        measure(lambda: (KL.linear_fwd(x, w), KL.linear_fwd(x, w)), {"x": x}, by_launch=True)
