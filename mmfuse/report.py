@@ -44,6 +44,13 @@ def compile_section(reports) -> list[str]:
     return lines
 
 
+def kept_tiles(tiles, rows: int, cols: int, efficiency) -> str:
+    from mmfuse.kernels._common import cdiv
+
+    return ", ".join(f"{t[0]}x{t[1]} ({cdiv(rows, t[0]) * cdiv(cols, t[1])}, "
+                     f"{efficiency(rows, cols, t[0], t[1], SMS):.0%})" for t in tiles)
+
+
 def waves_section() -> list[str]:
     from mmfuse.kernels import cross_attention as KA
     from mmfuse.kernels import linear as KL
@@ -51,29 +58,34 @@ def waves_section() -> list[str]:
     from mmfuse.kernels._common import cdiv
 
     lines = ["## Launch grids and wave efficiency on 132 SMs (model)", "",
-             "### MLP projectors (`fused_gemm_kernel`, forward, per layer; tiles kept for autotuning)", "",
-             "| shape | images | layer | M x N | tiles kept (tiles, wave efficiency) |",
-             "| --- | --- | --- | --- | --- |"]
+             "### MLP projectors (`fused_gemm_kernel`, per layer; tiles kept for autotuning: tile (tiles, wave "
+             "efficiency))", "",
+             "| shape | images | layer | M x N | forward (M x N) | dX (M x K) | dW + db (N x K) |",
+             "| --- | --- | --- | --- | --- | --- | --- |"]
     for s in MLP_SHAPES:
         for images in (1, 8):
             M = s.tokens * images
             for i, (k, n) in enumerate(zip(s.widths, s.widths[1:])):
-                kept = KL.candidate_tiles(M, n, SMS)
-                cells = ", ".join(f"{t[0]}x{t[1]} ({cdiv(M, t[0]) * cdiv(n, t[1])}, "
-                                  f"{KL.wave_efficiency(M, n, t[0], t[1], SMS):.0%})" for t in kept)
-                lines.append(f"| {s.name} | {images} | {i} ({k}->{n}) | {M} x {n} | {cells} |")
-    lines += ["", "### Patch embedding (`patch_embed_fwd_kernel`, forward)", "",
-              "| shape | batch | tokens x D | tiles kept (tiles, wave efficiency) |", "| --- | --- | --- | --- |"]
+                # forward and dX + GELU' (M x N, M x K), dW + db (N x K)
+                cells = [kept_tiles(KL.candidate_tiles(r, c, SMS), r, c, KL.wave_efficiency)
+                         for r, c in ((M, n), (M, k), (n, k))]
+                lines.append(f"| {s.name} | {images} | {i} ({k}->{n}) | {M} x {n} | " + " | ".join(cells) + " |")
+    lines += ["", "### Patch embedding (`patch_embed_{fwd,dx,dw}_kernel`; tiles kept: tile (tiles, wave efficiency))",
+              "", "| shape | batch | tokens x D | forward (tokens x D) | dpixels (tokens x K in run order) "
+              "| dW + db (D x K) |", "| --- | --- | --- | --- | --- | --- |"]
     for s in PATCH_SHAPES:
         for batch in (1, 64):
             M = s.tokens * batch
-            kept = KP.candidate_tiles("fwd", M, s.dim, SMS)
-            cells = ", ".join(f"{t[0]}x{t[1]} ({cdiv(M, t[0]) * cdiv(s.dim, t[1])}, "
-                              f"{KL.wave_efficiency(M, s.dim, t[0], t[1], SMS):.0%})" for t in kept)
-            lines.append(f"| {s.name} | {batch} | {M} x {s.dim} | {cells} |")
-    lines += ["", "### Cross-attention (`attn_fwd_kernel`, split-KV)", "",
-              "| shape | batch | programs without split (efficiency) | splits | programs (efficiency) |",
-              "| --- | --- | --- | --- | --- |"]
+            K = s.channels * s.temporal * s.patch ** 2
+            k_runs = s.channels * s.temporal * s.patch * (1 << (s.patch - 1).bit_length())
+            cells = [kept_tiles(KP.candidate_tiles(g, r, c, SMS), r, c, KL.wave_efficiency)
+                     for g, r, c in (("fwd", M, s.dim), ("dx", M, k_runs), ("dw", s.dim, K))]
+            lines.append(f"| {s.name} | {batch} | {M} x {s.dim} | " + " | ".join(cells) + " |")
+    lines += ["", "### Cross-attention (forward `attn_fwd_kernel` with split-KV; backward `attn_bwd_dkdv_kernel`, "
+              "`attn_bwd_dq_kernel`; shared learnable queries)", "",
+              "| shape | batch | fwd programs without split (efficiency) | splits | fwd programs (efficiency) "
+              "| dK/dV programs (efficiency) | dQ programs (efficiency) |",
+              "| --- | --- | --- | --- | --- | --- | --- |"]
     for s in ATTENTION_SHAPES:
         for batch in (1, 8, 64):
             blk = KA.gpu_blocks(s.queries, s.head_dim)
@@ -81,8 +93,12 @@ def waves_section() -> list[str]:
             key_blocks = cdiv(s.keys, blk["BLOCK_N"])
             splits = KA.choose_splits(programs, key_blocks, SMS)
             launched = programs * cdiv(key_blocks, cdiv(key_blocks, splits))
+            bblk = KA.gpu_blocks(s.queries, s.head_dim, backward=True)
+            dkdv = cdiv(s.keys, bblk["BLOCK_N"]) * batch * s.kv_heads
+            dq = cdiv(s.queries, bblk["BLOCK_M"]) * s.heads  # one per query block and head, looping over the batch
             lines.append(f"| {s.name} | {batch} | {programs} ({KA.split_efficiency(programs, key_blocks, 1, SMS):.0%})"
-                         f" | {splits} | {launched} ({KA.split_efficiency(programs, key_blocks, splits, SMS):.0%}) |")
+                         f" | {splits} | {launched} ({KA.split_efficiency(programs, key_blocks, splits, SMS):.0%}) "
+                         f"| {dkdv} ({grid_efficiency(dkdv):.0%}) | {dq} ({grid_efficiency(dq):.0%}) |")
     return lines
 
 
@@ -90,106 +106,192 @@ def traffic_section() -> list[str]:
     from mmfuse.kernels import linear as KL
     from mmfuse.traffic import mlp_traffic
 
+    def largest_kept(rows, cols):
+        return max(KL.candidate_tiles(rows, cols, SMS), key=lambda t: t[0] * t[1])[:2]
+
+    def step_us(launches, ours: bool) -> float:
+        total = 0.0
+        for x in launches:
+            eff = 1.0
+            if ours and x["rows"] is not None:
+                bm, bn = largest_kept(x["rows"], x["cols"])
+                eff = KL.wave_efficiency(x["rows"], x["cols"], bm, bn, SMS)
+            total += launch_us(x["flops"], x["hbm"], eff)
+        return total
+
     lines = ["## HBM bytes and launches, MLP projectors in training (bf16; model, checked against "
              "interpreted runs at small sizes in tests/test_traffic.py)", "",
              "mmfuse: the distinct bytes of each launch (re-reads of A/B tiles counted as L2 traffic, shown "
-             "apart); eager: PyTorch's addmm + GELU + autograd, every kernel reading its inputs once and "
-             "writing its outputs once. Tile: the largest one the autotuner keeps.", "",
-             f"Roofline time on an H100: max(FLOPs / {PEAK_FLOPS / 1e12:.0f} TFLOP/s, HBM bytes / "
-             f"{PEAK_BYTES / 1e12:.1f} TB/s) over the GEMM launches, plus {LAUNCH_US:.0f} µs per launch; eager's "
-             "GEMM-free kernels (GELU, GELU', bias-gradient sum) add their bytes at bandwidth. The predicted "
-             "speedup is eager's time over mmfuse's (a model, not a measurement).", "",
-             "| shape | images | fwd MB eager → mmfuse (L2 MB) | fwd launches | bwd MB eager → mmfuse (L2 MB) "
-             "| bwd launches | fwd+bwd roofline µs eager → mmfuse | predicted speedup |",
-             "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+             "apart), each GEMM at the largest tile the autotuner keeps for it; eager: PyTorch's addmm + GELU + "
+             "autograd (dW, db, dX, GELU' per layer), every kernel reading its inputs once and writing its outputs "
+             "once.", "", _PER_LAUNCH_RULE, "",
+             "| shape | images | fwd MB eager → mmfuse (L2 MB) | bwd MB eager → mmfuse (L2 MB) | launches fwd, bwd "
+             "| fwd µs eager → mmfuse | fwd speedup | fwd+bwd µs eager → mmfuse | fwd+bwd speedup |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for s in MLP_SHAPES:
         for images in (1, 8):
             M = s.tokens * images
-            tile = max(KL.candidate_tiles(M, s.widths[1], SMS), key=lambda t: t[0] * t[1])[:2]
-            t = mlp_traffic(M, s.widths, tile, 2)
-            flops = 3 * sum(2 * M * k * n for k, n in zip(s.widths, s.widths[1:]))  # fwd + dX + dW
-            elementwise = t["eager_elementwise_hbm"]
-            eager = (roofline_us(flops, t["eager_fwd"]["hbm"] + t["eager_bwd"]["hbm"] - elementwise,
-                                 t["eager_fwd"]["launches"] + t["eager_bwd"]["launches"])
-                     + elementwise / PEAK_BYTES * 1e6)
-            fused = roofline_us(flops, t["fwd"]["hbm"] + t["bwd"]["hbm"], t["fwd"]["launches"] + t["bwd"]["launches"])
+            t = mlp_traffic(M, s.widths, largest_kept, 2)
+            d = t["per_launch"]
+            eager_fwd, ours_fwd = step_us(d["eager_fwd"], False), step_us(d["fwd"], True)
+            eager_all, ours_all = eager_fwd + step_us(d["eager_bwd"], False), ours_fwd + step_us(d["bwd"], True)
             lines.append(
                 f"| {s.name} | {images} | {t['eager_fwd']['hbm'] / 1e6:.1f} → {t['fwd']['hbm'] / 1e6:.1f} "
-                f"({t['fwd']['l2'] / 1e6:.0f}) | {t['eager_fwd']['launches']} → {t['fwd']['launches']} "
-                f"| {t['eager_bwd']['hbm'] / 1e6:.1f} → {t['bwd']['hbm'] / 1e6:.1f} ({t['bwd']['l2'] / 1e6:.0f}) "
-                f"| {t['eager_bwd']['launches']} → {t['bwd']['launches']} | {eager:.0f} → {fused:.0f} "
-                f"| {eager / fused:.2f}x |")
+                f"({t['fwd']['l2'] / 1e6:.0f}) | {t['eager_bwd']['hbm'] / 1e6:.1f} → {t['bwd']['hbm'] / 1e6:.1f} "
+                f"({t['bwd']['l2'] / 1e6:.0f}) | {t['eager_fwd']['launches']} → {t['fwd']['launches']}, "
+                f"{t['eager_bwd']['launches']} → {t['bwd']['launches']} | {eager_fwd:.0f} → {ours_fwd:.0f} | "
+                f"{eager_fwd / ours_fwd:.2f}x | {eager_all:.0f} → {ours_all:.0f} | {eager_all / ours_all:.2f}x |")
     return lines
 
 
-def patch_traffic_section() -> list[str]:
-    from mmfuse.kernels import patch_embed as KP
-    from mmfuse.traffic import patch_embed_fwd_traffic
+def launch_us(flops: float, hbm_bytes: float, sm_efficiency: float = 1.0) -> float:
+    """One launch's lower-bound time on an H100: the binding one of compute and HBM, plus the fixed
+    launch cost. ``sm_efficiency``: the share of the 132 SMs' work its grid can keep busy (wave
+    efficiency, one program per SM at a time): a grid of 32 programs can use 32 SMs at most."""
+    return max(flops / (PEAK_FLOPS * sm_efficiency), hbm_bytes / PEAK_BYTES) * 1e6 + LAUNCH_US
 
-    lines = ["## HBM bytes and launches, patch embedding forward (bf16, bias and a shared pos_embed; model, "
-             "checked against interpreted runs at small sizes in tests/test_traffic.py)", "",
-             "mmfuse: one launch, the distinct bytes it touches, with the packed weight cached (as the modules "
-             "do; the functional call packs it first when P is not a power of two). Eager: conv2d (+bias) "
-             "reading pixels and weight once and writing (B, D, N), then `+ pos_embed` reading that and "
-             "writing (B, N, D). Tile: the largest one the autotuner keeps. Roofline as above.", "",
-             "| shape | batch | MB eager → mmfuse (L2 MB) | launches | roofline µs eager → mmfuse "
-             "| predicted speedup |",
-             "| --- | --- | --- | --- | --- | --- |"]
+
+def grid_efficiency(programs: int, sms: int = SMS) -> float:
+    """Programs of equal work over the waves they occupy, one per SM at a time."""
+    from mmfuse.kernels._common import cdiv
+
+    return programs / (cdiv(programs, sms) * sms) if programs else 1.0
+
+
+def _hbm(traffic: dict) -> int:
+    return sum(t.unique + t.stored for t in traffic.values())
+
+
+def _l2(traffic: dict) -> int:
+    return sum(t.loaded + t.stored for t in traffic.values())
+
+
+_PER_LAUNCH_RULE = (f"Roofline per launch: max(FLOPs / ({PEAK_FLOPS / 1e12:.0f} TFLOP/s × the share of SMs its grid "
+                    f"keeps busy), HBM bytes / {PEAK_BYTES / 1e12:.1f} TB/s) + {LAUNCH_US:.0f} µs, summed over a "
+                    "step's launches; mmfuse's grids are the launchers' own, the baseline's kernels are assumed to "
+                    "fill the GPU. Predicted speedup = baseline time / mmfuse time: a model, not a measurement.")
+
+
+def patch_traffic_section() -> list[str]:
+    from mmfuse.kernels import linear as KL
+    from mmfuse.kernels import patch_embed as KP
+    from mmfuse.traffic import patch_embed_bwd_traffic, patch_embed_fwd_traffic
+
+    lines = ["## HBM bytes and launches, patch embedding in training (bf16, bias and a shared pos_embed, every "
+             "input requiring grad; model, checked against interpreted runs at small sizes in "
+             "tests/test_traffic.py)", "",
+             "mmfuse: the distinct bytes of each launch, with the packed weight cached (as the modules do; the "
+             "functional call packs it first when P is not a power of two). Forward: one launch. Backward: dpixels "
+             "(a GEMM over the packed weight, stored as a permutation), dW + db (one GEMM gathering the patches "
+             "again), dpos (a batch sum). The forward and dpixels multiply the run padding too (K = C·T·P·"
+             "next_pow2(P): +14% FLOPs at P = 14). Tiles: the largest the autotuner keeps per GEMM, with its wave "
+             "efficiency. Eager: conv (+bias) reading pixels and weight once and writing (B, D, N), then "
+             "`+ pos_embed` reading that and writing (B, N, D); backward: a contiguous copy of the transposed "
+             "gradient, cuDNN dgrad and wgrad, the bias-gradient and pos-gradient reductions, each kernel reading "
+             "its inputs once and writing its outputs once.", "", _PER_LAUNCH_RULE, "",
+             "| shape | batch | fwd MB eager → mmfuse (L2 MB) | bwd MB eager → mmfuse (L2 MB) | launches fwd, bwd "
+             "| SMs busy fwd / dpixels / dW | fwd µs eager → mmfuse | fwd speedup | fwd+bwd µs eager → mmfuse "
+             "| fwd+bwd speedup |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for s in PATCH_SHAPES:
         for batch in (1, 64):
-            F = s.frames
-            tokens = (F // s.temporal) * (s.image[0] // s.patch) * (s.image[1] // s.patch)
-            M, e = batch * tokens, 2
-            tile = max(KP.candidate_tiles("fwd", M, s.dim, SMS), key=lambda t: t[0] * t[1])[:3]
-            t = patch_embed_fwd_traffic(batch, s.channels, *s.image, s.patch, s.dim, tile, e, T=s.temporal, F=F)
-            fused = sum(x.unique + x.stored for x in t.values())
-            l2 = sum(x.loaded + x.stored for x in t.values())
-            pixels = batch * s.channels * F * s.image[0] * s.image[1] * e
-            weight = s.dim * s.channels * s.temporal * s.patch ** 2 * e
-            conv_out = M * s.dim * e
-            eager_gemm = pixels + weight + s.dim * e + conv_out
-            eager_add = conv_out + tokens * s.dim * e + conv_out
-            flops = 2 * M * s.dim * s.channels * s.temporal * s.patch ** 2
-            t_eager = roofline_us(flops, eager_gemm, 2) + eager_add / PEAK_BYTES * 1e6
-            t_fused = roofline_us(flops, fused, 1)
-            lines.append(f"| {s.name} | {batch} | {(eager_gemm + eager_add) / 1e6:.1f} → {fused / 1e6:.1f} "
-                         f"({l2 / 1e6:.0f}) | 2 → 1 | {t_eager:.0f} → {t_fused:.0f} | {t_eager / t_fused:.2f}x |")
+            F, T, P, C, D, e = s.frames, s.temporal, s.patch, s.channels, s.dim, 2
+            tokens = s.tokens
+            M, K = batch * tokens, C * T * P * P
+            k_runs = C * T * P * (1 << (P - 1).bit_length())
+            tiles, eff = {}, {}
+            for gemm, rows, cols in (("fwd", M, D), ("dx", M, k_runs), ("dw", D, K)):
+                tiles[gemm] = max(KP.candidate_tiles(gemm, rows, cols, SMS), key=lambda t: t[0] * t[1])[:3]
+                eff[gemm] = KL.wave_efficiency(rows, cols, tiles[gemm][0], tiles[gemm][1], SMS)
+            fwd = patch_embed_fwd_traffic(batch, C, *s.image, P, D, tiles["fwd"], e, T=T, F=F)
+            bwd = patch_embed_bwd_traffic(batch, C, *s.image, P, D, tiles, e, T=T, F=F)
+            x, w, out, pos = batch * C * F * s.image[0] * s.image[1] * e, D * K * e, M * D * e, tokens * D * e
+            flops, flops_runs = 2 * M * D * K, 2 * M * D * k_runs
+            eager_fwd = [(flops, x + w + D * e + out), (0, 2 * out + pos)]                    # conv, + pos
+            eager_bwd = [(0, 2 * out), (flops, out + w + x), (flops, out + x + w), (0, out + D * e),  # copy, dgrad,
+                         (0, out + pos)]                                                        # wgrad, db, dpos
+            ours_fwd = [(flops_runs, _hbm(fwd), eff["fwd"])]
+            ours_bwd = [(flops_runs, _hbm(bwd["dx"]), eff["dx"]), (flops, _hbm(bwd["dw"]), eff["dw"]),
+                        (0, _hbm(bwd["batch_sum"]), 1.0)]
+            t_eager_fwd = sum(launch_us(f, b) for f, b in eager_fwd)
+            t_eager = t_eager_fwd + sum(launch_us(f, b) for f, b in eager_bwd)
+            t_fwd = sum(launch_us(*x_) for x_ in ours_fwd)
+            t_all = t_fwd + sum(launch_us(*x_) for x_ in ours_bwd)
+            lines.append(
+                f"| {s.name} | {batch} | {sum(b for _, b in eager_fwd) / 1e6:.1f} → {_hbm(fwd) / 1e6:.1f} "
+                f"({_l2(fwd) / 1e6:.0f}) | {sum(b for _, b in eager_bwd) / 1e6:.1f} → "
+                f"{sum(_hbm(t) for t in bwd.values()) / 1e6:.1f} ({sum(_l2(t) for t in bwd.values()) / 1e6:.0f}) | "
+                f"{len(eager_fwd)} → {len(ours_fwd)}, {len(eager_bwd)} → {len(ours_bwd)} | "
+                f"{eff['fwd']:.0%} / {eff['dx']:.0%} / {eff['dw']:.0%} | {t_eager_fwd:.0f} → {t_fwd:.0f} | "
+                f"{t_eager_fwd / t_fwd:.2f}x | {t_eager:.0f} → {t_all:.0f} | {t_eager / t_all:.2f}x |")
     return lines
 
 
 def attention_traffic_section() -> list[str]:
     from mmfuse.kernels import cross_attention as KA
     from mmfuse.kernels._common import cdiv
-    from mmfuse.traffic import attention_fwd_traffic
+    from mmfuse.traffic import attention_bwd_traffic, attention_fwd_traffic
 
-    lines = ["## HBM bytes and launches, cross-attention forward (bf16, shared queries, no padding; model, "
-             "checked against interpreted runs at small sizes in tests/test_traffic.py)", "",
-             "mmfuse: `attn_fwd_kernel` with the split count the launcher chooses, plus the combine kernel when "
-             "it splits; distinct bytes per launch. Baseline: SDPA (flash) on keys and values repeated to the "
-             "query heads (`repeat_interleave`, one copy each when grouped) and the queries expanded over the "
-             "batch, each kernel reading its inputs once. Roofline as above.", "",
-             "| shape | batch | splits | MB SDPA → mmfuse | launches | roofline µs SDPA → mmfuse | predicted speedup |",
-             "| --- | --- | --- | --- | --- | --- | --- |"]
+    lines = ["## HBM bytes and launches, cross-attention in training (bf16, shared learnable queries, no padding; "
+             "model, checked against interpreted runs at small sizes in tests/test_traffic.py)", "",
+             "mmfuse: `attn_fwd_kernel` with the split count the launcher chooses, plus the combine kernel when it "
+             "splits; backward: delta, dK/dV (one program per key block and KV head: 4 matrix products), dQ (one "
+             "program per query block and head, looping over the batch when the queries are shared: 3 matrix "
+             "products, recomputing P and dP); distinct bytes per launch. Baseline: SDPA (flash) on keys and "
+             "values repeated to the query heads (`repeat_interleave`, one copy each when grouped) and the queries "
+             "expanded over the batch, each kernel reading its inputs once; its backward as FlashAttention-2 runs "
+             "it (dO·O with a zeroed fp32 dQ accumulator; the main kernel with 5 matrix products, its dQ atomics "
+             "counted as one fp32 read and write; the dQ conversion), then the sums behind `repeat_interleave` "
+             "and `expand`.", "", _PER_LAUNCH_RULE, "",
+             "| shape | batch | splits | fwd MB SDPA → mmfuse | bwd MB SDPA → mmfuse | launches fwd, bwd "
+             "| SMs busy fwd / dKdV / dQ | fwd µs SDPA → mmfuse | fwd speedup | fwd+bwd µs SDPA → mmfuse "
+             "| fwd+bwd speedup |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for s in ATTENTION_SHAPES:
         for batch in (1, 8, 64):
-            e, group = 2, s.heads // s.kv_heads
-            blk = KA.gpu_blocks(s.queries, s.head_dim)
+            e, acc, group, hd = 2, 4, s.heads // s.kv_heads, s.head_dim
+            blk = KA.gpu_blocks(s.queries, hd)
             programs = cdiv(s.queries, blk["BLOCK_M"]) * batch * s.heads
-            splits = KA.choose_splits(programs, cdiv(s.keys, blk["BLOCK_N"]), SMS)
-            t = attention_fwd_traffic(batch, 1, s.heads, s.kv_heads, s.queries, s.keys, s.head_dim,
-                                      (blk["BLOCK_M"], blk["BLOCK_N"]), splits, e)
-            fused = sum(x.unique + x.stored for x in t.values())
-            launches = 2 if "o_partial" in t else 1
-            kv, kv_rep = batch * s.kv_heads * s.keys * s.head_dim * e, batch * s.heads * s.keys * s.head_dim * e
-            q_o = batch * s.heads * s.queries * s.head_dim * e
-            repeat = 2 * (kv + kv_rep) if group > 1 else 0
-            sdpa = q_o + 2 * kv_rep + q_o + batch * s.heads * s.queries * 4
-            flops = 4 * batch * s.heads * s.queries * s.keys * s.head_dim
-            t_sdpa = roofline_us(flops, sdpa, 1) + (repeat / PEAK_BYTES * 1e6 + 2 * LAUNCH_US if repeat else 0)
-            t_fused = roofline_us(flops, fused, launches)
-            lines.append(f"| {s.name} | {batch} | {splits} | {(sdpa + repeat) / 1e6:.2f} → {fused / 1e6:.2f} | "
-                         f"{3 if repeat else 1} → {launches} | {t_sdpa:.0f} → {t_fused:.0f} | "
-                         f"{t_sdpa / t_fused:.2f}x |")
+            key_blocks = cdiv(s.keys, blk["BLOCK_N"])
+            splits = KA.choose_splits(programs, key_blocks, SMS)
+            fwd = attention_fwd_traffic(batch, 1, s.heads, s.kv_heads, s.queries, s.keys, hd,
+                                        (blk["BLOCK_M"], blk["BLOCK_N"]), splits, e)
+            bblk = KA.gpu_blocks(s.queries, hd, backward=True)
+            bwd = attention_bwd_traffic(batch, 1, s.heads, s.kv_heads, s.queries, s.keys, hd,
+                                        (bblk["BLOCK_M"], bblk["BLOCK_N"]), e)
+            pair = 2 * batch * s.heads * s.queries * s.keys * hd  # one matrix product, all heads and samples
+            rows = batch * s.heads * s.queries
+            kv, kv_rep = batch * s.kv_heads * s.keys * hd * e, batch * s.heads * s.keys * hd * e
+            q_o, acc_q = rows * hd * e, rows * hd * acc
+            # SDPA forward: the repeat copies of K and V when grouped, then one kernel.
+            sdpa_fwd = [(0, kv + kv_rep)] * (2 if group > 1 else 0) + [(2 * pair, q_o + 2 * kv_rep + q_o + rows * acc)]
+            sdpa_bwd = [(0, 2 * q_o + rows * acc + acc_q),                                   # dO·O, zero dQ acc
+                        (5 * pair, q_o + 2 * kv_rep + q_o + 2 * rows * acc + 2 * kv_rep + 2 * acc_q),  # main
+                        (0, acc_q + q_o)]                                                    # dQ conversion
+            sdpa_bwd += [(0, kv_rep + kv)] * (2 if group > 1 else 0)                          # repeat's gradient
+            sdpa_bwd += [(0, q_o + s.heads * s.queries * hd * e)] * (batch > 1)               # expand's gradient
+            fwd_eff = KA.split_efficiency(programs, key_blocks, splits, SMS)
+            if "o_partial" in fwd:  # split kernel writes fp32 partials; the combine merges them
+                ours_fwd = [(2 * pair, sum(fwd[n].unique for n in ("q", "k", "v")) + fwd["o_partial"].stored
+                             + fwd["lse_partial"].stored, fwd_eff),
+                            (0, fwd["o_partial"].unique + fwd["lse_partial"].unique + fwd["o"].stored
+                             + fwd["lse"].stored, 1.0)]
+            else:
+                ours_fwd = [(2 * pair, _hbm(fwd), fwd_eff)]
+            dkdv_eff = grid_efficiency(cdiv(s.keys, bblk["BLOCK_N"]) * batch * s.kv_heads)
+            dq_eff = grid_efficiency(cdiv(s.queries, bblk["BLOCK_M"]) * s.heads)  # shared queries: no batch dim
+            ours_bwd = [(0, _hbm(bwd["delta"]), 1.0), (4 * pair, _hbm(bwd["dkdv"]), dkdv_eff),
+                        (3 * pair, _hbm(bwd["dq"]), dq_eff)]
+            t_sdpa_fwd = sum(launch_us(f, b) for f, b in sdpa_fwd)
+            t_sdpa = t_sdpa_fwd + sum(launch_us(f, b) for f, b in sdpa_bwd)
+            t_fwd = sum(launch_us(*x) for x in ours_fwd)
+            t_all = t_fwd + sum(launch_us(*x) for x in ours_bwd)
+            lines.append(
+                f"| {s.name} | {batch} | {splits} | {sum(b for _, b in sdpa_fwd) / 1e6:.2f} → {_hbm(fwd) / 1e6:.2f} "
+                f"| {sum(b for _, b in sdpa_bwd) / 1e6:.2f} → {sum(_hbm(t) for t in bwd.values()) / 1e6:.2f} | "
+                f"{len(sdpa_fwd)} → {len(ours_fwd)}, {len(sdpa_bwd)} → {len(ours_bwd)} | "
+                f"{fwd_eff:.0%} / {dkdv_eff:.0%} / {dq_eff:.0%} | {t_sdpa_fwd:.0f} → {t_fwd:.0f} | "
+                f"{t_sdpa_fwd / t_fwd:.2f}x | {t_sdpa:.0f} → {t_all:.0f} | {t_sdpa / t_all:.2f}x |")
     return lines
 
 

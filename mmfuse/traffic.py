@@ -260,42 +260,54 @@ def measure(fn, tensors: dict[str, torch.Tensor], by_launch: bool = False):
     return result, {kernel: _attribute(rec, named, i) for i, kernel in enumerate(rec.launches)}
 
 
-def mlp_traffic(M: int, widths, tile: tuple[int, int], elem: int) -> dict[str, dict]:
+def mlp_traffic(M: int, widths, tile, elem: int) -> dict[str, dict]:
     """``mmfuse.mlp`` in training (biases on, GELU between layers), forward and backward, against
     eager PyTorch (addmm with bias, GELU, autograd), each as {"hbm": bytes, "l2": bytes, "launches": n}.
     mmfuse's HBM is the sum of each launch's distinct bytes (re-reads assumed to hit L2); eager's
     kernels are counted the same way: every input read once, every output written once.
     ``eager_elementwise_hbm``: the part of eager's bytes moved by its kernels without a GEMM (GELU,
-    GELU', the bias-gradient reduction), which run at bandwidth and cannot hide behind a GEMM."""
+    GELU', the bias-gradient reduction), which run at bandwidth and cannot hide behind a GEMM.
+    ``per_launch``: {"fwd" | "bwd" | "eager_fwd" | "eager_bwd": [{"flops", "hbm", "rows", "cols"}]},
+    one entry per kernel in launch order (rows x cols: the GEMM's output, None for GEMM-free kernels).
+    ``tile``: (BLOCK_M, BLOCK_N) for every GEMM, or a function (rows, cols) -> (BLOCK_M, BLOCK_N)."""
     layers = list(zip(widths[:-1], widths[1:]))
     n = len(layers)
+    tile_for = tile if callable(tile) else (lambda rows, cols: tile)
+    detail = {"fwd": [], "bwd": [], "eager_fwd": [], "eager_bwd": []}
 
-    def launch(**kw):
-        t = fused_gemm_traffic(**kw, tile=tile, elem=elem)
-        return sum(t.values(), Traffic())
+    def launch(step, flops, **kw):
+        t = sum(fused_gemm_traffic(**kw, tile=tile_for(kw["M"], kw["N"]), elem=elem).values(), Traffic())
+        detail[step].append({"flops": flops, "hbm": t.unique + t.stored, "rows": kw["M"], "cols": kw["N"]})
+        return t
 
-    fwd = [launch(M=M, N=nn_, K=k, bias=True, store_aux=i < n - 1) for i, (k, nn_) in enumerate(layers)]
-    bwd = []
+    def eager(step, flops, hbm, gemm=None):
+        detail[step].append({"flops": flops, "hbm": hbm, "rows": gemm and gemm[0], "cols": gemm and gemm[1]})
+        return hbm
+
+    e = elem
+    fwd, bwd = [], []
+    eager_fwd = eager_bwd = elementwise = 0
+    for i, (k, nn_) in enumerate(layers):
+        fwd.append(launch("fwd", 2 * M * k * nn_, M=M, N=nn_, K=k, bias=True, store_aux=i < n - 1))
+        eager_fwd += eager("eager_fwd", 2 * M * k * nn_, (M * k + nn_ * k + nn_ + M * nn_) * e, (M, nn_))  # addmm
+        if i < n - 1:
+            eager_fwd += eager("eager_fwd", 0, 2 * M * nn_ * e)          # GELU: read h, write a
+            elementwise += 2 * M * nn_ * e
     for i in reversed(range(n)):
         k, nn_ = layers[i]
-        bwd.append(launch(M=nn_, N=k, K=M, rowsum=True))                 # dW_i + db_i
-        bwd.append(launch(M=M, N=k, K=nn_, act_grad=i > 0))               # dX (x GELU'(h_{i-1}))
-    e = elem
-    eager_fwd = sum((M * k + nn_ * k + nn_ + M * nn_) * e + (2 * M * nn_ * e if i < n - 1 else 0)
-                    for i, (k, nn_) in enumerate(layers))
-    eager_bwd = 0
-    elementwise = sum(2 * M * nn_ * e for i, (k, nn_) in enumerate(layers) if i < n - 1)  # GELU: read h, write a
-    for i, (k, nn_) in enumerate(layers):
-        eager_bwd += (M * nn_ + nn_ * k + M * k) * e        # dX = dY W
-        eager_bwd += (M * nn_ + M * k + nn_ * k) * e        # dW = dY^T X
-        eager_bwd += (M * nn_ + nn_) * e                    # db = sum dY
+        bwd.append(launch("bwd", 2 * M * k * nn_, M=nn_, N=k, K=M, rowsum=True))    # dW_i + db_i
+        bwd.append(launch("bwd", 2 * M * k * nn_, M=M, N=k, K=nn_, act_grad=i > 0))  # dX (x GELU'(h_{i-1}))
+        eager_bwd += eager("eager_bwd", 2 * M * k * nn_, (M * nn_ + M * k + nn_ * k) * e, (nn_, k))  # dW = dY^T X
+        eager_bwd += eager("eager_bwd", 0, (M * nn_ + nn_) * e)                                  # db = sum dY
+        eager_bwd += eager("eager_bwd", 2 * M * k * nn_, (M * nn_ + nn_ * k + M * k) * e, (M, k))  # dX = dY W
         elementwise += (M * nn_ + nn_) * e
         if i > 0:
-            eager_bwd += 3 * M * k * e                      # GELU': read dA and h, write dH
+            eager_bwd += eager("eager_bwd", 0, 3 * M * k * e)           # GELU': read dA and h, write dH
             elementwise += 3 * M * k * e
     total = lambda ts: {"hbm": sum(t.unique + t.stored for t in ts), "l2": sum(t.loaded + t.stored for t in ts),  # noqa: E731
                         "launches": len(ts)}
     return {"fwd": total(fwd), "bwd": total(bwd),
-            "eager_fwd": {"hbm": eager_fwd, "launches": 2 * n - 1},
-            "eager_bwd": {"hbm": eager_bwd, "launches": 3 * n + (n - 1)},
-            "eager_elementwise_hbm": elementwise}  # of eager's fwd+bwd bytes, those of its GEMM-free kernels
+            "eager_fwd": {"hbm": eager_fwd, "launches": len(detail["eager_fwd"])},
+            "eager_bwd": {"hbm": eager_bwd, "launches": len(detail["eager_bwd"])},
+            "eager_elementwise_hbm": elementwise,  # of eager's fwd+bwd bytes, those of its GEMM-free kernels
+            "per_launch": detail}

@@ -18,8 +18,21 @@ def test_report_is_deterministic_and_complete(tmp_path):
     assert "| llava-1.5-7b | 1 | 0 (1024->4096) | 576 x 4096 |" in text and "64x64 (576, 87%)" in text
     # Idefics2 at batch 1: 1 query block x 16 heads = 16 programs over 78 key blocks: 16/132 = 12%.
     assert "| idefics2-resampler | 1 | 16 (12%) |" in text
+    # Its backward: dK/dV over ceil(4964 / 64) = 78 key blocks x 4 KV heads = 312 programs in 3 waves
+    # (312 / 396 = 79%); dQ over 2 query blocks x 16 heads = 32 programs, looping over the batch (32 / 132).
+    assert "| idefics2-resampler | 1 | 16 (12%) | 8 | 128 (95%) | 312 (79%) | 32 (24%) |" in text
+    for section in ("MLP projectors in training", "patch embedding in training", "cross-attention in training"):
+        assert f"## HBM bytes and launches, {section}" in text
     out = tmp_path / "report.md"
     assert report.main(str(out)) == 0 and out.read_text() == text
+
+
+def test_launch_time_is_limited_by_the_sms_its_grid_can_use():
+    # 8e9 FLOPs = 10 µs on all 132 SMs; a grid of 33 programs keeps a quarter of them busy: 40 µs.
+    assert report.grid_efficiency(33) == pytest.approx(0.25)
+    assert report.grid_efficiency(264) == 1.0 and report.grid_efficiency(133) == pytest.approx(133 / 264)
+    assert report.launch_us(8e9, 6e6, report.grid_efficiency(33)) == pytest.approx(40 + 3)
+    assert report.launch_us(8e6, 6e8, 0.25) == pytest.approx(200 + 3)  # bandwidth-bound either way
 
 
 def test_roofline_time_takes_the_binding_limit_plus_launches():

@@ -75,6 +75,14 @@ def test_mlp_traffic_matches_the_hand_counts_in_notes():
     assert (t["fwd"]["launches"], t["bwd"]["launches"], t["eager_bwd"]["launches"]) == (2, 4, 7)
     # eager's GEMM-free kernels: GELU (2MN), two bias-gradient sums (MN + N each), GELU' of layer 1 (3MN).
     assert t["eager_elementwise_hbm"] == 2 * (2 * M * N + 2 * (M * N + N) + 3 * M * N)
+    # The per-launch figures the report's roofline uses add up to the totals, launch for launch.
+    d = t["per_launch"]
+    for step in ("fwd", "bwd", "eager_fwd", "eager_bwd"):
+        assert len(d[step]) == t[step]["launches"] and sum(x["hbm"] for x in d[step]) == t[step]["hbm"]
+    flops = 2 * M * (K * N + N * N)
+    assert sum(x["flops"] for x in d["fwd"]) == sum(x["flops"] for x in d["eager_fwd"]) == flops
+    assert sum(x["flops"] for x in d["bwd"]) == sum(x["flops"] for x in d["eager_bwd"]) == 2 * flops
+    assert [(x["rows"], x["cols"]) for x in d["bwd"]] == [(N, N), (M, N), (N, K), (M, K)]  # dW2, dX2, dW1, dX1
 
 
 @pytest.mark.parametrize("B,C,H,W,P,D", [(2, 3, 28, 42, 14, 40), (1, 2, 16, 16, 8, 33), (1, 3, 10, 15, 5, 20)])
