@@ -33,7 +33,7 @@ class Case:
     mode: str                     # "fwd" or "fwd+bwd"
     dtype: str                    # "bfloat16" or "float16"
     impl: str                     # "mmfuse" or a baseline
-    flops: float                  # of the forward (x3 for fwd+bwd)
+    flops: float                  # of the forward (fwd+bwd: times 1 + BACKWARD_FLOPS[op])
     make: Callable = dataclasses.field(compare=False, hash=False, repr=False)  # (device, dtype) -> (inputs, fn)
 
     @property
@@ -53,7 +53,7 @@ def _mlp_impls():
             x = F.gelu(x) if i < len(ws) - 1 else x
         return x
 
-    def addmm_activation(x, ws, bs):  # cuBLASLt's GELU epilogue (tanh-free "use_gelu")
+    def addmm_activation(x, ws, bs):  # cuBLASLt's GELU epilogue: the tanh approximation, not erf
         for i, (w, b) in enumerate(zip(ws, bs)):
             x = torch._addmm_activation(b, x, w.t(), use_gelu=True) if i < len(ws) - 1 else F.linear(x, w, b)
         return x
@@ -66,14 +66,19 @@ def _mlp_impls():
 def _patch_impls():
     import mmfuse
 
-    def reshape_gemm(px, w, b, pos):
-        B, C, H, W = px.shape
-        P = w.shape[-1]
-        patches = px.reshape(B, C, H // P, P, W // P, P).permute(0, 2, 4, 1, 3, 5).reshape(B, -1, C * P * P)
+    def reshape_gemm(px, w, b, pos):  # patchify copy, then one GEMM (Qwen2-VL / vLLM style)
+        B, C = px.shape[:2]
+        kernel = w.shape[2:]                          # (P, P) or (T, P, P)
+        grid = [n // k for n, k in zip(px.shape[2:], kernel)]
+        split = [d for g, k in zip(grid, kernel) for d in (g, k)]
+        nd = len(kernel)
+        order = [0] + [2 + 2 * i for i in range(nd)] + [1] + [3 + 2 * i for i in range(nd)]
+        patches = px.reshape(B, C, *split).permute(*order).reshape(B, math.prod(grid), -1)
         return F.linear(patches, w.reshape(w.shape[0], -1), b) + pos
 
-    def eager(px, w, b, pos):
-        return F.conv2d(px, w, b, stride=w.shape[-1]).flatten(2).transpose(1, 2) + pos
+    def eager(px, w, b, pos):  # nn.Conv2d / nn.Conv3d with kernel == stride, as the vision towers run it
+        conv = F.conv2d if px.dim() == 4 else F.conv3d
+        return conv(px, w, b, stride=w.shape[2:]).flatten(2).transpose(1, 2) + pos
 
     return {"mmfuse": lambda px, w, b, pos: mmfuse.patch_embed(px, w, b, pos), "eager": eager,
             "reshape+GEMM": reshape_gemm, "torch.compile": torch.compile(eager)}
@@ -84,17 +89,34 @@ def _attention_impls():
 
     import mmfuse
 
+    def expanded(q, k, v):  # what the transformers modules feed to attention: repeat_kv, queries per sample
+        group = q.shape[1] // k.shape[1]
+        return q.expand(k.shape[0], -1, -1, -1), k.repeat_interleave(group, 1), v.repeat_interleave(group, 1)
+
+    def eager(q, k, v):  # transformers' eager attention: scores, softmax in fp32, weighted sum
+        q, k, v = expanded(q, k, v)
+        scores = torch.matmul(q, k.transpose(-1, -2)) * q.shape[-1] ** -0.5
+        return torch.matmul(torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype), v)
+
     def sdpa(backend):
         def fn(q, k, v):
-            group = q.shape[1] // k.shape[1]
-            ke, ve = k.repeat_interleave(group, 1), v.repeat_interleave(group, 1)
             with sdpa_kernel(backend):
-                return F.scaled_dot_product_attention(q.expand(k.shape[0], -1, -1, -1), ke, ve)
+                return F.scaled_dot_product_attention(*expanded(q, k, v))
         return fn
 
-    return {"mmfuse": lambda q, k, v: mmfuse.cross_attention(q, k, v),
+    def sdpa_gqa(q, k, v):  # grouped heads without the repeat copies; PyTorch picks the backend
+        return F.scaled_dot_product_attention(q.expand(k.shape[0], -1, -1, -1), k, v, enable_gqa=True)
+
+    return {"mmfuse": lambda q, k, v: mmfuse.cross_attention(q, k, v), "eager": eager,
             "sdpa flash": sdpa(SDPBackend.FLASH_ATTENTION), "sdpa efficient": sdpa(SDPBackend.EFFICIENT_ATTENTION),
-            "sdpa cudnn": sdpa(SDPBackend.CUDNN_ATTENTION), "sdpa math": sdpa(SDPBackend.MATH)}
+            "sdpa cudnn": sdpa(SDPBackend.CUDNN_ATTENTION), "sdpa math": sdpa(SDPBackend.MATH),
+            "sdpa enable_gqa": sdpa_gqa}
+
+
+ATTENTION_IMPLS = ("mmfuse", "eager", "sdpa flash", "sdpa efficient", "sdpa cudnn", "sdpa math", "sdpa enable_gqa")
+#: FLOPs of forward + backward over the forward's: a GEMM's backward is two GEMMs of its size; attention's
+#: is 2.5 forwards (5 matrix products against 2: the convention of FlashAttention's benchmarks).
+BACKWARD_FLOPS = {"mlp": 2.0, "patch_embed": 2.0, "cross_attention": 2.5}
 
 
 def cases(dtypes=("bfloat16", "float16"), modes=("fwd", "fwd+bwd"), images: int = 8) -> list[Case]:
@@ -115,13 +137,13 @@ def cases(dtypes=("bfloat16", "float16"), modes=("fwd", "fwd+bwd"), images: int 
                 for impl in ("mmfuse", "eager", "torch.compile", "torch.compile max-autotune", "addmm_activation")
                 if not (impl == "addmm_activation" and m != "fwd")]
     for s in PATCH_SHAPES:
-        if s.temporal != 1:
-            continue  # video: the Conv3d baselines differ; not in the suite yet
-        flops = 2 * s.tokens * images * s.dim * s.channels * s.patch * s.patch
+        flops = 2 * s.tokens * images * s.dim * s.channels * s.temporal * s.patch * s.patch
 
         def make(device, dtype, s=s):
-            px = torch.randn(images, s.channels, *s.image, device=device, dtype=dtype)
-            w = torch.randn(s.dim, s.channels, s.patch, s.patch, device=device, dtype=dtype) * 0.02
+            video = s.temporal > 1  # Conv3d: pixels (B, C, F, H, W), weight (D, C, T, P, P)
+            frames, kernel = ((s.frames,), (s.temporal,)) if video else ((), ())
+            px = torch.randn(images, s.channels, *frames, *s.image, device=device, dtype=dtype)
+            w = torch.randn(s.dim, s.channels, *kernel, s.patch, s.patch, device=device, dtype=dtype) * 0.02
             return [px, w, torch.zeros(s.dim, device=device, dtype=dtype),
                     torch.randn(s.tokens, s.dim, device=device, dtype=dtype)]
 
@@ -136,7 +158,7 @@ def cases(dtypes=("bfloat16", "float16"), modes=("fwd", "fwd+bwd"), images: int 
             return [q, k, torch.randn_like(k)]
 
         out += [Case("cross_attention", s.name, m, d, impl, flops, make) for m in modes for d in dtypes
-                for impl in ("mmfuse", "sdpa flash", "sdpa efficient", "sdpa cudnn", "sdpa math")]
+                for impl in ATTENTION_IMPLS]
     return out
 
 
@@ -170,10 +192,15 @@ def prepare(case: Case, device: str, impls: dict | None = None):
                 return fn(*args)
     else:
         sets = [_with_grad(a) for a in sets]
+        grad_out = {}
 
         def step(args):
+            # Gradients returned, not accumulated into .grad: no extra read-modify-write per step.
             out = fn(*args)
-            out.backward(torch.ones_like(out))
+            g = grad_out.get(out.shape)
+            if g is None:
+                g = grad_out[out.shape] = torch.randn_like(out)
+            torch.autograd.grad(out, list(_tensors(args)), g)
             return out
     return sets, step
 
@@ -228,7 +255,7 @@ def run_suite(selected: list[Case], timer=time_cuda, device: str = "cuda", progr
             impls = impl_cache.setdefault(case.op, _IMPLS[case.op]())
             sets, step = prepare(case, device, impls)
             ms = timer(sets, step)
-            flops = case.flops * (3 if case.mode == "fwd+bwd" else 1)
+            flops = case.flops * (1 + BACKWARD_FLOPS[case.op] if case.mode == "fwd+bwd" else 1)
             moved = min_bytes(sets[0], case.mode)
             row.update(ms=ms, tflops=flops / ms / 1e9, gbps=moved / ms / 1e6, min_bytes=moved,
                        roofline_fraction=max(flops / ms / 1e9 / roof["tflops"], moved / ms / 1e6 / roof["gbps"]))

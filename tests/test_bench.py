@@ -15,16 +15,43 @@ def test_every_op_shape_mode_dtype_and_baseline_is_a_case():
     all_cases = suite.cases()
     names = [c.name for c in all_cases]
     assert len(names) == len(set(names))
-    images = [s for s in shapes.PATCH_SHAPES if s.temporal == 1]
-    # 2 dtypes; MLP: 5 implementations forward, 4 forward+backward (_addmm_activation has no derivative).
-    expected = 2 * ((5 + 4) * len(shapes.MLP_SHAPES) + 2 * 4 * len(images) + 2 * 5 * len(shapes.ATTENTION_SHAPES))
+    # 2 dtypes; MLP: 5 implementations forward, 4 forward+backward (_addmm_activation has no derivative);
+    # patch embedding (images and video): 4 both ways; cross-attention: 7 both ways.
+    expected = 2 * ((5 + 4) * len(shapes.MLP_SHAPES) + 2 * 4 * len(shapes.PATCH_SHAPES)
+                    + 2 * 7 * len(shapes.ATTENTION_SHAPES))
     assert len(all_cases) == expected
+    assert {c.shape for c in all_cases if c.op == "patch_embed"} == {s.name for s in shapes.PATCH_SHAPES}
     assert {c.impl for c in all_cases if c.op == "cross_attention"} == {
-        "mmfuse", "sdpa flash", "sdpa efficient", "sdpa cudnn", "sdpa math"}
+        "mmfuse", "eager", "sdpa flash", "sdpa efficient", "sdpa cudnn", "sdpa math", "sdpa enable_gqa"}
     assert {c.impl for c in all_cases if c.op == "mlp"} >= {"eager", "torch.compile", "addmm_activation"}
     # FLOPs of the LLaVA-1.5-7B projector at 8 images: 2*M*(1024*4096 + 4096*4096).
     llava = next(c for c in all_cases if c.shape == "llava-1.5-7b")
     assert llava.flops == 2 * 4608 * (1024 * 4096 + 4096 * 4096)
+
+
+def test_every_patch_implementation_computes_the_same_tokens_images_and_video():
+    impls = suite._patch_impls()
+    for px, w, n in ((torch.randn(2, 3, 28, 42), torch.randn(5, 3, 14, 14), 6),
+                     (torch.randn(2, 3, 4, 28, 42), torch.randn(5, 3, 2, 14, 14), 12)):
+        args = [px, w, torch.randn(5), torch.randn(n, 5)]
+        ref = impls["eager"](*args)
+        for name in ("mmfuse", "reshape+GEMM"):
+            torch.testing.assert_close(impls[name](*args), ref, rtol=1e-4, atol=1e-4)
+
+
+def test_video_case_builds_conv3d_inputs():
+    case = next(c for c in suite.cases() if c.shape == "qwen2-vl" and c.impl == "eager")
+    px, w, b, pos = case.make("meta", torch.bfloat16)
+    s = shapes.by_name("qwen2-vl")
+    assert px.dim() == 5 and tuple(w.shape) == (s.dim, s.channels, s.temporal, s.patch, s.patch)
+    assert tuple(pos.shape) == (s.tokens, s.dim) and case.flops == 2 * 8 * s.tokens * s.dim * 3 * 2 * 14 * 14
+
+
+def test_forward_backward_step_returns_gradients_without_accumulating():
+    case = suite.Case("mlp", "tiny", "fwd+bwd", "float32", "eager", 1.0, _tiny_cases()[0].make)
+    sets, step = suite.prepare(case, "cpu")
+    step(sets[0])
+    assert all(t.requires_grad and t.grad is None for t in suite._tensors(sets[0]))
 
 
 def _tiny_cases():
@@ -40,7 +67,9 @@ def _tiny_cases():
             for mode in ("fwd", "fwd+bwd") for impl in ("mmfuse", "eager")] + [
         suite.Case("mlp", "tiny", "fwd", "float32", "addmm_activation", 1e6, make_mlp)] + [
         suite.Case("cross_attention", "tiny", "fwd", "float32", impl, 1e6, make_attn)
-        for impl in ("mmfuse", "sdpa math")]
+        for impl in ("mmfuse", "sdpa math", "sdpa enable_gqa")] + [
+        suite.Case("cross_attention", "tiny", "fwd+bwd", "float32", impl, 1e6, make_attn)
+        for impl in ("mmfuse", "eager")]
 
 
 class FakeTimer:
@@ -61,9 +90,11 @@ def test_runner_with_a_mocked_timer_and_results_files(tmp_path):
     rows = suite.run_suite(_tiny_cases(), timer=FakeTimer(), device="cpu", progress=lambda msg: None, roof=roof)
     assert rows[0]["ceilings"] == roof
     data = rows[1:]
-    assert len(data) == 7 and all("ms" in r for r in data), [r.get("error") for r in data]
+    assert len(data) == 10 and all("ms" in r for r in data), [r.get("error") for r in data]
     for r in data:
-        assert r["tflops"] == pytest.approx(1e6 * (3 if r["mode"] == "fwd+bwd" else 1) / r["ms"] / 1e9)
+        # forward + backward: 3 forwards of FLOPs for a GEMM, 3.5 for attention (its backward is 2.5)
+        factor = 1 if r["mode"] == "fwd" else (3.5 if r["op"] == "cross_attention" else 3)
+        assert r["tflops"] == pytest.approx(1e6 * factor / r["ms"] / 1e9)
         # The floor bytes of the tiny MLP: x (5x8) + W (16x8, 4x16) + b (16, 4) fp32 = 1008 B forward.
         if r["op"] == "mlp":
             assert r["min_bytes"] == 4 * (40 + 128 + 64 + 16 + 4) * (3 if r["mode"] == "fwd+bwd" else 1)
@@ -71,9 +102,9 @@ def test_runner_with_a_mocked_timer_and_results_files(tmp_path):
         assert "mmfuse_speedup" in r
     paths = suite.write_results(rows, str(tmp_path), "Fake GPU", date="2026-11-24")
     saved = json.loads(open(paths["json"]).read())
-    assert saved["gpu"] == "Fake GPU" and len(saved["rows"]) == 8
+    assert saved["gpu"] == "Fake GPU" and len(saved["rows"]) == 11
     with open(paths["csv"]) as f:
-        assert len(list(csv.DictReader(f))) == 7
+        assert len(list(csv.DictReader(f))) == 10
     assert "(measured)" in open(paths["md"]).read()
     assert paths["json"].endswith("Fake_GPU-2026-11-24.json")
 
