@@ -3,13 +3,14 @@
 1. Per kernel config and arch (sm_80, sm_90), from Triton's ahead-of-time compiler: registers, spill
    bytes, shared memory, tensor-core instruction, 128-bit global loads (16-byte cp.async / v4 / TMA)
    and the occupancy bound (CTAs per SM from registers and shared memory).
-2. Per op x real model shape (``mmfuse.bench.shapes``): the launch grid the launchers would choose on
-   an H100 (132 SMs) and its wave efficiency.
+2. Per op x real model shape (``mmfuse.bench.shapes``), forward and backward: the launch grids the
+   launchers would choose on an H100 (132 SMs) and their wave efficiency.
+3. HBM bytes and launches against eager, in training (``mmfuse.traffic``, checked launch by launch
+   against interpreted runs) for the MLP projectors, patch embedding and cross-attention; and the
+   roofline time and predicted speedup they imply on an H100, each launch's compute capped by the
+   SMs its grid keeps busy.
 
 Every number is computed, none is timed: the same commit prints the same report on any machine.
-3. HBM bytes and launches against eager (``mmfuse.traffic``, checked against interpreted runs): MLP
-   projectors in training, patch embedding and cross-attention forward; and the roofline time and
-   predicted speedup they imply on an H100.
 """
 
 from __future__ import annotations
@@ -22,12 +23,6 @@ SMS = 132
 PEAK_FLOPS = 800e12   # H100 SXM, bf16 dense, as measured on one (DESIGN.md)
 PEAK_BYTES = 3.0e12   # H100 HBM3, B/s, as measured
 LAUNCH_US = 3.0       # a kernel launch's fixed cost, µs (assumed, stated in the table)
-
-
-def roofline_us(flops: float, hbm_bytes: float, launches: int) -> float:
-    """Lower-bound time on an H100: the binding one of compute and HBM, plus a fixed cost per launch.
-    (FLOPs and bytes are taken together over the launches: a bound, not a schedule.)"""
-    return max(flops / PEAK_FLOPS, hbm_bytes / PEAK_BYTES) * 1e6 + launches * LAUNCH_US
 
 
 def compile_section(reports) -> list[str]:

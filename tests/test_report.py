@@ -33,9 +33,3 @@ def test_launch_time_is_limited_by_the_sms_its_grid_can_use():
     assert report.grid_efficiency(264) == 1.0 and report.grid_efficiency(133) == pytest.approx(133 / 264)
     assert report.launch_us(8e9, 6e6, report.grid_efficiency(33)) == pytest.approx(40 + 3)
     assert report.launch_us(8e6, 6e8, 0.25) == pytest.approx(200 + 3)  # bandwidth-bound either way
-
-
-def test_roofline_time_takes_the_binding_limit_plus_launches():
-    # 800 TFLOP/s, 3.0 TB/s, 3 µs a launch: 8e9 FLOPs = 10 µs; 6e6 B = 2 µs -> compute-bound.
-    assert report.roofline_us(8e9, 6e6, 2) == pytest.approx(10 + 2 * 3)
-    assert report.roofline_us(8e6, 6e8, 1) == pytest.approx(200 + 3)  # bandwidth-bound
