@@ -7,8 +7,13 @@ program row, the aux tile in the MLP backward, and stores its masked C tile (and
 ``loaded`` is the total bytes requested by loads (what L2 serves); ``unique`` the distinct bytes
 (what HBM must deliver at least once: the HBM figure under the assumption that re-reads hit L2).
 
+The same kind of count exists for every other kernel: ``act_grad_traffic``,
+``patch_embed_fwd_traffic`` / ``patch_embed_bwd_traffic`` and ``attention_fwd_traffic`` /
+``attention_bwd_traffic``; ``mlp_traffic`` assembles a whole MLP training step against eager.
+
 ``measure`` runs a function under Triton's interpreter while recording every address loaded and
-stored, and attributes them to the tensors given: the tests check the model against it at odd sizes.
+stored (per launch if asked), and attributes them to the tensors given: the tests check every model
+against it at odd sizes, operand by operand.
 """
 
 from __future__ import annotations
@@ -51,6 +56,13 @@ def fused_gemm_traffic(M: int, N: int, K: int, tile: tuple[int, int], elem: int,
     if rowsum:
         t["rowsum"] = Traffic(stored=M * elem)
     return t
+
+
+def act_grad_traffic(M: int, N: int, elem: int) -> dict[str, Traffic]:
+    """``act_grad_kernel`` (the backward of one ``mmfuse.linear`` with an activation): dY and h read
+    once, dH written once; its masks keep every access inside the (M, N) tensors."""
+    once = Traffic(loaded=M * N * elem, unique=M * N * elem)
+    return {"dy": once, "h": once, "dh": Traffic(stored=M * N * elem)}
 
 
 def linear_traffic(M: int, K: int, N: int, tile: tuple[int, int], elem: int, *, bias: bool = True,

@@ -9,7 +9,7 @@ SPECS = all_specs()
 
 
 @pytest.mark.aot
-@pytest.mark.xdist_group("aot")  # one worker runs the compile subprocess (itself 2 processes)
+@pytest.mark.xdist_group("aot")  # one worker compiles (itself 2 processes); _aot also locks across workers
 @pytest.mark.parametrize("arch", sorted(ARCHS))
 @pytest.mark.parametrize("spec", SPECS, ids=[s.label for s in SPECS])
 def test_compiles_without_spills(spec, arch):
