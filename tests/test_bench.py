@@ -125,6 +125,25 @@ def test_mmfuse_bench_without_a_gpu_writes_the_report(tmp_path, capsys):
     assert "# mmfuse report" in report.read_text()
 
 
+def test_mmfuse_bench_on_a_gpu_path_with_the_timer_mocked(tmp_path, monkeypatch, capsys):
+    # The command as a GPU run takes it: cases, ceilings, timing, result files, exit code (the tiny
+    # cases build CPU tensors whatever device they are asked for).
+    monkeypatch.setattr(suite, "cases", _tiny_cases)
+    monkeypatch.setattr(suite, "ceilings", lambda timer, device: {"tflops": 700.0, "gbps": 2900.0})
+    assert cli._bench(str(tmp_path), ops=["mlp"], timer=FakeTimer(), cuda=True) == 0
+    out = capsys.readouterr().out
+    assert "[1/5] mlp/tiny/fwd/float32/mmfuse" in out and "[5/5]" in out
+    (result,) = tmp_path.glob("*.json")
+    rows = json.loads(result.read_text())["rows"]
+    assert rows[0] == {"ceilings": {"tflops": 700.0, "gbps": 2900.0}} and len(rows) == 6
+    assert {p.suffix for p in tmp_path.iterdir()} >= {".json", ".csv", ".md"}
+    # An mmfuse case that fails makes the command fail; a failing baseline does not.
+    broken = [c for c in _tiny_cases() if c.op == "mlp"]
+    broken[0] = suite.Case("mlp", "tiny", "fwd", "float32", "mmfuse", 1.0, lambda device, dtype: [None])
+    monkeypatch.setattr(suite, "cases", lambda: broken)
+    assert cli._bench(str(tmp_path / "again"), ops=["mlp"], timer=FakeTimer(), cuda=True) == 1
+
+
 def test_mmfuse_bench_unknown_op_exit_code(tmp_path):
     assert cli._bench(str(tmp_path), ops=["nonesuch"], timer=FakeTimer(), cuda=True) == 2
 
