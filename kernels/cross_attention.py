@@ -21,6 +21,8 @@ Backward (recompute P block by block from the saved lse; never the Lq x Lk matri
   dQ: one program per (query block, query head, Bq) loops over the batch when Bq = 1 (the
           gradient of broadcast queries) and over all key blocks: dQ += dS K
                                                          attn_bwd_dq_kernel
+      For broadcast queries the batch loop is split (``choose_splits``, as the forward splits keys)
+      into fp32 partials summed in split order, else 32 programs would do Idefics2's whole dQ.
   with dS = P * (dP - delta), dP = dO V^T. Every output element has exactly one owner program that
   sums in a fixed order: no atomics, bitwise-reproducible gradients.
 """
@@ -265,14 +267,17 @@ def attn_bwd_dq_kernel(
     stride_gb, stride_gh, stride_gm, stride_gd,
     stride_lb, stride_lh, stride_lm,
     stride_mb, stride_mn,
-    stride_dqb, stride_dqh, stride_dqm, stride_dqd,
-    Hq, Lq, Lk, D, GROUP, BATCH_LOOP, qk_scale, sm_scale,
+    stride_dqs, stride_dqb, stride_dqh, stride_dqm, stride_dqd,
+    Hq, Lq, Lk, D, GROUP, BATCH_LOOP, BATCH_CHUNK, qk_scale, sm_scale,
     HAS_LENS: tl.constexpr, HAS_MASK: tl.constexpr,
     INPUT_PRECISION: tl.constexpr, ACC_DTYPE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     """dQ of one query block of one (query batch, head). For broadcast queries (Bq = 1) the program
-    loops over the BATCH_LOOP samples that share them, in order: dQ is their fixed-order sum."""
+    loops over the BATCH_LOOP samples that share them, in order: dQ is their fixed-order sum. Split
+    (grid axis 2): split s takes samples [s*BATCH_CHUNK, (s+1)*BATCH_CHUNK) and writes its own fp32
+    partial at s*stride_dqs; the launcher sums the partials in split order. A grid of query blocks x
+    heads alone is 32 programs for Idefics2, whatever the batch: the split is what fills the GPU."""
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
     bq = pid_bh // Hq
@@ -285,7 +290,8 @@ def attn_bwd_dq_kernel(
     q = tl.load(q_ptr + bq * stride_qb + h * stride_qh + offs_m[:, None] * stride_qm + offs_d[None, :] * stride_qd,
                 mask=mask_md, other=0.0)
     dq = tl.zeros((BLOCK_M, BLOCK_D), dtype=ACC_DTYPE)
-    for i in range(0, BATCH_LOOP):
+    split = tl.program_id(2)
+    for i in range(split * BATCH_CHUNK, tl.minimum(split * BATCH_CHUNK + BATCH_CHUNK, BATCH_LOOP)):
         b = bq + i  # bq = 0 when looping over the batch; i = 0 otherwise
         do = tl.load(do_ptr + b * stride_gb + h * stride_gh + offs_m[:, None] * stride_gm
                      + offs_d[None, :] * stride_gd, mask=mask_md, other=0.0)
@@ -308,8 +314,9 @@ def attn_bwd_dq_kernel(
             dp = tl.dot(do, tl.trans(v), input_precision=INPUT_PRECISION).to(ACC_DTYPE)
             ds = p * (dp - delta[:, None])
             dq += tl.dot(ds.to(k.dtype), k, input_precision=INPUT_PRECISION).to(ACC_DTYPE)
-    tl.store(dq_ptr + bq * stride_dqb + h * stride_dqh + offs_m[:, None] * stride_dqm + offs_d[None, :] * stride_dqd,
-             (dq * sm_scale).to(dq_ptr.dtype.element_ty), mask=mask_md)
+    dq_ptrs = (dq_ptr + split * stride_dqs + bq * stride_dqb + h * stride_dqh + offs_m[:, None] * stride_dqm
+               + offs_d[None, :] * stride_dqd)
+    tl.store(dq_ptrs, (dq * sm_scale).to(dq_ptr.dtype.element_ty), mask=mask_md)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -421,8 +428,9 @@ def attention_fwd(q, k, v, kv_lens, key_mask, scale, splits=None, acc=torch.floa
 
 
 def attention_bwd(do, q, k, v, o, lse, kv_lens, key_mask, scale, need_q=True, need_kv=True,
-                  acc=torch.float32, precision="ieee"):
-    """(dq shaped like q, dk, dv shaped like k, v); None for what is not needed."""
+                  acc=torch.float32, precision="ieee", dq_splits=None):
+    """(dq shaped like q, dk, dv shaped like k, v); None for what is not needed. ``dq_splits``: how
+    many ways dQ splits the batch loop of shared queries (default: ``choose_splits`` on 132 SMs)."""
     B, Hkv, Lk, D = k.shape
     Bq, Hq, Lq = q.shape[0], q.shape[1], q.shape[2]
     blk = blocks_for(Lq, D, backward=True, elem_bytes=q.element_size())
@@ -452,10 +460,20 @@ def attention_bwd(do, q, k, v, o, lse, kv_lens, key_mask, scale, need_q=True, ne
     if need_q:
         dq = empty(q.shape, dtype=q.dtype, device=q.device)
         if dq.numel():
-            attn_bwd_dq_kernel[(cdiv(Lq, BM), Bq * Hq)](
-                q, k, v, do, lse, delta, dq, lens, mask,
-                *qs, *_strides4(k), *_strides4(v), *_strides4(do), *lse.stride(), smb, smn, *_strides4(dq),
-                Hq, Lq, Lk, D, Hq // Hkv, B if Bq == 1 else 1, float(scale * LOG2E), float(scale), **common)
+            batch_loop = B if Bq == 1 else 1
+            splits = dq_splits if dq_splits is not None else choose_splits(
+                cdiv(Lq, BM) * Bq * Hq, batch_loop, num_sms(q.device))
+            chunk = cdiv(batch_loop, max(1, min(int(splits), batch_loop)))
+            splits = cdiv(batch_loop, chunk)
+            # Shared queries, split over the batch: fp32 partials, summed below in split order.
+            target = empty((splits, *q.shape), dtype=acc, device=q.device) if splits > 1 else dq
+            attn_bwd_dq_kernel[(cdiv(Lq, BM), Bq * Hq, splits)](
+                q, k, v, do, lse, delta, target, lens, mask,
+                *qs, *_strides4(k), *_strides4(v), *_strides4(do), *lse.stride(), smb, smn,
+                target.stride(0) if splits > 1 else 0, *_strides4(target[0] if splits > 1 else dq),
+                Hq, Lq, Lk, D, Hq // Hkv, batch_loop, chunk, float(scale * LOG2E), float(scale), **common)
+            if splits > 1:
+                dq = target.sum(0).to(q.dtype)  # over the leading dim: a fixed order, no atomics
     return dq, dk, dv
 
 
@@ -545,10 +563,13 @@ def aot_specs():
                                       dtype, ptr, D, args, common, True, warps, stages,
                                       sm90="wgmma" if BN >= 64 else "mma.sync"))
                 else:
-                    args = dict(base, dq_ptr=ptr, Hq=Hq, BATCH_LOOP=B,
+                    # Shared queries over batch 8: 2 x 16 programs, the batch split 4 ways (fp32 partials).
+                    dq_splits = choose_splits(cdiv(Lq, BM) * Hq, B, 132)
+                    args = dict(base, dq_ptr="*fp32", Hq=Hq, BATCH_LOOP=B, BATCH_CHUNK=cdiv(B, dq_splits),
+                                stride_dqs=Hq * Lq * D,
                                 **dict(zip(["stride_dqb", "stride_dqh", "stride_dqm", "stride_dqd"],
                                            strides(1, Hq, Lq, D))))
-                    specs.append(spec("attn_bwd_dq_kernel", attn_bwd_dq_kernel, "dQ summed over the batch",
+                    specs.append(spec("attn_bwd_dq_kernel", attn_bwd_dq_kernel, "dQ, batch split",
                                       dtype, ptr, D, args, common, True, warps, stages,
                                       sm90="wgmma" if BM >= 64 else "mma.sync"))
     D, BD = 96, 128

@@ -46,6 +46,16 @@ def kept_tiles(tiles, rows: int, cols: int, efficiency) -> str:
                      f"{efficiency(rows, cols, t[0], t[1], SMS):.0%})" for t in tiles)
 
 
+def _dq_grid(s, batch: int, bblk: dict) -> tuple[int, int, float]:
+    """dQ of shared queries: (programs before the split, batch splits the launcher takes, efficiency)."""
+    from mmfuse.kernels import cross_attention as KA
+    from mmfuse.kernels._common import cdiv
+
+    programs = cdiv(s.queries, bblk["BLOCK_M"]) * s.heads  # one per query block and head, looping over the batch
+    splits = KA.choose_splits(programs, batch, SMS)
+    return programs, splits, KA.split_efficiency(programs, batch, splits, SMS)
+
+
 def waves_section() -> list[str]:
     from mmfuse.kernels import cross_attention as KA
     from mmfuse.kernels import linear as KL
@@ -79,7 +89,7 @@ def waves_section() -> list[str]:
     lines += ["", "### Cross-attention (forward `attn_fwd_kernel` with split-KV; backward `attn_bwd_dkdv_kernel`, "
               "`attn_bwd_dq_kernel`; shared learnable queries)", "",
               "| shape | batch | fwd programs without split (efficiency) | splits | fwd programs (efficiency) "
-              "| dK/dV programs (efficiency) | dQ programs (efficiency) |",
+              "| dK/dV programs (efficiency) | dQ programs x batch splits (efficiency) |",
               "| --- | --- | --- | --- | --- | --- | --- |"]
     for s in ATTENTION_SHAPES:
         for batch in (1, 8, 64):
@@ -90,10 +100,10 @@ def waves_section() -> list[str]:
             launched = programs * cdiv(key_blocks, cdiv(key_blocks, splits))
             bblk = KA.gpu_blocks(s.queries, s.head_dim, backward=True)
             dkdv = cdiv(s.keys, bblk["BLOCK_N"]) * batch * s.kv_heads
-            dq = cdiv(s.queries, bblk["BLOCK_M"]) * s.heads  # one per query block and head, looping over the batch
+            dq, dq_splits, dq_eff = _dq_grid(s, batch, bblk)
             lines.append(f"| {s.name} | {batch} | {programs} ({KA.split_efficiency(programs, key_blocks, 1, SMS):.0%})"
                          f" | {splits} | {launched} ({KA.split_efficiency(programs, key_blocks, splits, SMS):.0%}) "
-                         f"| {dkdv} ({grid_efficiency(dkdv):.0%}) | {dq} ({grid_efficiency(dq):.0%}) |")
+                         f"| {dkdv} ({grid_efficiency(dkdv):.0%}) | {dq} x {dq_splits} ({dq_eff:.0%}) |")
     return lines
 
 
@@ -231,8 +241,9 @@ def attention_traffic_section() -> list[str]:
              "model, checked against interpreted runs at small sizes in tests/test_traffic.py)", "",
              "mmfuse: `attn_fwd_kernel` with the split count the launcher chooses, plus the combine kernel when it "
              "splits; backward: delta, dK/dV (one program per key block and KV head: 4 matrix products), dQ (one "
-             "program per query block and head, looping over the batch when the queries are shared: 3 matrix "
-             "products, recomputing P and dP); distinct bytes per launch. Baseline: SDPA (flash) on keys and "
+             "program per query block and head, looping over its share of the batch when the queries are shared, "
+             "the batch split like the forward's keys: 3 matrix products, recomputing P and dP), plus the sum of "
+             "dQ's fp32 partials when split; distinct bytes per launch. Baseline: SDPA (flash) on keys and "
              "values repeated to the query heads (`repeat_interleave`, one copy each when grouped) and the queries "
              "expanded over the batch, each kernel reading its inputs once; its backward as FlashAttention-2 runs "
              "it (dO·O with a zeroed fp32 dQ accumulator; the main kernel with 5 matrix products, its dQ atomics "
@@ -252,8 +263,9 @@ def attention_traffic_section() -> list[str]:
             fwd = attention_fwd_traffic(batch, 1, s.heads, s.kv_heads, s.queries, s.keys, hd,
                                         (blk["BLOCK_M"], blk["BLOCK_N"]), splits, e)
             bblk = KA.gpu_blocks(s.queries, hd, backward=True)
+            _, dq_splits, dq_eff = _dq_grid(s, batch, bblk)
             bwd = attention_bwd_traffic(batch, 1, s.heads, s.kv_heads, s.queries, s.keys, hd,
-                                        (bblk["BLOCK_M"], bblk["BLOCK_N"]), e)
+                                        (bblk["BLOCK_M"], bblk["BLOCK_N"]), e, dq_splits=dq_splits)
             pair = 2 * batch * s.heads * s.queries * s.keys * hd  # one matrix product, all heads and samples
             rows = batch * s.heads * s.queries
             kv, kv_rep = batch * s.kv_heads * s.keys * hd * e, batch * s.heads * s.keys * hd * e
@@ -274,9 +286,10 @@ def attention_traffic_section() -> list[str]:
             else:
                 ours_fwd = [(2 * pair, _hbm(fwd), fwd_eff)]
             dkdv_eff = grid_efficiency(cdiv(s.keys, bblk["BLOCK_N"]) * batch * s.kv_heads)
-            dq_eff = grid_efficiency(cdiv(s.queries, bblk["BLOCK_M"]) * s.heads)  # shared queries: no batch dim
             ours_bwd = [(0, _hbm(bwd["delta"]), 1.0), (4 * pair, _hbm(bwd["dkdv"]), dkdv_eff),
                         (3 * pair, _hbm(bwd["dq"]), dq_eff)]
+            if "dq_sum" in bwd:  # the fp32 partials of a batch-split dQ, summed by one torch reduction
+                ours_bwd.append((0, _hbm(bwd["dq_sum"]), 1.0))
             t_sdpa_fwd = sum(launch_us(f, b) for f, b in sdpa_fwd)
             t_sdpa = t_sdpa_fwd + sum(launch_us(f, b) for f, b in sdpa_bwd)
             t_fwd = sum(launch_us(*x) for x in ours_fwd)

@@ -164,32 +164,43 @@ def attention_fwd_traffic(B: int, Bq: int, Hq: int, Hkv: int, Lq: int, Lk: int, 
 
 
 def attention_bwd_traffic(B: int, Bq: int, Hq: int, Hkv: int, Lq: int, Lk: int, D: int, blocks: tuple[int, int],
-                          elem: int, acc_elem: int = 4) -> dict[str, dict[str, Traffic]]:
+                          elem: int, acc_elem: int = 4, dq_splits: int = 1) -> dict[str, dict[str, Traffic]]:
     """Per launch of ``attention_bwd`` (dq, dk and dv all needed, no kv_lens / key_mask), per tensor:
 
     * "delta" (``attn_delta_kernel``): reads o and dO once, writes delta (fp32 per row).
     * "dkdv" (``attn_bwd_dkdv_kernel``, one program per key block x batch x kv head): loads its K and
       V block once, then for each of the GROUP query heads every query block of q, dO, lse and delta;
       stores dK, dV.
-    * "dq" (``attn_bwd_dq_kernel``, one program per query block x query batch x head): loads its q
-      block once, then for each sample (all B of them for broadcast queries) dO, lse, delta and every
-      key and value of that sample's kv head; stores dQ.
+    * "dq" (``attn_bwd_dq_kernel``, one program per query block x query batch x head x split): loads
+      its q block once, then for each sample of its share of the batch (shared queries) dO, lse,
+      delta and every key and value of that sample's kv head; stores dQ, or with ``dq_splits`` > 1
+      an fp32 partial per split ("dq_partial"), which
+    * "dq_sum" (a torch reduction, not a Triton launch) reads back and sums into dQ.
     ``blocks`` = (BLOCK_M, BLOCK_N) of the backward."""
     bm, bn = blocks
     rows = B * Hq * Lq
     qm, kb = _cdiv(Lq, bm), _cdiv(Lk, bn)
     kv = B * Hkv * Lk * D * elem
-    q_unique = Bq * Hq * Lq * D * elem
+    q_elems = Bq * Hq * Lq * D
+    q_unique = q_elems * elem
     row_d, row_acc = rows * D * elem, rows * acc_elem
+    batch_loop = B if Bq == 1 else 1
+    splits = _cdiv(batch_loop, _cdiv(batch_loop, max(1, min(dq_splits, batch_loop))))
     delta = {"o": Traffic(row_d, row_d), "do": Traffic(row_d, row_d), "delta": Traffic(stored=row_acc)}
     dkdv = {"q": Traffic(loaded=kb * row_d, unique=q_unique), "do": Traffic(loaded=kb * row_d, unique=row_d),
             "lse": Traffic(loaded=kb * row_acc, unique=row_acc), "delta": Traffic(loaded=kb * row_acc, unique=row_acc),
             "k": Traffic(kv, kv), "v": Traffic(kv, kv), "dk": Traffic(stored=kv), "dv": Traffic(stored=kv)}
     kv_loaded = qm * B * Hq * Lk * D * elem
-    dq = {"q": Traffic(q_unique, q_unique), "do": Traffic(row_d, row_d), "lse": Traffic(row_acc, row_acc),
-          "delta": Traffic(row_acc, row_acc), "k": Traffic(kv_loaded, kv), "v": Traffic(kv_loaded, kv),
-          "dq": Traffic(stored=q_unique)}
-    return {"delta": delta, "dkdv": dkdv, "dq": dq}
+    dq = {"q": Traffic(splits * q_unique, q_unique), "do": Traffic(row_d, row_d), "lse": Traffic(row_acc, row_acc),
+          "delta": Traffic(row_acc, row_acc), "k": Traffic(kv_loaded, kv), "v": Traffic(kv_loaded, kv)}
+    out = {"delta": delta, "dkdv": dkdv, "dq": dq}
+    if splits == 1:
+        dq["dq"] = Traffic(stored=q_unique)
+    else:
+        partial = splits * q_elems * acc_elem
+        dq["dq_partial"] = Traffic(stored=partial)
+        out["dq_sum"] = {"dq_partial": Traffic(partial, partial), "dq": Traffic(stored=q_unique)}
+    return out
 
 
 class _Recorder:

@@ -148,6 +148,31 @@ def test_backward_is_deterministic():
         assert torch.equal(a, b)
 
 
+@pytest.mark.parametrize("dq_splits", [1, 2, 5])
+def test_dq_of_shared_queries_split_over_the_batch(dq_splits, monkeypatch):
+    # Shared queries over 5 samples: dQ's batch loop in 1, 2 (3 + 2 samples) or 5 fp32 partials summed in
+    # split order; every split count gives dQ to rounding, and dK / dV bit for bit (they never split).
+    q, k, v = _qkv(1, 5, 4, 2, 17, 40, 24)
+    o, lse = KA.attention_fwd(q, k, v, None, None, 24 ** -0.5)
+    do = torch.randn_like(o)
+    allocated = []
+    real_empty = KA.empty
+
+    def recording_empty(shape, **kw):
+        allocated.append((tuple(shape), kw["dtype"]))
+        return real_empty(shape, **kw)
+
+    monkeypatch.setattr(KA, "empty", recording_empty)
+    dq, dk, dv = KA.attention_bwd(do, q, k, v, o, lse, None, None, 24 ** -0.5, dq_splits=dq_splits)
+    dq1, dk1, dv1 = KA.attention_bwd(do, q, k, v, o, lse, None, None, 24 ** -0.5, dq_splits=1)
+    partials = [shape for shape, dtype in allocated if len(shape) == 5]
+    assert partials == ([] if dq_splits == 1 else [(dq_splits, 1, 4, 17, 24)])
+    torch.testing.assert_close(dq, dq1, rtol=1e-5, atol=1e-6)
+    assert torch.equal(dk, dk1) and torch.equal(dv, dv1)
+    # Left to the launcher, 2 query blocks x 4 heads = 8 programs on 132 SMs split the 5 samples 5 ways.
+    assert KA.choose_splits(8, 5, 132) == 5
+
+
 def test_empty_batch_and_no_keys():
     q, k, v = _qkv(1, 0, 2, 2, 5, 7, 16)
     assert cross_attention(q, k, v).shape == (0, 2, 5, 16)
