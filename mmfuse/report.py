@@ -163,6 +163,15 @@ def grid_efficiency(programs: int, sms: int = SMS) -> float:
     return programs / (cdiv(programs, sms) * sms) if programs else 1.0
 
 
+def _step_times(base_fwd, base_bwd, ours_fwd, ours_bwd) -> tuple[float, float, float, float]:
+    """(baseline forward, baseline forward+backward, mmfuse forward, mmfuse forward+backward) in µs.
+    Launches: the baseline's (FLOPs, bytes) on a full GPU, mmfuse's (FLOPs, bytes, share of SMs busy)."""
+    def step(launches):
+        return sum(launch_us(*x) for x in launches)
+
+    return step(base_fwd), step(base_fwd) + step(base_bwd), step(ours_fwd), step(ours_fwd) + step(ours_bwd)
+
+
 def _hbm(traffic: dict) -> int:
     return sum(t.unique + t.stored for t in traffic.values())
 
@@ -218,10 +227,7 @@ def patch_traffic_section() -> list[str]:
             ours_fwd = [(flops_runs, _hbm(fwd), eff["fwd"])]
             ours_bwd = [(flops_runs, _hbm(bwd["dx"]), eff["dx"]), (flops, _hbm(bwd["dw"]), eff["dw"]),
                         (0, _hbm(bwd["batch_sum"]), 1.0)]
-            t_eager_fwd = sum(launch_us(f, b) for f, b in eager_fwd)
-            t_eager = t_eager_fwd + sum(launch_us(f, b) for f, b in eager_bwd)
-            t_fwd = sum(launch_us(*x_) for x_ in ours_fwd)
-            t_all = t_fwd + sum(launch_us(*x_) for x_ in ours_bwd)
+            t_eager_fwd, t_eager, t_fwd, t_all = _step_times(eager_fwd, eager_bwd, ours_fwd, ours_bwd)
             lines.append(
                 f"| {s.name} | {batch} | {sum(b for _, b in eager_fwd) / 1e6:.1f} → {_hbm(fwd) / 1e6:.1f} "
                 f"({_l2(fwd) / 1e6:.0f}) | {sum(b for _, b in eager_bwd) / 1e6:.1f} → "
@@ -290,10 +296,7 @@ def attention_traffic_section() -> list[str]:
                         (3 * pair, _hbm(bwd["dq"]), dq_eff)]
             if "dq_sum" in bwd:  # the fp32 partials of a batch-split dQ, summed by one torch reduction
                 ours_bwd.append((0, _hbm(bwd["dq_sum"]), 1.0))
-            t_sdpa_fwd = sum(launch_us(f, b) for f, b in sdpa_fwd)
-            t_sdpa = t_sdpa_fwd + sum(launch_us(f, b) for f, b in sdpa_bwd)
-            t_fwd = sum(launch_us(*x) for x in ours_fwd)
-            t_all = t_fwd + sum(launch_us(*x) for x in ours_bwd)
+            t_sdpa_fwd, t_sdpa, t_fwd, t_all = _step_times(sdpa_fwd, sdpa_bwd, ours_fwd, ours_bwd)
             lines.append(
                 f"| {s.name} | {batch} | {splits} | {sum(b for _, b in sdpa_fwd) / 1e6:.2f} → {_hbm(fwd) / 1e6:.2f} "
                 f"| {sum(b for _, b in sdpa_bwd) / 1e6:.2f} → {sum(_hbm(t) for t in bwd.values()) / 1e6:.2f} | "
