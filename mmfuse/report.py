@@ -25,130 +25,6 @@ PEAK_BYTES = 3.0e12   # H100 HBM3, B/s, as measured
 LAUNCH_US = 3.0       # a kernel launch's fixed cost, µs (assumed, stated in the table)
 
 
-def compile_section(reports) -> list[str]:
-    lines = ["## Compiled kernel configs (Triton AOT, no GPU)", "",
-             "| kernel | variant | dtype | config | arch | regs | spill B | smem KB | tensor cores "
-             "| 128-bit loads | CTAs/SM |",
-             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
-    for (_, arch), r in sorted(reports.items(), key=lambda kv: kv[0]):
-        s = r.spec
-        wide = "TMA" if r.tma else ("cp.async 16B" if r.cp_async_16B else ("v4" if r.vec128_loads else "no"))
-        lines.append(f"| {s.kernel} | {s.variant} | {s.dtype} | {s.config} | sm_{arch} | {r.registers} | "
-                     f"{r.spill_bytes} | {r.shared_bytes / 1024:.0f} | {r.tensor_core_instr} | {wide} | "
-                     f"{r.max_ctas_per_sm()} |")
-    return lines
-
-
-def kept_tiles(tiles, rows: int, cols: int, efficiency) -> str:
-    from mmfuse.kernels._common import cdiv
-
-    return ", ".join(f"{t[0]}x{t[1]} ({cdiv(rows, t[0]) * cdiv(cols, t[1])}, "
-                     f"{efficiency(rows, cols, t[0], t[1], SMS):.0%})" for t in tiles)
-
-
-def _dq_grid(s, batch: int, bblk: dict) -> tuple[int, int, float]:
-    """dQ of shared queries: (programs before the split, batch splits the launcher takes, efficiency)."""
-    from mmfuse.kernels import cross_attention as KA
-    from mmfuse.kernels._common import cdiv
-
-    programs = cdiv(s.queries, bblk["BLOCK_M"]) * s.heads  # one per query block and head, looping over the batch
-    splits = KA.choose_splits(programs, batch, SMS)
-    return programs, splits, KA.split_efficiency(programs, batch, splits, SMS)
-
-
-def waves_section() -> list[str]:
-    from mmfuse.kernels import cross_attention as KA
-    from mmfuse.kernels import linear as KL
-    from mmfuse.kernels import patch_embed as KP
-    from mmfuse.kernels._common import cdiv
-
-    lines = ["## Launch grids and wave efficiency on 132 SMs (model)", "",
-             "### MLP projectors (`fused_gemm_kernel`, per layer; tiles kept for autotuning: tile (tiles, wave "
-             "efficiency))", "",
-             "| shape | images | layer | M x N | forward (M x N) | dX (M x K) | dW + db (N x K) |",
-             "| --- | --- | --- | --- | --- | --- | --- |"]
-    for s in MLP_SHAPES:
-        for images in (1, 8):
-            M = s.tokens * images
-            for i, (k, n) in enumerate(zip(s.widths, s.widths[1:])):
-                # forward and dX + GELU' (M x N, M x K), dW + db (N x K)
-                cells = [kept_tiles(KL.candidate_tiles(r, c, SMS), r, c, KL.wave_efficiency)
-                         for r, c in ((M, n), (M, k), (n, k))]
-                lines.append(f"| {s.name} | {images} | {i} ({k}->{n}) | {M} x {n} | " + " | ".join(cells) + " |")
-    lines += ["", "### Patch embedding (`patch_embed_{fwd,dx,dw}_kernel`; tiles kept: tile (tiles, wave efficiency))",
-              "", "| shape | batch | tokens x D | forward (tokens x D) | dpixels (tokens x K in run order) "
-              "| dW + db (D x K) |", "| --- | --- | --- | --- | --- | --- |"]
-    for s in PATCH_SHAPES:
-        for batch in (1, 64):
-            M = s.tokens * batch
-            K = s.channels * s.temporal * s.patch ** 2
-            k_runs = s.channels * s.temporal * s.patch * (1 << (s.patch - 1).bit_length())
-            cells = [kept_tiles(KP.candidate_tiles(g, r, c, SMS), r, c, KL.wave_efficiency)
-                     for g, r, c in (("fwd", M, s.dim), ("dx", M, k_runs), ("dw", s.dim, K))]
-            lines.append(f"| {s.name} | {batch} | {M} x {s.dim} | " + " | ".join(cells) + " |")
-    lines += ["", "### Cross-attention (forward `attn_fwd_kernel` with split-KV; backward `attn_bwd_dkdv_kernel`, "
-              "`attn_bwd_dq_kernel`; shared learnable queries)", "",
-              "| shape | batch | fwd programs without split (efficiency) | splits | fwd programs (efficiency) "
-              "| dK/dV programs (efficiency) | dQ programs x batch splits (efficiency) |",
-              "| --- | --- | --- | --- | --- | --- | --- |"]
-    for s in ATTENTION_SHAPES:
-        for batch in (1, 8, 64):
-            blk = KA.gpu_blocks(s.queries, s.head_dim)
-            programs = cdiv(s.queries, blk["BLOCK_M"]) * batch * s.heads
-            key_blocks = cdiv(s.keys, blk["BLOCK_N"])
-            splits = KA.choose_splits(programs, key_blocks, SMS)
-            launched = programs * cdiv(key_blocks, cdiv(key_blocks, splits))
-            bblk = KA.gpu_blocks(s.queries, s.head_dim, backward=True)
-            dkdv = cdiv(s.keys, bblk["BLOCK_N"]) * batch * s.kv_heads
-            dq, dq_splits, dq_eff = _dq_grid(s, batch, bblk)
-            lines.append(f"| {s.name} | {batch} | {programs} ({KA.split_efficiency(programs, key_blocks, 1, SMS):.0%})"
-                         f" | {splits} | {launched} ({KA.split_efficiency(programs, key_blocks, splits, SMS):.0%}) "
-                         f"| {dkdv} ({grid_efficiency(dkdv):.0%}) | {dq} x {dq_splits} ({dq_eff:.0%}) |")
-    return lines
-
-
-def traffic_section() -> list[str]:
-    from mmfuse.kernels import linear as KL
-    from mmfuse.traffic import mlp_traffic
-
-    def largest_kept(rows, cols):
-        return max(KL.candidate_tiles(rows, cols, SMS), key=lambda t: t[0] * t[1])[:2]
-
-    def step_us(launches, ours: bool) -> float:
-        total = 0.0
-        for x in launches:
-            eff = 1.0
-            if ours and x["rows"] is not None:
-                bm, bn = largest_kept(x["rows"], x["cols"])
-                eff = KL.wave_efficiency(x["rows"], x["cols"], bm, bn, SMS)
-            total += launch_us(x["flops"], x["hbm"], eff)
-        return total
-
-    lines = ["## HBM bytes and launches, MLP projectors in training (bf16; model, checked against "
-             "interpreted runs at small sizes in tests/test_traffic.py)", "",
-             "mmfuse: the distinct bytes of each launch (re-reads of A/B tiles counted as L2 traffic, shown "
-             "apart), each GEMM at the largest tile the autotuner keeps for it; eager: PyTorch's addmm + GELU + "
-             "autograd (dW, db, dX, GELU' per layer), every kernel reading its inputs once and writing its outputs "
-             "once.", "", _PER_LAUNCH_RULE, "",
-             "| shape | images | fwd MB eager → mmfuse (L2 MB) | bwd MB eager → mmfuse (L2 MB) | launches fwd, bwd "
-             "| fwd µs eager → mmfuse | fwd speedup | fwd+bwd µs eager → mmfuse | fwd+bwd speedup |",
-             "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
-    for s in MLP_SHAPES:
-        for images in (1, 8):
-            M = s.tokens * images
-            t = mlp_traffic(M, s.widths, largest_kept, 2)
-            d = t["per_launch"]
-            eager_fwd, ours_fwd = step_us(d["eager_fwd"], False), step_us(d["fwd"], True)
-            eager_all, ours_all = eager_fwd + step_us(d["eager_bwd"], False), ours_fwd + step_us(d["bwd"], True)
-            lines.append(
-                f"| {s.name} | {images} | {t['eager_fwd']['hbm'] / 1e6:.1f} → {t['fwd']['hbm'] / 1e6:.1f} "
-                f"({t['fwd']['l2'] / 1e6:.0f}) | {t['eager_bwd']['hbm'] / 1e6:.1f} → {t['bwd']['hbm'] / 1e6:.1f} "
-                f"({t['bwd']['l2'] / 1e6:.0f}) | {t['eager_fwd']['launches']} → {t['fwd']['launches']}, "
-                f"{t['eager_bwd']['launches']} → {t['bwd']['launches']} | {eager_fwd:.0f} → {ours_fwd:.0f} | "
-                f"{eager_fwd / ours_fwd:.2f}x | {eager_all:.0f} → {ours_all:.0f} | {eager_all / ours_all:.2f}x |")
-    return lines
-
-
 def launch_us(flops: float, hbm_bytes: float, sm_efficiency: float = 1.0) -> float:
     """One launch's lower-bound time on an H100: the binding one of compute and HBM, plus the fixed
     launch cost. ``sm_efficiency``: the share of the 132 SMs' work its grid can keep busy (wave
@@ -186,6 +62,147 @@ _PER_LAUNCH_RULE = (f"Roofline per launch: max(FLOPs / ({PEAK_FLOPS / 1e12:.0f} 
                     "fill the GPU. Predicted speedup = baseline time / mmfuse time: a model, not a measurement.")
 
 
+def _largest(tiles):
+    """The largest tile the autotuner keeps: the one the byte figures assume."""
+    return max(tiles, key=lambda t: t[0] * t[1])
+
+
+def _patch_gemms(s, batch: int) -> dict[str, tuple[int, int]]:
+    """Output (rows, cols) of the patch-embedding GEMMs: forward (tokens x D), dpixels (tokens x K in the
+    forward's run order, K = C·T·P·next_pow2(P)) and dW + db (D x C·T·P·P)."""
+    from mmfuse.kernels._common import next_pow2
+
+    M = s.tokens * batch
+    return {"fwd": (M, s.dim), "dx": (M, s.channels * s.temporal * s.patch * next_pow2(s.patch)),
+            "dw": (s.dim, s.channels * s.temporal * s.patch ** 2)}
+
+
+def _attention_grids(s, batch: int) -> dict:
+    """The grids the cross-attention launchers choose for shape ``s`` at ``batch`` (shared queries):
+    the forward's programs before and after the key split, dK/dV's programs, dQ's programs (query
+    blocks x heads, looping over the batch) and its batch split, with their wave efficiencies."""
+    from mmfuse.kernels import cross_attention as KA
+    from mmfuse.kernels._common import cdiv
+
+    blk = KA.gpu_blocks(s.queries, s.head_dim)
+    bblk = KA.gpu_blocks(s.queries, s.head_dim, backward=True)
+    programs = cdiv(s.queries, blk["BLOCK_M"]) * batch * s.heads
+    key_blocks = cdiv(s.keys, blk["BLOCK_N"])
+    splits = KA.choose_splits(programs, key_blocks, SMS)
+    dkdv = cdiv(s.keys, bblk["BLOCK_N"]) * batch * s.kv_heads
+    dq = cdiv(s.queries, bblk["BLOCK_M"]) * s.heads
+    dq_splits = KA.choose_splits(dq, batch, SMS)
+    return dict(blocks=(blk["BLOCK_M"], blk["BLOCK_N"]), bwd_blocks=(bblk["BLOCK_M"], bblk["BLOCK_N"]),
+                programs=programs, unsplit_eff=KA.split_efficiency(programs, key_blocks, 1, SMS), splits=splits,
+                launched=programs * cdiv(key_blocks, cdiv(key_blocks, splits)),
+                fwd_eff=KA.split_efficiency(programs, key_blocks, splits, SMS),
+                dkdv=dkdv, dkdv_eff=grid_efficiency(dkdv),
+                dq=dq, dq_splits=dq_splits, dq_eff=KA.split_efficiency(dq, batch, dq_splits, SMS))
+
+
+def compile_section(reports) -> list[str]:
+    lines = ["## Compiled kernel configs (Triton AOT, no GPU)", "",
+             "| kernel | variant | dtype | config | arch | regs | spill B | smem KB | tensor cores "
+             "| 128-bit loads | CTAs/SM |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    for (_, arch), r in sorted(reports.items(), key=lambda kv: kv[0]):
+        s = r.spec
+        wide = "TMA" if r.tma else ("cp.async 16B" if r.cp_async_16B else ("v4" if r.vec128_loads else "no"))
+        lines.append(f"| {s.kernel} | {s.variant} | {s.dtype} | {s.config} | sm_{arch} | {r.registers} | "
+                     f"{r.spill_bytes} | {r.shared_bytes / 1024:.0f} | {r.tensor_core_instr} | {wide} | "
+                     f"{r.max_ctas_per_sm()} |")
+    return lines
+
+
+def kept_tiles(tiles, rows: int, cols: int, efficiency) -> str:
+    from mmfuse.kernels._common import cdiv
+
+    return ", ".join(f"{t[0]}x{t[1]} ({cdiv(rows, t[0]) * cdiv(cols, t[1])}, "
+                     f"{efficiency(rows, cols, t[0], t[1], SMS):.0%})" for t in tiles)
+
+
+def waves_section() -> list[str]:
+    from mmfuse.kernels import linear as KL
+    from mmfuse.kernels import patch_embed as KP
+
+    lines = ["## Launch grids and wave efficiency on 132 SMs (model)", "",
+             "### MLP projectors (`fused_gemm_kernel`, per layer; tiles kept for autotuning: tile (tiles, wave "
+             "efficiency))", "",
+             "| shape | images | layer | M x N | forward (M x N) | dX (M x K) | dW + db (N x K) |",
+             "| --- | --- | --- | --- | --- | --- | --- |"]
+    for s in MLP_SHAPES:
+        for images in (1, 8):
+            M = s.tokens * images
+            for i, (k, n) in enumerate(zip(s.widths, s.widths[1:])):
+                # forward and dX + GELU' (M x N, M x K), dW + db (N x K)
+                cells = [kept_tiles(KL.candidate_tiles(r, c, SMS), r, c, KL.wave_efficiency)
+                         for r, c in ((M, n), (M, k), (n, k))]
+                lines.append(f"| {s.name} | {images} | {i} ({k}->{n}) | {M} x {n} | " + " | ".join(cells) + " |")
+    lines += ["", "### Patch embedding (`patch_embed_{fwd,dx,dw}_kernel`; tiles kept: tile (tiles, wave efficiency))",
+              "", "| shape | batch | tokens x D | forward (tokens x D) | dpixels (tokens x K in run order) "
+              "| dW + db (D x K) |", "| --- | --- | --- | --- | --- | --- |"]
+    for s in PATCH_SHAPES:
+        for batch in (1, 64):
+            gemms = _patch_gemms(s, batch)
+            cells = [kept_tiles(KP.candidate_tiles(g, r, c, SMS), r, c, KL.wave_efficiency)
+                     for g, (r, c) in gemms.items()]
+            lines.append(f"| {s.name} | {batch} | {gemms['fwd'][0]} x {s.dim} | " + " | ".join(cells) + " |")
+    lines += ["", "### Cross-attention (forward `attn_fwd_kernel` with split-KV; backward `attn_bwd_dkdv_kernel`, "
+              "`attn_bwd_dq_kernel`; shared learnable queries)", "",
+              "| shape | batch | fwd programs without split (efficiency) | splits | fwd programs (efficiency) "
+              "| dK/dV programs (efficiency) | dQ programs x batch splits (efficiency) |",
+              "| --- | --- | --- | --- | --- | --- | --- |"]
+    for s in ATTENTION_SHAPES:
+        for batch in (1, 8, 64):
+            g = _attention_grids(s, batch)
+            lines.append(f"| {s.name} | {batch} | {g['programs']} ({g['unsplit_eff']:.0%}) | {g['splits']} | "
+                         f"{g['launched']} ({g['fwd_eff']:.0%}) | {g['dkdv']} ({g['dkdv_eff']:.0%}) | "
+                         f"{g['dq']} x {g['dq_splits']} ({g['dq_eff']:.0%}) |")
+    return lines
+
+
+def traffic_section() -> list[str]:
+    from mmfuse.kernels import linear as KL
+    from mmfuse.traffic import mlp_traffic
+
+    def largest_kept(rows, cols):
+        return _largest(KL.candidate_tiles(rows, cols, SMS))[:2]
+
+    def step_us(launches, ours: bool) -> float:
+        total = 0.0
+        for x in launches:
+            eff = 1.0
+            if ours and x["rows"] is not None:
+                bm, bn = largest_kept(x["rows"], x["cols"])
+                eff = KL.wave_efficiency(x["rows"], x["cols"], bm, bn, SMS)
+            total += launch_us(x["flops"], x["hbm"], eff)
+        return total
+
+    lines = ["## HBM bytes and launches, MLP projectors in training (bf16; model, checked against "
+             "interpreted runs at small sizes in tests/test_traffic.py)", "",
+             "mmfuse: the distinct bytes of each launch (re-reads of A/B tiles counted as L2 traffic, shown "
+             "apart), each GEMM at the largest tile the autotuner keeps for it; eager: PyTorch's addmm + GELU + "
+             "autograd (dW, db, dX, GELU' per layer), every kernel reading its inputs once and writing its outputs "
+             "once.", "", _PER_LAUNCH_RULE, "",
+             "| shape | images | fwd MB eager → mmfuse (L2 MB) | bwd MB eager → mmfuse (L2 MB) | launches fwd, bwd "
+             "| fwd µs eager → mmfuse | fwd speedup | fwd+bwd µs eager → mmfuse | fwd+bwd speedup |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    for s in MLP_SHAPES:
+        for images in (1, 8):
+            M = s.tokens * images
+            t = mlp_traffic(M, s.widths, largest_kept, 2)
+            d = t["per_launch"]
+            eager_fwd, ours_fwd = step_us(d["eager_fwd"], False), step_us(d["fwd"], True)
+            eager_all, ours_all = eager_fwd + step_us(d["eager_bwd"], False), ours_fwd + step_us(d["bwd"], True)
+            lines.append(
+                f"| {s.name} | {images} | {t['eager_fwd']['hbm'] / 1e6:.1f} → {t['fwd']['hbm'] / 1e6:.1f} "
+                f"({t['fwd']['l2'] / 1e6:.0f}) | {t['eager_bwd']['hbm'] / 1e6:.1f} → {t['bwd']['hbm'] / 1e6:.1f} "
+                f"({t['bwd']['l2'] / 1e6:.0f}) | {t['eager_fwd']['launches']} → {t['fwd']['launches']}, "
+                f"{t['eager_bwd']['launches']} → {t['bwd']['launches']} | {eager_fwd:.0f} → {ours_fwd:.0f} | "
+                f"{eager_fwd / ours_fwd:.2f}x | {eager_all:.0f} → {ours_all:.0f} | {eager_all / ours_all:.2f}x |")
+    return lines
+
+
 def patch_traffic_section() -> list[str]:
     from mmfuse.kernels import linear as KL
     from mmfuse.kernels import patch_embed as KP
@@ -211,11 +228,11 @@ def patch_traffic_section() -> list[str]:
         for batch in (1, 64):
             F, T, P, C, D, e = s.frames, s.temporal, s.patch, s.channels, s.dim, 2
             tokens = s.tokens
-            M, K = batch * tokens, C * T * P * P
-            k_runs = C * T * P * (1 << (P - 1).bit_length())
+            gemms = _patch_gemms(s, batch)
+            (M, _), (_, k_runs), (_, K) = gemms["fwd"], gemms["dx"], gemms["dw"]
             tiles, eff = {}, {}
-            for gemm, rows, cols in (("fwd", M, D), ("dx", M, k_runs), ("dw", D, K)):
-                tiles[gemm] = max(KP.candidate_tiles(gemm, rows, cols, SMS), key=lambda t: t[0] * t[1])[:3]
+            for gemm, (rows, cols) in gemms.items():
+                tiles[gemm] = _largest(KP.candidate_tiles(gemm, rows, cols, SMS))[:3]
                 eff[gemm] = KL.wave_efficiency(rows, cols, tiles[gemm][0], tiles[gemm][1], SMS)
             fwd = patch_embed_fwd_traffic(batch, C, *s.image, P, D, tiles["fwd"], e, T=T, F=F)
             bwd = patch_embed_bwd_traffic(batch, C, *s.image, P, D, tiles, e, T=T, F=F)
@@ -239,8 +256,6 @@ def patch_traffic_section() -> list[str]:
 
 
 def attention_traffic_section() -> list[str]:
-    from mmfuse.kernels import cross_attention as KA
-    from mmfuse.kernels._common import cdiv
     from mmfuse.traffic import attention_bwd_traffic, attention_fwd_traffic
 
     lines = ["## HBM bytes and launches, cross-attention in training (bf16, shared learnable queries, no padding; "
@@ -262,16 +277,11 @@ def attention_traffic_section() -> list[str]:
     for s in ATTENTION_SHAPES:
         for batch in (1, 8, 64):
             e, acc, group, hd = 2, 4, s.heads // s.kv_heads, s.head_dim
-            blk = KA.gpu_blocks(s.queries, hd)
-            programs = cdiv(s.queries, blk["BLOCK_M"]) * batch * s.heads
-            key_blocks = cdiv(s.keys, blk["BLOCK_N"])
-            splits = KA.choose_splits(programs, key_blocks, SMS)
-            fwd = attention_fwd_traffic(batch, 1, s.heads, s.kv_heads, s.queries, s.keys, hd,
-                                        (blk["BLOCK_M"], blk["BLOCK_N"]), splits, e)
-            bblk = KA.gpu_blocks(s.queries, hd, backward=True)
-            _, dq_splits, dq_eff = _dq_grid(s, batch, bblk)
-            bwd = attention_bwd_traffic(batch, 1, s.heads, s.kv_heads, s.queries, s.keys, hd,
-                                        (bblk["BLOCK_M"], bblk["BLOCK_N"]), e, dq_splits=dq_splits)
+            g = _attention_grids(s, batch)
+            splits, fwd_eff, dkdv_eff, dq_eff = g["splits"], g["fwd_eff"], g["dkdv_eff"], g["dq_eff"]
+            fwd = attention_fwd_traffic(batch, 1, s.heads, s.kv_heads, s.queries, s.keys, hd, g["blocks"], splits, e)
+            bwd = attention_bwd_traffic(batch, 1, s.heads, s.kv_heads, s.queries, s.keys, hd, g["bwd_blocks"], e,
+                                        dq_splits=g["dq_splits"])
             pair = 2 * batch * s.heads * s.queries * s.keys * hd  # one matrix product, all heads and samples
             rows = batch * s.heads * s.queries
             kv, kv_rep = batch * s.kv_heads * s.keys * hd * e, batch * s.heads * s.keys * hd * e
@@ -283,7 +293,6 @@ def attention_traffic_section() -> list[str]:
                         (0, acc_q + q_o)]                                                    # dQ conversion
             sdpa_bwd += [(0, kv_rep + kv)] * (2 if group > 1 else 0)                          # repeat's gradient
             sdpa_bwd += [(0, q_o + s.heads * s.queries * hd * e)] * (batch > 1)               # expand's gradient
-            fwd_eff = KA.split_efficiency(programs, key_blocks, splits, SMS)
             if "o_partial" in fwd:  # split kernel writes fp32 partials; the combine merges them
                 ours_fwd = [(2 * pair, sum(fwd[n].unique for n in ("q", "k", "v")) + fwd["o_partial"].stored
                              + fwd["lse_partial"].stored, fwd_eff),
@@ -291,7 +300,6 @@ def attention_traffic_section() -> list[str]:
                              + fwd["lse"].stored, 1.0)]
             else:
                 ours_fwd = [(2 * pair, _hbm(fwd), fwd_eff)]
-            dkdv_eff = grid_efficiency(cdiv(s.keys, bblk["BLOCK_N"]) * batch * s.kv_heads)
             ours_bwd = [(0, _hbm(bwd["delta"]), 1.0), (4 * pair, _hbm(bwd["dkdv"]), dkdv_eff),
                         (3 * pair, _hbm(bwd["dq"]), dq_eff)]
             if "dq_sum" in bwd:  # the fp32 partials of a batch-split dQ, summed by one torch reduction

@@ -167,6 +167,7 @@ def test_patch_embed_backward_traffic_matches_an_interpreted_run(B, C, F, H, W, 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
 def test_attention_backward_traffic_matches_an_interpreted_run(B, Bq, Hq, Hkv, Lq, Lk, D, dtype, monkeypatch):
     from mmfuse.kernels import cross_attention as KA
+    from mmfuse.kernels._common import cdiv
     from mmfuse.traffic import attention_bwd_traffic
 
     q = torch.randn(Bq, Hq, Lq, D, dtype=dtype)
@@ -181,7 +182,7 @@ def test_attention_backward_traffic_matches_an_interpreted_run(B, Bq, Hq, Hkv, L
 
     monkeypatch.setattr(KA, "empty", recording_empty)
     blocks = (KA.INTERPRETER_BLOCKS["BLOCK_M"], KA.INTERPRETER_BLOCKS["BLOCK_N"])
-    dq_splits = KA.choose_splits(-(-Lq // blocks[0]) * Bq * Hq, B if Bq == 1 else 1, 132)  # the launcher's rule
+    dq_splits = KA.choose_splits(cdiv(Lq, blocks[0]) * Bq * Hq, B if Bq == 1 else 1, 132)  # the launcher's rule
     named = {"q": q, "k": k, "v": v, "o": o, "do": do, "lse": lse, "delta": lambda _: allocated[0],
              "dq": lambda r: r[0], "dk": lambda r: r[1], "dv": lambda r: r[2]}
     if dq_splits > 1:
