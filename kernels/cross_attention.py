@@ -99,13 +99,15 @@ def attn_fwd_kernel(
             valid = _key_valid(offs_n, n_end, mask_row, stride_mn, HAS_MASK)
         kt = tl.load(k_base + offs_n[None, :] * stride_kn + offs_d[:, None] * stride_kd,
                      mask=valid[None, :] & mask_d[:, None], other=0.0)
-        s = tl.dot(q, kt, input_precision=INPUT_PRECISION).to(ACC_DTYPE) * qk_scale
-        s = tl.where(valid[None, :], s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, 1))
+        qk = tl.dot(q, kt, input_precision=INPUT_PRECISION).to(ACC_DTYPE)
+        m_new = tl.maximum(m_i, tl.max(tl.where(valid[None, :], qk * qk_scale, float("-inf")), 1))
         # Rows that have seen no valid key yet keep m = -inf: subtract 0 instead (no inf - inf).
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
         alpha = tl.exp2(m_i - m_safe)
-        p = tl.exp2(s - m_safe[:, None])
+        # qk * scale - m as one fma: the product is not rounded before the max is subtracted, so
+        # large logits keep their low bits (the rounding of m itself is common to the row and
+        # cancels against l).
+        p = tl.where(valid[None, :], tl.exp2(tl.fma(qk, qk_scale, -m_safe[:, None])), 0.0)
         l_i = l_i * alpha + tl.sum(p, 1)
         v = tl.load(v_base + offs_n[:, None] * stride_vn + offs_d[None, :] * stride_vd,
                     mask=valid[:, None] & mask_d[None, :], other=0.0)
@@ -246,8 +248,8 @@ def attn_bwd_dkdv_kernel(
             row = b * stride_lb + h * stride_lh + offs_m * stride_lm
             lse = tl.load(lse_ptr + row, mask=mask_m, other=float("inf"))  # padded rows: P = 0
             delta = tl.load(delta_ptr + row, mask=mask_m, other=0.0)
-            s = tl.dot(q, tl.trans(k), input_precision=INPUT_PRECISION).to(ACC_DTYPE) * qk_scale
-            p = tl.where(valid[None, :], tl.exp2(s - lse[:, None]), 0.0)
+            qk = tl.dot(q, tl.trans(k), input_precision=INPUT_PRECISION).to(ACC_DTYPE)
+            p = tl.where(valid[None, :], tl.exp2(tl.fma(qk, qk_scale, -lse[:, None])), 0.0)
             dv += tl.dot(tl.trans(p.to(do.dtype)), do, input_precision=INPUT_PRECISION).to(ACC_DTYPE)
             dp = tl.dot(do, tl.trans(v), input_precision=INPUT_PRECISION).to(ACC_DTYPE)
             ds = p * (dp - delta[:, None])
@@ -309,8 +311,8 @@ def attn_bwd_dq_kernel(
                         + offs_d[None, :] * stride_kd, mask=kv_mask, other=0.0)
             v = tl.load(v_ptr + b * stride_vb + hkv * stride_vh + offs_n[:, None] * stride_vn
                         + offs_d[None, :] * stride_vd, mask=kv_mask, other=0.0)
-            s = tl.dot(q, tl.trans(k), input_precision=INPUT_PRECISION).to(ACC_DTYPE) * qk_scale
-            p = tl.where(valid[None, :], tl.exp2(s - lse[:, None]), 0.0)
+            qk = tl.dot(q, tl.trans(k), input_precision=INPUT_PRECISION).to(ACC_DTYPE)
+            p = tl.where(valid[None, :], tl.exp2(tl.fma(qk, qk_scale, -lse[:, None])), 0.0)
             dp = tl.dot(do, tl.trans(v), input_precision=INPUT_PRECISION).to(ACC_DTYPE)
             ds = p * (dp - delta[:, None])
             dq += tl.dot(ds.to(k.dtype), k, input_precision=INPUT_PRECISION).to(ACC_DTYPE)
@@ -346,6 +348,15 @@ def blocks_for(Lq: int, D: int, backward: bool = False, elem_bytes: int = 2) -> 
     if INTERPRET:
         return dict(INTERPRETER_BLOCKS, num_warps=4, num_stages=1)
     return gpu_blocks(Lq, D, backward, elem_bytes)
+
+
+def rowwise_blocks(D: int, gpu: bool = not INTERPRET) -> dict:
+    """Tiles of the row-wise kernels (split combine, delta): whole rows of BLOCK_D, and as many rows as
+    keep one (rows x BLOCK_D) fp32 tile at 32 values per thread of 4 warps, so no head dim spills
+    (64 rows at D <= 64, 32 at D <= 128, 16 at D = 256). The interpreter takes its small blocks."""
+    block_d = max(16, next_pow2(D))
+    rows = max(16, min(64, 4096 // block_d)) if gpu else INTERPRETER_BLOCKS["BLOCK_M"]
+    return dict(BLOCK_M=rows, BLOCK_D=block_d, num_warps=4)
 
 
 def split_efficiency(programs: int, key_blocks: int, splits: int, sms: int) -> float:
@@ -420,9 +431,10 @@ def attention_fwd(q, k, v, kv_lens, key_mask, scale, splits=None, acc=torch.floa
         num_warps=blk["num_warps"], num_stages=blk["num_stages"],
     )
     if splits > 1:
-        attn_combine_kernel[(cdiv(Lq, BM), B * Hq)](
+        rb = rowwise_blocks(D)
+        attn_combine_kernel[(cdiv(Lq, rb["BLOCK_M"]), B * Hq)](
             o_t, l_t, o, lse, *o_t.stride(), *l_t.stride(), *o.stride(), *lse.stride(), Hq, Lq, D, splits,
-            ACC_DTYPE=_tl_acc(acc), BLOCK_M=BM, BLOCK_D=BD, num_warps=4,
+            ACC_DTYPE=_tl_acc(acc), **rb,
         )
     return o, lse
 
@@ -444,9 +456,10 @@ def attention_bwd(do, q, k, v, o, lse, kv_lens, key_mask, scale, need_q=True, ne
                   ACC_DTYPE=_tl_acc(acc), BLOCK_M=BM, BLOCK_N=BN, BLOCK_D=BD,
                   num_warps=blk["num_warps"], num_stages=blk["num_stages"])
     if delta.numel():
-        attn_delta_kernel[(cdiv(Lq, BM), B * Hq)](
+        rb = rowwise_blocks(D)
+        attn_delta_kernel[(cdiv(Lq, rb["BLOCK_M"]), B * Hq)](
             o, do, delta, *_strides4(o), *_strides4(do), *delta.stride(), Hq, Lq, D,
-            ACC_DTYPE=_tl_acc(acc), BLOCK_M=BM, BLOCK_D=BD, num_warps=4)
+            ACC_DTYPE=_tl_acc(acc), **rb)
     dq = dk = dv = None
     if need_kv:
         dk = empty(k.shape, dtype=k.dtype, device=k.device)
@@ -572,20 +585,22 @@ def aot_specs():
                     specs.append(spec("attn_bwd_dq_kernel", attn_bwd_dq_kernel, "dQ, batch split",
                                       dtype, ptr, D, args, common, True, warps, stages,
                                       sm90="wgmma" if BM >= 64 else "mma.sync"))
-    D, BD = 96, 128
-    o_s, l_s = strides(B, Hq, Lq, D), strides(B, Hq, Lq)
-    args = dict(op_ptr="*fp32", lsep_ptr="*fp32", o_ptr="*fp16", lse_ptr="*fp32",
-                **dict(zip(["stride_ps", "stride_pb", "stride_ph", "stride_pm", "stride_pd"],
-                           strides(splits, B, Hq, Lq, D))),
-                **dict(zip(["stride_qs", "stride_qb", "stride_qh", "stride_qm"], strides(splits, B, Hq, Lq))),
-                **dict(zip(["stride_ob", "stride_oh", "stride_om", "stride_od"], o_s)),
-                **dict(zip(["stride_lb", "stride_lh", "stride_lm"], l_s)), Hq=Hq, Lq=Lq, D=D, SPLITS=splits)
-    specs.append(spec("attn_combine_kernel", attn_combine_kernel, "merge splits", "fp16", "*fp16", D, args,
-                      dict(ACC_DTYPE=tl.float32, BLOCK_M=64, BLOCK_D=BD), False, 4, 1))
-    args = dict(o_ptr="*fp16", do_ptr="*fp16", delta_ptr="*fp32",
-                **dict(zip(["stride_ob", "stride_oh", "stride_om", "stride_od"], o_s)),
-                **dict(zip(["stride_gb", "stride_gh", "stride_gm", "stride_gd"], o_s)),
-                **dict(zip(["stride_db", "stride_dh", "stride_dm"], l_s)), Hq=Hq, Lq=Lq, D=D)
-    specs.append(spec("attn_delta_kernel", attn_delta_kernel, "rowsum(dO*O)", "fp16", "*fp16", D, args,
-                      dict(ACC_DTYPE=tl.float32, BLOCK_M=64, BLOCK_D=BD), False, 4, 1))
+    for D in (64, 96, 256):  # the row-wise kernels' tiles: one per BLOCK_D (rowwise_blocks)
+        rb = rowwise_blocks(D, gpu=True)
+        cx = dict(ACC_DTYPE=tl.float32, BLOCK_M=rb["BLOCK_M"], BLOCK_D=rb["BLOCK_D"])
+        o_s, l_s = strides(B, Hq, Lq, D), strides(B, Hq, Lq)
+        args = dict(op_ptr="*fp32", lsep_ptr="*fp32", o_ptr="*fp16", lse_ptr="*fp32",
+                    **dict(zip(["stride_ps", "stride_pb", "stride_ph", "stride_pm", "stride_pd"],
+                               strides(splits, B, Hq, Lq, D))),
+                    **dict(zip(["stride_qs", "stride_qb", "stride_qh", "stride_qm"], strides(splits, B, Hq, Lq))),
+                    **dict(zip(["stride_ob", "stride_oh", "stride_om", "stride_od"], o_s)),
+                    **dict(zip(["stride_lb", "stride_lh", "stride_lm"], l_s)), Hq=Hq, Lq=Lq, D=D, SPLITS=splits)
+        specs.append(spec("attn_combine_kernel", attn_combine_kernel, "merge splits", "fp16", "*fp16", D, args,
+                          cx, False, rb["num_warps"], 1))
+        args = dict(o_ptr="*fp16", do_ptr="*fp16", delta_ptr="*fp32",
+                    **dict(zip(["stride_ob", "stride_oh", "stride_om", "stride_od"], o_s)),
+                    **dict(zip(["stride_gb", "stride_gh", "stride_gm", "stride_gd"], o_s)),
+                    **dict(zip(["stride_db", "stride_dh", "stride_dm"], l_s)), Hq=Hq, Lq=Lq, D=D)
+        specs.append(spec("attn_delta_kernel", attn_delta_kernel, "rowsum(dO*O)", "fp16", "*fp16", D, args,
+                          cx, False, rb["num_warps"], 1))
     return specs

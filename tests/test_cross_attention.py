@@ -8,7 +8,7 @@ import torch
 
 import mmfuse
 from mmfuse.kernels import cross_attention as KA
-from mmfuse.ops.cross_attention import cross_attention, cross_attention_reference
+from mmfuse.ops.cross_attention import cross_attention, cross_attention_reference, cross_attention_term_scales
 from mmfuse.testing import assert_matches_reference, compare
 
 
@@ -22,7 +22,8 @@ def _qkv(Bq, B, Hq, Hkv, Lq, Lk, D, dtype=torch.float32, scale=1.0):
 def _check(q, k, v, splits=0, **masks):
     return assert_matches_reference(
         lambda q, k, v: cross_attention(q, k, v, _splits=splits, **masks),
-        lambda q, k, v: cross_attention_reference(q, k, v, **masks), [q, k, v], ["q", "k", "v"])
+        lambda q, k, v: cross_attention_reference(q, k, v, **masks), [q, k, v], ["q", "k", "v"],
+        term_scales=lambda inputs, do: cross_attention_term_scales(*inputs, do, scale=masks.get("scale")))
 
 
 # Every listed value appears at least once: Lq {1, 17, 64}, Lk {1, 63, 577, 1000}, D {32, 64, 96, 128},
@@ -267,3 +268,19 @@ def test_functional_is_exported():
     assert math.isclose(KA.LOG2E, 1 / math.log(2))
     c = compare("x", torch.zeros(1), torch.zeros(1, dtype=torch.float64), torch.zeros(1))
     assert c.ok
+
+
+def test_cancelling_gradients_get_a_floor_of_a_few_ulps_of_their_terms():
+    # One key: dQ and dK are exactly 0 in exact arithmetic (dP - delta cancels), so a correct kernel
+    # returns ulps of |dP| |K| scale, and PyTorch's fp32 reference may or may not round to exactly 0
+    # depending on its SIMD path. The floor follows the terms; an error of 8 ulps of them still fails.
+    q, k, v = _qkv(1, 1, 1, 1, 1, 1, 32)
+    do = 10 * torch.randn(1, 1, 1, 32)  # terms well above 1, so the two floors differ
+    terms = cross_attention_term_scales(q, k, v, do)
+    expected = 32 ** -0.5 * (do.double() @ v.double().transpose(-1, -2)).abs().max().item() * k.abs().max().item()
+    assert terms["grad q"] == pytest.approx(expected)
+    zero64, zero32 = torch.zeros(q.shape, dtype=torch.float64), torch.zeros(q.shape)
+    ulp = torch.finfo(torch.float32).eps * terms["grad q"]
+    assert compare("grad q", torch.full(q.shape, 2 * ulp), zero64, zero32, term_scale=terms["grad q"]).ok
+    assert not compare("grad q", torch.full(q.shape, 8 * ulp), zero64, zero32, term_scale=terms["grad q"]).ok
+    assert not compare("grad q", torch.full(q.shape, 2 * ulp), zero64, zero32).ok  # without it: 4 ulps of 1

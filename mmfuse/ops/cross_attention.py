@@ -54,6 +54,20 @@ def cross_attention_reference(q, k, v, *, kv_lens=None, key_mask=None, scale=Non
     return torch.where(has_key[:, None, None, None], out, torch.zeros((), dtype=out.dtype, device=out.device))
 
 
+def cross_attention_term_scales(q, k, v, do, *, scale=None):
+    """Magnitude of the terms dQ and dK sum (``mmfuse.testing``'s floor for cancelling sums):
+    dQ = scale * sum_n P (dP - delta) K_n and dK likewise with Q, where dP = dO V^T and delta cancel.
+    So the floor scales with scale * max|dP| * max|K| (resp. max|Q|), computed here in fp64."""
+    B, Hkv = k.shape[:2]
+    Hq, D = q.shape[1], q.shape[-1]
+    scale = D ** -0.5 if scale is None else scale
+    ve = v.detach().double().repeat_interleave(Hq // Hkv, dim=1)
+    dp = (do.detach().double() @ ve.transpose(-1, -2)).abs().max().item() if do.numel() and ve.numel() else 0.0
+    qmax = q.detach().double().abs().max().item() if q.numel() else 0.0
+    kmax = k.detach().double().abs().max().item() if k.numel() else 0.0
+    return {"grad q": abs(scale) * dp * kmax, "grad k": abs(scale) * dp * qmax}
+
+
 # ----------------------------------------------------------------------------------------------
 # Checks
 # ----------------------------------------------------------------------------------------------
@@ -191,7 +205,8 @@ def verify_checks():
             lens = torch.tensor([Lk - 7 * i for i in range(B)], device=device) if padded else None
             return compare_with_reference(
                 lambda q, k, v: cross_attention(q, k, v, kv_lens=lens),
-                lambda q, k, v: cross_attention_reference(q, k, v, kv_lens=lens), [q, k, v], ["q", "k", "v"])
+                lambda q, k, v: cross_attention_reference(q, k, v, kv_lens=lens), [q, k, v], ["q", "k", "v"],
+                term_scales=lambda inputs, do: cross_attention_term_scales(*inputs, do))
         shape = f"q={Bq}x{Hq}x{Lq} kv={B}x{Hkv}x{Lk} D={D}" + (" lens" if padded else "")
         return Check("cross_attention", dtype, shape, run)
 
