@@ -273,7 +273,7 @@ def batch_sum_kernel(
 TILES = {
     "fwd": ((128, 128, 64, 8, 3), (128, 64, 64, 4, 3), (64, 64, 64, 4, 3)),
     "dx": ((128, 128, 64, 8, 3), (128, 64, 64, 4, 3), (64, 128, 64, 4, 3), (64, 64, 64, 4, 3)),
-    "dw": ((64, 128, 64, 4, 3), (64, 64, 64, 4, 3)),
+    "dw": ((64, 128, 64, 8, 3), (64, 64, 64, 4, 3)),
 }
 GROUP_M = 8
 #: The single config used under the interpreter: small, so odd test sizes span several tiles.
