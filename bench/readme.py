@@ -48,8 +48,9 @@ def section(results_dir: str) -> str:
     with open(path) as f:
         data = json.load(f)
     roof = next((r["ceilings"] for r in data["rows"] if "ceilings" in r), None)
-    lines = [f"Measured on **{data['gpu']}**, {data['date']} (`{rel}`): median time of many runs after "
-             "warm-up, inputs rotated past L2."]
+    versions = ", ".join(f"{k} {data[k]}" for k in ("torch", "triton") if data.get(k))
+    lines = [f"Measured on **{data['gpu']}**, {data['date']} (`{rel}`{'; ' + versions if versions else ''}): "
+             "median time of many runs after warm-up, inputs rotated past L2."]
     if roof:
         lines.append(f"Ceilings measured in the same run: {roof['tflops']:.0f} TFLOP/s (bf16 GEMM), "
                      f"{roof['gbps']:.0f} GB/s (copy).")

@@ -164,6 +164,27 @@ def cases(dtypes=("bfloat16", "float16"), modes=("fwd", "fwd+bwd"), images: int 
 
 _IMPLS = {"mlp": _mlp_impls, "patch_embed": _patch_impls, "cross_attention": _attention_impls}
 
+#: ``mmfuse bench --profile quick`` (what ``mmfuse gpu-check`` runs in its few minutes): per op family
+#: two real shapes, mmfuse against eager and the strongest baselines that need no compile step, bf16,
+#: forward and forward+backward. No torch.compile: its max-autotune compiles alone exceed the budget.
+QUICK_PROFILE = {
+    "mlp": (("llava-1.5-7b", "qwen2-vl-merger"), ("mmfuse", "eager", "addmm_activation")),
+    "patch_embed": (("clip-l-14-336", "qwen2-vl"), ("mmfuse", "eager", "reshape+GEMM")),
+    "cross_attention": (("idefics2-resampler", "blip2-qformer-xattn"),
+                        ("mmfuse", "eager", "sdpa efficient", "sdpa enable_gqa")),
+}
+PROFILES = ("full", "quick")
+
+
+def profile_cases(profile: str = "full") -> list[Case]:
+    """The cases of a named profile: "full" (every case) or "quick" (``QUICK_PROFILE``, bf16)."""
+    if profile == "full":
+        return cases()
+    if profile != "quick":
+        raise ValueError(f"profile: expected one of {PROFILES}, got {profile!r}")
+    return [c for c in cases(dtypes=("bfloat16",))
+            if c.shape in QUICK_PROFILE[c.op][0] and c.impl in QUICK_PROFILE[c.op][1]]
+
 
 def _tensors(args):
     for a in args:
@@ -270,14 +291,25 @@ def run_suite(selected: list[Case], timer=time_cuda, device: str = "cuda", progr
     return [{"ceilings": roof}] + rows
 
 
+def environment() -> dict:
+    """Versions a result depends on, written beside it."""
+    import triton
+
+    import mmfuse
+
+    return {"torch": torch.__version__, "triton": triton.__version__, "mmfuse": mmfuse.__version__,
+            "cuda": torch.version.cuda}
+
+
 def write_results(rows: list[dict], out_dir: str, gpu: str, date: str | None = None) -> dict[str, str]:
     """<gpu>-<date>.json / .csv / .md (and .png per op when matplotlib is installed)."""
     date = date or datetime.date.today().isoformat()
     os.makedirs(out_dir, exist_ok=True)
     stem = os.path.join(out_dir, f"{gpu.replace(' ', '_')}-{date}")
     paths = {"json": stem + ".json", "csv": stem + ".csv", "md": stem + ".md"}
+    env = environment()
     with open(paths["json"], "w") as f:
-        json.dump({"gpu": gpu, "date": date, "rows": rows}, f, indent=1)
+        json.dump({"gpu": gpu, "date": date, **env, "rows": rows}, f, indent=1)
     data = [r for r in rows if "case" in r]
     fields = ["case", "op", "shape", "mode", "dtype", "impl", "ms", "tflops", "gbps", "min_bytes", "roofline_fraction",
               "mmfuse_speedup",
@@ -288,6 +320,7 @@ def write_results(rows: list[dict], out_dir: str, gpu: str, date: str | None = N
         for r in data:
             w.writerow({k: r.get(k, "") for k in fields})
     lines = [f"# mmfuse benchmark, {gpu}, {date} (measured)", "",
+             f"torch {env['torch']}, Triton {env['triton']}, mmfuse {env['mmfuse']}", "",
              "| case | ms | TFLOP/s | GB/s (floor bytes) | of roofline | baseline ms / mmfuse ms |",
              "| --- | --- | --- | --- | --- | --- |"]
     for r in data:

@@ -1,5 +1,6 @@
-"""The ``mmfuse`` command: ``mmfuse verify`` (every kernel against its reference) and ``mmfuse report``
-(exact figures without a GPU)."""
+"""The ``mmfuse`` command: ``mmfuse verify`` (every kernel against its reference), ``mmfuse bench``
+(timings on a GPU), ``mmfuse gpu-check`` (a few minutes on a GPU: verify, CUDA value tests, quick bench)
+and ``mmfuse report`` (exact figures without a GPU)."""
 
 from __future__ import annotations
 
@@ -34,8 +35,16 @@ def main(argv=None) -> int:
     p_bench = sub.add_parser("bench", help="time every op against every baseline on this GPU (report without one)")
     p_bench.add_argument("--out-dir", default=os.path.join("bench", "results"), help="where results are written")
     p_bench.add_argument("--op", nargs="*", default=None, help="only these ops (mlp patch_embed cross_attention)")
+    p_bench.add_argument("--profile", default="full", choices=("full", "quick"),
+                         help="full: every case (a long GPU run); quick: two shapes per op, bf16, the cheap "
+                              "baselines (what gpu-check runs)")
     p_bench.add_argument("--readme", default=None,
                          help="then rewrite this README's results section from the latest results file")
+    p_check = sub.add_parser("gpu-check", help="a few minutes on a GPU: verify, the value tests on CUDA, "
+                                               "the quick benchmark (at most 8 minutes)")
+    p_check.add_argument("--out-dir", default=os.path.join("bench", "results"), help="where results are written")
+    p_check.add_argument("--budget", type=float, default=480.0, help="seconds for all steps together")
+    p_check.add_argument("--steps", nargs="*", default=None, help="only these steps (verify tests bench)")
     p_report = sub.add_parser("report", help="exact figures without a GPU: compiled configs, grids, waves")
     p_report.add_argument("--out", default=None, help="write the markdown here instead of stdout")
     args = parser.parse_args(argv)
@@ -47,13 +56,17 @@ def main(argv=None) -> int:
 
         return verify.main(args.device, args.op)
     if args.command == "bench":
-        rc = _bench(args.out_dir, args.op)
+        rc = _bench(args.out_dir, args.op, profile=args.profile)
         if args.readme:
             from mmfuse.bench import readme
 
             readme.rewrite(args.readme, args.out_dir)
             print(f"mmfuse bench: results section of {args.readme} regenerated")
         return rc
+    if args.command == "gpu-check":
+        from mmfuse import gpu_check
+
+        return gpu_check.main(args.out_dir, budget_s=args.budget, steps=args.steps)
     if args.command == "report":
         from mmfuse import report
 
@@ -61,7 +74,7 @@ def main(argv=None) -> int:
     return 2
 
 
-def _bench(out_dir: str, ops=None, timer=None, cuda=None) -> int:
+def _bench(out_dir: str, ops=None, timer=None, cuda=None, profile: str = "full") -> int:
     import datetime
 
     import torch
@@ -76,7 +89,7 @@ def _bench(out_dir: str, ops=None, timer=None, cuda=None) -> int:
         print("mmfuse bench: no CUDA GPU on this machine, so nothing can be timed. Writing the exact "
               "figures that need no GPU (compiled configs, grids, waves, bytes) instead.")
         return report.main(path)
-    selected = [c for c in suite.cases() if not ops or c.op in ops]
+    selected = [c for c in suite.profile_cases(profile) if not ops or c.op in ops]
     if not selected:
         print(f"mmfuse bench: no cases match --op {' '.join(ops or [])}")
         return 2

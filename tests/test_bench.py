@@ -184,3 +184,117 @@ def test_readme_without_markers_is_an_error(tmp_path):
     path.write_text("# x\n")
     with pytest.raises(ValueError, match="markers"):
         readme.rewrite(str(path), str(tmp_path))
+
+
+# ----------------------------------------------------------------------------------------------
+# mmfuse gpu-check and the quick profile (the GPU run's logic, on CPU)
+# ----------------------------------------------------------------------------------------------
+def test_quick_profile_is_two_shapes_per_op_bf16_cheap_baselines():
+    quick = suite.profile_cases("quick")
+    assert {c.dtype for c in quick} == {"bfloat16"} and {c.mode for c in quick} == {"fwd", "fwd+bwd"}
+    for op in ("mlp", "patch_embed", "cross_attention"):
+        cases = [c for c in quick if c.op == op]
+        assert len({c.shape for c in cases}) == 2, op
+        assert {"mmfuse", "eager"} <= {c.impl for c in cases}
+        assert not any("compile" in c.impl for c in cases)  # no compile step within the budget
+    assert {c.name for c in quick} <= {c.name for c in suite.cases()}
+    assert suite.profile_cases("full") == suite.cases()
+    with pytest.raises(ValueError, match="profile"):
+        suite.profile_cases("fast")
+
+
+class FakeRun:
+    """subprocess.run stand-in: records each step, 'runs' it for the seconds given (on a fake clock)."""
+
+    def __init__(self, clock, seconds, rcs=None, hang=()):
+        self.clock, self.seconds, self.rcs, self.hang, self.calls = clock, seconds, rcs or {}, hang, []
+
+    def __call__(self, argv, cwd, env, stdout, stderr, timeout):
+        import subprocess
+
+        step = "verify" if "verify" in argv else "bench" if "bench" in argv else "tests"
+        self.calls.append((step, argv, env, cwd, timeout))
+        if step in self.hang:
+            self.clock.t += timeout
+            raise subprocess.TimeoutExpired(argv, timeout)
+        self.clock.t += self.seconds
+        stdout.write(f"{step} output\n")
+        return subprocess.CompletedProcess(argv, self.rcs.get(step, 0))
+
+
+class FakeClock:
+    def __init__(self):
+        self.t = 0.0
+
+    def __call__(self):
+        return self.t
+
+
+ENV = {"device": "NVIDIA H100 80GB HBM3", "torch": "2.11.0", "triton": "3.6.0", "mmfuse": "0.1.0",
+       "python": "3.12.3"}
+
+
+def test_gpu_check_runs_verify_tests_bench_in_order_and_writes_as_it_goes(tmp_path):
+    from mmfuse import gpu_check
+
+    clock = FakeClock()
+    run = FakeRun(clock, seconds=30.0)
+    rc = gpu_check.main(str(tmp_path), budget_s=480, run=run, env_info=lambda: ENV, clock=clock,
+                        print=lambda *a: None)
+    assert rc == 0
+    assert [c[0] for c in run.calls] == ["verify", "tests", "bench"]
+    verify, tests, bench = run.calls
+    assert verify[1][-3:] == ["verify", "--device", "cuda"]
+    assert tests[2]["MMFUSE_TEST_DEVICE"] == "cuda" and any(a.endswith("tests/test_cross_attention.py") for a in tests[1])
+    assert bench[1][-5:] == ["bench", "--profile", "quick", "--out-dir", str(tmp_path)]
+    # Steps run outside the repository (the source folder has no mmfuse.kernels) and within the budget.
+    assert all(not c[3].startswith(gpu_check.REPO) for c in run.calls)
+    assert verify[4] == pytest.approx(480 * gpu_check.SHARES["verify"])
+    assert tests[4] == pytest.approx((480 - 30) * gpu_check.SHARES["tests"])
+    (folder,) = tmp_path.glob("gpu-check-NVIDIA_H100_80GB_HBM3-*")
+    summary = json.loads((folder / "summary.json").read_text())
+    assert summary["torch"] == "2.11.0" and summary["triton"] == "3.6.0"
+    assert [(s["step"], s["rc"], s["seconds"]) for s in summary["steps"]] == [
+        ("verify", 0, 30.0), ("tests", 0, 30.0), ("bench", 0, 30.0)]
+    assert (folder / "tests.txt").read_text() == "tests output\n"
+
+
+def test_gpu_check_a_hung_step_times_out_and_the_rest_still_runs(tmp_path):
+    from mmfuse import gpu_check
+
+    clock = FakeClock()
+    run = FakeRun(clock, seconds=20.0, rcs={"bench": 1}, hang=("tests",))
+    rc = gpu_check.main(str(tmp_path), budget_s=480, run=run, env_info=lambda: ENV, clock=clock,
+                        print=lambda *a: None)
+    assert rc == 1
+    (folder,) = tmp_path.glob("gpu-check-*")
+    steps = json.loads((folder / "summary.json").read_text())["steps"]
+    assert [(s["step"], s["rc"]) for s in steps] == [("verify", 0), ("tests", "timeout"), ("bench", 1)]
+    assert "stopped after" in (folder / "tests.txt").read_text()
+    # The whole check stays inside its budget: the bench got what was left.
+    assert sum(c[4] if c[0] == "tests" else 20.0 for c in run.calls) <= 480
+
+
+def test_gpu_check_with_the_budget_spent_skips_and_fails(tmp_path):
+    from mmfuse import gpu_check
+
+    clock = FakeClock()
+    run = FakeRun(clock, seconds=300.0)
+    rc = gpu_check.main(str(tmp_path), budget_s=300, steps=["verify", "bench"], run=run, env_info=lambda: ENV,
+                        clock=clock, print=lambda *a: None)
+    assert rc == 1 and [c[0] for c in run.calls] == ["verify"]
+    with pytest.raises(ValueError, match="steps"):
+        gpu_check.main(str(tmp_path), steps=["nonesuch"], run=run, env_info=lambda: ENV, print=lambda *a: None)
+
+
+def test_mmfuse_bench_quick_profile_selects_the_quick_cases(tmp_path, monkeypatch):
+    # The GPU path of `mmfuse bench --profile quick`, with the suite runner replaced by a recorder.
+    seen = []
+
+    def run_suite(selected, timer):
+        seen.extend(selected)
+        return [{"ceilings": {"tflops": 700.0, "gbps": 2900.0}}]
+
+    monkeypatch.setattr(suite, "run_suite", run_suite)
+    assert cli._bench(str(tmp_path), timer=FakeTimer(), cuda=True, profile="quick") == 0
+    assert [c.name for c in seen] == [c.name for c in suite.profile_cases("quick")] and len(seen) > 20

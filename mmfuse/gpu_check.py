@@ -1,0 +1,113 @@
+"""``mmfuse gpu-check`` (``bench/gpu-check``): what a few minutes on one GPU can tell, in one command.
+
+Designed for the GPU machine a developer most likely gets for a few minutes: one H100 (or an H200),
+torch 2.11 + Triton 3.6 already installed, no network (mmfuse arrives as a wheel), about 15 minutes of
+GPU time in all with the machine's start, at most 10 minutes for one command. So the steps together
+get a budget of 8 minutes (``--budget``), run in this order, and each writes its results as it goes,
+so a step that runs out of time still leaves the earlier ones:
+
+1. ``verify``  ``mmfuse verify --device cuda``: the compiled kernels against their references;
+2. ``tests``   the value tests of the suite on CUDA tensors (``MMFUSE_TEST_DEVICE=cuda``: the same test
+               code, the interpreter off, tensors created on the GPU by default; tests that need the
+               interpreter skip themselves);
+3. ``bench``   ``mmfuse bench --profile quick``: every op family at two real shapes, mmfuse against
+               eager and the cheap strong baselines, bf16, forward and forward+backward.
+
+Each step runs in a subprocess with its share of the remaining time as a timeout (a hung kernel cannot
+eat the budget), from a directory outside the repository (so ``import mmfuse`` finds the installed
+package, not the source folder, which lacks ``mmfuse.kernels``). Results:
+``<out-dir>/gpu-check-<gpu>-<date>/`` holds each step's log and ``summary.json`` (device, torch,
+Triton, exit code and seconds per step); the benchmark writes its usual files into ``<out-dir>``.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+STEPS = ("verify", "tests", "bench")
+#: Share of the budget each step may use at most (of what is left when it starts).
+SHARES = {"verify": 0.25, "tests": 0.55, "bench": 1.0}
+#: The value-test files run on CUDA.
+VALUE_TEST_FILES = ("tests/test_linear.py", "tests/test_patch_embed.py", "tests/test_cross_attention.py")
+
+
+def step_command(step: str, out_dir: str, repo: str = REPO) -> tuple[list[str], dict]:
+    """(argv, extra environment) of one step."""
+    py = sys.executable
+    if step == "verify":
+        return [py, "-m", "mmfuse.cli", "verify", "--device", "cuda"], {}
+    if step == "tests":
+        files = [os.path.join(repo, f) for f in VALUE_TEST_FILES if os.path.exists(os.path.join(repo, f))]
+        return ([py, "-m", "pytest", "-q", "-c", os.path.join(repo, "pyproject.toml"), "--rootdir", repo,
+                 "-p", "no:cacheprovider", *files], {"MMFUSE_TEST_DEVICE": "cuda"})
+    if step == "bench":
+        return [py, "-m", "mmfuse.cli", "bench", "--profile", "quick", "--out-dir", out_dir], {}
+    raise ValueError(f"steps: expected names from {STEPS}, got {step!r}")
+
+
+def environment() -> dict:
+    import torch
+    import triton
+
+    import mmfuse
+
+    cuda = torch.cuda.is_available()
+    return {"device": torch.cuda.get_device_name() if cuda else "no CUDA device", "torch": torch.__version__,
+            "triton": triton.__version__, "mmfuse": mmfuse.__version__, "python": sys.version.split()[0]}
+
+
+def main(out_dir: str, budget_s: float = 480.0, steps=None, run=subprocess.run, env_info=None,
+         clock=time.monotonic, print=print) -> int:
+    """Run the steps in order within ``budget_s``; 0 when every step passed. ``run``/``env_info``/
+    ``clock`` are parameters so the logic is tested on CPU without a GPU."""
+    steps = list(steps or STEPS)
+    for s in steps:
+        if s not in STEPS:
+            raise ValueError(f"steps: expected names from {STEPS}, got {s!r}")
+    info = env_info() if env_info else environment()
+    out_dir = os.path.abspath(out_dir)
+    date = datetime.date.today().isoformat()
+    folder = os.path.join(out_dir, f"gpu-check-{info['device'].replace(' ', '_')}-{date}")
+    os.makedirs(folder, exist_ok=True)
+    summary = {**info, "date": date, "budget_s": budget_s, "steps": []}
+    print(f"mmfuse gpu-check: {info['device']}, torch {info['torch']}, Triton {info['triton']}; "
+          f"budget {budget_s:.0f} s; results in {folder}")
+    start = clock()
+    failed = 0
+    for step in steps:
+        left = budget_s - (clock() - start)
+        if left < 10:
+            summary["steps"].append({"step": step, "rc": None, "seconds": 0.0, "skipped": "budget spent"})
+            print(f"mmfuse gpu-check: {step}: not run, the budget is spent")
+            failed += 1
+            continue
+        timeout = left * SHARES[step]
+        argv, extra = step_command(step, out_dir)
+        log = os.path.join(folder, f"{step}.txt")
+        print(f"mmfuse gpu-check: {step} (at most {timeout:.0f} s): {' '.join(argv)}")
+        t0 = clock()
+        with open(log, "w") as f, tempfile.TemporaryDirectory() as cwd:
+            try:
+                rc = run(argv, cwd=cwd, env={**os.environ, **extra}, stdout=f, stderr=subprocess.STDOUT,
+                         timeout=timeout).returncode
+            except subprocess.TimeoutExpired:
+                rc = "timeout"
+                f.write(f"\nmmfuse gpu-check: stopped after {timeout:.0f} s\n")
+        seconds = clock() - t0
+        failed += rc != 0
+        summary["steps"].append({"step": step, "rc": rc, "seconds": round(seconds, 1), "log": os.path.basename(log)})
+        # Written after every step: a later step that runs out of time leaves the earlier results.
+        with open(os.path.join(folder, "summary.json"), "w") as f:
+            json.dump(summary, f, indent=1)
+        print(f"mmfuse gpu-check: {step}: {'ok' if rc == 0 else f'FAILED ({rc})'} in {seconds:.0f} s -> {log}")
+    with open(os.path.join(folder, "summary.json"), "w") as f:
+        json.dump(summary, f, indent=1)
+    print(f"mmfuse gpu-check: {len(steps) - failed} of {len(steps)} steps passed")
+    return 1 if failed else 0
