@@ -33,7 +33,7 @@ import torch
 import triton
 import triton.language as tl
 
-from mmfuse.kernels._common import INTERPRET, cdiv, empty, next_pow2, num_sms
+from mmfuse.kernels._common import INTERPRET, cdiv, empty, gpu_config_on, next_pow2, num_sms
 
 LOG2E = 1.4426950408889634
 
@@ -56,7 +56,7 @@ def attn_fwd_kernel(
     stride_vb, stride_vh, stride_vn, stride_vd,
     stride_os, stride_ob, stride_oh, stride_om, stride_od,
     stride_ls, stride_lb, stride_lh, stride_lm,
-    stride_mb, stride_mn,
+    stride_mb, stride_mn, stride_lens,
     Hq, Lq, Lk, D, GROUP, CHUNK, qk_scale,
     HAS_LENS: tl.constexpr, HAS_MASK: tl.constexpr, PARTIAL: tl.constexpr,
     INPUT_PRECISION: tl.constexpr, ACC_DTYPE: tl.constexpr,
@@ -83,7 +83,7 @@ def attn_fwd_kernel(
     n_start = split * CHUNK
     n_end = tl.minimum(n_start + CHUNK, Lk)
     if HAS_LENS:
-        n_end = tl.minimum(n_end, tl.load(kv_lens_ptr + b).to(tl.int32))
+        n_end = tl.minimum(n_end, tl.load(kv_lens_ptr + b * stride_lens).to(tl.int32))
     k_base = k_ptr + b * stride_kb + hkv * stride_kh
     v_base = v_ptr + b * stride_vb + hkv * stride_vh
     mask_row = mask_ptr + b * stride_mb
@@ -206,7 +206,7 @@ def attn_bwd_dkdv_kernel(
     stride_vb, stride_vh, stride_vn, stride_vd,
     stride_gb, stride_gh, stride_gm, stride_gd,
     stride_lb, stride_lh, stride_lm,
-    stride_mb, stride_mn,
+    stride_mb, stride_mn, stride_lens,
     stride_dkb, stride_dkh, stride_dkn, stride_dkd,
     stride_dvb, stride_dvh, stride_dvn, stride_dvd,
     Hkv, Lq, Lk, D, GROUP, qk_scale, sm_scale,
@@ -225,13 +225,15 @@ def attn_bwd_dkdv_kernel(
     mask_d = offs_d < D
     n_end = Lk
     if HAS_LENS:
-        n_end = tl.minimum(n_end, tl.load(kv_lens_ptr + b).to(tl.int32))
+        n_end = tl.minimum(n_end, tl.load(kv_lens_ptr + b * stride_lens).to(tl.int32))
     valid = _key_valid(offs_n, n_end, mask_ptr + b * stride_mb, stride_mn, HAS_MASK)
     kv_mask = (offs_n < Lk)[:, None] & mask_d[None, :]
+    # Keys left out are read as 0: a NaN or inf in their k or v must not reach dS (0 * NaN = NaN); they
+    # still get their dK = dV = 0 stored through kv_mask.
     k = tl.load(k_ptr + b * stride_kb + hkv * stride_kh + offs_n[:, None] * stride_kn + offs_d[None, :] * stride_kd,
-                mask=kv_mask, other=0.0)
+                mask=valid[:, None] & mask_d[None, :], other=0.0)
     v = tl.load(v_ptr + b * stride_vb + hkv * stride_vh + offs_n[:, None] * stride_vn + offs_d[None, :] * stride_vd,
-                mask=kv_mask, other=0.0)
+                mask=valid[:, None] & mask_d[None, :], other=0.0)
     dk = tl.zeros((BLOCK_N, BLOCK_D), dtype=ACC_DTYPE)
     dv = tl.zeros((BLOCK_N, BLOCK_D), dtype=ACC_DTYPE)
     for g in range(0, GROUP):
@@ -247,7 +249,8 @@ def attn_bwd_dkdv_kernel(
             lse = tl.load(lse_ptr + row, mask=mask_m, other=float("inf"))  # padded rows: P = 0
             delta = tl.load(delta_ptr + row, mask=mask_m, other=0.0)
             s = tl.dot(q, tl.trans(k), input_precision=INPUT_PRECISION).to(ACC_DTYPE) * qk_scale
-            p = tl.where(valid[None, :], tl.exp2(s - lse[:, None]), 0.0)
+            # Padding query rows too: their q = 0 meets a key of -inf as 0 * inf = NaN.
+            p = tl.where(mask_m[:, None] & valid[None, :], tl.exp2(s - lse[:, None]), 0.0)
             dv += tl.dot(tl.trans(p.to(do.dtype)), do, input_precision=INPUT_PRECISION).to(ACC_DTYPE)
             dp = tl.dot(do, tl.trans(v), input_precision=INPUT_PRECISION).to(ACC_DTYPE)
             ds = p * (dp - delta[:, None])
@@ -266,7 +269,7 @@ def attn_bwd_dq_kernel(
     stride_vb, stride_vh, stride_vn, stride_vd,
     stride_gb, stride_gh, stride_gm, stride_gd,
     stride_lb, stride_lh, stride_lm,
-    stride_mb, stride_mn,
+    stride_mb, stride_mn, stride_lens,
     stride_dqs, stride_dqb, stride_dqh, stride_dqm, stride_dqd,
     Hq, Lq, Lk, D, GROUP, BATCH_LOOP, BATCH_CHUNK, qk_scale, sm_scale,
     HAS_LENS: tl.constexpr, HAS_MASK: tl.constexpr,
@@ -300,7 +303,7 @@ def attn_bwd_dq_kernel(
         delta = tl.load(delta_ptr + row, mask=mask_m, other=0.0)
         n_end = Lk
         if HAS_LENS:
-            n_end = tl.minimum(n_end, tl.load(kv_lens_ptr + b).to(tl.int32))
+            n_end = tl.minimum(n_end, tl.load(kv_lens_ptr + b * stride_lens).to(tl.int32))
         for n0 in range(0, n_end, BLOCK_N):
             offs_n = n0 + tl.arange(0, BLOCK_N)
             valid = _key_valid(offs_n, n_end, mask_ptr + b * stride_mb, stride_mn, HAS_MASK)
@@ -343,7 +346,7 @@ def gpu_blocks(Lq: int, D: int, backward: bool = False, elem_bytes: int = 2) -> 
 
 
 def blocks_for(Lq: int, D: int, backward: bool = False, elem_bytes: int = 2) -> dict:
-    if INTERPRET:
+    if INTERPRET and not gpu_config_on():
         return dict(INTERPRETER_BLOCKS, num_warps=4, num_stages=1)
     return gpu_blocks(Lq, D, backward, elem_bytes)
 
@@ -378,10 +381,11 @@ def _strides4(t):
 
 
 def _mask_args(kv_lens, key_mask, like):
+    """(lens, mask, (stride_mb, stride_mn, stride_lens)): any views (strided, expanded) are read in place."""
     lens = kv_lens if kv_lens is not None else like
     mask = key_mask.view(torch.uint8) if key_mask is not None else like
     stride_m = (mask.stride(0), mask.stride(1)) if key_mask is not None else (0, 0)
-    return lens, mask, stride_m
+    return lens, mask, (*stride_m, kv_lens.stride(0) if kv_lens is not None else 0)
 
 
 def attention_fwd(q, k, v, kv_lens, key_mask, scale, splits=None, acc=torch.float32, precision="ieee"):
@@ -403,7 +407,7 @@ def attention_fwd(q, k, v, kv_lens, key_mask, scale, splits=None, acc=torch.floa
     splits = max(1, min(int(splits), key_blocks))
     chunk = cdiv(key_blocks, splits) * BN
     splits = cdiv(max(Lk, 1), chunk)
-    lens, mask, (smb, smn) = _mask_args(kv_lens, key_mask, lse)
+    lens, mask, mask_strides = _mask_args(kv_lens, key_mask, lse)
     if splits == 1:
         o_t, l_t = o, lse
         os_, ls_ = [0, *o.stride()], [0, *lse.stride()]
@@ -413,7 +417,7 @@ def attention_fwd(q, k, v, kv_lens, key_mask, scale, splits=None, acc=torch.floa
         os_, ls_ = list(o_t.stride()), list(l_t.stride())
     grid = (cdiv(Lq, BM), B * Hq, splits)
     _attn_fwd[grid](
-        q, k, v, o_t, l_t, lens, mask, *qs, *_strides4(k), *_strides4(v), *os_, *ls_, smb, smn,
+        q, k, v, o_t, l_t, lens, mask, *qs, *_strides4(k), *_strides4(v), *os_, *ls_, *mask_strides,
         Hq, Lq, Lk, D, Hq // Hkv, chunk, float(scale * LOG2E),
         HAS_LENS=kv_lens is not None, HAS_MASK=key_mask is not None, PARTIAL=splits > 1,
         INPUT_PRECISION=precision, ACC_DTYPE=_tl_acc(acc), BLOCK_M=BM, BLOCK_N=BN, BLOCK_D=BD,
@@ -422,7 +426,7 @@ def attention_fwd(q, k, v, kv_lens, key_mask, scale, splits=None, acc=torch.floa
     if splits > 1:
         attn_combine_kernel[(cdiv(Lq, BM), B * Hq)](
             o_t, l_t, o, lse, *o_t.stride(), *l_t.stride(), *o.stride(), *lse.stride(), Hq, Lq, D, splits,
-            ACC_DTYPE=_tl_acc(acc), BLOCK_M=BM, BLOCK_D=BD, num_warps=4,
+            ACC_DTYPE=_tl_acc(acc), BLOCK_M=BM, BLOCK_D=BD, num_warps=4, num_stages=1,
         )
     return o, lse
 
@@ -439,14 +443,14 @@ def attention_bwd(do, q, k, v, o, lse, kv_lens, key_mask, scale, need_q=True, ne
     if Bq == 1:
         qs[0] = 0
     delta = empty((B, Hq, Lq), dtype=acc, device=q.device)
-    lens, mask, (smb, smn) = _mask_args(kv_lens, key_mask, delta)
+    lens, mask, mask_strides = _mask_args(kv_lens, key_mask, delta)
     common = dict(HAS_LENS=kv_lens is not None, HAS_MASK=key_mask is not None, INPUT_PRECISION=precision,
                   ACC_DTYPE=_tl_acc(acc), BLOCK_M=BM, BLOCK_N=BN, BLOCK_D=BD,
                   num_warps=blk["num_warps"], num_stages=blk["num_stages"])
     if delta.numel():
         attn_delta_kernel[(cdiv(Lq, BM), B * Hq)](
             o, do, delta, *_strides4(o), *_strides4(do), *delta.stride(), Hq, Lq, D,
-            ACC_DTYPE=_tl_acc(acc), BLOCK_M=BM, BLOCK_D=BD, num_warps=4)
+            ACC_DTYPE=_tl_acc(acc), BLOCK_M=BM, BLOCK_D=BD, num_warps=4, num_stages=1)
     dq = dk = dv = None
     if need_kv:
         dk = empty(k.shape, dtype=k.dtype, device=k.device)
@@ -454,12 +458,14 @@ def attention_bwd(do, q, k, v, o, lse, kv_lens, key_mask, scale, need_q=True, ne
         if dk.numel():
             attn_bwd_dkdv_kernel[(cdiv(Lk, BN), B * Hkv)](
                 q, k, v, do, lse, delta, dk, dv, lens, mask,
-                *qs, *_strides4(k), *_strides4(v), *_strides4(do), *lse.stride(), smb, smn,
+                *qs, *_strides4(k), *_strides4(v), *_strides4(do), *lse.stride(), *mask_strides,
                 *_strides4(dk), *_strides4(dv),
                 Hkv, Lq, Lk, D, Hq // Hkv, float(scale * LOG2E), float(scale), **common)
     if need_q:
         dq = empty(q.shape, dtype=q.dtype, device=q.device)
-        if dq.numel():
+        if dq.numel() and B == 0:  # shared queries over an empty batch: an empty sum
+            dq.zero_()
+        elif dq.numel():
             batch_loop = B if Bq == 1 else 1
             splits = dq_splits if dq_splits is not None else choose_splits(
                 cdiv(Lq, BM) * Bq * Hq, batch_loop, num_sms(q.device))
@@ -469,7 +475,7 @@ def attention_bwd(do, q, k, v, o, lse, kv_lens, key_mask, scale, need_q=True, ne
             target = empty((splits, *q.shape), dtype=acc, device=q.device) if splits > 1 else dq
             attn_bwd_dq_kernel[(cdiv(Lq, BM), Bq * Hq, splits)](
                 q, k, v, do, lse, delta, target, lens, mask,
-                *qs, *_strides4(k), *_strides4(v), *_strides4(do), *lse.stride(), smb, smn,
+                *qs, *_strides4(k), *_strides4(v), *_strides4(do), *lse.stride(), *mask_strides,
                 target.stride(0) if splits > 1 else 0, *_strides4(target[0] if splits > 1 else dq),
                 Hq, Lq, Lk, D, Hq // Hkv, batch_loop, chunk, float(scale * LOG2E), float(scale), **common)
             if splits > 1:
@@ -530,13 +536,14 @@ def aot_specs():
                             **dict(zip(["stride_vb", "stride_vh", "stride_vn", "stride_vd"], k_s)),
                             **dict(zip(["stride_os", "stride_ob", "stride_oh", "stride_om", "stride_od"], op_s)),
                             **dict(zip(["stride_ls", "stride_lb", "stride_lh", "stride_lm"], lp_s)),
-                            stride_mb=Lk, stride_mn=1, Hq=Hq, Lq=Lq, Lk=Lk, D=D, GROUP=Hq // Hkv,
+                            stride_mb=Lk, stride_mn=1, stride_lens=1, Hq=Hq, Lq=Lq, Lk=Lk, D=D, GROUP=Hq // Hkv,
                             CHUNK=cdiv(cdiv(Lk, BN), splits) * BN, qk_scale=0.1)
                 cx = dict(common, PARTIAL=True, EVEN_D=D == BD, EVEN_N=False)
                 specs.append(spec("attn_fwd_kernel", attn_fwd_kernel, "split-KV partial, lens+mask", dtype, ptr, D,
                                   args, cx, precision == "tf32" or ptr != "*fp32", warps, stages))
                 if dtype == "fp16" and D in (64, 128):  # the mask-free path: no padding, 4096 keys
-                    even = dict(args, o_ptr=ptr, lse_ptr="*fp32", Lk=4096, stride_os=0, stride_ls=0,
+                    # Without kv_lens / key_mask the launcher passes the lse buffer for both pointers.
+                    even = dict(args, o_ptr=ptr, lse_ptr="*fp32", kv_lens_ptr="*fp32", mask_ptr="*fp32", Lk=4096, stride_os=0, stride_ls=0,
                                 **dict(zip(["stride_ob", "stride_oh", "stride_om", "stride_od"], o_s)),
                                 **dict(zip(["stride_lb", "stride_lh", "stride_lm"], strides(B, Hq, Lq))),
                                 CHUNK=4096, **dict(zip(["stride_kb", "stride_kh", "stride_kn", "stride_kd"],
@@ -553,7 +560,8 @@ def aot_specs():
                             **dict(zip(["stride_vb", "stride_vh", "stride_vn", "stride_vd"], k_s)),
                             **dict(zip(["stride_gb", "stride_gh", "stride_gm", "stride_gd"], o_s)),
                             **dict(zip(["stride_lb", "stride_lh", "stride_lm"], l_s)),
-                            kv_lens_ptr="*i32", mask_ptr="*u8", stride_mb=Lk, stride_mn=1, Lq=Lq, Lk=Lk, D=D,
+                            kv_lens_ptr="*i32", mask_ptr="*u8", stride_mb=Lk, stride_mn=1, stride_lens=1, Lq=Lq,
+                            Lk=Lk, D=D,
                             GROUP=Hq // Hkv, qk_scale=0.1, sm_scale=0.1)
                 if name == "dkdv":
                     args = dict(base, dk_ptr=ptr, dv_ptr=ptr, Hkv=Hkv,
@@ -587,5 +595,6 @@ def aot_specs():
                 **dict(zip(["stride_gb", "stride_gh", "stride_gm", "stride_gd"], o_s)),
                 **dict(zip(["stride_db", "stride_dh", "stride_dm"], l_s)), Hq=Hq, Lq=Lq, D=D)
     specs.append(spec("attn_delta_kernel", attn_delta_kernel, "rowsum(dO*O)", "fp16", "*fp16", D, args,
-                      dict(ACC_DTYPE=tl.float32, BLOCK_M=64, BLOCK_D=BD), False, 4, 1))
+                      dict(ACC_DTYPE=tl.float32, BLOCK_M=gpu_blocks(Lq, D, backward=True)["BLOCK_M"], BLOCK_D=BD),
+                      False, 4, 1))
     return specs
