@@ -543,7 +543,8 @@ def aot_specs():
                                   args, cx, precision == "tf32" or ptr != "*fp32", warps, stages))
                 if dtype == "fp16" and D in (64, 128):  # the mask-free path: no padding, 4096 keys
                     # Without kv_lens / key_mask the launcher passes the lse buffer for both pointers.
-                    even = dict(args, o_ptr=ptr, lse_ptr="*fp32", kv_lens_ptr="*fp32", mask_ptr="*fp32", Lk=4096, stride_os=0, stride_ls=0,
+                    even = dict(args, o_ptr=ptr, lse_ptr="*fp32", kv_lens_ptr="*fp32", mask_ptr="*fp32", Lk=4096,
+                                stride_os=0, stride_ls=0,
                                 **dict(zip(["stride_ob", "stride_oh", "stride_om", "stride_od"], o_s)),
                                 **dict(zip(["stride_lb", "stride_lh", "stride_lm"], strides(B, Hq, Lq))),
                                 CHUNK=4096, **dict(zip(["stride_kb", "stride_kh", "stride_kn", "stride_kd"],
