@@ -249,8 +249,9 @@ def attn_bwd_dkdv_kernel(
             lse = tl.load(lse_ptr + row, mask=mask_m, other=float("inf"))  # padded rows: P = 0
             delta = tl.load(delta_ptr + row, mask=mask_m, other=0.0)
             s = tl.dot(q, tl.trans(k), input_precision=INPUT_PRECISION).to(ACC_DTYPE) * qk_scale
-            # Padding query rows too: their q = 0 meets a key of -inf as 0 * inf = NaN.
-            p = tl.where(mask_m[:, None] & valid[None, :], tl.exp2(s - lse[:, None]), 0.0)
+            # Padding query rows too: their q = 0 meets a key of -inf as 0 * inf = NaN. (Selecting before
+            # the exp2, not after, is what kept D = 256 spill-free on Triton 3.6's sm_90.)
+            p = tl.exp2(tl.where(mask_m[:, None] & valid[None, :], s - lse[:, None], float("-inf")))
             dv += tl.dot(tl.trans(p.to(do.dtype)), do, input_precision=INPUT_PRECISION).to(ACC_DTYPE)
             dp = tl.dot(do, tl.trans(v), input_precision=INPUT_PRECISION).to(ACC_DTYPE)
             ds = p * (dp - delta[:, None])
