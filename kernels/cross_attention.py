@@ -228,12 +228,10 @@ def attn_bwd_dkdv_kernel(
         n_end = tl.minimum(n_end, tl.load(kv_lens_ptr + b * stride_lens).to(tl.int32))
     valid = _key_valid(offs_n, n_end, mask_ptr + b * stride_mb, stride_mn, HAS_MASK)
     kv_mask = (offs_n < Lk)[:, None] & mask_d[None, :]
-    # Keys left out are read as 0: a NaN or inf in their k or v must not reach dS (0 * NaN = NaN); they
-    # still get their dK = dV = 0 stored through kv_mask.
     k = tl.load(k_ptr + b * stride_kb + hkv * stride_kh + offs_n[:, None] * stride_kn + offs_d[None, :] * stride_kd,
-                mask=valid[:, None] & mask_d[None, :], other=0.0)
+                mask=kv_mask, other=0.0)
     v = tl.load(v_ptr + b * stride_vb + hkv * stride_vh + offs_n[:, None] * stride_vn + offs_d[None, :] * stride_vd,
-                mask=valid[:, None] & mask_d[None, :], other=0.0)
+                mask=kv_mask, other=0.0)
     dk = tl.zeros((BLOCK_N, BLOCK_D), dtype=ACC_DTYPE)
     dv = tl.zeros((BLOCK_N, BLOCK_D), dtype=ACC_DTYPE)
     for g in range(0, GROUP):
@@ -249,15 +247,18 @@ def attn_bwd_dkdv_kernel(
             lse = tl.load(lse_ptr + row, mask=mask_m, other=float("inf"))  # padded rows: P = 0
             delta = tl.load(delta_ptr + row, mask=mask_m, other=0.0)
             s = tl.dot(q, tl.trans(k), input_precision=INPUT_PRECISION).to(ACC_DTYPE) * qk_scale
-            # Padding query rows too: their q = 0 meets a key of -inf as 0 * inf = NaN. (Selecting before
-            # the exp2, not after, is what kept D = 256 spill-free on Triton 3.6's sm_90.)
+            # Padding query rows are left out too: their q = 0 meets a key of -inf as 0 * inf = NaN.
+            # (Selecting before the exp2 kept D = 256 spill-free on Triton 3.6-3.8 sm_90; after it, not.)
             p = tl.exp2(tl.where(mask_m[:, None] & valid[None, :], s - lse[:, None], float("-inf")))
             dv += tl.dot(tl.trans(p.to(do.dtype)), do, input_precision=INPUT_PRECISION).to(ACC_DTYPE)
             dp = tl.dot(do, tl.trans(v), input_precision=INPUT_PRECISION).to(ACC_DTYPE)
             ds = p * (dp - delta[:, None])
             dk += tl.dot(tl.trans(ds.to(q.dtype)), q, input_precision=INPUT_PRECISION).to(ACC_DTYPE)
     out = b * stride_dkb + hkv * stride_dkh + offs_n[:, None] * stride_dkn + offs_d[None, :] * stride_dkd
-    tl.store(dk_ptr + out, (dk * sm_scale).to(dk_ptr.dtype.element_ty), mask=kv_mask)
+    # A key left out has P = 0, but a NaN in its v still reaches its dS column as 0 * NaN: its dK is 0.
+    # (Once here, not per query block: masking the K/V loads by ``valid`` spilled at D = 256.)
+    dk = tl.where(valid[:, None], dk * sm_scale, 0.0)
+    tl.store(dk_ptr + out, dk.to(dk_ptr.dtype.element_ty), mask=kv_mask)
     out = b * stride_dvb + hkv * stride_dvh + offs_n[:, None] * stride_dvn + offs_d[None, :] * stride_dvd
     tl.store(dv_ptr + out, dv.to(dv_ptr.dtype.element_ty), mask=kv_mask)
 

@@ -40,6 +40,7 @@ PTR = {torch.float16: "*fp16", torch.bfloat16: "*bf16", torch.float32: "*fp32", 
 #: Triton's launch defaults on CUDA, for launches that pass no num_warps / num_stages.
 DEFAULT_WARPS, DEFAULT_STAGES = 4, 3
 RAGGED = 11  # added to a tile multiple: odd, and no multiple of any block
+ACT_NAMES = {code: name for name, code in _common.ACTIVATIONS.items()}
 
 
 def _cx(spec):
@@ -59,9 +60,14 @@ def run_key(spec):
     bk2 = cx.get("BLOCK_K", 0) * (2 if spec.dtype.startswith("fp32") else 1)
     if name == "fused_gemm_kernel":
         tile = (cx["BLOCK_M"], cx["BLOCK_N"], bk2, spec.num_warps, spec.num_stages)
-        return ("linear", spec.variant, spec.dtype, tile, cx["EVEN_K"])
+        # Which GEMM of a Linear / MLP this is, from its epilogue flags (not from the variant's words).
+        kind = "dW" if cx["ROWSUM_A"] else "dX*act'" if cx["ACT_GRAD"] else \
+            "fwd+aux" if cx["STORE_AUX"] else "fwd"
+        bias = cx["ROWSUM_A"] if kind == "dW" else cx["HAS_BIAS"]  # dW's epilogue has no bias; db is ROWSUM_A
+        return ("linear", kind, ACT_NAMES[cx["ACTIVATION"]], bias, spec.dtype, tile, cx["EVEN_K"])
     if name == "act_grad_kernel":
-        return ("linear", spec.variant, spec.dtype, (cx["BLOCK_M"], cx["BLOCK_N"]), None)
+        return ("linear", "act'", ACT_NAMES[cx["ACTIVATION"]], True, spec.dtype, (cx["BLOCK_M"], cx["BLOCK_N"]),
+                None)
     if name.startswith("patch_embed_") and name.endswith("_kernel") and "EVEN_K" in cx:
         args = dict(spec.args)
         T, P, run = cx["T"], cx["P"], cx.get("RUN", None)
@@ -182,30 +188,31 @@ def _red(block_k, even_k):
 # ----------------------------------------------------------------------------------------------
 # The runs
 # ----------------------------------------------------------------------------------------------
-def run_linear(variant, dtype, tile, even_k):
-    if len(tile) == 2:  # act_grad_kernel: its block is fixed; a Linear + GELU backward launches it
+def run_linear(kind, act, bias, dtype, tile, even_k):
+    """One Linear (or a 2-layer MLP for the hidden layer's dX * act'(h)) whose targeted GEMM spans two
+    ragged tiles of ``tile`` in its output and reduces over 2 BLOCK_K (+ a tail unless EVEN_K)."""
+    if kind == "act'":  # act_grad_kernel: its block is fixed; a Linear + activation backward launches it
         M, N, K = tile[0] + RAGGED, tile[1] + RAGGED, 24
-        x, w, b = torch.randn(M, K, dtype=dtype), torch.randn(N, K, dtype=dtype) / K ** 0.5, torch.randn(N, dtype=dtype)
-        return assert_matches_reference(lambda x, w, b: mmfuse.linear(x, w, b, "gelu"),
-                                        lambda x, w, b: linear_reference(x, w, b, "gelu"), [x, w, b], ["x", "w", "b"])
-    bm, bn, bk = tile[0], tile[1], _block_k(tile, dtype)
-    rows, cols, red = bm + RAGGED, bn + RAGGED, _red(bk, even_k)
-    if variant.startswith("fwd"):  # y = gelu(x W^T + b): GEMM (M, N, K)
-        M, N, K = rows, cols, red
-    elif variant.startswith("dW"):  # dW = dY^T X: GEMM (N, K, M), db from its loads
-        M, N, K = red, rows, cols
-    else:  # dX * gelu'(h_prev), the MLP's hidden-layer backward: GEMM (M, N1, N2)
-        M, N1, N2 = rows, cols, red
+    else:
+        bm, bn, bk = tile[0], tile[1], _block_k(tile, dtype)
+        rows, cols, red = bm + RAGGED, bn + RAGGED, _red(bk, even_k)
+        # GEMM (rows, cols, red) is (M, N, K) forward, (N, K, M) for dW, (M, N1, N2) for the MLP's dX.
+        M, N, K = {"fwd": (rows, cols, red), "fwd+aux": (rows, cols, red), "dW": (red, rows, cols),
+                   "dX*act'": (rows, cols, red)}[kind]
+    if kind == "dX*act'":
+        M, N1, N2 = M, N, K
         x = torch.randn(M, 24, dtype=dtype)
         ws = [torch.randn(N1, 24, dtype=dtype) / 24 ** 0.5, torch.randn(N2, N1, dtype=dtype) / N1 ** 0.5]
         bs = [torch.randn(N1, dtype=dtype), torch.randn(N2, dtype=dtype)]
-        return assert_matches_reference(lambda x, *p: mmfuse.mlp(x, p[:2], p[2:]),
-                                        lambda x, *p: mlp_reference(x, p[:2], p[2:]), [x, *ws, *bs],
+        return assert_matches_reference(lambda x, *p: mmfuse.mlp(x, p[:2], p[2:], activation=act),
+                                        lambda x, *p: mlp_reference(x, p[:2], p[2:], activation=act), [x, *ws, *bs],
                                         ["x", "w0", "w1", "b0", "b1"])
-    act = "gelu" if variant.startswith("fwd") else None
-    x, w, b = torch.randn(M, K, dtype=dtype), torch.randn(N, K, dtype=dtype) / K ** 0.5, torch.randn(N, dtype=dtype)
-    return assert_matches_reference(lambda x, w, b: mmfuse.linear(x, w, b, act),
-                                    lambda x, w, b: linear_reference(x, w, b, act), [x, w, b], ["x", "w", "b"])
+    x, w = torch.randn(M, K, dtype=dtype), torch.randn(N, K, dtype=dtype) / K ** 0.5
+    inputs = [x, w, torch.randn(N, dtype=dtype)] if bias else [x, w]
+    names = ["x", "weight", "bias"][:len(inputs)]
+    # A forward that stores no pre-activation is the inference forward: values only, no autograd.
+    _values_and_grads(lambda *t: mmfuse.linear(*t, activation=act), lambda *t: linear_reference(*t, activation=act),
+                      inputs, names, () if kind == "fwd" else tuple(names))
 
 
 def run_patch_embed(name, dtype, tile, even_k, geometry):
@@ -264,10 +271,10 @@ def run_cross_attention(D, dtype, even):
 def _execute(key):
     family, *params = key
     if family == "linear":
-        variant, dtype_name, tile, even_k = params
+        kind, act, bias, dtype_name, tile, even_k = params
         tiles = {"fused_gemm_kernel": tile} if len(tile) == 5 else {}
         with _tf32(dtype_name == "fp32-tf32"), _common.gpu_config(tiles):
-            run_linear(variant, DTYPES[dtype_name], tile, even_k)
+            run_linear(kind, act, bias, DTYPES[dtype_name], tile, even_k)
     elif family == "patch_embed":
         name, dtype_name, tile, even_k, geometry = params
         with _tf32(dtype_name == "fp32-tf32"), _common.gpu_config({name: tile} if len(tile) == 5 else {}):
