@@ -243,3 +243,28 @@ def test_pos_grad_is_rounded_once(shape, dtype):
     _, e = torch.frexp(exact)
     ulp = torch.ldexp(torch.ones_like(exact), e - 1 - {torch.float16: 10, torch.bfloat16: 7}[dtype])
     assert ((pos.grad.double() - exact).abs() <= 0.5 * ulp * (1 + 2 ** -10)).all()
+
+
+# ----------------------------------------------------------------------------------------------
+# The interpreter rounds fp32 -> bf16 to nearest even, as a GPU does (mmfuse/_interpreter.py)
+# ----------------------------------------------------------------------------------------------
+def test_interpreted_bf16_cast_rounds_to_nearest_even():
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def cast(x_ptr, y_ptr, z_ptr, N: tl.constexpr):
+        offs = tl.arange(0, N)
+        x = tl.load(x_ptr + offs)
+        tl.store(y_ptr + offs, x.to(tl.bfloat16))  # explicit cast
+        tl.store(z_ptr + offs, x)  # implicit cast by the store
+
+    nan_low_bits = torch.tensor([0x7F800001], dtype=torch.int32).view(torch.float32)
+    x = torch.cat([torch.tensor([1 + 2 ** -8 + 2 ** -10, 1 + 2 ** -9, 1 + 3 * 2 ** -9, float("inf"), -1e-40, 3e38,
+                                 -2.5]), nan_low_bits]).float()
+    y, z = torch.empty(8, dtype=torch.bfloat16), torch.empty(8, dtype=torch.bfloat16)
+    cast[(1,)](x, y, z, N=8)
+    want = x.to(torch.bfloat16)  # torch rounds to nearest even, as cvt.rn.bf16.f32 does
+    assert y[0].item() == 1.0078125 and torch.isnan(y[7])
+    assert torch.equal(y.view(torch.int16)[:7], want.view(torch.int16)[:7])
+    assert torch.equal(z.view(torch.int16)[:7], want.view(torch.int16)[:7]) and torch.isnan(z[7])
