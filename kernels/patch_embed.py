@@ -320,8 +320,8 @@ for _name, (_fn, _rows, _cols, _red, _ptr) in _GEMMS.items():
     )(_even(_fn))
 
 
-def _launch(name, rows, cols, args, flags, elem_bytes, tile=None):
-    tile = tile or forced_tile(_GEMMS[name][0].fn.__name__)
+def _launch(name, rows, cols, args, flags, elem_bytes):
+    tile = forced_tile(_GEMMS[name][0].fn.__name__)  # a GPU tile chosen by the tests (gpu_config), else None
     if INTERPRET or tile is not None:
         bm, bn, bk, warps, stages = INTERPRETER_TILE if tile is None else tile
         if tile is not None:  # a GPU tile: BLOCK_K as the GPU takes it
@@ -390,7 +390,7 @@ def pack_weight(weight5):
     return packed, K
 
 
-def patch_embed_fwd(pixels5, weight5, bias=None, pos=None, out=None, packed=None, tile=None):
+def patch_embed_fwd(pixels5, weight5, bias=None, pos=None, out=None, packed=None):
     """out (B, N, D) = patches(pixels5) @ weight5.flatten(1)^T + bias + pos.
 
     ``pos``: None or a (B, N, D) view (stride 0 where broadcast). ``out``: None (allocated) or a
@@ -410,11 +410,11 @@ def patch_embed_fwd(pixels5, weight5, bias=None, pos=None, out=None, packed=None
             *out.stride())
     flags = dict(T=T, P=P, RUN=next_pow2(P), HAS_BIAS=bias is not None, HAS_POS=pos is not None,
                  INPUT_PRECISION=dot_precision(pixels5.dtype), ACC_DTYPE=acc_dtype(pixels5.dtype))
-    _launch("fwd", M, D, args, flags, pixels5.element_size(), tile)
+    _launch("fwd", M, D, args, flags, pixels5.element_size())
     return out
 
 
-def patch_embed_dx(dout, weight5, pixel_shape, packed=None, tile=None):
+def patch_embed_dx(dout, weight5, pixel_shape, packed=None):
     """dpixels (contiguous, ``pixel_shape`` 5-D) from dOut (B, N, D): a permutation of dOut @ W.
     ``packed``: the forward's ``pack_weight(weight5)`` if kept, else packed here."""
     dpix = empty(pixel_shape, dtype=dout.dtype, device=dout.device)
@@ -429,11 +429,11 @@ def patch_embed_dx(dout, weight5, pixel_shape, packed=None, tile=None):
     args = (dout, w_runs, dpix, M, D, K, GF, GH, GW, *dout.stride(), w_runs.stride(0), *_strides5(dpix))
     flags = dict(T=T, P=P, RUN=next_pow2(P), INPUT_PRECISION=dot_precision(dout.dtype),
                  ACC_DTYPE=acc_dtype(dout.dtype))
-    _launch("dx", M, K, args, flags, dout.element_size(), tile)
+    _launch("dx", M, K, args, flags, dout.element_size())
     return dpix
 
 
-def patch_embed_dw(dout, pixels5, weight_shape, with_bias: bool, tile=None):
+def patch_embed_dw(dout, pixels5, weight_shape, with_bias: bool):
     """(dW (D, K) contiguous, db (D,) or None): dOut^T @ patches(pixels5), db from the same loads."""
     D = weight_shape[0]
     dw = empty((D, weight_shape[1] * weight_shape[2] * weight_shape[3] * weight_shape[4]), dtype=dout.dtype,
@@ -453,7 +453,7 @@ def patch_embed_dw(dout, pixels5, weight_shape, with_bias: bool, tile=None):
             *dout.stride(), *_strides5(pixels5), *dw.stride())
     flags = dict(T=T, P=P, ROWSUM_A=db is not None, INPUT_PRECISION=dot_precision(dout.dtype),
                  ACC_DTYPE=acc_dtype(dout.dtype))
-    _launch("dw", D, K, args, flags, dout.element_size(), tile)
+    _launch("dw", D, K, args, flags, dout.element_size())
     return dw, db
 
 
