@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import math
 
 import torch
@@ -98,8 +99,35 @@ def num_sms(device: torch.device | None) -> int:
         return torch.cuda.get_device_properties(device).multi_processor_count
     return H100_SMS
 
+# ----------------------------------------------------------------------------------------------
+# GPU configs under the interpreter (tests/test_gpu_configs.py)
+# ----------------------------------------------------------------------------------------------
+#: Set by ``gpu_config``; None = launchers use their small interpreter blocks.
+_GPU_TILES: dict | None = None
+
+@contextlib.contextmanager
+def gpu_config(tiles: dict | None = None):
+    """Launch what a GPU would launch, also under the interpreter: attention takes its GPU blocks, and
+    a GEMM kernel named in ``tiles`` ({kernel function name: (BLOCK_M, BLOCK_N, BLOCK_K for 2-byte
+    dtypes, warps, stages)}) takes that tile, BLOCK_K halved for 4-byte dtypes as on the GPU (which
+    autotunes among its tiles: the interpreter cannot benchmark, so the caller picks one). Lets the
+    tests execute every config the compile check compiles."""
+    global _GPU_TILES
+    old, _GPU_TILES = _GPU_TILES, dict(tiles or {})
+    try:
+        yield
+    finally:
+        _GPU_TILES = old
+
+def gpu_config_on() -> bool:
+    return _GPU_TILES is not None
+
+def forced_tile(kernel_name: str):
+    """The tile ``gpu_config`` set for this GEMM kernel, or None."""
+    return None if _GPU_TILES is None else _GPU_TILES.get(kernel_name)
+
 __all__ = [
     "INTERPRET", "ACT_NONE", "ACT_GELU", "ACT_GELU_TANH", "ACTIVATIONS", "apply_activation",
     "activation_grad", "grouped_tile", "KERNEL_DTYPES", "acc_dtype", "dot_precision", "POISON_OUTPUTS", "empty",
-    "cdiv", "next_pow2", "H100_SMS", "num_sms",
+    "cdiv", "next_pow2", "H100_SMS", "num_sms", "gpu_config", "gpu_config_on", "forced_tile",
 ]

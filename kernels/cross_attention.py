@@ -33,7 +33,7 @@ import torch
 import triton
 import triton.language as tl
 
-from mmfuse.kernels._common import INTERPRET, cdiv, empty, next_pow2, num_sms
+from mmfuse.kernels._common import INTERPRET, cdiv, empty, gpu_config_on, next_pow2, num_sms
 
 LOG2E = 1.4426950408889634
 
@@ -56,7 +56,7 @@ def attn_fwd_kernel(
     stride_vb, stride_vh, stride_vn, stride_vd,
     stride_os, stride_ob, stride_oh, stride_om, stride_od,
     stride_ls, stride_lb, stride_lh, stride_lm,
-    stride_mb, stride_mn,
+    stride_mb, stride_mn, stride_lens,
     Hq, Lq, Lk, D, GROUP, CHUNK, qk_scale,
     HAS_LENS: tl.constexpr, HAS_MASK: tl.constexpr, PARTIAL: tl.constexpr,
     INPUT_PRECISION: tl.constexpr, ACC_DTYPE: tl.constexpr,
@@ -83,7 +83,7 @@ def attn_fwd_kernel(
     n_start = split * CHUNK
     n_end = tl.minimum(n_start + CHUNK, Lk)
     if HAS_LENS:
-        n_end = tl.minimum(n_end, tl.load(kv_lens_ptr + b).to(tl.int32))
+        n_end = tl.minimum(n_end, tl.load(kv_lens_ptr + b * stride_lens).to(tl.int32))
     k_base = k_ptr + b * stride_kb + hkv * stride_kh
     v_base = v_ptr + b * stride_vb + hkv * stride_vh
     mask_row = mask_ptr + b * stride_mb
@@ -208,7 +208,7 @@ def attn_bwd_dkdv_kernel(
     stride_vb, stride_vh, stride_vn, stride_vd,
     stride_gb, stride_gh, stride_gm, stride_gd,
     stride_lb, stride_lh, stride_lm,
-    stride_mb, stride_mn,
+    stride_mb, stride_mn, stride_lens,
     stride_dkb, stride_dkh, stride_dkn, stride_dkd,
     stride_dvb, stride_dvh, stride_dvn, stride_dvd,
     Hkv, Lq, Lk, D, GROUP, qk_scale, sm_scale,
@@ -227,7 +227,7 @@ def attn_bwd_dkdv_kernel(
     mask_d = offs_d < D
     n_end = Lk
     if HAS_LENS:
-        n_end = tl.minimum(n_end, tl.load(kv_lens_ptr + b).to(tl.int32))
+        n_end = tl.minimum(n_end, tl.load(kv_lens_ptr + b * stride_lens).to(tl.int32))
     valid = _key_valid(offs_n, n_end, mask_ptr + b * stride_mb, stride_mn, HAS_MASK)
     kv_mask = (offs_n < Lk)[:, None] & mask_d[None, :]
     k = tl.load(k_ptr + b * stride_kb + hkv * stride_kh + offs_n[:, None] * stride_kn + offs_d[None, :] * stride_kd,
@@ -249,13 +249,19 @@ def attn_bwd_dkdv_kernel(
             lse = tl.load(lse_ptr + row, mask=mask_m, other=float("inf"))  # padded rows: P = 0
             delta = tl.load(delta_ptr + row, mask=mask_m, other=0.0)
             qk = tl.dot(q, tl.trans(k), input_precision=INPUT_PRECISION).to(ACC_DTYPE)
-            p = tl.where(valid[None, :], tl.exp2(tl.fma(qk, qk_scale, -lse[:, None])), 0.0)
+            # Padding query rows are left out too: their q = 0 meets a key of -inf as 0 * inf = NaN.
+            # (Selecting before the exp2 kept D = 256 spill-free on Triton 3.6-3.8 sm_90; after it, not.)
+            p = tl.exp2(tl.where(mask_m[:, None] & valid[None, :], tl.fma(qk, qk_scale, -lse[:, None]),
+                                 float("-inf")))
             dv += tl.dot(tl.trans(p.to(do.dtype)), do, input_precision=INPUT_PRECISION).to(ACC_DTYPE)
             dp = tl.dot(do, tl.trans(v), input_precision=INPUT_PRECISION).to(ACC_DTYPE)
             ds = p * (dp - delta[:, None])
             dk += tl.dot(tl.trans(ds.to(q.dtype)), q, input_precision=INPUT_PRECISION).to(ACC_DTYPE)
     out = b * stride_dkb + hkv * stride_dkh + offs_n[:, None] * stride_dkn + offs_d[None, :] * stride_dkd
-    tl.store(dk_ptr + out, (dk * sm_scale).to(dk_ptr.dtype.element_ty), mask=kv_mask)
+    # A key left out has P = 0, but a NaN in its v still reaches its dS column as 0 * NaN: its dK is 0.
+    # (Once here, not per query block: masking the K/V loads by ``valid`` spilled at D = 256.)
+    dk = tl.where(valid[:, None], dk * sm_scale, 0.0)
+    tl.store(dk_ptr + out, dk.to(dk_ptr.dtype.element_ty), mask=kv_mask)
     out = b * stride_dvb + hkv * stride_dvh + offs_n[:, None] * stride_dvn + offs_d[None, :] * stride_dvd
     tl.store(dv_ptr + out, dv.to(dv_ptr.dtype.element_ty), mask=kv_mask)
 
@@ -268,7 +274,7 @@ def attn_bwd_dq_kernel(
     stride_vb, stride_vh, stride_vn, stride_vd,
     stride_gb, stride_gh, stride_gm, stride_gd,
     stride_lb, stride_lh, stride_lm,
-    stride_mb, stride_mn,
+    stride_mb, stride_mn, stride_lens,
     stride_dqs, stride_dqb, stride_dqh, stride_dqm, stride_dqd,
     Hq, Lq, Lk, D, GROUP, BATCH_LOOP, BATCH_CHUNK, qk_scale, sm_scale,
     HAS_LENS: tl.constexpr, HAS_MASK: tl.constexpr,
@@ -302,7 +308,7 @@ def attn_bwd_dq_kernel(
         delta = tl.load(delta_ptr + row, mask=mask_m, other=0.0)
         n_end = Lk
         if HAS_LENS:
-            n_end = tl.minimum(n_end, tl.load(kv_lens_ptr + b).to(tl.int32))
+            n_end = tl.minimum(n_end, tl.load(kv_lens_ptr + b * stride_lens).to(tl.int32))
         for n0 in range(0, n_end, BLOCK_N):
             offs_n = n0 + tl.arange(0, BLOCK_N)
             valid = _key_valid(offs_n, n_end, mask_ptr + b * stride_mb, stride_mn, HAS_MASK)
@@ -345,15 +351,17 @@ def gpu_blocks(Lq: int, D: int, backward: bool = False, elem_bytes: int = 2) -> 
 
 
 def blocks_for(Lq: int, D: int, backward: bool = False, elem_bytes: int = 2) -> dict:
-    if INTERPRET:
+    if INTERPRET and not gpu_config_on():
         return dict(INTERPRETER_BLOCKS, num_warps=4, num_stages=1)
     return gpu_blocks(Lq, D, backward, elem_bytes)
 
 
-def rowwise_blocks(D: int, gpu: bool = not INTERPRET) -> dict:
+def rowwise_blocks(D: int, gpu: bool | None = None) -> dict:
     """Tiles of the row-wise kernels (split combine, delta): whole rows of BLOCK_D, and as many rows as
     keep one (rows x BLOCK_D) fp32 tile at 32 values per thread of 4 warps, so no head dim spills
     (64 rows at D <= 64, 32 at D <= 128, 16 at D = 256). The interpreter takes its small blocks."""
+    if gpu is None:
+        gpu = not INTERPRET or gpu_config_on()
     block_d = max(16, next_pow2(D))
     rows = max(16, min(64, 4096 // block_d)) if gpu else INTERPRETER_BLOCKS["BLOCK_M"]
     return dict(BLOCK_M=rows, BLOCK_D=block_d, num_warps=4)
@@ -389,10 +397,11 @@ def _strides4(t):
 
 
 def _mask_args(kv_lens, key_mask, like):
+    """(lens, mask, (stride_mb, stride_mn, stride_lens)): any views (strided, expanded) are read in place."""
     lens = kv_lens if kv_lens is not None else like
     mask = key_mask.view(torch.uint8) if key_mask is not None else like
     stride_m = (mask.stride(0), mask.stride(1)) if key_mask is not None else (0, 0)
-    return lens, mask, stride_m
+    return lens, mask, (*stride_m, kv_lens.stride(0) if kv_lens is not None else 0)
 
 
 def attention_fwd(q, k, v, kv_lens, key_mask, scale, splits=None, acc=torch.float32, precision="ieee"):
@@ -414,7 +423,7 @@ def attention_fwd(q, k, v, kv_lens, key_mask, scale, splits=None, acc=torch.floa
     splits = max(1, min(int(splits), key_blocks))
     chunk = cdiv(key_blocks, splits) * BN
     splits = cdiv(max(Lk, 1), chunk)
-    lens, mask, (smb, smn) = _mask_args(kv_lens, key_mask, lse)
+    lens, mask, mask_strides = _mask_args(kv_lens, key_mask, lse)
     if splits == 1:
         o_t, l_t = o, lse
         os_, ls_ = [0, *o.stride()], [0, *lse.stride()]
@@ -424,7 +433,7 @@ def attention_fwd(q, k, v, kv_lens, key_mask, scale, splits=None, acc=torch.floa
         os_, ls_ = list(o_t.stride()), list(l_t.stride())
     grid = (cdiv(Lq, BM), B * Hq, splits)
     _attn_fwd[grid](
-        q, k, v, o_t, l_t, lens, mask, *qs, *_strides4(k), *_strides4(v), *os_, *ls_, smb, smn,
+        q, k, v, o_t, l_t, lens, mask, *qs, *_strides4(k), *_strides4(v), *os_, *ls_, *mask_strides,
         Hq, Lq, Lk, D, Hq // Hkv, chunk, float(scale * LOG2E),
         HAS_LENS=kv_lens is not None, HAS_MASK=key_mask is not None, PARTIAL=splits > 1,
         INPUT_PRECISION=precision, ACC_DTYPE=_tl_acc(acc), BLOCK_M=BM, BLOCK_N=BN, BLOCK_D=BD,
@@ -434,7 +443,7 @@ def attention_fwd(q, k, v, kv_lens, key_mask, scale, splits=None, acc=torch.floa
         rb = rowwise_blocks(D)
         attn_combine_kernel[(cdiv(Lq, rb["BLOCK_M"]), B * Hq)](
             o_t, l_t, o, lse, *o_t.stride(), *l_t.stride(), *o.stride(), *lse.stride(), Hq, Lq, D, splits,
-            ACC_DTYPE=_tl_acc(acc), **rb,
+            ACC_DTYPE=_tl_acc(acc), **rb, num_stages=1,
         )
     return o, lse
 
@@ -451,7 +460,7 @@ def attention_bwd(do, q, k, v, o, lse, kv_lens, key_mask, scale, need_q=True, ne
     if Bq == 1:
         qs[0] = 0
     delta = empty((B, Hq, Lq), dtype=acc, device=q.device)
-    lens, mask, (smb, smn) = _mask_args(kv_lens, key_mask, delta)
+    lens, mask, mask_strides = _mask_args(kv_lens, key_mask, delta)
     common = dict(HAS_LENS=kv_lens is not None, HAS_MASK=key_mask is not None, INPUT_PRECISION=precision,
                   ACC_DTYPE=_tl_acc(acc), BLOCK_M=BM, BLOCK_N=BN, BLOCK_D=BD,
                   num_warps=blk["num_warps"], num_stages=blk["num_stages"])
@@ -459,7 +468,7 @@ def attention_bwd(do, q, k, v, o, lse, kv_lens, key_mask, scale, need_q=True, ne
         rb = rowwise_blocks(D)
         attn_delta_kernel[(cdiv(Lq, rb["BLOCK_M"]), B * Hq)](
             o, do, delta, *_strides4(o), *_strides4(do), *delta.stride(), Hq, Lq, D,
-            ACC_DTYPE=_tl_acc(acc), **rb)
+            ACC_DTYPE=_tl_acc(acc), **rb, num_stages=1)
     dq = dk = dv = None
     if need_kv:
         dk = empty(k.shape, dtype=k.dtype, device=k.device)
@@ -467,12 +476,14 @@ def attention_bwd(do, q, k, v, o, lse, kv_lens, key_mask, scale, need_q=True, ne
         if dk.numel():
             attn_bwd_dkdv_kernel[(cdiv(Lk, BN), B * Hkv)](
                 q, k, v, do, lse, delta, dk, dv, lens, mask,
-                *qs, *_strides4(k), *_strides4(v), *_strides4(do), *lse.stride(), smb, smn,
+                *qs, *_strides4(k), *_strides4(v), *_strides4(do), *lse.stride(), *mask_strides,
                 *_strides4(dk), *_strides4(dv),
                 Hkv, Lq, Lk, D, Hq // Hkv, float(scale * LOG2E), float(scale), **common)
     if need_q:
         dq = empty(q.shape, dtype=q.dtype, device=q.device)
-        if dq.numel():
+        if dq.numel() and B == 0:  # shared queries over an empty batch: an empty sum
+            dq.zero_()
+        elif dq.numel():
             batch_loop = B if Bq == 1 else 1
             splits = dq_splits if dq_splits is not None else choose_splits(
                 cdiv(Lq, BM) * Bq * Hq, batch_loop, num_sms(q.device))
@@ -482,7 +493,7 @@ def attention_bwd(do, q, k, v, o, lse, kv_lens, key_mask, scale, need_q=True, ne
             target = empty((splits, *q.shape), dtype=acc, device=q.device) if splits > 1 else dq
             attn_bwd_dq_kernel[(cdiv(Lq, BM), Bq * Hq, splits)](
                 q, k, v, do, lse, delta, target, lens, mask,
-                *qs, *_strides4(k), *_strides4(v), *_strides4(do), *lse.stride(), smb, smn,
+                *qs, *_strides4(k), *_strides4(v), *_strides4(do), *lse.stride(), *mask_strides,
                 target.stride(0) if splits > 1 else 0, *_strides4(target[0] if splits > 1 else dq),
                 Hq, Lq, Lk, D, Hq // Hkv, batch_loop, chunk, float(scale * LOG2E), float(scale), **common)
             if splits > 1:
@@ -543,13 +554,15 @@ def aot_specs():
                             **dict(zip(["stride_vb", "stride_vh", "stride_vn", "stride_vd"], k_s)),
                             **dict(zip(["stride_os", "stride_ob", "stride_oh", "stride_om", "stride_od"], op_s)),
                             **dict(zip(["stride_ls", "stride_lb", "stride_lh", "stride_lm"], lp_s)),
-                            stride_mb=Lk, stride_mn=1, Hq=Hq, Lq=Lq, Lk=Lk, D=D, GROUP=Hq // Hkv,
+                            stride_mb=Lk, stride_mn=1, stride_lens=1, Hq=Hq, Lq=Lq, Lk=Lk, D=D, GROUP=Hq // Hkv,
                             CHUNK=cdiv(cdiv(Lk, BN), splits) * BN, qk_scale=0.1)
                 cx = dict(common, PARTIAL=True, EVEN_D=D == BD, EVEN_N=False)
                 specs.append(spec("attn_fwd_kernel", attn_fwd_kernel, "split-KV partial, lens+mask", dtype, ptr, D,
                                   args, cx, precision == "tf32" or ptr != "*fp32", warps, stages))
                 if dtype == "fp16" and D in (64, 128):  # the mask-free path: no padding, 4096 keys
-                    even = dict(args, o_ptr=ptr, lse_ptr="*fp32", Lk=4096, stride_os=0, stride_ls=0,
+                    # Without kv_lens / key_mask the launcher passes the lse buffer for both pointers.
+                    even = dict(args, o_ptr=ptr, lse_ptr="*fp32", kv_lens_ptr="*fp32", mask_ptr="*fp32", Lk=4096,
+                                stride_os=0, stride_ls=0,
                                 **dict(zip(["stride_ob", "stride_oh", "stride_om", "stride_od"], o_s)),
                                 **dict(zip(["stride_lb", "stride_lh", "stride_lm"], strides(B, Hq, Lq))),
                                 CHUNK=4096, **dict(zip(["stride_kb", "stride_kh", "stride_kn", "stride_kd"],
@@ -566,7 +579,8 @@ def aot_specs():
                             **dict(zip(["stride_vb", "stride_vh", "stride_vn", "stride_vd"], k_s)),
                             **dict(zip(["stride_gb", "stride_gh", "stride_gm", "stride_gd"], o_s)),
                             **dict(zip(["stride_lb", "stride_lh", "stride_lm"], l_s)),
-                            kv_lens_ptr="*i32", mask_ptr="*u8", stride_mb=Lk, stride_mn=1, Lq=Lq, Lk=Lk, D=D,
+                            kv_lens_ptr="*i32", mask_ptr="*u8", stride_mb=Lk, stride_mn=1, stride_lens=1, Lq=Lq,
+                            Lk=Lk, D=D,
                             GROUP=Hq // Hkv, qk_scale=0.1, sm_scale=0.1)
                 if name == "dkdv":
                     args = dict(base, dk_ptr=ptr, dv_ptr=ptr, Hkv=Hkv,

@@ -41,6 +41,7 @@ from mmfuse.kernels._common import (
     cdiv,
     dot_precision,
     empty,
+    forced_tile,
     grouped_tile,
     next_pow2,
     num_sms,
@@ -93,7 +94,7 @@ def patch_embed_fwd_kernel(
     pix_ptr, w_ptr, bias_ptr, pos_ptr, out_ptr,
     M, D, K, GRID_F, GRID_H, GRID_W,
     stride_xb, stride_xc, stride_xf, stride_xh, stride_xw,
-    stride_wd,
+    stride_wd, stride_bias,
     stride_pb, stride_pn, stride_pd,
     stride_ob, stride_on, stride_od,
     T: tl.constexpr, P: tl.constexpr, RUN: tl.constexpr,
@@ -138,7 +139,7 @@ def patch_embed_fwd_kernel(
     mask_n = offs_n < D
     mask = (offs_m < M)[:, None] & mask_n[None, :]
     if HAS_BIAS:
-        bias = tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0)
+        bias = tl.load(bias_ptr + offs_n * stride_bias, mask=mask_n, other=0.0)  # any view, stride 0 too
         acc += bias[None, :].to(ACC_DTYPE)
     if HAS_POS:  # pos is (B, N, D) with stride 0 along the dims it is broadcast over
         p_rows = _token_rows(offs_m, M, N_TOK, stride_pb, stride_pn)
@@ -319,10 +320,11 @@ for _name, (_fn, _rows, _cols, _red, _ptr) in _GEMMS.items():
     )(_even(_fn))
 
 
-def _launch(name, rows, cols, args, flags, elem_bytes, tile=None):
+def _launch(name, rows, cols, args, flags, elem_bytes):
+    tile = forced_tile(_GEMMS[name][0].fn.__name__)  # a GPU tile chosen by the tests (gpu_config), else None
     if INTERPRET or tile is not None:
-        bm, bn, bk, warps, stages = tile or INTERPRETER_TILE
-        if not INTERPRET:
+        bm, bn, bk, warps, stages = INTERPRETER_TILE if tile is None else tile
+        if tile is not None:  # a GPU tile: BLOCK_K as the GPU takes it
             bk = block_k_for(bk, elem_bytes)
         # The packed weight is padded for these block sizes only (its loads are not masked).
         assert name != "fwd" or PACK_ALIGN % bk == 0, "fwd: BLOCK_K must divide PACK_ALIGN"
@@ -388,7 +390,7 @@ def pack_weight(weight5):
     return packed, K
 
 
-def patch_embed_fwd(pixels5, weight5, bias=None, pos=None, out=None, packed=None, tile=None):
+def patch_embed_fwd(pixels5, weight5, bias=None, pos=None, out=None, packed=None):
     """out (B, N, D) = patches(pixels5) @ weight5.flatten(1)^T + bias + pos.
 
     ``pos``: None or a (B, N, D) view (stride 0 where broadcast). ``out``: None (allocated) or a
@@ -404,14 +406,15 @@ def patch_embed_fwd(pixels5, weight5, bias=None, pos=None, out=None, packed=None
     w_runs, K = packed if packed is not None else pack_weight(weight5)
     _check_span(pixels=pixels5, weight=w_runs, pos_embed=pos_t, out=out)
     args = (pixels5, w_runs, bias if bias is not None else out, pos_t, out, M, D, K, GF, GH, GW,
-            *_strides5(pixels5), w_runs.stride(0), *pos_t.stride(), *out.stride())
+            *_strides5(pixels5), w_runs.stride(0), bias.stride(0) if bias is not None else 0, *pos_t.stride(),
+            *out.stride())
     flags = dict(T=T, P=P, RUN=next_pow2(P), HAS_BIAS=bias is not None, HAS_POS=pos is not None,
                  INPUT_PRECISION=dot_precision(pixels5.dtype), ACC_DTYPE=acc_dtype(pixels5.dtype))
-    _launch("fwd", M, D, args, flags, pixels5.element_size(), tile)
+    _launch("fwd", M, D, args, flags, pixels5.element_size())
     return out
 
 
-def patch_embed_dx(dout, weight5, pixel_shape, packed=None, tile=None):
+def patch_embed_dx(dout, weight5, pixel_shape, packed=None):
     """dpixels (contiguous, ``pixel_shape`` 5-D) from dOut (B, N, D): a permutation of dOut @ W.
     ``packed``: the forward's ``pack_weight(weight5)`` if kept, else packed here."""
     dpix = empty(pixel_shape, dtype=dout.dtype, device=dout.device)
@@ -426,11 +429,11 @@ def patch_embed_dx(dout, weight5, pixel_shape, packed=None, tile=None):
     args = (dout, w_runs, dpix, M, D, K, GF, GH, GW, *dout.stride(), w_runs.stride(0), *_strides5(dpix))
     flags = dict(T=T, P=P, RUN=next_pow2(P), INPUT_PRECISION=dot_precision(dout.dtype),
                  ACC_DTYPE=acc_dtype(dout.dtype))
-    _launch("dx", M, K, args, flags, dout.element_size(), tile)
+    _launch("dx", M, K, args, flags, dout.element_size())
     return dpix
 
 
-def patch_embed_dw(dout, pixels5, weight_shape, with_bias: bool, tile=None):
+def patch_embed_dw(dout, pixels5, weight_shape, with_bias: bool):
     """(dW (D, K) contiguous, db (D,) or None): dOut^T @ patches(pixels5), db from the same loads."""
     D = weight_shape[0]
     dw = empty((D, weight_shape[1] * weight_shape[2] * weight_shape[3] * weight_shape[4]), dtype=dout.dtype,
@@ -450,7 +453,7 @@ def patch_embed_dw(dout, pixels5, weight_shape, with_bias: bool, tile=None):
             *dout.stride(), *_strides5(pixels5), *dw.stride())
     flags = dict(T=T, P=P, ROWSUM_A=db is not None, INPUT_PRECISION=dot_precision(dout.dtype),
                  ACC_DTYPE=acc_dtype(dout.dtype))
-    _launch("dw", D, K, args, flags, dout.element_size(), tile)
+    _launch("dw", D, K, args, flags, dout.element_size())
     return dw, db
 
 
@@ -462,7 +465,8 @@ def batch_sum(g):
         return out
     bn, bd = BATCH_SUM_BLOCK
     batch_sum_kernel[(cdiv(N, bn), cdiv(D, bd))](
-        g, out, B, N, D, *g.stride(), *out.stride(), ACC_DTYPE=acc_dtype(g.dtype), BLOCK_N=bn, BLOCK_D=bd)
+        g, out, B, N, D, *g.stride(), *out.stride(), ACC_DTYPE=acc_dtype(g.dtype), BLOCK_N=bn, BLOCK_D=bd,
+        num_warps=4, num_stages=1)  # as compiled by the compile check (aot_specs)
     return out
 
 
@@ -487,7 +491,8 @@ def _aot_launches(shape: str = "clip-l-14-336"):
     g = dict(stride_gb=N * D, stride_gn=D, stride_gd=1)
     run = next_pow2(P)
     k_runs = C * T * P * run
-    fwd_ints = dict(geo, K=k_runs, **x, stride_wd=cdiv(k_runs, PACK_ALIGN) * PACK_ALIGN, stride_pb=0, stride_pn=D,
+    fwd_ints = dict(geo, K=k_runs, **x, stride_wd=cdiv(k_runs, PACK_ALIGN) * PACK_ALIGN, stride_bias=1, stride_pb=0,
+                    stride_pn=D,
                     stride_pd=1, stride_ob=N * D, stride_on=D, stride_od=1)
     fwd = (patch_embed_fwd_kernel, "fwd bias+pos", ("M", "D", "K"), fwd_ints,
            dict(RUN=run, HAS_BIAS=True, HAS_POS=True), ("pix_ptr", "w_ptr", "bias_ptr", "pos_ptr", "out_ptr"))

@@ -1,4 +1,4 @@
-"""A fix for Triton's CPU interpreter, applied only when the interpreter is on.
+"""Fixes for Triton's CPU interpreter, applied only when the interpreter is on.
 
 Triton's interpreter stores bfloat16 as uint16 and its ``create_dot`` hands those bit patterns to
 ``np.matmul`` unconverted (upstream: triton-lang/triton#11584, "bf16 is not supported in the
@@ -8,6 +8,12 @@ GPU computes: bf16 products accumulated in fp32. It changes nothing for other dt
 
 Our kernels never do other arithmetic on bf16 values (they convert to fp32 first), which the
 interpreter also gets wrong.
+
+The interpreter also *truncates* fp32 -> bf16 in ``.to(tl.bfloat16)`` and in stores (1 + 2^-8 + 2^-10
+becomes 1.0) and can turn a NaN into inf, where a GPU (``cvt.rn.bf16.f32``) and torch round to
+nearest even. The tests are meant to measure what the GPU computes, so the second fix makes that cast
+round to nearest even too (through torch's conversion). Without it an interpreted bf16 result carries
+up to one extra ulp per rounding that the GPU does not have.
 """
 
 from __future__ import annotations
@@ -35,4 +41,16 @@ def install_bf16_dot_fix() -> None:
         return original(self, a, b, d, input_precision, max_num_imprecise_acc)
 
     builder_cls.create_dot = create_dot
+
+    original_cast = builder_cls.cast_impl
+
+    def cast_impl(self, src, dst_type):
+        if src.dtype.scalar == tl.float32 and dst_type.scalar == tl.bfloat16:
+            import torch
+
+            rounded = torch.from_numpy(np.ascontiguousarray(src.data, dtype=np.float32)).to(torch.bfloat16)
+            return interp.TensorHandle(rounded.view(torch.int16).numpy().view(np.uint16), tl.bfloat16)
+        return original_cast(self, src, dst_type)
+
+    builder_cls.cast_impl = cast_impl  # create_fp_trunc and stores call self.cast_impl: they round too
     _INSTALLED = True

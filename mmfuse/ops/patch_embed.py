@@ -125,13 +125,15 @@ def _acc_sum(t, dims):
 def _pos_grad(g, pos_shape):
     """dOut (B, L, D) summed down to ``pos_shape`` (broadcastable to it)."""
     shape3 = (1,) * (3 - len(pos_shape)) + tuple(pos_shape)
-    if shape3[0] == 1:
+    if shape3[1] == 1 or shape3[2] == 1:  # rare: broadcast over tokens or features too
+        # One sum over every broadcast dim in the accumulator type, one rounding (not the batch
+        # kernel's rounded sums summed again).
+        dims = tuple(i for i in range(3) if shape3[i] == 1 and g.shape[i] != 1)
+        s = _acc_sum(g, dims).reshape(shape3) if dims else g.clone(memory_format=torch.contiguous_format)
+    elif shape3[0] == 1:
         s = K.batch_sum(g).unsqueeze(0)
     else:
         s = g.clone(memory_format=torch.contiguous_format)
-    if shape3[1] == 1 or shape3[2] == 1:  # rare: broadcast over tokens or features too
-        acc = torch.float64 if g.dtype == torch.float64 else torch.float32
-        s = s.to(acc).sum_to_size(shape3).to(g.dtype)
     return s.reshape(pos_shape)
 
 

@@ -1,0 +1,301 @@
+"""Every config the compile check compiles is also executed here, interpreted.
+
+The list comes from the same source as tests/test_aot.py: ``mmfuse._aot.all_specs()``, built from each
+kernel module's ``aot_specs()``. Each spec is assigned to a *run*: a call of the public op, forward and
+backward, under ``kernels._common.gpu_config`` (the launchers then take the GPU's block sizes: attention
+its ``gpu_blocks``, a GEMM the spec's tile with ``block_k_for`` applied; the ``EVEN_*`` heuristics are
+evaluated by the launchers as on the GPU). Sizes are derived from the spec's blocks: at least two tiles
+in every dimension of the launch, ragged edges, and a reduction length that is (or is not) a multiple of
+BLOCK_K exactly as the spec's EVEN_K says. Values and gradients are checked under the project's rule
+(``mmfuse.testing``), and the run records every interpreted launch (kernel name, constexprs, pointer
+dtypes, num_warps, num_stages) and fails unless each of its specs was launched exactly so. A spec that
+no run knows how to execute fails ``test_every_spec_is_executed``: a config cannot be compiled without
+also being run.
+
+Not compared: integer arguments the GPU's JIT specialises (a stride equal to 1 becomes a constexpr);
+the interpreter does not specialise, so the same source runs either way.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import zlib
+
+import pytest
+import torch
+
+import mmfuse
+from mmfuse._aot import all_specs
+from mmfuse.kernels import _common
+from mmfuse.kernels import cross_attention as KA
+from mmfuse.ops.cross_attention import cross_attention_reference
+from mmfuse.ops.linear import linear_reference, mlp_reference
+from mmfuse.ops.patch_embed import patch_embed_reference
+from mmfuse.testing import assert_close, assert_matches_reference
+
+SPECS = all_specs()
+DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32, "fp32-tf32": torch.float32}
+PTR = {torch.float16: "*fp16", torch.bfloat16: "*bf16", torch.float32: "*fp32", torch.float64: "*fp64",
+       torch.uint8: "*u8", torch.int32: "*i32", torch.int64: "*i64", torch.bool: "*i1"}
+#: Triton's launch defaults on CUDA, for launches that pass no num_warps / num_stages.
+DEFAULT_WARPS, DEFAULT_STAGES = 4, 3
+RAGGED = 11  # added to a tile multiple: odd, and no multiple of any block
+ACT_NAMES = {code: name for name, code in _common.ACTIVATIONS.items()}
+
+
+def _cx(spec):
+    return dict(spec.constexprs)
+
+
+def _fn_name(spec):
+    return spec.kernel.split("/", 1)[1]
+
+
+# ----------------------------------------------------------------------------------------------
+# Spec -> run. A run is (family, hashable parameters); runs shared by several specs execute once.
+# ----------------------------------------------------------------------------------------------
+def run_key(spec):
+    cx, name = _cx(spec), _fn_name(spec)
+    # Tiles as the kernel modules' tables write them: BLOCK_K for 2-byte dtypes (halved for 4-byte ones).
+    bk2 = cx.get("BLOCK_K", 0) * (2 if spec.dtype.startswith("fp32") else 1)
+    if name == "fused_gemm_kernel":
+        tile = (cx["BLOCK_M"], cx["BLOCK_N"], bk2, spec.num_warps, spec.num_stages)
+        # Which GEMM of a Linear / MLP this is, from its epilogue flags (not from the variant's words).
+        kind = "dW" if cx["ROWSUM_A"] else "dX*act'" if cx["ACT_GRAD"] else \
+            "fwd+aux" if cx["STORE_AUX"] else "fwd"
+        bias = cx["ROWSUM_A"] if kind == "dW" else cx["HAS_BIAS"]  # dW's epilogue has no bias; db is ROWSUM_A
+        return ("linear", kind, ACT_NAMES[cx["ACTIVATION"]], bias, spec.dtype, tile, cx["EVEN_K"])
+    if name == "act_grad_kernel":
+        return ("linear", "act'", ACT_NAMES[cx["ACTIVATION"]], True, spec.dtype, (cx["BLOCK_M"], cx["BLOCK_N"]),
+                None)
+    if name.startswith("patch_embed_") and name.endswith("_kernel") and "EVEN_K" in cx:
+        args = dict(spec.args)
+        T, P, run = cx["T"], cx["P"], cx.get("RUN", None)
+        C = args["K"] // (T * P * (run or P))
+        tile = (cx["BLOCK_M"], cx["BLOCK_N"], bk2, spec.num_warps, spec.num_stages)
+        return ("patch_embed", name, spec.dtype, tile, cx["EVEN_K"], (C, T, P))
+    if name == "batch_sum_kernel":
+        return ("patch_embed", name, spec.dtype, (cx["BLOCK_N"], cx["BLOCK_D"]), None, None)
+    if name in ("attn_fwd_kernel", "attn_bwd_dkdv_kernel", "attn_bwd_dq_kernel", "attn_combine_kernel",
+                "attn_delta_kernel"):
+        even = bool(cx.get("EVEN_N", False))
+        return ("cross_attention", dict(spec.args)["D"], spec.dtype, even)
+    return ("unknown", spec.label)
+
+
+RUNS: dict = {}
+for _s in SPECS:
+    RUNS.setdefault(run_key(_s), []).append(_s)
+
+
+def test_every_spec_is_executed():
+    """Every compile-check spec maps to a run of this file (a new kernel or variant needs one here)."""
+    unknown = [specs[0].label for key, specs in RUNS.items() if key[0] == "unknown"]
+    assert not unknown, f"compiled but never executed (add a run to tests/test_gpu_configs.py): {unknown}"
+    assert sum(len(v) for v in RUNS.values()) == len(SPECS)
+
+
+# ----------------------------------------------------------------------------------------------
+# Recording interpreted launches
+# ----------------------------------------------------------------------------------------------
+@pytest.fixture
+def recorded(monkeypatch):
+    from triton.runtime import interpreter
+
+    out = []
+    real = interpreter.GridExecutor.__call__
+
+    def record(self, *args, **kwargs):
+        named = dict(zip(self.arg_names, args), **kwargs)
+        ptrs = {n: PTR.get(v.dtype) for n, v in named.items() if isinstance(v, torch.Tensor)}
+        out.append(dict(name=self.fn.__name__, cx={n: named.get(n) for n in self.constexprs}, ptrs=ptrs,
+                        warps=kwargs.get("num_warps", DEFAULT_WARPS), stages=kwargs.get("num_stages", DEFAULT_STAGES)))
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(interpreter.GridExecutor, "__call__", record)
+    return out
+
+
+def _launched(spec, launches) -> bool:
+    want_cx = _cx(spec)
+    want_ptrs = {n: v for n, v in spec.args if isinstance(v, str)}
+    for rec in launches:
+        if rec["name"] != _fn_name(spec) or (rec["warps"], rec["stages"]) != (spec.num_warps, spec.num_stages):
+            continue
+        if all(rec["cx"].get(n) == v for n, v in want_cx.items()) and \
+                all(rec["ptrs"].get(n) == v for n, v in want_ptrs.items()):
+            return True
+    return False
+
+
+def _closest(spec, launches):
+    same = [r for r in launches if r["name"] == _fn_name(spec)]
+    if not same:
+        return f"no launch of {_fn_name(spec)}"
+    want = _cx(spec)
+    diffs = []
+    for r in same:
+        d = {n: (r["cx"].get(n), v) for n, v in want.items() if r["cx"].get(n) != v}
+        d.update({n: (r["ptrs"].get(n), v) for n, v in spec.args if isinstance(v, str) and r["ptrs"].get(n) != v})
+        if (r["warps"], r["stages"]) != (spec.num_warps, spec.num_stages):
+            d["warps/stages"] = ((r["warps"], r["stages"]), (spec.num_warps, spec.num_stages))
+        diffs.append(d)
+    return "closest launch differs in (launched, compiled): " + str(min(diffs, key=len))
+
+
+@contextlib.contextmanager
+def _tf32(on: bool):
+    old = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = on
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = old
+
+
+def _block_k(tile, dtype):
+    from mmfuse.kernels.linear import block_k_for
+
+    return block_k_for(tile[2], torch.empty((), dtype=dtype).element_size())
+
+
+def _values_and_grads(fn, ref_fn, inputs, names, grad_of):
+    """The error rule on the output and on the gradients of the inputs named in ``grad_of`` only (the
+    others are constants of both functions): a run launches the backward kernels it checks, no more."""
+    if not grad_of:
+        with torch.no_grad():
+            out = fn(*inputs)
+            assert_close("out", out, ref_fn(*[t.double() for t in inputs]), ref_fn(*inputs))
+        return
+    idx = [names.index(n) for n in grad_of]
+
+    def bind(f):
+        def call(*diff):
+            full = [t.to(diff[0].dtype) for t in inputs]
+            for i, t in zip(idx, diff):
+                full[i] = t
+            return f(*full)
+        return call
+
+    assert_matches_reference(bind(fn), bind(ref_fn), [inputs[i] for i in idx], list(grad_of))
+
+
+def _red(block_k, even_k):
+    """A reduction length of two BLOCK_K steps, with a tail when the spec's EVEN_K is False."""
+    return 2 * block_k + (0 if even_k else RAGGED)
+
+
+# ----------------------------------------------------------------------------------------------
+# The runs
+# ----------------------------------------------------------------------------------------------
+def run_linear(kind, act, bias, dtype, tile, even_k):
+    """One Linear (or a 2-layer MLP for the hidden layer's dX * act'(h)) whose targeted GEMM spans two
+    ragged tiles of ``tile`` in its output and reduces over 2 BLOCK_K (+ a tail unless EVEN_K)."""
+    if kind == "act'":  # act_grad_kernel: its block is fixed; a Linear + activation backward launches it
+        M, N, K = tile[0] + RAGGED, tile[1] + RAGGED, 24
+    else:
+        bm, bn, bk = tile[0], tile[1], _block_k(tile, dtype)
+        rows, cols, red = bm + RAGGED, bn + RAGGED, _red(bk, even_k)
+        # GEMM (rows, cols, red) is (M, N, K) forward, (N, K, M) for dW, (M, N1, N2) for the MLP's dX.
+        M, N, K = {"fwd": (rows, cols, red), "fwd+aux": (rows, cols, red), "dW": (red, rows, cols),
+                   "dX*act'": (rows, cols, red)}[kind]
+    if kind == "dX*act'":
+        M, N1, N2 = M, N, K
+        x = torch.randn(M, 24, dtype=dtype)
+        ws = [torch.randn(N1, 24, dtype=dtype) / 24 ** 0.5, torch.randn(N2, N1, dtype=dtype) / N1 ** 0.5]
+        bs = [torch.randn(N1, dtype=dtype), torch.randn(N2, dtype=dtype)]
+        return assert_matches_reference(lambda x, *p: mmfuse.mlp(x, p[:2], p[2:], activation=act),
+                                        lambda x, *p: mlp_reference(x, p[:2], p[2:], activation=act), [x, *ws, *bs],
+                                        ["x", "w0", "w1", "b0", "b1"])
+    x, w = torch.randn(M, K, dtype=dtype), torch.randn(N, K, dtype=dtype) / K ** 0.5
+    inputs = [x, w, torch.randn(N, dtype=dtype)] if bias else [x, w]
+    names = ["x", "weight", "bias"][:len(inputs)]
+    # A forward that stores no pre-activation is the inference forward: values only, no autograd.
+    _values_and_grads(lambda *t: mmfuse.linear(*t, activation=act), lambda *t: linear_reference(*t, activation=act),
+                      inputs, names, () if kind == "fwd" else tuple(names))
+
+
+def run_patch_embed(name, dtype, tile, even_k, geometry):
+    if name == "batch_sum_kernel":  # dpos of a table shared by the batch: B = 2, N and D past one block
+        C, T, P, B, grid, D = 3, 1, 4, 2, (1, 6, 6), tile[1] + RAGGED
+    else:
+        C, T, P = geometry
+        bm, bn, bk = tile[0], tile[1], _block_k(tile, dtype)
+        # Tokens span two row tiles (ragged) except where they are dW's reduction (EVEN_K: 2 x BLOCK_K).
+        if name == "patch_embed_dw_kernel":
+            D, tokens = bm + RAGGED, _red(bk, even_k)
+            B = 2 if tokens % 2 == 0 else 1
+        else:
+            B, tokens = 2, bm + RAGGED
+            D = bn + RAGGED if name == "patch_embed_fwd_kernel" else _red(bk, even_k)
+        per_image = -(-tokens // B)
+        gw = max(2, int(per_image ** 0.5))
+        grid = (1, -(-per_image // gw), gw)
+        if name == "patch_embed_dw_kernel":  # the reduction length must be exactly ``tokens``
+            grid = (1, 1, tokens // B)
+        else:
+            M = B * grid[1] * grid[2]
+            assert M > bm and M % bm, f"{M} tokens: not two ragged tiles of {bm}"
+    F = grid[0] * T
+    video = T > 1
+    shape = (B, C, F, grid[1] * P, grid[2] * P) if video else (B, C, grid[1] * P, grid[2] * P)
+    x = torch.randn(shape, dtype=dtype)
+    w = torch.randn((D, C, T, P, P) if video else (D, C, P, P), dtype=dtype) / (C * T * P * P) ** 0.5
+    b = torch.randn(D, dtype=dtype)
+    pos = torch.randn(grid[0] * grid[1] * grid[2], D, dtype=dtype)
+    grad_of = {"patch_embed_fwd_kernel": (), "patch_embed_dx_kernel": ("pixels",),
+               "patch_embed_dw_kernel": ("weight", "bias"), "batch_sum_kernel": ("pos_embed",)}[name]
+    _values_and_grads(mmfuse.patch_embed, patch_embed_reference, [x, w, b, pos],
+                      ["pixels", "weight", "bias", "pos_embed"], grad_of)
+
+
+def run_cross_attention(D, dtype, even):
+    """Broadcast queries (Bq = 1), 4 query heads over 2 KV heads, batch 2. Padded: kv_lens (int32) and
+    key_mask, keys split 2 ways (fp32 partials + combine); even: no padding, Lk two whole key blocks."""
+    fwd = KA.gpu_blocks(64, D, elem_bytes=torch.empty((), dtype=dtype).element_size())
+    bwd = KA.gpu_blocks(64, D, backward=True)
+    Lq = fwd["BLOCK_M"] + RAGGED  # > 32: the GPU's 64-query forward tile, 2 tiles; 3 backward tiles
+    B, Hq, Hkv = 2, 4, 2
+    Lk = 2 * max(fwd["BLOCK_N"], bwd["BLOCK_N"]) + (0 if even else RAGGED)
+    q = torch.randn(1, Hq, Lq, D, dtype=dtype)
+    k, v = torch.randn(B, Hkv, Lk, D, dtype=dtype), torch.randn(B, Hkv, Lk, D, dtype=dtype)
+    kw, splits = {}, 1
+    if not even:
+        kw = dict(kv_lens=torch.tensor([Lk, Lk - 2 * RAGGED], dtype=torch.int32), key_mask=torch.rand(B, Lk) > 0.2)
+        splits = 2
+    return assert_matches_reference(
+        lambda q, k, v: mmfuse.cross_attention(q, k, v, _splits=splits, **kw),
+        lambda q, k, v: cross_attention_reference(q, k, v, **kw), [q, k, v], ["q", "k", "v"])
+
+
+def _execute(key):
+    family, *params = key
+    if family == "linear":
+        kind, act, bias, dtype_name, tile, even_k = params
+        tiles = {"fused_gemm_kernel": tile} if len(tile) == 5 else {}
+        with _tf32(dtype_name == "fp32-tf32"), _common.gpu_config(tiles):
+            run_linear(kind, act, bias, DTYPES[dtype_name], tile, even_k)
+    elif family == "patch_embed":
+        name, dtype_name, tile, even_k, geometry = params
+        with _tf32(dtype_name == "fp32-tf32"), _common.gpu_config({name: tile} if len(tile) == 5 else {}):
+            run_patch_embed(name, DTYPES[dtype_name], tile, even_k, geometry)
+    elif family == "cross_attention":
+        D, dtype_name, even = params
+        with _tf32(dtype_name == "fp32-tf32"), _common.gpu_config():
+            run_cross_attention(D, DTYPES[dtype_name], even)
+    else:
+        pytest.fail(f"no run executes {params[0]}")
+
+
+KEYS = sorted((k for k in RUNS if k[0] != "unknown"), key=repr)
+
+
+@pytest.mark.parametrize("key", KEYS, ids=[RUNS[k][0].label if len(RUNS[k]) == 1 else
+                                           f"{k[0]} {' '.join(map(str, k[1:]))}" for k in KEYS])
+def test_gpu_config_runs(key, recorded):
+    """The run's values and gradients pass the error rule, and every spec assigned to it was launched
+    with exactly its constexprs, pointer dtypes, warps and stages."""
+    torch.manual_seed(zlib.crc32(repr(key).encode()))
+    _execute(key)
+    missing = [f"{s.label}: {_closest(s, recorded)}" for s in RUNS[key] if not _launched(s, recorded)]
+    assert not missing, "compiled configs not executed:\n" + "\n".join(missing)

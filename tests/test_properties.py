@@ -1,0 +1,242 @@
+"""Seeded property-based tests of the public API (hypothesis): shapes (zero-size dims included), strides
+(transposed, sliced, expanded), dtypes, broadcast queries and grouped heads, masks and lengths as any
+view, NaN inputs and bad arguments. ``derandomize=True``: the same examples every run (CI stays
+reproducible and inside its time budget); raise MAX_EXAMPLES locally to search further.
+
+Properties: finite inputs give values and gradients within the error rule of ``mmfuse.testing``; a NaN
+input gives non-finite outputs exactly where the reference does (keys left out by kv_lens / key_mask do
+not count: they are never read); bad arguments raise ValueError / TypeError naming the argument.
+"""
+
+import os
+
+import pytest
+import torch
+from hypothesis import HealthCheck, Phase, given, settings
+from hypothesis import strategies as st
+
+import mmfuse
+from mmfuse.ops.cross_attention import cross_attention_reference
+from mmfuse.ops.linear import linear_reference, mlp_reference
+from mmfuse.ops.patch_embed import patch_embed_reference
+from mmfuse.testing import compare_with_reference
+
+MAX_EXAMPLES = int(os.environ.get("MMFUSE_HYPOTHESIS_EXAMPLES", "12"))
+SETTINGS = settings(max_examples=MAX_EXAMPLES, deadline=None, derandomize=True, database=None,
+                    suppress_health_check=list(HealthCheck),
+                    # Shrinking a failure re-runs interpreted kernels for minutes: off unless asked for.
+                    phases=[p for p in Phase if p != Phase.shrink or os.environ.get("MMFUSE_HYPOTHESIS_SHRINK")])
+DTYPES = st.sampled_from([torch.float32, torch.float16, torch.bfloat16])
+
+
+def _layout(draw, t):
+    """The same values as ``t`` in another memory layout: contiguous, a slice of a wider buffer, or
+    transposed storage (or, for a single element broadcast, an expanded view)."""
+    kind = draw(st.sampled_from(["contiguous", "sliced", "transposed"]))
+    if kind == "sliced" and t.dim():
+        wide = torch.empty(*t.shape[:-1], 2 * t.shape[-1], dtype=t.dtype)
+        wide[..., ::2] = t
+        return wide[..., ::2]
+    if kind == "transposed" and t.dim() >= 2:
+        return t.transpose(-1, -2).contiguous().transpose(-1, -2)
+    return t
+
+
+def _vector(draw, n, dtype):
+    """A 1-D tensor of n elements: contiguous, strided, or (if its values are equal) expanded."""
+    kind = draw(st.sampled_from(["contiguous", "strided", "expanded"]))
+    if kind == "expanded":
+        return torch.randn(1, dtype=dtype).expand(n)
+    if kind == "strided":
+        return torch.randn(2 * n, dtype=dtype)[::2]
+    return torch.randn(n, dtype=dtype)
+
+
+def _rule(fn, ref, inputs, names):
+    bad = [str(c) for c in compare_with_reference(fn, ref, inputs, names) if not c.ok]
+    assert not bad, "\n".join(bad)
+
+
+def _nan_pattern(fn, ref, inputs, where):
+    """One NaN at ``where`` of inputs[0]: non-finite outputs exactly where the fp64 reference has them."""
+    x = inputs[0].clone()
+    x[torch.unravel_index(torch.tensor(where % x.numel()), x.shape)] = float("nan")
+    with torch.no_grad():
+        got = fn(x, *inputs[1:])
+        want = ref(*[t.double() for t in (x, *inputs[1:])])
+    assert torch.equal(torch.isfinite(got), torch.isfinite(want))
+
+
+# ----------------------------------------------------------------------------------------------
+# linear / mlp
+# ----------------------------------------------------------------------------------------------
+@SETTINGS
+@given(data=st.data(), M=st.integers(0, 40), K=st.integers(1, 40), N=st.integers(0, 40), dtype=DTYPES,
+       activation=st.sampled_from([None, "gelu", "gelu_tanh"]), with_bias=st.booleans(),
+       nan_at=st.none() | st.integers(0, 10**6))
+def test_linear_property(data, M, K, N, dtype, activation, with_bias, nan_at):
+    torch.manual_seed(0)  # an example must give the same tensors every time hypothesis replays it
+    draw = data.draw
+    x = _layout(draw, torch.randn(M, K, dtype=dtype))
+    w = _layout(draw, torch.randn(N, K, dtype=dtype) / K ** 0.5)
+    inputs, names = [x, w], ["x", "weight"]
+    if with_bias:
+        inputs.append(_vector(draw, N, dtype))
+        names.append("bias")
+
+    def fn(*t):
+        return mmfuse.linear(*t, activation=activation)
+
+    def ref(*t):
+        return linear_reference(*t, activation=activation)
+
+    _rule(fn, ref, inputs, names)
+    if nan_at is not None and x.numel():
+        _nan_pattern(fn, ref, inputs, nan_at)
+
+
+@SETTINGS
+@given(data=st.data(), M=st.integers(0, 24), widths=st.lists(st.integers(0, 30), min_size=2, max_size=4),
+       dtype=DTYPES, activation=st.sampled_from([None, "gelu", "gelu_tanh"]))
+def test_mlp_property(data, M, widths, dtype, activation):
+    torch.manual_seed(0)  # an example must give the same tensors every time hypothesis replays it
+    draw = data.draw
+    widths[0] = max(widths[0], 1)  # in_features 0 is refused (tested in test_linear.py)
+    x = _layout(draw, torch.randn(M, widths[0], dtype=dtype))
+    ws = [_layout(draw, torch.randn(n, k, dtype=dtype) / max(k, 1) ** 0.5) for k, n in zip(widths, widths[1:])]
+    bs = [_vector(draw, n, dtype) if draw(st.booleans()) else None for n in widths[1:]]
+    n = len(ws)
+    given_bs = [b for b in bs if b is not None]
+
+    def unpack(p):
+        it = iter(p[n:])
+        return p[:n], [next(it) if b is not None else None for b in bs]
+
+    _rule(lambda x, *p: mmfuse.mlp(x, *unpack(p), activation=activation),
+          lambda x, *p: mlp_reference(x, *unpack(p), activation=activation),
+          [x, *ws, *given_bs], ["x"] + [f"w{i}" for i in range(n)] + [f"b{i}" for i in range(len(given_bs))])
+
+
+# ----------------------------------------------------------------------------------------------
+# patch_embed
+# ----------------------------------------------------------------------------------------------
+@SETTINGS
+@given(data=st.data(), B=st.integers(0, 2), C=st.integers(1, 3), P=st.integers(1, 5), gh=st.integers(1, 3),
+       gw=st.integers(1, 3), T=st.sampled_from([None, 1, 2]), D=st.integers(1, 20), dtype=DTYPES,
+       with_bias=st.booleans(), pos=st.sampled_from([None, "ND", "BND", "D", "N1", "1", "scalar"]),
+       nan_at=st.none() | st.integers(0, 10**6))
+def test_patch_embed_property(data, B, C, P, gh, gw, T, D, dtype, with_bias, pos, nan_at):
+    torch.manual_seed(0)  # an example must give the same tensors every time hypothesis replays it
+    draw = data.draw
+    if T is None:
+        x = torch.randn(B, C, gh * P, gw * P, dtype=dtype)
+        w = torch.randn(D, C, P, P, dtype=dtype) / (C * P * P) ** 0.5
+    else:
+        x = torch.randn(B, C, 2 * T, gh * P, gw * P, dtype=dtype)
+        w = torch.randn(D, C, T, P, P, dtype=dtype) / (C * T * P * P) ** 0.5
+    x = _layout(draw, x)
+    N = gh * gw * (2 if T else 1)
+    inputs, names = [x, w], ["pixels", "weight"]
+    bias = _vector(draw, D, dtype) if with_bias else None
+    shapes = {"ND": (N, D), "BND": (B, N, D), "D": (D,), "N1": (N, 1), "1": (1,), "scalar": ()}
+    p = _layout(draw, torch.randn(shapes[pos], dtype=dtype)) if pos else None
+    inputs += [t for t in (bias, p) if t is not None]
+    names += [n for n, t in (("bias", bias), ("pos_embed", p)) if t is not None]
+
+    def split(t):
+        rest = list(t[2:])
+        return t[0], t[1], rest.pop(0) if bias is not None else None, rest.pop(0) if p is not None else None
+
+    _rule(lambda *t: mmfuse.patch_embed(*split(t)), lambda *t: patch_embed_reference(*split(t)), inputs, names)
+    if nan_at is not None and x.numel():
+        _nan_pattern(lambda *t: mmfuse.patch_embed(*split(t)), lambda *t: patch_embed_reference(*split(t)),
+                     inputs, nan_at)
+
+
+# ----------------------------------------------------------------------------------------------
+# cross_attention
+# ----------------------------------------------------------------------------------------------
+@SETTINGS
+@given(data=st.data(), B=st.integers(0, 3), shared=st.booleans(), Hkv=st.integers(1, 2), group=st.integers(1, 3),
+       Lq=st.integers(1, 20), Lk=st.integers(1, 40), D=st.sampled_from([1, 8, 16, 33, 64]), dtype=DTYPES,
+       lens=st.sampled_from([None, "contiguous", "strided", "expanded"]),
+       mask=st.sampled_from([None, "contiguous", "strided", "expanded"]), splits=st.integers(0, 3),
+       scale=st.none() | st.floats(0.05, 2.0), nan_at=st.none() | st.integers(0, 10**6))
+def test_cross_attention_property(data, B, shared, Hkv, group, Lq, Lk, D, dtype, lens, mask, splits, scale, nan_at):
+    torch.manual_seed(0)  # an example must give the same tensors every time hypothesis replays it
+    draw = data.draw
+    Hq = Hkv * group
+    q = _layout(draw, torch.randn(1 if shared else B, Hq, Lq, D, dtype=dtype))
+    k = _layout(draw, torch.randn(B, Hkv, Lk, D, dtype=dtype))
+    v = _layout(draw, torch.randn(B, Hkv, Lk, D, dtype=dtype))
+    masks = {}
+    if lens is not None:
+        values = torch.randint(0, Lk + 1, (B,))
+        if lens == "expanded":
+            masks["kv_lens"] = torch.randint(0, Lk + 1, (1,)).expand(B)
+        elif lens == "strided":
+            masks["kv_lens"] = torch.stack([values, torch.full_like(values, -1)], 1).reshape(-1)[::2]
+        else:
+            masks["kv_lens"] = values
+    if mask is not None:
+        m = torch.rand(B, Lk) > 0.3
+        masks["key_mask"] = {"contiguous": m, "strided": torch.stack([m, ~m], 2).reshape(B, 2 * Lk)[:, ::2],
+                             "expanded": m[:1].expand(B, Lk)}[mask]
+    fn = lambda q, k, v: mmfuse.cross_attention(q, k, v, scale=scale, _splits=splits, **masks)  # noqa: E731
+    ref = lambda q, k, v: cross_attention_reference(q, k, v, scale=scale, **masks)  # noqa: E731
+    _rule(fn, ref, [q, k, v], ["q", "k", "v"])
+    if nan_at is not None and k.numel():
+        # A NaN in k: rows that attend to that key become non-finite, as in the reference; a key left
+        # out by kv_lens / key_mask is never read, so the reference sees it as 0.
+        bad = k.clone()
+        bad[torch.unravel_index(torch.tensor(nan_at % k.numel()), k.shape)] = float("nan")
+        valid = torch.ones(B, Lk, dtype=torch.bool)
+        if "kv_lens" in masks:
+            valid &= torch.arange(Lk)[None, :] < masks["kv_lens"][:, None]
+        if "key_mask" in masks:
+            valid &= masks["key_mask"]
+        with torch.no_grad():
+            got = fn(q, bad, v)
+            want = ref(q.double(), bad.masked_fill(~valid[:, None, :, None], 0).double(), v.double())
+        assert torch.equal(torch.isfinite(got), torch.isfinite(want))
+
+
+# ----------------------------------------------------------------------------------------------
+# Bad arguments: a clear error that names the argument
+# ----------------------------------------------------------------------------------------------
+def _bad_calls():
+    x, w, b = torch.randn(4, 8), torch.randn(6, 8), torch.randn(6)
+    pix, pw = torch.randn(1, 3, 8, 8), torch.randn(5, 3, 4, 4)
+    q, k = torch.randn(1, 2, 3, 16), torch.randn(2, 2, 9, 16)
+    return [
+        ("weight", lambda: mmfuse.linear(x, torch.randn(6, 7))),
+        ("bias", lambda: mmfuse.linear(x, w, torch.randn(5))),
+        ("bias", lambda: mmfuse.linear(x, w, b.half())),
+        ("activation", lambda: mmfuse.linear(x, w, b, "tanh")),
+        ("x", lambda: mmfuse.linear(x.long(), w)),
+        ("weights[1]", lambda: mmfuse.mlp(x, [torch.randn(6, 8), torch.randn(3, 5)])),
+        ("biases", lambda: mmfuse.mlp(x, [w], [b, b])),
+        ("pixels", lambda: mmfuse.patch_embed(torch.randn(1, 3, 9, 8), pw)),
+        ("weight", lambda: mmfuse.patch_embed(pix, torch.randn(5, 2, 4, 4))),
+        ("bias", lambda: mmfuse.patch_embed(pix, pw, torch.randn(4))),
+        ("pos_embed", lambda: mmfuse.patch_embed(pix, pw, None, torch.randn(3, 5))),
+        ("q", lambda: mmfuse.cross_attention(torch.randn(3, 2, 3, 16), k, k)),
+        ("q", lambda: mmfuse.cross_attention(torch.randn(1, 3, 3, 16), k, k)),
+        ("v", lambda: mmfuse.cross_attention(q, k, torch.randn(2, 2, 8, 16))),
+        ("kv_lens", lambda: mmfuse.cross_attention(q, k, k, kv_lens=torch.tensor([1.0, 2.0]))),
+        ("kv_lens", lambda: mmfuse.cross_attention(q, k, k, kv_lens=torch.tensor([3, 10]))),
+        ("kv_lens", lambda: mmfuse.cross_attention(q, k, k, kv_lens=torch.tensor([3]))),
+        ("key_mask", lambda: mmfuse.cross_attention(q, k, k, key_mask=torch.ones(2, 9))),
+        ("key_mask", lambda: mmfuse.cross_attention(q, k, k, key_mask=torch.ones(2, 8, dtype=torch.bool))),
+        ("scale", lambda: mmfuse.cross_attention(q, k, k, scale="x")),
+    ]
+
+
+@pytest.mark.parametrize("case", range(len(_bad_calls())))
+def test_bad_arguments_name_the_argument(case):
+    """Every case, not a sample: they cost nothing."""
+    name, call = _bad_calls()[case]
+    with pytest.raises((ValueError, TypeError)) as err:
+        call()
+    assert str(err.value).startswith(name) or f"{name}:" in str(err.value) or f"{name} " in str(err.value), \
+        str(err.value)
