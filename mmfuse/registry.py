@@ -459,3 +459,49 @@ DECLINED: dict[tuple[str, str], str] = {
     ("x_clip", "XCLIPVisionEmbeddings"): _NOT_YET,
     ("x_clip", "XCLIPCrossAttention"): _NOT_YET,
 }
+
+
+# ----------------------------------------------------------------------------------------------
+# What "projector-like" means (tests/test_registry.py enumerates with it)
+# ----------------------------------------------------------------------------------------------
+#: A vision-language model module: its configuration file has both a vision_config and a text_config.
+#: A projector-like class: defined at top level of its modeling file, with a name containing one of
+#: these words.
+PROJECTOR_WORDS = ("Projector", "Merger", "Connector", "Resampler", "PatchEmbed", "PatchEmbeddings",
+                   "PatchEmbedder", "VisionEmbeddings", "Adapter", "QFormer\\w*Attention", "CrossAttention")
+
+#: Covered classes tested through a sibling family with the same code, recipe and options
+#: (MoE / Omni variants that transformers' modular files copy).
+TESTED_BY_SIBLING = {
+    ("qwen2_5_omni", "Qwen2_5OmniPatchMerger"), ("qwen2_5_omni", "Qwen2_5_VisionPatchEmbed"),
+    ("qwen3_vl_moe", "Qwen3VLMoeVisionPatchMerger"), ("qwen3_vl_moe", "Qwen3VLMoeVisionPatchEmbed"),
+    ("qwen3_5_moe", "Qwen3_5MoeVisionPatchMerger"), ("qwen3_5_moe", "Qwen3_5MoeVisionPatchEmbed"),
+    ("qwen3_omni_moe", "Qwen3OmniMoeVisionPatchMerger"), ("qwen3_omni_moe", "Qwen3OmniMoeVisionPatchEmbed"),
+    ("glm4v_moe", "Glm4vMoeVisionPatchMerger"), ("glm4v_moe", "Glm4vMoeVisionPatchEmbed"),
+    ("lighton_ocr", "LightOnOcrMultiModalProjector"), ("idefics3", "Idefics3Connector"),
+    ("smolvlm", "SmolVLMConnector"), ("aya_vision", "AyaVisionMultiModalProjector"),
+    ("internvl", "InternVLMultiModalProjector"),  # tests/test_hf_integration.py: whole tiny model
+    ("llama4", "Llama4MultiModalProjector"),
+}
+#: Registry entries outside the enumeration's reach (the vision tower lives in a module with no
+#: text_config, or the class name carries none of the words).
+NOT_ENUMERATED = {("idefics2", "Idefics2PerceiverAttention")}
+
+
+def projector_like_classes() -> list[tuple[str, str]]:
+    """(module, class) of every projector-like class of every vision-language model module of the
+    installed transformers, read from the source files (nothing imported)."""
+    import pathlib
+    import re
+
+    import transformers
+
+    pattern = re.compile(r"^class (\w*(?:" + "|".join(PROJECTOR_WORDS) + r")\w*)\(", re.M)
+    found = []
+    for d in sorted((pathlib.Path(transformers.__file__).parent / "models").iterdir()):
+        config_src = "".join(p.read_text() for p in d.glob("configuration_*.py"))
+        if "vision_config" not in config_src or "text_config" not in config_src:
+            continue
+        for path in sorted(d.glob("modeling_*.py")):
+            found += [(d.name, c) for c in pattern.findall(path.read_text())]
+    return found
