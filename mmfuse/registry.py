@@ -478,10 +478,7 @@ TESTED_BY_SIBLING = {
     ("qwen3_5_moe", "Qwen3_5MoeVisionPatchMerger"), ("qwen3_5_moe", "Qwen3_5MoeVisionPatchEmbed"),
     ("qwen3_omni_moe", "Qwen3OmniMoeVisionPatchMerger"), ("qwen3_omni_moe", "Qwen3OmniMoeVisionPatchEmbed"),
     ("glm4v_moe", "Glm4vMoeVisionPatchMerger"), ("glm4v_moe", "Glm4vMoeVisionPatchEmbed"),
-    ("lighton_ocr", "LightOnOcrMultiModalProjector"), ("idefics3", "Idefics3Connector"),
-    ("smolvlm", "SmolVLMConnector"), ("aya_vision", "AyaVisionMultiModalProjector"),
     ("internvl", "InternVLMultiModalProjector"),  # tests/test_hf_integration.py: whole tiny model
-    ("llama4", "Llama4MultiModalProjector"),
 }
 #: Registry entries outside the enumeration's reach (the vision tower lives in a module with no
 #: text_config, or the class name carries none of the words).

@@ -138,6 +138,22 @@ def _mistral3(mod, cfg_cls, proj_name):
     return make
 
 
+def _connector(mod, cfg_cls, proj, vcfg_cls, **kw):
+    """Pixel-shuffle connectors (Idefics3, SmolVLM, Aya Vision): 16 tokens = a 4x4 grid."""
+    def make():
+        vcfg = vcfg_cls(hidden_size=V, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2)
+        cfg = cfg_cls(vision_config=vcfg, text_config=_llama_text(), **kw)
+        return _mod(mod, proj)(cfg), [torch.randn(2, 16, V)]
+    return make
+
+
+def _llama4():
+    cfg = M.llama4.Llama4Config(vision_config=dict(hidden_size=V, vision_output_dim=V, num_hidden_layers=1,
+                                                   num_attention_heads=2, intermediate_size=32),
+                                text_config=dict(hidden_size=T, num_hidden_layers=1, vocab_size=64))
+    return _mod("llama4", "Llama4MultiModalProjector")(cfg), _tokens(7, V, batch=2)
+
+
 def _lfm2():
     vcfg = M.siglip2.Siglip2VisionConfig(hidden_size=V, intermediate_size=32, num_hidden_layers=1,
                                          num_attention_heads=2)
@@ -214,6 +230,16 @@ BUILDERS = {
     ("mistral3", "Mistral3MultiModalProjector"): _mistral3("mistral3", M.mistral3.Mistral3Config,
                                                            "Mistral3MultiModalProjector"),
     ("lfm2_vl", "Lfm2VlMultiModalProjector"): _lfm2,
+    ("lighton_ocr", "LightOnOcrMultiModalProjector"): _mistral3("lighton_ocr", M.lighton_ocr.LightOnOcrConfig,
+                                                                "LightOnOcrMultiModalProjector"),
+    ("idefics3", "Idefics3Connector"): _connector("idefics3", M.idefics3.Idefics3Config, "Idefics3Connector",
+                                                  M.idefics3.Idefics3VisionConfig, scale_factor=2),
+    ("smolvlm", "SmolVLMConnector"): _connector("smolvlm", M.smolvlm.SmolVLMConfig, "SmolVLMConnector",
+                                                M.smolvlm.SmolVLMVisionConfig, scale_factor=2),
+    ("aya_vision", "AyaVisionMultiModalProjector"): _connector(
+        "aya_vision", M.aya_vision.AyaVisionConfig, "AyaVisionMultiModalProjector", M.siglip.SiglipVisionConfig,
+        downsample_factor=2, alignment_intermediate_size=20),
+    ("llama4", "Llama4MultiModalProjector"): _llama4,
     ("paddleocr_vl", "PaddleOCRProjector"): _paddle,
     ("clip", "CLIPVisionEmbeddings"): _clip_embeddings("clip", "CLIPVisionEmbeddings", "CLIPVisionConfig"),
     ("altclip", "AltCLIPVisionEmbeddings"): _clip_embeddings("altclip", "AltCLIPVisionEmbeddings",
