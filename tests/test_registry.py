@@ -301,3 +301,23 @@ def test_every_covered_class_has_a_builder_or_a_sibling():
     (MoE / Omni variants of the same code)."""
     untested = {(f.module, c) for f in registry.FAMILIES for c in f.classes} - set(BUILDERS)
     assert untested <= registry.TESTED_BY_SIBLING, sorted(untested - registry.TESTED_BY_SIBLING)
+
+
+@pytest.mark.parametrize("key", sorted(BUILDERS), ids=lambda k: f"{k[0]}.{k[1]}")
+def test_family_patches_on_meta_and_loads_after(key):
+    """Patch before the weights exist (meta), then to_empty + load_state_dict: equals the original.
+    (tests/test_compile_autocast_distributed.py runs the same flow under FSDP2 with two processes.)"""
+    torch.manual_seed(0)
+    real, inputs = BUILDERS[key]()
+    with torch.device("meta"):
+        torch.manual_seed(0)
+        module, _ = BUILDERS[key]()
+    model = _Parent(module)
+    report = mmfuse.patch(model)
+    assert [name for name, _, _ in report.swapped] == ["target"], str(report)
+    model.to_empty(device="cpu")
+    model.target.load_state_dict(real.state_dict())
+    with torch.no_grad():  # non-persistent buffers are re-created, as transformers' _init_weights does
+        for name, buf in real.named_buffers():
+            model.target.get_buffer(name).copy_(buf)
+    torch.testing.assert_close(model(*inputs), _Parent(real)(*inputs), rtol=1e-5, atol=1e-5)
