@@ -1,5 +1,5 @@
-"""The ``mmfuse`` command: ``mmfuse verify`` (every kernel against its reference) and ``mmfuse report``
-(exact figures without a GPU)."""
+"""The ``mmfuse`` command: ``mmfuse verify`` (every kernel against its reference), ``mmfuse report``
+(exact figures without a GPU) and ``mmfuse models`` (what ``mmfuse.patch`` covers)."""
 
 from __future__ import annotations
 
@@ -36,6 +36,9 @@ def main(argv=None) -> int:
     p_bench.add_argument("--op", nargs="*", default=None, help="only these ops (mlp patch_embed cross_attention)")
     p_bench.add_argument("--readme", default=None,
                          help="then rewrite this README's results section from the latest results file")
+    p_models = sub.add_parser("models", help="the model registry: every family, class and recipe mmfuse.patch covers")
+    p_models.add_argument("--declined", action="store_true",
+                          help="list the recognised classes left alone, with the reason, instead")
     p_report = sub.add_parser("report", help="exact figures without a GPU: compiled configs, grids, waves")
     p_report.add_argument("--out", default=None, help="write the markdown here instead of stdout")
     args = parser.parse_args(argv)
@@ -54,6 +57,11 @@ def main(argv=None) -> int:
             readme.rewrite(args.readme, args.out_dir)
             print(f"mmfuse bench: results section of {args.readme} regenerated")
         return rc
+    if args.command == "models":
+        from mmfuse import registry
+
+        print(registry.declined_table() if args.declined else registry.models_table())
+        return 0
     if args.command == "report":
         from mmfuse import report
 

@@ -239,6 +239,7 @@ FAMILIES: list[Family] = [
     _llava_mlp("LLaVA-OneVision", "llava_onevision", "LlavaOnevisionMultiModalProjector"),
     _llava_mlp("Video-LLaVA", "video_llava", "VideoLlavaMultiModalProjector"),
     _llava_mlp("FastVLM", "fast_vlm", "FastVlmMultiModalProjector"),
+    Family("VideoLLaMA3", "video_llama_3", ("VideoLlama3Projector",), "mlp", (("sequential", ("readout",)),)),
     Family("VipLLaVA", "vipllava", ("VipLlavaMultiModalProjector",), "norm+mlp",
            (("linears", ("linear_1", "linear_2")), ("fuse", (("linear_1", "act"),)))),
     Family("InternVL", "internvl", ("InternVLMultiModalProjector",), "norm+mlp",
@@ -455,7 +456,6 @@ DECLINED: dict[tuple[str, str], str] = {
     ("ultravbert", "UltraVBertConnector"): _NOT_YET,
     ("unlimited_ocr", "UnlimitedOcrSamPatchEmbeddings"): _NOT_YET,
     ("unlimited_ocr", "UnlimitedOcrVisionEmbeddings"): _NOT_YET,
-    ("video_llama_3", "VideoLlama3Projector"): _NOT_YET,
     ("x_clip", "XCLIPVisionEmbeddings"): _NOT_YET,
     ("x_clip", "XCLIPCrossAttention"): _NOT_YET,
 }
@@ -502,3 +502,46 @@ def projector_like_classes() -> list[tuple[str, str]]:
         for path in sorted(d.glob("modeling_*.py")):
             found += [(d.name, c) for c in pattern.findall(path.read_text())]
     return found
+
+
+# ----------------------------------------------------------------------------------------------
+# What users see: `mmfuse models` and the README's supported-models table
+# ----------------------------------------------------------------------------------------------
+MODELS_START = "<!-- models:start -->"
+MODELS_END = "<!-- models:end -->"
+
+
+def counts() -> dict[str, int]:
+    """Accelerated classes of the installed transformers, by kind (projector-like = projector,
+    merger, connector, resampler attention; patch embeddings)."""
+    out = {PROJECTOR: 0, PATCH_EMBED: 0, CROSS_ATTENTION: 0}
+    for fam in FAMILIES:
+        out[RECIPES[fam.recipe].kind] += len(fam.classes)
+    return out
+
+
+def models_table() -> str:
+    """The supported-models table as markdown: family, class, recipe, fused, PyTorch glue, notes;
+    then the counts and the declined classes' number (``mmfuse models --declined`` lists them)."""
+    lines = ["| family | module class | recipe | fused (mmfuse kernels) | stays PyTorch | notes |",
+             "|---|---|---|---|---|---|"]
+    for fam in FAMILIES:
+        r = RECIPES[fam.recipe]
+        cls = ", ".join(f"`{c}`" for c in fam.classes) or "`nn.Sequential(Linear, act, Linear, ...)`"
+        lines.append(f"| {fam.name} | {cls} | {r.name} | {r.fused} | {r.pytorch} | {fam.notes} |")
+    c = counts()
+    lines += ["", f"Accelerated classes of the installed transformers: **{c[PROJECTOR] + c[CROSS_ATTENTION]} "
+              f"projectors / mergers / connectors** ({c[CROSS_ATTENTION]} of them resampler cross-attention) "
+              f"and **{c[PATCH_EMBED]} vision patch embeddings**. {len(DECLINED)} more projector-like classes "
+              "are recognised and left alone, each with its reason (`mmfuse models --declined`)."]
+    return "\n".join(lines)
+
+
+def declined_table() -> str:
+    lines = ["| module | class | why it is left alone |", "|---|---|---|"]
+    lines += [f"| {mod} | `{cls}` | {why} |" for (mod, cls), why in sorted(DECLINED.items())]
+    return "\n".join(lines)
+
+
+def readme_block() -> str:
+    return f"{MODELS_START}\n{models_table()}\n{MODELS_END}"

@@ -240,6 +240,10 @@ BUILDERS = {
         "aya_vision", M.aya_vision.AyaVisionConfig, "AyaVisionMultiModalProjector", M.siglip.SiglipVisionConfig,
         downsample_factor=2, alignment_intermediate_size=20),
     ("llama4", "Llama4MultiModalProjector"): _llama4,
+    ("video_llama_3", "VideoLlama3Projector"): lambda: (_mod("video_llama_3", "VideoLlama3Projector")(
+        M.video_llama_3.VideoLlama3Config(vision_config=dict(hidden_size=V, intermediate_size=32, num_hidden_layers=1,
+                                                             num_attention_heads=2), text_config=_llama_text().to_dict())),
+        _tokens(7, V)),
     ("paddleocr_vl", "PaddleOCRProjector"): _paddle,
     ("clip", "CLIPVisionEmbeddings"): _clip_embeddings("clip", "CLIPVisionEmbeddings", "CLIPVisionConfig"),
     ("altclip", "AltCLIPVisionEmbeddings"): _clip_embeddings("altclip", "AltCLIPVisionEmbeddings",
@@ -321,3 +325,30 @@ def test_family_patches_on_meta_and_loads_after(key):
         for name, buf in real.named_buffers():
             model.target.get_buffer(name).copy_(buf)
     torch.testing.assert_close(model(*inputs), _Parent(real)(*inputs), rtol=1e-5, atol=1e-5)
+
+
+def test_readme_supported_models_block_is_generated():
+    import pathlib
+
+    readme = (pathlib.Path(__file__).parents[1] / "README.md").read_text()
+    start, end = readme.index(registry.MODELS_START), readme.index(registry.MODELS_END) + len(registry.MODELS_END)
+    assert readme[start:end] == registry.readme_block(), \
+        "README's supported-models table is stale: regenerate it from mmfuse.registry.readme_block()"
+
+
+def test_models_cli_prints_the_table(capsys):
+    from mmfuse import cli
+
+    assert cli.main(["models"]) == 0
+    assert "Qwen2.5-VL" in capsys.readouterr().out
+    assert cli.main(["models", "--declined"]) == 0
+    assert "Blip2QFormerMultiHeadAttention" in capsys.readouterr().out
+
+
+def test_patch_report_names_declined_modules():
+    cfg = M.blip_2.Blip2QFormerConfig(hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+                                      intermediate_size=32, encoder_hidden_size=16)
+    model = _Parent(M.blip_2.modeling_blip_2.Blip2QFormerModel(cfg))
+    report = mmfuse.patch(model)
+    assert any(cls == "Blip2QFormerMultiHeadAttention" and "Q-Former" in why for _, cls, why in report.left_alone)
+    assert "left alone" in str(report)
