@@ -36,6 +36,18 @@ def apply_activation(x, ACTIVATION: tl.constexpr):
     return x
 
 @triton.jit
+def _sigmoid_for_grad(x):
+    """1 / (1 + 2^(-x log2(e))) with an approximate (full-range, ~2 ulp) fp32 division: tl.sigmoid
+    (IEEE division) made the dX * act' epilogue spill 8 bytes on sm_80 at 255 registers (128x64
+    tiles, bf16); so did tl.exp with the approximate division. The gradient may differ from the IEEE
+    result by a few fp32 ulps. fp64 keeps tl.sigmoid."""
+    if x.dtype == tl.float32:
+        s = tl.math.fdiv(tl.full(x.shape, 1.0, tl.float32), 1.0 + tl.math.exp2(x * -1.4426950408889634))
+    else:
+        s = tl.sigmoid(x)
+    return s
+
+@triton.jit
 def activation_grad(x, ACTIVATION: tl.constexpr):
     """act'(x) on an fp32/fp64 tile of pre-activations."""
     if ACTIVATION == 1:
@@ -48,10 +60,10 @@ def activation_grad(x, ACTIVATION: tl.constexpr):
         du = 0.7978845608028654 * (1.0 + 3.0 * 0.044715 * x * x)
         g = s + x * s * (1.0 - s) * 2.0 * du
     elif ACTIVATION == 3:
-        s = tl.sigmoid(1.702 * x)
+        s = _sigmoid_for_grad(1.702 * x)
         g = s + 1.702 * x * s * (1.0 - s)
     elif ACTIVATION == 4:
-        s = tl.sigmoid(x)
+        s = _sigmoid_for_grad(x)
         g = s + x * s * (1.0 - s)
     elif ACTIVATION == 5:
         # torch's relu backward: gradient 1 where x > 0, else 0 (also at exactly 0)
