@@ -165,7 +165,7 @@ class _QwenCall(nn.Module):
 
 def test_qwen2_vl_vision_patched_matches():
     model, report = check_patch_equivalence(_QwenCall(tiny_qwen2_vl_vision()), _qwen_inputs(),
-                                            lambda o: o.pooler_output, ["Qwen2VLPatchEmbed", "PatchMerger"])
+                                            lambda o: o.pooler_output, ["Qwen2VLPatchEmbed", "FusedPatchMerger"])
     assert model.model.merger.mlp.activation == "gelu"
 
 

@@ -352,3 +352,97 @@ def test_patch_report_names_declined_modules():
     report = mmfuse.patch(model)
     assert any(cls == "Blip2QFormerMultiHeadAttention" and "Q-Former" in why for _, cls, why in report.left_alone)
     assert "left alone" in str(report)
+
+
+# ----------------------------------------------------------------------------------------------
+# Whole tiny models, one per recipe not already run end to end in tests/test_hf_integration.py
+# (there: LLaVA = fused-chain MLP + CLIP embeddings, Qwen2-VL tower = merge+mlp + pre-cut patch
+# embed, InternVL = norm+mlp): logits / tower outputs and one training step
+# ----------------------------------------------------------------------------------------------
+class _TowerCall(nn.Module):
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, pixels, grid):
+        return self.model(pixels, grid_thw=grid)
+
+
+def _tower(mod, tower, vision_config, **kw):
+    def make():
+        torch.manual_seed(0)
+        cfg = getattr(getattr(M, mod), vision_config)(**kw)
+        return _TowerCall(_mod(mod, tower)._from_config(cfg))
+    return make
+
+
+def _tower_inputs():
+    grid = torch.tensor([[1, 4, 6]])  # 24 patches of 3x2x2x2, merged 2x2 into 6 tokens
+    return [torch.randn(24, 3 * 2 * 2 * 2), grid]
+
+
+def _pooled(out):
+    return out.pooler_output
+
+
+class _VLMCall(nn.Module):
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, ids, pixels):
+        return self.model(input_ids=ids, pixel_values=pixels, token_type_ids=(ids == self.model.config.image_token_id).long())
+
+
+def _gemma3_model():
+    torch.manual_seed(0)
+    vcfg = M.siglip.SiglipVisionConfig(hidden_size=V, intermediate_size=32, num_hidden_layers=1,
+                                       num_attention_heads=2, image_size=16, patch_size=4)
+    tcfg = M.gemma3.Gemma3TextConfig(hidden_size=T, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
+                                     num_key_value_heads=1, head_dim=8, vocab_size=64)
+    cfg = M.gemma3.Gemma3Config(vision_config=vcfg, text_config=tcfg, mm_tokens_per_image=4, image_token_id=60)
+    model = M.gemma3.Gemma3ForConditionalGeneration(cfg)
+    with torch.no_grad():
+        model.model.multi_modal_projector.mm_input_projection_weight.normal_()
+    return _VLMCall(model)
+
+
+def _paligemma_model():
+    torch.manual_seed(0)
+    vcfg = M.siglip.SiglipVisionConfig(hidden_size=V, intermediate_size=32, num_hidden_layers=1,
+                                       num_attention_heads=2, image_size=16, patch_size=8, projection_dim=T)
+    tcfg = M.gemma.GemmaConfig(hidden_size=T, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
+                               num_key_value_heads=1, head_dim=8, vocab_size=64)
+    cfg = M.paligemma.PaliGemmaConfig(vision_config=vcfg, text_config=tcfg, image_token_id=60, projection_dim=T)
+    return _VLMCall(M.paligemma.PaliGemmaForConditionalGeneration(cfg))
+
+
+E2E = {
+    "qwen2.5-vl tower (merge+mlp, RMSNorm; Conv3d patch embed)": (
+        _tower("qwen2_5_vl", "Qwen2_5_VisionTransformerPretrainedModel", "Qwen2_5_VLVisionConfig", **_QW25),
+        _tower_inputs, _pooled),
+    "glm-4v tower (gated mlp; Conv3d patch embed)": (
+        _tower("glm4v", "Glm4vVisionModel", "Glm4vVisionConfig", **_GLM), _tower_inputs, _pooled),
+    "gemma 3 (pool+norm+matmul; SigLIP embeddings)": (
+        _gemma3_model, lambda: [torch.tensor([[1, 60, 60, 60, 60, 5, 6]]), torch.randn(1, 3, 16, 16)],
+        lambda o: o.logits),
+    "paligemma (linear; SigLIP embeddings)": (
+        _paligemma_model, lambda: [torch.tensor([[60, 60, 60, 60, 5, 6]]), torch.randn(1, 3, 16, 16)],
+        lambda o: o.logits),
+}
+
+
+@pytest.mark.parametrize("name", sorted(E2E))
+def test_whole_model_patched_matches_and_trains(name):
+    import importlib.util
+    import pathlib
+
+    spec = importlib.util.spec_from_file_location("_hf_checks", pathlib.Path(__file__).with_name("test_hf_integration.py"))
+    hf = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(hf)
+    check_patch_equivalence, check_training_step = hf.check_patch_equivalence, hf.check_training_step
+    make, inputs, select = E2E[name]
+    inputs = inputs()
+    model, report = check_patch_equivalence(make(), inputs, select, [])
+    assert len(report.swapped) >= 2, str(report)
+    check_training_step(make, inputs, select)
