@@ -38,17 +38,21 @@ class PatchReport:
         return len(self.swapped)
 
 
-def patch(model: nn.Module) -> PatchReport:
+def patch(model: nn.Module, vision_tower: bool = False) -> PatchReport:
     """Replace recognised submodules of ``model`` in place (an outer match wins over inner ones).
-    Works on meta-device models (nothing is read from the weights until the first forward)."""
+    Works on meta-device models (nothing is read from the weights until the first forward).
+    ``vision_tower=True`` would also swap the vision tower's own blocks (registry families marked
+    ``tower``); none are registered yet, so it raises rather than silently doing nothing."""
     from mmfuse import registry
 
+    if vision_tower and not any(f.tower for f in registry.FAMILIES):
+        raise NotImplementedError("vision_tower=True: no vision-tower families are registered yet")
     report = PatchReport([], [])
 
     def visit(parent: nn.Module, prefix: str):
         for child_name, child in list(parent.named_children()):
             qual = f"{prefix}.{child_name}" if prefix else child_name
-            family = registry.family_for(child)
+            family = registry.family_for(child, vision_tower=vision_tower)
             if family is None:
                 declined = registry.declined_reason(child)
                 if declined is not None:
@@ -66,7 +70,7 @@ def patch(model: nn.Module) -> PatchReport:
             setattr(parent, child_name, new)
             report.swapped.append((qual, type(child).__name__, type(new).__name__))
 
-    if registry.family_for(model) is not None:
+    if registry.family_for(model, vision_tower=vision_tower) is not None:
         raise ValueError("model: patch() replaces submodules in place; wrap a bare "
                          f"{type(model).__name__} in a parent module (or use its from_module)")
     visit(model, "")

@@ -49,6 +49,7 @@ class Family:
     options: tuple = ()               # recipe options as (key, value) pairs (hashable)
     notes: str = ""
     match: Callable[[nn.Module], bool] | None = None  # structural families (no transformers class)
+    tower: bool = False               # a vision-tower block: swapped only by patch(..., vision_tower=True)
 
     def opt(self, key, default=None):
         return dict(self.options).get(key, default)
@@ -307,8 +308,8 @@ FAMILIES: list[Family] = [
 ]
 
 
-def family_for(module: nn.Module) -> Family | None:
-    return next((f for f in FAMILIES if f.matches(module)), None)
+def family_for(module: nn.Module, vision_tower: bool = False) -> Family | None:
+    return next((f for f in FAMILIES if (vision_tower or not f.tower) and f.matches(module)), None)
 
 
 def build(module: nn.Module, family: Family) -> nn.Module:

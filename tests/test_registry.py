@@ -446,3 +446,8 @@ def test_whole_model_patched_matches_and_trains(name):
     model, report = check_patch_equivalence(make(), inputs, select, [])
     assert len(report.swapped) >= 2, str(report)
     check_training_step(make, inputs, select)
+
+
+def test_vision_tower_opt_in_is_not_silently_ignored():
+    with pytest.raises(NotImplementedError, match="vision_tower"):
+        mmfuse.patch(nn.Sequential(nn.Linear(2, 2)), vision_tower=True)
