@@ -39,6 +39,7 @@ def main(argv=None) -> int:
     p_models = sub.add_parser("models", help="the model registry: every family, class and recipe mmfuse.patch covers")
     p_models.add_argument("--declined", action="store_true",
                           help="list the recognised classes left alone, with the reason, instead")
+    p_models.add_argument("--readme", default=None, help="rewrite this README's supported-models block")
     p_report = sub.add_parser("report", help="exact figures without a GPU: compiled configs, grids, waves")
     p_report.add_argument("--out", default=None, help="write the markdown here instead of stdout")
     args = parser.parse_args(argv)
@@ -60,6 +61,10 @@ def main(argv=None) -> int:
     if args.command == "models":
         from mmfuse import registry
 
+        if args.readme:
+            registry.rewrite_readme(args.readme)
+            print(f"mmfuse models: supported-models block of {args.readme} regenerated")
+            return 0
         print(registry.declined_table() if args.declined else registry.models_table())
         return 0
     if args.command == "report":

@@ -333,7 +333,7 @@ def test_readme_supported_models_block_is_generated():
     readme = (pathlib.Path(__file__).parents[1] / "README.md").read_text()
     start, end = readme.index(registry.MODELS_START), readme.index(registry.MODELS_END) + len(registry.MODELS_END)
     assert readme[start:end] == registry.readme_block(), \
-        "README's supported-models table is stale: regenerate it from mmfuse.registry.readme_block()"
+        "README's supported-models table is stale: run `mmfuse models --readme README.md`"
 
 
 def test_models_cli_prints_the_table(capsys):
@@ -451,3 +451,21 @@ def test_whole_model_patched_matches_and_trains(name):
 def test_vision_tower_opt_in_is_not_silently_ignored():
     with pytest.raises(NotImplementedError, match="vision_tower"):
         mmfuse.patch(nn.Sequential(nn.Linear(2, 2)), vision_tower=True)
+
+
+def _embeddings_source(mod, cls):
+    import importlib
+    import inspect
+
+    c = getattr(importlib.import_module(f"transformers.models.{mod}.modeling_{mod}"), cls)
+    return (inspect.getsource(c.__init__) + inspect.getsource(c.forward)).replace(cls[:-len("VisionEmbeddings")], "X")
+
+
+def test_vision_embeddings_families_are_source_copies_of_clip_or_siglip():
+    """The fused drop-in is faithful to a copy only if the copy computes what CLIP / SigLIP do."""
+    ref = {"clip": _embeddings_source("clip", "CLIPVisionEmbeddings"),
+           "siglip": _embeddings_source("siglip", "SiglipVisionEmbeddings")}
+    for fam in registry.FAMILIES:
+        if fam.recipe == "vision embeddings":
+            for cls in fam.classes:
+                assert _embeddings_source(fam.module, cls) == ref[fam.opt("layout")], (fam.name, cls)
