@@ -295,6 +295,9 @@ FAMILIES: list[Family] = [
            notes="Linear, LayerNorm + GELU, then SwiGLU (separate gate / up)"),
     Family("GLM-4V-MoE", "glm4v_moe", ("Glm4vMoeVisionPatchMerger",), "gated mlp", _GLM_MERGER),
     Family("GLM-OCR", "glm_ocr", ("GlmOcrVisionPatchMerger",), "gated mlp", _GLM_MERGER),
+    Family("Idefics2", "idefics2", ("Idefics2MLP",), "gated mlp",
+           (("linears", ("gate_proj", "up_proj", "down_proj")), ("fuse", (("gate_proj", "act_fn"),))),
+           notes="the connector's modality projection and the perceiver layers' MLPs (SwiGLU, separate gate / up)"),
     # patch embeddings
     Family("Qwen2-VL", "qwen2_vl", ("PatchEmbed",), "patch embed (pre-cut rows)", notes=_CONV3D_NOTE),
     Family("Qwen2.5-VL", "qwen2_5_vl", ("Qwen2_5_VisionPatchEmbed",), "patch embed (pre-cut rows)", notes=_CONV3D_NOTE),
@@ -368,7 +371,7 @@ DECLINED: dict[tuple[str, str], str] = {
     ("instructblipvideo", "InstructBlipVideoQFormerMultiHeadAttention"): "as BLIP-2's Q-Former attention",
     ("instructblipvideo", "InstructBlipVideoQFormerAttention"): _WRAPPER,
     ("idefics2", "Idefics2PerceiverResampler"): "its Idefics2PerceiverAttention layers are replaced",
-    ("idefics2", "Idefics2Connector"): "its perceiver attention is replaced; its gated MLP is not yet",
+    ("idefics2", "Idefics2Connector"): "a container: its gated MLPs (Idefics2MLP) and perceiver attention are replaced",
     ("mllama", "MllamaTextCrossAttention"): "language-model cross-attention with a KV cache, not a projector",
     ("mllama", "MllamaCrossAttentionDecoderLayer"): "language-model layer, not a projector",
     ("bridgetower", "BridgeTowerCrossAttention"): "language-model cross-attention, not a projector",
@@ -509,7 +512,7 @@ TESTED_BY_SIBLING = {
 }
 #: Registry entries outside the enumeration's reach (the vision tower lives in a module with no
 #: text_config, or the class name carries none of the words).
-NOT_ENUMERATED = {("idefics2", "Idefics2PerceiverAttention")}
+NOT_ENUMERATED = {("idefics2", "Idefics2PerceiverAttention"), ("idefics2", "Idefics2MLP")}
 
 
 def projector_like_classes() -> list[tuple[str, str]]:

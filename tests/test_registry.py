@@ -240,6 +240,9 @@ BUILDERS = {
         "aya_vision", M.aya_vision.AyaVisionConfig, "AyaVisionMultiModalProjector", M.siglip.SiglipVisionConfig,
         downsample_factor=2, alignment_intermediate_size=20),
     ("llama4", "Llama4MultiModalProjector"): _llama4,
+    ("idefics2", "Idefics2MLP"): lambda: (_mod("idefics2", "Idefics2MLP")(hidden_size=V, intermediate_size=20,
+                                                                         output_size=T, hidden_act="silu"),
+                                         _tokens(7, V, batch=2)),
     ("qwen3_omni_moe", "Qwen3OmniMoeVisionPatchMerger"): lambda: (
         _mod("qwen3_omni_moe", "Qwen3OmniMoeVisionPatchMerger")(
             M.qwen3_omni_moe.Qwen3OmniMoeVisionEncoderConfig(**_QW3)), [torch.randn(12, V)]),
