@@ -129,7 +129,8 @@ def num_sms(device: torch.device | None) -> int:
     return H100_SMS
 
 __all__ = [
-    "INTERPRET", "ACT_NONE", "ACT_GELU", "ACT_GELU_TANH", "ACT_QUICK_GELU", "ACT_SILU", "ACT_RELU", "ACTIVATIONS", "apply_activation",
+    "INTERPRET", "ACT_NONE", "ACT_GELU", "ACT_GELU_TANH", "ACT_QUICK_GELU", "ACT_SILU", "ACT_RELU",
+    "ACTIVATIONS", "apply_activation",
     "activation_grad", "grouped_tile", "KERNEL_DTYPES", "acc_dtype", "dot_precision", "POISON_OUTPUTS", "empty",
     "cdiv", "next_pow2", "H100_SMS", "num_sms",
 ]

@@ -4,7 +4,8 @@ drop-ins in place, and back.
 Which modules are replaced, and how, is decided in one place: the model registry
 (``mmfuse.registry``: families as data, recipes as code). A recipe raises ``Unsupported(reason)`` for a
 module it recognises but cannot replace faithfully (an activation the kernels do not compute, say):
-``patch`` leaves that module alone and reports why; so it does for the classes the registry declines. The replaced module is kept on its replacement
+``patch`` leaves that module alone and reports why; so it does for the classes the registry declines.
+The replaced module is kept on its replacement
 (outside the module tree, so state_dicts are unchanged) for ``unpatch``.
 """
 

@@ -195,6 +195,13 @@ def _mod(mod, cls):
     return getattr(getattr(getattr(M, mod), f"modeling_{mod}"), cls)
 
 
+_QWEN2_TOWER = _qwen_tower("qwen2_vl", "Qwen2VisionTransformerPretrainedModel", "Qwen2VLVisionConfig", **_QW2)
+_QWEN25_TOWER = _qwen_tower("qwen2_5_vl", "Qwen2_5_VisionTransformerPretrainedModel", "Qwen2_5_VLVisionConfig",
+                            **_QW25)
+_QWEN3_TOWER = _qwen_tower("qwen3_vl", "Qwen3VLVisionModel", "Qwen3VLVisionConfig", **_QW3)
+_QWEN35_TOWER = _qwen_tower("qwen3_5", "Qwen3_5VisionModel", "Qwen3_5VisionConfig", **_QW3)
+_GLM_TOWER = _qwen_tower("glm4v", "Glm4vVisionModel", "Glm4vVisionConfig", **_GLM)
+
 BUILDERS = {
     ("llava", "LlavaMultiModalProjector"): _llava_like(M.llava.LlavaConfig, _mod("llava", "LlavaMultiModalProjector")),
     ("llava_next", "LlavaNextMultiModalProjector"): _llava_like(
@@ -215,18 +222,16 @@ BUILDERS = {
             text_config=M.gemma.GemmaConfig(hidden_size=T, num_hidden_layers=1, vocab_size=64))),
         _tokens(7, V, batch=2)),
     ("gemma3", "Gemma3MultiModalProjector"): _gemma3,
-    ("qwen2_vl", "PatchMerger"): _merger(_qwen_tower("qwen2_vl", "Qwen2VisionTransformerPretrainedModel", "Qwen2VLVisionConfig", **_QW2), V),
-    ("qwen2_vl", "PatchEmbed"): _patch_embed(_qwen_tower("qwen2_vl", "Qwen2VisionTransformerPretrainedModel", "Qwen2VLVisionConfig", **_QW2)),
-    ("qwen2_5_vl", "Qwen2_5_VLPatchMerger"): _merger(
-        _qwen_tower("qwen2_5_vl", "Qwen2_5_VisionTransformerPretrainedModel", "Qwen2_5_VLVisionConfig", **_QW25), V),
-    ("qwen2_5_vl", "Qwen2_5_VisionPatchEmbed"): _patch_embed(
-        _qwen_tower("qwen2_5_vl", "Qwen2_5_VisionTransformerPretrainedModel", "Qwen2_5_VLVisionConfig", **_QW25)),
-    ("qwen3_vl", "Qwen3VLVisionPatchMerger"): _merger(_qwen_tower("qwen3_vl", "Qwen3VLVisionModel", "Qwen3VLVisionConfig", **_QW3), V),
-    ("qwen3_vl", "Qwen3VLVisionPatchEmbed"): _patch_embed(_qwen_tower("qwen3_vl", "Qwen3VLVisionModel", "Qwen3VLVisionConfig", **_QW3)),
-    ("qwen3_5", "Qwen3_5VisionPatchMerger"): _merger(_qwen_tower("qwen3_5", "Qwen3_5VisionModel", "Qwen3_5VisionConfig", **_QW3), V),
-    ("qwen3_5", "Qwen3_5VisionPatchEmbed"): _patch_embed(_qwen_tower("qwen3_5", "Qwen3_5VisionModel", "Qwen3_5VisionConfig", **_QW3)),
-    ("glm4v", "Glm4vVisionPatchMerger"): _merger(_qwen_tower("glm4v", "Glm4vVisionModel", "Glm4vVisionConfig", **_GLM), T),
-    ("glm4v", "Glm4vVisionPatchEmbed"): _patch_embed(_qwen_tower("glm4v", "Glm4vVisionModel", "Glm4vVisionConfig", **_GLM)),
+    ("qwen2_vl", "PatchMerger"): _merger(_QWEN2_TOWER, V),
+    ("qwen2_vl", "PatchEmbed"): _patch_embed(_QWEN2_TOWER),
+    ("qwen2_5_vl", "Qwen2_5_VLPatchMerger"): _merger(_QWEN25_TOWER, V),
+    ("qwen2_5_vl", "Qwen2_5_VisionPatchEmbed"): _patch_embed(_QWEN25_TOWER),
+    ("qwen3_vl", "Qwen3VLVisionPatchMerger"): _merger(_QWEN3_TOWER, V),
+    ("qwen3_vl", "Qwen3VLVisionPatchEmbed"): _patch_embed(_QWEN3_TOWER),
+    ("qwen3_5", "Qwen3_5VisionPatchMerger"): _merger(_QWEN35_TOWER, V),
+    ("qwen3_5", "Qwen3_5VisionPatchEmbed"): _patch_embed(_QWEN35_TOWER),
+    ("glm4v", "Glm4vVisionPatchMerger"): _merger(_GLM_TOWER, T),
+    ("glm4v", "Glm4vVisionPatchEmbed"): _patch_embed(_GLM_TOWER),
     ("mistral3", "Mistral3MultiModalProjector"): _mistral3("mistral3", M.mistral3.Mistral3Config,
                                                            "Mistral3MultiModalProjector"),
     ("lfm2_vl", "Lfm2VlMultiModalProjector"): _lfm2,
@@ -252,7 +257,8 @@ BUILDERS = {
             text_config=_llama_text().to_dict(), downsample_ratio=0.5)), [torch.randn(2, 5, 4 * V)]),
     ("video_llama_3", "VideoLlama3Projector"): lambda: (_mod("video_llama_3", "VideoLlama3Projector")(
         M.video_llama_3.VideoLlama3Config(vision_config=dict(hidden_size=V, intermediate_size=32, num_hidden_layers=1,
-                                                             num_attention_heads=2), text_config=_llama_text().to_dict())),
+                                                             num_attention_heads=2),
+                                            text_config=_llama_text().to_dict())),
         _tokens(7, V)),
     ("paddleocr_vl", "PaddleOCRProjector"): _paddle,
     ("clip", "CLIPVisionEmbeddings"): _clip_embeddings("clip", "CLIPVisionEmbeddings", "CLIPVisionConfig"),
@@ -421,7 +427,8 @@ class _VLMCall(nn.Module):
         self.model = model
 
     def forward(self, ids, pixels):
-        return self.model(input_ids=ids, pixel_values=pixels, token_type_ids=(ids == self.model.config.image_token_id).long())
+        image = (ids == self.model.config.image_token_id).long()
+        return self.model(input_ids=ids, pixel_values=pixels, token_type_ids=image)
 
 
 def _gemma3_model():
@@ -467,7 +474,8 @@ def test_whole_model_patched_matches_and_trains(name):
     import importlib.util
     import pathlib
 
-    spec = importlib.util.spec_from_file_location("_hf_checks", pathlib.Path(__file__).with_name("test_hf_integration.py"))
+    path = pathlib.Path(__file__).with_name("test_hf_integration.py")
+    spec = importlib.util.spec_from_file_location("_hf_checks", path)
     hf = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(hf)
     check_patch_equivalence, check_training_step = hf.check_patch_equivalence, hf.check_training_step

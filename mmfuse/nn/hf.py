@@ -9,6 +9,8 @@
   processor (C·T·P·P values each), so ``Conv3d(k=s)`` is exactly one GEMM with the flattened weight.
 
 The LayerNorms stay PyTorch's (one read and one write of the activations; not fused here).
+``mmfuse.patch`` decides what it swaps in ``mmfuse.registry``; these classes are public drop-ins
+(``from_module``) and the registry's pre-cut patch-embed recipe uses ``Qwen2VLPatchEmbed``.
 """
 
 from __future__ import annotations

@@ -7,7 +7,6 @@ from typing import Sequence
 import torch
 import torch.nn as nn
 
-from mmfuse import _patch
 from mmfuse.nn._activations import activation_name
 from mmfuse.ops.linear import linear, mlp
 
