@@ -74,9 +74,9 @@ def _fused_class(cls: type) -> type:
 def _shallow_copy(module: nn.Module, cls: type | None = None) -> nn.Module:
     """A new module object sharing every parameter, buffer and child, with its own child table."""
     new = (cls or type(module)).__new__(cls or type(module))
-    new.__dict__.update(module.__dict__)
-    for table in ("_modules", "_parameters", "_buffers"):
-        new.__dict__[table] = dict(module.__dict__[table])
+    # Own copies of every dict (children, parameters, buffers, hook tables): editing the copy's
+    # children or hooks must not touch the original, which unpatch() puts back.
+    new.__dict__.update({k: (type(v)(v) if isinstance(v, dict) else v) for k, v in module.__dict__.items()})
     return new
 
 

@@ -297,9 +297,11 @@ def check_family(key, launches):
     model = _Parent(module).float().train()
     ref32 = _run(model, inputs)
     ref64 = _run(copy.deepcopy(model).double(), [t.double() if t.is_floating_point() else t for t in inputs])
+    before = [(n, type(m)) for n, m in module.named_modules()]
     report = mmfuse.patch(model)
     assert [name for name, _, _ in report.swapped] == ["target"], str(report)
     assert model.target is not module
+    assert [(n, type(m)) for n, m in module.named_modules()] == before  # the original is untouched
     assert model.state_dict().keys() == _Parent(module).state_dict().keys()
     launches.clear()
     out, grads = _run(model, inputs)
@@ -308,6 +310,7 @@ def check_family(key, launches):
     assert grads.keys() == ref32[1].keys()
     for name in grads:
         assert_close(f"grad {name}", grads[name], ref64[1][name], ref32[1][name])
+    assert mmfuse.unpatch(model) == ["target"] and model.target is module
     return model
 
 
