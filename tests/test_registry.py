@@ -245,6 +245,25 @@ BUILDERS = {
         "aya_vision", M.aya_vision.AyaVisionConfig, "AyaVisionMultiModalProjector", M.siglip.SiglipVisionConfig,
         downsample_factor=2, alignment_intermediate_size=20),
     ("llama4", "Llama4MultiModalProjector"): _llama4,
+    ("cohere2_vision", "Cohere2VisionMultiModalProjector"): lambda: (
+        _mod("cohere2_vision", "Cohere2VisionMultiModalProjector")(M.cohere2_vision.Cohere2VisionConfig(
+            vision_config=dict(model_type="siglip_vision_model", hidden_size=V, intermediate_size=32,
+                               num_hidden_layers=1, num_attention_heads=2),
+            text_config=dict(model_type="cohere2", hidden_size=T, num_hidden_layers=1, num_attention_heads=2,
+                             num_key_value_heads=2, vocab_size=64),
+            downsample_factor=2, alignment_intermediate_size=20)), [torch.randn(2, 16, V)]),
+    ("lfm3_vl", "Lfm3VlMultiModalProjector"): lambda: (
+        _mod("lfm3_vl", "Lfm3VlMultiModalProjector")(M.lfm3_vl.Lfm3VlConfig(
+            vision_config=dict(hidden_size=V, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
+                               spatial_merge_size=2),
+            text_config=dict(hidden_size=T, num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=2,
+                             vocab_size=64), projector_hidden_size=20)), [torch.randn(12, V)]),
+    ("minimax_m3_vl", "MiniMaxM3VLMultiModalProjector"): lambda: (
+        _mod("minimax_m3_vl", "MiniMaxM3VLMultiModalProjector")(M.minimax_m3_vl.MiniMaxM3VLConfig(
+            vision_config=dict(hidden_size=V, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
+                               spatial_merge_size=2),
+            text_config=dict(hidden_size=T, num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=2,
+                             vocab_size=64), projector_hidden_size=20)), [torch.randn(12, V)]),
     ("idefics2", "Idefics2MLP"): lambda: (_mod("idefics2", "Idefics2MLP")(hidden_size=V, intermediate_size=20,
                                                                          output_size=T, hidden_act="silu"),
                                          _tokens(7, V, batch=2)),
