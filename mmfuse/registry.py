@@ -113,6 +113,12 @@ def _swap_gemms(module: nn.Module, family: Family) -> nn.Module:
         plan.append((path, Linear.from_module(lin, activation=act), act_path))
     for path in family.opt("sequential", ()):
         plan.append((path, MLPProjector.from_module(_get(module, path)), None))
+    for path in family.opt("convs", ()):  # Conv2d / Conv3d with kernel == stride: the patch GEMM
+        from mmfuse.nn.patch_embed import PatchEmbed, PatchEmbed3d
+
+        conv = _get(module, path)
+        drop_in = PatchEmbed3d if isinstance(conv, nn.Conv3d) else PatchEmbed
+        plan.append((path, drop_in.from_module(conv), None))
     new = _shallow_copy(module, _fused_class(type(module)))
     for path, replacement, act_path in plan:
         _set(new, path, replacement)
@@ -195,6 +201,11 @@ RECIPES = {r.name: r for r in [
            "the average pool and the RMSNorm", _weight_matmul),
     Recipe("patch embed (pre-cut rows)", PATCH_EMBED, "Conv3d(k=s) on pre-cut patch rows as one GEMM + bias",
            "nothing", _conv3d_patch_embed),
+    Recipe("patch embed (conv swap)", PATCH_EMBED,
+           "Conv(k=s) as one GEMM (im2col in the loads, bias in the epilogue; conv layout as a free view)",
+           "class token, position table / gathered position ids, norms (the original's code)", _swap_gemms),
+    Recipe("patch embed (linear on patches)", PATCH_EMBED, "the Linear on pre-cut patches (bias in the epilogue)",
+           "position table resizing and add (the original's code)", _swap_gemms),
     Recipe("vision embeddings", PATCH_EMBED,
            "Conv2d(k=s) patchify + bias [+ class token] + position table, one kernel",
            "interpolate_pos_encoding and off-size images (the original's code)", _vision_embeddings),
@@ -335,6 +346,22 @@ FAMILIES: list[Family] = [
            (("layout", "siglip"),)),
     Family("SigLIP", "siglip", ("SiglipVisionEmbeddings",), "vision embeddings", (("layout", "siglip"),),
            notes="the vision tower of PaliGemma, LLaVA-OneVision, Idefics-style models built on SigLIP"),
+    Family("Idefics2", "idefics2", ("Idefics2VisionEmbeddings",), "patch embed (conv swap)",
+           (("convs", ("patch_embedding",)),), notes="bucketed position ids per image stay PyTorch"),
+    Family("Idefics3", "idefics3", ("Idefics3VisionEmbeddings",), "patch embed (conv swap)",
+           (("convs", ("patch_embedding",)),), notes="bucketed position ids per image stay PyTorch"),
+    Family("SmolVLM", "smolvlm", ("SmolVLMVisionEmbeddings",), "patch embed (conv swap)",
+           (("convs", ("patch_embedding",)),), notes="bucketed position ids per image stay PyTorch"),
+    Family("InternVL", "internvl", ("InternVLVisionPatchEmbeddings",), "patch embed (conv swap)",
+           (("convs", ("projection",)),)),
+    Family("BLIP-2", "blip_2", ("Blip2VisionEmbeddings",), "patch embed (conv swap)",
+           (("convs", ("patch_embedding",)),), notes="class token and position table stay PyTorch"),
+    Family("InstructBLIP", "instructblip", ("InstructBlipVisionEmbeddings",), "patch embed (conv swap)",
+           (("convs", ("patch_embedding",)),)),
+    Family("InstructBLIP-Video", "instructblipvideo", ("InstructBlipVideoVisionEmbeddings",),
+           "patch embed (conv swap)", (("convs", ("patch_embedding",)),)),
+    Family("SigLIP 2", "siglip2", ("Siglip2VisionEmbeddings",), "patch embed (linear on patches)",
+           (("linears", ("patch_embedding",)),), notes="NaFlex: the processor cuts the patches"),
     # cross-attention
     Family("Idefics2", "idefics2", ("Idefics2PerceiverAttention",), "cross-attention",
            (("dropin", "mmfuse.nn.attention.Idefics2PerceiverAttention"),),
@@ -387,8 +414,6 @@ DECLINED: dict[tuple[str, str], str] = {
     ("groupvit", "GroupViTCrossAttentionLayer"): "grouping block inside the vision tower",
     ("pix2struct", "Pix2StructTextLayerCrossAttention"): "decoder cross-attention, not a projector",
     # patch embeddings that are more than a patchify
-    ("idefics2", "Idefics2VisionEmbeddings"): _POS_IDS, ("idefics3", "Idefics3VisionEmbeddings"): _POS_IDS,
-    ("smolvlm", "SmolVLMVisionEmbeddings"): _POS_IDS, ("siglip2", "Siglip2VisionEmbeddings"): _POS_IDS,
     ("paddleocr_vl", "PaddleOCRVisionEmbeddings"): _POS_IDS,
     ("video_llama_3", "VideoLlama3VisionEmbeddings"): _POS_IDS,
     ("glm4v", "Glm4vVisionEmbeddings"): "position table interpolated per image (grid_sample), no patchify",
@@ -400,7 +425,6 @@ DECLINED: dict[tuple[str, str], str] = {
     ("aria", "AriaCrossAttention"): _NOT_YET,
     ("aria", "AriaProjector"): _NOT_YET,
     ("blip", "BlipVisionEmbeddings"): _NOT_YET,
-    ("blip_2", "Blip2VisionEmbeddings"): _NOT_YET,
     ("clipseg", "CLIPSegVisionEmbeddings"): _NOT_YET,
     ("cosmos3_edge", "Cosmos3EdgeVisionEmbeddings"): _NOT_YET,
     ("cosmos3_edge", "Cosmos3EdgePatchMerger"): _NOT_YET,
@@ -427,10 +451,8 @@ DECLINED: dict[tuple[str, str], str] = {
     ("hunyuan_vl", "HunYuanVLVisionPatchMerger"): _NOT_YET,
     ("inkling2", "Inkling2VisionEmbeddings"): _NOT_YET,
     ("inkling2", "Inkling2VisionMerger"): _NOT_YET,
-    ("instructblip", "InstructBlipVisionEmbeddings"): _NOT_YET,
-    ("instructblipvideo", "InstructBlipVideoVisionEmbeddings"): _NOT_YET,
-    ("internvl", "InternVLVisionPatchEmbeddings"): _NOT_YET,
-    ("internvl", "InternVLVisionEmbeddings"): _NOT_YET,
+    ("internvl", "InternVLVisionEmbeddings"): "a container: its InternVLVisionPatchEmbeddings is replaced; "
+    "the class token, mask token and position add stay PyTorch",
     ("janus", "JanusVisionEmbeddings"): _NOT_YET,
     ("kimi_k25", "Kimi_K25VisionPatchEmbed"): _NOT_YET,
     ("kosmos2_5", "Kosmos2_5VisionEmbeddings"): _NOT_YET,

@@ -181,6 +181,26 @@ def _clip_embeddings(mod, cls, cfg_cls):
     return make
 
 
+def _vision_embeddings(mod, cls, cfg_cls, extra_inputs=(), **kw):
+    """A patch embedding built from a tiny vision config of its own: 8x8 images of 4x4 patches."""
+    def make():
+        cfg = getattr(getattr(M, mod), cfg_cls)(hidden_size=V, intermediate_size=32, num_hidden_layers=1,
+                                                num_attention_heads=2, image_size=8, patch_size=4, **kw)
+        return _mod(mod, cls)(cfg), [torch.randn(2, 3, 8, 8), *extra_inputs]
+    return make
+
+
+def _siglip2_embeddings():
+    cfg = M.siglip2.Siglip2VisionConfig(hidden_size=V, intermediate_size=32, num_hidden_layers=1,
+                                        num_attention_heads=2, patch_size=2, num_patches=16)
+    shapes = torch.tensor([[4, 4], [2, 6]])
+    pixels = torch.randn(2, 16, 3 * 2 * 2)  # NaFlex: patches cut by the processor, padded to 16
+    return _mod("siglip2", "Siglip2VisionEmbeddings")(cfg), [pixels, shapes]
+
+
+_PATCH_MASK = torch.ones(2, 2, 2, dtype=torch.bool)
+
+
 def _idefics2_attention():
     cfg = M.idefics2.Idefics2Config(perceiver_config=dict(hidden_size=V, resampler_n_latents=3, resampler_depth=1,
                                                           resampler_n_heads=2, resampler_head_dim=8,
@@ -245,6 +265,20 @@ BUILDERS = {
         "aya_vision", M.aya_vision.AyaVisionConfig, "AyaVisionMultiModalProjector", M.siglip.SiglipVisionConfig,
         downsample_factor=2, alignment_intermediate_size=20),
     ("llama4", "Llama4MultiModalProjector"): _llama4,
+    ("idefics2", "Idefics2VisionEmbeddings"): _vision_embeddings(
+        "idefics2", "Idefics2VisionEmbeddings", "Idefics2VisionConfig", [_PATCH_MASK]),
+    ("idefics3", "Idefics3VisionEmbeddings"): _vision_embeddings(
+        "idefics3", "Idefics3VisionEmbeddings", "Idefics3VisionConfig", [_PATCH_MASK]),
+    ("smolvlm", "SmolVLMVisionEmbeddings"): _vision_embeddings(
+        "smolvlm", "SmolVLMVisionEmbeddings", "SmolVLMVisionConfig", [_PATCH_MASK]),
+    ("internvl", "InternVLVisionPatchEmbeddings"): _vision_embeddings(
+        "internvl", "InternVLVisionPatchEmbeddings", "InternVLVisionConfig"),
+    ("blip_2", "Blip2VisionEmbeddings"): _vision_embeddings("blip_2", "Blip2VisionEmbeddings", "Blip2VisionConfig"),
+    ("instructblip", "InstructBlipVisionEmbeddings"): _vision_embeddings(
+        "instructblip", "InstructBlipVisionEmbeddings", "InstructBlipVisionConfig"),
+    ("instructblipvideo", "InstructBlipVideoVisionEmbeddings"): _vision_embeddings(
+        "instructblipvideo", "InstructBlipVideoVisionEmbeddings", "InstructBlipVideoVisionConfig"),
+    ("siglip2", "Siglip2VisionEmbeddings"): _siglip2_embeddings,
     ("cohere2_vision", "Cohere2VisionMultiModalProjector"): lambda: (
         _mod("cohere2_vision", "Cohere2VisionMultiModalProjector")(M.cohere2_vision.Cohere2VisionConfig(
             vision_config=dict(model_type="siglip_vision_model", hidden_size=V, intermediate_size=32,
