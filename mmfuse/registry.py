@@ -356,6 +356,9 @@ FAMILIES: list[Family] = [
            (("convs", ("projection",)),)),
     Family("BLIP-2", "blip_2", ("Blip2VisionEmbeddings",), "patch embed (conv swap)",
            (("convs", ("patch_embedding",)),), notes="class token and position table stay PyTorch"),
+    Family("BLIP", "blip", ("BlipVisionEmbeddings",), "patch embed (conv swap)", (("convs", ("patch_embedding",)),)),
+    Family("Qianfan-OCR", "qianfan_ocr", ("QianfanOCRVisionPatchEmbeddings",), "patch embed (conv swap)",
+           (("convs", ("projection",)),)),
     Family("InstructBLIP", "instructblip", ("InstructBlipVisionEmbeddings",), "patch embed (conv swap)",
            (("convs", ("patch_embedding",)),)),
     Family("InstructBLIP-Video", "instructblipvideo", ("InstructBlipVideoVisionEmbeddings",),
@@ -424,7 +427,6 @@ DECLINED: dict[tuple[str, str], str] = {
     ("aria", "AriaProjectorMLP"): _NOT_YET,
     ("aria", "AriaCrossAttention"): _NOT_YET,
     ("aria", "AriaProjector"): _NOT_YET,
-    ("blip", "BlipVisionEmbeddings"): _NOT_YET,
     ("clipseg", "CLIPSegVisionEmbeddings"): _NOT_YET,
     ("cosmos3_edge", "Cosmos3EdgeVisionEmbeddings"): _NOT_YET,
     ("cosmos3_edge", "Cosmos3EdgePatchMerger"): _NOT_YET,
@@ -456,7 +458,8 @@ DECLINED: dict[tuple[str, str], str] = {
     ("janus", "JanusVisionEmbeddings"): _NOT_YET,
     ("kimi_k25", "Kimi_K25VisionPatchEmbed"): _NOT_YET,
     ("kosmos2_5", "Kosmos2_5VisionEmbeddings"): _NOT_YET,
-    ("lighton_ocr", "LightOnOcrPatchMerger"): _NOT_YET,
+    ("lighton_ocr", "LightOnOcrPatchMerger"):
+        "part of the covered LightOnOcrMultiModalProjector: its merging_layer runs on mmfuse there",
     ("minicpm_ocr", "MiniCPMOcrVisionEmbeddings"): _NOT_YET,
     ("minicpm_ocr", "MiniCPMOcrViTWindowAttentionMerger"): _NOT_YET,
     ("minicpm_ocr", "MiniCPMOcrMerger"): _NOT_YET,
@@ -467,8 +470,10 @@ DECLINED: dict[tuple[str, str], str] = {
     ("minicpmv4_7", "MiniCPMV4_7ViTWindowAttentionMerger"): _NOT_YET,
     ("minicpmv4_7", "MiniCPMV4_7Merger"): _NOT_YET,
     ("minimax_m3_vl", "MiniMaxM3VLVisionEmbeddings"): _NOT_YET,
-    ("mistral3", "Mistral3PatchMerger"): _NOT_YET,
-    ("mistral_large4", "MistralLarge4PatchMerger"): _NOT_YET,
+    ("mistral3", "Mistral3PatchMerger"):
+        "part of the covered Mistral3MultiModalProjector: its merging_layer runs on mmfuse there",
+    ("mistral_large4", "MistralLarge4PatchMerger"):
+        "part of the covered MistralLarge4MultiModalProjector: its merging_layer runs on mmfuse there",
     ("modernvbert", "ModernVBertConnector"): _NOT_YET,
     ("molmo2", "Molmo2ImageProjectorMLP"): _NOT_YET,
     ("molmo2", "Molmo2Adapter"): _NOT_YET,
@@ -486,8 +491,7 @@ DECLINED: dict[tuple[str, str], str] = {
     ("pix2struct", "Pix2StructVisionEmbeddings"): _NOT_YET,
     ("pp_formulanet", "PPFormulaNetMultiModalProjector"): _NOT_YET,
     ("pp_formulanet", "PPFormulaNetPatchEmbeddings"): _NOT_YET,
-    ("qianfan_ocr", "QianfanOCRVisionPatchEmbeddings"): _NOT_YET,
-    ("qianfan_ocr", "QianfanOCRVisionEmbeddings"): _NOT_YET,
+    ("qianfan_ocr", "QianfanOCRVisionEmbeddings"): "a container: its QianfanOCRVisionPatchEmbeddings is replaced",
     ("sam3", "Sam3ViTPatchEmbeddings"): _NOT_YET,
     ("step3p7", "Step3p7VisionEmbeddings"): _NOT_YET,
     ("tipsv2", "Tipsv2VisionPatchEmbeddings"): _NOT_YET,
@@ -538,6 +542,8 @@ TESTED_BY_SIBLING = {
     ("kosmos2", "Kosmos2VisionEmbeddings"): ("clip", "CLIPVisionEmbeddings"),
     ("bridgetower", "BridgeTowerVisionEmbeddings"): ("clip", "CLIPVisionEmbeddings"),
     ("granite_docling", "GraniteDoclingVisionEmbeddings"): ("siglip", "SiglipVisionEmbeddings"),
+    ("blip", "BlipVisionEmbeddings"): ("blip_2", "Blip2VisionEmbeddings"),
+    ("qianfan_ocr", "QianfanOCRVisionPatchEmbeddings"): ("internvl", "InternVLVisionPatchEmbeddings"),
 }
 #: Registry entries outside the enumeration's reach (the vision tower lives in a module with no
 #: text_config, or the class name carries none of the words).
