@@ -55,6 +55,13 @@ MLP_SHAPES = (
     # InternVL2-8B mlp1: LayerNorm(4096) -> Linear(4096, 4096) -> GELU -> Linear(4096, 4096);
     # 4096 = 1024 (InternViT-300M) * 4 after pixel shuffle; 256 tokens per 448px tile.
     MLPShape("internvl2-8b-mlp1", 256, (4096, 4096, 4096)),
+    # Qwen2.5-VL-7B merger: RMSNorm(1280), 2x2 merge to 5120 -> 5120 -> 3584 (the norm differs from
+    # Qwen2-VL's LayerNorm; the GEMMs are the same sizes); 1024 merged tokens per 896px image.
+    MLPShape("qwen2.5-vl-7b-merger", 1024, (5120, 5120, 3584)),
+    # Mistral-Small-3.1-24B (Mistral3 / Pixtral vision): after the 2x2 unfold merge (a Linear
+    # 4096 -> 1024), Linear(1024, 5120) -> GELU -> Linear(5120, 5120); a 1036px image is 74x74
+    # patches of 14, merged to 37x37 = 1369 tokens.
+    MLPShape("mistral3-24b-projector", 1369, (1024, 5120, 5120)),
 )
 
 PATCH_SHAPES = (
@@ -63,6 +70,8 @@ PATCH_SHAPES = (
     # Fuyu-8B: 30x30 patches, flattened and projected by a Linear(2700, 4096); 1080x1920 max input.
     PatchShape("fuyu-8b", 3, (1080, 1920), 30, 4096),
     PatchShape("qwen2-vl", 3, (392, 392), 14, 1280, temporal=2, frames=2),
+    # Qwen2.5-VL-7B: Conv3d 3x2x14x14 -> 1280 (no bias) on pre-cut rows; a 2-frame 896px clip.
+    PatchShape("qwen2.5-vl-7b", 3, (896, 896), 14, 1280, temporal=2, frames=2),
 )
 
 ATTENTION_SHAPES = (

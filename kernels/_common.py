@@ -14,18 +14,39 @@ from mmfuse._dispatch import INTERPRET
 # ----------------------------------------------------------------------------------------------
 # Activations. Codes are constexpr ints so one kernel serves every activation.
 # ----------------------------------------------------------------------------------------------
-ACT_NONE, ACT_GELU, ACT_GELU_TANH = 0, 1, 2
-ACTIVATIONS = {None: ACT_NONE, "gelu": ACT_GELU, "gelu_tanh": ACT_GELU_TANH}
+ACT_NONE, ACT_GELU, ACT_GELU_TANH, ACT_QUICK_GELU, ACT_SILU, ACT_RELU = 0, 1, 2, 3, 4, 5
+ACTIVATIONS = {None: ACT_NONE, "gelu": ACT_GELU, "gelu_tanh": ACT_GELU_TANH, "quick_gelu": ACT_QUICK_GELU,
+               "silu": ACT_SILU, "relu": ACT_RELU}
 
 @triton.jit
 def apply_activation(x, ACTIVATION: tl.constexpr):
-    """act(x) on an fp32/fp64 tile. gelu_tanh uses 0.5*(1+tanh(u)) == sigmoid(2u): no tanh needed."""
+    """act(x) on an fp32/fp64 tile. gelu_tanh uses 0.5*(1+tanh(u)) == sigmoid(2u): no tanh needed.
+    quick_gelu (CLIP's) is x*sigmoid(1.702x); silu x*sigmoid(x); relu max(x, 0) (NaN-propagating,
+    as torch's: a where on x > 0 would turn NaN into 0)."""
     if ACTIVATION == 1:
         x = 0.5 * x * (1.0 + tl.math.erf(x * 0.7071067811865476))
     elif ACTIVATION == 2:
         u = 0.7978845608028654 * (x + 0.044715 * x * x * x)
         x = x * tl.sigmoid(2.0 * u)
+    elif ACTIVATION == 3:
+        x = x * tl.sigmoid(1.702 * x)
+    elif ACTIVATION == 4:
+        x = x * tl.sigmoid(x)
+    elif ACTIVATION == 5:
+        x = tl.where(x < 0.0, 0.0, x)
     return x
+
+@triton.jit
+def _sigmoid_for_grad(x):
+    """1 / (1 + 2^(-x log2(e))) with an approximate (full-range, ~2 ulp) fp32 division: tl.sigmoid
+    (IEEE division) made the dX * act' epilogue spill 8 bytes on sm_80 at 255 registers (128x64
+    tiles, bf16); so did tl.exp with the approximate division. The gradient may differ from the IEEE
+    result by a few fp32 ulps. fp64 keeps tl.sigmoid."""
+    if x.dtype == tl.float32:
+        s = tl.math.fdiv(tl.full(x.shape, 1.0, tl.float32), 1.0 + tl.math.exp2(x * -1.4426950408889634))
+    else:
+        s = tl.sigmoid(x)
+    return s
 
 @triton.jit
 def activation_grad(x, ACTIVATION: tl.constexpr):
@@ -39,6 +60,15 @@ def activation_grad(x, ACTIVATION: tl.constexpr):
         s = tl.sigmoid(2.0 * u)
         du = 0.7978845608028654 * (1.0 + 3.0 * 0.044715 * x * x)
         g = s + x * s * (1.0 - s) * 2.0 * du
+    elif ACTIVATION == 3:
+        s = _sigmoid_for_grad(1.702 * x)
+        g = s + 1.702 * x * s * (1.0 - s)
+    elif ACTIVATION == 4:
+        s = _sigmoid_for_grad(x)
+        g = s + x * s * (1.0 - s)
+    elif ACTIVATION == 5:
+        # torch's relu backward: gradient 1 where x > 0, else 0 (also at exactly 0)
+        g = tl.where(x > 0.0, 1.0, 0.0).to(x.dtype)
     else:
         g = tl.full(x.shape, 1.0, x.dtype)
     return g
@@ -127,7 +157,8 @@ def forced_tile(kernel_name: str):
     return None if _GPU_TILES is None else _GPU_TILES.get(kernel_name)
 
 __all__ = [
-    "INTERPRET", "ACT_NONE", "ACT_GELU", "ACT_GELU_TANH", "ACTIVATIONS", "apply_activation",
+    "INTERPRET", "ACT_NONE", "ACT_GELU", "ACT_GELU_TANH", "ACT_QUICK_GELU", "ACT_SILU", "ACT_RELU",
+    "ACTIVATIONS", "apply_activation",
     "activation_grad", "grouped_tile", "KERNEL_DTYPES", "acc_dtype", "dot_precision", "POISON_OUTPUTS", "empty",
     "cdiv", "next_pow2", "H100_SMS", "num_sms", "gpu_config", "gpu_config_on", "forced_tile",
 ]

@@ -46,7 +46,7 @@ def fused_gemm_kernel(
     M, N, K,
     stride_am, stride_ak, stride_bk, stride_bn, stride_cm, stride_cn, stride_auxm, stride_auxn,
     stride_bias,
-    ACTIVATION: tl.constexpr,   # 0 none, 1 gelu (erf), 2 gelu_tanh
+    ACTIVATION: tl.constexpr,   # _common.ACTIVATIONS: 0 none, 1 gelu, 2 gelu_tanh, 3 quick_gelu, 4 silu, 5 relu
     HAS_BIAS: tl.constexpr,     # C += bias[None, :]
     STORE_AUX: tl.constexpr,    # write the pre-activation to aux (forward, for backward)
     ACT_GRAD: tl.constexpr,     # C *= act'(aux) instead of C = act(C)  (MLP backward)
@@ -307,22 +307,29 @@ def weight_grad(dh, x, with_bias: bool):
 AOT_SHAPE = (4 * 576, 1024, 4096)
 
 
-def _gemm_layouts(M, K, N):
+def _gemm_layouts(M, K, N, activation="gelu"):
     """(variant, GEMM dims, strides, flags) of the three GEMMs one Linear layer launches."""
+    act = ACTIVATIONS[activation]
     return [
-        ("fwd gelu+bias+aux", (M, N, K),
+        (f"fwd {activation}+bias+aux", (M, N, K),
          dict(stride_am=K, stride_ak=1, stride_bk=1, stride_bn=K, stride_cm=N, stride_cn=1,
               stride_auxm=N, stride_auxn=1),
-         dict(ACTIVATION=1, HAS_BIAS=True, STORE_AUX=True, ACT_GRAD=False, ROWSUM_A=False)),
-        ("dX * gelu'(h_prev)", (M, K, N),
+         dict(ACTIVATION=act, HAS_BIAS=True, STORE_AUX=True, ACT_GRAD=False, ROWSUM_A=False)),
+        (f"dX * {activation}'(h_prev)", (M, K, N),
          dict(stride_am=N, stride_ak=1, stride_bk=K, stride_bn=1, stride_cm=K, stride_cn=1,
               stride_auxm=K, stride_auxn=1),
-         dict(ACTIVATION=1, HAS_BIAS=False, STORE_AUX=False, ACT_GRAD=True, ROWSUM_A=False)),
+         dict(ACTIVATION=act, HAS_BIAS=False, STORE_AUX=False, ACT_GRAD=True, ROWSUM_A=False)),
         ("dW + db", (N, K, M),
          dict(stride_am=1, stride_ak=N, stride_bk=K, stride_bn=1, stride_cm=K, stride_cn=1,
               stride_auxm=K, stride_auxn=1),
          dict(ACTIVATION=0, HAS_BIAS=False, STORE_AUX=False, ACT_GRAD=False, ROWSUM_A=True)),
     ]
+
+
+#: Activations compiled beyond GELU: each is its own constexpr epilogue, so its dX * act' GEMM (the
+#: register-heaviest epilogue) and its forward (+aux) are compiled too, in bf16 (what projectors
+#: train in); the other dtypes share the code path GELU's specs cover.
+EXTRA_AOT_ACTIVATIONS = ("quick_gelu", "silu", "relu")
 
 
 def aot_specs():
@@ -333,9 +340,15 @@ def aot_specs():
     # fp16 runs every layout; the other dtypes the forward (the heaviest epilogue).
     plans = [("fp16", "*fp16", "ieee", layouts), ("bf16", "*bf16", "ieee", layouts[:1]),
              ("fp32-tf32", "*fp32", "tf32", layouts[:1]), ("fp32", "*fp32", "ieee", layouts[:1])]
+    extra = [_gemm_layouts(M, K, N, act)[:2] for act in EXTRA_AOT_ACTIVATIONS]
+    extra_dx = ("bf16", "*bf16", "ieee", [dx for _, dx in extra])
+    extra_fwd = ("bf16", "*bf16", "ieee", [fwd for fwd, _ in extra])
     specs = []
     for bm, bn, bk, warps, stages in GEMM_TILES:
-        for dtype, ptr, precision, lays in plans:
+        # The new activations' dX * act' on every tile (the epilogue nearest 255 registers); their
+        # forward on the 128-row tiles only (the 64-row ones sit far below the limit: bench/NOTES.md).
+        tile_plans = plans + [extra_dx] + ([extra_fwd] if bm == 128 else [])
+        for dtype, ptr, precision, lays in tile_plans:
             elem = 2 if ptr != "*fp32" else 4
             for variant, (gm, gn, gk), strides, flags in lays:
                 block_k = block_k_for(bk, elem)

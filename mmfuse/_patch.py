@@ -1,17 +1,17 @@
 """``mmfuse.patch(model)`` / ``mmfuse.unpatch(model)``: swap recognised modules for their mmfuse
 drop-ins in place, and back.
 
-Each module family registers a ``Rule``: a predicate on a module and a factory that builds the
-replacement (``from_module``, sharing parameters). A factory raises ``Unsupported(reason)`` for a
+Which modules are replaced, and how, is decided in one place: the model registry
+(``mmfuse.registry``: families as data, recipes as code). A recipe raises ``Unsupported(reason)`` for a
 module it recognises but cannot replace faithfully (an activation the kernels do not compute, say):
-``patch`` leaves that module alone and reports why. The replaced module is kept on its replacement
+``patch`` leaves that module alone and reports why; so it does for the classes the registry declines.
+The replaced module is kept on its replacement
 (outside the module tree, so state_dicts are unchanged) for ``unpatch``.
 """
 
 from __future__ import annotations
 
 import dataclasses
-from typing import Callable
 
 import torch.nn as nn
 
@@ -21,21 +21,7 @@ class Unsupported(ValueError):
     A ValueError, so direct ``from_module`` callers get the usual exception type."""
 
 
-@dataclasses.dataclass(frozen=True)
-class Rule:
-    name: str
-    matches: Callable[[nn.Module], bool]
-    build: Callable[[nn.Module], nn.Module]
-
-
-RULES: list[Rule] = []
-
 _ORIGINAL = "_mmfuse_original"
-
-
-def register(rule: Rule) -> Rule:
-    RULES.append(rule)
-    return rule
 
 
 @dataclasses.dataclass
@@ -53,19 +39,29 @@ class PatchReport:
         return len(self.swapped)
 
 
-def patch(model: nn.Module) -> PatchReport:
-    """Replace recognised submodules of ``model`` in place (an outer match wins over inner ones)."""
+def patch(model: nn.Module, vision_tower: bool = False) -> PatchReport:
+    """Replace recognised submodules of ``model`` in place (an outer match wins over inner ones).
+    Works on meta-device models (nothing is read from the weights until the first forward).
+    ``vision_tower=True`` would also swap the vision tower's own blocks (registry families marked
+    ``tower``); none are registered yet, so it raises rather than silently doing nothing."""
+    from mmfuse import registry
+
+    if vision_tower and not any(f.tower for f in registry.FAMILIES):
+        raise NotImplementedError("vision_tower=True: no vision-tower families are registered yet")
     report = PatchReport([], [])
 
     def visit(parent: nn.Module, prefix: str):
         for child_name, child in list(parent.named_children()):
             qual = f"{prefix}.{child_name}" if prefix else child_name
-            rule = next((r for r in RULES if r.matches(child)), None)
-            if rule is None:
+            family = registry.family_for(child, vision_tower=vision_tower)
+            if family is None:
+                declined = registry.declined_reason(child)
+                if declined is not None:
+                    report.left_alone.append((qual, type(child).__name__, declined))
                 visit(child, qual)
                 continue
             try:
-                new = rule.build(child)
+                new = registry.build(child, family)
             except Unsupported as why:
                 report.left_alone.append((qual, type(child).__name__, str(why)))
                 visit(child, qual)  # an inner part may still be replaceable
@@ -75,7 +71,7 @@ def patch(model: nn.Module) -> PatchReport:
             setattr(parent, child_name, new)
             report.swapped.append((qual, type(child).__name__, type(new).__name__))
 
-    if next((r for r in RULES if r.matches(model)), None) is not None:
+    if registry.family_for(model, vision_tower=vision_tower) is not None:
         raise ValueError("model: patch() replaces submodules in place; wrap a bare "
                          f"{type(model).__name__} in a parent module (or use its from_module)")
     visit(model, "")

@@ -1,6 +1,6 @@
 """The ``mmfuse`` command: ``mmfuse verify`` (every kernel against its reference), ``mmfuse bench``
-(timings on a GPU), ``mmfuse gpu-check`` (a few minutes on a GPU: verify, CUDA value tests, quick bench)
-and ``mmfuse report`` (exact figures without a GPU)."""
+(timings on a GPU), ``mmfuse gpu-check`` (a few minutes on a GPU: verify, CUDA value tests, quick bench),
+``mmfuse report`` (exact figures without a GPU) and ``mmfuse models`` (what ``mmfuse.patch`` covers)."""
 
 from __future__ import annotations
 
@@ -45,6 +45,10 @@ def main(argv=None) -> int:
     p_check.add_argument("--out-dir", default=os.path.join("bench", "results"), help="where results are written")
     p_check.add_argument("--budget", type=float, default=480.0, help="seconds for all steps together")
     p_check.add_argument("--steps", nargs="*", default=None, help="only these steps (verify tests bench)")
+    p_models = sub.add_parser("models", help="the model registry: every family, class and recipe mmfuse.patch covers")
+    p_models.add_argument("--declined", action="store_true",
+                          help="list the recognised classes left alone, with the reason, instead")
+    p_models.add_argument("--readme", default=None, help="rewrite this README's supported-models block")
     p_report = sub.add_parser("report", help="exact figures without a GPU: compiled configs, grids, waves")
     p_report.add_argument("--out", default=None, help="write the markdown here instead of stdout")
     args = parser.parse_args(argv)
@@ -67,6 +71,15 @@ def main(argv=None) -> int:
         from mmfuse import gpu_check
 
         return gpu_check.main(args.out_dir, budget_s=args.budget, steps=args.steps)
+    if args.command == "models":
+        from mmfuse import registry
+
+        if args.readme:
+            registry.rewrite_readme(args.readme)
+            print(f"mmfuse models: supported-models block of {args.readme} regenerated")
+            return 0
+        print(registry.declined_table() if args.declined else registry.models_table())
+        return 0
     if args.command == "report":
         from mmfuse import report
 

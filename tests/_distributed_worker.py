@@ -22,14 +22,67 @@ def batch(rank):
     return torch.randn(4, 3, 16, generator=torch.Generator().manual_seed(100 + rank))
 
 
+class VisionToText(nn.Module):
+    """A tiny transformers vision embedding + LLaVA-NeXT projector: what mmfuse.patch swaps."""
+
+    def __init__(self):
+        super().__init__()
+        from transformers import CLIPVisionConfig, LlamaConfig, LlavaNextConfig
+        from transformers.models.clip.modeling_clip import CLIPVisionEmbeddings
+        from transformers.models.llava_next.modeling_llava_next import LlavaNextMultiModalProjector
+
+        vision = CLIPVisionConfig(hidden_size=16, image_size=28, patch_size=14, num_attention_heads=2)
+        text = LlamaConfig(hidden_size=24, num_hidden_layers=1, num_attention_heads=2, vocab_size=64)
+        self.embeddings = CLIPVisionEmbeddings(vision)
+        self.projector = LlavaNextMultiModalProjector(LlavaNextConfig(vision_config=vision, text_config=text))
+
+    def forward(self, pixels):
+        return self.projector(self.embeddings(pixels))
+
+
+def build_hf_model():
+    torch.manual_seed(0)
+    return VisionToText()
+
+
+def hf_batch(rank):
+    return torch.randn(2, 3, 28, 28, generator=torch.Generator().manual_seed(100 + rank))
+
+
+def meta_init_fsdp2(full_state):
+    """The big-model flow: build on meta, mmfuse.patch, fully_shard, to_empty, load the weights."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+    from torch.distributed.fsdp import fully_shard
+
+    with torch.device("meta"):
+        model = VisionToText()
+    report = mmfuse.patch(model)
+    assert len(report.swapped) == 2, str(report)
+    fully_shard(model.embeddings)
+    fully_shard(model.projector)
+    fully_shard(model)
+    model.to_empty(device="cpu")
+    set_model_state_dict(model, full_state, options=StateDictOptions(full_state_dict=True))
+    with torch.no_grad():  # non-persistent buffer: re-initialised as transformers' _init_weights does
+        model.embeddings.position_ids.copy_(torch.arange(model.embeddings.position_ids.numel())[None])
+    return model
+
+
 def worker(rank, world, port, mode, out):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     import torch.distributed as dist
 
     dist.init_process_group("gloo", rank=rank, world_size=world)
     try:
-        model = build_model()
-        if mode == "ddp":
+        if mode == "fsdp2-meta":
+            model = wrapped = meta_init_fsdp2(build_hf_model().state_dict())
+            data = hf_batch(rank)
+        else:
+            model = build_model()
+            data = batch(rank)
+        if mode == "fsdp2-meta":
+            pass
+        elif mode == "ddp":
             wrapped = nn.parallel.DistributedDataParallel(model)
         else:
             from torch.distributed.fsdp import fully_shard
@@ -37,7 +90,7 @@ def worker(rank, world, port, mode, out):
             for sub in model:
                 fully_shard(sub)
             wrapped = fully_shard(model)
-        wrapped(batch(rank)).square().mean().backward()
+        wrapped(data).square().mean().backward()
         grads = {}
         for name, p in model.named_parameters():
             g = p.grad
@@ -54,7 +107,7 @@ if __name__ == "__main__":
     import torch.multiprocessing as mp
 
     parser = argparse.ArgumentParser()
-    parser.add_argument("--mode", choices=["ddp", "fsdp2"], required=True)
+    parser.add_argument("--mode", choices=["ddp", "fsdp2", "fsdp2-meta"], required=True)
     parser.add_argument("--out", required=True)
     args = parser.parse_args()
     with socket.socket() as s:

@@ -137,7 +137,8 @@ def test_idefics2_resampler_patched_matches_with_padding():
     ctx = torch.randn(2, 11, 32)
     patched = copy.deepcopy(hf)
     report = mmfuse.patch(patched)
-    assert [new for _, _, new in report.swapped] == ["Idefics2PerceiverAttention"] * 2
+    # the perceiver layers' gated MLPs are swapped too (registry family "Idefics2", gated mlp)
+    assert [new for _, _, new in report.swapped] == ["Idefics2PerceiverAttention", "FusedIdefics2MLP"] * 2
     assert isinstance(patched.layers[0].self_attn, Idefics2PerceiverAttention)
     assert list(patched.state_dict()) == keys  # the checkpoint layout is unchanged
 

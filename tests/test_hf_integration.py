@@ -116,11 +116,11 @@ def test_unpatch_restores_the_original_modules():
 
 
 def test_unsupported_activation_is_left_alone_with_a_reason():
-    model = tiny_llava(act="quick_gelu")
+    model = tiny_llava(act="relu6")  # no kernel computes ReLU6
     report = mmfuse.patch(model)
     left = {name: why for name, _, why in report.left_alone}
     assert "model.multi_modal_projector" in left
-    assert "QuickGELUActivation" in left["model.multi_modal_projector"]
+    assert "ReLU6" in left["model.multi_modal_projector"]
     assert type(model.model.multi_modal_projector).__name__ == "LlavaMultiModalProjector"
     assert "left alone model.multi_modal_projector" in str(report)
 
@@ -165,7 +165,7 @@ class _QwenCall(nn.Module):
 
 def test_qwen2_vl_vision_patched_matches():
     model, report = check_patch_equivalence(_QwenCall(tiny_qwen2_vl_vision()), _qwen_inputs(),
-                                            lambda o: o.pooler_output, ["Qwen2VLPatchEmbed", "PatchMerger"])
+                                            lambda o: o.pooler_output, ["Qwen2VLPatchEmbed", "FusedPatchMerger"])
     assert model.model.merger.mlp.activation == "gelu"
 
 
@@ -210,7 +210,7 @@ def tiny_internvl_projector(act="gelu"):
 
 def test_internvl_projector_patched_matches():
     model, _ = check_patch_equivalence(tiny_internvl_projector(), [torch.randn(2, 9, 64)], lambda o: o,
-                                       ["NormMLPProjector"])
+                                       ["FusedInternVLMultiModalProjector"])
     assert list(model.state_dict()) == list(tiny_internvl_projector().state_dict())
 
 

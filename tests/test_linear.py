@@ -10,6 +10,9 @@ from mmfuse.testing import assert_matches_reference
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 ACTS = [None, "gelu", "gelu_tanh"]
+#: Added for CLIP-style (quick_gelu), SiLU and ReLU projectors; tested on their own so the full
+#: dtype x bias x activation grid above does not double.
+NEW_ACTS = ["quick_gelu", "silu", "relu"]
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
@@ -26,6 +29,51 @@ def test_linear_matches_reference(dtype, activation, bias):
     assert_matches_reference(lambda *t: mmfuse.linear(*t, activation=activation),
               lambda *t: mmfuse.linear_reference(*t, activation=activation), inputs, names)
     assert mmfuse.linear(x, w, activation=activation).shape == (2, 3, 131)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("activation", NEW_ACTS)
+def test_linear_new_activations(dtype, activation):
+    # Forward epilogue act(acc) and the standalone dY * act'(h) pass of the backward.
+    x = torch.randn(2, 3, 75, dtype=dtype)
+    w = torch.randn(131, 75, dtype=dtype) / 75 ** 0.5
+    b = torch.randn(131, dtype=dtype)
+    assert_matches_reference(lambda *t: mmfuse.linear(*t, activation=activation),
+                             lambda *t: mmfuse.linear_reference(*t, activation=activation),
+                             [x, w, b], ["x", "weight", "bias"])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("activation", NEW_ACTS)
+def test_mlp_new_activations(dtype, activation):
+    # The dX GEMM's act'(h_prev) epilogue of each new activation.
+    widths = (40, 96, 33)
+    x = torch.randn(23, widths[0], dtype=dtype)
+    ws = [torch.randn(n, k, dtype=dtype) / k ** 0.5 for k, n in zip(widths, widths[1:])]
+    bs = [torch.randn(n, dtype=dtype) for n in widths[1:]]
+    assert_matches_reference(lambda x, *p: mmfuse.mlp(x, p[:2], p[2:], activation=activation),
+                             lambda x, *p: mmfuse.mlp_reference(x, p[:2], p[2:], activation=activation),
+                             [x, *ws, *bs], ["x", "W0", "W1", "b0", "b1"])
+
+
+def test_new_activation_values():
+    # The references are the formulas transformers and torch use (checked, not assumed).
+    from transformers.activations import QuickGELUActivation
+
+    h = torch.linspace(-6, 6, 97, dtype=torch.float64)
+    ref = mmfuse.linear_reference
+    eye = torch.eye(97, dtype=torch.float64)
+    torch.testing.assert_close(ref(h, eye, activation="quick_gelu"), QuickGELUActivation()(h))
+    torch.testing.assert_close(ref(h, eye, activation="silu"), torch.nn.SiLU()(h))
+    torch.testing.assert_close(ref(h, eye, activation="relu"), torch.relu(h))
+    for act in NEW_ACTS:  # kernel vs reference, values and gradients, incl. exactly 0 for relu
+        x = h.clone().requires_grad_()
+        y = mmfuse.linear(x[None], eye, activation=act)
+        y.sum().backward()
+        x_ref = h.clone().requires_grad_()
+        ref(x_ref[None], eye, activation=act).sum().backward()
+        torch.testing.assert_close(y[0], ref(h, eye, activation=act))
+        torch.testing.assert_close(x.grad, x_ref.grad)
 
 
 def test_linear_m37_and_k_tail():
@@ -65,12 +113,15 @@ def test_linear_large_magnitudes_fp16():
               lambda *t: mmfuse.linear_reference(*t, activation="gelu"), [x, w], ["x", "weight"])
 
 
-@pytest.mark.parametrize("activation", ACTS)
+@pytest.mark.parametrize("activation", ACTS + NEW_ACTS)
 def test_linear_gradcheck_fp64(activation):
     x = torch.randn(2, 3, 7, dtype=torch.float64, requires_grad=True)
     w = torch.randn(6, 7, dtype=torch.float64, requires_grad=True)
     b = torch.randn(6, dtype=torch.float64, requires_grad=True)
-    assert torch.autograd.gradcheck(lambda x, w, b: mmfuse.linear(x, w, b, activation), (x, w, b))
+    # fast_mode (a random projection of the Jacobian) for the newer activations: same check, a few
+    # interpreted launches instead of one per input element
+    assert torch.autograd.gradcheck(lambda x, w, b: mmfuse.linear(x, w, b, activation), (x, w, b),
+                                    fast_mode=activation in NEW_ACTS)
 
 
 def test_linear_only_some_grads():
@@ -148,8 +199,9 @@ class TestBadInput:
             mmfuse.linear(torch.randn(3, 8), torch.randn(4, 8), torch.randn(5))
 
     def test_unknown_activation(self):
-        with pytest.raises(ValueError, match=r"activation: expected one of \[None, 'gelu', 'gelu_tanh'\], got 'relu'"):
-            mmfuse.linear(torch.randn(3, 8), torch.randn(4, 8), activation="relu")
+        with pytest.raises(ValueError, match=r"activation: expected one of \[None, 'gelu', 'gelu_tanh', "
+                           r"'quick_gelu', 'silu', 'relu'\], got 'swish'"):
+            mmfuse.linear(torch.randn(3, 8), torch.randn(4, 8), activation="swish")
 
     def test_integer_input(self):
         with pytest.raises(TypeError, match=r"x: expected a floating dtype .*got torch.int64"):
@@ -209,11 +261,13 @@ def test_mlp_single_layer_and_llava_2x():
               [x, w1, b1, w2, b2], ["x", "W1", "b1", "W2", "b2"])
 
 
-def test_mlp_gradcheck_fp64():
+@pytest.mark.parametrize("activation", ["gelu_tanh", *NEW_ACTS])
+def test_mlp_gradcheck_fp64(activation):
     x = torch.randn(5, 6, dtype=torch.float64, requires_grad=True)
     params = [torch.randn(7, 6), torch.randn(7), torch.randn(4, 7), torch.randn(4), torch.randn(3, 4), torch.randn(3)]
     params = [p.double().requires_grad_() for p in params]
-    assert torch.autograd.gradcheck(lambda x, *p: mmfuse.mlp(x, p[0::2], p[1::2], "gelu_tanh"), (x, *params))
+    assert torch.autograd.gradcheck(lambda x, *p: mmfuse.mlp(x, p[0::2], p[1::2], activation), (x, *params),
+                                    fast_mode=activation in NEW_ACTS)
 
 
 def test_mlp_backward_is_deterministic():

@@ -71,13 +71,34 @@ def test_mlp_projector_fresh_loads_llava_checkpoint_layout():
 
 
 def test_mlp_projector_rejects_unsupported_sequences():
-    with pytest.raises(ValueError, match="activation: expected nn.GELU"):
-        MLPProjector.from_module(nn.Sequential(nn.Linear(4, 4), nn.ReLU(), nn.Linear(4, 4)))
+    with pytest.raises(ValueError, match="activation: expected nn.GELU, nn.SiLU, nn.ReLU.*got Tanh"):
+        MLPProjector.from_module(nn.Sequential(nn.Linear(4, 4), nn.Tanh(), nn.Linear(4, 4)))
     with pytest.raises(TypeError, match=r"module\[2\]: expected nn.Linear, got Conv1d"):
         MLPProjector.from_module(nn.Sequential(nn.Linear(4, 4), nn.GELU(), nn.Conv1d(4, 4, 1)))
     # mmfuse.patch leaves what it does not recognise alone
-    model = nn.Sequential(nn.Sequential(nn.Linear(4, 4), nn.ReLU(), nn.Linear(4, 4)))
+    model = nn.Sequential(nn.Sequential(nn.Linear(4, 4), nn.Tanh(), nn.Linear(4, 4)))
     assert len(mmfuse.patch(model)) == 0
+
+
+def test_activation_names_of_torch_and_transformers_modules():
+    from transformers.activations import ACT2FN
+
+    from mmfuse.nn._activations import activation_name
+
+    expected = {"gelu": "gelu", "gelu_python": "gelu", "gelu_new": "gelu_tanh", "gelu_fast": "gelu_tanh",
+                "gelu_pytorch_tanh": "gelu_tanh", "gelu_python_tanh": "gelu_tanh", "quick_gelu": "quick_gelu",
+                "silu": "silu", "swish": "silu", "relu": "relu", "linear": None}
+    for key, name in expected.items():
+        module = ACT2FN[key]
+        assert activation_name(module) == name, key
+        # the name's reference computes what the module computes
+        x = torch.linspace(-5, 5, 41, dtype=torch.float64)
+        torch.testing.assert_close(mmfuse.linear_reference(x[None], torch.eye(41, dtype=torch.float64),
+                                                           activation=name)[0], module(x), rtol=1e-9, atol=1e-9)
+    assert activation_name(nn.GELU(approximate="tanh")) == "gelu_tanh"
+    for unsupported in ("relu6", "gelu_10", "gelu_accurate", "mish", "relu2", "leaky_relu", "tanh"):
+        with pytest.raises(ValueError, match="activation: expected"):
+            activation_name(ACT2FN[unsupported])
 
 
 def _tiny_llava_config(act="gelu"):

@@ -6,22 +6,35 @@ import torch.nn as nn
 
 from mmfuse._patch import Unsupported
 
-# transformers' classes, by name (no import needed): exact erf GELU, and the tanh approximation
-# (GELUTanh/PytorchGELUTanh call F.gelu(approximate="tanh"); NewGELU writes the same formula out).
-_EXACT = {"GELUActivation"}
-_TANH = {"GELUTanh", "PytorchGELUTanh", "NewGELUActivation"}
+# transformers' classes, by name (no import needed). Each computes exactly the kernel's formula:
+# GELUActivation is erf GELU (also with use_gelu_python: the same formula written out);
+# GELUTanh (alias PytorchGELUTanh) calls F.gelu(approximate="tanh"), NewGELU and FastGELU write the
+# same tanh formula out (FastGELU's constant 0.7978845608 is sqrt(2/pi) to 3e-12 relative);
+# QuickGELUActivation is x * sigmoid(1.702 x) (CLIP's); SiLUActivation calls F.silu;
+# LinearActivation is the identity.
+_BY_CLASS_NAME = {
+    "GELUActivation": "gelu",
+    "GELUTanh": "gelu_tanh", "PytorchGELUTanh": "gelu_tanh", "NewGELUActivation": "gelu_tanh",
+    "FastGELUActivation": "gelu_tanh",
+    "QuickGELUActivation": "quick_gelu",
+    "SiLUActivation": "silu",
+    "LinearActivation": None,
+}
 
 
 def activation_name(module: nn.Module | None) -> str | None:
-    """"gelu", "gelu_tanh" or None (identity); ValueError for anything the kernels do not compute."""
+    """The kernels' activation name for ``module`` ("gelu", "gelu_tanh", "quick_gelu", "silu", "relu",
+    or None for the identity); ``Unsupported`` (a ValueError) for anything the kernels do not compute."""
     if module is None or isinstance(module, nn.Identity):
         return None
     if isinstance(module, nn.GELU):
         return "gelu_tanh" if module.approximate == "tanh" else "gelu"
+    if isinstance(module, nn.SiLU):
+        return "silu"
+    if type(module) is nn.ReLU:  # not ReLU6 or a subclass with another formula
+        return "relu"
     name = type(module).__name__
-    if name in _EXACT:  # also with use_gelu_python: the same erf formula written out
-        return "gelu"
-    if name in _TANH:
-        return "gelu_tanh"
-    raise Unsupported(f"activation: expected nn.GELU, nn.Identity or a transformers GELU/GELUTanh, "
-                     f"got {name}")
+    if name in _BY_CLASS_NAME and type(module).__module__.startswith("transformers"):
+        return _BY_CLASS_NAME[name]
+    raise Unsupported(f"activation: expected nn.GELU, nn.SiLU, nn.ReLU, nn.Identity or a transformers "
+                      f"GELU/GELUTanh/QuickGELU/SiLU activation, got {name}")

@@ -242,10 +242,3 @@ class Idefics2PerceiverAttention(nn.Module):
                               linear(latents, self.v_proj.weight, self.v_proj.bias)], dim=1), kv_heads)
         out = cross_attention(q, k, v, key_mask=key_mask, scale=self.scaling)
         return linear(_merge(out), self.o_proj.weight, self.o_proj.bias), None
-
-
-_patch.register(_patch.Rule(
-    "Idefics2PerceiverAttention",
-    lambda m: type(m).__name__ == "Idefics2PerceiverAttention" and type(m).__module__.startswith("transformers."),
-    Idefics2PerceiverAttention.from_module,
-))

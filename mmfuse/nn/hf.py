@@ -9,6 +9,8 @@
   processor (C·T·P·P values each), so ``Conv3d(k=s)`` is exactly one GEMM with the flattened weight.
 
 The LayerNorms stay PyTorch's (one read and one write of the activations; not fused here).
+``mmfuse.patch`` decides what it swaps in ``mmfuse.registry``; these classes are public drop-ins
+(``from_module``) and the registry's pre-cut patch-embed recipe uses ``Qwen2VLPatchEmbed``.
 """
 
 from __future__ import annotations
@@ -91,16 +93,3 @@ class Qwen2VLPatchEmbed(nn.Module):
         if tuple(proj.kernel_size) != tuple(proj.stride) or proj.padding != (0, 0, 0) or proj.groups != 1:
             raise _patch.Unsupported("proj: expected Conv3d with kernel_size == stride, no padding, groups=1")
         return cls(proj, module.in_channels, module.temporal_patch_size, module.patch_size, module.embed_dim)
-
-
-def _is_class(name: str, module_prefix: str):
-    return lambda m: type(m).__name__ == name and type(m).__module__.startswith(module_prefix)
-
-
-_patch.register(_patch.Rule("Qwen2-VL PatchMerger", _is_class("PatchMerger", "transformers.models.qwen2"),
-                            PatchMerger.from_module))
-_patch.register(_patch.Rule("Qwen2-VL PatchEmbed", _is_class("PatchEmbed", "transformers.models.qwen2"),
-                            Qwen2VLPatchEmbed.from_module))
-_patch.register(_patch.Rule("InternVLMultiModalProjector", _is_class("InternVLMultiModalProjector",
-                                                                      "transformers.models.internvl"),
-                            NormMLPProjector.from_module))

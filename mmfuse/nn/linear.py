@@ -7,7 +7,6 @@ from typing import Sequence
 import torch
 import torch.nn as nn
 
-from mmfuse import _patch
 from mmfuse.nn._activations import activation_name
 from mmfuse.ops.linear import linear, mlp
 
@@ -109,22 +108,3 @@ class MLPProjector(nn.Module):
         if len(acts) > 1:
             raise ValueError(f"module: expected one activation between all layers, got {sorted(map(str, acts))}")
         return cls._from_layers(names, layers, acts.pop() if acts else None)
-
-
-def _is_llava_mlp_sequential(m: nn.Module) -> bool:
-    if not isinstance(m, nn.Sequential) or len(m) < 3 or len(m) % 2 == 0:
-        return False
-    try:
-        MLPProjector._from_sequential(m)
-    except (TypeError, ValueError):
-        return False
-    return True
-
-
-_patch.register(_patch.Rule(
-    "LlavaMultiModalProjector",
-    lambda m: type(m).__name__ == "LlavaMultiModalProjector",
-    MLPProjector.from_module,
-))
-_patch.register(_patch.Rule("Sequential(Linear, GELU, Linear, ...)", _is_llava_mlp_sequential,
-                            MLPProjector.from_module))

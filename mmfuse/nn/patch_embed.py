@@ -38,6 +38,10 @@ def _check_patch_conv(module: nn.Module, conv_type: type, name: str = "module") 
         raise _patch.Unsupported(f"{name}: expected square patches, got kernel_size {k}")
 
 
+def _is_arange(ids: torch.Tensor) -> bool:
+    return torch.equal(ids.reshape(-1).cpu(), torch.arange(ids.numel()))
+
+
 def _packed(module: nn.Module) -> PackedWeight:
     """The module's packed-weight cache (outside the module tree: no state_dict entry)."""
     cache = module.__dict__.get("_mmfuse_packed")
@@ -110,14 +114,18 @@ class _FusedVisionEmbeddings(nn.Module):
     and its class for the paths not fused."""
 
     _original_name = ""
+    _extra_attrs: tuple[str, ...] = ()
 
     def __init__(self, module: nn.Module):
         super().__init__()
-        if type(module).__name__ != self._original_name:
-            raise TypeError(f"module: expected {self._original_name}, got {type(module).__name__}")
+        # The class itself or a transformers copy of it (AltCLIP, MetaCLIP 2, ...: same code, renamed).
+        needed = ("patch_embedding", "position_embedding", "position_ids") + self._extra_attrs
+        if not type(module).__name__.endswith("VisionEmbeddings") or not all(hasattr(module, a) for a in needed):
+            raise TypeError(f"module: expected {self._original_name} (or a copy of it), got {type(module).__name__}")
         _check_patch_conv(module.patch_embedding, nn.Conv2d, "module.patch_embedding")
         ids = module.position_ids
-        if not torch.equal(ids.reshape(-1).cpu(), torch.arange(ids.numel())):
+        # On the meta device there are no values to check yet: the first forward checks them.
+        if not ids.is_meta and not _is_arange(ids):
             raise _patch.Unsupported("module.position_ids: expected arange(num_positions)")
         self._original_class = type(module)
         if hasattr(module, "class_embedding"):  # first, as the original registers it (state_dict order)
@@ -133,7 +141,14 @@ class _FusedVisionEmbeddings(nn.Module):
 
     def _fused(self, pixel_values: torch.Tensor, interpolate_pos_encoding: bool) -> bool:
         H, W = pixel_values.shape[-2:]
-        return not interpolate_pos_encoding and pixel_values.dim() == 4 and H == W == self.image_size
+        if not interpolate_pos_encoding and pixel_values.dim() == 4 and H == W == self.image_size:
+            if not self.__dict__.get("_ids_checked"):  # patched on meta: check once the values exist
+                if not _is_arange(self.position_ids):
+                    raise ValueError("position_ids: expected arange(num_positions) (as the checkpoint defines "
+                                     "them), got other values")
+                self.__dict__["_ids_checked"] = True
+            return True
+        return False
 
     @classmethod
     def from_module(cls, module: nn.Module):
@@ -158,6 +173,7 @@ class CLIPVisionEmbeddings(_FusedVisionEmbeddings):
     (patch tokens written straight into rows 1..N, row 0 = class + pos[0])."""
 
     _original_name = "CLIPVisionEmbeddings"
+    _extra_attrs = ("class_embedding",)
 
     def forward(self, pixel_values: torch.Tensor, interpolate_pos_encoding: bool = False) -> torch.Tensor:
         if not self._fused(pixel_values, interpolate_pos_encoding):
@@ -165,14 +181,3 @@ class CLIPVisionEmbeddings(_FusedVisionEmbeddings):
         w = self.patch_embedding.weight
         return fused_patch_embed(pixel_values.to(dtype=w.dtype), w, self.patch_embedding.bias,
                                  self.position_embedding.weight, self.class_embedding, cache=_packed(self))
-
-
-def _is_class(name: str, module_prefix: str):
-    return lambda m: type(m).__name__ == name and type(m).__module__.startswith(module_prefix)
-
-
-_patch.register(_patch.Rule("CLIPVisionEmbeddings", _is_class("CLIPVisionEmbeddings", "transformers.models.clip"),
-                            CLIPVisionEmbeddings.from_module))
-_patch.register(_patch.Rule("SiglipVisionEmbeddings",
-                            _is_class("SiglipVisionEmbeddings", "transformers.models.siglip"),
-                            SiglipVisionEmbeddings.from_module))

@@ -22,7 +22,7 @@ from mmfuse._checks import check_choice, check_like, check_size, check_tensor
 from mmfuse._dispatch import REFERENCE, autocast_inputs, backend_for
 from mmfuse.kernels import linear as K
 
-ACTIVATION_NAMES = (None, "gelu", "gelu_tanh")
+ACTIVATION_NAMES = (None, "gelu", "gelu_tanh", "quick_gelu", "silu", "relu")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -33,7 +33,13 @@ def apply_activation_reference(y: torch.Tensor, activation: str | None) -> torch
         return y
     if activation == "gelu":
         return F.gelu(y)
-    return F.gelu(y, approximate="tanh")
+    if activation == "gelu_tanh":
+        return F.gelu(y, approximate="tanh")
+    if activation == "quick_gelu":  # CLIP's, as transformers' QuickGELUActivation writes it
+        return y * torch.sigmoid(1.702 * y)
+    if activation == "silu":
+        return F.silu(y)
+    return F.relu(y)
 
 
 def linear_reference(x, weight, bias=None, activation=None):
@@ -241,7 +247,7 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
            activation: str | None = None) -> torch.Tensor:
     """``act(F.linear(x, weight, bias))`` with bias and activation fused into the GEMM.
 
-    x (..., K), weight (N, K), bias (N,) or None; activation in {None, "gelu", "gelu_tanh"}.
+    x (..., K), weight (N, K), bias (N,) or None; activation in {None, "gelu", "gelu_tanh", "quick_gelu", "silu", "relu"}.
     """
     _check_x(x)
     check_choice("activation", activation, ACTIVATION_NAMES)
@@ -322,7 +328,7 @@ def verify_checks():
 
     checks = []
     for dtype in (torch.float32, torch.float16, torch.bfloat16):
-        for act in (None, "gelu", "gelu_tanh"):
+        for act in ACTIVATION_NAMES:
             checks.append(linear_check(dtype, act, 37, 75, 131))
         checks.append(mlp_check(dtype, 45, (40, 96, 72)))
     return checks

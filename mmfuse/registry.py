@@ -1,0 +1,621 @@
+"""The model registry: which transformers classes ``mmfuse.patch`` replaces, and how. One place.
+
+Families are data (``FAMILIES``): a family names the transformers classes it covers (module and class
+name), the recipe that replaces them and the recipe's options (which attributes hold the Linear layers,
+which activation module follows which Linear, ...). Recipes are code and few (``RECIPES``). Classes that
+look like projectors or patch embeddings but are not replaced are listed in ``DECLINED`` with the reason;
+tests/test_registry.py walks the installed transformers and fails on any class in neither table.
+
+Recipes that keep the original's forward (``mlp``, ``norm+mlp``, ``merge+mlp``, ``linear``, ``gated mlp``)
+build a shallow copy of the module, of a subclass named ``Fused<Class>``, whose GEMM children are
+mmfuse's: each listed ``nn.Linear`` becomes ``mmfuse.nn.Linear`` (same parameters), a Linear followed by
+its activation module gets the activation fused into its epilogue (the activation child becomes
+``nn.Identity``), and an ``nn.Sequential`` MLP becomes one fused ``MLPProjector``. The original's glue
+(norm, token merge, gate product) runs unchanged, so the replacement is faithful by construction, and
+the state_dict is the original's (same children, same parameters). A later change can give a recipe a
+forward of its own that fuses the glue into the kernels' loads; the family table does not change.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Callable
+
+import torch
+import torch.nn as nn
+
+from mmfuse import _patch
+from mmfuse.nn._activations import activation_name
+
+PROJECTOR, PATCH_EMBED, CROSS_ATTENTION = "projector", "patch embedding", "cross-attention"
+
+
+@dataclasses.dataclass(frozen=True)
+class Recipe:
+    name: str
+    kind: str          # PROJECTOR, PATCH_EMBED or CROSS_ATTENTION
+    fused: str         # what runs on mmfuse kernels
+    pytorch: str       # what stays PyTorch
+    build: Callable[[nn.Module, "Family"], nn.Module]
+
+
+@dataclasses.dataclass(frozen=True)
+class Family:
+    name: str                         # as users say it: "LLaVA-NeXT"
+    module: str                       # transformers.models.<module>
+    classes: tuple[str, ...]          # class names in that module
+    recipe: str                       # a key of RECIPES
+    options: tuple = ()               # recipe options as (key, value) pairs (hashable)
+    notes: str = ""
+    match: Callable[[nn.Module], bool] | None = None  # structural families (no transformers class)
+    tower: bool = False               # a vision-tower block: swapped only by patch(..., vision_tower=True)
+
+    def opt(self, key, default=None):
+        return dict(self.options).get(key, default)
+
+    def matches(self, m: nn.Module) -> bool:
+        if self.match is not None:
+            return self.match(m)
+        cls = type(m)
+        return cls.__name__ in self.classes and cls.__module__.startswith(f"transformers.models.{self.module}.")
+
+
+# ----------------------------------------------------------------------------------------------
+# The GEMM-swap recipes: a copy of the module with mmfuse GEMMs, running the original forward
+# ----------------------------------------------------------------------------------------------
+@functools.lru_cache(maxsize=None)
+def _fused_class(cls: type) -> type:
+    """``Fused<Class>``: the original class, recognisably replaced (forward and helpers inherited)."""
+    name = "Fused" + cls.__name__
+    return type(name, (cls,), {"__module__": "mmfuse.registry", "__qualname__": name})
+
+
+def _shallow_copy(module: nn.Module, cls: type | None = None) -> nn.Module:
+    """A new module object sharing every parameter, buffer and child, with its own child table."""
+    new = (cls or type(module)).__new__(cls or type(module))
+    # Own copies of every dict (children, parameters, buffers, hook tables): editing the copy's
+    # children or hooks must not touch the original, which unpatch() puts back.
+    new.__dict__.update({k: (type(v)(v) if isinstance(v, dict) else v) for k, v in module.__dict__.items()})
+    return new
+
+
+def _get(module: nn.Module, path: str):
+    for part in path.split("."):
+        module = getattr(module, part, None)
+        if module is None:
+            return None
+    return module
+
+
+def _set(root: nn.Module, path: str, value: nn.Module) -> None:
+    """Set a child by dotted path, copying the intermediate modules (the original stays untouched)."""
+    *parents, leaf = path.split(".")
+    node = root
+    for part in parents:
+        child = _shallow_copy(node._modules[part])
+        node._modules[part] = child
+        node = child
+    node._modules[leaf] = value
+
+
+def _swap_gemms(module: nn.Module, family: Family) -> nn.Module:
+    from mmfuse.nn.linear import Linear, MLPProjector
+
+    fused_acts = dict(family.opt("fuse", ()))  # linear path -> activation path
+    plan = []
+    for path in family.opt("linears", ()):
+        lin = _get(module, path)
+        if not isinstance(lin, nn.Linear):
+            raise _patch.Unsupported(f"{path}: expected nn.Linear, got {type(lin).__name__}")
+        act_path = fused_acts.get(path)
+        act = activation_name(_get(module, act_path)) if act_path else None
+        plan.append((path, Linear.from_module(lin, activation=act), act_path))
+    for path in family.opt("sequential", ()):
+        plan.append((path, MLPProjector.from_module(_get(module, path)), None))
+    for path in family.opt("convs", ()):  # Conv2d / Conv3d with kernel == stride: the patch GEMM
+        from mmfuse.nn.patch_embed import PatchEmbed, PatchEmbed3d
+
+        conv = _get(module, path)
+        drop_in = PatchEmbed3d if isinstance(conv, nn.Conv3d) else PatchEmbed
+        plan.append((path, drop_in.from_module(conv), None))
+    new = _shallow_copy(module, _fused_class(type(module)))
+    for path, replacement, act_path in plan:
+        _set(new, path, replacement)
+        if act_path:
+            _set(new, act_path, nn.Identity())
+    return new
+
+
+# ----------------------------------------------------------------------------------------------
+# Recipes with a forward of their own
+# ----------------------------------------------------------------------------------------------
+def _gemma3_pool_norm(m: nn.Module, vision_outputs: torch.Tensor) -> torch.Tensor:
+    """Gemma 3's glue before its weight matmul: average pool of the patch grid, then RMSNorm."""
+    b, _, d = vision_outputs.shape
+    x = vision_outputs.transpose(1, 2).reshape(b, d, m.patches_per_image, m.patches_per_image).contiguous()
+    return m.mm_soft_emb_norm(m.avg_pool(x).flatten(2).transpose(1, 2))
+
+
+#: Named glue steps of the weight-matmul recipe (a later change may fuse them into the GEMM's loads).
+GLUE = {"gemma3_pool_norm": _gemma3_pool_norm}
+
+
+def _weight_matmul(module: nn.Module, family: Family) -> nn.Module:
+    """``glue(x) @ W`` for a projection stored as an (in, out) parameter: one mmfuse GEMM on W^T."""
+    from mmfuse.ops.linear import linear
+
+    weight_name, glue = family.opt("weight"), GLUE[family.opt("glue")]
+
+    def forward(self, x):
+        w = getattr(self, weight_name)
+        return linear(glue(self, x), w.t()).type_as(x)
+
+    cls = _fused_class(type(module))
+    sub = type(cls.__name__, (cls,), {"__module__": "mmfuse.registry", "forward": forward})
+    return _shallow_copy(module, sub)
+
+
+def _conv3d_patch_embed(module: nn.Module, family: Family) -> nn.Module:
+    from mmfuse.nn.hf import Qwen2VLPatchEmbed
+
+    return Qwen2VLPatchEmbed.from_module(module)
+
+
+def _vision_embeddings(module: nn.Module, family: Family) -> nn.Module:
+    from mmfuse.nn.patch_embed import CLIPVisionEmbeddings, SiglipVisionEmbeddings
+
+    cls = {"clip": CLIPVisionEmbeddings, "siglip": SiglipVisionEmbeddings}[family.opt("layout")]
+    return cls.from_module(module)
+
+
+def _from_module(dotted: str):
+    def build(module, family):
+        import importlib
+
+        mod, _, name = dotted.rpartition(".")
+        return getattr(importlib.import_module(mod), name).from_module(module)
+    return build
+
+
+def _mlp_projector(module, family):
+    from mmfuse.nn.linear import MLPProjector
+
+    return MLPProjector.from_module(module)
+
+
+_SWAP_PYTORCH = "the original forward's glue"
+RECIPES = {r.name: r for r in [
+    Recipe("mlp", PROJECTOR, "every Linear, bias and activation (one GEMM each, act in the epilogue)",
+           "nothing", _swap_gemms),
+    Recipe("mlp (fused chain)", PROJECTOR,
+           "Linear -> act -> Linear ... as one autograd op (act' in the dX GEMM's epilogue)", "nothing",
+           _mlp_projector),
+    Recipe("linear", PROJECTOR, "the Linear (bias in the epilogue)", "nothing", _swap_gemms),
+    Recipe("norm+mlp", PROJECTOR, "every Linear, bias and activation", "the norm", _swap_gemms),
+    Recipe("merge+mlp", PROJECTOR, "every Linear (merge Linear included), bias and activation",
+           "the norm and the token merge (reshapes / unfold / pixel shuffle)", _swap_gemms),
+    Recipe("gated mlp", PROJECTOR, "every Linear and bias; the gate's activation where it follows a Linear",
+           "the norm, the token merge, the chunk and the gate product", _swap_gemms),
+    Recipe("pool+norm+matmul", PROJECTOR, "the weight matmul (W^T as the GEMM's B)",
+           "the average pool and the RMSNorm", _weight_matmul),
+    Recipe("patch embed (pre-cut rows)", PATCH_EMBED, "Conv3d(k=s) on pre-cut patch rows as one GEMM + bias",
+           "nothing", _conv3d_patch_embed),
+    Recipe("patch embed (conv swap)", PATCH_EMBED,
+           "Conv(k=s) as one GEMM (im2col in the loads, bias in the epilogue; conv layout as a free view)",
+           "class token, position table / gathered position ids, norms (the original's code)", _swap_gemms),
+    Recipe("patch embed (linear on patches)", PATCH_EMBED, "the Linear on pre-cut patches (bias in the epilogue)",
+           "position table resizing and add (the original's code)", _swap_gemms),
+    Recipe("vision embeddings", PATCH_EMBED,
+           "Conv2d(k=s) patchify + bias [+ class token] + position table, one kernel",
+           "interpolate_pos_encoding and off-size images (the original's code)", _vision_embeddings),
+    Recipe("cross-attention", CROSS_ATTENTION, "Q/K/V/O projections and the attention (one kernel)",
+           "head reshapes", lambda m, f: _from_module(f.opt("dropin"))(m, f)),
+]}
+
+
+# ----------------------------------------------------------------------------------------------
+# The families
+# ----------------------------------------------------------------------------------------------
+def _llava_mlp(name, module, cls, notes=""):
+    return Family(name, module, (cls,), "mlp", (("linears", ("linear_1", "linear_2")),
+                                                 ("fuse", (("linear_1", "act"),))), notes)
+
+
+def _is_llava_mlp_sequential(m: nn.Module) -> bool:
+    from mmfuse.nn.linear import MLPProjector
+
+    if not isinstance(m, nn.Sequential) or len(m) < 3 or len(m) % 2 == 0:
+        return False
+    try:
+        MLPProjector._from_sequential(m)
+    except (TypeError, ValueError):
+        return False
+    return True
+
+
+_QWEN_MERGER = (("sequential", ("mlp",)),)
+_QWEN3_MERGER = (("linears", ("linear_fc1", "linear_fc2")), ("fuse", (("linear_fc1", "act_fn"),)))
+_CONV3D_NOTE = "Conv3d(k=s) on rows the processor cut: cuDNN's bf16 Conv3d path avoided"
+_GLM_MERGER = (("linears", ("proj", "gate_proj", "up_proj", "down_proj")), ("fuse", (("gate_proj", "act_fn"),)))
+_CLIP = (("layout", "clip"),)
+
+FAMILIES: list[Family] = [
+    # LLaVA and its relatives: Linear -> act -> Linear
+    Family("LLaVA-1.5", "llava", ("LlavaMultiModalProjector",), "mlp (fused chain)"),
+    Family("LLaVA (original code)", "", (), "mlp (fused chain)",
+           notes="nn.Sequential(Linear, act, Linear, ...) as LLaVA's own repository builds it",
+           match=_is_llava_mlp_sequential),
+    _llava_mlp("LLaVA-NeXT", "llava_next", "LlavaNextMultiModalProjector"),
+    _llava_mlp("LLaVA-NeXT-Video", "llava_next_video", "LlavaNextVideoMultiModalProjector"),
+    _llava_mlp("LLaVA-OneVision", "llava_onevision", "LlavaOnevisionMultiModalProjector"),
+    _llava_mlp("Video-LLaVA", "video_llava", "VideoLlavaMultiModalProjector"),
+    _llava_mlp("FastVLM", "fast_vlm", "FastVlmMultiModalProjector"),
+    Family("VideoLLaMA3", "video_llama_3", ("VideoLlama3Projector",), "mlp", (("sequential", ("readout",)),)),
+    Family("VipLLaVA", "vipllava", ("VipLlavaMultiModalProjector",), "norm+mlp",
+           (("linears", ("linear_1", "linear_2")), ("fuse", (("linear_1", "act"),)))),
+    Family("InternVL", "internvl", ("InternVLMultiModalProjector",), "norm+mlp",
+           (("linears", ("linear_1", "linear_2")), ("fuse", (("linear_1", "act"),)))),
+    Family("PaliGemma", "paligemma", ("PaliGemmaMultiModalProjector",), "linear", (("linears", ("linear",)),)),
+    Family("Llama 4", "llama4", ("Llama4MultiModalProjector",), "linear", (("linears", ("linear_1",)),),
+           notes="the vision tower's pixel-shuffle adapter (Llama4VisionPixelShuffleMLP) is not covered"),
+    # token merge then MLP
+    Family("Qwen2-VL", "qwen2_vl", ("PatchMerger",), "merge+mlp", _QWEN_MERGER,
+           notes="LayerNorm, 2x2 merge as a free view, Linear -> GELU -> Linear"),
+    Family("Qwen2.5-VL", "qwen2_5_vl", ("Qwen2_5_VLPatchMerger",), "merge+mlp", _QWEN_MERGER,
+           notes="RMSNorm, 2x2 merge as a free view"),
+    Family("Qwen2.5-Omni", "qwen2_5_omni", ("Qwen2_5OmniPatchMerger",), "merge+mlp", _QWEN_MERGER),
+    Family("Qwen3-VL", "qwen3_vl", ("Qwen3VLVisionPatchMerger",), "merge+mlp", _QWEN3_MERGER,
+           notes="also the deepstack mergers (norm after the merge)"),
+    Family("Qwen3-VL-MoE", "qwen3_vl_moe", ("Qwen3VLMoeVisionPatchMerger",), "merge+mlp", _QWEN3_MERGER),
+    Family("Qwen3.5", "qwen3_5", ("Qwen3_5VisionPatchMerger",), "merge+mlp", _QWEN3_MERGER),
+    Family("Qwen3.5-MoE", "qwen3_5_moe", ("Qwen3_5MoeVisionPatchMerger",), "merge+mlp", _QWEN3_MERGER),
+    Family("Qwen3-Omni-MoE", "qwen3_omni_moe", ("Qwen3OmniMoeVisionPatchMerger",), "merge+mlp",
+           (("linears", ("mlp.0", "mlp.2")), ("fuse", (("mlp.0", "mlp.1"),))), notes="the MLP is a ModuleList"),
+    Family("Cohere Compass", "cohere_compass", ("CohereCompassVisionPatchMerger",), "merge+mlp", _QWEN3_MERGER),
+    Family("Qwen4-Exp", "qwen4_exp", ("Qwen4ExpVisionPatchMerger",), "merge+mlp", _QWEN3_MERGER),
+    Family("EXAONE 4.5", "exaone4_5", ("Exaone4_5_PatchMerger",), "merge+mlp", _QWEN_MERGER),
+    Family("MistralLarge4", "mistral_large4", ("MistralLarge4MultiModalProjector",), "merge+mlp",
+           (("linears", ("patch_merger.merging_layer", "linear_1", "linear_2")), ("fuse", (("linear_1", "act"),)))),
+    Family("Qianfan-OCR", "qianfan_ocr", ("QianfanOCRMultiModalProjector",), "norm+mlp",
+           (("linears", ("linear_1", "linear_2")), ("fuse", (("linear_1", "act"),)))),
+    Family("T5Gemma 2", "t5gemma2", ("T5Gemma2MultiModalProjector",), "pool+norm+matmul",
+           (("weight", "mm_input_projection_weight"), ("glue", "gemma3_pool_norm"))),
+    Family("Mistral3 / Pixtral", "mistral3", ("Mistral3MultiModalProjector",), "merge+mlp",
+           (("linears", ("patch_merger.merging_layer", "linear_1", "linear_2")), ("fuse", (("linear_1", "act"),))),
+           notes="RMSNorm, unfold merge per image, merge Linear, Linear -> act -> Linear"),
+    Family("LightOnOCR", "lighton_ocr", ("LightOnOcrMultiModalProjector",), "merge+mlp",
+           (("linears", ("patch_merger.merging_layer", "linear_1", "linear_2")), ("fuse", (("linear_1", "act"),)))),
+    Family("Idefics3", "idefics3", ("Idefics3Connector",), "merge+mlp",
+           (("linears", ("modality_projection.proj",)),), notes="pixel shuffle, then one Linear"),
+    Family("SmolVLM", "smolvlm", ("SmolVLMConnector",), "merge+mlp", (("linears", ("modality_projection.proj",)),),
+           notes="pixel shuffle, then one Linear"),
+    Family("LFM2-VL", "lfm2_vl", ("Lfm2VlMultiModalProjector",), "merge+mlp",
+           (("linears", ("linear_1", "linear_2")), ("fuse", (("linear_1", "act"),))),
+           notes="pixel unshuffle, optional LayerNorm"),
+    Family("PaddleOCR-VL", "paddleocr_vl", ("PaddleOCRProjector",), "merge+mlp",
+           (("linears", ("linear_1", "linear_2")), ("fuse", (("linear_1", "act"),))),
+           notes="per image: LayerNorm, 2x2 merge, Linear -> GELU -> Linear"),
+    Family("Gemma 3", "gemma3", ("Gemma3MultiModalProjector",), "pool+norm+matmul",
+           (("weight", "mm_input_projection_weight"), ("glue", "gemma3_pool_norm"))),
+    Family("LFM3-VL", "lfm3_vl", ("Lfm3VlMultiModalProjector",), "merge+mlp",
+           (("linears", ("linear_1", "linear_2")), ("fuse", (("linear_1", "act"),))),
+           notes="LayerNorm, then the merge as a reshape"),
+    Family("MiniMax-M3-VL", "minimax_m3_vl", ("MiniMaxM3VLMultiModalProjector",), "merge+mlp",
+           (("linears", ("linear_1", "linear_2", "merge_linear_1", "merge_linear_2")),
+            ("fuse", (("linear_1", "act"), ("merge_linear_1", "merge_act")))),
+           notes="an MLP per patch, the merge as a reshape, then a second MLP"),
+    # gated
+    Family("Command A Vision", "cohere2_vision", ("Cohere2VisionMultiModalProjector",), "gated mlp",
+           (("linears", ("linear_1", "linear_2")),), notes="pixel shuffle, SwiGLU on one chunked weight"),
+    Family("Aya Vision", "aya_vision", ("AyaVisionMultiModalProjector",), "gated mlp",
+           (("linears", ("linear_1", "linear_2")),),
+           notes="pixel shuffle, LayerNorm, SwiGLU on one chunked weight (gate product in PyTorch)"),
+    Family("GLM-4V", "glm4v", ("Glm4vVisionPatchMerger",), "gated mlp", _GLM_MERGER,
+           notes="Linear, LayerNorm + GELU, then SwiGLU (separate gate / up)"),
+    Family("GLM-4V-MoE", "glm4v_moe", ("Glm4vMoeVisionPatchMerger",), "gated mlp", _GLM_MERGER),
+    Family("GLM-OCR", "glm_ocr", ("GlmOcrVisionPatchMerger",), "gated mlp", _GLM_MERGER),
+    Family("Idefics2", "idefics2", ("Idefics2MLP",), "gated mlp",
+           (("linears", ("gate_proj", "up_proj", "down_proj")), ("fuse", (("gate_proj", "act_fn"),))),
+           notes="the connector's modality projection and the perceiver layers' MLPs (SwiGLU, separate gate / up)"),
+    # patch embeddings
+    Family("Qwen2-VL", "qwen2_vl", ("PatchEmbed",), "patch embed (pre-cut rows)", notes=_CONV3D_NOTE),
+    Family("Qwen2.5-VL", "qwen2_5_vl", ("Qwen2_5_VisionPatchEmbed",), "patch embed (pre-cut rows)", notes=_CONV3D_NOTE),
+    Family("Qwen2.5-Omni", "qwen2_5_omni", ("Qwen2_5_VisionPatchEmbed",), "patch embed (pre-cut rows)"),
+    Family("Qwen3-VL", "qwen3_vl", ("Qwen3VLVisionPatchEmbed",), "patch embed (pre-cut rows)", notes=_CONV3D_NOTE),
+    Family("Qwen3-VL-MoE", "qwen3_vl_moe", ("Qwen3VLMoeVisionPatchEmbed",), "patch embed (pre-cut rows)"),
+    Family("Qwen3.5", "qwen3_5", ("Qwen3_5VisionPatchEmbed",), "patch embed (pre-cut rows)", notes=_CONV3D_NOTE),
+    Family("Qwen3.5-MoE", "qwen3_5_moe", ("Qwen3_5MoeVisionPatchEmbed",), "patch embed (pre-cut rows)"),
+    Family("Qwen3-Omni-MoE", "qwen3_omni_moe", ("Qwen3OmniMoeVisionPatchEmbed",), "patch embed (pre-cut rows)"),
+    Family("GLM-4V", "glm4v", ("Glm4vVisionPatchEmbed",), "patch embed (pre-cut rows)", notes=_CONV3D_NOTE),
+    Family("GLM-4V-MoE", "glm4v_moe", ("Glm4vMoeVisionPatchEmbed",), "patch embed (pre-cut rows)"),
+    Family("GLM-OCR", "glm_ocr", ("GlmOcrVisionPatchEmbed",), "patch embed (pre-cut rows)"),
+    Family("GLM-5-Next", "glm5_next", ("Glm5NextVisionPatchEmbed",), "patch embed (pre-cut rows)"),
+    Family("Cohere Compass", "cohere_compass", ("CohereCompassVisionPatchEmbed",), "patch embed (pre-cut rows)"),
+    Family("Qwen4-Exp", "qwen4_exp", ("Qwen4ExpVisionPatchEmbed",), "patch embed (pre-cut rows)"),
+    Family("EXAONE 4.5", "exaone4_5", ("Exaone4_5_PatchEmbed",), "patch embed (pre-cut rows)"),
+    Family("CLIP", "clip", ("CLIPVisionEmbeddings",), "vision embeddings", _CLIP,
+           notes="the vision tower of LLaVA, LLaVA-NeXT, VipLLaVA, Video-LLaVA"),
+    Family("AltCLIP", "altclip", ("AltCLIPVisionEmbeddings",), "vision embeddings", _CLIP),
+    Family("MetaCLIP 2", "metaclip_2", ("MetaClip2VisionEmbeddings",), "vision embeddings", _CLIP),
+    Family("Chinese-CLIP", "chinese_clip", ("ChineseCLIPVisionEmbeddings",), "vision embeddings", _CLIP),
+    Family("X-CLIP", "x_clip", ("XCLIPVisionEmbeddings",), "vision embeddings", _CLIP),
+    Family("Kosmos-2", "kosmos2", ("Kosmos2VisionEmbeddings",), "vision embeddings", _CLIP),
+    Family("BridgeTower", "bridgetower", ("BridgeTowerVisionEmbeddings",), "vision embeddings", _CLIP),
+    Family("Granite-Docling", "granite_docling", ("GraniteDoclingVisionEmbeddings",), "vision embeddings",
+           (("layout", "siglip"),)),
+    Family("SigLIP", "siglip", ("SiglipVisionEmbeddings",), "vision embeddings", (("layout", "siglip"),),
+           notes="the vision tower of PaliGemma, LLaVA-OneVision, Idefics-style models built on SigLIP"),
+    Family("Idefics2", "idefics2", ("Idefics2VisionEmbeddings",), "patch embed (conv swap)",
+           (("convs", ("patch_embedding",)),), notes="bucketed position ids per image stay PyTorch"),
+    Family("Idefics3", "idefics3", ("Idefics3VisionEmbeddings",), "patch embed (conv swap)",
+           (("convs", ("patch_embedding",)),), notes="bucketed position ids per image stay PyTorch"),
+    Family("SmolVLM", "smolvlm", ("SmolVLMVisionEmbeddings",), "patch embed (conv swap)",
+           (("convs", ("patch_embedding",)),), notes="bucketed position ids per image stay PyTorch"),
+    Family("InternVL", "internvl", ("InternVLVisionPatchEmbeddings",), "patch embed (conv swap)",
+           (("convs", ("projection",)),)),
+    Family("BLIP-2", "blip_2", ("Blip2VisionEmbeddings",), "patch embed (conv swap)",
+           (("convs", ("patch_embedding",)),), notes="class token and position table stay PyTorch"),
+    Family("BLIP", "blip", ("BlipVisionEmbeddings",), "patch embed (conv swap)", (("convs", ("patch_embedding",)),)),
+    Family("Qianfan-OCR", "qianfan_ocr", ("QianfanOCRVisionPatchEmbeddings",), "patch embed (conv swap)",
+           (("convs", ("projection",)),)),
+    Family("InstructBLIP", "instructblip", ("InstructBlipVisionEmbeddings",), "patch embed (conv swap)",
+           (("convs", ("patch_embedding",)),)),
+    Family("InstructBLIP-Video", "instructblipvideo", ("InstructBlipVideoVisionEmbeddings",),
+           "patch embed (conv swap)", (("convs", ("patch_embedding",)),)),
+    Family("SigLIP 2", "siglip2", ("Siglip2VisionEmbeddings",), "patch embed (linear on patches)",
+           (("linears", ("patch_embedding",)),), notes="NaFlex: the processor cuts the patches"),
+    # cross-attention
+    Family("Idefics2", "idefics2", ("Idefics2PerceiverAttention",), "cross-attention",
+           (("dropin", "mmfuse.nn.attention.Idefics2PerceiverAttention"),),
+           notes="the perceiver resampler's attention (keys = context + latents)"),
+]
+
+
+def family_for(module: nn.Module, vision_tower: bool = False) -> Family | None:
+    return next((f for f in FAMILIES if (vision_tower or not f.tower) and f.matches(module)), None)
+
+
+def build(module: nn.Module, family: Family) -> nn.Module:
+    return RECIPES[family.recipe].build(module, family)
+
+
+def declined_reason(module: nn.Module) -> str | None:
+    """Why the registry leaves this transformers class alone, or None if it is not listed."""
+    cls = type(module)
+    parts = cls.__module__.split(".")
+    if len(parts) < 3 or parts[:2] != ["transformers", "models"]:
+        return None
+    return DECLINED.get((parts[2], cls.__name__))
+
+
+# ----------------------------------------------------------------------------------------------
+# Recognised but not replaced (the enumeration test requires every projector-like class to be in
+# FAMILIES or here)
+# ----------------------------------------------------------------------------------------------
+_NOT_YET = "not yet examined against a recipe (issue 11 covered the families it names first)"
+_POS_IDS = ("patch embedding with position ids gathered per image (bucketed / variable resolution): "
+            "needs a gathered-position patch-embed recipe, not built yet")
+_TOWER = "vision-tower internals, not a projector (issue 12's opt-in tower swapping)"
+_AUDIO = "not a vision module"
+_WRAPPER = "a container whose GEMMs sit in covered (or declined) child classes"
+_OVERLAP = "overlapping or padded patches (kernel != stride): not a GEMM"
+DECLINED: dict[tuple[str, str], str] = {
+    # cross-attention / Q-Former
+    ("blip_2", "Blip2QFormerMultiHeadAttention"): "Q-Former attention: self- and cross-attention in one class, "
+    "with attention-probability dropout and head masks; the cross-attention drop-in covers neither (not built)",
+    ("blip_2", "Blip2QFormerAttention"): _WRAPPER,
+    ("instructblip", "InstructBlipQFormerMultiHeadAttention"): "as BLIP-2's Q-Former attention",
+    ("instructblip", "InstructBlipQFormerAttention"): _WRAPPER,
+    ("instructblipvideo", "InstructBlipVideoQFormerMultiHeadAttention"): "as BLIP-2's Q-Former attention",
+    ("instructblipvideo", "InstructBlipVideoQFormerAttention"): _WRAPPER,
+    ("idefics2", "Idefics2PerceiverResampler"): "its Idefics2PerceiverAttention layers are replaced",
+    ("idefics2", "Idefics2Connector"): "a container: its gated MLPs (Idefics2MLP) and perceiver attention are replaced",
+    ("mllama", "MllamaTextCrossAttention"): "language-model cross-attention with a KV cache, not a projector",
+    ("mllama", "MllamaCrossAttentionDecoderLayer"): "language-model layer, not a projector",
+    ("bridgetower", "BridgeTowerCrossAttention"): "language-model cross-attention, not a projector",
+    ("groupvit", "GroupViTCrossAttentionLayer"): "grouping block inside the vision tower",
+    ("pix2struct", "Pix2StructTextLayerCrossAttention"): "decoder cross-attention, not a projector",
+    # patch embeddings that are more than a patchify
+    ("paddleocr_vl", "PaddleOCRVisionEmbeddings"): _POS_IDS,
+    ("video_llama_3", "VideoLlama3VisionEmbeddings"): _POS_IDS,
+    ("glm4v", "Glm4vVisionEmbeddings"): "position table interpolated per image (grid_sample), no patchify",
+    ("glm4v_moe", "Glm4vMoeVisionEmbeddings"): "position table interpolated per image (grid_sample), no patchify",
+    ("glm_image", "GlmImageVisionEmbeddings"): "position table interpolated per image (grid_sample), no patchify",
+    ("aimv2", "Aimv2VisionEmbeddings"): _NOT_YET,
+    ("align", "AlignVisionEmbeddings"): _NOT_YET,
+    ("aria", "AriaProjectorMLP"): _NOT_YET,
+    ("aria", "AriaCrossAttention"): _NOT_YET,
+    ("aria", "AriaProjector"): _NOT_YET,
+    ("clipseg", "CLIPSegVisionEmbeddings"): _NOT_YET,
+    ("cosmos3_edge", "Cosmos3EdgeVisionEmbeddings"): _NOT_YET,
+    ("cosmos3_edge", "Cosmos3EdgePatchMerger"): _NOT_YET,
+    ("deepseek_ocr2", "DeepseekOcr2SamPatchEmbeddings"): _NOT_YET,
+    ("dots3_note", "Dots3NoteAudioAdapter"): _AUDIO,
+    ("dots3_note", "Dots3NoteVisionPatchEmbed"): _NOT_YET,
+    ("dots3_note", "Dots3NoteVisionMerger"): _NOT_YET,
+    ("ernie4_5_vl_moe", "Ernie4_5_VLMoePatchEmbed"): _NOT_YET,
+    ("ernie4_5_vl_moe", "Ernie4_5_VLMoeVariableResolutionResamplerModel"): _NOT_YET,
+    ("ernie4_5_vl_moe", "Ernie4_5_VL_MoeVariableResolutionResamplerModel"): _NOT_YET,
+    ("florence2", "Florence2MultiModalProjector"): _NOT_YET,
+    ("gemma4", "Gemma4VisionPatchEmbedder"): _NOT_YET,
+    ("glm5_next", "Glm5NextVisionPatchMerger"): _NOT_YET,
+    ("glm_image", "GlmImageVisionPatchEmbed"): _NOT_YET,
+    ("got_ocr2", "GotOcr2PatchEmbeddings"): _NOT_YET,
+    ("got_ocr2", "GotOcr2MultiModalProjector"): "two 3x3 stride-2 padded convolutions before its Linear: "
+    "overlapping windows, not a patch GEMM (only the last Linear could run on mmfuse)",
+    ("granite_docling", "GraniteDoclingDeepStackMerger"): _NOT_YET,
+    ("granite_docling", "GraniteDoclingConnectorPath"): _NOT_YET,
+    ("granite_docling", "GraniteDoclingConnector"): _NOT_YET,
+    ("groupvit", "GroupViTPatchEmbeddings"): _NOT_YET,
+    ("groupvit", "GroupViTVisionEmbeddings"): _NOT_YET,
+    ("hunyuan_vl", "HunYuanVLVisionPatchEmbed"): _NOT_YET,
+    ("hunyuan_vl", "HunYuanVLVisionPatchMerger"): _NOT_YET,
+    ("inkling2", "Inkling2VisionEmbeddings"): _NOT_YET,
+    ("inkling2", "Inkling2VisionMerger"): _NOT_YET,
+    ("internvl", "InternVLVisionEmbeddings"): "a container: its InternVLVisionPatchEmbeddings is replaced; "
+    "the class token, mask token and position add stay PyTorch",
+    ("janus", "JanusVisionEmbeddings"): _NOT_YET,
+    ("kimi_k25", "Kimi_K25VisionPatchEmbed"): _NOT_YET,
+    ("kosmos2_5", "Kosmos2_5VisionEmbeddings"): _NOT_YET,
+    ("lighton_ocr", "LightOnOcrPatchMerger"):
+        "part of the covered LightOnOcrMultiModalProjector: its merging_layer runs on mmfuse there",
+    ("minicpm_ocr", "MiniCPMOcrVisionEmbeddings"): _NOT_YET,
+    ("minicpm_ocr", "MiniCPMOcrViTWindowAttentionMerger"): _NOT_YET,
+    ("minicpm_ocr", "MiniCPMOcrMerger"): _NOT_YET,
+    ("minicpmv4_6", "MiniCPMV4_6VisionEmbeddings"): _NOT_YET,
+    ("minicpmv4_6", "MiniCPMV4_6ViTWindowAttentionMerger"): _NOT_YET,
+    ("minicpmv4_6", "MiniCPMV4_6Merger"): _NOT_YET,
+    ("minicpmv4_7", "MiniCPMV4_7VisionEmbeddings"): _NOT_YET,
+    ("minicpmv4_7", "MiniCPMV4_7ViTWindowAttentionMerger"): _NOT_YET,
+    ("minicpmv4_7", "MiniCPMV4_7Merger"): _NOT_YET,
+    ("minimax_m3_vl", "MiniMaxM3VLVisionEmbeddings"): _NOT_YET,
+    ("mistral3", "Mistral3PatchMerger"):
+        "part of the covered Mistral3MultiModalProjector: its merging_layer runs on mmfuse there",
+    ("mistral_large4", "MistralLarge4PatchMerger"):
+        "part of the covered MistralLarge4MultiModalProjector: its merging_layer runs on mmfuse there",
+    ("modernvbert", "ModernVBertConnector"): _NOT_YET,
+    ("molmo2", "Molmo2ImageProjectorMLP"): _NOT_YET,
+    ("molmo2", "Molmo2Adapter"): _NOT_YET,
+    ("muse_glimmer", "MuseGlimmerVisionPatchEmbedder"): _NOT_YET,
+    ("muse_glimmer", "MuseGlimmerVisionAdapter"): _NOT_YET,
+    ("muse_spark", "MuseSparkVisionPatchEmbedder"): _NOT_YET,
+    ("muse_spark", "MuseSparkAudioPatchEmbedding"): _AUDIO,
+    ("muse_spark", "MuseSparkVisionAdapter"): _NOT_YET,
+    ("nemotron_h_omni", "NemotronH_Omni_Reasoning_V3MultiModalProjector"): _NOT_YET,
+    ("ovis2", "Ovis2VisionEmbeddings"): _NOT_YET,
+    ("owlv2", "Owlv2VisionEmbeddings"): _NOT_YET,
+    ("owlvit", "OwlViTVisionEmbeddings"): _NOT_YET,
+    ("pe_video", "PeVideoEncoderPatchEmbedder"): _NOT_YET,
+    ("perception_lm", "PerceptionLMMultiModalProjector"): _NOT_YET,
+    ("pix2struct", "Pix2StructVisionEmbeddings"): _NOT_YET,
+    ("pp_formulanet", "PPFormulaNetMultiModalProjector"): _NOT_YET,
+    ("pp_formulanet", "PPFormulaNetPatchEmbeddings"): _NOT_YET,
+    ("qianfan_ocr", "QianfanOCRVisionEmbeddings"): "a container: its QianfanOCRVisionPatchEmbeddings is replaced",
+    ("sam3", "Sam3ViTPatchEmbeddings"): _NOT_YET,
+    ("step3p7", "Step3p7VisionEmbeddings"): _NOT_YET,
+    ("tipsv2", "Tipsv2VisionPatchEmbeddings"): _NOT_YET,
+    ("tipsv2", "Tipsv2VisionEmbeddings"): _NOT_YET,
+    ("ultravbert", "UltraVBertConnector"): _NOT_YET,
+    ("unlimited_ocr", "UnlimitedOcrSamPatchEmbeddings"): _NOT_YET,
+    ("unlimited_ocr", "UnlimitedOcrVisionEmbeddings"): _NOT_YET,
+    ("x_clip", "XCLIPCrossAttention"): _NOT_YET,
+}
+
+
+# ----------------------------------------------------------------------------------------------
+# What "projector-like" means (tests/test_registry.py enumerates with it)
+# ----------------------------------------------------------------------------------------------
+#: A vision-language model module: its configuration file has both a vision_config and a text_config.
+#: A projector-like class: defined at top level of its modeling file, with a name containing one of
+#: these words.
+PROJECTOR_WORDS = ("Projector", "Merger", "Connector", "Resampler", "PatchEmbed", "PatchEmbeddings",
+                   "PatchEmbedder", "VisionEmbeddings", "Adapter", "QFormer\\w*Attention", "CrossAttention")
+
+#: Covered classes tested through the sibling they copy: transformers' modular files generate them,
+#: and tests/test_registry.py checks that class body == the sibling's up to the class-name prefix.
+TESTED_BY_SIBLING = {
+    ("qwen2_5_omni", "Qwen2_5OmniPatchMerger"): ("qwen2_5_vl", "Qwen2_5_VLPatchMerger"),
+    ("qwen2_5_omni", "Qwen2_5_VisionPatchEmbed"): ("qwen2_5_vl", "Qwen2_5_VisionPatchEmbed"),
+    ("exaone4_5", "Exaone4_5_PatchMerger"): ("qwen2_5_vl", "Qwen2_5_VLPatchMerger"),
+    ("exaone4_5", "Exaone4_5_PatchEmbed"): ("qwen2_5_vl", "Qwen2_5_VisionPatchEmbed"),
+    ("qwen3_vl_moe", "Qwen3VLMoeVisionPatchMerger"): ("qwen3_vl", "Qwen3VLVisionPatchMerger"),
+    ("qwen3_5_moe", "Qwen3_5MoeVisionPatchMerger"): ("qwen3_vl", "Qwen3VLVisionPatchMerger"),
+    ("cohere_compass", "CohereCompassVisionPatchMerger"): ("qwen3_vl", "Qwen3VLVisionPatchMerger"),
+    ("qwen4_exp", "Qwen4ExpVisionPatchMerger"): ("qwen3_vl", "Qwen3VLVisionPatchMerger"),
+    ("qwen3_vl_moe", "Qwen3VLMoeVisionPatchEmbed"): ("qwen3_vl", "Qwen3VLVisionPatchEmbed"),
+    ("qwen3_5_moe", "Qwen3_5MoeVisionPatchEmbed"): ("qwen3_vl", "Qwen3VLVisionPatchEmbed"),
+    ("qwen3_omni_moe", "Qwen3OmniMoeVisionPatchEmbed"): ("qwen3_vl", "Qwen3VLVisionPatchEmbed"),
+    ("cohere_compass", "CohereCompassVisionPatchEmbed"): ("qwen3_vl", "Qwen3VLVisionPatchEmbed"),
+    ("qwen4_exp", "Qwen4ExpVisionPatchEmbed"): ("qwen3_vl", "Qwen3VLVisionPatchEmbed"),
+    ("glm4v_moe", "Glm4vMoeVisionPatchMerger"): ("glm4v", "Glm4vVisionPatchMerger"),
+    ("glm_ocr", "GlmOcrVisionPatchMerger"): ("glm4v", "Glm4vVisionPatchMerger"),
+    ("glm4v_moe", "Glm4vMoeVisionPatchEmbed"): ("glm4v", "Glm4vVisionPatchEmbed"),
+    ("glm_ocr", "GlmOcrVisionPatchEmbed"): ("glm4v", "Glm4vVisionPatchEmbed"),
+    ("glm5_next", "Glm5NextVisionPatchEmbed"): ("glm4v", "Glm4vVisionPatchEmbed"),
+    ("mistral_large4", "MistralLarge4MultiModalProjector"): ("mistral3", "Mistral3MultiModalProjector"),
+    ("qianfan_ocr", "QianfanOCRMultiModalProjector"): ("internvl", "InternVLMultiModalProjector"),
+    ("t5gemma2", "T5Gemma2MultiModalProjector"): ("gemma3", "Gemma3MultiModalProjector"),
+    # transformers copies of CLIP's / SigLIP's embeddings
+    ("chinese_clip", "ChineseCLIPVisionEmbeddings"): ("clip", "CLIPVisionEmbeddings"),
+    ("x_clip", "XCLIPVisionEmbeddings"): ("clip", "CLIPVisionEmbeddings"),
+    ("kosmos2", "Kosmos2VisionEmbeddings"): ("clip", "CLIPVisionEmbeddings"),
+    ("bridgetower", "BridgeTowerVisionEmbeddings"): ("clip", "CLIPVisionEmbeddings"),
+    ("granite_docling", "GraniteDoclingVisionEmbeddings"): ("siglip", "SiglipVisionEmbeddings"),
+    ("blip", "BlipVisionEmbeddings"): ("blip_2", "Blip2VisionEmbeddings"),
+    ("qianfan_ocr", "QianfanOCRVisionPatchEmbeddings"): ("internvl", "InternVLVisionPatchEmbeddings"),
+}
+#: Registry entries outside the enumeration's reach (the vision tower lives in a module with no
+#: text_config, or the class name carries none of the words).
+NOT_ENUMERATED = {("idefics2", "Idefics2PerceiverAttention"), ("idefics2", "Idefics2MLP")}
+
+
+def projector_like_classes() -> list[tuple[str, str]]:
+    """(module, class) of every projector-like class of every vision-language model module of the
+    installed transformers, read from the source files (nothing imported)."""
+    import pathlib
+    import re
+
+    import transformers
+
+    pattern = re.compile(r"^class (\w*(?:" + "|".join(PROJECTOR_WORDS) + r")\w*)\(", re.M)
+    found = []
+    for d in sorted((pathlib.Path(transformers.__file__).parent / "models").iterdir()):
+        config_src = "".join(p.read_text() for p in d.glob("configuration_*.py"))
+        if "vision_config" not in config_src or "text_config" not in config_src:
+            continue
+        for path in sorted(d.glob("modeling_*.py")):
+            found += [(d.name, c) for c in pattern.findall(path.read_text())]
+    return found
+
+
+# ----------------------------------------------------------------------------------------------
+# What users see: `mmfuse models` and the README's supported-models table
+# ----------------------------------------------------------------------------------------------
+MODELS_START = "<!-- models:start -->"
+MODELS_END = "<!-- models:end -->"
+
+
+def counts() -> dict[str, int]:
+    """Accelerated classes of the installed transformers, by kind (projector-like = projector,
+    merger, connector, resampler attention; patch embeddings)."""
+    out = {PROJECTOR: 0, PATCH_EMBED: 0, CROSS_ATTENTION: 0}
+    for fam in FAMILIES:
+        out[RECIPES[fam.recipe].kind] += len(fam.classes)
+    return out
+
+
+def models_table() -> str:
+    """The supported-models table as markdown: family, class, recipe, fused, PyTorch glue, notes;
+    then the counts and the declined classes' number (``mmfuse models --declined`` lists them)."""
+    lines = ["| family | module class | recipe | fused (mmfuse kernels) | stays PyTorch | notes |",
+             "|---|---|---|---|---|---|"]
+    for fam in FAMILIES:
+        r = RECIPES[fam.recipe]
+        cls = ", ".join(f"`{c}`" for c in fam.classes) or "`nn.Sequential(Linear, act, Linear, ...)`"
+        lines.append(f"| {fam.name} | {cls} | {r.name} | {r.fused} | {r.pytorch} | {fam.notes} |")
+    c = counts()
+    lines += ["", f"Accelerated classes of the installed transformers: **{c[PROJECTOR] + c[CROSS_ATTENTION]} "
+              f"projectors / mergers / connectors** ({c[CROSS_ATTENTION]} of them resampler cross-attention) "
+              f"and **{c[PATCH_EMBED]} vision patch embeddings**. {len(DECLINED)} more projector-like classes "
+              "are recognised and left alone, each with its reason (`mmfuse models --declined`)."]
+    return "\n".join(lines)
+
+
+def declined_table() -> str:
+    lines = ["| module | class | why it is left alone |", "|---|---|---|"]
+    lines += [f"| {mod} | `{cls}` | {why} |" for (mod, cls), why in sorted(DECLINED.items())]
+    return "\n".join(lines)
+
+
+def readme_block() -> str:
+    return f"{MODELS_START}\n{models_table()}\n{MODELS_END}"
+
+
+def rewrite_readme(path: str) -> None:
+    """Regenerate the supported-models block of a README in place (``mmfuse models --readme PATH``)."""
+    with open(path) as f:
+        text = f.read()
+    start, end = text.index(MODELS_START), text.index(MODELS_END) + len(MODELS_END)
+    with open(path, "w") as f:
+        f.write(text[:start] + readme_block() + text[end:])

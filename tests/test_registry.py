@@ -1,0 +1,565 @@
+"""The model registry against the installed transformers.
+
+* Enumeration: every projector-like class of a vision-language model module is covered by a family
+  or declined with a reason; no stale entries. A new class in a future transformers fails here.
+* Per family: the real class built from a tiny config (no download), inside a parent module,
+  ``mmfuse.patch``-ed: swapped, Triton kernels ran in its forward, and output, input gradient and
+  parameter gradients match the original in fp64 under the error rule (fp32 run vs fp64 reference,
+  with PyTorch's own fp32 error as the yardstick).
+"""
+
+import copy
+
+import pytest
+import torch
+import torch.nn as nn
+
+import mmfuse
+from mmfuse import registry
+from mmfuse.testing import assert_close
+
+transformers = pytest.importorskip("transformers")
+M = transformers.models
+
+
+def test_every_projector_like_class_is_covered_or_declined():
+    found = registry.projector_like_classes()
+    covered = {(f.module, c) for f in registry.FAMILIES for c in f.classes}
+    unknown = sorted(set(found) - covered - set(registry.DECLINED))
+    assert not unknown, f"classes neither covered nor declined (decide, then list them): {unknown}"
+    stale = sorted((covered | set(registry.DECLINED)) - set(found) - registry.NOT_ENUMERATED)
+    assert not stale, f"registry entries for classes the installed transformers lacks: {stale}"
+    assert all(registry.DECLINED[k] for k in registry.DECLINED), "every declined class needs a reason"
+    assert not covered & set(registry.DECLINED)
+
+
+def test_every_family_names_a_known_recipe_and_real_class():
+    import importlib
+
+    for fam in registry.FAMILIES:
+        assert fam.recipe in registry.RECIPES, fam
+        for cls in fam.classes:
+            mod = importlib.import_module(f"transformers.models.{fam.module}.modeling_{fam.module}")
+            assert isinstance(getattr(mod, cls), type), (fam.name, cls)
+
+
+# ----------------------------------------------------------------------------------------------
+# Tiny real modules, one per covered class
+# ----------------------------------------------------------------------------------------------
+V, T = 16, 24  # vision and text hidden sizes (no multiple of the interpreter's 32-wide tiles)
+
+
+def _clip_vision(**kw):
+    return M.clip.CLIPVisionConfig(hidden_size=V, intermediate_size=32, num_hidden_layers=1,
+                                   num_attention_heads=2, image_size=28, patch_size=14, **kw)
+
+
+def _llama_text():
+    return M.llama.LlamaConfig(hidden_size=T, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
+                               num_key_value_heads=2, vocab_size=64)
+
+
+def _tokens(n, d, batch=None):
+    shape = (n, d) if batch is None else (batch, n, d)
+    return [torch.randn(*shape)]
+
+
+def _llava_like(cfg_cls, proj_cls, **kw):
+    def make():
+        cfg = cfg_cls(vision_config=_clip_vision(), text_config=_llama_text(), **kw)
+        return proj_cls(cfg), _tokens(7, V, batch=2)
+    return make
+
+
+def _qwen_tower(mod, tower, vision_config, **kw):
+    """The merger / patch embed of a 1-layer vision tower built from a tiny vision config."""
+    def make(part):
+        cfg = getattr(getattr(M, mod), vision_config)(**kw)
+        return getattr(_mod(mod, tower)._from_config(cfg), part), cfg
+    return make
+
+
+def _merger(build, dim):
+    def make():
+        module, cfg = build("merger")
+        return module, [torch.randn(4 * 3, dim)]
+    return make
+
+
+def _patch_embed(build):
+    def make():
+        module, cfg = build("patch_embed")
+        k = cfg.in_channels * cfg.temporal_patch_size * cfg.patch_size ** 2
+        return module, [torch.randn(5, k)]
+    return make
+
+
+_QW2 = dict(depth=1, embed_dim=V, hidden_size=T, num_heads=2, mlp_ratio=2, patch_size=2, temporal_patch_size=2,
+            in_channels=3, spatial_merge_size=2)
+_QW25 = dict(depth=1, hidden_size=V, intermediate_size=32, num_heads=2, out_hidden_size=T, patch_size=2,
+             temporal_patch_size=2, in_channels=3, spatial_merge_size=2, fullatt_block_indexes=[0])
+_QW3 = dict(depth=1, hidden_size=V, intermediate_size=32, num_heads=2, out_hidden_size=T, patch_size=2,
+            temporal_patch_size=2, in_channels=3, spatial_merge_size=2, num_position_embeddings=16,
+            deepstack_visual_indexes=[])
+_GLM = dict(depth=1, hidden_size=V, intermediate_size=32, num_heads=2, out_hidden_size=T, patch_size=2,
+            temporal_patch_size=2, in_channels=3, spatial_merge_size=2, image_size=8)
+
+
+def _gemma3():
+    vcfg = M.siglip.SiglipVisionConfig(hidden_size=V, intermediate_size=32, num_hidden_layers=1,
+                                       num_attention_heads=2, image_size=16, patch_size=4)
+    tcfg = M.gemma3.Gemma3TextConfig(hidden_size=T, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
+                                     num_key_value_heads=1, head_dim=8, vocab_size=64)
+    cfg = M.gemma3.Gemma3Config(vision_config=vcfg, text_config=tcfg, mm_tokens_per_image=4)
+    proj = M.gemma3.modeling_gemma3.Gemma3MultiModalProjector(cfg)
+    with torch.no_grad():
+        proj.mm_input_projection_weight.normal_()
+    return proj, [torch.randn(2, 16, V)]
+
+
+def _pixel_shuffle(cfg_mod, cfg_cls, proj_cls, vcfg_cls, **kw):
+    def make():
+        vcfg = vcfg_cls(hidden_size=V, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2)
+        cfg = cfg_cls(vision_config=vcfg, text_config=_llama_text(), **kw)
+        return proj_cls(cfg), [torch.randn(2, 16, V)]
+    return make
+
+
+def _mistral3(mod, cfg_cls, proj_name):
+    def make():
+        vcfg = M.pixtral.PixtralVisionConfig(hidden_size=V, intermediate_size=32, num_hidden_layers=1,
+                                             num_attention_heads=2, patch_size=2, image_size=8, head_dim=8)
+        tcfg = M.mistral.MistralConfig(hidden_size=T, intermediate_size=32, num_hidden_layers=1,
+                                       num_attention_heads=2, num_key_value_heads=2, vocab_size=64)
+        cfg = cfg_cls(vision_config=vcfg, text_config=tcfg, spatial_merge_size=2)
+        proj = _mod(mod, proj_name)(cfg)
+        sizes = torch.tensor([[8, 8], [4, 8]])  # 16 + 8 patches
+        return proj, [torch.randn(24, V), sizes]
+    return make
+
+
+def _connector(mod, cfg_cls, proj, vcfg_cls, **kw):
+    """Pixel-shuffle connectors (Idefics3, SmolVLM, Aya Vision): 16 tokens = a 4x4 grid."""
+    def make():
+        vcfg = vcfg_cls(hidden_size=V, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2)
+        cfg = cfg_cls(vision_config=vcfg, text_config=_llama_text(), **kw)
+        return _mod(mod, proj)(cfg), [torch.randn(2, 16, V)]
+    return make
+
+
+def _llama4():
+    cfg = M.llama4.Llama4Config(vision_config=dict(hidden_size=V, vision_output_dim=V, num_hidden_layers=1,
+                                                   num_attention_heads=2, intermediate_size=32),
+                                text_config=dict(hidden_size=T, num_hidden_layers=1, vocab_size=64))
+    return _mod("llama4", "Llama4MultiModalProjector")(cfg), _tokens(7, V, batch=2)
+
+
+def _lfm2():
+    vcfg = M.siglip2.Siglip2VisionConfig(hidden_size=V, intermediate_size=32, num_hidden_layers=1,
+                                         num_attention_heads=2)
+    tcfg = M.lfm2.Lfm2Config(hidden_size=T, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
+                             num_key_value_heads=2, vocab_size=64)
+    cfg = M.lfm2_vl.Lfm2VlConfig(vision_config=vcfg, text_config=tcfg, downsample_factor=2, projector_hidden_size=20)
+    return M.lfm2_vl.modeling_lfm2_vl.Lfm2VlMultiModalProjector(cfg), [torch.randn(2, 4, 6, V)]
+
+
+def _paddle():
+    cfg = M.paddleocr_vl.PaddleOCRVLConfig(vision_config=dict(hidden_size=V, intermediate_size=32, num_hidden_layers=1,
+                                                              num_attention_heads=2, spatial_merge_size=2),
+                                           text_config=dict(hidden_size=T, intermediate_size=32, num_hidden_layers=1,
+                                                            num_attention_heads=2, num_key_value_heads=2,
+                                                            vocab_size=64))
+    grid = torch.tensor([[1, 4, 4], [1, 2, 4]])
+    return M.paddleocr_vl.modeling_paddleocr_vl.PaddleOCRProjector(cfg), [torch.randn(24, V), grid]
+
+
+def _clip_embeddings(mod, cls, cfg_cls):
+    def make():
+        cfg = getattr(getattr(M, mod), cfg_cls)(hidden_size=V, intermediate_size=32, num_hidden_layers=1,
+                                                num_attention_heads=2, image_size=28, patch_size=14)
+        return getattr(getattr(getattr(M, mod), f"modeling_{mod}"), cls)(cfg), [torch.randn(2, 3, 28, 28)]
+    return make
+
+
+def _vision_embeddings(mod, cls, cfg_cls, extra_inputs=(), **kw):
+    """A patch embedding built from a tiny vision config of its own: 8x8 images of 4x4 patches."""
+    def make():
+        cfg = getattr(getattr(M, mod), cfg_cls)(hidden_size=V, intermediate_size=32, num_hidden_layers=1,
+                                                num_attention_heads=2, image_size=8, patch_size=4, **kw)
+        return _mod(mod, cls)(cfg), [torch.randn(2, 3, 8, 8), *extra_inputs]
+    return make
+
+
+def _siglip2_embeddings():
+    cfg = M.siglip2.Siglip2VisionConfig(hidden_size=V, intermediate_size=32, num_hidden_layers=1,
+                                        num_attention_heads=2, patch_size=2, num_patches=16)
+    shapes = torch.tensor([[4, 4], [2, 6]])
+    pixels = torch.randn(2, 16, 3 * 2 * 2)  # NaFlex: patches cut by the processor, padded to 16
+    return _mod("siglip2", "Siglip2VisionEmbeddings")(cfg), [pixels, shapes]
+
+
+_PATCH_MASK = torch.ones(2, 2, 2, dtype=torch.bool)
+
+
+def _idefics2_attention():
+    cfg = M.idefics2.Idefics2Config(perceiver_config=dict(hidden_size=V, resampler_n_latents=3, resampler_depth=1,
+                                                          resampler_n_heads=2, resampler_head_dim=8,
+                                                          num_key_value_heads=1),
+                                    text_config=dict(hidden_size=V, num_hidden_layers=1, vocab_size=64,
+                                                     num_attention_heads=2, num_key_value_heads=2))
+    attn = M.idefics2.modeling_idefics2.Idefics2PerceiverAttention(cfg.perceiver_config)
+    return attn, [torch.randn(2, 3, V), torch.randn(2, 5, V)]
+
+
+def _mod(mod, cls):
+    return getattr(getattr(getattr(M, mod), f"modeling_{mod}"), cls)
+
+
+_QWEN2_TOWER = _qwen_tower("qwen2_vl", "Qwen2VisionTransformerPretrainedModel", "Qwen2VLVisionConfig", **_QW2)
+_QWEN25_TOWER = _qwen_tower("qwen2_5_vl", "Qwen2_5_VisionTransformerPretrainedModel", "Qwen2_5_VLVisionConfig",
+                            **_QW25)
+_QWEN3_TOWER = _qwen_tower("qwen3_vl", "Qwen3VLVisionModel", "Qwen3VLVisionConfig", **_QW3)
+_QWEN35_TOWER = _qwen_tower("qwen3_5", "Qwen3_5VisionModel", "Qwen3_5VisionConfig", **_QW3)
+_GLM_TOWER = _qwen_tower("glm4v", "Glm4vVisionModel", "Glm4vVisionConfig", **_GLM)
+
+BUILDERS = {
+    ("llava", "LlavaMultiModalProjector"): _llava_like(M.llava.LlavaConfig, _mod("llava", "LlavaMultiModalProjector")),
+    ("llava_next", "LlavaNextMultiModalProjector"): _llava_like(
+        M.llava_next.LlavaNextConfig, _mod("llava_next", "LlavaNextMultiModalProjector")),
+    ("llava_next_video", "LlavaNextVideoMultiModalProjector"): _llava_like(
+        M.llava_next_video.LlavaNextVideoConfig, _mod("llava_next_video", "LlavaNextVideoMultiModalProjector")),
+    ("llava_onevision", "LlavaOnevisionMultiModalProjector"): _llava_like(
+        M.llava_onevision.LlavaOnevisionConfig, _mod("llava_onevision", "LlavaOnevisionMultiModalProjector")),
+    ("video_llava", "VideoLlavaMultiModalProjector"): _llava_like(
+        M.video_llava.VideoLlavaConfig, _mod("video_llava", "VideoLlavaMultiModalProjector")),
+    ("fast_vlm", "FastVlmMultiModalProjector"): _llava_like(
+        M.fast_vlm.FastVlmConfig, _mod("fast_vlm", "FastVlmMultiModalProjector"), projector_hidden_act="gelu"),
+    ("vipllava", "VipLlavaMultiModalProjector"): _llava_like(
+        M.vipllava.VipLlavaConfig, _mod("vipllava", "VipLlavaMultiModalProjector"), vision_feature_layers=-1),
+    ("paligemma", "PaliGemmaMultiModalProjector"): lambda: (
+        _mod("paligemma", "PaliGemmaMultiModalProjector")(M.paligemma.PaliGemmaConfig(
+            vision_config=M.siglip.SiglipVisionConfig(hidden_size=V, projection_dim=T),
+            text_config=M.gemma.GemmaConfig(hidden_size=T, num_hidden_layers=1, vocab_size=64))),
+        _tokens(7, V, batch=2)),
+    ("gemma3", "Gemma3MultiModalProjector"): _gemma3,
+    ("qwen2_vl", "PatchMerger"): _merger(_QWEN2_TOWER, V),
+    ("qwen2_vl", "PatchEmbed"): _patch_embed(_QWEN2_TOWER),
+    ("qwen2_5_vl", "Qwen2_5_VLPatchMerger"): _merger(_QWEN25_TOWER, V),
+    ("qwen2_5_vl", "Qwen2_5_VisionPatchEmbed"): _patch_embed(_QWEN25_TOWER),
+    ("qwen3_vl", "Qwen3VLVisionPatchMerger"): _merger(_QWEN3_TOWER, V),
+    ("qwen3_vl", "Qwen3VLVisionPatchEmbed"): _patch_embed(_QWEN3_TOWER),
+    ("qwen3_5", "Qwen3_5VisionPatchMerger"): _merger(_QWEN35_TOWER, V),
+    ("qwen3_5", "Qwen3_5VisionPatchEmbed"): _patch_embed(_QWEN35_TOWER),
+    ("glm4v", "Glm4vVisionPatchMerger"): _merger(_GLM_TOWER, T),
+    ("glm4v", "Glm4vVisionPatchEmbed"): _patch_embed(_GLM_TOWER),
+    ("mistral3", "Mistral3MultiModalProjector"): _mistral3("mistral3", M.mistral3.Mistral3Config,
+                                                           "Mistral3MultiModalProjector"),
+    ("lfm2_vl", "Lfm2VlMultiModalProjector"): _lfm2,
+    ("lighton_ocr", "LightOnOcrMultiModalProjector"): _mistral3("lighton_ocr", M.lighton_ocr.LightOnOcrConfig,
+                                                                "LightOnOcrMultiModalProjector"),
+    ("idefics3", "Idefics3Connector"): _connector("idefics3", M.idefics3.Idefics3Config, "Idefics3Connector",
+                                                  M.idefics3.Idefics3VisionConfig, scale_factor=2),
+    ("smolvlm", "SmolVLMConnector"): _connector("smolvlm", M.smolvlm.SmolVLMConfig, "SmolVLMConnector",
+                                                M.smolvlm.SmolVLMVisionConfig, scale_factor=2),
+    ("aya_vision", "AyaVisionMultiModalProjector"): _connector(
+        "aya_vision", M.aya_vision.AyaVisionConfig, "AyaVisionMultiModalProjector", M.siglip.SiglipVisionConfig,
+        downsample_factor=2, alignment_intermediate_size=20),
+    ("llama4", "Llama4MultiModalProjector"): _llama4,
+    ("idefics2", "Idefics2VisionEmbeddings"): _vision_embeddings(
+        "idefics2", "Idefics2VisionEmbeddings", "Idefics2VisionConfig", [_PATCH_MASK]),
+    ("idefics3", "Idefics3VisionEmbeddings"): _vision_embeddings(
+        "idefics3", "Idefics3VisionEmbeddings", "Idefics3VisionConfig", [_PATCH_MASK]),
+    ("smolvlm", "SmolVLMVisionEmbeddings"): _vision_embeddings(
+        "smolvlm", "SmolVLMVisionEmbeddings", "SmolVLMVisionConfig", [_PATCH_MASK]),
+    ("internvl", "InternVLVisionPatchEmbeddings"): _vision_embeddings(
+        "internvl", "InternVLVisionPatchEmbeddings", "InternVLVisionConfig"),
+    ("blip_2", "Blip2VisionEmbeddings"): _vision_embeddings("blip_2", "Blip2VisionEmbeddings", "Blip2VisionConfig"),
+    ("instructblip", "InstructBlipVisionEmbeddings"): _vision_embeddings(
+        "instructblip", "InstructBlipVisionEmbeddings", "InstructBlipVisionConfig"),
+    ("instructblipvideo", "InstructBlipVideoVisionEmbeddings"): _vision_embeddings(
+        "instructblipvideo", "InstructBlipVideoVisionEmbeddings", "InstructBlipVideoVisionConfig"),
+    ("siglip2", "Siglip2VisionEmbeddings"): _siglip2_embeddings,
+    ("cohere2_vision", "Cohere2VisionMultiModalProjector"): lambda: (
+        _mod("cohere2_vision", "Cohere2VisionMultiModalProjector")(M.cohere2_vision.Cohere2VisionConfig(
+            vision_config=dict(model_type="siglip_vision_model", hidden_size=V, intermediate_size=32,
+                               num_hidden_layers=1, num_attention_heads=2),
+            text_config=dict(model_type="cohere2", hidden_size=T, num_hidden_layers=1, num_attention_heads=2,
+                             num_key_value_heads=2, vocab_size=64),
+            downsample_factor=2, alignment_intermediate_size=20)), [torch.randn(2, 16, V)]),
+    ("lfm3_vl", "Lfm3VlMultiModalProjector"): lambda: (
+        _mod("lfm3_vl", "Lfm3VlMultiModalProjector")(M.lfm3_vl.Lfm3VlConfig(
+            vision_config=dict(hidden_size=V, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
+                               spatial_merge_size=2),
+            text_config=dict(hidden_size=T, num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=2,
+                             vocab_size=64), projector_hidden_size=20)), [torch.randn(12, V)]),
+    ("minimax_m3_vl", "MiniMaxM3VLMultiModalProjector"): lambda: (
+        _mod("minimax_m3_vl", "MiniMaxM3VLMultiModalProjector")(M.minimax_m3_vl.MiniMaxM3VLConfig(
+            vision_config=dict(hidden_size=V, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
+                               spatial_merge_size=2),
+            text_config=dict(hidden_size=T, num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=2,
+                             vocab_size=64), projector_hidden_size=20)), [torch.randn(12, V)]),
+    ("idefics2", "Idefics2MLP"): lambda: (_mod("idefics2", "Idefics2MLP")(hidden_size=V, intermediate_size=20,
+                                                                         output_size=T, hidden_act="silu"),
+                                         _tokens(7, V, batch=2)),
+    ("qwen3_omni_moe", "Qwen3OmniMoeVisionPatchMerger"): lambda: (
+        _mod("qwen3_omni_moe", "Qwen3OmniMoeVisionPatchMerger")(
+            M.qwen3_omni_moe.Qwen3OmniMoeVisionEncoderConfig(**_QW3)), [torch.randn(12, V)]),
+    ("internvl", "InternVLMultiModalProjector"): lambda: (
+        _mod("internvl", "InternVLMultiModalProjector")(M.internvl.InternVLConfig(
+            vision_config=dict(hidden_size=V, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2),
+            text_config=_llama_text().to_dict(), downsample_ratio=0.5)), [torch.randn(2, 5, 4 * V)]),
+    ("video_llama_3", "VideoLlama3Projector"): lambda: (_mod("video_llama_3", "VideoLlama3Projector")(
+        M.video_llama_3.VideoLlama3Config(vision_config=dict(hidden_size=V, intermediate_size=32, num_hidden_layers=1,
+                                                             num_attention_heads=2),
+                                            text_config=_llama_text().to_dict())),
+        _tokens(7, V)),
+    ("paddleocr_vl", "PaddleOCRProjector"): _paddle,
+    ("clip", "CLIPVisionEmbeddings"): _clip_embeddings("clip", "CLIPVisionEmbeddings", "CLIPVisionConfig"),
+    ("altclip", "AltCLIPVisionEmbeddings"): _clip_embeddings("altclip", "AltCLIPVisionEmbeddings",
+                                                             "AltCLIPVisionConfig"),
+    ("metaclip_2", "MetaClip2VisionEmbeddings"): _clip_embeddings("metaclip_2", "MetaClip2VisionEmbeddings",
+                                                                  "MetaClip2VisionConfig"),
+    ("siglip", "SiglipVisionEmbeddings"): _clip_embeddings("siglip", "SiglipVisionEmbeddings", "SiglipVisionConfig"),
+    ("idefics2", "Idefics2PerceiverAttention"): _idefics2_attention,
+}
+
+
+class _Parent(nn.Module):
+    def __init__(self, target):
+        super().__init__()
+        self.target = target
+
+    def forward(self, *args):
+        out = self.target(*args)
+        return out[0] if isinstance(out, tuple) else out
+
+
+def _run(model, inputs):
+    inputs = [t.clone().requires_grad_() if t.is_floating_point() else t for t in inputs]
+    model.zero_grad(set_to_none=True)
+    out = model(*inputs)
+    out.backward(torch.cos(torch.arange(out.numel(), dtype=out.dtype)).reshape(out.shape))
+    grads = {f"input {i}": t.grad for i, t in enumerate(inputs) if t.is_floating_point()}
+    grads.update({n: p.grad for n, p in model.named_parameters() if p.grad is not None})
+    return out.detach(), grads
+
+
+def check_family(key, launches):
+    torch.manual_seed(0)
+    module, inputs = BUILDERS[key]()
+    model = _Parent(module).float().train()
+    ref32 = _run(model, inputs)
+    ref64 = _run(copy.deepcopy(model).double(), [t.double() if t.is_floating_point() else t for t in inputs])
+    before = [(n, type(m)) for n, m in module.named_modules()]
+    report = mmfuse.patch(model)
+    assert [name for name, _, _ in report.swapped] == ["target"], str(report)
+    assert model.target is not module
+    assert [(n, type(m)) for n, m in module.named_modules()] == before  # the original is untouched
+    assert model.state_dict().keys() == _Parent(module).state_dict().keys()
+    launches.clear()
+    out, grads = _run(model, inputs)
+    assert launches, f"{key}: no Triton kernel ran in the patched forward"
+    assert_close("out", out, ref64[0], ref32[0])
+    assert grads.keys() == ref32[1].keys()
+    for name in grads:
+        assert_close(f"grad {name}", grads[name], ref64[1][name], ref32[1][name])
+    assert mmfuse.unpatch(model) == ["target"] and model.target is module
+    return model
+
+
+@pytest.mark.parametrize("key", sorted(BUILDERS), ids=lambda k: f"{k[0]}.{k[1]}")
+def test_family_patched_matches_original(key, launches):
+    check_family(key, launches)
+
+
+def _class_body(mod, cls):
+    """The class's source without its name line, docstrings and comments, its own name prefix and
+    config type hints normalised: equal bodies compute the same thing."""
+    import importlib
+    import inspect
+    import re
+
+    body = inspect.getsource(getattr(importlib.import_module(f"transformers.models.{mod}.modeling_{mod}"), cls))
+    body = re.sub(r'"""[\s\S]*?"""', "", body.split("\n", 1)[1])
+    stem = re.sub(r"(VisionEmbeddings|MultiModalProjector|VisionPatchMerger|PatchMerger|VisionPatchEmbed|PatchEmbed)$",
+                  "", cls)
+    body = re.sub(r":\s*\w+Config\b", ": Config", body.replace(stem, "X"))
+    return "\n".join(line.rstrip() for line in re.sub(r"#.*", "", body).splitlines() if line.strip())
+
+
+def test_every_covered_class_has_a_builder_or_a_checked_sibling():
+    """Classes without a builder here are transformers copies of a tested class: same body, and the
+    registry gives them the same recipe and options."""
+    by_class = {(f.module, c): f for f in registry.FAMILIES for c in f.classes}
+    untested = set(by_class) - set(BUILDERS)
+    assert untested <= set(registry.TESTED_BY_SIBLING), sorted(untested - set(registry.TESTED_BY_SIBLING))
+    for key, sibling in registry.TESTED_BY_SIBLING.items():
+        assert sibling in BUILDERS, (key, sibling)
+        assert _class_body(*key) == _class_body(*sibling), f"{key} is no longer a copy of {sibling}"
+        assert (by_class[key].recipe, by_class[key].options) == (by_class[sibling].recipe, by_class[sibling].options)
+
+
+@pytest.mark.parametrize("key", sorted(BUILDERS), ids=lambda k: f"{k[0]}.{k[1]}")
+def test_family_patches_on_meta_and_loads_after(key):
+    """Patch before the weights exist (meta), then to_empty + load_state_dict: equals the original.
+    (tests/test_compile_autocast_distributed.py runs the same flow under FSDP2 with two processes.)"""
+    torch.manual_seed(0)
+    real, inputs = BUILDERS[key]()
+    with torch.device("meta"):
+        torch.manual_seed(0)
+        module, _ = BUILDERS[key]()
+    model = _Parent(module)
+    report = mmfuse.patch(model)
+    assert [name for name, _, _ in report.swapped] == ["target"], str(report)
+    model.to_empty(device="cpu")
+    model.target.load_state_dict(real.state_dict())
+    with torch.no_grad():  # non-persistent buffers are re-created, as transformers' _init_weights does
+        for name, buf in real.named_buffers():
+            model.target.get_buffer(name).copy_(buf)
+    torch.testing.assert_close(model(*inputs), _Parent(real)(*inputs), rtol=1e-5, atol=1e-5)
+
+
+def test_readme_supported_models_block_is_generated():
+    import pathlib
+
+    readme = (pathlib.Path(__file__).parents[1] / "README.md").read_text()
+    start, end = readme.index(registry.MODELS_START), readme.index(registry.MODELS_END) + len(registry.MODELS_END)
+    assert readme[start:end] == registry.readme_block(), \
+        "README's supported-models table is stale: run `mmfuse models --readme README.md`"
+
+
+def test_models_cli_prints_the_table(capsys):
+    from mmfuse import cli
+
+    assert cli.main(["models"]) == 0
+    assert "Qwen2.5-VL" in capsys.readouterr().out
+    assert cli.main(["models", "--declined"]) == 0
+    assert "Blip2QFormerMultiHeadAttention" in capsys.readouterr().out
+
+
+def test_patch_report_names_declined_modules():
+    cfg = M.blip_2.Blip2QFormerConfig(hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+                                      intermediate_size=32, encoder_hidden_size=16)
+    model = _Parent(M.blip_2.modeling_blip_2.Blip2QFormerModel(cfg))
+    report = mmfuse.patch(model)
+    assert any(cls == "Blip2QFormerMultiHeadAttention" and "Q-Former" in why for _, cls, why in report.left_alone)
+    assert "left alone" in str(report)
+
+
+# ----------------------------------------------------------------------------------------------
+# Whole tiny models, one per recipe not already run end to end in tests/test_hf_integration.py
+# (there: LLaVA = fused-chain MLP + CLIP embeddings, Qwen2-VL tower = merge+mlp + pre-cut patch
+# embed, InternVL = norm+mlp): logits / tower outputs and one training step
+# ----------------------------------------------------------------------------------------------
+class _TowerCall(nn.Module):
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, pixels, grid):
+        return self.model(pixels, grid_thw=grid)
+
+
+def _tower(mod, tower, vision_config, **kw):
+    def make():
+        torch.manual_seed(0)
+        cfg = getattr(getattr(M, mod), vision_config)(**kw)
+        return _TowerCall(_mod(mod, tower)._from_config(cfg))
+    return make
+
+
+def _tower_inputs():
+    grid = torch.tensor([[1, 4, 6]])  # 24 patches of 3x2x2x2, merged 2x2 into 6 tokens
+    return [torch.randn(24, 3 * 2 * 2 * 2), grid]
+
+
+def _pooled(out):
+    return out.pooler_output
+
+
+class _VLMCall(nn.Module):
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, ids, pixels):
+        image = (ids == self.model.config.image_token_id).long()
+        return self.model(input_ids=ids, pixel_values=pixels, token_type_ids=image)
+
+
+def _gemma3_model():
+    torch.manual_seed(0)
+    vcfg = M.siglip.SiglipVisionConfig(hidden_size=V, intermediate_size=32, num_hidden_layers=1,
+                                       num_attention_heads=2, image_size=16, patch_size=4)
+    tcfg = M.gemma3.Gemma3TextConfig(hidden_size=T, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
+                                     num_key_value_heads=1, head_dim=8, vocab_size=64)
+    cfg = M.gemma3.Gemma3Config(vision_config=vcfg, text_config=tcfg, mm_tokens_per_image=4, image_token_id=60)
+    model = M.gemma3.Gemma3ForConditionalGeneration(cfg)
+    with torch.no_grad():
+        model.model.multi_modal_projector.mm_input_projection_weight.normal_()
+    return _VLMCall(model)
+
+
+def _paligemma_model():
+    torch.manual_seed(0)
+    vcfg = M.siglip.SiglipVisionConfig(hidden_size=V, intermediate_size=32, num_hidden_layers=1,
+                                       num_attention_heads=2, image_size=16, patch_size=8, projection_dim=T)
+    tcfg = M.gemma.GemmaConfig(hidden_size=T, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
+                               num_key_value_heads=1, head_dim=8, vocab_size=64)
+    cfg = M.paligemma.PaliGemmaConfig(vision_config=vcfg, text_config=tcfg, image_token_id=60, projection_dim=T)
+    return _VLMCall(M.paligemma.PaliGemmaForConditionalGeneration(cfg))
+
+
+E2E = {
+    "qwen2.5-vl tower (merge+mlp, RMSNorm; Conv3d patch embed)": (
+        _tower("qwen2_5_vl", "Qwen2_5_VisionTransformerPretrainedModel", "Qwen2_5_VLVisionConfig", **_QW25),
+        _tower_inputs, _pooled),
+    "glm-4v tower (gated mlp; Conv3d patch embed)": (
+        _tower("glm4v", "Glm4vVisionModel", "Glm4vVisionConfig", **_GLM), _tower_inputs, _pooled),
+    "gemma 3 (pool+norm+matmul; SigLIP embeddings)": (
+        _gemma3_model, lambda: [torch.tensor([[1, 60, 60, 60, 60, 5, 6]]), torch.randn(1, 3, 16, 16)],
+        lambda o: o.logits),
+    "paligemma (linear; SigLIP embeddings)": (
+        _paligemma_model, lambda: [torch.tensor([[60, 60, 60, 60, 5, 6]]), torch.randn(1, 3, 16, 16)],
+        lambda o: o.logits),
+}
+
+
+@pytest.mark.parametrize("name", sorted(E2E))
+def test_whole_model_patched_matches_and_trains(name):
+    import importlib.util
+    import pathlib
+
+    path = pathlib.Path(__file__).with_name("test_hf_integration.py")
+    spec = importlib.util.spec_from_file_location("_hf_checks", path)
+    hf = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(hf)
+    check_patch_equivalence, check_training_step = hf.check_patch_equivalence, hf.check_training_step
+    make, inputs, select = E2E[name]
+    inputs = inputs()
+    model, report = check_patch_equivalence(make(), inputs, select, [])
+    assert len(report.swapped) >= 2, str(report)
+    check_training_step(make, inputs, select)
+
+
+def test_vision_tower_opt_in_is_not_silently_ignored():
+    with pytest.raises(NotImplementedError, match="vision_tower"):
+        mmfuse.patch(nn.Sequential(nn.Linear(2, 2)), vision_tower=True)
+
+
+def _embeddings_source(mod, cls):
+    import importlib
+    import inspect
+
+    c = getattr(importlib.import_module(f"transformers.models.{mod}.modeling_{mod}"), cls)
+    return (inspect.getsource(c.__init__) + inspect.getsource(c.forward)).replace(cls[:-len("VisionEmbeddings")], "X")
+
+
+def test_vision_embeddings_families_are_source_copies_of_clip_or_siglip():
+    """The fused drop-in is faithful to a copy only if the copy computes what CLIP / SigLIP do."""
+    ref = {"clip": _embeddings_source("clip", "CLIPVisionEmbeddings"),
+           "siglip": _embeddings_source("siglip", "SiglipVisionEmbeddings")}
+    for fam in registry.FAMILIES:
+        if fam.recipe == "vision embeddings":
+            for cls in fam.classes:
+                assert _embeddings_source(fam.module, cls) == ref[fam.opt("layout")], (fam.name, cls)
