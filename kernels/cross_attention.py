@@ -339,15 +339,15 @@ MAX_SPLITS = 64
 
 def gpu_blocks(Lq: int, D: int, backward: bool = False, elem_bytes: int = 2) -> dict:
     """Tiles on a GPU, chosen so that no config spills on sm_80 or sm_90 (the compile test checks).
-    Forward: 64 queries (32 when there are fewer) x 64 keys (32 past D = 128), 4 warps at D <= 64,
-    else 8. Backward: 32 queries x 64 keys (16 past D = 128), 8 warps: the dK/dV program keeps two
+    Forward: 64 queries (32 when there are fewer) x 64 keys (32 past D = 128, and past D = 64 for
+    4-byte inputs, whose Q tile alone is 64 x 128 fp32), 4 warps at D <= 64, else 8. Backward: 32 queries x 64 keys (16 past D = 128), 8 warps: the dK/dV program keeps two
     fp32 (keys x D) accumulators plus its K and V tiles in registers."""
     block_d = max(16, next_pow2(D))
     if backward:
         return dict(BLOCK_M=32, BLOCK_N=64 if block_d <= 128 else 16, num_warps=8, num_stages=2)
     warps = 4 if (block_d <= 64 and elem_bytes <= 2) else 8
-    return dict(BLOCK_M=64 if Lq > 32 else 32, BLOCK_N=64 if block_d <= 128 else 32, num_warps=warps,
-                num_stages=2)
+    wide = block_d > (128 if elem_bytes <= 2 else 64)
+    return dict(BLOCK_M=64 if Lq > 32 else 32, BLOCK_N=32 if wide else 64, num_warps=warps, num_stages=2)
 
 
 def blocks_for(Lq: int, D: int, backward: bool = False, elem_bytes: int = 2) -> dict:
