@@ -45,6 +45,7 @@ from mmfuse.kernels._common import (
     next_pow2,
     num_sms,
 )
+from mmfuse.kernels._tuning import TileChooser
 from mmfuse.kernels.linear import MIN_WAVE_EFFICIENCY, block_k_for, wave_efficiency
 
 
@@ -288,40 +289,21 @@ def candidate_tiles(gemm: str, rows: int, cols: int, sms: int):
     return keep or [t for _, t in sorted(scored, key=lambda s: -s[0])[:2]]
 
 
-def _config(tile, elem_bytes: int) -> triton.Config:
-    bm, bn, bk, warps, stages = tile
-    return triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": block_k_for(bk, elem_bytes), "GROUP_M": GROUP_M},
-                         num_warps=warps, num_stages=stages)
+#: Reduction-length argument of each GEMM (its EVEN_K heuristic).
+_REDUCTION = {"fwd": "K", "dx": "D", "dw": "M"}
+_kernels = {"fwd": patch_embed_fwd_kernel, "dx": patch_embed_dx_kernel, "dw": patch_embed_dw_kernel}
+#: One entry point per GEMM; every launch passes its tile (kernels/_tuning.py decides which on a GPU).
+_fixed = {name: triton.heuristics({"EVEN_K": lambda args, _red=_REDUCTION[name]: args[_red] % args["BLOCK_K"] == 0})(fn)
+          for name, fn in _kernels.items()}
+#: Tile choice on a GPU: the wave model's pick, or timed once per octave of the token count.
+TUNERS = {name: TileChooser(f"patch_embed/{fn.__name__}") for name, fn in _kernels.items()}
 
 
-def _pruner(gemm: str, rows_arg: str, cols_arg: str, ptr_arg: str):
-    def prune(configs, named_args, **kwargs):
-        t = named_args[ptr_arg]
-        keep = candidate_tiles(gemm, named_args[rows_arg], named_args[cols_arg], num_sms(t.device))
-        return [_config(tile, t.element_size()) for tile in keep]
-    return prune
+def _launch(name, rows, cols, args, flags, elem_bytes, tile=None, *, red, key=()):
+    """``rows`` x ``cols`` output tiles over a reduction of ``red``; ``key``: what else changes the tile."""
 
-
-#: (kernel, output rows, output cols, reduction length) argument names of each GEMM.
-_GEMMS = {
-    "fwd": (patch_embed_fwd_kernel, "M", "D", "K", "pix_ptr"),
-    "dx": (patch_embed_dx_kernel, "M", "K", "D", "dout_ptr"),
-    "dw": (patch_embed_dw_kernel, "D", "K", "M", "dout_ptr"),
-}
-_fixed, _tuned = {}, {}
-for _name, (_fn, _rows, _cols, _red, _ptr) in _GEMMS.items():
-    _even = triton.heuristics({"EVEN_K": lambda args, _red=_red: args[_red] % args["BLOCK_K"] == 0})
-    _fixed[_name] = _even(_fn)
-    _tuned[_name] = None if INTERPRET else triton.autotune(
-        configs=[_config(t, 2) for t in TILES[_name]],
-        key=["M", "D", "K", "T", "P"] + [f for f in ("HAS_BIAS", "HAS_POS", "ROWSUM_A") if f in _fn.arg_names],
-        prune_configs_by={"early_config_prune": _pruner(_name, _rows, _cols, _ptr)},
-    )(_even(_fn))
-
-
-def _launch(name, rows, cols, args, flags, elem_bytes, tile=None):
-    if INTERPRET or tile is not None:
-        bm, bn, bk, warps, stages = tile or INTERPRETER_TILE
+    def launch(tile):
+        bm, bn, bk, warps, stages = tile
         if not INTERPRET:
             bk = block_k_for(bk, elem_bytes)
         # The packed weight is padded for these block sizes only (its loads are not masked).
@@ -330,9 +312,15 @@ def _launch(name, rows, cols, args, flags, elem_bytes, tile=None):
         grid = (cdiv(rows, bm) * cdiv(cols, bn),)
         _fixed[name][grid](*args, **flags, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=GROUP_M,
                            num_warps=warps, num_stages=stages)
-    else:
-        grid = lambda meta: (cdiv(rows, meta["BLOCK_M"]) * cdiv(cols, meta["BLOCK_N"]),)  # noqa: E731
-        _tuned[name][grid](*args, **flags)
+
+    if tile is None:
+        if INTERPRET:
+            tile = INTERPRETER_TILE
+        else:
+            device = args[0].device
+            tile = TUNERS[name].choose((rows, cols, red), (elem_bytes, device, *key, *flags.values()),
+                                       candidate_tiles(name, rows, cols, num_sms(device)), launch)
+    launch(tile)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -407,7 +395,7 @@ def patch_embed_fwd(pixels5, weight5, bias=None, pos=None, out=None, packed=None
             *_strides5(pixels5), w_runs.stride(0), *pos_t.stride(), *out.stride())
     flags = dict(T=T, P=P, RUN=next_pow2(P), HAS_BIAS=bias is not None, HAS_POS=pos is not None,
                  INPUT_PRECISION=dot_precision(pixels5.dtype), ACC_DTYPE=acc_dtype(pixels5.dtype))
-    _launch("fwd", M, D, args, flags, pixels5.element_size(), tile)
+    _launch("fwd", M, D, args, flags, pixels5.element_size(), tile, red=K)
     return out
 
 
@@ -426,7 +414,7 @@ def patch_embed_dx(dout, weight5, pixel_shape, packed=None, tile=None):
     args = (dout, w_runs, dpix, M, D, K, GF, GH, GW, *dout.stride(), w_runs.stride(0), *_strides5(dpix))
     flags = dict(T=T, P=P, RUN=next_pow2(P), INPUT_PRECISION=dot_precision(dout.dtype),
                  ACC_DTYPE=acc_dtype(dout.dtype))
-    _launch("dx", M, K, args, flags, dout.element_size(), tile)
+    _launch("dx", M, K, args, flags, dout.element_size(), tile, red=D)
     return dpix
 
 
@@ -450,7 +438,7 @@ def patch_embed_dw(dout, pixels5, weight_shape, with_bias: bool, tile=None):
             *dout.stride(), *_strides5(pixels5), *dw.stride())
     flags = dict(T=T, P=P, ROWSUM_A=db is not None, INPUT_PRECISION=dot_precision(dout.dtype),
                  ACC_DTYPE=acc_dtype(dout.dtype))
-    _launch("dw", D, K, args, flags, dout.element_size(), tile)
+    _launch("dw", D, K, args, flags, dout.element_size(), tile, red=M)
     return dw, db
 
 

@@ -63,8 +63,10 @@ _PER_LAUNCH_RULE = (f"Roofline per launch: max(FLOPs / ({PEAK_FLOPS / 1e12:.0f} 
 
 
 def _largest(tiles):
-    """The largest tile the autotuner keeps: the one the byte figures assume."""
-    return max(tiles, key=lambda t: t[0] * t[1])
+    """The tile the launchers choose among the kept ones (kernels/_tuning.py): the largest."""
+    from mmfuse.kernels._tuning import largest_tile
+
+    return largest_tile(list(tiles))
 
 
 def _patch_gemms(s, batch: int) -> dict[str, tuple[int, int]]:
@@ -181,7 +183,7 @@ def traffic_section() -> list[str]:
     lines = ["## HBM bytes and launches, MLP projectors in training (bf16; model, checked against "
              "interpreted runs at small sizes in tests/test_traffic.py)", "",
              "mmfuse: the distinct bytes of each launch (re-reads of A/B tiles counted as L2 traffic, shown "
-             "apart), each GEMM at the largest tile the autotuner keeps for it; eager: PyTorch's addmm + GELU + "
+             "apart), each GEMM at the tile its launcher picks (the largest it keeps); eager: PyTorch's addmm + GELU + "
              "autograd (dW, db, dX, GELU' per layer), every kernel reading its inputs once and writing its outputs "
              "once.", "", _PER_LAUNCH_RULE, "",
              "| shape | images | fwd MB eager → mmfuse (L2 MB) | bwd MB eager → mmfuse (L2 MB) | launches fwd, bwd "
@@ -215,7 +217,7 @@ def patch_traffic_section() -> list[str]:
              "functional call packs it first when P is not a power of two). Forward: one launch. Backward: dpixels "
              "(a GEMM over the packed weight, stored as a permutation), dW + db (one GEMM gathering the patches "
              "again), dpos (a batch sum). The forward and dpixels multiply the run padding too (K = C·T·P·"
-             "next_pow2(P): +14% FLOPs at P = 14). Tiles: the largest the autotuner keeps per GEMM, with its wave "
+             "next_pow2(P): +14% FLOPs at P = 14). Tiles: the one the launcher picks per GEMM (the largest it keeps), with its wave "
              "efficiency. Eager: conv (+bias) reading pixels and weight once and writing (B, D, N), then "
              "`+ pos_embed` reading that and writing (B, N, D); backward: a contiguous copy of the transposed "
              "gradient, cuDNN dgrad and wgrad, the bias-gradient and pos-gradient reductions, each kernel reading "
