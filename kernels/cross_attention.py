@@ -385,10 +385,13 @@ def _mask_args(kv_lens, key_mask, like):
 
 
 def attention_fwd(q, k, v, kv_lens, key_mask, scale, splits=None, acc=torch.float32, precision="ieee"):
-    """Returns (o (B, Hq, Lq, D) in q's dtype, lse (B, Hq, Lq) in ``acc``, base 2; +inf on empty rows)."""
+    """Returns (o (B, Hq, Lq, D) in q's dtype, stored head-interleaved (B, Lq, Hq, D); lse (B, Hq, Lq) in
+    ``acc``, base 2; +inf on empty rows)."""
     B, Hkv, Lk, D = k.shape
     Hq, Lq = q.shape[1], q.shape[2]
-    o = empty((B, Hq, Lq, D), dtype=q.dtype, device=q.device)
+    # Stored as (B, Lq, Hq, D), returned as a (B, Hq, Lq, D) view: the layout every caller merges heads
+    # in (transformers' (B, L, H, D), projections' (B, L, H*D)), so no caller copies for layout.
+    o = empty((B, Lq, Hq, D), dtype=q.dtype, device=q.device).transpose(1, 2)
     lse = empty((B, Hq, Lq), dtype=acc, device=q.device)
     if o.numel() == 0:
         return o, lse

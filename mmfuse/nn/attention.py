@@ -224,16 +224,11 @@ class Idefics2PerceiverAttention(nn.Module):
         return new
 
     def forward(self, latents, context, attention_mask=None, position_ids=None, past_key_values=None, **kwargs):
-        from mmfuse.integrations import _key_mask
-
         if past_key_values is not None:
             raise ValueError("past_key_values: expected None (the resampler keeps no cache)")
         B, Lq, _ = latents.shape
         Lk = context.shape[1] + Lq
-        usable, key_mask = _key_mask(attention_mask, B, Lk)
-        if not usable:
-            raise ValueError(f"attention_mask: expected a key-padding mask (B, 1, 1 or {Lq}, {Lk}) with equal "
-                             f"rows, got shape {tuple(attention_mask.shape)}")
+        key_mask = self._key_mask(attention_mask, B, Lk)
         q = _heads(linear(latents, self.q_proj.weight, self.q_proj.bias), self.num_heads)
         kv_heads = self.num_key_value_heads
         k = _heads(torch.cat([linear(context, self.k_proj.weight, self.k_proj.bias),
@@ -242,6 +237,27 @@ class Idefics2PerceiverAttention(nn.Module):
                               linear(latents, self.v_proj.weight, self.v_proj.bias)], dim=1), kv_heads)
         out = cross_attention(q, k, v, key_mask=key_mask, scale=self.scaling)
         return linear(_merge(out), self.o_proj.weight, self.o_proj.bias), None
+
+    @staticmethod
+    def _key_mask(attention_mask, B: int, Lk: int):
+        """The resampler's mask as (B, Lk) bool, True = attend, from its structure only (no values read
+        on the host, no sync). What the model says: ``Idefics2PerceiverResampler`` builds it with
+        ``create_bidirectional_mask`` from a 2-D padding mask, so every query row is the same and any
+        one row is the key mask: boolean (SDPA's / mmfuse's builder: (B, 1, Lq or 1, Lk)), additive
+        float (eager's: 0 = attend), or the 2-D mask itself (flash-attention's)."""
+        if attention_mask is None:
+            return None
+        m = attention_mask
+        if m.dim() == 4 and m.shape[1] == 1 and m.shape[-1] == Lk and m.shape[0] in (1, B):
+            row = m[:, 0, 0, :]
+        elif m.dim() == 2 and m.shape[-1] == Lk and m.shape[0] in (1, B):
+            row = m
+        else:
+            raise ValueError(f"attention_mask: expected the resampler's padding mask (B, 1, Lq or 1, {Lk}) or "
+                             f"(B, {Lk}), got shape {tuple(m.shape)}")
+        if m.dtype != torch.bool:
+            row = row == 0 if m.dim() == 4 else row != 0  # additive 4-D (0 = attend); 2-D 1/0 (1 = attend)
+        return row.expand(B, Lk)
 
 
 _patch.register(_patch.Rule(

@@ -115,7 +115,8 @@ def cross_attention_fwd_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv
 @cross_attention_fwd_op.register_fake
 def _(q, k, v, kv_lens, key_mask, scale, splits):
     B, Hq, Lq = k.shape[0], q.shape[1], q.shape[2]
-    return q.new_empty(B, Hq, Lq, q.shape[3]), q.new_empty(B, Hq, Lq, dtype=_acc(q.dtype))
+    # The kernel's storage order (B, Lq, Hq, D), seen as (B, Hq, Lq, D): the strides match the real op.
+    return q.new_empty(B, Lq, Hq, q.shape[3]).transpose(1, 2), q.new_empty(B, Hq, Lq, dtype=_acc(q.dtype))
 
 
 @torch.library.custom_op("mmfuse::cross_attention_bwd", mutates_args=())
