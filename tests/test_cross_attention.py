@@ -267,3 +267,54 @@ def test_functional_is_exported():
     assert math.isclose(KA.LOG2E, 1 / math.log(2))
     c = compare("x", torch.zeros(1), torch.zeros(1, dtype=torch.float64), torch.zeros(1))
     assert c.ok
+
+
+# ----------------------------------------------------------------------------------------------
+# Two key/value sources (the perceiver's media ‖ latents, never concatenated)
+# ----------------------------------------------------------------------------------------------
+def _two_source_check(q, k1, k2, v1, v2, splits=0, **masks):
+    """Kernel on the pair against the reference on the concatenation (mask padded with True)."""
+    key_mask = masks.pop("key_mask", None)
+    full_mask = None if key_mask is None else torch.cat([key_mask, torch.ones(k2.shape[0], k2.shape[2],
+                                                                              dtype=torch.bool)], 1)
+    return assert_matches_reference(
+        lambda q, k1, k2, v1, v2: cross_attention(q, (k1, k2), (v1, v2), key_mask=key_mask, _splits=splits, **masks),
+        lambda q, k1, k2, v1, v2: cross_attention_reference(q, torch.cat([k1, k2], 2), torch.cat([v1, v2], 2),
+                                                            key_mask=full_mask, **masks),
+        [q, k1, k2, v1, v2], ["q", "k1", "k2", "v1", "v2"])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
+def test_two_sources_match_the_concatenation(dtype):
+    # 45 media keys + 7 latents: the second 32-key block straddles the seam; GQA 2:1, shared queries,
+    # media in the projections' (B, L, H, D) layout (head views), media padded by a mask.
+    q = torch.randn(7, 4, 24, dtype=dtype).permute(1, 0, 2).unsqueeze(0)
+    k1, v1 = (torch.randn(3, 45, 2, 24, dtype=dtype).transpose(1, 2) for _ in range(2))
+    # The second source in other layouts than the first: contiguous heads, and a sliced view.
+    k2, v2 = torch.randn(3, 2, 7, 24, dtype=dtype), torch.randn(3, 2, 7, 48, dtype=dtype)[..., ::2]
+    mask = torch.rand(3, 45) > 0.3
+    mask[2] = False  # sample 2 attends to its latents only
+    _two_source_check(q, k1, k2, v1, v2, key_mask=mask)
+    _two_source_check(q, k1, k2, v1, v2, splits=2, kv_lens=torch.tensor([52, 40, 49]))
+
+
+def test_two_sources_gradcheck_and_determinism():
+    # Tiny: every perturbed element re-runs the interpreted kernel. One masked media key.
+    q = torch.randn(1, 2, 2, 3, dtype=torch.float64, requires_grad=True)
+    k1, v1 = (torch.randn(1, 1, 3, 3, dtype=torch.float64, requires_grad=True) for _ in range(2))
+    k2, v2 = (torch.randn(1, 1, 2, 3, dtype=torch.float64, requires_grad=True) for _ in range(2))
+    mask = torch.tensor([[True, False, True]])
+    fn = lambda q, k1, k2, v1, v2: cross_attention(q, (k1, k2), (v1, v2), key_mask=mask)  # noqa: E731
+    assert torch.autograd.gradcheck(fn, (q, k1, k2, v1, v2))
+    runs = [torch.autograd.grad(fn(q, k1, k2, v1, v2).sin().sum(), [q, k1, k2, v1, v2]) for _ in range(2)]
+    assert all(torch.equal(a, b) for a, b in zip(*runs))
+
+
+def test_two_sources_bad_input():
+    q, k, v = _qkv(1, 2, 2, 1, 3, 5, 8)
+    with pytest.raises(ValueError, match="k, v: expected both a pair"):
+        cross_attention(q, (k, k), v)
+    with pytest.raises(ValueError, match=r"k\[1\]: expected shape \(2, 1, L2, 8\)"):
+        cross_attention(q, (k, k[:1]), (v, v[:1]))
+    with pytest.raises(ValueError, match="key_mask: expected shape"):
+        cross_attention(q, (k, k), (v, v), key_mask=torch.ones(2, 10, dtype=torch.bool))

@@ -135,16 +135,13 @@ class PerceiverAttention(nn.Module):
         media = self.norm_media(media)
         latents = self.norm_latents(latents)
         q = _heads(linear(latents, self.to_q.weight), self.heads)
-        # K/V of media and of latents are projected separately and concatenated along the keys: the
-        # (media ‖ latents) input is never built, but the K/V concatenation is (one copy of
-        # 2 x (N + L) x inner; a two-source kernel would avoid it).
-        kv = torch.cat([linear(media, self.to_kv.weight), linear(latents, self.to_kv.weight)], dim=1)
-        k, v = (_heads(t, self.heads) for t in kv.chunk(2, dim=-1))
-        key_mask = None
-        if media_mask is not None:  # True = attend, per media token; latents always attend
-            ones = torch.ones(latents.shape[:2], dtype=torch.bool, device=latents.device)
-            key_mask = torch.cat([media_mask.expand(media.shape[0], -1), ones], dim=1)
-        out = cross_attention(q, k, v, key_mask=key_mask)
+        # K/V of media and of latents are projected separately and read by the kernel from both
+        # tensors (two sources): neither (media ‖ latents) nor its K/V is ever built.
+        k_media, v_media = (_heads(t, self.heads) for t in linear(media, self.to_kv.weight).chunk(2, dim=-1))
+        k_lat, v_lat = (_heads(t, self.heads) for t in linear(latents, self.to_kv.weight).chunk(2, dim=-1))
+        # True = attend, per media token; the mask covers the first source, latents always attend.
+        key_mask = media_mask.expand(media.shape[0], -1) if media_mask is not None else None
+        out = cross_attention(q, (k_media, k_lat), (v_media, v_lat), key_mask=key_mask)
         return linear(_merge(out), self.to_out.weight)
 
 
@@ -205,8 +202,9 @@ class Idefics2PerceiverAttention(nn.Module):
     ``context ‖ latents`` with grouped-query heads and the resampler's padding mask. Same
     ``q_proj`` / ``k_proj`` / ``v_proj`` / ``o_proj`` (shared) and state_dict; ``mmfuse.patch``
     swaps it inside ``Idefics2PerceiverResampler``, which keeps its own class and checkpoint layout.
-    K/V of the context and of the latents are projected separately and concatenated (the
-    ``context ‖ latents`` hidden states are not built)."""
+    K/V of the context and of the latents are projected separately and read by the attention kernel
+    from both tensors: neither ``context ‖ latents`` nor its K/V is built, and the forward launches no
+    copy and no host synchronisation."""
 
     @classmethod
     def from_module(cls, module: nn.Module) -> "Idefics2PerceiverAttention":
@@ -231,11 +229,14 @@ class Idefics2PerceiverAttention(nn.Module):
         key_mask = self._key_mask(attention_mask, B, Lk)
         q = _heads(linear(latents, self.q_proj.weight, self.q_proj.bias), self.num_heads)
         kv_heads = self.num_key_value_heads
-        k = _heads(torch.cat([linear(context, self.k_proj.weight, self.k_proj.bias),
-                              linear(latents, self.k_proj.weight, self.k_proj.bias)], dim=1), kv_heads)
-        v = _heads(torch.cat([linear(context, self.v_proj.weight, self.v_proj.bias),
-                              linear(latents, self.v_proj.weight, self.v_proj.bias)], dim=1), kv_heads)
-        out = cross_attention(q, k, v, key_mask=key_mask, scale=self.scaling)
+
+        def project(proj):  # K or V of (context, latents): two sources the kernel reads in place
+            return tuple(_heads(linear(x, proj.weight, proj.bias), kv_heads) for x in (context, latents))
+
+        # The mask covers the context (the latents' columns are True by construction).
+        if key_mask is not None:
+            key_mask = key_mask[:, :context.shape[1]]
+        out = cross_attention(q, project(self.k_proj), project(self.v_proj), key_mask=key_mask, scale=self.scaling)
         return linear(_merge(out), self.o_proj.weight, self.o_proj.bias), None
 
     @staticmethod
