@@ -105,7 +105,7 @@ def patch_embed_fwd_traffic(B: int, C: int, H: int, W: int, P: int, D: int, tile
 
 
 def patch_embed_bwd_traffic(B: int, C: int, H: int, W: int, P: int, D: int, tiles: dict, elem: int, *,
-                            T: int = 1, F: int = 1, bias: bool = True, pos: bool = True
+                            T: int = 1, F: int = 1, bias: bool = True, pos: bool = True, dw_splits: int = 1
                             ) -> dict[str, dict[str, Traffic]]:
     """Per launch of the patch-embedding backward (every input requiring grad, pos_embed one (N, D)
     table broadcast over the batch), per tensor:
@@ -116,7 +116,9 @@ def patch_embed_bwd_traffic(B: int, C: int, H: int, W: int, P: int, D: int, tile
       pixel's gradient once (the run padding j >= P is not stored).
     * "dw" (``patch_embed_dw_kernel``, ``tiles["dw"]``): BLOCK_M of D (wrapping) x every token of
       dOut^T, and every token's patch at BLOCK_N of the exact C*T*P*P columns (wrapping); stores dW
-      and, from the programs of the first column block, db.
+      and, from the programs of the first column block, db. Split over tokens (``dw_splits`` > 1): the
+      same loads, stores of fp32 partials ("weight_grad_partial" S x D x K, "bias_grad_partial" S x D),
+      and "dw_combine" (``dw_combine_kernel``) reads them once and writes dW and db.
     * "batch_sum" (``batch_sum_kernel``): reads dOut once, writes dpos (N, D)."""
     run = 1 << (P - 1).bit_length()
     tokens = (F // T) * (H // P) * (W // P)
@@ -129,11 +131,22 @@ def patch_embed_bwd_traffic(B: int, C: int, H: int, W: int, P: int, D: int, tile
     bm, bn, _ = tiles["dw"]
     pm, pn = _cdiv(D, bm), _cdiv(K, bn)
     dw = {"dout": Traffic(loaded=pm * pn * bm * M * elem, unique=D * M * elem),
-          "pixels": Traffic(loaded=pm * pn * M * bn * elem, unique=M * K * elem),
-          "weight_grad": Traffic(stored=D * K * elem)}
-    if bias:
-        dw["bias_grad"] = Traffic(stored=D * elem)
+          "pixels": Traffic(loaded=pm * pn * M * bn * elem, unique=M * K * elem)}
     out = {"dx": dx, "dw": dw}
+    if dw_splits > 1:
+        S = dw_splits
+        dw["weight_grad_partial"] = Traffic(stored=S * D * K * 4)
+        combine = {"weight_grad_partial": Traffic(loaded=S * D * K * 4, unique=S * D * K * 4),
+                   "weight_grad": Traffic(stored=D * K * elem)}
+        if bias:
+            dw["bias_grad_partial"] = Traffic(stored=S * D * 4)
+            combine["bias_grad_partial"] = Traffic(loaded=S * D * 4, unique=S * D * 4)
+            combine["bias_grad"] = Traffic(stored=D * elem)
+        out["dw_combine"] = combine
+    else:
+        dw["weight_grad"] = Traffic(stored=D * K * elem)
+        if bias:
+            dw["bias_grad"] = Traffic(stored=D * elem)
     if pos:
         out["batch_sum"] = {"dout": Traffic(loaded=M * D * elem, unique=M * D * elem),
                             "pos_grad": Traffic(stored=tokens * D * elem)}

@@ -200,3 +200,28 @@ def test_measure_by_launch_refuses_a_kernel_launched_twice():
     w = torch.randn(4, 16)
     with pytest.raises(ValueError, match="more than once"):
         measure(lambda: (KL.linear_fwd(x, w), KL.linear_fwd(x, w)), {"x": x}, by_launch=True)
+
+
+def test_patch_embed_dw_split_traffic_matches_an_interpreted_run(monkeypatch):
+    """dW + db split three ways over 150 tokens: fp32 partials stored, then read once by the combine."""
+    from mmfuse.kernels import patch_embed as KP
+    from mmfuse.traffic import patch_embed_bwd_traffic
+
+    B, C, H, W, P, D = 2, 3, 20, 60, 4, 37
+    px = torch.randn(B, C, 1, H, W, dtype=torch.float16)
+    g = torch.randn(B, (H // P) * (W // P), D, dtype=torch.float16)
+    allocated = []  # dw, db, then the partials
+
+    def recording_empty(*args, **kw):
+        allocated.append(torch.empty(*args, **kw))
+        return allocated[-1]
+
+    monkeypatch.setattr(KP, "empty", recording_empty)
+    _, got = measure(lambda: KP.patch_embed_dw(g, px, (D, C, 1, P, P), with_bias=True, splits=3),
+                     {"dout": g, "pixels": px, "weight_grad": lambda _: allocated[0],
+                      "bias_grad": lambda _: allocated[1], "weight_grad_partial": lambda _: allocated[2],
+                      "bias_grad_partial": lambda _: allocated[3]}, by_launch=True)
+    tile = KP.INTERPRETER_TILE[:3]
+    want = patch_embed_bwd_traffic(B, C, H, W, P, D, {"dx": tile, "dw": tile}, 2, dw_splits=3, pos=False)
+    names = {"dw": "patch_embed_dw_kernel", "dw_combine": "dw_combine_kernel"}
+    assert _touched(got) == {names[k]: v for k, v in want.items() if k in names}

@@ -36,7 +36,7 @@ class _Recorder:
         self.log, self.name = log, name
 
     def __getitem__(self, grid):
-        return lambda *args, **meta: self.log.append((self.name, grid, meta["BLOCK_M"], meta["BLOCK_N"]))
+        return lambda *args, **meta: self.log.append((self.name, grid, meta.get("BLOCK_M"), meta.get("BLOCK_N")))
 
 
 @pytest.fixture
@@ -53,6 +53,7 @@ def gpu_path(monkeypatch):
         monkeypatch.setattr(mod, "INTERPRET", False)
     monkeypatch.setattr(KL, "_gemm", _Recorder(launches, "linear"))
     monkeypatch.setattr(KP, "_fixed", {n: _Recorder(launches, n) for n in KP._fixed})
+    monkeypatch.setattr(KP, "dw_combine_kernel", _Recorder([], "dw_combine"))  # dW's split-K sum: no tile
     monkeypatch.setattr(_tuning, "_bench", fake_bench)
     monkeypatch.setattr(KL, "TUNER", _tuning.TileChooser("linear"))
     monkeypatch.setattr(KP, "TUNERS", {n: _tuning.TileChooser(n) for n in KP.TUNERS})
