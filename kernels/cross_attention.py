@@ -35,7 +35,7 @@ import torch
 import triton
 import triton.language as tl
 
-from mmfuse.kernels._common import INTERPRET, cdiv, empty, next_pow2, num_sms
+from mmfuse.kernels._common import INTERPRET, LAUNCH_US, PEAK_BYTES, PEAK_FLOPS, cdiv, empty, next_pow2, num_sms
 
 LOG2E = 1.4426950408889634
 
@@ -412,6 +412,40 @@ def choose_splits(programs: int, key_blocks: int, sms: int) -> int:
     return best
 
 
+def fwd_modelled_us(B: int, Bq: int, Hq: int, Hkv: int, Lq: int, Lk: int, D: int, elem: int, splits: int,
+                    sms: int, blocks=None) -> float:
+    """Roofline of the forward with ``splits`` key splits (H100 figures of kernels/_common.py):
+    max(FLOPs / (peak x the split's wave efficiency), bytes / bandwidth) + a launch, and with splits
+    the fp32 partials (o and lse) written, read back by the combine, its output and its launch."""
+    blk = blocks or gpu_blocks(Lq, D, elem_bytes=elem)
+    programs = cdiv(Lq, blk["BLOCK_M"]) * B * Hq
+    key_blocks = max(1, cdiv(Lk, blk["BLOCK_N"]))
+    flops = 4 * B * Hq * Lq * Lk * D
+    out = B * Hq * Lq * (D * elem + 4)
+    partials = splits * B * Hq * Lq * (D + 1) * 4
+    inputs = (Bq * Hq * Lq + 2 * B * Hkv * Lk) * D * elem
+    eff = split_efficiency(programs, key_blocks, splits, sms)
+    us = max(flops / (PEAK_FLOPS * eff), (inputs + (partials if splits > 1 else out)) / PEAK_BYTES) * 1e6 + LAUNCH_US
+    if splits > 1:
+        us += (partials + out) / PEAK_BYTES * 1e6 + LAUNCH_US
+    return us
+
+
+def choose_fwd_splits(B: int, Bq: int, Hq: int, Hkv: int, Lq: int, Lk: int, D: int, elem: int, sms: int,
+                      blocks=None) -> int:
+    """Key splits of the forward minimising ``fwd_modelled_us`` (fewer on ties): occupancy against the
+    partials' bytes and the combine launch. Short key sets (OpenFlamingo, BLIP-2) stay in one launch."""
+    blk = blocks or gpu_blocks(Lq, D, elem_bytes=elem)
+    key_blocks = max(1, cdiv(Lk, blk["BLOCK_N"]))
+    best, best_us = 1, fwd_modelled_us(B, Bq, Hq, Hkv, Lq, Lk, D, elem, 1, sms, blk)
+    for s in range(2, min(MAX_SPLITS, key_blocks) + 1):
+        s_eff = cdiv(key_blocks, cdiv(key_blocks, s))  # splits launched for this chunk size
+        us = fwd_modelled_us(B, Bq, Hq, Hkv, Lq, Lk, D, elem, s_eff, sms, blk)
+        if us < best_us * (1 - 1e-9):
+            best, best_us = s_eff, us
+    return best
+
+
 # ----------------------------------------------------------------------------------------------
 # Launchers
 # ----------------------------------------------------------------------------------------------
@@ -455,7 +489,7 @@ def attention_fwd(q, k, v, kv_lens, key_mask, scale, splits=None, acc=torch.floa
         qs[0] = 0  # one set of queries for every sample
     key_blocks = max(1, cdiv(Lk, BN))
     if splits is None:
-        splits = choose_splits(cdiv(Lq, BM) * B * Hq, key_blocks, num_sms(q.device))
+        splits = choose_fwd_splits(B, q.shape[0], Hq, Hkv, Lq, Lk, D, q.element_size(), num_sms(q.device), blk)
     splits = max(1, min(int(splits), key_blocks))
     chunk = cdiv(key_blocks, splits) * BN
     splits = cdiv(max(Lk, 1), chunk)

@@ -94,7 +94,7 @@ def _attention_grids(s, batch: int) -> dict:
     bblk = KA.gpu_blocks(s.queries, s.head_dim, backward=True)
     programs = cdiv(s.queries, blk["BLOCK_M"]) * batch * s.heads
     key_blocks = cdiv(s.keys, blk["BLOCK_N"])
-    splits = KA.choose_splits(programs, key_blocks, SMS)
+    splits = KA.choose_fwd_splits(batch, 1, s.heads, s.kv_heads, s.queries, s.keys, s.head_dim, 2, SMS)
     dkdv = cdiv(s.keys, bblk["BLOCK_N"]) * batch * s.kv_heads
     dq = cdiv(s.queries, bblk["BLOCK_M"]) * s.heads
     dq_splits = KA.choose_splits(dq, batch, SMS)

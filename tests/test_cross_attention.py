@@ -318,3 +318,15 @@ def test_two_sources_bad_input():
         cross_attention(q, (k, k[:1]), (v, v[:1]))
     with pytest.raises(ValueError, match="key_mask: expected shape"):
         cross_attention(q, (k, k), (v, v), key_mask=torch.ones(2, 10, dtype=torch.bool))
+
+
+def test_forward_split_rule_minimises_the_modelled_time():
+    """Idefics2 at batch 1 (16 programs, 78 key blocks) still splits; OpenFlamingo and BLIP-2 (5-6 key
+    blocks) stay in one launch at batch 1 and 8: the partials and the combine launch cost more than
+    the idle SMs (bench/NOTES.md, "Forward split rule by modelled time")."""
+    assert KA.choose_fwd_splits(1, 1, 16, 4, 64, 4964, 96, 2, 132) == 6
+    for B in (1, 8):
+        assert KA.choose_fwd_splits(B, 1, 8, 8, 64, 321, 64, 2, 132) == 1
+        assert KA.choose_fwd_splits(B, 1, 12, 12, 32, 257, 64, 2, 132) == 1
+    us = [KA.fwd_modelled_us(1, 1, 16, 4, 64, 4964, 96, 2, s, 132) for s in (1, 6, 78)]
+    assert us[1] < us[0] and us[1] < us[2]
