@@ -12,7 +12,7 @@ Forward (online softmax, fp32 statistics in base 2: s = q.k * scale * log2(e)):
   For each query block and a chunk of the keys (split s of S), stream K/V blocks keeping the running
   max m, the running sum l and the unnormalised output acc; store acc / l and lse = m + log2(l).
   With S = 1 that is the result. With S > 1 (flash-decoding: a few queries cannot fill 132 SMs,
-  so the keys are split), each split writes fp32 partials and ``attn_combine_kernel`` merges them:
+  so the keys are split; S minimises the modelled time, ``choose_fwd_splits``), each split writes fp32 partials and ``attn_combine_kernel`` merges them:
   lse = log2 sum_s 2^lse_s, o = sum_s 2^(lse_s - lse) o_s, in split order (deterministic).
   A query row with no valid key gets o = 0 and lse = +inf, so that every recomputed probability
   2^(s - lse) in backward is 0: zero gradients, no NaN.
@@ -23,8 +23,9 @@ Backward (recompute P block by block from the saved lse; never the Lq x Lk matri
   dQ: one program per (query block, query head, Bq) loops over the batch when Bq = 1 (the
           gradient of broadcast queries) and over all key blocks: dQ += dS K
                                                          attn_bwd_dq_kernel
-      For broadcast queries the batch loop is split (``choose_splits``, as the forward splits keys)
-      into fp32 partials summed in split order, else 32 programs would do Idefics2's whole dQ.
+      For broadcast queries the batch loop is split (``choose_splits``) into fp32 partials summed in
+      split order, else 32 programs would do Idefics2's whole dQ; at small batch the key loop splits
+      too where the modelled time says so (``dq_splits_for``).
   with dS = P * (dP - delta), dP = dO V^T. Every output element has exactly one owner program that
   sums in a fixed order: no atomics, bitwise-reproducible gradients.
 """
@@ -308,7 +309,7 @@ def attn_bwd_dq_kernel(
     stride_lb, stride_lh, stride_lm,
     stride_mb, stride_mn,
     stride_dqs, stride_dqb, stride_dqh, stride_dqm, stride_dqd,
-    Hq, Lq, Lk, L1, D, GROUP, BATCH_LOOP, BATCH_CHUNK, qk_scale, sm_scale,
+    Hq, Lq, Lk, L1, D, GROUP, BATCH_LOOP, BATCH_CHUNK, KEY_CHUNK, KEY_SPLITS, qk_scale, sm_scale,
     HAS_LENS: tl.constexpr, HAS_MASK: tl.constexpr, TWO_SOURCES: tl.constexpr,
     INPUT_PRECISION: tl.constexpr, ACC_DTYPE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
@@ -317,7 +318,9 @@ def attn_bwd_dq_kernel(
     loops over the BATCH_LOOP samples that share them, in order: dQ is their fixed-order sum. Split
     (grid axis 2): split s takes samples [s*BATCH_CHUNK, (s+1)*BATCH_CHUNK) and writes its own fp32
     partial at s*stride_dqs; the launcher sums the partials in split order. A grid of query blocks x
-    heads alone is 32 programs for Idefics2, whatever the batch: the split is what fills the GPU."""
+    heads alone is 32 programs for Idefics2, whatever the batch: the split is what fills the GPU. At
+    small batch the keys split too (KEY_SPLITS chunks of KEY_CHUNK keys, a multiple of BLOCK_N): split
+    s takes batch chunk s // KEY_SPLITS and key chunk s % KEY_SPLITS, one fp32 partial each."""
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
     bq = pid_bh // Hq
@@ -330,8 +333,11 @@ def attn_bwd_dq_kernel(
     q = tl.load(q_ptr + bq * stride_qb + h * stride_qh + offs_m[:, None] * stride_qm + offs_d[None, :] * stride_qd,
                 mask=mask_md, other=0.0)
     dq = tl.zeros((BLOCK_M, BLOCK_D), dtype=ACC_DTYPE)
+    # Split s (grid axis 2) = (batch chunk s // KEY_SPLITS, key chunk s % KEY_SPLITS).
     split = tl.program_id(2)
-    for i in range(split * BATCH_CHUNK, tl.minimum(split * BATCH_CHUNK + BATCH_CHUNK, BATCH_LOOP)):
+    batch_split = split // KEY_SPLITS
+    n_start = (split % KEY_SPLITS) * KEY_CHUNK
+    for i in range(batch_split * BATCH_CHUNK, tl.minimum(batch_split * BATCH_CHUNK + BATCH_CHUNK, BATCH_LOOP)):
         b = bq + i  # bq = 0 when looping over the batch; i = 0 otherwise
         do = tl.load(do_ptr + b * stride_gb + h * stride_gh + offs_m[:, None] * stride_gm
                      + offs_d[None, :] * stride_gd, mask=mask_md, other=0.0)
@@ -341,7 +347,8 @@ def attn_bwd_dq_kernel(
         n_end = Lk
         if HAS_LENS:
             n_end = tl.minimum(n_end, tl.load(kv_lens_ptr + b).to(tl.int32))
-        for n0 in range(0, n_end, BLOCK_N):
+        n_end = tl.minimum(n_end, n_start + KEY_CHUNK)
+        for n0 in range(n_start, n_end, BLOCK_N):
             offs_n = n0 + tl.arange(0, BLOCK_N)
             valid = _key_valid(offs_n, n_end, mask_ptr + b * stride_mb, stride_mn, L1, HAS_MASK, TWO_SOURCES)
             kv_mask = valid[:, None] & (offs_d < D)[None, :]
@@ -410,6 +417,42 @@ def choose_splits(programs: int, key_blocks: int, sms: int) -> int:
         if eff > best_eff + 1e-9:
             best, best_eff = s, eff
     return best
+
+
+def dq_efficiency(programs: int, batch_loop: int, key_blocks: int, b: int, k: int, sms: int) -> float:
+    """Useful (sample, key block) iterations of dQ over what its occupied waves could run, with the
+    batch loop split ``b`` ways and the keys ``k`` ways."""
+    per = cdiv(batch_loop, b) * cdiv(key_blocks, k)
+    return programs * batch_loop * key_blocks / (cdiv(programs * b * k, sms) * sms * per)
+
+
+def dq_splits_for(B: int, Bq: int, Hq: int, Hkv: int, Lq: int, Lk: int, D: int, elem: int, blocks: dict,
+                  sms: int) -> tuple[int, int]:
+    """(batch splits, key splits) of dQ. The batch loop of shared queries splits first
+    (``choose_splits``); when that cannot reach TARGET_WAVE_EFFICIENCY (batch 1, or few samples) the
+    keys may split too, if the modelled time says so (roofline at the grid's efficiency, the fp32
+    partials written and read back, the summing launch): Idefics2 at batch 1 (32 programs over 78 key
+    blocks) splits, the short key sets of OpenFlamingo and BLIP-2 do not."""
+    programs = cdiv(Lq, blocks["BLOCK_M"]) * Bq * Hq
+    batch_loop = B if Bq == 1 else 1
+    key_blocks = max(1, cdiv(Lk, blocks["BLOCK_N"]))
+    b = choose_splits(programs, batch_loop, sms)
+    b = cdiv(batch_loop, cdiv(batch_loop, b))
+    if split_efficiency(programs, batch_loop, b, sms) >= TARGET_WAVE_EFFICIENCY:
+        return b, 1
+    k = choose_splits(programs * b, key_blocks, sms)
+    k = cdiv(key_blocks, cdiv(key_blocks, k))
+    flops = 6 * B * Hq * Lq * Lk * D  # three matrix products
+    base = (2 * B * Hkv * Lk + B * Hq * Lq + Bq * Hq * Lq) * D * elem
+    partial = Bq * Hq * Lq * D * 4
+
+    def us(kk):
+        total = b * kk
+        t = max(flops / (PEAK_FLOPS * dq_efficiency(programs, batch_loop, key_blocks, b, kk, sms)),
+                (base + (total * partial if total > 1 else partial // 2)) / PEAK_BYTES) * 1e6 + LAUNCH_US
+        return t + ((total * partial + partial // 2) / PEAK_BYTES * 1e6 + LAUNCH_US if total > 1 else 0.0)
+
+    return (b, k) if us(k) < us(1) else (b, 1)
 
 
 def fwd_modelled_us(B: int, Bq: int, Hq: int, Hkv: int, Lq: int, Lk: int, D: int, elem: int, splits: int,
@@ -520,7 +563,8 @@ def attention_fwd(q, k, v, kv_lens, key_mask, scale, splits=None, acc=torch.floa
 def attention_bwd(do, q, k, v, o, lse, kv_lens, key_mask, scale, need_q=True, need_kv=True,
                   acc=torch.float32, precision="ieee", dq_splits=None, k2=None, v2=None):
     """(dq shaped like q, dk, dv shaped like k, v); None for what is not needed. ``dq_splits``: how
-    many ways dQ splits the batch loop of shared queries (default: ``choose_splits`` on 132 SMs).
+    many ways dQ splits the batch loop of shared queries, or (batch splits, key splits) (default:
+    ``dq_splits_for`` on 132 SMs).
     With a second source ``k2, v2``: dk and dv are pairs (shaped like k, k2 and v, v2), written by the
     same kernel (a key block straddling the seam stores each row in its own tensor)."""
     B, Hkv, Lk, D = k.shape
@@ -560,17 +604,22 @@ def attention_bwd(do, q, k, v, o, lse, kv_lens, key_mask, scale, need_q=True, ne
         dq = empty(q.shape, dtype=q.dtype, device=q.device)
         if dq.numel():
             batch_loop = B if Bq == 1 else 1
-            splits = dq_splits if dq_splits is not None else choose_splits(
-                cdiv(Lq, BM) * Bq * Hq, batch_loop, num_sms(q.device))
+            key_blocks = max(1, cdiv(Lk, BN))
+            splits, key_splits = dq_splits_for(B, Bq, Hq, Hkv, Lq, Lk, D, q.element_size(), blk, num_sms(q.device))
+            if dq_splits is not None:
+                splits, key_splits = (dq_splits, 1) if isinstance(dq_splits, int) else dq_splits
             chunk = cdiv(batch_loop, max(1, min(int(splits), batch_loop)))
-            splits = cdiv(batch_loop, chunk)
+            key_chunk = cdiv(key_blocks, max(1, min(int(key_splits), key_blocks))) * BN
+            key_splits = cdiv(max(Lk, 1), key_chunk)
+            splits = cdiv(batch_loop, chunk) * key_splits
             # Shared queries, split over the batch: fp32 partials, summed below in split order.
             target = empty((splits, *q.shape), dtype=acc, device=q.device) if splits > 1 else dq
             attn_bwd_dq_kernel[(cdiv(Lq, BM), Bq * Hq, splits)](
                 q, k, v, k2, v2, do, lse, delta, target, lens, mask,
                 *qs, *_strides4(k), *_strides4(v), *s2, *_strides4(do), *lse.stride(), smb, smn,
                 target.stride(0) if splits > 1 else 0, *_strides4(target[0] if splits > 1 else dq),
-                Hq, Lq, Lk, L1, D, Hq // Hkv, batch_loop, chunk, float(scale * LOG2E), float(scale), **common)
+                Hq, Lq, Lk, L1, D, Hq // Hkv, batch_loop, chunk, key_chunk, key_splits, float(scale * LOG2E),
+                float(scale), **common)
             if splits > 1:
                 dq = target.sum(0).to(q.dtype)  # over the leading dim: a fixed order, no atomics
     return dq, dk, dv
@@ -667,6 +716,7 @@ def aot_specs():
                     # Shared queries over batch 8: 2 x 16 programs, the batch split 4 ways (fp32 partials).
                     dq_splits = choose_splits(cdiv(Lq, BM) * Hq, B, 132)
                     args = dict(base, dq_ptr="*fp32", Hq=Hq, BATCH_LOOP=B, BATCH_CHUNK=cdiv(B, dq_splits),
+                                KEY_CHUNK=cdiv(Lk, BN) * BN, KEY_SPLITS=1,
                                 stride_dqs=Hq * Lq * D,
                                 **dict(zip(["stride_dqb", "stride_dqh", "stride_dqm", "stride_dqd"],
                                            strides(1, Hq, Lq, D))))
@@ -689,6 +739,13 @@ def aot_specs():
             args.update({n: x for n, x in two.items() if n in args}, L1=Lk - Lq)
             specs.append(dataclasses.replace(sp, variant=sp.variant + ", two sources", args=tuple(args.items()),
                                              constexprs=tuple(dict(sp.constexprs, TWO_SOURCES=True).items())))
+    # dQ at batch 1: the keys split 4 ways (KEY_SPLITS a runtime integer, fp32 partials).
+    for sp in list(specs):
+        if sp.dtype == "fp16" and sp.variant == "dQ, batch split" and sp.config.startswith(f"D={D} "):
+            kb = cdiv(Lk, dict(sp.constexprs)["BLOCK_N"])
+            args = dict(sp.args, BATCH_LOOP=1, BATCH_CHUNK=1, KEY_SPLITS=4,
+                        KEY_CHUNK=cdiv(kb, 4) * dict(sp.constexprs)["BLOCK_N"])
+            specs.append(dataclasses.replace(sp, variant="dQ, key split (batch 1)", args=tuple(args.items())))
     D, BD = 96, 128
     o_s, l_s = strides(B, Hq, Lq, D), strides(B, Hq, Lq)
     args = dict(op_ptr="*fp32", lsep_ptr="*fp32", o_ptr="*fp16", lse_ptr="*fp32",

@@ -97,13 +97,16 @@ def _attention_grids(s, batch: int) -> dict:
     splits = KA.choose_fwd_splits(batch, 1, s.heads, s.kv_heads, s.queries, s.keys, s.head_dim, 2, SMS)
     dkdv = cdiv(s.keys, bblk["BLOCK_N"]) * batch * s.kv_heads
     dq = cdiv(s.queries, bblk["BLOCK_M"]) * s.heads
-    dq_splits = KA.choose_splits(dq, batch, SMS)
+    dq_key_blocks = cdiv(s.keys, bblk["BLOCK_N"])
+    dq_splits, dq_key_splits = KA.dq_splits_for(batch, 1, s.heads, s.kv_heads, s.queries, s.keys, s.head_dim, 2,
+                                                bblk, SMS)
+    dq_eff = KA.dq_efficiency(dq, batch, dq_key_blocks, dq_splits, dq_key_splits, SMS)
     return dict(blocks=(blk["BLOCK_M"], blk["BLOCK_N"]), bwd_blocks=(bblk["BLOCK_M"], bblk["BLOCK_N"]),
                 programs=programs, unsplit_eff=KA.split_efficiency(programs, key_blocks, 1, SMS), splits=splits,
                 launched=programs * cdiv(key_blocks, cdiv(key_blocks, splits)),
                 fwd_eff=KA.split_efficiency(programs, key_blocks, splits, SMS),
                 dkdv=dkdv, dkdv_eff=grid_efficiency(dkdv),
-                dq=dq, dq_splits=dq_splits, dq_eff=KA.split_efficiency(dq, batch, dq_splits, SMS))
+                dq=dq, dq_splits=dq_splits, dq_key_splits=dq_key_splits, dq_eff=dq_eff)
 
 
 def compile_section(reports) -> list[str]:
@@ -170,7 +173,9 @@ def waves_section() -> list[str]:
             g = _attention_grids(s, batch)
             lines.append(f"| {s.name} | {batch} | {g['programs']} ({g['unsplit_eff']:.0%}) | {g['splits']} | "
                          f"{g['launched']} ({g['fwd_eff']:.0%}) | {g['dkdv']} ({g['dkdv_eff']:.0%}) | "
-                         f"{g['dq']} x {g['dq_splits']} ({g['dq_eff']:.0%}) |")
+                         f"{g['dq']} x {g['dq_splits']}"
+                         + (f" x {g['dq_key_splits']} key splits" if g["dq_key_splits"] > 1 else "")
+                         + f" ({g['dq_eff']:.0%}) |")
     return lines
 
 
@@ -302,7 +307,7 @@ def attention_traffic_section() -> list[str]:
             splits, fwd_eff, dkdv_eff, dq_eff = g["splits"], g["fwd_eff"], g["dkdv_eff"], g["dq_eff"]
             fwd = attention_fwd_traffic(batch, 1, s.heads, s.kv_heads, s.queries, s.keys, hd, g["blocks"], splits, e)
             bwd = attention_bwd_traffic(batch, 1, s.heads, s.kv_heads, s.queries, s.keys, hd, g["bwd_blocks"], e,
-                                        dq_splits=g["dq_splits"])
+                                        dq_splits=g["dq_splits"], dq_key_splits=g["dq_key_splits"])
             pair = 2 * batch * s.heads * s.queries * s.keys * hd  # one matrix product, all heads and samples
             rows = batch * s.heads * s.queries
             kv, kv_rep = batch * s.kv_heads * s.keys * hd * e, batch * s.heads * s.keys * hd * e

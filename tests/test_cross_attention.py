@@ -148,10 +148,11 @@ def test_backward_is_deterministic():
         assert torch.equal(a, b)
 
 
-@pytest.mark.parametrize("dq_splits", [1, 2, 5])
+@pytest.mark.parametrize("dq_splits", [1, 2, 5, (2, 2)])
 def test_dq_of_shared_queries_split_over_the_batch(dq_splits, monkeypatch):
     # Shared queries over 5 samples: dQ's batch loop in 1, 2 (3 + 2 samples) or 5 fp32 partials summed in
-    # split order; every split count gives dQ to rounding, and dK / dV bit for bit (they never split).
+    # split order, or 2 x 2 with the 40 keys split too (32 + 8); every split count gives dQ to rounding,
+    # and dK / dV bit for bit (they never split).
     q, k, v = _qkv(1, 5, 4, 2, 17, 40, 24)
     o, lse = KA.attention_fwd(q, k, v, None, None, 24 ** -0.5)
     do = torch.randn_like(o)
@@ -166,7 +167,8 @@ def test_dq_of_shared_queries_split_over_the_batch(dq_splits, monkeypatch):
     dq, dk, dv = KA.attention_bwd(do, q, k, v, o, lse, None, None, 24 ** -0.5, dq_splits=dq_splits)
     dq1, dk1, dv1 = KA.attention_bwd(do, q, k, v, o, lse, None, None, 24 ** -0.5, dq_splits=1)
     partials = [shape for shape, dtype in allocated if len(shape) == 5]
-    assert partials == ([] if dq_splits == 1 else [(dq_splits, 1, 4, 17, 24)])
+    total = dq_splits[0] * dq_splits[1] if isinstance(dq_splits, tuple) else dq_splits  # (batch, key) splits
+    assert partials == ([] if total == 1 else [(total, 1, 4, 17, 24)])
     torch.testing.assert_close(dq, dq1, rtol=1e-5, atol=1e-6)
     assert torch.equal(dk, dk1) and torch.equal(dv, dv1)
     # Left to the launcher, 2 query blocks x 4 heads = 8 programs on 132 SMs split the 5 samples 5 ways.
