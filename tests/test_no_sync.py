@@ -131,3 +131,19 @@ def test_openflamingo_perceiver_attention_never_concatenates():
     ref = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask)
     ref = ref.transpose(1, 2).reshape(2, 3, 16) @ layer.to_out.weight.t()
     torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("batch_first", [True, False])
+def test_multihead_attention_drop_in_forward_has_no_sync_and_no_copy(batch_first):
+    """Sequence-first inputs are projected in their own layout and viewed as heads: no transposed copy."""
+    torch.manual_seed(0)
+    mha = torch.nn.MultiheadAttention(16, 2, batch_first=batch_first, kdim=12, vdim=12)
+    layer = mmfuse.nn.MultiheadAttention.from_module(mha)
+    q, k = torch.randn(2, 3, 16), torch.randn(2, 7, 12)
+    if not batch_first:
+        q, k = q.transpose(0, 1).contiguous(), k.transpose(0, 1).contiguous()
+    pad = torch.rand(2, 7) > 0.7
+    with OpLog() as log:
+        out, _ = layer(q, k, k, key_padding_mask=pad)
+    assert log.forbidden() == [], log.ops
+    torch.testing.assert_close(out, mha(q, k, k, key_padding_mask=pad)[0], rtol=1e-5, atol=1e-5)

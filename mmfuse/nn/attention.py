@@ -21,6 +21,12 @@ def _heads(x: torch.Tensor, heads: int) -> torch.Tensor:
     return x.view(B, L, heads, -1).transpose(1, 2)
 
 
+def _heads_seq_first(x: torch.Tensor, heads: int) -> torch.Tensor:
+    """(L, B, H*Dh) -> (B, H, L, Dh), a view."""
+    L, B, _ = x.shape
+    return x.view(L, B, heads, -1).permute(1, 2, 0, 3)
+
+
 def _merge(x: torch.Tensor) -> torch.Tensor:
     """(B, H, L, Dh) -> (B, L, H*Dh)."""
     B, H, L, Dh = x.shape
@@ -65,16 +71,16 @@ class MultiheadAttention(nn.Module):
         if need_weights or attn_mask is not None or is_causal:
             raise ValueError("need_weights / attn_mask / is_causal: expected False / None / False "
                              "(mmfuse.nn.MultiheadAttention computes padded cross-attention only)")
-        if not self.batch_first:  # (L, B, E) -> (B, L, E)
-            query, key, value = (t.transpose(0, 1) for t in (query, key, value))
         wq, wk, wv = self._weights()
         bq = bk = bv = None
         if self.in_proj_bias is not None:
             bq, bk, bv = self.in_proj_bias.chunk(3)
         H = self.num_heads
-        q = _heads(linear(query, wq, bq), H)
-        k = _heads(linear(key, wk, bk), H)
-        v = _heads(linear(value, wv, bv), H)
+        # Projections in the caller's layout; (L, B, E) inputs become (B, H, L, D) views, not copies.
+        heads = _heads if self.batch_first else _heads_seq_first
+        q = heads(linear(query, wq, bq), H)
+        k = heads(linear(key, wk, bk), H)
+        v = heads(linear(value, wv, bv), H)
         key_mask = None
         if key_padding_mask is not None:
             if key_padding_mask.dtype != torch.bool:
