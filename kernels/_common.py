@@ -123,6 +123,11 @@ def next_pow2(n: int) -> int:
 
 #: Streaming multiprocessors of the default target (H100 SXM). Launchers use the real count on a GPU.
 H100_SMS = 132
+#: The roofline the split rules and `mmfuse report` model with (H100 SXM, as measured on one; DESIGN.md):
+#: bf16 dense FLOP/s, HBM bytes/s, and a launch's fixed cost in µs (assumed).
+PEAK_FLOPS = 800e12
+PEAK_BYTES = 3.0e12
+LAUNCH_US = 3.0
 
 def num_sms(device: torch.device | None) -> int:
     if device is not None and device.type == "cuda":
@@ -161,4 +166,5 @@ __all__ = [
     "ACTIVATIONS", "apply_activation",
     "activation_grad", "grouped_tile", "KERNEL_DTYPES", "acc_dtype", "dot_precision", "POISON_OUTPUTS", "empty",
     "cdiv", "next_pow2", "H100_SMS", "num_sms", "gpu_config", "gpu_config_on", "forced_tile",
+    "PEAK_FLOPS", "PEAK_BYTES", "LAUNCH_US",
 ]

@@ -4,13 +4,15 @@ Layout: q (Bq, Hq, Lq, D) with Bq in {1, B} (Bq = 1: one set of learnable querie
 zero batch stride, never copied); k, v (B, Hkv, Lk, D) with Hq = GROUP * Hkv (query head h reads
 kv head h // GROUP: grouped-query attention by indexing); o (B, Hq, Lq, D). Any strides. D <= 256:
 BLOCK_D is D rounded up to a power of two, the tail masked (80, 96, 112 ...). Padding: keys at
-positions >= kv_lens[b] and keys with key_mask[b, n] == False are not attended.
+positions >= kv_lens[b] and keys with key_mask[b, n] == False are not attended. Two sources
+(TWO_SOURCES): the keys are k ‖ k2 (and v ‖ v2), read in place (``_kv_ptrs``); key n >= L1 is row
+n - L1 of the second; key_mask then covers the first L1 keys and the second source is always attended.
 
 Forward (online softmax, fp32 statistics in base 2: s = q.k * scale * log2(e)):
   For each query block and a chunk of the keys (split s of S), stream K/V blocks keeping the running
   max m, the running sum l and the unnormalised output acc; store acc / l and lse = m + log2(l).
   With S = 1 that is the result. With S > 1 (flash-decoding: a few queries cannot fill 132 SMs,
-  so the keys are split), each split writes fp32 partials and ``attn_combine_kernel`` merges them:
+  so the keys are split; S minimises the modelled time, ``choose_fwd_splits``), each split writes fp32 partials and ``attn_combine_kernel`` merges them:
   lse = log2 sum_s 2^lse_s, o = sum_s 2^(lse_s - lse) o_s, in split order (deterministic).
   A query row with no valid key gets o = 0 and lse = +inf, so that every recomputed probability
   2^(s - lse) in backward is 0: zero gradients, no NaN.
@@ -21,8 +23,9 @@ Backward (recompute P block by block from the saved lse; never the Lq x Lk matri
   dQ: one program per (query block, query head, Bq) loops over the batch when Bq = 1 (the
           gradient of broadcast queries) and over all key blocks: dQ += dS K
                                                          attn_bwd_dq_kernel
-      For broadcast queries the batch loop is split (``choose_splits``, as the forward splits keys)
-      into fp32 partials summed in split order, else 32 programs would do Idefics2's whole dQ.
+      For broadcast queries the batch loop is split (``choose_splits``) into fp32 partials summed in
+      split order, else 32 programs would do Idefics2's whole dQ; at small batch the key loop splits
+      too where the modelled time says so (``dq_splits_for``).
   with dS = P * (dP - delta), dP = dO V^T. Every output element has exactly one owner program that
   sums in a fixed order: no atomics, bitwise-reproducible gradients.
 """
@@ -33,32 +36,66 @@ import torch
 import triton
 import triton.language as tl
 
-from mmfuse.kernels._common import INTERPRET, cdiv, empty, gpu_config_on, next_pow2, num_sms
+from mmfuse.kernels._common import (
+    INTERPRET,
+    LAUNCH_US,
+    PEAK_BYTES,
+    PEAK_FLOPS,
+    cdiv,
+    empty,
+    gpu_config_on,
+    next_pow2,
+    num_sms,
+)
 
 LOG2E = 1.4426950408889634
 
 
 @triton.jit
-def _key_valid(offs_n, n_end, mask_row_ptr, stride_mn, HAS_MASK: tl.constexpr):
-    """Keys of this block that may be attended: inside the split / kv_len, and key_mask True."""
+def _key_valid(offs_n, n_end, mask_row_ptr, stride_mn, L1, HAS_MASK: tl.constexpr, TWO_SOURCES: tl.constexpr):
+    """Keys of this block that may be attended: inside the split / kv_len, and key_mask True. With two
+    sources the mask covers the first (L1 keys) and the second is always attended."""
     valid = offs_n < n_end
     if HAS_MASK:
-        km = tl.load(mask_row_ptr + offs_n * stride_mn, mask=valid, other=0)
+        if TWO_SOURCES:
+            km = tl.load(mask_row_ptr + offs_n * stride_mn, mask=valid & (offs_n < L1), other=1)
+        else:
+            km = tl.load(mask_row_ptr + offs_n * stride_mn, mask=valid, other=0)
         valid = valid & (km != 0)
     return valid
 
 
 @triton.jit
+def _kv_ptrs(base, base2, offs_n, offs_d, stride_n, stride_d, stride2_n, stride2_d, L1,
+             TWO_SOURCES: tl.constexpr, KEYS_ON_COLS: tl.constexpr):
+    """Addresses of a K or V tile (keys x D, or D x keys with KEYS_ON_COLS). With TWO_SOURCES the keys
+    are the concatenation of two tensors that is never built: key n < L1 is row n of source 1, key
+    n >= L1 row n - L1 of source 2 (the perceiver's media ‖ latents); a tile may straddle L1."""
+    if KEYS_ON_COLS:
+        n = offs_n[None, :]
+        d = offs_d[:, None]
+    else:
+        n = offs_n[:, None]
+        d = offs_d[None, :]
+    ptrs = base + n * stride_n + d * stride_d
+    if TWO_SOURCES:
+        ptrs = tl.where(n < L1, ptrs, base2 + (n - L1) * stride2_n + d * stride2_d)
+    return ptrs
+
+
+@triton.jit
 def attn_fwd_kernel(
-    q_ptr, k_ptr, v_ptr, o_ptr, lse_ptr, kv_lens_ptr, mask_ptr,
+    q_ptr, k_ptr, v_ptr, k2_ptr, v2_ptr, o_ptr, lse_ptr, kv_lens_ptr, mask_ptr,
     stride_qb, stride_qh, stride_qm, stride_qd,
     stride_kb, stride_kh, stride_kn, stride_kd,
     stride_vb, stride_vh, stride_vn, stride_vd,
+    stride_k2b, stride_k2h, stride_k2n, stride_k2d,
+    stride_v2b, stride_v2h, stride_v2n, stride_v2d,
     stride_os, stride_ob, stride_oh, stride_om, stride_od,
     stride_ls, stride_lb, stride_lh, stride_lm,
     stride_mb, stride_mn, stride_lens,
-    Hq, Lq, Lk, D, GROUP, CHUNK, qk_scale,
-    HAS_LENS: tl.constexpr, HAS_MASK: tl.constexpr, PARTIAL: tl.constexpr,
+    Hq, Lq, Lk, L1, D, GROUP, CHUNK, qk_scale,
+    HAS_LENS: tl.constexpr, HAS_MASK: tl.constexpr, TWO_SOURCES: tl.constexpr, PARTIAL: tl.constexpr,
     INPUT_PRECISION: tl.constexpr, ACC_DTYPE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr,
     EVEN_N: tl.constexpr,
@@ -86,6 +123,8 @@ def attn_fwd_kernel(
         n_end = tl.minimum(n_end, tl.load(kv_lens_ptr + b * stride_lens).to(tl.int32))
     k_base = k_ptr + b * stride_kb + hkv * stride_kh
     v_base = v_ptr + b * stride_vb + hkv * stride_vh
+    k2_base = k2_ptr + b * stride_k2b + hkv * stride_k2h
+    v2_base = v2_ptr + b * stride_v2b + hkv * stride_v2h
     mask_row = mask_ptr + b * stride_mb
 
     m_i = tl.full((BLOCK_M,), float("-inf"), dtype=ACC_DTYPE)
@@ -96,9 +135,9 @@ def attn_fwd_kernel(
         if EVEN_N:  # full key blocks, no padding: every key mask below folds away
             valid = tl.full((BLOCK_N,), 1, tl.int1)
         else:
-            valid = _key_valid(offs_n, n_end, mask_row, stride_mn, HAS_MASK)
-        kt = tl.load(k_base + offs_n[None, :] * stride_kn + offs_d[:, None] * stride_kd,
-                     mask=valid[None, :] & mask_d[:, None], other=0.0)
+            valid = _key_valid(offs_n, n_end, mask_row, stride_mn, L1, HAS_MASK, TWO_SOURCES)
+        kt = tl.load(_kv_ptrs(k_base, k2_base, offs_n, offs_d, stride_kn, stride_kd, stride_k2n, stride_k2d, L1,
+                              TWO_SOURCES, True), mask=valid[None, :] & mask_d[:, None], other=0.0)
         qk = tl.dot(q, kt, input_precision=INPUT_PRECISION).to(ACC_DTYPE)
         m_new = tl.maximum(m_i, tl.max(tl.where(valid[None, :], qk * qk_scale, float("-inf")), 1))
         # Rows that have seen no valid key yet keep m = -inf: subtract 0 instead (no inf - inf).
@@ -109,8 +148,8 @@ def attn_fwd_kernel(
         # cancels against l).
         p = tl.where(valid[None, :], tl.exp2(tl.fma(qk, qk_scale, -m_safe[:, None])), 0.0)
         l_i = l_i * alpha + tl.sum(p, 1)
-        v = tl.load(v_base + offs_n[:, None] * stride_vn + offs_d[None, :] * stride_vd,
-                    mask=valid[:, None] & mask_d[None, :], other=0.0)
+        v = tl.load(_kv_ptrs(v_base, v2_base, offs_n, offs_d, stride_vn, stride_vd, stride_v2n, stride_v2d, L1,
+                             TWO_SOURCES, False), mask=valid[:, None] & mask_d[None, :], other=0.0)
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=INPUT_PRECISION).to(ACC_DTYPE)
         m_i = m_new
 
@@ -202,17 +241,22 @@ def attn_delta_kernel(
 
 @triton.jit
 def attn_bwd_dkdv_kernel(
-    q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, dk_ptr, dv_ptr, kv_lens_ptr, mask_ptr,
+    q_ptr, k_ptr, v_ptr, k2_ptr, v2_ptr, do_ptr, lse_ptr, delta_ptr, dk_ptr, dv_ptr, dk2_ptr, dv2_ptr,
+    kv_lens_ptr, mask_ptr,
     stride_qb, stride_qh, stride_qm, stride_qd,
     stride_kb, stride_kh, stride_kn, stride_kd,
     stride_vb, stride_vh, stride_vn, stride_vd,
+    stride_k2b, stride_k2h, stride_k2n, stride_k2d,
+    stride_v2b, stride_v2h, stride_v2n, stride_v2d,
     stride_gb, stride_gh, stride_gm, stride_gd,
     stride_lb, stride_lh, stride_lm,
     stride_mb, stride_mn, stride_lens,
     stride_dkb, stride_dkh, stride_dkn, stride_dkd,
     stride_dvb, stride_dvh, stride_dvn, stride_dvd,
-    Hkv, Lq, Lk, D, GROUP, qk_scale, sm_scale,
-    HAS_LENS: tl.constexpr, HAS_MASK: tl.constexpr,
+    stride_dk2b, stride_dk2h, stride_dk2n, stride_dk2d,
+    stride_dv2b, stride_dv2h, stride_dv2n, stride_dv2d,
+    Hkv, Lq, Lk, L1, D, GROUP, qk_scale, sm_scale,
+    HAS_LENS: tl.constexpr, HAS_MASK: tl.constexpr, TWO_SOURCES: tl.constexpr,
     INPUT_PRECISION: tl.constexpr, ACC_DTYPE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
@@ -228,11 +272,13 @@ def attn_bwd_dkdv_kernel(
     n_end = Lk
     if HAS_LENS:
         n_end = tl.minimum(n_end, tl.load(kv_lens_ptr + b * stride_lens).to(tl.int32))
-    valid = _key_valid(offs_n, n_end, mask_ptr + b * stride_mb, stride_mn, HAS_MASK)
+    valid = _key_valid(offs_n, n_end, mask_ptr + b * stride_mb, stride_mn, L1, HAS_MASK, TWO_SOURCES)
     kv_mask = (offs_n < Lk)[:, None] & mask_d[None, :]
-    k = tl.load(k_ptr + b * stride_kb + hkv * stride_kh + offs_n[:, None] * stride_kn + offs_d[None, :] * stride_kd,
+    k = tl.load(_kv_ptrs(k_ptr + b * stride_kb + hkv * stride_kh, k2_ptr + b * stride_k2b + hkv * stride_k2h,
+                         offs_n, offs_d, stride_kn, stride_kd, stride_k2n, stride_k2d, L1, TWO_SOURCES, False),
                 mask=kv_mask, other=0.0)
-    v = tl.load(v_ptr + b * stride_vb + hkv * stride_vh + offs_n[:, None] * stride_vn + offs_d[None, :] * stride_vd,
+    v = tl.load(_kv_ptrs(v_ptr + b * stride_vb + hkv * stride_vh, v2_ptr + b * stride_v2b + hkv * stride_v2h,
+                         offs_n, offs_d, stride_vn, stride_vd, stride_v2n, stride_v2d, L1, TWO_SOURCES, False),
                 mask=kv_mask, other=0.0)
     dk = tl.zeros((BLOCK_N, BLOCK_D), dtype=ACC_DTYPE)
     dv = tl.zeros((BLOCK_N, BLOCK_D), dtype=ACC_DTYPE)
@@ -257,27 +303,32 @@ def attn_bwd_dkdv_kernel(
             dp = tl.dot(do, tl.trans(v), input_precision=INPUT_PRECISION).to(ACC_DTYPE)
             ds = p * (dp - delta[:, None])
             dk += tl.dot(tl.trans(ds.to(q.dtype)), q, input_precision=INPUT_PRECISION).to(ACC_DTYPE)
-    out = b * stride_dkb + hkv * stride_dkh + offs_n[:, None] * stride_dkn + offs_d[None, :] * stride_dkd
+    # Two sources: the rows of a straddling block go to their own output.
+    dk_ptrs = _kv_ptrs(dk_ptr + b * stride_dkb + hkv * stride_dkh, dk2_ptr + b * stride_dk2b + hkv * stride_dk2h,
+                       offs_n, offs_d, stride_dkn, stride_dkd, stride_dk2n, stride_dk2d, L1, TWO_SOURCES, False)
     # A key left out has P = 0, but a NaN in its v still reaches its dS column as 0 * NaN: its dK is 0.
     # (Once here, not per query block: masking the K/V loads by ``valid`` spilled at D = 256.)
     dk = tl.where(valid[:, None], dk * sm_scale, 0.0)
-    tl.store(dk_ptr + out, dk.to(dk_ptr.dtype.element_ty), mask=kv_mask)
-    out = b * stride_dvb + hkv * stride_dvh + offs_n[:, None] * stride_dvn + offs_d[None, :] * stride_dvd
-    tl.store(dv_ptr + out, dv.to(dv_ptr.dtype.element_ty), mask=kv_mask)
+    tl.store(dk_ptrs, dk.to(dk_ptr.dtype.element_ty), mask=kv_mask)
+    dv_ptrs = _kv_ptrs(dv_ptr + b * stride_dvb + hkv * stride_dvh, dv2_ptr + b * stride_dv2b + hkv * stride_dv2h,
+                       offs_n, offs_d, stride_dvn, stride_dvd, stride_dv2n, stride_dv2d, L1, TWO_SOURCES, False)
+    tl.store(dv_ptrs, dv.to(dv_ptr.dtype.element_ty), mask=kv_mask)
 
 
 @triton.jit
 def attn_bwd_dq_kernel(
-    q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, dq_ptr, kv_lens_ptr, mask_ptr,
+    q_ptr, k_ptr, v_ptr, k2_ptr, v2_ptr, do_ptr, lse_ptr, delta_ptr, dq_ptr, kv_lens_ptr, mask_ptr,
     stride_qb, stride_qh, stride_qm, stride_qd,
     stride_kb, stride_kh, stride_kn, stride_kd,
     stride_vb, stride_vh, stride_vn, stride_vd,
+    stride_k2b, stride_k2h, stride_k2n, stride_k2d,
+    stride_v2b, stride_v2h, stride_v2n, stride_v2d,
     stride_gb, stride_gh, stride_gm, stride_gd,
     stride_lb, stride_lh, stride_lm,
     stride_mb, stride_mn, stride_lens,
     stride_dqs, stride_dqb, stride_dqh, stride_dqm, stride_dqd,
-    Hq, Lq, Lk, D, GROUP, BATCH_LOOP, BATCH_CHUNK, qk_scale, sm_scale,
-    HAS_LENS: tl.constexpr, HAS_MASK: tl.constexpr,
+    Hq, Lq, Lk, L1, D, GROUP, BATCH_LOOP, BATCH_CHUNK, KEY_CHUNK, KEY_SPLITS, qk_scale, sm_scale,
+    HAS_LENS: tl.constexpr, HAS_MASK: tl.constexpr, TWO_SOURCES: tl.constexpr,
     INPUT_PRECISION: tl.constexpr, ACC_DTYPE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
@@ -285,7 +336,9 @@ def attn_bwd_dq_kernel(
     loops over the BATCH_LOOP samples that share them, in order: dQ is their fixed-order sum. Split
     (grid axis 2): split s takes samples [s*BATCH_CHUNK, (s+1)*BATCH_CHUNK) and writes its own fp32
     partial at s*stride_dqs; the launcher sums the partials in split order. A grid of query blocks x
-    heads alone is 32 programs for Idefics2, whatever the batch: the split is what fills the GPU."""
+    heads alone is 32 programs for Idefics2, whatever the batch: the split is what fills the GPU. At
+    small batch the keys split too (KEY_SPLITS chunks of KEY_CHUNK keys, a multiple of BLOCK_N): split
+    s takes batch chunk s // KEY_SPLITS and key chunk s % KEY_SPLITS, one fp32 partial each."""
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
     bq = pid_bh // Hq
@@ -298,8 +351,11 @@ def attn_bwd_dq_kernel(
     q = tl.load(q_ptr + bq * stride_qb + h * stride_qh + offs_m[:, None] * stride_qm + offs_d[None, :] * stride_qd,
                 mask=mask_md, other=0.0)
     dq = tl.zeros((BLOCK_M, BLOCK_D), dtype=ACC_DTYPE)
+    # Split s (grid axis 2) = (batch chunk s // KEY_SPLITS, key chunk s % KEY_SPLITS).
     split = tl.program_id(2)
-    for i in range(split * BATCH_CHUNK, tl.minimum(split * BATCH_CHUNK + BATCH_CHUNK, BATCH_LOOP)):
+    batch_split = split // KEY_SPLITS
+    n_start = (split % KEY_SPLITS) * KEY_CHUNK
+    for i in range(batch_split * BATCH_CHUNK, tl.minimum(batch_split * BATCH_CHUNK + BATCH_CHUNK, BATCH_LOOP)):
         b = bq + i  # bq = 0 when looping over the batch; i = 0 otherwise
         do = tl.load(do_ptr + b * stride_gb + h * stride_gh + offs_m[:, None] * stride_gm
                      + offs_d[None, :] * stride_gd, mask=mask_md, other=0.0)
@@ -309,14 +365,17 @@ def attn_bwd_dq_kernel(
         n_end = Lk
         if HAS_LENS:
             n_end = tl.minimum(n_end, tl.load(kv_lens_ptr + b * stride_lens).to(tl.int32))
-        for n0 in range(0, n_end, BLOCK_N):
+        n_end = tl.minimum(n_end, n_start + KEY_CHUNK)
+        for n0 in range(n_start, n_end, BLOCK_N):
             offs_n = n0 + tl.arange(0, BLOCK_N)
-            valid = _key_valid(offs_n, n_end, mask_ptr + b * stride_mb, stride_mn, HAS_MASK)
+            valid = _key_valid(offs_n, n_end, mask_ptr + b * stride_mb, stride_mn, L1, HAS_MASK, TWO_SOURCES)
             kv_mask = valid[:, None] & (offs_d < D)[None, :]
-            k = tl.load(k_ptr + b * stride_kb + hkv * stride_kh + offs_n[:, None] * stride_kn
-                        + offs_d[None, :] * stride_kd, mask=kv_mask, other=0.0)
-            v = tl.load(v_ptr + b * stride_vb + hkv * stride_vh + offs_n[:, None] * stride_vn
-                        + offs_d[None, :] * stride_vd, mask=kv_mask, other=0.0)
+            k = tl.load(_kv_ptrs(k_ptr + b * stride_kb + hkv * stride_kh, k2_ptr + b * stride_k2b + hkv * stride_k2h,
+                                 offs_n, offs_d, stride_kn, stride_kd, stride_k2n, stride_k2d, L1, TWO_SOURCES,
+                                 False), mask=kv_mask, other=0.0)
+            v = tl.load(_kv_ptrs(v_ptr + b * stride_vb + hkv * stride_vh, v2_ptr + b * stride_v2b + hkv * stride_v2h,
+                                 offs_n, offs_d, stride_vn, stride_vd, stride_v2n, stride_v2d, L1, TWO_SOURCES,
+                                 False), mask=kv_mask, other=0.0)
             qk = tl.dot(q, tl.trans(k), input_precision=INPUT_PRECISION).to(ACC_DTYPE)
             p = tl.where(valid[None, :], tl.exp2(tl.fma(qk, qk_scale, -lse[:, None])), 0.0)
             dp = tl.dot(do, tl.trans(v), input_precision=INPUT_PRECISION).to(ACC_DTYPE)
@@ -389,6 +448,76 @@ def choose_splits(programs: int, key_blocks: int, sms: int) -> int:
     return best
 
 
+def dq_efficiency(programs: int, batch_loop: int, key_blocks: int, b: int, k: int, sms: int) -> float:
+    """Useful (sample, key block) iterations of dQ over what its occupied waves could run, with the
+    batch loop split ``b`` ways and the keys ``k`` ways."""
+    per = cdiv(batch_loop, b) * cdiv(key_blocks, k)
+    return programs * batch_loop * key_blocks / (cdiv(programs * b * k, sms) * sms * per)
+
+
+def dq_splits_for(B: int, Bq: int, Hq: int, Hkv: int, Lq: int, Lk: int, D: int, elem: int, blocks: dict,
+                  sms: int) -> tuple[int, int]:
+    """(batch splits, key splits) of dQ. The batch loop of shared queries splits first
+    (``choose_splits``); when that cannot reach TARGET_WAVE_EFFICIENCY (batch 1, or few samples) the
+    keys may split too, if the modelled time says so (roofline at the grid's efficiency, the fp32
+    partials written and read back, the summing launch): Idefics2 at batch 1 (32 programs over 78 key
+    blocks) splits, the short key sets of OpenFlamingo and BLIP-2 do not."""
+    programs = cdiv(Lq, blocks["BLOCK_M"]) * Bq * Hq
+    batch_loop = B if Bq == 1 else 1
+    key_blocks = max(1, cdiv(Lk, blocks["BLOCK_N"]))
+    b = choose_splits(programs, batch_loop, sms)
+    b = cdiv(batch_loop, cdiv(batch_loop, b))
+    if split_efficiency(programs, batch_loop, b, sms) >= TARGET_WAVE_EFFICIENCY:
+        return b, 1
+    k = choose_splits(programs * b, key_blocks, sms)
+    k = cdiv(key_blocks, cdiv(key_blocks, k))
+    flops = 6 * B * Hq * Lq * Lk * D  # three matrix products
+    base = (2 * B * Hkv * Lk + B * Hq * Lq + Bq * Hq * Lq) * D * elem
+    partial = Bq * Hq * Lq * D * 4
+
+    def us(kk):
+        total = b * kk
+        t = max(flops / (PEAK_FLOPS * dq_efficiency(programs, batch_loop, key_blocks, b, kk, sms)),
+                (base + (total * partial if total > 1 else partial // 2)) / PEAK_BYTES) * 1e6 + LAUNCH_US
+        return t + ((total * partial + partial // 2) / PEAK_BYTES * 1e6 + LAUNCH_US if total > 1 else 0.0)
+
+    return (b, k) if us(k) < us(1) else (b, 1)
+
+
+def fwd_modelled_us(B: int, Bq: int, Hq: int, Hkv: int, Lq: int, Lk: int, D: int, elem: int, splits: int,
+                    sms: int, blocks=None) -> float:
+    """Roofline of the forward with ``splits`` key splits (H100 figures of kernels/_common.py):
+    max(FLOPs / (peak x the split's wave efficiency), bytes / bandwidth) + a launch, and with splits
+    the fp32 partials (o and lse) written, read back by the combine, its output and its launch."""
+    blk = blocks or gpu_blocks(Lq, D, elem_bytes=elem)
+    programs = cdiv(Lq, blk["BLOCK_M"]) * B * Hq
+    key_blocks = max(1, cdiv(Lk, blk["BLOCK_N"]))
+    flops = 4 * B * Hq * Lq * Lk * D
+    out = B * Hq * Lq * (D * elem + 4)
+    partials = splits * B * Hq * Lq * (D + 1) * 4
+    inputs = (Bq * Hq * Lq + 2 * B * Hkv * Lk) * D * elem
+    eff = split_efficiency(programs, key_blocks, splits, sms)
+    us = max(flops / (PEAK_FLOPS * eff), (inputs + (partials if splits > 1 else out)) / PEAK_BYTES) * 1e6 + LAUNCH_US
+    if splits > 1:
+        us += (partials + out) / PEAK_BYTES * 1e6 + LAUNCH_US
+    return us
+
+
+def choose_fwd_splits(B: int, Bq: int, Hq: int, Hkv: int, Lq: int, Lk: int, D: int, elem: int, sms: int,
+                      blocks=None) -> int:
+    """Key splits of the forward minimising ``fwd_modelled_us`` (fewer on ties): occupancy against the
+    partials' bytes and the combine launch. Short key sets (OpenFlamingo, BLIP-2) stay in one launch."""
+    blk = blocks or gpu_blocks(Lq, D, elem_bytes=elem)
+    key_blocks = max(1, cdiv(Lk, blk["BLOCK_N"]))
+    best, best_us = 1, fwd_modelled_us(B, Bq, Hq, Hkv, Lq, Lk, D, elem, 1, sms, blk)
+    for s in range(2, min(MAX_SPLITS, key_blocks) + 1):
+        s_eff = cdiv(key_blocks, cdiv(key_blocks, s))  # splits launched for this chunk size
+        us = fwd_modelled_us(B, Bq, Hq, Hkv, Lq, Lk, D, elem, s_eff, sms, blk)
+        if us < best_us * (1 - 1e-9):
+            best, best_us = s_eff, us
+    return best
+
+
 # ----------------------------------------------------------------------------------------------
 # Launchers
 # ----------------------------------------------------------------------------------------------
@@ -404,11 +533,25 @@ def _mask_args(kv_lens, key_mask, like):
     return lens, mask, (*stride_m, kv_lens.stride(0) if kv_lens is not None else 0)
 
 
-def attention_fwd(q, k, v, kv_lens, key_mask, scale, splits=None, acc=torch.float32, precision="ieee"):
-    """Returns (o (B, Hq, Lq, D) in q's dtype, lse (B, Hq, Lq) in ``acc``, base 2; +inf on empty rows)."""
+def _second_source(k, v, k2, v2):
+    """(k2, v2, their 8 strides, L1, two_sources): the latter key rows when given, else dummies."""
+    if k2 is None:
+        return k, v, [0] * 8, k.shape[2], False
+    return k2, v2, _strides4(k2) + _strides4(v2), k.shape[2], True
+
+
+def attention_fwd(q, k, v, kv_lens, key_mask, scale, splits=None, acc=torch.float32, precision="ieee",
+                  k2=None, v2=None):
+    """``k2, v2``: optional second key/value source (B, Hkv, L2, D): the keys are k ‖ k2, never built.
+    Returns (o (B, Hq, Lq, D) in q's dtype, stored head-interleaved (B, Lq, Hq, D); lse (B, Hq, Lq) in
+    ``acc``, base 2; +inf on empty rows)."""
     B, Hkv, Lk, D = k.shape
+    k2, v2, s2, L1, two = _second_source(k, v, k2, v2)
+    Lk = L1 + (k2.shape[2] if two else 0)
     Hq, Lq = q.shape[1], q.shape[2]
-    o = empty((B, Hq, Lq, D), dtype=q.dtype, device=q.device)
+    # Stored as (B, Lq, Hq, D), returned as a (B, Hq, Lq, D) view: the layout every caller merges heads
+    # in (transformers' (B, L, H, D), projections' (B, L, H*D)), so no caller copies for layout.
+    o = empty((B, Lq, Hq, D), dtype=q.dtype, device=q.device).transpose(1, 2)
     lse = empty((B, Hq, Lq), dtype=acc, device=q.device)
     if o.numel() == 0:
         return o, lse
@@ -419,7 +562,7 @@ def attention_fwd(q, k, v, kv_lens, key_mask, scale, splits=None, acc=torch.floa
         qs[0] = 0  # one set of queries for every sample
     key_blocks = max(1, cdiv(Lk, BN))
     if splits is None:
-        splits = choose_splits(cdiv(Lq, BM) * B * Hq, key_blocks, num_sms(q.device))
+        splits = choose_fwd_splits(B, q.shape[0], Hq, Hkv, Lq, Lk, D, q.element_size(), num_sms(q.device), blk)
     splits = max(1, min(int(splits), key_blocks))
     chunk = cdiv(key_blocks, splits) * BN
     splits = cdiv(max(Lk, 1), chunk)
@@ -433,9 +576,9 @@ def attention_fwd(q, k, v, kv_lens, key_mask, scale, splits=None, acc=torch.floa
         os_, ls_ = list(o_t.stride()), list(l_t.stride())
     grid = (cdiv(Lq, BM), B * Hq, splits)
     _attn_fwd[grid](
-        q, k, v, o_t, l_t, lens, mask, *qs, *_strides4(k), *_strides4(v), *os_, *ls_, *mask_strides,
-        Hq, Lq, Lk, D, Hq // Hkv, chunk, float(scale * LOG2E),
-        HAS_LENS=kv_lens is not None, HAS_MASK=key_mask is not None, PARTIAL=splits > 1,
+        q, k, v, k2, v2, o_t, l_t, lens, mask, *qs, *_strides4(k), *_strides4(v), *s2, *os_, *ls_, *mask_strides,
+        Hq, Lq, Lk, L1, D, Hq // Hkv, chunk, float(scale * LOG2E),
+        HAS_LENS=kv_lens is not None, HAS_MASK=key_mask is not None, TWO_SOURCES=two, PARTIAL=splits > 1,
         INPUT_PRECISION=precision, ACC_DTYPE=_tl_acc(acc), BLOCK_M=BM, BLOCK_N=BN, BLOCK_D=BD,
         num_warps=blk["num_warps"], num_stages=blk["num_stages"],
     )
@@ -449,10 +592,15 @@ def attention_fwd(q, k, v, kv_lens, key_mask, scale, splits=None, acc=torch.floa
 
 
 def attention_bwd(do, q, k, v, o, lse, kv_lens, key_mask, scale, need_q=True, need_kv=True,
-                  acc=torch.float32, precision="ieee", dq_splits=None):
+                  acc=torch.float32, precision="ieee", dq_splits=None, k2=None, v2=None):
     """(dq shaped like q, dk, dv shaped like k, v); None for what is not needed. ``dq_splits``: how
-    many ways dQ splits the batch loop of shared queries (default: ``choose_splits`` on 132 SMs)."""
+    many ways dQ splits the batch loop of shared queries, or (batch splits, key splits) (default:
+    ``dq_splits_for`` on 132 SMs).
+    With a second source ``k2, v2``: dk and dv are pairs (shaped like k, k2 and v, v2), written by the
+    same kernel (a key block straddling the seam stores each row in its own tensor)."""
     B, Hkv, Lk, D = k.shape
+    k2, v2, s2, L1, two = _second_source(k, v, k2, v2)
+    Lk = L1 + (k2.shape[2] if two else 0)
     Bq, Hq, Lq = q.shape[0], q.shape[1], q.shape[2]
     blk = blocks_for(Lq, D, backward=True, elem_bytes=q.element_size())
     BM, BN, BD = blk["BLOCK_M"], blk["BLOCK_N"], max(16, next_pow2(D))
@@ -461,7 +609,8 @@ def attention_bwd(do, q, k, v, o, lse, kv_lens, key_mask, scale, need_q=True, ne
         qs[0] = 0
     delta = empty((B, Hq, Lq), dtype=acc, device=q.device)
     lens, mask, mask_strides = _mask_args(kv_lens, key_mask, delta)
-    common = dict(HAS_LENS=kv_lens is not None, HAS_MASK=key_mask is not None, INPUT_PRECISION=precision,
+    common = dict(HAS_LENS=kv_lens is not None, HAS_MASK=key_mask is not None, TWO_SOURCES=two,
+                  INPUT_PRECISION=precision,
                   ACC_DTYPE=_tl_acc(acc), BLOCK_M=BM, BLOCK_N=BN, BLOCK_D=BD,
                   num_warps=blk["num_warps"], num_stages=blk["num_stages"])
     if delta.numel():
@@ -473,29 +622,38 @@ def attention_bwd(do, q, k, v, o, lse, kv_lens, key_mask, scale, need_q=True, ne
     if need_kv:
         dk = empty(k.shape, dtype=k.dtype, device=k.device)
         dv = empty(v.shape, dtype=v.dtype, device=v.device)
-        if dk.numel():
+        dk2 = empty(k2.shape, dtype=k.dtype, device=k.device) if two else dk
+        dv2 = empty(v2.shape, dtype=v.dtype, device=v.device) if two else dv
+        if B * Hkv * Lk * D:
             attn_bwd_dkdv_kernel[(cdiv(Lk, BN), B * Hkv)](
-                q, k, v, do, lse, delta, dk, dv, lens, mask,
-                *qs, *_strides4(k), *_strides4(v), *_strides4(do), *lse.stride(), *mask_strides,
-                *_strides4(dk), *_strides4(dv),
-                Hkv, Lq, Lk, D, Hq // Hkv, float(scale * LOG2E), float(scale), **common)
+                q, k, v, k2, v2, do, lse, delta, dk, dv, dk2, dv2, lens, mask,
+                *qs, *_strides4(k), *_strides4(v), *s2, *_strides4(do), *lse.stride(), *mask_strides,
+                *_strides4(dk), *_strides4(dv), *(_strides4(dk2) + _strides4(dv2) if two else [0] * 8),
+                Hkv, Lq, Lk, L1, D, Hq // Hkv, float(scale * LOG2E), float(scale), **common)
+        if two:
+            dk, dv = (dk, dk2), (dv, dv2)
     if need_q:
         dq = empty(q.shape, dtype=q.dtype, device=q.device)
         if dq.numel() and B == 0:  # shared queries over an empty batch: an empty sum
             dq.zero_()
         elif dq.numel():
             batch_loop = B if Bq == 1 else 1
-            splits = dq_splits if dq_splits is not None else choose_splits(
-                cdiv(Lq, BM) * Bq * Hq, batch_loop, num_sms(q.device))
+            key_blocks = max(1, cdiv(Lk, BN))
+            splits, key_splits = dq_splits_for(B, Bq, Hq, Hkv, Lq, Lk, D, q.element_size(), blk, num_sms(q.device))
+            if dq_splits is not None:
+                splits, key_splits = (dq_splits, 1) if isinstance(dq_splits, int) else dq_splits
             chunk = cdiv(batch_loop, max(1, min(int(splits), batch_loop)))
-            splits = cdiv(batch_loop, chunk)
+            key_chunk = cdiv(key_blocks, max(1, min(int(key_splits), key_blocks))) * BN
+            key_splits = cdiv(max(Lk, 1), key_chunk)
+            splits = cdiv(batch_loop, chunk) * key_splits
             # Shared queries, split over the batch: fp32 partials, summed below in split order.
             target = empty((splits, *q.shape), dtype=acc, device=q.device) if splits > 1 else dq
             attn_bwd_dq_kernel[(cdiv(Lq, BM), Bq * Hq, splits)](
-                q, k, v, do, lse, delta, target, lens, mask,
-                *qs, *_strides4(k), *_strides4(v), *_strides4(do), *lse.stride(), *mask_strides,
+                q, k, v, k2, v2, do, lse, delta, target, lens, mask,
+                *qs, *_strides4(k), *_strides4(v), *s2, *_strides4(do), *lse.stride(), *mask_strides,
                 target.stride(0) if splits > 1 else 0, *_strides4(target[0] if splits > 1 else dq),
-                Hq, Lq, Lk, D, Hq // Hkv, batch_loop, chunk, float(scale * LOG2E), float(scale), **common)
+                Hq, Lq, Lk, L1, D, Hq // Hkv, batch_loop, chunk, key_chunk, key_splits, float(scale * LOG2E),
+                float(scale), **common)
             if splits > 1:
                 dq = target.sum(0).to(q.dtype)  # over the leading dim: a fixed order, no atomics
     return dq, dk, dv
@@ -543,8 +701,9 @@ def aot_specs():
             blk = fwd_blk if name == "fwd" else bwd_blk
             BM, BN, BD, warps, stages = blk["BLOCK_M"], blk["BLOCK_N"], max(16, next_pow2(D)), blk["num_warps"], \
                 blk["num_stages"]
-            common = dict(HAS_LENS=True, HAS_MASK=True, INPUT_PRECISION=precision, ACC_DTYPE=tl.float32,
-                          BLOCK_M=BM, BLOCK_N=BN, BLOCK_D=BD)
+            common = dict(HAS_LENS=True, HAS_MASK=True, TWO_SOURCES=False, INPUT_PRECISION=precision,
+                          ACC_DTYPE=tl.float32, BLOCK_M=BM, BLOCK_N=BN, BLOCK_D=BD)
+            one_source = dict(k2_ptr=ptr, v2_ptr=ptr, L1=Lk, **{f"stride_{t}2{a}": 0 for t in "kv" for a in "bhnd"})
             if name == "fwd":
                 op_s = strides(splits, B, Hq, Lq, D)
                 lp_s = strides(splits, B, Hq, Lq)
@@ -555,7 +714,7 @@ def aot_specs():
                             **dict(zip(["stride_os", "stride_ob", "stride_oh", "stride_om", "stride_od"], op_s)),
                             **dict(zip(["stride_ls", "stride_lb", "stride_lh", "stride_lm"], lp_s)),
                             stride_mb=Lk, stride_mn=1, stride_lens=1, Hq=Hq, Lq=Lq, Lk=Lk, D=D, GROUP=Hq // Hkv,
-                            CHUNK=cdiv(cdiv(Lk, BN), splits) * BN, qk_scale=0.1)
+                            CHUNK=cdiv(cdiv(Lk, BN), splits) * BN, qk_scale=0.1, **one_source)
                 cx = dict(common, PARTIAL=True, EVEN_D=D == BD, EVEN_N=False)
                 specs.append(spec("attn_fwd_kernel", attn_fwd_kernel, "split-KV partial, lens+mask", dtype, ptr, D,
                                   args, cx, precision == "tf32" or ptr != "*fp32", warps, stages))
@@ -565,7 +724,7 @@ def aot_specs():
                                 stride_os=0, stride_ls=0,
                                 **dict(zip(["stride_ob", "stride_oh", "stride_om", "stride_od"], o_s)),
                                 **dict(zip(["stride_lb", "stride_lh", "stride_lm"], strides(B, Hq, Lq))),
-                                CHUNK=4096, **dict(zip(["stride_kb", "stride_kh", "stride_kn", "stride_kd"],
+                                CHUNK=4096, L1=4096, **dict(zip(["stride_kb", "stride_kh", "stride_kn", "stride_kd"],
                                                        strides(B, Hkv, 4096, D))),
                                 **dict(zip(["stride_vb", "stride_vh", "stride_vn", "stride_vd"],
                                            strides(B, Hkv, 4096, D))))
@@ -581,11 +740,12 @@ def aot_specs():
                             **dict(zip(["stride_lb", "stride_lh", "stride_lm"], l_s)),
                             kv_lens_ptr="*i32", mask_ptr="*u8", stride_mb=Lk, stride_mn=1, stride_lens=1, Lq=Lq,
                             Lk=Lk, D=D,
-                            GROUP=Hq // Hkv, qk_scale=0.1, sm_scale=0.1)
+                            GROUP=Hq // Hkv, qk_scale=0.1, sm_scale=0.1, **one_source)
                 if name == "dkdv":
-                    args = dict(base, dk_ptr=ptr, dv_ptr=ptr, Hkv=Hkv,
+                    args = dict(base, dk_ptr=ptr, dv_ptr=ptr, dk2_ptr=ptr, dv2_ptr=ptr, Hkv=Hkv,
                                 **dict(zip(["stride_dkb", "stride_dkh", "stride_dkn", "stride_dkd"], k_s)),
-                                **dict(zip(["stride_dvb", "stride_dvh", "stride_dvn", "stride_dvd"], k_s)))
+                                **dict(zip(["stride_dvb", "stride_dvh", "stride_dvn", "stride_dvd"], k_s)),
+                                **{f"stride_d{t}2{a}": 0 for t in "kv" for a in "bhnd"})
                     specs.append(spec("attn_bwd_dkdv_kernel", attn_bwd_dkdv_kernel, "dK, dV over the group",
                                       dtype, ptr, D, args, common, True, warps, stages,
                                       sm90="wgmma" if BN >= 64 else "mma.sync"))
@@ -593,12 +753,36 @@ def aot_specs():
                     # Shared queries over batch 8: 2 x 16 programs, the batch split 4 ways (fp32 partials).
                     dq_splits = choose_splits(cdiv(Lq, BM) * Hq, B, 132)
                     args = dict(base, dq_ptr="*fp32", Hq=Hq, BATCH_LOOP=B, BATCH_CHUNK=cdiv(B, dq_splits),
+                                KEY_CHUNK=cdiv(Lk, BN) * BN, KEY_SPLITS=1,
                                 stride_dqs=Hq * Lq * D,
                                 **dict(zip(["stride_dqb", "stride_dqh", "stride_dqm", "stride_dqd"],
                                            strides(1, Hq, Lq, D))))
                     specs.append(spec("attn_bwd_dq_kernel", attn_bwd_dq_kernel, "dQ, batch split",
                                       dtype, ptr, D, args, common, True, warps, stages,
                                       sm90="wgmma" if BM >= 64 else "mma.sync"))
+    # The perceiver's keys from two sources, never concatenated: context (B, N, Hkv*D) and latents
+    # (B, Lq, Hkv*D) in the projections' layouts, Idefics2 at D = 96 (N = Lk - Lq context tokens).
+    import dataclasses
+
+    D = 96
+    src1 = [(Lk - Lq) * Hkv * D, D, Hkv * D, 1]
+    src2 = [Lq * Hkv * D, D, Hkv * D, 1]
+    two = {f"stride_{t}{a}": x for t in ("k", "v", "dk", "dv") for a, x in zip("bhnd", src1)}
+    two.update({f"stride_{t}2{a}": x for t in ("k", "v", "dk", "dv") for a, x in zip("bhnd", src2)})
+    for sp in list(specs):
+        if sp.dtype == "fp16" and sp.config.startswith(f"D={D} ") and sp.variant in (
+                "split-KV partial, lens+mask", "dK, dV over the group", "dQ, batch split"):
+            args = dict(sp.args)
+            args.update({n: x for n, x in two.items() if n in args}, L1=Lk - Lq)
+            specs.append(dataclasses.replace(sp, variant=sp.variant + ", two sources", args=tuple(args.items()),
+                                             constexprs=tuple(dict(sp.constexprs, TWO_SOURCES=True).items())))
+    # dQ at batch 1: the keys split 4 ways (KEY_SPLITS a runtime integer, fp32 partials).
+    for sp in list(specs):
+        if sp.dtype == "fp16" and sp.variant == "dQ, batch split" and sp.config.startswith(f"D={D} "):
+            kb = cdiv(Lk, dict(sp.constexprs)["BLOCK_N"])
+            args = dict(sp.args, BATCH_LOOP=1, BATCH_CHUNK=1, KEY_SPLITS=4,
+                        KEY_CHUNK=cdiv(kb, 4) * dict(sp.constexprs)["BLOCK_N"])
+            specs.append(dataclasses.replace(sp, variant="dQ, key split (batch 1)", args=tuple(args.items())))
     for D in (64, 96, 256):  # the row-wise kernels' tiles: one per BLOCK_D (rowwise_blocks)
         rb = rowwise_blocks(D, gpu=True)
         cx = dict(ACC_DTYPE=tl.float32, BLOCK_M=rb["BLOCK_M"], BLOCK_D=rb["BLOCK_D"])

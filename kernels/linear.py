@@ -38,6 +38,7 @@ from mmfuse.kernels._common import (
     grouped_tile,
     num_sms,
 )
+from mmfuse.kernels._tuning import TileChooser
 
 
 @triton.jit
@@ -147,7 +148,7 @@ GEMM_TILES = (
     (64, 64, 64, 4, 4),
 )
 GROUP_M = 8
-#: Configs whose wave efficiency is below this are dropped before autotuning (see bench/NOTES.md).
+#: Tiles whose wave efficiency is below this are dropped before the choice (see bench/NOTES.md).
 MIN_WAVE_EFFICIENCY = 0.70
 
 #: The single config used under the interpreter: small, so odd test sizes span several tiles.
@@ -180,31 +181,12 @@ def candidate_tiles(M: int, N: int, sms: int):
     return keep
 
 
-def _config(tile, elem_bytes: int) -> triton.Config:
-    bm, bn, bk, warps, stages = tile
-    return triton.Config(
-        {"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": block_k_for(bk, elem_bytes), "GROUP_M": GROUP_M},
-        num_warps=warps, num_stages=stages,
-    )
-
-
-def _prune(configs, named_args, **kwargs):
-    M, N = named_args["M"], named_args["N"]
-    elem_bytes = named_args["a_ptr"].element_size()
-    keep = candidate_tiles(M, N, num_sms(named_args["a_ptr"].device))
-    return [_config(t, elem_bytes) for t in keep]
-
-
 _even_k = triton.heuristics({"EVEN_K": lambda args: args["K"] % args["BLOCK_K"] == 0})
 
-#: Fixed-config entry point: the interpreter (which cannot benchmark), ``gpu_config`` and empty reductions.
-_gemm_fixed = _even_k(fused_gemm_kernel)
-#: Autotuned entry point for GPUs: configs pruned by wave efficiency, keyed on shape and epilogue.
-_gemm_tuned = None if INTERPRET else triton.autotune(
-    configs=[_config(t, 2) for t in GEMM_TILES],
-    key=["M", "N", "K", "ACTIVATION", "HAS_BIAS", "STORE_AUX", "ACT_GRAD", "ROWSUM_A"],
-    prune_configs_by={"early_config_prune": _prune},
-)(_even_k(fused_gemm_kernel))
+#: The one entry point: every launch passes its tile (kernels/_tuning.py decides which on a GPU).
+_gemm = _even_k(fused_gemm_kernel)
+#: Tile choice on a GPU: the wave model's pick, or timed once per octave of M with MMFUSE_AUTOTUNE=1.
+TUNER = TileChooser("linear/fused_gemm_kernel")
 
 
 def _launch_gemm(a, b, c, *, bias=None, aux=None, rowsum=None, activation=0,
@@ -226,21 +208,28 @@ def _launch_gemm(a, b, c, *, bias=None, aux=None, rowsum=None, activation=0,
         ACTIVATION=activation, HAS_BIAS=bias is not None, STORE_AUX=store_aux, ACT_GRAD=act_grad,
         ROWSUM_A=rowsum is not None, INPUT_PRECISION=dot_precision(a.dtype), ACC_DTYPE=acc_dtype(a.dtype),
     )
-    tile = forced_tile("fused_gemm_kernel")  # a GPU tile chosen by the tests (gpu_config), else None
-    if K == 0 and tile is None and not INTERPRET:
-        # An empty reduction (a layer of width 0): the loop runs zero times and the epilogue writes
-        # act(bias), 0 * act'(h) or the empty row sums, as torch does. Nothing to autotune.
-        tile = GEMM_TILES[-1]
-    if INTERPRET or tile is not None:
-        bm, bn, bk, warps, stages = INTERPRETER_TILE if tile is None else tile
-        if tile is not None:  # a GPU tile: BLOCK_K as the GPU takes it
+    forced = forced_tile("fused_gemm_kernel")  # a GPU tile chosen by the tests (gpu_config), else None
+
+    def launch(tile, gpu_tile=True):
+        bm, bn, bk, warps, stages = tile
+        if gpu_tile:  # a GPU tile: BLOCK_K as the GPU takes it (halved for 4-byte dtypes)
             bk = block_k_for(bk, a.element_size())
         grid = (cdiv(M, bm) * cdiv(N, bn),)
-        _gemm_fixed[grid](*args, **flags, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=GROUP_M,
-                          num_warps=warps, num_stages=stages)
+        _gemm[grid](*args, **flags, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=GROUP_M,
+                    num_warps=warps, num_stages=stages)
+
+    if forced is not None:
+        launch(forced)
+    elif INTERPRET:
+        launch(INTERPRETER_TILE, gpu_tile=False)
+    elif K == 0:
+        # An empty reduction (a layer of width 0): the loop runs zero times and the epilogue writes
+        # act(bias), 0 * act'(h) or the empty row sums, as torch does. Nothing to choose.
+        launch(GEMM_TILES[-1])
     else:
-        grid = lambda meta: (cdiv(M, meta["BLOCK_M"]) * cdiv(N, meta["BLOCK_N"]),)  # noqa: E731
-        _gemm_tuned[grid](*args, **flags)
+        layouts = (a.stride(1) == 1, b.stride(1) == 1, c.stride(1) == 1)
+        key = (a.dtype, a.device, *flags.values(), *layouts)
+        launch(TUNER.choose((M, N, K), key, candidate_tiles(M, N, num_sms(a.device)), launch))
 
 
 # ----------------------------------------------------------------------------------------------

@@ -42,10 +42,15 @@ from mmfuse.kernels._common import (
     dot_precision,
     empty,
     forced_tile,
+    gpu_config_on,
     grouped_tile,
     next_pow2,
     num_sms,
+    LAUNCH_US,
+    PEAK_BYTES,
+    PEAK_FLOPS,
 )
+from mmfuse.kernels._tuning import TileChooser, largest_tile
 from mmfuse.kernels.linear import MIN_WAVE_EFFICIENCY, block_k_for, wave_efficiency
 
 
@@ -200,7 +205,7 @@ def patch_embed_dw_kernel(
     M, D, K, GRID_F, GRID_H, GRID_W,
     stride_gb, stride_gn, stride_gd,
     stride_xb, stride_xc, stride_xf, stride_xh, stride_xw,
-    stride_dwd, stride_dwk,
+    stride_dws, stride_dwd, stride_dwk, stride_dbs, TOKEN_CHUNK,
     T: tl.constexpr, P: tl.constexpr,
     ROWSUM_A: tl.constexpr,     # db[d] = sum_m dOut[m, d] from the dOut^T tiles already loaded
     INPUT_PRECISION: tl.constexpr, ACC_DTYPE: tl.constexpr,
@@ -208,8 +213,12 @@ def patch_embed_dw_kernel(
     GROUP_M: tl.constexpr, EVEN_K: tl.constexpr,
 ):
     """dW[d, k] = sum_m dOut[m, d] * pixels[patch(m), k] (tiles: BLOCK_M of D x BLOCK_N of K; the
-    loop walks BLOCK_K tokens at a time and gathers their patches again)."""
+    loop walks BLOCK_K tokens at a time and gathers their patches again). Split-K over tokens (grid
+    axis 1): split s sums tokens [s*TOKEN_CHUNK, (s+1)*TOKEN_CHUNK) (a multiple of BLOCK_K) into its
+    own fp32 partial at s*stride_dws (and s*stride_dbs for db); ``dw_combine_kernel`` sums them in
+    split order. One split writes dW and db directly (strides 0)."""
     pid_m, pid_n = grouped_tile(D, K, BLOCK_M, BLOCK_N, GROUP_M)
+    split = tl.program_id(1)
     offs_d = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_t = tl.arange(0, BLOCK_K)
@@ -220,7 +229,7 @@ def patch_embed_dw_kernel(
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=ACC_DTYPE)
     if ROWSUM_A:
         rowsum = tl.zeros((BLOCK_M,), dtype=ACC_DTYPE)
-    for m0 in range(0, M, BLOCK_K):
+    for m0 in range(split * TOKEN_CHUNK, tl.minimum(M, split * TOKEN_CHUNK + TOKEN_CHUNK), BLOCK_K):
         m = m0 + offs_t
         g_ptrs = dout_ptr + g_cols[:, None] + _token_rows(m, M, N_TOK, stride_gb, stride_gn)[None, :]
         x_rows = _token_offsets(m, M, GRID_F, GRID_H, GRID_W, stride_xb, stride_xf, stride_xh, stride_xw, T, P)
@@ -237,11 +246,37 @@ def patch_embed_dw_kernel(
 
     mask_d = offs_d < D
     mask = mask_d[:, None] & (offs_n < K)[None, :]
-    dw_ptrs = dw_ptr + offs_d[:, None] * stride_dwd + offs_n[None, :] * stride_dwk
+    dw_ptrs = dw_ptr + split * stride_dws + offs_d[:, None] * stride_dwd + offs_n[None, :] * stride_dwk
     tl.store(dw_ptrs, acc.to(dw_ptr.dtype.element_ty), mask=mask)
     if ROWSUM_A:
         if pid_n == 0:  # every pid_n computed the same sums; one writes them
-            tl.store(db_ptr + offs_d, rowsum.to(db_ptr.dtype.element_ty), mask=mask_d)
+            tl.store(db_ptr + split * stride_dbs + offs_d, rowsum.to(db_ptr.dtype.element_ty), mask=mask_d)
+
+
+@triton.jit
+def dw_combine_kernel(
+    part_ptr, dw_ptr, part_db_ptr, db_ptr, SPLITS, D, K,
+    stride_ps, stride_pd, stride_pk, stride_dwd, stride_dwk, stride_qs,
+    HAS_BIAS: tl.constexpr, ACC_DTYPE: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    """dW = sum_s partial[s] (and db = sum_s partial_db[s] from the first column of programs), splits
+    added in order in fp32 (fp64 for fp64): the split-K sum, deterministic, one launch for both gradients."""
+    offs_d = tl.program_id(0) * BLOCK_D + tl.arange(0, BLOCK_D)
+    offs_k = tl.program_id(1) * BLOCK_K + tl.arange(0, BLOCK_K)
+    mask_d = offs_d < D
+    mask = mask_d[:, None] & (offs_k < K)[None, :]
+    p_ptrs = part_ptr + offs_d[:, None] * stride_pd + offs_k[None, :] * stride_pk
+    acc = tl.zeros((BLOCK_D, BLOCK_K), dtype=ACC_DTYPE)
+    for s in range(0, SPLITS):
+        acc += tl.load(p_ptrs + s * stride_ps, mask=mask, other=0.0)
+    tl.store(dw_ptr + offs_d[:, None] * stride_dwd + offs_k[None, :] * stride_dwk, acc.to(dw_ptr.dtype.element_ty),
+             mask=mask)
+    if HAS_BIAS:
+        if tl.program_id(1) == 0:
+            acc_b = tl.zeros((BLOCK_D,), dtype=ACC_DTYPE)
+            for s in range(0, SPLITS):
+                acc_b += tl.load(part_db_ptr + s * stride_qs + offs_d, mask=mask_d, other=0.0)
+            tl.store(db_ptr + offs_d, acc_b.to(db_ptr.dtype.element_ty), mask=mask_d)
 
 
 @triton.jit
@@ -280,6 +315,11 @@ GROUP_M = 8
 #: The single config used under the interpreter: small, so odd test sizes span several tiles.
 INTERPRETER_TILE = (32, 32, 32, 4, 1)
 BATCH_SUM_BLOCK = (32, 64)
+#: dW's split-K: token chunks are whole blocks of SPLIT_ALIGN tokens (a multiple of every BLOCK_K of
+#: dW, interpreter included), at most MAX_DW_SPLITS of them; the combine's tile.
+SPLIT_ALIGN = 64
+MAX_DW_SPLITS = 16
+COMBINE_BLOCK = (32, 128)
 
 
 def candidate_tiles(gemm: str, rows: int, cols: int, sms: int):
@@ -289,52 +329,41 @@ def candidate_tiles(gemm: str, rows: int, cols: int, sms: int):
     return keep or [t for _, t in sorted(scored, key=lambda s: -s[0])[:2]]
 
 
-def _config(tile, elem_bytes: int) -> triton.Config:
-    bm, bn, bk, warps, stages = tile
-    return triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": block_k_for(bk, elem_bytes), "GROUP_M": GROUP_M},
-                         num_warps=warps, num_stages=stages)
+#: Reduction-length argument of each GEMM (its EVEN_K heuristic).
+_REDUCTION = {"fwd": "K", "dx": "D", "dw": "M"}
+_kernels = {"fwd": patch_embed_fwd_kernel, "dx": patch_embed_dx_kernel, "dw": patch_embed_dw_kernel}
+#: One entry point per GEMM; every launch passes its tile (kernels/_tuning.py decides which on a GPU).
+_fixed = {name: triton.heuristics({"EVEN_K": lambda args, _red=_REDUCTION[name]: args[_red] % args["BLOCK_K"] == 0})(fn)
+          for name, fn in _kernels.items()}
+#: Tile choice on a GPU: the wave model's pick, or timed once per octave of the token count.
+TUNERS = {name: TileChooser(f"patch_embed/{fn.__name__}") for name, fn in _kernels.items()}
 
 
-def _pruner(gemm: str, rows_arg: str, cols_arg: str, ptr_arg: str):
-    def prune(configs, named_args, **kwargs):
-        t = named_args[ptr_arg]
-        keep = candidate_tiles(gemm, named_args[rows_arg], named_args[cols_arg], num_sms(t.device))
-        return [_config(tile, t.element_size()) for tile in keep]
-    return prune
+def _launch(name, rows, cols, args, flags, elem_bytes, tile=None, *, red, key=(), splits=1):
+    """``rows`` x ``cols`` output tiles over a reduction of ``red``; ``key``: what else changes the tile;
+    ``splits``: grid axis 1 (dW's split-K over tokens)."""
 
-
-#: (kernel, output rows, output cols, reduction length) argument names of each GEMM.
-_GEMMS = {
-    "fwd": (patch_embed_fwd_kernel, "M", "D", "K", "pix_ptr"),
-    "dx": (patch_embed_dx_kernel, "M", "K", "D", "dout_ptr"),
-    "dw": (patch_embed_dw_kernel, "D", "K", "M", "dout_ptr"),
-}
-_fixed, _tuned = {}, {}
-for _name, (_fn, _rows, _cols, _red, _ptr) in _GEMMS.items():
-    _even = triton.heuristics({"EVEN_K": lambda args, _red=_red: args[_red] % args["BLOCK_K"] == 0})
-    _fixed[_name] = _even(_fn)
-    _tuned[_name] = None if INTERPRET else triton.autotune(
-        configs=[_config(t, 2) for t in TILES[_name]],
-        key=["M", "D", "K", "T", "P"] + [f for f in ("HAS_BIAS", "HAS_POS", "ROWSUM_A") if f in _fn.arg_names],
-        prune_configs_by={"early_config_prune": _pruner(_name, _rows, _cols, _ptr)},
-    )(_even(_fn))
-
-
-def _launch(name, rows, cols, args, flags, elem_bytes):
-    tile = forced_tile(_GEMMS[name][0].fn.__name__)  # a GPU tile chosen by the tests (gpu_config), else None
-    if INTERPRET or tile is not None:
-        bm, bn, bk, warps, stages = INTERPRETER_TILE if tile is None else tile
-        if tile is not None:  # a GPU tile: BLOCK_K as the GPU takes it
+    def launch(tile, gpu_tile=True):
+        bm, bn, bk, warps, stages = tile
+        if gpu_tile:  # a GPU tile: BLOCK_K as the GPU takes it (halved for 4-byte dtypes)
             bk = block_k_for(bk, elem_bytes)
         # The packed weight is padded for these block sizes only (its loads are not masked).
         assert name != "fwd" or PACK_ALIGN % bk == 0, "fwd: BLOCK_K must divide PACK_ALIGN"
         assert name != "dx" or PACK_ALIGN % bn == 0, "dx: BLOCK_N must divide PACK_ALIGN"
-        grid = (cdiv(rows, bm) * cdiv(cols, bn),)
+        grid = (cdiv(rows, bm) * cdiv(cols, bn), splits)
         _fixed[name][grid](*args, **flags, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=GROUP_M,
                            num_warps=warps, num_stages=stages)
+
+    if tile is None:  # a GPU tile chosen by the tests (gpu_config), else None
+        tile = forced_tile(_kernels[name].__name__)
+    if tile is not None:
+        launch(tile)
+    elif INTERPRET:
+        launch(INTERPRETER_TILE, gpu_tile=False)
     else:
-        grid = lambda meta: (cdiv(rows, meta["BLOCK_M"]) * cdiv(cols, meta["BLOCK_N"]),)  # noqa: E731
-        _tuned[name][grid](*args, **flags)
+        device = args[0].device
+        launch(TUNERS[name].choose((rows, cols, red), (elem_bytes, device, *key, *flags.values()),
+                                   candidate_tiles(name, rows, cols, num_sms(device)), launch))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -390,7 +419,7 @@ def pack_weight(weight5):
     return packed, K
 
 
-def patch_embed_fwd(pixels5, weight5, bias=None, pos=None, out=None, packed=None):
+def patch_embed_fwd(pixels5, weight5, bias=None, pos=None, out=None, packed=None, tile=None):
     """out (B, N, D) = patches(pixels5) @ weight5.flatten(1)^T + bias + pos.
 
     ``pos``: None or a (B, N, D) view (stride 0 where broadcast). ``out``: None (allocated) or a
@@ -410,11 +439,11 @@ def patch_embed_fwd(pixels5, weight5, bias=None, pos=None, out=None, packed=None
             *out.stride())
     flags = dict(T=T, P=P, RUN=next_pow2(P), HAS_BIAS=bias is not None, HAS_POS=pos is not None,
                  INPUT_PRECISION=dot_precision(pixels5.dtype), ACC_DTYPE=acc_dtype(pixels5.dtype))
-    _launch("fwd", M, D, args, flags, pixels5.element_size())
+    _launch("fwd", M, D, args, flags, pixels5.element_size(), tile, red=K)
     return out
 
 
-def patch_embed_dx(dout, weight5, pixel_shape, packed=None):
+def patch_embed_dx(dout, weight5, pixel_shape, packed=None, tile=None):
     """dpixels (contiguous, ``pixel_shape`` 5-D) from dOut (B, N, D): a permutation of dOut @ W.
     ``packed``: the forward's ``pack_weight(weight5)`` if kept, else packed here."""
     dpix = empty(pixel_shape, dtype=dout.dtype, device=dout.device)
@@ -429,12 +458,52 @@ def patch_embed_dx(dout, weight5, pixel_shape, packed=None):
     args = (dout, w_runs, dpix, M, D, K, GF, GH, GW, *dout.stride(), w_runs.stride(0), *_strides5(dpix))
     flags = dict(T=T, P=P, RUN=next_pow2(P), INPUT_PRECISION=dot_precision(dout.dtype),
                  ACC_DTYPE=acc_dtype(dout.dtype))
-    _launch("dx", M, K, args, flags, dout.element_size())
+    _launch("dx", M, K, args, flags, dout.element_size(), tile, red=D)
     return dpix
 
 
-def patch_embed_dw(dout, pixels5, weight_shape, with_bias: bool):
-    """(dW (D, K) contiguous, db (D,) or None): dOut^T @ patches(pixels5), db from the same loads."""
+def dw_split_efficiency(D: int, K: int, M: int, tile, splits: int, sms: int) -> float:
+    """Useful MACs of dW over the MACs the occupied waves could do, with its token loop split
+    ``splits`` ways into chunks of whole SPLIT_ALIGN-token blocks (edge tiles and the last wave count)."""
+    bm, bn = tile[0], tile[1]
+    chunk = dw_token_chunk(M, splits)
+    programs = cdiv(D, bm) * cdiv(K, bn) * cdiv(M, chunk)
+    return D * K * M / (cdiv(programs, sms) * sms * bm * bn * chunk)
+
+
+def dw_token_chunk(M: int, splits: int) -> int:
+    """Tokens per split: whole SPLIT_ALIGN blocks (a multiple of every dW BLOCK_K)."""
+    return cdiv(cdiv(M, SPLIT_ALIGN), max(1, splits)) * SPLIT_ALIGN
+
+
+def dw_modelled_us(D: int, K: int, M: int, tile, splits: int, elem: int, sms: int) -> float:
+    """Roofline of dW + db (and its split-K combine): max(FLOPs / (peak x SMs busy), bytes / bandwidth)
+    + one launch, plus with splits the fp32 partials written and read back and the combine launch."""
+    splits = cdiv(M, dw_token_chunk(M, splits))
+    flops = 2 * D * K * M
+    gemm = max(flops / (PEAK_FLOPS * dw_split_efficiency(D, K, M, tile, splits, sms)),
+               (D * M + M * K) * elem / PEAK_BYTES) * 1e6 + LAUNCH_US
+    if splits == 1:
+        return gemm + (D * K + D) * elem / PEAK_BYTES * 1e6
+    partials = splits * (D * K + D) * 4
+    return gemm + partials / PEAK_BYTES * 1e6 + (partials + (D * K + D) * elem) / PEAK_BYTES * 1e6 + LAUNCH_US
+
+
+def dw_splits(D: int, K: int, M: int, tile, elem: int, sms: int) -> int:
+    """Split count of dW's token loop minimising ``dw_modelled_us`` (fewer splits on ties): more splits
+    fill idle SMs (D x K is small: 80 tiles for CLIP-L) but cost fp32 partials and a combine launch."""
+    best, best_us = 1, dw_modelled_us(D, K, M, tile, 1, elem, sms)
+    for s in range(2, min(MAX_DW_SPLITS, cdiv(M, SPLIT_ALIGN)) + 1):
+        us = dw_modelled_us(D, K, M, tile, s, elem, sms)
+        if us < best_us * (1 - 1e-9):
+            best, best_us = s, us
+    return cdiv(M, dw_token_chunk(M, best))
+
+
+def patch_embed_dw(dout, pixels5, weight_shape, with_bias: bool, tile=None, splits=None):
+    """(dW (D, K) contiguous, db (D,) or None): dOut^T @ patches(pixels5), db from the same loads.
+    ``splits``: ways the token loop is split (fp32 partials summed in split order by
+    ``dw_combine_kernel``); default ``dw_splits`` on the launcher's tile (1 in the interpreter)."""
     D = weight_shape[0]
     dw = empty((D, weight_shape[1] * weight_shape[2] * weight_shape[3] * weight_shape[4]), dtype=dout.dtype,
                device=dout.device)
@@ -449,11 +518,31 @@ def patch_embed_dw(dout, pixels5, weight_shape, with_bias: bool):
             db.zero_()
         return dw, db
     _check_span(grad_output=dout, pixels=pixels5)
-    args = (dout, pixels5, dw, db if db is not None else dw, M, D, K, GF, GH, GW,
-            *dout.stride(), *_strides5(pixels5), *dw.stride())
+    if splits is None:
+        splits = 1 if INTERPRET and not gpu_config_on() else dw_splits(D, K, M, largest_tile(candidate_tiles("dw", D, K, num_sms(dout.device))),
+                                                dout.element_size(), num_sms(dout.device))
+    chunk = dw_token_chunk(M, splits)
+    splits = cdiv(M, chunk)
+    acc = torch.float64 if dout.dtype == torch.float64 else torch.float32
+    if splits > 1:  # fp32 partials, one per split, summed below in split order
+        part = empty((splits, *dw.shape), dtype=acc, device=dout.device)
+        part_db = empty((splits, D), dtype=acc, device=dout.device) if db is not None else part
+        dw_t, db_t, sws, sbs = part, part_db, part.stride(0), part_db.stride(0)
+        dwd, dwk = part.stride(1), part.stride(2)
+    else:
+        dw_t, db_t, sws, sbs = dw, db if db is not None else dw, 0, 0
+        dwd, dwk = dw.stride()
+    args = (dout, pixels5, dw_t, db_t, M, D, K, GF, GH, GW,
+            *dout.stride(), *_strides5(pixels5), sws, dwd, dwk, sbs, chunk)
     flags = dict(T=T, P=P, ROWSUM_A=db is not None, INPUT_PRECISION=dot_precision(dout.dtype),
                  ACC_DTYPE=acc_dtype(dout.dtype))
-    _launch("dw", D, K, args, flags, dout.element_size())
+    _launch("dw", D, K, args, flags, dout.element_size(), tile, red=M, splits=splits)
+    if splits > 1:
+        bd, bk = COMBINE_BLOCK
+        dw_combine_kernel[(cdiv(D, bd), cdiv(K, bk))](
+            part, dw, part_db, db if db is not None else dw, splits, D, K, *part.stride(), *dw.stride(),
+            part_db.stride(0), HAS_BIAS=db is not None, ACC_DTYPE=acc_dtype(dout.dtype), BLOCK_D=bd, BLOCK_K=bk,
+            num_warps=4, num_stages=1)  # as compiled by the compile check (aot_specs)
     return dw, db
 
 
@@ -499,7 +588,8 @@ def _aot_launches(shape: str = "clip-l-14-336"):
     dx = (patch_embed_dx_kernel, "dpixels", ("M", "K", "D"),
           dict(geo, K=k_runs, **g, stride_wd=cdiv(k_runs, PACK_ALIGN) * PACK_ALIGN, **x), dict(RUN=run),
           ("dout_ptr", "w_ptr", "dpix_ptr"))
-    dw = (patch_embed_dw_kernel, "dW + db", ("D", "K", "M"), dict(geo, **g, **x, stride_dwd=K, stride_dwk=1),
+    dw = (patch_embed_dw_kernel, "dW + db", ("D", "K", "M"),
+          dict(geo, **g, **x, stride_dws=0, stride_dwd=K, stride_dwk=1, stride_dbs=0, TOKEN_CHUNK=M),
           dict(ROWSUM_A=True), ("dout_ptr", "pix_ptr", "dw_ptr", "db_ptr"))
     return dict(T=T, P=P), {"fwd": fwd, "dx": dx, "dw": dw}
 
@@ -535,6 +625,27 @@ def aot_specs():
     for name in ("fuyu-8b", "qwen2-vl"):
         other_cx, other = _aot_launches(name)
         specs.append(_spec(other_cx, other["fwd"], TILES["fwd"][0], "fp16", "*fp16", "ieee", f" {name}"))
+    # dW split over tokens (fp32 partials), as the launcher runs it at 64 images: every dW tile, and the
+    # combine that sums the partials (and db's) in split order.
+    import dataclasses
+
+    ints = launches["dw"][3]
+    D, K, M = ints["D"], ints["K"], 64 * ints["M"] // AOT_BATCH
+    splits = dw_splits(D, K, M, largest_tile(TILES["dw"]), 2, 132)
+    for tile in TILES["dw"]:
+        sp = _spec(shape_cx, launches["dw"], tile, "fp16", "*fp16", "ieee")
+        args = dict(sp.args, dw_ptr="*fp32", db_ptr="*fp32", M=M, stride_dws=D * K, stride_dbs=D,
+                    TOKEN_CHUNK=dw_token_chunk(M, splits), stride_gb=(M // 64) * D)
+        specs.append(dataclasses.replace(sp, variant=f"dW + db, split {splits} (fp32 partials)",
+                                         args=tuple(args.items())))
+    bd, bk = COMBINE_BLOCK
+    args = dict(part_ptr="*fp32", dw_ptr="*fp16", part_db_ptr="*fp32", db_ptr="*fp16", SPLITS=splits, D=D, K=K,
+                stride_ps=D * K, stride_pd=K, stride_pk=1, stride_dwd=K, stride_dwk=1, stride_qs=D)
+    specs.append(CompileSpec(
+        kernel="patch_embed/dw_combine_kernel", variant="dW, db = sum of split partials", dtype="fp16",
+        config=f"{bd}x{bk} w4", fn=dw_combine_kernel, args=tuple(args.items()),
+        constexprs=(("HAS_BIAS", True), ("ACC_DTYPE", tl.float32), ("BLOCK_D", bd), ("BLOCK_K", bk)), num_warps=4,
+        num_stages=1, tensor_cores=False))
     ints = launches["fwd"][3]
     bn, bd = BATCH_SUM_BLOCK
     n = ints["M"] // AOT_BATCH

@@ -6,10 +6,16 @@ SDPA). It routes to ``mmfuse.cross_attention`` every call it can compute exactly
 
 * not causal, no dropout in effect, no softcap / position bias / sliding window / sinks;
 * head dim <= 256, the same for values;
-* a mask that only pads keys: ``None`` or a boolean / additive (0 or min) mask of shape
-  ``(B, 1, 1 or Lq, Lk)`` whose rows are all the same (checked).
+* a mask that only pads keys *by its structure*: ``None`` or a boolean mask of shape ``(B or 1, 1, 1,
+  Lk)`` (one row for every query). The route is chosen from shapes and dtypes, never from the mask's
+  values: no GPU->CPU synchronisation and no data-dependent branch (``torch.compile`` keeps one graph).
+  The mask builder registered under the same name (``key_padding_mask``) hands exactly that shape to
+  every bidirectional padding mask a model builds (``create_bidirectional_mask``), and SDPA's
+  ``(B, 1, Lq, Lk)`` mask for every other pattern (causal, sliding, packed), which then goes to SDPA.
 
-Everything else goes to transformers' SDPA implementation, unchanged. Rows with no valid key give
+Everything else (additive float masks included: a float mask may be a real bias, and telling would
+mean reading it) goes to transformers' SDPA implementation, unchanged. The output is written in the
+``(B, Lq, H, D)`` layout transformers expects (the kernels store through strides): no copy. Rows with no valid key give
 zeros here (SDPA gives NaN): the one documented difference of ``mmfuse.cross_attention``.
 """
 
@@ -21,21 +27,33 @@ NAME = "mmfuse"
 
 
 def _key_mask(attention_mask: torch.Tensor | None, batch: int, keys: int) -> tuple[bool, torch.Tensor | None]:
-    """(usable, key_mask (B, Lk) bool with True = attend) from a transformers 4-D mask."""
+    """(usable, key_mask (B, Lk) bool with True = attend) from a transformers 4-D mask, by its shape and
+    dtype alone: a boolean (B or 1, 1, 1, Lk) mask is a key-padding mask; anything else is not taken."""
     if attention_mask is None:
         return True, None
     m = attention_mask
-    if m.dim() != 4 or m.shape[1] != 1 or m.shape[-1] != keys or m.shape[0] not in (1, batch):
+    if (m.dtype != torch.bool or m.dim() != 4 or m.shape[1] != 1 or m.shape[2] != 1 or m.shape[-1] != keys
+            or m.shape[0] not in (1, batch)):
         return False, None
-    if m.dtype != torch.bool:
-        allowed = m == 0
-        if not bool(((m == 0) | (m <= torch.finfo(m.dtype).min / 2)).all()):
-            return False, None  # a real additive bias, not a padding mask
-        m = allowed
-    rows = m[:, 0]
-    if rows.shape[1] > 1 and not bool((rows == rows[:, :1]).all()):
-        return False, None  # differs per query row: causal or other structure
-    return True, rows[:, 0].expand(batch, keys)
+    return True, m[:, 0, 0, :].expand(batch, keys)
+
+
+def key_padding_mask(batch_size: int, q_length: int, kv_length: int, q_offset: int = 0, kv_offset: int = 0,
+                     mask_function=None, attention_mask: torch.Tensor | None = None, **kwargs):
+    """transformers mask builder: a bidirectional padding mask as one boolean row per sample,
+    ``(B, 1, 1, Lk)`` (None without padding), without looking at its values; SDPA's builder for
+    every other pattern. SDPA broadcasts the one-row form too, so a fallback call still works."""
+    from transformers.masking_utils import bidirectional_mask_function, prepare_padding_mask, sdpa_mask
+
+    if mask_function is bidirectional_mask_function and kwargs.get("local_size") is None:
+        if attention_mask is None:
+            return None
+        pad = prepare_padding_mask(attention_mask, kv_length, kv_offset)[:, kv_offset:kv_offset + kv_length]
+        if pad.dtype != torch.bool:
+            pad = pad != 0
+        return pad.to(kwargs.get("device", pad.device))[:, None, None, :]
+    return sdpa_mask(batch_size=batch_size, q_length=q_length, kv_length=kv_length, q_offset=q_offset,
+                     kv_offset=kv_offset, mask_function=mask_function, attention_mask=attention_mask, **kwargs)
 
 
 def mmfuse_attention_forward(module, query, key, value, attention_mask, dropout: float = 0.0,
@@ -56,14 +74,14 @@ def mmfuse_attention_forward(module, query, key, value, attention_mask, dropout:
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout,
                                       scaling=scaling, is_causal=is_causal, **kwargs)
     out = cross_attention(query, key, value, key_mask=key_mask, scale=scaling)
-    return out.transpose(1, 2).contiguous(), None
+    return out.transpose(1, 2), None  # (B, Lq, H, D): the kernel's storage order already
 
 
 def register_transformers_attention() -> str:
     """Make ``attn_implementation="mmfuse"`` available to transformers models; returns the name."""
     from transformers import AttentionInterface
-    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask
+    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS
 
     AttentionInterface.register(NAME, mmfuse_attention_forward)
-    ALL_MASK_ATTENTION_FUNCTIONS.register(NAME, sdpa_mask)
+    ALL_MASK_ATTENTION_FUNCTIONS.register(NAME, key_padding_mask)
     return NAME

@@ -20,9 +20,9 @@ import sys
 from mmfuse.bench.shapes import ATTENTION_SHAPES, MLP_SHAPES, PATCH_SHAPES
 
 SMS = 132
-PEAK_FLOPS = 800e12   # H100 SXM, bf16 dense, as measured on one (DESIGN.md)
-PEAK_BYTES = 3.0e12   # H100 HBM3, B/s, as measured
-LAUNCH_US = 3.0       # a kernel launch's fixed cost, µs (assumed, stated in the table)
+# H100 SXM bf16 dense FLOP/s and HBM B/s as measured on one (DESIGN.md), a launch's fixed cost in µs
+# (assumed, stated in the table): the same figures the launchers' split rules model with.
+from mmfuse.kernels._common import LAUNCH_US, PEAK_BYTES, PEAK_FLOPS  # noqa: E402
 
 
 def launch_us(flops: float, hbm_bytes: float, sm_efficiency: float = 1.0) -> float:
@@ -62,9 +62,15 @@ _PER_LAUNCH_RULE = (f"Roofline per launch: max(FLOPs / ({PEAK_FLOPS / 1e12:.0f} 
                     "fill the GPU. Predicted speedup = baseline time / mmfuse time: a model, not a measurement.")
 
 
+def _cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
 def _largest(tiles):
-    """The largest tile the autotuner keeps: the one the byte figures assume."""
-    return max(tiles, key=lambda t: t[0] * t[1])
+    """The tile the launchers choose among the kept ones (kernels/_tuning.py): the largest."""
+    from mmfuse.kernels._tuning import largest_tile
+
+    return largest_tile(list(tiles))
 
 
 def _patch_gemms(s, batch: int) -> dict[str, tuple[int, int]]:
@@ -88,16 +94,19 @@ def _attention_grids(s, batch: int) -> dict:
     bblk = KA.gpu_blocks(s.queries, s.head_dim, backward=True)
     programs = cdiv(s.queries, blk["BLOCK_M"]) * batch * s.heads
     key_blocks = cdiv(s.keys, blk["BLOCK_N"])
-    splits = KA.choose_splits(programs, key_blocks, SMS)
+    splits = KA.choose_fwd_splits(batch, 1, s.heads, s.kv_heads, s.queries, s.keys, s.head_dim, 2, SMS)
     dkdv = cdiv(s.keys, bblk["BLOCK_N"]) * batch * s.kv_heads
     dq = cdiv(s.queries, bblk["BLOCK_M"]) * s.heads
-    dq_splits = KA.choose_splits(dq, batch, SMS)
+    dq_key_blocks = cdiv(s.keys, bblk["BLOCK_N"])
+    dq_splits, dq_key_splits = KA.dq_splits_for(batch, 1, s.heads, s.kv_heads, s.queries, s.keys, s.head_dim, 2,
+                                                bblk, SMS)
+    dq_eff = KA.dq_efficiency(dq, batch, dq_key_blocks, dq_splits, dq_key_splits, SMS)
     return dict(blocks=(blk["BLOCK_M"], blk["BLOCK_N"]), bwd_blocks=(bblk["BLOCK_M"], bblk["BLOCK_N"]),
                 programs=programs, unsplit_eff=KA.split_efficiency(programs, key_blocks, 1, SMS), splits=splits,
                 launched=programs * cdiv(key_blocks, cdiv(key_blocks, splits)),
                 fwd_eff=KA.split_efficiency(programs, key_blocks, splits, SMS),
                 dkdv=dkdv, dkdv_eff=grid_efficiency(dkdv),
-                dq=dq, dq_splits=dq_splits, dq_eff=KA.split_efficiency(dq, batch, dq_splits, SMS))
+                dq=dq, dq_splits=dq_splits, dq_key_splits=dq_key_splits, dq_eff=dq_eff)
 
 
 def compile_section(reports) -> list[str]:
@@ -146,6 +155,13 @@ def waves_section() -> list[str]:
             gemms = _patch_gemms(s, batch)
             cells = [kept_tiles(KP.candidate_tiles(g, r, c, SMS), r, c, KL.wave_efficiency)
                      for g, (r, c) in gemms.items()]
+            (D, K), M = gemms["dw"], gemms["fwd"][0]
+            tile = _largest(KP.candidate_tiles("dw", D, K, SMS))
+            splits = KP.dw_splits(D, K, M, tile, 2, SMS)
+            if splits > 1:  # the launcher's split-K over tokens, at its tile (efficiency with the token chunks)
+                programs = _cdiv(D, tile[0]) * _cdiv(K, tile[1]) * splits
+                cells[-1] += (f"; {tile[0]}x{tile[1]} split {splits} over tokens: {programs} programs "
+                              f"({KP.dw_split_efficiency(D, K, M, tile, splits, SMS):.0%})")
             lines.append(f"| {s.name} | {batch} | {gemms['fwd'][0]} x {s.dim} | " + " | ".join(cells) + " |")
     lines += ["", "### Cross-attention (forward `attn_fwd_kernel` with split-KV; backward `attn_bwd_dkdv_kernel`, "
               "`attn_bwd_dq_kernel`; shared learnable queries)", "",
@@ -157,7 +173,9 @@ def waves_section() -> list[str]:
             g = _attention_grids(s, batch)
             lines.append(f"| {s.name} | {batch} | {g['programs']} ({g['unsplit_eff']:.0%}) | {g['splits']} | "
                          f"{g['launched']} ({g['fwd_eff']:.0%}) | {g['dkdv']} ({g['dkdv_eff']:.0%}) | "
-                         f"{g['dq']} x {g['dq_splits']} ({g['dq_eff']:.0%}) |")
+                         f"{g['dq']} x {g['dq_splits']}"
+                         + (f" x {g['dq_key_splits']} key splits" if g["dq_key_splits"] > 1 else "")
+                         + f" ({g['dq_eff']:.0%}) |")
     return lines
 
 
@@ -181,7 +199,7 @@ def traffic_section() -> list[str]:
     lines = ["## HBM bytes and launches, MLP projectors in training (bf16; model, checked against "
              "interpreted runs at small sizes in tests/test_traffic.py)", "",
              "mmfuse: the distinct bytes of each launch (re-reads of A/B tiles counted as L2 traffic, shown "
-             "apart), each GEMM at the largest tile the autotuner keeps for it; eager: PyTorch's addmm + GELU + "
+             "apart), each GEMM at the tile its launcher picks (the largest it keeps); eager: PyTorch's addmm + GELU + "
              "autograd (dW, db, dX, GELU' per layer), every kernel reading its inputs once and writing its outputs "
              "once.", "", _PER_LAUNCH_RULE, "",
              "| shape | images | fwd MB eager → mmfuse (L2 MB) | bwd MB eager → mmfuse (L2 MB) | launches fwd, bwd "
@@ -214,8 +232,9 @@ def patch_traffic_section() -> list[str]:
              "mmfuse: the distinct bytes of each launch, with the packed weight cached (as the modules do; the "
              "functional call packs it first when P is not a power of two). Forward: one launch. Backward: dpixels "
              "(a GEMM over the packed weight, stored as a permutation), dW + db (one GEMM gathering the patches "
-             "again), dpos (a batch sum). The forward and dpixels multiply the run padding too (K = C·T·P·"
-             "next_pow2(P): +14% FLOPs at P = 14). Tiles: the largest the autotuner keeps per GEMM, with its wave "
+             "again; where the modelled time says so, its token loop split S ways into fp32 partials that one "
+             "more launch sums in split order: \"split S\"), dpos (a batch sum). The forward and dpixels multiply the run padding too (K = C·T·P·"
+             "next_pow2(P): +14% FLOPs at P = 14). Tiles: the one the launcher picks per GEMM (the largest it keeps), with its wave "
              "efficiency. Eager: conv (+bias) reading pixels and weight once and writing (B, D, N), then "
              "`+ pos_embed` reading that and writing (B, N, D); backward: a contiguous copy of the transposed "
              "gradient, cuDNN dgrad and wgrad, the bias-gradient and pos-gradient reductions, each kernel reading "
@@ -234,8 +253,12 @@ def patch_traffic_section() -> list[str]:
             for gemm, (rows, cols) in gemms.items():
                 tiles[gemm] = _largest(KP.candidate_tiles(gemm, rows, cols, SMS))[:3]
                 eff[gemm] = KL.wave_efficiency(rows, cols, tiles[gemm][0], tiles[gemm][1], SMS)
+            # dW splits its token loop as its launcher does (the modelled-time rule of kernels/patch_embed.py);
+            # its efficiency counts the edge tiles and the token chunks too.
+            splits = KP.dw_splits(D, K, M, tiles["dw"], e, SMS)
+            eff["dw"] = KP.dw_split_efficiency(D, K, M, tiles["dw"], splits, SMS)
             fwd = patch_embed_fwd_traffic(batch, C, *s.image, P, D, tiles["fwd"], e, T=T, F=F)
-            bwd = patch_embed_bwd_traffic(batch, C, *s.image, P, D, tiles, e, T=T, F=F)
+            bwd = patch_embed_bwd_traffic(batch, C, *s.image, P, D, tiles, e, T=T, F=F, dw_splits=splits)
             x, w, out, pos = batch * C * F * s.image[0] * s.image[1] * e, D * K * e, M * D * e, tokens * D * e
             flops, flops_runs = 2 * M * D * K, 2 * M * D * k_runs
             eager_fwd = [(flops, x + w + D * e + out), (0, 2 * out + pos)]                    # conv, + pos
@@ -244,13 +267,16 @@ def patch_traffic_section() -> list[str]:
             ours_fwd = [(flops_runs, _hbm(fwd), eff["fwd"])]
             ours_bwd = [(flops_runs, _hbm(bwd["dx"]), eff["dx"]), (flops, _hbm(bwd["dw"]), eff["dw"]),
                         (0, _hbm(bwd["batch_sum"]), 1.0)]
+            if splits > 1:
+                ours_bwd.append((0, _hbm(bwd["dw_combine"]), 1.0))
             t_eager_fwd, t_eager, t_fwd, t_all = _step_times(eager_fwd, eager_bwd, ours_fwd, ours_bwd)
             lines.append(
                 f"| {s.name} | {batch} | {sum(b for _, b in eager_fwd) / 1e6:.1f} → {_hbm(fwd) / 1e6:.1f} "
                 f"({_l2(fwd) / 1e6:.0f}) | {sum(b for _, b in eager_bwd) / 1e6:.1f} → "
                 f"{sum(_hbm(t) for t in bwd.values()) / 1e6:.1f} ({sum(_l2(t) for t in bwd.values()) / 1e6:.0f}) | "
                 f"{len(eager_fwd)} → {len(ours_fwd)}, {len(eager_bwd)} → {len(ours_bwd)} | "
-                f"{eff['fwd']:.0%} / {eff['dx']:.0%} / {eff['dw']:.0%} | {t_eager_fwd:.0f} → {t_fwd:.0f} | "
+                f"{eff['fwd']:.0%} / {eff['dx']:.0%} / {eff['dw']:.0%}{f' (split {splits})' if splits > 1 else ''} | "
+                f"{t_eager_fwd:.0f} → {t_fwd:.0f} | "
                 f"{t_eager_fwd / t_fwd:.2f}x | {t_eager:.0f} → {t_all:.0f} | {t_eager / t_all:.2f}x |")
     return lines
 
@@ -281,7 +307,7 @@ def attention_traffic_section() -> list[str]:
             splits, fwd_eff, dkdv_eff, dq_eff = g["splits"], g["fwd_eff"], g["dkdv_eff"], g["dq_eff"]
             fwd = attention_fwd_traffic(batch, 1, s.heads, s.kv_heads, s.queries, s.keys, hd, g["blocks"], splits, e)
             bwd = attention_bwd_traffic(batch, 1, s.heads, s.kv_heads, s.queries, s.keys, hd, g["bwd_blocks"], e,
-                                        dq_splits=g["dq_splits"])
+                                        dq_splits=g["dq_splits"], dq_key_splits=g["dq_key_splits"])
             pair = 2 * batch * s.heads * s.queries * s.keys * hd  # one matrix product, all heads and samples
             rows = batch * s.heads * s.queries
             kv, kv_rep = batch * s.kv_heads * s.keys * hd * e, batch * s.heads * s.keys * hd * e

@@ -105,7 +105,7 @@ def patch_embed_fwd_traffic(B: int, C: int, H: int, W: int, P: int, D: int, tile
 
 
 def patch_embed_bwd_traffic(B: int, C: int, H: int, W: int, P: int, D: int, tiles: dict, elem: int, *,
-                            T: int = 1, F: int = 1, bias: bool = True, pos: bool = True
+                            T: int = 1, F: int = 1, bias: bool = True, pos: bool = True, dw_splits: int = 1
                             ) -> dict[str, dict[str, Traffic]]:
     """Per launch of the patch-embedding backward (every input requiring grad, pos_embed one (N, D)
     table broadcast over the batch), per tensor:
@@ -116,7 +116,9 @@ def patch_embed_bwd_traffic(B: int, C: int, H: int, W: int, P: int, D: int, tile
       pixel's gradient once (the run padding j >= P is not stored).
     * "dw" (``patch_embed_dw_kernel``, ``tiles["dw"]``): BLOCK_M of D (wrapping) x every token of
       dOut^T, and every token's patch at BLOCK_N of the exact C*T*P*P columns (wrapping); stores dW
-      and, from the programs of the first column block, db.
+      and, from the programs of the first column block, db. Split over tokens (``dw_splits`` > 1): the
+      same loads, stores of fp32 partials ("weight_grad_partial" S x D x K, "bias_grad_partial" S x D),
+      and "dw_combine" (``dw_combine_kernel``) reads them once and writes dW and db.
     * "batch_sum" (``batch_sum_kernel``): reads dOut once, writes dpos (N, D)."""
     run = 1 << (P - 1).bit_length()
     tokens = (F // T) * (H // P) * (W // P)
@@ -129,11 +131,22 @@ def patch_embed_bwd_traffic(B: int, C: int, H: int, W: int, P: int, D: int, tile
     bm, bn, _ = tiles["dw"]
     pm, pn = _cdiv(D, bm), _cdiv(K, bn)
     dw = {"dout": Traffic(loaded=pm * pn * bm * M * elem, unique=D * M * elem),
-          "pixels": Traffic(loaded=pm * pn * M * bn * elem, unique=M * K * elem),
-          "weight_grad": Traffic(stored=D * K * elem)}
-    if bias:
-        dw["bias_grad"] = Traffic(stored=D * elem)
+          "pixels": Traffic(loaded=pm * pn * M * bn * elem, unique=M * K * elem)}
     out = {"dx": dx, "dw": dw}
+    if dw_splits > 1:
+        S = dw_splits
+        dw["weight_grad_partial"] = Traffic(stored=S * D * K * 4)
+        combine = {"weight_grad_partial": Traffic(loaded=S * D * K * 4, unique=S * D * K * 4),
+                   "weight_grad": Traffic(stored=D * K * elem)}
+        if bias:
+            dw["bias_grad_partial"] = Traffic(stored=S * D * 4)
+            combine["bias_grad_partial"] = Traffic(loaded=S * D * 4, unique=S * D * 4)
+            combine["bias_grad"] = Traffic(stored=D * elem)
+        out["dw_combine"] = combine
+    else:
+        dw["weight_grad"] = Traffic(stored=D * K * elem)
+        if bias:
+            dw["bias_grad"] = Traffic(stored=D * elem)
     if pos:
         out["batch_sum"] = {"dout": Traffic(loaded=M * D * elem, unique=M * D * elem),
                             "pos_grad": Traffic(stored=tokens * D * elem)}
@@ -164,7 +177,8 @@ def attention_fwd_traffic(B: int, Bq: int, Hq: int, Hkv: int, Lq: int, Lk: int, 
 
 
 def attention_bwd_traffic(B: int, Bq: int, Hq: int, Hkv: int, Lq: int, Lk: int, D: int, blocks: tuple[int, int],
-                          elem: int, acc_elem: int = 4, dq_splits: int = 1) -> dict[str, dict[str, Traffic]]:
+                          elem: int, acc_elem: int = 4, dq_splits: int = 1, dq_key_splits: int = 1
+                          ) -> dict[str, dict[str, Traffic]]:
     """Per launch of ``attention_bwd`` (dq, dk and dv all needed, no kv_lens / key_mask), per tensor:
 
     * "delta" (``attn_delta_kernel``): reads o and dO once, writes delta (fp32 per row).
@@ -174,7 +188,8 @@ def attention_bwd_traffic(B: int, Bq: int, Hq: int, Hkv: int, Lq: int, Lk: int, 
     * "dq" (``attn_bwd_dq_kernel``, one program per query block x query batch x head x split): loads
       its q block once, then for each sample of its share of the batch (shared queries) dO, lse,
       delta and every key and value of that sample's kv head; stores dQ, or with ``dq_splits`` > 1
-      an fp32 partial per split ("dq_partial"), which
+      an fp32 partial per split ("dq_partial"); with ``dq_key_splits`` > 1 each (batch share, key
+      chunk) is a split, loading its q block, and dO, lse, delta once per key chunk; the partials
     * "dq_sum" (a torch reduction, not a Triton launch) reads back and sums into dQ.
     ``blocks`` = (BLOCK_M, BLOCK_N) of the backward."""
     bm, bn = blocks
@@ -186,13 +201,16 @@ def attention_bwd_traffic(B: int, Bq: int, Hq: int, Hkv: int, Lq: int, Lk: int, 
     row_d, row_acc = rows * D * elem, rows * acc_elem
     batch_loop = B if Bq == 1 else 1
     splits = _cdiv(batch_loop, _cdiv(batch_loop, max(1, min(dq_splits, batch_loop))))
+    ks = _cdiv(kb, _cdiv(kb, max(1, min(dq_key_splits, kb))))
+    splits *= ks
     delta = {"o": Traffic(row_d, row_d), "do": Traffic(row_d, row_d), "delta": Traffic(stored=row_acc)}
     dkdv = {"q": Traffic(loaded=kb * row_d, unique=q_unique), "do": Traffic(loaded=kb * row_d, unique=row_d),
             "lse": Traffic(loaded=kb * row_acc, unique=row_acc), "delta": Traffic(loaded=kb * row_acc, unique=row_acc),
             "k": Traffic(kv, kv), "v": Traffic(kv, kv), "dk": Traffic(stored=kv), "dv": Traffic(stored=kv)}
     kv_loaded = qm * B * Hq * Lk * D * elem
-    dq = {"q": Traffic(splits * q_unique, q_unique), "do": Traffic(row_d, row_d), "lse": Traffic(row_acc, row_acc),
-          "delta": Traffic(row_acc, row_acc), "k": Traffic(kv_loaded, kv), "v": Traffic(kv_loaded, kv)}
+    dq = {"q": Traffic(splits * q_unique, q_unique), "do": Traffic(ks * row_d, row_d),
+          "lse": Traffic(ks * row_acc, row_acc), "delta": Traffic(ks * row_acc, row_acc), "k": Traffic(kv_loaded, kv),
+          "v": Traffic(kv_loaded, kv)}
     out = {"delta": delta, "dkdv": dkdv, "dq": dq}
     if splits == 1:
         dq["dq"] = Traffic(stored=q_unique)

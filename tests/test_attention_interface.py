@@ -67,21 +67,3 @@ def test_causal_attention_falls_back_to_sdpa(launches):
     with torch.no_grad():
         torch.testing.assert_close(fused(ids).last_hidden_state, sdpa(ids).last_hidden_state)
     assert not any(name.startswith("attn_") for name in launches)  # causal: SDPA, not mmfuse
-
-
-def test_mask_classification():
-    from mmfuse.integrations import _key_mask
-
-    pad = torch.tensor([[True, True, False]])
-    for rows in (1, 4):  # (B, 1, 1, Lk) and the same row repeated for 4 queries
-        ok, km = _key_mask(pad[:, None, None, :].expand(1, 1, rows, 3), 1, 3)
-        assert ok and torch.equal(km, pad)
-    assert _key_mask(None, 2, 3) == (True, None)
-    causal = torch.tril(torch.ones(3, 3, dtype=torch.bool))[None, None]
-    assert _key_mask(causal, 1, 3)[0] is False
-    additive = torch.zeros(1, 1, 2, 3)
-    additive[..., 2] = torch.finfo(torch.float32).min
-    ok, km = _key_mask(additive, 1, 3)
-    assert ok and torch.equal(km, pad)
-    bias = torch.randn(1, 1, 2, 3)  # a real additive bias: not a padding mask
-    assert _key_mask(bias, 1, 3)[0] is False

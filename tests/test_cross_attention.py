@@ -149,10 +149,11 @@ def test_backward_is_deterministic():
         assert torch.equal(a, b)
 
 
-@pytest.mark.parametrize("dq_splits", [1, 2, 5])
+@pytest.mark.parametrize("dq_splits", [1, 2, 5, (2, 2)])
 def test_dq_of_shared_queries_split_over_the_batch(dq_splits, monkeypatch):
     # Shared queries over 5 samples: dQ's batch loop in 1, 2 (3 + 2 samples) or 5 fp32 partials summed in
-    # split order; every split count gives dQ to rounding, and dK / dV bit for bit (they never split).
+    # split order, or 2 x 2 with the 40 keys split too (32 + 8); every split count gives dQ to rounding,
+    # and dK / dV bit for bit (they never split).
     q, k, v = _qkv(1, 5, 4, 2, 17, 40, 24)
     o, lse = KA.attention_fwd(q, k, v, None, None, 24 ** -0.5)
     do = torch.randn_like(o)
@@ -167,7 +168,8 @@ def test_dq_of_shared_queries_split_over_the_batch(dq_splits, monkeypatch):
     dq, dk, dv = KA.attention_bwd(do, q, k, v, o, lse, None, None, 24 ** -0.5, dq_splits=dq_splits)
     dq1, dk1, dv1 = KA.attention_bwd(do, q, k, v, o, lse, None, None, 24 ** -0.5, dq_splits=1)
     partials = [shape for shape, dtype in allocated if len(shape) == 5]
-    assert partials == ([] if dq_splits == 1 else [(dq_splits, 1, 4, 17, 24)])
+    total = dq_splits[0] * dq_splits[1] if isinstance(dq_splits, tuple) else dq_splits  # (batch, key) splits
+    assert partials == ([] if total == 1 else [(total, 1, 4, 17, 24)])
     torch.testing.assert_close(dq, dq1, rtol=1e-5, atol=1e-6)
     assert torch.equal(dk, dk1) and torch.equal(dv, dv1)
     # Left to the launcher, 2 query blocks x 4 heads = 8 programs on 132 SMs split the 5 samples 5 ways.
@@ -284,3 +286,66 @@ def test_cancelling_gradients_get_a_floor_of_a_few_ulps_of_their_terms():
     assert compare("grad q", torch.full(q.shape, 2 * ulp), zero64, zero32, term_scale=terms["grad q"]).ok
     assert not compare("grad q", torch.full(q.shape, 8 * ulp), zero64, zero32, term_scale=terms["grad q"]).ok
     assert not compare("grad q", torch.full(q.shape, 2 * ulp), zero64, zero32).ok  # without it: 4 ulps of 1
+
+
+# ----------------------------------------------------------------------------------------------
+# Two key/value sources (the perceiver's media ‖ latents, never concatenated)
+# ----------------------------------------------------------------------------------------------
+def _two_source_check(q, k1, k2, v1, v2, splits=0, **masks):
+    """Kernel on the pair against the reference on the concatenation (mask padded with True)."""
+    key_mask = masks.pop("key_mask", None)
+    full_mask = None if key_mask is None else torch.cat([key_mask, torch.ones(k2.shape[0], k2.shape[2],
+                                                                              dtype=torch.bool)], 1)
+    return assert_matches_reference(
+        lambda q, k1, k2, v1, v2: cross_attention(q, (k1, k2), (v1, v2), key_mask=key_mask, _splits=splits, **masks),
+        lambda q, k1, k2, v1, v2: cross_attention_reference(q, torch.cat([k1, k2], 2), torch.cat([v1, v2], 2),
+                                                            key_mask=full_mask, **masks),
+        [q, k1, k2, v1, v2], ["q", "k1", "k2", "v1", "v2"])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
+def test_two_sources_match_the_concatenation(dtype):
+    # 45 media keys + 7 latents: the second 32-key block straddles the seam; GQA 2:1, shared queries,
+    # media in the projections' (B, L, H, D) layout (head views), media padded by a mask.
+    q = torch.randn(7, 4, 24, dtype=dtype).permute(1, 0, 2).unsqueeze(0)
+    k1, v1 = (torch.randn(3, 45, 2, 24, dtype=dtype).transpose(1, 2) for _ in range(2))
+    # The second source in other layouts than the first: contiguous heads, and a sliced view.
+    k2, v2 = torch.randn(3, 2, 7, 24, dtype=dtype), torch.randn(3, 2, 7, 48, dtype=dtype)[..., ::2]
+    mask = torch.rand(3, 45) > 0.3
+    mask[2] = False  # sample 2 attends to its latents only
+    _two_source_check(q, k1, k2, v1, v2, key_mask=mask)
+    _two_source_check(q, k1, k2, v1, v2, splits=2, kv_lens=torch.tensor([52, 40, 49]))
+
+
+def test_two_sources_gradcheck_and_determinism():
+    # Tiny: every perturbed element re-runs the interpreted kernel. One masked media key.
+    q = torch.randn(1, 2, 2, 3, dtype=torch.float64, requires_grad=True)
+    k1, v1 = (torch.randn(1, 1, 3, 3, dtype=torch.float64, requires_grad=True) for _ in range(2))
+    k2, v2 = (torch.randn(1, 1, 2, 3, dtype=torch.float64, requires_grad=True) for _ in range(2))
+    mask = torch.tensor([[True, False, True]])
+    fn = lambda q, k1, k2, v1, v2: cross_attention(q, (k1, k2), (v1, v2), key_mask=mask)  # noqa: E731
+    assert torch.autograd.gradcheck(fn, (q, k1, k2, v1, v2))
+    runs = [torch.autograd.grad(fn(q, k1, k2, v1, v2).sin().sum(), [q, k1, k2, v1, v2]) for _ in range(2)]
+    assert all(torch.equal(a, b) for a, b in zip(*runs))
+
+
+def test_two_sources_bad_input():
+    q, k, v = _qkv(1, 2, 2, 1, 3, 5, 8)
+    with pytest.raises(ValueError, match="k, v: expected both a pair"):
+        cross_attention(q, (k, k), v)
+    with pytest.raises(ValueError, match=r"k\[1\]: expected shape \(2, 1, L2, 8\)"):
+        cross_attention(q, (k, k[:1]), (v, v[:1]))
+    with pytest.raises(ValueError, match="key_mask: expected shape"):
+        cross_attention(q, (k, k), (v, v), key_mask=torch.ones(2, 10, dtype=torch.bool))
+
+
+def test_forward_split_rule_minimises_the_modelled_time():
+    """Idefics2 at batch 1 (16 programs, 78 key blocks) still splits; OpenFlamingo and BLIP-2 (5-6 key
+    blocks) stay in one launch at batch 1 and 8: the partials and the combine launch cost more than
+    the idle SMs (bench/NOTES.md, "Forward split rule by modelled time")."""
+    assert KA.choose_fwd_splits(1, 1, 16, 4, 64, 4964, 96, 2, 132) == 6
+    for B in (1, 8):
+        assert KA.choose_fwd_splits(B, 1, 8, 8, 64, 321, 64, 2, 132) == 1
+        assert KA.choose_fwd_splits(B, 1, 12, 12, 32, 257, 64, 2, 132) == 1
+    us = [KA.fwd_modelled_us(1, 1, 16, 4, 64, 4964, 96, 2, s, 132) for s in (1, 6, 78)]
+    assert us[1] < us[0] and us[1] < us[2]

@@ -73,19 +73,27 @@ def run_key(spec):
         T, P, run = cx["T"], cx["P"], cx.get("RUN", None)
         C = args["K"] // (T * P * (run or P))
         tile = (cx["BLOCK_M"], cx["BLOCK_N"], bk2, spec.num_warps, spec.num_stages)
-        return ("patch_embed", name, spec.dtype, tile, cx["EVEN_K"], (C, T, P))
+        # dW's token loop split into fp32 partials (then summed by dw_combine_kernel), or not.
+        split = name == "patch_embed_dw_kernel" and args.get("dw_ptr") == "*fp32"
+        return ("patch_embed", name, spec.dtype, tile, cx["EVEN_K"], (C, T, P), split)
+    if name == "dw_combine_kernel":
+        return ("patch_embed", "patch_embed_dw_kernel", spec.dtype, None, None, None, True)
     if name == "batch_sum_kernel":
-        return ("patch_embed", name, spec.dtype, (cx["BLOCK_N"], cx["BLOCK_D"]), None, None)
+        return ("patch_embed", name, spec.dtype, (cx["BLOCK_N"], cx["BLOCK_D"]), None, None, False)
     if name in ("attn_fwd_kernel", "attn_bwd_dkdv_kernel", "attn_bwd_dq_kernel", "attn_combine_kernel",
                 "attn_delta_kernel"):
         even = bool(cx.get("EVEN_N", False))
-        return ("cross_attention", dict(spec.args)["D"], spec.dtype, even)
+        return ("cross_attention", dict(spec.args)["D"], spec.dtype, even, bool(cx.get("TWO_SOURCES", False)))
     return ("unknown", spec.label)
 
 
 RUNS: dict = {}
 for _s in SPECS:
     RUNS.setdefault(run_key(_s), []).append(_s)
+# The combine of dW's split partials runs inside every split dW run: assign it to the first one.
+_combine = RUNS.pop(("patch_embed", "patch_embed_dw_kernel", "fp16", None, None, None, True), [])
+if _combine:
+    RUNS[min((k for k in RUNS if k[:2] == ("patch_embed", "patch_embed_dw_kernel") and k[-1]), key=repr)] += _combine
 
 
 def test_every_spec_is_executed():
@@ -141,6 +149,16 @@ def _closest(spec, launches):
             d["warps/stages"] = ((r["warps"], r["stages"]), (spec.num_warps, spec.num_stages))
         diffs.append(d)
     return "closest launch differs in (launched, compiled): " + str(min(diffs, key=len))
+
+
+@contextlib.contextmanager
+def _patched(module, name, value):
+    old = getattr(module, name)
+    setattr(module, name, value)
+    try:
+        yield
+    finally:
+        setattr(module, name, old)
 
 
 @contextlib.contextmanager
@@ -249,9 +267,10 @@ def run_patch_embed(name, dtype, tile, even_k, geometry):
                       ["pixels", "weight", "bias", "pos_embed"], grad_of)
 
 
-def run_cross_attention(D, dtype, even):
+def run_cross_attention(D, dtype, even, two=False):
     """Broadcast queries (Bq = 1), 4 query heads over 2 KV heads, batch 2. Padded: kv_lens (int32) and
-    key_mask, keys split 2 ways (fp32 partials + combine); even: no padding, Lk two whole key blocks."""
+    key_mask, keys split 2 ways (fp32 partials + combine); even: no padding, Lk two whole key blocks.
+    ``two``: the keys come from two sources (the perceiver's media and latents), never concatenated."""
     fwd = KA.gpu_blocks(64, D, elem_bytes=torch.empty((), dtype=dtype).element_size())
     bwd = KA.gpu_blocks(64, D, backward=True)
     Lq = fwd["BLOCK_M"] + RAGGED  # > 32: the GPU's 64-query forward tile, 2 tiles; 3 backward tiles
@@ -263,6 +282,14 @@ def run_cross_attention(D, dtype, even):
     if not even:
         kw = dict(kv_lens=torch.tensor([Lk, Lk - 2 * RAGGED], dtype=torch.int32), key_mask=torch.rand(B, Lk) > 0.2)
         splits = 2
+    if two:  # the second source: the last 7 keys (the seam inside a key block); the mask covers the first
+        L1 = Lk - 7
+        mask1 = kw.pop("key_mask")[:, :L1]
+        full = torch.cat([mask1, torch.ones(B, Lk - L1, dtype=torch.bool)], 1)
+        return assert_matches_reference(
+            lambda q, k, v: mmfuse.cross_attention(q, (k[:, :, :L1], k[:, :, L1:]), (v[:, :, :L1], v[:, :, L1:]),
+                                                   key_mask=mask1, _splits=splits, **kw),
+            lambda q, k, v: cross_attention_reference(q, k, v, key_mask=full, **kw), [q, k, v], ["q", "k", "v"])
     return assert_matches_reference(
         lambda q, k, v: mmfuse.cross_attention(q, k, v, _splits=splits, **kw),
         lambda q, k, v: cross_attention_reference(q, k, v, **kw), [q, k, v], ["q", "k", "v"])
@@ -276,13 +303,18 @@ def _execute(key):
         with _tf32(dtype_name == "fp32-tf32"), _common.gpu_config(tiles):
             run_linear(kind, act, bias, DTYPES[dtype_name], tile, even_k)
     elif family == "patch_embed":
-        name, dtype_name, tile, even_k, geometry = params
-        with _tf32(dtype_name == "fp32-tf32"), _common.gpu_config({name: tile} if len(tile) == 5 else {}):
+        from mmfuse.kernels import patch_embed as KP
+
+        name, dtype_name, tile, even_k, geometry, split = params
+        # dW's split count as the spec compiled it (2 ways into fp32 partials, or none), not the model's
+        # choice at these test sizes.
+        with _tf32(dtype_name == "fp32-tf32"), _common.gpu_config({name: tile} if len(tile) == 5 else {}), \
+                _patched(KP, "dw_splits", lambda *a, **k: 2 if split else 1):
             run_patch_embed(name, DTYPES[dtype_name], tile, even_k, geometry)
     elif family == "cross_attention":
-        D, dtype_name, even = params
+        D, dtype_name, even, two = params
         with _tf32(dtype_name == "fp32-tf32"), _common.gpu_config():
-            run_cross_attention(D, DTYPES[dtype_name], even)
+            run_cross_attention(D, DTYPES[dtype_name], even, two)
     else:
         pytest.fail(f"no run executes {params[0]}")
 

@@ -217,3 +217,47 @@ def test_tile_pruning_for_clip_l():
     assert keep("fwd", 64 * 576, 1024, 132) == [(128, 128), (128, 64), (64, 64)]
     # dpixels: 576 tokens x 672 run-ordered columns; only 64x64 reaches 0.70 (99 tiles, one wave).
     assert keep("dx", 576, 672, 132) == [(64, 64)]
+
+
+# ----------------------------------------------------------------------------------------------
+# dW + db split over tokens (fp32 partials summed in split order; issue 13)
+# ----------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
+def test_dw_split_over_tokens_matches_reference_and_is_bitwise_repeatable(dtype, launches):
+    from mmfuse.testing import assert_close
+
+    # 2 images of 5 x 15 patches = 150 tokens: three 64-token chunks, the last one partial; D = 37
+    # and K = 3*4*4 = 48 are no multiples of the 32x32 tile; channels-last pixels, a strided dOut.
+    px = torch.randn(2, 20, 60, 3, dtype=dtype).permute(0, 3, 1, 2).unsqueeze(2)  # (2, 3, 1, 20, 60)
+    g = torch.randn(2, 75, 74, dtype=dtype)[..., ::2]  # (2, 75, 37), not contiguous
+    wshape = (37, 3, 1, 4, 4)
+
+    def ref(dt):
+        x = px.squeeze(2).to(dt)
+        cols = torch.nn.functional.unfold(x, 4, stride=4)  # (B, K, N)
+        dw = torch.einsum("bnd,bkn->dk", g.to(dt), cols)
+        return dw, g.to(dt).sum((0, 1))
+
+    launches.clear()
+    runs = [K.patch_embed_dw(g, px, wshape, with_bias=True, splits=3) for _ in range(2)]
+    assert launches.count("patch_embed_dw_kernel") == 2 and launches.count("dw_combine_kernel") == 2
+    (dw, db), (dw2, db2) = runs
+    assert torch.equal(dw, dw2) and torch.equal(db, db2)  # bitwise: no atomics, a fixed order
+    (r64, rb64), (rlp, rblp) = ref(torch.float64), ref(dtype)
+    assert_close("dW", dw, r64, rlp)
+    assert_close("db", db, rb64, rblp)
+    one, one_b = K.patch_embed_dw(g, px, wshape, with_bias=True, splits=1)
+    assert_close("dW one split", one, r64, rlp)
+    dw_nb, db_nb = K.patch_embed_dw(g, px, wshape, with_bias=False, splits=3)
+    assert db_nb is None and torch.equal(dw_nb, dw)
+
+
+def test_dw_split_rule_minimises_the_modelled_time():
+    """CLIP-L/14-336 dW (1024 x 588): one image has 9 token blocks, and partials would cost more than
+    the ~2 µs GEMM, so no split; 64 images split 3 ways: 80 -> 240 programs, 61% -> 91% of 132 SMs."""
+    tile = (64, 128, 64, 4, 3)
+    assert K.dw_splits(1024, 588, 576, tile, 2, 132) == 1
+    assert K.dw_splits(1024, 588, 64 * 576, tile, 2, 132) == 3
+    assert K.dw_token_chunk(64 * 576, 3) == 12288 and K.dw_token_chunk(150, 3) == 64
+    us = [K.dw_modelled_us(1024, 588, 64 * 576, tile, s, 2, 132) for s in range(1, 17)]
+    assert min(us) == us[2] and us[2] < 0.8 * us[0]

@@ -182,14 +182,20 @@ def test_attention_backward_traffic_matches_an_interpreted_run(B, Bq, Hq, Hkv, L
 
     monkeypatch.setattr(KA, "empty", recording_empty)
     blocks = (KA.INTERPRETER_BLOCKS["BLOCK_M"], KA.INTERPRETER_BLOCKS["BLOCK_N"])
-    dq_splits = KA.choose_splits(cdiv(Lq, blocks[0]) * Bq * Hq, B if Bq == 1 else 1, 132)  # the launcher's rule
+    # The launcher's rule; the second shape is forced to split its keys too (both paths covered).
+    dq_splits, dq_key_splits = KA.dq_splits_for(B, Bq, Hq, Hkv, Lq, Lk, D, q.element_size(),
+                                                KA.INTERPRETER_BLOCKS, 132)
+    if Bq > 1:
+        dq_splits, dq_key_splits = 1, 2
     named = {"q": q, "k": k, "v": v, "o": o, "do": do, "lse": lse, "delta": lambda _: allocated[0],
              "dq": lambda r: r[0], "dk": lambda r: r[1], "dv": lambda r: r[2]}
-    if dq_splits > 1:
+    if dq_splits * dq_key_splits > 1:
         named["dq_partial"] = lambda _: allocated[4]
-    _, got = measure(lambda: KA.attention_bwd(do, q, k, v, o, lse, None, None, D ** -0.5), named, by_launch=True)
-    want = attention_bwd_traffic(B, Bq, Hq, Hkv, Lq, Lk, D, blocks, q.element_size(), dq_splits=dq_splits)
-    assert (dq_splits > 1) == (Bq == 1)  # both paths are covered by the two shapes
+    _, got = measure(lambda: KA.attention_bwd(do, q, k, v, o, lse, None, None, D ** -0.5,
+                                              dq_splits=(dq_splits, dq_key_splits)), named, by_launch=True)
+    want = attention_bwd_traffic(B, Bq, Hq, Hkv, Lq, Lk, D, blocks, q.element_size(), dq_splits=dq_splits,
+                                 dq_key_splits=dq_key_splits)
+    assert (dq_splits > 1) == (Bq == 1)  # batch splits (first shape) and key splits (second) both covered
     names = {"delta": "attn_delta_kernel", "dkdv": "attn_bwd_dkdv_kernel", "dq": "attn_bwd_dq_kernel"}
     # dq_sum is a torch reduction, not a Triton launch: the interpreter sees the three kernels.
     assert _touched(got) == {names[k]: v for k, v in want.items() if k in names}
@@ -200,3 +206,28 @@ def test_measure_by_launch_refuses_a_kernel_launched_twice():
     w = torch.randn(4, 16)
     with pytest.raises(ValueError, match="more than once"):
         measure(lambda: (KL.linear_fwd(x, w), KL.linear_fwd(x, w)), {"x": x}, by_launch=True)
+
+
+def test_patch_embed_dw_split_traffic_matches_an_interpreted_run(monkeypatch):
+    """dW + db split three ways over 150 tokens: fp32 partials stored, then read once by the combine."""
+    from mmfuse.kernels import patch_embed as KP
+    from mmfuse.traffic import patch_embed_bwd_traffic
+
+    B, C, H, W, P, D = 2, 3, 20, 60, 4, 37
+    px = torch.randn(B, C, 1, H, W, dtype=torch.float16)
+    g = torch.randn(B, (H // P) * (W // P), D, dtype=torch.float16)
+    allocated = []  # dw, db, then the partials
+
+    def recording_empty(*args, **kw):
+        allocated.append(torch.empty(*args, **kw))
+        return allocated[-1]
+
+    monkeypatch.setattr(KP, "empty", recording_empty)
+    _, got = measure(lambda: KP.patch_embed_dw(g, px, (D, C, 1, P, P), with_bias=True, splits=3),
+                     {"dout": g, "pixels": px, "weight_grad": lambda _: allocated[0],
+                      "bias_grad": lambda _: allocated[1], "weight_grad_partial": lambda _: allocated[2],
+                      "bias_grad_partial": lambda _: allocated[3]}, by_launch=True)
+    tile = KP.INTERPRETER_TILE[:3]
+    want = patch_embed_bwd_traffic(B, C, H, W, P, D, {"dx": tile, "dw": tile}, 2, dw_splits=3, pos=False)
+    names = {"dw": "patch_embed_dw_kernel", "dw_combine": "dw_combine_kernel"}
+    assert _touched(got) == {names[k]: v for k, v in want.items() if k in names}

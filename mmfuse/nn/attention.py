@@ -21,6 +21,12 @@ def _heads(x: torch.Tensor, heads: int) -> torch.Tensor:
     return x.view(B, L, heads, -1).transpose(1, 2)
 
 
+def _heads_seq_first(x: torch.Tensor, heads: int) -> torch.Tensor:
+    """(L, B, H*Dh) -> (B, H, L, Dh), a view."""
+    L, B, _ = x.shape
+    return x.view(L, B, heads, -1).permute(1, 2, 0, 3)
+
+
 def _merge(x: torch.Tensor) -> torch.Tensor:
     """(B, H, L, Dh) -> (B, L, H*Dh)."""
     B, H, L, Dh = x.shape
@@ -65,16 +71,16 @@ class MultiheadAttention(nn.Module):
         if need_weights or attn_mask is not None or is_causal:
             raise ValueError("need_weights / attn_mask / is_causal: expected False / None / False "
                              "(mmfuse.nn.MultiheadAttention computes padded cross-attention only)")
-        if not self.batch_first:  # (L, B, E) -> (B, L, E)
-            query, key, value = (t.transpose(0, 1) for t in (query, key, value))
         wq, wk, wv = self._weights()
         bq = bk = bv = None
         if self.in_proj_bias is not None:
             bq, bk, bv = self.in_proj_bias.chunk(3)
         H = self.num_heads
-        q = _heads(linear(query, wq, bq), H)
-        k = _heads(linear(key, wk, bk), H)
-        v = _heads(linear(value, wv, bv), H)
+        # Projections in the caller's layout; (L, B, E) inputs become (B, H, L, D) views, not copies.
+        heads = _heads if self.batch_first else _heads_seq_first
+        q = heads(linear(query, wq, bq), H)
+        k = heads(linear(key, wk, bk), H)
+        v = heads(linear(value, wv, bv), H)
         key_mask = None
         if key_padding_mask is not None:
             if key_padding_mask.dtype != torch.bool:
@@ -135,16 +141,13 @@ class PerceiverAttention(nn.Module):
         media = self.norm_media(media)
         latents = self.norm_latents(latents)
         q = _heads(linear(latents, self.to_q.weight), self.heads)
-        # K/V of media and of latents are projected separately and concatenated along the keys: the
-        # (media ‖ latents) input is never built, but the K/V concatenation is (one copy of
-        # 2 x (N + L) x inner; a two-source kernel would avoid it).
-        kv = torch.cat([linear(media, self.to_kv.weight), linear(latents, self.to_kv.weight)], dim=1)
-        k, v = (_heads(t, self.heads) for t in kv.chunk(2, dim=-1))
-        key_mask = None
-        if media_mask is not None:  # True = attend, per media token; latents always attend
-            ones = torch.ones(latents.shape[:2], dtype=torch.bool, device=latents.device)
-            key_mask = torch.cat([media_mask.expand(media.shape[0], -1), ones], dim=1)
-        out = cross_attention(q, k, v, key_mask=key_mask)
+        # K/V of media and of latents are projected separately and read by the kernel from both
+        # tensors (two sources): neither (media ‖ latents) nor its K/V is ever built.
+        k_media, v_media = (_heads(t, self.heads) for t in linear(media, self.to_kv.weight).chunk(2, dim=-1))
+        k_lat, v_lat = (_heads(t, self.heads) for t in linear(latents, self.to_kv.weight).chunk(2, dim=-1))
+        # True = attend, per media token; the mask covers the first source, latents always attend.
+        key_mask = media_mask.expand(media.shape[0], -1) if media_mask is not None else None
+        out = cross_attention(q, (k_media, k_lat), (v_media, v_lat), key_mask=key_mask)
         return linear(_merge(out), self.to_out.weight)
 
 
@@ -205,8 +208,9 @@ class Idefics2PerceiverAttention(nn.Module):
     ``context ‖ latents`` with grouped-query heads and the resampler's padding mask. Same
     ``q_proj`` / ``k_proj`` / ``v_proj`` / ``o_proj`` (shared) and state_dict; ``mmfuse.patch``
     swaps it inside ``Idefics2PerceiverResampler``, which keeps its own class and checkpoint layout.
-    K/V of the context and of the latents are projected separately and concatenated (the
-    ``context ‖ latents`` hidden states are not built)."""
+    K/V of the context and of the latents are projected separately and read by the attention kernel
+    from both tensors: neither ``context ‖ latents`` nor its K/V is built, and the forward launches no
+    copy and no host synchronisation."""
 
     @classmethod
     def from_module(cls, module: nn.Module) -> "Idefics2PerceiverAttention":
@@ -224,21 +228,41 @@ class Idefics2PerceiverAttention(nn.Module):
         return new
 
     def forward(self, latents, context, attention_mask=None, position_ids=None, past_key_values=None, **kwargs):
-        from mmfuse.integrations import _key_mask
-
         if past_key_values is not None:
             raise ValueError("past_key_values: expected None (the resampler keeps no cache)")
         B, Lq, _ = latents.shape
         Lk = context.shape[1] + Lq
-        usable, key_mask = _key_mask(attention_mask, B, Lk)
-        if not usable:
-            raise ValueError(f"attention_mask: expected a key-padding mask (B, 1, 1 or {Lq}, {Lk}) with equal "
-                             f"rows, got shape {tuple(attention_mask.shape)}")
+        key_mask = self._key_mask(attention_mask, B, Lk)
         q = _heads(linear(latents, self.q_proj.weight, self.q_proj.bias), self.num_heads)
         kv_heads = self.num_key_value_heads
-        k = _heads(torch.cat([linear(context, self.k_proj.weight, self.k_proj.bias),
-                              linear(latents, self.k_proj.weight, self.k_proj.bias)], dim=1), kv_heads)
-        v = _heads(torch.cat([linear(context, self.v_proj.weight, self.v_proj.bias),
-                              linear(latents, self.v_proj.weight, self.v_proj.bias)], dim=1), kv_heads)
-        out = cross_attention(q, k, v, key_mask=key_mask, scale=self.scaling)
+
+        def project(proj):  # K or V of (context, latents): two sources the kernel reads in place
+            return tuple(_heads(linear(x, proj.weight, proj.bias), kv_heads) for x in (context, latents))
+
+        # The mask covers the context (the latents' columns are True by construction).
+        if key_mask is not None:
+            key_mask = key_mask[:, :context.shape[1]]
+        out = cross_attention(q, project(self.k_proj), project(self.v_proj), key_mask=key_mask, scale=self.scaling)
         return linear(_merge(out), self.o_proj.weight, self.o_proj.bias), None
+
+    @staticmethod
+    def _key_mask(attention_mask, B: int, Lk: int):
+        """The resampler's mask as (B, Lk) bool, True = attend, from its structure only (no values read
+        on the host, no sync). What the model says: ``Idefics2PerceiverResampler`` builds it with
+        ``create_bidirectional_mask`` from a 2-D padding mask, so every query row is the same and any
+        one row is the key mask: boolean (SDPA's / mmfuse's builder: (B, 1, Lq or 1, Lk)), additive
+        float (eager's: 0 = attend), or the 2-D mask itself (flash-attention's)."""
+        if attention_mask is None:
+            return None
+        m = attention_mask
+        if m.dim() == 4 and m.shape[1] == 1 and m.shape[-1] == Lk and m.shape[0] in (1, B):
+            row = m[:, 0, 0, :]
+        elif m.dim() == 2 and m.shape[-1] == Lk and m.shape[0] in (1, B):
+            row = m
+        else:
+            raise ValueError(f"attention_mask: expected the resampler's padding mask (B, 1, Lq or 1, {Lk}) or "
+                             f"(B, {Lk}), got shape {tuple(m.shape)}")
+        if m.dtype != torch.bool:
+            row = row == 0 if m.dim() == 4 else row != 0  # additive 4-D (0 = attend); 2-D 1/0 (1 = attend)
+        return row.expand(B, Lk)
+

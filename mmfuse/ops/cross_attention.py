@@ -119,52 +119,64 @@ def _acc(dtype):
 
 @torch.library.custom_op("mmfuse::cross_attention_fwd", mutates_args=())
 def cross_attention_fwd_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_lens: torch.Tensor | None,
-                           key_mask: torch.Tensor | None, scale: float, splits: int
+                           key_mask: torch.Tensor | None, scale: float, splits: int,
+                           k2: torch.Tensor | None = None, v2: torch.Tensor | None = None
                            ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(o, lse); ``splits`` <= 0 lets the launcher choose (the split rule of kernels/cross_attention.py)."""
+    """(o, lse); ``splits`` <= 0 lets the launcher choose (the split rule of kernels/cross_attention.py).
+    ``k2, v2``: a second key/value source, the keys being k ‖ k2 (read in place, never concatenated)."""
     return K.attention_fwd(q, k, v, kv_lens, key_mask, scale, splits=splits if splits > 0 else None,
-                           acc=_acc(q.dtype), precision=dot_precision(q.dtype))
+                           acc=_acc(q.dtype), precision=dot_precision(q.dtype), k2=k2, v2=v2)
 
 
 @cross_attention_fwd_op.register_fake
-def _(q, k, v, kv_lens, key_mask, scale, splits):
+def _(q, k, v, kv_lens, key_mask, scale, splits, k2=None, v2=None):
     B, Hq, Lq = k.shape[0], q.shape[1], q.shape[2]
-    return q.new_empty(B, Hq, Lq, q.shape[3]), q.new_empty(B, Hq, Lq, dtype=_acc(q.dtype))
+    # The kernel's storage order (B, Lq, Hq, D), seen as (B, Hq, Lq, D): the strides match the real op.
+    return q.new_empty(B, Lq, Hq, q.shape[3]).transpose(1, 2), q.new_empty(B, Hq, Lq, dtype=_acc(q.dtype))
 
 
 @torch.library.custom_op("mmfuse::cross_attention_bwd", mutates_args=())
 def cross_attention_bwd_op(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o: torch.Tensor,
                            lse: torch.Tensor, kv_lens: torch.Tensor | None, key_mask: torch.Tensor | None,
-                           scale: float, need_q: bool, need_kv: bool
-                           ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                           scale: float, need_q: bool, need_kv: bool,
+                           k2: torch.Tensor | None = None, v2: torch.Tensor | None = None
+                           ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(dq, dk, dv, dk2, dv2); empty tensors for what is not computed (dk2, dv2 without a second source)."""
     dq, dk, dv = K.attention_bwd(do, q, k, v, o, lse, kv_lens, key_mask, scale, need_q=need_q, need_kv=need_kv,
-                                 acc=_acc(q.dtype), precision=dot_precision(q.dtype))
-    return (dq if dq is not None else q.new_empty(0), dk if dk is not None else q.new_empty(0),
-            dv if dv is not None else q.new_empty(0))
+                                 acc=_acc(q.dtype), precision=dot_precision(q.dtype), k2=k2, v2=v2)
+    dk2 = dv2 = None
+    if k2 is not None and dk is not None:
+        (dk, dk2), (dv, dv2) = dk, dv
+    return tuple(t if t is not None else q.new_empty(0) for t in (dq, dk, dv, dk2, dv2))
 
 
 @cross_attention_bwd_op.register_fake
-def _(do, q, k, v, o, lse, kv_lens, key_mask, scale, need_q, need_kv):
+def _(do, q, k, v, o, lse, kv_lens, key_mask, scale, need_q, need_kv, k2=None, v2=None):
+    two = k2 is not None and need_kv
     return (q.new_empty(q.shape) if need_q else q.new_empty(0), k.new_empty(k.shape) if need_kv else q.new_empty(0),
-            v.new_empty(v.shape) if need_kv else q.new_empty(0))
+            v.new_empty(v.shape) if need_kv else q.new_empty(0), k2.new_empty(k2.shape) if two else q.new_empty(0),
+            v2.new_empty(v2.shape) if two else q.new_empty(0))
 
 
 def _setup(ctx, inputs, output):
-    q, k, v, kv_lens, key_mask, scale, _ = inputs
+    q, k, v, kv_lens, key_mask, scale, _, k2, v2 = inputs
     ctx.set_materialize_grads(False)
     ctx.scale = scale
     ctx.need_q = q.requires_grad
-    ctx.need_kv = k.requires_grad or v.requires_grad
-    ctx.save_for_backward(q, k, v, output[0], output[1], kv_lens, key_mask)
+    ctx.need_kv = any(t is not None and t.requires_grad for t in (k, v, k2, v2))
+    ctx.two = k2 is not None
+    ctx.save_for_backward(q, k, v, output[0], output[1], kv_lens, key_mask, k2, v2)
 
 
 def _backward(ctx, do, _dlse):
     if do is None:
-        return None, None, None, None, None, None, None
-    q, k, v, o, lse, kv_lens, key_mask = ctx.saved_tensors
-    dq, dk, dv = cross_attention_bwd_op(do, q, k, v, o, lse, kv_lens, key_mask, ctx.scale, ctx.need_q, ctx.need_kv)
-    return (dq if ctx.need_q else None, dk if ctx.need_kv else None, dv if ctx.need_kv else None,
-            None, None, None, None)
+        return (None,) * 9
+    q, k, v, o, lse, kv_lens, key_mask, k2, v2 = ctx.saved_tensors
+    dq, dk, dv, dk2, dv2 = cross_attention_bwd_op(do, q, k, v, o, lse, kv_lens, key_mask, ctx.scale, ctx.need_q,
+                                                  ctx.need_kv, k2, v2)
+    kv = ctx.need_kv
+    return (dq if ctx.need_q else None, dk if kv else None, dv if kv else None, None, None, None, None,
+            dk2 if kv and ctx.two else None, dv2 if kv and ctx.two else None)
 
 
 cross_attention_fwd_op.register_autograd(_backward, setup_context=_setup)
@@ -176,18 +188,66 @@ cross_attention_fwd_op.register_autograd(_backward, setup_context=_setup)
 def cross_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, kv_lens: torch.Tensor | None = None,
                     key_mask: torch.Tensor | None = None, scale: float | None = None,
                     _splits: int = 0) -> torch.Tensor:
-    """Flash cross-attention (see the module docstring). ``_splits`` forces the number of key splits
-    (tests); 0 lets the split rule choose."""
-    for name, t in (("q", q), ("k", k), ("v", v)):
-        check_tensor(name, t, ndim=4)
+    """Flash cross-attention (see the module docstring). ``k`` and ``v`` may each be a pair of tensors
+    (B, Hkv, L1, D), (B, Hkv, L2, D): the keys are their concatenation along the keys, read in place by
+    the kernels and never built (the perceiver's media ‖ latents); ``key_mask`` is then (B, L1) and
+    masks the first source only, ``kv_lens`` counts keys of the concatenation. ``_splits`` forces the number of key
+    splits (tests); 0 lets the split rule choose."""
+    k, k2 = _sources("k", k)
+    v, v2 = _sources("v", v)
+    if (k2 is None) != (v2 is None):
+        raise ValueError("k, v: expected both a pair of tensors or both a tensor, got one of each")
+    for name, t in (("q", q), ("k", k), ("v", v), ("k[1]", k2), ("v[1]", v2)):
+        if t is not None:
+            check_tensor(name, t, ndim=4)
     if backend_for(q) != REFERENCE:
-        q, k, v = autocast_inputs(q, k, v)
-    _check(q, k, v, kv_lens, key_mask, scale)
+        q, k, v, k2, v2 = autocast_inputs(q, k, v, k2, v2)
+    if k2 is not None:
+        for name, t, first in (("k[1]", k2, k), ("v[1]", v2, v)):
+            check_like(name, t, "q", q)
+            if t.shape[:2] != first.shape[:2] or t.shape[3] != first.shape[3]:
+                raise ValueError(f"{name}: expected shape ({first.shape[0]}, {first.shape[1]}, L2, {first.shape[3]}) "
+                                 f"(the batch, heads and head dim of {name[0]}[0]), got {tuple(t.shape)}")
+        if k2.shape != v2.shape or k.shape != v.shape:
+            raise ValueError(f"v: expected the shapes of k {tuple(k.shape)}, {tuple(k2.shape)}, got "
+                             f"{tuple(v.shape)}, {tuple(v2.shape)}")
+    # Checked as the concatenated keys would be (a stand-in: no data is touched or copied); with two
+    # sources key_mask covers the first one, (B, L1).
+    _check(q, _joined(k, k2), _joined(v, v2), kv_lens, key_mask if k2 is None else None, scale)
+    if k2 is not None and key_mask is not None:
+        _check(q, k, v, None, key_mask, scale)
     scale = float(scale) if scale is not None else 1.0 / math.sqrt(q.shape[-1])
     if backend_for(q) == REFERENCE:
+        k, v, key_mask = _concat(k, k2, v, v2, key_mask)
         return cross_attention_reference(q, k, v, kv_lens=kv_lens, key_mask=key_mask, scale=scale)
-    o, _ = cross_attention_fwd_op(q, k, v, kv_lens, key_mask, scale, int(_splits))
+    o, _ = cross_attention_fwd_op(q, k, v, kv_lens, key_mask, scale, int(_splits), k2, v2)
     return o
+
+
+def _concat(k, k2, v, v2, key_mask):
+    """(k ‖ k2, v ‖ v2, key_mask ‖ True): the one-source equivalent of two sources (reference only)."""
+    if k2 is None:
+        return k, v, key_mask
+    if key_mask is not None:
+        key_mask = torch.cat([key_mask, key_mask.new_ones(key_mask.shape[0], k2.shape[2])], dim=1)
+    return torch.cat([k, k2], dim=2), torch.cat([v, v2], dim=2), key_mask
+
+
+def _sources(name, t):
+    if isinstance(t, (tuple, list)):
+        if len(t) != 2:
+            raise ValueError(f"{name}: expected a tensor or a pair of tensors, got a sequence of {len(t)}")
+        return t[0], t[1]
+    return t, None
+
+
+def _joined(first, second):
+    """A stand-in of ``cat([first, second], dim=2)`` for the checks: shape, dtype and device only (one
+    element broadcast by zero strides; nothing is copied)."""
+    if second is None:
+        return first
+    B, H, L1, D = first.shape
+    return first.new_empty(()).expand(B, H, L1 + second.shape[2], D)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -77,8 +77,8 @@ def _check_x(x):
 # ----------------------------------------------------------------------------------------------
 # Custom operators with autograd (torch.compile sees them as opaque ops with fake implementations)
 # ----------------------------------------------------------------------------------------------
-# A plain ``custom_op`` rather than ``triton_op``: the launchers pick configs at run time (autotune
-# with pruning on a GPU, a fixed config in the interpreter), which Inductor would not reproduce, and the
+# A plain ``custom_op`` rather than ``triton_op``: the launchers pick configs at run time (wave model
+# or timed per octave of M on a GPU, a fixed config in the interpreter), which Inductor would not reproduce, and the
 # interpreter path must stay callable on CPU. Empty tensors stand for "not computed" in op outputs
 # (an op's schema cannot return None).
 def _nothing(like: torch.Tensor) -> torch.Tensor:
