@@ -41,13 +41,13 @@ def check_patch_equivalence(model, inputs, select, expected_swaps, vision_tower=
     return model, report
 
 
-def check_training_step(make_model, inputs, select):
+def check_training_step(make_model, inputs, select, vision_tower=False):
     """One SGD step, patched and unpatched from the same init: the same parameters move, equally."""
     results = []
     for patched in (False, True):
         model = make_model().float()
         if patched:
-            mmfuse.patch(model)
+            mmfuse.patch(model, vision_tower=vision_tower)
         before = {n: p.detach().clone() for n, p in model.named_parameters()}
         opt = torch.optim.SGD(model.parameters(), lr=0.1)
         select(model(*inputs)).square().mean().backward()

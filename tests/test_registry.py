@@ -403,13 +403,17 @@ def test_every_covered_class_has_a_builder_or_a_checked_sibling():
 def test_family_patches_on_meta_and_loads_after(key):
     """Patch before the weights exist (meta), then to_empty + load_state_dict: equals the original.
     (tests/test_compile_autocast_distributed.py runs the same flow under FSDP2 with two processes.)"""
+    check_meta_patch(key)
+
+
+def check_meta_patch(key, builders=BUILDERS, vision_tower=False):
     torch.manual_seed(0)
-    real, inputs = BUILDERS[key]()
+    real, inputs = builders[key]()
     with torch.device("meta"):
         torch.manual_seed(0)
-        module, _ = BUILDERS[key]()
+        module, _ = builders[key]()
     model = _Parent(module)
-    report = mmfuse.patch(model)
+    report = mmfuse.patch(model, vision_tower=vision_tower)
     assert [name for name, _, _ in report.swapped] == ["target"], str(report)
     model.to_empty(device="cpu")
     model.target.load_state_dict(real.state_dict())
@@ -588,9 +592,15 @@ def test_tower_mlp_patched_matches_original(key, launches):
     assert family.tower and family.recipe in ("mlp", "gated mlp")
 
 
+@pytest.mark.parametrize("key", sorted(TOWER_BUILDERS), ids=lambda k: f"{k[0]}.{k[1]}")
+def test_tower_mlp_patches_on_meta_and_loads_after(key):
+    check_meta_patch(key, builders=TOWER_BUILDERS, vision_tower=True)
+
+
 def test_whole_vision_tower_patched_with_and_without_vision_tower():
     """A tiny CLIPVisionModel (LLaVA's tower): the default patch leaves its MLPs alone; vision_tower=True
-    swaps every block's MLP (quick_gelu fused in fc1's epilogue) and the output matches the rule."""
+    swaps every block's MLP (quick_gelu fused in fc1's epilogue), the output and gradients match the rule
+    and one training step moves the same parameters equally."""
     import importlib.util
     import pathlib
 
@@ -611,6 +621,7 @@ def test_whole_vision_tower_patched_with_and_without_vision_tower():
     mlps = [name for name, old, _ in report.swapped if old == "CLIPMLP"]
     assert mlps == [f"encoder.layers.{i}.mlp" for i in range(2)], str(report)
     assert model.encoder.layers[0].mlp.fc1.activation == "quick_gelu"
+    hf.check_training_step(make, inputs, select, vision_tower=True)
     assert mmfuse.unpatch(model) and type(model.encoder.layers[0].mlp).__name__ == "CLIPMLP"
 
 
