@@ -5,6 +5,8 @@ name), the recipe that replaces them and the recipe's options (which attributes 
 which activation module follows which Linear, ...). Recipes are code and few (``RECIPES``). Classes that
 look like projectors or patch embeddings but are not replaced are listed in ``DECLINED`` with the reason;
 tests/test_registry.py walks the installed transformers and fails on any class in neither table.
+Families marked ``tower`` (each ViT block's MLP) are swapped only by ``patch(model, vision_tower=True)``;
+they sit outside that walk (it looks for projector-like classes) and each has its own test.
 
 Recipes that keep the original's forward (``mlp``, ``norm+mlp``, ``merge+mlp``, ``linear``, ``gated mlp``)
 build a shallow copy of the module, of a subclass named ``Fused<Class>``, whose GEMM children are
