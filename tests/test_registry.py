@@ -601,13 +601,7 @@ def test_whole_vision_tower_patched_with_and_without_vision_tower():
     """A tiny CLIPVisionModel (LLaVA's tower): the default patch leaves its MLPs alone; vision_tower=True
     swaps every block's MLP (quick_gelu fused in fc1's epilogue), the output and gradients match the rule
     and one training step moves the same parameters equally."""
-    import importlib.util
-    import pathlib
-
-    path = pathlib.Path(__file__).with_name("test_hf_integration.py")
-    spec = importlib.util.spec_from_file_location("_hf_checks", path)
-    hf = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(hf)
+    hf = _hf_checks()
 
     def make():
         torch.manual_seed(0)
@@ -623,6 +617,31 @@ def test_whole_vision_tower_patched_with_and_without_vision_tower():
     assert model.encoder.layers[0].mlp.fc1.activation == "quick_gelu"
     hf.check_training_step(make, inputs, select, vision_tower=True)
     assert mmfuse.unpatch(model) and type(model.encoder.layers[0].mlp).__name__ == "CLIPMLP"
+
+
+@pytest.mark.parametrize("name", ["qwen2.5-vl tower (merge+mlp, RMSNorm; Conv3d patch embed)",
+                                  "glm-4v tower (gated mlp; Conv3d patch embed)"])
+def test_whole_tower_with_gated_mlps_patched_with_vision_tower(name):
+    """The gated recipe inside a real tower: every block's SwiGLU MLP swapped too, outputs, gradients
+    and a training step as the unpatched tower's."""
+    hf = _hf_checks()
+    make, inputs, select = E2E[name]
+    inputs = inputs()
+    _, report = hf.check_patch_equivalence(make(), inputs, select, [], vision_tower=True)
+    assert any(name.endswith("blocks.0.mlp") for name, _, _ in report.swapped), str(report)
+    hf.check_training_step(make, inputs, select, vision_tower=True)
+
+
+def _hf_checks():
+    """tests/test_hf_integration.py's check_patch_equivalence / check_training_step."""
+    import importlib.util
+    import pathlib
+
+    spec = importlib.util.spec_from_file_location("_hf_checks",
+                                                  pathlib.Path(__file__).with_name("test_hf_integration.py"))
+    hf = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(hf)
+    return hf
 
 
 def test_vision_tower_flag_must_be_a_bool():
