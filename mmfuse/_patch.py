@@ -42,12 +42,12 @@ class PatchReport:
 def patch(model: nn.Module, vision_tower: bool = False) -> PatchReport:
     """Replace recognised submodules of ``model`` in place (an outer match wins over inner ones).
     Works on meta-device models (nothing is read from the weights until the first forward).
-    ``vision_tower=True`` would also swap the vision tower's own blocks (registry families marked
-    ``tower``); none are registered yet, so it raises rather than silently doing nothing."""
+    ``vision_tower=True`` also swaps the vision tower's own blocks (registry families marked ``tower``:
+    each ViT block's MLP); without it those are left as they are (opt-in)."""
     from mmfuse import registry
 
-    if vision_tower and not any(f.tower for f in registry.FAMILIES):
-        raise NotImplementedError("vision_tower=True: no vision-tower families are registered yet")
+    if not isinstance(vision_tower, bool):
+        raise TypeError(f"vision_tower: expected a bool, got {type(vision_tower).__name__}")
     report = PatchReport([], [])
 
     def visit(parent: nn.Module, prefix: str):

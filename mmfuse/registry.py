@@ -5,6 +5,8 @@ name), the recipe that replaces them and the recipe's options (which attributes 
 which activation module follows which Linear, ...). Recipes are code and few (``RECIPES``). Classes that
 look like projectors or patch embeddings but are not replaced are listed in ``DECLINED`` with the reason;
 tests/test_registry.py walks the installed transformers and fails on any class in neither table.
+Families marked ``tower`` (each ViT block's MLP) are swapped only by ``patch(model, vision_tower=True)``;
+they sit outside that walk (it looks for projector-like classes) and each has its own test.
 
 Recipes that keep the original's forward (``mlp``, ``norm+mlp``, ``merge+mlp``, ``linear``, ``gated mlp``)
 build a shallow copy of the module, of a subclass named ``Fused<Class>``, whose GEMM children are
@@ -29,6 +31,7 @@ from mmfuse import _patch
 from mmfuse.nn._activations import activation_name
 
 PROJECTOR, PATCH_EMBED, CROSS_ATTENTION = "projector", "patch embedding", "cross-attention"
+TOWER_MLP = "vision-tower MLP"  # counted apart from projectors (a tower family's recipe is a projector recipe)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -222,6 +225,19 @@ def _llava_mlp(name, module, cls, notes=""):
                                                  ("fuse", (("linear_1", "act"),))), notes)
 
 
+def _tower_mlp(name, module, cls, linears=("fc1", "fc2"), act="activation_fn", notes=""):
+    """A ViT block's fc1 -> act -> fc2 (opt-in: ``tower=True``)."""
+    return Family(name, module, (cls,), "mlp", (("linears", linears), ("fuse", ((linears[0], act),))), notes,
+                  tower=True)
+
+
+def _tower_gated(name, module, cls, notes=""):
+    """A ViT block's SwiGLU, down(act(gate(x)) * up(x)) (opt-in: ``tower=True``)."""
+    return Family(name, module, (cls,), "gated mlp",
+                  (("linears", ("gate_proj", "up_proj", "down_proj")), ("fuse", (("gate_proj", "act_fn"),))), notes,
+                  tower=True)
+
+
 def _is_llava_mlp_sequential(m: nn.Module) -> bool:
     from mmfuse.nn.linear import MLPProjector
 
@@ -365,6 +381,21 @@ FAMILIES: list[Family] = [
            "patch embed (conv swap)", (("convs", ("patch_embedding",)),)),
     Family("SigLIP 2", "siglip2", ("Siglip2VisionEmbeddings",), "patch embed (linear on patches)",
            (("linears", ("patch_embedding",)),), notes="NaFlex: the processor cuts the patches"),
+    # the vision tower's own MLPs: swapped only by patch(model, vision_tower=True) (opt-in until a
+    # GPU run shows the fused epilogue wins at tower sizes)
+    _tower_mlp("CLIP", "clip", "CLIPMLP", notes="quick_gelu; also a CLIPModel's text-tower MLPs (the same class)"),
+    _tower_mlp("SigLIP", "siglip", "SiglipMLP",
+               notes="gelu_tanh; also a SiglipModel's text-tower MLPs (the same class)"),
+    _tower_mlp("SigLIP 2", "siglip2", "Siglip2MLP", notes="gelu_tanh; also a Siglip2Model's text-tower MLPs"),
+    _tower_mlp("Idefics2", "idefics2", "Idefics2VisionMLP"),
+    _tower_mlp("Idefics3", "idefics3", "Idefics3VisionMLP"),
+    _tower_mlp("SmolVLM", "smolvlm", "SmolVLMVisionMLP"),
+    _tower_mlp("InternVL (InternViT)", "internvl", "InternVLVisionMLP"),
+    _tower_mlp("Qwen2-VL", "qwen2_vl", "VisionMlp", act="act", notes="quick_gelu"),
+    _tower_mlp("Qwen3-VL", "qwen3_vl", "Qwen3VLVisionMLP", linears=("linear_fc1", "linear_fc2"), act="act_fn"),
+    _tower_gated("Qwen2.5-VL", "qwen2_5_vl", "Qwen2_5_VLMLP", notes="SwiGLU (separate gate / up, with biases)"),
+    _tower_gated("Pixtral", "pixtral", "PixtralMLP", notes="SwiGLU (separate gate / up)"),
+    _tower_gated("GLM-4V", "glm4v", "Glm4VisionMlp", notes="SwiGLU (separate gate / up)"),
     # cross-attention
     Family("Idefics2", "idefics2", ("Idefics2PerceiverAttention",), "cross-attention",
            (("dropin", "mmfuse.nn.attention.Idefics2PerceiverAttention"),),
@@ -546,7 +577,8 @@ TESTED_BY_SIBLING = {
     ("qianfan_ocr", "QianfanOCRVisionPatchEmbeddings"): ("internvl", "InternVLVisionPatchEmbeddings"),
 }
 #: Registry entries outside the enumeration's reach (the vision tower lives in a module with no
-#: text_config, or the class name carries none of the words).
+#: text_config, or the class name carries none of the words). Vision-tower families (``tower=True``)
+#: are outside it too: the enumeration is of projector-like classes only.
 NOT_ENUMERATED = {("idefics2", "Idefics2PerceiverAttention"), ("idefics2", "Idefics2MLP")}
 
 
@@ -579,9 +611,9 @@ MODELS_END = "<!-- models:end -->"
 def counts() -> dict[str, int]:
     """Accelerated classes of the installed transformers, by kind (projector-like = projector,
     merger, connector, resampler attention; patch embeddings)."""
-    out = {PROJECTOR: 0, PATCH_EMBED: 0, CROSS_ATTENTION: 0}
+    out = {PROJECTOR: 0, PATCH_EMBED: 0, CROSS_ATTENTION: 0, TOWER_MLP: 0}
     for fam in FAMILIES:
-        out[RECIPES[fam.recipe].kind] += len(fam.classes)
+        out[TOWER_MLP if fam.tower else RECIPES[fam.recipe].kind] += len(fam.classes)
     return out
 
 
@@ -593,11 +625,14 @@ def models_table() -> str:
     for fam in FAMILIES:
         r = RECIPES[fam.recipe]
         cls = ", ".join(f"`{c}`" for c in fam.classes) or "`nn.Sequential(Linear, act, Linear, ...)`"
-        lines.append(f"| {fam.name} | {cls} | {r.name} | {r.fused} | {r.pytorch} | {fam.notes} |")
+        notes = "; ".join(filter(None, ["vision tower, opt-in: `patch(model, vision_tower=True)`" if fam.tower
+                                        else "", fam.notes]))
+        lines.append(f"| {fam.name} | {cls} | {r.name} | {r.fused} | {r.pytorch} | {notes} |")
     c = counts()
     lines += ["", f"Accelerated classes of the installed transformers: **{c[PROJECTOR] + c[CROSS_ATTENTION]} "
               f"projectors / mergers / connectors** ({c[CROSS_ATTENTION]} of them resampler cross-attention) "
-              f"and **{c[PATCH_EMBED]} vision patch embeddings**. {len(DECLINED)} more projector-like classes "
+              f"and **{c[PATCH_EMBED]} vision patch embeddings**; with `vision_tower=True`, also **{c[TOWER_MLP]} "
+              f"vision-tower MLP classes**. {len(DECLINED)} more projector-like classes "
               "are recognised and left alone, each with its reason (`mmfuse models --declined`)."]
     return "\n".join(lines)
 

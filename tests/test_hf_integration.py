@@ -23,14 +23,14 @@ def _run(model, inputs, select):
     return out.detach(), grads
 
 
-def check_patch_equivalence(model, inputs, select, expected_swaps):
+def check_patch_equivalence(model, inputs, select, expected_swaps, vision_tower=False):
     """Patched fp32 model vs the unpatched model in fp64 and fp32 (the flash-attention rule).
     ``expected_swaps``: replacement classes that must appear (other families may swap more)."""
     model = model.float().train()
     ref32 = _run(model, inputs, select)
     m64 = copy.deepcopy(model).double()
     ref64 = _run(m64, [t.double() if t.is_floating_point() else t for t in inputs], select)
-    report = mmfuse.patch(model)
+    report = mmfuse.patch(model, vision_tower=vision_tower)
     swapped = [new for _, _, new in report.swapped]
     assert all(swapped.count(c) >= expected_swaps.count(c) for c in expected_swaps), str(report)
     out, grads = _run(model, inputs, select)
@@ -41,13 +41,13 @@ def check_patch_equivalence(model, inputs, select, expected_swaps):
     return model, report
 
 
-def check_training_step(make_model, inputs, select):
+def check_training_step(make_model, inputs, select, vision_tower=False):
     """One SGD step, patched and unpatched from the same init: the same parameters move, equally."""
     results = []
     for patched in (False, True):
         model = make_model().float()
         if patched:
-            mmfuse.patch(model)
+            mmfuse.patch(model, vision_tower=vision_tower)
         before = {n: p.detach().clone() for n, p in model.named_parameters()}
         opt = torch.optim.SGD(model.parameters(), lr=0.1)
         select(model(*inputs)).square().mean().backward()

@@ -24,7 +24,7 @@ M = transformers.models
 
 def test_every_projector_like_class_is_covered_or_declined():
     found = registry.projector_like_classes()
-    covered = {(f.module, c) for f in registry.FAMILIES for c in f.classes}
+    covered = {(f.module, c) for f in registry.FAMILIES if not f.tower for c in f.classes}
     unknown = sorted(set(found) - covered - set(registry.DECLINED))
     assert not unknown, f"classes neither covered nor declined (decide, then list them): {unknown}"
     stale = sorted((covered | set(registry.DECLINED)) - set(found) - registry.NOT_ENUMERATED)
@@ -344,14 +344,14 @@ def _run(model, inputs):
     return out.detach(), grads
 
 
-def check_family(key, launches):
+def check_family(key, launches, builders=BUILDERS, vision_tower=False):
     torch.manual_seed(0)
-    module, inputs = BUILDERS[key]()
+    module, inputs = builders[key]()
     model = _Parent(module).float().train()
     ref32 = _run(model, inputs)
     ref64 = _run(copy.deepcopy(model).double(), [t.double() if t.is_floating_point() else t for t in inputs])
     before = [(n, type(m)) for n, m in module.named_modules()]
-    report = mmfuse.patch(model)
+    report = mmfuse.patch(model, vision_tower=vision_tower)
     assert [name for name, _, _ in report.swapped] == ["target"], str(report)
     assert model.target is not module
     assert [(n, type(m)) for n, m in module.named_modules()] == before  # the original is untouched
@@ -390,7 +390,7 @@ def _class_body(mod, cls):
 def test_every_covered_class_has_a_builder_or_a_checked_sibling():
     """Classes without a builder here are transformers copies of a tested class: same body, and the
     registry gives them the same recipe and options."""
-    by_class = {(f.module, c): f for f in registry.FAMILIES for c in f.classes}
+    by_class = {(f.module, c): f for f in registry.FAMILIES if not f.tower for c in f.classes}
     untested = set(by_class) - set(BUILDERS)
     assert untested <= set(registry.TESTED_BY_SIBLING), sorted(untested - set(registry.TESTED_BY_SIBLING))
     for key, sibling in registry.TESTED_BY_SIBLING.items():
@@ -403,13 +403,17 @@ def test_every_covered_class_has_a_builder_or_a_checked_sibling():
 def test_family_patches_on_meta_and_loads_after(key):
     """Patch before the weights exist (meta), then to_empty + load_state_dict: equals the original.
     (tests/test_compile_autocast_distributed.py runs the same flow under FSDP2 with two processes.)"""
+    check_meta_patch(key)
+
+
+def check_meta_patch(key, builders=BUILDERS, vision_tower=False):
     torch.manual_seed(0)
-    real, inputs = BUILDERS[key]()
+    real, inputs = builders[key]()
     with torch.device("meta"):
         torch.manual_seed(0)
-        module, _ = BUILDERS[key]()
+        module, _ = builders[key]()
     model = _Parent(module)
-    report = mmfuse.patch(model)
+    report = mmfuse.patch(model, vision_tower=vision_tower)
     assert [name for name, _, _ in report.swapped] == ["target"], str(report)
     model.to_empty(device="cpu")
     model.target.load_state_dict(real.state_dict())
@@ -542,9 +546,107 @@ def test_whole_model_patched_matches_and_trains(name):
     check_training_step(make, inputs, select)
 
 
-def test_vision_tower_opt_in_is_not_silently_ignored():
-    with pytest.raises(NotImplementedError, match="vision_tower"):
-        mmfuse.patch(nn.Sequential(nn.Linear(2, 2)), vision_tower=True)
+# ----------------------------------------------------------------------------------------------
+# The vision tower's MLPs: patch(model, vision_tower=True) only
+# ----------------------------------------------------------------------------------------------
+def _tower_block(mod, cls, cfg_cls, **kw):
+    """A ViT block's MLP built from a tiny vision config of its module (``kw`` sets the activation)."""
+    def make():
+        cfg = getattr(getattr(M, mod), cfg_cls)(hidden_size=V, intermediate_size=32, num_attention_heads=2, **kw)
+        return _mod(mod, cls)(cfg), _tokens(7, V, batch=2)
+    return make
+
+
+TOWER_BUILDERS = {  # activations: quick_gelu (CLIP, Qwen2-VL), gelu_tanh (SigLIP, Idefics, Qwen3-VL), gelu, silu
+    ("clip", "CLIPMLP"): _tower_block("clip", "CLIPMLP", "CLIPVisionConfig"),
+    ("siglip", "SiglipMLP"): _tower_block("siglip", "SiglipMLP", "SiglipVisionConfig"),
+    ("siglip2", "Siglip2MLP"): _tower_block("siglip2", "Siglip2MLP", "Siglip2VisionConfig"),
+    ("idefics2", "Idefics2VisionMLP"): _tower_block("idefics2", "Idefics2VisionMLP", "Idefics2VisionConfig"),
+    ("idefics3", "Idefics3VisionMLP"): _tower_block("idefics3", "Idefics3VisionMLP", "Idefics3VisionConfig"),
+    ("smolvlm", "SmolVLMVisionMLP"): _tower_block("smolvlm", "SmolVLMVisionMLP", "SmolVLMVisionConfig"),
+    ("internvl", "InternVLVisionMLP"): _tower_block("internvl", "InternVLVisionMLP", "InternVLVisionConfig"),
+    ("qwen2_vl", "VisionMlp"): lambda: (_mod("qwen2_vl", "VisionMlp")(dim=V, hidden_dim=32, hidden_act="quick_gelu"),
+                                        _tokens(7, V)),
+    ("qwen3_vl", "Qwen3VLVisionMLP"): _tower_block("qwen3_vl", "Qwen3VLVisionMLP", "Qwen3VLVisionConfig"),
+    ("qwen2_5_vl", "Qwen2_5_VLMLP"): lambda: (_mod("qwen2_5_vl", "Qwen2_5_VLMLP")(
+        M.qwen2_5_vl.Qwen2_5_VLVisionConfig(hidden_size=V, intermediate_size=32), bias=True), _tokens(7, V)),
+    ("pixtral", "PixtralMLP"): _tower_block("pixtral", "PixtralMLP", "PixtralVisionConfig", hidden_act="silu"),
+    ("glm4v", "Glm4VisionMlp"): lambda: (_mod("glm4v", "Glm4VisionMlp")(
+        M.glm4v.Glm4vVisionConfig(hidden_size=V, out_hidden_size=20)), _tokens(7, V)),
+}
+
+
+def test_every_tower_family_class_has_a_builder():
+    tower = {(f.module, c) for f in registry.FAMILIES if f.tower for c in f.classes}
+    assert tower == set(TOWER_BUILDERS)
+    assert not tower & set(BUILDERS) and not tower & set(registry.DECLINED)
+
+
+@pytest.mark.parametrize("key", sorted(TOWER_BUILDERS), ids=lambda k: f"{k[0]}.{k[1]}")
+def test_tower_mlp_patched_matches_original(key, launches):
+    module, _ = TOWER_BUILDERS[key]()
+    model = _Parent(module)
+    assert not mmfuse.patch(model).swapped and model.target is module  # opt-in: untouched by default
+    check_family(key, launches, builders=TOWER_BUILDERS, vision_tower=True)
+    family = registry.family_for(module, vision_tower=True)
+    assert family.tower and family.recipe in ("mlp", "gated mlp")
+
+
+@pytest.mark.parametrize("key", sorted(TOWER_BUILDERS), ids=lambda k: f"{k[0]}.{k[1]}")
+def test_tower_mlp_patches_on_meta_and_loads_after(key):
+    check_meta_patch(key, builders=TOWER_BUILDERS, vision_tower=True)
+
+
+def test_whole_vision_tower_patched_with_and_without_vision_tower():
+    """A tiny CLIPVisionModel (LLaVA's tower): the default patch leaves its MLPs alone; vision_tower=True
+    swaps every block's MLP (quick_gelu fused in fc1's epilogue), the output and gradients match the rule
+    and one training step moves the same parameters equally."""
+    hf = _hf_checks()
+
+    def make():
+        torch.manual_seed(0)
+        return M.clip.CLIPVisionModel(M.clip.CLIPVisionConfig(hidden_size=V, intermediate_size=32, num_hidden_layers=2,
+                                                              num_attention_heads=2, image_size=28, patch_size=14))
+
+    inputs, select = [torch.randn(2, 3, 28, 28)], (lambda o: o.last_hidden_state)
+    _, default = hf.check_patch_equivalence(make(), inputs, select, [])
+    assert not any(old == "CLIPMLP" for _, old, _ in default.swapped), str(default)
+    model, report = hf.check_patch_equivalence(make(), inputs, select, ["FusedCLIPMLP"] * 2, vision_tower=True)
+    mlps = [name for name, old, _ in report.swapped if old == "CLIPMLP"]
+    assert mlps == [f"encoder.layers.{i}.mlp" for i in range(2)], str(report)
+    assert model.encoder.layers[0].mlp.fc1.activation == "quick_gelu"
+    hf.check_training_step(make, inputs, select, vision_tower=True)
+    assert mmfuse.unpatch(model) and type(model.encoder.layers[0].mlp).__name__ == "CLIPMLP"
+
+
+@pytest.mark.parametrize("name", ["qwen2.5-vl tower (merge+mlp, RMSNorm; Conv3d patch embed)",
+                                  "glm-4v tower (gated mlp; Conv3d patch embed)"])
+def test_whole_tower_with_gated_mlps_patched_with_vision_tower(name):
+    """The gated recipe inside a real tower: every block's SwiGLU MLP swapped too, outputs, gradients
+    and a training step as the unpatched tower's."""
+    hf = _hf_checks()
+    make, inputs, select = E2E[name]
+    inputs = inputs()
+    _, report = hf.check_patch_equivalence(make(), inputs, select, [], vision_tower=True)
+    assert any(name.endswith("blocks.0.mlp") for name, _, _ in report.swapped), str(report)
+    hf.check_training_step(make, inputs, select, vision_tower=True)
+
+
+def _hf_checks():
+    """tests/test_hf_integration.py's check_patch_equivalence / check_training_step."""
+    import importlib.util
+    import pathlib
+
+    spec = importlib.util.spec_from_file_location("_hf_checks",
+                                                  pathlib.Path(__file__).with_name("test_hf_integration.py"))
+    hf = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(hf)
+    return hf
+
+
+def test_vision_tower_flag_must_be_a_bool():
+    with pytest.raises(TypeError, match="vision_tower"):
+        mmfuse.patch(nn.Sequential(nn.Linear(2, 2)), vision_tower="yes")
 
 
 def _embeddings_source(mod, cls):
