@@ -349,3 +349,16 @@ def test_forward_split_rule_minimises_the_modelled_time():
         assert KA.choose_fwd_splits(B, 1, 12, 12, 32, 257, 64, 2, 132) == 1
     us = [KA.fwd_modelled_us(1, 1, 16, 4, 64, 4964, 96, 2, s, 132) for s in (1, 6, 78)]
     assert us[1] < us[0] and us[1] < us[2]
+
+
+def test_lse_rounding_floor_only_matters_at_huge_logits():
+    # The saved fp32 lse rounds at |lse|: a relative error of 2^-24 |lse| in every recomputed P. The
+    # rule's floor covers it, and only where it matters: at ordinary logits the fp32 floor of dV stays
+    # that of its own magnitude; at |logits| ~ 1e4 it grows to ~|lse| 2^-24 |dV|.
+    q, k, v = _qkv(1, 2, 2, 2, 9, 50, 16)
+    do = torch.randn(2, 2, 9, 16)
+    dv64 = (torch.softmax((q.double() @ k.double().transpose(-1, -2)) / 4, -1).transpose(-1, -2) @ do.double().abs())
+    assert cross_attention_term_scales(q, k, v, do)["grad v"] < dv64.abs().max().item()
+    big = cross_attention_term_scales(q * 30, k * 30, v, do)["grad v"]
+    # 4 fp32 ulps of that scale: more than the ordinary floor, what the fp32 lse costs at |logits| ~ 1e4.
+    assert big > dv64.abs().max().item() and big * 4 * torch.finfo(torch.float32).eps > 1e-4

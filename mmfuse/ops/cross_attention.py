@@ -55,17 +55,35 @@ def cross_attention_reference(q, k, v, *, kv_lens=None, key_mask=None, scale=Non
 
 
 def cross_attention_term_scales(q, k, v, do, *, scale=None):
-    """Magnitude of the terms dQ and dK sum (``mmfuse.testing``'s floor for cancelling sums):
-    dQ = scale * sum_n P (dP - delta) K_n and dK likewise with Q, where dP = dO V^T and delta cancel.
-    So the floor scales with scale * max|dP| * max|K| (resp. max|Q|), computed here in fp64."""
+    """The floor scales of ``mmfuse.testing``'s rule for attention's gradients, computed here in fp64:
+
+    * dQ = scale * sum_n P (dP - delta) K_n and dK likewise with Q, where dP = dO V^T and delta cancel:
+      their floor scales with scale * max|dP| * max|K| (resp. max|Q|), the terms' magnitude.
+    * The backward recomputes P = 2^(s - lse) from the fp32 log-sum-exp the forward saved (as every
+      flash attention does), whose rounding at |lse| is a relative error of up to 2^-24 |lse| ln 2 in P:
+      invisible at ordinary logits, but at |logits| ~ 1e4 it is ~5e-4 of every gradient. The floor
+      covers it: each gradient's scale grows by that relative error over the dtype's 4-ulp floor."""
     B, Hkv = k.shape[:2]
     Hq, D = q.shape[1], q.shape[-1]
+    if not (q.numel() and k.numel() and do.numel()):
+        return {}
     scale = D ** -0.5 if scale is None else scale
+    qe = q.detach().double().expand(B, *q.shape[1:])
+    ke = k.detach().double().repeat_interleave(Hq // Hkv, dim=1)
     ve = v.detach().double().repeat_interleave(Hq // Hkv, dim=1)
-    dp = (do.detach().double() @ ve.transpose(-1, -2)).abs().max().item() if do.numel() and ve.numel() else 0.0
-    qmax = q.detach().double().abs().max().item() if q.numel() else 0.0
-    kmax = k.detach().double().abs().max().item() if k.numel() else 0.0
-    return {"grad q": abs(scale) * dp * kmax, "grad k": abs(scale) * dp * qmax}
+    do64 = do.detach().double()
+    s = (qe @ ke.transpose(-1, -2)) * scale
+    p = torch.softmax(s, dim=-1)
+    dp = (do64 @ ve.transpose(-1, -2)).abs().max().item()
+    terms = {"grad q": abs(scale) * dp * ke.abs().max().item(), "grad k": abs(scale) * dp * qe.abs().max().item(),
+             "grad v": (p.transpose(-1, -2) @ do64.abs()).max().item()}
+    # P's relative error from the saved lse (half an fp32 ulp of lse in base 2, times ln 2: 2^-24 |lse|
+    # in natural units), in units of the output dtype's 4-ulp floor. dV sums P dO; dQ and dK sum
+    # P (dP - delta) K, whose P error is at most twice their terms' magnitude.
+    lse = s.abs().max().item() + math.log(max(k.shape[2], 1))
+    rel = 2.0 ** -24 * lse / (4 * torch.finfo(q.dtype).eps)
+    return {"grad q": terms["grad q"] * max(1.0, 2 * rel), "grad k": terms["grad k"] * max(1.0, 2 * rel),
+            "grad v": terms["grad v"] * rel}
 
 
 # ----------------------------------------------------------------------------------------------
