@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 
 import mmfuse
-from mmfuse.ops.cross_attention import cross_attention_reference
+from mmfuse.ops.cross_attention import cross_attention_reference, cross_attention_term_scales
 from mmfuse.ops.linear import linear_reference, mlp_reference
 from mmfuse.ops.patch_embed import patch_embed_reference
 from mmfuse.testing import assert_matches_reference
@@ -101,20 +101,20 @@ def test_key_mask_strided_and_expanded():
 
 
 def test_expanded_grad_output_and_inputs():
-    """dY of ``.sum()`` is an expanded (stride 0) tensor; inputs may be expanded too."""
-    x = torch.randn(1, 45).expand(13, 45).requires_grad_()
-    w = torch.randn(30, 45, requires_grad=True)
-    mmfuse.linear(x, w, None, "gelu").sum().backward()
-    x2, w2 = x.detach().requires_grad_(), w.detach().requires_grad_()
-    linear_reference(x2, w2, None, "gelu").sum().backward()
-    torch.testing.assert_close(w.grad, w2.grad)
-    q = torch.randn(1, 2, 3, 16).requires_grad_()
-    k = torch.randn(1, 2, 1, 16).expand(2, 2, 20, 16).requires_grad_()
-    mmfuse.cross_attention(q, k, k).sum().backward()
-    q2, k2 = q.detach().requires_grad_(), k.detach().requires_grad_()
-    cross_attention_reference(q2, k2, k2).sum().backward()
-    torch.testing.assert_close(q.grad, q2.grad, atol=1e-5, rtol=1e-4)
-    torch.testing.assert_close(k.grad, k2.grad, atol=1e-5, rtol=1e-4)
+    """dY of ``.sum()`` is an expanded (stride 0) tensor; inputs may be expanded too. Checked under the
+    project's error rule (a fixed tolerance would depend on the CPU's SIMD and BLAS paths)."""
+    x = torch.randn(1, 45).expand(13, 45)
+    w = torch.randn(30, 45)
+    assert_matches_reference(lambda x, w: mmfuse.linear(x, w, None, "gelu"),
+                             lambda x, w: linear_reference(x, w, None, "gelu"), [x, w], ["x", "w"],
+                             dy=torch.ones(()).expand(13, 30))
+    q = torch.randn(1, 2, 3, 16)
+    k = torch.randn(1, 2, 1, 16).expand(2, 2, 20, 16)
+    assert_matches_reference(lambda q, k: mmfuse.cross_attention(q, k, k),
+                             lambda q, k: cross_attention_reference(q, k, k), [q, k], ["q", "k"],
+                             dy=torch.ones(()).expand(2, 2, 3, 16),
+                             term_scales=lambda inputs, do: cross_attention_term_scales(inputs[0], inputs[1],
+                                                                                        inputs[1], do))
 
 
 # ----------------------------------------------------------------------------------------------
