@@ -44,7 +44,7 @@ def main(argv=None) -> int:
                                                "the quick benchmark (at most 8 minutes)")
     p_check.add_argument("--out-dir", default=os.path.join("bench", "results"), help="where results are written")
     p_check.add_argument("--budget", type=float, default=480.0, help="seconds for all steps together")
-    p_check.add_argument("--steps", nargs="*", default=None, help="only these steps (verify tests bench)")
+    p_check.add_argument("--steps", nargs="*", default=None, help="only these steps (verify tests bench profile)")
     p_models = sub.add_parser("models", help="the model registry: every family, class and recipe mmfuse.patch covers")
     p_models.add_argument("--declined", action="store_true",
                           help="list the recognised classes left alone, with the reason, instead")

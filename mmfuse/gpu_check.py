@@ -12,6 +12,9 @@ so a step that runs out of time still leaves the earlier ones:
                interpreter skip themselves);
 3. ``bench``   ``mmfuse bench --profile quick``: every op family at two real shapes, mmfuse against
                eager and the cheap strong baselines, bf16, forward and forward+backward.
+4. ``profile`` ``python -m mmfuse.bench.kernel_profile``: where each quick case's time goes (device
+               time per kernel, host gaps), every compiled kernel's registers/spills/shared memory,
+               and the GEMM tile sweep of one LLaVA-1.5 layer against torch.mm.
 
 Each step runs in a subprocess with its share of the remaining time as a timeout (a hung kernel cannot
 eat the budget), from a directory outside the repository (so ``import mmfuse`` finds the installed
@@ -30,25 +33,34 @@ import sys
 import tempfile
 import time
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-STEPS = ("verify", "tests", "bench")
+#: The source checkout whose tests step 2 runs. ``bench/gpu-check`` exports ``MMFUSE_REPO``: when mmfuse
+#: arrives as a wheel, this file lives in site-packages, whose parent holds no tests (the first GPU run,
+#: 2026-11-26, failed step 2 for that reason).
+REPO = os.environ.get("MMFUSE_REPO") or os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+STEPS = ("verify", "tests", "bench", "profile")
 #: Share of the budget each step may use at most (of what is left when it starts).
-SHARES = {"verify": 0.25, "tests": 0.55, "bench": 1.0}
+SHARES = {"verify": 0.25, "tests": 0.55, "bench": 0.6, "profile": 1.0}
 #: The value-test files run on CUDA.
 VALUE_TEST_FILES = ("tests/test_linear.py", "tests/test_patch_embed.py", "tests/test_cross_attention.py")
 
 
-def step_command(step: str, out_dir: str, repo: str = REPO) -> tuple[list[str], dict]:
-    """(argv, extra environment) of one step."""
+def step_command(step: str, out_dir: str, repo: str | None = None) -> tuple[list[str], dict]:
+    """(argv, extra environment) of one step; ``repo``: the checkout whose tests run (``REPO``)."""
     py = sys.executable
+    repo = repo or REPO
     if step == "verify":
         return [py, "-m", "mmfuse.cli", "verify", "--device", "cuda"], {}
     if step == "tests":
         files = [os.path.join(repo, f) for f in VALUE_TEST_FILES if os.path.exists(os.path.join(repo, f))]
+        if not files or not os.path.exists(os.path.join(repo, "pyproject.toml")):
+            raise FileNotFoundError(f"tests: expected {VALUE_TEST_FILES} and pyproject.toml under the source "
+                                    f"checkout {repo!r} (set MMFUSE_REPO to it)")
         return ([py, "-m", "pytest", "-q", "-c", os.path.join(repo, "pyproject.toml"), "--rootdir", repo,
                  "-p", "no:cacheprovider", *files], {"MMFUSE_TEST_DEVICE": "cuda"})
     if step == "bench":
         return [py, "-m", "mmfuse.cli", "bench", "--profile", "quick", "--out-dir", out_dir], {}
+    if step == "profile":
+        return [py, "-m", "mmfuse.bench.kernel_profile", "--out-dir", out_dir], {}
     raise ValueError(f"steps: expected names from {STEPS}, got {step!r}")
 
 
@@ -89,8 +101,16 @@ def main(out_dir: str, budget_s: float = 480.0, steps=None, run=subprocess.run, 
             failed += 1
             continue
         timeout = left * SHARES[step]
-        argv, extra = step_command(step, out_dir)
         log = os.path.join(folder, f"{step}.txt")
+        try:
+            argv, extra = step_command(step, out_dir)
+        except FileNotFoundError as e:  # the step cannot run here: say why, go on with the others
+            with open(log, "w") as f:
+                f.write(f"mmfuse gpu-check: {e}\n")
+            summary["steps"].append({"step": step, "rc": "not runnable", "seconds": 0.0, "log": os.path.basename(log)})
+            print(f"mmfuse gpu-check: {step}: not runnable: {e}")
+            failed += 1
+            continue
         print(f"mmfuse gpu-check: {step} (at most {timeout:.0f} s): {' '.join(argv)}")
         t0 = clock()
         with open(log, "w") as f, tempfile.TemporaryDirectory() as cwd:

@@ -3,6 +3,7 @@ files, and `mmfuse bench` without a GPU (which writes the exact report instead).
 
 import csv
 import json
+import os
 
 import pytest
 import torch
@@ -212,7 +213,8 @@ class FakeRun:
     def __call__(self, argv, cwd, env, stdout, stderr, timeout):
         import subprocess
 
-        step = "verify" if "verify" in argv else "bench" if "bench" in argv else "tests"
+        step = ("verify" if "verify" in argv else "profile" if "mmfuse.bench.kernel_profile" in argv
+                else "bench" if "bench" in argv else "tests")
         self.calls.append((step, argv, env, cwd, timeout))
         if step in self.hang:
             self.clock.t += timeout
@@ -242,11 +244,12 @@ def test_gpu_check_runs_verify_tests_bench_in_order_and_writes_as_it_goes(tmp_pa
     rc = gpu_check.main(str(tmp_path), budget_s=480, run=run, env_info=lambda: ENV, clock=clock,
                         print=lambda *a: None)
     assert rc == 0
-    assert [c[0] for c in run.calls] == ["verify", "tests", "bench"]
-    verify, tests, bench = run.calls
+    assert [c[0] for c in run.calls] == ["verify", "tests", "bench", "profile"]
+    verify, tests, bench, profile = run.calls
     assert verify[1][-3:] == ["verify", "--device", "cuda"]
     assert tests[2]["MMFUSE_TEST_DEVICE"] == "cuda" and any(a.endswith("tests/test_cross_attention.py") for a in tests[1])
     assert bench[1][-5:] == ["bench", "--profile", "quick", "--out-dir", str(tmp_path)]
+    assert profile[1][-3:] == ["mmfuse.bench.kernel_profile", "--out-dir", str(tmp_path)]
     # Steps run outside the repository (the source folder has no mmfuse.kernels) and within the budget.
     assert all(not c[3].startswith(gpu_check.REPO) for c in run.calls)
     assert verify[4] == pytest.approx(480 * gpu_check.SHARES["verify"])
@@ -255,7 +258,7 @@ def test_gpu_check_runs_verify_tests_bench_in_order_and_writes_as_it_goes(tmp_pa
     summary = json.loads((folder / "summary.json").read_text())
     assert summary["torch"] == "2.11.0" and summary["triton"] == "3.6.0"
     assert [(s["step"], s["rc"], s["seconds"]) for s in summary["steps"]] == [
-        ("verify", 0, 30.0), ("tests", 0, 30.0), ("bench", 0, 30.0)]
+        ("verify", 0, 30.0), ("tests", 0, 30.0), ("bench", 0, 30.0), ("profile", 0, 30.0)]
     assert (folder / "tests.txt").read_text() == "tests output\n"
 
 
@@ -269,10 +272,40 @@ def test_gpu_check_a_hung_step_times_out_and_the_rest_still_runs(tmp_path):
     assert rc == 1
     (folder,) = tmp_path.glob("gpu-check-*")
     steps = json.loads((folder / "summary.json").read_text())["steps"]
-    assert [(s["step"], s["rc"]) for s in steps] == [("verify", 0), ("tests", "timeout"), ("bench", 1)]
+    assert [(s["step"], s["rc"]) for s in steps] == [("verify", 0), ("tests", "timeout"), ("bench", 1),
+                                                     ("profile", 0)]
     assert "stopped after" in (folder / "tests.txt").read_text()
     # The whole check stays inside its budget: the bench got what was left.
     assert sum(c[4] if c[0] == "tests" else 20.0 for c in run.calls) <= 480
+
+
+def test_gpu_check_runs_the_tests_of_the_checkout_it_is_given_not_of_site_packages(tmp_path, monkeypatch):
+    # The first GPU run (2026-11-26) installed mmfuse from a wheel: REPO pointed into site-packages,
+    # which holds no tests, and step 2 died on a missing pyproject.toml. bench/gpu-check now exports
+    # MMFUSE_REPO; a checkout without the tests is a clear "not runnable", and the other steps still run.
+    import importlib
+
+    from mmfuse import gpu_check
+
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    monkeypatch.setenv("MMFUSE_REPO", repo)
+    assert importlib.reload(gpu_check).REPO == repo
+    argv, _ = gpu_check.step_command("tests", str(tmp_path))
+    assert os.path.join(repo, "tests", "test_linear.py") in argv
+    site = tmp_path / "site"
+    (site / "mmfuse").mkdir(parents=True)
+    with pytest.raises(FileNotFoundError, match="MMFUSE_REPO"):
+        gpu_check.step_command("tests", str(tmp_path), repo=str(site))
+    monkeypatch.setattr(gpu_check, "REPO", str(site))
+    clock = FakeClock()
+    run = FakeRun(clock, seconds=10.0)
+    rc = gpu_check.main(str(tmp_path / "out"), budget_s=480, run=run, env_info=lambda: ENV, clock=clock,
+                        print=lambda *a: None)
+    assert rc == 1 and [c[0] for c in run.calls] == ["verify", "bench", "profile"]
+    (folder,) = (tmp_path / "out").glob("gpu-check-*")
+    assert "MMFUSE_REPO" in (folder / "tests.txt").read_text()
+    with open(os.path.join(repo, "bench", "gpu-check")) as f:
+        assert 'export MMFUSE_REPO="$repo"' in f.read()
 
 
 def test_gpu_check_with_the_budget_spent_skips_and_fails(tmp_path):
@@ -298,3 +331,20 @@ def test_mmfuse_bench_quick_profile_selects_the_quick_cases(tmp_path, monkeypatc
     monkeypatch.setattr(suite, "run_suite", run_suite)
     assert cli._bench(str(tmp_path), timer=FakeTimer(), cuda=True, profile="quick") == 0
     assert [c.name for c in seen] == [c.name for c in suite.profile_cases("quick")] and len(seen) > 20
+
+
+def test_kernel_profile_finds_every_kernel_family_and_reports_failed_parts():
+    # The GPU-only parts run in `mmfuse gpu-check`; here: what they read and how a failure is reported.
+    from mmfuse.bench import kernel_profile
+
+    names = {n for n, _ in kernel_profile._jit_functions()}
+    assert {"linear.fused_gemm_kernel", "patch_embed.patch_embed_dw_kernel", "cross_attention.attn_fwd_kernel",
+            "cross_attention.attn_bwd_dq_kernel"} <= names
+    md = kernel_profile.markdown({
+        "gpu": "G", "date": "D", "compiled": {"error": "Traceback\nRuntimeError: boom"},
+        "kernels": [{"case": "c", "error": "Traceback\nValueError: bad"},
+                    {"case": "ok", "wall_us_per_step": 12.0, "kernel_us_per_step": 5.0,
+                     "kernels": [{"kernel": "attn_fwd_kernel", "us_per_step": 5.0, "launches_per_step": 1.0}]}],
+        "gemm_tiles": [{"gemm": "fwd", "tile": "128x128x64x8x4", "ms": 0.1, "tflops": 330.0, "chosen": True}]})
+    assert "c: failed: ValueError: bad" in md and "## compiled: failed" in md and "RuntimeError: boom" in md
+    assert "| fwd | 128x128x64x8x4 | 0.1000 | 330 | yes |" in md and "attn_fwd_kernel" in md

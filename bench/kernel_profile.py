@@ -1,0 +1,237 @@
+"""Where the time of each mmfuse case goes on a GPU: per-kernel times, compiled kernel resources, and
+the GEMM tile sweep (``mmfuse gpu-check``'s last step; ``python -m mmfuse.bench.kernel_profile``).
+
+The quick benchmark says *that* a case is slow; this says *which launch* and *why*, in one pass:
+
+1. ``kernels``: every mmfuse case of the quick profile under ``torch.profiler``: each kernel's device
+   time and launches per step, and the step's wall time minus the summed kernel time (host overhead and
+   gaps: what a launch-bound small case loses).
+2. ``compiled``: every Triton kernel the run compiled, with its constexprs, warps, stages, registers,
+   spills and shared memory, read from Triton's own cache objects (the compile check predicts these
+   without a GPU: ``mmfuse report`` / bench/NOTES.md).
+3. ``gemm_tiles``: the three GEMMs of one LLaVA-1.5 projector layer (forward with GELU + aux, dX with
+   act', dW with the bias row sum) timed under every tile in ``GEMM_TILES`` and a few larger ones, next
+   to ``torch.mm`` of the same layout: whether the wave model picks the right tile, and how far the
+   kernel body is from cuBLAS.
+
+Results: ``<out-dir>/kernel-profile-<gpu>-<date>.json`` and a markdown summary beside it. Each part
+catches its own failure (recorded in the JSON), so one broken part leaves the others.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import datetime
+import json
+import os
+import time
+import traceback
+
+import torch
+
+#: Tiles swept beyond GEMM_TILES: the larger shapes the Triton tutorials use on Hopper.
+EXTRA_TILES = ((128, 256, 64, 8, 3), (256, 128, 64, 8, 3), (128, 128, 64, 4, 4), (128, 128, 64, 8, 3),
+               (128, 128, 32, 4, 4), (128, 256, 64, 8, 4))
+
+
+def kernel_times(selected, steps: int = 10) -> list[dict]:
+    """Per case: device time per kernel name and launches per step, from torch.profiler."""
+    from torch.profiler import ProfilerActivity, profile
+
+    from mmfuse.bench.suite import prepare
+
+    out = []
+    for case in selected:
+        row = {"case": case.name}
+        try:
+            sets, step = prepare(case, "cuda")
+            for i in range(3):
+                step(sets[i % len(sets)])
+            torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            with profile(activities=[ProfilerActivity.CUDA]) as prof:
+                for i in range(steps):
+                    step(sets[i % len(sets)])
+                torch.cuda.synchronize()
+            wall_us = (time.perf_counter() - t0) * 1e6 / steps
+            per = collections.defaultdict(lambda: [0.0, 0])
+            for e in prof.events():
+                if getattr(e, "device_type", None) == torch.autograd.DeviceType.CUDA:
+                    per[e.name][0] += e.time_range.elapsed_us()  # a device event: its kernel's span
+                    per[e.name][1] += 1
+            kernels = sorted(({"kernel": k, "us_per_step": v[0] / steps, "launches_per_step": v[1] / steps}
+                              for k, v in per.items()), key=lambda r: -r["us_per_step"])
+            row.update(kernels=kernels, wall_us_per_step=wall_us,
+                       kernel_us_per_step=sum(k["us_per_step"] for k in kernels))
+        except Exception:
+            row["error"] = traceback.format_exc(limit=3)
+        out.append(row)
+    return out
+
+
+def _jit_functions():
+    import triton
+
+    from mmfuse.kernels import cross_attention, linear, patch_embed
+
+    for mod in (linear, patch_embed, cross_attention):
+        for name, obj in vars(mod).items():
+            if isinstance(obj, triton.runtime.jit.JITFunction) and obj.__module__ == mod.__name__:
+                yield f"{mod.__name__.rsplit('.', 1)[1]}.{name}", obj
+
+
+def compiled_kernels() -> list[dict]:
+    """Every compiled variant in Triton's in-process caches: resources per constexpr set."""
+    rows = []
+    for name, fn in _jit_functions():
+        for cache in getattr(fn, "device_caches", {}).values():
+            kernel_cache = cache[0] if isinstance(cache, tuple) else cache
+            for kernel in list(getattr(kernel_cache, "values", lambda: [])()):
+                row = {"kernel": name}
+                try:
+                    if hasattr(kernel, "_init_handles"):
+                        kernel._init_handles()
+                    md = kernel.metadata
+                    row.update(num_warps=md.num_warps, num_stages=md.num_stages, shared=md.shared,
+                               n_regs=getattr(kernel, "n_regs", None), n_spills=getattr(kernel, "n_spills", None))
+                    consts = getattr(getattr(kernel, "src", None), "constants", None)
+                    if consts:
+                        row["constexprs"] = {str(k): repr(v) for k, v in consts.items()
+                                             if not str(k).startswith("stride")}
+                except Exception as e:
+                    row["error"] = f"{type(e).__name__}: {e}"
+                rows.append(row)
+    return rows
+
+
+def gemm_tile_sweep(M: int = 8 * 576, K: int = 1024, N: int = 4096) -> list[dict]:
+    """The three GEMMs of a Linear(K, N) + GELU layer at M tokens, under each tile, and torch.mm."""
+    import triton.testing
+
+    from mmfuse.kernels import _common
+    from mmfuse.kernels.linear import GEMM_TILES, _launch_gemm, candidate_tiles
+    from mmfuse.kernels._tuning import largest_tile
+
+    dt = torch.bfloat16
+    x = torch.randn(M, K, device="cuda", dtype=dt)
+    w = torch.randn(N, K, device="cuda", dtype=dt) / K ** 0.5
+    b = torch.randn(N, device="cuda", dtype=dt)
+    h = torch.randn(M, N, device="cuda", dtype=dt)
+    dh = torch.randn(M, N, device="cuda", dtype=dt)
+    w2 = torch.randn(N, N, device="cuda", dtype=dt) / N ** 0.5
+    y = torch.empty(M, N, device="cuda", dtype=dt)
+    aux = torch.empty(M, N, device="cuda", dtype=dt)
+    dx = torch.empty(M, N, device="cuda", dtype=dt)
+    dw = torch.empty(N, K, device="cuda", dtype=dt)
+    db = torch.empty(N, device="cuda", dtype=dt)
+    gemms = {
+        # name: (mmfuse launch, torch.mm of the same operand layouts, flops)
+        "fwd y=gelu(xW^T+b), aux": (lambda: _launch_gemm(x, w.t(), y, bias=b, aux=aux, activation=1, store_aux=True),
+                                    lambda: torch.mm(x, w.t(), out=y), 2 * M * N * K),
+        "dX dH2 W2 * gelu'(h)": (lambda: _launch_gemm(dh, w2, dx, aux=h, activation=1, act_grad=True),
+                                 lambda: torch.mm(dh, w2, out=dx), 2 * M * N * N),
+        "dW dH^T X + rowsum": (lambda: _launch_gemm(dh.t(), x, dw, rowsum=db),
+                               lambda: torch.mm(dh.t(), x, out=dw), 2 * M * N * K),
+    }
+    sms = _common.num_sms(x.device)
+    rows = []
+    for gname, (ours, ref, flops) in gemms.items():
+        dims = {"fwd y=gelu(xW^T+b), aux": (M, N), "dX dH2 W2 * gelu'(h)": (M, N), "dW dH^T X + rowsum": (N, K)}
+        chosen = largest_tile(candidate_tiles(*dims[gname], sms))
+        ms = triton.testing.do_bench(ref)
+        rows.append({"gemm": gname, "tile": "torch.mm", "ms": ms, "tflops": flops / ms / 1e9})
+        for tile in dict.fromkeys(GEMM_TILES + EXTRA_TILES):
+            row = {"gemm": gname, "tile": "x".join(map(str, tile)), "chosen": tile == chosen}
+            try:
+                with _common.gpu_config({"fused_gemm_kernel": tile}):
+                    ms = triton.testing.do_bench(ours)
+                row.update(ms=ms, tflops=flops / ms / 1e9)
+            except Exception as e:
+                row["error"] = f"{type(e).__name__}: {e}"[:300]
+            rows.append(row)
+    return rows
+
+
+PARTS = ("kernels", "compiled", "gemm_tiles")
+
+
+def main(out_dir: str, parts=PARTS, print=print) -> int:
+    from mmfuse.bench.suite import environment, profile_cases
+
+    gpu = torch.cuda.get_device_name()
+    date = datetime.date.today().isoformat()
+    result = {"gpu": gpu, "date": date, **environment()}
+    failed = 0
+    for part in parts:
+        t0 = time.perf_counter()
+        try:
+            if part == "kernels":
+                result[part] = kernel_times([c for c in profile_cases("quick") if c.impl == "mmfuse"])
+            elif part == "compiled":
+                result[part] = compiled_kernels()
+            elif part == "gemm_tiles":
+                result[part] = gemm_tile_sweep()
+            else:
+                raise ValueError(f"parts: expected names from {PARTS}, got {part!r}")
+        except Exception:
+            result[part] = {"error": traceback.format_exc(limit=4)}
+            failed += 1
+        print(f"kernel_profile: {part} in {time.perf_counter() - t0:.0f} s")
+    os.makedirs(out_dir, exist_ok=True)
+    stem = os.path.join(out_dir, f"kernel-profile-{gpu.replace(' ', '_')}-{date}")
+    with open(stem + ".json", "w") as f:
+        json.dump(result, f, indent=1)
+    with open(stem + ".md", "w") as f:
+        f.write(markdown(result))
+    print(markdown(result))
+    return 1 if failed else 0
+
+
+def markdown(result: dict) -> str:
+    lines = [f"# mmfuse kernel profile, {result['gpu']}, {result['date']} (measured)", "",
+             f"torch {result.get('torch')}, Triton {result.get('triton')}", ""]
+    kern = result.get("kernels")
+    if isinstance(kern, list):
+        lines += ["## Device time per kernel (us per step)", ""]
+        for row in kern:
+            if "error" in row:
+                lines.append(f"- {row['case']}: failed: {row['error'].splitlines()[-1]}")
+                continue
+            lines.append(f"- **{row['case']}**: wall {row['wall_us_per_step']:.0f} us/step, kernels "
+                         f"{row['kernel_us_per_step']:.0f} us/step")
+            for k in row["kernels"][:8]:
+                lines.append(f"  - {k['us_per_step']:8.1f} us  x{k['launches_per_step']:.0f}  {k['kernel'][:110]}")
+        lines.append("")
+    comp = result.get("compiled")
+    if isinstance(comp, list):
+        lines += ["## Compiled kernels", "", "| kernel | warps | stages | regs | spills | shared | constexprs |",
+                  "| --- | --- | --- | --- | --- | --- | --- |"]
+        for r in comp:
+            consts = ", ".join(f"{k}={v}" for k, v in sorted(r.get("constexprs", {}).items())
+                               if k.startswith("BLOCK") or k.isupper())
+            lines.append(f"| {r['kernel']} | {r.get('num_warps')} | {r.get('num_stages')} | {r.get('n_regs')} | "
+                         f"{r.get('n_spills')} | {r.get('shared')} | {consts[:200]} |")
+        lines.append("")
+    tiles = result.get("gemm_tiles")
+    if isinstance(tiles, list):
+        lines += ["## GEMM tiles (bf16, LLaVA-1.5 layer: M=4608, K=1024, N=4096)", "",
+                  "| GEMM | tile | ms | TFLOP/s | wave-model choice |", "| --- | --- | --- | --- | --- |"]
+        for r in tiles:
+            if "ms" in r:
+                lines.append(f"| {r['gemm']} | {r['tile']} | {r['ms']:.4f} | {r['tflops']:.0f} | "
+                             f"{'yes' if r.get('chosen') else ''} |")
+            else:
+                lines.append(f"| {r['gemm']} | {r['tile']} | failed: {r.get('error', '')[:120]} | | |")
+    for part in PARTS:
+        if isinstance(result.get(part), dict) and "error" in result[part]:
+            lines += ["", f"## {part}: failed", "", "```", result[part]["error"], "```"]
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--out-dir", default="bench/results")
+    p.add_argument("--parts", nargs="*", default=list(PARTS))
+    a = p.parse_args()
+    raise SystemExit(main(a.out_dir, a.parts))
