@@ -71,13 +71,15 @@ def kernel_times(selected, steps: int = 10) -> list[dict]:
 
 
 def _jit_functions():
-    import triton
+    from triton.runtime.interpreter import InterpretedFunction
+    from triton.runtime.jit import JITFunction
 
     from mmfuse.kernels import cross_attention, linear, patch_embed
 
     for mod in (linear, patch_embed, cross_attention):
         for name, obj in vars(mod).items():
-            if isinstance(obj, triton.runtime.jit.JITFunction) and obj.__module__ == mod.__name__:
+            # (an InterpretedFunction under TRITON_INTERPRET=1: no compiled variants, same names)
+            if isinstance(obj, (JITFunction, InterpretedFunction)) and getattr(obj.fn, "__module__", "") == mod.__name__:
                 yield f"{mod.__name__.rsplit('.', 1)[1]}.{name}", obj
 
 
