@@ -148,6 +148,9 @@ GEMM_TILES = (
     (64, 64, 64, 4, 4),
 )
 GROUP_M = 8
+#: fp64 (gradcheck, not speed) takes one tile: with fp64 accumulators and an fp64 GELU epilogue the
+#: larger tiles spill on sm_90 (1.7 KB at 128x128); 64x64 compiles clean on sm_80 and sm_90.
+FP64_TILE = (64, 64, 64, 4, 4)
 #: Tiles whose wave efficiency is below this are dropped before the choice (see bench/NOTES.md).
 MIN_WAVE_EFFICIENCY = 0.70
 
@@ -158,7 +161,10 @@ ACT_GRAD_BLOCK = (64, 64)
 
 
 def block_k_for(block_k: int, elem_bytes: int) -> int:
-    return block_k if elem_bytes <= 2 else block_k // 2
+    """BLOCK_K for this element size: the table's value for 2-byte dtypes, halved for 4-byte and
+    quartered for 8-byte ones, so a stage of A and B tiles holds the same bytes (fp64's 128x128x32
+    tile at 4 stages needed 256 KB of shared memory: gradcheck failed to launch on the H100)."""
+    return block_k // max(1, elem_bytes // 2)
 
 
 def wave_efficiency(M: int, N: int, block_m: int, block_n: int, sms: int) -> float:
@@ -222,6 +228,8 @@ def _launch_gemm(a, b, c, *, bias=None, aux=None, rowsum=None, activation=0,
         launch(forced)
     elif INTERPRET:
         launch(INTERPRETER_TILE, gpu_tile=False)
+    elif a.element_size() == 8:
+        launch(FP64_TILE)
     elif K == 0:
         # An empty reduction (a layer of width 0): the loop runs zero times and the epilogue writes
         # act(bias), 0 * act'(h) or the empty row sums, as torch does. Nothing to choose.
@@ -328,7 +336,8 @@ def aot_specs():
     layouts = _gemm_layouts(M, K, N)
     # fp16 runs every layout; the other dtypes the forward (the heaviest epilogue).
     plans = [("fp16", "*fp16", "ieee", layouts), ("bf16", "*bf16", "ieee", layouts[:1]),
-             ("fp32-tf32", "*fp32", "tf32", layouts[:1]), ("fp32", "*fp32", "ieee", layouts[:1])]
+             ("fp32-tf32", "*fp32", "tf32", layouts[:1]), ("fp32", "*fp32", "ieee", layouts[:1]),
+             ("fp64", "*fp64", "ieee", layouts)]
     extra = [_gemm_layouts(M, K, N, act)[:2] for act in EXTRA_AOT_ACTIVATIONS]
     extra_dx = ("bf16", "*bf16", "ieee", [dx for _, dx in extra])
     extra_fwd = ("bf16", "*bf16", "ieee", [fwd for fwd, _ in extra])
@@ -337,19 +346,21 @@ def aot_specs():
         # The new activations' dX * act' on every tile (the epilogue nearest 255 registers); their
         # forward on the 128-row tiles only (the 64-row ones sit far below the limit: bench/NOTES.md).
         tile_plans = plans + [extra_dx] + ([extra_fwd] if bm == 128 else [])
+        tile_plans = [p for p in tile_plans if p[0] != "fp64" or (bm, bn, bk, warps, stages) == FP64_TILE]
         for dtype, ptr, precision, lays in tile_plans:
-            elem = 2 if ptr != "*fp32" else 4
+            elem = {"*fp32": 4, "*fp64": 8}.get(ptr, 2)
             for variant, (gm, gn, gk), strides, flags in lays:
                 block_k = block_k_for(bk, elem)
                 args = dict(a_ptr=ptr, b_ptr=ptr, c_ptr=ptr, bias_ptr=ptr, aux_ptr=ptr, rowsum_ptr=ptr,
                             M=gm, N=gn, K=gk, **strides, stride_bias=1)
-                cx = dict(flags, INPUT_PRECISION=precision, ACC_DTYPE=tl.float32, BLOCK_M=bm, BLOCK_N=bn,
+                cx = dict(flags, INPUT_PRECISION=precision, ACC_DTYPE=tl.float64 if elem == 8 else tl.float32,
+                          BLOCK_M=bm, BLOCK_N=bn,
                           BLOCK_K=block_k, GROUP_M=GROUP_M, EVEN_K=gk % block_k == 0)
                 specs.append(CompileSpec(
                     kernel="linear/fused_gemm_kernel", variant=variant, dtype=dtype,
                     config=f"{bm}x{bn}x{block_k} w{warps} s{stages}", fn=fused_gemm_kernel,
                     args=tuple(args.items()), constexprs=tuple(cx.items()), num_warps=warps,
-                    num_stages=stages, tensor_cores=precision == "tf32" or ptr != "*fp32"))
+                    num_stages=stages, tensor_cores=precision == "tf32" or elem == 2))
     bm, bn = ACT_GRAD_BLOCK
     for dtype, ptr in (("fp16", "*fp16"), ("bf16", "*bf16"), ("fp32", "*fp32")):
         args = dict(dy_ptr=ptr, h_ptr=ptr, dh_ptr=ptr, M=M, N=N, stride_dym=N, stride_dyn=1,
