@@ -10,9 +10,9 @@ The quick benchmark says *that* a case is slow; this says *which launch* and *wh
    spills and shared memory, read from Triton's own cache objects (the compile check predicts these
    without a GPU: ``mmfuse report`` / bench/NOTES.md).
 3. ``gemm_tiles``: the three GEMMs of one LLaVA-1.5 projector layer (forward with GELU + aux, dX with
-   act', dW with the bias row sum) timed under every tile in ``GEMM_TILES`` and a few larger ones, next
-   to ``torch.mm`` of the same layout: whether the wave model picks the right tile, and how far the
-   kernel body is from cuBLAS.
+   act', dW with the bias row sum, and without it) timed under every tile of the pointer kernel and
+   of the TMA kernel (flattened or not), next to ``torch.mm`` of the same layout: whether the wave
+   model and the launcher's defaults pick the right variant, and how far each is from cuBLAS.
 
 Results: ``<out-dir>/kernel-profile-<gpu>-<date>.json`` and a markdown summary beside it. Each part
 catches its own failure (recorded in the JSON), so one broken part leaves the others.
@@ -107,50 +107,69 @@ def compiled_kernels() -> list[dict]:
     return rows
 
 
-def gemm_tile_sweep(M: int = 8 * 576, K: int = 1024, N: int = 4096) -> list[dict]:
-    """The three GEMMs of a Linear(K, N) + GELU layer at M tokens, under each tile, and torch.mm."""
-    import triton.testing
-
+def gemm_tile_sweep(M: int = 8 * 576, K: int = 1024, N: int = 4096, device: str = "cuda", bench=None) -> list[dict]:
+    """The three GEMMs of a Linear(K, N) + GELU layer at M tokens, under each tile of each kernel
+    (the pointer kernel; the TMA kernel flattened or not), dW also without its bias row sum, and
+    torch.mm of the same operand layouts."""
     from mmfuse.kernels import _common
-    from mmfuse.kernels.linear import GEMM_TILES, _launch_gemm, candidate_tiles
+    from mmfuse.kernels import linear as KL
     from mmfuse.kernels._tuning import largest_tile
 
+    if bench is None:
+        import triton.testing
+
+        bench = triton.testing.do_bench
     dt = torch.bfloat16
-    x = torch.randn(M, K, device="cuda", dtype=dt)
-    w = torch.randn(N, K, device="cuda", dtype=dt) / K ** 0.5
-    b = torch.randn(N, device="cuda", dtype=dt)
-    h = torch.randn(M, N, device="cuda", dtype=dt)
-    dh = torch.randn(M, N, device="cuda", dtype=dt)
-    w2 = torch.randn(N, N, device="cuda", dtype=dt) / N ** 0.5
-    y = torch.empty(M, N, device="cuda", dtype=dt)
-    aux = torch.empty(M, N, device="cuda", dtype=dt)
-    dx = torch.empty(M, N, device="cuda", dtype=dt)
-    dw = torch.empty(N, K, device="cuda", dtype=dt)
-    db = torch.empty(N, device="cuda", dtype=dt)
+    x = torch.randn(M, K, device=device, dtype=dt)
+    w = torch.randn(N, K, device=device, dtype=dt) / K ** 0.5
+    b = torch.randn(N, device=device, dtype=dt)
+    h = torch.randn(M, N, device=device, dtype=dt)
+    dh = torch.randn(M, N, device=device, dtype=dt)
+    w2 = torch.randn(N, N, device=device, dtype=dt) / N ** 0.5
+    y = torch.empty(M, N, device=device, dtype=dt)
+    aux = torch.empty(M, N, device=device, dtype=dt)
+    dx = torch.empty(M, N, device=device, dtype=dt)
+    dw = torch.empty(N, K, device=device, dtype=dt)
+    db = torch.empty(N, device=device, dtype=dt)
+    launch = KL._launch_gemm
     gemms = {
-        # name: (mmfuse launch, torch.mm of the same operand layouts, flops)
-        "fwd y=gelu(xW^T+b), aux": (lambda: _launch_gemm(x, w.t(), y, bias=b, aux=aux, activation=1, store_aux=True),
-                                    lambda: torch.mm(x, w.t(), out=y), 2 * M * N * K),
-        "dX dH2 W2 * gelu'(h)": (lambda: _launch_gemm(dh, w2, dx, aux=h, activation=1, act_grad=True),
-                                 lambda: torch.mm(dh, w2, out=dx), 2 * M * N * N),
-        "dW dH^T X + rowsum": (lambda: _launch_gemm(dh.t(), x, dw, rowsum=db),
-                               lambda: torch.mm(dh.t(), x, out=dw), 2 * M * N * K),
+        # name: (mmfuse launch, torch.mm of the same operand layouts, flops, output dims, act')
+        "fwd y=gelu(xW^T+b), aux": (lambda: launch(x, w.t(), y, bias=b, aux=aux, activation=1, store_aux=True),
+                                    lambda: torch.mm(x, w.t(), out=y), 2 * M * N * K, (M, N), False),
+        "dX dH2 W2 * gelu'(h)": (lambda: launch(dh, w2, dx, aux=h, activation=1, act_grad=True),
+                                 lambda: torch.mm(dh, w2, out=dx), 2 * M * N * N, (M, N), True),
+        "dW dH^T X + rowsum": (lambda: launch(dh.t(), x, dw, rowsum=db),
+                               lambda: torch.mm(dh.t(), x, out=dw), 2 * M * N * K, (N, K), False),
+        "dW dH^T X, no rowsum": (lambda: launch(dh.t(), x, dw),
+                                 lambda: torch.mm(dh.t(), x, out=dw), 2 * M * N * K, (N, K), False),
     }
     sms = _common.num_sms(x.device)
+    variants = [("pointer", t, None) for t in dict.fromkeys(KL.GEMM_TILES + EXTRA_TILES[:1])]
+    variants += [("tma", t, flat) for t in KL.GEMM_TILES for flat in (True, False)]
     rows = []
-    for gname, (ours, ref, flops) in gemms.items():
-        dims = {"fwd y=gelu(xW^T+b), aux": (M, N), "dX dH2 W2 * gelu'(h)": (M, N), "dW dH^T X + rowsum": (N, K)}
-        chosen = largest_tile(candidate_tiles(*dims[gname], sms))
-        ms = triton.testing.do_bench(ref)
+    for gname, (ours, ref, flops, dims, act_grad) in gemms.items():
+        ms = bench(ref)
         rows.append({"gemm": gname, "tile": "torch.mm", "ms": ms, "tflops": flops / ms / 1e9})
-        for tile in dict.fromkeys(GEMM_TILES + EXTRA_TILES):
-            row = {"gemm": gname, "tile": "x".join(map(str, tile)), "chosen": tile == chosen}
+        chosen = {"pointer": largest_tile(KL.candidate_tiles(*dims, sms)),
+                  "tma": largest_tile(KL.candidate_tiles(*dims, sms, KL.tma_tiles(act_grad)))}
+        for kernel, tile, flat in variants:
+            if gname.endswith("no rowsum") and tile != chosen[kernel]:
+                continue  # the row sum's cost: at the chosen tile only
+            label = f"{kernel} {'x'.join(map(str, tile))}" + ("" if flat is None else f" flatten={flat}")
+            default = tile == chosen[kernel] and (flat is None or flat == KL.tma_flatten(act_grad))
+            row = {"gemm": gname, "tile": label, "chosen": default}
+            old = (KL.TMA, KL.tma_flatten)
             try:
-                with _common.gpu_config({"fused_gemm_kernel": tile}):
-                    ms = triton.testing.do_bench(ours)
+                KL.TMA = "always" if kernel == "tma" else "never"
+                if flat is not None:
+                    KL.tma_flatten = lambda act_grad, flat=flat: flat
+                with _common.gpu_config({f"{'tma' if kernel == 'tma' else 'fused'}_gemm_kernel": tile}):
+                    ms = bench(ours)
                 row.update(ms=ms, tflops=flops / ms / 1e9)
             except Exception as e:
                 row["error"] = f"{type(e).__name__}: {e}"[:300]
+            finally:
+                KL.TMA, KL.tma_flatten = old
             rows.append(row)
     return rows
 
@@ -218,7 +237,7 @@ def markdown(result: dict) -> str:
     tiles = result.get("gemm_tiles")
     if isinstance(tiles, list):
         lines += ["## GEMM tiles (bf16, LLaVA-1.5 layer: M=4608, K=1024, N=4096)", "",
-                  "| GEMM | tile | ms | TFLOP/s | wave-model choice |", "| --- | --- | --- | --- | --- |"]
+                  "| GEMM | kernel and tile | ms | TFLOP/s | launcher default |", "| --- | --- | --- | --- | --- |"]
         for r in tiles:
             if "ms" in r:
                 lines.append(f"| {r['gemm']} | {r['tile']} | {r['ms']:.4f} | {r['tflops']:.0f} | "

@@ -74,18 +74,23 @@ def activation_grad(x, ACTIVATION: tl.constexpr):
     return g
 
 @triton.jit
-def grouped_tile(M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr):
-    """(pid_m, pid_n) of this program in grouped order: consecutive programs walk down GROUP_M tile
-    rows before moving right, so the B columns they share stay in L2."""
-    pid = tl.program_id(0)
+def grouped_tile_of(tile, M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr):
+    """(pid_m, pid_n) of output tile number ``tile`` in grouped order: consecutive tiles walk down
+    GROUP_M tile rows before moving right, so the B columns they share stay in L2."""
     num_pid_m = tl.cdiv(M, BLOCK_M)
     num_pid_n = tl.cdiv(N, BLOCK_N)
     num_pid_in_group = GROUP_M * num_pid_n
-    first_pid_m = (pid // num_pid_in_group) * GROUP_M
+    first_pid_m = (tile // num_pid_in_group) * GROUP_M
     group_size_m = min(num_pid_m - first_pid_m, GROUP_M)
-    pid_m = first_pid_m + ((pid % num_pid_in_group) % group_size_m)
-    pid_n = (pid % num_pid_in_group) // group_size_m
+    pid_m = first_pid_m + ((tile % num_pid_in_group) % group_size_m)
+    pid_n = (tile % num_pid_in_group) // group_size_m
     return pid_m, pid_n
+
+
+@triton.jit
+def grouped_tile(M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr):
+    """(pid_m, pid_n) of this program (one output tile per program) in grouped order."""
+    return grouped_tile_of(tl.program_id(0), M, N, BLOCK_M, BLOCK_N, GROUP_M)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -164,7 +169,7 @@ def forced_tile(kernel_name: str):
 __all__ = [
     "INTERPRET", "ACT_NONE", "ACT_GELU", "ACT_GELU_TANH", "ACT_QUICK_GELU", "ACT_SILU", "ACT_RELU",
     "ACTIVATIONS", "apply_activation",
-    "activation_grad", "grouped_tile", "KERNEL_DTYPES", "acc_dtype", "dot_precision", "POISON_OUTPUTS", "empty",
+    "activation_grad", "grouped_tile", "grouped_tile_of", "KERNEL_DTYPES", "acc_dtype", "dot_precision", "POISON_OUTPUTS", "empty",
     "cdiv", "next_pow2", "H100_SMS", "num_sms", "gpu_config", "gpu_config_on", "forced_tile",
     "PEAK_FLOPS", "PEAK_BYTES", "LAUNCH_US",
 ]

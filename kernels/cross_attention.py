@@ -138,7 +138,7 @@ def attn_fwd_kernel(
             valid = _key_valid(offs_n, n_end, mask_row, stride_mn, L1, HAS_MASK, TWO_SOURCES)
         kt = tl.load(_kv_ptrs(k_base, k2_base, offs_n, offs_d, stride_kn, stride_kd, stride_k2n, stride_k2d, L1,
                               TWO_SOURCES, True), mask=valid[None, :] & mask_d[:, None], other=0.0)
-        qk = tl.dot(q, kt, input_precision=INPUT_PRECISION).to(ACC_DTYPE)
+        qk = tl.dot(q, kt, input_precision=INPUT_PRECISION, out_dtype=ACC_DTYPE).to(ACC_DTYPE)
         m_new = tl.maximum(m_i, tl.max(tl.where(valid[None, :], qk * qk_scale, float("-inf")), 1))
         # Rows that have seen no valid key yet keep m = -inf: subtract 0 instead (no inf - inf).
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
@@ -150,7 +150,7 @@ def attn_fwd_kernel(
         l_i = l_i * alpha + tl.sum(p, 1)
         v = tl.load(_kv_ptrs(v_base, v2_base, offs_n, offs_d, stride_vn, stride_vd, stride_v2n, stride_v2d, L1,
                              TWO_SOURCES, False), mask=valid[:, None] & mask_d[None, :], other=0.0)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=INPUT_PRECISION).to(ACC_DTYPE)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=INPUT_PRECISION, out_dtype=ACC_DTYPE).to(ACC_DTYPE)
         m_i = m_new
 
     empty_row = l_i == 0.0
@@ -294,15 +294,15 @@ def attn_bwd_dkdv_kernel(
             row = b * stride_lb + h * stride_lh + offs_m * stride_lm
             lse = tl.load(lse_ptr + row, mask=mask_m, other=float("inf"))  # padded rows: P = 0
             delta = tl.load(delta_ptr + row, mask=mask_m, other=0.0)
-            qk = tl.dot(q, tl.trans(k), input_precision=INPUT_PRECISION).to(ACC_DTYPE)
+            qk = tl.dot(q, tl.trans(k), input_precision=INPUT_PRECISION, out_dtype=ACC_DTYPE).to(ACC_DTYPE)
             # Padding query rows are left out too: their q = 0 meets a key of -inf as 0 * inf = NaN.
             # (Selecting before the exp2 kept D = 256 spill-free on Triton 3.6-3.8 sm_90; after it, not.)
             p = tl.exp2(tl.where(mask_m[:, None] & valid[None, :], tl.fma(qk, qk_scale, -lse[:, None]),
                                  float("-inf")))
-            dv += tl.dot(tl.trans(p.to(do.dtype)), do, input_precision=INPUT_PRECISION).to(ACC_DTYPE)
-            dp = tl.dot(do, tl.trans(v), input_precision=INPUT_PRECISION).to(ACC_DTYPE)
+            dv += tl.dot(tl.trans(p.to(do.dtype)), do, input_precision=INPUT_PRECISION, out_dtype=ACC_DTYPE).to(ACC_DTYPE)
+            dp = tl.dot(do, tl.trans(v), input_precision=INPUT_PRECISION, out_dtype=ACC_DTYPE).to(ACC_DTYPE)
             ds = p * (dp - delta[:, None])
-            dk += tl.dot(tl.trans(ds.to(q.dtype)), q, input_precision=INPUT_PRECISION).to(ACC_DTYPE)
+            dk += tl.dot(tl.trans(ds.to(q.dtype)), q, input_precision=INPUT_PRECISION, out_dtype=ACC_DTYPE).to(ACC_DTYPE)
     # Two sources: the rows of a straddling block go to their own output.
     dk_ptrs = _kv_ptrs(dk_ptr + b * stride_dkb + hkv * stride_dkh, dk2_ptr + b * stride_dk2b + hkv * stride_dk2h,
                        offs_n, offs_d, stride_dkn, stride_dkd, stride_dk2n, stride_dk2d, L1, TWO_SOURCES, False)
@@ -376,11 +376,11 @@ def attn_bwd_dq_kernel(
             v = tl.load(_kv_ptrs(v_ptr + b * stride_vb + hkv * stride_vh, v2_ptr + b * stride_v2b + hkv * stride_v2h,
                                  offs_n, offs_d, stride_vn, stride_vd, stride_v2n, stride_v2d, L1, TWO_SOURCES,
                                  False), mask=kv_mask, other=0.0)
-            qk = tl.dot(q, tl.trans(k), input_precision=INPUT_PRECISION).to(ACC_DTYPE)
+            qk = tl.dot(q, tl.trans(k), input_precision=INPUT_PRECISION, out_dtype=ACC_DTYPE).to(ACC_DTYPE)
             p = tl.where(valid[None, :], tl.exp2(tl.fma(qk, qk_scale, -lse[:, None])), 0.0)
-            dp = tl.dot(do, tl.trans(v), input_precision=INPUT_PRECISION).to(ACC_DTYPE)
+            dp = tl.dot(do, tl.trans(v), input_precision=INPUT_PRECISION, out_dtype=ACC_DTYPE).to(ACC_DTYPE)
             ds = p * (dp - delta[:, None])
-            dq += tl.dot(ds.to(k.dtype), k, input_precision=INPUT_PRECISION).to(ACC_DTYPE)
+            dq += tl.dot(ds.to(k.dtype), k, input_precision=INPUT_PRECISION, out_dtype=ACC_DTYPE).to(ACC_DTYPE)
     dq_ptrs = (dq_ptr + split * stride_dqs + bq * stride_dqb + h * stride_dqh + offs_m[:, None] * stride_dqm
                + offs_d[None, :] * stride_dqd)
     tl.store(dq_ptrs, (dq * sm_scale).to(dq_ptr.dtype.element_ty), mask=mask_md)

@@ -21,6 +21,9 @@ by exactly one program, so results are bitwise reproducible.
 
 from __future__ import annotations
 
+import functools
+import os
+
 import torch
 import triton
 import triton.language as tl
@@ -36,9 +39,52 @@ from mmfuse.kernels._common import (
     empty,
     forced_tile,
     grouped_tile,
+    grouped_tile_of,
     num_sms,
 )
 from mmfuse.kernels._tuning import TileChooser
+
+
+@triton.jit
+def gemm_epilogue(
+    acc, rowsum, pid_m, pid_n, M, N,
+    c_ptr, bias_ptr, aux_ptr, rowsum_ptr,
+    stride_cm, stride_cn, stride_auxm, stride_auxn, stride_bias,
+    ACTIVATION: tl.constexpr, HAS_BIAS: tl.constexpr, STORE_AUX: tl.constexpr, ACT_GRAD: tl.constexpr,
+    ROWSUM_A: tl.constexpr, ACC_DTYPE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    """Bias, aux, activation (or act'), one rounding to the output dtype, the store; shared by both
+    GEMM kernels. All in the accumulator type."""
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask_m = offs_m < M
+    mask_n = offs_n < N
+    mask = mask_m[:, None] & mask_n[None, :]
+    # 64-bit offset of the tile corner once, 32-bit offsets inside it: per-element 64-bit addresses
+    # in the MMA layout cost ~2 registers per accumulator element and made the dX epilogue spill.
+    rm = tl.arange(0, BLOCK_M)[:, None]
+    rn = tl.arange(0, BLOCK_N)[None, :]
+    row0 = (pid_m * BLOCK_M).to(tl.int64)
+    col0 = (pid_n * BLOCK_N).to(tl.int64)
+    aux_ptrs = aux_ptr + (row0 * stride_auxm + col0 * stride_auxn) + (rm * stride_auxm + rn * stride_auxn)
+    c_ptrs = c_ptr + (row0 * stride_cm + col0 * stride_cn) + (rm * stride_cm + rn * stride_cn)
+    if HAS_BIAS:
+        bias = tl.load(bias_ptr + offs_n * stride_bias, mask=mask_n, other=0.0)  # any view, stride 0 too
+        acc += bias[None, :].to(ACC_DTYPE)
+    if STORE_AUX:
+        tl.store(aux_ptrs, acc.to(aux_ptr.dtype.element_ty), mask=mask)
+    if ACT_GRAD:
+        h = tl.load(aux_ptrs, mask=mask, other=0.0).to(ACC_DTYPE)
+        acc = acc * activation_grad(h, ACTIVATION)
+    else:
+        acc = apply_activation(acc, ACTIVATION)
+    tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=mask)
+    if ROWSUM_A:
+        # Every pid_n computed the same sums; one writes them. (A mask, not an `if`: Triton 3.6 fails
+        # to flatten the persistent kernel's loop nest around an scf.if that stores. Broadcast to a
+        # tensor: in the interpreter the persistent kernel's pid_n is a Python int.)
+        first_col = (offs_m * 0 + pid_n) == 0
+        tl.store(rowsum_ptr + offs_m, rowsum.to(rowsum_ptr.dtype.element_ty), mask=mask_m & first_col)
 
 
 @triton.jit
@@ -69,8 +115,7 @@ def fused_gemm_kernel(
     b_ptrs = b_ptr + offs_k[:, None] * stride_bk + offs_bn[None, :] * stride_bn
 
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=ACC_DTYPE)
-    if ROWSUM_A:
-        rowsum = tl.zeros((BLOCK_M,), dtype=ACC_DTYPE)
+    rowsum = tl.zeros((BLOCK_M,), dtype=ACC_DTYPE)  # dead code unless ROWSUM_A
     for k in range(0, tl.cdiv(K, BLOCK_K)):
         if EVEN_K:
             a = tl.load(a_ptrs)
@@ -79,39 +124,60 @@ def fused_gemm_kernel(
             k_left = K - k * BLOCK_K
             a = tl.load(a_ptrs, mask=offs_k[None, :] < k_left, other=0.0)
             b = tl.load(b_ptrs, mask=offs_k[:, None] < k_left, other=0.0)
-        acc = tl.dot(a, b, acc, input_precision=INPUT_PRECISION)
+        acc = tl.dot(a, b, acc, input_precision=INPUT_PRECISION, out_dtype=ACC_DTYPE)
         if ROWSUM_A:
             rowsum += tl.sum(a.to(ACC_DTYPE), axis=1)
         a_ptrs += BLOCK_K * stride_ak
         b_ptrs += BLOCK_K * stride_bk
 
-    # Epilogue, all in the accumulator type; one rounding to the output dtype at the store.
-    mask_m = offs_m < M
-    mask_n = offs_n < N
-    mask = mask_m[:, None] & mask_n[None, :]
-    # 64-bit offset of the tile corner once, 32-bit offsets inside it: per-element 64-bit addresses
-    # in the MMA layout cost ~2 registers per accumulator element and made the dX epilogue spill.
-    rm = tl.arange(0, BLOCK_M)[:, None]
-    rn = tl.arange(0, BLOCK_N)[None, :]
-    row0 = (pid_m * BLOCK_M).to(tl.int64)
-    col0 = (pid_n * BLOCK_N).to(tl.int64)
-    aux_ptrs = aux_ptr + (row0 * stride_auxm + col0 * stride_auxn) + (rm * stride_auxm + rn * stride_auxn)
-    c_ptrs = c_ptr + (row0 * stride_cm + col0 * stride_cn) + (rm * stride_cm + rn * stride_cn)
-    if HAS_BIAS:
-        bias = tl.load(bias_ptr + offs_n * stride_bias, mask=mask_n, other=0.0)  # any view, stride 0 too
-        acc += bias[None, :].to(ACC_DTYPE)
-    if STORE_AUX:
-        tl.store(aux_ptrs, acc.to(aux_ptr.dtype.element_ty), mask=mask)
-    if ACT_GRAD:
-        h = tl.load(aux_ptrs, mask=mask, other=0.0).to(ACC_DTYPE)
-        acc = acc * activation_grad(h, ACTIVATION)
-    else:
-        acc = apply_activation(acc, ACTIVATION)
-    tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=mask)
-    if ROWSUM_A:
-        # Every pid_n computed the same sums; one writes them.
-        if pid_n == 0:
-            tl.store(rowsum_ptr + offs_m, rowsum.to(rowsum_ptr.dtype.element_ty), mask=mask_m)
+    gemm_epilogue(acc, rowsum, pid_m, pid_n, M, N, c_ptr, bias_ptr, aux_ptr, rowsum_ptr,
+                  stride_cm, stride_cn, stride_auxm, stride_auxn, stride_bias,
+                  ACTIVATION, HAS_BIAS, STORE_AUX, ACT_GRAD, ROWSUM_A, ACC_DTYPE, BLOCK_M, BLOCK_N)
+
+
+@triton.jit
+def tma_gemm_kernel(
+    a_desc, b_desc, c_ptr, bias_ptr, aux_ptr, rowsum_ptr,
+    M, N, K,
+    stride_cm, stride_cn, stride_auxm, stride_auxn, stride_bias,
+    ACTIVATION: tl.constexpr, HAS_BIAS: tl.constexpr, STORE_AUX: tl.constexpr, ACT_GRAD: tl.constexpr,
+    ROWSUM_A: tl.constexpr, ACC_DTYPE: tl.constexpr,
+    A_TRANS: tl.constexpr,      # a_desc holds A^T (K, M): A is contiguous along M (dW's dH^T)
+    B_TRANS: tl.constexpr,      # b_desc holds B^T (N, K): B is contiguous along K (the forward's W^T)
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    GROUP_M: tl.constexpr, NUM_PROGRAMS: tl.constexpr,
+    FLATTEN: tl.constexpr,      # one flattened tile x K loop (epilogue overlapped with the next loads)
+):
+    """The same GEMM and epilogues for Hopper: operands arrive by TMA (descriptor loads: no address
+    arithmetic, edges zero-filled by the copy engine, so no masks and no EVEN_K), and the kernel is
+    persistent: NUM_PROGRAMS programs (one per SM) walk the output tiles in grouped order; with
+    FLATTEN the tile x K loop nest is one pipelined loop, so the next tile's loads are issued during
+    this tile's epilogue (those registers stay live across the epilogue, hence not with act').
+    16-bit inputs only (the launcher checks TMA's alignment rules)."""
+    num_tiles = tl.cdiv(M, BLOCK_M) * tl.cdiv(N, BLOCK_N)
+    k_steps = tl.cdiv(K, BLOCK_K)
+    for tile in tl.range(tl.program_id(0), num_tiles, NUM_PROGRAMS, flatten=FLATTEN):
+        pid_m, pid_n = grouped_tile_of(tile, M, N, BLOCK_M, BLOCK_N, GROUP_M)
+        off_m = pid_m * BLOCK_M
+        off_n = pid_n * BLOCK_N
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=ACC_DTYPE)
+        rowsum = tl.zeros((BLOCK_M,), dtype=ACC_DTYPE)  # dead code unless ROWSUM_A
+        for ks in range(k_steps):
+            off_k = ks * BLOCK_K
+            if A_TRANS:
+                a = a_desc.load([off_k, off_m]).T
+            else:
+                a = a_desc.load([off_m, off_k])
+            if B_TRANS:
+                b = b_desc.load([off_n, off_k]).T
+            else:
+                b = b_desc.load([off_k, off_n])
+            acc = tl.dot(a, b, acc, out_dtype=ACC_DTYPE)
+            if ROWSUM_A:
+                rowsum += tl.sum(a.to(ACC_DTYPE), axis=1)
+        gemm_epilogue(acc, rowsum, pid_m, pid_n, M, N, c_ptr, bias_ptr, aux_ptr, rowsum_ptr,
+                      stride_cm, stride_cn, stride_auxm, stride_auxn, stride_bias,
+                      ACTIVATION, HAS_BIAS, STORE_AUX, ACT_GRAD, ROWSUM_A, ACC_DTYPE, BLOCK_M, BLOCK_N)
 
 
 @triton.jit
@@ -150,7 +216,7 @@ GEMM_TILES = (
 GROUP_M = 8
 #: fp64 (gradcheck, not speed) takes one tile: with fp64 accumulators and an fp64 GELU epilogue the
 #: larger tiles spill on sm_90 (1.7 KB at 128x128); 64x64 compiles clean on sm_80 and sm_90.
-FP64_TILE = (64, 64, 64, 4, 4)
+FP64_TILE = (64, 64, 64, 8, 3)
 #: Tiles whose wave efficiency is below this are dropped before the choice (see bench/NOTES.md).
 MIN_WAVE_EFFICIENCY = 0.70
 
@@ -177,10 +243,10 @@ def wave_efficiency(M: int, N: int, block_m: int, block_n: int, sms: int) -> flo
     return (M * N) / (waves * sms * block_m * block_n)
 
 
-def candidate_tiles(M: int, N: int, sms: int):
+def candidate_tiles(M: int, N: int, sms: int, tiles=GEMM_TILES):
     """Tiles worth autotuning at (M, N): those with wave efficiency >= MIN_WAVE_EFFICIENCY,
     or the best two when none reaches it (tiny problems)."""
-    scored = [(wave_efficiency(M, N, t[0], t[1], sms), t) for t in GEMM_TILES]
+    scored = [(wave_efficiency(M, N, t[0], t[1], sms), t) for t in tiles]
     keep = [t for e, t in scored if e >= MIN_WAVE_EFFICIENCY]
     if not keep:
         keep = [t for _, t in sorted(scored, key=lambda s: -s[0])[:2]]
@@ -195,6 +261,62 @@ _gemm = _even_k(fused_gemm_kernel)
 TUNER = TileChooser("linear/fused_gemm_kernel")
 
 
+#: The Hopper path (``tma_gemm_kernel``): "auto" takes it for 16-bit operands on compute capability
+#: 9.x whose layouts TMA can read; "never" keeps every GEMM on ``fused_gemm_kernel``; "always" takes
+#: it wherever the layouts allow, also under the interpreter (the tests). ``MMFUSE_TMA`` sets it.
+TMA = os.environ.get("MMFUSE_TMA", "auto")
+TMA_MODES = ("auto", "never", "always")
+#: Persistent programs of the TMA kernel: the device's SM count, or this (tests: a few, so each
+#: interpreted program walks several tiles).
+TMA_PROGRAMS: int | None = None
+TMA_TUNER = TileChooser("linear/tma_gemm_kernel")
+
+
+def tma_tiles(act_grad: bool):
+    """Tiles the TMA kernel takes. The dX * act' epilogue at 128x128 spills 8-16 bytes on sm_90 in the
+    persistent kernel, flattened or not (the pointer kernel's does not): that GEMM drops the tile."""
+    return tuple(t for t in GEMM_TILES if not (act_grad and t[:2] == (128, 128)))
+
+
+def tma_flatten(act_grad: bool) -> bool:
+    """FLATTEN for a GEMM: not with act' (flattening keeps the next tile's load state live across the
+    epilogue: 255 registers and 8 B of spills at 128x64, 188 without)."""
+    return not act_grad
+
+
+@functools.lru_cache(maxsize=None)
+def _capability(device: torch.device) -> tuple[int, int]:
+    return torch.cuda.get_device_capability(device)
+
+
+def _tma_operand(t: torch.Tensor, rows_block: int, cols_block: int):
+    """(descriptor, transposed) for a 2-D operand view (R, C) read in (rows_block, cols_block) tiles:
+    over the view itself when its rows are contiguous, over its transpose when its columns are, or
+    None when TMA cannot read it (no unit stride, or a base or stride off 16-byte alignment)."""
+    from triton.tools.tensor_descriptor import TensorDescriptor
+
+    R, C = t.shape
+    es = t.element_size()
+    if t.data_ptr() % 16:
+        return None
+    if t.stride(1) == 1 and (t.stride(0) * es) % 16 == 0:
+        return TensorDescriptor(t, [R, C], [t.stride(0), 1], [rows_block, cols_block]), False
+    if t.stride(0) == 1 and (t.stride(1) * es) % 16 == 0:
+        return TensorDescriptor(t, [C, R], [t.stride(1), 1], [cols_block, rows_block]), True
+    return None
+
+
+def _wants_tma(a: torch.Tensor) -> bool:
+    if TMA not in TMA_MODES:
+        raise ValueError(f"MMFUSE_TMA: expected one of {TMA_MODES}, got {TMA!r}")
+    if TMA == "never" or a.element_size() != 2:
+        return False
+    if TMA == "always":
+        return True
+    # Compute capability 9.x only: the path is compiled and checked for sm_90, not yet for sm_100.
+    return not INTERPRET and a.is_cuda and _capability(a.device)[0] == 9
+
+
 def _launch_gemm(a, b, c, *, bias=None, aux=None, rowsum=None, activation=0,
                  store_aux=False, act_grad=False):
     """C = epilogue(A @ B) for 2-D views A (M, K), B (K, N), C (M, N)."""
@@ -204,30 +326,45 @@ def _launch_gemm(a, b, c, *, bias=None, aux=None, rowsum=None, activation=0,
         return
     dummy = c  # never dereferenced when its flag is off
     aux_t = aux if aux is not None else dummy
-    args = (
-        a, b, c, bias if bias is not None else dummy, aux_t, rowsum if rowsum is not None else dummy,
-        M, N, K,
-        a.stride(0), a.stride(1), b.stride(0), b.stride(1), c.stride(0), c.stride(1),
-        aux_t.stride(0), aux_t.stride(1), bias.stride(0) if bias is not None else 0,
-    )
-    flags = dict(
-        ACTIVATION=activation, HAS_BIAS=bias is not None, STORE_AUX=store_aux, ACT_GRAD=act_grad,
-        ROWSUM_A=rowsum is not None, INPUT_PRECISION=dot_precision(a.dtype), ACC_DTYPE=acc_dtype(a.dtype),
-    )
-    forced = forced_tile("fused_gemm_kernel")  # a GPU tile chosen by the tests (gpu_config), else None
+    outs = (c, bias if bias is not None else dummy, aux_t, rowsum if rowsum is not None else dummy)
+    out_strides = (c.stride(0), c.stride(1), aux_t.stride(0), aux_t.stride(1),
+                   bias.stride(0) if bias is not None else 0)
+    epilogue = dict(ACTIVATION=activation, HAS_BIAS=bias is not None, STORE_AUX=store_aux, ACT_GRAD=act_grad,
+                    ROWSUM_A=rowsum is not None, ACC_DTYPE=acc_dtype(a.dtype))
+    flags = dict(epilogue, INPUT_PRECISION=dot_precision(a.dtype))
 
     def launch(tile, gpu_tile=True):
         bm, bn, bk, warps, stages = tile
         if gpu_tile:  # a GPU tile: BLOCK_K as the GPU takes it (halved for 4-byte dtypes)
             bk = block_k_for(bk, a.element_size())
         grid = (cdiv(M, bm) * cdiv(N, bn),)
-        _gemm[grid](*args, **flags, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=GROUP_M,
+        _gemm[grid](a, b, *outs, M, N, K, a.stride(0), a.stride(1), b.stride(0), b.stride(1), *out_strides,
+                    **flags, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=GROUP_M,
                     num_warps=warps, num_stages=stages)
 
+    def launch_tma(tile, operands):
+        bm, bn, bk, warps, stages = tile
+        (a_desc, a_trans), (b_desc, b_trans) = operands
+        programs = TMA_PROGRAMS or num_sms(a.device)
+        tma_gemm_kernel[(min(programs, cdiv(M, bm) * cdiv(N, bn)),)](
+            a_desc, b_desc, *outs, M, N, K, *out_strides, **epilogue, A_TRANS=a_trans, B_TRANS=b_trans,
+            BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=GROUP_M, NUM_PROGRAMS=programs,
+            FLATTEN=tma_flatten(act_grad), num_warps=warps, num_stages=stages)
+
+    def tma_operands(tile):
+        if K == 0 or not _wants_tma(a):
+            return None
+        bm, bn, bk = tile[:3]
+        ops = (_tma_operand(a, bm, bk), _tma_operand(b, bk, bn))
+        return None if None in ops else ops
+
+    forced = forced_tile("tma_gemm_kernel") or forced_tile("fused_gemm_kernel")  # tests' GPU tile
     if forced is not None:
-        launch(forced)
+        ops = tma_operands(forced) if forced_tile("tma_gemm_kernel") else None
+        launch_tma(forced, ops) if ops else launch(forced)
     elif INTERPRET:
-        launch(INTERPRETER_TILE, gpu_tile=False)
+        ops = tma_operands(INTERPRETER_TILE)
+        launch_tma(INTERPRETER_TILE, ops) if ops else launch(INTERPRETER_TILE, gpu_tile=False)
     elif a.element_size() == 8:
         launch(FP64_TILE)
     elif K == 0:
@@ -237,7 +374,14 @@ def _launch_gemm(a, b, c, *, bias=None, aux=None, rowsum=None, activation=0,
     else:
         layouts = (a.stride(1) == 1, b.stride(1) == 1, c.stride(1) == 1)
         key = (a.dtype, a.device, *flags.values(), *layouts)
-        launch(TUNER.choose((M, N, K), key, candidate_tiles(M, N, num_sms(a.device)), launch))
+        sms = num_sms(a.device)
+        candidates = candidate_tiles(M, N, sms)
+        tma_candidates = candidate_tiles(M, N, sms, tma_tiles(act_grad))
+        if tma_operands(candidates[0]) is not None:  # alignment does not depend on the tile
+            tile = TMA_TUNER.choose((M, N, K), key, tma_candidates, lambda t: launch_tma(t, tma_operands(t)))
+            launch_tma(tile, tma_operands(tile))
+        else:
+            launch(TUNER.choose((M, N, K), key, candidates, launch))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -342,11 +486,13 @@ def aot_specs():
     extra_dx = ("bf16", "*bf16", "ieee", [dx for _, dx in extra])
     extra_fwd = ("bf16", "*bf16", "ieee", [fwd for fwd, _ in extra])
     specs = []
-    for bm, bn, bk, warps, stages in GEMM_TILES:
+    for bm, bn, bk, warps, stages in dict.fromkeys(GEMM_TILES + (FP64_TILE,)):
         # The new activations' dX * act' on every tile (the epilogue nearest 255 registers); their
         # forward on the 128-row tiles only (the 64-row ones sit far below the limit: bench/NOTES.md).
         tile_plans = plans + [extra_dx] + ([extra_fwd] if bm == 128 else [])
-        tile_plans = [p for p in tile_plans if p[0] != "fp64" or (bm, bn, bk, warps, stages) == FP64_TILE]
+        # fp64 on its own tile only, and that tile only for fp64
+        is_fp64_tile = (bm, bn, bk, warps, stages) == FP64_TILE
+        tile_plans = [p for p in tile_plans if (p[0] == "fp64") == is_fp64_tile]
         for dtype, ptr, precision, lays in tile_plans:
             elem = {"*fp32": 4, "*fp64": 8}.get(ptr, 2)
             for variant, (gm, gn, gk), strides, flags in lays:
@@ -361,6 +507,31 @@ def aot_specs():
                     config=f"{bm}x{bn}x{block_k} w{warps} s{stages}", fn=fused_gemm_kernel,
                     args=tuple(args.items()), constexprs=tuple(cx.items()), num_warps=warps,
                     num_stages=stages, tensor_cores=precision == "tf32" or elem == 2))
+    # The Hopper kernel (sm_90 only): the three GEMMs of a layer in fp16, the forward in bf16, on every
+    # tile it takes (``tma_tiles``). Operand layouts as the launcher builds them: the forward's B (W^T) and dW's A (dH^T) are
+    # read through descriptors over their transposes.
+    tma_plans = [("fp16", "fp16", layouts), ("bf16", "bf16", layouts[:1])]
+    for bm, bn, bk, warps, stages in GEMM_TILES:
+        for dtype, ty, lays in tma_plans:
+            for variant, (gm, gn, gk), strides, flags in lays:
+                if (bm, bn, bk, warps, stages) not in tma_tiles(flags["ACT_GRAD"]):
+                    continue
+                a_trans, b_trans = strides["stride_am"] == 1, strides["stride_bn"] != 1
+                a_block = [bk, bm] if a_trans else [bm, bk]
+                b_block = [bn, bk] if b_trans else [bk, bn]
+                args = dict(a_desc=f"tensordesc<{ty}[{a_block[0]}, {a_block[1]}]>",
+                            b_desc=f"tensordesc<{ty}[{b_block[0]}, {b_block[1]}]>",
+                            c_ptr=f"*{ty}", bias_ptr=f"*{ty}", aux_ptr=f"*{ty}", rowsum_ptr=f"*{ty}",
+                            M=gm, N=gn, K=gk, stride_cm=strides["stride_cm"], stride_cn=1,
+                            stride_auxm=strides["stride_auxm"], stride_auxn=1, stride_bias=1)
+                cx = dict(flags, ACC_DTYPE=tl.float32, A_TRANS=a_trans, B_TRANS=b_trans, BLOCK_M=bm,
+                          BLOCK_N=bn, BLOCK_K=bk, GROUP_M=GROUP_M, NUM_PROGRAMS=132,
+                          FLATTEN=tma_flatten(flags["ACT_GRAD"]))
+                specs.append(CompileSpec(
+                    kernel="linear/tma_gemm_kernel", variant=variant, dtype=dtype,
+                    config=f"{bm}x{bn}x{bk} w{warps} s{stages}", fn=tma_gemm_kernel,
+                    args=tuple(args.items()), constexprs=tuple(cx.items()), num_warps=warps,
+                    num_stages=stages, archs=(90,)))
     bm, bn = ACT_GRAD_BLOCK
     for dtype, ptr in (("fp16", "*fp16"), ("bf16", "*bf16"), ("fp32", "*fp32")):
         args = dict(dy_ptr=ptr, h_ptr=ptr, dh_ptr=ptr, M=M, N=N, stride_dym=N, stride_dyn=1,

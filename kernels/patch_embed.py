@@ -136,7 +136,7 @@ def patch_embed_fwd_kernel(
         else:
             a = tl.load(x_ptrs, mask=((j < P) & (k < K))[None, :], other=0.0)
         b = tl.load(w_ptrs)  # packed: zero-padded past K to a multiple of BLOCK_K, no mask
-        acc = tl.dot(a, b, acc, input_precision=INPUT_PRECISION)
+        acc = tl.dot(a, b, acc, input_precision=INPUT_PRECISION, out_dtype=ACC_DTYPE)
         w_ptrs += BLOCK_K
 
     # Epilogue in the accumulator type; one rounding at the store.
@@ -187,7 +187,7 @@ def patch_embed_dx_kernel(
             d_left = D - d0
             g = tl.load(g_ptrs, mask=offs_d[None, :] < d_left, other=0.0)
             w = tl.load(w_ptrs, mask=offs_d[:, None] < d_left, other=0.0)
-        acc = tl.dot(g, w, acc, input_precision=INPUT_PRECISION)
+        acc = tl.dot(g, w, acc, input_precision=INPUT_PRECISION, out_dtype=ACC_DTYPE)
         g_ptrs += BLOCK_K * stride_gd
         w_ptrs += BLOCK_K * stride_wd
 
@@ -240,7 +240,7 @@ def patch_embed_dw_kernel(
         else:
             g = tl.load(g_ptrs, mask=m[None, :] < M, other=0.0)
             x = tl.load(x_ptrs, mask=m[:, None] < M, other=0.0)
-        acc = tl.dot(g, x, acc, input_precision=INPUT_PRECISION)
+        acc = tl.dot(g, x, acc, input_precision=INPUT_PRECISION, out_dtype=ACC_DTYPE)
         if ROWSUM_A:
             rowsum += tl.sum(g.to(ACC_DTYPE), axis=1)
 

@@ -348,3 +348,20 @@ def test_kernel_profile_finds_every_kernel_family_and_reports_failed_parts():
         "gemm_tiles": [{"gemm": "fwd", "tile": "128x128x64x8x4", "ms": 0.1, "tflops": 330.0, "chosen": True}]})
     assert "c: failed: ValueError: bad" in md and "## compiled: failed" in md and "RuntimeError: boom" in md
     assert "| fwd | 128x128x64x8x4 | 0.1000 | 330 | yes |" in md and "attn_fwd_kernel" in md
+
+
+def test_kernel_profile_gemm_sweep_runs_every_variant(monkeypatch):
+    # The sweep's GPU part with the interpreter and a fake timer: every variant launches (none fails),
+    # and the launcher's defaults are marked once per kernel and GEMM.
+    from mmfuse.bench import kernel_profile
+    from mmfuse.kernels import linear as KL
+
+    calls = []
+    rows = kernel_profile.gemm_tile_sweep(M=24, K=40, N=48, device="cpu", bench=lambda f: calls.append(f()) or 1.0)
+    assert not [r for r in rows if "error" in r], [r for r in rows if "error" in r][:2]
+    assert KL.TMA == "auto"  # restored
+    kinds = {r["gemm"] for r in rows}
+    assert len(kinds) == 4 and len(calls) == len(rows)
+    for g in kinds:
+        chosen = [r["tile"] for r in rows if r["gemm"] == g and r.get("chosen")]
+        assert [t.split()[0] for t in chosen] == ["pointer", "tma"], (g, chosen)

@@ -23,6 +23,7 @@ import zlib
 
 import pytest
 import torch
+from triton.tools.tensor_descriptor import TensorDescriptor
 
 import mmfuse
 from mmfuse._aot import all_specs
@@ -60,16 +61,18 @@ def run_key(spec):
     # Tiles as the kernel modules' tables write them: BLOCK_K for 2-byte dtypes (halved for 4-byte
     # ones, quartered for fp64).
     bk2 = cx.get("BLOCK_K", 0) * (4 if spec.dtype == "fp64" else 2 if spec.dtype.startswith("fp32") else 1)
-    if name == "fused_gemm_kernel":
+    if name in ("fused_gemm_kernel", "tma_gemm_kernel"):
         tile = (cx["BLOCK_M"], cx["BLOCK_N"], bk2, spec.num_warps, spec.num_stages)
         # Which GEMM of a Linear / MLP this is, from its epilogue flags (not from the variant's words).
         kind = "dW" if cx["ROWSUM_A"] else "dX*act'" if cx["ACT_GRAD"] else \
             "fwd+aux" if cx["STORE_AUX"] else "fwd"
         bias = cx["ROWSUM_A"] if kind == "dW" else cx["HAS_BIAS"]  # dW's epilogue has no bias; db is ROWSUM_A
-        return ("linear", kind, ACT_NAMES[cx["ACTIVATION"]], bias, spec.dtype, tile, cx["EVEN_K"])
+        # The TMA kernel has no EVEN_K (the copy engine zero-fills the K tail): its runs take a tail.
+        even_k = cx.get("EVEN_K", False)
+        return ("linear", kind, ACT_NAMES[cx["ACTIVATION"]], bias, spec.dtype, tile, even_k, name)
     if name == "act_grad_kernel":
         return ("linear", "act'", ACT_NAMES[cx["ACTIVATION"]], True, spec.dtype, (cx["BLOCK_M"], cx["BLOCK_N"]),
-                None)
+                None, name)
     if name.startswith("patch_embed_") and name.endswith("_kernel") and "EVEN_K" in cx:
         args = dict(spec.args)
         T, P, run = cx["T"], cx["P"], cx.get("RUN", None)
@@ -118,6 +121,8 @@ def recorded(monkeypatch):
     def record(self, *args, **kwargs):
         named = dict(zip(self.arg_names, args), **kwargs)
         ptrs = {n: PTR.get(v.dtype) for n, v in named.items() if isinstance(v, torch.Tensor)}
+        ptrs.update({n: f"tensordesc<{PTR[v.base.dtype][1:]}[{', '.join(map(str, v.block_shape))}]>"
+                     for n, v in named.items() if isinstance(v, TensorDescriptor)})
         out.append(dict(name=self.fn.__name__, cx={n: named.get(n) for n in self.constexprs}, ptrs=ptrs,
                         warps=kwargs.get("num_warps", DEFAULT_WARPS), stages=kwargs.get("num_stages", DEFAULT_STAGES)))
         return real(self, *args, **kwargs)
@@ -221,14 +226,14 @@ def _red(block_k, even_k):
 # ----------------------------------------------------------------------------------------------
 # The runs
 # ----------------------------------------------------------------------------------------------
-def run_linear(kind, act, bias, dtype, tile, even_k):
+def run_linear(kind, act, bias, dtype, tile, even_k, ragged=RAGGED):
     """One Linear (or a 2-layer MLP for the hidden layer's dX * act'(h)) whose targeted GEMM spans two
     ragged tiles of ``tile`` in its output and reduces over 2 BLOCK_K (+ a tail unless EVEN_K)."""
     if kind == "act'":  # act_grad_kernel: its block is fixed; a Linear + activation backward launches it
-        M, N, K = tile[0] + RAGGED, tile[1] + RAGGED, 24
+        M, N, K = tile[0] + ragged, tile[1] + ragged, 24
     else:
         bm, bn, bk = tile[0], tile[1], _block_k(tile, dtype)
-        rows, cols, red = bm + RAGGED, bn + RAGGED, _red(bk, even_k)
+        rows, cols, red = bm + ragged, bn + ragged, 2 * bk + (0 if even_k else ragged)
         # GEMM (rows, cols, red) is (M, N, K) forward, (N, K, M) for dW, (M, N1, N2) for the MLP's dX.
         M, N, K = {"fwd": (rows, cols, red), "fwd+aux": (rows, cols, red), "dW": (red, rows, cols),
                    "dX*act'": (rows, cols, red)}[kind]
@@ -314,10 +319,16 @@ def run_cross_attention(D, dtype, even, two=False):
 def _execute(key):
     family, *params = key
     if family == "linear":
-        kind, act, bias, dtype_name, tile, even_k = params
-        tiles = {"fused_gemm_kernel": tile} if len(tile) == 5 else {}
-        with _tf32(dtype_name == "fp32-tf32"), _common.gpu_config(tiles):
-            run_linear(kind, act, bias, DTYPES[dtype_name], tile, even_k)
+        from mmfuse.kernels import linear as KL
+
+        kind, act, bias, dtype_name, tile, even_k, kernel = params
+        tiles = {kernel: tile} if len(tile) == 5 else {}
+        tma = kernel == "tma_gemm_kernel"
+        # The TMA kernel as the GPU launches it (132 persistent programs), on operands whose row
+        # strides keep TMA's 16-byte alignment (ragged by 8 elements instead of 11).
+        with _tf32(dtype_name == "fp32-tf32"), _common.gpu_config(tiles), \
+                _patched(KL, "TMA", "always" if tma else "never"), _patched(KL, "TMA_PROGRAMS", 132 if tma else None):
+            run_linear(kind, act, bias, DTYPES[dtype_name], tile, even_k, ragged=8 if tma else RAGGED)
     elif family == "patch_embed":
         from mmfuse.kernels import patch_embed as KP
 

@@ -1,0 +1,107 @@
+"""The Hopper GEMM path (``tma_gemm_kernel``: TMA descriptor loads, persistent programs) against the
+references, through the public ops. Interpreted here (Triton's interpreter runs host descriptors);
+on a GPU (``MMFUSE_TEST_DEVICE=cuda``, what ``mmfuse gpu-check`` sets) the same tests run the compiled
+kernel, which needs compute capability 9.x."""
+
+import pytest
+import torch
+
+import mmfuse
+from mmfuse.kernels import linear as KL
+from mmfuse.testing import assert_matches_reference
+
+DTYPES = [torch.float16, torch.bfloat16]
+
+
+@pytest.fixture
+def tma(monkeypatch):
+    """Every eligible GEMM on the TMA kernel, with 3 persistent programs (each walks several tiles)."""
+    if not mmfuse.INTERPRET and torch.cuda.get_device_capability()[0] != 9:
+        pytest.skip("the TMA kernel is compiled for compute capability 9.x")
+    monkeypatch.setattr(KL, "TMA", "always")
+    monkeypatch.setattr(KL, "TMA_PROGRAMS", 3)
+
+
+def _gemm_launches(launches):
+    return [n for n in launches if n in ("tma_gemm_kernel", "fused_gemm_kernel")]
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_linear_forward_and_backward_on_tma(tma, dtype):
+    # M = 37 ragged rows; K = 72 and N = 136 keep rows 16-byte aligned (TMA's rule) without being
+    # multiples of any block. Forward (B = W^T through a descriptor over W), dX, dW (A = dH^T
+    # through a descriptor over dH) and db in dW's row sums.
+    x, w, b = torch.randn(37, 72, dtype=dtype), (torch.randn(136, 72) / 9).to(dtype), torch.randn(136, dtype=dtype)
+    assert_matches_reference(lambda *t: mmfuse.linear(*t, activation="gelu"),
+                             lambda *t: mmfuse.linear_reference(*t, activation="gelu"), [x, w, b],
+                             ["x", "weight", "bias"])
+
+
+@pytest.mark.parametrize("activation", ["gelu", "silu"])
+def test_mlp_on_tma_including_dx_times_act_grad(tma, activation):
+    x = torch.randn(41, 24, dtype=torch.float16)
+    ws = [(torch.randn(88, 24) / 5).to(torch.float16), (torch.randn(40, 88) / 9).to(torch.float16)]
+    bs = [torch.randn(88, dtype=torch.float16), torch.randn(40, dtype=torch.float16)]
+    assert_matches_reference(lambda x, *p: mmfuse.mlp(x, p[:2], p[2:], activation=activation),
+                             lambda x, *p: mmfuse.mlp_reference(x, p[:2], p[2:], activation=activation),
+                             [x, *ws, *bs], ["x", "w0", "w1", "b0", "b1"])
+
+
+def test_transposed_input_reads_through_a_transposed_descriptor(tma):
+    # x (40, 72) with stride (1, 40): contiguous along M, so A's descriptor is over x^T (A_TRANS).
+    x = torch.randn(72, 40, dtype=torch.float16).t()
+    w, b = (torch.randn(56, 72) / 9).to(torch.float16), torch.randn(56, dtype=torch.float16)
+    assert_matches_reference(lambda *t: mmfuse.linear(*t, activation="gelu"),
+                             lambda *t: mmfuse.linear_reference(*t, activation="gelu"), [x, w, b],
+                             ["x", "weight", "bias"])
+
+
+def test_every_gemm_of_a_layer_takes_the_tma_kernel(tma, launches):
+    x = torch.randn(37, 72, dtype=torch.float16, requires_grad=True)
+    w = (torch.randn(136, 72) / 9).to(torch.float16).requires_grad_()
+    b = torch.randn(136, dtype=torch.float16, requires_grad=True)
+    mmfuse.linear(x, w, b, "gelu").sum().backward()
+    assert _gemm_launches(launches) == ["tma_gemm_kernel"] * 3  # forward, dX, dW (+db)
+
+
+def test_layouts_tma_cannot_read_fall_back_to_the_pointer_kernel(tma, launches):
+    # K = 75: a row of 150 bytes breaks TMA's 16-byte stride rule; a stride-2 slice has no unit stride.
+    for x in (torch.randn(37, 75, dtype=torch.float16), torch.randn(37, 144, dtype=torch.float16)[:, ::2]):
+        w = (torch.randn(24, x.shape[1]) / 9).to(torch.float16)
+        launches.clear()
+        assert_matches_reference(lambda *t: mmfuse.linear(*t), lambda *t: mmfuse.linear_reference(*t), [x, w],
+                                 ["x", "weight"])
+        assert "fused_gemm_kernel" in launches
+    # fp32 and fp64 never take it (16-bit operands only).
+    launches.clear()
+    mmfuse.linear(torch.randn(8, 16), torch.randn(8, 16))
+    assert _gemm_launches(launches) == ["fused_gemm_kernel"]
+
+
+def test_tma_mode_is_checked(monkeypatch):
+    monkeypatch.setattr(KL, "TMA", "sometimes")
+    with pytest.raises(ValueError, match=r"MMFUSE_TMA: expected one of \('auto', 'never', 'always'\), got 'sometimes'"):
+        mmfuse.linear(torch.randn(4, 8, dtype=torch.float16), torch.randn(8, 8, dtype=torch.float16))
+
+
+def test_auto_mode_keeps_the_interpreter_and_cpu_on_the_pointer_kernel(launches):
+    assert KL.TMA == "auto"
+    mmfuse.linear(torch.randn(16, 32, dtype=torch.float16), torch.randn(16, 32, dtype=torch.float16))
+    assert _gemm_launches(launches) == ["fused_gemm_kernel"]
+
+
+def test_every_tile_the_launcher_can_take_is_compiled():
+    """The TMA kernel's tiles per GEMM kind (``tma_tiles``) are exactly the compiled specs' tiles, with
+    the launcher's FLATTEN: a tile the launcher could take without a compile check would be unseen."""
+    from mmfuse._aot import all_specs
+
+    compiled = {}
+    for s in all_specs():
+        if s.kernel == "linear/tma_gemm_kernel" and s.dtype == "fp16":
+            cx = dict(s.constexprs)
+            tile = (cx["BLOCK_M"], cx["BLOCK_N"], cx["BLOCK_K"], s.num_warps, s.num_stages)
+            compiled.setdefault(cx["ACT_GRAD"], set()).add(tile)
+            assert cx["FLATTEN"] == KL.tma_flatten(cx["ACT_GRAD"]) and s.archs == (90,)
+    for act_grad in (False, True):
+        assert compiled[act_grad] == set(KL.tma_tiles(act_grad))
+    assert (128, 128, 64, 8, 4) not in KL.tma_tiles(True)
