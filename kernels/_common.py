@@ -134,9 +134,16 @@ PEAK_FLOPS = 800e12
 PEAK_BYTES = 3.0e12
 LAUNCH_US = 3.0
 
+#: SM count per CUDA device index, queried once (the launchers ask on every launch).
+_SMS_BY_INDEX: dict[int, int] = {}
+
 def num_sms(device: torch.device | None) -> int:
     if device is not None and device.type == "cuda":
-        return torch.cuda.get_device_properties(device).multi_processor_count
+        index = device.index if device.index is not None else torch.cuda.current_device()
+        sms = _SMS_BY_INDEX.get(index)
+        if sms is None:
+            sms = _SMS_BY_INDEX[index] = torch.cuda.get_device_properties(index).multi_processor_count
+        return sms
     return H100_SMS
 
 # ----------------------------------------------------------------------------------------------

@@ -32,6 +32,8 @@ Backward (recompute P block by block from the saved lse; never the Lq x Lk matri
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import triton
 import triton.language as tl
@@ -457,14 +459,21 @@ def dq_efficiency(programs: int, batch_loop: int, key_blocks: int, b: int, k: in
 
 def dq_splits_for(B: int, Bq: int, Hq: int, Hkv: int, Lq: int, Lk: int, D: int, elem: int, blocks: dict,
                   sms: int) -> tuple[int, int]:
+    """(batch splits, key splits) of dQ (``_dq_splits``, cached per shape: it runs on every backward)."""
+    return _dq_splits(B, Bq, Hq, Hkv, Lq, Lk, D, elem, blocks["BLOCK_M"], blocks["BLOCK_N"], sms)
+
+
+@functools.lru_cache(maxsize=4096)
+def _dq_splits(B: int, Bq: int, Hq: int, Hkv: int, Lq: int, Lk: int, D: int, elem: int, block_m: int, block_n: int,
+               sms: int) -> tuple[int, int]:
     """(batch splits, key splits) of dQ. The batch loop of shared queries splits first
     (``choose_splits``); when that cannot reach TARGET_WAVE_EFFICIENCY (batch 1, or few samples) the
     keys may split too, if the modelled time says so (roofline at the grid's efficiency, the fp32
     partials written and read back, the summing launch): Idefics2 at batch 1 (32 programs over 78 key
     blocks) splits, the short key sets of OpenFlamingo and BLIP-2 do not."""
-    programs = cdiv(Lq, blocks["BLOCK_M"]) * Bq * Hq
+    programs = cdiv(Lq, block_m) * Bq * Hq
     batch_loop = B if Bq == 1 else 1
-    key_blocks = max(1, cdiv(Lk, blocks["BLOCK_N"]))
+    key_blocks = max(1, cdiv(Lk, block_n))
     b = choose_splits(programs, batch_loop, sms)
     b = cdiv(batch_loop, cdiv(batch_loop, b))
     if split_efficiency(programs, batch_loop, b, sms) >= TARGET_WAVE_EFFICIENCY:
@@ -505,9 +514,18 @@ def fwd_modelled_us(B: int, Bq: int, Hq: int, Hkv: int, Lq: int, Lk: int, D: int
 
 def choose_fwd_splits(B: int, Bq: int, Hq: int, Hkv: int, Lq: int, Lk: int, D: int, elem: int, sms: int,
                       blocks=None) -> int:
+    """Key splits of the forward (``_fwd_splits``, cached per shape: it runs on every forward and costs
+    up to 64 roofline evaluations)."""
+    blk = blocks or gpu_blocks(Lq, D, elem_bytes=elem)
+    return _fwd_splits(B, Bq, Hq, Hkv, Lq, Lk, D, elem, sms, blk["BLOCK_M"], blk["BLOCK_N"])
+
+
+@functools.lru_cache(maxsize=4096)
+def _fwd_splits(B: int, Bq: int, Hq: int, Hkv: int, Lq: int, Lk: int, D: int, elem: int, sms: int, block_m: int,
+                block_n: int) -> int:
     """Key splits of the forward minimising ``fwd_modelled_us`` (fewer on ties): occupancy against the
     partials' bytes and the combine launch. Short key sets (OpenFlamingo, BLIP-2) stay in one launch."""
-    blk = blocks or gpu_blocks(Lq, D, elem_bytes=elem)
+    blk = dict(BLOCK_M=block_m, BLOCK_N=block_n)  # all fwd_modelled_us reads of the blocks
     key_blocks = max(1, cdiv(Lk, blk["BLOCK_N"]))
     best, best_us = 1, fwd_modelled_us(B, Bq, Hq, Hkv, Lq, Lk, D, elem, 1, sms, blk)
     for s in range(2, min(MAX_SPLITS, key_blocks) + 1):
@@ -522,7 +540,7 @@ def choose_fwd_splits(B: int, Bq: int, Hq: int, Hkv: int, Lq: int, Lk: int, D: i
 # Launchers
 # ----------------------------------------------------------------------------------------------
 def _strides4(t):
-    return [t.stride(i) for i in range(4)]
+    return list(t.stride())  # 4-D views only
 
 
 def _mask_args(kv_lens, key_mask, like):

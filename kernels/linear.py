@@ -243,14 +243,15 @@ def wave_efficiency(M: int, N: int, block_m: int, block_n: int, sms: int) -> flo
     return (M * N) / (waves * sms * block_m * block_n)
 
 
-def candidate_tiles(M: int, N: int, sms: int, tiles=GEMM_TILES):
+@functools.lru_cache(maxsize=4096)  # a pure function of its ints (and a tile tuple), asked on every launch
+def candidate_tiles(M: int, N: int, sms: int, tiles: tuple = GEMM_TILES) -> tuple:
     """Tiles worth autotuning at (M, N): those with wave efficiency >= MIN_WAVE_EFFICIENCY,
     or the best two when none reaches it (tiny problems)."""
     scored = [(wave_efficiency(M, N, t[0], t[1], sms), t) for t in tiles]
     keep = [t for e, t in scored if e >= MIN_WAVE_EFFICIENCY]
     if not keep:
         keep = [t for _, t in sorted(scored, key=lambda s: -s[0])[:2]]
-    return keep
+    return tuple(keep)
 
 
 _even_k = triton.heuristics({"EVEN_K": lambda args: args["K"] % args["BLOCK_K"] == 0})

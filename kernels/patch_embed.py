@@ -31,6 +31,8 @@ exactly one program: results are bitwise reproducible.
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import triton
 import triton.language as tl
@@ -322,11 +324,12 @@ MAX_DW_SPLITS = 16
 COMBINE_BLOCK = (32, 128)
 
 
-def candidate_tiles(gemm: str, rows: int, cols: int, sms: int):
+@functools.lru_cache(maxsize=4096)  # a pure function of its ints, asked on every launch
+def candidate_tiles(gemm: str, rows: int, cols: int, sms: int) -> tuple:
     """Tiles of ``gemm`` with wave efficiency >= MIN_WAVE_EFFICIENCY at (rows, cols), or the best two."""
     scored = [(wave_efficiency(rows, cols, t[0], t[1], sms), t) for t in TILES[gemm]]
     keep = [t for e, t in scored if e >= MIN_WAVE_EFFICIENCY]
-    return keep or [t for _, t in sorted(scored, key=lambda s: -s[0])[:2]]
+    return tuple(keep or [t for _, t in sorted(scored, key=lambda s: -s[0])[:2]])
 
 
 #: Reduction-length argument of each GEMM (its EVEN_K heuristic).
@@ -377,9 +380,10 @@ def _check_span(**tensors):
                              "offsets (split the batch)")
 
 
-def _geometry(pixels5, weight5):
-    B, C, F, H, W = pixels5.shape
-    D, _, T, P, _ = weight5.shape
+def _geometry(pixel_shape, weight_shape):
+    """From the 5-D shapes: (B, D, K, grid frames, rows, cols, T, P)."""
+    B, C, F, H, W = pixel_shape
+    D, _, T, P, _ = weight_shape
     return B, D, C * T * P * P, F // T, H // P, W // P, T, P
 
 
@@ -425,7 +429,7 @@ def patch_embed_fwd(pixels5, weight5, bias=None, pos=None, out=None, packed=None
     ``pos``: None or a (B, N, D) view (stride 0 where broadcast). ``out``: None (allocated) or a
     (B, N, D) view to write into (any strides). ``packed``: ``pack_weight(weight5)`` if the caller
     keeps it (modules cache it while the weight is unchanged), else packed here."""
-    B, D, _, GF, GH, GW, T, P = _geometry(pixels5, weight5)
+    B, D, _, GF, GH, GW, T, P = _geometry(pixels5.shape, weight5.shape)
     M = B * GF * GH * GW
     if out is None:
         out = empty((B, GF * GH * GW, D), dtype=pixels5.dtype, device=pixels5.device)
@@ -447,7 +451,7 @@ def patch_embed_dx(dout, weight5, pixel_shape, packed=None, tile=None):
     """dpixels (contiguous, ``pixel_shape`` 5-D) from dOut (B, N, D): a permutation of dOut @ W.
     ``packed``: the forward's ``pack_weight(weight5)`` if kept, else packed here."""
     dpix = empty(pixel_shape, dtype=dout.dtype, device=dout.device)
-    B, D, _, GF, GH, GW, T, P = _geometry(dpix, weight5)
+    B, D, _, GF, GH, GW, T, P = _geometry(dpix.shape, weight5.shape)
     M = B * GF * GH * GW
     if dpix.numel() == 0:
         return dpix
@@ -489,6 +493,7 @@ def dw_modelled_us(D: int, K: int, M: int, tile, splits: int, elem: int, sms: in
     return gemm + partials / PEAK_BYTES * 1e6 + (partials + (D * K + D) * elem) / PEAK_BYTES * 1e6 + LAUNCH_US
 
 
+@functools.lru_cache(maxsize=4096)  # up to 16 roofline evaluations, asked on every backward
 def dw_splits(D: int, K: int, M: int, tile, elem: int, sms: int) -> int:
     """Split count of dW's token loop minimising ``dw_modelled_us`` (fewer splits on ties): more splits
     fill idle SMs (D x K is small: 80 tiles for CLIP-L) but cost fp32 partials and a combine launch."""
@@ -508,7 +513,7 @@ def patch_embed_dw(dout, pixels5, weight_shape, with_bias: bool, tile=None, spli
     dw = empty((D, weight_shape[1] * weight_shape[2] * weight_shape[3] * weight_shape[4]), dtype=dout.dtype,
                device=dout.device)
     db = empty((D,), dtype=dout.dtype, device=dout.device) if with_bias else None
-    _, _, K, GF, GH, GW, T, P = _geometry(pixels5, torch.empty(weight_shape, device="meta"))
+    _, _, K, GF, GH, GW, T, P = _geometry(pixels5.shape, weight_shape)
     M = pixels5.shape[0] * GF * GH * GW
     if dw.numel() == 0 and db is None:
         return dw, db

@@ -113,9 +113,10 @@ def _check(q, k, v, kv_lens, key_mask, scale):
             raise ValueError(f"kv_lens: expected device {q.device} (the device of q), got {kv_lens.device}")
         if kv_lens.shape[0] != B:
             raise ValueError(f"kv_lens: expected shape ({B},) (one length per sample), got {tuple(kv_lens.shape)}")
-        if B and (int(kv_lens.min()) < 0 or int(kv_lens.max()) > Lk):
-            raise ValueError(f"kv_lens: expected values in [0, {Lk}] (Lk), got min {int(kv_lens.min())} "
-                             f"and max {int(kv_lens.max())}")
+        if B:  # one reduction for both bounds (a host read on a GPU: the check needs the values)
+            lo, hi = (int(t) for t in torch.aminmax(kv_lens))
+            if lo < 0 or hi > Lk:
+                raise ValueError(f"kv_lens: expected values in [0, {Lk}] (Lk), got min {lo} and max {hi}")
     if key_mask is not None:
         check_tensor("key_mask", key_mask, ndim=2, floating=False)
         if key_mask.dtype != torch.bool:
@@ -218,7 +219,8 @@ def cross_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, kv_len
     for name, t in (("q", q), ("k", k), ("v", v), ("k[1]", k2), ("v[1]", v2)):
         if t is not None:
             check_tensor(name, t, ndim=4)
-    if backend_for(q) != REFERENCE:
+    reference = backend_for(q) == REFERENCE  # autocast below keeps the device
+    if not reference:
         q, k, v, k2, v2 = autocast_inputs(q, k, v, k2, v2)
     if k2 is not None:
         for name, t, first in (("k[1]", k2, k), ("v[1]", v2, v)):
@@ -235,7 +237,7 @@ def cross_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, kv_len
     if k2 is not None and key_mask is not None:
         _check(q, k, v, None, key_mask, scale)
     scale = float(scale) if scale is not None else 1.0 / math.sqrt(q.shape[-1])
-    if backend_for(q) == REFERENCE:
+    if reference:
         k, v, key_mask = _concat(k, k2, v, v2, key_mask)
         return cross_attention_reference(q, k, v, kv_lens=kv_lens, key_mask=key_mask, scale=scale)
     o, _ = cross_attention_fwd_op(q, k, v, kv_lens, key_mask, scale, int(_splits), k2, v2)

@@ -249,11 +249,12 @@ def fused_patch_embed(pixels, weight, bias=None, pos_embed=None, class_embedding
     """``patch_embed`` (``patch_embed_with_class`` when ``class_embedding`` is given) with an optional
     ``PackedWeight`` cache: the entry point of the modules in ``mmfuse.nn.patch_embed``."""
     given = weight
-    if backend_for(pixels) != REFERENCE:
+    reference = backend_for(pixels) == REFERENCE  # autocast below keeps the device
+    if not reference:
         pixels, weight, bias, pos_embed, class_embedding = autocast_inputs(
             pixels, weight, bias, pos_embed, class_embedding)
     _check(pixels, weight, bias, pos_embed, class_embedding)
-    if backend_for(pixels) == REFERENCE:
+    if reference:
         if class_embedding is None:
             return patch_embed_reference(pixels, weight, bias, pos_embed)
         return patch_embed_with_class_reference(pixels, weight, bias, pos_embed, class_embedding)

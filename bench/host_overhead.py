@@ -1,0 +1,243 @@
+"""Host (Python) time of one call of each public op, Triton kernels excluded
+(``python -m mmfuse.bench.host_overhead``; ``--profile CASE`` adds a cProfile of that case).
+
+Why: on an H100 the small ops are host-bound (bench/NOTES.md, "Host overhead per call"): BLIP-2's
+cross-attention forward took 0.151 ms per call against 9.4 us of kernel. What a call spends in Python
+before and around its launches is the same on any machine up to the CPU's speed, so it is measured
+here without a GPU:
+
+* The kernels run nowhere: every Triton kernel object the launchers index (``kernel[grid](...)``) is
+  replaced by a recorder that notes the launch and returns. What is timed is mmfuse's own Python
+  (checks, dispatch, the custom op and autograd machinery, tile and split choice, allocations) plus
+  PyTorch's; Triton's launch path (``JITFunction.run`` binding and specialising the arguments, on a
+  GPU) is not in it.
+* ``--decisions gpu`` (default): the launchers take their GPU path (``INTERPRET`` off in the kernel
+  modules), so the tile and split modelling an H100 runs is timed (on ``H100_SMS``; a CPU tensor has
+  no SM count to query). ``--decisions interpreter``: the interpreter's fixed small blocks.
+* Tensors are CPU tensors of the model shapes (``bench/shapes.py``, ``--images`` samples): nothing is
+  computed, so only allocation sizes matter. Backward runs through ``torch.autograd.grad`` as the
+  benchmark suite does.
+
+The op dispatch needs TRITON_INTERPRET=1 before mmfuse is imported (CPU tensors go to the kernel
+path): ``main`` restarts the interpreter with it set when it was not.
+
+Per call: the median over ``--rounds`` rounds of the mean of ``--calls`` calls, after a warm-up.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import os
+import sys
+import time
+
+import torch
+
+
+class LaunchRecorder:
+    """Stands for a jitted kernel: ``kernel[grid](*args, **meta)`` appends ``name`` and returns."""
+
+    def __init__(self, log: list, name: str):
+        self.log, self.name, self.__name__ = log, name, name
+
+    def __getitem__(self, grid):
+        return self._launch
+
+    def _launch(self, *args, **meta):
+        self.log.append(self.name)
+
+
+def _name(kernel) -> str:
+    """The jitted function's name under any wrapper (``triton.heuristics`` has none of its own)."""
+    while not hasattr(kernel, "__name__") and hasattr(kernel, "fn"):
+        kernel = kernel.fn
+    return kernel.__name__
+
+
+def _kernel_modules():
+    from mmfuse.kernels import cross_attention, linear, patch_embed
+
+    return (linear, patch_embed, cross_attention)
+
+
+@contextlib.contextmanager
+def kernels_recorded(log: list | None = None, decisions: str = "gpu"):
+    """Within: no Triton kernel runs (each launch appends its kernel's name to ``log``); with
+    ``decisions="gpu"`` the launchers choose tiles and splits as on a GPU."""
+    from triton.runtime.jit import KernelInterface
+
+    if decisions not in ("gpu", "interpreter"):
+        raise ValueError(f"decisions: expected 'gpu' or 'interpreter', got {decisions!r}")
+    log = [] if log is None else log
+    saved = []  # (module, attribute, original value)
+    try:
+        for mod in _kernel_modules():
+            for key, value in list(vars(mod).items()):
+                if isinstance(value, KernelInterface):
+                    saved.append((mod, key, value))
+                    setattr(mod, key, LaunchRecorder(log, _name(value)))
+                elif isinstance(value, dict) and value and all(isinstance(v, KernelInterface) for v in value.values()):
+                    saved.append((mod, key, value))
+                    setattr(mod, key, {k: LaunchRecorder(log, _name(v)) for k, v in value.items()})
+            if decisions == "gpu" and hasattr(mod, "INTERPRET"):
+                saved.append((mod, "INTERPRET", mod.INTERPRET))
+                mod.INTERPRET = False
+        yield log
+    finally:
+        for mod, key, value in reversed(saved):
+            setattr(mod, key, value)
+
+
+# ----------------------------------------------------------------------------------------------
+# Cases: (name, make) with make() -> (call, grad_inputs); fwd times call(), fwd+bwd adds the grads
+# ----------------------------------------------------------------------------------------------
+def cases(images: int = 1, dtype=torch.bfloat16, tiny: bool = False) -> dict:
+    """Model-shaped calls of each public op; ``tiny``: the same calls on small shapes (tests)."""
+    import mmfuse
+    from mmfuse.bench.shapes import by_name
+
+    def t(*shape):
+        return torch.randn(*shape, dtype=dtype)
+
+    mlp_s = by_name("llava-1.5-7b")
+    patch_s = by_name("clip-l-14-336")
+    attn = {n: by_name(n) for n in ("blip2-qformer-xattn", "idefics2-resampler")}
+    tokens, widths = (7, (24, 40, 16)) if tiny else (mlp_s.tokens * images, mlp_s.widths)
+    img, P, D = ((28, 28), 14, 24) if tiny else (patch_s.image, patch_s.patch, patch_s.dim)
+
+    def linear():
+        x, w, b = t(tokens, widths[0]), t(widths[1], widths[0]), t(widths[1])
+        return (lambda x, w, b: mmfuse.linear(x, w, b, "gelu")), [x, w, b]
+
+    def mlp():
+        x = t(tokens, widths[0])
+        ws = [t(n, k) for k, n in zip(widths, widths[1:])]
+        bs = [t(n) for n in widths[1:]]
+        return (lambda x, *p: mmfuse.mlp(x, p[:len(ws)], p[len(ws):])), [x, *ws, *bs]
+
+    def patch_embed():
+        n = (img[0] // P) * (img[1] // P)
+        px, w, b, pos = t(images, 3, *img), t(D, 3, P, P), t(D), t(n, D)
+        return (lambda px, w, b, pos: mmfuse.patch_embed(px, w, b, pos)), [px, w, b, pos]
+
+    def attention(s):
+        def make():
+            Lq, Lk, H, Hkv, Dh = (5, 19, 2, 1, 16) if tiny else (s.queries, s.keys, s.heads, s.kv_heads, s.head_dim)
+            q, k, v = t(1, H, Lq, Dh), t(images, Hkv, Lk, Dh), t(images, Hkv, Lk, Dh)
+            return (lambda q, k, v: mmfuse.cross_attention(q, k, v)), [q, k, v]
+        return make
+
+    return {"linear llava-1.5-7b[0] gelu": linear, "mlp llava-1.5-7b": mlp, "patch_embed clip-l-14-336": patch_embed,
+            **{f"cross_attention {n}": attention(s) for n, s in attn.items()}}
+
+
+def step_for(make, mode: str):
+    """A no-argument step running one call of the case (``mode`` "fwd" or "fwd+bwd")."""
+    fn, inputs = make()
+    if mode == "fwd":
+        def step():
+            with torch.no_grad():
+                return fn(*inputs)
+        return step
+    if mode != "fwd+bwd":
+        raise ValueError(f"mode: expected 'fwd' or 'fwd+bwd', got {mode!r}")
+    inputs = [x.requires_grad_() for x in inputs]
+    grad = {}
+
+    def step():
+        out = fn(*inputs)
+        g = grad.get(out.shape)
+        if g is None:
+            g = grad[out.shape] = torch.randn_like(out)
+        return torch.autograd.grad(out, inputs, g)
+    return step
+
+
+def time_per_call(step, calls: int = 200, rounds: int = 5, warmup: int = 20) -> float:
+    """Microseconds per call: the median over ``rounds`` of the mean of ``calls`` calls."""
+    for _ in range(warmup):
+        step()
+    per = []
+    for _ in range(rounds):
+        t0 = time.perf_counter()
+        for _ in range(calls):
+            step()
+        per.append((time.perf_counter() - t0) / calls * 1e6)
+    return sorted(per)[len(per) // 2]
+
+
+def measure(images: int = 1, decisions: str = "gpu", calls: int = 200, rounds: int = 5, warmup: int = 20,
+            tiny: bool = False, modes=("fwd", "fwd+bwd"), only: str | None = None) -> list[dict]:
+    """One row per (case, mode): microseconds per call and the kernels one call launched."""
+    rows = []
+    with kernels_recorded(decisions=decisions) as log:
+        for name, make in cases(images, tiny=tiny).items():
+            if only and only not in name:
+                continue
+            for mode in modes:
+                step = step_for(make, mode)
+                log.clear()
+                step()
+                launched = list(log)
+                us = time_per_call(step, calls, rounds, warmup)
+                rows.append({"case": name, "mode": mode, "us_per_call": us, "launches": launched})
+    return rows
+
+
+def profile(case: str, mode: str = "fwd", images: int = 1, decisions: str = "gpu", calls: int = 500,
+            top: int = 25, sort: str = "tottime") -> str:
+    """cProfile of ``calls`` calls of the first case whose name contains ``case``: the top functions."""
+    import cProfile
+    import io
+    import pstats
+
+    with kernels_recorded(decisions=decisions):
+        name, make = next((n, m) for n, m in cases(images).items() if case in n)
+        step = step_for(make, mode)
+        for _ in range(20):
+            step()
+        prof = cProfile.Profile()
+        prof.enable()
+        for _ in range(calls):
+            step()
+        prof.disable()
+    out = io.StringIO()
+    out.write(f"{name} {mode}: {calls} calls\n")
+    pstats.Stats(prof, stream=out).sort_stats(sort).print_stats(top)
+    return out.getvalue()
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--images", type=int, default=1, help="samples per call (default 1)")
+    p.add_argument("--decisions", choices=("gpu", "interpreter"), default="gpu")
+    p.add_argument("--calls", type=int, default=200)
+    p.add_argument("--rounds", type=int, default=5)
+    p.add_argument("--only", default=None, help="cases whose name contains this")
+    p.add_argument("--profile", metavar="CASE", default=None, help="cProfile the first case matching CASE")
+    p.add_argument("--mode", choices=("fwd", "fwd+bwd"), default="fwd", help="mode of --profile")
+    p.add_argument("--sort", default="tottime", help="cProfile sort key of --profile (tottime, cumtime)")
+    args = p.parse_args(argv)
+    torch.set_num_threads(1)
+    import mmfuse
+
+    if not mmfuse.INTERPRET:  # ``python -m`` imported mmfuse (the parent package) before this file
+        if os.environ.get("TRITON_INTERPRET") == "1":
+            raise SystemExit("mmfuse was imported before TRITON_INTERPRET=1 took effect")
+        env = dict(os.environ, TRITON_INTERPRET="1")
+        argv = sys.argv[1:] if argv is None else list(argv)
+        os.execve(sys.executable, [sys.executable, "-m", "mmfuse.bench.host_overhead", *argv], env)
+    if args.profile:
+        print(profile(args.profile, args.mode, args.images, args.decisions, sort=args.sort))
+        return
+    print(f"host time per call, kernels not run (decisions: {args.decisions}, images: {args.images}, "
+          f"torch {torch.__version__}, {args.rounds} rounds x {args.calls} calls, median)")
+    print(f"{'case':40s} {'mode':8s} {'us/call':>9s}  launches")
+    for r in measure(args.images, args.decisions, args.calls, args.rounds, only=args.only):
+        print(f"{r['case']:40s} {r['mode']:8s} {r['us_per_call']:9.1f}  {len(r['launches'])}: "
+              f"{' '.join(r['launches'])}")
+
+
+if __name__ == "__main__":
+    main()

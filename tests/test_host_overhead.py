@@ -1,0 +1,133 @@
+"""Host overhead per call (bench/NOTES.md, "Host overhead per call"): the tile and split choices are
+cached per distinct shape and choose exactly what the uncached model chose; the measurement script
+runs. No wall-clock thresholds: what is checked is counted, not timed."""
+
+from __future__ import annotations
+
+import hashlib
+import itertools
+
+import pytest
+import torch
+
+from mmfuse.kernels import _common
+from mmfuse.kernels import cross_attention as KA
+from mmfuse.kernels import linear as KL
+from mmfuse.kernels import patch_embed as KP
+from mmfuse.kernels._tuning import largest_tile
+
+SMS = (132, 108, 78)  # H100 SXM, A100, a partitioned GPU
+
+
+def _attention_shapes():
+    """(B, Bq, Hq, Hkv, Lq, Lk, D, elem): the resamplers of bench/shapes.py and a spread around them."""
+    for B, (Lq, Lk, Hq, Hkv, D), elem in itertools.product(
+            (1, 2, 8, 33), ((64, 4964, 16, 4, 96), (64, 321, 8, 8, 64), (32, 257, 12, 12, 64), (7, 1000, 4, 2, 256),
+                            (129, 77, 2, 1, 40), (1, 16384, 32, 8, 128), (16, 300, 1, 1, 64), (33, 600, 2, 2, 128)), (2, 4)):
+        for Bq in (1, B):
+            yield B, Bq, Hq, Hkv, Lq, Lk, D, elem
+
+
+def _gemm_shapes():
+    return itertools.product((1, 63, 576, 2304, 4608, 9217, 23040), (588, 1024, 1152, 3584, 4096, 5120))
+
+
+def _decisions(uncached: bool) -> list:
+    """Every tile and split choice over the spread, through the public functions or their uncached
+    originals."""
+    def plain(f):
+        return f.__wrapped__ if uncached else f
+
+    out = []
+    for sms in SMS:
+        for M, N in _gemm_shapes():
+            out.append(tuple(plain(KL.candidate_tiles)(M, N, sms)))
+            for gemm in ("fwd", "dx", "dw"):
+                out.append(tuple(plain(KP.candidate_tiles)(gemm, M, N, sms)))
+            tile = largest_tile(plain(KP.candidate_tiles)("dw", N, M, sms))
+            for elem in (2, 4):
+                out.append(plain(KP.dw_splits)(N, M, M * 7, tile, elem, sms))
+        for B, Bq, Hq, Hkv, Lq, Lk, D, elem in _attention_shapes():
+            for blocks in (None, KA.gpu_blocks(Lq, D, elem_bytes=elem), dict(KA.INTERPRETER_BLOCKS)):
+                args = (B, Bq, Hq, Hkv, Lq, Lk, D, elem, sms)
+                blk = blocks or KA.gpu_blocks(Lq, D, elem_bytes=elem)
+                out.append(plain(KA._fwd_splits)(*args, blk["BLOCK_M"], blk["BLOCK_N"]) if uncached
+                           else KA.choose_fwd_splits(*args, blocks))
+            bwd = KA.gpu_blocks(Lq, D, backward=True, elem_bytes=elem)
+            out.append(plain(KA._dq_splits)(B, Bq, Hq, Hkv, Lq, Lk, D, elem, bwd["BLOCK_M"], bwd["BLOCK_N"], sms)
+                       if uncached else KA.dq_splits_for(B, Bq, Hq, Hkv, Lq, Lk, D, elem, bwd, sms))
+    return out
+
+
+#: sha256 of repr(_decisions(...)) as computed by the code before the caches existed (commit db31ecd):
+#: a changed choice anywhere in the spread changes it.
+DECISIONS_DIGEST = "42a006387d1641f914b6b2daca9f5325"
+
+
+def _digest(decisions) -> str:
+    return hashlib.sha256(repr(decisions).encode()).hexdigest()[:32]
+
+
+def test_cached_choices_equal_the_uncached_model():
+    cached, uncached = _decisions(False), _decisions(True)
+    assert cached == uncached
+    assert _digest(uncached) == DECISIONS_DIGEST
+    assert _decisions(False) == cached  # served from the caches the first pass filled
+
+
+CACHED = (KL.candidate_tiles, KP.candidate_tiles, KP.dw_splits, KA._fwd_splits, KA._dq_splits)
+
+
+def test_models_are_computed_once_per_shape():
+    """A second forward+backward of every op at the same shapes recomputes no tile or split choice."""
+    from mmfuse.bench import host_overhead as H
+
+    for f in CACHED:
+        f.cache_clear()
+    with H.kernels_recorded(decisions="gpu") as log:
+        steps = [H.step_for(make, "fwd+bwd") for make in H.cases(tiny=True).values()]
+        for step in steps:
+            step()
+        first = {f: f.cache_info() for f in CACHED}
+        launched = len(log)
+        for step in steps:
+            step()
+    assert len(log) == 2 * launched > 0
+    for f in CACHED:
+        info = f.cache_info()
+        assert info.misses == first[f].misses > 0, f  # asked on the first pass, never computed again
+        assert info.hits > first[f].hits, f
+
+
+def test_num_sms_queries_a_device_once(monkeypatch):
+    calls = []
+
+    class Props:
+        multi_processor_count = 132
+
+    def props(index):
+        calls.append(index)
+        return Props()
+
+    monkeypatch.setattr(torch.cuda, "get_device_properties", props)
+    monkeypatch.setattr(_common, "_SMS_BY_INDEX", {})
+    device = torch.device("cuda", 0)
+    assert [_common.num_sms(device) for _ in range(3)] == [132] * 3
+    assert calls == [0]
+    assert _common.num_sms(torch.device("cpu")) == _common.H100_SMS
+
+
+@pytest.mark.parametrize("decisions", ["gpu", "interpreter"])
+def test_overhead_script_runs_and_restores_the_kernels(decisions):
+    from mmfuse.bench import host_overhead as H
+
+    before = {mod: dict(vars(mod)) for mod in H._kernel_modules()}
+    rows = H.measure(decisions=decisions, calls=2, rounds=1, warmup=1, tiny=True)
+    assert len(rows) == 2 * len(H.cases(tiny=True))
+    assert all(r["us_per_call"] > 0 and r["launches"] for r in rows)
+    fwd = {r["case"]: r["launches"] for r in rows if r["mode"] == "fwd"}
+    assert fwd["linear llava-1.5-7b[0] gelu"] == ["fused_gemm_kernel"]
+    assert fwd["patch_embed clip-l-14-336"] == ["patch_embed_fwd_kernel"]
+    for mod, attrs in before.items():
+        assert all(vars(mod)[k] is v for k, v in attrs.items())
+    assert "cross_attention" in H.profile("blip2", calls=2, top=3)
