@@ -507,7 +507,8 @@ def aot_specs():
                     kernel="linear/fused_gemm_kernel", variant=variant, dtype=dtype,
                     config=f"{bm}x{bn}x{block_k} w{warps} s{stages}", fn=fused_gemm_kernel,
                     args=tuple(args.items()), constexprs=tuple(cx.items()), num_warps=warps,
-                    num_stages=stages, tensor_cores=precision == "tf32" or elem == 2))
+                    num_stages=stages, tensor_cores=precision == "tf32" or elem != 4,
+                    sm90_instr="mma.sync" if elem == 8 else "wgmma"))  # fp64: DMMA, no wgmma form
     # The Hopper kernel (sm_90 only): the three GEMMs of a layer in fp16, the forward in bf16, on every
     # tile it takes (``tma_tiles``). Operand layouts as the launcher builds them: the forward's B (W^T) and dW's A (dH^T) are
     # read through descriptors over their transposes.
