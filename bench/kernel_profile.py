@@ -10,7 +10,7 @@ The quick benchmark says *that* a case is slow; this says *which launch* and *wh
    spills and shared memory, read from Triton's own cache objects (the compile check predicts these
    without a GPU: ``mmfuse report`` / bench/NOTES.md).
 3. ``gemm_tiles``: the three GEMMs of one LLaVA-1.5 projector layer (forward with GELU + aux, dX with
-   act', dW with the bias row sum, and without it) timed under every tile of the pointer kernel and
+   act', dW) timed under every tile of the pointer kernel and
    of the TMA kernel (flattened or not), next to ``torch.mm`` of the same layout: whether the wave
    model and the launcher's defaults pick the right variant, and how far each is from cuBLAS.
 
@@ -109,8 +109,7 @@ def compiled_kernels() -> list[dict]:
 
 def gemm_tile_sweep(M: int = 8 * 576, K: int = 1024, N: int = 4096, device: str = "cuda", bench=None) -> list[dict]:
     """The three GEMMs of a Linear(K, N) + GELU layer at M tokens, under each tile of each kernel
-    (the pointer kernel; the TMA kernel flattened or not), dW also without its bias row sum, and
-    torch.mm of the same operand layouts."""
+    (the pointer kernel; the TMA kernel flattened or not), and torch.mm of the same operand layouts."""
     from mmfuse.kernels import _common
     from mmfuse.kernels import linear as KL
     from mmfuse.kernels._tuning import largest_tile
@@ -130,7 +129,6 @@ def gemm_tile_sweep(M: int = 8 * 576, K: int = 1024, N: int = 4096, device: str 
     aux = torch.empty(M, N, device=device, dtype=dt)
     dx = torch.empty(M, N, device=device, dtype=dt)
     dw = torch.empty(N, K, device=device, dtype=dt)
-    db = torch.empty(N, device=device, dtype=dt)
     launch = KL._launch_gemm
     gemms = {
         # name: (mmfuse launch, torch.mm of the same operand layouts, flops, output dims, act')
@@ -138,10 +136,8 @@ def gemm_tile_sweep(M: int = 8 * 576, K: int = 1024, N: int = 4096, device: str 
                                     lambda: torch.mm(x, w.t(), out=y), 2 * M * N * K, (M, N), False),
         "dX dH2 W2 * gelu'(h)": (lambda: launch(dh, w2, dx, aux=h, activation=1, act_grad=True),
                                  lambda: torch.mm(dh, w2, out=dx), 2 * M * N * N, (M, N), True),
-        "dW dH^T X + rowsum": (lambda: launch(dh.t(), x, dw, rowsum=db),
-                               lambda: torch.mm(dh.t(), x, out=dw), 2 * M * N * K, (N, K), False),
-        "dW dH^T X, no rowsum": (lambda: launch(dh.t(), x, dw),
-                                 lambda: torch.mm(dh.t(), x, out=dw), 2 * M * N * K, (N, K), False),
+        "dW dH^T X": (lambda: launch(dh.t(), x, dw), lambda: torch.mm(dh.t(), x, out=dw), 2 * M * N * K, (N, K),
+                      False),
     }
     sms = _common.num_sms(x.device)
     variants = [("pointer", t, None) for t in dict.fromkeys(KL.GEMM_TILES + EXTRA_TILES[:1])]
@@ -153,8 +149,6 @@ def gemm_tile_sweep(M: int = 8 * 576, K: int = 1024, N: int = 4096, device: str 
         chosen = {"pointer": largest_tile(KL.candidate_tiles(*dims, sms)),
                   "tma": largest_tile(KL.candidate_tiles(*dims, sms, KL.tma_tiles(act_grad)))}
         for kernel, tile, flat in variants:
-            if gname.endswith("no rowsum") and tile != chosen[kernel]:
-                continue  # the row sum's cost: at the chosen tile only
             label = f"{kernel} {'x'.join(map(str, tile))}" + ("" if flat is None else f" flatten={flat}")
             default = tile == chosen[kernel] and (flat is None or flat == KL.tma_flatten(act_grad))
             row = {"gemm": gname, "tile": label, "chosen": default}

@@ -7,8 +7,9 @@ for fp64 inputs) accumulator and three optional epilogues/side-outputs chosen by
   the same registers (one extra store, no extra kernel: cuBLASLt's GELU_AUX_BIAS).
 * MLP dX    ``dH_prev = (dH @ W) * act'(h_prev)``: the next layer's input gradient is multiplied by
   the activation derivative in the epilogue, which already holds the tile (``ACT_GRAD``).
-* dW        ``dW = dH^T @ X``; its K loop runs over tokens, so with ``ROWSUM_A`` each program also
-  sums the dH^T tiles it loads, giving ``db = sum_m dH`` for free and in a fixed order.
+* dW        ``dW = dH^T @ X``, and ``db = sum_m dH`` by one reduction beside it. (Summing the dH^T
+  tiles inside dW's K loop looked free but pulled A out of shared memory into registers every
+  step: 128 TFLOP/s against 633 without it, on an H200 with Triton 3.6, bench/NOTES.md.)
 
 plus ``act_grad_kernel`` (``dH = dY * act'(h)`` in one pass) for a standalone Linear+activation.
 
@@ -47,11 +48,11 @@ from mmfuse.kernels._tuning import TileChooser
 
 @triton.jit
 def gemm_epilogue(
-    acc, rowsum, pid_m, pid_n, M, N,
-    c_ptr, bias_ptr, aux_ptr, rowsum_ptr,
+    acc, pid_m, pid_n, M, N,
+    c_ptr, bias_ptr, aux_ptr,
     stride_cm, stride_cn, stride_auxm, stride_auxn, stride_bias,
     ACTIVATION: tl.constexpr, HAS_BIAS: tl.constexpr, STORE_AUX: tl.constexpr, ACT_GRAD: tl.constexpr,
-    ROWSUM_A: tl.constexpr, ACC_DTYPE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    ACC_DTYPE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     """Bias, aux, activation (or act'), one rounding to the output dtype, the store; shared by both
     GEMM kernels. All in the accumulator type."""
@@ -79,17 +80,11 @@ def gemm_epilogue(
     else:
         acc = apply_activation(acc, ACTIVATION)
     tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=mask)
-    if ROWSUM_A:
-        # Every pid_n computed the same sums; one writes them. (A mask, not an `if`: Triton 3.6 fails
-        # to flatten the persistent kernel's loop nest around an scf.if that stores. Broadcast to a
-        # tensor: in the interpreter the persistent kernel's pid_n is a Python int.)
-        first_col = (offs_m * 0 + pid_n) == 0
-        tl.store(rowsum_ptr + offs_m, rowsum.to(rowsum_ptr.dtype.element_ty), mask=mask_m & first_col)
 
 
 @triton.jit
 def fused_gemm_kernel(
-    a_ptr, b_ptr, c_ptr, bias_ptr, aux_ptr, rowsum_ptr,
+    a_ptr, b_ptr, c_ptr, bias_ptr, aux_ptr,
     M, N, K,
     stride_am, stride_ak, stride_bk, stride_bn, stride_cm, stride_cn, stride_auxm, stride_auxn,
     stride_bias,
@@ -97,7 +92,6 @@ def fused_gemm_kernel(
     HAS_BIAS: tl.constexpr,     # C += bias[None, :]
     STORE_AUX: tl.constexpr,    # write the pre-activation to aux (forward, for backward)
     ACT_GRAD: tl.constexpr,     # C *= act'(aux) instead of C = act(C)  (MLP backward)
-    ROWSUM_A: tl.constexpr,     # rowsum[m] = sum_k A[m, k]  (bias gradient inside dW)
     INPUT_PRECISION: tl.constexpr,
     ACC_DTYPE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
@@ -115,7 +109,6 @@ def fused_gemm_kernel(
     b_ptrs = b_ptr + offs_k[:, None] * stride_bk + offs_bn[None, :] * stride_bn
 
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=ACC_DTYPE)
-    rowsum = tl.zeros((BLOCK_M,), dtype=ACC_DTYPE)  # dead code unless ROWSUM_A
     for k in range(0, tl.cdiv(K, BLOCK_K)):
         if EVEN_K:
             a = tl.load(a_ptrs)
@@ -125,23 +118,21 @@ def fused_gemm_kernel(
             a = tl.load(a_ptrs, mask=offs_k[None, :] < k_left, other=0.0)
             b = tl.load(b_ptrs, mask=offs_k[:, None] < k_left, other=0.0)
         acc = tl.dot(a, b, acc, input_precision=INPUT_PRECISION, out_dtype=ACC_DTYPE)
-        if ROWSUM_A:
-            rowsum += tl.sum(a.to(ACC_DTYPE), axis=1)
         a_ptrs += BLOCK_K * stride_ak
         b_ptrs += BLOCK_K * stride_bk
 
-    gemm_epilogue(acc, rowsum, pid_m, pid_n, M, N, c_ptr, bias_ptr, aux_ptr, rowsum_ptr,
+    gemm_epilogue(acc, pid_m, pid_n, M, N, c_ptr, bias_ptr, aux_ptr,
                   stride_cm, stride_cn, stride_auxm, stride_auxn, stride_bias,
-                  ACTIVATION, HAS_BIAS, STORE_AUX, ACT_GRAD, ROWSUM_A, ACC_DTYPE, BLOCK_M, BLOCK_N)
+                  ACTIVATION, HAS_BIAS, STORE_AUX, ACT_GRAD, ACC_DTYPE, BLOCK_M, BLOCK_N)
 
 
 @triton.jit
 def tma_gemm_kernel(
-    a_desc, b_desc, c_ptr, bias_ptr, aux_ptr, rowsum_ptr,
+    a_desc, b_desc, c_ptr, bias_ptr, aux_ptr,
     M, N, K,
     stride_cm, stride_cn, stride_auxm, stride_auxn, stride_bias,
     ACTIVATION: tl.constexpr, HAS_BIAS: tl.constexpr, STORE_AUX: tl.constexpr, ACT_GRAD: tl.constexpr,
-    ROWSUM_A: tl.constexpr, ACC_DTYPE: tl.constexpr,
+    ACC_DTYPE: tl.constexpr,
     A_TRANS: tl.constexpr,      # a_desc holds A^T (K, M): A is contiguous along M (dW's dH^T)
     B_TRANS: tl.constexpr,      # b_desc holds B^T (N, K): B is contiguous along K (the forward's W^T)
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
@@ -161,7 +152,6 @@ def tma_gemm_kernel(
         off_m = pid_m * BLOCK_M
         off_n = pid_n * BLOCK_N
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=ACC_DTYPE)
-        rowsum = tl.zeros((BLOCK_M,), dtype=ACC_DTYPE)  # dead code unless ROWSUM_A
         for ks in range(k_steps):
             off_k = ks * BLOCK_K
             if A_TRANS:
@@ -173,11 +163,9 @@ def tma_gemm_kernel(
             else:
                 b = b_desc.load([off_k, off_n])
             acc = tl.dot(a, b, acc, out_dtype=ACC_DTYPE)
-            if ROWSUM_A:
-                rowsum += tl.sum(a.to(ACC_DTYPE), axis=1)
-        gemm_epilogue(acc, rowsum, pid_m, pid_n, M, N, c_ptr, bias_ptr, aux_ptr, rowsum_ptr,
+        gemm_epilogue(acc, pid_m, pid_n, M, N, c_ptr, bias_ptr, aux_ptr,
                       stride_cm, stride_cn, stride_auxm, stride_auxn, stride_bias,
-                      ACTIVATION, HAS_BIAS, STORE_AUX, ACT_GRAD, ROWSUM_A, ACC_DTYPE, BLOCK_M, BLOCK_N)
+                      ACTIVATION, HAS_BIAS, STORE_AUX, ACT_GRAD, ACC_DTYPE, BLOCK_M, BLOCK_N)
 
 
 @triton.jit
@@ -279,6 +267,15 @@ def tma_tiles(act_grad: bool):
     return tuple(t for t in GEMM_TILES if not (act_grad and t[:2] == (128, 128)))
 
 
+def tma_preferred(a_trans: bool, b_trans: bool, act_grad: bool) -> bool:
+    """Where "auto" takes the TMA kernel: the GEMMs it was measured faster on. On an H200 (Triton 3.6,
+    bf16, M = 4608, K = 1024, N = 4096; bench/NOTES.md "First GPU measurements"): the forward's layout
+    (x @ W^T, W read through its transpose) 391 TFLOP/s against the pointer kernel's 338; dX * act'
+    553 only at 128x128, the tile it spills at (the clean 128x64: 318, the pointer kernel: 497); dW
+    (A = dH^T) 628 against 633. Unmeasured layouts stay on the pointer kernel."""
+    return b_trans and not a_trans and not act_grad
+
+
 def tma_flatten(act_grad: bool) -> bool:
     """FLATTEN for a GEMM: not with act' (flattening keeps the next tile's load state live across the
     epilogue: 255 registers and 8 B of spills at 128x64, 188 without)."""
@@ -318,7 +315,7 @@ def _wants_tma(a: torch.Tensor) -> bool:
     return not INTERPRET and a.is_cuda and _capability(a.device)[0] == 9
 
 
-def _launch_gemm(a, b, c, *, bias=None, aux=None, rowsum=None, activation=0,
+def _launch_gemm(a, b, c, *, bias=None, aux=None, activation=0,
                  store_aux=False, act_grad=False):
     """C = epilogue(A @ B) for 2-D views A (M, K), B (K, N), C (M, N)."""
     M, K = a.shape
@@ -327,11 +324,11 @@ def _launch_gemm(a, b, c, *, bias=None, aux=None, rowsum=None, activation=0,
         return
     dummy = c  # never dereferenced when its flag is off
     aux_t = aux if aux is not None else dummy
-    outs = (c, bias if bias is not None else dummy, aux_t, rowsum if rowsum is not None else dummy)
+    outs = (c, bias if bias is not None else dummy, aux_t)
     out_strides = (c.stride(0), c.stride(1), aux_t.stride(0), aux_t.stride(1),
                    bias.stride(0) if bias is not None else 0)
     epilogue = dict(ACTIVATION=activation, HAS_BIAS=bias is not None, STORE_AUX=store_aux, ACT_GRAD=act_grad,
-                    ROWSUM_A=rowsum is not None, ACC_DTYPE=acc_dtype(a.dtype))
+                    ACC_DTYPE=acc_dtype(a.dtype))
     flags = dict(epilogue, INPUT_PRECISION=dot_precision(a.dtype))
 
     def launch(tile, gpu_tile=True):
@@ -370,7 +367,7 @@ def _launch_gemm(a, b, c, *, bias=None, aux=None, rowsum=None, activation=0,
         launch(FP64_TILE)
     elif K == 0:
         # An empty reduction (a layer of width 0): the loop runs zero times and the epilogue writes
-        # act(bias), 0 * act'(h) or the empty row sums, as torch does. Nothing to choose.
+        # act(bias) or 0 * act'(h), as torch does. Nothing to choose.
         launch(GEMM_TILES[-1])
     else:
         layouts = (a.stride(1) == 1, b.stride(1) == 1, c.stride(1) == 1)
@@ -378,7 +375,8 @@ def _launch_gemm(a, b, c, *, bias=None, aux=None, rowsum=None, activation=0,
         sms = num_sms(a.device)
         candidates = candidate_tiles(M, N, sms)
         tma_candidates = candidate_tiles(M, N, sms, tma_tiles(act_grad))
-        if tma_operands(candidates[0]) is not None:  # alignment does not depend on the tile
+        ops = tma_operands(candidates[0])  # alignment does not depend on the tile
+        if ops is not None and (TMA == "always" or tma_preferred(ops[0][1], ops[1][1], act_grad)):
             tile = TMA_TUNER.choose((M, N, K), key, tma_candidates, lambda t: launch_tma(t, tma_operands(t)))
             launch_tma(tile, tma_operands(tile))
         else:
@@ -425,20 +423,16 @@ def input_grad(dh, weight, h_prev=None, activation_prev=None):
 
 
 def weight_grad(dh, x, with_bias: bool):
-    """dW = dH^T @ X and, with ``with_bias``, db = sum over rows of dH, from the same loads."""
+    """dW = dH^T @ X (one GEMM) and, with ``with_bias``, db = the column sums of dH (one reduction in
+    the accumulator type: deterministic, and a read of dH that costs ~1/5 of the GEMM at M = 4608)."""
     N, K = dh.shape[1], x.shape[1]
     dw = empty((N, K), dtype=dh.dtype, device=dh.device)
-    db = empty((N,), dtype=dh.dtype, device=dh.device) if with_bias else None
     if dh.shape[0] == 0:  # no tokens: the sums are empty
         dw.zero_()
-        if db is not None:
-            db.zero_()
-        return dw, db
-    if K == 0:  # no input features (a hidden width of 0): dW is empty, db still sums dH
-        if db is not None:
-            db.copy_(dh.sum(0, dtype=torch.float64 if dh.dtype == torch.float64 else torch.float32))
-        return dw, db
-    _launch_gemm(dh.t(), x, dw, rowsum=db)
+    elif K > 0:  # (no input features, a hidden width of 0: dW is empty)
+        _launch_gemm(dh.t(), x, dw)
+    db = dh.sum(0, dtype=torch.float64 if dh.dtype == torch.float64 else torch.float32).to(dh.dtype) \
+        if with_bias else None
     return dw, db
 
 
@@ -456,15 +450,15 @@ def _gemm_layouts(M, K, N, activation="gelu"):
         (f"fwd {activation}+bias+aux", (M, N, K),
          dict(stride_am=K, stride_ak=1, stride_bk=1, stride_bn=K, stride_cm=N, stride_cn=1,
               stride_auxm=N, stride_auxn=1),
-         dict(ACTIVATION=act, HAS_BIAS=True, STORE_AUX=True, ACT_GRAD=False, ROWSUM_A=False)),
+         dict(ACTIVATION=act, HAS_BIAS=True, STORE_AUX=True, ACT_GRAD=False)),
         (f"dX * {activation}'(h_prev)", (M, K, N),
          dict(stride_am=N, stride_ak=1, stride_bk=K, stride_bn=1, stride_cm=K, stride_cn=1,
               stride_auxm=K, stride_auxn=1),
-         dict(ACTIVATION=act, HAS_BIAS=False, STORE_AUX=False, ACT_GRAD=True, ROWSUM_A=False)),
-        ("dW + db", (N, K, M),
+         dict(ACTIVATION=act, HAS_BIAS=False, STORE_AUX=False, ACT_GRAD=True)),
+        ("dW", (N, K, M),
          dict(stride_am=1, stride_ak=N, stride_bk=K, stride_bn=1, stride_cm=K, stride_cn=1,
               stride_auxm=K, stride_auxn=1),
-         dict(ACTIVATION=0, HAS_BIAS=False, STORE_AUX=False, ACT_GRAD=False, ROWSUM_A=True)),
+         dict(ACTIVATION=0, HAS_BIAS=False, STORE_AUX=False, ACT_GRAD=False)),
     ]
 
 
@@ -498,7 +492,7 @@ def aot_specs():
             elem = {"*fp32": 4, "*fp64": 8}.get(ptr, 2)
             for variant, (gm, gn, gk), strides, flags in lays:
                 block_k = block_k_for(bk, elem)
-                args = dict(a_ptr=ptr, b_ptr=ptr, c_ptr=ptr, bias_ptr=ptr, aux_ptr=ptr, rowsum_ptr=ptr,
+                args = dict(a_ptr=ptr, b_ptr=ptr, c_ptr=ptr, bias_ptr=ptr, aux_ptr=ptr,
                             M=gm, N=gn, K=gk, **strides, stride_bias=1)
                 cx = dict(flags, INPUT_PRECISION=precision, ACC_DTYPE=tl.float64 if elem == 8 else tl.float32,
                           BLOCK_M=bm, BLOCK_N=bn,
@@ -523,7 +517,7 @@ def aot_specs():
                 b_block = [bn, bk] if b_trans else [bk, bn]
                 args = dict(a_desc=f"tensordesc<{ty}[{a_block[0]}, {a_block[1]}]>",
                             b_desc=f"tensordesc<{ty}[{b_block[0]}, {b_block[1]}]>",
-                            c_ptr=f"*{ty}", bias_ptr=f"*{ty}", aux_ptr=f"*{ty}", rowsum_ptr=f"*{ty}",
+                            c_ptr=f"*{ty}", bias_ptr=f"*{ty}", aux_ptr=f"*{ty}",
                             M=gm, N=gn, K=gk, stride_cm=strides["stride_cm"], stride_cn=1,
                             stride_auxm=strides["stride_auxm"], stride_auxn=1, stride_bias=1)
                 cx = dict(flags, ACC_DTYPE=tl.float32, A_TRANS=a_trans, B_TRANS=b_trans, BLOCK_M=bm,

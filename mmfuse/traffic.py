@@ -3,7 +3,7 @@
 ``fused_gemm_traffic`` counts what ``fused_gemm_kernel`` loads and stores, program by program, as the
 launcher runs it: every program loads BLOCK_M rows of A and BLOCK_N columns of B over all of K (rows
 and columns past the edge wrap around and are re-read; the K tail is masked), the bias once per
-program row, the aux tile in the MLP backward, and stores its masked C tile (and aux / rowsum).
+program row, the aux tile in the MLP backward, and stores its masked C tile (and aux).
 ``loaded`` is the total bytes requested by loads (what L2 serves); ``unique`` the distinct bytes
 (what HBM must deliver at least once: the HBM figure under the assumption that re-reads hit L2).
 
@@ -39,8 +39,8 @@ def _cdiv(a, b):
 
 
 def fused_gemm_traffic(M: int, N: int, K: int, tile: tuple[int, int], elem: int, *, bias: bool = False,
-                       store_aux: bool = False, act_grad: bool = False, rowsum: bool = False) -> dict[str, Traffic]:
-    """Per operand ("a", "b", "bias", "aux", "c", "rowsum") of one ``fused_gemm_kernel`` launch."""
+                       store_aux: bool = False, act_grad: bool = False) -> dict[str, Traffic]:
+    """Per operand ("a", "b", "bias", "aux", "c") of one ``fused_gemm_kernel`` launch."""
     bm, bn = tile
     pm, pn = _cdiv(M, bm), _cdiv(N, bn)
     t = {
@@ -53,9 +53,13 @@ def fused_gemm_traffic(M: int, N: int, K: int, tile: tuple[int, int], elem: int,
     if store_aux or act_grad:
         t["aux"] = Traffic(loaded=M * N * elem if act_grad else 0, unique=M * N * elem if act_grad else 0,
                            stored=M * N * elem if store_aux else 0)
-    if rowsum:
-        t["rowsum"] = Traffic(stored=M * elem)
     return t
+
+
+def bias_grad_traffic(M: int, N: int, elem: int) -> Traffic:
+    """db = the column sums of dH (M, N): one reduction reading dH once, writing N values (and the
+    cast of its fp32 sums: N more)."""
+    return Traffic(loaded=M * N * elem, unique=M * N * elem, stored=N * (4 + elem))
 
 
 def act_grad_traffic(M: int, N: int, elem: int) -> dict[str, Traffic]:
@@ -336,7 +340,10 @@ def mlp_traffic(M: int, widths, tile, elem: int) -> dict[str, dict]:
             elementwise += 2 * M * nn_ * e
     for i in reversed(range(n)):
         k, nn_ = layers[i]
-        bwd.append(launch("bwd", 2 * M * k * nn_, M=nn_, N=k, K=M, rowsum=True))    # dW_i + db_i
+        bwd.append(launch("bwd", 2 * M * k * nn_, M=nn_, N=k, K=M))                 # dW_i
+        db = bias_grad_traffic(M, nn_, e)                                           # db_i (a reduction)
+        detail["bwd"].append({"flops": 0, "hbm": db.unique + db.stored, "rows": None, "cols": None})
+        bwd.append(db)
         bwd.append(launch("bwd", 2 * M * k * nn_, M=M, N=k, K=nn_, act_grad=i > 0))  # dX (x GELU'(h_{i-1}))
         eager_bwd += eager("eager_bwd", 2 * M * k * nn_, (M * nn_ + M * k + nn_ * k) * e, (nn_, k))  # dW = dY^T X
         eager_bwd += eager("eager_bwd", 0, (M * nn_ + nn_) * e)                                  # db = sum dY

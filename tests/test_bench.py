@@ -361,7 +361,7 @@ def test_kernel_profile_gemm_sweep_runs_every_variant(monkeypatch):
     assert not [r for r in rows if "error" in r], [r for r in rows if "error" in r][:2]
     assert KL.TMA == "auto"  # restored
     kinds = {r["gemm"] for r in rows}
-    assert len(kinds) == 4 and len(calls) == len(rows)
+    assert len(kinds) == 3 and len(calls) == len(rows)
     for g in kinds:
         chosen = [r["tile"] for r in rows if r["gemm"] == g and r.get("chosen")]
         assert [t.split()[0] for t in chosen] == ["pointer", "tma"], (g, chosen)

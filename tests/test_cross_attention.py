@@ -152,9 +152,10 @@ def test_backward_is_deterministic():
 @pytest.mark.parametrize("dq_splits", [1, 2, 5, (2, 2)])
 def test_dq_of_shared_queries_split_over_the_batch(dq_splits, monkeypatch):
     # Shared queries over 5 samples: dQ's batch loop in 1, 2 (3 + 2 samples) or 5 fp32 partials summed in
-    # split order, or 2 x 2 with the 40 keys split too (32 + 8); every split count gives dQ to rounding,
-    # and dK / dV bit for bit (they never split).
-    q, k, v = _qkv(1, 5, 4, 2, 17, 40, 24)
+    # split order, or 2 x 2 with the 72 keys split too (two chunks under the interpreter's 32-key blocks
+    # and the GPU's 64-key ones: 40 keys were one GPU block, which cannot split); every split count gives
+    # dQ to rounding, and dK / dV bit for bit (they never split).
+    q, k, v = _qkv(1, 5, 4, 2, 17, 72, 24)
     o, lse = KA.attention_fwd(q, k, v, None, None, 24 ** -0.5)
     do = torch.randn_like(o)
     allocated = []
@@ -358,7 +359,10 @@ def test_lse_rounding_floor_only_matters_at_huge_logits():
     q, k, v = _qkv(1, 2, 2, 2, 9, 50, 16)
     do = torch.randn(2, 2, 9, 16)
     dv64 = (torch.softmax((q.double() @ k.double().transpose(-1, -2)) / 4, -1).transpose(-1, -2) @ do.double().abs())
-    assert cross_attention_term_scales(q, k, v, do)["grad v"] < dv64.abs().max().item()
+    # "Of its own magnitude": within 2x of max |dV| (the scale bounds |P^T| |dO| elementwise, so it can
+    # exceed max |dV| by a little: 1.05 against 1.03 on the GPU's random stream).
+    ordinary = cross_attention_term_scales(q, k, v, do)["grad v"]
+    assert ordinary < 2 * dv64.abs().max().item()
     big = cross_attention_term_scales(q * 30, k * 30, v, do)["grad v"]
-    # 4 fp32 ulps of that scale: more than the ordinary floor, what the fp32 lse costs at |logits| ~ 1e4.
-    assert big > dv64.abs().max().item() and big * 4 * torch.finfo(torch.float32).eps > 1e-4
+    # 4 fp32 ulps of that scale: far more than the ordinary floor, what the fp32 lse costs at |logits| ~ 1e4.
+    assert big > 50 * ordinary and big * 4 * torch.finfo(torch.float32).eps > 1e-4

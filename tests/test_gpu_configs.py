@@ -64,9 +64,10 @@ def run_key(spec):
     if name in ("fused_gemm_kernel", "tma_gemm_kernel"):
         tile = (cx["BLOCK_M"], cx["BLOCK_N"], bk2, spec.num_warps, spec.num_stages)
         # Which GEMM of a Linear / MLP this is, from its epilogue flags (not from the variant's words).
-        kind = "dW" if cx["ROWSUM_A"] else "dX*act'" if cx["ACT_GRAD"] else \
-            "fwd+aux" if cx["STORE_AUX"] else "fwd"
-        bias = cx["ROWSUM_A"] if kind == "dW" else cx["HAS_BIAS"]  # dW's epilogue has no bias; db is ROWSUM_A
+        # dW is the GEMM whose A (dH^T) runs along M in memory: unit stride_am, or a transposed descriptor.
+        dw = dict(spec.args).get("stride_am") == 1 or cx.get("A_TRANS", False)
+        kind = "dW" if dw else "dX*act'" if cx["ACT_GRAD"] else "fwd+aux" if cx["STORE_AUX"] else "fwd"
+        bias = True if kind == "dW" else cx["HAS_BIAS"]  # dW runs in a Linear with a bias (db: a reduction)
         # The TMA kernel has no EVEN_K (the copy engine zero-fills the K tail): its runs take a tail.
         even_k = cx.get("EVEN_K", False)
         return ("linear", kind, ACT_NAMES[cx["ACTIVATION"]], bias, spec.dtype, tile, even_k, name)

@@ -30,7 +30,7 @@ def _gemm_launches(launches):
 def test_linear_forward_and_backward_on_tma(tma, dtype):
     # M = 37 ragged rows; K = 72 and N = 136 keep rows 16-byte aligned (TMA's rule) without being
     # multiples of any block. Forward (B = W^T through a descriptor over W), dX, dW (A = dH^T
-    # through a descriptor over dH) and db in dW's row sums.
+    # through a descriptor over dH).
     x, w, b = torch.randn(37, 72, dtype=dtype), (torch.randn(136, 72) / 9).to(dtype), torch.randn(136, dtype=dtype)
     assert_matches_reference(lambda *t: mmfuse.linear(*t, activation="gelu"),
                              lambda *t: mmfuse.linear_reference(*t, activation="gelu"), [x, w, b],
@@ -105,3 +105,11 @@ def test_every_tile_the_launcher_can_take_is_compiled():
     for act_grad in (False, True):
         assert compiled[act_grad] == set(KL.tma_tiles(act_grad))
     assert (128, 128, 64, 8, 4) not in KL.tma_tiles(True)
+
+
+def test_auto_takes_the_tma_kernel_only_where_it_was_measured_faster():
+    # bench/NOTES.md "First GPU measurements": the forward's layout (B = W^T read through W) only.
+    assert KL.tma_preferred(a_trans=False, b_trans=True, act_grad=False)
+    assert not KL.tma_preferred(a_trans=False, b_trans=True, act_grad=True)   # dX * act'
+    assert not KL.tma_preferred(a_trans=True, b_trans=False, act_grad=False)  # dW
+    assert not KL.tma_preferred(a_trans=False, b_trans=False, act_grad=False)  # dX (unmeasured)

@@ -6,7 +6,8 @@ Saved for backward (training only; inference stores nothing extra):
           and every intermediate pre-activation h_i.
 
 Backward of layer i, given dH_i (the gradient at its pre-activation):
-  dW_i, db_i = dH_i^T @ X_i, rowsum(dH_i)          one GEMM (db from the same loads)
+  dW_i       = dH_i^T @ X_i                        one GEMM
+  db_i       = sum over tokens of dH_i             one reduction
   dH_{i-1}   = (dH_i @ W_i) * act'(h_{i-1})        one GEMM (act' in its epilogue)
 A standalone Linear+act forms dH = dY * act'(h) in one elementwise pass first.
 """
@@ -181,7 +182,7 @@ def _(x, weights, biases, has_bias, activation, save):
 def mlp_bwd_op(dy: torch.Tensor, x: torch.Tensor, hidden: list[torch.Tensor], weights: list[torch.Tensor],
                preacts: list[torch.Tensor], activation: str | None, need_x: bool, need_w: list[bool],
                need_b: list[bool]) -> tuple[torch.Tensor, list[torch.Tensor], list[torch.Tensor]]:
-    """(dx, dW_i, db_i). Layer i: dW_i, db_i = dH_i^T @ X_i, rowsum(dH_i) in one GEMM; then
+    """(dx, dW_i, db_i). Layer i: dW_i = dH_i^T @ X_i in one GEMM, db_i by one reduction; then
     dH_{i-1} = (dH_i @ W_i) * act'(h_{i-1}) in one GEMM (act' in its epilogue)."""
     n = len(weights)
     inputs = [x, *hidden]
