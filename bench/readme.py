@@ -26,7 +26,9 @@ def latest(results_dir: str) -> tuple[str, str] | None:
             return (date.group(0) if date else "", p)
         return max(paths, key=key) if paths else None
 
-    measured = newest(glob.glob(os.path.join(results_dir, "*.json")))
+    # (kernel-profile-*.json beside a benchmark file holds per-kernel figures, not the suite's rows)
+    measured = newest([p for p in glob.glob(os.path.join(results_dir, "*.json"))
+                       if not os.path.basename(p).startswith("kernel-profile-")])
     if measured:
         return "measured", measured
     report = newest(glob.glob(os.path.join(results_dir, "no-gpu-*-report.md")))

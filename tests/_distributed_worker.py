@@ -99,6 +99,9 @@ def worker(rank, world, port, mode, out):
             grads[name] = g.detach().clone()
         if rank == 0:
             torch.save(grads, out)
+        # Both ranks leave together: a rank tearing gloo down while the other is still saving aborted
+        # once under load ("terminate called without an active exception", DDP, 2026-11-26).
+        dist.barrier()
     finally:
         dist.destroy_process_group()
 

@@ -26,3 +26,5 @@ def test_compiles_without_spills(spec, arch):
         assert r.cp_async_16B or r.tma or r.vec128_loads > 0, f"{spec.label}: no 128-bit global loads"
     else:
         assert r.tensor_core_instr == "none"
+    if spec.kernel.endswith("tma_gemm_kernel"):  # the Hopper core: its operands come by TMA
+        assert r.tma, f"{spec.label}: no cp.async.bulk.tensor in the PTX"

@@ -172,6 +172,8 @@ def test_readme_section_from_a_measured_file(tmp_path):
     rows = suite.run_suite(_tiny_cases()[:2], timer=FakeTimer(), device="cpu", progress=lambda m: None,
                            roof={"tflops": 700.0, "gbps": 2900.0})
     suite.write_results(rows, str(tmp_path / "results"), "Fake GPU", date="2026-11-24")
+    # A kernel profile beside it (gpu-check's last step) is not a benchmark file, however it sorts.
+    (tmp_path / "results" / "kernel-profile-Fake_GPU-2026-11-24.json").write_text("{}")
     path = _readme(tmp_path)
     readme.rewrite(str(path), str(tmp_path / "results"))
     text = path.read_text()
