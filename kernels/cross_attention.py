@@ -801,6 +801,19 @@ def aot_specs():
             args = dict(sp.args, BATCH_LOOP=1, BATCH_CHUNK=1, KEY_SPLITS=4,
                         KEY_CHUNK=cdiv(kb, 4) * dict(sp.constexprs)["BLOCK_N"])
             specs.append(dataclasses.replace(sp, variant="dQ, key split (batch 1)", args=tuple(args.items())))
+    # At most 32 queries (BLIP-2's Q-Former, Idefics3-size resamplers): the forward's 32-query tile.
+    for sp in list(specs):
+        if sp.dtype == "fp16" and sp.variant == "split-KV partial, lens+mask" and sp.config.split()[0] in ("D=64",
+                                                                                                       "D=96"):
+            D = dict(sp.args)["D"]
+            blk = gpu_blocks(32, D)
+            cx = dict(sp.constexprs, BLOCK_M=blk["BLOCK_M"], BLOCK_N=blk["BLOCK_N"])
+            bd = cx["BLOCK_D"]
+            specs.append(dataclasses.replace(
+                sp, variant="split-KV partial, lens+mask, <= 32 queries", args=tuple(dict(sp.args, Lq=32).items()),
+                constexprs=tuple(cx.items()), num_warps=blk["num_warps"], num_stages=blk["num_stages"],
+                sm90_instr="mma.sync",  # a 32-row tile: wgmma needs 64 rows per warpgroup
+                config=f"D={D} {blk['BLOCK_M']}x{blk['BLOCK_N']}x{bd} w{blk['num_warps']} s{blk['num_stages']}"))
     for D in (64, 96, 256):  # the row-wise kernels' tiles: one per BLOCK_D (rowwise_blocks)
         rb = rowwise_blocks(D, gpu=True)
         cx = dict(ACC_DTYPE=tl.float32, BLOCK_M=rb["BLOCK_M"], BLOCK_D=rb["BLOCK_D"])

@@ -267,6 +267,13 @@ def tma_tiles(act_grad: bool):
     return tuple(t for t in GEMM_TILES if not (act_grad and t[:2] == (128, 128)))
 
 
+def pointer_tiles(act_grad: bool, elem_bytes: int) -> tuple:
+    """Tiles the pointer kernel takes. fp32's dX * act' (TF32) spills on the 128-row tiles: 8 B at
+    128x128 w8 (sm_90, Triton 3.6 and 3.9), 32 B at 128x64 w4; 64x128 and 64x64 compile clean. That GEMM
+    keeps only the 64-row tiles, as tma_tiles drops the TMA kernel's spilling one."""
+    return tuple(t for t in GEMM_TILES if not (act_grad and elem_bytes == 4 and t[0] == 128))
+
+
 def tma_preferred(a_trans: bool, b_trans: bool, act_grad: bool) -> bool:
     """Where "auto" takes the TMA kernel: the GEMMs it was measured faster on. On an H200 (Triton 3.6,
     bf16, M = 4608, K = 1024, N = 4096; bench/NOTES.md "First GPU measurements"): the forward's layout
@@ -373,7 +380,7 @@ def _launch_gemm(a, b, c, *, bias=None, aux=None, activation=0,
         layouts = (a.stride(1) == 1, b.stride(1) == 1, c.stride(1) == 1)
         key = (a.dtype, a.device, *flags.values(), *layouts)
         sms = num_sms(a.device)
-        candidates = candidate_tiles(M, N, sms)
+        candidates = candidate_tiles(M, N, sms, pointer_tiles(act_grad, a.element_size()))
         tma_candidates = candidate_tiles(M, N, sms, tma_tiles(act_grad))
         ops = tma_operands(candidates[0])  # alignment does not depend on the tile
         if ops is not None and (TMA == "always" or tma_preferred(ops[0][1], ops[1][1], act_grad)):
@@ -484,7 +491,13 @@ def aot_specs():
     for bm, bn, bk, warps, stages in dict.fromkeys(GEMM_TILES + (FP64_TILE,)):
         # The new activations' dX * act' on every tile (the epilogue nearest 255 registers); their
         # forward on the 128-row tiles only (the 64-row ones sit far below the limit: bench/NOTES.md).
-        tile_plans = plans + [extra_dx] + ([extra_fwd] if bm == 128 else [])
+        # The backward GEMMs of bf16 and fp32 (TF32 and IEEE) on the largest tile, the one nearest the
+        # register limit (the smaller tiles' epilogues are the same code with fewer values per thread).
+        # fp32's dX * act' keeps the 64-row tiles only (pointer_tiles): its largest is 64x128.
+        bwd_other = [("bf16", "*bf16", "ieee", layouts[1:])] if (bm, bn) == (128, 128) else []
+        bwd_other += [(name, "*fp32", prec, [layouts[2]] if (bm, bn) == (128, 128) else [layouts[1]])
+                      for name, prec in (("fp32-tf32", "tf32"), ("fp32", "ieee")) if (bm, bn) in ((128, 128), (64, 128))]
+        tile_plans = plans + bwd_other + [extra_dx] + ([extra_fwd] if bm == 128 else [])
         # fp64 on its own tile only, and that tile only for fp64
         is_fp64_tile = (bm, bn, bk, warps, stages) == FP64_TILE
         tile_plans = [p for p in tile_plans if (p[0] == "fp64") == is_fp64_tile]

@@ -113,3 +113,9 @@ def test_auto_takes_the_tma_kernel_only_where_it_was_measured_faster():
     assert not KL.tma_preferred(a_trans=False, b_trans=True, act_grad=True)   # dX * act'
     assert not KL.tma_preferred(a_trans=True, b_trans=False, act_grad=False)  # dW
     assert not KL.tma_preferred(a_trans=False, b_trans=False, act_grad=False)  # dX (unmeasured)
+
+
+def test_pointer_kernel_tiles_drop_only_the_spilling_fp32_act_grad_ones():
+    # fp32 dX * act' keeps the 64-row tiles (the 128-row ones spill with TF32); everything else keeps all.
+    assert KL.pointer_tiles(True, 4) == tuple(t for t in KL.GEMM_TILES if t[0] == 64)
+    assert KL.pointer_tiles(True, 2) == KL.pointer_tiles(False, 4) == KL.GEMM_TILES
