@@ -515,7 +515,11 @@ def aot_specs():
                     config=f"{bm}x{bn}x{block_k} w{warps} s{stages}", fn=fused_gemm_kernel,
                     args=tuple(args.items()), constexprs=tuple(cx.items()), num_warps=warps,
                     num_stages=stages, tensor_cores=precision == "tf32" or elem != 4,
-                    sm90_instr="mma.sync" if elem == 8 else "wgmma"))  # fp64: DMMA, no wgmma form
+                    sm90_instr="mma.sync" if elem == 8 else "wgmma",  # fp64: DMMA, no wgmma form
+                    # wgmma's TF32 form reads K-major operands only, and dW's are both MN-major (the
+                    # tokens are its reduction): Triton stages them with narrow loads on sm_90. A cost
+                    # of fp32 training on Hopper, found by the compile check, not yet timed.
+                    wide_load_archs=(80,) if (precision == "tf32" and strides["stride_am"] == 1) else (80, 90)))
     # The Hopper kernel (sm_90 only): the three GEMMs of a layer in fp16, the forward in bf16, on every
     # tile it takes (``tma_tiles``). Operand layouts as the launcher builds them: the forward's B (W^T) and dW's A (dH^T) are
     # read through descriptors over their transposes.

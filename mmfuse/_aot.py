@@ -50,6 +50,8 @@ class CompileSpec:
     sm90_instr: str = "wgmma"
     # Architectures the config runs on (the TMA kernel: sm_90 only).
     archs: tuple = (80, 90)
+    # Architectures where its operands must arrive in 128-bit pieces (see the spec's reason where not).
+    wide_load_archs: tuple = (80, 90)
 
     @property
     def label(self) -> str:

@@ -117,6 +117,8 @@ def compile_section(reports) -> list[str]:
     for (_, arch), r in sorted(reports.items(), key=lambda kv: kv[0]):
         s = r.spec
         wide = "TMA" if r.tma else ("cp.async 16B" if r.cp_async_16B else ("v4" if r.vec128_loads else "no"))
+        if wide == "no" and arch not in s.wide_load_archs:
+            wide = "no (known)"
         lines.append(f"| {s.kernel} | {s.variant} | {s.dtype} | {s.config} | sm_{arch} | {r.registers} | "
                      f"{r.spill_bytes} | {r.shared_bytes / 1024:.0f} | {r.tensor_core_instr} | {wide} | "
                      f"{r.max_ctas_per_sm()} |")
