@@ -801,6 +801,27 @@ def aot_specs():
             args = dict(sp.args, BATCH_LOOP=1, BATCH_CHUNK=1, KEY_SPLITS=4,
                         KEY_CHUNK=cdiv(kb, 4) * dict(sp.constexprs)["BLOCK_N"])
             specs.append(dataclasses.replace(sp, variant="dQ, key split (batch 1)", args=tuple(args.items())))
+    # Without a split: the forward with padding in one launch (the split rule's choice at larger
+    # batch: output in q's dtype, no partials), and dQ of queries per sample (no batch to split:
+    # written straight in q's dtype), at D = 64 and 96.
+    for sp in list(specs):
+        if sp.dtype != "fp16" or sp.config.split()[0] not in ("D=64", "D=96"):
+            continue
+        a, D = dict(sp.args), dict(sp.args)["D"]
+        if sp.variant == "split-KV partial, lens+mask":
+            o_s, l_s = strides(B, Hq, Lq, D), strides(B, Hq, Lq)
+            a.update(o_ptr="*fp16", stride_os=0, stride_ls=0, CHUNK=cdiv(Lk, dict(sp.constexprs)["BLOCK_N"]) *
+                     dict(sp.constexprs)["BLOCK_N"], **dict(zip(["stride_ob", "stride_oh", "stride_om", "stride_od"],
+                                                                o_s)),
+                     **dict(zip(["stride_lb", "stride_lh", "stride_lm"], l_s)))
+            specs.append(dataclasses.replace(sp, variant="no split, lens+mask", args=tuple(a.items()),
+                                             constexprs=tuple(dict(sp.constexprs, PARTIAL=False).items())))
+        elif sp.variant == "dQ, batch split":
+            q_s = strides(B, Hq, Lq, D)  # queries per sample: nothing to loop over
+            a.update(dq_ptr="*fp16", BATCH_LOOP=1, BATCH_CHUNK=1, stride_dqs=0,
+                     **dict(zip(["stride_qb", "stride_qh", "stride_qm", "stride_qd"], q_s)),
+                     **dict(zip(["stride_dqb", "stride_dqh", "stride_dqm", "stride_dqd"], q_s)))
+            specs.append(dataclasses.replace(sp, variant="dQ, queries per sample (no split)", args=tuple(a.items())))
     # At most 32 queries (BLIP-2's Q-Former, Idefics3-size resamplers): the forward's 32-query tile.
     for sp in list(specs):
         if sp.dtype == "fp16" and sp.variant == "split-KV partial, lens+mask" and sp.config.split()[0] in ("D=64",

@@ -90,8 +90,11 @@ def run_key(spec):
                 "attn_delta_kernel"):
         even = bool(cx.get("EVEN_N", False))
         short = name == "attn_fwd_kernel" and cx["BLOCK_M"] == 32  # the forward's tile for <= 32 queries
+        # one launch with padding (no split partials), or dQ of queries per sample (no batch loop)
+        unsplit = name == "attn_fwd_kernel" and not cx["PARTIAL"] and cx["HAS_LENS"]
+        per_sample = name == "attn_bwd_dq_kernel" and dict(spec.args)["stride_qb"] != 0
         return ("cross_attention", dict(spec.args)["D"], spec.dtype, even, bool(cx.get("TWO_SOURCES", False)),
-                short)
+                short, "unsplit" if unsplit else "per sample" if per_sample else None)
     return ("unknown", spec.label)
 
 
@@ -291,7 +294,7 @@ def run_patch_embed(name, dtype, tile, even_k, geometry):
                       ["pixels", "weight", "bias", "pos_embed"], grad_of)
 
 
-def run_cross_attention(D, dtype, even, two=False, short=False):
+def run_cross_attention(D, dtype, even, two=False, short=False, form=None):
     """Broadcast queries (Bq = 1), 4 query heads over 2 KV heads, batch 2. Padded: kv_lens (int32) and
     key_mask, keys split 2 ways (fp32 partials + combine); even: no padding, Lk two whole key blocks.
     ``two``: the keys come from two sources (the perceiver's media and latents), never concatenated."""
@@ -302,12 +305,13 @@ def run_cross_attention(D, dtype, even, two=False, short=False):
     Lq = 32 - 5 if short else fwd["BLOCK_M"] + RAGGED
     B, Hq, Hkv = 2, 4, 2
     Lk = 2 * max(fwd["BLOCK_N"], bwd["BLOCK_N"]) + (0 if even else RAGGED)
-    q = torch.randn(1, Hq, Lq, D, dtype=dtype)
+    # ``form``: "unsplit" (padding, one forward launch) or "per sample" (queries per sample).
+    q = torch.randn(B if form == "per sample" else 1, Hq, Lq, D, dtype=dtype)
     k, v = torch.randn(B, Hkv, Lk, D, dtype=dtype), torch.randn(B, Hkv, Lk, D, dtype=dtype)
     kw, splits = {}, 1
     if not even:
         kw = dict(kv_lens=torch.tensor([Lk, Lk - 2 * RAGGED], dtype=torch.int32), key_mask=torch.rand(B, Lk) > 0.2)
-        splits = 2
+        splits = 1 if form == "unsplit" else 2
     if two:  # the second source: the last 7 keys (the seam inside a key block); the mask covers the first
         L1 = Lk - 7
         mask1 = kw.pop("key_mask")[:, :L1]
@@ -344,9 +348,11 @@ def _execute(key):
                 _patched(KP, "dw_splits", lambda *a, **k: 2 if split else 1):
             run_patch_embed(name, DTYPES[dtype_name], tile, even_k, geometry)
     elif family == "cross_attention":
-        D, dtype_name, even, two, short = params
-        with _tf32(dtype_name == "fp32-tf32"), _common.gpu_config():
-            run_cross_attention(D, DTYPES[dtype_name], even, two, short)
+        D, dtype_name, even, two, short, form = params
+        # "per sample": dQ unsplit as the spec compiled it, not the split rule's choice at these sizes.
+        with _tf32(dtype_name == "fp32-tf32"), _common.gpu_config(), \
+                _patched(KA, "dq_splits_for", (lambda *a, **k: (1, 1)) if form else KA.dq_splits_for):
+            run_cross_attention(D, DTYPES[dtype_name], even, two, short, form)
     else:
         pytest.fail(f"no run executes {params[0]}")
 
