@@ -152,10 +152,10 @@ def test_backward_is_deterministic():
 @pytest.mark.parametrize("dq_splits", [1, 2, 5, (2, 2)])
 def test_dq_of_shared_queries_split_over_the_batch(dq_splits, monkeypatch):
     # Shared queries over 5 samples: dQ's batch loop in 1, 2 (3 + 2 samples) or 5 fp32 partials summed in
-    # split order, or 2 x 2 with the 72 keys split too (two chunks under the interpreter's 32-key blocks
-    # and the GPU's 64-key ones: 40 keys were one GPU block, which cannot split); every split count gives
-    # dQ to rounding, and dK / dV bit for bit (they never split).
-    q, k, v = _qkv(1, 5, 4, 2, 17, 72, 24)
+    # split order, or 2 x 2 with the keys split too: one key block and 8 more keys, so two chunks under
+    # the launcher's blocks (40 keys interpreted, 72 on a GPU, whose 64-key blocks took 40 in one);
+    # every split count gives dQ to rounding, and dK / dV bit for bit (they never split).
+    q, k, v = _qkv(1, 5, 4, 2, 17, KA.blocks_for(17, 24, backward=True)["BLOCK_N"] + 8, 24)
     o, lse = KA.attention_fwd(q, k, v, None, None, 24 ** -0.5)
     do = torch.randn_like(o)
     allocated = []
