@@ -382,8 +382,12 @@ def _launch_gemm(a, b, c, *, bias=None, aux=None, activation=0,
         sms = num_sms(a.device)
         candidates = candidate_tiles(M, N, sms, pointer_tiles(act_grad, a.element_size()))
         tma_candidates = candidate_tiles(M, N, sms, tma_tiles(act_grad))
-        ops = tma_operands(candidates[0])  # alignment does not depend on the tile
-        if ops is not None and (TMA == "always" or tma_preferred(ops[0][1], ops[1][1], act_grad)):
+        # The preference from the layouts first (read as _tma_operand would), then the descriptors:
+        # a layout "auto" leaves on the pointer kernel costs no descriptor on the host.
+        a_trans, b_trans = a.stride(1) != 1, b.stride(1) != 1
+        wanted = TMA == "always" or tma_preferred(a_trans, b_trans, act_grad)
+        ops = tma_operands(candidates[0]) if wanted else None  # alignment does not depend on the tile
+        if ops is not None:
             tile = TMA_TUNER.choose((M, N, K), key, tma_candidates, lambda t: launch_tma(t, tma_operands(t)))
             launch_tma(tile, tma_operands(tile))
         else:
