@@ -9,9 +9,9 @@ The quick benchmark says *that* a case is slow; this says *which launch* and *wh
 2. ``compiled``: every Triton kernel the run compiled, with its constexprs, warps, stages, registers,
    spills and shared memory, read from Triton's own cache objects (the compile check predicts these
    without a GPU: ``mmfuse report`` / bench/NOTES.md).
-3. ``gemm_tiles``: the three GEMMs of one LLaVA-1.5 projector layer (forward with GELU + aux, dX with
-   act', dW) timed under every tile of the pointer kernel and
-   of the TMA kernel (flattened or not), next to ``torch.mm`` of the same layout: whether the wave
+3. ``gemm_tiles``: the three GEMMs of a projector layer (forward with GELU + aux, dX with act', dW) at
+   LLaVA-1.5 with 1 and 8 images and the Qwen2.5-VL merger (``SWEEP_SHAPES``), timed under every
+   tile of the pointer kernel and of the TMA kernel (flattened or not), next to ``torch.mm`` of the same layout: whether the wave
    model and the launcher's defaults pick the right variant, and how far each is from cuBLAS.
 
 Results: ``<out-dir>/kernel-profile-<gpu>-<date>.json`` and a markdown summary beside it. Each part
@@ -168,6 +168,12 @@ def gemm_tile_sweep(M: int = 8 * 576, K: int = 1024, N: int = 4096, device: str 
     return rows
 
 
+#: (label, M, K, N) of the sweep: one Linear(K, N) + GELU layer and the N x N second layer's dX, at the
+#: shapes issue 14 names. The Qwen2.5-VL merger's second layer is 5120 -> 3584; its dX is swept at
+#: 5120 x 5120 (the sweep keeps one N).
+SWEEP_SHAPES = (("llava-1.5-7b, 1 image", 576, 1024, 4096), ("llava-1.5-7b, 8 images", 4608, 1024, 4096),
+                ("qwen2.5-vl-7b-merger, 8 images", 8192, 5120, 5120))
+
 PARTS = ("kernels", "compiled", "gemm_tiles")
 
 
@@ -186,7 +192,8 @@ def main(out_dir: str, parts=PARTS, print=print) -> int:
             elif part == "compiled":
                 result[part] = compiled_kernels()
             elif part == "gemm_tiles":
-                result[part] = gemm_tile_sweep()
+                result[part] = [dict(r, shape=label) for label, M, K, N in SWEEP_SHAPES
+                                for r in gemm_tile_sweep(M, K, N)]
             else:
                 raise ValueError(f"parts: expected names from {PARTS}, got {part!r}")
         except Exception:
@@ -230,14 +237,18 @@ def markdown(result: dict) -> str:
         lines.append("")
     tiles = result.get("gemm_tiles")
     if isinstance(tiles, list):
-        lines += ["## GEMM tiles (bf16, LLaVA-1.5 layer: M=4608, K=1024, N=4096)", "",
-                  "| GEMM | kernel and tile | ms | TFLOP/s | launcher default |", "| --- | --- | --- | --- | --- |"]
-        for r in tiles:
-            if "ms" in r:
-                lines.append(f"| {r['gemm']} | {r['tile']} | {r['ms']:.4f} | {r['tflops']:.0f} | "
-                             f"{'yes' if r.get('chosen') else ''} |")
-            else:
-                lines.append(f"| {r['gemm']} | {r['tile']} | failed: {r.get('error', '')[:120]} | | |")
+        for shape in dict.fromkeys(r.get("shape", "LLaVA-1.5 layer, M=4608") for r in tiles):
+            lines += [f"## GEMM tiles (bf16, {shape})", "",
+                      "| GEMM | kernel and tile | ms | TFLOP/s | launcher default |", "| --- | --- | --- | --- | --- |"]
+            for r in tiles:
+                if r.get("shape", "LLaVA-1.5 layer, M=4608") != shape:
+                    continue
+                if "ms" in r:
+                    lines.append(f"| {r['gemm']} | {r['tile']} | {r['ms']:.4f} | {r['tflops']:.0f} | "
+                                 f"{'yes' if r.get('chosen') else ''} |")
+                else:
+                    lines.append(f"| {r['gemm']} | {r['tile']} | failed: {r.get('error', '')[:120]} | | |")
+            lines.append("")
     for part in PARTS:
         if isinstance(result.get(part), dict) and "error" in result[part]:
             lines += ["", f"## {part}: failed", "", "```", result[part]["error"], "```"]

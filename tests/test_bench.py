@@ -347,7 +347,9 @@ def test_kernel_profile_finds_every_kernel_family_and_reports_failed_parts():
         "kernels": [{"case": "c", "error": "Traceback\nValueError: bad"},
                     {"case": "ok", "wall_us_per_step": 12.0, "kernel_us_per_step": 5.0,
                      "kernels": [{"kernel": "attn_fwd_kernel", "us_per_step": 5.0, "launches_per_step": 1.0}]}],
-        "gemm_tiles": [{"gemm": "fwd", "tile": "128x128x64x8x4", "ms": 0.1, "tflops": 330.0, "chosen": True}]})
+        "gemm_tiles": [{"gemm": "fwd", "tile": "128x128x64x8x4", "ms": 0.1, "tflops": 330.0, "chosen": True},
+                       {"gemm": "dW", "tile": "tma 64x64x64x4x4", "ms": 0.2, "tflops": 99.0, "shape": "one image"}]})
+    assert "## GEMM tiles (bf16, one image)" in md and md.index("one image)") < md.index("| dW | tma 64x64x64x4x4 |")
     assert "c: failed: ValueError: bad" in md and "## compiled: failed" in md and "RuntimeError: boom" in md
     assert "| fwd | 128x128x64x8x4 | 0.1000 | 330 | yes |" in md and "attn_fwd_kernel" in md
 
