@@ -11,9 +11,12 @@ for fp64 inputs) accumulator and three optional epilogues/side-outputs chosen by
   tiles inside dW's K loop looked free but pulled A out of shared memory into registers every
   step: 128 TFLOP/s against 633 without it, on an H200 with Triton 3.6, bench/NOTES.md.)
 
-plus ``act_grad_kernel`` (``dH = dY * act'(h)`` in one pass) for a standalone Linear+activation.
+plus ``act_grad_kernel`` (``dH = dY * act'(h)`` in one pass) for a standalone Linear+activation, and
+``tma_gemm_kernel``: the same GEMM and epilogues (``gemm_epilogue``, shared) for Hopper, operands by
+TMA descriptors in a persistent grid. ``MMFUSE_TMA=auto`` takes it only where it was measured faster
+(``tma_preferred``: the forward's layout); both kernels are compiled and executed by the tests.
 
-Layout: A (M, K), B (K, N), C (M, N), any strides (the launcher folds leading dims into M).
+Layout (pointer kernel): A (M, K), B (K, N), C (M, N), any strides (the launcher folds leading dims into M).
 Tile order is grouped (GROUP_M rows of tiles share B in L2). Loads along M and N are clamped with
 ``% M`` / ``% N`` instead of masked (the wrapped rows are never stored); the K tail is masked only
 when ``K % BLOCK_K != 0`` (EVEN_K heuristic). No atomics anywhere: every output element is written
