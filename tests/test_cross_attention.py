@@ -325,7 +325,8 @@ def test_two_sources_gradcheck_and_determinism():
     k2, v2 = (torch.randn(1, 1, 2, 3, dtype=torch.float64, requires_grad=True) for _ in range(2))
     mask = torch.tensor([[True, False, True]])
     fn = lambda q, k1, k2, v1, v2: cross_attention(q, (k1, k2), (v1, v2), key_mask=mask)  # noqa: E731
-    assert torch.autograd.gradcheck(fn, (q, k1, k2, v1, v2))
+    # fast_mode (a random projection of the Jacobian): test_gradcheck_fp64 keeps the full one
+    assert torch.autograd.gradcheck(fn, (q, k1, k2, v1, v2), fast_mode=True)
     runs = [torch.autograd.grad(fn(q, k1, k2, v1, v2).sin().sum(), [q, k1, k2, v1, v2]) for _ in range(2)]
     assert all(torch.equal(a, b) for a, b in zip(*runs))
 
