@@ -297,21 +297,29 @@ def _capability(device: torch.device) -> tuple[int, int]:
     return torch.cuda.get_device_capability(device)
 
 
-def _tma_operand(t: torch.Tensor, rows_block: int, cols_block: int):
-    """(descriptor, transposed) for a 2-D operand view (R, C) read in (rows_block, cols_block) tiles:
-    over the view itself when its rows are contiguous, over its transpose when its columns are, or
-    None when TMA cannot read it (no unit stride, or a base or stride off 16-byte alignment)."""
-    from triton.tools.tensor_descriptor import TensorDescriptor
-
-    R, C = t.shape
+def _tma_layout(t: torch.Tensor):
+    """How TMA reads a 2-D operand view (R, C): False over the view itself (rows contiguous), True over
+    its transpose (columns contiguous), None when it cannot (no unit stride, or a base or stride off
+    16-byte alignment)."""
     es = t.element_size()
     if t.data_ptr() % 16:
         return None
     if t.stride(1) == 1 and (t.stride(0) * es) % 16 == 0:
-        return TensorDescriptor(t, [R, C], [t.stride(0), 1], [rows_block, cols_block]), False
+        return False
     if t.stride(0) == 1 and (t.stride(1) * es) % 16 == 0:
-        return TensorDescriptor(t, [C, R], [t.stride(1), 1], [cols_block, rows_block]), True
+        return True
     return None
+
+
+def _tma_operand(t: torch.Tensor, rows_block: int, cols_block: int, transposed: bool):
+    """The descriptor of operand view t (R, C) read in (rows_block, cols_block) tiles, over t or, with
+    ``transposed`` (``_tma_layout``), over its transpose."""
+    from triton.tools.tensor_descriptor import TensorDescriptor
+
+    R, C = t.shape
+    if transposed:
+        return TensorDescriptor(t, [C, R], [t.stride(1), 1], [cols_block, rows_block])
+    return TensorDescriptor(t, [R, C], [t.stride(0), 1], [rows_block, cols_block])
 
 
 def _wants_tma(a: torch.Tensor) -> bool:
@@ -350,29 +358,25 @@ def _launch_gemm(a, b, c, *, bias=None, aux=None, activation=0,
                     **flags, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=GROUP_M,
                     num_warps=warps, num_stages=stages)
 
-    def launch_tma(tile, operands):
+    # Whether TMA can read both operands, and how (alignment does not depend on the tile).
+    layouts_tma = (_tma_layout(a), _tma_layout(b)) if K > 0 and _wants_tma(a) else (None, None)
+    tma_ok = None not in layouts_tma
+
+    def launch_tma(tile):
         bm, bn, bk, warps, stages = tile
-        (a_desc, a_trans), (b_desc, b_trans) = operands
+        a_trans, b_trans = layouts_tma
         programs = TMA_PROGRAMS or num_sms(a.device)
         tma_gemm_kernel[(min(programs, cdiv(M, bm) * cdiv(N, bn)),)](
-            a_desc, b_desc, *outs, M, N, K, *out_strides, **epilogue, A_TRANS=a_trans, B_TRANS=b_trans,
+            _tma_operand(a, bm, bk, a_trans), _tma_operand(b, bk, bn, b_trans), *outs, M, N, K, *out_strides,
+            **epilogue, A_TRANS=a_trans, B_TRANS=b_trans,
             BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=GROUP_M, NUM_PROGRAMS=programs,
             FLATTEN=tma_flatten(act_grad), num_warps=warps, num_stages=stages)
 
-    def tma_operands(tile):
-        if K == 0 or not _wants_tma(a):
-            return None
-        bm, bn, bk = tile[:3]
-        ops = (_tma_operand(a, bm, bk), _tma_operand(b, bk, bn))
-        return None if None in ops else ops
-
-    forced = forced_tile("tma_gemm_kernel") or forced_tile("fused_gemm_kernel")  # tests' GPU tile
-    if forced is not None:
-        ops = tma_operands(forced) if forced_tile("tma_gemm_kernel") else None
-        launch_tma(forced, ops) if ops else launch(forced)
+    tma_forced, forced = forced_tile("tma_gemm_kernel"), forced_tile("fused_gemm_kernel")  # tests' GPU tiles
+    if tma_forced is not None or forced is not None:
+        launch_tma(tma_forced) if tma_forced is not None and tma_ok else launch(tma_forced or forced)
     elif INTERPRET:
-        ops = tma_operands(INTERPRETER_TILE)
-        launch_tma(INTERPRETER_TILE, ops) if ops else launch(INTERPRETER_TILE, gpu_tile=False)
+        launch_tma(INTERPRETER_TILE) if tma_ok else launch(INTERPRETER_TILE, gpu_tile=False)
     elif a.element_size() == 8:
         launch(FP64_TILE)
     elif K == 0:
@@ -383,17 +387,11 @@ def _launch_gemm(a, b, c, *, bias=None, aux=None, activation=0,
         layouts = (a.stride(1) == 1, b.stride(1) == 1, c.stride(1) == 1)
         key = (a.dtype, a.device, *flags.values(), *layouts)
         sms = num_sms(a.device)
-        candidates = candidate_tiles(M, N, sms, pointer_tiles(act_grad, a.element_size()))
-        tma_candidates = candidate_tiles(M, N, sms, tma_tiles(act_grad))
-        # The preference from the layouts first (read as _tma_operand would), then the descriptors:
-        # a layout "auto" leaves on the pointer kernel costs no descriptor on the host.
-        a_trans, b_trans = a.stride(1) != 1, b.stride(1) != 1
-        wanted = TMA == "always" or tma_preferred(a_trans, b_trans, act_grad)
-        ops = tma_operands(candidates[0]) if wanted else None  # alignment does not depend on the tile
-        if ops is not None:
-            tile = TMA_TUNER.choose((M, N, K), key, tma_candidates, lambda t: launch_tma(t, tma_operands(t)))
-            launch_tma(tile, tma_operands(tile))
+        if tma_ok and (TMA == "always" or tma_preferred(*layouts_tma, act_grad)):
+            tma_candidates = candidate_tiles(M, N, sms, tma_tiles(act_grad))
+            launch_tma(TMA_TUNER.choose((M, N, K), key, tma_candidates, launch_tma))
         else:
+            candidates = candidate_tiles(M, N, sms, pointer_tiles(act_grad, a.element_size()))
             launch(TUNER.choose((M, N, K), key, candidates, launch))
 
 

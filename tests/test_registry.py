@@ -215,6 +215,19 @@ def _mod(mod, cls):
     return getattr(getattr(getattr(M, mod), f"modeling_{mod}"), cls)
 
 
+def _merge_projector(mod, cfg_name, proj_name):
+    """A projector after a 2x2 spatial merge, configured from plain vision / text dicts (LFM3-VL,
+    MiniMax-M3-VL): 12 tokens of V features in."""
+    def make():
+        cfg = getattr(getattr(M, mod), cfg_name)(
+            vision_config=dict(hidden_size=V, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
+                               spatial_merge_size=2),
+            text_config=dict(hidden_size=T, num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=2,
+                             vocab_size=64), projector_hidden_size=20)
+        return _mod(mod, proj_name)(cfg), [torch.randn(12, V)]
+    return make
+
+
 _QWEN2_TOWER = _qwen_tower("qwen2_vl", "Qwen2VisionTransformerPretrainedModel", "Qwen2VLVisionConfig", **_QW2)
 _QWEN25_TOWER = _qwen_tower("qwen2_5_vl", "Qwen2_5_VisionTransformerPretrainedModel", "Qwen2_5_VLVisionConfig",
                             **_QW25)
@@ -286,18 +299,10 @@ BUILDERS = {
             text_config=dict(model_type="cohere2", hidden_size=T, num_hidden_layers=1, num_attention_heads=2,
                              num_key_value_heads=2, vocab_size=64),
             downsample_factor=2, alignment_intermediate_size=20)), [torch.randn(2, 16, V)]),
-    ("lfm3_vl", "Lfm3VlMultiModalProjector"): lambda: (
-        _mod("lfm3_vl", "Lfm3VlMultiModalProjector")(M.lfm3_vl.Lfm3VlConfig(
-            vision_config=dict(hidden_size=V, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
-                               spatial_merge_size=2),
-            text_config=dict(hidden_size=T, num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=2,
-                             vocab_size=64), projector_hidden_size=20)), [torch.randn(12, V)]),
-    ("minimax_m3_vl", "MiniMaxM3VLMultiModalProjector"): lambda: (
-        _mod("minimax_m3_vl", "MiniMaxM3VLMultiModalProjector")(M.minimax_m3_vl.MiniMaxM3VLConfig(
-            vision_config=dict(hidden_size=V, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
-                               spatial_merge_size=2),
-            text_config=dict(hidden_size=T, num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=2,
-                             vocab_size=64), projector_hidden_size=20)), [torch.randn(12, V)]),
+    ("lfm3_vl", "Lfm3VlMultiModalProjector"): _merge_projector("lfm3_vl", "Lfm3VlConfig",
+                                                                "Lfm3VlMultiModalProjector"),
+    ("minimax_m3_vl", "MiniMaxM3VLMultiModalProjector"): _merge_projector("minimax_m3_vl", "MiniMaxM3VLConfig",
+                                                                          "MiniMaxM3VLMultiModalProjector"),
     ("idefics2", "Idefics2MLP"): lambda: (_mod("idefics2", "Idefics2MLP")(hidden_size=V, intermediate_size=20,
                                                                          output_size=T, hidden_act="silu"),
                                          _tokens(7, V, batch=2)),
