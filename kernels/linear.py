@@ -86,15 +86,75 @@ def gemm_epilogue(
 
 
 @triton.jit
+def gated_epilogue(
+    acc, acc_up, pid_m, pid_n, M, N,
+    c_ptr, c2_ptr, bias_ptr, bias2_ptr, aux_ptr, aux2_ptr,
+    stride_cm, stride_cn, stride_auxm, stride_auxn, stride_bias, stride_bias2,
+    ACTIVATION: tl.constexpr, HAS_BIAS: tl.constexpr, STORE_AUX: tl.constexpr, GATE_GRAD: tl.constexpr,
+    ACC_DTYPE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    """The gated MLP's two epilogues. Forward (``acc`` = x @ Wg^T, ``acc_up`` = x @ Wu^T): g and u
+    get their biases, are saved to aux / aux2 for backward, and C = act(g) * u, one rounding. Backward
+    (GATE_GRAD, ``acc`` = dH = dY @ Wd): with g, u read back from aux / aux2, dG = dH * u * act'(g) goes
+    to C and dU = dH * act(g) to C2. C2 / aux2 share C's / aux's strides (the launcher passes views
+    of one (M, 2N) buffer)."""
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask_n = offs_n < N
+    mask = (offs_m < M)[:, None] & mask_n[None, :]
+    rm = tl.arange(0, BLOCK_M)[:, None]
+    rn = tl.arange(0, BLOCK_N)[None, :]
+    aux_off = ((pid_m * BLOCK_M).to(tl.int64) * stride_auxm + (pid_n * BLOCK_N).to(tl.int64) * stride_auxn
+               + (rm * stride_auxm + rn * stride_auxn))
+    c_off = ((pid_m * BLOCK_M).to(tl.int64) * stride_cm + (pid_n * BLOCK_N).to(tl.int64) * stride_cn
+             + (rm * stride_cm + rn * stride_cn))
+    if GATE_GRAD:
+        g = tl.load(aux_ptr + aux_off, mask=mask, other=0.0).to(ACC_DTYPE)
+        u = tl.load(aux2_ptr + aux_off, mask=mask, other=0.0).to(ACC_DTYPE)
+        tl.store(c2_ptr + c_off, (acc * apply_activation(g, ACTIVATION)).to(c2_ptr.dtype.element_ty), mask=mask)
+        tl.store(c_ptr + c_off, (acc * u * activation_grad(g, ACTIVATION)).to(c_ptr.dtype.element_ty), mask=mask)
+    else:
+        if HAS_BIAS:
+            acc += tl.load(bias_ptr + offs_n * stride_bias, mask=mask_n, other=0.0)[None, :].to(ACC_DTYPE)
+            acc_up += tl.load(bias2_ptr + offs_n * stride_bias2, mask=mask_n, other=0.0)[None, :].to(ACC_DTYPE)
+        if STORE_AUX:
+            tl.store(aux_ptr + aux_off, acc.to(aux_ptr.dtype.element_ty), mask=mask)
+            tl.store(aux2_ptr + aux_off, acc_up.to(aux2_ptr.dtype.element_ty), mask=mask)
+        tl.store(c_ptr + c_off, (apply_activation(acc, ACTIVATION) * acc_up).to(c_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def k_loop(acc, a_ptrs, b_ptrs, K, stride_ak, stride_bk, offs_k,
+           INPUT_PRECISION: tl.constexpr, ACC_DTYPE: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr):
+    """acc += A @ B over K in BLOCK_K steps (the K tail masked only when K % BLOCK_K != 0)."""
+    for k in range(0, tl.cdiv(K, BLOCK_K)):
+        if EVEN_K:
+            a = tl.load(a_ptrs)
+            b = tl.load(b_ptrs)
+        else:
+            k_left = K - k * BLOCK_K
+            a = tl.load(a_ptrs, mask=offs_k[None, :] < k_left, other=0.0)
+            b = tl.load(b_ptrs, mask=offs_k[:, None] < k_left, other=0.0)
+        acc = tl.dot(a, b, acc, input_precision=INPUT_PRECISION, out_dtype=ACC_DTYPE)
+        a_ptrs += BLOCK_K * stride_ak
+        b_ptrs += BLOCK_K * stride_bk
+    return acc
+
+
+@triton.jit
 def fused_gemm_kernel(
     a_ptr, b_ptr, c_ptr, bias_ptr, aux_ptr,
+    a2_ptr, b2_ptr, c2_ptr, bias2_ptr, aux2_ptr,  # second operands/outputs (GATED, GATE_GRAD, TWO_K_SOURCES)
     M, N, K,
     stride_am, stride_ak, stride_bk, stride_bn, stride_cm, stride_cn, stride_auxm, stride_auxn,
-    stride_bias,
+    stride_bias, stride_bias2,
     ACTIVATION: tl.constexpr,   # _common.ACTIVATIONS: 0 none, 1 gelu, 2 gelu_tanh, 3 quick_gelu, 4 silu, 5 relu
     HAS_BIAS: tl.constexpr,     # C += bias[None, :]
     STORE_AUX: tl.constexpr,    # write the pre-activation to aux (forward, for backward)
     ACT_GRAD: tl.constexpr,     # C *= act'(aux) instead of C = act(C)  (MLP backward)
+    GATED: tl.constexpr,        # C = act(A @ B + bias) * (A @ B2 + bias2): one A tile, two B tiles
+    GATE_GRAD: tl.constexpr,    # C = dG, C2 = dU of the gate product, from g, u in aux, aux2
+    TWO_K_SOURCES: tl.constexpr,  # C = A @ B + A2 @ B2 (the reduction runs over two K-concatenated sources)
     INPUT_PRECISION: tl.constexpr,
     ACC_DTYPE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
@@ -108,25 +168,48 @@ def fused_gemm_kernel(
     # Wrap instead of mask: rows/cols past the edge re-read valid memory and are never stored.
     offs_am = (offs_m % M).to(tl.int64)
     offs_bn = (offs_n % N).to(tl.int64)
-    a_ptrs = a_ptr + offs_am[:, None] * stride_am + offs_k[None, :] * stride_ak
-    b_ptrs = b_ptr + offs_k[:, None] * stride_bk + offs_bn[None, :] * stride_bn
+    a_off = offs_am[:, None] * stride_am + offs_k[None, :] * stride_ak
+    b_off = offs_k[:, None] * stride_bk + offs_bn[None, :] * stride_bn
 
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=ACC_DTYPE)
-    for k in range(0, tl.cdiv(K, BLOCK_K)):
-        if EVEN_K:
-            a = tl.load(a_ptrs)
-            b = tl.load(b_ptrs)
+    if GATED:
+        # Gate and up tiles from the same A tile: A is read once for both products.
+        acc_up = tl.zeros((BLOCK_M, BLOCK_N), dtype=ACC_DTYPE)
+        a_ptrs = a_ptr + a_off
+        b_ptrs = b_ptr + b_off
+        b2_ptrs = b2_ptr + b_off
+        for k in range(0, tl.cdiv(K, BLOCK_K)):
+            if EVEN_K:
+                a = tl.load(a_ptrs)
+                b = tl.load(b_ptrs)
+                b2 = tl.load(b2_ptrs)
+            else:
+                k_left = K - k * BLOCK_K
+                a = tl.load(a_ptrs, mask=offs_k[None, :] < k_left, other=0.0)
+                b = tl.load(b_ptrs, mask=offs_k[:, None] < k_left, other=0.0)
+                b2 = tl.load(b2_ptrs, mask=offs_k[:, None] < k_left, other=0.0)
+            acc = tl.dot(a, b, acc, input_precision=INPUT_PRECISION, out_dtype=ACC_DTYPE)
+            acc_up = tl.dot(a, b2, acc_up, input_precision=INPUT_PRECISION, out_dtype=ACC_DTYPE)
+            a_ptrs += BLOCK_K * stride_ak
+            b_ptrs += BLOCK_K * stride_bk
+            b2_ptrs += BLOCK_K * stride_bk
+        gated_epilogue(acc, acc_up, pid_m, pid_n, M, N, c_ptr, c2_ptr, bias_ptr, bias2_ptr, aux_ptr, aux2_ptr,
+                       stride_cm, stride_cn, stride_auxm, stride_auxn, stride_bias, stride_bias2,
+                       ACTIVATION, HAS_BIAS, STORE_AUX, False, ACC_DTYPE, BLOCK_M, BLOCK_N)
+    else:
+        acc = k_loop(acc, a_ptr + a_off, b_ptr + b_off, K, stride_ak, stride_bk, offs_k,
+                     INPUT_PRECISION, ACC_DTYPE, BLOCK_K, EVEN_K)
+        if TWO_K_SOURCES:  # the gated MLP's dX = dG @ Wg + dU @ Wu, one accumulator, no concatenation
+            acc = k_loop(acc, a2_ptr + a_off, b2_ptr + b_off, K, stride_ak, stride_bk, offs_k,
+                         INPUT_PRECISION, ACC_DTYPE, BLOCK_K, EVEN_K)
+        if GATE_GRAD:
+            gated_epilogue(acc, acc, pid_m, pid_n, M, N, c_ptr, c2_ptr, bias_ptr, bias2_ptr, aux_ptr, aux2_ptr,
+                           stride_cm, stride_cn, stride_auxm, stride_auxn, stride_bias, stride_bias2,
+                           ACTIVATION, False, False, True, ACC_DTYPE, BLOCK_M, BLOCK_N)
         else:
-            k_left = K - k * BLOCK_K
-            a = tl.load(a_ptrs, mask=offs_k[None, :] < k_left, other=0.0)
-            b = tl.load(b_ptrs, mask=offs_k[:, None] < k_left, other=0.0)
-        acc = tl.dot(a, b, acc, input_precision=INPUT_PRECISION, out_dtype=ACC_DTYPE)
-        a_ptrs += BLOCK_K * stride_ak
-        b_ptrs += BLOCK_K * stride_bk
-
-    gemm_epilogue(acc, pid_m, pid_n, M, N, c_ptr, bias_ptr, aux_ptr,
-                  stride_cm, stride_cn, stride_auxm, stride_auxn, stride_bias,
-                  ACTIVATION, HAS_BIAS, STORE_AUX, ACT_GRAD, ACC_DTYPE, BLOCK_M, BLOCK_N)
+            gemm_epilogue(acc, pid_m, pid_n, M, N, c_ptr, bias_ptr, aux_ptr,
+                          stride_cm, stride_cn, stride_auxm, stride_auxn, stride_bias,
+                          ACTIVATION, HAS_BIAS, STORE_AUX, ACT_GRAD, ACC_DTYPE, BLOCK_M, BLOCK_N)
 
 
 @triton.jit
@@ -277,6 +360,26 @@ def pointer_tiles(act_grad: bool, elem_bytes: int) -> tuple:
     return tuple(t for t in GEMM_TILES if not (act_grad and elem_bytes == 4 and t[0] == 128))
 
 
+#: Tiles of the gated MLP's GEMMs (pointer kernel), by GEMM and operand size; 8-byte operands take
+#: FP64_TILE. Chosen by the compile check (sm_80 / sm_90, Triton 3.9; bench/NOTES.md "Gated MLP"):
+#: the forward holds two accumulators (gate, up) and the [dG | dU] epilogue three tiles (dH, g, u),
+#: so the 4-warp 128-row tiles and 128x128 spill (24-312 B); 128x64 with 8 warps does not. The
+#: two-source dX GEMM spilled 8 B at 128x64 w8 (sm_80) and fp32-IEEE's forward at every tile but
+#: 64x64 w8.
+GATED_TILES = {
+    ("gated", 2): ((128, 64, 64, 8, 4), (64, 64, 64, 4, 4)),
+    ("gate_grad", 2): ((128, 64, 64, 8, 4), (64, 64, 64, 4, 4)),
+    ("two_k", 2): ((64, 128, 64, 8, 4), (64, 64, 64, 4, 4)),
+    ("gated", 4): ((64, 64, 64, 8, 4),),
+    ("gate_grad", 4): ((64, 64, 64, 8, 4),),
+    ("two_k", 4): ((64, 64, 64, 4, 4),),
+}
+
+
+def gated_kind(gated: bool, gate_grad: bool) -> str:
+    return "gated" if gated else "gate_grad" if gate_grad else "two_k"
+
+
 def tma_preferred(a_trans: bool, b_trans: bool, act_grad: bool) -> bool:
     """Where "auto" takes the TMA kernel: the GEMMs it was measured faster on. On an H200 (Triton 3.6,
     bf16, M = 4608, K = 1024, N = 4096; bench/NOTES.md "First GPU measurements"): the forward's layout
@@ -334,20 +437,28 @@ def _wants_tma(a: torch.Tensor) -> bool:
 
 
 def _launch_gemm(a, b, c, *, bias=None, aux=None, activation=0,
-                 store_aux=False, act_grad=False):
-    """C = epilogue(A @ B) for 2-D views A (M, K), B (K, N), C (M, N)."""
+                 store_aux=False, act_grad=False, a2=None, b2=None, c2=None, bias2=None, aux2=None,
+                 gated=False, gate_grad=False):
+    """C = epilogue(A @ B) for 2-D views A (M, K), B (K, N), C (M, N). The gated MLP's GEMMs pass
+    second operands with the first's strides: ``gated`` (B2, bias2, aux2: C = act(g) * u),
+    ``gate_grad`` (aux2, C2: dG and dU), or A2 and B2 alone (C = A @ B + A2 @ B2)."""
     M, K = a.shape
     N = b.shape[1]
     if M == 0 or N == 0:
         return
     dummy = c  # never dereferenced when its flag is off
     aux_t = aux if aux is not None else dummy
-    outs = (c, bias if bias is not None else dummy, aux_t)
+    two_k = a2 is not None
+    outs = (c, bias if bias is not None else dummy, aux_t,
+            a2 if two_k else dummy, b2 if b2 is not None else dummy, c2 if c2 is not None else dummy,
+            bias2 if bias2 is not None else dummy, aux2 if aux2 is not None else dummy)
     out_strides = (c.stride(0), c.stride(1), aux_t.stride(0), aux_t.stride(1),
-                   bias.stride(0) if bias is not None else 0)
+                   bias.stride(0) if bias is not None else 0, bias2.stride(0) if bias2 is not None else 0)
     epilogue = dict(ACTIVATION=activation, HAS_BIAS=bias is not None, STORE_AUX=store_aux, ACT_GRAD=act_grad,
                     ACC_DTYPE=acc_dtype(a.dtype))
-    flags = dict(epilogue, INPUT_PRECISION=dot_precision(a.dtype))
+    gate_flags = dict(GATED=gated, GATE_GRAD=gate_grad, TWO_K_SOURCES=two_k)
+    flags = dict(epilogue, **gate_flags, INPUT_PRECISION=dot_precision(a.dtype))
+    gate_path = gated or gate_grad or two_k  # the pointer kernel only (not measured on TMA)
 
     def launch(tile, gpu_tile=True):
         bm, bn, bk, warps, stages = tile
@@ -359,7 +470,7 @@ def _launch_gemm(a, b, c, *, bias=None, aux=None, activation=0,
                     num_warps=warps, num_stages=stages)
 
     # Whether TMA can read both operands, and how (alignment does not depend on the tile).
-    layouts_tma = (_tma_layout(a), _tma_layout(b)) if K > 0 and _wants_tma(a) else (None, None)
+    layouts_tma = (_tma_layout(a), _tma_layout(b)) if K > 0 and not gate_path and _wants_tma(a) else (None, None)
     tma_ok = None not in layouts_tma
 
     def launch_tma(tile):
@@ -367,7 +478,8 @@ def _launch_gemm(a, b, c, *, bias=None, aux=None, activation=0,
         a_trans, b_trans = layouts_tma
         programs = TMA_PROGRAMS or num_sms(a.device)
         tma_gemm_kernel[(min(programs, cdiv(M, bm) * cdiv(N, bn)),)](
-            _tma_operand(a, bm, bk, a_trans), _tma_operand(b, bk, bn, b_trans), *outs, M, N, K, *out_strides,
+            _tma_operand(a, bm, bk, a_trans), _tma_operand(b, bk, bn, b_trans), *outs[:3], M, N, K,
+            *out_strides[:5],
             **epilogue, A_TRANS=a_trans, B_TRANS=b_trans,
             BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=GROUP_M, NUM_PROGRAMS=programs,
             FLATTEN=tma_flatten(act_grad), num_warps=warps, num_stages=stages)
@@ -382,7 +494,7 @@ def _launch_gemm(a, b, c, *, bias=None, aux=None, activation=0,
     elif K == 0:
         # An empty reduction (a layer of width 0): the loop runs zero times and the epilogue writes
         # act(bias) or 0 * act'(h), as torch does. Nothing to choose.
-        launch(GEMM_TILES[-1])
+        launch(GATED_TILES[gated_kind(gated, gate_grad), a.element_size()][-1] if gate_path else GEMM_TILES[-1])
     else:
         layouts = (a.stride(1) == 1, b.stride(1) == 1, c.stride(1) == 1)
         key = (a.dtype, a.device, *flags.values(), *layouts)
@@ -391,7 +503,9 @@ def _launch_gemm(a, b, c, *, bias=None, aux=None, activation=0,
             tma_candidates = candidate_tiles(M, N, sms, tma_tiles(act_grad))
             launch_tma(TMA_TUNER.choose((M, N, K), key, tma_candidates, launch_tma))
         else:
-            candidates = candidate_tiles(M, N, sms, pointer_tiles(act_grad, a.element_size()))
+            tiles = GATED_TILES[gated_kind(gated, gate_grad), a.element_size()] if gate_path else \
+                pointer_tiles(act_grad, a.element_size())
+            candidates = candidate_tiles(M, N, sms, tiles)
             launch(TUNER.choose((M, N, K), key, candidates, launch))
 
 
@@ -448,6 +562,41 @@ def weight_grad(dh, x, with_bias: bool):
     return dw, db
 
 
+def gated_fwd(x, w_gate, w_up, bias_gate=None, bias_up=None, activation="silu", store_preact=False):
+    """h = act(x @ w_gate^T + b_gate) * (x @ w_up^T + b_up) in one GEMM launch (x (M, K), w_* (N, K);
+    the biases both given or both None).
+    Returns (h, gu): gu (M, 2N) = [g | u], the two pre-activations, when saved for backward."""
+    M, N = x.shape[0], w_gate.shape[0]
+    if w_up.stride() != w_gate.stride():  # the kernel reads both weights with one set of strides
+        w_gate, w_up = w_gate.contiguous(), w_up.contiguous()
+    h = empty((M, N), dtype=x.dtype, device=x.device)
+    gu = empty((M, 2 * N), dtype=x.dtype, device=x.device) if store_preact else None
+    _launch_gemm(x, w_gate.t(), h, bias=bias_gate, b2=w_up.t(), bias2=bias_up,
+                 aux=gu[:, :N] if gu is not None else None, aux2=gu[:, N:] if gu is not None else None,
+                 activation=ACTIVATIONS[activation], store_aux=gu is not None, gated=True)
+    return h, gu
+
+
+def gate_grad(dy, w_down, gu, activation):
+    """dGU (M, 2N) = [dG | dU] of h = act(g) * u, from dH = dY @ W_down in one GEMM launch."""
+    M, N = dy.shape[0], w_down.shape[1]
+    dgu = empty((M, 2 * N), dtype=dy.dtype, device=dy.device)
+    _launch_gemm(dy, w_down, dgu[:, :N], c2=dgu[:, N:], aux=gu[:, :N], aux2=gu[:, N:],
+                 activation=ACTIVATIONS[activation], gate_grad=True)
+    return dgu
+
+
+def gated_input_grad(dgu, w_gate, w_up):
+    """dX = dG @ W_gate + dU @ W_up: one GEMM over both sources (no concatenated weight)."""
+    N = w_gate.shape[0]
+    M, K = dgu.shape[0], w_gate.shape[1]
+    if w_up.stride() != w_gate.stride():
+        w_gate, w_up = w_gate.contiguous(), w_up.contiguous()
+    dx = empty((M, K), dtype=dgu.dtype, device=dgu.device)
+    _launch_gemm(dgu[:, :N], w_gate, dx, a2=dgu[:, N:], b2=w_up)
+    return dx
+
+
 # ----------------------------------------------------------------------------------------------
 # Ahead-of-time compile specs (tests/test_aot.py, `mmfuse report`)
 # ----------------------------------------------------------------------------------------------
@@ -480,6 +629,34 @@ def _gemm_layouts(M, K, N, activation="gelu"):
 EXTRA_AOT_ACTIVATIONS = ("quick_gelu", "silu", "relu")
 
 
+#: The gated MLP's flags, off (every GEMM of a plain Linear / MLP).
+NO_GATE = dict(GATED=False, GATE_GRAD=False, TWO_K_SOURCES=False)
+
+
+def _second_operands(ptr):
+    return dict(a2_ptr=ptr, b2_ptr=ptr, c2_ptr=ptr, bias2_ptr=ptr, aux2_ptr=ptr)
+
+
+def _gated_layouts(M, K, N, activation="silu"):
+    """(variant, GEMM dims, strides, flags) of the gated MLP's own GEMMs (x (M, K), gate / up (N, K),
+    down (K, N)); its dW GEMMs are plain dW launches ([dG | dU]^T @ X, dY^T @ H)."""
+    act = ACTIVATIONS[activation]
+    return [
+        (f"gated fwd {activation}(g)*u+bias+aux", (M, N, K),
+         dict(stride_am=K, stride_ak=1, stride_bk=1, stride_bn=K, stride_cm=N, stride_cn=1,
+              stride_auxm=2 * N, stride_auxn=1),
+         dict(NO_GATE, ACTIVATION=act, HAS_BIAS=True, STORE_AUX=True, ACT_GRAD=False, GATED=True)),
+        (f"[dG | dU] from dY @ W_down ({activation})", (M, N, K),
+         dict(stride_am=K, stride_ak=1, stride_bk=N, stride_bn=1, stride_cm=2 * N, stride_cn=1,
+              stride_auxm=2 * N, stride_auxn=1),
+         dict(NO_GATE, ACTIVATION=act, HAS_BIAS=False, STORE_AUX=False, ACT_GRAD=False, GATE_GRAD=True)),
+        ("dX = dG @ W_gate + dU @ W_up", (M, K, N),
+         dict(stride_am=2 * N, stride_ak=1, stride_bk=K, stride_bn=1, stride_cm=K, stride_cn=1,
+              stride_auxm=K, stride_auxn=1),
+         dict(NO_GATE, ACTIVATION=0, HAS_BIAS=False, STORE_AUX=False, ACT_GRAD=False, TWO_K_SOURCES=True)),
+    ]
+
+
 def aot_specs():
     from mmfuse._aot import CompileSpec
 
@@ -510,9 +687,9 @@ def aot_specs():
             elem = {"*fp32": 4, "*fp64": 8}.get(ptr, 2)
             for variant, (gm, gn, gk), strides, flags in lays:
                 block_k = block_k_for(bk, elem)
-                args = dict(a_ptr=ptr, b_ptr=ptr, c_ptr=ptr, bias_ptr=ptr, aux_ptr=ptr,
-                            M=gm, N=gn, K=gk, **strides, stride_bias=1)
-                cx = dict(flags, INPUT_PRECISION=precision, ACC_DTYPE=tl.float64 if elem == 8 else tl.float32,
+                args = dict(a_ptr=ptr, b_ptr=ptr, c_ptr=ptr, bias_ptr=ptr, aux_ptr=ptr, **_second_operands(ptr),
+                            M=gm, N=gn, K=gk, **strides, stride_bias=1, stride_bias2=1)
+                cx = dict(NO_GATE, **flags, INPUT_PRECISION=precision, ACC_DTYPE=tl.float64 if elem == 8 else tl.float32,
                           BLOCK_M=bm, BLOCK_N=bn,
                           BLOCK_K=block_k, GROUP_M=GROUP_M, EVEN_K=gk % block_k == 0)
                 specs.append(CompileSpec(
@@ -550,6 +727,24 @@ def aot_specs():
                     config=f"{bm}x{bn}x{bk} w{warps} s{stages}", fn=tma_gemm_kernel,
                     args=tuple(args.items()), constexprs=tuple(cx.items()), num_warps=warps,
                     num_stages=stages, archs=(90,)))
+    # The gated MLP's three GEMMs on every tile they take: bf16 for the 2-byte dtypes (fp16 is the
+    # same code), TF32 and IEEE fp32 for the 4-byte ones, fp64 (gradcheck) on its tile.
+    for (variant, (gm, gn, gk), strides, flags), kind in zip(_gated_layouts(M, K, N), ("gated", "gate_grad", "two_k")):
+        for dtype, ptr, precision in (("bf16", "*bf16", "ieee"), ("fp32-tf32", "*fp32", "tf32"),
+                                      ("fp32", "*fp32", "ieee"), ("fp64", "*fp64", "ieee")):
+            elem = {"*fp32": 4, "*fp64": 8}.get(ptr, 2)
+            for bm, bn, bk, warps, stages in (GATED_TILES[kind, elem] if elem < 8 else (FP64_TILE,)):
+                block_k = block_k_for(bk, elem)
+                args = dict(a_ptr=ptr, b_ptr=ptr, c_ptr=ptr, bias_ptr=ptr, aux_ptr=ptr, **_second_operands(ptr),
+                            M=gm, N=gn, K=gk, **strides, stride_bias=1, stride_bias2=1)
+                cx = dict(flags, INPUT_PRECISION=precision, ACC_DTYPE=tl.float64 if elem == 8 else tl.float32,
+                          BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=block_k, GROUP_M=GROUP_M, EVEN_K=gk % block_k == 0)
+                specs.append(CompileSpec(
+                    kernel="linear/fused_gemm_kernel", variant=variant, dtype=dtype,
+                    config=f"{bm}x{bn}x{block_k} w{warps} s{stages}", fn=fused_gemm_kernel,
+                    args=tuple(args.items()), constexprs=tuple(cx.items()), num_warps=warps,
+                    num_stages=stages, tensor_cores=precision == "tf32" or elem != 4,
+                    sm90_instr="mma.sync" if elem == 8 else "wgmma"))
     bm, bn = ACT_GRAD_BLOCK
     for dtype, ptr in (("fp16", "*fp16"), ("bf16", "*bf16"), ("fp32", "*fp32")):
         args = dict(dy_ptr=ptr, h_ptr=ptr, dh_ptr=ptr, M=M, N=N, stride_dym=N, stride_dyn=1,

@@ -8,14 +8,16 @@ tests/test_registry.py walks the installed transformers and fails on any class i
 Families marked ``tower`` (each ViT block's MLP) are swapped only by ``patch(model, vision_tower=True)``;
 they sit outside that walk (it looks for projector-like classes) and each has its own test.
 
-Recipes that keep the original's forward (``mlp``, ``norm+mlp``, ``merge+mlp``, ``linear``, ``gated mlp``)
+Recipes that keep the original's forward (``mlp``, ``norm+mlp``, ``merge+mlp``, ``linear``)
 build a shallow copy of the module, of a subclass named ``Fused<Class>``, whose GEMM children are
 mmfuse's: each listed ``nn.Linear`` becomes ``mmfuse.nn.Linear`` (same parameters), a Linear followed by
 its activation module gets the activation fused into its epilogue (the activation child becomes
 ``nn.Identity``), and an ``nn.Sequential`` MLP becomes one fused ``MLPProjector``. The original's glue
-(norm, token merge, gate product) runs unchanged, so the replacement is faithful by construction, and
-the state_dict is the original's (same children, same parameters). A later change can give a recipe a
-forward of its own that fuses the glue into the kernels' loads; the family table does not change.
+(norm, token merge) runs unchanged, so the replacement is faithful by construction, and the state_dict
+is the original's (same children, same parameters). Recipes with a forward of their own (``gated mlp``:
+the gate product inside the GEMM; ``pool+norm+matmul``) are the same kind of copy with one method
+replaced; the glue before their GEMMs is named in the family's options (``GATED_PRE``, ``GLUE``), so a
+later change can fuse it into the kernels' loads without touching the family table.
 """
 
 from __future__ import annotations
@@ -159,6 +161,60 @@ def _weight_matmul(module: nn.Module, family: Family) -> nn.Module:
     return _shallow_copy(module, sub)
 
 
+#: Glue a gated recipe runs before its gated MLP (each the original forward's first lines; a later
+#: change may read them inside the first GEMM's loads).
+GATED_PRE = {
+    "glm_merger": lambda m, x: m.act1(m.post_projection_norm(m.proj(x))),
+    "pixel_shuffle": lambda m, x: m.pixel_shuffle(x),
+    "pixel_shuffle_norm": lambda m, x: m.layernorm(m.pixel_shuffle(x)),
+}
+
+
+def _gated_mlp(module: nn.Module, family: Family) -> nn.Module:
+    """``down(act(gate(x)) * up(x))`` as ``mmfuse.gated_mlp``: gate and up in one GEMM (act(g) * u in
+    its epilogue), down in a second. Options: ``gated`` = (gate, up, down, act) paths of separate
+    Linears, or ``chunked`` = (linear_1, linear_2, act, gate half) for one (2N, K) weight whose
+    ``chunk(2)`` gives (up, gate) (gate half 1) or (gate, up) (0); ``pre``: a GATED_PRE glue step;
+    ``linears``: other Linears the glue calls (swapped as in ``_swap_gemms``)."""
+    from mmfuse.ops.linear import gated_mlp
+
+    new = _swap_gemms(module, family)  # the glue's own Linears (GLM's proj), if any
+    pre = GATED_PRE[family.opt("pre")] if family.opt("pre") else None
+    if family.opt("gated"):
+        gate, up, down, act_path = family.opt("gated")
+        for path in (gate, up, down):
+            if not isinstance(_get(module, path), nn.Linear):
+                raise _patch.Unsupported(f"{path}: expected nn.Linear, got {type(_get(module, path)).__name__}")
+        act = activation_name(_get(module, act_path))
+
+        def run(self, x):
+            g, u, d = _get(self, gate), _get(self, up), _get(self, down)
+            return gated_mlp(x, g.weight, u.weight, d.weight, g.bias, u.bias, d.bias, act)
+    else:
+        lin1, lin2, act_path, gate_half = family.opt("chunked")
+        if not (isinstance(_get(module, lin1), nn.Linear) and isinstance(_get(module, lin2), nn.Linear)):
+            raise _patch.Unsupported(f"{lin1}, {lin2}: expected nn.Linear")
+        act = activation_name(_get(module, act_path))
+
+        def run(self, x):
+            l1, l2 = _get(self, lin1), _get(self, lin2)
+            n = l1.out_features // 2
+            halves = [(l1.weight[:n], l1.bias[:n] if l1.bias is not None else None),
+                      (l1.weight[n:], l1.bias[n:] if l1.bias is not None else None)]
+            (wg, bg), (wu, bu) = halves[gate_half], halves[1 - gate_half]
+            return gated_mlp(x, wg, wu, l2.weight, bg, bu, l2.bias, act)
+    if act is None or act not in ("silu", "gelu", "gelu_tanh", "quick_gelu", "relu"):
+        raise _patch.Unsupported(f"gate activation: expected one the epilogue computes, got {act!r}")
+
+    def forward(self, x):
+        return run(self, pre(self, x) if pre is not None else x)
+
+    cls = type(new)
+    sub = type(cls.__name__, (cls,), {"__module__": "mmfuse.registry", "forward": forward})
+    new.__class__ = sub
+    return new
+
+
 def _conv3d_patch_embed(module: nn.Module, family: Family) -> nn.Module:
     from mmfuse.nn.hf import Qwen2VLPatchEmbed
 
@@ -198,8 +254,9 @@ RECIPES = {r.name: r for r in [
     Recipe("norm+mlp", PROJECTOR, "every Linear, bias and activation", "the norm", _swap_gemms),
     Recipe("merge+mlp", PROJECTOR, "every Linear (merge Linear included), bias and activation",
            "the norm and the token merge (reshapes / unfold / pixel shuffle)", _swap_gemms),
-    Recipe("gated mlp", PROJECTOR, "every Linear and bias; the gate's activation where it follows a Linear",
-           "the norm, the token merge, the chunk and the gate product", _swap_gemms),
+    Recipe("gated mlp", PROJECTOR,
+           "gate and up as one GEMM (bias, act(g) * u in its epilogue; dG and dU in the backward GEMM's), "
+           "down as a second", "the glue before it (Linear + norm, pixel shuffle, norm)", _gated_mlp),
     Recipe("pool+norm+matmul", PROJECTOR, "the weight matmul (W^T as the GEMM's B)",
            "the average pool and the RMSNorm", _weight_matmul),
     Recipe("patch embed (pre-cut rows)", PATCH_EMBED, "Conv3d(k=s) on pre-cut patch rows as one GEMM + bias",
@@ -233,9 +290,7 @@ def _tower_mlp(name, module, cls, linears=("fc1", "fc2"), act="activation_fn", n
 
 def _tower_gated(name, module, cls, notes=""):
     """A ViT block's SwiGLU, down(act(gate(x)) * up(x)) (opt-in: ``tower=True``)."""
-    return Family(name, module, (cls,), "gated mlp",
-                  (("linears", ("gate_proj", "up_proj", "down_proj")), ("fuse", (("gate_proj", "act_fn"),))), notes,
-                  tower=True)
+    return Family(name, module, (cls,), "gated mlp", _SEPARATE_GATE, notes, tower=True)
 
 
 def _is_llava_mlp_sequential(m: nn.Module) -> bool:
@@ -253,7 +308,8 @@ def _is_llava_mlp_sequential(m: nn.Module) -> bool:
 _QWEN_MERGER = (("sequential", ("mlp",)),)
 _QWEN3_MERGER = (("linears", ("linear_fc1", "linear_fc2")), ("fuse", (("linear_fc1", "act_fn"),)))
 _CONV3D_NOTE = "Conv3d(k=s) on rows the processor cut: cuDNN's bf16 Conv3d path avoided"
-_GLM_MERGER = (("linears", ("proj", "gate_proj", "up_proj", "down_proj")), ("fuse", (("gate_proj", "act_fn"),)))
+_SEPARATE_GATE = (("gated", ("gate_proj", "up_proj", "down_proj", "act_fn")),)
+_GLM_MERGER = (("linears", ("proj",)), ("pre", "glm_merger"), *_SEPARATE_GATE)
 _CLIP = (("layout", "clip"),)
 
 FAMILIES: list[Family] = [
@@ -323,16 +379,16 @@ FAMILIES: list[Family] = [
            notes="an MLP per patch, the merge as a reshape, then a second MLP"),
     # gated
     Family("Command A Vision", "cohere2_vision", ("Cohere2VisionMultiModalProjector",), "gated mlp",
-           (("linears", ("linear_1", "linear_2")),), notes="pixel shuffle, SwiGLU on one chunked weight"),
+           (("pre", "pixel_shuffle"), ("chunked", ("linear_1", "linear_2", "act", 1))),
+           notes="pixel shuffle, SwiGLU on one chunked weight (up, gate)"),
     Family("Aya Vision", "aya_vision", ("AyaVisionMultiModalProjector",), "gated mlp",
-           (("linears", ("linear_1", "linear_2")),),
-           notes="pixel shuffle, LayerNorm, SwiGLU on one chunked weight (gate product in PyTorch)"),
+           (("pre", "pixel_shuffle_norm"), ("chunked", ("linear_1", "linear_2", "act", 1))),
+           notes="pixel shuffle, LayerNorm, SwiGLU on one chunked weight (up, gate)"),
     Family("GLM-4V", "glm4v", ("Glm4vVisionPatchMerger",), "gated mlp", _GLM_MERGER,
            notes="Linear, LayerNorm + GELU, then SwiGLU (separate gate / up)"),
     Family("GLM-4V-MoE", "glm4v_moe", ("Glm4vMoeVisionPatchMerger",), "gated mlp", _GLM_MERGER),
     Family("GLM-OCR", "glm_ocr", ("GlmOcrVisionPatchMerger",), "gated mlp", _GLM_MERGER),
-    Family("Idefics2", "idefics2", ("Idefics2MLP",), "gated mlp",
-           (("linears", ("gate_proj", "up_proj", "down_proj")), ("fuse", (("gate_proj", "act_fn"),))),
+    Family("Idefics2", "idefics2", ("Idefics2MLP",), "gated mlp", _SEPARATE_GATE,
            notes="the connector's modality projection and the perceiver layers' MLPs (SwiGLU, separate gate / up)"),
     # patch embeddings
     Family("Qwen2-VL", "qwen2_vl", ("PatchEmbed",), "patch embed (pre-cut rows)", notes=_CONV3D_NOTE),

@@ -30,7 +30,7 @@ from mmfuse._aot import all_specs
 from mmfuse.kernels import _common
 from mmfuse.kernels import cross_attention as KA
 from mmfuse.ops.cross_attention import cross_attention_reference
-from mmfuse.ops.linear import linear_reference, mlp_reference
+from mmfuse.ops.linear import gated_mlp_reference, linear_reference, mlp_reference
 from mmfuse.ops.patch_embed import patch_embed_reference
 from mmfuse.testing import assert_close, assert_matches_reference
 
@@ -67,6 +67,9 @@ def run_key(spec):
         # dW is the GEMM whose A (dH^T) runs along M in memory: unit stride_am, or a transposed descriptor.
         dw = dict(spec.args).get("stride_am") == 1 or cx.get("A_TRANS", False)
         kind = "dW" if dw else "dX*act'" if cx["ACT_GRAD"] else "fwd+aux" if cx["STORE_AUX"] else "fwd"
+        # The gated MLP's own GEMMs (its dW GEMMs are plain dW launches).
+        kind = "gated fwd" if cx.get("GATED") else "gate grad" if cx.get("GATE_GRAD") else \
+            "gated dX" if cx.get("TWO_K_SOURCES") else kind
         bias = True if kind == "dW" else cx["HAS_BIAS"]  # dW runs in a Linear with a bias (db: a reduction)
         # The TMA kernel has no EVEN_K (the copy engine zero-fills the K tail): its runs take a tail.
         even_k = cx.get("EVEN_K", False)
@@ -260,6 +263,24 @@ def run_linear(kind, act, bias, dtype, tile, even_k, ragged=RAGGED):
                       inputs, names, () if kind == "fwd" else tuple(names))
 
 
+def run_gated(kind, act, dtype, tile, even_k):
+    """A gated MLP whose targeted GEMM spans two ragged tiles of ``tile`` and reduces over 2 BLOCK_K
+    (+ a tail unless EVEN_K): the gate/up forward is (M, N, K), [dG | dU] (M, N, D), dX (M, K, N)
+    for x (M, K), hidden width N, output width D. Values and every gradient."""
+    rows, cols = tile[0] + RAGGED, tile[1] + RAGGED
+    red = 2 * _block_k(tile, dtype) + (0 if even_k else RAGGED)
+    M, K, N, D = {"gated fwd": (rows, red, cols, 24), "gate grad": (rows, 24, cols, red),
+                  "gated dX": (rows, cols, red, 24)}[kind]
+    x = torch.randn(M, K, dtype=dtype)
+    wg, wu = (torch.randn(N, K, dtype=dtype) / K ** 0.5 for _ in range(2))
+    wd = torch.randn(D, N, dtype=dtype) / N ** 0.5
+    bs = [torch.randn(n, dtype=dtype) for n in (N, N, D)]
+    names = ["x", "w_gate", "w_up", "w_down", "b_gate", "b_up", "b_down"]
+    act = act or "silu"  # the dX GEMM has no epilogue activation of its own
+    _values_and_grads(lambda *t: mmfuse.gated_mlp(*t, activation=act),
+                      lambda *t: gated_mlp_reference(*t, activation=act), [x, wg, wu, wd, *bs], names, names)
+
+
 def run_patch_embed(name, dtype, tile, even_k, geometry):
     if name == "batch_sum_kernel":  # dpos of a table shared by the batch: B = 2, N and D past one block
         C, T, P, B, grid, D = 3, 1, 4, 2, (1, 6, 6), tile[1] + RAGGED
@@ -337,7 +358,10 @@ def _execute(key):
         # strides keep TMA's 16-byte alignment (ragged by 8 elements instead of 11).
         with _tf32(dtype_name == "fp32-tf32"), _common.gpu_config(tiles), \
                 _patched(KL, "TMA", "always" if tma else "never"), _patched(KL, "TMA_PROGRAMS", 132 if tma else None):
-            run_linear(kind, act, bias, DTYPES[dtype_name], tile, even_k, ragged=8 if tma else RAGGED)
+            if kind.startswith("gate"):
+                run_gated(kind, act, DTYPES[dtype_name], tile, even_k)
+            else:
+                run_linear(kind, act, bias, DTYPES[dtype_name], tile, even_k, ragged=8 if tma else RAGGED)
     elif family == "patch_embed":
         from mmfuse.kernels import patch_embed as KP
 

@@ -670,3 +670,24 @@ def test_vision_embeddings_families_are_source_copies_of_clip_or_siglip():
         if fam.recipe == "vision embeddings":
             for cls in fam.classes:
                 assert _embeddings_source(fam.module, cls) == ref[fam.opt("layout")], (fam.name, cls)
+
+
+def _gated_keys():
+    gated = {(f.module, c, f.tower) for f in registry.FAMILIES if f.recipe == "gated mlp" for c in f.classes}
+    return sorted([(k, False) for k in BUILDERS if (*k, False) in gated]
+                  + [(k, True) for k in TOWER_BUILDERS if (*k, True) in gated])
+
+
+@pytest.mark.parametrize("key,tower", _gated_keys(), ids=lambda k: f"{k[0]}.{k[1]}" if isinstance(k, tuple) else "")
+def test_gated_families_run_gate_and_up_as_one_gemm(key, tower, monkeypatch):
+    """A patched gated MLP runs the gate product inside the GEMM: one gated launch, no PyTorch product."""
+    from mmfuse.kernels import linear as KL
+
+    calls = []
+    real = KL.gated_fwd
+    monkeypatch.setattr(KL, "gated_fwd", lambda *a, **k: calls.append(a[0].shape) or real(*a, **k))
+    module, inputs = (TOWER_BUILDERS if tower else BUILDERS)[key]()
+    model = _Parent(module)
+    mmfuse.patch(model, vision_tower=tower)
+    model(*inputs)
+    assert len(calls) == 1, calls

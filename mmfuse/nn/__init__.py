@@ -9,10 +9,10 @@ from mmfuse.nn.attention import (
     PerceiverResampler,
 )
 from mmfuse.nn.hf import NormMLPProjector, PatchMerger, Qwen2VLPatchEmbed
-from mmfuse.nn.linear import Linear, MLPProjector
+from mmfuse.nn.linear import GatedMLP, Linear, MLPProjector
 from mmfuse.nn.patch_embed import CLIPVisionEmbeddings, PatchEmbed, PatchEmbed3d, SiglipVisionEmbeddings
 
-__all__ = ["Linear", "MLPProjector", "NormMLPProjector", "PatchMerger", "Qwen2VLPatchEmbed",
+__all__ = ["Linear", "MLPProjector", "GatedMLP", "NormMLPProjector", "PatchMerger", "Qwen2VLPatchEmbed",
            "PatchEmbed", "PatchEmbed3d", "CLIPVisionEmbeddings", "SiglipVisionEmbeddings",
            "CrossAttention", "MultiheadAttention", "PerceiverAttention", "PerceiverResampler",
            "Idefics2PerceiverAttention"]

@@ -8,7 +8,7 @@ import torch
 import torch.nn as nn
 
 from mmfuse.nn._activations import activation_name
-from mmfuse.ops.linear import linear, mlp
+from mmfuse.ops.linear import gated_mlp, linear, mlp
 
 
 class Linear(nn.Linear):
@@ -108,3 +108,43 @@ class MLPProjector(nn.Module):
         if len(acts) > 1:
             raise ValueError(f"module: expected one activation between all layers, got {sorted(map(str, acts))}")
         return cls._from_layers(names, layers, acts.pop() if acts else None)
+
+
+class GatedMLP(nn.Module):
+    """``down_proj(act(gate_proj(x)) * up_proj(x))`` (SwiGLU with ``"silu"``, GeGLU with ``"gelu"``):
+    gate and up as one fused GEMM (act(g) * u in its epilogue), down as a second. Children and
+    state_dict keys are those of transformers' gated MLPs (``gate_proj``, ``up_proj``, ``down_proj``)."""
+
+    def __init__(self, in_features: int, hidden_features: int, out_features: int | None = None, bias: bool = True,
+                 activation: str = "silu", device=None, dtype=None):
+        super().__init__()
+        out_features = in_features if out_features is None else out_features
+        kw = dict(bias=bias, device=device, dtype=dtype)
+        self.gate_proj = nn.Linear(in_features, hidden_features, **kw)
+        self.up_proj = nn.Linear(in_features, hidden_features, **kw)
+        self.down_proj = nn.Linear(hidden_features, out_features, **kw)
+        self.activation = activation
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        g, u, d = self.gate_proj, self.up_proj, self.down_proj
+        return gated_mlp(x, g.weight, u.weight, d.weight, g.bias, u.bias, d.bias, self.activation)
+
+    def extra_repr(self) -> str:
+        return f"activation={self.activation!r}"
+
+    @classmethod
+    def from_module(cls, module: nn.Module) -> "GatedMLP":
+        """From a module with ``gate_proj``, ``up_proj``, ``down_proj`` Linears and an ``act_fn`` (Idefics2,
+        Qwen2.5-VL's vision MLP, Pixtral, GLM-4V, Llama-style MLPs), sharing its parameters."""
+        names = ("gate_proj", "up_proj", "down_proj")
+        if not all(isinstance(getattr(module, n, None), nn.Linear) for n in names):
+            raise TypeError(f"module: expected gate_proj, up_proj and down_proj nn.Linear children, "
+                            f"got {type(module).__name__}")
+        new = cls.__new__(cls)
+        nn.Module.__init__(new)
+        for n in names:
+            new.add_module(n, getattr(module, n))
+        new.activation = activation_name(getattr(module, "act_fn", None))
+        if new.activation is None:
+            raise ValueError(f"module.act_fn: expected a gate activation, got {type(module.act_fn).__name__}")
+        return new

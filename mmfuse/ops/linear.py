@@ -333,3 +333,132 @@ def verify_checks():
             checks.append(linear_check(dtype, act, 37, 75, 131))
         checks.append(mlp_check(dtype, 45, (40, 96, 72)))
     return checks
+
+
+# ----------------------------------------------------------------------------------------------
+# Gated MLP (SwiGLU / GeGLU): down(act(gate(x)) * up(x))
+# ----------------------------------------------------------------------------------------------
+# Forward: 2 launches. The gate and up products share one A tile and one epilogue (act(g) * u), which
+# also saves g and u for backward. Backward, given dY:
+#   dW_down = dY^T @ H, db_down = sum dY           one GEMM + one reduction
+#   [dG | dU] = epilogue(dY @ W_down)              one GEMM: dG = dH * u * act'(g), dU = dH * act(g)
+#   [dW_gate; dW_up] = [dG | dU]^T @ X, [db_gate | db_up] = sum [dG | dU]    one GEMM + one reduction
+#   dX = dG @ W_gate + dU @ W_up                   one GEMM over two K sources
+def gated_mlp_reference(x, w_gate, w_up, w_down, b_gate=None, b_up=None, b_down=None, activation="silu"):
+    """``down(act(gate(x)) * up(x))`` in plain PyTorch, as transformers' SwiGLU MLPs write it."""
+    return F.linear(apply_activation_reference(F.linear(x, w_gate, b_gate), activation) * F.linear(x, w_up, b_up),
+                    w_down, b_down)
+
+
+@torch.library.custom_op("mmfuse::gated_mlp_fwd", mutates_args=())
+def gated_mlp_fwd_op(x: torch.Tensor, w_gate: torch.Tensor, w_up: torch.Tensor, w_down: torch.Tensor,
+                     b_gate: torch.Tensor | None, b_up: torch.Tensor | None, b_down: torch.Tensor | None,
+                     activation: str, save: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(y, h, gu): h = act(g) * u (the down projection's input) and gu = [g | u], when saved."""
+    h, gu = K.gated_fwd(x, w_gate, w_up, b_gate, b_up, activation, store_preact=save)
+    y, _ = K.linear_fwd(h, w_down, b_down)
+    return y, (h if save else _nothing(x)), (gu if save else _nothing(x))
+
+
+@gated_mlp_fwd_op.register_fake
+def _(x, w_gate, w_up, w_down, b_gate, b_up, b_down, activation, save):
+    M, N = x.shape[0], w_gate.shape[0]
+    y = x.new_empty(M, w_down.shape[0])
+    return y, (x.new_empty(M, N) if save else _nothing(x)), (x.new_empty(M, 2 * N) if save else _nothing(x))
+
+
+@torch.library.custom_op("mmfuse::gated_mlp_bwd", mutates_args=())
+def gated_mlp_bwd_op(dy: torch.Tensor, x: torch.Tensor, h: torch.Tensor, gu: torch.Tensor, w_gate: torch.Tensor,
+                     w_up: torch.Tensor, w_down: torch.Tensor, activation: str, need_x: bool, need_gate_up: bool,
+                     need_down: bool, need_b_gate_up: bool, need_b_down: bool,
+                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(dx, dW_gate_up (2N, K) = [dW_gate; dW_up], dW_down, db_gate_up (2N,), db_down)."""
+    dwd, dbd = _nothing(x), _nothing(x)
+    if need_down:
+        dwd, dbd = K.weight_grad(dy, h, with_bias=need_b_down)
+        dbd = dbd if need_b_down else _nothing(x)
+    elif need_b_down:
+        dbd = _acc_sum_rows(dy)
+    dwgu, dbgu, dx = _nothing(x), _nothing(x), _nothing(x)
+    if need_x or need_gate_up or need_b_gate_up:
+        dgu = K.gate_grad(dy, w_down, gu, activation)
+        if need_gate_up:
+            dwgu, dbgu = K.weight_grad(dgu, x, with_bias=need_b_gate_up)
+            dbgu = dbgu if need_b_gate_up else _nothing(x)
+        elif need_b_gate_up:
+            dbgu = _acc_sum_rows(dgu)
+        if need_x:
+            dx = K.gated_input_grad(dgu, w_gate, w_up)
+    return dx, dwgu, dwd, dbgu, dbd
+
+
+@gated_mlp_bwd_op.register_fake
+def _(dy, x, h, gu, w_gate, w_up, w_down, activation, need_x, need_gate_up, need_down, need_b_gate_up,
+      need_b_down):
+    N, Kin = w_gate.shape
+    return (x.new_empty(x.shape) if need_x else _nothing(x),
+            x.new_empty(2 * N, Kin) if need_gate_up else _nothing(x),
+            w_down.new_empty(w_down.shape) if need_down else _nothing(x),
+            x.new_empty(2 * N) if need_b_gate_up else _nothing(x),
+            w_down.new_empty(w_down.shape[:1]) if need_b_down else _nothing(x))
+
+
+def _gated_setup(ctx, inputs, output):
+    x, w_gate, w_up, w_down, b_gate, b_up, b_down, activation, _ = inputs
+    ctx.set_materialize_grads(False)
+    ctx.activation = activation
+    ctx.needs = (x.requires_grad, w_gate.requires_grad, w_up.requires_grad, w_down.requires_grad,
+                 b_gate is not None and b_gate.requires_grad, b_up is not None and b_up.requires_grad,
+                 b_down is not None and b_down.requires_grad)
+    _, h, gu = output
+    ctx.save_for_backward(x, h, gu, w_gate, w_up, w_down)
+
+
+def _gated_backward(ctx, dy, _h, _gu):
+    if dy is None:
+        return (None,) * 9
+    x, h, gu, w_gate, w_up, w_down = ctx.saved_tensors
+    nx, ng, nu, nd, nbg, nbu, nbd = ctx.needs
+    dx, dwgu, dwd, dbgu, dbd = gated_mlp_bwd_op(dy, x, h, gu, w_gate, w_up, w_down, ctx.activation, nx, ng or nu,
+                                                nd, nbg or nbu, nbd)
+    N = w_gate.shape[0]
+    # Views of one buffer each: gate rows first (the kernel's [g | u] order).
+    return (dx if nx else None, dwgu[:N] if ng else None, dwgu[N:] if nu else None, dwd if nd else None,
+            dbgu[:N] if nbg else None, dbgu[N:] if nbu else None, dbd if nbd else None, None, None)
+
+
+gated_mlp_fwd_op.register_autograd(_gated_backward, setup_context=_gated_setup)
+
+GATE_ACTIVATIONS = ("silu", "gelu", "gelu_tanh", "quick_gelu", "relu")
+
+
+def gated_mlp(x: torch.Tensor, w_gate: torch.Tensor, w_up: torch.Tensor, w_down: torch.Tensor,
+              b_gate: torch.Tensor | None = None, b_up: torch.Tensor | None = None,
+              b_down: torch.Tensor | None = None, activation: str = "silu") -> torch.Tensor:
+    """``down(act(gate(x)) * up(x))``: SwiGLU (``"silu"``) or GeGLU (``"gelu"``, ``"gelu_tanh"``).
+
+    x (..., K); w_gate, w_up (N, K); w_down (D, N); biases (N,), (N,), (D,) or None. The gate and up
+    products run as one GEMM (one read of x, act(g) * u in its epilogue), the down projection as a
+    second. A weight stored chunked (Aya Vision's ``linear_1``: one (2N, K) weight) passes its halves
+    as views: ``w[N:], w[:N]`` for "up first, then gate"."""
+    _check_x(x)
+    check_choice("activation", activation, GATE_ACTIVATIONS)
+    if backend_for(x) == REFERENCE:
+        _check_gated(x, w_gate, w_up, w_down, b_gate, b_up, b_down)
+        return gated_mlp_reference(x, w_gate, w_up, w_down, b_gate, b_up, b_down, activation)
+    x, w_gate, w_up, w_down, b_gate, b_up, b_down = autocast_inputs(x, w_gate, w_up, w_down, b_gate, b_up, b_down)
+    _check_gated(x, w_gate, w_up, w_down, b_gate, b_up, b_down)
+    if (b_gate is None) != (b_up is None):  # the kernel adds both biases or neither
+        b_gate = b_gate if b_gate is not None else torch.zeros_like(b_up)
+        b_up = b_up if b_up is not None else torch.zeros_like(b_gate)
+    lead = x.shape[:-1]
+    y, _, _ = gated_mlp_fwd_op(x.reshape(-1, x.shape[-1]), w_gate, w_up, w_down, b_gate, b_up, b_down, activation,
+                               _needs_grad(x, w_gate, w_up, w_down, b_gate, b_up, b_down))
+    return y.reshape(*lead, w_down.shape[0])
+
+
+def _check_gated(x, w_gate, w_up, w_down, b_gate, b_up, b_down):
+    _check_layer(x, w_gate, b_gate, x.shape[-1], wname="w_gate", bname="b_gate")
+    _check_layer(x, w_up, b_up, x.shape[-1], wname="w_up", bname="b_up")
+    check_size("w_up", "shape[0] (the gate's out_features)", w_up.shape[0], w_gate.shape[0])
+    _check_layer(x, w_down, b_down, w_gate.shape[0], wname="w_down", bname="b_down")
