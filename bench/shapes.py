@@ -19,6 +19,18 @@ class MLPShape:
 
 
 @dataclasses.dataclass(frozen=True)
+class GatedShape:
+    """A gated MLP, down(act(gate(x)) * up(x)): tokens per image, in -> hidden -> out."""
+    name: str
+    tokens: int
+    features: int
+    hidden: int
+    out: int
+    bias: bool = True
+    activation: str = "silu"
+
+
+@dataclasses.dataclass(frozen=True)
 class PatchShape:
     """A patch embedding: Conv2d(C, D, P, stride=P) on (H, W) images, or Conv3d with temporal T."""
     name: str
@@ -64,6 +76,15 @@ MLP_SHAPES = (
     MLPShape("mistral3-24b-projector", 1369, (1024, 5120, 5120)),
 )
 
+GATED_SHAPES = (
+    # Qwen2.5-VL-7B's vision-tower MLP (every one of its 32 blocks): SwiGLU 1280 -> 3420 -> 1280 with
+    # biases, on the tower's tokens before the merge: 64x64 = 4096 patches of a 896px image.
+    GatedShape("qwen2.5-vl-7b-tower-mlp", 4096, 1280, 3420, 1280),
+    # Idefics2-8B's connector modality projection (Idefics2MLP, no biases): SigLIP's 1152 -> the
+    # Mistral-7B intermediate 14336 -> 4096, on 70x70 = 4900 tokens of a 980px image.
+    GatedShape("idefics2-8b-connector-mlp", 4900, 1152, 14336, 4096, bias=False),
+)
+
 PATCH_SHAPES = (
     PatchShape("clip-l-14-336", 3, (336, 336), 14, 1024),
     PatchShape("siglip-so400m-14-384", 3, (384, 384), 14, 1152),
@@ -86,7 +107,7 @@ ATTENTION_SHAPES = (
 
 
 def by_name(name: str):
-    for table in (MLP_SHAPES, PATCH_SHAPES, ATTENTION_SHAPES):
+    for table in (MLP_SHAPES, GATED_SHAPES, PATCH_SHAPES, ATTENTION_SHAPES):
         for s in table:
             if s.name == name:
                 return s

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import sys
 
-from mmfuse.bench.shapes import ATTENTION_SHAPES, MLP_SHAPES, PATCH_SHAPES
+from mmfuse.bench.shapes import ATTENTION_SHAPES, GATED_SHAPES, MLP_SHAPES, PATCH_SHAPES
 
 SMS = 132
 # H100 SXM bf16 dense FLOP/s and HBM B/s as measured on one (DESIGN.md), a launch's fixed cost in µs
@@ -223,6 +223,52 @@ def traffic_section() -> list[str]:
     return lines
 
 
+def gated_traffic_section() -> list[str]:
+    from mmfuse.kernels import linear as KL
+    from mmfuse.traffic import gated_mlp_traffic
+
+    def largest_kept(rows, cols, kind=None):
+        tiles = KL.GATED_TILES[kind, 2] if kind else KL.GEMM_TILES
+        return _largest(KL.candidate_tiles(rows, cols, SMS, tiles))[:2]
+
+    def step_us(launches, ours: bool) -> float:
+        total = 0.0
+        for x in launches:
+            eff = 1.0
+            if ours and x["rows"] is not None:
+                bm, bn = largest_kept(x["rows"], x["cols"], x["kind"])
+                eff = KL.wave_efficiency(x["rows"], x["cols"], bm, bn, SMS)
+            total += launch_us(x["flops"], x["hbm"], eff)
+        return total
+
+    lines = ["## HBM bytes and launches, gated MLPs in training (bf16; model, checked against interpreted runs "
+             "at small sizes in tests/test_traffic.py)", "",
+             "mmfuse (`mmfuse.gated_mlp`): forward = gate and up in one GEMM (x read once, act(g) * u in the "
+             "epilogue, g and u saved) + down; backward = dW_down, db_down, [dG | dU] (dY @ W_down with the "
+             "product's backward in its epilogue), [dW_gate; dW_up] (one GEMM), their biases (one reduction), dX "
+             "over both sources (one GEMM); each GEMM at the tile its launcher picks (the gated GEMMs from "
+             "`GATED_TILES`). Eager: transformers' `down(act(gate(x)) * up(x))` (two addmm, act, product, addmm) "
+             "and autograd (down's dW, db, dH; dH * u, dH * a, act'; dW, db, dX of gate and up; dX_gate + "
+             "dX_up), every kernel reading its inputs once and writing its outputs once.", "", _PER_LAUNCH_RULE, "",
+             "| shape | images | fwd MB eager → mmfuse (ratio) | bwd MB eager → mmfuse (ratio) | launches fwd, bwd "
+             "| fwd µs eager → mmfuse | fwd speedup | fwd+bwd µs eager → mmfuse | fwd+bwd speedup |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    for s in GATED_SHAPES:
+        for images in (1, 8):
+            M = s.tokens * images
+            t = gated_mlp_traffic(M, s.features, s.hidden, s.out, largest_kept, 2, bias=s.bias)
+            d = t["per_launch"]
+            eager_fwd, ours_fwd = step_us(d["eager_fwd"], False), step_us(d["fwd"], True)
+            eager_all, ours_all = eager_fwd + step_us(d["eager_bwd"], False), ours_fwd + step_us(d["bwd"], True)
+            ef, eb, of, ob = (t[k]["hbm"] for k in ("eager_fwd", "eager_bwd", "fwd", "bwd"))
+            lines.append(
+                f"| {s.name} | {images} | {ef / 1e6:.1f} → {of / 1e6:.1f} ({of / ef:.2f}) | {eb / 1e6:.1f} → "
+                f"{ob / 1e6:.1f} ({ob / eb:.2f}) | {t['eager_fwd']['launches']} → {t['fwd']['launches']}, "
+                f"{t['eager_bwd']['launches']} → {t['bwd']['launches']} | {eager_fwd:.0f} → {ours_fwd:.0f} | "
+                f"{eager_fwd / ours_fwd:.2f}x | {eager_all:.0f} → {ours_all:.0f} | {eager_all / ours_all:.2f}x |")
+    return lines
+
+
 def patch_traffic_section() -> list[str]:
     from mmfuse.kernels import linear as KL
     from mmfuse.kernels import patch_embed as KP
@@ -353,7 +399,7 @@ def render(reports=None, progress=None) -> str:
             "Computed, not timed: compile figures from Triton's AOT compiler for sm_80 / sm_90, launch grids "
             "from the launchers' own tile and split rules on an H100's 132 SMs.", ""]
     return "\n".join(head + compile_section(reports) + [""] + waves_section() + [""] + traffic_section()
-                     + [""] + patch_traffic_section() + [""] + attention_traffic_section()) + "\n"
+                     + [""] + gated_traffic_section() + [""] + patch_traffic_section() + [""] + attention_traffic_section()) + "\n"
 
 
 def main(out: str | None = None) -> int:

@@ -39,8 +39,12 @@ def _cdiv(a, b):
 
 
 def fused_gemm_traffic(M: int, N: int, K: int, tile: tuple[int, int], elem: int, *, bias: bool = False,
-                       store_aux: bool = False, act_grad: bool = False) -> dict[str, Traffic]:
-    """Per operand ("a", "b", "bias", "aux", "c") of one ``fused_gemm_kernel`` launch."""
+                       store_aux: bool = False, act_grad: bool = False, gated: bool = False,
+                       gate_grad: bool = False, two_k: bool = False) -> dict[str, Traffic]:
+    """Per operand ("a", "b", "bias", "aux", "c"; the gated MLP's "a2", "b2", "bias2", "aux2", "c2") of
+    one ``fused_gemm_kernel`` launch. ``gated``: a second B (the up weight) read like B, its bias, and
+    the up pre-activation stored beside the gate's; ``gate_grad``: g and u read once, dG and dU stored;
+    ``two_k``: a second (A, B) pair over another K of the same length."""
     bm, bn = tile
     pm, pn = _cdiv(M, bm), _cdiv(N, bn)
     t = {
@@ -48,11 +52,22 @@ def fused_gemm_traffic(M: int, N: int, K: int, tile: tuple[int, int], elem: int,
         "b": Traffic(loaded=pm * pn * bn * K * elem, unique=min(N, pn * bn) * K * elem),
         "c": Traffic(stored=M * N * elem),
     }
+    if gated or two_k:
+        t["b2"] = t["b"]
+    if two_k:
+        t["a2"] = t["a"]
     if bias:
         t["bias"] = Traffic(loaded=pm * N * elem, unique=N * elem)
+        if gated:
+            t["bias2"] = t["bias"]
+    once = Traffic(loaded=M * N * elem, unique=M * N * elem)
     if store_aux or act_grad:
-        t["aux"] = Traffic(loaded=M * N * elem if act_grad else 0, unique=M * N * elem if act_grad else 0,
-                           stored=M * N * elem if store_aux else 0)
+        t["aux"] = once if act_grad else Traffic(stored=M * N * elem)
+        if gated:
+            t["aux2"] = t["aux"]
+    if gate_grad:
+        t["aux"] = t["aux2"] = once
+        t["c2"] = t["c"]
     return t
 
 
@@ -359,3 +374,73 @@ def mlp_traffic(M: int, widths, tile, elem: int) -> dict[str, dict]:
             "eager_bwd": {"hbm": eager_bwd, "launches": len(detail["eager_bwd"])},
             "eager_elementwise_hbm": elementwise,  # of eager's fwd+bwd bytes, those of its GEMM-free kernels
             "per_launch": detail}
+
+
+def gated_mlp_traffic(M: int, K: int, N: int, D: int, tile, elem: int, bias: bool = True) -> dict[str, dict]:
+    """``mmfuse.gated_mlp`` in training (x (M, K), gate / up (N, K), down (D, N)), forward and backward,
+    against eager PyTorch running transformers' ``down(act(gate(x)) * up(x))`` (addmm / mm per Linear,
+    the activation, the product, autograd), in the form of ``mlp_traffic``. mmfuse: forward = the gated
+    GEMM (x read once for both products; g and u saved) + down; backward = dW_down, db_down, [dG | dU]
+    (dY @ W_down with the product's backward in its epilogue), [dW_gate; dW_up] (one GEMM), their
+    biases (one reduction), dX over both sources. Eager's backward: down's dW, db, dH; the product's
+    two halves (dA = dH * u, dU = dH * a); act' (dG); each Linear's dW, db, dX; dX_gate + dX_up.
+    ``tile``: (BLOCK_M, BLOCK_N), or a function (rows, cols, kind) -> (BLOCK_M, BLOCK_N), kind being
+    "gated", "gate_grad", "two_k" (the gated GEMMs) or None; ``per_launch`` entries carry that kind."""
+    tile_for = tile if callable(tile) else (lambda rows, cols, kind=None: tile)
+    e = elem
+    b = 1 if bias else 0
+    detail = {"fwd": [], "bwd": [], "eager_fwd": [], "eager_bwd": []}
+    ours = {"fwd": [], "bwd": []}
+
+    def launch(step, flops, **kw):
+        kind = "gated" if kw.get("gated") else "gate_grad" if kw.get("gate_grad") else "two_k" if kw.get("two_k") \
+            else None
+        t = sum(fused_gemm_traffic(**kw, tile=tile_for(kw["M"], kw["N"], kind), elem=e).values(), Traffic())
+        detail[step].append({"flops": flops, "hbm": t.unique + t.stored, "rows": kw["M"], "cols": kw["N"],
+                             "kind": kind})
+        ours[step].append(t)
+
+    def reduction(step, rows, cols):
+        t = bias_grad_traffic(rows, cols, e)
+        detail[step].append({"flops": 0, "hbm": t.unique + t.stored, "rows": None, "cols": None})
+        ours[step].append(t)
+
+    def eager(step, flops, hbm, gemm=None):
+        detail[step].append({"flops": flops, "hbm": hbm, "rows": gemm and gemm[0], "cols": gemm and gemm[1]})
+
+    up, down = 2 * M * K * N, 2 * M * N * D
+    launch("fwd", 2 * up, M=M, N=N, K=K, bias=bias, store_aux=True, gated=True)
+    launch("fwd", down, M=M, N=D, K=N, bias=bias)
+    launch("bwd", down, M=D, N=N, K=M)                      # dW_down = dY^T H
+    if bias:
+        reduction("bwd", M, D)                              # db_down
+    launch("bwd", down, M=M, N=N, K=D, gate_grad=True)      # [dG | dU] = epilogue(dY @ W_down)
+    launch("bwd", 2 * up, M=2 * N, N=K, K=M)                # [dW_gate; dW_up] = [dG | dU]^T X
+    if bias:
+        reduction("bwd", M, 2 * N)                          # [db_gate | db_up]
+    launch("bwd", 2 * up, M=M, N=K, K=N, two_k=True)        # dX = dG @ W_gate + dU @ W_up
+
+    linear_in = (M * K + N * K + b * N + M * N) * e
+    for _ in range(2):                                      # gate, up: addmm
+        eager("eager_fwd", up, linear_in, (M, N))
+    eager("eager_fwd", 0, 2 * M * N * e)                    # a = act(g)
+    eager("eager_fwd", 0, 3 * M * N * e)                    # h = a * u
+    eager("eager_fwd", down, (M * N + D * N + b * D + M * D) * e, (M, D))
+    eager("eager_bwd", down, (M * D + M * N + D * N) * e, (D, N))   # dW_down
+    if bias:
+        eager("eager_bwd", 0, (M * D + D) * e)                      # db_down
+    eager("eager_bwd", down, (M * D + D * N + M * N) * e, (M, N))   # dH
+    for _ in range(3):                                              # dA = dH*u, dU = dH*a, dG = act'(g)*dA
+        eager("eager_bwd", 0, 3 * M * N * e)
+    for _ in range(2):                                              # up, gate: dW, db, dX
+        eager("eager_bwd", up, (M * N + M * K + N * K) * e, (N, K))
+        if bias:
+            eager("eager_bwd", 0, (M * N + N) * e)
+        eager("eager_bwd", up, (M * N + N * K + M * K) * e, (M, K))
+    eager("eager_bwd", 0, 3 * M * K * e)                            # dX = dX_gate + dX_up
+    elementwise = sum(x["hbm"] for step in ("eager_fwd", "eager_bwd") for x in detail[step] if x["rows"] is None)
+    total = lambda ts: {"hbm": sum(t.unique + t.stored for t in ts), "l2": sum(t.loaded + t.stored for t in ts),  # noqa: E731
+                        "launches": len(ts)}
+    eager_total = lambda step: {"hbm": sum(x["hbm"] for x in detail[step]), "launches": len(detail[step])}  # noqa: E731
+    return {"fwd": total(ours["fwd"]), "bwd": total(ours["bwd"]), "eager_fwd": eager_total("eager_fwd"),
+            "eager_bwd": eager_total("eager_bwd"), "eager_elementwise_hbm": elementwise, "per_launch": detail}

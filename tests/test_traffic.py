@@ -234,3 +234,46 @@ def test_patch_embed_dw_split_traffic_matches_an_interpreted_run(monkeypatch):
     want = patch_embed_bwd_traffic(B, C, H, W, P, D, {"dx": tile, "dw": tile}, 2, dw_splits=3, pos=False)
     names = {"dw": "patch_embed_dw_kernel", "dw_combine": "dw_combine_kernel"}
     assert _touched(got) == {names[k]: v for k, v in want.items() if k in names}
+
+
+def test_gated_gemm_traffic_matches_interpreted_runs():
+    # The gated MLP's three GEMMs, launch by launch, at odd sizes (interpreter tile 32 x 32).
+    from mmfuse.traffic import gated_mlp_traffic
+
+    M, K, N, D = 45, 37, 70, 29
+    x = torch.randn(M, K)
+    wg, wu, bg, bu = torch.randn(N, K), torch.randn(N, K), torch.randn(N), torch.randn(N)
+    (h, gu), got = measure(lambda: KL.gated_fwd(x, wg, wu, bg, bu, "silu", store_preact=True),
+                           {"x": x, "wg": wg, "wu": wu, "bg": bg, "bu": bu, "h": lambda r: r[0], "gu": lambda r: r[1]})
+    model = fused_gemm_traffic(M, N, K, TILE, 4, bias=True, store_aux=True, gated=True)
+    assert (got["x"], got["wg"], got["wu"], got["bg"], got["bu"], got["h"]) == \
+        (model["a"], model["b"], model["b2"], model["bias"], model["bias2"], model["c"])
+    assert got["gu"] == model["aux"] + model["aux2"]
+    dy, wd = torch.randn(M, D), torch.randn(D, N)
+    dgu, got = measure(lambda: KL.gate_grad(dy, wd, gu, "silu"), {"dy": dy, "wd": wd, "gu": gu, "dgu": lambda r: r})
+    model = fused_gemm_traffic(M, N, D, TILE, 4, gate_grad=True)
+    assert (got["dy"], got["wd"]) == (model["a"], model["b"])
+    assert got["gu"] == model["aux"] + model["aux2"] and got["dgu"] == model["c"] + model["c2"]
+    dx, got = measure(lambda: KL.gated_input_grad(dgu, wg, wu), {"dgu": dgu, "wg": wg, "wu": wu, "dx": lambda r: r})
+    model = fused_gemm_traffic(M, K, N, TILE, 4, two_k=True)
+    assert got["dgu"] == model["a"] + model["a2"] and (got["wg"], got["wu"]) == (model["b"], model["b2"])
+    assert got["dx"] == model["c"]
+    # The training step's launches as the model counts them: 2 forward, 4 backward GEMMs + 2 reductions.
+    t = gated_mlp_traffic(M, K, N, D, TILE, 4)
+    assert (t["fwd"]["launches"], t["bwd"]["launches"], t["eager_fwd"]["launches"], t["eager_bwd"]["launches"]) \
+        == (2, 6, 5, 13)
+
+
+def test_gated_mlp_traffic_hand_counts():
+    # Qwen2.5-VL-7B's vision MLP (1280 -> 3420 -> 1280, SwiGLU with biases), one 896px image (4096
+    # patches), bf16, at a 64 x 64 tile, counted by hand (bench/NOTES.md "Gated MLP"):
+    #   fwd  MK + 2NK + 2N + MN (h) + 2MN (g, u);  down: MN (h again) + DN + D + MD
+    #   bwd  dW_down: MD + MN + DN;  db_down: MD + D(4+2)/2;  [dG|dU]: MD + DN + 2MN + 2MN;
+    #        [dW_g; dW_u]: 2MN + MK + 2NK;  db: 2MN + 2N(4+2)/2;  dX: 2MN + 2NK + MK
+    from mmfuse.traffic import gated_mlp_traffic
+
+    M, K, N, D = 4096, 1280, 3420, 1280
+    t = gated_mlp_traffic(M, K, N, D, (64, 64), 2)
+    assert t["fwd"]["hbm"] == 2 * (M * K + 2 * N * K + 2 * N + 4 * M * N + D * N + D + M * D)
+    assert t["bwd"]["hbm"] == 2 * (3 * M * D + 2 * D * N + 11 * M * N + 2 * M * K + 4 * N * K) + D * 6 + 2 * N * 6
+    assert t["eager_fwd"]["hbm"] == 2 * (2 * (M * K + N * K + N + M * N) + 5 * M * N + M * N + D * N + D + M * D)
