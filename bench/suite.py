@@ -21,7 +21,7 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
-from mmfuse.bench.shapes import ATTENTION_SHAPES, MLP_SHAPES, PATCH_SHAPES
+from mmfuse.bench.shapes import ATTENTION_SHAPES, GATED_SHAPES, MLP_SHAPES, PATCH_SHAPES
 
 L2_BYTES = 50 * 2**20  # H100: 50 MB of L2; input sets are rotated past it
 
@@ -61,6 +61,19 @@ def _mlp_impls():
     return {"mmfuse": mmfuse_fn, "eager": eager, "torch.compile": torch.compile(eager),
             "torch.compile max-autotune": torch.compile(eager, mode="max-autotune"),
             "addmm_activation": addmm_activation}
+
+
+def _gated_impls():
+    import mmfuse
+
+    def eager(x, w, b):  # transformers' down(act(gate(x)) * up(x))
+        return F.linear(F.silu(F.linear(x, w[0], b[0])) * F.linear(x, w[1], b[1]), w[2], b[2])
+
+    def mmfuse_linears(x, w, b):  # mmfuse before the gated GEMM: act fused into the gate's Linear, product in torch
+        return mmfuse.linear(mmfuse.linear(x, w[0], b[0], "silu") * mmfuse.linear(x, w[1], b[1]), w[2], b[2])
+
+    return {"mmfuse": lambda x, w, b: mmfuse.gated_mlp(x, *w, *b), "eager": eager,
+            "torch.compile": torch.compile(eager), "mmfuse linears": mmfuse_linears}
 
 
 def _patch_impls():
@@ -116,7 +129,8 @@ def _attention_impls():
 ATTENTION_IMPLS = ("mmfuse", "eager", "sdpa flash", "sdpa efficient", "sdpa cudnn", "sdpa math", "sdpa enable_gqa")
 #: FLOPs of forward + backward over the forward's: a GEMM's backward is two GEMMs of its size; attention's
 #: is 2.5 forwards (5 matrix products against 2: the convention of FlashAttention's benchmarks).
-BACKWARD_FLOPS = {"mlp": 2.0, "patch_embed": 2.0, "cross_attention": 2.5}
+BACKWARD_FLOPS = {"mlp": 2.0, "gated_mlp": 2.0, "patch_embed": 2.0, "cross_attention": 2.5}
+GATED_IMPLS = ("mmfuse", "eager", "torch.compile", "mmfuse linears")
 
 
 def cases(dtypes=("bfloat16", "float16"), modes=("fwd", "fwd+bwd"), images: int = 8) -> list[Case]:
@@ -136,6 +150,18 @@ def cases(dtypes=("bfloat16", "float16"), modes=("fwd", "fwd+bwd"), images: int 
         out += [Case("mlp", s.name, m, d, impl, flops, make) for m in modes for d in dtypes
                 for impl in ("mmfuse", "eager", "torch.compile", "torch.compile max-autotune", "addmm_activation")
                 if not (impl == "addmm_activation" and m != "fwd")]
+    for s in GATED_SHAPES:
+        M = s.tokens * images
+        flops = 2 * M * s.hidden * (2 * s.features + s.out)
+
+        def make(device, dtype, s=s, M=M):
+            x = torch.randn(M, s.features, device=device, dtype=dtype)
+            ws = [torch.randn(s.hidden, s.features, device=device, dtype=dtype) / s.features ** 0.5 for _ in range(2)]
+            ws.append(torch.randn(s.out, s.hidden, device=device, dtype=dtype) / s.hidden ** 0.5)
+            bs = [torch.randn(n, device=device, dtype=dtype) if s.bias else None for n in (s.hidden, s.hidden, s.out)]
+            return [x, ws, bs]
+
+        out += [Case("gated_mlp", s.name, m, d, impl, flops, make) for m in modes for d in dtypes for impl in GATED_IMPLS]
     for s in PATCH_SHAPES:
         flops = 2 * s.tokens * images * s.dim * s.channels * s.temporal * s.patch * s.patch
 
@@ -162,13 +188,14 @@ def cases(dtypes=("bfloat16", "float16"), modes=("fwd", "fwd+bwd"), images: int 
     return out
 
 
-_IMPLS = {"mlp": _mlp_impls, "patch_embed": _patch_impls, "cross_attention": _attention_impls}
+_IMPLS = {"mlp": _mlp_impls, "gated_mlp": _gated_impls, "patch_embed": _patch_impls, "cross_attention": _attention_impls}
 
 #: ``mmfuse bench --profile quick`` (what ``mmfuse gpu-check`` runs in its few minutes): per op family
 #: two real shapes, mmfuse against eager and the strongest baselines that need no compile step, bf16,
 #: forward and forward+backward. No torch.compile: its max-autotune compiles alone exceed the budget.
 QUICK_PROFILE = {
     "mlp": (("llava-1.5-7b", "qwen2-vl-merger"), ("mmfuse", "eager", "addmm_activation")),
+    "gated_mlp": (("qwen2.5-vl-7b-tower-mlp", "idefics2-8b-connector-mlp"), ("mmfuse", "eager", "mmfuse linears")),
     "patch_embed": (("clip-l-14-336", "qwen2-vl"), ("mmfuse", "eager", "reshape+GEMM")),
     "cross_attention": (("idefics2-resampler", "blip2-qformer-xattn"),
                         ("mmfuse", "eager", "sdpa efficient", "sdpa enable_gqa")),
@@ -195,7 +222,8 @@ def _tensors(args):
 
 
 def _with_grad(args):
-    return [[t.detach().requires_grad_() for t in a] if isinstance(a, list) else a.detach().requires_grad_()
+    return [[t.detach().requires_grad_() if t is not None else None for t in a] if isinstance(a, list)
+            else a.detach().requires_grad_()
             for a in args]
 
 

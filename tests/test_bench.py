@@ -17,8 +17,8 @@ def test_every_op_shape_mode_dtype_and_baseline_is_a_case():
     names = [c.name for c in all_cases]
     assert len(names) == len(set(names))
     # 2 dtypes; MLP: 5 implementations forward, 4 forward+backward (_addmm_activation has no derivative);
-    # patch embedding (images and video): 4 both ways; cross-attention: 7 both ways.
-    expected = 2 * ((5 + 4) * len(shapes.MLP_SHAPES) + 2 * 4 * len(shapes.PATCH_SHAPES)
+    # gated MLP: 4 both ways; patch embedding (images and video): 4 both ways; cross-attention: 7 both ways.
+    expected = 2 * ((5 + 4) * len(shapes.MLP_SHAPES) + 2 * 4 * len(shapes.GATED_SHAPES) + 2 * 4 * len(shapes.PATCH_SHAPES)
                     + 2 * 7 * len(shapes.ATTENTION_SHAPES))
     assert len(all_cases) == expected
     assert {c.shape for c in all_cases if c.op == "patch_embed"} == {s.name for s in shapes.PATCH_SHAPES}
@@ -50,6 +50,20 @@ def test_video_case_builds_conv3d_inputs():
 
 def test_forward_backward_step_returns_gradients_without_accumulating():
     case = suite.Case("mlp", "tiny", "fwd+bwd", "float32", "eager", 1.0, _tiny_cases()[0].make)
+    sets, step = suite.prepare(case, "cpu")
+    step(sets[0])
+    assert all(t.requires_grad and t.grad is None for t in suite._tensors(sets[0]))
+
+
+@pytest.mark.parametrize("bias", [True, False])
+def test_every_gated_implementation_computes_the_same_output(bias):
+    impls = suite._gated_impls()
+    x, w = torch.randn(5, 8), [torch.randn(6, 8), torch.randn(6, 8), torch.randn(4, 6)]
+    b = [torch.randn(n) if bias else None for n in (6, 6, 4)]
+    ref = impls["eager"](x, w, b)
+    for name in ("mmfuse", "mmfuse linears"):  # torch.compile: the same function, not compiled on CI's CPU
+        torch.testing.assert_close(impls[name](x, w, b), ref, rtol=1e-5, atol=1e-5)
+    case = suite.Case("gated_mlp", "tiny", "fwd+bwd", "float32", "mmfuse", 1.0, lambda device, dtype: [x, w, b])
     sets, step = suite.prepare(case, "cpu")
     step(sets[0])
     assert all(t.requires_grad and t.grad is None for t in suite._tensors(sets[0]))
@@ -195,7 +209,7 @@ def test_readme_without_markers_is_an_error(tmp_path):
 def test_quick_profile_is_two_shapes_per_op_bf16_cheap_baselines():
     quick = suite.profile_cases("quick")
     assert {c.dtype for c in quick} == {"bfloat16"} and {c.mode for c in quick} == {"fwd", "fwd+bwd"}
-    for op in ("mlp", "patch_embed", "cross_attention"):
+    for op in ("mlp", "gated_mlp", "patch_embed", "cross_attention"):
         cases = [c for c in quick if c.op == op]
         assert len({c.shape for c in cases}) == 2, op
         assert {"mmfuse", "eager"} <= {c.impl for c in cases}
