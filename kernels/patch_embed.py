@@ -13,10 +13,12 @@ Images are the video form with T = F = 1 (a zero frame stride).
   gathered pieces are contiguous and the loads pipeline; the weight comes packed in that order
   (``pack_weight``: zero padding, 16-byte aligned rows);
 * dW       ``dW = dOut^T @ A``: the reduction runs over tokens and A is gathered again in the
-  loop; ``ROWSUM_A`` also sums the dOut^T tiles it loads, giving ``db`` from the same loads;
+  loop. A plain GEMM: summing the dOut^T tiles in that loop for ``db`` (as it once did) pulls them
+  out of shared memory every step, which cost the Linear's dW 79% of its speed (bench/NOTES.md);
 * dpixels  ``dA = dOut @ W`` stored through the same gather addresses: with kernel == stride every
   pixel belongs to exactly one (m, k), so the scatter is a permutation, with no atomics;
-* ``batch_sum_kernel``: ``dpos = sum_b dOut[b]`` in a fixed order (pos broadcast over the batch).
+* ``batch_sum_kernel``: ``dpos = sum_b dOut[b]`` in a fixed order (pos broadcast over the batch),
+  and from the same fp32 sums the per-block column sums that give ``db`` without another read of dOut.
 
 Layout: pixels (B, C, [F,] H, W) and the weight with any strides (NCHW, channels-last, sliced
 views); H, W (and F) multiples of P (and T), checked by the caller. K = C*T*P*P need not be a
@@ -203,13 +205,12 @@ def patch_embed_dx_kernel(
 
 @triton.jit
 def patch_embed_dw_kernel(
-    dout_ptr, pix_ptr, dw_ptr, db_ptr,
+    dout_ptr, pix_ptr, dw_ptr,
     M, D, K, GRID_F, GRID_H, GRID_W,
     stride_gb, stride_gn, stride_gd,
     stride_xb, stride_xc, stride_xf, stride_xh, stride_xw,
-    stride_dws, stride_dwd, stride_dwk, stride_dbs, TOKEN_CHUNK,
+    stride_dws, stride_dwd, stride_dwk, TOKEN_CHUNK,
     T: tl.constexpr, P: tl.constexpr,
-    ROWSUM_A: tl.constexpr,     # db[d] = sum_m dOut[m, d] from the dOut^T tiles already loaded
     INPUT_PRECISION: tl.constexpr, ACC_DTYPE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     GROUP_M: tl.constexpr, EVEN_K: tl.constexpr,
@@ -217,8 +218,8 @@ def patch_embed_dw_kernel(
     """dW[d, k] = sum_m dOut[m, d] * pixels[patch(m), k] (tiles: BLOCK_M of D x BLOCK_N of K; the
     loop walks BLOCK_K tokens at a time and gathers their patches again). Split-K over tokens (grid
     axis 1): split s sums tokens [s*TOKEN_CHUNK, (s+1)*TOKEN_CHUNK) (a multiple of BLOCK_K) into its
-    own fp32 partial at s*stride_dws (and s*stride_dbs for db); ``dw_combine_kernel`` sums them in
-    split order. One split writes dW and db directly (strides 0)."""
+    own fp32 partial at s*stride_dws; ``dw_combine_kernel`` sums them in split order. One split
+    writes dW directly (stride 0). No db here: see ``batch_sum_kernel`` and ``patch_embed_dw``."""
     pid_m, pid_n = grouped_tile(D, K, BLOCK_M, BLOCK_N, GROUP_M)
     split = tl.program_id(1)
     offs_d = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -229,8 +230,6 @@ def patch_embed_dw_kernel(
     g_cols = (offs_d % D) * stride_gd
     x_cols = _patch_offsets(offs_n % K, stride_xc, stride_xf, stride_xh, stride_xw, T, P)
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=ACC_DTYPE)
-    if ROWSUM_A:
-        rowsum = tl.zeros((BLOCK_M,), dtype=ACC_DTYPE)
     for m0 in range(split * TOKEN_CHUNK, tl.minimum(M, split * TOKEN_CHUNK + TOKEN_CHUNK), BLOCK_K):
         m = m0 + offs_t
         g_ptrs = dout_ptr + g_cols[:, None] + _token_rows(m, M, N_TOK, stride_gb, stride_gn)[None, :]
@@ -243,51 +242,41 @@ def patch_embed_dw_kernel(
             g = tl.load(g_ptrs, mask=m[None, :] < M, other=0.0)
             x = tl.load(x_ptrs, mask=m[:, None] < M, other=0.0)
         acc = tl.dot(g, x, acc, input_precision=INPUT_PRECISION, out_dtype=ACC_DTYPE)
-        if ROWSUM_A:
-            rowsum += tl.sum(g.to(ACC_DTYPE), axis=1)
 
-    mask_d = offs_d < D
-    mask = mask_d[:, None] & (offs_n < K)[None, :]
+    mask = (offs_d < D)[:, None] & (offs_n < K)[None, :]
     dw_ptrs = dw_ptr + split * stride_dws + offs_d[:, None] * stride_dwd + offs_n[None, :] * stride_dwk
     tl.store(dw_ptrs, acc.to(dw_ptr.dtype.element_ty), mask=mask)
-    if ROWSUM_A:
-        if pid_n == 0:  # every pid_n computed the same sums; one writes them
-            tl.store(db_ptr + split * stride_dbs + offs_d, rowsum.to(db_ptr.dtype.element_ty), mask=mask_d)
 
 
 @triton.jit
 def dw_combine_kernel(
-    part_ptr, dw_ptr, part_db_ptr, db_ptr, SPLITS, D, K,
-    stride_ps, stride_pd, stride_pk, stride_dwd, stride_dwk, stride_qs,
-    HAS_BIAS: tl.constexpr, ACC_DTYPE: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_K: tl.constexpr,
+    part_ptr, dw_ptr, SPLITS, D, K,
+    stride_ps, stride_pd, stride_pk, stride_dwd, stride_dwk,
+    ACC_DTYPE: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
-    """dW = sum_s partial[s] (and db = sum_s partial_db[s] from the first column of programs), splits
-    added in order in fp32 (fp64 for fp64): the split-K sum, deterministic, one launch for both gradients."""
+    """dW = sum_s partial[s], splits added in order in fp32 (fp64 for fp64): the split-K sum,
+    deterministic."""
     offs_d = tl.program_id(0) * BLOCK_D + tl.arange(0, BLOCK_D)
     offs_k = tl.program_id(1) * BLOCK_K + tl.arange(0, BLOCK_K)
-    mask_d = offs_d < D
-    mask = mask_d[:, None] & (offs_k < K)[None, :]
+    mask = (offs_d < D)[:, None] & (offs_k < K)[None, :]
     p_ptrs = part_ptr + offs_d[:, None] * stride_pd + offs_k[None, :] * stride_pk
     acc = tl.zeros((BLOCK_D, BLOCK_K), dtype=ACC_DTYPE)
     for s in range(0, SPLITS):
         acc += tl.load(p_ptrs + s * stride_ps, mask=mask, other=0.0)
     tl.store(dw_ptr + offs_d[:, None] * stride_dwd + offs_k[None, :] * stride_dwk, acc.to(dw_ptr.dtype.element_ty),
              mask=mask)
-    if HAS_BIAS:
-        if tl.program_id(1) == 0:
-            acc_b = tl.zeros((BLOCK_D,), dtype=ACC_DTYPE)
-            for s in range(0, SPLITS):
-                acc_b += tl.load(part_db_ptr + s * stride_qs + offs_d, mask=mask_d, other=0.0)
-            tl.store(db_ptr + offs_d, acc_b.to(db_ptr.dtype.element_ty), mask=mask_d)
 
 
 @triton.jit
 def batch_sum_kernel(
-    g_ptr, out_ptr, B, N, D,
+    g_ptr, out_ptr, colsum_ptr, B, N, D, FIRST_ROW,
     stride_gb, stride_gn, stride_gd, stride_on, stride_od,
+    COL_SUMS: tl.constexpr,     # colsum[pid_n, d] = sum over rows n >= FIRST_ROW of this block of out[n, d]
     ACC_DTYPE: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
-    """out[n, d] = sum_b g[b, n, d], b in order (the gradient of a batch-broadcast pos_embed)."""
+    """out[n, d] = sum_b g[b, n, d], b in order (the gradient of a batch-broadcast pos_embed). With
+    COL_SUMS also this block's column sums of those fp32 sums over its rows n >= FIRST_ROW (the patch
+    tokens, past a class token): summed over the blocks they give db = sum_{b, n} g in fp32."""
     offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_d = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
     mask = (offs_n < N)[:, None] & (offs_d < D)[None, :]
@@ -298,6 +287,10 @@ def batch_sum_kernel(
         g_ptrs += stride_gb
     out_ptrs = out_ptr + offs_n[:, None] * stride_on + offs_d[None, :] * stride_od
     tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=mask)
+    if COL_SUMS:  # rows past N loaded zeros; contiguous (cdiv(N, BLOCK_N), D) partials
+        patch_rows = (offs_n >= FIRST_ROW)[:, None]
+        tl.store(colsum_ptr + tl.program_id(0) * D + offs_d, tl.sum(tl.where(patch_rows, acc, 0.0), axis=0),
+                 mask=offs_d < D)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -481,16 +474,16 @@ def dw_token_chunk(M: int, splits: int) -> int:
 
 
 def dw_modelled_us(D: int, K: int, M: int, tile, splits: int, elem: int, sms: int) -> float:
-    """Roofline of dW + db (and its split-K combine): max(FLOPs / (peak x SMs busy), bytes / bandwidth)
+    """Roofline of dW (and its split-K combine): max(FLOPs / (peak x SMs busy), bytes / bandwidth)
     + one launch, plus with splits the fp32 partials written and read back and the combine launch."""
     splits = cdiv(M, dw_token_chunk(M, splits))
     flops = 2 * D * K * M
     gemm = max(flops / (PEAK_FLOPS * dw_split_efficiency(D, K, M, tile, splits, sms)),
                (D * M + M * K) * elem / PEAK_BYTES) * 1e6 + LAUNCH_US
     if splits == 1:
-        return gemm + (D * K + D) * elem / PEAK_BYTES * 1e6
-    partials = splits * (D * K + D) * 4
-    return gemm + partials / PEAK_BYTES * 1e6 + (partials + (D * K + D) * elem) / PEAK_BYTES * 1e6 + LAUNCH_US
+        return gemm + D * K * elem / PEAK_BYTES * 1e6
+    partials = splits * D * K * 4
+    return gemm + partials / PEAK_BYTES * 1e6 + (partials + D * K * elem) / PEAK_BYTES * 1e6 + LAUNCH_US
 
 
 @functools.lru_cache(maxsize=4096)  # up to 16 roofline evaluations, asked on every backward
@@ -505,23 +498,28 @@ def dw_splits(D: int, K: int, M: int, tile, elem: int, sms: int) -> int:
     return cdiv(M, dw_token_chunk(M, best))
 
 
+def bias_grad(dout):
+    """db = sum over every token of dOut (B, N, D): one torch reduction in fp32 (fp64 for fp64), one
+    rounding; deterministic (no atomics in torch's sum). For when no batch sum runs (``batch_sum``)."""
+    acc = torch.float64 if dout.dtype == torch.float64 else torch.float32
+    return dout.sum((0, 1), dtype=acc).to(dout.dtype)
+
+
 def patch_embed_dw(dout, pixels5, weight_shape, with_bias: bool, tile=None, splits=None):
-    """(dW (D, K) contiguous, db (D,) or None): dOut^T @ patches(pixels5), db from the same loads.
+    """(dW (D, K) contiguous, db (D,) or None): dOut^T @ patches(pixels5), one GEMM; db by
+    ``bias_grad`` beside it (a read of dOut; ``batch_sum`` gives it without one when it runs).
     ``splits``: ways the token loop is split (fp32 partials summed in split order by
     ``dw_combine_kernel``); default ``dw_splits`` on the launcher's tile (1 in the interpreter)."""
     D = weight_shape[0]
     dw = empty((D, weight_shape[1] * weight_shape[2] * weight_shape[3] * weight_shape[4]), dtype=dout.dtype,
                device=dout.device)
-    db = empty((D,), dtype=dout.dtype, device=dout.device) if with_bias else None
+    db = bias_grad(dout) if with_bias else None
     _, _, K, GF, GH, GW, T, P = _geometry(pixels5.shape, weight_shape)
     M = pixels5.shape[0] * GF * GH * GW
-    if dw.numel() == 0 and db is None:
+    if dw.numel() == 0:
         return dw, db
-    if M == 0:  # no tokens: the sums are empty
-        dw.zero_()
-        if db is not None:
-            db.zero_()
-        return dw, db
+    if M == 0:  # no tokens: the sum is empty
+        return dw.zero_(), db
     _check_span(grad_output=dout, pixels=pixels5)
     if splits is None:
         splits = 1 if INTERPRET and not gpu_config_on() else dw_splits(D, K, M, largest_tile(candidate_tiles("dw", D, K, num_sms(dout.device))),
@@ -531,37 +529,42 @@ def patch_embed_dw(dout, pixels5, weight_shape, with_bias: bool, tile=None, spli
     acc = torch.float64 if dout.dtype == torch.float64 else torch.float32
     if splits > 1:  # fp32 partials, one per split, summed below in split order
         part = empty((splits, *dw.shape), dtype=acc, device=dout.device)
-        part_db = empty((splits, D), dtype=acc, device=dout.device) if db is not None else part
-        dw_t, db_t, sws, sbs = part, part_db, part.stride(0), part_db.stride(0)
-        dwd, dwk = part.stride(1), part.stride(2)
+        dw_t, (sws, dwd, dwk) = part, part.stride()
     else:
-        dw_t, db_t, sws, sbs = dw, db if db is not None else dw, 0, 0
-        dwd, dwk = dw.stride()
-    args = (dout, pixels5, dw_t, db_t, M, D, K, GF, GH, GW,
-            *dout.stride(), *_strides5(pixels5), sws, dwd, dwk, sbs, chunk)
-    flags = dict(T=T, P=P, ROWSUM_A=db is not None, INPUT_PRECISION=dot_precision(dout.dtype),
-                 ACC_DTYPE=acc_dtype(dout.dtype))
+        dw_t, (sws, (dwd, dwk)) = dw, (0, dw.stride())
+    args = (dout, pixels5, dw_t, M, D, K, GF, GH, GW, *dout.stride(), *_strides5(pixels5), sws, dwd, dwk, chunk)
+    flags = dict(T=T, P=P, INPUT_PRECISION=dot_precision(dout.dtype), ACC_DTYPE=acc_dtype(dout.dtype))
     _launch("dw", D, K, args, flags, dout.element_size(), tile, red=M, splits=splits)
     if splits > 1:
         bd, bk = COMBINE_BLOCK
         dw_combine_kernel[(cdiv(D, bd), cdiv(K, bk))](
-            part, dw, part_db, db if db is not None else dw, splits, D, K, *part.stride(), *dw.stride(),
-            part_db.stride(0), HAS_BIAS=db is not None, ACC_DTYPE=acc_dtype(dout.dtype), BLOCK_D=bd, BLOCK_K=bk,
-            num_warps=4, num_stages=1)  # as compiled by the compile check (aot_specs)
+            part, dw, splits, D, K, *part.stride(), *dw.stride(), ACC_DTYPE=acc_dtype(dout.dtype), BLOCK_D=bd,
+            BLOCK_K=bk, num_warps=4, num_stages=1)  # as compiled by the compile check (aot_specs)
     return dw, db
 
 
-def batch_sum(g):
-    """sum_b g[b] for g (B, N, D), accumulated in fp32 (fp64) in batch order."""
+def batch_sum(g, bias_from=None):
+    """(dpos, db): dpos = sum_b g[b] for g (B, N, D), accumulated in fp32 (fp64) in batch order; with
+    ``bias_from`` (the first patch row: 1 past a class token, else 0) also db = sum_{b, n >= bias_from}
+    g[b, n], else None.
+
+    db comes from the kernel's fp32 sums, not from the rounded dpos (``dpos[bias_from:].sum(0)`` would
+    add N roundings to the gradient dtype, ~sqrt(N) ulps at bf16 against the one of a fp32 sum): each
+    program stores its block's column sums (cdiv(N, BLOCK_N) x D fp32, 74 KB for CLIP-L), and one torch
+    sum adds them in fp32 and rounds once. Everything is summed in fp32 exactly as a direct sum of dOut
+    would be, in another fixed order: deterministic, and it saves that sum's read of dOut (B*N*D)."""
     B, N, D = g.shape
     out = empty((N, D), dtype=g.dtype, device=g.device)
+    acc = torch.float64 if g.dtype == torch.float64 else torch.float32
     if out.numel() == 0:
-        return out
+        return out, (torch.zeros(D, dtype=g.dtype, device=g.device) if bias_from is not None else None)
     bn, bd = BATCH_SUM_BLOCK
+    colsum = empty((cdiv(N, bn), D), dtype=acc, device=g.device) if bias_from is not None else out
     batch_sum_kernel[(cdiv(N, bn), cdiv(D, bd))](
-        g, out, B, N, D, *g.stride(), *out.stride(), ACC_DTYPE=acc_dtype(g.dtype), BLOCK_N=bn, BLOCK_D=bd,
+        g, out, colsum, B, N, D, bias_from or 0, *g.stride(), *out.stride(), COL_SUMS=bias_from is not None,
+        ACC_DTYPE=acc_dtype(g.dtype), BLOCK_N=bn, BLOCK_D=bd,
         num_warps=4, num_stages=1)  # as compiled by the compile check (aot_specs)
-    return out
+    return out, (colsum.sum(0).to(g.dtype) if bias_from is not None else None)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -593,9 +596,9 @@ def _aot_launches(shape: str = "clip-l-14-336"):
     dx = (patch_embed_dx_kernel, "dpixels", ("M", "K", "D"),
           dict(geo, K=k_runs, **g, stride_wd=cdiv(k_runs, PACK_ALIGN) * PACK_ALIGN, **x), dict(RUN=run),
           ("dout_ptr", "w_ptr", "dpix_ptr"))
-    dw = (patch_embed_dw_kernel, "dW + db", ("D", "K", "M"),
-          dict(geo, **g, **x, stride_dws=0, stride_dwd=K, stride_dwk=1, stride_dbs=0, TOKEN_CHUNK=M),
-          dict(ROWSUM_A=True), ("dout_ptr", "pix_ptr", "dw_ptr", "db_ptr"))
+    dw = (patch_embed_dw_kernel, "dW", ("D", "K", "M"),
+          dict(geo, **g, **x, stride_dws=0, stride_dwd=K, stride_dwk=1, TOKEN_CHUNK=M),
+          dict(), ("dout_ptr", "pix_ptr", "dw_ptr"))
     return dict(T=T, P=P), {"fwd": fwd, "dx": dx, "dw": dw}
 
 
@@ -639,26 +642,28 @@ def aot_specs():
     splits = dw_splits(D, K, M, largest_tile(TILES["dw"]), 2, 132)
     for tile in TILES["dw"]:
         sp = _spec(shape_cx, launches["dw"], tile, "fp16", "*fp16", "ieee")
-        args = dict(sp.args, dw_ptr="*fp32", db_ptr="*fp32", M=M, stride_dws=D * K, stride_dbs=D,
+        args = dict(sp.args, dw_ptr="*fp32", M=M, stride_dws=D * K,
                     TOKEN_CHUNK=dw_token_chunk(M, splits), stride_gb=(M // 64) * D)
-        specs.append(dataclasses.replace(sp, variant=f"dW + db, split {splits} (fp32 partials)",
+        specs.append(dataclasses.replace(sp, variant=f"dW, split {splits} (fp32 partials)",
                                          args=tuple(args.items())))
     bd, bk = COMBINE_BLOCK
-    args = dict(part_ptr="*fp32", dw_ptr="*fp16", part_db_ptr="*fp32", db_ptr="*fp16", SPLITS=splits, D=D, K=K,
-                stride_ps=D * K, stride_pd=K, stride_pk=1, stride_dwd=K, stride_dwk=1, stride_qs=D)
+    args = dict(part_ptr="*fp32", dw_ptr="*fp16", SPLITS=splits, D=D, K=K,
+                stride_ps=D * K, stride_pd=K, stride_pk=1, stride_dwd=K, stride_dwk=1)
     specs.append(CompileSpec(
-        kernel="patch_embed/dw_combine_kernel", variant="dW, db = sum of split partials", dtype="fp16",
+        kernel="patch_embed/dw_combine_kernel", variant="dW = sum of split partials", dtype="fp16",
         config=f"{bd}x{bk} w4", fn=dw_combine_kernel, args=tuple(args.items()),
-        constexprs=(("HAS_BIAS", True), ("ACC_DTYPE", tl.float32), ("BLOCK_D", bd), ("BLOCK_K", bk)), num_warps=4,
+        constexprs=(("ACC_DTYPE", tl.float32), ("BLOCK_D", bd), ("BLOCK_K", bk)), num_warps=4,
         num_stages=1, tensor_cores=False))
     ints = launches["fwd"][3]
     bn, bd = BATCH_SUM_BLOCK
     n = ints["M"] // AOT_BATCH
-    args = dict(g_ptr="*fp16", out_ptr="*fp16", B=AOT_BATCH, N=n, D=ints["D"], stride_gb=n * ints["D"],
-                stride_gn=ints["D"], stride_gd=1, stride_on=ints["D"], stride_od=1)
+    # With db's column sums (bias and pos both trained), past CLIP's class token (FIRST_ROW = 1).
+    args = dict(g_ptr="*fp16", out_ptr="*fp16", colsum_ptr="*fp32", B=AOT_BATCH, N=n, D=ints["D"], FIRST_ROW=1,
+                stride_gb=n * ints["D"], stride_gn=ints["D"], stride_gd=1, stride_on=ints["D"], stride_od=1)
     specs.append(CompileSpec(
-        kernel="patch_embed/batch_sum_kernel", variant="dpos = sum_b dOut", dtype="fp16", config=f"{bn}x{bd} w4",
-        fn=batch_sum_kernel, args=tuple(args.items()),
-        constexprs=(("ACC_DTYPE", tl.float32), ("BLOCK_N", bn), ("BLOCK_D", bd)), num_warps=4, num_stages=1,
+        kernel="patch_embed/batch_sum_kernel", variant="dpos = sum_b dOut, db's column sums", dtype="fp16",
+        config=f"{bn}x{bd} w4", fn=batch_sum_kernel, args=tuple(args.items()),
+        constexprs=(("COL_SUMS", True), ("ACC_DTYPE", tl.float32), ("BLOCK_N", bn), ("BLOCK_D", bd)),
+        num_warps=4, num_stages=1,
         tensor_cores=False))
     return specs

@@ -75,7 +75,7 @@ def _largest(tiles):
 
 def _patch_gemms(s, batch: int) -> dict[str, tuple[int, int]]:
     """Output (rows, cols) of the patch-embedding GEMMs: forward (tokens x D), dpixels (tokens x K in the
-    forward's run order, K = C·T·P·next_pow2(P)) and dW + db (D x C·T·P·P)."""
+    forward's run order, K = C·T·P·next_pow2(P)) and dW (D x C·T·P·P)."""
     from mmfuse.kernels._common import next_pow2
 
     M = s.tokens * batch
@@ -151,7 +151,7 @@ def waves_section() -> list[str]:
                 lines.append(f"| {s.name} | {images} | {i} ({k}->{n}) | {M} x {n} | " + " | ".join(cells) + " |")
     lines += ["", "### Patch embedding (`patch_embed_{fwd,dx,dw}_kernel`; tiles kept: tile (tiles, wave efficiency))",
               "", "| shape | batch | tokens x D | forward (tokens x D) | dpixels (tokens x K in run order) "
-              "| dW + db (D x K) |", "| --- | --- | --- | --- | --- | --- |"]
+              "| dW (D x K) |", "| --- | --- | --- | --- | --- | --- |"]
     for s in PATCH_SHAPES:
         for batch in (1, 64):
             gemms = _patch_gemms(s, batch)
@@ -279,9 +279,10 @@ def patch_traffic_section() -> list[str]:
              "tests/test_traffic.py)", "",
              "mmfuse: the distinct bytes of each launch, with the packed weight cached (as the modules do; the "
              "functional call packs it first when P is not a power of two). Forward: one launch. Backward: dpixels "
-             "(a GEMM over the packed weight, stored as a permutation), dW + db (one GEMM gathering the patches "
+             "(a GEMM over the packed weight, stored as a permutation), dW (one GEMM gathering the patches "
              "again; where the modelled time says so, its token loop split S ways into fp32 partials that one "
-             "more launch sums in split order: \"split S\"), dpos (a batch sum). The forward and dpixels multiply the run padding too (K = C·T·P·"
+             "more launch sums in split order: \"split S\"), dpos (a batch sum, which also stores its blocks' "
+             "fp32 column sums) and db (one torch sum of those). The forward and dpixels multiply the run padding too (K = C·T·P·"
              "next_pow2(P): +14% FLOPs at P = 14). Tiles: the one the launcher picks per GEMM (the largest it keeps), with its wave "
              "efficiency. Eager: conv (+bias) reading pixels and weight once and writing (B, D, N), then "
              "`+ pos_embed` reading that and writing (B, N, D); backward: a contiguous copy of the transposed "
@@ -317,6 +318,7 @@ def patch_traffic_section() -> list[str]:
                         (0, _hbm(bwd["batch_sum"]), 1.0)]
             if splits > 1:
                 ours_bwd.append((0, _hbm(bwd["dw_combine"]), 1.0))
+            ours_bwd.append((0, _hbm(bwd["bias_sum"]), 1.0))  # db from the batch sum's column sums
             t_eager_fwd, t_eager, t_fwd, t_all = _step_times(eager_fwd, eager_bwd, ours_fwd, ours_bwd)
             lines.append(
                 f"| {s.name} | {batch} | {sum(b for _, b in eager_fwd) / 1e6:.1f} → {_hbm(fwd) / 1e6:.1f} "

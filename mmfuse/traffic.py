@@ -124,8 +124,8 @@ def patch_embed_fwd_traffic(B: int, C: int, H: int, W: int, P: int, D: int, tile
 
 
 def patch_embed_bwd_traffic(B: int, C: int, H: int, W: int, P: int, D: int, tiles: dict, elem: int, *,
-                            T: int = 1, F: int = 1, bias: bool = True, pos: bool = True, dw_splits: int = 1
-                            ) -> dict[str, dict[str, Traffic]]:
+                            T: int = 1, F: int = 1, bias: bool = True, pos: bool = True, dw_splits: int = 1,
+                            batch_rows: int = 32) -> dict[str, dict[str, Traffic]]:
     """Per launch of the patch-embedding backward (every input requiring grad, pos_embed one (N, D)
     table broadcast over the batch), per tensor:
 
@@ -134,11 +134,14 @@ def patch_embed_bwd_traffic(B: int, C: int, H: int, W: int, P: int, D: int, tile
       order, no mask: columns up to the tile edge, inside the 128-column padding); stores every
       pixel's gradient once (the run padding j >= P is not stored).
     * "dw" (``patch_embed_dw_kernel``, ``tiles["dw"]``): BLOCK_M of D (wrapping) x every token of
-      dOut^T, and every token's patch at BLOCK_N of the exact C*T*P*P columns (wrapping); stores dW
-      and, from the programs of the first column block, db. Split over tokens (``dw_splits`` > 1): the
-      same loads, stores of fp32 partials ("weight_grad_partial" S x D x K, "bias_grad_partial" S x D),
-      and "dw_combine" (``dw_combine_kernel``) reads them once and writes dW and db.
-    * "batch_sum" (``batch_sum_kernel``): reads dOut once, writes dpos (N, D)."""
+      dOut^T, and every token's patch at BLOCK_N of the exact C*T*P*P columns (wrapping); stores dW.
+      Split over tokens (``dw_splits`` > 1): the same loads, stores of fp32 partials
+      ("weight_grad_partial" S x D x K), and "dw_combine" (``dw_combine_kernel``) reads them once and
+      writes dW.
+    * "batch_sum" (``batch_sum_kernel``, ``batch_rows`` = its BLOCK_N): reads dOut once, writes dpos
+      (N, D) and, with a bias, its blocks' fp32 column sums ("bias_grad_partial", cdiv(N, batch_rows) x D).
+    * "bias_sum" (with a bias; a torch reduction, not a Triton launch): db from those column sums
+      (read once, fp32 sum and its cast written), or without pos from dOut itself (``bias_grad_traffic``)."""
     run = 1 << (P - 1).bit_length()
     tokens = (F // T) * (H // P) * (W // P)
     M, K, k_runs = B * tokens, C * T * P * P, C * T * P * run
@@ -155,20 +158,19 @@ def patch_embed_bwd_traffic(B: int, C: int, H: int, W: int, P: int, D: int, tile
     if dw_splits > 1:
         S = dw_splits
         dw["weight_grad_partial"] = Traffic(stored=S * D * K * 4)
-        combine = {"weight_grad_partial": Traffic(loaded=S * D * K * 4, unique=S * D * K * 4),
-                   "weight_grad": Traffic(stored=D * K * elem)}
-        if bias:
-            dw["bias_grad_partial"] = Traffic(stored=S * D * 4)
-            combine["bias_grad_partial"] = Traffic(loaded=S * D * 4, unique=S * D * 4)
-            combine["bias_grad"] = Traffic(stored=D * elem)
-        out["dw_combine"] = combine
+        out["dw_combine"] = {"weight_grad_partial": Traffic(loaded=S * D * K * 4, unique=S * D * K * 4),
+                             "weight_grad": Traffic(stored=D * K * elem)}
     else:
         dw["weight_grad"] = Traffic(stored=D * K * elem)
-        if bias:
-            dw["bias_grad"] = Traffic(stored=D * elem)
     if pos:
         out["batch_sum"] = {"dout": Traffic(loaded=M * D * elem, unique=M * D * elem),
                             "pos_grad": Traffic(stored=tokens * D * elem)}
+        if bias:
+            partial = _cdiv(tokens, batch_rows) * D * 4
+            out["batch_sum"]["bias_grad_partial"] = Traffic(stored=partial)
+            out["bias_sum"] = {"bias_grad": Traffic(loaded=partial, unique=partial, stored=D * (4 + elem))}
+    elif bias:
+        out["bias_sum"] = {"bias_grad": bias_grad_traffic(M, D, elem)}
     return out
 
 

@@ -282,7 +282,7 @@ def run_gated(kind, act, dtype, tile, even_k):
 
 
 def run_patch_embed(name, dtype, tile, even_k, geometry):
-    if name == "batch_sum_kernel":  # dpos of a table shared by the batch: B = 2, N and D past one block
+    if name == "batch_sum_kernel":  # dpos of a shared table, db from its sums: B = 2, N and D past one block
         C, T, P, B, grid, D = 3, 1, 4, 2, (1, 6, 6), tile[1] + RAGGED
     else:
         C, T, P = geometry
@@ -310,7 +310,7 @@ def run_patch_embed(name, dtype, tile, even_k, geometry):
     b = torch.randn(D, dtype=dtype)
     pos = torch.randn(grid[0] * grid[1] * grid[2], D, dtype=dtype)
     grad_of = {"patch_embed_fwd_kernel": (), "patch_embed_dx_kernel": ("pixels",),
-               "patch_embed_dw_kernel": ("weight", "bias"), "batch_sum_kernel": ("pos_embed",)}[name]
+               "patch_embed_dw_kernel": ("weight", "bias"), "batch_sum_kernel": ("pos_embed", "bias")}[name]
     _values_and_grads(mmfuse.patch_embed, patch_embed_reference, [x, w, b, pos],
                       ["pixels", "weight", "bias", "pos_embed"], grad_of)
 

@@ -108,6 +108,31 @@ def test_class_token_matches_cat():
         assert c.ok, str(c)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
+def test_class_token_bias_grad_comes_from_the_batch_sum(dtype, launches):
+    """CLIP's backward: bias, pos_embed (L, D) and class token all trained. db is summed from the batch
+    sum's fp32 column sums over the patch rows only (row 0 is the class token's), here across two
+    32-row blocks (6 x 7 patches + 1 = 43 rows): no other kernel reads dOut for it; bitwise repeatable."""
+    B, C, P, D = 2, 3, 4, 19
+    x = torch.randn(B, C, 24, 28, dtype=dtype)
+    w = (torch.randn(D, C, P, P) / (C * P * P) ** 0.5).to(dtype)
+    b, pos, cls = torch.randn(D, dtype=dtype), torch.randn(43, D, dtype=dtype), torch.randn(D, dtype=dtype)
+    for c in compare_with_reference(patch_embed_with_class, patch_embed_with_class_reference, [x, w, b, pos, cls],
+                                    ["pixels", "weight", "bias", "pos_embed", "class_embedding"]):
+        assert c.ok, str(c)
+    leaves = [t.clone().requires_grad_() for t in (x, w, b, pos, cls)]
+    dy = torch.randn(B, 43, D, dtype=dtype)[:, :, None].expand(B, 43, 2, D)[:, :, 1]  # a strided dOut
+    launches.clear()
+    first = torch.autograd.grad(patch_embed_with_class(*leaves), leaves, dy)
+    assert sorted(launches) == ["batch_sum_kernel", "patch_embed_dw_kernel", "patch_embed_dx_kernel",
+                                "patch_embed_fwd_kernel"]
+    second = torch.autograd.grad(patch_embed_with_class(*leaves), leaves, dy)
+    assert all(torch.equal(g1, g2) for g1, g2 in zip(first, second))
+    # db equals the fp32 sum over the patch rows, rounded once (the class row is not in it).
+    want = dy[:, 1:].double().sum((0, 1))
+    assert (first[2].double() - want).abs().max() <= 2 * want.abs().max() * torch.finfo(dtype).eps
+
+
 def test_gradcheck_fp64():
     torch.manual_seed(1)
     x = torch.randn(2, 2, 4, 6, dtype=torch.float64, requires_grad=True)

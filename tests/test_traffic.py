@@ -142,7 +142,7 @@ def _touched(per_launch):
 
 @pytest.mark.parametrize("B,C,F,H,W,T,P,D", [(2, 3, 1, 28, 42, 1, 14, 40), (1, 2, 4, 10, 15, 2, 5, 33)])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
-def test_patch_embed_backward_traffic_matches_an_interpreted_run(B, C, F, H, W, T, P, D, dtype):
+def test_patch_embed_backward_traffic_matches_an_interpreted_run(B, C, F, H, W, T, P, D, dtype, monkeypatch):
     from mmfuse.kernels import patch_embed as KP
     from mmfuse.traffic import patch_embed_bwd_traffic
 
@@ -151,19 +151,32 @@ def test_patch_embed_backward_traffic_matches_an_interpreted_run(B, C, F, H, W, 
     tokens = (F // T) * (H // P) * (W // P)
     g = torch.randn(B, tokens, D, dtype=dtype)
     packed = KP.pack_weight(w)
+    allocated = []  # dpixels, dW, then the batch sum's dpos and db's column sums
 
-    def backward():
+    def recording_empty(*args, **kw):
+        allocated.append(torch.empty(*args, **kw))
+        return allocated[-1]
+
+    def backward():  # as the autograd op runs it: db from the batch sum, not from the dW launcher
         dx = KP.patch_embed_dx(g, w, tuple(px.shape), packed=packed)
-        dw, db = KP.patch_embed_dw(g, px, tuple(w.shape), with_bias=True)
-        return dx, dw, db, KP.batch_sum(g)
+        dw, _ = KP.patch_embed_dw(g, px, tuple(w.shape), with_bias=False)
+        return dx, dw, *KP.batch_sum(g, bias_from=0)
 
-    _, got = measure(backward, {"dout": g, "weight": packed[0], "pixels": px, "pixels_grad": lambda r: r[0],
-                                "weight_grad": lambda r: r[1], "bias_grad": lambda r: r[2],
-                                "pos_grad": lambda r: r[3]}, by_launch=True)
+    monkeypatch.setattr(KP, "empty", recording_empty)
+    (_, _, _, db), got = measure(backward, {"dout": g, "weight": packed[0], "pixels": px,
+                                            "pixels_grad": lambda r: r[0], "weight_grad": lambda r: r[1],
+                                            "pos_grad": lambda r: r[2], "bias_grad_partial": lambda _: allocated[3]},
+                                 by_launch=True)
     tile = KP.INTERPRETER_TILE[:3]
-    want = patch_embed_bwd_traffic(B, C, H, W, P, D, {"dx": tile, "dw": tile}, g.element_size(), T=T, F=F)
+    want = patch_embed_bwd_traffic(B, C, H, W, P, D, {"dx": tile, "dw": tile}, g.element_size(), T=T, F=F,
+                                   batch_rows=KP.BATCH_SUM_BLOCK[0])
     names = {"dx": "patch_embed_dx_kernel", "dw": "patch_embed_dw_kernel", "batch_sum": "batch_sum_kernel"}
-    assert _touched(got) == {names[k]: v for k, v in want.items()}
+    # db's sum of the column sums is a torch reduction (no interpreted launch): what it reads is what the
+    # batch sum stored.
+    assert _touched(got) == {names[k]: v for k, v in want.items() if k in names}
+    assert want["bias_sum"]["bias_grad"].loaded == allocated[3].numel() * 4 == got["batch_sum_kernel"][
+        "bias_grad_partial"].stored
+    assert db.shape == (D,)
 
 
 @pytest.mark.parametrize("B,Bq,Hq,Hkv,Lq,Lk,D", [(2, 1, 4, 2, 20, 70, 24), (3, 3, 2, 1, 16, 97, 16)])
@@ -212,14 +225,14 @@ def test_measure_by_launch_refuses_a_kernel_launched_twice():
 
 
 def test_patch_embed_dw_split_traffic_matches_an_interpreted_run(monkeypatch):
-    """dW + db split three ways over 150 tokens: fp32 partials stored, then read once by the combine."""
+    """dW split three ways over 150 tokens: fp32 partials stored, then read once by the combine."""
     from mmfuse.kernels import patch_embed as KP
     from mmfuse.traffic import patch_embed_bwd_traffic
 
     B, C, H, W, P, D = 2, 3, 20, 60, 4, 37
     px = torch.randn(B, C, 1, H, W, dtype=torch.float16)
     g = torch.randn(B, (H // P) * (W // P), D, dtype=torch.float16)
-    allocated = []  # dw, db, then the partials
+    allocated = []  # dw, then the partials (db: a torch sum, no Triton launch)
 
     def recording_empty(*args, **kw):
         allocated.append(torch.empty(*args, **kw))
@@ -228,8 +241,7 @@ def test_patch_embed_dw_split_traffic_matches_an_interpreted_run(monkeypatch):
     monkeypatch.setattr(KP, "empty", recording_empty)
     _, got = measure(lambda: KP.patch_embed_dw(g, px, (D, C, 1, P, P), with_bias=True, splits=3),
                      {"dout": g, "pixels": px, "weight_grad": lambda _: allocated[0],
-                      "bias_grad": lambda _: allocated[1], "weight_grad_partial": lambda _: allocated[2],
-                      "bias_grad_partial": lambda _: allocated[3]}, by_launch=True)
+                      "weight_grad_partial": lambda _: allocated[1]}, by_launch=True)
     tile = KP.INTERPRETER_TILE[:3]
     want = patch_embed_bwd_traffic(B, C, H, W, P, D, {"dx": tile, "dw": tile}, 2, dw_splits=3, pos=False)
     names = {"dw": "patch_embed_dw_kernel", "dw_combine": "dw_combine_kernel"}

@@ -8,8 +8,9 @@ output and row 0 is ``class_embedding + pos_embed[0]`` (one small torch op).
 Saved for backward: pixels and weight only (the patch matrix is never materialised).
 Backward, given dOut (B, N, D):
   dpixels = scatter(dOut @ W)          one GEMM; the scatter is a permutation (kernel == stride)
-  dW, db  = dOut^T @ patches, sum dOut one GEMM gathering the patches again, db from its loads
+  dW      = dOut^T @ patches            one GEMM gathering the patches again
   dpos    = dOut summed over the dims pos_embed was broadcast over (batch: one fixed-order kernel)
+  db      = dOut summed over tokens     from the batch sum's fp32 sums when it runs, else one reduction
 Nothing uses atomics: gradients are bitwise reproducible.
 
 Dtypes: pixels, weight, bias, pos_embed (and class_embedding) must share one dtype, as
@@ -122,8 +123,9 @@ def _acc_sum(t, dims):
     return t.sum(dims, dtype=acc).to(t.dtype)
 
 
-def _pos_grad(g, pos_shape):
-    """dOut (B, L, D) summed down to ``pos_shape`` (broadcastable to it)."""
+def _pos_grad(g, pos_shape, bias_from=None):
+    """(dpos, db): dOut (B, L, D) summed down to ``pos_shape`` (broadcastable to it); db (rows
+    ``bias_from``.. summed over the batch and tokens) only where the batch sum gives it, else None."""
     shape3 = (1,) * (3 - len(pos_shape)) + tuple(pos_shape)
     if shape3[1] == 1 or shape3[2] == 1:  # rare: broadcast over tokens or features too
         # One sum over every broadcast dim in the accumulator type, one rounding (not the batch
@@ -131,10 +133,11 @@ def _pos_grad(g, pos_shape):
         dims = tuple(i for i in range(3) if shape3[i] == 1 and g.shape[i] != 1)
         s = _acc_sum(g, dims).reshape(shape3) if dims else g.clone(memory_format=torch.contiguous_format)
     elif shape3[0] == 1:
-        s = K.batch_sum(g).unsqueeze(0)
+        s, db = K.batch_sum(g, bias_from)
+        return s.unsqueeze(0).reshape(pos_shape), db
     else:
         s = g.clone(memory_format=torch.contiguous_format)
-    return s.reshape(pos_shape)
+    return s.reshape(pos_shape), None
 
 
 def _rows(pixels, weight, prefix):
@@ -181,16 +184,16 @@ def patch_embed_bwd_op(g: torch.Tensor, pixels: torch.Tensor, weight: torch.Tens
         return pixels.new_empty(0)
 
     dx, dw, db, dpos, dcls = (nothing() for _ in range(5))
+    db_sum = None
+    if need_p:  # first: a batch sum also gives db (no separate read of dOut)
+        dpos, db_sum = _pos_grad(g, tuple(pos_shape), prefix if need_b else None)
     if need_x:
         packed_k = (packed, K.pack_weight_cols(w5)) if packed is not None else None
         dx = K.patch_embed_dx(g_patch, w5, tuple(x5.shape), packed=packed_k).view(pixels.shape)
     if need_w:
-        dw, db = K.patch_embed_dw(g_patch, x5, tuple(w5.shape), with_bias=need_b)
-        dw, db = dw.view(weight.shape), db if need_b else nothing()
-    elif need_b:  # frozen weight: a plain reduction for the bias
-        db = _acc_sum(g_patch, (0, 1))
-    if need_p:
-        dpos = _pos_grad(g, tuple(pos_shape))
+        dw = K.patch_embed_dw(g_patch, x5, tuple(w5.shape), with_bias=False)[0].view(weight.shape)
+    if need_b:
+        db = db_sum if db_sum is not None else K.bias_grad(g_patch)
     if need_c:
         dcls = _acc_sum(g[:, 0], 0)
     return dx, dw, db, dpos, dcls
