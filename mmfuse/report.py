@@ -139,13 +139,13 @@ def waves_section() -> list[str]:
     lines = ["## Launch grids and wave efficiency on 132 SMs (model)", "",
              "### MLP projectors (`fused_gemm_kernel`, per layer; tiles kept for autotuning: tile (tiles, wave "
              "efficiency))", "",
-             "| shape | images | layer | M x N | forward (M x N) | dX (M x K) | dW + db (N x K) |",
+             "| shape | images | layer | M x N | forward (M x N) | dX (M x K) | dW (N x K) |",
              "| --- | --- | --- | --- | --- | --- | --- |"]
     for s in MLP_SHAPES:
         for images in (1, 8):
             M = s.tokens * images
             for i, (k, n) in enumerate(zip(s.widths, s.widths[1:])):
-                # forward and dX + GELU' (M x N, M x K), dW + db (N x K)
+                # forward and dX + GELU' (M x N, M x K), dW (N x K; db is a reduction beside it)
                 cells = [kept_tiles(KL.candidate_tiles(r, c, SMS), r, c, KL.wave_efficiency)
                          for r, c in ((M, n), (M, k), (n, k))]
                 lines.append(f"| {s.name} | {images} | {i} ({k}->{n}) | {M} x {n} | " + " | ".join(cells) + " |")
