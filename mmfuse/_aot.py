@@ -163,10 +163,10 @@ def compile_spec(spec: CompileSpec, arch: int) -> CompileReport:
 
 def all_specs() -> list[CompileSpec]:
     """Every config of every kernel, as the kernel modules list them."""
-    from mmfuse.kernels import cross_attention, linear, patch_embed
+    from mmfuse.kernels import cross_attention, linear, merged_gemm, patch_embed
 
     specs = []
-    for module in (linear, patch_embed, cross_attention):
+    for module in (linear, merged_gemm, patch_embed, cross_attention):
         specs.extend(module.aot_specs())
     return specs
 

@@ -1,0 +1,533 @@
+"""Token merge and norm read inside the projector's first GEMM, forward and backward.
+
+Modern projectors merge neighbouring vision tokens and normalise before their first Linear: Qwen2/2.5-VL
+(RMSNorm or LayerNorm per source token, then a 2x2 view merge), Idefics3 / SmolVLM (pixel shuffle),
+Qwen3-VL's deepstack mergers and LFM2-VL / Aya (a norm over the merged row). In PyTorch each step is a
+pass over the activations (and pixel shuffle a `.contiguous()` copy). Here the first GEMM reads its A
+operand straight from the vision tower's output:
+
+Layout. x (T, C): T source tokens of C channels, any strides. Merged row m (of M) is G source tokens
+side by side, K = G*C columns; column k = j*C + c is channel c of token tok(m, j), where
+    tok(m, j) = map[m, j]   with a (M, G) int32 table (pixel shuffle / unshuffle: any permutation)
+    tok(m, j) = m*G + j     without one (Qwen's merge: the G neighbours are adjacent rows already).
+Norm (NORM: 0 none, 1 LayerNorm, 2 RMSNorm) over a source token's C channels (pre-merge, Qwen's ln_q)
+or, with NORM_POST, over the merged row's K columns:
+    A[m, k] = (x[tok, c] - mean[r]) * rstd[r] * gamma[i] (+ beta[i])
+    r, i = tok, c (pre-merge)  or  m, k (post-merge)
+mean / rstd per normalised row come from ``norm_stats_kernel`` (a pre-pass over x: 8 bytes per row out),
+computed in fp32 with two passes over the row (mean first, then the centred sum of squares: exact where
+|mean| >> std, which E[x^2] - E[x]^2 is not). Normalising in the load (not folding gamma into W and
+mean / rstd into the epilogue) keeps the GEMM's operand exactly what PyTorch's norm would output, one
+rounding to the input dtype; the fold would multiply the raw x (|mean| >> std loses std's bits in bf16).
+
+``mapped_gemm_kernel`` runs the three GEMMs that touch A (MAPPED selects which operand is mapped):
+  0  forward   act(A @ W^T + b)      A read through the map and normalised in the load
+  1  dW        dH^T @ A              A as the B operand, the same loads
+  2  dX        dA = dH @ W           stored through the map: a permutation store into x's layout (every
+                                      element written once when the map is a permutation: no atomics)
+and ``norm_bwd_kernel`` turns dA into dx with one row-wise pass (re-reading x; dgamma / dbeta as fp32
+per-program partials summed in a fixed order by the launcher: deterministic).
+The merged A never exists in memory, nor does the norm's output.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+import triton
+import triton.language as tl
+
+from mmfuse.kernels._common import (
+    INTERPRET,
+    acc_dtype,
+    cdiv,
+    dot_precision,
+    empty,
+    forced_tile,
+    grouped_tile,
+    num_sms,
+)
+from mmfuse.kernels.linear import GROUP_M, INTERPRETER_TILE, block_k_for, candidate_tiles, gemm_epilogue
+from mmfuse.kernels._tuning import TileChooser
+
+
+
+@triton.jit
+def token_offsets(rows, cols, col0, map_ptr, stride_map, C, stride_xt, stride_xc, row_ok, col_ok,
+                  ALIGNED: tl.constexpr):
+    """(offset of x[map[row, col // C], col % C], token) for a (rows x cols) tile of merged coordinates.
+    ALIGNED: the columns col0 .. col0 + len(cols) - 1 lie in one token's C channels (C divisible by
+    the block), so the token is one value per row: a (rows x 1) gather instead of (rows x cols)."""
+    if ALIGNED:
+        j = col0 // C
+        c = cols - j * C
+        tok = tl.load(map_ptr + rows.to(tl.int64) * stride_map + j, mask=row_ok, other=0).to(tl.int64)[:, None]
+    else:
+        j = cols // C
+        c = cols % C
+        tok = tl.load(map_ptr + rows[:, None].to(tl.int64) * stride_map + j[None, :],
+                      mask=row_ok[:, None] & col_ok[None, :], other=0).to(tl.int64)
+    return tok * stride_xt + c[None, :] * stride_xc, tok
+
+
+@triton.jit
+def load_normalised(x_ptr, rows, cols, col0, row_ok, col_ok, map_ptr, stats_ptr, gamma_ptr, beta_ptr,
+                    C, K, stride_xt, stride_xc, stride_map, stride_gamma, stride_beta,
+                    ALIGNED: tl.constexpr, NORM: tl.constexpr, NORM_POST: tl.constexpr,
+                    ACC_DTYPE: tl.constexpr, OUT_DTYPE: tl.constexpr):
+    """A[rows, cols] of the merged, normalised operand (0 outside the masks), in OUT_DTYPE. One code
+    for LayerNorm and RMSNorm: an RMSNorm's statistics hold mean = 0 and its beta is zeros."""
+    offs, tok = token_offsets(rows, cols, col0, map_ptr, stride_map, C, stride_xt, stride_xc, row_ok, col_ok,
+                              ALIGNED)
+    mask = row_ok[:, None] & col_ok[None, :]
+    a = tl.load(x_ptr + offs, mask=mask, other=0.0)
+    if NORM:
+        a = a.to(ACC_DTYPE)
+        if NORM_POST:
+            r = rows[:, None].to(tl.int64)
+            gi = cols
+        else:
+            r = tok
+            gi = cols % C
+        if ALIGNED or NORM_POST:  # one statistic per row
+            rmask = row_ok[:, None]
+        else:
+            rmask = mask
+        mean = tl.load(stats_ptr + 2 * r, mask=rmask, other=0.0)
+        rstd = tl.load(stats_ptr + 2 * r + 1, mask=rmask, other=0.0)
+        gamma = tl.load(gamma_ptr + gi * stride_gamma, mask=col_ok, other=0.0)
+        beta = tl.load(beta_ptr + gi * stride_beta, mask=col_ok, other=0.0)
+        a = tl.where(mask, (a - mean) * rstd * gamma[None, :] + beta[None, :], 0.0)
+    return a.to(OUT_DTYPE)
+
+
+@triton.jit
+def norm_stats_kernel(
+    x_ptr, map_ptr, stats_ptr,
+    R, C, G, stride_xt, stride_xc, stride_map, eps, center,
+    ACC_DTYPE: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
+):
+    """stats[r] = (mean, rstd) of normalised row r: the G*C values of tokens map[r, 0..G-1] (a source
+    token: G = 1 and map[r, 0] = r; a merged row: its tokens). ``center`` = 1 for LayerNorm; 0 for
+    RMSNorm, which stores mean = 0. Two passes over the row: the mean, then the centred squares."""
+    rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+    row_ok = rows < R
+    width = C * G
+    total = tl.zeros((BLOCK_R,), dtype=ACC_DTYPE)
+    if center != 0:
+        for k0 in range(0, width, BLOCK_C):
+            cols = k0 + tl.arange(0, BLOCK_C)
+            col_ok = cols < width
+            offs, _ = token_offsets(rows, cols, k0, map_ptr, stride_map, C, stride_xt, stride_xc, row_ok, col_ok, False)
+            x = tl.load(x_ptr + offs, mask=row_ok[:, None] & col_ok[None, :], other=0.0)
+            total += tl.sum(x.to(ACC_DTYPE), axis=1)
+    mean = total / width
+    squares = tl.zeros((BLOCK_R,), dtype=ACC_DTYPE)
+    for k0 in range(0, width, BLOCK_C):
+        cols = k0 + tl.arange(0, BLOCK_C)
+        col_ok = cols < width
+        mask = row_ok[:, None] & col_ok[None, :]
+        offs, _ = token_offsets(rows, cols, k0, map_ptr, stride_map, C, stride_xt, stride_xc, row_ok, col_ok, False)
+        d = tl.where(mask, tl.load(x_ptr + offs, mask=mask, other=0.0).to(ACC_DTYPE) - mean[:, None], 0.0)
+        squares += tl.sum(d * d, axis=1)
+    rstd = 1.0 / tl.sqrt(squares / width + eps)
+    tl.store(stats_ptr + 2 * rows, mean.to(stats_ptr.dtype.element_ty), mask=row_ok)
+    tl.store(stats_ptr + 2 * rows + 1, rstd.to(stats_ptr.dtype.element_ty), mask=row_ok)
+
+
+@triton.jit
+def mapped_gemm_kernel(
+    a_ptr, b_ptr, c_ptr, bias_ptr, aux_ptr,
+    map_ptr, stats_ptr, gamma_ptr, beta_ptr,
+    M, N, K, C,
+    stride_am, stride_ak, stride_bk, stride_bn, stride_cm, stride_cn, stride_auxm, stride_auxn,
+    stride_bias, stride_map, stride_gamma, stride_beta,
+    MAPPED: tl.constexpr,       # 0: A is x merged + normalised; 1: B is; 2: C is stored through the map
+    NORM: tl.constexpr,         # normalise in the load (LayerNorm or RMSNorm: the same code)
+    NORM_POST: tl.constexpr,    # statistics and gamma / beta per merged row (else per source token)
+    ALIGNED: tl.constexpr,      # C % (the mapped operand's block along the merged columns) == 0
+    ACTIVATION: tl.constexpr, HAS_BIAS: tl.constexpr, STORE_AUX: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr, ACC_DTYPE: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    GROUP_M: tl.constexpr, EVEN_K: tl.constexpr,
+):
+    """C = A @ B with one operand in the merged layout (module docstring). The mapped operand's
+    "strides" are x's (token, channel); rows past M / columns past N wrap as in fused_gemm_kernel."""
+    pid_m, pid_n = grouped_tile(M, N, BLOCK_M, BLOCK_N, GROUP_M)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_k = tl.arange(0, BLOCK_K)
+    rows_a = offs_m % M
+    cols_b = offs_n % N
+    a_ptrs = a_ptr + rows_a.to(tl.int64)[:, None] * stride_am + offs_k[None, :] * stride_ak
+    b_ptrs = b_ptr + offs_k[:, None] * stride_bk + cols_b.to(tl.int64)[None, :] * stride_bn
+
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=ACC_DTYPE)
+    for k in range(0, tl.cdiv(K, BLOCK_K)):
+        ks = k * BLOCK_K + offs_k
+        k_ok = ks < K
+        if MAPPED == 0:
+            a = load_normalised(a_ptr, rows_a, ks, k * BLOCK_K, rows_a >= 0, k_ok, map_ptr,
+                                stats_ptr, gamma_ptr, beta_ptr, C, K, stride_am, stride_ak, stride_map, stride_gamma,
+                                stride_beta, ALIGNED, NORM, NORM_POST, ACC_DTYPE, b_ptr.dtype.element_ty)
+        elif EVEN_K:
+            a = tl.load(a_ptrs)
+        else:
+            a = tl.load(a_ptrs, mask=k_ok[None, :], other=0.0)
+        if MAPPED == 1:
+            b = load_normalised(b_ptr, ks, cols_b, (pid_n * BLOCK_N) % N, k_ok, cols_b >= 0,
+                                map_ptr, stats_ptr, gamma_ptr, beta_ptr, C, N, stride_bk, stride_bn, stride_map,
+                                stride_gamma, stride_beta, ALIGNED, NORM, NORM_POST, ACC_DTYPE,
+                                a_ptr.dtype.element_ty)
+        elif EVEN_K:
+            b = tl.load(b_ptrs)
+        else:
+            b = tl.load(b_ptrs, mask=k_ok[:, None], other=0.0)
+        acc = tl.dot(a, b, acc, input_precision=INPUT_PRECISION, out_dtype=ACC_DTYPE)
+        a_ptrs += BLOCK_K * stride_ak
+        b_ptrs += BLOCK_K * stride_bk
+
+    if MAPPED == 2:
+        # dA straight into x's layout: the inverse of the forward's gather, a permutation store.
+        mask = (offs_m < M)[:, None] & (offs_n < N)[None, :]
+        offs, _ = token_offsets(offs_m, offs_n, pid_n * BLOCK_N, map_ptr, stride_map, C, stride_cm, stride_cn,
+                                offs_m < M, offs_n < N, ALIGNED)
+        tl.store(c_ptr + offs, acc.to(c_ptr.dtype.element_ty), mask=mask)
+    else:
+        gemm_epilogue(acc, pid_m, pid_n, M, N, c_ptr, bias_ptr, aux_ptr,
+                      stride_cm, stride_cn, stride_auxm, stride_auxn, stride_bias,
+                      ACTIVATION, HAS_BIAS, STORE_AUX, False, ACC_DTYPE, BLOCK_M, BLOCK_N)
+
+
+@triton.jit
+def norm_bwd_kernel(
+    da_ptr, x_ptr, map_ptr, stats_ptr, gamma_ptr, dx_ptr, dgamma_ptr, dbeta_ptr,
+    R, C, G, stride_xt, stride_xc, stride_dat, stride_dac, stride_dxt, stride_dxc, stride_map, stride_gamma,
+    center,
+    NORM_POST: tl.constexpr, ACC_DTYPE: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
+):
+    """dx of the norm for BLOCK_R normalised rows (tokens map[r, 0..G-1], as in norm_stats_kernel), from
+    dA (the gradient at the norm's output, in x's layout): with g = dA * gamma, xhat = (x - mean) * rstd,
+        dx = rstd * (g - center * mean(g) - xhat * mean(g * xhat))      (center: 1 LayerNorm, 0 RMSNorm)
+    and this program's share of dgamma = sum dA * xhat and dbeta = sum dA over its rows: one fp32
+    partial row per program (dgamma_ptr + pid * width), each written once, summed in order by the
+    launcher. Pass 1 forms the row sums (and, post-merge, the partials: every column its own gamma);
+    pass 2 writes dx (and, pre-merge, the partials over the C channels the rows share)."""
+    pid = tl.program_id(0)
+    rows = pid * BLOCK_R + tl.arange(0, BLOCK_R)
+    row_ok = rows < R
+    width = C * G
+    r = rows.to(tl.int64)
+    mean = tl.load(stats_ptr + 2 * r, mask=row_ok, other=0.0).to(ACC_DTYPE)
+    rstd = tl.load(stats_ptr + 2 * r + 1, mask=row_ok, other=0.0).to(ACC_DTYPE)
+    sum_g = tl.zeros((BLOCK_R,), dtype=ACC_DTYPE)
+    sum_gx = tl.zeros((BLOCK_R,), dtype=ACC_DTYPE)
+    for k0 in range(0, width, BLOCK_C):
+        cols = k0 + tl.arange(0, BLOCK_C)
+        col_ok = cols < width
+        mask = row_ok[:, None] & col_ok[None, :]
+        x_offs, _ = token_offsets(rows, cols, k0, map_ptr, stride_map, C, stride_xt, stride_xc, row_ok, col_ok, False)
+        da_offs, _ = token_offsets(rows, cols, k0, map_ptr, stride_map, C, stride_dat, stride_dac, row_ok, col_ok,
+                                   False)
+        x = tl.load(x_ptr + x_offs, mask=mask, other=0.0).to(ACC_DTYPE)
+        da = tl.load(da_ptr + da_offs, mask=mask, other=0.0).to(ACC_DTYPE)
+        gamma = tl.load(gamma_ptr + (cols if NORM_POST else cols % C) * stride_gamma, mask=col_ok, other=0.0)
+        xhat = tl.where(mask, (x - mean[:, None]) * rstd[:, None], 0.0)
+        g = da * gamma.to(ACC_DTYPE)[None, :]
+        sum_g += tl.sum(g, axis=1)
+        sum_gx += tl.sum(g * xhat, axis=1)
+        if NORM_POST:
+            tl.store(dgamma_ptr + pid * width + cols, tl.sum(da * xhat, axis=0), mask=col_ok)
+            tl.store(dbeta_ptr + pid * width + cols, tl.sum(da, axis=0), mask=col_ok)
+    mean_g = center * sum_g / width
+    mean_gx = sum_gx / width
+    for k0 in range(0, width, BLOCK_C):
+        cols = k0 + tl.arange(0, BLOCK_C)
+        col_ok = cols < width
+        mask = row_ok[:, None] & col_ok[None, :]
+        x_offs, _ = token_offsets(rows, cols, k0, map_ptr, stride_map, C, stride_xt, stride_xc, row_ok, col_ok, False)
+        da_offs, _ = token_offsets(rows, cols, k0, map_ptr, stride_map, C, stride_dat, stride_dac, row_ok, col_ok,
+                                   False)
+        dx_offs, _ = token_offsets(rows, cols, k0, map_ptr, stride_map, C, stride_dxt, stride_dxc, row_ok, col_ok,
+                                   False)
+        x = tl.load(x_ptr + x_offs, mask=mask, other=0.0).to(ACC_DTYPE)
+        da = tl.load(da_ptr + da_offs, mask=mask, other=0.0).to(ACC_DTYPE)
+        gamma = tl.load(gamma_ptr + (cols if NORM_POST else cols % C) * stride_gamma, mask=col_ok, other=0.0)
+        xhat = tl.where(mask, (x - mean[:, None]) * rstd[:, None], 0.0)
+        dx = rstd[:, None] * (da * gamma.to(ACC_DTYPE)[None, :] - mean_g[:, None] - xhat * mean_gx[:, None])
+        tl.store(dx_ptr + dx_offs, dx.to(dx_ptr.dtype.element_ty), mask=mask)
+        if not NORM_POST:
+            tl.store(dgamma_ptr + pid * width + cols, tl.sum(da * xhat, axis=0), mask=col_ok)
+            tl.store(dbeta_ptr + pid * width + cols, tl.sum(da, axis=0), mask=col_ok)
+
+
+# ----------------------------------------------------------------------------------------------
+# Configs
+# ----------------------------------------------------------------------------------------------
+#: GEMM tiles of the mapped kernel (BLOCK_K for 2-byte dtypes), from the compile check.
+MAPPED_TILES = ((128, 128, 64, 8, 4), (64, 64, 64, 8, 4))
+#: IEEE fp32 (FMA, no tensor cores): dW spilled at 64x64x32 (16-88 B, 2-4 stages) and 32x64x32; a
+#: 16-deep K step holds fewer B values per thread (Triton 3.9, sm_80 / sm_90).
+MAPPED_FP32_TILE = (64, 64, 32, 8, 3)
+#: fp64 (gradcheck) takes one small tile.
+MAPPED_FP64_TILE = (64, 64, 64, 8, 3)
+#: Row-wise kernels: rows per program and columns per step (stats and norm backward).
+ROWWISE = (16, 128)
+INTERPRETER_ROWWISE = (8, 32)
+
+_even_k = triton.heuristics({"EVEN_K": lambda args: args["K"] % args["BLOCK_K"] == 0})
+_mapped_gemm = _even_k(mapped_gemm_kernel)
+TUNER = TileChooser("merged_gemm/mapped_gemm_kernel")
+
+
+@functools.lru_cache(maxsize=64)
+def _arange_map(rows: int, group: int, device: torch.device) -> torch.Tensor:
+    """The token table of merging ``group`` adjacent rows (Qwen's view merge), or of rows on their own
+    (group 1: the source tokens a pre-merge norm runs over). Cached: the same for every call."""
+    return torch.arange(rows * group, dtype=torch.int32, device=device).view(rows, group)
+
+
+@functools.lru_cache(maxsize=64)
+def _zeros(n: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """RMSNorm's beta: the kernels run LayerNorm's code with mean = 0 and beta = 0."""
+    return torch.zeros(n, dtype=dtype, device=device)
+
+
+class Merge:
+    """The merged operand: x (T, C) any strides; G tokens per merged row, by the (M, G) int32 token
+    table (``_arange_map`` when None: adjacent rows); the norm ("layer" / "rms" / None) before or
+    after the merge, its gamma, beta and eps; its statistics once ``norm_stats`` ran."""
+
+    def __init__(self, x, G, token_map=None, norm=None, post=False, gamma=None, beta=None, eps=1e-6):
+        self.x, self.G, self.norm, self.post, self.eps = x, G, norm, post, eps
+        self.T, self.C = x.shape
+        self.token_map = token_map if token_map is not None else _arange_map(self.T // G, G, x.device)
+        self.M, self.K = self.token_map.shape[0], G * self.C
+        width = self.K if post else self.C
+        self.gamma = gamma
+        self.beta = beta if norm == "layer" else (_zeros(width, x.dtype, x.device) if norm else None)
+        self.stats = None
+
+    @property
+    def rows(self):
+        """(normalised rows, their table, tokens per row): merged rows post-merge, else source tokens."""
+        if self.post:
+            return self.M, self.token_map, self.G
+        return self.T, _arange_map(self.T, 1, self.x.device), 1
+
+
+def _rowwise():
+    from mmfuse.kernels._common import gpu_config_on
+
+    return INTERPRETER_ROWWISE if INTERPRET and not gpu_config_on() else ROWWISE
+
+
+def norm_stats(merge: Merge):
+    """(mean, rstd) per normalised row into merge.stats (fp32; fp64 for fp64 inputs)."""
+    x = merge.x
+    R, table, G = merge.rows
+    stats = empty((R, 2), dtype=torch.float64 if x.dtype == torch.float64 else torch.float32, device=x.device)
+    if R:
+        br, bc = _rowwise()
+        norm_stats_kernel[(cdiv(R, br),)](
+            x, table, stats, R, merge.C, G, x.stride(0), x.stride(1), table.stride(0), merge.eps,
+            int(merge.norm == "layer"), ACC_DTYPE=acc_dtype(x.dtype), BLOCK_R=br, BLOCK_C=bc,
+            num_warps=4, num_stages=1)
+    merge.stats = stats
+    return stats
+
+
+def mapped_tiles(elem_bytes: int, precision: str) -> tuple:
+    """The mapped GEMM's tiles: MAPPED_TILES, or the fp32-IEEE / fp64 one."""
+    if elem_bytes == 8:
+        return (MAPPED_FP64_TILE,)
+    if elem_bytes == 4 and precision == "ieee":
+        return (MAPPED_FP32_TILE,)
+    return MAPPED_TILES
+
+
+def _launch(a, b, c, merge: Merge, mapped: int, M, N, K, strides, *, bias=None, aux=None, activation=0,
+            store_aux=False):
+    if M == 0 or N == 0:
+        return
+    x = merge.x
+    aux_t = aux if aux is not None else c
+    dummy = c  # never dereferenced when its flag is off
+    norm = merge.norm is not None and mapped != 2
+    stats, gamma, beta = (merge.stats, merge.gamma, merge.beta) if norm else (dummy, dummy, dummy)
+    flags = dict(MAPPED=mapped, NORM=norm, NORM_POST=merge.post and norm, ACTIVATION=activation,
+                 HAS_BIAS=bias is not None, STORE_AUX=store_aux, INPUT_PRECISION=dot_precision(x.dtype),
+                 ACC_DTYPE=acc_dtype(x.dtype))
+
+    def launch(tile, gpu_tile=True):
+        bm, bn, bk, warps, stages = tile
+        if gpu_tile:
+            bk = block_k_for(bk, x.element_size())
+        _mapped_gemm[(cdiv(M, bm) * cdiv(N, bn),)](
+            a, b, c, bias if bias is not None else dummy, aux_t, merge.token_map, stats, gamma, beta,
+            M, N, K, merge.C, *strides, aux_t.stride(0), aux_t.stride(1),
+            bias.stride(0) if bias is not None else 0, merge.token_map.stride(0),
+            gamma.stride(0) if norm else 0, beta.stride(0) if norm else 0,
+            **flags, ALIGNED=merge.C % (bk if mapped == 0 else bn) == 0, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk,
+            GROUP_M=GROUP_M, num_warps=warps, num_stages=stages)
+
+    forced = forced_tile("mapped_gemm_kernel")
+    if forced is not None:
+        launch(forced)
+    elif INTERPRET:
+        launch(INTERPRETER_TILE, gpu_tile=False)
+    else:
+        key = (x.dtype, x.device, *flags.values(), merge.C)
+        tiles = mapped_tiles(x.element_size(), flags["INPUT_PRECISION"])
+        launch(TUNER.choose((M, N, K), key, candidate_tiles(M, N, num_sms(x.device), tiles), launch))
+
+
+def mapped_fwd(merge: Merge, weight, bias=None, activation=0, store_preact=False):
+    """y = act(norm_merge(x) @ W^T + b) (M, N), the merged operand read through the map; (y, h)."""
+    M, N, x = merge.M, weight.shape[0], merge.x
+    y = empty((M, N), dtype=x.dtype, device=x.device)
+    h = empty((M, N), dtype=x.dtype, device=x.device) if (store_preact and activation) else None
+    w_t = weight.t()
+    _launch(x, w_t, y, merge, 0, M, N, merge.K,
+            (x.stride(0), x.stride(1), w_t.stride(0), w_t.stride(1), y.stride(0), y.stride(1)),
+            bias=bias, aux=h, activation=activation, store_aux=h is not None)
+    return y, h
+
+
+def mapped_weight_grad(dh, merge: Merge):
+    """dW = dH^T @ norm_merge(x) (N, K), the merged operand as B, read through the map again."""
+    N, K, x = dh.shape[1], merge.K, merge.x
+    dw = empty((N, K), dtype=dh.dtype, device=dh.device)
+    if merge.M == 0:
+        dw.zero_()
+        return dw
+    a = dh.t()
+    _launch(a, x, dw, merge, 1, N, K, merge.M, (a.stride(0), a.stride(1), x.stride(0), x.stride(1), dw.stride(0), dw.stride(1)))
+    return dw
+
+
+def mapped_input_grad(dh, weight, merge: Merge):
+    """dA = dH @ W, stored through the map into x's layout (T, C): the gradient at the norm's output
+    (or at x, without a norm). Every token of a permutation map is written once."""
+    x = merge.x
+    da = empty(x.shape, dtype=dh.dtype, device=dh.device)
+    if merge.M * merge.G != merge.T:  # tokens no merged row reads get no gradient from it
+        da.zero_()
+    _launch(dh, weight, da, merge, 2, merge.M, merge.K, dh.shape[1],
+            (dh.stride(0), dh.stride(1), weight.stride(0), weight.stride(1), da.stride(0), da.stride(1)))
+    return da
+
+
+def norm_bwd(da, merge: Merge):
+    """(dx, dgamma, dbeta or None) of the norm from dA (x's layout): one row-wise launch plus the ordered
+    fp32 sums of its per-program partials."""
+    x = merge.x
+    R, table, G = merge.rows
+    width = G * merge.C
+    dx = empty(x.shape, dtype=x.dtype, device=x.device)
+    if merge.post and merge.M * merge.G != merge.T:  # tokens no merged row reads: no gradient
+        dx.zero_()
+    acc = torch.float64 if x.dtype == torch.float64 else torch.float32
+    br, bc = _rowwise()
+    programs = cdiv(R, br)
+    dgamma_p = empty((programs, width), dtype=acc, device=x.device)
+    dbeta_p = empty((programs, width), dtype=acc, device=x.device)
+    if R:
+        norm_bwd_kernel[(programs,)](
+            da, x, table, merge.stats, merge.gamma, dx, dgamma_p, dbeta_p,
+            R, merge.C, G, x.stride(0), x.stride(1), da.stride(0), da.stride(1), dx.stride(0), dx.stride(1),
+            table.stride(0), merge.gamma.stride(0), int(merge.norm == "layer"),
+            NORM_POST=merge.post, ACC_DTYPE=acc_dtype(x.dtype), BLOCK_R=br, BLOCK_C=bc, num_warps=4, num_stages=1)
+    dgamma = dgamma_p.sum(0).to(x.dtype)
+    dbeta = dbeta_p.sum(0).to(x.dtype) if merge.norm == "layer" else None
+    return dx, dgamma, dbeta
+
+
+# ----------------------------------------------------------------------------------------------
+# Ahead-of-time compile specs (tests/test_aot.py, `mmfuse report`)
+# ----------------------------------------------------------------------------------------------
+#: Representative launch: Qwen2.5-VL-7B's merger, one 896px image: 4096 tokens of 1280 channels,
+#: merged 4 to a row (M = 1024, K = 5120), first Linear 5120 -> 5120.
+AOT_SHAPE = (4096, 1280, 4, 5120)
+
+#: (variant, norm, post): the three code paths of the merged operand. The token table is always read
+#: (Qwen's view merge passes an arange), and LayerNorm / RMSNorm share one code (RMSNorm: mean 0,
+#: beta 0), so these cover Qwen2/2.5-VL (a norm per token), Idefics3 / SmolVLM (pixel shuffle only)
+#: and a norm over the merged row (Qwen3-VL's deepstack mergers, LFM2-VL, Aya).
+MERGE_FORMS = (("norm per token", True, False), ("no norm", False, False), ("norm per merged row", True, True))
+
+
+def _gemm_spec_args(ptr, mapped, T, C, G, N):
+    M, K = T // G, G * C
+    gemm = {0: dict(M=M, N=N, K=K, stride_am=C, stride_ak=1, stride_bk=1, stride_bn=K, stride_cm=N, stride_cn=1),
+            1: dict(M=N, N=K, K=M, stride_am=1, stride_ak=N, stride_bk=C, stride_bn=1, stride_cm=K, stride_cn=1),
+            2: dict(M=M, N=K, K=N, stride_am=N, stride_ak=1, stride_bk=K, stride_bn=1, stride_cm=C, stride_cn=1)}
+    return dict(a_ptr=ptr, b_ptr=ptr, c_ptr=ptr, bias_ptr=ptr, aux_ptr=ptr, map_ptr="*i32",
+                stats_ptr="*fp64" if ptr == "*fp64" else "*fp32", gamma_ptr=ptr, beta_ptr=ptr, C=C,
+                **gemm[mapped], stride_auxm=N, stride_auxn=1, stride_bias=1, stride_map=G, stride_gamma=1,
+                stride_beta=1)
+
+
+#: The GEMMs each dtype class compiles, on the tiles it takes: 2-byte (bf16; fp16 is the same code)
+#: every form; TF32 / IEEE fp32 / fp64 the per-token norm's three GEMMs. (variant forms, GEMMs)
+def _plans():
+    every = [(form, mapped) for form in MERGE_FORMS for mapped in (0, 1)] + [(MERGE_FORMS[1], 2)]
+    per_token = [(MERGE_FORMS[0], mapped) for mapped in (0, 1)] + [(MERGE_FORMS[1], 2)]
+    return [("bf16", "*bf16", "ieee", every), ("fp32-tf32", "*fp32", "tf32", per_token),
+            ("fp32", "*fp32", "ieee", per_token), ("fp64", "*fp64", "ieee", per_token)]
+
+
+def aot_specs():
+    from mmfuse._aot import CompileSpec
+
+    T, C, G, N = AOT_SHAPE
+    specs = []
+
+    def gemm_spec(form, mapped, dtype, ptr, precision, tile, C=C, note=""):
+        (variant, norm, post), (bm, bn, bk, warps, stages) = form, tile
+        elem = {"*fp32": 4, "*fp64": 8}.get(ptr, 2)
+        block_k = block_k_for(bk, elem)
+        args = _gemm_spec_args(ptr, mapped, T, C, G, N)
+        aligned = C % (block_k if mapped == 0 else bn) == 0
+        cx = dict(MAPPED=mapped, NORM=norm and mapped != 2, NORM_POST=post and mapped != 2, ALIGNED=aligned,
+                  ACTIVATION=1 if mapped == 0 else 0, HAS_BIAS=mapped == 0, STORE_AUX=mapped == 0,
+                  INPUT_PRECISION=precision, ACC_DTYPE=tl.float64 if elem == 8 else tl.float32,
+                  BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=block_k, GROUP_M=GROUP_M, EVEN_K=args["K"] % block_k == 0)
+        what = {0: f"fwd gelu+bias+aux, {variant}", 1: f"dW, {variant}", 2: "dA stored through the map"}[mapped]
+        return CompileSpec(
+            kernel="merged_gemm/mapped_gemm_kernel", variant=what + note, dtype=dtype,
+            config=f"{bm}x{bn}x{block_k} w{warps} s{stages}", fn=mapped_gemm_kernel, args=tuple(args.items()),
+            constexprs=tuple(cx.items()), num_warps=warps, num_stages=stages,
+            tensor_cores=precision == "tf32" or elem != 4, sm90_instr="mma.sync" if elem == 8 else "wgmma")
+
+    for dtype, ptr, precision, gemms in _plans():
+        elem = {"*fp32": 4, "*fp64": 8}.get(ptr, 2)
+        for form, mapped in gemms:
+            for tile in mapped_tiles(elem, precision):
+                specs.append(gemm_spec(form, mapped, dtype, ptr, precision, tile))
+    # A channel count no block divides (C = 1176, e.g. 1176 = 3 * 392): the per-element token gather.
+    for form, mapped in [(MERGE_FORMS[0], 0), (MERGE_FORMS[0], 1), (MERGE_FORMS[1], 2)]:
+        specs.append(gemm_spec(form, mapped, "bf16", "*bf16", "ieee", MAPPED_TILES[-1], C=1176,
+                               note=" (C % block != 0)"))
+    # The row-wise kernels: per source token (G = 1) and per merged row (G = 4, K = 5120 wide).
+    br, bc = ROWWISE
+    for what, rows, g in (("per token", T, 1), ("per merged row", T // G, G)):
+        for dtype, ptr in (("bf16", "*bf16"), ("fp32", "*fp32")):
+            acc = tl.float32
+            stats = dict(x_ptr=ptr, map_ptr="*i32", stats_ptr="*fp32", R=rows, C=C, G=g, stride_xt=C, stride_xc=1,
+                         stride_map=g, eps=1e-6, center=1)
+            specs.append(CompileSpec(
+                kernel="merged_gemm/norm_stats_kernel", variant=f"mean, rstd {what}", dtype=dtype,
+                config=f"{br}x{bc} w4", fn=norm_stats_kernel, args=tuple(stats.items()),
+                constexprs=(("ACC_DTYPE", acc), ("BLOCK_R", br), ("BLOCK_C", bc)), num_warps=4, num_stages=1,
+                tensor_cores=False))
+            bwd = dict(da_ptr=ptr, x_ptr=ptr, map_ptr="*i32", stats_ptr="*fp32", gamma_ptr=ptr, dx_ptr=ptr,
+                       dgamma_ptr="*fp32", dbeta_ptr="*fp32", R=rows, C=C, G=g, stride_xt=C, stride_xc=1,
+                       stride_dat=C, stride_dac=1, stride_dxt=C, stride_dxc=1, stride_map=g, stride_gamma=1, center=1)
+            specs.append(CompileSpec(
+                kernel="merged_gemm/norm_bwd_kernel", variant=f"dx, dgamma, dbeta {what}", dtype=dtype,
+                config=f"{br}x{bc} w4", fn=norm_bwd_kernel, args=tuple(bwd.items()),
+                constexprs=(("NORM_POST", g > 1), ("ACC_DTYPE", acc), ("BLOCK_R", br), ("BLOCK_C", bc)),
+                num_warps=4, num_stages=1, tensor_cores=False))
+    return specs

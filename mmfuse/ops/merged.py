@@ -1,0 +1,255 @@
+"""Merged projector: a norm and a token merge read inside the first GEMM, then an MLP chain.
+
+``merged_mlp(x, weights, ...)`` = ``mlp(norm_merge(x), weights, biases, activation)`` where x (T, C)
+holds the vision tower's tokens and norm_merge (kernels/merged_gemm.py) gathers G tokens per merged
+row (a (M, G) token table, or G adjacent rows without one) and normalises (LayerNorm / RMSNorm) each
+source token (pre-merge) or each merged row (post-merge). The merged, normalised operand is never
+materialised: the first GEMM reads x through the table and normalises in its loads.
+
+Launches: forward 1 (norm statistics) + one GEMM per layer; backward per layer dW, db (a reduction),
+dX (act' in its epilogue), the first layer's dW reading x through the table again, its dX stored back
+through the table (a permutation store), and one row-wise norm backward.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+
+from mmfuse._checks import check_choice, check_like, check_size, check_tensor
+from mmfuse._dispatch import REFERENCE, autocast_inputs, backend_for
+from mmfuse.kernels import linear as KL
+from mmfuse.kernels import merged_gemm as KM
+from mmfuse.ops.linear import ACTIVATION_NAMES, _acc_sum_rows, _check_layer, _needs_grad, _nothing, mlp_reference
+
+NORM_NAMES = (None, "layer", "rms")
+
+
+# ----------------------------------------------------------------------------------------------
+# Reference
+# ----------------------------------------------------------------------------------------------
+def _norm_reference(x, norm, weight, bias, eps):
+    if norm == "layer":
+        return F.layer_norm(x, x.shape[-1:], weight, bias, eps)
+    # RMSNorm as transformers writes it (Qwen2RMSNorm / T5LayerNorm), in the input's dtype at the end
+    x32 = x.float() if x.dtype != torch.float64 else x
+    y = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * y.to(x.dtype)
+
+
+def norm_merge_reference(x, group, token_map=None, norm=None, norm_weight=None, norm_bias=None, eps=1e-6,
+                         norm_after_merge=False):
+    """The merged operand in plain PyTorch: (M, group * C)."""
+    C = x.shape[-1]
+    if norm is not None and not norm_after_merge:
+        x = _norm_reference(x, norm, norm_weight, norm_bias, eps)
+    merged = (x[token_map.long()] if token_map is not None else x.reshape(-1, group, C)).reshape(-1, group * C)
+    if norm is not None and norm_after_merge:
+        merged = _norm_reference(merged, norm, norm_weight, norm_bias, eps)
+    return merged
+
+
+def merged_mlp_reference(x, weights, biases=None, activation="gelu", *, group, token_map=None, norm=None,
+                         norm_weight=None, norm_bias=None, eps=1e-6, norm_after_merge=False):
+    a = norm_merge_reference(x, group, token_map, norm, norm_weight, norm_bias, eps, norm_after_merge)
+    return mlp_reference(a, weights, biases, activation)
+
+
+# ----------------------------------------------------------------------------------------------
+# Custom operators
+# ----------------------------------------------------------------------------------------------
+@torch.library.custom_op("mmfuse::merged_mlp_fwd", mutates_args=())
+def merged_mlp_fwd_op(x: torch.Tensor, token_map: torch.Tensor, has_map: bool, group: int, norm: str | None,
+                      gamma: torch.Tensor, beta: torch.Tensor, eps: float, post: bool, weights: list[torch.Tensor],
+                      biases: list[torch.Tensor], has_bias: list[bool], activation: str | None, save: bool,
+                      ) -> tuple[torch.Tensor, torch.Tensor, list[torch.Tensor], list[torch.Tensor]]:
+    """(y, stats, hidden, preacts): stats the norm's (mean, rstd) per normalised row (empty without a
+    norm); hidden / preacts as ``mlp_fwd_op`` saves them (empty lists when not saving)."""
+    merge = KM.Merge(x, group, token_map if has_map else None, norm, post, gamma if norm else None,
+                     beta if norm == "layer" else None, eps)
+    if norm is not None:
+        KM.norm_stats(merge)
+    n = len(weights)
+    biases = [b if hb else None for b, hb in zip(biases, has_bias)]
+    act0 = KL.ACTIVATIONS[activation if n > 1 else None]
+    y, h = KM.mapped_fwd(merge, weights[0], biases[0], act0, store_preact=save)
+    inputs, preacts = [y], [h if h is not None else _nothing(x)]
+    for i in range(1, n):
+        y, h = KL.linear_fwd(inputs[-1], weights[i], biases[i], activation if i < n - 1 else None, store_preact=save)
+        inputs.append(y)
+        preacts.append(h if h is not None else _nothing(x))
+    stats = merge.stats if merge.stats is not None else _nothing(x)
+    if not save:
+        return inputs[-1], stats, [], []
+    return inputs[-1], stats, inputs[:-1], preacts[:-1]
+
+
+@merged_mlp_fwd_op.register_fake
+def _(x, token_map, has_map, group, norm, gamma, beta, eps, post, weights, biases, has_bias, activation, save):
+    M = token_map.shape[0] if has_map else x.shape[0] // group
+    y = x.new_empty(M, weights[-1].shape[0])
+    rows = M if post else x.shape[0]
+    stats = x.new_empty(rows, 2, dtype=torch.float64 if x.dtype == torch.float64 else torch.float32) if norm \
+        else x.new_empty(0)
+    if not save:
+        return y, stats, [], []
+    return y, stats, [x.new_empty(M, w.shape[0]) for w in weights[:-1]], \
+        [x.new_empty(M, w.shape[0]) if activation else x.new_empty(0) for w in weights[:-1]]
+
+
+@torch.library.custom_op("mmfuse::merged_mlp_bwd", mutates_args=())
+def merged_mlp_bwd_op(dy: torch.Tensor, x: torch.Tensor, token_map: torch.Tensor, has_map: bool, group: int,
+                      norm: str | None, gamma: torch.Tensor, beta: torch.Tensor, eps: float, post: bool,
+                      stats: torch.Tensor, hidden: list[torch.Tensor], weights: list[torch.Tensor],
+                      preacts: list[torch.Tensor], activation: str | None, need_x: bool, need_gamma: bool,
+                      need_beta: bool, need_w: list[bool], need_b: list[bool],
+                      ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, list[torch.Tensor], list[torch.Tensor]]:
+    """(dx, dgamma, dbeta, dW_i, db_i)."""
+    merge = KM.Merge(x, group, token_map if has_map else None, norm, post, gamma if norm else None,
+                     beta if norm == "layer" else None, eps)
+    merge.stats = stats if norm else None
+    n = len(weights)
+    dws, dbs = [_nothing(x) for _ in range(n)], [_nothing(x) for _ in range(n)]
+    dh = dy
+    for i in reversed(range(1, n)):
+        if need_w[i]:
+            dws[i], db = KL.weight_grad(dh, hidden[i - 1], with_bias=need_b[i])
+            dbs[i] = db if need_b[i] else dbs[i]
+        elif need_b[i]:
+            dbs[i] = _acc_sum_rows(dh)
+        if activation is None:
+            dh = KL.input_grad(dh, weights[i])
+        else:
+            dh = KL.input_grad(dh, weights[i], h_prev=preacts[i - 1], activation_prev=activation)
+    if need_w[0]:
+        dws[0] = KM.mapped_weight_grad(dh, merge)
+    if need_b[0]:
+        dbs[0] = _acc_sum_rows(dh)
+    dx, dgamma, dbeta = _nothing(x), _nothing(x), _nothing(x)
+    if need_x or need_gamma or need_beta:
+        da = KM.mapped_input_grad(dh, weights[0], merge)
+        if norm is None:
+            dx = da
+        else:
+            dx_n, dgamma_n, dbeta_n = KM.norm_bwd(da, merge)
+            dx = dx_n if need_x else dx
+            dgamma = dgamma_n if need_gamma else dgamma
+            dbeta = dbeta_n if (need_beta and dbeta_n is not None) else dbeta
+    return dx, dgamma, dbeta, dws, dbs
+
+
+@merged_mlp_bwd_op.register_fake
+def _(dy, x, token_map, has_map, group, norm, gamma, beta, eps, post, stats, hidden, weights, preacts, activation,
+      need_x, need_gamma, need_beta, need_w, need_b):
+    return (x.new_empty(x.shape) if need_x else x.new_empty(0), gamma.new_empty(gamma.shape) if need_gamma
+            else x.new_empty(0), beta.new_empty(beta.shape) if need_beta else x.new_empty(0),
+            [w.new_empty(w.shape) if nw else x.new_empty(0) for w, nw in zip(weights, need_w)],
+            [w.new_empty(w.shape[:1]) if nb else x.new_empty(0) for w, nb in zip(weights, need_b)])
+
+
+def _merged_setup(ctx, inputs, output):
+    x, token_map, has_map, group, norm, gamma, beta, eps, post, weights, biases, has_bias, activation, _ = inputs
+    ctx.set_materialize_grads(False)
+    ctx.meta = (has_map, group, norm, eps, post, activation, len(weights))
+    ctx.needs = (x.requires_grad, norm is not None and gamma.requires_grad,
+                 norm == "layer" and beta.requires_grad, [w.requires_grad for w in weights],
+                 [hb and b.requires_grad for b, hb in zip(biases, has_bias)])
+    _, stats, hidden, preacts = output
+    ctx.save_for_backward(x, token_map, gamma, beta, stats, *hidden, *weights, *preacts)
+
+
+def _merged_backward(ctx, dy, _stats, _hidden, _preacts):
+    has_map, group, norm, eps, post, activation, n = ctx.meta
+    if dy is None:  # no gradient reaches y: none for any input (a list per list input)
+        return (None,) * 9 + ([None] * n, [None] * n) + (None,) * 3
+    saved = ctx.saved_tensors
+    x, token_map, gamma, beta, stats = saved[:5]
+    rest = saved[5:]
+    hidden, weights, preacts = list(rest[:n - 1]), list(rest[n - 1:2 * n - 1]), list(rest[2 * n - 1:])
+    need_x, need_gamma, need_beta, need_w, need_b = ctx.needs
+    dx, dgamma, dbeta, dws, dbs = merged_mlp_bwd_op(
+        dy, x, token_map, has_map, group, norm, gamma, beta, eps, post, stats, hidden, weights, preacts, activation,
+        need_x, need_gamma, need_beta, need_w, need_b)
+    return (dx if need_x else None, None, None, None, None, dgamma if need_gamma else None,
+            dbeta if need_beta else None, None, None, [g if nw else None for g, nw in zip(dws, need_w)],
+            [g if nb else None for g, nb in zip(dbs, need_b)], None, None, None)
+
+
+merged_mlp_fwd_op.register_autograd(_merged_backward, setup_context=_merged_setup)
+
+
+# ----------------------------------------------------------------------------------------------
+# Functional API
+# ----------------------------------------------------------------------------------------------
+def merged_mlp(x: torch.Tensor, weights: Sequence[torch.Tensor], biases: Sequence[torch.Tensor | None] | None = None,
+               activation: str | None = "gelu", *, group: int, token_map: torch.Tensor | None = None,
+               norm: str | None = None, norm_weight: torch.Tensor | None = None,
+               norm_bias: torch.Tensor | None = None, eps: float = 1e-6, norm_after_merge: bool = False
+               ) -> torch.Tensor:
+    """``mlp(norm_merge(x), weights, biases, activation)`` with the merge and the norm read inside the
+    first GEMM (never materialised).
+
+    x (T, C): the vision tower's tokens. Merged row m is ``group`` tokens side by side (group * C =
+    weights[0].shape[1]): tokens ``token_map[m, 0..group-1]`` (an (M, group) integer tensor, each token
+    at most once: pixel shuffle / unshuffle orders), or without a table tokens m*group .. m*group +
+    group - 1 (Qwen's 2x2 merge, T divisible by group). norm: None, "layer" (``norm_weight``,
+    ``norm_bias``) or "rms" (``norm_weight``), over each token's C channels, or over the merged row's
+    group * C with ``norm_after_merge``; ``eps`` as the module's.
+    """
+    check_tensor("x", x, ndim=2)
+    check_choice("activation", activation, ACTIVATION_NAMES)
+    check_choice("norm", norm, NORM_NAMES)
+    if not isinstance(group, int) or group < 1:
+        raise ValueError(f"group: expected a positive int, got {group!r}")
+    if isinstance(weights, torch.Tensor) or len(weights) == 0:
+        raise ValueError("weights: expected a non-empty sequence of 2-D tensors")
+    weights = list(weights)
+    biases = list(biases) if biases is not None else [None] * len(weights)
+    check_size("biases", "len(biases) (one per weight)", len(biases), len(weights))
+    T, C = x.shape
+    if token_map is not None:
+        check_tensor("token_map", token_map, ndim=2, floating=False)
+        if token_map.dtype not in (torch.int32, torch.int64):
+            raise TypeError(f"token_map: expected an int32 or int64 tensor, got {token_map.dtype}")
+        check_size("token_map", "shape[1] (group)", token_map.shape[1], group)
+        if token_map.device != x.device:
+            raise ValueError(f"token_map: expected device {x.device} (the device of x), got {token_map.device}")
+    elif T % group:
+        raise ValueError(f"x: expected a token count divisible by group == {group} (no token_map), got {T}")
+    width = group * C
+    if norm is not None:
+        norm_width = width if norm_after_merge else C
+        check_tensor("norm_weight", norm_weight, ndim=1)
+        check_like("norm_weight", norm_weight, "x", x)
+        check_size("norm_weight", "shape[0] (the normalised width)", norm_weight.shape[0], norm_width)
+        if norm == "layer":
+            check_tensor("norm_bias", norm_bias, ndim=1)
+            check_like("norm_bias", norm_bias, "x", x)
+            check_size("norm_bias", "shape[0] (the normalised width)", norm_bias.shape[0], norm_width)
+    if backend_for(x) == REFERENCE:
+        for i, (w, b) in enumerate(zip(weights, biases)):
+            _check_layer(x, w, b, width if i == 0 else weights[i - 1].shape[0], f"weights[{i}]", f"biases[{i}]")
+        return merged_mlp_reference(x, weights, biases, activation, group=group, token_map=token_map, norm=norm,
+                                    norm_weight=norm_weight, norm_bias=norm_bias, eps=eps,
+                                    norm_after_merge=norm_after_merge)
+    n = len(weights)
+    x, *params = autocast_inputs(x, *weights, *biases)
+    weights, biases = params[:n], params[n:]
+    features = width
+    for i, (w, b) in enumerate(zip(weights, biases)):
+        _check_layer(x, w, b, features, wname=f"weights[{i}]", bname=f"biases[{i}]")
+        features = w.shape[0]
+    # The kernels read the (small) table row-major: an int32, contiguous copy unless it is one already.
+    tmap = token_map.to(torch.int32).contiguous() if token_map is not None \
+        else x.new_empty((0, group), dtype=torch.int32)
+    gamma = norm_weight if norm is not None else x.new_empty(0)
+    beta = norm_bias if norm == "layer" else x.new_empty(0)
+    has_bias = [b is not None for b in biases]
+    placeholders = [b if b is not None else _nothing(x) for b in biases]
+    y, _, _, _ = merged_mlp_fwd_op(x, tmap, token_map is not None, group, norm, gamma, beta, float(eps),
+                                   norm_after_merge, weights, placeholders, has_bias, activation,
+                                   _needs_grad(x, gamma if norm else None, beta if norm == "layer" else None,
+                                               *weights, *biases))
+    return y
