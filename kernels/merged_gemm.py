@@ -489,6 +489,8 @@ def aot_specs():
         elem = {"*fp32": 4, "*fp64": 8}.get(ptr, 2)
         block_k = block_k_for(bk, elem)
         args = _gemm_spec_args(ptr, mapped, T, C, G, N)
+        if not norm or mapped == 2:  # the launcher passes the output as the unused stats pointer
+            args["stats_ptr"] = ptr
         aligned = C % (block_k if mapped == 0 else bn) == 0
         cx = dict(MAPPED=mapped, NORM=norm and mapped != 2, NORM_POST=post and mapped != 2, ALIGNED=aligned,
                   ACTIVATION=1 if mapped == 0 else 0, HAS_BIAS=mapped == 0, STORE_AUX=mapped == 0,

@@ -31,6 +31,7 @@ from mmfuse.kernels import _common
 from mmfuse.kernels import cross_attention as KA
 from mmfuse.ops.cross_attention import cross_attention_reference
 from mmfuse.ops.linear import gated_mlp_reference, linear_reference, mlp_reference
+from mmfuse.ops.merged import merged_mlp_reference
 from mmfuse.ops.patch_embed import patch_embed_reference
 from mmfuse.testing import assert_close, assert_matches_reference
 
@@ -74,6 +75,13 @@ def run_key(spec):
         # The TMA kernel has no EVEN_K (the copy engine zero-fills the K tail): its runs take a tail.
         even_k = cx.get("EVEN_K", False)
         return ("linear", kind, ACT_NAMES[cx["ACTIVATION"]], bias, spec.dtype, tile, even_k, name)
+    if name == "mapped_gemm_kernel":
+        bk = cx["BLOCK_K"] * {"fp64": 4, "fp32": 2, "fp32-tf32": 2}.get(spec.dtype, 1)
+        tile = (cx["BLOCK_M"], cx["BLOCK_N"], bk, spec.num_warps, spec.num_stages)
+        return ("merged", cx["MAPPED"], cx["NORM"], cx["NORM_POST"], spec.dtype, tile, cx["ALIGNED"], cx["EVEN_K"])
+    if name in ("norm_stats_kernel", "norm_bwd_kernel"):
+        post = dict(spec.args)["G"] > 1
+        return ("merged", None, True, post, spec.dtype, None, None, None)
     if name == "act_grad_kernel":
         return ("linear", "act'", ACT_NAMES[cx["ACTIVATION"]], True, spec.dtype, (cx["BLOCK_M"], cx["BLOCK_N"]),
                 None, name)
@@ -281,6 +289,40 @@ def run_gated(kind, act, dtype, tile, even_k):
                       lambda *t: gated_mlp_reference(*t, activation=act), [x, wg, wu, wd, *bs], names, names)
 
 
+def run_merged(mapped, norm, post, dtype, tile, aligned, even_k):
+    """A merged projector (``mmfuse.merged_mlp``, G = 2 tokens per row, a shuffled token table, LayerNorm
+    per token or per merged row, or none) whose targeted mapped GEMM spans two tiles of ``tile`` and
+    reduces over 2 BLOCK_K (+ a tail unless EVEN_K); C a multiple of the block along the merged
+    columns when ALIGNED, else 40. ``mapped`` None: the row-wise kernels at GPU blocks (GEMMs at the
+    interpreter's tile). Values and every gradient."""
+    G = 2
+    if mapped is None:
+        C, M, N1 = 40, 21, 24
+    else:
+        bm, bn, bk = tile[0], tile[1], _block_k(tile, dtype)
+        red = 2 * bk + (0 if even_k else RAGGED)
+        C = {0: bk, 1: bn, 2: bn}[mapped] if aligned else 40
+        M, N1 = {0: (bm + RAGGED, bn + RAGGED), 1: (red, bm + RAGGED), 2: (bm + RAGGED, red)}[mapped]
+        if mapped == 0 and not aligned:
+            assert (G * C) % bk != 0 or even_k
+    T = G * M
+    x = torch.randn(T, C, dtype=dtype)
+    tmap = torch.randperm(T).view(M, G)
+    width = G * C if post else C
+    ws = [torch.randn(N1, G * C, dtype=dtype) / (G * C) ** 0.5, torch.randn(16, N1, dtype=dtype) / N1 ** 0.5]
+    bs = [torch.randn(N1, dtype=dtype), torch.randn(16, dtype=dtype)]
+    norm_kw = dict(norm="layer" if norm else None, norm_after_merge=post)
+    extra = [(1 + 0.2 * torch.randn(width)).to(dtype), torch.randn(width, dtype=dtype)] if norm else []
+    names = ["x", "w1", "w2", "b1", "b2"] + ["gamma", "beta"][:len(extra)]
+
+    def call(f):
+        return lambda x, w1, w2, b1, b2, *nb: f(x, [w1, w2], [b1, b2], "gelu", group=G, token_map=tmap,
+                                               norm_weight=nb[0] if nb else None, norm_bias=nb[1] if nb else None,
+                                               eps=1e-5, **norm_kw)
+
+    _values_and_grads(call(mmfuse.merged_mlp), call(merged_mlp_reference), [x, *ws, *bs, *extra], names, names)
+
+
 def run_patch_embed(name, dtype, tile, even_k, geometry):
     if name == "batch_sum_kernel":  # dpos of a shared table, db from its sums: B = 2, N and D past one block
         C, T, P, B, grid, D = 3, 1, 4, 2, (1, 6, 6), tile[1] + RAGGED
@@ -362,6 +404,10 @@ def _execute(key):
                 run_gated(kind, act, DTYPES[dtype_name], tile, even_k)
             else:
                 run_linear(kind, act, bias, DTYPES[dtype_name], tile, even_k, ragged=8 if tma else RAGGED)
+    elif family == "merged":
+        mapped, norm, post, dtype_name, tile, aligned, even_k = params
+        with _tf32(dtype_name == "fp32-tf32"), _common.gpu_config({"mapped_gemm_kernel": tile} if tile else {}):
+            run_merged(mapped, norm, post, DTYPES[dtype_name], tile, aligned, even_k)
     elif family == "patch_embed":
         from mmfuse.kernels import patch_embed as KP
 
