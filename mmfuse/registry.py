@@ -215,6 +215,88 @@ def _gated_mlp(module: nn.Module, family: Family) -> nn.Module:
     return new
 
 
+def _norm_form(m: nn.Module):
+    """("layer" | "rms", weight, bias, eps) of a norm module the merged kernels compute exactly:
+    nn.LayerNorm (affine), or an RMSNorm written as transformers' Qwen2RMSNorm / T5LayerNorm are
+    (a ``weight``, ``variance_epsilon`` or ``eps``, no bias)."""
+    if isinstance(m, nn.LayerNorm):
+        if m.weight is None or len(m.normalized_shape) != 1:
+            raise _patch.Unsupported(f"{type(m).__name__}: expected an affine LayerNorm over one dimension")
+        return "layer", m.weight, m.bias if m.bias is not None else torch.zeros_like(m.weight), m.eps
+    if "RMSNorm" in type(m).__name__ and isinstance(getattr(m, "weight", None), torch.Tensor) \
+            and getattr(m, "bias", None) is None:
+        eps = getattr(m, "variance_epsilon", getattr(m, "eps", None))
+        if isinstance(eps, float):
+            return "rms", m.weight, None, eps
+    raise _patch.Unsupported(f"norm: expected nn.LayerNorm or a transformers RMSNorm, got {type(m).__name__}")
+
+
+#: Token tables probed so far: {(merge class, scale, batch, tokens, device): (M, G) int32 table}.
+_TABLES: dict = {}
+
+
+def _probed_token_map(module: nn.Module, scale: int, batch: int, seq: int, device: torch.device) -> torch.Tensor:
+    """The (M, G) token table of a merge written as reshapes and permutes (pixel shuffle): the module's
+    own merge run once on token ids, 2 channels per token, on the device (no host transfer), then kept
+    per (class, scale, shape, device). The merge must keep each token's channels together as one chunk
+    (else it is not a token merge these kernels read)."""
+    key = (type(module), scale, batch, seq, device)
+    table = _TABLES.get(key)
+    if table is None:
+        ids = torch.arange(batch * seq * 2, device=device).view(batch, seq, 2)
+        out = module.pixel_shuffle(ids, scale)
+        out = out.reshape(-1, out.shape[-1])
+        first, second = out[:, 0::2], out[:, 1::2]
+        if not bool(((first % 2 == 0) & (second == first + 1)).all()):
+            raise _patch.Unsupported("merge: the probe did not keep each token's channels together")
+        if len(_TABLES) >= 64:
+            _TABLES.clear()
+        table = _TABLES[key] = (first // 2).to(torch.int32)
+    return table
+
+
+#: Merges the merged-mlp recipe reads inside the GEMM: name -> None (adjacent rows: Qwen's 2x2 merge,
+#: a view) or module -> (tokens per row, the module's merge scale) for a probed pixel shuffle.
+MERGES = {
+    "view": None,
+    "pixel_shuffle": lambda m: (m.scale_factor ** 2, m.scale_factor),  # Idefics3 / SmolVLM
+}
+
+
+def _merged_mlp(module: nn.Module, family: Family) -> nn.Module:
+    """The merge and the norm read inside the first GEMM (``mmfuse.merged_mlp``): the module's Linears
+    (``linears``, activation ``act`` between them), its norm (``norm``: before the merge, or after it
+    where ``post`` names a true attribute), its merge (``merge``: a MERGES key)."""
+    from mmfuse.ops.merged import merged_mlp
+
+    lin_paths, act_path = family.opt("linears"), family.opt("act")
+    for path in lin_paths:
+        if not isinstance(_get(module, path), nn.Linear):
+            raise _patch.Unsupported(f"{path}: expected nn.Linear, got {type(_get(module, path)).__name__}")
+    act = activation_name(_get(module, act_path)) if act_path else None
+    norm_path, merge = family.opt("norm"), MERGES[family.opt("merge")]
+    post = bool(getattr(module, family.opt("post"), False)) if family.opt("post") else False
+    if norm_path:
+        _norm_form(_get(module, norm_path))  # Unsupported now, not at the first call
+
+    def forward(self, x):
+        lins = [_get(self, p) for p in lin_paths]
+        norm, weight, bias, eps = _norm_form(_get(self, norm_path)) if norm_path else (None, None, None, 1e-6)
+        kw = dict(norm=norm, norm_weight=weight, norm_bias=bias, eps=eps, norm_after_merge=post)
+        ws, bs = [m.weight for m in lins], [m.bias for m in lins]
+        C = x.shape[-1]
+        if merge is None:
+            return merged_mlp(x.reshape(-1, C), ws, bs, act, group=lins[0].in_features // C, **kw)
+        group, scale = merge(self)
+        table = _probed_token_map(self, scale, x.shape[0], x.shape[1], x.device)
+        y = merged_mlp(x.reshape(-1, C), ws, bs, act, group=group, token_map=table, **kw)
+        return y.view(x.shape[0], -1, y.shape[-1])
+
+    cls = _fused_class(type(module))
+    sub = type(cls.__name__, (cls,), {"__module__": "mmfuse.registry", "forward": forward})
+    return _shallow_copy(module, sub)
+
+
 def _conv3d_patch_embed(module: nn.Module, family: Family) -> nn.Module:
     from mmfuse.nn.hf import Qwen2VLPatchEmbed
 
@@ -257,6 +339,9 @@ RECIPES = {r.name: r for r in [
     Recipe("gated mlp", PROJECTOR,
            "gate and up as one GEMM (bias, act(g) * u in its epilogue; dG and dU in the backward GEMM's), "
            "down as a second", "the glue before it (Linear + norm, pixel shuffle, norm)", _gated_mlp),
+    Recipe("merged mlp", PROJECTOR,
+           "the norm and the token merge inside the first GEMM's loads (never materialised), every Linear, "
+           "bias and activation", "nothing (a pixel shuffle's token table is probed once per shape)", _merged_mlp),
     Recipe("pool+norm+matmul", PROJECTOR, "the weight matmul (W^T as the GEMM's B)",
            "the average pool and the RMSNorm", _weight_matmul),
     Recipe("patch embed (pre-cut rows)", PATCH_EMBED, "Conv3d(k=s) on pre-cut patch rows as one GEMM + bias",
@@ -305,8 +390,10 @@ def _is_llava_mlp_sequential(m: nn.Module) -> bool:
     return True
 
 
-_QWEN_MERGER = (("sequential", ("mlp",)),)
-_QWEN3_MERGER = (("linears", ("linear_fc1", "linear_fc2")), ("fuse", (("linear_fc1", "act_fn"),)))
+_QWEN_MERGER = (("linears", ("mlp.0", "mlp.2")), ("act", "mlp.1"), ("norm", "ln_q"), ("merge", "view"))
+_QWEN3_MERGER = (("linears", ("linear_fc1", "linear_fc2")), ("act", "act_fn"), ("norm", "norm"), ("merge", "view"),
+                 ("post", "use_postshuffle_norm"))
+_PIXEL_SHUFFLE = (("linears", ("modality_projection.proj",)), ("merge", "pixel_shuffle"))
 _CONV3D_NOTE = "Conv3d(k=s) on rows the processor cut: cuDNN's bf16 Conv3d path avoided"
 _SEPARATE_GATE = (("gated", ("gate_proj", "up_proj", "down_proj", "act_fn")),)
 _GLM_MERGER = (("linears", ("proj",)), ("pre", "glm_merger"), *_SEPARATE_GATE)
@@ -332,21 +419,21 @@ FAMILIES: list[Family] = [
     Family("Llama 4", "llama4", ("Llama4MultiModalProjector",), "linear", (("linears", ("linear_1",)),),
            notes="the vision tower's pixel-shuffle adapter (Llama4VisionPixelShuffleMLP) is not covered"),
     # token merge then MLP
-    Family("Qwen2-VL", "qwen2_vl", ("PatchMerger",), "merge+mlp", _QWEN_MERGER,
-           notes="LayerNorm, 2x2 merge as a free view, Linear -> GELU -> Linear"),
-    Family("Qwen2.5-VL", "qwen2_5_vl", ("Qwen2_5_VLPatchMerger",), "merge+mlp", _QWEN_MERGER,
-           notes="RMSNorm, 2x2 merge as a free view"),
-    Family("Qwen2.5-Omni", "qwen2_5_omni", ("Qwen2_5OmniPatchMerger",), "merge+mlp", _QWEN_MERGER),
-    Family("Qwen3-VL", "qwen3_vl", ("Qwen3VLVisionPatchMerger",), "merge+mlp", _QWEN3_MERGER,
-           notes="also the deepstack mergers (norm after the merge)"),
-    Family("Qwen3-VL-MoE", "qwen3_vl_moe", ("Qwen3VLMoeVisionPatchMerger",), "merge+mlp", _QWEN3_MERGER),
-    Family("Qwen3.5", "qwen3_5", ("Qwen3_5VisionPatchMerger",), "merge+mlp", _QWEN3_MERGER),
-    Family("Qwen3.5-MoE", "qwen3_5_moe", ("Qwen3_5MoeVisionPatchMerger",), "merge+mlp", _QWEN3_MERGER),
+    Family("Qwen2-VL", "qwen2_vl", ("PatchMerger",), "merged mlp", _QWEN_MERGER,
+           notes="LayerNorm per token and the 2x2 merge read in the first GEMM, Linear -> GELU -> Linear"),
+    Family("Qwen2.5-VL", "qwen2_5_vl", ("Qwen2_5_VLPatchMerger",), "merged mlp", _QWEN_MERGER,
+           notes="RMSNorm per token and the 2x2 merge read in the first GEMM"),
+    Family("Qwen2.5-Omni", "qwen2_5_omni", ("Qwen2_5OmniPatchMerger",), "merged mlp", _QWEN_MERGER),
+    Family("Qwen3-VL", "qwen3_vl", ("Qwen3VLVisionPatchMerger",), "merged mlp", _QWEN3_MERGER,
+           notes="also the deepstack mergers (LayerNorm over the merged row)"),
+    Family("Qwen3-VL-MoE", "qwen3_vl_moe", ("Qwen3VLMoeVisionPatchMerger",), "merged mlp", _QWEN3_MERGER),
+    Family("Qwen3.5", "qwen3_5", ("Qwen3_5VisionPatchMerger",), "merged mlp", _QWEN3_MERGER),
+    Family("Qwen3.5-MoE", "qwen3_5_moe", ("Qwen3_5MoeVisionPatchMerger",), "merged mlp", _QWEN3_MERGER),
     Family("Qwen3-Omni-MoE", "qwen3_omni_moe", ("Qwen3OmniMoeVisionPatchMerger",), "merge+mlp",
            (("linears", ("mlp.0", "mlp.2")), ("fuse", (("mlp.0", "mlp.1"),))), notes="the MLP is a ModuleList"),
-    Family("Cohere Compass", "cohere_compass", ("CohereCompassVisionPatchMerger",), "merge+mlp", _QWEN3_MERGER),
-    Family("Qwen4-Exp", "qwen4_exp", ("Qwen4ExpVisionPatchMerger",), "merge+mlp", _QWEN3_MERGER),
-    Family("EXAONE 4.5", "exaone4_5", ("Exaone4_5_PatchMerger",), "merge+mlp", _QWEN_MERGER),
+    Family("Cohere Compass", "cohere_compass", ("CohereCompassVisionPatchMerger",), "merged mlp", _QWEN3_MERGER),
+    Family("Qwen4-Exp", "qwen4_exp", ("Qwen4ExpVisionPatchMerger",), "merged mlp", _QWEN3_MERGER),
+    Family("EXAONE 4.5", "exaone4_5", ("Exaone4_5_PatchMerger",), "merged mlp", _QWEN_MERGER),
     Family("MistralLarge4", "mistral_large4", ("MistralLarge4MultiModalProjector",), "merge+mlp",
            (("linears", ("patch_merger.merging_layer", "linear_1", "linear_2")), ("fuse", (("linear_1", "act"),)))),
     Family("Qianfan-OCR", "qianfan_ocr", ("QianfanOCRMultiModalProjector",), "norm+mlp",
@@ -358,10 +445,10 @@ FAMILIES: list[Family] = [
            notes="RMSNorm, unfold merge per image, merge Linear, Linear -> act -> Linear"),
     Family("LightOnOCR", "lighton_ocr", ("LightOnOcrMultiModalProjector",), "merge+mlp",
            (("linears", ("patch_merger.merging_layer", "linear_1", "linear_2")), ("fuse", (("linear_1", "act"),)))),
-    Family("Idefics3", "idefics3", ("Idefics3Connector",), "merge+mlp",
-           (("linears", ("modality_projection.proj",)),), notes="pixel shuffle, then one Linear"),
-    Family("SmolVLM", "smolvlm", ("SmolVLMConnector",), "merge+mlp", (("linears", ("modality_projection.proj",)),),
-           notes="pixel shuffle, then one Linear"),
+    Family("Idefics3", "idefics3", ("Idefics3Connector",), "merged mlp", _PIXEL_SHUFFLE,
+           notes="pixel shuffle read in the Linear's loads (no copy)"),
+    Family("SmolVLM", "smolvlm", ("SmolVLMConnector",), "merged mlp", _PIXEL_SHUFFLE,
+           notes="pixel shuffle read in the Linear's loads (no copy)"),
     Family("LFM2-VL", "lfm2_vl", ("Lfm2VlMultiModalProjector",), "merge+mlp",
            (("linears", ("linear_1", "linear_2")), ("fuse", (("linear_1", "act"),))),
            notes="pixel unshuffle, optional LayerNorm"),

@@ -691,3 +691,38 @@ def test_gated_families_run_gate_and_up_as_one_gemm(key, tower, monkeypatch):
     mmfuse.patch(model, vision_tower=tower)
     model(*inputs)
     assert len(calls) == 1, calls
+
+
+def _merged_keys():
+    merged = {(f.module, c) for f in registry.FAMILIES if f.recipe == "merged mlp" for c in f.classes}
+    return sorted(k for k in BUILDERS if k in merged)
+
+
+@pytest.mark.parametrize("key", _merged_keys(), ids=lambda k: f"{k[0]}.{k[1]}")
+def test_merged_families_read_norm_and_merge_inside_the_gemm(key, launches):
+    """A patched merger / pixel-shuffle connector runs no norm, no merge copy and no permute in PyTorch:
+    only the norm statistics, the mapped GEMM and the rest of the MLP (a second call: the first may
+    probe the pixel shuffle's token table)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Ops(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.names = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.names.append(func.__name__)
+            return func(*args, **(kwargs or {}))
+
+    module, inputs = BUILDERS[key]()
+    model = _Parent(module)
+    mmfuse.patch(model)
+    with torch.no_grad():
+        model(*inputs)
+        launches.clear()
+        with Ops() as ops:
+            model(*inputs)
+    assert "mapped_gemm_kernel" in launches and launches.count("mapped_gemm_kernel") == 1, launches
+    norm_like = {"native_layer_norm", "layer_norm", "rsqrt", "pow", "mean", "clone", "permute", "_to_copy", "copy_"}
+    assert "merged_mlp_fwd" in {n.split(".")[0] for n in ops.names}, ops.names
+    assert not norm_like & {n.split(".")[0] for n in ops.names}, ops.names
