@@ -106,6 +106,7 @@ def load_normalised(x_ptr, rows, cols, col0, row_ok, col_ok, map_ptr, stats_ptr,
 def norm_stats_kernel(
     x_ptr, map_ptr, stats_ptr,
     R, C, G, stride_xt, stride_xc, stride_map, eps, center,
+    ALIGNED: tl.constexpr,      # C % BLOCK_C == 0: one token per row per column block
     ACC_DTYPE: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
     """stats[r] = (mean, rstd) of normalised row r: the G*C values of tokens map[r, 0..G-1] (a source
@@ -119,7 +120,8 @@ def norm_stats_kernel(
         for k0 in range(0, width, BLOCK_C):
             cols = k0 + tl.arange(0, BLOCK_C)
             col_ok = cols < width
-            offs, _ = token_offsets(rows, cols, k0, map_ptr, stride_map, C, stride_xt, stride_xc, row_ok, col_ok, False)
+            offs, _ = token_offsets(rows, cols, k0, map_ptr, stride_map, C, stride_xt, stride_xc, row_ok, col_ok,
+                                    ALIGNED)
             x = tl.load(x_ptr + offs, mask=row_ok[:, None] & col_ok[None, :], other=0.0)
             total += tl.sum(x.to(ACC_DTYPE), axis=1)
     mean = total / width
@@ -128,7 +130,7 @@ def norm_stats_kernel(
         cols = k0 + tl.arange(0, BLOCK_C)
         col_ok = cols < width
         mask = row_ok[:, None] & col_ok[None, :]
-        offs, _ = token_offsets(rows, cols, k0, map_ptr, stride_map, C, stride_xt, stride_xc, row_ok, col_ok, False)
+        offs, _ = token_offsets(rows, cols, k0, map_ptr, stride_map, C, stride_xt, stride_xc, row_ok, col_ok, ALIGNED)
         d = tl.where(mask, tl.load(x_ptr + offs, mask=mask, other=0.0).to(ACC_DTYPE) - mean[:, None], 0.0)
         squares += tl.sum(d * d, axis=1)
     rstd = 1.0 / tl.sqrt(squares / width + eps)
@@ -205,7 +207,8 @@ def norm_bwd_kernel(
     da_ptr, x_ptr, map_ptr, stats_ptr, gamma_ptr, dx_ptr, dgamma_ptr, dbeta_ptr,
     R, C, G, stride_xt, stride_xc, stride_dat, stride_dac, stride_dxt, stride_dxc, stride_map, stride_gamma,
     center,
-    NORM_POST: tl.constexpr, ACC_DTYPE: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
+    NORM_POST: tl.constexpr, ALIGNED: tl.constexpr, ACC_DTYPE: tl.constexpr,
+    BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
     """dx of the norm for BLOCK_R normalised rows (tokens map[r, 0..G-1], as in norm_stats_kernel), from
     dA (the gradient at the norm's output, in x's layout): with g = dA * gamma, xhat = (x - mean) * rstd,
@@ -227,9 +230,9 @@ def norm_bwd_kernel(
         cols = k0 + tl.arange(0, BLOCK_C)
         col_ok = cols < width
         mask = row_ok[:, None] & col_ok[None, :]
-        x_offs, _ = token_offsets(rows, cols, k0, map_ptr, stride_map, C, stride_xt, stride_xc, row_ok, col_ok, False)
+        x_offs, _ = token_offsets(rows, cols, k0, map_ptr, stride_map, C, stride_xt, stride_xc, row_ok, col_ok, ALIGNED)
         da_offs, _ = token_offsets(rows, cols, k0, map_ptr, stride_map, C, stride_dat, stride_dac, row_ok, col_ok,
-                                   False)
+                                   ALIGNED)
         x = tl.load(x_ptr + x_offs, mask=mask, other=0.0).to(ACC_DTYPE)
         da = tl.load(da_ptr + da_offs, mask=mask, other=0.0).to(ACC_DTYPE)
         gamma = tl.load(gamma_ptr + (cols if NORM_POST else cols % C) * stride_gamma, mask=col_ok, other=0.0)
@@ -246,11 +249,11 @@ def norm_bwd_kernel(
         cols = k0 + tl.arange(0, BLOCK_C)
         col_ok = cols < width
         mask = row_ok[:, None] & col_ok[None, :]
-        x_offs, _ = token_offsets(rows, cols, k0, map_ptr, stride_map, C, stride_xt, stride_xc, row_ok, col_ok, False)
+        x_offs, _ = token_offsets(rows, cols, k0, map_ptr, stride_map, C, stride_xt, stride_xc, row_ok, col_ok, ALIGNED)
         da_offs, _ = token_offsets(rows, cols, k0, map_ptr, stride_map, C, stride_dat, stride_dac, row_ok, col_ok,
-                                   False)
+                                   ALIGNED)
         dx_offs, _ = token_offsets(rows, cols, k0, map_ptr, stride_map, C, stride_dxt, stride_dxc, row_ok, col_ok,
-                                   False)
+                                   ALIGNED)
         x = tl.load(x_ptr + x_offs, mask=mask, other=0.0).to(ACC_DTYPE)
         da = tl.load(da_ptr + da_offs, mask=mask, other=0.0).to(ACC_DTYPE)
         gamma = tl.load(gamma_ptr + (cols if NORM_POST else cols % C) * stride_gamma, mask=col_ok, other=0.0)
@@ -332,8 +335,8 @@ def norm_stats(merge: Merge):
         br, bc = _rowwise()
         norm_stats_kernel[(cdiv(R, br),)](
             x, table, stats, R, merge.C, G, x.stride(0), x.stride(1), table.stride(0), merge.eps,
-            int(merge.norm == "layer"), ACC_DTYPE=acc_dtype(x.dtype), BLOCK_R=br, BLOCK_C=bc,
-            num_warps=4, num_stages=1)
+            int(merge.norm == "layer"), ALIGNED=merge.C % bc == 0, ACC_DTYPE=acc_dtype(x.dtype), BLOCK_R=br,
+            BLOCK_C=bc, num_warps=4, num_stages=1)
     merge.stats = stats
     return stats
 
@@ -438,7 +441,8 @@ def norm_bwd(da, merge: Merge):
             da, x, table, merge.stats, merge.gamma, dx, dgamma_p, dbeta_p,
             R, merge.C, G, x.stride(0), x.stride(1), da.stride(0), da.stride(1), dx.stride(0), dx.stride(1),
             table.stride(0), merge.gamma.stride(0), int(merge.norm == "layer"),
-            NORM_POST=merge.post, ACC_DTYPE=acc_dtype(x.dtype), BLOCK_R=br, BLOCK_C=bc, num_warps=4, num_stages=1)
+            NORM_POST=merge.post, ALIGNED=merge.C % bc == 0, ACC_DTYPE=acc_dtype(x.dtype), BLOCK_R=br, BLOCK_C=bc,
+            num_warps=4, num_stages=1)
     dgamma = dgamma_p.sum(0).to(x.dtype)
     dbeta = dbeta_p.sum(0).to(x.dtype) if merge.norm == "layer" else None
     return dx, dgamma, dbeta
@@ -512,24 +516,28 @@ def aot_specs():
     for form, mapped in [(MERGE_FORMS[0], 0), (MERGE_FORMS[0], 1), (MERGE_FORMS[1], 2)]:
         specs.append(gemm_spec(form, mapped, "bf16", "*bf16", "ieee", MAPPED_TILES[-1], C=1176,
                                note=" (C % block != 0)"))
-    # The row-wise kernels: per source token (G = 1) and per merged row (G = 4, K = 5120 wide).
+    # The row-wise kernels: per source token (G = 1) and per merged row (G = 4, K = 5120 wide), C a
+    # multiple of BLOCK_C; and per token with C = 1176 (the per-element gather), bf16.
     br, bc = ROWWISE
-    for what, rows, g in (("per token", T, 1), ("per merged row", T // G, G)):
-        for dtype, ptr in (("bf16", "*bf16"), ("fp32", "*fp32")):
+    for what, rows, g, C_, dtypes in (("per token", T, 1, C, (("bf16", "*bf16"), ("fp32", "*fp32"))),
+                                      ("per merged row", T // G, G, C, (("bf16", "*bf16"), ("fp32", "*fp32"))),
+                                      ("per token (C % block != 0)", T, 1, 1176, (("bf16", "*bf16"),))):
+        for dtype, ptr in dtypes:
             acc = tl.float32
-            stats = dict(x_ptr=ptr, map_ptr="*i32", stats_ptr="*fp32", R=rows, C=C, G=g, stride_xt=C, stride_xc=1,
+            stats = dict(x_ptr=ptr, map_ptr="*i32", stats_ptr="*fp32", R=rows, C=C_, G=g, stride_xt=C_, stride_xc=1,
                          stride_map=g, eps=1e-6, center=1)
             specs.append(CompileSpec(
                 kernel="merged_gemm/norm_stats_kernel", variant=f"mean, rstd {what}", dtype=dtype,
                 config=f"{br}x{bc} w4", fn=norm_stats_kernel, args=tuple(stats.items()),
-                constexprs=(("ACC_DTYPE", acc), ("BLOCK_R", br), ("BLOCK_C", bc)), num_warps=4, num_stages=1,
-                tensor_cores=False))
+                constexprs=(("ALIGNED", C_ % bc == 0), ("ACC_DTYPE", acc), ("BLOCK_R", br), ("BLOCK_C", bc)),
+                num_warps=4, num_stages=1, tensor_cores=False))
             bwd = dict(da_ptr=ptr, x_ptr=ptr, map_ptr="*i32", stats_ptr="*fp32", gamma_ptr=ptr, dx_ptr=ptr,
-                       dgamma_ptr="*fp32", dbeta_ptr="*fp32", R=rows, C=C, G=g, stride_xt=C, stride_xc=1,
-                       stride_dat=C, stride_dac=1, stride_dxt=C, stride_dxc=1, stride_map=g, stride_gamma=1, center=1)
+                       dgamma_ptr="*fp32", dbeta_ptr="*fp32", R=rows, C=C_, G=g, stride_xt=C_, stride_xc=1,
+                       stride_dat=C_, stride_dac=1, stride_dxt=C_, stride_dxc=1, stride_map=g, stride_gamma=1, center=1)
             specs.append(CompileSpec(
                 kernel="merged_gemm/norm_bwd_kernel", variant=f"dx, dgamma, dbeta {what}", dtype=dtype,
                 config=f"{br}x{bc} w4", fn=norm_bwd_kernel, args=tuple(bwd.items()),
-                constexprs=(("NORM_POST", g > 1), ("ACC_DTYPE", acc), ("BLOCK_R", br), ("BLOCK_C", bc)),
+                constexprs=(("NORM_POST", g > 1), ("ALIGNED", C_ % bc == 0), ("ACC_DTYPE", acc), ("BLOCK_R", br),
+                            ("BLOCK_C", bc)),
                 num_warps=4, num_stages=1, tensor_cores=False))
     return specs

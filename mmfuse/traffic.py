@@ -446,3 +446,112 @@ def gated_mlp_traffic(M: int, K: int, N: int, D: int, tile, elem: int, bias: boo
     eager_total = lambda step: {"hbm": sum(x["hbm"] for x in detail[step]), "launches": len(detail[step])}  # noqa: E731
     return {"fwd": total(ours["fwd"]), "bwd": total(ours["bwd"]), "eager_fwd": eager_total("eager_fwd"),
             "eager_bwd": eager_total("eager_bwd"), "eager_elementwise_hbm": elementwise, "per_launch": detail}
+
+
+def mapped_gemm_traffic(M: int, N: int, K: int, tile: tuple[int, int, int], elem: int, *, mapped: int, C: int,
+                        G: int, rows_norm: int = 0, norm_width: int = 0, bias: bool = False, store_aux: bool = False,
+                        acc_elem: int = 4) -> dict[str, Traffic]:
+    """Per operand of one ``mapped_gemm_kernel`` launch (kernels/merged_gemm.py) of GEMM (M, N, K) with
+    tile (BLOCK_M, BLOCK_N, BLOCK_K), channel blocks aligned to C (ALIGNED: one token per row per
+    step). ``mapped`` 0: A is the merged operand ("x", loaded like A; per program, K step and row: one
+    table entry and, with a norm, a (mean, rstd) pair; per step and column gamma and beta); 1: B is
+    (per K step and B row the same, per step and column gamma / beta); 2: C goes through the table
+    (one entry per stored row). ``rows_norm``: normalised rows (0: no norm); ``norm_width``: gamma's
+    length. The table is a permutation: every token once."""
+    bm, bn, bk = tile
+    t = fused_gemm_traffic(M, N, K, (bm, bn), elem, bias=bias, store_aux=store_aux)
+    pm, pn = _cdiv(M, bm), _cdiv(N, bn)
+    steps = _cdiv(K, bk)
+    if mapped == 2:
+        t["x_grad"] = t.pop("c")
+        t["table"] = Traffic(loaded=pn * M * 4, unique=M * (N // C) * 4)
+        return t
+    if mapped == 0:
+        t["x"] = t.pop("a")
+        lookups, columns = pm * pn * bm * steps, pm * pn * K  # rows wrap (always loaded); the K tail masked
+        merged_rows = M
+    else:
+        t["x"] = t.pop("b")
+        lookups, columns = pm * pn * K, pm * pn * steps * bn  # rows masked to K; columns wrap
+        merged_rows = K
+    t["table"] = Traffic(loaded=lookups * 4, unique=merged_rows * G * 4)
+    if rows_norm:
+        t["stats"] = Traffic(loaded=2 * lookups * acc_elem, unique=2 * rows_norm * acc_elem)
+        t["gamma_beta"] = Traffic(loaded=2 * columns * elem, unique=2 * norm_width * elem)
+    return t
+
+
+def merged_mlp_traffic(T: int, C: int, G: int, widths, tile, elem: int, *, norm: str | None, post: bool,
+                       table: bool, acc_elem: int = 4, bk: int = 64) -> dict[str, dict]:
+    """``mmfuse.merged_mlp`` in training (biases on, GELU between layers) against eager PyTorch running
+    the module's own code, in the form of ``mlp_traffic``: ``hbm`` = distinct bytes per launch.
+
+    mmfuse: forward = the norm statistics (x once; 8 bytes per normalised row), the mapped GEMM (x read
+    through the table and normalised in the load), then the MLP; backward = each later layer's dW, db,
+    dX * act', then the first layer's dW (x through the table again), db, dA (stored through the table)
+    and the norm backward (dA, x, the statistics; dx and fp32 per-program partials of dgamma, dbeta).
+    Eager: the norm (F.layer_norm: one kernel; RMSNorm as transformers writes it: to(fp32), pow, mean,
+    rsqrt, mul, to(dtype), mul by the weight), the merge (a pixel shuffle's `.contiguous()` copy when
+    ``table``; Qwen's view merge is free), then the MLP (``mlp_traffic``'s eager launches), and autograd
+    through all of it. ``tile``: (BLOCK_M, BLOCK_N) of every GEMM, ``bk`` the mapped GEMMs' BLOCK_K."""
+    e = elem
+    M, K = T // G, G * C
+    rows_norm = (M if post else T) if norm else 0
+    norm_width = K if post else C
+    layers = list(zip((K, *widths[:-1]), widths))
+    mlp = mlp_traffic(M, (K, *widths), tile, e)
+    fwd, bwd = [], []
+    if norm:
+        fwd.append(Traffic(loaded=T * C * e * (2 if norm == "layer" else 1), unique=T * C * e,
+                           stored=rows_norm * 2 * acc_elem))
+        fwd[-1] = fwd[-1] + Traffic(loaded=T * 4 * post, unique=T * 4 * post)  # the table, post-merge
+    n1, k1 = layers[0][1], K
+    fwd.append(sum(mapped_gemm_traffic(M, n1, k1, (*tile[:2], bk), e, mapped=0, C=C, G=G, rows_norm=rows_norm,
+                                       norm_width=norm_width, bias=True, store_aux=len(layers) > 1,
+                                       acc_elem=acc_elem).values(), Traffic()))
+    for i, (k, n) in enumerate(layers[1:], start=1):
+        fwd.append(sum(fused_gemm_traffic(M, n, k, tile, e, bias=True, store_aux=i < len(layers) - 1).values(),
+                       Traffic()))
+    for i in reversed(range(1, len(layers))):
+        k, n = layers[i]
+        bwd.append(sum(fused_gemm_traffic(n, k, M, tile, e).values(), Traffic()))                   # dW_i
+        bwd.append(bias_grad_traffic(M, n, e))                                                        # db_i
+        bwd.append(sum(fused_gemm_traffic(M, k, n, tile, e, act_grad=True).values(), Traffic()))    # dX * act'
+    bwd.append(sum(mapped_gemm_traffic(n1, K, M, (*tile[:2], bk), e, mapped=1, C=C, G=G, rows_norm=rows_norm,
+                                       norm_width=norm_width, acc_elem=acc_elem).values(), Traffic()))
+    bwd.append(bias_grad_traffic(M, n1, e))
+    bwd.append(sum(mapped_gemm_traffic(M, K, n1, (*tile[:2], bk), e, mapped=2, C=C, G=G).values(), Traffic()))
+    if norm:
+        programs = _cdiv(rows_norm, 16)
+        partials = (2 if norm == "layer" else 2) * programs * norm_width * acc_elem
+        bwd.append(Traffic(loaded=2 * 2 * T * C * e, unique=2 * T * C * e + rows_norm * 2 * acc_elem
+                           + norm_width * e, stored=T * C * e + partials))
+        bwd.append(Traffic(loaded=partials, unique=partials, stored=2 * norm_width * (acc_elem + e)))  # the sums
+    # eager
+    TC = T * C
+    if norm == "layer":
+        norm_f = [(TC * e + 2 * norm_width * e, TC * e + 2 * rows_norm * acc_elem)]
+        norm_b = [(2 * TC * e + 2 * rows_norm * acc_elem + norm_width * e, TC * e + 2 * norm_width * e)]
+    elif norm == "rms":
+        f32 = 4
+        norm_f = [(TC * e, TC * f32), (TC * f32, TC * f32), (TC * f32, rows_norm * f32), (rows_norm * f32, rows_norm * f32),
+                  (TC * f32 + rows_norm * f32, TC * f32), (TC * f32, TC * e), (TC * e + norm_width * e, TC * e)]
+        # autograd: weight-mul (dx, dweight), to(dtype), mul (two grads), rsqrt/mean (tiny), pow, the
+        # accumulation of x32's two gradients, to(fp32)
+        norm_b = [(TC * e + norm_width * e, TC * e), (2 * TC * e, norm_width * e), (TC * e, TC * f32),
+                  (TC * f32 + rows_norm * f32, TC * f32), (2 * TC * f32, rows_norm * f32),
+                  (rows_norm * f32, TC * f32), (2 * TC * f32, TC * f32), (2 * TC * f32, TC * f32),
+                  (TC * f32, TC * e)]
+    else:
+        norm_f, norm_b = [], []
+    merge_f = [(TC * e, TC * e)] if table else []       # pixel shuffle: reshape of a permute = a copy
+    merge_b = [(TC * e, TC * e)] if table else []       # its gradient: the inverse permute's copy
+    eager_f = norm_f + merge_f
+    eager_b = merge_b + norm_b
+    total = lambda ts: {"hbm": sum(t.unique + t.stored for t in ts), "l2": sum(t.loaded + t.stored for t in ts),  # noqa: E731
+                        "launches": len(ts)}
+    return {"fwd": total(fwd), "bwd": total(bwd),
+            "eager_fwd": {"hbm": sum(r + w for r, w in eager_f) + mlp["eager_fwd"]["hbm"],
+                          "launches": len(eager_f) + mlp["eager_fwd"]["launches"]},
+            "eager_bwd": {"hbm": sum(r + w for r, w in eager_b) + mlp["eager_bwd"]["hbm"],
+                          "launches": len(eager_b) + mlp["eager_bwd"]["launches"]}}

@@ -81,7 +81,7 @@ def run_key(spec):
         return ("merged", cx["MAPPED"], cx["NORM"], cx["NORM_POST"], spec.dtype, tile, cx["ALIGNED"], cx["EVEN_K"])
     if name in ("norm_stats_kernel", "norm_bwd_kernel"):
         post = dict(spec.args)["G"] > 1
-        return ("merged", None, True, post, spec.dtype, None, None, None)
+        return ("merged", None, True, post, spec.dtype, None, cx["ALIGNED"], None)
     if name == "act_grad_kernel":
         return ("linear", "act'", ACT_NAMES[cx["ACTIVATION"]], True, spec.dtype, (cx["BLOCK_M"], cx["BLOCK_N"]),
                 None, name)
@@ -296,8 +296,8 @@ def run_merged(mapped, norm, post, dtype, tile, aligned, even_k):
     columns when ALIGNED, else 40. ``mapped`` None: the row-wise kernels at GPU blocks (GEMMs at the
     interpreter's tile). Values and every gradient."""
     G = 2
-    if mapped is None:
-        C, M, N1 = 40, 21, 24
+    if mapped is None:  # C a multiple of the row-wise BLOCK_C (128) when ALIGNED
+        C, M, N1 = (128 if aligned else 40), 21, 24
     else:
         bm, bn, bk = tile[0], tile[1], _block_k(tile, dtype)
         red = 2 * bk + (0 if even_k else RAGGED)

@@ -289,3 +289,44 @@ def test_gated_mlp_traffic_hand_counts():
     assert t["fwd"]["hbm"] == 2 * (M * K + 2 * N * K + 2 * N + 4 * M * N + D * N + D + M * D)
     assert t["bwd"]["hbm"] == 2 * (3 * M * D + 2 * D * N + 11 * M * N + 2 * M * K + 4 * N * K) + D * 6 + 2 * N * 6
     assert t["eager_fwd"]["hbm"] == 2 * (2 * (M * K + N * K + N + M * N) + 5 * M * N + M * N + D * N + D + M * D)
+
+
+@pytest.mark.parametrize("norm,post", [("layer", False), ("rms", True), (None, False)])
+def test_mapped_gemm_traffic_matches_interpreted_runs(norm, post):
+    # The three mapped GEMMs launch by launch (C = 64: channel blocks aligned, the GPU's case), and the
+    # forward's total stores: y, the hidden layer and its pre-activation, the statistics, nothing else.
+    from mmfuse.kernels import merged_gemm as KM
+    from mmfuse.traffic import mapped_gemm_traffic
+
+    T, C, G, N = 96, 64, 2, 40
+    M, K = T // G, G * C
+    x = torch.randn(T, C)
+    table = torch.randperm(T, dtype=torch.int32).view(M, G)
+    width = K if post else C
+    gamma, beta = torch.randn(width), torch.randn(width)
+    merge = KM.Merge(x, G, table, norm, post, gamma if norm else None, beta if norm == "layer" else None)
+    if norm:
+        KM.norm_stats(merge)
+    rows_norm = (M if post else T) if norm else 0
+    w, b = torch.randn(N, K), torch.randn(N)
+    tensors = {"x": x, "table": table, "weight": w, "bias": b}
+    if norm:
+        tensors.update(stats=merge.stats, gamma=gamma, beta=merge.beta)
+    (y, h), got = measure(lambda: KM.mapped_fwd(merge, w, b, activation=1, store_preact=True),
+                          {**tensors, "y": lambda r: r[0], "h": lambda r: r[1]})
+    model = mapped_gemm_traffic(M, N, K, (32, 32, 32), 4, mapped=0, C=C, G=G, rows_norm=rows_norm,
+                                norm_width=width, bias=True, store_aux=True)
+    assert (got["x"], got["table"], got["weight"], got["bias"], got["y"], got["h"]) == \
+        (model["x"], model["table"], model["b"], model["bias"], model["c"], model["aux"])
+    if norm:
+        assert got["stats"] == model["stats"] and got["gamma"] + got["beta"] == model["gamma_beta"]
+    dh = torch.randn(M, N)
+    _, got = measure(lambda: KM.mapped_weight_grad(dh, merge), {**tensors, "dh": dh, "dw": lambda r: r})
+    model = mapped_gemm_traffic(N, K, M, (32, 32, 32), 4, mapped=1, C=C, G=G, rows_norm=rows_norm, norm_width=width)
+    assert (got["x"], got["table"], got["dh"], got["dw"]) == (model["x"], model["table"], model["a"], model["c"])
+    if norm:
+        assert got["stats"] == model["stats"] and got["gamma"] + got["beta"] == model["gamma_beta"]
+    _, got = measure(lambda: KM.mapped_input_grad(dh, w, merge), {"dh": dh, "w": w, "table": table,
+                                                                     "da": lambda r: r})
+    model = mapped_gemm_traffic(M, K, N, (32, 32, 32), 4, mapped=2, C=C, G=G)
+    assert (got["dh"], got["w"], got["table"], got["da"]) == (model["a"], model["b"], model["table"], model["x_grad"])
