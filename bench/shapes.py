@@ -31,6 +31,20 @@ class GatedShape:
 
 
 @dataclasses.dataclass(frozen=True)
+class MergedShape:
+    """A projector whose first GEMM reads a token merge and a norm (``mmfuse.merged_mlp``): source tokens
+    per image of ``channels``, ``group`` tokens per merged row, the MLP's widths after it."""
+    name: str
+    tokens: int
+    channels: int
+    group: int
+    widths: tuple[int, ...]
+    norm: str | None
+    norm_after_merge: bool = False
+    table: bool = False     # a pixel shuffle (a token table; eager copies), or Qwen's free view merge
+
+
+@dataclasses.dataclass(frozen=True)
 class PatchShape:
     """A patch embedding: Conv2d(C, D, P, stride=P) on (H, W) images, or Conv3d with temporal T."""
     name: str
@@ -85,6 +99,18 @@ GATED_SHAPES = (
     GatedShape("idefics2-8b-connector-mlp", 4900, 1152, 14336, 4096, bias=False),
 )
 
+MERGED_SHAPES = (
+    # Qwen2.5-VL-7B's merger: RMSNorm(1280) per token, 2x2 merge (a view), 5120 -> 5120 -> 3584; the
+    # 4096 patches of a 896px image.
+    MergedShape("qwen2.5-vl-7b-merger", 4096, 1280, 4, (5120, 3584), "rms"),
+    # Qwen2-VL-7B's: the same with LayerNorm.
+    MergedShape("qwen2-vl-7b-merger", 4096, 1280, 4, (5120, 3584), "layer"),
+    # InternVL2-8B: InternViT-300M's 1024 tokens of 1024 per 448px tile, pixel shuffle (0.5) to 256 rows
+    # of 4096, LayerNorm(4096), 4096 -> 4096 -> 4096 (the shuffle runs in InternVLModel, the rest in
+    # its projector).
+    MergedShape("internvl2-8b-mlp1", 1024, 1024, 4, (4096, 4096), "layer", norm_after_merge=True, table=True),
+)
+
 PATCH_SHAPES = (
     PatchShape("clip-l-14-336", 3, (336, 336), 14, 1024),
     PatchShape("siglip-so400m-14-384", 3, (384, 384), 14, 1152),
@@ -107,7 +133,7 @@ ATTENTION_SHAPES = (
 
 
 def by_name(name: str):
-    for table in (MLP_SHAPES, GATED_SHAPES, PATCH_SHAPES, ATTENTION_SHAPES):
+    for table in (MLP_SHAPES, GATED_SHAPES, MERGED_SHAPES, PATCH_SHAPES, ATTENTION_SHAPES):
         for s in table:
             if s.name == name:
                 return s

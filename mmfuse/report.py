@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import sys
 
-from mmfuse.bench.shapes import ATTENTION_SHAPES, GATED_SHAPES, MLP_SHAPES, PATCH_SHAPES
+from mmfuse.bench.shapes import ATTENTION_SHAPES, GATED_SHAPES, MERGED_SHAPES, MLP_SHAPES, PATCH_SHAPES
 
 SMS = 132
 # H100 SXM bf16 dense FLOP/s and HBM B/s as measured on one (DESIGN.md), a launch's fixed cost in µs
@@ -269,6 +269,40 @@ def gated_traffic_section() -> list[str]:
     return lines
 
 
+def merged_traffic_section() -> list[str]:
+    from mmfuse.kernels import merged_gemm as KM
+    from mmfuse.traffic import merged_mlp_traffic
+
+    lines = ["## HBM bytes and launches, merged projectors (norm and token merge inside the first GEMM; bf16; "
+             "model, checked against interpreted runs at small sizes in tests/test_traffic.py)", "",
+             "mmfuse (`mmfuse.merged_mlp`): the norm statistics (one read of x, 8 bytes per normalised row), the "
+             "first GEMM reading x through the token table and normalising in its loads, the rest of the MLP; "
+             "backward: the later layers as `mlp`, the first layer's dW (x through the table again), db, dA "
+             "stored through the table, one row-wise norm backward. GEMM tiles 128x128 (the mapped GEMM's "
+             "largest); distinct bytes per launch. Eager: the module's code: the norm (F.layer_norm: one kernel; "
+             "RMSNorm as transformers writes it: 7 kernels in fp32), the pixel shuffle's copy (Qwen's merge is a "
+             "view), the MLP, autograd through all of it. Training forward saves the pre-activation; inference "
+             "does not.", "",
+             "| shape | images | fwd MB eager → mmfuse, training (ratio) | inference (ratio) | bwd MB eager → "
+             "mmfuse (ratio) | launches fwd, bwd |",
+             "| --- | --- | --- | --- | --- | --- |"]
+    bk = KM.MAPPED_TILES[0][2]
+    for s in MERGED_SHAPES:
+        for images in (1, 8):
+            kw = dict(norm=s.norm, post=s.norm_after_merge, table=s.table, bk=bk)
+            T = s.tokens * images
+            t = merged_mlp_traffic(T, s.channels, s.group, s.widths, (128, 128), 2, **kw)
+            inf = merged_mlp_traffic(T, s.channels, s.group, s.widths, (128, 128), 2, training=False, **kw)
+            ef, eb = t["eager_fwd"]["hbm"], t["eager_bwd"]["hbm"]
+            of, ob, oi = t["fwd"]["hbm"], t["bwd"]["hbm"], inf["fwd"]["hbm"]
+            lines.append(
+                f"| {s.name} | {images} | {ef / 1e6:.1f} → {of / 1e6:.1f} ({of / ef:.2f}) | {oi / 1e6:.1f} "
+                f"({oi / ef:.2f}) | {eb / 1e6:.1f} → {ob / 1e6:.1f} ({ob / eb:.2f}) | "
+                f"{t['eager_fwd']['launches']} → {t['fwd']['launches']}, {t['eager_bwd']['launches']} → "
+                f"{t['bwd']['launches']} |")
+    return lines
+
+
 def patch_traffic_section() -> list[str]:
     from mmfuse.kernels import linear as KL
     from mmfuse.kernels import patch_embed as KP
@@ -401,7 +435,7 @@ def render(reports=None, progress=None) -> str:
             "Computed, not timed: compile figures from Triton's AOT compiler for sm_80 / sm_90, launch grids "
             "from the launchers' own tile and split rules on an H100's 132 SMs.", ""]
     return "\n".join(head + compile_section(reports) + [""] + waves_section() + [""] + traffic_section()
-                     + [""] + gated_traffic_section() + [""] + patch_traffic_section() + [""] + attention_traffic_section()) + "\n"
+                     + [""] + gated_traffic_section() + [""] + merged_traffic_section() + [""] + patch_traffic_section() + [""] + attention_traffic_section()) + "\n"
 
 
 def main(out: str | None = None) -> int:

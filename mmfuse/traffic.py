@@ -481,8 +481,36 @@ def mapped_gemm_traffic(M: int, N: int, K: int, tile: tuple[int, int, int], elem
     return t
 
 
+def norm_stats_traffic(R: int, C: int, G: int, elem: int, *, center: bool, blocks=(16, 128), acc_elem: int = 4,
+                       table_rows: int | None = None) -> dict[str, Traffic]:
+    """``norm_stats_kernel`` over R rows of G tokens x C channels (ALIGNED: C % BLOCK_C == 0): one
+    pass over x (RMSNorm) or two (LayerNorm: the mean first), one table entry per row per column
+    block and pass; stores (mean, rstd) per row."""
+    br, bc = blocks
+    passes = 2 if center else 1
+    steps = _cdiv(G * C, bc)
+    return {"x": Traffic(loaded=passes * R * G * C * elem, unique=R * G * C * elem),
+            "table": Traffic(loaded=passes * R * steps * 4, unique=(table_rows or R) * G * 4),
+            "stats": Traffic(stored=2 * R * acc_elem)}
+
+
+def norm_bwd_traffic(R: int, C: int, G: int, elem: int, *, post: bool, blocks=(16, 128), acc_elem: int = 4
+                     ) -> dict[str, Traffic]:
+    """``norm_bwd_kernel`` (ALIGNED): two passes over x and dA (the row sums, then dx), gamma per
+    program and pass, the statistics once, three table lookups per row and column block in pass 2 (x,
+    dA, dx) and two in pass 1; stores dx and one fp32 dgamma and dbeta partial row per program."""
+    br, bc = blocks
+    programs, width, steps = _cdiv(R, br), G * C, _cdiv(G * C, bc)
+    once = R * width * elem
+    return {"x": Traffic(2 * once, once), "da": Traffic(2 * once, once),
+            "stats": Traffic(2 * R * acc_elem, 2 * R * acc_elem),
+            "gamma": Traffic(2 * programs * width * elem, (width if post else C) * elem),
+            "table": Traffic(5 * R * steps * 4, R * G * 4),
+            "dx": Traffic(stored=once), "partials": Traffic(stored=2 * programs * width * acc_elem)}
+
+
 def merged_mlp_traffic(T: int, C: int, G: int, widths, tile, elem: int, *, norm: str | None, post: bool,
-                       table: bool, acc_elem: int = 4, bk: int = 64) -> dict[str, dict]:
+                       table: bool, acc_elem: int = 4, bk: int = 64, training: bool = True) -> dict[str, dict]:
     """``mmfuse.merged_mlp`` in training (biases on, GELU between layers) against eager PyTorch running
     the module's own code, in the form of ``mlp_traffic``: ``hbm`` = distinct bytes per launch.
 
@@ -493,7 +521,8 @@ def merged_mlp_traffic(T: int, C: int, G: int, widths, tile, elem: int, *, norm:
     Eager: the norm (F.layer_norm: one kernel; RMSNorm as transformers writes it: to(fp32), pow, mean,
     rsqrt, mul, to(dtype), mul by the weight), the merge (a pixel shuffle's `.contiguous()` copy when
     ``table``; Qwen's view merge is free), then the MLP (``mlp_traffic``'s eager launches), and autograd
-    through all of it. ``tile``: (BLOCK_M, BLOCK_N) of every GEMM, ``bk`` the mapped GEMMs' BLOCK_K."""
+    through all of it. ``tile``: (BLOCK_M, BLOCK_N) of every GEMM, ``bk`` the mapped GEMMs' BLOCK_K.
+    ``training`` False: the inference forward (no pre-activations saved; "bwd" then meaningless)."""
     e = elem
     M, K = T // G, G * C
     rows_norm = (M if post else T) if norm else 0
@@ -501,17 +530,17 @@ def merged_mlp_traffic(T: int, C: int, G: int, widths, tile, elem: int, *, norm:
     layers = list(zip((K, *widths[:-1]), widths))
     mlp = mlp_traffic(M, (K, *widths), tile, e)
     fwd, bwd = [], []
+    rows_g = (M, G) if post else (T, 1)
     if norm:
-        fwd.append(Traffic(loaded=T * C * e * (2 if norm == "layer" else 1), unique=T * C * e,
-                           stored=rows_norm * 2 * acc_elem))
-        fwd[-1] = fwd[-1] + Traffic(loaded=T * 4 * post, unique=T * 4 * post)  # the table, post-merge
+        fwd.append(sum(norm_stats_traffic(*rows_g[:1], C, rows_g[1], e, center=norm == "layer",
+                                          acc_elem=acc_elem).values(), Traffic()))
     n1, k1 = layers[0][1], K
     fwd.append(sum(mapped_gemm_traffic(M, n1, k1, (*tile[:2], bk), e, mapped=0, C=C, G=G, rows_norm=rows_norm,
-                                       norm_width=norm_width, bias=True, store_aux=len(layers) > 1,
+                                       norm_width=norm_width, bias=True, store_aux=training and len(layers) > 1,
                                        acc_elem=acc_elem).values(), Traffic()))
     for i, (k, n) in enumerate(layers[1:], start=1):
-        fwd.append(sum(fused_gemm_traffic(M, n, k, tile, e, bias=True, store_aux=i < len(layers) - 1).values(),
-                       Traffic()))
+        fwd.append(sum(fused_gemm_traffic(M, n, k, tile, e, bias=True,
+                                          store_aux=training and i < len(layers) - 1).values(), Traffic()))
     for i in reversed(range(1, len(layers))):
         k, n = layers[i]
         bwd.append(sum(fused_gemm_traffic(n, k, M, tile, e).values(), Traffic()))                   # dW_i
@@ -522,11 +551,10 @@ def merged_mlp_traffic(T: int, C: int, G: int, widths, tile, elem: int, *, norm:
     bwd.append(bias_grad_traffic(M, n1, e))
     bwd.append(sum(mapped_gemm_traffic(M, K, n1, (*tile[:2], bk), e, mapped=2, C=C, G=G).values(), Traffic()))
     if norm:
-        programs = _cdiv(rows_norm, 16)
-        partials = (2 if norm == "layer" else 2) * programs * norm_width * acc_elem
-        bwd.append(Traffic(loaded=2 * 2 * T * C * e, unique=2 * T * C * e + rows_norm * 2 * acc_elem
-                           + norm_width * e, stored=T * C * e + partials))
-        bwd.append(Traffic(loaded=partials, unique=partials, stored=2 * norm_width * (acc_elem + e)))  # the sums
+        nb = norm_bwd_traffic(rows_g[0], C, rows_g[1], e, post=post, acc_elem=acc_elem)
+        bwd.append(sum(nb.values(), Traffic()))
+        partials = nb["partials"].stored  # summed in order by torch: read once, dgamma / dbeta written
+        bwd.append(Traffic(loaded=partials, unique=partials, stored=2 * norm_width * (acc_elem + e)))
     # eager
     TC = T * C
     if norm == "layer":

@@ -26,7 +26,8 @@ def test_report_is_deterministic_and_complete(tmp_path):
     # batch 1 splits its keys 4 ways (20 blocks each): 128 programs, 32 x 78 / (132 x 20) = 95%.
     assert "| idefics2-resampler | 1 | 16 (12%) | 6 | 96 (73%) | 312 (79%) | 32 x 1 x 4 key splits (95%) |" in text
     assert "| idefics2-resampler | 8 | 128 (97%) | 1 | 128 (97%) | 2496 (100%) | 32 x 4 (97%) |" in text
-    for section in ("MLP projectors in training", "gated MLPs in training", "patch embedding in training",
+    for section in ("MLP projectors in training", "gated MLPs in training", "merged projectors",
+                    "patch embedding in training",
                     "cross-attention in training"):
         assert f"## HBM bytes and launches, {section}" in text
     out = tmp_path / "report.md"

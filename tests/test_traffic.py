@@ -330,3 +330,27 @@ def test_mapped_gemm_traffic_matches_interpreted_runs(norm, post):
                                                                      "da": lambda r: r})
     model = mapped_gemm_traffic(M, K, N, (32, 32, 32), 4, mapped=2, C=C, G=G)
     assert (got["dh"], got["w"], got["table"], got["da"]) == (model["a"], model["b"], model["table"], model["x_grad"])
+
+
+@pytest.mark.parametrize("post", [False, True])
+def test_norm_rowwise_traffic_matches_interpreted_runs(post):
+    from mmfuse.kernels import merged_gemm as KM
+    from mmfuse.traffic import norm_bwd_traffic, norm_stats_traffic
+
+    T, C, G = 96, 64, 2
+    M = T // G
+    x = torch.randn(T, C)
+    table = torch.randperm(T, dtype=torch.int32).view(M, G)
+    width = G * C if post else C
+    merge = KM.Merge(x, G, table, "layer", post, torch.randn(width), torch.randn(width))
+    R, rows_table, g = merge.rows
+    _, got = measure(lambda: KM.norm_stats(merge), {"x": x, "table": rows_table, "stats": lambda r: r})
+    blocks = KM.INTERPRETER_ROWWISE
+    assert got == norm_stats_traffic(R, C, g, 4, center=True, blocks=blocks)
+    da = torch.randn(T, C)
+    (dx, _, _), got = measure(lambda: KM.norm_bwd(da, merge),
+                              {"x": x, "da": da, "stats": merge.stats, "gamma": merge.gamma, "table": rows_table,
+                               "dx": lambda r: r[0]})
+    model = norm_bwd_traffic(R, C, g, 4, post=post, blocks=blocks)
+    assert {k: got[k] for k in ("x", "da", "stats", "gamma", "table", "dx")} == \
+        {k: model[k] for k in ("x", "da", "stats", "gamma", "table", "dx")}
