@@ -21,7 +21,7 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
-from mmfuse.bench.shapes import ATTENTION_SHAPES, GATED_SHAPES, MLP_SHAPES, PATCH_SHAPES
+from mmfuse.bench.shapes import ATTENTION_SHAPES, GATED_SHAPES, MERGED_SHAPES, MLP_SHAPES, PATCH_SHAPES
 
 L2_BYTES = 50 * 2**20  # H100: 50 MB of L2; input sets are rotated past it
 
@@ -74,6 +74,51 @@ def _gated_impls():
 
     return {"mmfuse": lambda x, w, b: mmfuse.gated_mlp(x, *w, *b), "eager": eager,
             "torch.compile": torch.compile(eager), "mmfuse linears": mmfuse_linears}
+
+
+@dataclasses.dataclass(frozen=True)
+class MergeSpec:
+    """A merged case's non-tensor arguments (the token table is an input, not a parameter)."""
+    group: int
+    table: torch.Tensor | None
+    norm: str | None
+    post: bool
+
+
+def _merged_impls():
+    import mmfuse
+
+    def glue(x, ws, bs, nw, nb, spec):  # the module's norm and merge in PyTorch
+        group, table, norm, post = spec.group, spec.table, spec.norm, spec.post
+        C = x.shape[-1]
+
+        def norm_(t):
+            if norm == "layer":
+                return F.layer_norm(t, t.shape[-1:], nw, nb, 1e-6)
+            t32 = t.float()
+            return nw * (t32 * torch.rsqrt(t32.pow(2).mean(-1, keepdim=True) + 1e-6)).to(t.dtype)
+
+        if not post:
+            x = norm_(x)
+        x = (x[table] if table is not None else x).reshape(-1, group * C)
+        return norm_(x) if post else x
+
+    def eager(x, ws, bs, nw, nb, spec):
+        x = glue(x, ws, bs, nw, nb, spec)
+        for i, (w, b) in enumerate(zip(ws, bs)):
+            x = F.linear(x, w, b)
+            x = F.gelu(x) if i < len(ws) - 1 else x
+        return x
+
+    def mmfuse_glue(x, ws, bs, nw, nb, spec):  # mmfuse before the merged GEMM: PyTorch glue, fused MLP
+        return mmfuse.mlp(glue(x, ws, bs, nw, nb, spec), ws, bs)
+
+    def fused(x, ws, bs, nw, nb, spec):
+        group, table, norm, post = spec.group, spec.table, spec.norm, spec.post
+        return mmfuse.merged_mlp(x, ws, bs, group=group, token_map=table, norm=norm, norm_weight=nw,
+                                 norm_bias=nb if norm == "layer" else None, eps=1e-6, norm_after_merge=post)
+
+    return {"mmfuse": fused, "eager": eager, "torch.compile": torch.compile(eager), "mmfuse glue": mmfuse_glue}
 
 
 def _patch_impls():
@@ -129,8 +174,9 @@ def _attention_impls():
 ATTENTION_IMPLS = ("mmfuse", "eager", "sdpa flash", "sdpa efficient", "sdpa cudnn", "sdpa math", "sdpa enable_gqa")
 #: FLOPs of forward + backward over the forward's: a GEMM's backward is two GEMMs of its size; attention's
 #: is 2.5 forwards (5 matrix products against 2: the convention of FlashAttention's benchmarks).
-BACKWARD_FLOPS = {"mlp": 2.0, "gated_mlp": 2.0, "patch_embed": 2.0, "cross_attention": 2.5}
+BACKWARD_FLOPS = {"mlp": 2.0, "gated_mlp": 2.0, "merged_mlp": 2.0, "patch_embed": 2.0, "cross_attention": 2.5}
 GATED_IMPLS = ("mmfuse", "eager", "torch.compile", "mmfuse linears")
+MERGED_IMPLS = ("mmfuse", "eager", "torch.compile", "mmfuse glue")
 
 
 def cases(dtypes=("bfloat16", "float16"), modes=("fwd", "fwd+bwd"), images: int = 8) -> list[Case]:
@@ -162,6 +208,23 @@ def cases(dtypes=("bfloat16", "float16"), modes=("fwd", "fwd+bwd"), images: int 
             return [x, ws, bs]
 
         out += [Case("gated_mlp", s.name, m, d, impl, flops, make) for m in modes for d in dtypes for impl in GATED_IMPLS]
+    for s in MERGED_SHAPES:
+        T = s.tokens * images
+        widths = (s.group * s.channels, *s.widths)
+        flops = sum(2 * (T // s.group) * k * n for k, n in zip(widths, widths[1:]))
+
+        def make(device, dtype, s=s, T=T, widths=widths):
+            x = torch.randn(T, s.channels, device=device, dtype=dtype)
+            ws = [torch.randn(n, k, device=device, dtype=dtype) / k ** 0.5 for k, n in zip(widths, widths[1:])]
+            bs = [torch.randn(n, device=device, dtype=dtype) for n in widths[1:]]
+            width = widths[0] if s.norm_after_merge else s.channels
+            nw = torch.randn(width, device=device, dtype=dtype)
+            nb = torch.randn(width, device=device, dtype=dtype) if s.norm == "layer" else None
+            table = torch.randperm(T, device=device).view(-1, s.group).to(torch.int32) if s.table else None
+            return [x, ws, bs, nw, nb, MergeSpec(s.group, table, s.norm, s.norm_after_merge)]
+
+        out += [Case("merged_mlp", s.name, m, d, impl, flops, make) for m in modes for d in dtypes
+                for impl in MERGED_IMPLS]
     for s in PATCH_SHAPES:
         flops = 2 * s.tokens * images * s.dim * s.channels * s.temporal * s.patch * s.patch
 
@@ -188,7 +251,7 @@ def cases(dtypes=("bfloat16", "float16"), modes=("fwd", "fwd+bwd"), images: int 
     return out
 
 
-_IMPLS = {"mlp": _mlp_impls, "gated_mlp": _gated_impls, "patch_embed": _patch_impls, "cross_attention": _attention_impls}
+_IMPLS = {"mlp": _mlp_impls, "gated_mlp": _gated_impls, "merged_mlp": _merged_impls, "patch_embed": _patch_impls, "cross_attention": _attention_impls}
 
 #: ``mmfuse bench --profile quick`` (what ``mmfuse gpu-check`` runs in its few minutes): per op family
 #: two real shapes, mmfuse against eager and the strongest baselines that need no compile step, bf16,
@@ -196,6 +259,7 @@ _IMPLS = {"mlp": _mlp_impls, "gated_mlp": _gated_impls, "patch_embed": _patch_im
 QUICK_PROFILE = {
     "mlp": (("llava-1.5-7b", "qwen2-vl-merger"), ("mmfuse", "eager", "addmm_activation")),
     "gated_mlp": (("qwen2.5-vl-7b-tower-mlp", "idefics2-8b-connector-mlp"), ("mmfuse", "eager", "mmfuse linears")),
+    "merged_mlp": (("qwen2.5-vl-7b-merger", "internvl2-8b-mlp1"), ("mmfuse", "eager", "mmfuse glue")),
     "patch_embed": (("clip-l-14-336", "qwen2-vl"), ("mmfuse", "eager", "reshape+GEMM")),
     "cross_attention": (("idefics2-resampler", "blip2-qformer-xattn"),
                         ("mmfuse", "eager", "sdpa efficient", "sdpa enable_gqa")),
@@ -223,7 +287,7 @@ def _tensors(args):
 
 def _with_grad(args):
     return [[t.detach().requires_grad_() if t is not None else None for t in a] if isinstance(a, list)
-            else a.detach().requires_grad_()
+            else a.detach().requires_grad_() if isinstance(a, torch.Tensor) else a  # (a merged case's spec)
             for a in args]
 
 

@@ -34,7 +34,7 @@ def main(argv=None) -> int:
                           help="only these op families (e.g. linear mlp); default: all")
     p_bench = sub.add_parser("bench", help="time every op against every baseline on this GPU (report without one)")
     p_bench.add_argument("--out-dir", default=os.path.join("bench", "results"), help="where results are written")
-    p_bench.add_argument("--op", nargs="*", default=None, help="only these ops (mlp gated_mlp patch_embed cross_attention)")
+    p_bench.add_argument("--op", nargs="*", default=None, help="only these ops (mlp gated_mlp merged_mlp patch_embed cross_attention)")
     p_bench.add_argument("--profile", default="full", choices=("full", "quick"),
                          help="full: every case (a long GPU run); quick: two shapes per op, bf16, the cheap "
                               "baselines (what gpu-check runs)")

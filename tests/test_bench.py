@@ -17,8 +17,10 @@ def test_every_op_shape_mode_dtype_and_baseline_is_a_case():
     names = [c.name for c in all_cases]
     assert len(names) == len(set(names))
     # 2 dtypes; MLP: 5 implementations forward, 4 forward+backward (_addmm_activation has no derivative);
-    # gated MLP: 4 both ways; patch embedding (images and video): 4 both ways; cross-attention: 7 both ways.
-    expected = 2 * ((5 + 4) * len(shapes.MLP_SHAPES) + 2 * 4 * len(shapes.GATED_SHAPES) + 2 * 4 * len(shapes.PATCH_SHAPES)
+    # gated and merged MLPs: 4 both ways; patch embedding (images and video): 4 both ways; cross-attention:
+    # 7 both ways.
+    expected = 2 * ((5 + 4) * len(shapes.MLP_SHAPES) + 2 * 4 * len(shapes.GATED_SHAPES)
+                    + 2 * 4 * len(shapes.MERGED_SHAPES) + 2 * 4 * len(shapes.PATCH_SHAPES)
                     + 2 * 7 * len(shapes.ATTENTION_SHAPES))
     assert len(all_cases) == expected
     assert {c.shape for c in all_cases if c.op == "patch_embed"} == {s.name for s in shapes.PATCH_SHAPES}
@@ -67,6 +69,22 @@ def test_every_gated_implementation_computes_the_same_output(bias):
     sets, step = suite.prepare(case, "cpu")
     step(sets[0])
     assert all(t.requires_grad and t.grad is None for t in suite._tensors(sets[0]))
+
+
+@pytest.mark.parametrize("norm,post,table", [("rms", False, False), ("layer", True, True)])
+def test_every_merged_implementation_computes_the_same_output(norm, post, table):
+    impls = suite._merged_impls()
+    T, C, G = 16, 8, 4
+    x, ws, bs = torch.randn(T, C), [torch.randn(12, G * C), torch.randn(5, 12)], [torch.randn(12), torch.randn(5)]
+    width = G * C if post else C
+    spec = suite.MergeSpec(G, torch.randperm(T).view(-1, G) if table else None, norm, post)
+    args = [x, ws, bs, torch.randn(width), torch.randn(width) if norm == "layer" else None, spec]
+    ref = impls["eager"](*args)
+    for name in ("mmfuse", "mmfuse glue"):
+        torch.testing.assert_close(impls[name](*args), ref, rtol=1e-5, atol=1e-5)
+    case = suite.Case("merged_mlp", "tiny", "fwd+bwd", "float32", "mmfuse", 1.0, lambda device, dtype: args)
+    sets, step = suite.prepare(case, "cpu")
+    step(sets[0])
 
 
 def _tiny_cases():
@@ -209,7 +227,7 @@ def test_readme_without_markers_is_an_error(tmp_path):
 def test_quick_profile_is_two_shapes_per_op_bf16_cheap_baselines():
     quick = suite.profile_cases("quick")
     assert {c.dtype for c in quick} == {"bfloat16"} and {c.mode for c in quick} == {"fwd", "fwd+bwd"}
-    for op in ("mlp", "gated_mlp", "patch_embed", "cross_attention"):
+    for op in ("mlp", "gated_mlp", "merged_mlp", "patch_embed", "cross_attention"):
         cases = [c for c in quick if c.op == op]
         assert len({c.shape for c in cases}) == 2, op
         assert {"mmfuse", "eager"} <= {c.impl for c in cases}
