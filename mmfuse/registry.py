@@ -289,7 +289,7 @@ def _merged_mlp(module: nn.Module, family: Family) -> nn.Module:
             return merged_mlp(x.reshape(-1, C), ws, bs, act, group=lins[0].in_features // C, **kw)
         group, scale = merge(self)
         table = _probed_token_map(self, scale, x.shape[0], x.shape[1], x.device)
-        y = merged_mlp(x.reshape(-1, C), ws, bs, act, group=group, token_map=table, **kw)
+        y = merged_mlp(x.reshape(-1, C), ws, bs, act, group=group, token_map=table, _table_checked=True, **kw)
         return y.view(x.shape[0], -1, y.shape[-1])
 
     cls = _fused_class(type(module))

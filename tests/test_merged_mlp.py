@@ -222,6 +222,13 @@ class TestBadInput:
         with pytest.raises(TypeError, match="norm_bias: expected a torch.Tensor"):
             merged_mlp(x, ws, group=G, norm="layer", norm_weight=torch.ones(C))
 
+    def test_table_values(self):
+        x, ws = self._args()
+        with pytest.raises(ValueError, match=r"token_map: expected token indices in \[0, 8\).*got 8"):
+            merged_mlp(x, ws, group=G, token_map=torch.tensor([[0, 1, 2, 8], [4, 5, 6, 7]]))
+        with pytest.raises(ValueError, match="token_map: expected each token at most once"):
+            merged_mlp(x, ws, group=G, token_map=torch.tensor([[0, 1, 2, 3], [3, 5, 6, 7]]))
+
     def test_group(self):
         x, ws = self._args()
         with pytest.raises(ValueError, match="group: expected a positive int, got 0"):

@@ -183,11 +183,30 @@ merged_mlp_fwd_op.register_autograd(_merged_backward, setup_context=_merged_setu
 # ----------------------------------------------------------------------------------------------
 # Functional API
 # ----------------------------------------------------------------------------------------------
+def _check_token_values(token_map: torch.Tensor, T: int) -> None:
+    """Every entry in [0, T) and no token twice (the backward's permutation store writes each token's
+    gradient once). On CPU a ValueError naming the fault; on a GPU a device-side assert, so the check
+    costs two small kernels and no host synchronisation."""
+    flat = token_map.reshape(-1).long()
+    in_range = (flat >= 0) & (flat < T)
+    if token_map.device.type == "cpu":
+        if not bool(in_range.all()):
+            bad = flat[~in_range][0].item()
+            raise ValueError(f"token_map: expected token indices in [0, {T}) (the rows of x), got {bad}")
+        if flat.numel() and int(torch.bincount(flat, minlength=T).max()) > 1:
+            raise ValueError("token_map: expected each token at most once, got a repeated token")
+        return
+    counts = torch.zeros(T + 1, dtype=torch.int32, device=token_map.device)
+    counts.index_add_(0, torch.where(in_range, flat, T), torch.ones_like(flat, dtype=torch.int32))
+    torch._assert_async(in_range.all() & (counts[:T] <= 1).all(),
+                        "token_map: expected token indices in [0, T), each at most once")
+
+
 def merged_mlp(x: torch.Tensor, weights: Sequence[torch.Tensor], biases: Sequence[torch.Tensor | None] | None = None,
                activation: str | None = "gelu", *, group: int, token_map: torch.Tensor | None = None,
                norm: str | None = None, norm_weight: torch.Tensor | None = None,
-               norm_bias: torch.Tensor | None = None, eps: float = 1e-6, norm_after_merge: bool = False
-               ) -> torch.Tensor:
+               norm_bias: torch.Tensor | None = None, eps: float = 1e-6, norm_after_merge: bool = False,
+               _table_checked: bool = False) -> torch.Tensor:
     """``mlp(norm_merge(x), weights, biases, activation)`` with the merge and the norm read inside the
     first GEMM (never materialised).
 
@@ -196,7 +215,8 @@ def merged_mlp(x: torch.Tensor, weights: Sequence[torch.Tensor], biases: Sequenc
     at most once: pixel shuffle / unshuffle orders), or without a table tokens m*group .. m*group +
     group - 1 (Qwen's 2x2 merge, T divisible by group). norm: None, "layer" (``norm_weight``,
     ``norm_bias``) or "rms" (``norm_weight``), over each token's C channels, or over the merged row's
-    group * C with ``norm_after_merge``; ``eps`` as the module's.
+    group * C with ``norm_after_merge``; ``eps`` as the module's. Table entries out of range or
+    repeated raise (on a GPU: a device-side assert, no host synchronisation).
     """
     check_tensor("x", x, ndim=2)
     check_choice("activation", activation, ACTIVATION_NAMES)
@@ -216,6 +236,8 @@ def merged_mlp(x: torch.Tensor, weights: Sequence[torch.Tensor], biases: Sequenc
         check_size("token_map", "shape[1] (group)", token_map.shape[1], group)
         if token_map.device != x.device:
             raise ValueError(f"token_map: expected device {x.device} (the device of x), got {token_map.device}")
+        if not _table_checked:  # (the registry's tables are built from the module's own merge)
+            _check_token_values(token_map, T)
     elif T % group:
         raise ValueError(f"x: expected a token count divisible by group == {group} (no token_map), got {T}")
     width = group * C
