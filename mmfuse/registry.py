@@ -231,35 +231,39 @@ def _norm_form(m: nn.Module):
     raise _patch.Unsupported(f"norm: expected nn.LayerNorm or a transformers RMSNorm, got {type(m).__name__}")
 
 
-#: Token tables probed so far: {(merge class, scale, batch, tokens, device): (M, G) int32 table}.
+#: Token tables probed so far: {(merge class, tokens per row, input shape, device): (M, G) int32 table}.
 _TABLES: dict = {}
 
 
-def _probed_token_map(module: nn.Module, scale: int, batch: int, seq: int, device: torch.device) -> torch.Tensor:
-    """The (M, G) token table of a merge written as reshapes and permutes (pixel shuffle): the module's
-    own merge run once on token ids, 2 channels per token, on the device (no host transfer), then kept
-    per (class, scale, shape, device). The merge must keep each token's channels together as one chunk
-    (else it is not a token merge these kernels read)."""
-    key = (type(module), scale, batch, seq, device)
+def _probed_token_map(module: nn.Module, merge, lead: tuple, device: torch.device) -> tuple[torch.Tensor, tuple]:
+    """The (M, G) token table of a merge written as reshapes and permutes (pixel shuffle / unshuffle):
+    the module's own merge run once on token ids (2 channels per token, the input's leading shape) on
+    the device (no host transfer), then kept per (class, G, shape, device). The merge must keep each
+    token's channels together as one chunk, else it is not a token merge these kernels read. Returns
+    (table, the merge's output leading shape)."""
+    group, run = merge
+    key = (type(module), group(module), lead, device)
     table = _TABLES.get(key)
     if table is None:
-        ids = torch.arange(batch * seq * 2, device=device).view(batch, seq, 2)
-        out = module.pixel_shuffle(ids, scale)
+        ids = torch.arange(torch.Size(lead).numel() * 2, device=device).view(*lead, 2)
+        out = run(module, ids)
+        out_lead = tuple(out.shape[:-1])
         out = out.reshape(-1, out.shape[-1])
         first, second = out[:, 0::2], out[:, 1::2]
         if not bool(((first % 2 == 0) & (second == first + 1)).all()):
             raise _patch.Unsupported("merge: the probe did not keep each token's channels together")
         if len(_TABLES) >= 64:
             _TABLES.clear()
-        table = _TABLES[key] = (first // 2).to(torch.int32)
+        table = _TABLES[key] = ((first // 2).to(torch.int32), out_lead)
     return table
 
 
-#: Merges the merged-mlp recipe reads inside the GEMM: name -> None (adjacent rows: Qwen's 2x2 merge,
-#: a view) or module -> (tokens per row, the module's merge scale) for a probed pixel shuffle.
+#: Merges the merged-mlp recipe reads inside the GEMM: None (adjacent rows: Qwen's 2x2 merge, a view),
+#: or (tokens per row, the module's own merge on a tensor) for a probed shuffle.
 MERGES = {
     "view": None,
-    "pixel_shuffle": lambda m: (m.scale_factor ** 2, m.scale_factor),  # Idefics3 / SmolVLM
+    "pixel_shuffle": (lambda m: m.scale_factor ** 2, lambda m, t: m.pixel_shuffle(t, m.scale_factor)),  # Idefics3
+    "pixel_unshuffle": (lambda m: m.factor ** 2, lambda m, t: m.pixel_unshuffle(t)),                    # LFM2-VL
 }
 
 
@@ -275,7 +279,10 @@ def _merged_mlp(module: nn.Module, family: Family) -> nn.Module:
             raise _patch.Unsupported(f"{path}: expected nn.Linear, got {type(_get(module, path)).__name__}")
     act = activation_name(_get(module, act_path)) if act_path else None
     norm_path, merge = family.opt("norm"), MERGES[family.opt("merge")]
-    post = bool(getattr(module, family.opt("post"), False)) if family.opt("post") else False
+    post = family.opt("post", False)
+    post = bool(getattr(module, post, False)) if isinstance(post, str) else post
+    if norm_path and _get(module, norm_path) is None:  # an optional norm the config turned off
+        norm_path = None
     if norm_path:
         _norm_form(_get(module, norm_path))  # Unsupported now, not at the first call
 
@@ -287,10 +294,10 @@ def _merged_mlp(module: nn.Module, family: Family) -> nn.Module:
         C = x.shape[-1]
         if merge is None:
             return merged_mlp(x.reshape(-1, C), ws, bs, act, group=lins[0].in_features // C, **kw)
-        group, scale = merge(self)
-        table = _probed_token_map(self, scale, x.shape[0], x.shape[1], x.device)
-        y = merged_mlp(x.reshape(-1, C), ws, bs, act, group=group, token_map=table, _table_checked=True, **kw)
-        return y.view(x.shape[0], -1, y.shape[-1])
+        table, out_lead = _probed_token_map(self, merge, tuple(x.shape[:-1]), x.device)
+        y = merged_mlp(x.reshape(-1, C), ws, bs, act, group=merge[0](self), token_map=table, _table_checked=True,
+                       **kw)
+        return y.view(*out_lead, y.shape[-1])
 
     cls = _fused_class(type(module))
     sub = type(cls.__name__, (cls,), {"__module__": "mmfuse.registry", "forward": forward})
@@ -449,9 +456,10 @@ FAMILIES: list[Family] = [
            notes="pixel shuffle read in the Linear's loads (no copy)"),
     Family("SmolVLM", "smolvlm", ("SmolVLMConnector",), "merged mlp", _PIXEL_SHUFFLE,
            notes="pixel shuffle read in the Linear's loads (no copy)"),
-    Family("LFM2-VL", "lfm2_vl", ("Lfm2VlMultiModalProjector",), "merge+mlp",
-           (("linears", ("linear_1", "linear_2")), ("fuse", (("linear_1", "act"),))),
-           notes="pixel unshuffle, optional LayerNorm"),
+    Family("LFM2-VL", "lfm2_vl", ("Lfm2VlMultiModalProjector",), "merged mlp",
+           (("linears", ("linear_1", "linear_2")), ("act", "act"), ("norm", "layer_norm"), ("post", True),
+            ("merge", "pixel_unshuffle")),
+           notes="pixel unshuffle and the optional LayerNorm over the merged row read in the first GEMM"),
     Family("PaddleOCR-VL", "paddleocr_vl", ("PaddleOCRProjector",), "merge+mlp",
            (("linears", ("linear_1", "linear_2")), ("fuse", (("linear_1", "act"),))),
            notes="per image: LayerNorm, 2x2 merge, Linear -> GELU -> Linear"),
