@@ -26,6 +26,9 @@ def test_report_is_deterministic_and_complete(tmp_path):
     # batch 1 splits its keys 4 ways (20 blocks each): 128 programs, 32 x 78 / (132 x 20) = 95%.
     assert "| idefics2-resampler | 1 | 16 (12%) | 6 | 96 (73%) | 312 (79%) | 32 x 1 x 4 key splits (95%) |" in text
     assert "| idefics2-resampler | 8 | 128 (97%) | 1 | 128 (97%) | 2496 (100%) | 32 x 4 (97%) |" in text
+    # The persistent forward at one image: 576 x 4096 at 128x64 is 5 x 64 = 320 tiles, 3 rounds of 132
+    # programs; the last round keeps 320 - 264 = 56 SMs busy, as the last wave would.
+    assert "| llava-1.5-7b | 1 | 0 (1024->4096) | 576 x 4096 | 128x64 | 320 | 3 | 56/132 (42%) |" in text
     for section in ("MLP projectors in training", "gated MLPs in training", "merged projectors",
                     "patch embedding in training",
                     "cross-attention in training"):
