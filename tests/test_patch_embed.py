@@ -135,10 +135,11 @@ def test_class_token_bias_grad_comes_from_the_batch_sum(dtype, launches):
 
 def test_gradcheck_fp64():
     torch.manual_seed(1)
-    x = torch.randn(2, 2, 4, 6, dtype=torch.float64, requires_grad=True)
-    w = torch.randn(5, 2, 2, 2, dtype=torch.float64, requires_grad=True)
-    b = torch.randn(5, dtype=torch.float64, requires_grad=True)
-    pos = torch.randn(6, 5, dtype=torch.float64, requires_grad=True)
+    # The full Jacobian (two interpreted runs per input element): 2 images of 2 x 2 patches, D = 3.
+    x = torch.randn(2, 2, 4, 4, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(3, 2, 2, 2, dtype=torch.float64, requires_grad=True)
+    b = torch.randn(3, dtype=torch.float64, requires_grad=True)
+    pos = torch.randn(4, 3, dtype=torch.float64, requires_grad=True)
     assert torch.autograd.gradcheck(mmfuse.patch_embed, (x, w, b, pos))
     xv = torch.randn(1, 1, 4, 2, 4, dtype=torch.float64, requires_grad=True)
     wv = torch.randn(3, 1, 2, 2, 2, dtype=torch.float64, requires_grad=True)
