@@ -41,8 +41,8 @@ STEPS = ("verify", "tests", "bench", "profile")
 #: Share of the budget each step may use at most (of what is left when it starts).
 SHARES = {"verify": 0.25, "tests": 0.55, "bench": 0.6, "profile": 1.0}
 #: The value-test files run on CUDA.
-VALUE_TEST_FILES = ("tests/test_linear.py", "tests/test_tma_gemm.py", "tests/test_patch_embed.py",
-                    "tests/test_cross_attention.py")
+VALUE_TEST_FILES = ("tests/test_linear.py", "tests/test_tma_gemm.py", "tests/test_gated_mlp.py",
+                    "tests/test_merged_mlp.py", "tests/test_patch_embed.py", "tests/test_cross_attention.py")
 
 
 def step_command(step: str, out_dir: str, repo: str | None = None) -> tuple[list[str], dict]:

@@ -113,6 +113,7 @@ def test_launch_counts(launches):
                         "norm_bwd_kernel"]
 
 
+@pytest.mark.skipif(not mmfuse.INTERPRET, reason="counts the interpreter's stores")
 def test_forward_writes_neither_the_merged_operand_nor_the_norm_output():
     # An interpreted training forward stores exactly y, the hidden layer (with its pre-activation) and
     # 8 bytes of statistics per token: nothing of size T x C (the norm's output) or M x G*C (the merge).
@@ -222,12 +223,26 @@ class TestBadInput:
         with pytest.raises(TypeError, match="norm_bias: expected a torch.Tensor"):
             merged_mlp(x, ws, group=G, norm="layer", norm_weight=torch.ones(C))
 
+    @pytest.mark.skipif(not mmfuse.INTERPRET, reason="on a GPU the check is a device-side assert (next test)")
     def test_table_values(self):
         x, ws = self._args()
         with pytest.raises(ValueError, match=r"token_map: expected token indices in \[0, 8\).*got 8"):
             merged_mlp(x, ws, group=G, token_map=torch.tensor([[0, 1, 2, 8], [4, 5, 6, 7]]))
         with pytest.raises(ValueError, match="token_map: expected each token at most once"):
             merged_mlp(x, ws, group=G, token_map=torch.tensor([[0, 1, 2, 3], [3, 5, 6, 7]]))
+
+    @pytest.mark.skipif(mmfuse.INTERPRET, reason="the GPU's device-side assert (CPU: the test above)")
+    def test_table_values_on_a_gpu_stop_the_process(self):
+        # A device-side assert poisons the CUDA context, so it runs in a child process.
+        import subprocess
+        import sys
+
+        code = ("import torch, mmfuse; x = torch.randn(8, 24, device='cuda'); w = torch.randn(5, 96, device='cuda');"
+                "mmfuse.merged_mlp(x, [w], group=4, token_map=torch.tensor([[0, 1, 2, 3], [3, 5, 6, 7]], "
+                "device='cuda')); torch.cuda.synchronize()")
+        proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+        out = proc.stderr + proc.stdout
+        assert proc.returncode != 0 and ("token_map" in out or "device-side assert" in out), out[-2000:]
 
     def test_group(self):
         x, ws = self._args()
