@@ -6,9 +6,9 @@ normalising in the load at large |mean|, edge cases and bad input. Kernels run i
 
 import pytest
 import torch
+from triton.runtime import interpreter
 
 import mmfuse
-from mmfuse.kernels import merged_gemm as KM
 from mmfuse.ops.merged import merged_mlp, merged_mlp_reference
 from mmfuse.testing import assert_matches_reference, compare
 
@@ -117,14 +117,10 @@ def test_launch_counts(launches):
 def test_forward_writes_neither_the_merged_operand_nor_the_norm_output():
     # An interpreted training forward stores exactly y, the hidden layer (with its pre-activation) and
     # 8 bytes of statistics per token: nothing of size T x C (the norm's output) or M x G*C (the merge).
-    from mmfuse.traffic import measure
-
     T, widths = 64, (40, 17)
     inputs, names, fn, _ = _case(torch.float32, "layer", False, True, T=T, widths=widths)
     leaves = [t.requires_grad_() for t in inputs]
     stored = []
-    from triton.runtime import interpreter
-
     real = interpreter.InterpreterBuilder.create_masked_store
 
     def count(self, ptrs, value, mask, *a):
@@ -140,7 +136,6 @@ def test_forward_writes_neither_the_merged_operand_nor_the_norm_output():
         interpreter.InterpreterBuilder.create_masked_store = real
     M = T // G
     assert sum(stored) == 4 * (2 * T + 2 * M * widths[0] + M * widths[1])
-    del measure
 
 
 def test_normalising_in_the_load_is_exact_at_large_mean():
