@@ -401,6 +401,16 @@ def _linear_patches(name, module, cls, linear, notes=""):
     return Family(name, module, (cls,), "patch embed (linear on patches)", (("linears", (linear,)),), notes)
 
 
+def _window_merger(name, module, cls):
+    """MiniCPM's window-attention merger: attention projections and the merge MLP's Linears."""
+    return Family(name, module, (cls,), "gemm swap",
+                  (("linears", ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.out_proj",
+                                "linear_1", "linear_2")),),
+                  notes="the window attention's four projections and the 2x2 merge MLP's two Linears; the LayerNorms, "
+                  "the windowed attention, gelu_tanh (a plain function, no module to fuse) and the residuals stay "
+                  "PyTorch")
+
+
 def _is_llava_mlp_sequential(m: nn.Module) -> bool:
     from mmfuse.nn.linear import MLPProjector
 
@@ -507,7 +517,7 @@ FAMILIES: list[Family] = [
     # examined in a second pass over transformers 5.23 (issue 11's follow-up)
     Family("Aria", "aria", ("AriaProjectorMLP",), "mlp",
            (("linears", ("linear_in", "linear_out")), ("fuse", (("linear_in", "act"),))),
-           notes="gelu_new (tanh GELU) fused; the projector's cross-attention is not covered"),
+           notes="gelu_new (tanh GELU) fused"),
     Family("Inkling 2", "inkling2", ("Inkling2VisionMerger",), "mlp",
            (("linears", ("linear_1", "linear_2")), ("fuse", (("linear_1", "act"),)))),
     Family("Muse Glimmer", "muse_glimmer", ("MuseGlimmerVisionAdapter",), "mlp", _ACT_AFTER_BOTH,
@@ -558,6 +568,16 @@ FAMILIES: list[Family] = [
            (("convs", ("proj_conv", "proj_out")), ("linears", ("mlp",))),
            notes="Conv2d(k=s=merge) and the 1x1 Conv2d as patch GEMMs, then the Linear; RMSNorms, the activation "
            "between the convs, the newline / begin / end tokens stay PyTorch"),
+    Family("Aria", "aria", ("AriaCrossAttention",), "gemm swap",
+           (("linears", ("q_proj", "k_proj", "v_proj", "linear")),),
+           notes="the four Linears around nn.MultiheadAttention; the LayerNorms and nn.MultiheadAttention (its packed "
+           "in-projection, attention and out-projection) stay PyTorch"),
+    _window_merger("MiniCPM-o OCR", "minicpm_ocr", "MiniCPMOcrViTWindowAttentionMerger"),
+    _window_merger("MiniCPM-V 4.6", "minicpmv4_6", "MiniCPMV4_6ViTWindowAttentionMerger"),
+    _window_merger("MiniCPM-V 4.7", "minicpmv4_7", "MiniCPMV4_7ViTWindowAttentionMerger"),
+    Family("X-CLIP", "x_clip", ("XCLIPCrossAttention",), "gemm swap",
+           (("linears", ("q_proj", "k_proj", "v_proj", "proj")),),
+           notes="the video prompt generator's cross-attention: the four Linears; the attention stays PyTorch"),
     # patch embeddings
     Family("Qwen2-VL", "qwen2_vl", ("PatchEmbed",), "patch embed (pre-cut rows)", notes=_CONV3D_NOTE),
     Family("Qwen2.5-VL", "qwen2_5_vl", ("Qwen2_5_VisionPatchEmbed",), "patch embed (pre-cut rows)", notes=_CONV3D_NOTE),
@@ -703,9 +723,6 @@ _TOWER = "vision-tower internals, not a projector (issue 12's opt-in tower swapp
 _AUDIO = "not a vision module"
 _WRAPPER = "a container whose GEMMs sit in covered (or declined) child classes"
 _OVERLAP = "overlapping or padded patches (kernel != stride): not a GEMM"
-_WINDOW_MERGER = ("a window-attention block inside the vision tower (LayerNorm, self-attention over 2x2 windows by "
-                  "cu_seqlens, residual), then LayerNorm, Linear, gelu_tanh as a plain function (no module to fuse), "
-                  "Linear and a mean residual: not a projector GEMM (its two Linears alone could be swapped; not done)")
 _MINICPM_MERGER = ("a container: per image, view / permute 2x2 merges between its downsample MLPs "
                    "(DownsampleMLP: LayerNorm + Linear -> GELU -> Linear), which are replaced")
 DECLINED: dict[tuple[str, str], str] = {
@@ -732,11 +749,8 @@ DECLINED: dict[tuple[str, str], str] = {
     ("glm_image", "GlmImageVisionEmbeddings"): "position table interpolated per image (grid_sample), no patchify",
     ("align", "AlignVisionEmbeddings"): "EfficientNet stem: ZeroPad2d, a 3x3 stride-2 Conv2d (kernel != stride: "
     "overlapping windows), BatchNorm and an activation; not a patch GEMM",
-    ("aria", "AriaCrossAttention"): "LayerNorms, q/k/v Linears, then nn.MultiheadAttention (its own packed "
-    "in-projection of q, k, v, a per-head attn_mask, its out-projection) and a Linear: the cross-attention drop-in "
-    "takes neither nn.MultiheadAttention's packed projections nor its per-head attn_mask (not built)",
-    ("aria", "AriaProjector"): "a container: learnable queries into AriaCrossAttention (declined), LayerNorm, "
-    "then its AriaProjectorMLP, which is replaced",
+    ("aria", "AriaProjector"): "a container: learnable queries into its AriaCrossAttention, LayerNorm, then its "
+    "AriaProjectorMLP; both are replaced",
     ("dots3_note", "Dots3NoteAudioAdapter"): _AUDIO,
     ("got_ocr2", "GotOcr2MultiModalProjector"): "two 3x3 stride-2 padded convolutions before its Linear: "
     "overlapping windows, not a patch GEMM (only the last Linear could run on mmfuse)",
@@ -752,11 +766,8 @@ DECLINED: dict[tuple[str, str], str] = {
     "the class token, mask token and position add stay PyTorch",
     ("lighton_ocr", "LightOnOcrPatchMerger"):
         "part of the covered LightOnOcrMultiModalProjector: its merging_layer runs on mmfuse there",
-    ("minicpm_ocr", "MiniCPMOcrViTWindowAttentionMerger"): _WINDOW_MERGER,
     ("minicpm_ocr", "MiniCPMOcrMerger"): _MINICPM_MERGER,
-    ("minicpmv4_6", "MiniCPMV4_6ViTWindowAttentionMerger"): _WINDOW_MERGER,
     ("minicpmv4_6", "MiniCPMV4_6Merger"): _MINICPM_MERGER,
-    ("minicpmv4_7", "MiniCPMV4_7ViTWindowAttentionMerger"): _WINDOW_MERGER,
     ("minicpmv4_7", "MiniCPMV4_7Merger"): _MINICPM_MERGER,
     ("mistral3", "Mistral3PatchMerger"):
         "part of the covered Mistral3MultiModalProjector: its merging_layer runs on mmfuse there",
@@ -777,9 +788,6 @@ DECLINED: dict[tuple[str, str], str] = {
     "class and register tokens and the interpolated position add stay PyTorch",
     ("unlimited_ocr", "UnlimitedOcrVisionEmbeddings"): "no patchify and no GEMM: takes the SAM encoder's "
     "feature map as patch embeddings and adds a class token and an interpolated position table",
-    ("x_clip", "XCLIPCrossAttention"): "X-CLIP's video prompt generator (text features attend to video "
-    "features), not a VLM projector; its attention runs through transformers' attention interface, for which "
-    "there is no drop-in",
 }
 
 

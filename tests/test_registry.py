@@ -548,6 +548,31 @@ BUILDERS.update({
 })
 
 
+def _window_merger(mod, cls, cfg_cls):
+    def make():
+        cfg = _cfg(mod, cfg_cls, hidden_size=V, intermediate_size=10, num_hidden_layers=1, num_attention_heads=2,
+                   image_size=8, patch_size=2)
+        return _mod(mod, cls)(cfg), [torch.randn(1, 24, V), _GRID[:, 1:]]
+    return make
+
+
+def _aria_cross_attention():
+    cfg = M.aria.AriaConfig(vision_config=_TINY_VIT, text_config=dict(_TINY_TEXT, moe_num_experts=2, moe_topk=1))
+    return _mod("aria", "AriaCrossAttention")(cfg), [torch.randn(2, 5, V), torch.randn(2, 3, V)]
+
+
+BUILDERS.update({
+    ("aria", "AriaCrossAttention"): _aria_cross_attention,
+    ("x_clip", "XCLIPCrossAttention"): lambda: (
+        _mod("x_clip", "XCLIPCrossAttention")(M.x_clip.XCLIPConfig(projection_dim=V, prompt_num_attention_heads=2)),
+        [torch.randn(2, 3, V), torch.randn(2, 5, V), torch.randn(2, 5, V)]),
+    **{(mod, cls): _window_merger(mod, cls, cfg) for mod, cls, cfg in [
+        ("minicpm_ocr", "MiniCPMOcrViTWindowAttentionMerger", "MiniCPMOcrVisionConfig"),
+        ("minicpmv4_6", "MiniCPMV4_6ViTWindowAttentionMerger", "MiniCPMV4_6VisionConfig"),
+        ("minicpmv4_7", "MiniCPMV4_7ViTWindowAttentionMerger", "MiniCPMV4_7VisionConfig")]},
+})
+
+
 class _Parent(nn.Module):
     def __init__(self, target):
         super().__init__()
