@@ -150,7 +150,7 @@ def _connector(mod, cfg_cls, proj, vcfg_cls, **kw):
 def _llama4():
     cfg = M.llama4.Llama4Config(vision_config=dict(hidden_size=V, vision_output_dim=V, num_hidden_layers=1,
                                                    num_attention_heads=2, intermediate_size=32),
-                                text_config=dict(hidden_size=T, num_hidden_layers=1, vocab_size=64))
+                                text_config=_TINY_TEXT)
     return _mod("llama4", "Llama4MultiModalProjector")(cfg), _tokens(7, V, batch=2)
 
 
@@ -329,6 +329,250 @@ BUILDERS = {
 }
 
 
+# ----------------------------------------------------------------------------------------------
+# Builders for the families examined in the second pass (issue 11's follow-up)
+# ----------------------------------------------------------------------------------------------
+def _cfg(mod, cfg_cls, **kw):
+    return getattr(getattr(M, mod), cfg_cls)(**kw)
+
+
+def _own_config(mod, cls, cfg_cls, inputs, **kw):
+    """``cls(config)`` from a tiny config of its own module; ``inputs`` makes the inputs."""
+    def make():
+        return _mod(mod, cls)(_cfg(mod, cfg_cls, **kw)), inputs()
+    return make
+
+
+_TINY_VIT = dict(hidden_size=V, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2)
+_TINY_TEXT = dict(hidden_size=T, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
+                  num_key_value_heads=2, vocab_size=64)
+_GRID = torch.tensor([[1, 4, 4], [1, 2, 4]])  # 16 + 8 patches
+
+
+def _pixels(batch=2, size=8):
+    return lambda: [torch.randn(batch, 3, size, size)]
+
+
+def _rows(n, k, *extra):
+    return lambda: [torch.randn(n, k), *extra]
+
+
+def _flattened_patches(n_rows=4, n_cols=4, k=12, batch=2):
+    """Pix2Struct / Kosmos-2.5 inputs: (row, column) ids in the first two features, then the patch."""
+    def make():
+        rows = torch.arange(n_rows).repeat_interleave(n_cols).float()
+        cols = torch.arange(n_cols).repeat(n_rows).float()
+        ids = torch.stack([rows, cols], -1).expand(batch, -1, -1)
+        return [torch.cat([ids, torch.randn(batch, n_rows * n_cols, k)], -1)]
+    return make
+
+
+def _init_(module, *names):
+    with torch.no_grad():
+        for name in names:
+            module.get_parameter(name).normal_()
+    return module
+
+
+def _hunyuan_merger():
+    cfg = _cfg("hunyuan_vl", "HunYuanVLVisionConfig", **_TINY_VIT, text_hidden_size=T, spatial_merge_size=2)
+    merger = _init_(_mod("hunyuan_vl", "HunYuanVLVisionPatchMerger")(cfg), "image_newline", "image_begin",
+                    "image_end", "image_sep")
+    return merger, [torch.randn(2, 4 * 6, V), (4, 6)]
+
+
+def _ernie_resampler(cls):
+    def make():
+        cfg = M.ernie4_5_vl_moe.Ernie4_5_VLMoeConfig(
+            vision_config=dict(hidden_size=V, spatial_merge_size=2, temporal_merge_size=2),
+            text_config=_TINY_TEXT)
+        grid = torch.tensor([[1, 4, 4], [2, 2, 4]])  # an image (4 tokens) and a 2-frame video (2 x 2 tokens)
+        return _mod("ernie4_5_vl_moe", cls)(cfg), [torch.randn(32, V), grid]
+    return make
+
+
+def _florence2():
+    cfg = M.florence2.Florence2Config(vision_config=dict(embed_dim=[8, V], projection_dim=T, depths=[1, 1],
+                                                         num_heads=[1, 2], num_groups=[1, 2],
+                                                         max_position_embeddings=8, max_temporal_embeddings=4),
+                                      text_config=dict(d_model=T, vocab_size=64))
+    return _mod("florence2", "Florence2MultiModalProjector")(cfg), [torch.randn(2, V, 3, 4)]
+
+
+def _perception_lm():
+    cfg = M.perception_lm.PerceptionLMConfig(
+        vision_config=dict(model_args=dict(embed_dim=V)), text_config=_llama_text().to_dict(),
+        projector_pooling_ratio=2)
+    return _mod("perception_lm", "PerceptionLMMultiModalProjector")(cfg), [torch.randn(2, 16, V)]
+
+
+def _vbert(mod, cfg_cls, cls):
+    def make():
+        cfg = _cfg(mod, cfg_cls, vision_config=dict(hidden_size=V, intermediate_size=32, num_hidden_layers=1,
+                                                     num_attention_heads=2),
+                   text_config=dict(hidden_size=T, intermediate_size=32, num_hidden_layers=1,
+                                    num_attention_heads=2, vocab_size=64), pixel_shuffle_factor=2)
+        return _mod(mod, cls)(cfg), [torch.randn(2, 16, V)]
+    return make
+
+
+def _gemma4_patches():
+    cfg = _cfg("gemma4", "Gemma4VisionConfig", **_TINY_VIT, patch_size=2, position_embedding_size=8)
+    embedder = _init_(_mod("gemma4", "Gemma4VisionPatchEmbedder")(cfg), "position_embedding_table")
+    ids = torch.stack(torch.meshgrid(torch.arange(2), torch.arange(3), indexing="ij"), -1).reshape(1, 6, 2)
+    ids = torch.cat([ids, torch.full((1, 1, 2), -1)], 1).expand(2, -1, -1)  # 6 patches and 1 padding slot
+    return embedder, [torch.rand(2, 7, 3 * 2 * 2), ids, ids[..., 0] < 0]
+
+
+def _interp_patches(mod, cls, cfg_cls, **kw):
+    def make():
+        cfg = _cfg(mod, cfg_cls, **_TINY_VIT, patch_size=2, pos_emb_height=4, pos_emb_width=4, **kw)
+        return _mod(mod, cls)(cfg), [torch.randn(24, 3 * 2 * 2 * cfg.patch_temporal), _GRID]
+    return make
+
+
+def _kimi_patches():
+    cfg = _cfg("kimi_k25", "Kimi_K25VisionConfig", **_TINY_VIT, patch_size=2, pos_emb_height=4, pos_emb_width=4,
+               pos_emb_time=2)
+    embed = _init_(_mod("kimi_k25", "Kimi_K25VisionPatchEmbed")(cfg), "pos_emb.position_embeddings")
+    return embed, [torch.randn(24, 3, 2, 2), _GRID]
+
+
+def _hunyuan_patches():
+    cfg = _cfg("hunyuan_vl", "HunYuanVLVisionConfig", **_TINY_VIT, patch_size=2, max_image_size=8)
+    return _mod("hunyuan_vl", "HunYuanVLVisionPatchEmbed")(cfg), [torch.randn(24, 3 * 2 * 2), [[1, 4, 4], [1, 2, 4]]]
+
+
+def _minicpm_patches():
+    cfg = _cfg("minicpm_ocr", "MiniCPMOcrVisionConfig", **_TINY_VIT, image_size=8, patch_size=2)
+    return _mod("minicpm_ocr", "MiniCPMOcrVisionEmbeddings")(cfg), [torch.randn(1, 3, 2, 2 * 24), _GRID[:, 1:]]
+
+
+def _cosmos_patches():
+    cfg = _cfg("cosmos3_edge", "Cosmos3EdgeVisionConfig", **_TINY_VIT, patch_size=2, num_patches=16,
+               spatial_merge_size=2)
+    return _mod("cosmos3_edge", "Cosmos3EdgeVisionEmbeddings")(cfg), [torch.randn(24, 3 * 2 * 2), _GRID]
+
+
+def _inkling_patches():
+    cfg = _cfg("inkling2", "Inkling2VisionConfig", **_TINY_VIT, patch_size=2, spatial_merge_size=2,
+               posemb_grid_size=4)
+    grid = torch.tensor([[1, 4, 4]])
+    index = torch.arange(1, 17)  # the class token first, then 16 patches
+    return _mod("inkling2", "Inkling2VisionEmbeddings")(cfg), [torch.randn(16 * 2 * 2, 3), grid, index]
+
+
+BUILDERS.update({
+    ("aria", "AriaProjectorMLP"): lambda: (_mod("aria", "AriaProjectorMLP")(V, 20, T), _tokens(7, V, batch=2)),
+    ("inkling2", "Inkling2VisionMerger"): _own_config("inkling2", "Inkling2VisionMerger", "Inkling2VisionConfig",
+                                                      _rows(7, 4 * V), **_TINY_VIT, spatial_merge_size=2,
+                                                      projection_hidden_dim=20, text_hidden_size=T),
+    ("muse_glimmer", "MuseGlimmerVisionAdapter"): _own_config(
+        "muse_glimmer", "MuseGlimmerVisionAdapter", "MuseGlimmerConfig", _rows(7, V),
+        vision_config=_TINY_VIT, text_config=_TINY_TEXT, out_hidden_size=V, projector_hidden_size=20),
+    ("perception_lm", "PerceptionLMMultiModalProjector"): _perception_lm,
+    ("granite_docling", "GraniteDoclingDeepStackMerger"): lambda: (
+        _mod("granite_docling", "GraniteDoclingDeepStackMerger")(
+            _cfg("granite_docling", "GraniteDoclingVisionConfig", **_TINY_VIT, out_hidden_size=T), 2),
+        _tokens(5, 4 * V, batch=2)),
+    ("minicpm_ocr", "MiniCPMOcrDownsampleMLP"): lambda: (_mod("minicpm_ocr", "MiniCPMOcrDownsampleMLP")(V // 4 + 1, T),
+                                                         _tokens(7, 4 * (V // 4 + 1))),
+    ("cosmos3_edge", "Cosmos3EdgePatchMerger"): _own_config(
+        "cosmos3_edge", "Cosmos3EdgePatchMerger", "Cosmos3EdgeConfig", _rows(12, V),
+        vision_config=dict(**_TINY_VIT, spatial_merge_size=2), text_config=_TINY_TEXT,
+        projector_hidden_size=20),
+    ("dots3_note", "Dots3NoteVisionMerger"): lambda: (_mod("dots3_note", "Dots3NoteVisionMerger")(T, V, 2),
+                                                      [torch.randn(12, V)]),
+    ("modernvbert", "ModernVBertConnector"): _vbert("modernvbert", "ModernVBertConfig", "ModernVBertConnector"),
+    ("ultravbert", "UltraVBertConnector"): _vbert("ultravbert", "UltraVBertConfig", "UltraVBertConnector"),
+    ("ernie4_5_vl_moe", "Ernie4_5_VLMoeVariableResolutionResamplerModel"): _ernie_resampler(
+        "Ernie4_5_VLMoeVariableResolutionResamplerModel"),
+    ("ernie4_5_vl_moe", "Ernie4_5_VL_MoeVariableResolutionResamplerModel"): _ernie_resampler(
+        "Ernie4_5_VL_MoeVariableResolutionResamplerModel"),
+    ("molmo2", "Molmo2ImageProjectorMLP"): _own_config("molmo2", "Molmo2ImageProjectorMLP", "Molmo2AdapterConfig",
+                                                       _rows(7, V), hidden_size=V, intermediate_size=20,
+                                                       text_hidden_size=T, mlp_bias=True),
+    ("nemotron_h_omni", "NemotronH_Omni_Reasoning_V3MultiModalProjector"): lambda: (
+        _mod("nemotron_h_omni", "NemotronH_Omni_Reasoning_V3MultiModalProjector")(V, 20, T, bias=True),
+        _tokens(7, V, batch=2)),
+    ("glm5_next", "Glm5NextVisionPatchMerger"): lambda: (
+        _mod("glm5_next", "Glm5NextVisionPatchMerger")(V, 20, "silu", swiglu_limit=0.5, bias=True), _tokens(7, V)),
+    ("florence2", "Florence2MultiModalProjector"): _florence2,
+    ("hunyuan_vl", "HunYuanVLVisionPatchMerger"): _hunyuan_merger,
+    # patch embeddings
+    ("aimv2", "Aimv2VisionEmbeddings"): _vision_embeddings("aimv2", "Aimv2VisionEmbeddings", "Aimv2VisionConfig"),
+    ("clipseg", "CLIPSegVisionEmbeddings"): _vision_embeddings("clipseg", "CLIPSegVisionEmbeddings",
+                                                               "CLIPSegVisionConfig"),
+    ("janus", "JanusVisionEmbeddings"): _vision_embeddings("janus", "JanusVisionEmbeddings", "JanusVisionConfig"),
+    ("ovis2", "Ovis2VisionEmbeddings"): _vision_embeddings("ovis2", "Ovis2VisionEmbeddings", "Ovis2VisionConfig"),
+    ("owlvit", "OwlViTVisionEmbeddings"): _vision_embeddings("owlvit", "OwlViTVisionEmbeddings", "OwlViTVisionConfig"),
+    ("step3p7", "Step3p7VisionEmbeddings"): _vision_embeddings("step3p7", "Step3p7VisionEmbeddings",
+                                                               "Step3p7VisionConfig"),
+    ("got_ocr2", "GotOcr2PatchEmbeddings"): _vision_embeddings("got_ocr2", "GotOcr2PatchEmbeddings",
+                                                               "GotOcr2VisionConfig"),
+    ("deepseek_ocr2", "DeepseekOcr2SamPatchEmbeddings"): _vision_embeddings(
+        "deepseek_ocr2", "DeepseekOcr2SamPatchEmbeddings", "DeepseekOcr2SamVisionConfig"),
+    ("tipsv2", "Tipsv2VisionPatchEmbeddings"): _vision_embeddings("tipsv2", "Tipsv2VisionPatchEmbeddings",
+                                                                  "Tipsv2VisionConfig"),
+    ("groupvit", "GroupViTPatchEmbeddings"): lambda: (
+        _mod("groupvit", "GroupViTPatchEmbeddings")(image_size=8, patch_size=4, num_channels=3, embed_dim=V),
+        _pixels()()),
+    ("minicpm_ocr", "MiniCPMOcrVisionEmbeddings"): _minicpm_patches,
+    ("dots3_note", "Dots3NoteVisionPatchEmbed"): _own_config("dots3_note", "Dots3NoteVisionPatchEmbed",
+                                                             "Dots3NoteVisionConfig", _rows(5, 12), hidden_size=V,
+                                                             num_attention_heads=2, adapter_in_dim=V, patch_size=2),
+    ("glm_image", "GlmImageVisionPatchEmbed"): _own_config("glm_image", "GlmImageVisionPatchEmbed",
+                                                           "GlmImageVisionConfig", _rows(5, 12), **_TINY_VIT,
+                                                           patch_size=2),
+    ("kimi_k25", "Kimi_K25VisionPatchEmbed"): _kimi_patches,
+    ("hunyuan_vl", "HunYuanVLVisionPatchEmbed"): _hunyuan_patches,
+    ("minimax_m3_vl", "MiniMaxM3VLVisionEmbeddings"): _own_config(
+        "minimax_m3_vl", "MiniMaxM3VLVisionEmbeddings", "MiniMaxM3VLVisionConfig", _rows(5, 3 * 2 * 2 * 2),
+        **_TINY_VIT, patch_size=2, temporal_patch_size=2),
+    ("ernie4_5_vl_moe", "Ernie4_5_VLMoePatchEmbed"): lambda: (
+        _mod("ernie4_5_vl_moe", "Ernie4_5_VLMoePatchEmbed")(patch_size=2, in_channels=3, embed_dim=V),
+        [torch.randn(5, 12)]),
+    ("gemma4", "Gemma4VisionPatchEmbedder"): _gemma4_patches,
+    ("cosmos3_edge", "Cosmos3EdgeVisionEmbeddings"): _cosmos_patches,
+    ("inkling2", "Inkling2VisionEmbeddings"): _inkling_patches,
+    ("kosmos2_5", "Kosmos2_5VisionEmbeddings"): _own_config(
+        "kosmos2_5", "Kosmos2_5VisionEmbeddings", "Kosmos2_5VisionConfig", _flattened_patches(), hidden_size=V,
+        patch_embed_hidden_size=12, max_num_patches=16),
+    ("pix2struct", "Pix2StructVisionEmbeddings"): _own_config(
+        "pix2struct", "Pix2StructVisionEmbeddings", "Pix2StructVisionConfig", _flattened_patches(), hidden_size=V,
+        patch_embed_hidden_size=12, seq_len=16),
+    ("muse_glimmer", "MuseGlimmerVisionPatchEmbedder"): _interp_patches(
+        "muse_glimmer", "MuseGlimmerVisionPatchEmbedder", "MuseGlimmerVisionConfig"),
+    ("muse_spark", "MuseSparkVisionPatchEmbedder"): _interp_patches(
+        "muse_spark", "MuseSparkVisionPatchEmbedder", "MuseSparkVisionConfig"),
+})
+
+
+def _window_merger(mod, cls, cfg_cls):
+    def make():
+        cfg = _cfg(mod, cfg_cls, hidden_size=V, intermediate_size=10, num_hidden_layers=1, num_attention_heads=2,
+                   image_size=8, patch_size=2)
+        return _mod(mod, cls)(cfg), [torch.randn(1, 24, V), _GRID[:, 1:]]
+    return make
+
+
+def _aria_cross_attention():
+    cfg = M.aria.AriaConfig(vision_config=_TINY_VIT, text_config=dict(_TINY_TEXT, moe_num_experts=2, moe_topk=1))
+    return _mod("aria", "AriaCrossAttention")(cfg), [torch.randn(2, 5, V), torch.randn(2, 3, V)]
+
+
+BUILDERS.update({
+    ("aria", "AriaCrossAttention"): _aria_cross_attention,
+    ("x_clip", "XCLIPCrossAttention"): lambda: (
+        _mod("x_clip", "XCLIPCrossAttention")(M.x_clip.XCLIPConfig(projection_dim=V, prompt_num_attention_heads=2)),
+        [torch.randn(2, 3, V), torch.randn(2, 5, V), torch.randn(2, 5, V)]),
+    **{(mod, cls): _window_merger(mod, cls, cfg) for mod, cls, cfg in [
+        ("minicpm_ocr", "MiniCPMOcrViTWindowAttentionMerger", "MiniCPMOcrVisionConfig"),
+        ("minicpmv4_6", "MiniCPMV4_6ViTWindowAttentionMerger", "MiniCPMV4_6VisionConfig"),
+        ("minicpmv4_7", "MiniCPMV4_7ViTWindowAttentionMerger", "MiniCPMV4_7VisionConfig")]},
+})
+
+
 class _Parent(nn.Module):
     def __init__(self, target):
         super().__init__()
@@ -339,12 +583,16 @@ class _Parent(nn.Module):
         return out[0] if isinstance(out, tuple) else out
 
 
+def _is_float(t):
+    return isinstance(t, torch.Tensor) and t.is_floating_point()
+
+
 def _run(model, inputs):
-    inputs = [t.clone().requires_grad_() if t.is_floating_point() else t for t in inputs]
+    inputs = [t.clone().requires_grad_() if _is_float(t) else t for t in inputs]
     model.zero_grad(set_to_none=True)
     out = model(*inputs)
     out.backward(torch.cos(torch.arange(out.numel(), dtype=out.dtype)).reshape(out.shape))
-    grads = {f"input {i}": t.grad for i, t in enumerate(inputs) if t.is_floating_point()}
+    grads = {f"input {i}": t.grad for i, t in enumerate(inputs) if _is_float(t)}
     grads.update({n: p.grad for n, p in model.named_parameters() if p.grad is not None})
     return out.detach(), grads
 
@@ -354,7 +602,7 @@ def check_family(key, launches, builders=BUILDERS, vision_tower=False):
     module, inputs = builders[key]()
     model = _Parent(module).float().train()
     ref32 = _run(model, inputs)
-    ref64 = _run(copy.deepcopy(model).double(), [t.double() if t.is_floating_point() else t for t in inputs])
+    ref64 = _run(copy.deepcopy(model).double(), [t.double() if _is_float(t) else t for t in inputs])
     before = [(n, type(m)) for n, m in module.named_modules()]
     report = mmfuse.patch(model, vision_tower=vision_tower)
     assert [name for name, _, _ in report.swapped] == ["target"], str(report)
