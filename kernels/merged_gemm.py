@@ -230,9 +230,10 @@ def norm_bwd_kernel(
         cols = k0 + tl.arange(0, BLOCK_C)
         col_ok = cols < width
         mask = row_ok[:, None] & col_ok[None, :]
-        x_offs, _ = token_offsets(rows, cols, k0, map_ptr, stride_map, C, stride_xt, stride_xc, row_ok, col_ok, ALIGNED)
-        da_offs, _ = token_offsets(rows, cols, k0, map_ptr, stride_map, C, stride_dat, stride_dac, row_ok, col_ok,
-                                   ALIGNED)
+        # One table lookup per element (or row) serves x, dA (and dx): their offsets differ only in strides.
+        x_offs, tok = token_offsets(rows, cols, k0, map_ptr, stride_map, C, stride_xt, stride_xc, row_ok, col_ok,
+                                    ALIGNED)
+        da_offs = tok * stride_dat + (cols % C)[None, :] * stride_dac
         x = tl.load(x_ptr + x_offs, mask=mask, other=0.0).to(ACC_DTYPE)
         da = tl.load(da_ptr + da_offs, mask=mask, other=0.0).to(ACC_DTYPE)
         gamma = tl.load(gamma_ptr + (cols if NORM_POST else cols % C) * stride_gamma, mask=col_ok, other=0.0)
@@ -249,11 +250,10 @@ def norm_bwd_kernel(
         cols = k0 + tl.arange(0, BLOCK_C)
         col_ok = cols < width
         mask = row_ok[:, None] & col_ok[None, :]
-        x_offs, _ = token_offsets(rows, cols, k0, map_ptr, stride_map, C, stride_xt, stride_xc, row_ok, col_ok, ALIGNED)
-        da_offs, _ = token_offsets(rows, cols, k0, map_ptr, stride_map, C, stride_dat, stride_dac, row_ok, col_ok,
-                                   ALIGNED)
-        dx_offs, _ = token_offsets(rows, cols, k0, map_ptr, stride_map, C, stride_dxt, stride_dxc, row_ok, col_ok,
-                                   ALIGNED)
+        x_offs, tok = token_offsets(rows, cols, k0, map_ptr, stride_map, C, stride_xt, stride_xc, row_ok, col_ok,
+                                    ALIGNED)
+        da_offs = tok * stride_dat + (cols % C)[None, :] * stride_dac
+        dx_offs = tok * stride_dxt + (cols % C)[None, :] * stride_dxc
         x = tl.load(x_ptr + x_offs, mask=mask, other=0.0).to(ACC_DTYPE)
         da = tl.load(da_ptr + da_offs, mask=mask, other=0.0).to(ACC_DTYPE)
         gamma = tl.load(gamma_ptr + (cols if NORM_POST else cols % C) * stride_gamma, mask=col_ok, other=0.0)
@@ -275,8 +275,11 @@ MAPPED_TILES = ((128, 128, 64, 8, 4), (64, 64, 64, 8, 4))
 MAPPED_FP32_TILE = (64, 64, 32, 8, 3)
 #: fp64 (gradcheck) takes one small tile.
 MAPPED_FP64_TILE = (64, 64, 64, 8, 3)
-#: Row-wise kernels: rows per program and columns per step (stats and norm backward).
+#: Row-wise kernels: rows per program and columns per step (stats and norm backward); with C not a
+#: multiple of 128 the token gather is per element: half the columns per step (the norm backward
+#: spilled 16 B at 16x128 on sm_90 with Triton 3.7.1).
 ROWWISE = (16, 128)
+ROWWISE_GATHER = (16, 64)
 INTERPRETER_ROWWISE = (8, 32)
 
 _even_k = triton.heuristics({"EVEN_K": lambda args: args["K"] % args["BLOCK_K"] == 0})
@@ -320,10 +323,12 @@ class Merge:
         return self.T, _arange_map(self.T, 1, self.x.device), 1
 
 
-def _rowwise():
+def _rowwise(C: int):
     from mmfuse.kernels._common import gpu_config_on
 
-    return INTERPRETER_ROWWISE if INTERPRET and not gpu_config_on() else ROWWISE
+    if INTERPRET and not gpu_config_on():
+        return INTERPRETER_ROWWISE
+    return ROWWISE if C % ROWWISE[1] == 0 else ROWWISE_GATHER
 
 
 def norm_stats(merge: Merge):
@@ -332,7 +337,7 @@ def norm_stats(merge: Merge):
     R, table, G = merge.rows
     stats = empty((R, 2), dtype=torch.float64 if x.dtype == torch.float64 else torch.float32, device=x.device)
     if R:
-        br, bc = _rowwise()
+        br, bc = _rowwise(merge.C)
         norm_stats_kernel[(cdiv(R, br),)](
             x, table, stats, R, merge.C, G, x.stride(0), x.stride(1), table.stride(0), merge.eps,
             int(merge.norm == "layer"), ALIGNED=merge.C % bc == 0, ACC_DTYPE=acc_dtype(x.dtype), BLOCK_R=br,
@@ -432,7 +437,7 @@ def norm_bwd(da, merge: Merge):
     if merge.post and merge.M * merge.G != merge.T:  # tokens no merged row reads: no gradient
         dx.zero_()
     acc = torch.float64 if x.dtype == torch.float64 else torch.float32
-    br, bc = _rowwise()
+    br, bc = _rowwise(merge.C)
     programs = cdiv(R, br)
     dgamma_p = empty((programs, width), dtype=acc, device=x.device)
     dbeta_p = empty((programs, width), dtype=acc, device=x.device)
@@ -518,10 +523,10 @@ def aot_specs():
                                note=" (C % block != 0)"))
     # The row-wise kernels: per source token (G = 1) and per merged row (G = 4, K = 5120 wide), C a
     # multiple of BLOCK_C; and per token with C = 1176 (the per-element gather), bf16.
-    br, bc = ROWWISE
     for what, rows, g, C_, dtypes in (("per token", T, 1, C, (("bf16", "*bf16"), ("fp32", "*fp32"))),
                                       ("per merged row", T // G, G, C, (("bf16", "*bf16"), ("fp32", "*fp32"))),
                                       ("per token (C % block != 0)", T, 1, 1176, (("bf16", "*bf16"),))):
+        br, bc = ROWWISE if C_ % ROWWISE[1] == 0 else ROWWISE_GATHER
         for dtype, ptr in dtypes:
             acc = tl.float32
             stats = dict(x_ptr=ptr, map_ptr="*i32", stats_ptr="*fp32", R=rows, C=C_, G=g, stride_xt=C_, stride_xc=1,

@@ -497,15 +497,15 @@ def norm_stats_traffic(R: int, C: int, G: int, elem: int, *, center: bool, block
 def norm_bwd_traffic(R: int, C: int, G: int, elem: int, *, post: bool, blocks=(16, 128), acc_elem: int = 4
                      ) -> dict[str, Traffic]:
     """``norm_bwd_kernel`` (ALIGNED): two passes over x and dA (the row sums, then dx), gamma per
-    program and pass, the statistics once, three table lookups per row and column block in pass 2 (x,
-    dA, dx) and two in pass 1; stores dx and one fp32 dgamma and dbeta partial row per program."""
+    program and pass, the statistics once, one table lookup per row and column block and pass (shared by
+    x, dA and dx); stores dx and one fp32 dgamma and dbeta partial row per program."""
     br, bc = blocks
     programs, width, steps = _cdiv(R, br), G * C, _cdiv(G * C, bc)
     once = R * width * elem
     return {"x": Traffic(2 * once, once), "da": Traffic(2 * once, once),
             "stats": Traffic(2 * R * acc_elem, 2 * R * acc_elem),
             "gamma": Traffic(2 * programs * width * elem, (width if post else C) * elem),
-            "table": Traffic(5 * R * steps * 4, R * G * 4),
+            "table": Traffic(2 * R * steps * 4, R * G * 4),
             "dx": Traffic(stored=once), "partials": Traffic(stored=2 * programs * width * acc_elem)}
 
 
