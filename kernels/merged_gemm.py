@@ -523,21 +523,23 @@ def aot_specs():
                                note=" (C % block != 0)"))
     # The row-wise kernels: per source token (G = 1) and per merged row (G = 4, K = 5120 wide), C a
     # multiple of BLOCK_C; and per token with C = 1176 (the per-element gather), bf16.
-    for what, rows, g, C_, dtypes in (("per token", T, 1, C, (("bf16", "*bf16"), ("fp32", "*fp32"))),
-                                      ("per merged row", T // G, G, C, (("bf16", "*bf16"), ("fp32", "*fp32"))),
-                                      ("per token (C % block != 0)", T, 1, 1176, (("bf16", "*bf16"),))):
+    every = (("bf16", "*bf16"), ("fp32", "*fp32"), ("fp64", "*fp64"))
+    for what, rows, g, C_, dtypes in (("per token", T, 1, C, every),
+                                      ("per merged row", T // G, G, C, every[:2]),
+                                      ("per token (C % 128 != 0)", T, 1, 1176, every)):
         br, bc = ROWWISE if C_ % ROWWISE[1] == 0 else ROWWISE_GATHER
         for dtype, ptr in dtypes:
-            acc = tl.float32
-            stats = dict(x_ptr=ptr, map_ptr="*i32", stats_ptr="*fp32", R=rows, C=C_, G=g, stride_xt=C_, stride_xc=1,
+            acc = tl.float64 if ptr == "*fp64" else tl.float32
+            acc_ptr = "*fp64" if ptr == "*fp64" else "*fp32"
+            stats = dict(x_ptr=ptr, map_ptr="*i32", stats_ptr=acc_ptr, R=rows, C=C_, G=g, stride_xt=C_, stride_xc=1,
                          stride_map=g, eps=1e-6, center=1)
             specs.append(CompileSpec(
                 kernel="merged_gemm/norm_stats_kernel", variant=f"mean, rstd {what}", dtype=dtype,
                 config=f"{br}x{bc} w4", fn=norm_stats_kernel, args=tuple(stats.items()),
                 constexprs=(("ALIGNED", C_ % bc == 0), ("ACC_DTYPE", acc), ("BLOCK_R", br), ("BLOCK_C", bc)),
                 num_warps=4, num_stages=1, tensor_cores=False))
-            bwd = dict(da_ptr=ptr, x_ptr=ptr, map_ptr="*i32", stats_ptr="*fp32", gamma_ptr=ptr, dx_ptr=ptr,
-                       dgamma_ptr="*fp32", dbeta_ptr="*fp32", R=rows, C=C_, G=g, stride_xt=C_, stride_xc=1,
+            bwd = dict(da_ptr=ptr, x_ptr=ptr, map_ptr="*i32", stats_ptr=acc_ptr, gamma_ptr=ptr, dx_ptr=ptr,
+                       dgamma_ptr=acc_ptr, dbeta_ptr=acc_ptr, R=rows, C=C_, G=g, stride_xt=C_, stride_xc=1,
                        stride_dat=C_, stride_dac=1, stride_dxt=C_, stride_dxc=1, stride_map=g, stride_gamma=1, center=1)
             specs.append(CompileSpec(
                 kernel="merged_gemm/norm_bwd_kernel", variant=f"dx, dgamma, dbeta {what}", dtype=dtype,

@@ -475,6 +475,7 @@ def launchable_configs() -> dict:
     change neither the tile nor the dtype (padding, two sources, split partials, the epilogue's
     activation) are not part of it: the specs vary them at representative configs."""
     from mmfuse.kernels import linear as KL
+    from mmfuse.kernels import merged_gemm as KM
     from mmfuse.kernels import patch_embed as KP
 
     out = {}
@@ -507,6 +508,20 @@ def launchable_configs() -> dict:
             for bm, bn, bk, warps, stages in tiles:
                 out.setdefault((KP._kernels[gemm].__name__, (bm, bn, KL.block_k_for(bk, elem)), warps, stages, cls),
                                f"patch_embed {dtype} {gemm}")
+        # The gated MLP's own GEMMs (its dW GEMMs are the linear dW above).
+        for kind, role in (("gated", "gated fwd"), ("gate_grad", "gate grad"), ("two_k", "gated dX")):
+            for bm, bn, bk, warps, stages in ([KL.FP64_TILE] if elem == 8 else KL.GATED_TILES[kind, elem]):
+                out.setdefault(("fused_gemm_kernel", (bm, bn, KL.block_k_for(bk, elem)), warps, stages, cls, role),
+                               f"gated mlp {dtype} {role}")
+        # The merged projector: its three mapped GEMMs, and the row-wise norm kernels (their input dtype
+        # is the class; no dot, so TF32 or not is the same kernel).
+        for mapped in (0, 1, 2):
+            for bm, bn, bk, warps, stages in KM.mapped_tiles(elem, prec):
+                out.setdefault(("mapped_gemm_kernel", (bm, bn, KL.block_k_for(bk, elem)), warps, stages, cls, mapped),
+                               f"merged mlp {dtype} mapped={mapped}")
+        for blocks in (KM.ROWWISE, KM.ROWWISE_GATHER):
+            for name in ("norm_stats_kernel", "norm_bwd_kernel"):
+                out.setdefault((name, blocks, 4, 1, (elem, "ieee", acc)), f"merged mlp {dtype} norm")
         out.setdefault(("dw_combine_kernel", KP.COMBINE_BLOCK, 4, 1, acc), f"patch_embed {dtype} dW split")
         out.setdefault(("batch_sum_kernel", KP.BATCH_SUM_BLOCK, 4, 1, acc), f"patch_embed {dtype} dpos")
     return out
@@ -523,11 +538,16 @@ def spec_config(spec):
     first_ptr = next(v for v in args.values() if isinstance(v, str))
     elem = _ELEM.get(first_ptr) or {"fp16": 2, "bf16": 2}[first_ptr.split("<")[1].split("[")[0]]
     cls = (elem, cx.get("INPUT_PRECISION", "ieee"), acc)
-    blocks = tuple(cx[b] for b in ("BLOCK_M", "BLOCK_N", "BLOCK_D", "BLOCK_K") if b in cx)
+    blocks = tuple(cx[b] for b in ("BLOCK_M", "BLOCK_N", "BLOCK_D", "BLOCK_K", "BLOCK_R", "BLOCK_C") if b in cx)
     key = (name, blocks, spec.num_warps, spec.num_stages, cls)
     if name in ("fused_gemm_kernel", "tma_gemm_kernel"):
         dw = args.get("stride_am") == 1 or cx.get("A_TRANS", False)
-        key += ("dW" if dw else "dX*act'" if cx["ACT_GRAD"] else "fwd",)
+        role = "dW" if dw else "dX*act'" if cx["ACT_GRAD"] else "fwd"
+        role = "gated fwd" if cx.get("GATED") else "gate grad" if cx.get("GATE_GRAD") else \
+            "gated dX" if cx.get("TWO_K_SOURCES") else role
+        key += (role,)
+    if name == "mapped_gemm_kernel":
+        key += (cx["MAPPED"],)
     return key
 
 
