@@ -203,6 +203,23 @@ def mapped_gemm_kernel(
 
 
 @triton.jit
+def norm_bwd_block(x_ptr, da_ptr, gamma_ptr, map_ptr, rows, row_ok, k0, mean, rstd, C, width,
+                   stride_xt, stride_xc, stride_dat, stride_dac, stride_map, stride_gamma,
+                   NORM_POST: tl.constexpr, ALIGNED: tl.constexpr, ACC_DTYPE: tl.constexpr, BLOCK_C: tl.constexpr):
+    """One (rows x BLOCK_C) block of the norm backward's operands: (cols, col_ok, tok, dA, xhat, dA * gamma),
+    0 outside the masks. One table lookup serves x and dA (their offsets differ only in strides)."""
+    cols = k0 + tl.arange(0, BLOCK_C)
+    col_ok = cols < width
+    mask = row_ok[:, None] & col_ok[None, :]
+    x_offs, tok = token_offsets(rows, cols, k0, map_ptr, stride_map, C, stride_xt, stride_xc, row_ok, col_ok, ALIGNED)
+    x = tl.load(x_ptr + x_offs, mask=mask, other=0.0).to(ACC_DTYPE)
+    da = tl.load(da_ptr + tok * stride_dat + (cols % C)[None, :] * stride_dac, mask=mask, other=0.0).to(ACC_DTYPE)
+    gamma = tl.load(gamma_ptr + (cols if NORM_POST else cols % C) * stride_gamma, mask=col_ok, other=0.0)
+    xhat = tl.where(mask, (x - mean[:, None]) * rstd[:, None], 0.0)
+    return cols, col_ok, tok, da, xhat, da * gamma.to(ACC_DTYPE)[None, :]
+
+
+@triton.jit
 def norm_bwd_kernel(
     da_ptr, x_ptr, map_ptr, stats_ptr, gamma_ptr, dx_ptr, dgamma_ptr, dbeta_ptr,
     R, C, G, stride_xt, stride_xc, stride_dat, stride_dac, stride_dxt, stride_dxc, stride_map, stride_gamma,
@@ -227,18 +244,9 @@ def norm_bwd_kernel(
     sum_g = tl.zeros((BLOCK_R,), dtype=ACC_DTYPE)
     sum_gx = tl.zeros((BLOCK_R,), dtype=ACC_DTYPE)
     for k0 in range(0, width, BLOCK_C):
-        cols = k0 + tl.arange(0, BLOCK_C)
-        col_ok = cols < width
-        mask = row_ok[:, None] & col_ok[None, :]
-        # One table lookup per element (or row) serves x, dA (and dx): their offsets differ only in strides.
-        x_offs, tok = token_offsets(rows, cols, k0, map_ptr, stride_map, C, stride_xt, stride_xc, row_ok, col_ok,
-                                    ALIGNED)
-        da_offs = tok * stride_dat + (cols % C)[None, :] * stride_dac
-        x = tl.load(x_ptr + x_offs, mask=mask, other=0.0).to(ACC_DTYPE)
-        da = tl.load(da_ptr + da_offs, mask=mask, other=0.0).to(ACC_DTYPE)
-        gamma = tl.load(gamma_ptr + (cols if NORM_POST else cols % C) * stride_gamma, mask=col_ok, other=0.0)
-        xhat = tl.where(mask, (x - mean[:, None]) * rstd[:, None], 0.0)
-        g = da * gamma.to(ACC_DTYPE)[None, :]
+        cols, col_ok, tok, da, xhat, g = norm_bwd_block(
+            x_ptr, da_ptr, gamma_ptr, map_ptr, rows, row_ok, k0, mean, rstd, C, width, stride_xt, stride_xc,
+            stride_dat, stride_dac, stride_map, stride_gamma, NORM_POST, ALIGNED, ACC_DTYPE, BLOCK_C)
         sum_g += tl.sum(g, axis=1)
         sum_gx += tl.sum(g * xhat, axis=1)
         if NORM_POST:
@@ -247,19 +255,12 @@ def norm_bwd_kernel(
     mean_g = center * sum_g / width
     mean_gx = sum_gx / width
     for k0 in range(0, width, BLOCK_C):
-        cols = k0 + tl.arange(0, BLOCK_C)
-        col_ok = cols < width
-        mask = row_ok[:, None] & col_ok[None, :]
-        x_offs, tok = token_offsets(rows, cols, k0, map_ptr, stride_map, C, stride_xt, stride_xc, row_ok, col_ok,
-                                    ALIGNED)
-        da_offs = tok * stride_dat + (cols % C)[None, :] * stride_dac
+        cols, col_ok, tok, da, xhat, g = norm_bwd_block(
+            x_ptr, da_ptr, gamma_ptr, map_ptr, rows, row_ok, k0, mean, rstd, C, width, stride_xt, stride_xc,
+            stride_dat, stride_dac, stride_map, stride_gamma, NORM_POST, ALIGNED, ACC_DTYPE, BLOCK_C)
+        dx = rstd[:, None] * (g - mean_g[:, None] - xhat * mean_gx[:, None])
         dx_offs = tok * stride_dxt + (cols % C)[None, :] * stride_dxc
-        x = tl.load(x_ptr + x_offs, mask=mask, other=0.0).to(ACC_DTYPE)
-        da = tl.load(da_ptr + da_offs, mask=mask, other=0.0).to(ACC_DTYPE)
-        gamma = tl.load(gamma_ptr + (cols if NORM_POST else cols % C) * stride_gamma, mask=col_ok, other=0.0)
-        xhat = tl.where(mask, (x - mean[:, None]) * rstd[:, None], 0.0)
-        dx = rstd[:, None] * (da * gamma.to(ACC_DTYPE)[None, :] - mean_g[:, None] - xhat * mean_gx[:, None])
-        tl.store(dx_ptr + dx_offs, dx.to(dx_ptr.dtype.element_ty), mask=mask)
+        tl.store(dx_ptr + dx_offs, dx.to(dx_ptr.dtype.element_ty), mask=row_ok[:, None] & col_ok[None, :])
         if not NORM_POST:
             tl.store(dgamma_ptr + pid * width + cols, tl.sum(da * xhat, axis=0), mask=col_ok)
             tl.store(dbeta_ptr + pid * width + cols, tl.sum(da, axis=0), mask=col_ok)

@@ -208,6 +208,22 @@ def waves_section() -> list[str]:
     return lines
 
 
+def _step_us(launches, ours: bool, tile_of) -> float:
+    """A step's roofline time: the sum of its launches' (``mlp_traffic``-style ``per_launch`` entries);
+    mmfuse's GEMMs at the wave efficiency of the tile ``tile_of(launch)`` its launcher picks, the
+    baseline's kernels assumed to fill the GPU."""
+    from mmfuse.kernels import linear as KL
+
+    total = 0.0
+    for x in launches:
+        eff = 1.0
+        if ours and x["rows"] is not None:
+            bm, bn = tile_of(x)
+            eff = KL.wave_efficiency(x["rows"], x["cols"], bm, bn, SMS)
+        total += launch_us(x["flops"], x["hbm"], eff)
+    return total
+
+
 def traffic_section() -> list[str]:
     from mmfuse.kernels import linear as KL
     from mmfuse.traffic import mlp_traffic
@@ -216,14 +232,7 @@ def traffic_section() -> list[str]:
         return _largest(KL.candidate_tiles(rows, cols, SMS))[:2]
 
     def step_us(launches, ours: bool) -> float:
-        total = 0.0
-        for x in launches:
-            eff = 1.0
-            if ours and x["rows"] is not None:
-                bm, bn = largest_kept(x["rows"], x["cols"])
-                eff = KL.wave_efficiency(x["rows"], x["cols"], bm, bn, SMS)
-            total += launch_us(x["flops"], x["hbm"], eff)
-        return total
+        return _step_us(launches, ours, lambda x: largest_kept(x["rows"], x["cols"]))
 
     lines = ["## HBM bytes and launches, MLP projectors in training (bf16; model, checked against "
              "interpreted runs at small sizes in tests/test_traffic.py)", "",
@@ -259,14 +268,7 @@ def gated_traffic_section() -> list[str]:
         return _largest(KL.candidate_tiles(rows, cols, SMS, tiles))[:2]
 
     def step_us(launches, ours: bool) -> float:
-        total = 0.0
-        for x in launches:
-            eff = 1.0
-            if ours and x["rows"] is not None:
-                bm, bn = largest_kept(x["rows"], x["cols"], x["kind"])
-                eff = KL.wave_efficiency(x["rows"], x["cols"], bm, bn, SMS)
-            total += launch_us(x["flops"], x["hbm"], eff)
-        return total
+        return _step_us(launches, ours, lambda x: largest_kept(x["rows"], x["cols"], x["kind"]))
 
     lines = ["## HBM bytes and launches, gated MLPs in training (bf16; model, checked against interpreted runs "
              "at small sizes in tests/test_traffic.py)", "",
