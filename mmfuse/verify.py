@@ -26,10 +26,10 @@ class Check:
 
 
 def all_checks() -> list[Check]:
-    from mmfuse.ops import cross_attention, linear, patch_embed
+    from mmfuse.ops import cross_attention, linear, merged, patch_embed
 
     checks = []
-    for module in (linear, patch_embed, cross_attention):
+    for module in (linear, merged, patch_embed, cross_attention):
         checks.extend(module.verify_checks())
     return checks
 

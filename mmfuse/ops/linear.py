@@ -327,11 +327,22 @@ def verify_checks():
                 [x, *ws, *bs], ["x"] + [f"W{i}" for i in range(n)] + [f"b{i}" for i in range(n)])
         return Check("mlp gelu", dtype, f"M={M} widths={'-'.join(map(str, widths))}", run)
 
+    def gated_check(dtype, M, K, N, D):
+        def run(device):
+            x = torch.randn(M, K, device=device, dtype=dtype)
+            ws = [torch.randn(N, K, device=device, dtype=dtype) / K ** 0.5 for _ in range(2)]
+            ws.append(torch.randn(D, N, device=device, dtype=dtype) / N ** 0.5)
+            bs = [torch.randn(n, device=device, dtype=dtype) for n in (N, N, D)]
+            return compare_with_reference(gated_mlp, gated_mlp_reference, [x, *ws, *bs],
+                                          ["x", "w_gate", "w_up", "w_down", "b_gate", "b_up", "b_down"])
+        return Check("gated_mlp silu", dtype, f"M={M} K={K} N={N} D={D}", run)
+
     checks = []
     for dtype in (torch.float32, torch.float16, torch.bfloat16):
         for act in ACTIVATION_NAMES:
             checks.append(linear_check(dtype, act, 37, 75, 131))
         checks.append(mlp_check(dtype, 45, (40, 96, 72)))
+        checks.append(gated_check(dtype, 37, 40, 72, 29))
     return checks
 
 

@@ -275,3 +275,39 @@ def merged_mlp(x: torch.Tensor, weights: Sequence[torch.Tensor], biases: Sequenc
                                    _needs_grad(x, gamma if norm else None, beta if norm == "layer" else None,
                                                *weights, *biases))
     return y
+
+
+# ----------------------------------------------------------------------------------------------
+# mmfuse verify
+# ----------------------------------------------------------------------------------------------
+def verify_checks():
+    from mmfuse.testing import compare_with_reference
+    from mmfuse.verify import Check
+
+    def merged_check(dtype, what, norm, post, table, T=64, C=48, G=4, widths=(72, 40)):
+        def run(device):
+            x = torch.randn(T, C, device=device, dtype=dtype)
+            tmap = torch.randperm(T, device=device).view(-1, G) if table else None
+            width = G * C if post else C
+            ws = [torch.randn(widths[0], G * C, device=device, dtype=dtype) / (G * C) ** 0.5,
+                  torch.randn(widths[1], widths[0], device=device, dtype=dtype) / widths[0] ** 0.5]
+            bs = [torch.randn(n, device=device, dtype=dtype) for n in widths]
+            norm_params = [1 + 0.2 * torch.randn(width, device=device, dtype=dtype)]
+            if norm == "layer":
+                norm_params.append(torch.randn(width, device=device, dtype=dtype))
+
+            def call(f):
+                def fn(x, w1, w2, b1, b2, g, *b):
+                    return f(x, [w1, w2], [b1, b2], "gelu", group=G, token_map=tmap, norm=norm, norm_weight=g,
+                             norm_bias=b[0] if b else None, eps=1e-5, norm_after_merge=post)
+                return fn
+
+            return compare_with_reference(call(merged_mlp), call(merged_mlp_reference), [x, *ws, *bs, *norm_params],
+                                          ["x", "W1", "W2", "b1", "b2", "gamma", "beta"][:5 + len(norm_params)])
+        return Check(f"merged_mlp {what}", dtype, f"T={T} C={C} G={G}", run)
+
+    checks = []
+    for dtype in (torch.float32, torch.float16, torch.bfloat16):
+        checks.append(merged_check(dtype, "rms per token", "rms", False, False))
+        checks.append(merged_check(dtype, "shuffle+ln per row", "layer", True, True))
+    return checks
