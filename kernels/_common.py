@@ -14,15 +14,15 @@ from mmfuse._dispatch import INTERPRET
 # ----------------------------------------------------------------------------------------------
 # Activations. Codes are constexpr ints so one kernel serves every activation.
 # ----------------------------------------------------------------------------------------------
-ACT_NONE, ACT_GELU, ACT_GELU_TANH, ACT_QUICK_GELU, ACT_SILU, ACT_RELU = 0, 1, 2, 3, 4, 5
+ACT_NONE, ACT_GELU, ACT_GELU_TANH, ACT_QUICK_GELU, ACT_SILU, ACT_RELU, ACT_RELU2 = 0, 1, 2, 3, 4, 5, 6
 ACTIVATIONS = {None: ACT_NONE, "gelu": ACT_GELU, "gelu_tanh": ACT_GELU_TANH, "quick_gelu": ACT_QUICK_GELU,
-               "silu": ACT_SILU, "relu": ACT_RELU}
+               "silu": ACT_SILU, "relu": ACT_RELU, "relu2": ACT_RELU2}
 
 @triton.jit
 def apply_activation(x, ACTIVATION: tl.constexpr):
     """act(x) on an fp32/fp64 tile. gelu_tanh uses 0.5*(1+tanh(u)) == sigmoid(2u): no tanh needed.
     quick_gelu (CLIP's) is x*sigmoid(1.702x); silu x*sigmoid(x); relu max(x, 0) (NaN-propagating,
-    as torch's: a where on x > 0 would turn NaN into 0)."""
+    as torch's: a where on x > 0 would turn NaN into 0); relu2 (Nemotron's squared ReLU) relu(x)^2."""
     if ACTIVATION == 1:
         x = 0.5 * x * (1.0 + tl.math.erf(x * 0.7071067811865476))
     elif ACTIVATION == 2:
@@ -34,6 +34,9 @@ def apply_activation(x, ACTIVATION: tl.constexpr):
         x = x * tl.sigmoid(x)
     elif ACTIVATION == 5:
         x = tl.where(x < 0.0, 0.0, x)
+    elif ACTIVATION == 6:
+        x = tl.where(x < 0.0, 0.0, x)
+        x = x * x
     return x
 
 @triton.jit
@@ -69,6 +72,9 @@ def activation_grad(x, ACTIVATION: tl.constexpr):
     elif ACTIVATION == 5:
         # torch's relu backward: gradient 1 where x > 0, else 0 (also at exactly 0)
         g = tl.where(x > 0.0, 1.0, 0.0).to(x.dtype)
+    elif ACTIVATION == 6:
+        # d relu(x)^2 = 2 relu(x): autograd through torch.square(relu(x)) gives the same, 0 at x <= 0
+        g = tl.where(x > 0.0, 2.0 * x, 0.0).to(x.dtype)
     else:
         g = tl.full(x.shape, 1.0, x.dtype)
     return g

@@ -148,7 +148,7 @@ def fused_gemm_kernel(
     M, N, K,
     stride_am, stride_ak, stride_bk, stride_bn, stride_cm, stride_cn, stride_auxm, stride_auxn,
     stride_bias, stride_bias2,
-    ACTIVATION: tl.constexpr,   # _common.ACTIVATIONS: 0 none, 1 gelu, 2 gelu_tanh, 3 quick_gelu, 4 silu, 5 relu
+    ACTIVATION: tl.constexpr,   # _common.ACTIVATIONS: 0 none, 1 gelu, 2 gelu_tanh, 3 quick_gelu, 4 silu, 5 relu, 6 relu2
     HAS_BIAS: tl.constexpr,     # C += bias[None, :]
     STORE_AUX: tl.constexpr,    # write the pre-activation to aux (forward, for backward)
     ACT_GRAD: tl.constexpr,     # C *= act'(aux) instead of C = act(C)  (MLP backward)
@@ -626,7 +626,7 @@ def _gemm_layouts(M, K, N, activation="gelu"):
 #: Activations compiled beyond GELU: each is its own constexpr epilogue, so its dX * act' GEMM (the
 #: register-heaviest epilogue) and its forward (+aux) are compiled too, in bf16 (what projectors
 #: train in); the other dtypes share the code path GELU's specs cover.
-EXTRA_AOT_ACTIVATIONS = ("quick_gelu", "silu", "relu")
+EXTRA_AOT_ACTIVATIONS = ("quick_gelu", "silu", "relu", "relu2")
 
 
 #: The gated MLP's flags, off (every GEMM of a plain Linear / MLP).

@@ -295,7 +295,11 @@ def _merged_mlp(module: nn.Module, family: Family) -> nn.Module:
         ws, bs = [m.weight for m in lins], [m.bias for m in lins]
         C = x.shape[-1]
         if merge is None:
-            return merged_mlp(x.reshape(-1, C), ws, bs, act, group=lins[0].in_features // C, **kw)
+            group = lins[0].in_features // C
+            y = merged_mlp(x.reshape(-1, C), ws, bs, act, group=group, **kw)
+            # Qwen's merge returns the merged rows flat; without one (group 1: a norm then an MLP) the
+            # tokens keep their leading dims.
+            return y.view(*x.shape[:-1], y.shape[-1]) if group == 1 else y
         table, out_lead = _probed_token_map(self, merge, tuple(x.shape[:-1]), x.device)
         y = merged_mlp(x.reshape(-1, C), ws, bs, act, group=merge[0](self), token_map=table, _table_checked=True,
                        **kw)
@@ -553,9 +557,9 @@ FAMILIES: list[Family] = [
            "the slicing and the final RMSNorm stay PyTorch (also the deprecated alias class)"),
     Family("Molmo2", "molmo2", ("Molmo2ImageProjectorMLP",), "gated mlp", _SEPARATE_GATE,
            notes="SwiGLU (separate gate / up); the adapter's attention pooling is not covered"),
-    Family("Nemotron Omni", "nemotron_h_omni", ("NemotronH_Omni_Reasoning_V3MultiModalProjector",), "gemm swap",
-           (("linears", ("linear_1", "linear_2")),),
-           notes="RMSNorm, Linear, squared ReLU (relu2: no epilogue activation, stays PyTorch), Linear"),
+    Family("Nemotron Omni", "nemotron_h_omni", ("NemotronH_Omni_Reasoning_V3MultiModalProjector",), "merged mlp",
+           (("linears", ("linear_1", "linear_2")), ("act", "act"), ("norm", "layer_norm"), ("merge", "view")),
+           notes="RMSNorm read in the first GEMM's loads (one token per row), squared ReLU in its epilogue"),
     Family("GLM-5-Next", "glm5_next", ("Glm5NextVisionPatchMerger",), "gemm swap",
            (("linears", ("proj", "gate_proj", "up_proj", "down_proj")),),
            notes="SwiGLU with gate.clamp(max=limit) and up.clamp(+-limit) before the product (not gated_mlp's "

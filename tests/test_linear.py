@@ -12,7 +12,7 @@ DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 ACTS = [None, "gelu", "gelu_tanh"]
 #: Added for CLIP-style (quick_gelu), SiLU and ReLU projectors; tested on their own so the full
 #: dtype x bias x activation grid above does not double.
-NEW_ACTS = ["quick_gelu", "silu", "relu"]
+NEW_ACTS = ["quick_gelu", "silu", "relu", "relu2"]
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
@@ -58,7 +58,7 @@ def test_mlp_new_activations(dtype, activation):
 
 def test_new_activation_values():
     # The references are the formulas transformers and torch use (checked, not assumed).
-    from transformers.activations import QuickGELUActivation
+    from transformers.activations import QuickGELUActivation, ReLUSquaredActivation
 
     h = torch.linspace(-6, 6, 97, dtype=torch.float64)
     ref = mmfuse.linear_reference
@@ -66,6 +66,7 @@ def test_new_activation_values():
     torch.testing.assert_close(ref(h, eye, activation="quick_gelu"), QuickGELUActivation()(h))
     torch.testing.assert_close(ref(h, eye, activation="silu"), torch.nn.SiLU()(h))
     torch.testing.assert_close(ref(h, eye, activation="relu"), torch.relu(h))
+    torch.testing.assert_close(ref(h, eye, activation="relu2"), ReLUSquaredActivation()(h))
     for act in NEW_ACTS:  # kernel vs reference, values and gradients, incl. exactly 0 for relu
         x = h.clone().requires_grad_()
         y = mmfuse.linear(x[None], eye, activation=act)
@@ -200,7 +201,7 @@ class TestBadInput:
 
     def test_unknown_activation(self):
         with pytest.raises(ValueError, match=r"activation: expected one of \[None, 'gelu', 'gelu_tanh', "
-                           r"'quick_gelu', 'silu', 'relu'\], got 'swish'"):
+                           r"'quick_gelu', 'silu', 'relu', 'relu2'\], got 'swish'"):
             mmfuse.linear(torch.randn(3, 8), torch.randn(4, 8), activation="swish")
 
     def test_integer_input(self):

@@ -11,6 +11,7 @@ from mmfuse._patch import Unsupported
 # GELUTanh (alias PytorchGELUTanh) calls F.gelu(approximate="tanh"), NewGELU and FastGELU write the
 # same tanh formula out (FastGELU's constant 0.7978845608 is sqrt(2/pi) to 3e-12 relative);
 # QuickGELUActivation is x * sigmoid(1.702 x) (CLIP's); SiLUActivation calls F.silu;
+# ReLUSquaredActivation is square(relu(x)) (Nemotron's);
 # LinearActivation is the identity.
 _BY_CLASS_NAME = {
     "GELUActivation": "gelu",
@@ -18,6 +19,7 @@ _BY_CLASS_NAME = {
     "FastGELUActivation": "gelu_tanh",
     "QuickGELUActivation": "quick_gelu",
     "SiLUActivation": "silu",
+    "ReLUSquaredActivation": "relu2",
     "LinearActivation": None,
 }
 

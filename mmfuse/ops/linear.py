@@ -23,7 +23,7 @@ from mmfuse._checks import check_choice, check_like, check_size, check_tensor
 from mmfuse._dispatch import REFERENCE, autocast_inputs, backend_for
 from mmfuse.kernels import linear as K
 
-ACTIVATION_NAMES = (None, "gelu", "gelu_tanh", "quick_gelu", "silu", "relu")
+ACTIVATION_NAMES = (None, "gelu", "gelu_tanh", "quick_gelu", "silu", "relu", "relu2")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -40,6 +40,8 @@ def apply_activation_reference(y: torch.Tensor, activation: str | None) -> torch
         return y * torch.sigmoid(1.702 * y)
     if activation == "silu":
         return F.silu(y)
+    if activation == "relu2":  # Nemotron's, as transformers' ReLUSquaredActivation writes it
+        return torch.square(F.relu(y))
     return F.relu(y)
 
 
@@ -248,7 +250,8 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
            activation: str | None = None) -> torch.Tensor:
     """``act(F.linear(x, weight, bias))`` with bias and activation fused into the GEMM.
 
-    x (..., K), weight (N, K), bias (N,) or None; activation in {None, "gelu", "gelu_tanh", "quick_gelu", "silu", "relu"}.
+    x (..., K), weight (N, K), bias (N,) or None; activation in {None, "gelu", "gelu_tanh", "quick_gelu", "silu", "relu",
+    "relu2"}.
     """
     _check_x(x)
     check_choice("activation", activation, ACTIVATION_NAMES)
