@@ -74,9 +74,9 @@ def _jit_functions():
     from triton.runtime.interpreter import InterpretedFunction
     from triton.runtime.jit import JITFunction
 
-    from mmfuse.kernels import cross_attention, linear, patch_embed
+    from mmfuse.kernels import cross_attention, linear, merged_gemm, patch_embed
 
-    for mod in (linear, patch_embed, cross_attention):
+    for mod in (linear, merged_gemm, patch_embed, cross_attention):
         for name, obj in vars(mod).items():
             # (an InterpretedFunction under TRITON_INTERPRET=1: no compiled variants, same names)
             if isinstance(obj, (JITFunction, InterpretedFunction)) and getattr(obj.fn, "__module__", "") == mod.__name__:

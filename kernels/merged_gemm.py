@@ -54,32 +54,42 @@ from mmfuse.kernels._tuning import TileChooser
 
 
 @triton.jit
-def token_offsets(rows, cols, col0, map_ptr, stride_map, C, stride_xt, stride_xc, row_ok, col_ok,
-                  ALIGNED: tl.constexpr):
-    """(offset of x[map[row, col // C], col % C], token) for a (rows x cols) tile of merged coordinates.
+def token_offsets(rows, cols, col0, map_ptr, stride_map, C, G, stride_xt, stride_xc, row_ok, col_ok,
+                  ALIGNED: tl.constexpr, TABLE: tl.constexpr):
+    """(offset of x[tok(row, col // C), col % C], token) for a (rows x cols) tile of merged coordinates.
+    TABLE: tok = map[row, j], a load; else tok = row * G + j, arithmetic, so the GEMM's pipeliner sees
+    plain pointer loads and buffers them as deep as an unmapped GEMM's (an address that depends on a
+    load in the same iteration got one or two buffers from Triton 3.6-3.9, not num_stages - 1).
     ALIGNED: the columns col0 .. col0 + len(cols) - 1 lie in one token's C channels (C divisible by
     the block), so the token is one value per row: a (rows x 1) gather instead of (rows x cols)."""
     if ALIGNED:
         j = col0 // C
         c = cols - j * C
-        tok = tl.load(map_ptr + rows.to(tl.int64) * stride_map + j, mask=row_ok, other=0).to(tl.int64)[:, None]
+        if TABLE:
+            tok = tl.load(map_ptr + rows.to(tl.int64) * stride_map + j, mask=row_ok, other=0).to(tl.int64)
+        else:
+            tok = rows.to(tl.int64) * G + j
+        tok = tok[:, None]
     else:
         j = cols // C
         c = cols % C
-        tok = tl.load(map_ptr + rows[:, None].to(tl.int64) * stride_map + j[None, :],
-                      mask=row_ok[:, None] & col_ok[None, :], other=0).to(tl.int64)
+        if TABLE:
+            tok = tl.load(map_ptr + rows[:, None].to(tl.int64) * stride_map + j[None, :],
+                          mask=row_ok[:, None] & col_ok[None, :], other=0).to(tl.int64)
+        else:
+            tok = rows[:, None].to(tl.int64) * G + j[None, :]
     return tok * stride_xt + c[None, :] * stride_xc, tok
 
 
 @triton.jit
 def load_normalised(x_ptr, rows, cols, col0, row_ok, col_ok, map_ptr, stats_ptr, gamma_ptr, beta_ptr,
-                    C, K, stride_xt, stride_xc, stride_map, stride_gamma, stride_beta,
-                    ALIGNED: tl.constexpr, NORM: tl.constexpr, NORM_POST: tl.constexpr,
+                    C, G, K, stride_xt, stride_xc, stride_map, stride_gamma, stride_beta,
+                    ALIGNED: tl.constexpr, TABLE: tl.constexpr, NORM: tl.constexpr, NORM_POST: tl.constexpr,
                     ACC_DTYPE: tl.constexpr, OUT_DTYPE: tl.constexpr):
     """A[rows, cols] of the merged, normalised operand (0 outside the masks), in OUT_DTYPE. One code
     for LayerNorm and RMSNorm: an RMSNorm's statistics hold mean = 0 and its beta is zeros."""
-    offs, tok = token_offsets(rows, cols, col0, map_ptr, stride_map, C, stride_xt, stride_xc, row_ok, col_ok,
-                              ALIGNED)
+    offs, tok = token_offsets(rows, cols, col0, map_ptr, stride_map, C, G, stride_xt, stride_xc, row_ok, col_ok,
+                              ALIGNED, TABLE)
     mask = row_ok[:, None] & col_ok[None, :]
     a = tl.load(x_ptr + offs, mask=mask, other=0.0)
     if NORM:
@@ -96,10 +106,16 @@ def load_normalised(x_ptr, rows, cols, col0, row_ok, col_ok, map_ptr, stats_ptr,
             rmask = mask
         mean = tl.load(stats_ptr + 2 * r, mask=rmask, other=0.0)
         rstd = tl.load(stats_ptr + 2 * r + 1, mask=rmask, other=0.0)
-        gamma = tl.load(gamma_ptr + gi * stride_gamma, mask=col_ok, other=0.0)
-        beta = tl.load(beta_ptr + gi * stride_beta, mask=col_ok, other=0.0)
-        a = tl.where(mask, (a - mean) * rstd * gamma[None, :] + beta[None, :], 0.0)
+        a = tl.where(mask, normalise(a, mean, rstd, gamma_ptr, beta_ptr, gi, col_ok, stride_gamma, stride_beta), 0.0)
     return a.to(OUT_DTYPE)
+
+
+@triton.jit
+def normalise(a, mean, rstd, gamma_ptr, beta_ptr, gi, col_ok, stride_gamma, stride_beta):
+    """(a - mean) * rstd * gamma + beta for columns gi of the normalised row (a, mean, rstd in fp32+)."""
+    gamma = tl.load(gamma_ptr + gi * stride_gamma, mask=col_ok, other=0.0)
+    beta = tl.load(beta_ptr + gi * stride_beta, mask=col_ok, other=0.0)
+    return (a - mean) * rstd * gamma[None, :] + beta[None, :]
 
 
 @triton.jit
@@ -107,6 +123,7 @@ def norm_stats_kernel(
     x_ptr, map_ptr, stats_ptr,
     R, C, G, stride_xt, stride_xc, stride_map, eps, center,
     ALIGNED: tl.constexpr,      # C % BLOCK_C == 0: one token per row per column block
+    TABLE: tl.constexpr,        # tokens from map (else row r's are r * G .. r * G + G - 1)
     ACC_DTYPE: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
     """stats[r] = (mean, rstd) of normalised row r: the G*C values of tokens map[r, 0..G-1] (a source
@@ -120,8 +137,8 @@ def norm_stats_kernel(
         for k0 in range(0, width, BLOCK_C):
             cols = k0 + tl.arange(0, BLOCK_C)
             col_ok = cols < width
-            offs, _ = token_offsets(rows, cols, k0, map_ptr, stride_map, C, stride_xt, stride_xc, row_ok, col_ok,
-                                    ALIGNED)
+            offs, _ = token_offsets(rows, cols, k0, map_ptr, stride_map, C, G, stride_xt, stride_xc, row_ok, col_ok,
+                                    ALIGNED, TABLE)
             x = tl.load(x_ptr + offs, mask=row_ok[:, None] & col_ok[None, :], other=0.0)
             total += tl.sum(x.to(ACC_DTYPE), axis=1)
     mean = total / width
@@ -130,7 +147,8 @@ def norm_stats_kernel(
         cols = k0 + tl.arange(0, BLOCK_C)
         col_ok = cols < width
         mask = row_ok[:, None] & col_ok[None, :]
-        offs, _ = token_offsets(rows, cols, k0, map_ptr, stride_map, C, stride_xt, stride_xc, row_ok, col_ok, ALIGNED)
+        offs, _ = token_offsets(rows, cols, k0, map_ptr, stride_map, C, G, stride_xt, stride_xc, row_ok, col_ok,
+                                ALIGNED, TABLE)
         d = tl.where(mask, tl.load(x_ptr + offs, mask=mask, other=0.0).to(ACC_DTYPE) - mean[:, None], 0.0)
         squares += tl.sum(d * d, axis=1)
     rstd = 1.0 / tl.sqrt(squares / width + eps)
@@ -142,13 +160,14 @@ def norm_stats_kernel(
 def mapped_gemm_kernel(
     a_ptr, b_ptr, c_ptr, bias_ptr, aux_ptr,
     map_ptr, stats_ptr, gamma_ptr, beta_ptr,
-    M, N, K, C,
+    M, N, K, C, G,
     stride_am, stride_ak, stride_bk, stride_bn, stride_cm, stride_cn, stride_auxm, stride_auxn,
     stride_bias, stride_map, stride_gamma, stride_beta,
     MAPPED: tl.constexpr,       # 0: A is x merged + normalised; 1: B is; 2: C is stored through the map
     NORM: tl.constexpr,         # normalise in the load (LayerNorm or RMSNorm: the same code)
     NORM_POST: tl.constexpr,    # statistics and gamma / beta per merged row (else per source token)
     ALIGNED: tl.constexpr,      # C % (the mapped operand's block along the merged columns) == 0
+    TABLE: tl.constexpr,        # tokens from the map (else merged row m is tokens m * G .. m * G + G - 1)
     ACTIVATION: tl.constexpr, HAS_BIAS: tl.constexpr, STORE_AUX: tl.constexpr,
     INPUT_PRECISION: tl.constexpr, ACC_DTYPE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
@@ -166,35 +185,61 @@ def mapped_gemm_kernel(
     b_ptrs = b_ptr + offs_k[:, None] * stride_bk + cols_b.to(tl.int64)[None, :] * stride_bn
 
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=ACC_DTYPE)
-    for k in range(0, tl.cdiv(K, BLOCK_K)):
-        ks = k * BLOCK_K + offs_k
-        k_ok = ks < K
-        if MAPPED == 0:
-            a = load_normalised(a_ptr, rows_a, ks, k * BLOCK_K, rows_a >= 0, k_ok, map_ptr,
-                                stats_ptr, gamma_ptr, beta_ptr, C, K, stride_am, stride_ak, stride_map, stride_gamma,
-                                stride_beta, ALIGNED, NORM, NORM_POST, ACC_DTYPE, b_ptr.dtype.element_ty)
-        elif EVEN_K:
-            a = tl.load(a_ptrs)
-        else:
-            a = tl.load(a_ptrs, mask=k_ok[None, :], other=0.0)
-        if MAPPED == 1:
-            b = load_normalised(b_ptr, ks, cols_b, (pid_n * BLOCK_N) % N, k_ok, cols_b >= 0,
-                                map_ptr, stats_ptr, gamma_ptr, beta_ptr, C, N, stride_bk, stride_bn, stride_map,
-                                stride_gamma, stride_beta, ALIGNED, NORM, NORM_POST, ACC_DTYPE,
-                                a_ptr.dtype.element_ty)
-        elif EVEN_K:
-            b = tl.load(b_ptrs)
-        else:
-            b = tl.load(b_ptrs, mask=k_ok[:, None], other=0.0)
-        acc = tl.dot(a, b, acc, input_precision=INPUT_PRECISION, out_dtype=ACC_DTYPE)
-        a_ptrs += BLOCK_K * stride_ak
-        b_ptrs += BLOCK_K * stride_bk
+    if MAPPED == 0 and TABLE and ALIGNED:
+        # A table maps each row's slot j to one token (ALIGNED: a K step never straddles two slots), so
+        # look the G tokens up outside the channel loop: its addresses are then plain pointer steps,
+        # which the pipeliner buffers num_stages - 1 deep (an address from a load in the same iteration
+        # got one or two buffers: the forward of a pixel shuffle ran ~4x slower than its GEMM).
+        rows = rows_a.to(tl.int64)
+        for j in range(0, G):
+            tok = tl.load(map_ptr + rows * stride_map + j).to(tl.int64)
+            x_ptrs = a_ptr + tok[:, None] * stride_am + offs_k[None, :] * stride_ak
+            if NORM:
+                r = rows if NORM_POST else tok
+                mean = tl.load(stats_ptr + 2 * r)[:, None]
+                rstd = tl.load(stats_ptr + 2 * r + 1)[:, None]
+            for c0 in range(0, C, BLOCK_K):
+                a = tl.load(x_ptrs)
+                if NORM:
+                    gi = (j * C if NORM_POST else 0) + c0 + offs_k
+                    a = normalise(a.to(ACC_DTYPE), mean, rstd, gamma_ptr, beta_ptr, gi, gi >= 0, stride_gamma,
+                                  stride_beta)
+                b = tl.load(b_ptrs)
+                acc = tl.dot(a.to(b_ptr.dtype.element_ty), b, acc, input_precision=INPUT_PRECISION,
+                             out_dtype=ACC_DTYPE)
+                x_ptrs += BLOCK_K * stride_ak
+                b_ptrs += BLOCK_K * stride_bk
+    else:
+        for k in range(0, tl.cdiv(K, BLOCK_K)):
+            ks = k * BLOCK_K + offs_k
+            k_ok = ks < K
+            if MAPPED == 0:
+                a = load_normalised(a_ptr, rows_a, ks, k * BLOCK_K, rows_a >= 0, k_ok, map_ptr,
+                                    stats_ptr, gamma_ptr, beta_ptr, C, G, K, stride_am, stride_ak, stride_map,
+                                    stride_gamma, stride_beta, ALIGNED, TABLE, NORM, NORM_POST, ACC_DTYPE,
+                                    b_ptr.dtype.element_ty)
+            elif EVEN_K:
+                a = tl.load(a_ptrs)
+            else:
+                a = tl.load(a_ptrs, mask=k_ok[None, :], other=0.0)
+            if MAPPED == 1:
+                b = load_normalised(b_ptr, ks, cols_b, (pid_n * BLOCK_N) % N, k_ok, cols_b >= 0,
+                                    map_ptr, stats_ptr, gamma_ptr, beta_ptr, C, G, N, stride_bk, stride_bn, stride_map,
+                                    stride_gamma, stride_beta, ALIGNED, TABLE, NORM, NORM_POST, ACC_DTYPE,
+                                    a_ptr.dtype.element_ty)
+            elif EVEN_K:
+                b = tl.load(b_ptrs)
+            else:
+                b = tl.load(b_ptrs, mask=k_ok[:, None], other=0.0)
+            acc = tl.dot(a, b, acc, input_precision=INPUT_PRECISION, out_dtype=ACC_DTYPE)
+            a_ptrs += BLOCK_K * stride_ak
+            b_ptrs += BLOCK_K * stride_bk
 
     if MAPPED == 2:
         # dA straight into x's layout: the inverse of the forward's gather, a permutation store.
         mask = (offs_m < M)[:, None] & (offs_n < N)[None, :]
-        offs, _ = token_offsets(offs_m, offs_n, pid_n * BLOCK_N, map_ptr, stride_map, C, stride_cm, stride_cn,
-                                offs_m < M, offs_n < N, ALIGNED)
+        offs, _ = token_offsets(offs_m, offs_n, pid_n * BLOCK_N, map_ptr, stride_map, C, G, stride_cm, stride_cn,
+                                offs_m < M, offs_n < N, ALIGNED, TABLE)
         tl.store(c_ptr + offs, acc.to(c_ptr.dtype.element_ty), mask=mask)
     else:
         gemm_epilogue(acc, pid_m, pid_n, M, N, c_ptr, bias_ptr, aux_ptr,
@@ -203,15 +248,16 @@ def mapped_gemm_kernel(
 
 
 @triton.jit
-def norm_bwd_block(x_ptr, da_ptr, gamma_ptr, map_ptr, rows, row_ok, k0, mean, rstd, C, width,
+def norm_bwd_block(x_ptr, da_ptr, gamma_ptr, map_ptr, rows, row_ok, k0, mean, rstd, C, G, width,
                    stride_xt, stride_xc, stride_dat, stride_dac, stride_map, stride_gamma,
-                   NORM_POST: tl.constexpr, ALIGNED: tl.constexpr, ACC_DTYPE: tl.constexpr, BLOCK_C: tl.constexpr):
+                   NORM_POST: tl.constexpr, ALIGNED: tl.constexpr, TABLE: tl.constexpr, ACC_DTYPE: tl.constexpr, BLOCK_C: tl.constexpr):
     """One (rows x BLOCK_C) block of the norm backward's operands: (cols, col_ok, tok, dA, xhat, dA * gamma),
     0 outside the masks. One table lookup serves x and dA (their offsets differ only in strides)."""
     cols = k0 + tl.arange(0, BLOCK_C)
     col_ok = cols < width
     mask = row_ok[:, None] & col_ok[None, :]
-    x_offs, tok = token_offsets(rows, cols, k0, map_ptr, stride_map, C, stride_xt, stride_xc, row_ok, col_ok, ALIGNED)
+    x_offs, tok = token_offsets(rows, cols, k0, map_ptr, stride_map, C, G, stride_xt, stride_xc, row_ok, col_ok,
+                                ALIGNED, TABLE)
     x = tl.load(x_ptr + x_offs, mask=mask, other=0.0).to(ACC_DTYPE)
     da = tl.load(da_ptr + tok * stride_dat + (cols % C)[None, :] * stride_dac, mask=mask, other=0.0).to(ACC_DTYPE)
     gamma = tl.load(gamma_ptr + (cols if NORM_POST else cols % C) * stride_gamma, mask=col_ok, other=0.0)
@@ -224,7 +270,7 @@ def norm_bwd_kernel(
     da_ptr, x_ptr, map_ptr, stats_ptr, gamma_ptr, dx_ptr, dgamma_ptr, dbeta_ptr,
     R, C, G, stride_xt, stride_xc, stride_dat, stride_dac, stride_dxt, stride_dxc, stride_map, stride_gamma,
     center,
-    NORM_POST: tl.constexpr, ALIGNED: tl.constexpr, ACC_DTYPE: tl.constexpr,
+    NORM_POST: tl.constexpr, ALIGNED: tl.constexpr, TABLE: tl.constexpr, ACC_DTYPE: tl.constexpr,
     BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
     """dx of the norm for BLOCK_R normalised rows (tokens map[r, 0..G-1], as in norm_stats_kernel), from
@@ -245,8 +291,8 @@ def norm_bwd_kernel(
     sum_gx = tl.zeros((BLOCK_R,), dtype=ACC_DTYPE)
     for k0 in range(0, width, BLOCK_C):
         cols, col_ok, tok, da, xhat, g = norm_bwd_block(
-            x_ptr, da_ptr, gamma_ptr, map_ptr, rows, row_ok, k0, mean, rstd, C, width, stride_xt, stride_xc,
-            stride_dat, stride_dac, stride_map, stride_gamma, NORM_POST, ALIGNED, ACC_DTYPE, BLOCK_C)
+            x_ptr, da_ptr, gamma_ptr, map_ptr, rows, row_ok, k0, mean, rstd, C, G, width, stride_xt, stride_xc,
+            stride_dat, stride_dac, stride_map, stride_gamma, NORM_POST, ALIGNED, TABLE, ACC_DTYPE, BLOCK_C)
         sum_g += tl.sum(g, axis=1)
         sum_gx += tl.sum(g * xhat, axis=1)
         if NORM_POST:
@@ -256,8 +302,8 @@ def norm_bwd_kernel(
     mean_gx = sum_gx / width
     for k0 in range(0, width, BLOCK_C):
         cols, col_ok, tok, da, xhat, g = norm_bwd_block(
-            x_ptr, da_ptr, gamma_ptr, map_ptr, rows, row_ok, k0, mean, rstd, C, width, stride_xt, stride_xc,
-            stride_dat, stride_dac, stride_map, stride_gamma, NORM_POST, ALIGNED, ACC_DTYPE, BLOCK_C)
+            x_ptr, da_ptr, gamma_ptr, map_ptr, rows, row_ok, k0, mean, rstd, C, G, width, stride_xt, stride_xc,
+            stride_dat, stride_dac, stride_map, stride_gamma, NORM_POST, ALIGNED, TABLE, ACC_DTYPE, BLOCK_C)
         dx = rstd[:, None] * (g - mean_g[:, None] - xhat * mean_gx[:, None])
         dx_offs = tok * stride_dxt + (cols % C)[None, :] * stride_dxc
         tl.store(dx_ptr + dx_offs, dx.to(dx_ptr.dtype.element_ty), mask=row_ok[:, None] & col_ok[None, :])
@@ -271,9 +317,12 @@ def norm_bwd_kernel(
 # ----------------------------------------------------------------------------------------------
 #: GEMM tiles of the mapped kernel (BLOCK_K for 2-byte dtypes), from the compile check.
 MAPPED_TILES = ((128, 128, 64, 8, 4), (64, 64, 64, 8, 4))
+#: A channel count no block divides: the token (and its statistics) gathered per element.
+MAPPED_GATHER_TILE = (64, 64, 64, 8, 3)
 #: IEEE fp32 (FMA, no tensor cores): dW spilled at 64x64x32 (16-88 B, 2-4 stages) and 32x64x32; a
-#: 16-deep K step holds fewer B values per thread (Triton 3.9, sm_80 / sm_90).
-MAPPED_FP32_TILE = (64, 64, 32, 8, 3)
+#: 16-deep K step holds fewer B values per thread (Triton 3.9, sm_80 / sm_90). Two stages: with the view
+#: merge's computed tokens (no table) the forward and dW pipeline fully and spilled 16 B at three.
+MAPPED_FP32_TILE = (64, 64, 32, 8, 2)
 #: fp64 (gradcheck) takes one small tile.
 MAPPED_FP64_TILE = (64, 64, 64, 8, 3)
 #: Row-wise kernels: rows per program and columns per step (stats and norm backward); with C not a
@@ -288,11 +337,10 @@ _mapped_gemm = _even_k(mapped_gemm_kernel)
 TUNER = TileChooser("merged_gemm/mapped_gemm_kernel")
 
 
-@functools.lru_cache(maxsize=64)
-def _arange_map(rows: int, group: int, device: torch.device) -> torch.Tensor:
-    """The token table of merging ``group`` adjacent rows (Qwen's view merge), or of rows on their own
-    (group 1: the source tokens a pre-merge norm runs over). Cached: the same for every call."""
-    return torch.arange(rows * group, dtype=torch.int32, device=device).view(rows, group)
+@functools.lru_cache(maxsize=8)
+def _no_table(device: torch.device) -> torch.Tensor:
+    """The map pointer of a launch with TABLE off (never read)."""
+    return torch.zeros((1, 1), dtype=torch.int32, device=device)
 
 
 @functools.lru_cache(maxsize=64)
@@ -303,14 +351,16 @@ def _zeros(n: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
 
 class Merge:
     """The merged operand: x (T, C) any strides; G tokens per merged row, by the (M, G) int32 token
-    table (``_arange_map`` when None: adjacent rows); the norm ("layer" / "rms" / None) before or
-    after the merge, its gamma, beta and eps; its statistics once ``norm_stats`` ran."""
+    table, or without one (None: merged row m is tokens m*G .. m*G + G - 1, computed, not loaded); the
+    norm ("layer" / "rms" / None) before or after the merge, its gamma, beta and eps; its statistics
+    once ``norm_stats`` ran."""
 
     def __init__(self, x, G, token_map=None, norm=None, post=False, gamma=None, beta=None, eps=1e-6):
         self.x, self.G, self.norm, self.post, self.eps = x, G, norm, post, eps
         self.T, self.C = x.shape
-        self.token_map = token_map if token_map is not None else _arange_map(self.T // G, G, x.device)
-        self.M, self.K = self.token_map.shape[0], G * self.C
+        self.table = token_map is not None
+        self.token_map = token_map if self.table else _no_table(x.device)
+        self.M, self.K = (token_map.shape[0] if self.table else self.T // G), G * self.C
         width = self.K if post else self.C
         self.gamma = gamma
         self.beta = beta if norm == "layer" else (_zeros(width, x.dtype, x.device) if norm else None)
@@ -318,10 +368,11 @@ class Merge:
 
     @property
     def rows(self):
-        """(normalised rows, their table, tokens per row): merged rows post-merge, else source tokens."""
+        """(normalised rows, tokens per row, whether the table holds them): merged rows post-merge,
+        else source tokens (row r is token r)."""
         if self.post:
-            return self.M, self.token_map, self.G
-        return self.T, _arange_map(self.T, 1, self.x.device), 1
+            return self.M, self.G, self.table
+        return self.T, 1, False
 
 
 def _rowwise(C: int):
@@ -335,25 +386,33 @@ def _rowwise(C: int):
 def norm_stats(merge: Merge):
     """(mean, rstd) per normalised row into merge.stats (fp32; fp64 for fp64 inputs)."""
     x = merge.x
-    R, table, G = merge.rows
+    R, G, table = merge.rows
     stats = empty((R, 2), dtype=torch.float64 if x.dtype == torch.float64 else torch.float32, device=x.device)
     if R:
         br, bc = _rowwise(merge.C)
         norm_stats_kernel[(cdiv(R, br),)](
-            x, table, stats, R, merge.C, G, x.stride(0), x.stride(1), table.stride(0), merge.eps,
-            int(merge.norm == "layer"), ALIGNED=merge.C % bc == 0, ACC_DTYPE=acc_dtype(x.dtype), BLOCK_R=br,
+            x, merge.token_map, stats, R, merge.C, G, x.stride(0), x.stride(1), merge.token_map.stride(0), merge.eps,
+            int(merge.norm == "layer"), ALIGNED=merge.C % bc == 0, TABLE=table, ACC_DTYPE=acc_dtype(x.dtype), BLOCK_R=br,
             BLOCK_C=bc, num_warps=4, num_stages=1)
     merge.stats = stats
     return stats
 
 
-def mapped_tiles(elem_bytes: int, precision: str) -> tuple:
-    """The mapped GEMM's tiles: MAPPED_TILES, or the fp32-IEEE / fp64 one."""
+def mapped_tiles(elem_bytes: int, precision: str, C: int | None = None, mapped: int = 0) -> tuple:
+    """The mapped GEMM's tiles: MAPPED_TILES, or the fp32-IEEE / fp64 one. Given C, only the tiles whose
+    merged-column block divides C (ALIGNED: one token per row per block); if none does, the gather tile
+    (at 128x128 the per-element statistics, pipelined, needed 272 KB of shared memory on an H100 with
+    Triton 3.6)."""
     if elem_bytes == 8:
-        return (MAPPED_FP64_TILE,)
-    if elem_bytes == 4 and precision == "ieee":
-        return (MAPPED_FP32_TILE,)
-    return MAPPED_TILES
+        tiles = (MAPPED_FP64_TILE,)
+    elif elem_bytes == 4 and precision == "ieee":
+        tiles = (MAPPED_FP32_TILE,)
+    else:
+        tiles = MAPPED_TILES
+    if C is None:
+        return tiles
+    aligned = tuple(t for t in tiles if C % (block_k_for(t[2], elem_bytes) if mapped == 0 else t[1]) == 0)
+    return aligned or (tiles[-1:] if len(tiles) == 1 else (MAPPED_GATHER_TILE,))
 
 
 def _launch(a, b, c, merge: Merge, mapped: int, M, N, K, strides, *, bias=None, aux=None, activation=0,
@@ -365,7 +424,7 @@ def _launch(a, b, c, merge: Merge, mapped: int, M, N, K, strides, *, bias=None, 
     dummy = c  # never dereferenced when its flag is off
     norm = merge.norm is not None and mapped != 2
     stats, gamma, beta = (merge.stats, merge.gamma, merge.beta) if norm else (dummy, dummy, dummy)
-    flags = dict(MAPPED=mapped, NORM=norm, NORM_POST=merge.post and norm, ACTIVATION=activation,
+    flags = dict(MAPPED=mapped, NORM=norm, NORM_POST=merge.post and norm, TABLE=merge.table, ACTIVATION=activation,
                  HAS_BIAS=bias is not None, STORE_AUX=store_aux, INPUT_PRECISION=dot_precision(x.dtype),
                  ACC_DTYPE=acc_dtype(x.dtype))
 
@@ -375,7 +434,7 @@ def _launch(a, b, c, merge: Merge, mapped: int, M, N, K, strides, *, bias=None, 
             bk = block_k_for(bk, x.element_size())
         _mapped_gemm[(cdiv(M, bm) * cdiv(N, bn),)](
             a, b, c, bias if bias is not None else dummy, aux_t, merge.token_map, stats, gamma, beta,
-            M, N, K, merge.C, *strides, aux_t.stride(0), aux_t.stride(1),
+            M, N, K, merge.C, merge.G, *strides, aux_t.stride(0), aux_t.stride(1),
             bias.stride(0) if bias is not None else 0, merge.token_map.stride(0),
             gamma.stride(0) if norm else 0, beta.stride(0) if norm else 0,
             **flags, ALIGNED=merge.C % (bk if mapped == 0 else bn) == 0, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk,
@@ -388,7 +447,7 @@ def _launch(a, b, c, merge: Merge, mapped: int, M, N, K, strides, *, bias=None, 
         launch(INTERPRETER_TILE, gpu_tile=False)
     else:
         key = (x.dtype, x.device, *flags.values(), merge.C)
-        tiles = mapped_tiles(x.element_size(), flags["INPUT_PRECISION"])
+        tiles = mapped_tiles(x.element_size(), flags["INPUT_PRECISION"], merge.C, mapped)
         launch(TUNER.choose((M, N, K), key, candidate_tiles(M, N, num_sms(x.device), tiles), launch))
 
 
@@ -432,7 +491,7 @@ def norm_bwd(da, merge: Merge):
     """(dx, dgamma, dbeta or None) of the norm from dA (x's layout): one row-wise launch plus the ordered
     fp32 sums of its per-program partials."""
     x = merge.x
-    R, table, G = merge.rows
+    R, G, table = merge.rows
     width = G * merge.C
     dx = empty(x.shape, dtype=x.dtype, device=x.device)
     if merge.post and merge.M * merge.G != merge.T:  # tokens no merged row reads: no gradient
@@ -444,10 +503,10 @@ def norm_bwd(da, merge: Merge):
     dbeta_p = empty((programs, width), dtype=acc, device=x.device)
     if R:
         norm_bwd_kernel[(programs,)](
-            da, x, table, merge.stats, merge.gamma, dx, dgamma_p, dbeta_p,
+            da, x, merge.token_map, merge.stats, merge.gamma, dx, dgamma_p, dbeta_p,
             R, merge.C, G, x.stride(0), x.stride(1), da.stride(0), da.stride(1), dx.stride(0), dx.stride(1),
-            table.stride(0), merge.gamma.stride(0), int(merge.norm == "layer"),
-            NORM_POST=merge.post, ALIGNED=merge.C % bc == 0, ACC_DTYPE=acc_dtype(x.dtype), BLOCK_R=br, BLOCK_C=bc,
+            merge.token_map.stride(0), merge.gamma.stride(0), int(merge.norm == "layer"),
+            NORM_POST=merge.post, ALIGNED=merge.C % bc == 0, TABLE=table, ACC_DTYPE=acc_dtype(x.dtype), BLOCK_R=br, BLOCK_C=bc,
             num_warps=4, num_stages=1)
     dgamma = dgamma_p.sum(0).to(x.dtype)
     dbeta = dbeta_p.sum(0).to(x.dtype) if merge.norm == "layer" else None
@@ -461,11 +520,13 @@ def norm_bwd(da, merge: Merge):
 #: merged 4 to a row (M = 1024, K = 5120), first Linear 5120 -> 5120.
 AOT_SHAPE = (4096, 1280, 4, 5120)
 
-#: (variant, norm, post): the three code paths of the merged operand. The token table is always read
-#: (Qwen's view merge passes an arange), and LayerNorm / RMSNorm share one code (RMSNorm: mean 0,
-#: beta 0), so these cover Qwen2/2.5-VL (a norm per token), Idefics3 / SmolVLM (pixel shuffle only)
-#: and a norm over the merged row (Qwen3-VL's deepstack mergers, LFM2-VL, Aya).
-MERGE_FORMS = (("norm per token", True, False), ("no norm", False, False), ("norm per merged row", True, True))
+#: (variant, norm, post, table): the code paths of the merged operand. LayerNorm / RMSNorm share one
+#: code (RMSNorm: mean 0, beta 0), so these cover Qwen2/2.5-VL (a norm per token, the view merge: no
+#: table), Idefics3 / SmolVLM (pixel shuffle: a table, no norm) and a norm over the merged row of a
+#: table (LFM2-VL, Aya); Qwen3-VL's deepstack mergers (a norm over the merged row, no table) combine
+#: paths the others compile.
+MERGE_FORMS = (("norm per token", True, False, False), ("table, no norm", False, False, True),
+               ("norm per merged row, table", True, True, True))
 
 
 def _gemm_spec_args(ptr, mapped, T, C, G, N):
@@ -474,15 +535,16 @@ def _gemm_spec_args(ptr, mapped, T, C, G, N):
             1: dict(M=N, N=K, K=M, stride_am=1, stride_ak=N, stride_bk=C, stride_bn=1, stride_cm=K, stride_cn=1),
             2: dict(M=M, N=K, K=N, stride_am=N, stride_ak=1, stride_bk=K, stride_bn=1, stride_cm=C, stride_cn=1)}
     return dict(a_ptr=ptr, b_ptr=ptr, c_ptr=ptr, bias_ptr=ptr, aux_ptr=ptr, map_ptr="*i32",
-                stats_ptr="*fp64" if ptr == "*fp64" else "*fp32", gamma_ptr=ptr, beta_ptr=ptr, C=C,
+                stats_ptr="*fp64" if ptr == "*fp64" else "*fp32", gamma_ptr=ptr, beta_ptr=ptr, C=C, G=G,
                 **gemm[mapped], stride_auxm=N, stride_auxn=1, stride_bias=1, stride_map=G, stride_gamma=1,
                 stride_beta=1)
 
 
 #: The GEMMs each dtype class compiles, on the tiles it takes: 2-byte (bf16; fp16 is the same code)
-#: every form; TF32 / IEEE fp32 / fp64 the per-token norm's three GEMMs. (variant forms, GEMMs)
+#: every form, dA with and without a table; TF32 / IEEE fp32 / fp64 the per-token norm's GEMMs and dA
+#: through a table. (variant forms, GEMMs)
 def _plans():
-    every = [(form, mapped) for form in MERGE_FORMS for mapped in (0, 1)] + [(MERGE_FORMS[1], 2)]
+    every = [(form, mapped) for form in MERGE_FORMS for mapped in (0, 1)] + [(MERGE_FORMS[0], 2), (MERGE_FORMS[1], 2)]
     per_token = [(MERGE_FORMS[0], mapped) for mapped in (0, 1)] + [(MERGE_FORMS[1], 2)]
     return [("bf16", "*bf16", "ieee", every), ("fp32-tf32", "*fp32", "tf32", per_token),
             ("fp32", "*fp32", "ieee", per_token), ("fp64", "*fp64", "ieee", per_token)]
@@ -495,18 +557,19 @@ def aot_specs():
     specs = []
 
     def gemm_spec(form, mapped, dtype, ptr, precision, tile, C=C, note=""):
-        (variant, norm, post), (bm, bn, bk, warps, stages) = form, tile
+        (variant, norm, post, table), (bm, bn, bk, warps, stages) = form, tile
         elem = {"*fp32": 4, "*fp64": 8}.get(ptr, 2)
         block_k = block_k_for(bk, elem)
         args = _gemm_spec_args(ptr, mapped, T, C, G, N)
         if not norm or mapped == 2:  # the launcher passes the output as the unused stats pointer
             args["stats_ptr"] = ptr
         aligned = C % (block_k if mapped == 0 else bn) == 0
-        cx = dict(MAPPED=mapped, NORM=norm and mapped != 2, NORM_POST=post and mapped != 2, ALIGNED=aligned,
+        cx = dict(MAPPED=mapped, NORM=norm and mapped != 2, NORM_POST=post and mapped != 2, ALIGNED=aligned, TABLE=table,
                   ACTIVATION=1 if mapped == 0 else 0, HAS_BIAS=mapped == 0, STORE_AUX=mapped == 0,
                   INPUT_PRECISION=precision, ACC_DTYPE=tl.float64 if elem == 8 else tl.float32,
                   BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=block_k, GROUP_M=GROUP_M, EVEN_K=args["K"] % block_k == 0)
-        what = {0: f"fwd gelu+bias+aux, {variant}", 1: f"dW, {variant}", 2: "dA stored through the map"}[mapped]
+        what = {0: f"fwd gelu+bias+aux, {variant}", 1: f"dW, {variant}",
+                2: "dA stored through the " + ("table" if table else "view merge")}[mapped]
         return CompileSpec(
             kernel="merged_gemm/mapped_gemm_kernel", variant=what + note, dtype=dtype,
             config=f"{bm}x{bn}x{block_k} w{warps} s{stages}", fn=mapped_gemm_kernel, args=tuple(args.items()),
@@ -520,7 +583,7 @@ def aot_specs():
                 specs.append(gemm_spec(form, mapped, dtype, ptr, precision, tile))
     # A channel count no block divides (C = 1176, e.g. 1176 = 3 * 392): the per-element token gather.
     for form, mapped in [(MERGE_FORMS[0], 0), (MERGE_FORMS[0], 1), (MERGE_FORMS[1], 2)]:
-        specs.append(gemm_spec(form, mapped, "bf16", "*bf16", "ieee", MAPPED_TILES[-1], C=1176,
+        specs.append(gemm_spec(form, mapped, "bf16", "*bf16", "ieee", MAPPED_GATHER_TILE, C=1176,
                                note=" (C % block != 0)"))
     # The row-wise kernels: per source token (G = 1) and per merged row (G = 4, K = 5120 wide), C a
     # multiple of BLOCK_C; and per token with C = 1176 (the per-element gather), bf16.
@@ -537,7 +600,8 @@ def aot_specs():
             specs.append(CompileSpec(
                 kernel="merged_gemm/norm_stats_kernel", variant=f"mean, rstd {what}", dtype=dtype,
                 config=f"{br}x{bc} w4", fn=norm_stats_kernel, args=tuple(stats.items()),
-                constexprs=(("ALIGNED", C_ % bc == 0), ("ACC_DTYPE", acc), ("BLOCK_R", br), ("BLOCK_C", bc)),
+                constexprs=(("ALIGNED", C_ % bc == 0), ("TABLE", g > 1), ("ACC_DTYPE", acc), ("BLOCK_R", br),
+                            ("BLOCK_C", bc)),
                 num_warps=4, num_stages=1, tensor_cores=False))
             bwd = dict(da_ptr=ptr, x_ptr=ptr, map_ptr="*i32", stats_ptr=acc_ptr, gamma_ptr=ptr, dx_ptr=ptr,
                        dgamma_ptr=acc_ptr, dbeta_ptr=acc_ptr, R=rows, C=C_, G=g, stride_xt=C_, stride_xc=1,
@@ -545,7 +609,8 @@ def aot_specs():
             specs.append(CompileSpec(
                 kernel="merged_gemm/norm_bwd_kernel", variant=f"dx, dgamma, dbeta {what}", dtype=dtype,
                 config=f"{br}x{bc} w4", fn=norm_bwd_kernel, args=tuple(bwd.items()),
-                constexprs=(("NORM_POST", g > 1), ("ALIGNED", C_ % bc == 0), ("ACC_DTYPE", acc), ("BLOCK_R", br),
+                constexprs=(("NORM_POST", g > 1), ("ALIGNED", C_ % bc == 0), ("TABLE", g > 1), ("ACC_DTYPE", acc),
+                            ("BLOCK_R", br),
                             ("BLOCK_C", bc)),
                 num_warps=4, num_stages=1, tensor_cores=False))
     return specs

@@ -450,31 +450,34 @@ def gated_mlp_traffic(M: int, K: int, N: int, D: int, tile, elem: int, bias: boo
 
 def mapped_gemm_traffic(M: int, N: int, K: int, tile: tuple[int, int, int], elem: int, *, mapped: int, C: int,
                         G: int, rows_norm: int = 0, norm_width: int = 0, bias: bool = False, store_aux: bool = False,
-                        acc_elem: int = 4) -> dict[str, Traffic]:
+                        acc_elem: int = 4, table: bool = True) -> dict[str, Traffic]:
     """Per operand of one ``mapped_gemm_kernel`` launch (kernels/merged_gemm.py) of GEMM (M, N, K) with
     tile (BLOCK_M, BLOCK_N, BLOCK_K), channel blocks aligned to C (ALIGNED: one token per row per
     step). ``mapped`` 0: A is the merged operand ("x", loaded like A; per program, K step and row: one
     table entry and, with a norm, a (mean, rstd) pair; per step and column gamma and beta); 1: B is
     (per K step and B row the same, per step and column gamma / beta); 2: C goes through the table
     (one entry per stored row). ``rows_norm``: normalised rows (0: no norm); ``norm_width``: gamma's
-    length. The table is a permutation: every token once."""
+    length. The table is a permutation: every token once. ``table`` False (Qwen's view merge): tokens
+    computed, no table read. The forward through a table looks each row's tokens up once per slot j
+    (G per program row), with its (mean, rstd) per slot, not per K step."""
     bm, bn, bk = tile
     t = fused_gemm_traffic(M, N, K, (bm, bn), elem, bias=bias, store_aux=store_aux)
     pm, pn = _cdiv(M, bm), _cdiv(N, bn)
     steps = _cdiv(K, bk)
     if mapped == 2:
         t["x_grad"] = t.pop("c")
-        t["table"] = Traffic(loaded=pn * M * 4, unique=M * (N // C) * 4)
+        t["table"] = Traffic(loaded=pn * M * 4, unique=M * (N // C) * 4) if table else Traffic()
         return t
     if mapped == 0:
         t["x"] = t.pop("a")
-        lookups, columns = pm * pn * bm * steps, pm * pn * K  # rows wrap (always loaded); the K tail masked
+        # rows wrap (always loaded); the K tail masked
+        lookups, columns = pm * pn * bm * (G if table else steps), pm * pn * K
         merged_rows = M
     else:
         t["x"] = t.pop("b")
         lookups, columns = pm * pn * K, pm * pn * steps * bn  # rows masked to K; columns wrap
         merged_rows = K
-    t["table"] = Traffic(loaded=lookups * 4, unique=merged_rows * G * 4)
+    t["table"] = Traffic(loaded=lookups * 4, unique=merged_rows * G * 4) if table else Traffic()
     if rows_norm:
         t["stats"] = Traffic(loaded=2 * lookups * acc_elem, unique=2 * rows_norm * acc_elem)
         t["gamma_beta"] = Traffic(loaded=2 * columns * elem, unique=2 * norm_width * elem)
@@ -482,20 +485,21 @@ def mapped_gemm_traffic(M: int, N: int, K: int, tile: tuple[int, int, int], elem
 
 
 def norm_stats_traffic(R: int, C: int, G: int, elem: int, *, center: bool, blocks=(16, 128), acc_elem: int = 4,
-                       table_rows: int | None = None) -> dict[str, Traffic]:
+                       table_rows: int | None = None, table: bool = True) -> dict[str, Traffic]:
     """``norm_stats_kernel`` over R rows of G tokens x C channels (ALIGNED: C % BLOCK_C == 0): one
     pass over x (RMSNorm) or two (LayerNorm: the mean first), one table entry per row per column
-    block and pass; stores (mean, rstd) per row."""
+    block and pass (none without a table: source tokens, or Qwen's view merge); stores (mean, rstd)
+    per row."""
     br, bc = blocks
     passes = 2 if center else 1
     steps = _cdiv(G * C, bc)
     return {"x": Traffic(loaded=passes * R * G * C * elem, unique=R * G * C * elem),
-            "table": Traffic(loaded=passes * R * steps * 4, unique=(table_rows or R) * G * 4),
+            "table": Traffic(loaded=passes * R * steps * 4, unique=(table_rows or R) * G * 4) if table else Traffic(),
             "stats": Traffic(stored=2 * R * acc_elem)}
 
 
-def norm_bwd_traffic(R: int, C: int, G: int, elem: int, *, post: bool, blocks=(16, 128), acc_elem: int = 4
-                     ) -> dict[str, Traffic]:
+def norm_bwd_traffic(R: int, C: int, G: int, elem: int, *, post: bool, blocks=(16, 128), acc_elem: int = 4,
+                     table: bool = True) -> dict[str, Traffic]:
     """``norm_bwd_kernel`` (ALIGNED): two passes over x and dA (the row sums, then dx), gamma per
     program and pass, the statistics once, one table lookup per row and column block and pass (shared by
     x, dA and dx); stores dx and one fp32 dgamma and dbeta partial row per program."""
@@ -505,7 +509,7 @@ def norm_bwd_traffic(R: int, C: int, G: int, elem: int, *, post: bool, blocks=(1
     return {"x": Traffic(2 * once, once), "da": Traffic(2 * once, once),
             "stats": Traffic(2 * R * acc_elem, 2 * R * acc_elem),
             "gamma": Traffic(2 * programs * width * elem, (width if post else C) * elem),
-            "table": Traffic(2 * R * steps * 4, R * G * 4),
+            "table": Traffic(2 * R * steps * 4, R * G * 4) if table else Traffic(),
             "dx": Traffic(stored=once), "partials": Traffic(stored=2 * programs * width * acc_elem)}
 
 
@@ -533,11 +537,11 @@ def merged_mlp_traffic(T: int, C: int, G: int, widths, tile, elem: int, *, norm:
     rows_g = (M, G) if post else (T, 1)
     if norm:
         fwd.append(sum(norm_stats_traffic(*rows_g[:1], C, rows_g[1], e, center=norm == "layer",
-                                          acc_elem=acc_elem).values(), Traffic()))
+                                          acc_elem=acc_elem, table=table and post).values(), Traffic()))
     n1, k1 = layers[0][1], K
     fwd.append(sum(mapped_gemm_traffic(M, n1, k1, (*tile[:2], bk), e, mapped=0, C=C, G=G, rows_norm=rows_norm,
                                        norm_width=norm_width, bias=True, store_aux=training and len(layers) > 1,
-                                       acc_elem=acc_elem).values(), Traffic()))
+                                       acc_elem=acc_elem, table=table).values(), Traffic()))
     for i, (k, n) in enumerate(layers[1:], start=1):
         fwd.append(sum(fused_gemm_traffic(M, n, k, tile, e, bias=True,
                                           store_aux=training and i < len(layers) - 1).values(), Traffic()))
@@ -547,11 +551,12 @@ def merged_mlp_traffic(T: int, C: int, G: int, widths, tile, elem: int, *, norm:
         bwd.append(bias_grad_traffic(M, n, e))                                                        # db_i
         bwd.append(sum(fused_gemm_traffic(M, k, n, tile, e, act_grad=True).values(), Traffic()))    # dX * act'
     bwd.append(sum(mapped_gemm_traffic(n1, K, M, (*tile[:2], bk), e, mapped=1, C=C, G=G, rows_norm=rows_norm,
-                                       norm_width=norm_width, acc_elem=acc_elem).values(), Traffic()))
+                                       norm_width=norm_width, acc_elem=acc_elem, table=table).values(), Traffic()))
     bwd.append(bias_grad_traffic(M, n1, e))
-    bwd.append(sum(mapped_gemm_traffic(M, K, n1, (*tile[:2], bk), e, mapped=2, C=C, G=G).values(), Traffic()))
+    bwd.append(sum(mapped_gemm_traffic(M, K, n1, (*tile[:2], bk), e, mapped=2, C=C, G=G, table=table).values(),
+                   Traffic()))
     if norm:
-        nb = norm_bwd_traffic(rows_g[0], C, rows_g[1], e, post=post, acc_elem=acc_elem)
+        nb = norm_bwd_traffic(rows_g[0], C, rows_g[1], e, post=post, acc_elem=acc_elem, table=table and post)
         bwd.append(sum(nb.values(), Traffic()))
         partials = nb["partials"].stored  # summed in order by torch: read once, dgamma / dbeta written
         bwd.append(Traffic(loaded=partials, unique=partials, stored=2 * norm_width * (acc_elem + e)))

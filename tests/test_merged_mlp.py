@@ -55,9 +55,11 @@ def test_half_precision(dtype, norm, post, use_map):
 
 
 def test_channels_aligned_to_the_blocks():
-    # C = 64: every 32-wide block lies in one token's channels (the ALIGNED path: one token per row).
-    for norm, post in (("layer", False), ("rms", True)):
-        inputs, names, fn, ref = _case(torch.float32, norm, post, True, T=36, C=64)
+    # C = 64: every 32-wide block lies in one token's channels (the ALIGNED path: one token per row;
+    # with a table, the forward looks the tokens up once per slot, outside its channel loop).
+    for norm, post, use_map in (("layer", False, True), ("rms", True, True), (None, False, True),
+                                ("rms", False, False), ("layer", True, False)):
+        inputs, names, fn, ref = _case(torch.float32, norm, post, use_map, T=36, C=64)
         assert_matches_reference(fn, ref, inputs, names)
 
 

@@ -291,8 +291,9 @@ def test_gated_mlp_traffic_hand_counts():
     assert t["eager_fwd"]["hbm"] == 2 * (2 * (M * K + N * K + N + M * N) + 5 * M * N + M * N + D * N + D + M * D)
 
 
-@pytest.mark.parametrize("norm,post", [("layer", False), ("rms", True), (None, False)])
-def test_mapped_gemm_traffic_matches_interpreted_runs(norm, post):
+@pytest.mark.parametrize("norm,post,use_table", [("layer", False, True), ("rms", True, True), (None, False, True),
+                                                 ("rms", False, False)])
+def test_mapped_gemm_traffic_matches_interpreted_runs(norm, post, use_table):
     # The three mapped GEMMs launch by launch (C = 64: channel blocks aligned, the GPU's case), and the
     # forward's total stores: y, the hidden layer and its pre-activation, the statistics, nothing else.
     from mmfuse.kernels import merged_gemm as KM
@@ -301,10 +302,10 @@ def test_mapped_gemm_traffic_matches_interpreted_runs(norm, post):
     T, C, G, N = 96, 64, 2, 40
     M, K = T // G, G * C
     x = torch.randn(T, C)
-    table = torch.randperm(T, dtype=torch.int32).view(M, G)
+    table = torch.randperm(T, dtype=torch.int32).view(M, G) if use_table else KM._no_table(x.device)
     width = K if post else C
     gamma, beta = torch.randn(width), torch.randn(width)
-    merge = KM.Merge(x, G, table, norm, post, gamma if norm else None, beta if norm == "layer" else None)
+    merge = KM.Merge(x, G, table if use_table else None, norm, post, gamma if norm else None, beta if norm == "layer" else None)
     if norm:
         KM.norm_stats(merge)
     rows_norm = (M if post else T) if norm else 0
@@ -315,20 +316,21 @@ def test_mapped_gemm_traffic_matches_interpreted_runs(norm, post):
     (y, h), got = measure(lambda: KM.mapped_fwd(merge, w, b, activation=1, store_preact=True),
                           {**tensors, "y": lambda r: r[0], "h": lambda r: r[1]})
     model = mapped_gemm_traffic(M, N, K, (32, 32, 32), 4, mapped=0, C=C, G=G, rows_norm=rows_norm,
-                                norm_width=width, bias=True, store_aux=True)
+                                norm_width=width, bias=True, store_aux=True, table=use_table)
     assert (got["x"], got["table"], got["weight"], got["bias"], got["y"], got["h"]) == \
         (model["x"], model["table"], model["b"], model["bias"], model["c"], model["aux"])
     if norm:
         assert got["stats"] == model["stats"] and got["gamma"] + got["beta"] == model["gamma_beta"]
     dh = torch.randn(M, N)
     _, got = measure(lambda: KM.mapped_weight_grad(dh, merge), {**tensors, "dh": dh, "dw": lambda r: r})
-    model = mapped_gemm_traffic(N, K, M, (32, 32, 32), 4, mapped=1, C=C, G=G, rows_norm=rows_norm, norm_width=width)
+    model = mapped_gemm_traffic(N, K, M, (32, 32, 32), 4, mapped=1, C=C, G=G, rows_norm=rows_norm, norm_width=width,
+                                table=use_table)
     assert (got["x"], got["table"], got["dh"], got["dw"]) == (model["x"], model["table"], model["a"], model["c"])
     if norm:
         assert got["stats"] == model["stats"] and got["gamma"] + got["beta"] == model["gamma_beta"]
     _, got = measure(lambda: KM.mapped_input_grad(dh, w, merge), {"dh": dh, "w": w, "table": table,
                                                                      "da": lambda r: r})
-    model = mapped_gemm_traffic(M, K, N, (32, 32, 32), 4, mapped=2, C=C, G=G)
+    model = mapped_gemm_traffic(M, K, N, (32, 32, 32), 4, mapped=2, C=C, G=G, table=use_table)
     assert (got["dh"], got["w"], got["table"], got["da"]) == (model["a"], model["b"], model["table"], model["x_grad"])
 
 
@@ -343,14 +345,15 @@ def test_norm_rowwise_traffic_matches_interpreted_runs(post):
     table = torch.randperm(T, dtype=torch.int32).view(M, G)
     width = G * C if post else C
     merge = KM.Merge(x, G, table, "layer", post, torch.randn(width), torch.randn(width))
-    R, rows_table, g = merge.rows
-    _, got = measure(lambda: KM.norm_stats(merge), {"x": x, "table": rows_table, "stats": lambda r: r})
+    R, g, uses_table = merge.rows
+    assert uses_table == post  # per source token: row r is token r, no table read
+    _, got = measure(lambda: KM.norm_stats(merge), {"x": x, "table": table, "stats": lambda r: r})
     blocks = KM.INTERPRETER_ROWWISE
-    assert got == norm_stats_traffic(R, C, g, 4, center=True, blocks=blocks)
+    assert got == norm_stats_traffic(R, C, g, 4, center=True, blocks=blocks, table=post)
     da = torch.randn(T, C)
     (dx, _, _), got = measure(lambda: KM.norm_bwd(da, merge),
-                              {"x": x, "da": da, "stats": merge.stats, "gamma": merge.gamma, "table": rows_table,
+                              {"x": x, "da": da, "stats": merge.stats, "gamma": merge.gamma, "table": table,
                                "dx": lambda r: r[0]})
-    model = norm_bwd_traffic(R, C, g, 4, post=post, blocks=blocks)
+    model = norm_bwd_traffic(R, C, g, 4, post=post, blocks=blocks, table=post)
     assert {k: got[k] for k in ("x", "da", "stats", "gamma", "table", "dx")} == \
         {k: model[k] for k in ("x", "da", "stats", "gamma", "table", "dx")}
