@@ -13,7 +13,8 @@ Images are the video form with T = F = 1 (a zero frame stride).
   gathered pieces are contiguous and the loads pipeline; the weight comes packed in that order
   (``pack_weight``: zero padding, 16-byte aligned rows);
 * dW       ``dW = dOut^T @ A``: the reduction runs over tokens and A is gathered again in the
-  loop. A plain GEMM: summing the dOut^T tiles in that loop for ``db`` (as it once did) pulls them
+  loop, its columns in the forward's run order (so its loads pipeline too; stored back to the
+  C*T*P*P order). A plain GEMM: summing the dOut^T tiles in that loop for ``db`` (as it once did) pulls them
   out of shared memory every step, which cost the Linear's dW 79% of its speed (bench/NOTES.md);
 * dpixels  ``dA = dOut @ W`` stored through the same gather addresses: with kernel == stride every
   pixel belongs to exactly one (m, k), so the scatter is a permutation, with no atomics;
@@ -210,16 +211,20 @@ def patch_embed_dw_kernel(
     stride_gb, stride_gn, stride_gd,
     stride_xb, stride_xc, stride_xf, stride_xh, stride_xw,
     stride_dws, stride_dwd, stride_dwk, TOKEN_CHUNK,
-    T: tl.constexpr, P: tl.constexpr,
+    T: tl.constexpr, P: tl.constexpr, RUN: tl.constexpr,
     INPUT_PRECISION: tl.constexpr, ACC_DTYPE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     GROUP_M: tl.constexpr, EVEN_K: tl.constexpr,
 ):
     """dW[d, k] = sum_m dOut[m, d] * pixels[patch(m), k] (tiles: BLOCK_M of D x BLOCK_N of K; the
-    loop walks BLOCK_K tokens at a time and gathers their patches again). Split-K over tokens (grid
-    axis 1): split s sums tokens [s*TOKEN_CHUNK, (s+1)*TOKEN_CHUNK) (a multiple of BLOCK_K) into its
-    own fp32 partial at s*stride_dws; ``dw_combine_kernel`` sums them in split order. One split
-    writes dW directly (stride 0). No db here: see ``batch_sum_kernel`` and ``patch_embed_dw``."""
+    loop walks BLOCK_K tokens at a time and gathers their patches again). The columns run in the
+    forward's padded order (n = run*RUN + j, K = C*T*P*RUN here; columns j >= P are loaded as zeros
+    and not stored) so the pixel loads are contiguous pieces the pipeliner copies asynchronously: in
+    the flattened order (runs of P = 14) they were 2-byte scalar loads, not pipelined (dW measured
+    5x slower than the forward's GEMM of the same size on an H100). Split-K over tokens (grid axis
+    1): split s sums tokens [s*TOKEN_CHUNK, (s+1)*TOKEN_CHUNK) (a multiple of BLOCK_K) into its own
+    fp32 partial at s*stride_dws; ``dw_combine_kernel`` sums them in split order. One split writes dW
+    directly (stride 0). No db here: see ``batch_sum_kernel`` and ``patch_embed_dw``."""
     pid_m, pid_n = grouped_tile(D, K, BLOCK_M, BLOCK_N, GROUP_M)
     split = tl.program_id(1)
     offs_d = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -228,7 +233,11 @@ def patch_embed_dw_kernel(
 
     N_TOK = GRID_F * GRID_H * GRID_W
     g_cols = (offs_d % D) * stride_gd
-    x_cols = _patch_offsets(offs_n % K, stride_xc, stride_xf, stride_xh, stride_xw, T, P)
+    # Columns past K are masked, not wrapped with % K: a runtime modulo hides the runs' contiguity
+    # from the compiler, and the pixel loads were not pipelined again (Triton 3.9 TTGIR).
+    j = offs_n % RUN
+    col_ok = (j < P) & (offs_n < K)
+    x_cols = _run_offsets(offs_n // RUN, stride_xc, stride_xf, stride_xh, T, P) + j * stride_xw
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=ACC_DTYPE)
     for m0 in range(split * TOKEN_CHUNK, tl.minimum(M, split * TOKEN_CHUNK + TOKEN_CHUNK), BLOCK_K):
         m = m0 + offs_t
@@ -237,14 +246,16 @@ def patch_embed_dw_kernel(
         x_ptrs = pix_ptr + x_rows[:, None] + x_cols[None, :]
         if EVEN_K:
             g = tl.load(g_ptrs)
-            x = tl.load(x_ptrs)
+            x = tl.load(x_ptrs, mask=col_ok[None, :], other=0.0)
         else:
             g = tl.load(g_ptrs, mask=m[None, :] < M, other=0.0)
-            x = tl.load(x_ptrs, mask=m[:, None] < M, other=0.0)
+            x = tl.load(x_ptrs, mask=(m < M)[:, None] & col_ok[None, :], other=0.0)
         acc = tl.dot(g, x, acc, input_precision=INPUT_PRECISION, out_dtype=ACC_DTYPE)
 
-    mask = (offs_d < D)[:, None] & (offs_n < K)[None, :]
-    dw_ptrs = dw_ptr + split * stride_dws + offs_d[:, None] * stride_dwd + offs_n[None, :] * stride_dwk
+    # Column n = run*RUN + j is column run*P + j of dW's flattened (C, T, P, P) order.
+    cols = (offs_n // RUN) * P + offs_n % RUN
+    mask = (offs_d < D)[:, None] & col_ok[None, :]
+    dw_ptrs = dw_ptr + split * stride_dws + offs_d[:, None] * stride_dwd + cols[None, :] * stride_dwk
     tl.store(dw_ptrs, acc.to(dw_ptr.dtype.element_ty), mask=mask)
 
 
@@ -299,12 +310,13 @@ def batch_sum_kernel(
 #: (BLOCK_M, BLOCK_N, BLOCK_K for 2-byte dtypes, num_warps, num_stages); 4-byte dtypes halve
 #: BLOCK_K. Per GEMM, the tiles that compile without spills on sm_80 and sm_90 (bench/NOTES.md):
 #: the forward's 64x128 (4 warps) spills in its bias+pos epilogue (64 accumulators and 64 gathered
-#: pos/out addresses per thread), dW's 128-row tiles spill on sm_80 (two gathered operands).
+#: pos/out addresses per thread), dW's 128-row tiles spill on sm_80 (two gathered operands), and its
+#: 64x128 takes 4 stages: at 3 it spilled 8-16 B on sm_80 (Triton 3.6) once its pixel loads pipelined.
 #: Wave-efficiency pruning picks among them per shape.
 TILES = {
     "fwd": ((128, 128, 64, 8, 3), (128, 64, 64, 4, 3), (64, 64, 64, 4, 3)),
     "dx": ((128, 128, 64, 8, 3), (128, 64, 64, 4, 3), (64, 128, 64, 4, 3), (64, 64, 64, 4, 3)),
-    "dw": ((64, 128, 64, 8, 3), (64, 64, 64, 4, 3)),
+    "dw": ((64, 128, 64, 8, 4), (64, 64, 64, 4, 3)),
 }
 GROUP_M = 8
 #: The single config used under the interpreter: small, so odd test sizes span several tiles.
@@ -521,9 +533,12 @@ def patch_embed_dw(dout, pixels5, weight_shape, with_bias: bool, tile=None, spli
     if M == 0:  # no tokens: the sum is empty
         return dw.zero_(), db
     _check_span(grad_output=dout, pixels=pixels5)
+    RUN = next_pow2(P)
+    KR = K // P * RUN  # the kernel's columns: the forward's padded run order (dW itself stays (D, K))
     if splits is None:
-        splits = 1 if INTERPRET and not gpu_config_on() else dw_splits(D, K, M, largest_tile(candidate_tiles("dw", D, K, num_sms(dout.device))),
-                                                dout.element_size(), num_sms(dout.device))
+        sms = num_sms(dout.device)
+        splits = 1 if INTERPRET and not gpu_config_on() else \
+            dw_splits(D, KR, M, largest_tile(candidate_tiles("dw", D, KR, sms)), dout.element_size(), sms)
     chunk = dw_token_chunk(M, splits)
     splits = cdiv(M, chunk)
     acc = torch.float64 if dout.dtype == torch.float64 else torch.float32
@@ -532,9 +547,9 @@ def patch_embed_dw(dout, pixels5, weight_shape, with_bias: bool, tile=None, spli
         dw_t, (sws, dwd, dwk) = part, part.stride()
     else:
         dw_t, (sws, (dwd, dwk)) = dw, (0, dw.stride())
-    args = (dout, pixels5, dw_t, M, D, K, GF, GH, GW, *dout.stride(), *_strides5(pixels5), sws, dwd, dwk, chunk)
-    flags = dict(T=T, P=P, INPUT_PRECISION=dot_precision(dout.dtype), ACC_DTYPE=acc_dtype(dout.dtype))
-    _launch("dw", D, K, args, flags, dout.element_size(), tile, red=M, splits=splits)
+    args = (dout, pixels5, dw_t, M, D, KR, GF, GH, GW, *dout.stride(), *_strides5(pixels5), sws, dwd, dwk, chunk)
+    flags = dict(T=T, P=P, RUN=RUN, INPUT_PRECISION=dot_precision(dout.dtype), ACC_DTYPE=acc_dtype(dout.dtype))
+    _launch("dw", D, KR, args, flags, dout.element_size(), tile, red=M, splits=splits)
     if splits > 1:
         bd, bk = COMBINE_BLOCK
         dw_combine_kernel[(cdiv(D, bd), cdiv(K, bk))](
@@ -597,8 +612,8 @@ def _aot_launches(shape: str = "clip-l-14-336"):
           dict(geo, K=k_runs, **g, stride_wd=cdiv(k_runs, PACK_ALIGN) * PACK_ALIGN, **x), dict(RUN=run),
           ("dout_ptr", "w_ptr", "dpix_ptr"))
     dw = (patch_embed_dw_kernel, "dW", ("D", "K", "M"),
-          dict(geo, **g, **x, stride_dws=0, stride_dwd=K, stride_dwk=1, TOKEN_CHUNK=M),
-          dict(), ("dout_ptr", "pix_ptr", "dw_ptr"))
+          dict(geo, K=k_runs, **g, **x, stride_dws=0, stride_dwd=K, stride_dwk=1, TOKEN_CHUNK=M),
+          dict(RUN=run), ("dout_ptr", "pix_ptr", "dw_ptr"))
     return dict(T=T, P=P), {"fwd": fwd, "dx": dx, "dw": dw}
 
 
@@ -638,8 +653,9 @@ def aot_specs():
     import dataclasses
 
     ints = launches["dw"][3]
-    D, K, M = ints["D"], ints["K"], 64 * ints["M"] // AOT_BATCH
-    splits = dw_splits(D, K, M, largest_tile(TILES["dw"]), 2, 132)
+    # The kernel's columns KR (padded run order) decide the grid and the split; dW's own are K.
+    D, KR, K, M = ints["D"], ints["K"], ints["stride_dwd"], 64 * ints["M"] // AOT_BATCH
+    splits = dw_splits(D, KR, M, largest_tile(TILES["dw"]), 2, 132)
     for tile in TILES["dw"]:
         sp = _spec(shape_cx, launches["dw"], tile, "fp16", "*fp16", "ieee")
         args = dict(sp.args, dw_ptr="*fp32", M=M, stride_dws=D * K,

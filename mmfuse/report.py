@@ -74,13 +74,14 @@ def _largest(tiles):
 
 
 def _patch_gemms(s, batch: int) -> dict[str, tuple[int, int]]:
-    """Output (rows, cols) of the patch-embedding GEMMs: forward (tokens x D), dpixels (tokens x K in the
-    forward's run order, K = C·T·P·next_pow2(P)) and dW (D x C·T·P·P)."""
+    """Output (rows, cols) of the patch-embedding GEMMs' grids: forward (tokens x D), dpixels and dW
+    (tokens x K, D x K) with K in the forward's run order, C·T·P·next_pow2(P) (dW stores its
+    C·T·P·P real columns)."""
     from mmfuse.kernels._common import next_pow2
 
     M = s.tokens * batch
-    return {"fwd": (M, s.dim), "dx": (M, s.channels * s.temporal * s.patch * next_pow2(s.patch)),
-            "dw": (s.dim, s.channels * s.temporal * s.patch ** 2)}
+    k_runs = s.channels * s.temporal * s.patch * next_pow2(s.patch)
+    return {"fwd": (M, s.dim), "dx": (M, k_runs), "dw": (s.dim, k_runs)}
 
 
 def _attention_grids(s, batch: int) -> dict:
@@ -360,15 +361,16 @@ def patch_traffic_section() -> list[str]:
             F, T, P, C, D, e = s.frames, s.temporal, s.patch, s.channels, s.dim, 2
             tokens = s.tokens
             gemms = _patch_gemms(s, batch)
-            (M, _), (_, k_runs), (_, K) = gemms["fwd"], gemms["dx"], gemms["dw"]
+            (M, _), (_, k_runs) = gemms["fwd"], gemms["dx"]
+            K = C * T * P * P
             tiles, eff = {}, {}
             for gemm, (rows, cols) in gemms.items():
                 tiles[gemm] = _largest(KP.candidate_tiles(gemm, rows, cols, SMS))[:3]
                 eff[gemm] = KL.wave_efficiency(rows, cols, tiles[gemm][0], tiles[gemm][1], SMS)
             # dW splits its token loop as its launcher does (the modelled-time rule of kernels/patch_embed.py);
             # its efficiency counts the edge tiles and the token chunks too.
-            splits = KP.dw_splits(D, K, M, tiles["dw"], e, SMS)
-            eff["dw"] = KP.dw_split_efficiency(D, K, M, tiles["dw"], splits, SMS)
+            splits = KP.dw_splits(D, k_runs, M, tiles["dw"], e, SMS)
+            eff["dw"] = KP.dw_split_efficiency(D, k_runs, M, tiles["dw"], splits, SMS)
             fwd = patch_embed_fwd_traffic(batch, C, *s.image, P, D, tiles["fwd"], e, T=T, F=F)
             bwd = patch_embed_bwd_traffic(batch, C, *s.image, P, D, tiles, e, T=T, F=F, dw_splits=splits)
             x, w, out, pos = batch * C * F * s.image[0] * s.image[1] * e, D * K * e, M * D * e, tokens * D * e

@@ -134,7 +134,9 @@ def patch_embed_bwd_traffic(B: int, C: int, H: int, W: int, P: int, D: int, tile
       order, no mask: columns up to the tile edge, inside the 128-column padding); stores every
       pixel's gradient once (the run padding j >= P is not stored).
     * "dw" (``patch_embed_dw_kernel``, ``tiles["dw"]``): BLOCK_M of D (wrapping) x every token of
-      dOut^T, and every token's patch at BLOCK_N of the exact C*T*P*P columns (wrapping); stores dW.
+      dOut^T, and every token's patch at BLOCK_N columns of the run order (C*T*P*RUN; masked past
+      it, not wrapped), of which the real pixels (j < P) are loaded: every pixel once per row block;
+      stores dW.
       Split over tokens (``dw_splits`` > 1): the same loads, stores of fp32 partials
       ("weight_grad_partial" S x D x K), and "dw_combine" (``dw_combine_kernel``) reads them once and
       writes dW.
@@ -151,9 +153,9 @@ def patch_embed_bwd_traffic(B: int, C: int, H: int, W: int, P: int, D: int, tile
           "weight": Traffic(loaded=pm * pn * D * bn * elem, unique=D * pn * bn * elem),
           "pixels_grad": Traffic(stored=M * K * elem)}
     bm, bn, _ = tiles["dw"]
-    pm, pn = _cdiv(D, bm), _cdiv(K, bn)
+    pm, pn = _cdiv(D, bm), _cdiv(k_runs, bn)
     dw = {"dout": Traffic(loaded=pm * pn * bm * M * elem, unique=D * M * elem),
-          "pixels": Traffic(loaded=pm * pn * M * bn * elem, unique=M * K * elem)}
+          "pixels": Traffic(loaded=pm * M * K * elem, unique=M * K * elem)}
     out = {"dx": dx, "dw": dw}
     if dw_splits > 1:
         S = dw_splits
