@@ -91,6 +91,16 @@ def _token_rows(offs_m, M, N_TOK, stride_b, stride_n):
 
 
 @triton.jit
+def _aligned(stride_b, stride_c, stride_f, stride_h, PIX_ALIGN: tl.constexpr):
+    """The pixel strides from their quotients by PIX_ALIGN, their largest common power-of-two divisor
+    (up to 16; the launcher divides): the product tells the compiler what the JIT's hints cannot. It
+    hints only integers divisible by 16, so a 392-pixel row (Qwen2-VL's 392px frames) left the
+    gather's address divisibility at 1 element: scalar loads, which the pipeliner does not copy
+    asynchronously (a synchronous load every K step; ``tl.multiple_of`` on a scalar did not help)."""
+    return stride_b * PIX_ALIGN, stride_c * PIX_ALIGN, stride_f * PIX_ALIGN, stride_h * PIX_ALIGN
+
+
+@triton.jit
 def _run_offsets(run, stride_c, stride_t, stride_i, T: tl.constexpr, P: tl.constexpr):
     """Offset of the first pixel of patch row ``run`` = (c*T + t)*P + i of a (C, T, P, P) patch."""
     i = run % P
@@ -103,11 +113,11 @@ def _run_offsets(run, stride_c, stride_t, stride_i, T: tl.constexpr, P: tl.const
 def patch_embed_fwd_kernel(
     pix_ptr, w_ptr, bias_ptr, pos_ptr, out_ptr,
     M, D, K, GRID_F, GRID_H, GRID_W,
-    stride_xb, stride_xc, stride_xf, stride_xh, stride_xw,
+    stride_xb_q, stride_xc_q, stride_xf_q, stride_xh_q, stride_xw,  # _q: the stride // PIX_ALIGN
     stride_wd, stride_bias,
     stride_pb, stride_pn, stride_pd,
     stride_ob, stride_on, stride_od,
-    T: tl.constexpr, P: tl.constexpr, RUN: tl.constexpr,
+    T: tl.constexpr, P: tl.constexpr, RUN: tl.constexpr, PIX_ALIGN: tl.constexpr,
     HAS_BIAS: tl.constexpr, HAS_POS: tl.constexpr,
     INPUT_PRECISION: tl.constexpr, ACC_DTYPE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
@@ -125,6 +135,7 @@ def patch_embed_fwd_kernel(
     offs_k = tl.arange(0, BLOCK_K)
 
     # im2col in the load: A[m, k] lives at token_offset[m] + run_offset[k // RUN] + (k % RUN).
+    stride_xb, stride_xc, stride_xf, stride_xh = _aligned(stride_xb_q, stride_xc_q, stride_xf_q, stride_xh_q, PIX_ALIGN)
     x_rows = _token_offsets(offs_m, M, GRID_F, GRID_H, GRID_W, stride_xb, stride_xf, stride_xh, stride_xw, T, P)
     w_ptrs = w_ptr + (offs_n % D)[None, :] * stride_wd + offs_k[:, None]
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=ACC_DTYPE)
@@ -165,8 +176,8 @@ def patch_embed_dx_kernel(
     M, D, K, GRID_F, GRID_H, GRID_W,
     stride_gb, stride_gn, stride_gd,
     stride_wd,
-    stride_xb, stride_xc, stride_xf, stride_xh, stride_xw,
-    T: tl.constexpr, P: tl.constexpr, RUN: tl.constexpr,
+    stride_xb_q, stride_xc_q, stride_xf_q, stride_xh_q, stride_xw,  # _q: the stride // PIX_ALIGN
+    T: tl.constexpr, P: tl.constexpr, RUN: tl.constexpr, PIX_ALIGN: tl.constexpr,
     INPUT_PRECISION: tl.constexpr, ACC_DTYPE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     GROUP_M: tl.constexpr, EVEN_K: tl.constexpr,
@@ -197,6 +208,7 @@ def patch_embed_dx_kernel(
         w_ptrs += BLOCK_K * stride_wd
 
     # Scatter = the forward's gather addresses: each (m, k) is a distinct pixel (kernel == stride).
+    stride_xb, stride_xc, stride_xf, stride_xh = _aligned(stride_xb_q, stride_xc_q, stride_xf_q, stride_xh_q, PIX_ALIGN)
     x_rows = _token_offsets(offs_m, M, GRID_F, GRID_H, GRID_W, stride_xb, stride_xf, stride_xh, stride_xw, T, P)
     j = offs_n % RUN
     x_cols = _run_offsets(offs_n // RUN, stride_xc, stride_xf, stride_xh, T, P) + j * stride_xw
@@ -209,9 +221,9 @@ def patch_embed_dw_kernel(
     dout_ptr, pix_ptr, dw_ptr,
     M, D, K, GRID_F, GRID_H, GRID_W,
     stride_gb, stride_gn, stride_gd,
-    stride_xb, stride_xc, stride_xf, stride_xh, stride_xw,
+    stride_xb_q, stride_xc_q, stride_xf_q, stride_xh_q, stride_xw,  # _q: the stride // PIX_ALIGN
     stride_dws, stride_dwd, stride_dwk, TOKEN_CHUNK,
-    T: tl.constexpr, P: tl.constexpr, RUN: tl.constexpr,
+    T: tl.constexpr, P: tl.constexpr, RUN: tl.constexpr, PIX_ALIGN: tl.constexpr,
     INPUT_PRECISION: tl.constexpr, ACC_DTYPE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     GROUP_M: tl.constexpr, EVEN_K: tl.constexpr,
@@ -232,6 +244,7 @@ def patch_embed_dw_kernel(
     offs_t = tl.arange(0, BLOCK_K)
 
     N_TOK = GRID_F * GRID_H * GRID_W
+    stride_xb, stride_xc, stride_xf, stride_xh = _aligned(stride_xb_q, stride_xc_q, stride_xf_q, stride_xh_q, PIX_ALIGN)
     g_cols = (offs_d % D) * stride_gd
     # Columns past K are masked, not wrapped with % K: a runtime modulo hides the runs' contiguity
     # from the compiler, and the pixel loads were not pipelined again (Triton 3.9 TTGIR).
@@ -397,6 +410,14 @@ def _strides5(t):
     return [s if n > 1 else 0 for n, s in zip(t.shape, t.stride())]
 
 
+def _pixel_strides(t) -> tuple[list, int]:
+    """(the kernels' pixel stride arguments, PIX_ALIGN): batch, channel, frame and row strides divided
+    by their largest common power of two up to 16 (``_aligned`` multiplies back), the column stride."""
+    sb, sc, sf, sh, sw = _strides5(t)
+    align = pix_align(sb, sc, sf, sh)
+    return [sb // align, sc // align, sf // align, sh // align, sw], align
+
+
 #: The packed weight's rows hold a multiple of this many columns (the largest BLOCK_K of the forward
 #: and BLOCK_N of dpixels), zeros past K: neither kernel masks or wraps its weight loads.
 PACK_ALIGN = 128
@@ -443,10 +464,11 @@ def patch_embed_fwd(pixels5, weight5, bias=None, pos=None, out=None, packed=None
     pos_t = pos if pos is not None else out
     w_runs, K = packed if packed is not None else pack_weight(weight5)
     _check_span(pixels=pixels5, weight=w_runs, pos_embed=pos_t, out=out)
+    pix, align = _pixel_strides(pixels5)
     args = (pixels5, w_runs, bias if bias is not None else out, pos_t, out, M, D, K, GF, GH, GW,
-            *_strides5(pixels5), w_runs.stride(0), bias.stride(0) if bias is not None else 0, *pos_t.stride(),
+            *pix, w_runs.stride(0), bias.stride(0) if bias is not None else 0, *pos_t.stride(),
             *out.stride())
-    flags = dict(T=T, P=P, RUN=next_pow2(P), HAS_BIAS=bias is not None, HAS_POS=pos is not None,
+    flags = dict(T=T, P=P, RUN=next_pow2(P), PIX_ALIGN=align, HAS_BIAS=bias is not None, HAS_POS=pos is not None,
                  INPUT_PRECISION=dot_precision(pixels5.dtype), ACC_DTYPE=acc_dtype(pixels5.dtype))
     _launch("fwd", M, D, args, flags, pixels5.element_size(), tile, red=K)
     return out
@@ -464,8 +486,9 @@ def patch_embed_dx(dout, weight5, pixel_shape, packed=None, tile=None):
         return dpix.zero_()
     w_runs, K = packed if packed is not None else pack_weight(weight5)
     _check_span(grad_output=dout, weight=w_runs, pixels=dpix)
-    args = (dout, w_runs, dpix, M, D, K, GF, GH, GW, *dout.stride(), w_runs.stride(0), *_strides5(dpix))
-    flags = dict(T=T, P=P, RUN=next_pow2(P), INPUT_PRECISION=dot_precision(dout.dtype),
+    pix, align = _pixel_strides(dpix)
+    args = (dout, w_runs, dpix, M, D, K, GF, GH, GW, *dout.stride(), w_runs.stride(0), *pix)
+    flags = dict(T=T, P=P, RUN=next_pow2(P), PIX_ALIGN=align, INPUT_PRECISION=dot_precision(dout.dtype),
                  ACC_DTYPE=acc_dtype(dout.dtype))
     _launch("dx", M, K, args, flags, dout.element_size(), tile, red=D)
     return dpix
@@ -547,8 +570,10 @@ def patch_embed_dw(dout, pixels5, weight_shape, with_bias: bool, tile=None, spli
         dw_t, (sws, dwd, dwk) = part, part.stride()
     else:
         dw_t, (sws, (dwd, dwk)) = dw, (0, dw.stride())
-    args = (dout, pixels5, dw_t, M, D, KR, GF, GH, GW, *dout.stride(), *_strides5(pixels5), sws, dwd, dwk, chunk)
-    flags = dict(T=T, P=P, RUN=RUN, INPUT_PRECISION=dot_precision(dout.dtype), ACC_DTYPE=acc_dtype(dout.dtype))
+    pix, align = _pixel_strides(pixels5)
+    args = (dout, pixels5, dw_t, M, D, KR, GF, GH, GW, *dout.stride(), *pix, sws, dwd, dwk, chunk)
+    flags = dict(T=T, P=P, RUN=RUN, PIX_ALIGN=align, INPUT_PRECISION=dot_precision(dout.dtype),
+                 ACC_DTYPE=acc_dtype(dout.dtype))
     _launch("dw", D, KR, args, flags, dout.element_size(), tile, red=M, splits=splits)
     if splits > 1:
         bd, bk = COMBINE_BLOCK
@@ -589,6 +614,15 @@ def batch_sum(g, bias_from=None):
 AOT_BATCH = 4
 
 
+def pix_align(stride_b, stride_c, stride_f, stride_h, stride_w=1) -> int:
+    """The largest power of two up to 16 dividing the pixel strides other than the row's own."""
+    g = 16
+    for s in (stride_b, stride_c, stride_f, stride_h):
+        while s % g:
+            g //= 2
+    return g
+
+
 def _aot_launches(shape: str = "clip-l-14-336"):
     from mmfuse.bench.shapes import by_name
 
@@ -598,7 +632,10 @@ def _aot_launches(shape: str = "clip-l-14-336"):
     M, K = B * (F // T) * GH * GW, C * T * P * P
     geo = dict(M=M, D=D, K=K, GRID_F=F // T, GRID_H=GH, GRID_W=GW)
     # Images get a zero frame stride from the launcher (a size-1 dim).
-    x = dict(stride_xb=C * F * H * W, stride_xc=F * H * W, stride_xf=H * W if F > 1 else 0, stride_xh=W, stride_xw=1)
+    strides = (C * F * H * W, F * H * W, H * W if F > 1 else 0, W)
+    align = pix_align(*strides)
+    x = dict(zip(("stride_xb_q", "stride_xc_q", "stride_xf_q", "stride_xh_q"), (s // align for s in strides)),
+             stride_xw=1)
     N = M // B
     g = dict(stride_gb=N * D, stride_gn=D, stride_gd=1)
     run = next_pow2(P)
@@ -607,13 +644,13 @@ def _aot_launches(shape: str = "clip-l-14-336"):
                     stride_pn=D,
                     stride_pd=1, stride_ob=N * D, stride_on=D, stride_od=1)
     fwd = (patch_embed_fwd_kernel, "fwd bias+pos", ("M", "D", "K"), fwd_ints,
-           dict(RUN=run, HAS_BIAS=True, HAS_POS=True), ("pix_ptr", "w_ptr", "bias_ptr", "pos_ptr", "out_ptr"))
+           dict(RUN=run, PIX_ALIGN=align, HAS_BIAS=True, HAS_POS=True), ("pix_ptr", "w_ptr", "bias_ptr", "pos_ptr", "out_ptr"))
     dx = (patch_embed_dx_kernel, "dpixels", ("M", "K", "D"),
-          dict(geo, K=k_runs, **g, stride_wd=cdiv(k_runs, PACK_ALIGN) * PACK_ALIGN, **x), dict(RUN=run),
+          dict(geo, K=k_runs, **g, stride_wd=cdiv(k_runs, PACK_ALIGN) * PACK_ALIGN, **x), dict(RUN=run, PIX_ALIGN=align),
           ("dout_ptr", "w_ptr", "dpix_ptr"))
     dw = (patch_embed_dw_kernel, "dW", ("D", "K", "M"),
           dict(geo, K=k_runs, **g, **x, stride_dws=0, stride_dwd=K, stride_dwk=1, TOKEN_CHUNK=M),
-          dict(RUN=run), ("dout_ptr", "pix_ptr", "dw_ptr"))
+          dict(RUN=run, PIX_ALIGN=align), ("dout_ptr", "pix_ptr", "dw_ptr"))
     return dict(T=T, P=P), {"fwd": fwd, "dx": dx, "dw": dw}
 
 

@@ -99,7 +99,7 @@ def run_key(spec):
         tile = (cx["BLOCK_M"], cx["BLOCK_N"], bk2, spec.num_warps, spec.num_stages)
         # dW's token loop split into fp32 partials (then summed by dw_combine_kernel), or not.
         split = name == "patch_embed_dw_kernel" and args.get("dw_ptr") == "*fp32"
-        return ("patch_embed", name, spec.dtype, tile, cx["EVEN_K"], (C, T, P), split)
+        return ("patch_embed", name, spec.dtype, tile, cx["EVEN_K"], (C, T, P, cx["PIX_ALIGN"]), split)
     if name == "dw_combine_kernel":
         return ("patch_embed", "patch_embed_dw_kernel", spec.dtype, None, None, None, True)
     if name == "batch_sum_kernel":
@@ -341,9 +341,9 @@ def run_merged(mapped, norm, post, dtype, tile, aligned, even_k, table):
 
 def run_patch_embed(name, dtype, tile, even_k, geometry):
     if name == "batch_sum_kernel":  # dpos of a shared table, db from its sums: B = 2, N and D past one block
-        C, T, P, B, grid, D = 3, 1, 4, 2, (1, 6, 6), tile[1] + RAGGED
+        C, T, P, B, grid, D, align = 3, 1, 4, 2, (1, 6, 6), tile[1] + RAGGED, 16
     else:
-        C, T, P = geometry
+        C, T, P, align = geometry
         bm, bn, bk = tile[0], tile[1], _block_k(tile, dtype)
         # Tokens span two row tiles (ragged) except where they are dW's reduction (EVEN_K: 2 x BLOCK_K).
         if name == "patch_embed_dw_kernel":
@@ -354,6 +354,11 @@ def run_patch_embed(name, dtype, tile, even_k, geometry):
             D = bn + RAGGED if name == "patch_embed_fwd_kernel" else _red(bk, even_k)
         per_image = -(-tokens // B)
         gw = max(2, int(per_image ** 0.5))
+        if name == "patch_embed_dx_kernel":
+            # dpixels is allocated contiguous: its row (gw * P pixels) sets PIX_ALIGN, so gw carries
+            # the spec's power of two that P lacks.
+            unit = max(1, align // (P & -P))
+            gw = unit * max(1, round(gw / unit))
         grid = (1, -(-per_image // gw), gw)
         if name == "patch_embed_dw_kernel":  # the reduction length must be exactly ``tokens``
             grid = (1, 1, tokens // B)
@@ -363,7 +368,10 @@ def run_patch_embed(name, dtype, tile, even_k, geometry):
     F = grid[0] * T
     video = T > 1
     shape = (B, C, F, grid[1] * P, grid[2] * P) if video else (B, C, grid[1] * P, grid[2] * P)
-    x = torch.randn(shape, dtype=dtype)
+    # Rows pitched so that the pixel strides' largest common power of two is the spec's PIX_ALIGN.
+    pitch = -(-shape[-1] // align)
+    pitch = (pitch + 1 - pitch % 2) * align
+    x = torch.randn((*shape[:-1], pitch), dtype=dtype)[..., :shape[-1]]
     w = torch.randn((D, C, T, P, P) if video else (D, C, P, P), dtype=dtype) / (C * T * P * P) ** 0.5
     b = torch.randn(D, dtype=dtype)
     pos = torch.randn(grid[0] * grid[1] * grid[2], D, dtype=dtype)
