@@ -383,7 +383,10 @@ def _launch(name, rows, cols, args, flags, elem_bytes, tile=None, *, red, key=()
         launch(INTERPRETER_TILE, gpu_tile=False)
     else:
         device = args[0].device
-        launch(TUNERS[name].choose((rows, cols, red), (elem_bytes, device, *key, *flags.values()),
+        # Not PIX_ALIGN: it follows the image width, which dynamic resolutions change every step, and
+        # re-timing per width would undo the once-per-octave tuning (tests/test_tuning.py).
+        tune_key = (elem_bytes, device, *key, *(v for f, v in flags.items() if f != "PIX_ALIGN"))
+        launch(TUNERS[name].choose((rows, cols, red), tune_key,
                                    candidate_tiles(name, rows, cols, num_sms(device)), launch))
 
 
