@@ -68,52 +68,63 @@ def meta_init_fsdp2(full_state):
     return model
 
 
-def worker(rank, world, port, mode, out):
+def worker(rank, world, port, modes, out_dir):
+    """Each mode in turn in one process group (one spawn for all: the two processes' start-up, torch
+    and transformers imports, is most of each mode's time); rank 0 saves ``out_dir/<mode>.pt``."""
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     import torch.distributed as dist
 
     dist.init_process_group("gloo", rank=rank, world_size=world)
     try:
-        if mode == "fsdp2-meta":
-            model = wrapped = meta_init_fsdp2(build_hf_model().state_dict())
-            data = hf_batch(rank)
-        else:
-            model = build_model()
-            data = batch(rank)
-        if mode == "fsdp2-meta":
-            pass
-        elif mode == "ddp":
-            wrapped = nn.parallel.DistributedDataParallel(model)
-        else:
-            from torch.distributed.fsdp import fully_shard
-
-            for sub in model:
-                fully_shard(sub)
-            wrapped = fully_shard(model)
-        wrapped(data).square().mean().backward()
-        grads = {}
-        for name, p in model.named_parameters():
-            g = p.grad
-            if hasattr(g, "full_tensor"):  # FSDP2 keeps a DTensor shard: gather the full gradient
-                g = g.full_tensor()
-            grads[name] = g.detach().clone()
-        if rank == 0:
-            torch.save(grads, out)
-        # Both ranks leave together: a rank tearing gloo down while the other is still saving aborted
-        # once under load ("terminate called without an active exception", DDP, 2026-11-26).
-        dist.barrier()
+        for mode in modes:
+            run_mode(rank, mode, os.path.join(out_dir, f"{mode}.pt"))
+            # Both ranks leave each mode together: a rank tearing gloo down while the other is still
+            # saving aborted once under load ("terminate called without an active exception", DDP).
+            dist.barrier()
     finally:
         dist.destroy_process_group()
+
+
+def run_mode(rank, mode, out):
+    """One DDP / FSDP2 / FSDP2-from-meta training step; rank 0 saves the full gradients to ``out``."""
+    if mode == "fsdp2-meta":
+        model = wrapped = meta_init_fsdp2(build_hf_model().state_dict())
+        data = hf_batch(rank)
+    else:
+        model = build_model()
+        data = batch(rank)
+    if mode == "fsdp2-meta":
+        pass
+    elif mode == "ddp":
+        wrapped = nn.parallel.DistributedDataParallel(model)
+    else:
+        from torch.distributed.fsdp import fully_shard
+
+        for sub in model:
+            fully_shard(sub)
+        wrapped = fully_shard(model)
+    wrapped(data).square().mean().backward()
+    grads = {}
+    for name, p in model.named_parameters():
+        g = p.grad
+        if hasattr(g, "full_tensor"):  # FSDP2 keeps a DTensor shard: gather the full gradient
+            g = g.full_tensor()
+        grads[name] = g.detach().clone()
+    if rank == 0:
+        torch.save(grads, out)
 
 
 if __name__ == "__main__":
     import torch.multiprocessing as mp
 
     parser = argparse.ArgumentParser()
-    parser.add_argument("--mode", choices=["ddp", "fsdp2", "fsdp2-meta"], required=True)
-    parser.add_argument("--out", required=True)
+    parser.add_argument("--modes", default="ddp,fsdp2,fsdp2-meta", help="comma-separated: ddp, fsdp2, fsdp2-meta")
+    parser.add_argument("--out-dir", required=True)
     args = parser.parse_args()
+    modes = args.modes.split(",")
+    if not set(modes) <= {"ddp", "fsdp2", "fsdp2-meta"}:
+        parser.error(f"--modes: expected ddp, fsdp2, fsdp2-meta, got {args.modes!r}")
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    mp.start_processes(worker, args=(2, port, args.mode, args.out), nprocs=2, join=True, start_method="spawn")
+    mp.start_processes(worker, args=(2, port, modes, args.out_dir), nprocs=2, join=True, start_method="spawn")
