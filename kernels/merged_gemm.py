@@ -250,7 +250,8 @@ def mapped_gemm_kernel(
 @triton.jit
 def norm_bwd_block(x_ptr, da_ptr, gamma_ptr, map_ptr, rows, row_ok, k0, mean, rstd, C, G, width,
                    stride_xt, stride_xc, stride_dat, stride_dac, stride_map, stride_gamma,
-                   NORM_POST: tl.constexpr, ALIGNED: tl.constexpr, TABLE: tl.constexpr, ACC_DTYPE: tl.constexpr, BLOCK_C: tl.constexpr):
+                   NORM_POST: tl.constexpr, ALIGNED: tl.constexpr, TABLE: tl.constexpr, ACC_DTYPE: tl.constexpr,
+                   BLOCK_C: tl.constexpr):
     """One (rows x BLOCK_C) block of the norm backward's operands: (cols, col_ok, tok, dA, xhat, dA * gamma),
     0 outside the masks. One table lookup serves x and dA (their offsets differ only in strides)."""
     cols = k0 + tl.arange(0, BLOCK_C)
@@ -391,9 +392,9 @@ def norm_stats(merge: Merge):
     if R:
         br, bc = _rowwise(merge.C)
         norm_stats_kernel[(cdiv(R, br),)](
-            x, merge.token_map, stats, R, merge.C, G, x.stride(0), x.stride(1), merge.token_map.stride(0), merge.eps,
-            int(merge.norm == "layer"), ALIGNED=merge.C % bc == 0, TABLE=table, ACC_DTYPE=acc_dtype(x.dtype), BLOCK_R=br,
-            BLOCK_C=bc, num_warps=4, num_stages=1)
+            x, merge.token_map, stats, R, merge.C, G, x.stride(0), x.stride(1), merge.token_map.stride(0),
+            merge.eps, int(merge.norm == "layer"), ALIGNED=merge.C % bc == 0, TABLE=table,
+            ACC_DTYPE=acc_dtype(x.dtype), BLOCK_R=br, BLOCK_C=bc, num_warps=4, num_stages=1)
     merge.stats = stats
     return stats
 
@@ -404,15 +405,15 @@ def mapped_tiles(elem_bytes: int, precision: str, C: int | None = None, mapped: 
     (at 128x128 the per-element statistics, pipelined, needed 272 KB of shared memory on an H100 with
     Triton 3.6)."""
     if elem_bytes == 8:
-        tiles = (MAPPED_FP64_TILE,)
+        tiles = gather = (MAPPED_FP64_TILE,)
     elif elem_bytes == 4 and precision == "ieee":
-        tiles = (MAPPED_FP32_TILE,)
+        tiles = gather = (MAPPED_FP32_TILE,)
     else:
-        tiles = MAPPED_TILES
+        tiles, gather = MAPPED_TILES, (MAPPED_GATHER_TILE,)
     if C is None:
         return tiles
     aligned = tuple(t for t in tiles if C % (block_k_for(t[2], elem_bytes) if mapped == 0 else t[1]) == 0)
-    return aligned or (tiles[-1:] if len(tiles) == 1 else (MAPPED_GATHER_TILE,))
+    return aligned or gather
 
 
 def _launch(a, b, c, merge: Merge, mapped: int, M, N, K, strides, *, bias=None, aux=None, activation=0,
@@ -424,8 +425,9 @@ def _launch(a, b, c, merge: Merge, mapped: int, M, N, K, strides, *, bias=None, 
     dummy = c  # never dereferenced when its flag is off
     norm = merge.norm is not None and mapped != 2
     stats, gamma, beta = (merge.stats, merge.gamma, merge.beta) if norm else (dummy, dummy, dummy)
-    flags = dict(MAPPED=mapped, NORM=norm, NORM_POST=merge.post and norm, TABLE=merge.table, ACTIVATION=activation,
-                 HAS_BIAS=bias is not None, STORE_AUX=store_aux, INPUT_PRECISION=dot_precision(x.dtype),
+    flags = dict(MAPPED=mapped, NORM=norm, NORM_POST=merge.post and norm, TABLE=merge.table,
+                 ACTIVATION=activation, HAS_BIAS=bias is not None, STORE_AUX=store_aux,
+                 INPUT_PRECISION=dot_precision(x.dtype),
                  ACC_DTYPE=acc_dtype(x.dtype))
 
     def launch(tile, gpu_tile=True):
@@ -506,8 +508,8 @@ def norm_bwd(da, merge: Merge):
             da, x, merge.token_map, merge.stats, merge.gamma, dx, dgamma_p, dbeta_p,
             R, merge.C, G, x.stride(0), x.stride(1), da.stride(0), da.stride(1), dx.stride(0), dx.stride(1),
             merge.token_map.stride(0), merge.gamma.stride(0), int(merge.norm == "layer"),
-            NORM_POST=merge.post, ALIGNED=merge.C % bc == 0, TABLE=table, ACC_DTYPE=acc_dtype(x.dtype), BLOCK_R=br, BLOCK_C=bc,
-            num_warps=4, num_stages=1)
+            NORM_POST=merge.post, ALIGNED=merge.C % bc == 0, TABLE=table, ACC_DTYPE=acc_dtype(x.dtype),
+            BLOCK_R=br, BLOCK_C=bc, num_warps=4, num_stages=1)
     dgamma = dgamma_p.sum(0).to(x.dtype)
     dbeta = dbeta_p.sum(0).to(x.dtype) if merge.norm == "layer" else None
     return dx, dgamma, dbeta
@@ -564,7 +566,8 @@ def aot_specs():
         if not norm or mapped == 2:  # the launcher passes the output as the unused stats pointer
             args["stats_ptr"] = ptr
         aligned = C % (block_k if mapped == 0 else bn) == 0
-        cx = dict(MAPPED=mapped, NORM=norm and mapped != 2, NORM_POST=post and mapped != 2, ALIGNED=aligned, TABLE=table,
+        cx = dict(MAPPED=mapped, NORM=norm and mapped != 2, NORM_POST=post and mapped != 2, ALIGNED=aligned,
+                  TABLE=table,
                   ACTIVATION=1 if mapped == 0 else 0, HAS_BIAS=mapped == 0, STORE_AUX=mapped == 0,
                   INPUT_PRECISION=precision, ACC_DTYPE=tl.float64 if elem == 8 else tl.float32,
                   BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=block_k, GROUP_M=GROUP_M, EVEN_K=args["K"] % block_k == 0)

@@ -23,8 +23,9 @@ Images are the video form with T = F = 1 (a zero frame stride).
 
 Layout: pixels (B, C, [F,] H, W) and the weight with any strides (NCHW, channels-last, sliced
 views); H, W (and F) multiples of P (and T), checked by the caller. K = C*T*P*P need not be a
-multiple of BLOCK_K (588 for P = 14, C = 3): the tail is masked. Rows and columns past the edge
-are clamped with ``%`` for the loads (never stored), as in ``kernels/linear.py``. P and T are
+multiple of BLOCK_K (588 for P = 14, C = 3): the tail is masked. Rows past the edge are clamped
+with ``%`` for the loads (never stored), as in ``kernels/linear.py``; columns along the pixel runs
+are masked instead (a runtime ``%`` there hides their contiguity from the compiler). P and T are
 constexprs, so the index arithmetic divides by constants. The backward reads the weight as a
 (D, K) matrix (a view of a contiguous conv weight; other layouts are copied, D*K elements). Offsets are
 32-bit (the launchers refuse tensors spanning 2^31 elements or more): 64-bit gather offsets for
@@ -71,16 +72,6 @@ def _token_offsets(offs_m, M, GRID_F, GRID_H, GRID_W, stride_b, stride_f, stride
     pf = r % GRID_F
     b = r // GRID_F
     return b * stride_b + (pf * T) * stride_f + (ph * P) * stride_h + (pw * P) * stride_w
-
-
-@triton.jit
-def _patch_offsets(offs_k, stride_c, stride_t, stride_i, stride_j, T: tl.constexpr, P: tl.constexpr):
-    """Offset of element k of a flattened (C, T, P, P) patch from the patch's first element."""
-    j = offs_k % P
-    i = (offs_k // P) % P
-    t = (offs_k // (P * P)) % T
-    c = offs_k // (T * P * P)
-    return c * stride_c + t * stride_t + i * stride_i + j * stride_j
 
 
 @triton.jit
@@ -617,7 +608,7 @@ def batch_sum(g, bias_from=None):
 AOT_BATCH = 4
 
 
-def pix_align(stride_b, stride_c, stride_f, stride_h, stride_w=1) -> int:
+def pix_align(stride_b, stride_c, stride_f, stride_h) -> int:
     """The largest power of two up to 16 dividing the pixel strides other than the row's own."""
     g = 16
     for s in (stride_b, stride_c, stride_f, stride_h):
@@ -647,9 +638,11 @@ def _aot_launches(shape: str = "clip-l-14-336"):
                     stride_pn=D,
                     stride_pd=1, stride_ob=N * D, stride_on=D, stride_od=1)
     fwd = (patch_embed_fwd_kernel, "fwd bias+pos", ("M", "D", "K"), fwd_ints,
-           dict(RUN=run, PIX_ALIGN=align, HAS_BIAS=True, HAS_POS=True), ("pix_ptr", "w_ptr", "bias_ptr", "pos_ptr", "out_ptr"))
+           dict(RUN=run, PIX_ALIGN=align, HAS_BIAS=True, HAS_POS=True),
+           ("pix_ptr", "w_ptr", "bias_ptr", "pos_ptr", "out_ptr"))
     dx = (patch_embed_dx_kernel, "dpixels", ("M", "K", "D"),
-          dict(geo, K=k_runs, **g, stride_wd=cdiv(k_runs, PACK_ALIGN) * PACK_ALIGN, **x), dict(RUN=run, PIX_ALIGN=align),
+          dict(geo, K=k_runs, **g, stride_wd=cdiv(k_runs, PACK_ALIGN) * PACK_ALIGN, **x),
+          dict(RUN=run, PIX_ALIGN=align),
           ("dout_ptr", "w_ptr", "dpix_ptr"))
     dw = (patch_embed_dw_kernel, "dW", ("D", "K", "M"),
           dict(geo, K=k_runs, **g, **x, stride_dws=0, stride_dwd=K, stride_dwk=1, TOKEN_CHUNK=M),
