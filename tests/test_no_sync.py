@@ -38,6 +38,8 @@ def _resampler(attn="sdpa"):
 
     cfg = Idefics2PerceiverConfig(hidden_size=32, resampler_n_latents=5, resampler_depth=2, resampler_n_heads=4,
                                   resampler_head_dim=8, num_key_value_heads=2, intermediate_size=64)
+    if attn == "mmfuse":  # transformers validates the name when the model is built: register it first
+        mmfuse.register_transformers_attention()
     cfg._attn_implementation = attn
     torch.manual_seed(0)
     return Idefics2PerceiverResampler._from_config(cfg)
