@@ -5,8 +5,6 @@ entry; what runs inside it is the kernel launcher), and the patched Idefics2 res
 
 from __future__ import annotations
 
-import copy
-
 import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
