@@ -42,6 +42,7 @@ class MergedShape:
     norm: str | None
     norm_after_merge: bool = False
     table: bool = False     # a pixel shuffle (a token table; eager copies), or Qwen's free view merge
+    gated: bool = False     # widths (N, D): SwiGLU on one chunked (2N, K) weight ([up | gate]), then down
 
 
 @dataclasses.dataclass(frozen=True)
@@ -109,6 +110,13 @@ MERGED_SHAPES = (
     # of 4096, LayerNorm(4096), 4096 -> 4096 -> 4096 (the shuffle runs in InternVLModel, the rest in
     # its projector).
     MergedShape("internvl2-8b-mlp1", 1024, 1024, 4, (4096, 4096), "layer", norm_after_merge=True, table=True),
+    # Aya Vision 8B: SigLIP2-so400m (1152) at 364px: 26x26 = 676 patches of 14 per tile, pixel shuffle
+    # (downsample 2) to 169 rows of 4608, LayerNorm(4608), linear_1 4608 -> 28672 chunked into up and
+    # gate halves of 14336, SiLU(gate) * up, linear_2 14336 -> 4096 (Command R7B). The sizes are the
+    # published CohereLabs/aya-vision-8b config.json's as recalled (image_size 364,
+    # alignment_intermediate_size 28672): no download here to re-check them.
+    MergedShape("aya-vision-8b-projector", 676, 1152, 4, (14336, 4096), "layer", norm_after_merge=True, table=True,
+                gated=True),
 )
 
 PATCH_SHAPES = (

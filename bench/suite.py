@@ -83,6 +83,7 @@ class MergeSpec:
     table: torch.Tensor | None
     norm: str | None
     post: bool
+    gated: bool = False  # SwiGLU on one chunked weight ([up | gate], Aya Vision), then down
 
 
 def _merged_impls():
@@ -105,18 +106,26 @@ def _merged_impls():
 
     def eager(x, ws, bs, nw, nb, spec):
         x = glue(x, ws, bs, nw, nb, spec)
+        if spec.gated:  # the module's code: x, gate = linear_1(x).chunk(2); linear_2(act(gate) * x)
+            up, gate = F.linear(x, ws[0], bs[0]).chunk(2, dim=-1)
+            return F.linear(F.silu(gate) * up, ws[1], bs[1])
         for i, (w, b) in enumerate(zip(ws, bs)):
             x = F.linear(x, w, b)
             x = F.gelu(x) if i < len(ws) - 1 else x
         return x
 
     def mmfuse_glue(x, ws, bs, nw, nb, spec):  # mmfuse before the merged GEMM: PyTorch glue, fused MLP
-        return mmfuse.mlp(glue(x, ws, bs, nw, nb, spec), ws, bs)
+        x = glue(x, ws, bs, nw, nb, spec)
+        if spec.gated:
+            n = ws[0].shape[0] // 2
+            return mmfuse.gated_mlp(x, ws[0][n:], ws[0][:n], ws[1], bs[0][n:], bs[0][:n], bs[1], "silu")
+        return mmfuse.mlp(x, ws, bs)
 
     def fused(x, ws, bs, nw, nb, spec):
         group, table, norm, post = spec.group, spec.table, spec.norm, spec.post
-        return mmfuse.merged_mlp(x, ws, bs, group=group, token_map=table, norm=norm, norm_weight=nw,
-                                 norm_bias=nb if norm == "layer" else None, eps=1e-6, norm_after_merge=post)
+        return mmfuse.merged_mlp(x, ws, bs, "silu" if spec.gated else "gelu", group=group, token_map=table,
+                                 norm=norm, norm_weight=nw, norm_bias=nb if norm == "layer" else None, eps=1e-6,
+                                 norm_after_merge=post, gate_half=1 if spec.gated else None)
 
     return {"mmfuse": fused, "eager": eager, "torch.compile": torch.compile(eager), "mmfuse glue": mmfuse_glue}
 
@@ -211,17 +220,19 @@ def cases(dtypes=("bfloat16", "float16"), modes=("fwd", "fwd+bwd"), images: int 
     for s in MERGED_SHAPES:
         T = s.tokens * images
         widths = (s.group * s.channels, *s.widths)
-        flops = sum(2 * (T // s.group) * k * n for k, n in zip(widths, widths[1:]))
+        # gated: the first Linear is 2N wide (up and gate), the second reads N
+        outs = (2 * s.widths[0], *s.widths[1:]) if s.gated else widths[1:]
+        flops = sum(2 * (T // s.group) * k * n for k, n in zip(widths, outs))
 
-        def make(device, dtype, s=s, T=T, widths=widths):
+        def make(device, dtype, s=s, T=T, widths=widths, outs=outs):
             x = torch.randn(T, s.channels, device=device, dtype=dtype)
-            ws = [torch.randn(n, k, device=device, dtype=dtype) / k ** 0.5 for k, n in zip(widths, widths[1:])]
-            bs = [torch.randn(n, device=device, dtype=dtype) for n in widths[1:]]
+            ws = [torch.randn(n, k, device=device, dtype=dtype) / k ** 0.5 for k, n in zip(widths, outs)]
+            bs = [torch.randn(n, device=device, dtype=dtype) for n in outs]
             width = widths[0] if s.norm_after_merge else s.channels
             nw = torch.randn(width, device=device, dtype=dtype)
             nb = torch.randn(width, device=device, dtype=dtype) if s.norm == "layer" else None
             table = torch.randperm(T, device=device).view(-1, s.group).to(torch.int32) if s.table else None
-            return [x, ws, bs, nw, nb, MergeSpec(s.group, table, s.norm, s.norm_after_merge)]
+            return [x, ws, bs, nw, nb, MergeSpec(s.group, table, s.norm, s.norm_after_merge, s.gated)]
 
         out += [Case("merged_mlp", s.name, m, d, impl, flops, make) for m in modes for d in dtypes
                 for impl in MERGED_IMPLS]

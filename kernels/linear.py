@@ -577,11 +577,13 @@ def gated_fwd(x, w_gate, w_up, bias_gate=None, bias_up=None, activation="silu", 
     return h, gu
 
 
-def gate_grad(dy, w_down, gu, activation):
-    """dGU (M, 2N) = [dG | dU] of h = act(g) * u, from dH = dY @ W_down in one GEMM launch."""
+def gate_grad(dy, w_down, gu, activation, gate_half=0):
+    """dGU (M, 2N) = [dG | dU] of h = act(g) * u, from dH = dY @ W_down in one GEMM launch. gu and dGU
+    hold the gate's columns in half ``gate_half`` (1: [dU | dG], a chunked weight's row order)."""
     M, N = dy.shape[0], w_down.shape[1]
     dgu = empty((M, 2 * N), dtype=dy.dtype, device=dy.device)
-    _launch_gemm(dy, w_down, dgu[:, :N], c2=dgu[:, N:], aux=gu[:, :N], aux2=gu[:, N:],
+    gate, up = (slice(0, N), slice(N, 2 * N)) if gate_half == 0 else (slice(N, 2 * N), slice(0, N))
+    _launch_gemm(dy, w_down, dgu[:, gate], c2=dgu[:, up], aux=gu[:, gate], aux2=gu[:, up],
                  activation=ACTIVATIONS[activation], gate_grad=True)
     return dgu
 

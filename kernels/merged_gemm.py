@@ -48,7 +48,8 @@ from mmfuse.kernels._common import (
     grouped_tile,
     num_sms,
 )
-from mmfuse.kernels.linear import GROUP_M, INTERPRETER_TILE, block_k_for, candidate_tiles, gemm_epilogue
+from mmfuse.kernels.linear import (GROUP_M, INTERPRETER_TILE, block_k_for, candidate_tiles, gated_epilogue,
+                                   gemm_epilogue)
 from mmfuse.kernels._tuning import TileChooser
 
 
@@ -160,21 +161,26 @@ def norm_stats_kernel(
 def mapped_gemm_kernel(
     a_ptr, b_ptr, c_ptr, bias_ptr, aux_ptr,
     map_ptr, stats_ptr, gamma_ptr, beta_ptr,
+    b2_ptr, bias2_ptr, aux2_ptr,  # GATED: the up projection's W^T (B's strides), bias, pre-activation
     M, N, K, C, G,
     stride_am, stride_ak, stride_bk, stride_bn, stride_cm, stride_cn, stride_auxm, stride_auxn,
-    stride_bias, stride_map, stride_gamma, stride_beta,
+    stride_bias, stride_bias2, stride_map, stride_gamma, stride_beta,
     MAPPED: tl.constexpr,       # 0: A is x merged + normalised; 1: B is; 2: C is stored through the map
     NORM: tl.constexpr,         # normalise in the load (LayerNorm or RMSNorm: the same code)
     NORM_POST: tl.constexpr,    # statistics and gamma / beta per merged row (else per source token)
     ALIGNED: tl.constexpr,      # C % (the mapped operand's block along the merged columns) == 0
     TABLE: tl.constexpr,        # tokens from the map (else merged row m is tokens m * G .. m * G + G - 1)
+    GATED: tl.constexpr,        # (MAPPED 0) C = act(A @ B + bias) * (A @ B2 + bias2): one A tile, two B tiles
     ACTIVATION: tl.constexpr, HAS_BIAS: tl.constexpr, STORE_AUX: tl.constexpr,
     INPUT_PRECISION: tl.constexpr, ACC_DTYPE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     GROUP_M: tl.constexpr, EVEN_K: tl.constexpr,
 ):
     """C = A @ B with one operand in the merged layout (module docstring). The mapped operand's
-    "strides" are x's (token, channel); rows past M / columns past N wrap as in fused_gemm_kernel."""
+    "strides" are x's (token, channel); rows past M / columns past N wrap as in fused_gemm_kernel.
+    GATED (SwiGLU / GeGLU on a merged operand: Aya Vision, Command A) normalises and gathers each A
+    tile once for both products; the launcher stores g and u (aux, aux2) where the backward's GEMMs
+    read them as one (M, 2N) operand in the weight's row order."""
     pid_m, pid_n = grouped_tile(M, N, BLOCK_M, BLOCK_N, GROUP_M)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -182,9 +188,12 @@ def mapped_gemm_kernel(
     rows_a = offs_m % M
     cols_b = offs_n % N
     a_ptrs = a_ptr + rows_a.to(tl.int64)[:, None] * stride_am + offs_k[None, :] * stride_ak
-    b_ptrs = b_ptr + offs_k[:, None] * stride_bk + cols_b.to(tl.int64)[None, :] * stride_bn
+    b_off = offs_k[:, None] * stride_bk + cols_b.to(tl.int64)[None, :] * stride_bn
+    b_ptrs = b_ptr + b_off
+    b2_ptrs = b2_ptr + b_off  # GATED only: W_up^T, with W_gate^T's strides
 
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=ACC_DTYPE)
+    acc_up = tl.zeros((BLOCK_M, BLOCK_N) if GATED else (1, 1), dtype=ACC_DTYPE)
     if MAPPED == 0 and TABLE and ALIGNED:
         # A table maps each row's slot j to one token (ALIGNED: a K step never straddles two slots), so
         # look the G tokens up outside the channel loop: its addresses are then plain pointer steps,
@@ -204,9 +213,13 @@ def mapped_gemm_kernel(
                     gi = (j * C if NORM_POST else 0) + c0 + offs_k
                     a = normalise(a.to(ACC_DTYPE), mean, rstd, gamma_ptr, beta_ptr, gi, gi >= 0, stride_gamma,
                                   stride_beta)
+                a = a.to(b_ptr.dtype.element_ty)
                 b = tl.load(b_ptrs)
-                acc = tl.dot(a.to(b_ptr.dtype.element_ty), b, acc, input_precision=INPUT_PRECISION,
-                             out_dtype=ACC_DTYPE)
+                acc = tl.dot(a, b, acc, input_precision=INPUT_PRECISION, out_dtype=ACC_DTYPE)
+                if GATED:
+                    acc_up = tl.dot(a, tl.load(b2_ptrs), acc_up, input_precision=INPUT_PRECISION,
+                                    out_dtype=ACC_DTYPE)
+                    b2_ptrs += BLOCK_K * stride_bk
                 x_ptrs += BLOCK_K * stride_ak
                 b_ptrs += BLOCK_K * stride_bk
     else:
@@ -232,6 +245,13 @@ def mapped_gemm_kernel(
             else:
                 b = tl.load(b_ptrs, mask=k_ok[:, None], other=0.0)
             acc = tl.dot(a, b, acc, input_precision=INPUT_PRECISION, out_dtype=ACC_DTYPE)
+            if GATED:
+                if EVEN_K:
+                    b2 = tl.load(b2_ptrs)
+                else:
+                    b2 = tl.load(b2_ptrs, mask=k_ok[:, None], other=0.0)
+                acc_up = tl.dot(a, b2, acc_up, input_precision=INPUT_PRECISION, out_dtype=ACC_DTYPE)
+                b2_ptrs += BLOCK_K * stride_bk
             a_ptrs += BLOCK_K * stride_ak
             b_ptrs += BLOCK_K * stride_bk
 
@@ -241,6 +261,10 @@ def mapped_gemm_kernel(
         offs, _ = token_offsets(offs_m, offs_n, pid_n * BLOCK_N, map_ptr, stride_map, C, G, stride_cm, stride_cn,
                                 offs_m < M, offs_n < N, ALIGNED, TABLE)
         tl.store(c_ptr + offs, acc.to(c_ptr.dtype.element_ty), mask=mask)
+    elif GATED:
+        gated_epilogue(acc, acc_up, pid_m, pid_n, M, N, c_ptr, c_ptr, bias_ptr, bias2_ptr, aux_ptr, aux2_ptr,
+                       stride_cm, stride_cn, stride_auxm, stride_auxn, stride_bias, stride_bias2,
+                       ACTIVATION, HAS_BIAS, STORE_AUX, False, ACC_DTYPE, BLOCK_M, BLOCK_N)
     else:
         gemm_epilogue(acc, pid_m, pid_n, M, N, c_ptr, bias_ptr, aux_ptr,
                       stride_cm, stride_cn, stride_auxm, stride_auxn, stride_bias,
@@ -318,6 +342,12 @@ def norm_bwd_kernel(
 # ----------------------------------------------------------------------------------------------
 #: GEMM tiles of the mapped kernel (BLOCK_K for 2-byte dtypes), from the compile check.
 MAPPED_TILES = ((128, 128, 64, 8, 4), (64, 64, 64, 8, 4))
+#: The gated forward holds two accumulators (gate, up) beside the A tile it normalises in registers. At
+#: BLOCK_K 64 every tile tried spilled on sm_80 on some Triton of 3.6-3.9 (128x64 w8 8-40 B, 64x64 w8
+#: 8-24 B, 4-warp tiles 40-304 B, 128x128 and 64x128 240-2328 B); at BLOCK_K 32 these two hold 143-228
+#: registers. IEEE fp32 (FMA): 64x64 spilled 16-48 B at two stages; 64x32 holds 114-122.
+MAPPED_GATED_TILES = ((128, 64, 32, 8, 4), (64, 64, 32, 8, 4))
+MAPPED_FP32_GATED_TILE = (64, 32, 32, 8, 2)
 #: A channel count no block divides: the token (and its statistics) gathered per element.
 MAPPED_GATHER_TILE = (64, 64, 64, 8, 3)
 #: IEEE fp32 (FMA, no tensor cores): dW spilled at 64x64x32 (16-88 B, 2-4 stages) and 32x64x32; a
@@ -399,17 +429,18 @@ def norm_stats(merge: Merge):
     return stats
 
 
-def mapped_tiles(elem_bytes: int, precision: str, C: int | None = None, mapped: int = 0) -> tuple:
-    """The mapped GEMM's tiles: MAPPED_TILES, or the fp32-IEEE / fp64 one. Given C, only the tiles whose
+def mapped_tiles(elem_bytes: int, precision: str, C: int | None = None, mapped: int = 0, gated: bool = False) -> tuple:
+    """The mapped GEMM's tiles: MAPPED_TILES (MAPPED_GATED_TILES for a gated forward), or the fp32-IEEE /
+    fp64 one. Given C, only the tiles whose
     merged-column block divides C (ALIGNED: one token per row per block); if none does, the gather tile
     (at 128x128 the per-element statistics, pipelined, needed 272 KB of shared memory on an H100 with
     Triton 3.6)."""
     if elem_bytes == 8:
         tiles = gather = (MAPPED_FP64_TILE,)
     elif elem_bytes == 4 and precision == "ieee":
-        tiles = gather = (MAPPED_FP32_TILE,)
+        tiles = gather = (MAPPED_FP32_GATED_TILE if gated else MAPPED_FP32_TILE,)
     else:
-        tiles, gather = MAPPED_TILES, (MAPPED_GATHER_TILE,)
+        tiles, gather = MAPPED_GATED_TILES if gated else MAPPED_TILES, (MAPPED_GATHER_TILE,)
     if C is None:
         return tiles
     aligned = tuple(t for t in tiles if C % (block_k_for(t[2], elem_bytes) if mapped == 0 else t[1]) == 0)
@@ -417,28 +448,32 @@ def mapped_tiles(elem_bytes: int, precision: str, C: int | None = None, mapped: 
 
 
 def _launch(a, b, c, merge: Merge, mapped: int, M, N, K, strides, *, bias=None, aux=None, activation=0,
-            store_aux=False):
+            store_aux=False, b2=None, bias2=None, aux2=None):
+    """One mapped GEMM; ``b2`` (the up projection's W^T, B's strides) makes the forward gated, with
+    ``bias2`` and ``aux2`` (aux's strides) beside bias and aux."""
     if M == 0 or N == 0:
         return
     x = merge.x
     aux_t = aux if aux is not None else c
     dummy = c  # never dereferenced when its flag is off
     norm = merge.norm is not None and mapped != 2
+    gated = b2 is not None
     stats, gamma, beta = (merge.stats, merge.gamma, merge.beta) if norm else (dummy, dummy, dummy)
-    flags = dict(MAPPED=mapped, NORM=norm, NORM_POST=merge.post and norm, TABLE=merge.table,
+    flags = dict(MAPPED=mapped, NORM=norm, NORM_POST=merge.post and norm, TABLE=merge.table, GATED=gated,
                  ACTIVATION=activation, HAS_BIAS=bias is not None, STORE_AUX=store_aux,
                  INPUT_PRECISION=dot_precision(x.dtype),
                  ACC_DTYPE=acc_dtype(x.dtype))
+    seconds = (b2 if gated else dummy, bias2 if bias2 is not None else dummy, aux2 if aux2 is not None else dummy)
 
     def launch(tile, gpu_tile=True):
         bm, bn, bk, warps, stages = tile
         if gpu_tile:
             bk = block_k_for(bk, x.element_size())
         _mapped_gemm[(cdiv(M, bm) * cdiv(N, bn),)](
-            a, b, c, bias if bias is not None else dummy, aux_t, merge.token_map, stats, gamma, beta,
+            a, b, c, bias if bias is not None else dummy, aux_t, merge.token_map, stats, gamma, beta, *seconds,
             M, N, K, merge.C, merge.G, *strides, aux_t.stride(0), aux_t.stride(1),
-            bias.stride(0) if bias is not None else 0, merge.token_map.stride(0),
-            gamma.stride(0) if norm else 0, beta.stride(0) if norm else 0,
+            bias.stride(0) if bias is not None else 0, bias2.stride(0) if bias2 is not None else 0,
+            merge.token_map.stride(0), gamma.stride(0) if norm else 0, beta.stride(0) if norm else 0,
             **flags, ALIGNED=merge.C % (bk if mapped == 0 else bn) == 0, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk,
             GROUP_M=GROUP_M, num_warps=warps, num_stages=stages)
 
@@ -449,7 +484,7 @@ def _launch(a, b, c, merge: Merge, mapped: int, M, N, K, strides, *, bias=None, 
         launch(INTERPRETER_TILE, gpu_tile=False)
     else:
         key = (x.dtype, x.device, *flags.values(), merge.C)
-        tiles = mapped_tiles(x.element_size(), flags["INPUT_PRECISION"], merge.C, mapped)
+        tiles = mapped_tiles(x.element_size(), flags["INPUT_PRECISION"], merge.C, mapped, gated)
         launch(TUNER.choose((M, N, K), key, candidate_tiles(M, N, num_sms(x.device), tiles), launch))
 
 
@@ -463,6 +498,23 @@ def mapped_fwd(merge: Merge, weight, bias=None, activation=0, store_preact=False
             (x.stride(0), x.stride(1), w_t.stride(0), w_t.stride(1), y.stride(0), y.stride(1)),
             bias=bias, aux=h, activation=activation, store_aux=h is not None)
     return y, h
+
+
+def mapped_gated_fwd(merge: Merge, weight, gate_half: int, bias=None, activation=0, store_preact=False):
+    """h = act(g) * u (M, N) for [g | u] = norm_merge(x) @ W^T + b, W one (2N, K) weight whose half
+    ``gate_half`` (0 first, 1 second) is the gate's, in one launch; (h, gu): gu (M, 2N) the pre-activations
+    in W's row order (the backward's dGU, dW and dA GEMMs read it as one operand), when saved."""
+    M, N, x = merge.M, weight.shape[0] // 2, merge.x
+    gate, up = (slice(0, N), slice(N, 2 * N)) if gate_half == 0 else (slice(N, 2 * N), slice(0, N))
+    h = empty((M, N), dtype=x.dtype, device=x.device)
+    gu = empty((M, 2 * N), dtype=x.dtype, device=x.device) if store_preact else None
+    wg_t, wu_t = weight[gate].t(), weight[up].t()
+    _launch(x, wg_t, h, merge, 0, M, N, merge.K,
+            (x.stride(0), x.stride(1), wg_t.stride(0), wg_t.stride(1), h.stride(0), h.stride(1)),
+            bias=bias[gate] if bias is not None else None, aux=gu[:, gate] if gu is not None else None,
+            activation=activation, store_aux=gu is not None, b2=wu_t,
+            bias2=bias[up] if bias is not None else None, aux2=gu[:, up] if gu is not None else None)
+    return h, gu
 
 
 def mapped_weight_grad(dh, merge: Merge):
@@ -537,9 +589,10 @@ def _gemm_spec_args(ptr, mapped, T, C, G, N):
             1: dict(M=N, N=K, K=M, stride_am=1, stride_ak=N, stride_bk=C, stride_bn=1, stride_cm=K, stride_cn=1),
             2: dict(M=M, N=K, K=N, stride_am=N, stride_ak=1, stride_bk=K, stride_bn=1, stride_cm=C, stride_cn=1)}
     return dict(a_ptr=ptr, b_ptr=ptr, c_ptr=ptr, bias_ptr=ptr, aux_ptr=ptr, map_ptr="*i32",
-                stats_ptr="*fp64" if ptr == "*fp64" else "*fp32", gamma_ptr=ptr, beta_ptr=ptr, C=C, G=G,
-                **gemm[mapped], stride_auxm=N, stride_auxn=1, stride_bias=1, stride_map=G, stride_gamma=1,
-                stride_beta=1)
+                stats_ptr="*fp64" if ptr == "*fp64" else "*fp32", gamma_ptr=ptr, beta_ptr=ptr,
+                b2_ptr=ptr, bias2_ptr=ptr, aux2_ptr=ptr, C=C, G=G,
+                **gemm[mapped], stride_auxm=N, stride_auxn=1, stride_bias=1, stride_bias2=0, stride_map=G,
+                stride_gamma=1, stride_beta=1)
 
 
 #: The GEMMs each dtype class compiles, on the tiles it takes: 2-byte (bf16; fp16 is the same code)
@@ -558,20 +611,22 @@ def aot_specs():
     T, C, G, N = AOT_SHAPE
     specs = []
 
-    def gemm_spec(form, mapped, dtype, ptr, precision, tile, C=C, note=""):
+    def gemm_spec(form, mapped, dtype, ptr, precision, tile, C=C, note="", gated=False):
         (variant, norm, post, table), (bm, bn, bk, warps, stages) = form, tile
         elem = {"*fp32": 4, "*fp64": 8}.get(ptr, 2)
         block_k = block_k_for(bk, elem)
         args = _gemm_spec_args(ptr, mapped, T, C, G, N)
+        if gated:  # the up half's bias, a unit-stride slice (its W^T has the gate half's strides)
+            args["stride_bias2"] = 1
         if not norm or mapped == 2:  # the launcher passes the output as the unused stats pointer
             args["stats_ptr"] = ptr
         aligned = C % (block_k if mapped == 0 else bn) == 0
         cx = dict(MAPPED=mapped, NORM=norm and mapped != 2, NORM_POST=post and mapped != 2, ALIGNED=aligned,
-                  TABLE=table,
-                  ACTIVATION=1 if mapped == 0 else 0, HAS_BIAS=mapped == 0, STORE_AUX=mapped == 0,
+                  TABLE=table, GATED=gated,
+                  ACTIVATION=(4 if gated else 1) if mapped == 0 else 0, HAS_BIAS=mapped == 0, STORE_AUX=mapped == 0,
                   INPUT_PRECISION=precision, ACC_DTYPE=tl.float64 if elem == 8 else tl.float32,
                   BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=block_k, GROUP_M=GROUP_M, EVEN_K=args["K"] % block_k == 0)
-        what = {0: f"fwd gelu+bias+aux, {variant}", 1: f"dW, {variant}",
+        what = {0: f"fwd {'silu gated' if gated else 'gelu'}+bias+aux, {variant}", 1: f"dW, {variant}",
                 2: "dA stored through the " + ("table" if table else "view merge")}[mapped]
         return CompileSpec(
             kernel="merged_gemm/mapped_gemm_kernel", variant=what + note, dtype=dtype,
@@ -584,6 +639,18 @@ def aot_specs():
         for form, mapped in gemms:
             for tile in mapped_tiles(elem, precision):
                 specs.append(gemm_spec(form, mapped, dtype, ptr, precision, tile))
+    # The gated forward (Aya Vision: a norm over the merged row of a pixel shuffle; Command A: no norm):
+    # its own tiles in 16 bits, every dtype class on Aya's form, and the gather tile. Its dW and dA are
+    # the plain mapped GEMMs above (N = 2 * the gate's width).
+    aya, command_a = MERGE_FORMS[2], MERGE_FORMS[1]
+    for dtype, ptr, precision, forms in [("bf16", "*bf16", "ieee", (aya, command_a)), ("fp32-tf32", "*fp32", "tf32", (aya,)),
+                                         ("fp32", "*fp32", "ieee", (aya,)), ("fp64", "*fp64", "ieee", (aya,))]:
+        elem = {"*fp32": 4, "*fp64": 8}.get(ptr, 2)
+        for form in forms:
+            for tile in mapped_tiles(elem, precision, gated=True):
+                specs.append(gemm_spec(form, 0, dtype, ptr, precision, tile, gated=True))
+    specs.append(gemm_spec(aya, 0, "bf16", "*bf16", "ieee", MAPPED_GATHER_TILE, C=1176, note=" (C % block != 0)",
+                           gated=True))
     # A channel count no block divides (C = 1176, e.g. 1176 = 3 * 392): the per-element token gather.
     for form, mapped in [(MERGE_FORMS[0], 0), (MERGE_FORMS[0], 1), (MERGE_FORMS[1], 2)]:
         specs.append(gemm_spec(form, mapped, "bf16", "*bf16", "ieee", MAPPED_GATHER_TILE, C=1176,

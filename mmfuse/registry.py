@@ -165,49 +165,31 @@ def _weight_matmul(module: nn.Module, family: Family) -> nn.Module:
 #: change may read them inside the first GEMM's loads).
 GATED_PRE = {
     "glm_merger": lambda m, x: m.act1(m.post_projection_norm(m.proj(x))),
-    "pixel_shuffle": lambda m, x: m.pixel_shuffle(x),
-    "pixel_shuffle_norm": lambda m, x: m.layernorm(m.pixel_shuffle(x)),
 }
 
 
 def _gated_mlp(module: nn.Module, family: Family) -> nn.Module:
     """``down(act(gate(x)) * up(x))`` as ``mmfuse.gated_mlp``: gate and up in one GEMM (act(g) * u in
     its epilogue), down in a second. Options: ``gated`` = (gate, up, down, act) paths of separate
-    Linears, or ``chunked`` = (linear_1, linear_2, act, gate half) for one (2N, K) weight whose
-    ``chunk(2)`` gives (up, gate) (gate half 1) or (gate, up) (0); ``pre``: a GATED_PRE glue step;
-    ``linears``: other Linears the glue calls (swapped as in ``_swap_gemms``)."""
-    from mmfuse.ops.linear import gated_mlp
+    Linears; ``pre``: a GATED_PRE glue step; ``linears``: other Linears the glue calls (swapped as in
+    ``_swap_gemms``). (A chunked gate/up weight after a token merge is the merged-mlp recipe's
+    ``gate_half``.)"""
+    from mmfuse.ops.linear import GATE_ACTIVATIONS, gated_mlp
 
     new = _swap_gemms(module, family)  # the glue's own Linears (GLM's proj), if any
     pre = GATED_PRE[family.opt("pre")] if family.opt("pre") else None
-    if family.opt("gated"):
-        gate, up, down, act_path = family.opt("gated")
-        for path in (gate, up, down):
-            if not isinstance(_get(module, path), nn.Linear):
-                raise _patch.Unsupported(f"{path}: expected nn.Linear, got {type(_get(module, path)).__name__}")
-        act = activation_name(_get(module, act_path))
-
-        def run(self, x):
-            g, u, d = _get(self, gate), _get(self, up), _get(self, down)
-            return gated_mlp(x, g.weight, u.weight, d.weight, g.bias, u.bias, d.bias, act)
-    else:
-        lin1, lin2, act_path, gate_half = family.opt("chunked")
-        if not (isinstance(_get(module, lin1), nn.Linear) and isinstance(_get(module, lin2), nn.Linear)):
-            raise _patch.Unsupported(f"{lin1}, {lin2}: expected nn.Linear")
-        act = activation_name(_get(module, act_path))
-
-        def run(self, x):
-            l1, l2 = _get(self, lin1), _get(self, lin2)
-            n = l1.out_features // 2
-            halves = [(l1.weight[:n], l1.bias[:n] if l1.bias is not None else None),
-                      (l1.weight[n:], l1.bias[n:] if l1.bias is not None else None)]
-            (wg, bg), (wu, bu) = halves[gate_half], halves[1 - gate_half]
-            return gated_mlp(x, wg, wu, l2.weight, bg, bu, l2.bias, act)
-    if act is None or act not in ("silu", "gelu", "gelu_tanh", "quick_gelu", "relu"):
+    gate, up, down, act_path = family.opt("gated")
+    for path in (gate, up, down):
+        if not isinstance(_get(module, path), nn.Linear):
+            raise _patch.Unsupported(f"{path}: expected nn.Linear, got {type(_get(module, path)).__name__}")
+    act = activation_name(_get(module, act_path))
+    if act not in GATE_ACTIVATIONS:
         raise _patch.Unsupported(f"gate activation: expected one the epilogue computes, got {act!r}")
 
     def forward(self, x):
-        return run(self, pre(self, x) if pre is not None else x)
+        x = pre(self, x) if pre is not None else x
+        g, u, d = _get(self, gate), _get(self, up), _get(self, down)
+        return gated_mlp(x, g.weight, u.weight, d.weight, g.bias, u.bias, d.bias, act)
 
     cls = type(new)
     sub = type(cls.__name__, (cls,), {"__module__": "mmfuse.registry", "forward": forward})
@@ -266,20 +248,26 @@ MERGES = {
     "pixel_unshuffle": (lambda m: m.factor ** 2, lambda m, t: m.pixel_unshuffle(t)),                    # LFM2-VL
     "pixel_shuffle_factor": (lambda m: m.pixel_shuffle_factor ** 2,                                     # ModernVBERT
                              lambda m, t: m.pixel_shuffle(t, m.pixel_shuffle_factor)),
+    "pixel_shuffle_downsample": (lambda m: m.downsample_factor ** 2, lambda m, t: m.pixel_shuffle(t)),  # Aya Vision
 }
 
 
 def _merged_mlp(module: nn.Module, family: Family) -> nn.Module:
     """The merge and the norm read inside the first GEMM (``mmfuse.merged_mlp``): the module's Linears
     (``linears``, activation ``act`` between them), its norm (``norm``: before the merge, or after it
-    where ``post`` names a true attribute), its merge (``merge``: a MERGES key)."""
+    where ``post`` names a true attribute), its merge (``merge``: a MERGES key); ``gate_half``: the first
+    Linear is a chunked SwiGLU / GeGLU weight whose half ``gate_half`` is the gate (``act`` its
+    activation), computed in the same GEMM."""
+    from mmfuse.ops.linear import GATE_ACTIVATIONS
     from mmfuse.ops.merged import merged_mlp
 
-    lin_paths, act_path = family.opt("linears"), family.opt("act")
+    lin_paths, act_path, gate_half = family.opt("linears"), family.opt("act"), family.opt("gate_half")
     for path in lin_paths:
         if not isinstance(_get(module, path), nn.Linear):
             raise _patch.Unsupported(f"{path}: expected nn.Linear, got {type(_get(module, path)).__name__}")
     act = activation_name(_get(module, act_path)) if act_path else None
+    if gate_half is not None and act not in GATE_ACTIVATIONS:
+        raise _patch.Unsupported(f"gate activation: expected one the epilogue computes, got {act!r}")
     norm_path, merge = family.opt("norm"), MERGES[family.opt("merge")]
     post = family.opt("post", False)
     post = bool(getattr(module, post, False)) if isinstance(post, str) else post
@@ -291,7 +279,7 @@ def _merged_mlp(module: nn.Module, family: Family) -> nn.Module:
     def forward(self, x):
         lins = [_get(self, p) for p in lin_paths]
         norm, weight, bias, eps = _norm_form(_get(self, norm_path)) if norm_path else (None, None, None, 1e-6)
-        kw = dict(norm=norm, norm_weight=weight, norm_bias=bias, eps=eps, norm_after_merge=post)
+        kw = dict(norm=norm, norm_weight=weight, norm_bias=bias, eps=eps, norm_after_merge=post, gate_half=gate_half)
         ws, bs = [m.weight for m in lins], [m.bias for m in lins]
         C = x.shape[-1]
         if merge is None:
@@ -355,10 +343,10 @@ RECIPES = {r.name: r for r in [
            "the norm and the token merge (reshapes / unfold / pixel shuffle)", _swap_gemms),
     Recipe("gated mlp", PROJECTOR,
            "gate and up as one GEMM (bias, act(g) * u in its epilogue; dG and dU in the backward GEMM's), "
-           "down as a second", "the glue before it (Linear + norm, pixel shuffle, norm)", _gated_mlp),
+           "down as a second", "the glue before it (GLM-4V's Linear + LayerNorm + GELU)", _gated_mlp),
     Recipe("merged mlp", PROJECTOR,
            "the norm and the token merge inside the first GEMM's loads (never materialised), every Linear, "
-           "bias and activation", "nothing (a pixel shuffle's token table is probed once per shape)", _merged_mlp),
+           "bias and activation (a chunked SwiGLU's gate and up: one GEMM, act(g) * u in its epilogue)", "nothing (a pixel shuffle's token table is probed once per shape)", _merged_mlp),
     Recipe("pool+norm+matmul", PROJECTOR, "the weight matmul (W^T as the GEMM's B)",
            "the average pool and the RMSNorm", _weight_matmul),
     Recipe("patch embed (pre-cut rows)", PATCH_EMBED, "Conv3d(k=s) on pre-cut patch rows as one GEMM + bias",
@@ -431,6 +419,9 @@ _QWEN_MERGER = (("linears", ("mlp.0", "mlp.2")), ("act", "mlp.1"), ("norm", "ln_
 _QWEN3_MERGER = (("linears", ("linear_fc1", "linear_fc2")), ("act", "act_fn"), ("norm", "norm"), ("merge", "view"),
                  ("post", "use_postshuffle_norm"))
 _PIXEL_SHUFFLE = (("linears", ("modality_projection.proj",)), ("merge", "pixel_shuffle"))
+# `x, gate = linear_1(a).chunk(2)`: the gate is the second half.
+_DOWNSAMPLE_SWIGLU = (("linears", ("linear_1", "linear_2")), ("act", "act"), ("merge", "pixel_shuffle_downsample"),
+                      ("gate_half", 1))
 _CONV3D_NOTE = "Conv3d(k=s) on rows the processor cut: cuDNN's bf16 Conv3d path avoided"
 _SEPARATE_GATE = (("gated", ("gate_proj", "up_proj", "down_proj", "act_fn")),)
 _GLM_MERGER = (("linears", ("proj",)), ("pre", "glm_merger"), *_SEPARATE_GATE)
@@ -506,12 +497,13 @@ FAMILIES: list[Family] = [
             ("fuse", (("linear_1", "act"), ("merge_linear_1", "merge_act")))),
            notes="an MLP per patch, the merge as a reshape, then a second MLP"),
     # gated
-    Family("Command A Vision", "cohere2_vision", ("Cohere2VisionMultiModalProjector",), "gated mlp",
-           (("pre", "pixel_shuffle"), ("chunked", ("linear_1", "linear_2", "act", 1))),
-           notes="pixel shuffle, SwiGLU on one chunked weight (up, gate)"),
-    Family("Aya Vision", "aya_vision", ("AyaVisionMultiModalProjector",), "gated mlp",
-           (("pre", "pixel_shuffle_norm"), ("chunked", ("linear_1", "linear_2", "act", 1))),
-           notes="pixel shuffle, LayerNorm, SwiGLU on one chunked weight (up, gate)"),
+    Family("Command A Vision", "cohere2_vision", ("Cohere2VisionMultiModalProjector",), "merged mlp",
+           _DOWNSAMPLE_SWIGLU, notes="pixel shuffle read in the loads of one GEMM for gate and up (SwiGLU on one "
+           "chunked weight: up, gate)"),
+    Family("Aya Vision", "aya_vision", ("AyaVisionMultiModalProjector",), "merged mlp",
+           (*_DOWNSAMPLE_SWIGLU, ("norm", "layernorm"), ("post", True)),
+           notes="pixel shuffle and the LayerNorm over the merged row read in the loads of one GEMM for gate "
+           "and up (SwiGLU on one chunked weight: up, gate)"),
     Family("GLM-4V", "glm4v", ("Glm4vVisionPatchMerger",), "gated mlp", _GLM_MERGER,
            notes="Linear, LayerNorm + GELU, then SwiGLU (separate gate / up)"),
     Family("GLM-4V-MoE", "glm4v_moe", ("Glm4vMoeVisionPatchMerger",), "gated mlp", _GLM_MERGER),

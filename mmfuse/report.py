@@ -312,14 +312,17 @@ def merged_traffic_section() -> list[str]:
              "largest); distinct bytes per launch. Eager: the module's code: the norm (F.layer_norm: one kernel; "
              "RMSNorm as transformers writes it: 7 kernels in fp32), the pixel shuffle's copy (Qwen's merge is a "
              "view), the MLP, autograd through all of it. Training forward saves the pre-activation; inference "
-             "does not.", "",
+             "does not. Aya Vision's gated form: gate and up from one read of the merged operand, [dG | dU] in "
+             "the down layer's dX epilogue, one dW and one dA GEMM over both halves; eager runs the chunked "
+             "Linear, SiLU, the product and the second Linear.", "",
              "| shape | images | fwd MB eager → mmfuse, training (ratio) | inference (ratio) | bwd MB eager → "
              "mmfuse (ratio) | launches fwd, bwd |",
              "| --- | --- | --- | --- | --- | --- |"]
     bk = KM.MAPPED_TILES[0][2]
     for s in MERGED_SHAPES:
         for images in (1, 8):
-            kw = dict(norm=s.norm, post=s.norm_after_merge, table=s.table, bk=bk)
+            kw = dict(norm=s.norm, post=s.norm_after_merge, table=s.table, bk=KM.MAPPED_GATED_TILES[0][2] if s.gated
+                      else bk, gated=s.gated)
             T = s.tokens * images
             t = merged_mlp_traffic(T, s.channels, s.group, s.widths, (128, 128), 2, **kw)
             inf = merged_mlp_traffic(T, s.channels, s.group, s.widths, (128, 128), 2, training=False, **kw)

@@ -452,7 +452,7 @@ def gated_mlp_traffic(M: int, K: int, N: int, D: int, tile, elem: int, bias: boo
 
 def mapped_gemm_traffic(M: int, N: int, K: int, tile: tuple[int, int, int], elem: int, *, mapped: int, C: int,
                         G: int, rows_norm: int = 0, norm_width: int = 0, bias: bool = False, store_aux: bool = False,
-                        acc_elem: int = 4, table: bool = True) -> dict[str, Traffic]:
+                        acc_elem: int = 4, table: bool = True, gated: bool = False) -> dict[str, Traffic]:
     """Per operand of one ``mapped_gemm_kernel`` launch (kernels/merged_gemm.py) of GEMM (M, N, K) with
     tile (BLOCK_M, BLOCK_N, BLOCK_K), channel blocks aligned to C (ALIGNED: one token per row per
     step). ``mapped`` 0: A is the merged operand ("x", loaded like A; per program, K step and row: one
@@ -461,9 +461,10 @@ def mapped_gemm_traffic(M: int, N: int, K: int, tile: tuple[int, int, int], elem
     (one entry per stored row). ``rows_norm``: normalised rows (0: no norm); ``norm_width``: gamma's
     length. The table is a permutation: every token once. ``table`` False (Qwen's view merge): tokens
     computed, no table read. The forward through a table looks each row's tokens up once per slot j
-    (G per program row), with its (mean, rstd) per slot, not per K step."""
+    (G per program row), with its (mean, rstd) per slot, not per K step. ``gated`` (mapped 0): the up
+    half's W^T, bias and pre-activation beside the gate's ("b2", "bias2", "aux2"), A loaded once."""
     bm, bn, bk = tile
-    t = fused_gemm_traffic(M, N, K, (bm, bn), elem, bias=bias, store_aux=store_aux)
+    t = fused_gemm_traffic(M, N, K, (bm, bn), elem, bias=bias, store_aux=store_aux, gated=gated)
     pm, pn = _cdiv(M, bm), _cdiv(N, bn)
     steps = _cdiv(K, bk)
     if mapped == 2:
@@ -516,7 +517,8 @@ def norm_bwd_traffic(R: int, C: int, G: int, elem: int, *, post: bool, blocks=(1
 
 
 def merged_mlp_traffic(T: int, C: int, G: int, widths, tile, elem: int, *, norm: str | None, post: bool,
-                       table: bool, acc_elem: int = 4, bk: int = 64, training: bool = True) -> dict[str, dict]:
+                       table: bool, acc_elem: int = 4, bk: int = 64, training: bool = True,
+                       gated: bool = False) -> dict[str, dict]:
     """``mmfuse.merged_mlp`` in training (biases on, GELU between layers) against eager PyTorch running
     the module's own code, in the form of ``mlp_traffic``: ``hbm`` = distinct bytes per launch.
 
@@ -528,7 +530,15 @@ def merged_mlp_traffic(T: int, C: int, G: int, widths, tile, elem: int, *, norm:
     rsqrt, mul, to(dtype), mul by the weight), the merge (a pixel shuffle's `.contiguous()` copy when
     ``table``; Qwen's view merge is free), then the MLP (``mlp_traffic``'s eager launches), and autograd
     through all of it. ``tile``: (BLOCK_M, BLOCK_N) of every GEMM, ``bk`` the mapped GEMMs' BLOCK_K.
-    ``training`` False: the inference forward (no pre-activations saved; "bwd" then meaningless)."""
+    ``training`` False: the inference forward (no pre-activations saved; "bwd" then meaningless).
+    ``gated``: widths = (N, D) of Aya Vision's SwiGLU on one chunked (2N, K) weight: the first GEMM
+    computes gate and up from one A tile (g and u saved), the backward's [dG | dU] comes from the down
+    layer's dX GEMM (the product rule in its epilogue), and the first layer's dW, db and dA reduce over
+    2N. Eager then runs linear_1 (2N wide), chunk (a view), act, mul, linear_2, and autograd (the
+    chunk's backward: a copy of [dU | dG])."""
+    if gated:
+        return _merged_gated_traffic(T, C, G, widths, tile, elem, norm=norm, post=post, table=table,
+                                     acc_elem=acc_elem, bk=bk, training=training)
     e = elem
     M, K = T // G, G * C
     rows_norm = (M if post else T) if norm else 0
@@ -536,10 +546,7 @@ def merged_mlp_traffic(T: int, C: int, G: int, widths, tile, elem: int, *, norm:
     layers = list(zip((K, *widths[:-1]), widths))
     mlp = mlp_traffic(M, (K, *widths), tile, e)
     fwd, bwd = [], []
-    rows_g = (M, G) if post else (T, 1)
-    if norm:
-        fwd.append(sum(norm_stats_traffic(*rows_g[:1], C, rows_g[1], e, center=norm == "layer",
-                                          acc_elem=acc_elem, table=table and post).values(), Traffic()))
+    fwd += _norm_stats_launch(T, C, G, e, norm, post, table, acc_elem)
     n1, k1 = layers[0][1], K
     fwd.append(sum(mapped_gemm_traffic(M, n1, k1, (*tile[:2], bk), e, mapped=0, C=C, G=G, rows_norm=rows_norm,
                                        norm_width=norm_width, bias=True, store_aux=training and len(layers) > 1,
@@ -557,12 +564,42 @@ def merged_mlp_traffic(T: int, C: int, G: int, widths, tile, elem: int, *, norm:
     bwd.append(bias_grad_traffic(M, n1, e))
     bwd.append(sum(mapped_gemm_traffic(M, K, n1, (*tile[:2], bk), e, mapped=2, C=C, G=G, table=table).values(),
                    Traffic()))
-    if norm:
-        nb = norm_bwd_traffic(rows_g[0], C, rows_g[1], e, post=post, acc_elem=acc_elem, table=table and post)
-        bwd.append(sum(nb.values(), Traffic()))
-        partials = nb["partials"].stored  # summed in order by torch: read once, dgamma / dbeta written
-        bwd.append(Traffic(loaded=partials, unique=partials, stored=2 * norm_width * (acc_elem + e)))
-    # eager
+    bwd += _norm_bwd_launches(T, C, G, e, norm, post, table, acc_elem)
+    eager_f, eager_b = _eager_norm_merge(T, C, G, e, norm, post, table, acc_elem)
+    total = lambda ts: {"hbm": sum(t.unique + t.stored for t in ts), "l2": sum(t.loaded + t.stored for t in ts),  # noqa: E731
+                        "launches": len(ts)}
+    return {"fwd": total(fwd), "bwd": total(bwd),
+            "eager_fwd": {"hbm": sum(r + w for r, w in eager_f) + mlp["eager_fwd"]["hbm"],
+                          "launches": len(eager_f) + mlp["eager_fwd"]["launches"]},
+            "eager_bwd": {"hbm": sum(r + w for r, w in eager_b) + mlp["eager_bwd"]["hbm"],
+                          "launches": len(eager_b) + mlp["eager_bwd"]["launches"]}}
+
+
+def _norm_stats_launch(T, C, G, e, norm, post, table, acc_elem) -> list:
+    """The norm statistics' launch of a merged projector (none without a norm)."""
+    if not norm:
+        return []
+    rows, g = (T // G, G) if post else (T, 1)
+    return [sum(norm_stats_traffic(rows, C, g, e, center=norm == "layer", acc_elem=acc_elem,
+                                   table=table and post).values(), Traffic())]
+
+
+def _norm_bwd_launches(T, C, G, e, norm, post, table, acc_elem) -> list:
+    """The norm backward's launch and the ordered sum of its dgamma / dbeta partials (none without a norm)."""
+    if not norm:
+        return []
+    rows, g = (T // G, G) if post else (T, 1)
+    norm_width = G * C if post else C
+    nb = norm_bwd_traffic(rows, C, g, e, post=post, acc_elem=acc_elem, table=table and post)
+    partials = nb["partials"].stored  # summed in order by torch: read once, dgamma / dbeta written
+    return [sum(nb.values(), Traffic()), Traffic(loaded=partials, unique=partials,
+                                                 stored=2 * norm_width * (acc_elem + e))]
+
+
+def _eager_norm_merge(T, C, G, e, norm, post, table, acc_elem) -> tuple[list, list]:
+    """Eager's (read, written) bytes per launch of the norm and the merge, forward and backward."""
+    rows_norm = (T // G if post else T) if norm else 0
+    norm_width = G * C if post else C
     TC = T * C
     if norm == "layer":
         norm_f = [(TC * e + 2 * norm_width * e, TC * e + 2 * rows_norm * acc_elem)]
@@ -581,12 +618,44 @@ def merged_mlp_traffic(T: int, C: int, G: int, widths, tile, elem: int, *, norm:
         norm_f, norm_b = [], []
     merge_f = [(TC * e, TC * e)] if table else []       # pixel shuffle: reshape of a permute = a copy
     merge_b = [(TC * e, TC * e)] if table else []       # its gradient: the inverse permute's copy
-    eager_f = norm_f + merge_f
-    eager_b = merge_b + norm_b
+    return norm_f + merge_f, merge_b + norm_b
+
+
+def _merged_gated_traffic(T, C, G, widths, tile, e, *, norm, post, table, acc_elem, bk, training):
+    """``merged_mlp_traffic`` of the gated form (its docstring)."""
+    M, K = T // G, G * C
+    N, D = widths
+    rows_norm = (M if post else T) if norm else 0
+    norm_width = K if post else C
+    mapped = dict(C=C, G=G, rows_norm=rows_norm, norm_width=norm_width, acc_elem=acc_elem, table=table)
+    fwd = _norm_stats_launch(T, C, G, e, norm, post, table, acc_elem)
+    fwd.append(sum(mapped_gemm_traffic(M, N, K, (*tile[:2], bk), e, mapped=0, bias=True, store_aux=training,
+                                       gated=True, **mapped).values(), Traffic()))
+    fwd.append(sum(fused_gemm_traffic(M, D, N, tile, e, bias=True).values(), Traffic()))
+    bwd = [sum(fused_gemm_traffic(D, N, M, tile, e).values(), Traffic()),                # dW_down
+           bias_grad_traffic(M, D, e),                                                    # db_down
+           sum(fused_gemm_traffic(M, N, D, tile, e, gate_grad=True).values(), Traffic()),  # [dG | dU]
+           sum(mapped_gemm_traffic(2 * N, K, M, (*tile[:2], bk), e, mapped=1, **mapped).values(), Traffic()),
+           bias_grad_traffic(M, 2 * N, e),
+           sum(mapped_gemm_traffic(M, K, 2 * N, (*tile[:2], bk), e, mapped=2, C=C, G=G, table=table).values(),
+               Traffic())]
+    bwd += _norm_bwd_launches(T, C, G, e, norm, post, table, acc_elem)
+    norm_f, norm_b = _eager_norm_merge(T, C, G, e, norm, post, table, acc_elem)
+    MN, N2 = M * N, 2 * N
+    eager_f = norm_f + [((M * K + N2 * K + N2) * e, M * N2 * e),   # linear_1 (addmm); chunk: a view
+                        (MN * e, MN * e),                          # act(gate)
+                        (2 * MN * e, MN * e),                      # act(gate) * up
+                        ((MN + D * N + D) * e, M * D * e)]         # linear_2
+    eager_b = [((M * D + MN) * e, D * N * e),                      # dW_2
+               (M * D * e, D * e),                                 # db_2
+               ((M * D + D * N) * e, MN * e),                      # dH
+               (2 * MN * e, MN * e), (2 * MN * e, MN * e),         # the product's two halves
+               (2 * MN * e, MN * e),                               # act': dG
+               (2 * MN * e, M * N2 * e),                           # chunk's backward: [dU | dG], a copy
+               ((M * N2 + M * K) * e, N2 * K * e),                 # dW_1
+               (M * N2 * e, N2 * e),                               # db_1
+               ((M * N2 + N2 * K) * e, M * K * e)] + norm_b        # dX_1, then the merge's and norm's
     total = lambda ts: {"hbm": sum(t.unique + t.stored for t in ts), "l2": sum(t.loaded + t.stored for t in ts),  # noqa: E731
                         "launches": len(ts)}
-    return {"fwd": total(fwd), "bwd": total(bwd),
-            "eager_fwd": {"hbm": sum(r + w for r, w in eager_f) + mlp["eager_fwd"]["hbm"],
-                          "launches": len(eager_f) + mlp["eager_fwd"]["launches"]},
-            "eager_bwd": {"hbm": sum(r + w for r, w in eager_b) + mlp["eager_bwd"]["hbm"],
-                          "launches": len(eager_b) + mlp["eager_bwd"]["launches"]}}
+    eager = lambda launches: {"hbm": sum(r + w for r, w in launches), "launches": len(launches)}  # noqa: E731
+    return {"fwd": total(fwd), "bwd": total(bwd), "eager_fwd": eager(eager_f), "eager_bwd": eager(eager_b)}

@@ -85,10 +85,10 @@ def run_key(spec):
         bk = cx["BLOCK_K"] * {"fp64": 4, "fp32": 2, "fp32-tf32": 2}.get(spec.dtype, 1)
         tile = (cx["BLOCK_M"], cx["BLOCK_N"], bk, spec.num_warps, spec.num_stages)
         return ("merged", cx["MAPPED"], cx["NORM"], cx["NORM_POST"], spec.dtype, tile, cx["ALIGNED"], cx["EVEN_K"],
-                cx["TABLE"])
+                cx["TABLE"], cx["GATED"])
     if name in ("norm_stats_kernel", "norm_bwd_kernel"):
         post = dict(spec.args)["G"] > 1
-        return ("merged", None, True, post, spec.dtype, None, cx["ALIGNED"], None, cx["TABLE"])
+        return ("merged", None, True, post, spec.dtype, None, cx["ALIGNED"], None, cx["TABLE"], False)
     if name == "act_grad_kernel":
         return ("linear", "act'", ACT_NAMES[cx["ACTIVATION"]], True, spec.dtype, (cx["BLOCK_M"], cx["BLOCK_N"]),
                 None, name)
@@ -304,13 +304,14 @@ def run_gated(kind, act, dtype, tile, even_k):
                       lambda *t: gated_mlp_reference(*t, activation=act), [x, wg, wu, wd, *bs], names, names)
 
 
-def run_merged(mapped, norm, post, dtype, tile, aligned, even_k, table):
+def run_merged(mapped, norm, post, dtype, tile, aligned, even_k, table, gated=False):
     """A merged projector (``mmfuse.merged_mlp``, G = 2 tokens per row, a shuffled token table or none
     (``table``: adjacent rows, Qwen's view merge), LayerNorm
     per token or per merged row, or none) whose targeted mapped GEMM spans two tiles of ``tile`` and
     reduces over 2 BLOCK_K (+ a tail unless EVEN_K); C a multiple of the block along the merged
     columns when ALIGNED, else 40. ``mapped`` None: the row-wise kernels at GPU blocks (GEMMs at the
-    interpreter's tile). Values and every gradient."""
+    interpreter's tile). ``gated``: the first layer a SwiGLU on one chunked weight (its forward GEMM's
+    N is the gate's width). Values and every gradient."""
     G = 2
     if mapped is None:  # C a multiple of the row-wise BLOCK_C (128) when ALIGNED
         C, M, N1 = (128 if aligned else 40), 21, 24
@@ -325,16 +326,18 @@ def run_merged(mapped, norm, post, dtype, tile, aligned, even_k, table):
     x = torch.randn(T, C, dtype=dtype)
     tmap = torch.randperm(T).view(M, G) if table else None
     width = G * C if post else C
-    ws = [torch.randn(N1, G * C, dtype=dtype) / (G * C) ** 0.5, torch.randn(16, N1, dtype=dtype) / N1 ** 0.5]
-    bs = [torch.randn(N1, dtype=dtype), torch.randn(16, dtype=dtype)]
+    halves = 2 if gated else 1
+    ws = [torch.randn(halves * N1, G * C, dtype=dtype) / (G * C) ** 0.5, torch.randn(16, N1, dtype=dtype) / N1 ** 0.5]
+    bs = [torch.randn(halves * N1, dtype=dtype), torch.randn(16, dtype=dtype)]
     norm_kw = dict(norm="layer" if norm else None, norm_after_merge=post)
     extra = [(1 + 0.2 * torch.randn(width)).to(dtype), torch.randn(width, dtype=dtype)] if norm else []
     names = ["x", "w1", "w2", "b1", "b2"] + ["gamma", "beta"][:len(extra)]
 
     def call(f):
-        return lambda x, w1, w2, b1, b2, *nb: f(x, [w1, w2], [b1, b2], "gelu", group=G, token_map=tmap,
-                                               norm_weight=nb[0] if nb else None, norm_bias=nb[1] if nb else None,
-                                               eps=1e-5, **norm_kw)
+        return lambda x, w1, w2, b1, b2, *nb: f(x, [w1, w2], [b1, b2], "silu" if gated else "gelu", group=G,
+                                               token_map=tmap, norm_weight=nb[0] if nb else None,
+                                               norm_bias=nb[1] if nb else None, eps=1e-5,
+                                               gate_half=1 if gated else None, **norm_kw)
 
     _values_and_grads(call(mmfuse.merged_mlp), call(merged_mlp_reference), [x, *ws, *bs, *extra], names, names)
 
@@ -431,9 +434,9 @@ def _execute(key):
             else:
                 run_linear(kind, act, bias, DTYPES[dtype_name], tile, even_k, ragged=8 if tma else RAGGED)
     elif family == "merged":
-        mapped, norm, post, dtype_name, tile, aligned, even_k, table = params
+        mapped, norm, post, dtype_name, tile, aligned, even_k, table, gated = params
         with _tf32(dtype_name == "fp32-tf32"), _common.gpu_config({"mapped_gemm_kernel": tile} if tile else {}):
-            run_merged(mapped, norm, post, DTYPES[dtype_name], tile, aligned, even_k, table)
+            run_merged(mapped, norm, post, DTYPES[dtype_name], tile, aligned, even_k, table, gated)
     elif family == "patch_embed":
         from mmfuse.kernels import patch_embed as KP
 
@@ -536,11 +539,13 @@ def launchable_configs() -> dict:
         # is the class; no dot, so TF32 or not is the same kernel).
         # Channel counts the blocks divide (ALIGNED) take every tile; others the gather tile. (C = 2^16
         # is divided by every block; C = 1176 by none.)
-        for mapped in (0, 1, 2):
+        # The gated forward (Aya Vision, Command A) has tiles of its own.
+        for mapped, gated in ((0, False), (1, False), (2, False), (0, True)):
             for C, aligned in ((1 << 16, True), (1176, False)):
-                for bm, bn, bk, warps, stages in KM.mapped_tiles(elem, prec, C, mapped):
+                for bm, bn, bk, warps, stages in KM.mapped_tiles(elem, prec, C, mapped, gated):
                     out.setdefault(("mapped_gemm_kernel", (bm, bn, KL.block_k_for(bk, elem)), warps, stages, cls,
-                                    mapped, aligned), f"merged mlp {dtype} mapped={mapped} aligned={aligned}")
+                                    mapped, aligned, gated),
+                                   f"merged mlp {dtype} mapped={mapped} aligned={aligned} gated={gated}")
         for blocks in (KM.ROWWISE, KM.ROWWISE_GATHER):
             for name in ("norm_stats_kernel", "norm_bwd_kernel"):
                 out.setdefault((name, blocks, 4, 1, (elem, "ieee", acc)), f"merged mlp {dtype} norm")
@@ -569,7 +574,7 @@ def spec_config(spec):
             "gated dX" if cx.get("TWO_K_SOURCES") else role
         key += (role,)
     if name == "mapped_gemm_kernel":
-        key += (cx["MAPPED"], cx["ALIGNED"])
+        key += (cx["MAPPED"], cx["ALIGNED"], cx["GATED"])
     return key
 
 
@@ -595,7 +600,7 @@ KNOWN_UNCOMPILED = [
     ("fp64 act_grad_kernel", lambda k: k == ("act_grad_kernel", (64, 64), 4, 1, _F64),
      "spills 8 B on sm_90 (Triton 3.6) at ACT_GRAD_BLOCK; needs a per-dtype block in the launcher"),
     ("the merged projector's GEMMs in fp32 / fp64 with C no block divides (the per-element token gather)",
-     lambda k: k[0] == "mapped_gemm_kernel" and not k[-1] and k[4][0] in (4, 8),
+     lambda k: k[0] == "mapped_gemm_kernel" and not k[6] and k[4][0] in (4, 8),
      "not compiled for CI time; their aligned twins and the bf16 gather are (no spills)"),
     ("patch_embed GEMMs in fp32 (IEEE: dX, dW, two forward tiles; TF32: dX, dW) and every fp64 kernel",
      lambda k: k[0] in ("patch_embed_fwd_kernel", "patch_embed_dx_kernel", "patch_embed_dw_kernel",
@@ -670,7 +675,7 @@ def uncompiled_run(key):
     if name == "fused_gemm_kernel":
         return ("linear", key[5], "gelu", True, dtype, tile, True, name)
     if name == "mapped_gemm_kernel":  # one run launches all three mapped GEMMs at the forced tile
-        return ("merged", 0, True, False, dtype, tile, key[6], True, False)
+        return ("merged", 0, True, False, dtype, tile, key[6], True, False, key[7])
     if name == "dw_combine_kernel":
         # Inside a split dW run: a compiled one's sizes, its BLOCK_K scaled so the token loop still spans
         # two SPLIT_ALIGN chunks in this dtype (the dW tile is only the vehicle here).

@@ -245,3 +245,95 @@ class TestBadInput:
         x, ws = self._args()
         with pytest.raises(ValueError, match="group: expected a positive int, got 0"):
             merged_mlp(x, ws, group=0)
+
+
+# ----------------------------------------------------------------------------------------------
+# Gated: SwiGLU / GeGLU on one chunked weight after the merge (Aya Vision, Command A)
+# ----------------------------------------------------------------------------------------------
+def _gated_case(dtype, norm, post, use_map, gate_half, T=52, N=20, D=17, C=C, act="silu", transposed=False):
+    x = torch.randn(T, C, dtype=dtype)
+    tmap = torch.randperm(T)[: (T // G) * G].reshape(-1, G) if use_map else None
+    width = G * C if post else C
+    gamma = (1 + 0.3 * torch.randn(width)).to(dtype) if norm else None
+    beta = torch.randn(width, dtype=dtype) if norm == "layer" else None
+    w1 = torch.randn(2 * N, G * C, dtype=dtype) / (G * C) ** 0.5
+    w2 = torch.randn(D, N, dtype=dtype) / N ** 0.5
+    if transposed:  # non-contiguous weights: views of transposed storage (the halves then strided too)
+        w1, w2 = w1.t().contiguous().t(), w2.t().contiguous().t()
+    b1, b2 = torch.randn(2 * N, dtype=dtype), torch.randn(D, dtype=dtype)
+    inputs = [x, w1, w2, b1, b2] + [t for t in (gamma, beta) if t is not None]
+    names = ["x", "W1", "W2", "b1", "b2"] + ["gamma"] * (gamma is not None) + ["beta"] * (beta is not None)
+    kw = dict(group=G, token_map=tmap, norm=norm, eps=1e-5, norm_after_merge=post, gate_half=gate_half)
+
+    def call(f):
+        def run(x, w1, w2, b1, b2, *nb):
+            return f(x, [w1, w2], [b1, b2], act, norm_weight=nb[0] if nb else None,
+                     norm_bias=nb[1] if len(nb) > 1 else None, **kw)
+        return run
+
+    return inputs, names, call(merged_mlp), call(merged_mlp_reference)
+
+
+#: (norm, post, table): Aya Vision (pixel shuffle, LayerNorm over the merged row), Command A (pixel
+#: shuffle, no norm), and a per-token RMSNorm with the view merge.
+GATED_FORMS = [("layer", True, True), (None, False, True), ("rms", False, False)]
+
+
+@pytest.mark.parametrize("gate_half", [0, 1])
+@pytest.mark.parametrize("norm,post,use_map", GATED_FORMS)
+def test_gated_matches_reference_fp32(norm, post, use_map, gate_half):
+    inputs, names, fn, ref = _gated_case(torch.float32, norm, post, use_map, gate_half)
+    assert_matches_reference(fn, ref, inputs, names)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+def test_gated_half_precision(dtype):
+    inputs, names, fn, ref = _gated_case(dtype, "layer", True, True, 1, act="gelu_tanh")
+    assert_matches_reference(fn, ref, inputs, names)
+
+
+def test_gated_aligned_channels_and_non_contiguous_weights():
+    # C = 64: the table forward's per-slot token lookup (both products from one A tile); the chunked
+    # weight a view of transposed storage, so each half is a strided view.
+    for norm, post, use_map in (("layer", True, True), ("rms", False, False)):
+        inputs, names, fn, ref = _gated_case(torch.float32, norm, post, use_map, 1, T=36, C=64, transposed=True)
+        assert not inputs[1].is_contiguous()
+        assert_matches_reference(fn, ref, inputs, names)
+
+
+def test_gated_gradcheck_fp64():
+    inputs, names, fn, _ = _gated_case(torch.float64, "layer", True, True, 1, T=8, N=3, D=2, C=3)
+    inputs = [t.requires_grad_() for t in inputs]
+    assert torch.autograd.gradcheck(fn, inputs, fast_mode=True)
+
+
+def test_gated_launch_counts_and_determinism(launches):
+    inputs, names, fn, _ = _gated_case(torch.float16, "layer", True, True, 1, T=80)
+    leaves = [t.requires_grad_() for t in inputs]
+    y = fn(*leaves)
+    # the merged row's statistics, the gated GEMM (gate and up from one A tile), the down GEMM
+    assert launches == ["norm_stats_kernel", "mapped_gemm_kernel", "fused_gemm_kernel"]
+    launches.clear()
+    dy = torch.randn_like(y)
+    grads = torch.autograd.grad(y, leaves, dy)
+    # down's dW; [dG | dU] (act' and the product rule in the epilogue); the chunked weight's dW and dA,
+    # both reading [dG | dU] as one operand; the norm backward.
+    assert launches == ["fused_gemm_kernel", "fused_gemm_kernel", "mapped_gemm_kernel", "mapped_gemm_kernel",
+                        "norm_bwd_kernel"]
+    again = torch.autograd.grad(fn(*leaves), leaves, dy)
+    assert all(torch.equal(a, b) for a, b in zip(grads, again))
+
+
+def test_gated_bad_input():
+    x = torch.randn(8, C)
+    w1, w2 = torch.randn(10, G * C), torch.randn(3, 5)
+    with pytest.raises(ValueError, match="gate_half: expected one of"):
+        merged_mlp(x, [w1, w2], activation="silu", group=G, gate_half=2)
+    with pytest.raises(ValueError, match="weights: expected two weights with gate_half.*got 1"):
+        merged_mlp(x, [w1], activation="silu", group=G, gate_half=0)
+    with pytest.raises(ValueError, match=r"weights\[0\]: expected an even shape\[0\].*got 9"):
+        merged_mlp(x, [torch.randn(9, G * C), w2], activation="silu", group=G, gate_half=0)
+    with pytest.raises(ValueError, match="activation: expected one of"):
+        merged_mlp(x, [w1, w2], activation="relu2", group=G, gate_half=0)
+    with pytest.raises(ValueError, match=r"weights\[1\]: expected shape\[1\] \(in_features\) == 5, got 10"):
+        merged_mlp(x, [w1, torch.randn(3, 10)], activation="silu", group=G, gate_half=0)

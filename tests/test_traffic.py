@@ -183,7 +183,6 @@ def test_patch_embed_backward_traffic_matches_an_interpreted_run(B, C, F, H, W, 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
 def test_attention_backward_traffic_matches_an_interpreted_run(B, Bq, Hq, Hkv, Lq, Lk, D, dtype, monkeypatch):
     from mmfuse.kernels import cross_attention as KA
-    from mmfuse.kernels._common import cdiv
     from mmfuse.traffic import attention_bwd_traffic
 
     q = torch.randn(Bq, Hq, Lq, D, dtype=dtype)
@@ -332,6 +331,45 @@ def test_mapped_gemm_traffic_matches_interpreted_runs(norm, post, use_table):
                                                                      "da": lambda r: r})
     model = mapped_gemm_traffic(M, K, N, (32, 32, 32), 4, mapped=2, C=C, G=G, table=use_table)
     assert (got["dh"], got["w"], got["table"], got["da"]) == (model["a"], model["b"], model["table"], model["x_grad"])
+
+
+@pytest.mark.parametrize("use_table", [True, False], ids=["table", "view"])
+def test_mapped_gated_traffic_matches_interpreted_runs(use_table):
+    # Aya Vision's form (a LayerNorm over the merged row, a pixel shuffle's table): the gated forward
+    # reads the merged operand once for gate and up, one chunked weight and bias, and stores h and
+    # [u | g]; then the training step's launches as the model counts them.
+    from mmfuse.kernels import merged_gemm as KM
+    from mmfuse.traffic import mapped_gemm_traffic, merged_mlp_traffic
+
+    T, C, G, N, D = 96, 64, 2, 40, 24
+    M, K = T // G, G * C
+    x = torch.randn(T, C)
+    table = torch.randperm(T, dtype=torch.int32).view(M, G) if use_table else KM._no_table(x.device)
+    gamma, beta = torch.randn(K), torch.randn(K)
+    merge = KM.Merge(x, G, table if use_table else None, "layer", True, gamma, beta)
+    KM.norm_stats(merge)
+    w, b = torch.randn(2 * N, K), torch.randn(2 * N)
+    tensors = {"x": x, "table": table, "weight": w, "bias": b, "stats": merge.stats, "gamma": gamma, "beta": beta}
+    _, got = measure(lambda: KM.mapped_gated_fwd(merge, w, 1, b, activation=4, store_preact=True),
+                     {**tensors, "h": lambda r: r[0], "gu": lambda r: r[1]})
+    model = mapped_gemm_traffic(M, N, K, (32, 32, 32), 4, mapped=0, C=C, G=G, rows_norm=M, norm_width=K, bias=True,
+                                store_aux=True, table=use_table, gated=True)
+    assert (got["x"], got["table"], got["stats"], got["h"]) == (model["x"], model["table"], model["stats"], model["c"])
+    assert got["weight"] == model["b"] + model["b2"] and got["bias"] == model["bias"] + model["bias2"]
+    assert got["gu"] == model["aux"] + model["aux2"] and got["gamma"] + got["beta"] == model["gamma_beta"]
+    t = merged_mlp_traffic(T, C, G, (N, D), (32, 32), 4, norm="layer", post=True, table=use_table, bk=32, gated=True)
+    # mmfuse: statistics, the gated GEMM, down; backward: dW_down, db_down, [dG | dU], the chunked
+    # weight's dW and db, dA, the norm backward and its partials' sum (tests/test_merged_mlp.py counts
+    # the Triton launches among them). Eager: LayerNorm, the shuffle's copy (none for a view), linear_1,
+    # act, mul, linear_2; backward 10 + the copy's and the norm's.
+    copies = 1 if use_table else 0
+    assert (t["fwd"]["launches"], t["bwd"]["launches"]) == (3, 8)
+    assert (t["eager_fwd"]["launches"], t["eager_bwd"]["launches"]) == (5 + copies, 11 + copies)
+    # The forward, counted by hand: x once per kernel (the table's 4 bytes per token with it), the
+    # statistics stored, then read; the weight, bias, gamma and beta; h and [g | u] stored; down.
+    e, tab = 4, 4 * T if use_table else 0
+    assert t["fwd"]["hbm"] == (T * C * e + tab + 2 * M * 4) + (T * C * e + tab + 2 * M * 4 + 2 * N * K * e + 2 * N * e
+                                                                + 2 * K * e + 3 * M * N * e) + (M * N + D * N + D + M * D) * e
 
 
 @pytest.mark.parametrize("post", [False, True])

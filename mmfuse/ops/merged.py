@@ -22,7 +22,8 @@ from mmfuse._checks import check_choice, check_like, check_size, check_tensor
 from mmfuse._dispatch import REFERENCE, autocast_inputs, backend_for
 from mmfuse.kernels import linear as KL
 from mmfuse.kernels import merged_gemm as KM
-from mmfuse.ops.linear import ACTIVATION_NAMES, _acc_sum_rows, _check_layer, _needs_grad, _nothing, mlp_reference
+from mmfuse.ops.linear import (ACTIVATION_NAMES, GATE_ACTIVATIONS, _acc_sum_rows, _check_layer, _needs_grad, _nothing,
+                               apply_activation_reference, mlp_reference)
 
 NORM_NAMES = (None, "layer", "rms")
 
@@ -52,9 +53,15 @@ def norm_merge_reference(x, group, token_map=None, norm=None, norm_weight=None, 
 
 
 def merged_mlp_reference(x, weights, biases=None, activation="gelu", *, group, token_map=None, norm=None,
-                         norm_weight=None, norm_bias=None, eps=1e-6, norm_after_merge=False):
+                         norm_weight=None, norm_bias=None, eps=1e-6, norm_after_merge=False, gate_half=None):
     a = norm_merge_reference(x, group, token_map, norm, norm_weight, norm_bias, eps, norm_after_merge)
-    return mlp_reference(a, weights, biases, activation)
+    if gate_half is None:
+        return mlp_reference(a, weights, biases, activation)
+    # Aya Vision's SwiGLU on one chunked weight: `x, gate = linear_1(a).chunk(2)` is gate_half 1.
+    biases = biases if biases is not None else [None, None]
+    halves = F.linear(a, weights[0], biases[0]).chunk(2, dim=-1)
+    h = apply_activation_reference(halves[gate_half], activation) * halves[1 - gate_half]
+    return F.linear(h, weights[1], biases[1])
 
 
 # ----------------------------------------------------------------------------------------------
@@ -64,9 +71,11 @@ def merged_mlp_reference(x, weights, biases=None, activation="gelu", *, group, t
 def merged_mlp_fwd_op(x: torch.Tensor, token_map: torch.Tensor, has_map: bool, group: int, norm: str | None,
                       gamma: torch.Tensor, beta: torch.Tensor, eps: float, post: bool, weights: list[torch.Tensor],
                       biases: list[torch.Tensor], has_bias: list[bool], activation: str | None, save: bool,
+                      gate_half: int,
                       ) -> tuple[torch.Tensor, torch.Tensor, list[torch.Tensor], list[torch.Tensor]]:
     """(y, stats, hidden, preacts): stats the norm's (mean, rstd) per normalised row (empty without a
-    norm); hidden / preacts as ``mlp_fwd_op`` saves them (empty lists when not saving)."""
+    norm); hidden / preacts as ``mlp_fwd_op`` saves them (empty lists when not saving). gate_half >= 0:
+    the first layer is gated (two weights; its preact is [g | u] in the weight's row order)."""
     merge = KM.Merge(x, group, token_map if has_map else None, norm, post, gamma if norm else None,
                      beta if norm == "layer" else None, eps)
     if norm is not None:
@@ -74,10 +83,14 @@ def merged_mlp_fwd_op(x: torch.Tensor, token_map: torch.Tensor, has_map: bool, g
     n = len(weights)
     biases = [b if hb else None for b, hb in zip(biases, has_bias)]
     act0 = KL.ACTIVATIONS[activation if n > 1 else None]
-    y, h = KM.mapped_fwd(merge, weights[0], biases[0], act0, store_preact=save)
+    if gate_half >= 0:
+        y, h = KM.mapped_gated_fwd(merge, weights[0], gate_half, biases[0], act0, store_preact=save)
+    else:
+        y, h = KM.mapped_fwd(merge, weights[0], biases[0], act0, store_preact=save)
     inputs, preacts = [y], [h if h is not None else _nothing(x)]
     for i in range(1, n):
-        y, h = KL.linear_fwd(inputs[-1], weights[i], biases[i], activation if i < n - 1 else None, store_preact=save)
+        act = activation if i < n - 1 and gate_half < 0 else None
+        y, h = KL.linear_fwd(inputs[-1], weights[i], biases[i], act, store_preact=save)
         inputs.append(y)
         preacts.append(h if h is not None else _nothing(x))
     stats = merge.stats if merge.stats is not None else _nothing(x)
@@ -87,7 +100,8 @@ def merged_mlp_fwd_op(x: torch.Tensor, token_map: torch.Tensor, has_map: bool, g
 
 
 @merged_mlp_fwd_op.register_fake
-def _(x, token_map, has_map, group, norm, gamma, beta, eps, post, weights, biases, has_bias, activation, save):
+def _(x, token_map, has_map, group, norm, gamma, beta, eps, post, weights, biases, has_bias, activation, save,
+      gate_half):
     M = token_map.shape[0] if has_map else x.shape[0] // group
     y = x.new_empty(M, weights[-1].shape[0])
     rows = M if post else x.shape[0]
@@ -95,6 +109,8 @@ def _(x, token_map, has_map, group, norm, gamma, beta, eps, post, weights, biase
         else x.new_empty(0)
     if not save:
         return y, stats, [], []
+    if gate_half >= 0:
+        return y, stats, [x.new_empty(M, weights[0].shape[0] // 2)], [x.new_empty(M, weights[0].shape[0])]
     return y, stats, [x.new_empty(M, w.shape[0]) for w in weights[:-1]], \
         [x.new_empty(M, w.shape[0]) if activation else x.new_empty(0) for w in weights[:-1]]
 
@@ -104,9 +120,11 @@ def merged_mlp_bwd_op(dy: torch.Tensor, x: torch.Tensor, token_map: torch.Tensor
                       norm: str | None, gamma: torch.Tensor, beta: torch.Tensor, eps: float, post: bool,
                       stats: torch.Tensor, hidden: list[torch.Tensor], weights: list[torch.Tensor],
                       preacts: list[torch.Tensor], activation: str | None, need_x: bool, need_gamma: bool,
-                      need_beta: bool, need_w: list[bool], need_b: list[bool],
+                      need_beta: bool, need_w: list[bool], need_b: list[bool], gate_half: int,
                       ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, list[torch.Tensor], list[torch.Tensor]]:
-    """(dx, dgamma, dbeta, dW_i, db_i)."""
+    """(dx, dgamma, dbeta, dW_i, db_i). Gated (gate_half >= 0): the down layer's dH becomes [dG | dU] in
+    the first weight's row order (one GEMM, the gate product's derivative in its epilogue), which the
+    first layer's dW, db and dA GEMMs read as one (M, 2N) operand."""
     merge = KM.Merge(x, group, token_map if has_map else None, norm, post, gamma if norm else None,
                      beta if norm == "layer" else None, eps)
     merge.stats = stats if norm else None
@@ -119,7 +137,9 @@ def merged_mlp_bwd_op(dy: torch.Tensor, x: torch.Tensor, token_map: torch.Tensor
             dbs[i] = db if need_b[i] else dbs[i]
         elif need_b[i]:
             dbs[i] = _acc_sum_rows(dh)
-        if activation is None:
+        if gate_half >= 0:
+            dh = KL.gate_grad(dh, weights[i], preacts[0], activation, gate_half)
+        elif activation is None:
             dh = KL.input_grad(dh, weights[i])
         else:
             dh = KL.input_grad(dh, weights[i], h_prev=preacts[i - 1], activation_prev=activation)
@@ -142,7 +162,7 @@ def merged_mlp_bwd_op(dy: torch.Tensor, x: torch.Tensor, token_map: torch.Tensor
 
 @merged_mlp_bwd_op.register_fake
 def _(dy, x, token_map, has_map, group, norm, gamma, beta, eps, post, stats, hidden, weights, preacts, activation,
-      need_x, need_gamma, need_beta, need_w, need_b):
+      need_x, need_gamma, need_beta, need_w, need_b, gate_half):
     return (x.new_empty(x.shape) if need_x else x.new_empty(0), gamma.new_empty(gamma.shape) if need_gamma
             else x.new_empty(0), beta.new_empty(beta.shape) if need_beta else x.new_empty(0),
             [w.new_empty(w.shape) if nw else x.new_empty(0) for w, nw in zip(weights, need_w)],
@@ -150,9 +170,10 @@ def _(dy, x, token_map, has_map, group, norm, gamma, beta, eps, post, stats, hid
 
 
 def _merged_setup(ctx, inputs, output):
-    x, token_map, has_map, group, norm, gamma, beta, eps, post, weights, biases, has_bias, activation, _ = inputs
+    x, token_map, has_map, group, norm, gamma, beta, eps, post, weights, biases, has_bias, activation, _, gate_half \
+        = inputs
     ctx.set_materialize_grads(False)
-    ctx.meta = (has_map, group, norm, eps, post, activation, len(weights))
+    ctx.meta = (has_map, group, norm, eps, post, activation, len(weights), gate_half)
     ctx.needs = (x.requires_grad, norm is not None and gamma.requires_grad,
                  norm == "layer" and beta.requires_grad, [w.requires_grad for w in weights],
                  [hb and b.requires_grad for b, hb in zip(biases, has_bias)])
@@ -161,9 +182,9 @@ def _merged_setup(ctx, inputs, output):
 
 
 def _merged_backward(ctx, dy, _stats, _hidden, _preacts):
-    has_map, group, norm, eps, post, activation, n = ctx.meta
+    has_map, group, norm, eps, post, activation, n, gate_half = ctx.meta
     if dy is None:  # no gradient reaches y: none for any input (a list per list input)
-        return (None,) * 9 + ([None] * n, [None] * n) + (None,) * 3
+        return (None,) * 9 + ([None] * n, [None] * n) + (None,) * 4
     saved = ctx.saved_tensors
     x, token_map, gamma, beta, stats = saved[:5]
     rest = saved[5:]
@@ -171,10 +192,10 @@ def _merged_backward(ctx, dy, _stats, _hidden, _preacts):
     need_x, need_gamma, need_beta, need_w, need_b = ctx.needs
     dx, dgamma, dbeta, dws, dbs = merged_mlp_bwd_op(
         dy, x, token_map, has_map, group, norm, gamma, beta, eps, post, stats, hidden, weights, preacts, activation,
-        need_x, need_gamma, need_beta, need_w, need_b)
+        need_x, need_gamma, need_beta, need_w, need_b, gate_half)
     return (dx if need_x else None, None, None, None, None, dgamma if need_gamma else None,
             dbeta if need_beta else None, None, None, [g if nw else None for g, nw in zip(dws, need_w)],
-            [g if nb else None for g, nb in zip(dbs, need_b)], None, None, None)
+            [g if nb else None for g, nb in zip(dbs, need_b)], None, None, None, None)
 
 
 merged_mlp_fwd_op.register_autograd(_merged_backward, setup_context=_merged_setup)
@@ -206,7 +227,7 @@ def merged_mlp(x: torch.Tensor, weights: Sequence[torch.Tensor], biases: Sequenc
                activation: str | None = "gelu", *, group: int, token_map: torch.Tensor | None = None,
                norm: str | None = None, norm_weight: torch.Tensor | None = None,
                norm_bias: torch.Tensor | None = None, eps: float = 1e-6, norm_after_merge: bool = False,
-               _table_checked: bool = False) -> torch.Tensor:
+               gate_half: int | None = None, _table_checked: bool = False) -> torch.Tensor:
     """``mlp(norm_merge(x), weights, biases, activation)`` with the merge and the norm read inside the
     first GEMM (never materialised).
 
@@ -217,8 +238,22 @@ def merged_mlp(x: torch.Tensor, weights: Sequence[torch.Tensor], biases: Sequenc
     ``norm_bias``) or "rms" (``norm_weight``), over each token's C channels, or over the merged row's
     group * C with ``norm_after_merge``; ``eps`` as the module's. Table entries out of range or
     repeated raise (on a GPU: a device-side assert, no host synchronisation).
+
+    ``gate_half`` (0 or 1) makes it a gated MLP on one chunked weight (Aya Vision, Command A): exactly
+    two weights, weights[0] (2N, K) whose half ``gate_half`` is the gate, ``h = act(gate) * up`` in the
+    first GEMM's epilogue (activation: the gate's), then ``weights[1]`` (D, N). transformers' ``x, gate
+    = linear_1(a).chunk(2, dim=-1)`` is gate_half=1.
     """
     check_tensor("x", x, ndim=2)
+    if gate_half is not None:
+        check_choice("gate_half", gate_half, (0, 1))
+        check_choice("activation", activation, GATE_ACTIVATIONS)
+        if isinstance(weights, torch.Tensor) or len(weights) != 2:
+            raise ValueError("weights: expected two weights with gate_half (the chunked gate/up weight, the down "
+                             f"weight), got {1 if isinstance(weights, torch.Tensor) else len(weights)}")
+        if weights[0].dim() == 2 and weights[0].shape[0] % 2:
+            raise ValueError("weights[0]: expected an even shape[0] with gate_half (gate and up halves), got "
+                             f"{weights[0].shape[0]}")
     check_choice("activation", activation, ACTIVATION_NAMES)
     check_choice("norm", norm, NORM_NAMES)
     if not isinstance(group, int) or group < 1:
@@ -250,19 +285,20 @@ def merged_mlp(x: torch.Tensor, weights: Sequence[torch.Tensor], biases: Sequenc
             check_tensor("norm_bias", norm_bias, ndim=1)
             check_like("norm_bias", norm_bias, "x", x)
             check_size("norm_bias", "shape[0] (the normalised width)", norm_bias.shape[0], norm_width)
+    def in_features(i, ws):
+        return width if i == 0 else ws[i - 1].shape[0] // (2 if i == 1 and gate_half is not None else 1)
+
     if backend_for(x) == REFERENCE:
         for i, (w, b) in enumerate(zip(weights, biases)):
-            _check_layer(x, w, b, width if i == 0 else weights[i - 1].shape[0], f"weights[{i}]", f"biases[{i}]")
+            _check_layer(x, w, b, in_features(i, weights), f"weights[{i}]", f"biases[{i}]")
         return merged_mlp_reference(x, weights, biases, activation, group=group, token_map=token_map, norm=norm,
                                     norm_weight=norm_weight, norm_bias=norm_bias, eps=eps,
-                                    norm_after_merge=norm_after_merge)
+                                    norm_after_merge=norm_after_merge, gate_half=gate_half)
     n = len(weights)
     x, *params = autocast_inputs(x, *weights, *biases)
     weights, biases = params[:n], params[n:]
-    features = width
     for i, (w, b) in enumerate(zip(weights, biases)):
-        _check_layer(x, w, b, features, wname=f"weights[{i}]", bname=f"biases[{i}]")
-        features = w.shape[0]
+        _check_layer(x, w, b, in_features(i, weights), wname=f"weights[{i}]", bname=f"biases[{i}]")
     # The kernels read the (small) table row-major: an int32, contiguous copy unless it is one already.
     tmap = token_map.to(torch.int32).contiguous() if token_map is not None \
         else x.new_empty((0, group), dtype=torch.int32)
@@ -273,7 +309,7 @@ def merged_mlp(x: torch.Tensor, weights: Sequence[torch.Tensor], biases: Sequenc
     y, _, _, _ = merged_mlp_fwd_op(x, tmap, token_map is not None, group, norm, gamma, beta, float(eps),
                                    norm_after_merge, weights, placeholders, has_bias, activation,
                                    _needs_grad(x, gamma if norm else None, beta if norm == "layer" else None,
-                                               *weights, *biases))
+                                               *weights, *biases), -1 if gate_half is None else gate_half)
     return y
 
 
@@ -284,22 +320,24 @@ def verify_checks():
     from mmfuse.testing import compare_with_reference
     from mmfuse.verify import Check
 
-    def merged_check(dtype, what, norm, post, table, T=64, C=48, G=4, widths=(72, 40)):
+    def merged_check(dtype, what, norm, post, table, T=64, C=48, G=4, widths=(72, 40), gate_half=None):
         def run(device):
             x = torch.randn(T, C, device=device, dtype=dtype)
             tmap = torch.randperm(T, device=device).view(-1, G) if table else None
             width = G * C if post else C
-            ws = [torch.randn(widths[0], G * C, device=device, dtype=dtype) / (G * C) ** 0.5,
+            n1 = widths[0] * (1 if gate_half is None else 2)
+            ws = [torch.randn(n1, G * C, device=device, dtype=dtype) / (G * C) ** 0.5,
                   torch.randn(widths[1], widths[0], device=device, dtype=dtype) / widths[0] ** 0.5]
-            bs = [torch.randn(n, device=device, dtype=dtype) for n in widths]
+            bs = [torch.randn(n, device=device, dtype=dtype) for n in (n1, widths[1])]
             norm_params = [1 + 0.2 * torch.randn(width, device=device, dtype=dtype)]
             if norm == "layer":
                 norm_params.append(torch.randn(width, device=device, dtype=dtype))
 
             def call(f):
                 def fn(x, w1, w2, b1, b2, g, *b):
-                    return f(x, [w1, w2], [b1, b2], "gelu", group=G, token_map=tmap, norm=norm, norm_weight=g,
-                             norm_bias=b[0] if b else None, eps=1e-5, norm_after_merge=post)
+                    return f(x, [w1, w2], [b1, b2], "gelu" if gate_half is None else "silu", group=G, token_map=tmap,
+                             norm=norm, norm_weight=g, norm_bias=b[0] if b else None, eps=1e-5, norm_after_merge=post,
+                             gate_half=gate_half)
                 return fn
 
             return compare_with_reference(call(merged_mlp), call(merged_mlp_reference), [x, *ws, *bs, *norm_params],
@@ -310,4 +348,5 @@ def verify_checks():
     for dtype in (torch.float32, torch.float16, torch.bfloat16):
         checks.append(merged_check(dtype, "rms per token", "rms", False, False))
         checks.append(merged_check(dtype, "shuffle+ln per row", "layer", True, True))
+        checks.append(merged_check(dtype, "swiglu, shuffle+ln", "layer", True, True, gate_half=1))
     return checks
