@@ -43,6 +43,8 @@ class MergedShape:
     norm_after_merge: bool = False
     table: bool = False     # a pixel shuffle (a token table; eager copies), or Qwen's free view merge
     gated: bool = False     # widths (N, D): SwiGLU on one chunked (2N, K) weight ([up | gate]), then down
+    pool: bool = False      # average pooling of the group's tokens (C wide rows), the norm after it
+    bias: bool = True
 
 
 @dataclasses.dataclass(frozen=True)
@@ -117,6 +119,11 @@ MERGED_SHAPES = (
     # alignment_intermediate_size 28672): no download here to re-check them.
     MergedShape("aya-vision-8b-projector", 676, 1152, 4, (14336, 4096), "layer", norm_after_merge=True, table=True,
                 gated=True),
+    # Gemma 3 4B: SigLIP-so400m (1152) at 896px: 64x64 = 4096 patches of 14, AvgPool2d(4) to 256 tokens,
+    # Gemma3RMSNorm(1152) (scaled by 1 + weight), @ W (1152, 2560), no bias (the published
+    # google/gemma-3-4b-it config: image_size 896, mm_tokens_per_image 256, text hidden_size 2560).
+    MergedShape("gemma3-4b-projector", 4096, 1152, 16, (2560,), "rms", norm_after_merge=True, table=True, pool=True,
+                bias=False),
 )
 
 PATCH_SHAPES = (

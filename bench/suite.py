@@ -84,6 +84,7 @@ class MergeSpec:
     norm: str | None
     post: bool
     gated: bool = False  # SwiGLU on one chunked weight ([up | gate], Aya Vision), then down
+    pool: bool = False   # the mean of the group's tokens (Gemma 3's AvgPool2d), its norm scaled by 1 + weight
 
 
 def _merged_impls():
@@ -92,6 +93,10 @@ def _merged_impls():
     def glue(x, ws, bs, nw, nb, spec):  # the module's norm and merge in PyTorch
         group, table, norm, post = spec.group, spec.table, spec.norm, spec.post
         C = x.shape[-1]
+        if spec.pool:  # the table's windows pooled (a gather and a mean), Gemma3RMSNorm in fp32
+            p = x[table].mean(1)
+            p32 = p.float()
+            return (p32 * torch.rsqrt(p32.pow(2).mean(-1, keepdim=True) + 1e-6) * (1.0 + nw.float())).to(x.dtype)
 
         def norm_(t):
             if norm == "layer":
@@ -116,6 +121,8 @@ def _merged_impls():
 
     def mmfuse_glue(x, ws, bs, nw, nb, spec):  # mmfuse before the merged GEMM: PyTorch glue, fused MLP
         x = glue(x, ws, bs, nw, nb, spec)
+        if spec.pool:
+            return mmfuse.linear(x, ws[0], bs[0])
         if spec.gated:
             n = ws[0].shape[0] // 2
             return mmfuse.gated_mlp(x, ws[0][n:], ws[0][:n], ws[1], bs[0][n:], bs[0][:n], bs[1], "silu")
@@ -125,7 +132,8 @@ def _merged_impls():
         group, table, norm, post = spec.group, spec.table, spec.norm, spec.post
         return mmfuse.merged_mlp(x, ws, bs, "silu" if spec.gated else "gelu", group=group, token_map=table,
                                  norm=norm, norm_weight=nw, norm_bias=nb if norm == "layer" else None, eps=1e-6,
-                                 norm_after_merge=post, gate_half=1 if spec.gated else None)
+                                 norm_after_merge=post, gate_half=1 if spec.gated else None, pool=spec.pool,
+                                 norm_weight_offset=1.0 if spec.pool else 0.0)
 
     return {"mmfuse": fused, "eager": eager, "torch.compile": torch.compile(eager), "mmfuse glue": mmfuse_glue}
 
@@ -219,7 +227,7 @@ def cases(dtypes=("bfloat16", "float16"), modes=("fwd", "fwd+bwd"), images: int 
         out += [Case("gated_mlp", s.name, m, d, impl, flops, make) for m in modes for d in dtypes for impl in GATED_IMPLS]
     for s in MERGED_SHAPES:
         T = s.tokens * images
-        widths = (s.group * s.channels, *s.widths)
+        widths = (s.channels if s.pool else s.group * s.channels, *s.widths)
         # gated: the first Linear is 2N wide (up and gate), the second reads N
         outs = (2 * s.widths[0], *s.widths[1:]) if s.gated else widths[1:]
         flops = sum(2 * (T // s.group) * k * n for k, n in zip(widths, outs))
@@ -227,12 +235,12 @@ def cases(dtypes=("bfloat16", "float16"), modes=("fwd", "fwd+bwd"), images: int 
         def make(device, dtype, s=s, T=T, widths=widths, outs=outs):
             x = torch.randn(T, s.channels, device=device, dtype=dtype)
             ws = [torch.randn(n, k, device=device, dtype=dtype) / k ** 0.5 for k, n in zip(widths, outs)]
-            bs = [torch.randn(n, device=device, dtype=dtype) for n in outs]
-            width = widths[0] if s.norm_after_merge else s.channels
+            bs = [torch.randn(n, device=device, dtype=dtype) if s.bias else None for n in outs]
+            width = widths[0] if s.norm_after_merge else s.channels  # (pooled: C wide)
             nw = torch.randn(width, device=device, dtype=dtype)
             nb = torch.randn(width, device=device, dtype=dtype) if s.norm == "layer" else None
             table = torch.randperm(T, device=device).view(-1, s.group).to(torch.int32) if s.table else None
-            return [x, ws, bs, nw, nb, MergeSpec(s.group, table, s.norm, s.norm_after_merge, s.gated)]
+            return [x, ws, bs, nw, nb, MergeSpec(s.group, table, s.norm, s.norm_after_merge, s.gated, s.pool)]
 
         out += [Case("merged_mlp", s.name, m, d, impl, flops, make) for m in modes for d in dtypes
                 for impl in MERGED_IMPLS]

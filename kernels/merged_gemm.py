@@ -337,6 +337,116 @@ def norm_bwd_kernel(
             tl.store(dbeta_ptr + pid * width + cols, tl.sum(da, axis=0), mask=col_ok)
 
 
+@triton.jit
+def pool_norm_fwd_kernel(
+    x_ptr, map_ptr, gamma_ptr, beta_ptr, pooled_ptr, out_ptr, stats_ptr,
+    M, C, G, stride_xt, stride_xc, stride_map, stride_gamma, stride_beta, stride_pm, stride_om,
+    eps, gamma_shift, center,
+    NORM: tl.constexpr, ACC_DTYPE: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
+):
+    """Average pooling then the norm, for BLOCK_R pooled rows: pooled[m] = mean of x over tokens map[m, :]
+    (rounded to x's dtype, as AvgPool2d returns it), out[m] = (pooled[m] - mean) * rstd * (gamma +
+    gamma_shift) + beta (``center`` 1 LayerNorm, 0 RMSNorm: mean 0, beta unused; Gemma 3 scales by
+    1 + weight: gamma_shift 1). Pass 1 pools (G token rows per block) and stores pooled; passes 2 and 3
+    read this program's own pooled rows back (after a barrier: other threads wrote them) for the centred
+    squares and the output. Without NORM, pass 1 stores straight to out."""
+    pid = tl.program_id(0)
+    rows = pid * BLOCK_R + tl.arange(0, BLOCK_R)
+    row_ok = rows < M
+    r = rows.to(tl.int64)
+    total = tl.zeros((BLOCK_R,), dtype=ACC_DTYPE)
+    dest_ptr = pooled_ptr if NORM else out_ptr
+    stride_dest = stride_pm if NORM else stride_om
+    for c0 in range(0, C, BLOCK_C):
+        cols = c0 + tl.arange(0, BLOCK_C)
+        mask = row_ok[:, None] & (cols < C)[None, :]
+        acc = tl.zeros((BLOCK_R, BLOCK_C), dtype=ACC_DTYPE)
+        for j in range(0, G):
+            tok = tl.load(map_ptr + r * stride_map + j, mask=row_ok, other=0).to(tl.int64)
+            acc += tl.load(x_ptr + tok[:, None] * stride_xt + cols[None, :] * stride_xc, mask=mask,
+                           other=0.0).to(ACC_DTYPE)
+        pooled = (acc / G).to(dest_ptr.dtype.element_ty)
+        tl.store(dest_ptr + r[:, None] * stride_dest + cols[None, :], pooled, mask=mask)
+        total += tl.sum(pooled.to(ACC_DTYPE), axis=1)
+    if NORM:
+        tl.debug_barrier()
+        mean = center * total / C
+        squares = tl.zeros((BLOCK_R,), dtype=ACC_DTYPE)
+        for c0 in range(0, C, BLOCK_C):
+            cols = c0 + tl.arange(0, BLOCK_C)
+            mask = row_ok[:, None] & (cols < C)[None, :]
+            p = tl.load(pooled_ptr + r[:, None] * stride_pm + cols[None, :], mask=mask, other=0.0).to(ACC_DTYPE)
+            d = tl.where(mask, p - mean[:, None], 0.0)
+            squares += tl.sum(d * d, axis=1)
+        rstd = 1.0 / tl.sqrt(squares / C + eps)
+        tl.store(stats_ptr + 2 * r, mean.to(stats_ptr.dtype.element_ty), mask=row_ok)
+        tl.store(stats_ptr + 2 * r + 1, rstd.to(stats_ptr.dtype.element_ty), mask=row_ok)
+        for c0 in range(0, C, BLOCK_C):
+            cols = c0 + tl.arange(0, BLOCK_C)
+            col_ok = cols < C
+            mask = row_ok[:, None] & col_ok[None, :]
+            p = tl.load(pooled_ptr + r[:, None] * stride_pm + cols[None, :], mask=mask, other=0.0).to(ACC_DTYPE)
+            gamma = tl.load(gamma_ptr + cols * stride_gamma, mask=col_ok, other=0.0).to(ACC_DTYPE) + gamma_shift
+            y = (p - mean[:, None]) * rstd[:, None] * gamma[None, :]
+            if center != 0:
+                y += tl.load(beta_ptr + cols * stride_beta, mask=col_ok, other=0.0).to(ACC_DTYPE)[None, :]
+            tl.store(out_ptr + r[:, None] * stride_om + cols[None, :], y.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def pool_norm_bwd_kernel(
+    da_ptr, pooled_ptr, stats_ptr, map_ptr, gamma_ptr, dx_ptr, dgamma_ptr, dbeta_ptr,
+    M, C, G, stride_dam, stride_dac, stride_pm, stride_map, stride_gamma, stride_dxt, stride_dxc,
+    gamma_shift, center,
+    NORM: tl.constexpr, ACC_DTYPE: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
+):
+    """dx of ``pool_norm_fwd_kernel`` for BLOCK_R pooled rows, from dA (M, C) at its output: the norm's
+    backward as in norm_bwd_kernel (g = dA * gamma, dp = rstd * (g - center * mean(g) - xhat *
+    mean(g * xhat)), this program's fp32 dgamma / dbeta partial rows, summed in order by the launcher),
+    then dx[tok] = dp / G for each of the row's G tokens: a spread store, every token written once
+    (pooling windows do not overlap), no atomics."""
+    pid = tl.program_id(0)
+    rows = pid * BLOCK_R + tl.arange(0, BLOCK_R)
+    row_ok = rows < M
+    r = rows.to(tl.int64)
+    if NORM:
+        mean = tl.load(stats_ptr + 2 * r, mask=row_ok, other=0.0).to(ACC_DTYPE)
+        rstd = tl.load(stats_ptr + 2 * r + 1, mask=row_ok, other=0.0).to(ACC_DTYPE)
+        sum_g = tl.zeros((BLOCK_R,), dtype=ACC_DTYPE)
+        sum_gx = tl.zeros((BLOCK_R,), dtype=ACC_DTYPE)
+        for c0 in range(0, C, BLOCK_C):
+            cols = c0 + tl.arange(0, BLOCK_C)
+            col_ok = cols < C
+            mask = row_ok[:, None] & col_ok[None, :]
+            da = tl.load(da_ptr + r[:, None] * stride_dam + cols[None, :] * stride_dac, mask=mask, other=0.0).to(ACC_DTYPE)
+            p = tl.load(pooled_ptr + r[:, None] * stride_pm + cols[None, :], mask=mask, other=0.0).to(ACC_DTYPE)
+            xhat = tl.where(mask, (p - mean[:, None]) * rstd[:, None], 0.0)
+            gamma = tl.load(gamma_ptr + cols * stride_gamma, mask=col_ok, other=0.0).to(ACC_DTYPE) + gamma_shift
+            g = da * gamma[None, :]
+            sum_g += tl.sum(g, axis=1)
+            sum_gx += tl.sum(g * xhat, axis=1)
+            tl.store(dgamma_ptr + pid * C + cols, tl.sum(da * xhat, axis=0), mask=col_ok)
+            tl.store(dbeta_ptr + pid * C + cols, tl.sum(da, axis=0), mask=col_ok)
+        mean_g = center * sum_g / C
+        mean_gx = sum_gx / C
+    for c0 in range(0, C, BLOCK_C):
+        cols = c0 + tl.arange(0, BLOCK_C)
+        col_ok = cols < C
+        mask = row_ok[:, None] & col_ok[None, :]
+        da = tl.load(da_ptr + r[:, None] * stride_dam + cols[None, :] * stride_dac, mask=mask, other=0.0).to(ACC_DTYPE)
+        if NORM:
+            p = tl.load(pooled_ptr + r[:, None] * stride_pm + cols[None, :], mask=mask, other=0.0).to(ACC_DTYPE)
+            xhat = (p - mean[:, None]) * rstd[:, None]
+            gamma = tl.load(gamma_ptr + cols * stride_gamma, mask=col_ok, other=0.0).to(ACC_DTYPE) + gamma_shift
+            dp = rstd[:, None] * (da * gamma[None, :] - mean_g[:, None] - xhat * mean_gx[:, None])
+        else:
+            dp = da
+        dp = (dp / G).to(dx_ptr.dtype.element_ty)
+        for j in range(0, G):
+            tok = tl.load(map_ptr + r * stride_map + j, mask=row_ok, other=0).to(tl.int64)
+            tl.store(dx_ptr + tok[:, None] * stride_dxt + cols[None, :] * stride_dxc, dp, mask=mask)
+
+
 # ----------------------------------------------------------------------------------------------
 # Configs
 # ----------------------------------------------------------------------------------------------
@@ -361,6 +471,10 @@ MAPPED_FP64_TILE = (64, 64, 64, 8, 3)
 #: spilled 16 B at 16x128 on sm_90 with Triton 3.7.1).
 ROWWISE = (16, 128)
 ROWWISE_GATHER = (16, 64)
+#: The pooling kernels: a token per row per pooling slot, so C need not divide the block. fp64's
+#: forward spilled 40 B at 16x128 on sm_90 (Triton 3.9): half the columns.
+POOL_ROWWISE = (16, 128)
+POOL_ROWWISE_FP64 = (16, 64)
 INTERPRETER_ROWWISE = (8, 32)
 
 _even_k = triton.heuristics({"EVEN_K": lambda args: args["K"] % args["BLOCK_K"] == 0})
@@ -567,6 +681,61 @@ def norm_bwd(da, merge: Merge):
     return dx, dgamma, dbeta
 
 
+def pool_blocks(dtype: torch.dtype) -> tuple:
+    """(BLOCK_R, BLOCK_C) of the pooling kernels for this dtype (the interpreter's small blocks there)."""
+    from mmfuse.kernels._common import gpu_config_on
+
+    if INTERPRET and not gpu_config_on():
+        return INTERPRETER_ROWWISE
+    return POOL_ROWWISE_FP64 if dtype == torch.float64 else POOL_ROWWISE
+
+
+def pool_norm_fwd(x, table, G, norm=None, gamma=None, beta=None, eps=1e-6, gamma_shift=0.0, save=False):
+    """(out, pooled, stats) of average pooling over the (M, G) int32 table's tokens, then the norm over
+    each pooled row's C channels (``pool_norm_fwd_kernel``). out (M, C) in x's dtype; pooled (the norm's
+    input, kept for backward) and stats (fp32 (mean, rstd) per row; fp64 for fp64) only with a norm and
+    ``save`` (the pooled rows go to a scratch buffer otherwise)."""
+    M, C = table.shape[0], x.shape[1]
+    out = empty((M, C), dtype=x.dtype, device=x.device)
+    acc = torch.float64 if x.dtype == torch.float64 else torch.float32
+    pooled = empty((M, C), dtype=x.dtype, device=x.device) if norm else out
+    stats = empty((M, 2), dtype=acc, device=x.device) if norm else out
+    if M and C:
+        br, bc = pool_blocks(x.dtype)
+        pool_norm_fwd_kernel[(cdiv(M, br),)](
+            x, table, gamma if norm else out, beta if norm == "layer" else out, pooled, out, stats,
+            M, C, G, x.stride(0), x.stride(1), table.stride(0), gamma.stride(0) if norm else 0,
+            beta.stride(0) if norm == "layer" else 0, pooled.stride(0), out.stride(0), eps, float(gamma_shift),
+            int(norm == "layer"), NORM=norm is not None, ACC_DTYPE=acc_dtype(x.dtype), BLOCK_R=br, BLOCK_C=bc,
+            num_warps=4, num_stages=1)
+    return out, (pooled if norm and save else None), (stats if norm else None)
+
+
+def pool_norm_bwd(da, T, table, G, norm=None, gamma=None, pooled=None, stats=None, gamma_shift=0.0):
+    """(dx (T, C), dgamma, dbeta) of ``pool_norm_fwd`` from dA (M, C): one row-wise launch; dgamma and
+    dbeta (None without a norm; dbeta only for LayerNorm) as ordered fp32 sums of per-program partials."""
+    M, C = da.shape
+    dx = empty((T, C), dtype=da.dtype, device=da.device)
+    if M * G != T:  # tokens no window reads: no gradient
+        dx.zero_()
+    acc = torch.float64 if da.dtype == torch.float64 else torch.float32
+    br, bc = pool_blocks(da.dtype)
+    programs = cdiv(M, br)
+    dgamma_p = empty((programs, C), dtype=acc, device=da.device) if norm else dx
+    dbeta_p = empty((programs, C), dtype=acc, device=da.device) if norm else dx
+    if M and C:
+        pool_norm_bwd_kernel[(programs,)](
+            da, pooled if norm else da, stats if norm else da, table, gamma if norm else da, dx, dgamma_p, dbeta_p,
+            M, C, G, da.stride(0), da.stride(1), pooled.stride(0) if norm else 0, table.stride(0),
+            gamma.stride(0) if norm else 0, dx.stride(0), dx.stride(1), float(gamma_shift), int(norm == "layer"),
+            NORM=norm is not None, ACC_DTYPE=acc_dtype(da.dtype), BLOCK_R=br, BLOCK_C=bc, num_warps=4,
+            num_stages=1)
+    if not norm:
+        return dx, None, None
+    dtype = gamma.dtype
+    return dx, dgamma_p.sum(0).to(dtype), dbeta_p.sum(0).to(dtype) if norm == "layer" else None
+
+
 # ----------------------------------------------------------------------------------------------
 # Ahead-of-time compile specs (tests/test_aot.py, `mmfuse report`)
 # ----------------------------------------------------------------------------------------------
@@ -683,4 +852,30 @@ def aot_specs():
                             ("BLOCK_R", br),
                             ("BLOCK_C", bc)),
                 num_warps=4, num_stages=1, tensor_cores=False))
+    # Average pooling (Gemma 3: 4096 patches of 1152 pooled 16 to a row, RMSNorm): forward and backward,
+    # with the norm in every dtype class, without it in bf16.
+    R, C_, g = 256, 1152, 16
+    for dtype, ptr, norm in (("bf16", "*bf16", True), ("fp32", "*fp32", True), ("fp64", "*fp64", True),
+                             ("bf16", "*bf16", False)):
+        br, bc = POOL_ROWWISE_FP64 if ptr == "*fp64" else POOL_ROWWISE
+        acc = tl.float64 if ptr == "*fp64" else tl.float32
+        acc_ptr = "*fp64" if ptr == "*fp64" else "*fp32"
+        cx = (("NORM", norm), ("ACC_DTYPE", acc), ("BLOCK_R", br), ("BLOCK_C", bc))
+        what = "RMSNorm" if norm else "no norm"
+        fwd = dict(x_ptr=ptr, map_ptr="*i32", gamma_ptr=ptr, beta_ptr=ptr, pooled_ptr=ptr, out_ptr=ptr,
+                   stats_ptr=acc_ptr if norm else ptr, M=R, C=C_, G=g, stride_xt=C_, stride_xc=1, stride_map=g,
+                   stride_gamma=1 if norm else 0, stride_beta=0, stride_pm=C_, stride_om=C_, eps=1e-6,
+                   gamma_shift=1.0, center=0)
+        specs.append(CompileSpec(
+            kernel="merged_gemm/pool_norm_fwd_kernel", variant=f"average pool, {what}", dtype=dtype,
+            config=f"{br}x{bc} w4", fn=pool_norm_fwd_kernel, args=tuple(fwd.items()), constexprs=cx,
+            num_warps=4, num_stages=1, tensor_cores=False))
+        bwd = dict(da_ptr=ptr, pooled_ptr=ptr, stats_ptr=acc_ptr if norm else ptr, map_ptr="*i32", gamma_ptr=ptr,
+                   dx_ptr=ptr, dgamma_ptr=acc_ptr if norm else ptr, dbeta_ptr=acc_ptr if norm else ptr, M=R, C=C_,
+                   G=g, stride_dam=C_, stride_dac=1, stride_pm=C_ if norm else 0, stride_map=g,
+                   stride_gamma=1 if norm else 0, stride_dxt=C_, stride_dxc=1, gamma_shift=1.0, center=0)
+        specs.append(CompileSpec(
+            kernel="merged_gemm/pool_norm_bwd_kernel", variant=f"dx spread to the window, {what}", dtype=dtype,
+            config=f"{br}x{bc} w4", fn=pool_norm_bwd_kernel, args=tuple(bwd.items()), constexprs=cx,
+            num_warps=4, num_stages=1, tensor_cores=False))
     return specs

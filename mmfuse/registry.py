@@ -15,9 +15,10 @@ its activation module gets the activation fused into its epilogue (the activatio
 ``nn.Identity``), and an ``nn.Sequential`` MLP becomes one fused ``MLPProjector``. The original's glue
 (norm, token merge) runs unchanged, so the replacement is faithful by construction, and the state_dict
 is the original's (same children, same parameters). Recipes with a forward of their own (``gated mlp``:
-the gate product inside the GEMM; ``pool+norm+matmul``) are the same kind of copy with one method
-replaced; the glue before their GEMMs is named in the family's options (``GATED_PRE``, ``GLUE``), so a
-later change can fuse it into the kernels' loads without touching the family table.
+the gate product inside the GEMM; ``merged mlp``: the norm and the token merge in its loads;
+``pool+norm+matmul``: Gemma's pooling and norm in one kernel) are the same kind of copy with one method
+replaced; glue still run in PyTorch before their GEMMs is named in the family's options (``GATED_PRE``),
+so a later change can fuse it into the kernels' loads without touching the family table.
 """
 
 from __future__ import annotations
@@ -135,26 +136,45 @@ def _swap_gemms(module: nn.Module, family: Family) -> nn.Module:
 # ----------------------------------------------------------------------------------------------
 # Recipes with a forward of their own
 # ----------------------------------------------------------------------------------------------
-def _gemma3_pool_norm(m: nn.Module, vision_outputs: torch.Tensor) -> torch.Tensor:
-    """Gemma 3's glue before its weight matmul: average pool of the patch grid, then RMSNorm."""
-    b, _, d = vision_outputs.shape
-    x = vision_outputs.transpose(1, 2).reshape(b, d, m.patches_per_image, m.patches_per_image).contiguous()
-    return m.mm_soft_emb_norm(m.avg_pool(x).flatten(2).transpose(1, 2))
+@functools.lru_cache(maxsize=32)
+def _grid_pool_table(images: int, side: int, kernel: int, device: torch.device) -> torch.Tensor:
+    """The (images * (side // kernel)^2, kernel^2) int32 token table of AvgPool2d(kernel, stride=kernel)
+    over each image's (side x side) row-major patch grid (trailing rows / columns dropped, as it does)."""
+    out = side // kernel
+    d = torch.arange(kernel, device=device)
+    r = (torch.arange(out, device=device)[:, None] * kernel + d[None, :])  # (out, kernel): grid rows / columns
+    window = (r[:, None, :, None] * side + r[None, :, None, :]).reshape(out * out, kernel * kernel)
+    base = torch.arange(images, device=device)[:, None, None] * side * side
+    return (base + window[None]).reshape(-1, kernel * kernel).to(torch.int32)
 
 
-#: Named glue steps of the weight-matmul recipe (a later change may fuse them into the GEMM's loads).
-GLUE = {"gemma3_pool_norm": _gemma3_pool_norm}
+def _pooled_matmul(module: nn.Module, family: Family) -> nn.Module:
+    """Gemma 3: average pooling of each image's patch grid, the RMSNorm and ``@ W`` (an (in, out)
+    parameter) as ``mmfuse.merged_mlp(pool=True)``: one row-wise pool-and-norm kernel, one GEMM on W^T.
+    Options: ``weight`` (the parameter), ``norm`` (its path; ``norm_offset``: it scales by offset +
+    weight, Gemma's 1)."""
+    from mmfuse.ops.merged import merged_mlp
 
-
-def _weight_matmul(module: nn.Module, family: Family) -> nn.Module:
-    """``glue(x) @ W`` for a projection stored as an (in, out) parameter: one mmfuse GEMM on W^T."""
-    from mmfuse.ops.linear import linear
-
-    weight_name, glue = family.opt("weight"), GLUE[family.opt("glue")]
+    weight_name, norm_path, offset = family.opt("weight"), family.opt("norm"), family.opt("norm_offset", 0.0)
+    norm = _get(module, norm_path)
+    if not (isinstance(getattr(norm, "weight", None), torch.Tensor) and isinstance(getattr(norm, "eps", None), float)
+            and "RMSNorm" in type(norm).__name__):
+        raise _patch.Unsupported(f"{norm_path}: expected an RMSNorm with weight and eps, got {type(norm).__name__}")
+    if not isinstance(getattr(module, "avg_pool", None), nn.AvgPool2d):
+        raise _patch.Unsupported("avg_pool: expected nn.AvgPool2d")
 
     def forward(self, x):
-        w = getattr(self, weight_name)
-        return linear(glue(self, x), w.t()).type_as(x)
+        images, tokens, channels = x.shape
+        side, kernel = self.patches_per_image, self.kernel_size
+        if tokens != side * side:
+            raise ValueError(f"vision_outputs: expected {side * side} tokens per image (a {side}x{side} patch grid), "
+                             f"got {tokens}")
+        nm = _get(self, norm_path)
+        table = _grid_pool_table(images, side, kernel, x.device)
+        y = merged_mlp(x.reshape(-1, channels), [getattr(self, weight_name).t()], None, None, group=kernel * kernel,
+                       token_map=table, pool=True, norm="rms", norm_weight=nm.weight, eps=nm.eps,
+                       norm_after_merge=True, norm_weight_offset=offset, _table_checked=True)
+        return y.view(images, -1, y.shape[-1]).type_as(x)
 
     cls = _fused_class(type(module))
     sub = type(cls.__name__, (cls,), {"__module__": "mmfuse.registry", "forward": forward})
@@ -347,8 +367,9 @@ RECIPES = {r.name: r for r in [
     Recipe("merged mlp", PROJECTOR,
            "the norm and the token merge inside the first GEMM's loads (never materialised), every Linear, "
            "bias and activation (a chunked SwiGLU's gate and up: one GEMM, act(g) * u in its epilogue)", "nothing (a pixel shuffle's token table is probed once per shape)", _merged_mlp),
-    Recipe("pool+norm+matmul", PROJECTOR, "the weight matmul (W^T as the GEMM's B)",
-           "the average pool and the RMSNorm", _weight_matmul),
+    Recipe("pool+norm+matmul", PROJECTOR,
+           "the average pool and the RMSNorm (one row-wise kernel) and the weight matmul (W^T as the GEMM's B)",
+           "nothing", _pooled_matmul),
     Recipe("patch embed (pre-cut rows)", PATCH_EMBED, "Conv3d(k=s) on pre-cut patch rows as one GEMM + bias",
            "nothing", _conv3d_patch_embed),
     Recipe("patch embed (conv swap)", PATCH_EMBED,
@@ -419,6 +440,7 @@ _QWEN_MERGER = (("linears", ("mlp.0", "mlp.2")), ("act", "mlp.1"), ("norm", "ln_
 _QWEN3_MERGER = (("linears", ("linear_fc1", "linear_fc2")), ("act", "act_fn"), ("norm", "norm"), ("merge", "view"),
                  ("post", "use_postshuffle_norm"))
 _PIXEL_SHUFFLE = (("linears", ("modality_projection.proj",)), ("merge", "pixel_shuffle"))
+_GEMMA3_POOL = (("weight", "mm_input_projection_weight"), ("norm", "mm_soft_emb_norm"), ("norm_offset", 1.0))
 # `x, gate = linear_1(a).chunk(2)`: the gate is the second half.
 _DOWNSAMPLE_SWIGLU = (("linears", ("linear_1", "linear_2")), ("act", "act"), ("merge", "pixel_shuffle_downsample"),
                       ("gate_half", 1))
@@ -470,7 +492,7 @@ FAMILIES: list[Family] = [
     Family("Qianfan-OCR", "qianfan_ocr", ("QianfanOCRMultiModalProjector",), "norm+mlp",
            (("linears", ("linear_1", "linear_2")), ("fuse", (("linear_1", "act"),)))),
     Family("T5Gemma 2", "t5gemma2", ("T5Gemma2MultiModalProjector",), "pool+norm+matmul",
-           (("weight", "mm_input_projection_weight"), ("glue", "gemma3_pool_norm"))),
+           _GEMMA3_POOL),
     Family("Mistral3 / Pixtral", "mistral3", ("Mistral3MultiModalProjector",), "merge+mlp",
            (("linears", ("patch_merger.merging_layer", "linear_1", "linear_2")), ("fuse", (("linear_1", "act"),))),
            notes="RMSNorm, unfold merge per image, merge Linear, Linear -> act -> Linear"),
@@ -488,7 +510,7 @@ FAMILIES: list[Family] = [
            (("linears", ("linear_1", "linear_2")), ("fuse", (("linear_1", "act"),))),
            notes="per image: LayerNorm, 2x2 merge, Linear -> GELU -> Linear"),
     Family("Gemma 3", "gemma3", ("Gemma3MultiModalProjector",), "pool+norm+matmul",
-           (("weight", "mm_input_projection_weight"), ("glue", "gemma3_pool_norm"))),
+           _GEMMA3_POOL),
     Family("LFM3-VL", "lfm3_vl", ("Lfm3VlMultiModalProjector",), "merge+mlp",
            (("linears", ("linear_1", "linear_2")), ("fuse", (("linear_1", "act"),))),
            notes="LayerNorm, then the merge as a reshape"),

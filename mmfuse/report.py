@@ -301,7 +301,7 @@ def gated_traffic_section() -> list[str]:
 
 def merged_traffic_section() -> list[str]:
     from mmfuse.kernels import merged_gemm as KM
-    from mmfuse.traffic import merged_mlp_traffic
+    from mmfuse.traffic import merged_mlp_traffic, pooled_projector_traffic
 
     lines = ["## HBM bytes and launches, merged projectors (norm and token merge inside the first GEMM; bf16; "
              "model, checked against interpreted runs at small sizes in tests/test_traffic.py)", "",
@@ -314,7 +314,10 @@ def merged_traffic_section() -> list[str]:
              "view), the MLP, autograd through all of it. Training forward saves the pre-activation; inference "
              "does not. Aya Vision's gated form: gate and up from one read of the merged operand, [dG | dU] in "
              "the down layer's dX epilogue, one dW and one dA GEMM over both halves; eager runs the chunked "
-             "Linear, SiLU, the product and the second Linear.", "",
+             "Linear, SiLU, the product and the second Linear. Gemma 3 (average pooling of 16 tokens): one "
+             "pool-and-norm kernel writes the (M, C) pooled rows the GEMM reads (gathering 16 tokens inside the "
+             "GEMM would load each of them once per output-column tile); eager runs the grid's contiguous copy, "
+             "AvgPool2d, Gemma3RMSNorm's fp32 passes and the matmul.", "",
              "| shape | images | fwd MB eager → mmfuse, training (ratio) | inference (ratio) | bwd MB eager → "
              "mmfuse (ratio) | launches fwd, bwd |",
              "| --- | --- | --- | --- | --- | --- |"]
@@ -324,8 +327,11 @@ def merged_traffic_section() -> list[str]:
             kw = dict(norm=s.norm, post=s.norm_after_merge, table=s.table, bk=KM.MAPPED_GATED_TILES[0][2] if s.gated
                       else bk, gated=s.gated)
             T = s.tokens * images
-            t = merged_mlp_traffic(T, s.channels, s.group, s.widths, (128, 128), 2, **kw)
-            inf = merged_mlp_traffic(T, s.channels, s.group, s.widths, (128, 128), 2, training=False, **kw)
+            if s.pool:  # Gemma 3: the pool-and-norm kernel, then the GEMM (the same bytes in inference)
+                t = inf = pooled_projector_traffic(T, s.channels, s.group, s.widths[0], (128, 128), 2, norm=s.norm)
+            else:
+                t = merged_mlp_traffic(T, s.channels, s.group, s.widths, (128, 128), 2, **kw)
+                inf = merged_mlp_traffic(T, s.channels, s.group, s.widths, (128, 128), 2, training=False, **kw)
             ef, eb = t["eager_fwd"]["hbm"], t["eager_bwd"]["hbm"]
             of, ob, oi = t["fwd"]["hbm"], t["bwd"]["hbm"], inf["fwd"]["hbm"]
             lines.append(

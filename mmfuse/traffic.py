@@ -659,3 +659,83 @@ def _merged_gated_traffic(T, C, G, widths, tile, e, *, norm, post, table, acc_el
                         "launches": len(ts)}
     eager = lambda launches: {"hbm": sum(r + w for r, w in launches), "launches": len(launches)}  # noqa: E731
     return {"fwd": total(fwd), "bwd": total(bwd), "eager_fwd": eager(eager_f), "eager_bwd": eager(eager_b)}
+
+
+def pool_norm_fwd_traffic(M: int, C: int, G: int, elem: int, *, norm: str | None, blocks=(16, 128),
+                          acc_elem: int = 4) -> dict[str, Traffic]:
+    """``pool_norm_fwd_kernel`` over M pooled rows of G tokens x C channels: x once (each token in one
+    window), a table entry per row, slot and column block; with a norm the pooled rows stored, then read
+    back twice (the centred squares, the output), gamma (and beta) per program, (mean, rstd) per row, the
+    output; without one the pooled rows are the output."""
+    br, bc = blocks
+    programs, steps, once = _cdiv(M, br), _cdiv(C, bc), M * C * elem
+    t = {"x": Traffic(loaded=G * once, unique=G * once),
+         "table": Traffic(loaded=steps * M * G * 4, unique=M * G * 4), "out": Traffic(stored=once)}
+    if norm:
+        t["pooled"] = Traffic(loaded=2 * once, unique=once, stored=once)
+        t["gamma"] = Traffic(loaded=programs * C * elem, unique=C * elem)
+        if norm == "layer":
+            t["beta"] = t["gamma"]
+        t["stats"] = Traffic(stored=2 * M * acc_elem)
+    return t
+
+
+def pool_norm_bwd_traffic(M: int, C: int, G: int, elem: int, *, norm: str | None, blocks=(16, 128),
+                          acc_elem: int = 4) -> dict[str, Traffic]:
+    """``pool_norm_bwd_kernel``: with a norm two passes over dA and the pooled rows (the row sums, then
+    dx), gamma per program and pass, the statistics once, fp32 dgamma / dbeta partial rows per program;
+    dx spread to every window's G tokens (a table entry per row, slot and column block)."""
+    br, bc = blocks
+    programs, steps, once = _cdiv(M, br), _cdiv(C, bc), M * C * elem
+    passes = 2 if norm else 1
+    t = {"da": Traffic(loaded=passes * once, unique=once),
+         "table": Traffic(loaded=steps * M * G * 4, unique=M * G * 4), "dx": Traffic(stored=G * once)}
+    if norm:
+        t["pooled"] = Traffic(loaded=2 * once, unique=once)
+        t["stats"] = Traffic(loaded=2 * M * acc_elem, unique=2 * M * acc_elem)
+        t["gamma"] = Traffic(loaded=2 * programs * C * elem, unique=C * elem)
+        t["partials"] = Traffic(stored=2 * programs * C * acc_elem)
+    return t
+
+
+def pooled_projector_traffic(T: int, C: int, G: int, N: int, tile, elem: int, *, norm: str = "rms",
+                             blocks=(16, 128), acc_elem: int = 4) -> dict[str, dict]:
+    """Gemma 3's projector (average pool of G tokens, RMSNorm scaled by 1 + weight, ``@ W`` (C, N), no
+    bias) in the form of ``merged_mlp_traffic``. mmfuse (``merged_mlp(pool=True)``): the pool-and-norm
+    kernel, the GEMM; backward: dW, dA, the pool-and-norm backward, the ordered sum of its partials.
+    Eager, the module's code: the grid's ``.contiguous()`` copy of the transposed tokens, AvgPool2d,
+    Gemma3RMSNorm (to fp32, pow, mean, add + rsqrt, mul, (1 + w) in fp32, mul, to the dtype: its
+    M x C passes), the matmul; autograd through all of it. (Inference moves the same bytes: the pooled
+    rows go to a scratch buffer either way.)"""
+    e, M = elem, T // G
+    MC, TC = M * C, T * C
+    fwd = [sum(pool_norm_fwd_traffic(M, C, G, e, norm=norm, blocks=blocks, acc_elem=acc_elem).values(), Traffic())]
+    fwd.append(sum(fused_gemm_traffic(M, N, C, tile, e).values(), Traffic()))
+    bwd = [sum(fused_gemm_traffic(N, C, M, tile, e).values(), Traffic()),                  # dW^T
+           sum(fused_gemm_traffic(M, C, N, tile, e).values(), Traffic())]                  # dA
+    nb = pool_norm_bwd_traffic(M, C, G, e, norm=norm, blocks=blocks, acc_elem=acc_elem)
+    partials = nb["partials"].stored
+    bwd += [sum(nb.values(), Traffic()), Traffic(loaded=partials, unique=partials, stored=C * (acc_elem + e))]
+    f32 = 4
+    eager_f = [(TC * e, TC * e),                              # transpose(1, 2).reshape(...).contiguous()
+               (TC * e, MC * e),                              # AvgPool2d
+               (MC * e, MC * f32), (MC * f32, MC * f32),      # to(fp32), pow
+               (MC * f32, M * f32), (M * f32, M * f32),       # mean, rsqrt(+ eps)
+               (MC * f32 + M * f32, MC * f32),                # x * rsqrt
+               (C * e, C * f32), (MC * f32 + C * f32, MC * f32),  # 1 + w.float(), mul
+               (MC * f32, MC * e),                            # type_as
+               ((MC + C * N) * e, M * N * e)]                 # matmul
+    eager_b = [((M * N + MC) * e, C * N * e), ((M * N + C * N) * e, MC * e),    # matmul: dW, dX
+               (MC * e, MC * f32),                                               # type_as backward
+               (MC * f32 + C * f32, MC * f32), (2 * MC * f32, C * f32),          # mul: d(normed), d(1 + w)
+               (C * f32, C * e),                                                 # w.float() backward
+               (MC * f32 + M * f32, MC * f32), (2 * MC * f32, M * f32),          # x * rsqrt: dx, d(rsqrt)
+               (M * f32, M * f32), (M * f32, MC * f32),                          # rsqrt', mean'
+               (2 * MC * f32, MC * f32), (2 * MC * f32, MC * f32),               # pow', the two dx summed
+               (MC * f32, MC * e),                                               # to(fp32) backward
+               (MC * e, TC * e),                                                 # AvgPool2d backward
+               (TC * e, TC * e)]                                                 # the copy's backward
+    total = lambda ts: {"hbm": sum(t.unique + t.stored for t in ts), "l2": sum(t.loaded + t.stored for t in ts),  # noqa: E731
+                        "launches": len(ts)}
+    eager = lambda launches: {"hbm": sum(r + w for r, w in launches), "launches": len(launches)}  # noqa: E731
+    return {"fwd": total(fwd), "bwd": total(bwd), "eager_fwd": eager(eager_f), "eager_bwd": eager(eager_b)}

@@ -71,16 +71,20 @@ def test_every_gated_implementation_computes_the_same_output(bias):
     assert all(t.requires_grad and t.grad is None for t in suite._tensors(sets[0]))
 
 
-@pytest.mark.parametrize("norm,post,table,gated", [("rms", False, False, False), ("layer", True, True, False),
-                                                   ("layer", True, True, True)])
-def test_every_merged_implementation_computes_the_same_output(norm, post, table, gated):
+@pytest.mark.parametrize("norm,post,table,gated,pool", [("rms", False, False, False, False),
+                                                        ("layer", True, True, False, False),
+                                                        ("layer", True, True, True, False),
+                                                        ("rms", True, True, False, True)])
+def test_every_merged_implementation_computes_the_same_output(norm, post, table, gated, pool):
     impls = suite._merged_impls()
     T, C, G = 16, 8, 4
     x, ws, bs = torch.randn(T, C), [torch.randn(12, G * C), torch.randn(5, 12)], [torch.randn(12), torch.randn(5)]
     if gated:  # Aya Vision: a chunked [up | gate] weight of 2 x 6, down reads 6
         ws[1], bs[1] = torch.randn(5, 6), torch.randn(5)
-    width = G * C if post else C
-    spec = suite.MergeSpec(G, torch.randperm(T).view(-1, G) if table else None, norm, post, gated)
+    if pool:  # Gemma 3: the pooled rows (C wide) times one weight, no bias
+        ws, bs = [torch.randn(5, C)], [None]
+    width = G * C if post and not pool else C
+    spec = suite.MergeSpec(G, torch.randperm(T).view(-1, G) if table else None, norm, post, gated, pool)
     args = [x, ws, bs, torch.randn(width), torch.randn(width) if norm == "layer" else None, spec]
     ref = impls["eager"](*args)
     for name in ("mmfuse", "mmfuse glue"):

@@ -89,6 +89,8 @@ def run_key(spec):
     if name in ("norm_stats_kernel", "norm_bwd_kernel"):
         post = dict(spec.args)["G"] > 1
         return ("merged", None, True, post, spec.dtype, None, cx["ALIGNED"], None, cx["TABLE"], False)
+    if name in ("pool_norm_fwd_kernel", "pool_norm_bwd_kernel"):
+        return ("pooled", spec.dtype, cx["NORM"])
     if name == "act_grad_kernel":
         return ("linear", "act'", ACT_NAMES[cx["ACTIVATION"]], True, spec.dtype, (cx["BLOCK_M"], cx["BLOCK_N"]),
                 None, name)
@@ -342,6 +344,29 @@ def run_merged(mapped, norm, post, dtype, tile, aligned, even_k, table, gated=Fa
     _values_and_grads(call(mmfuse.merged_mlp), call(merged_mlp_reference), [x, *ws, *bs, *extra], names, names)
 
 
+def run_pooled(dtype, norm):
+    """Average pooling then the norm (``mmfuse.merged_mlp(pool=True)``, Gemma 3's form: RMSNorm scaled by
+    1 + weight), the row-wise kernels at their GPU blocks: two programs of rows and two channel blocks,
+    both ragged; 4 tokens per window through a shuffled table. Values and every gradient."""
+    from mmfuse.kernels import merged_gemm as KM
+
+    with _common.gpu_config({}):
+        br, bc = KM.pool_blocks(dtype)
+    M, C, G = br + RAGGED, 2 * bc + RAGGED, 4
+    x = torch.randn(M * G, C, dtype=dtype)
+    tmap = torch.randperm(M * G).view(M, G)
+    w = torch.randn(16, C, dtype=dtype) / C ** 0.5
+    extra = [(0.3 * torch.randn(C)).to(dtype)] if norm else []
+    names = ["x", "w"] + ["gamma"] * len(extra)
+
+    def call(f):
+        return lambda x, w, *g: f(x, [w], None, None, group=G, token_map=tmap, pool=True, norm="rms" if norm else None,
+                                  norm_weight=g[0] if g else None, norm_after_merge=True,
+                                  norm_weight_offset=1.0 if norm else 0.0)
+
+    _values_and_grads(call(mmfuse.merged_mlp), call(merged_mlp_reference), [x, w, *extra], names, names)
+
+
 def run_patch_embed(name, dtype, tile, even_k, geometry):
     if name == "batch_sum_kernel":  # dpos of a shared table, db from its sums: B = 2, N and D past one block
         C, T, P, B, grid, D, align = 3, 1, 4, 2, (1, 6, 6), tile[1] + RAGGED, 16
@@ -437,6 +462,10 @@ def _execute(key):
         mapped, norm, post, dtype_name, tile, aligned, even_k, table, gated = params
         with _tf32(dtype_name == "fp32-tf32"), _common.gpu_config({"mapped_gemm_kernel": tile} if tile else {}):
             run_merged(mapped, norm, post, DTYPES[dtype_name], tile, aligned, even_k, table, gated)
+    elif family == "pooled":
+        dtype_name, norm = params
+        with _common.gpu_config({}):
+            run_pooled(DTYPES[dtype_name], norm)
     elif family == "patch_embed":
         from mmfuse.kernels import patch_embed as KP
 
@@ -549,6 +578,9 @@ def launchable_configs() -> dict:
         for blocks in (KM.ROWWISE, KM.ROWWISE_GATHER):
             for name in ("norm_stats_kernel", "norm_bwd_kernel"):
                 out.setdefault((name, blocks, 4, 1, (elem, "ieee", acc)), f"merged mlp {dtype} norm")
+        for name in ("pool_norm_fwd_kernel", "pool_norm_bwd_kernel"):
+            blocks = KM.POOL_ROWWISE_FP64 if elem == 8 else KM.POOL_ROWWISE
+            out.setdefault((name, blocks, 4, 1, (elem, "ieee", acc)), f"merged mlp {dtype} pool")
         out.setdefault(("dw_combine_kernel", KP.COMBINE_BLOCK, 4, 1, acc), f"patch_embed {dtype} dW split")
         out.setdefault(("batch_sum_kernel", KP.BATCH_SUM_BLOCK, 4, 1, acc), f"patch_embed {dtype} dpos")
     return out

@@ -337,3 +337,103 @@ def test_gated_bad_input():
         merged_mlp(x, [w1, w2], activation="relu2", group=G, gate_half=0)
     with pytest.raises(ValueError, match=r"weights\[1\]: expected shape\[1\] \(in_features\) == 5, got 10"):
         merged_mlp(x, [w1, torch.randn(3, 10)], activation="silu", group=G, gate_half=0)
+
+
+# ----------------------------------------------------------------------------------------------
+# Average pooling (Gemma 3): one pool-and-norm kernel, then the GEMMs
+# ----------------------------------------------------------------------------------------------
+def _pool_case(dtype, norm, use_map=True, T=80, C=37, G=16, widths=(11,), offset=None, bias=False):
+    """x (T, C) pooled G tokens a row (a table leaving T % G... tokens out, or adjacent rows), the norm
+    over the pooled row (Gemma's 1 + weight when ``offset``), then Linear layers (GELU between)."""
+    x = torch.randn(T, C, dtype=dtype)
+    tmap = torch.randperm(T)[: (T // G) * G - (G if use_map else 0)].reshape(-1, G) if use_map else None
+    offset = (1.0 if norm == "rms" else 0.0) if offset is None else offset
+    gamma = ((0.3 if offset else 1) * torch.randn(C) + (0 if offset else 1)).to(dtype) if norm else None
+    beta = torch.randn(C, dtype=dtype) if norm == "layer" else None
+    ks = (C, *widths[:-1])
+    ws = [torch.randn(n, k, dtype=dtype) / k ** 0.5 for k, n in zip(ks, widths)]
+    bs = [torch.randn(n, dtype=dtype) for n in widths] if bias else []
+    inputs = [x, *ws, *bs] + [t for t in (gamma, beta) if t is not None]
+    names = ["x"] + [f"W{i}" for i in range(len(ws))] + [f"b{i}" for i in range(len(bs))] + \
+        ["gamma"] * (gamma is not None) + ["beta"] * (beta is not None)
+    n = len(ws)
+    kw = dict(group=G, token_map=tmap, norm=norm, eps=1e-6, norm_after_merge=True, pool=True,
+              norm_weight_offset=offset)
+
+    def call(f):
+        def run(*t):
+            ws_, rest = list(t[1:1 + n]), list(t[1 + n:])
+            bs_ = rest[:n] if bias else None
+            nb = rest[n:] if bias else rest
+            return f(t[0], ws_, bs_, "gelu", norm_weight=nb[0] if nb else None,
+                     norm_bias=nb[1] if len(nb) > 1 else None, **kw)
+        return run
+
+    return inputs, names, call(merged_mlp), call(merged_mlp_reference)
+
+
+@pytest.mark.parametrize("norm", [None, "rms", "layer"])
+@pytest.mark.parametrize("use_map", [True, False], ids=["table", "adjacent"])
+def test_pool_matches_reference_fp32(norm, use_map):
+    inputs, names, fn, ref = _pool_case(torch.float32, norm, use_map, widths=(11, 6), bias=True)
+    assert_matches_reference(fn, ref, inputs, names)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+def test_pool_half_precision_gemma(dtype):
+    # Gemma 3's form: RMSNorm scaled by 1 + weight in fp32, one weight matmul, no bias.
+    inputs, names, fn, ref = _pool_case(dtype, "rms")
+    assert_matches_reference(fn, ref, inputs, names)
+
+
+def test_pool_non_contiguous_views():
+    T, C, G = 48, 20, 4
+    x = torch.randn(2 * C, T).t()[:, ::2]
+    tmap = torch.randperm(T).reshape(G, -1).t()
+    w = (torch.randn(C, 9) / 5).t()
+    gamma, beta = torch.randn(2 * C)[::2], torch.randn(1).expand(C)
+    assert not any(t.is_contiguous() for t in (x, tmap, w, gamma, beta))
+
+    def fn(x_, w_, g_, b_, f=merged_mlp):
+        return f(x_, [w_], None, None, group=G, token_map=tmap, pool=True, norm="layer", norm_weight=g_,
+                 norm_bias=b_, norm_after_merge=True, eps=1e-5)
+
+    assert_matches_reference(fn, lambda *t: fn(*t, f=merged_mlp_reference), [x, w, gamma, beta],
+                             ["x", "W", "gamma", "beta"])
+
+
+@pytest.mark.parametrize("norm", [None, "layer"])
+def test_pool_gradcheck_fp64(norm):
+    inputs, names, fn, _ = _pool_case(torch.float64, norm, T=12, C=3, G=4, widths=(2,), offset=0.5 if norm else 0)
+    inputs = [t.requires_grad_() for t in inputs]
+    assert torch.autograd.gradcheck(fn, inputs, fast_mode=True)
+
+
+def test_pool_launch_counts_and_determinism(launches):
+    inputs, names, fn, _ = _pool_case(torch.float16, "rms")
+    leaves = [t.requires_grad_() for t in inputs]
+    y = fn(*leaves)
+    # pooling and the norm in one kernel, then the GEMM: GEMMs + 1
+    assert launches == ["pool_norm_fwd_kernel", "fused_gemm_kernel"]
+    launches.clear()
+    dy = torch.randn_like(y)
+    grads = torch.autograd.grad(y, leaves, dy)
+    # dW, dA, then the norm's backward spread to each window's tokens
+    assert sorted(launches) == ["fused_gemm_kernel", "fused_gemm_kernel", "pool_norm_bwd_kernel"]
+    assert launches[-1] == "pool_norm_bwd_kernel"
+    again = torch.autograd.grad(fn(*leaves), leaves, dy)
+    assert all(torch.equal(a, b) for a, b in zip(grads, again))
+    # the table leaves G tokens out: their gradient is exactly 0
+    assert int((grads[0] == 0).all(dim=1).sum()) >= 16
+
+
+def test_pool_bad_input():
+    x, w = torch.randn(32, C), torch.randn(5, C)
+    with pytest.raises(ValueError, match="norm_after_merge: expected True with pool=True"):
+        merged_mlp(x, [w], group=G, pool=True, norm="rms", norm_weight=torch.ones(C))
+    with pytest.raises(ValueError, match="gate_half: expected None with pool=True"):
+        merged_mlp(x, [torch.randn(10, C), torch.randn(3, 5)], activation="silu", group=G, pool=True, gate_half=0)
+    with pytest.raises(ValueError, match="norm_weight_offset: expected 0.0 without pool=True, got 1.0"):
+        merged_mlp(x, [torch.randn(5, G * C)], group=G, norm="rms", norm_weight=torch.ones(C), norm_weight_offset=1.0)
+    with pytest.raises(ValueError, match=r"weights\[0\]: expected shape\[1\] \(in_features\) == 24, got 96"):
+        merged_mlp(x, [torch.randn(5, G * C)], group=G, pool=True)

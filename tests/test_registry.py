@@ -114,6 +114,7 @@ def _gemma3():
     proj = M.gemma3.modeling_gemma3.Gemma3MultiModalProjector(cfg)
     with torch.no_grad():
         proj.mm_input_projection_weight.normal_()
+        proj.mm_soft_emb_norm.weight.normal_(0, 0.3)  # (zeros at init: the 1 + weight scale would go untested)
     return proj, [torch.randn(2, 16, V)]
 
 
@@ -974,3 +975,34 @@ def test_merged_families_read_norm_and_merge_inside_the_gemm(key, launches):
     norm_like = {"native_layer_norm", "layer_norm", "rsqrt", "pow", "mean", "clone", "permute", "_to_copy", "copy_"}
     assert "merged_mlp_fwd" in {n.split(".")[0] for n in ops.names}, ops.names
     assert not norm_like & {n.split(".")[0] for n in ops.names}, ops.names
+
+
+@pytest.mark.parametrize("key", sorted(k for k in BUILDERS if k in {(f.module, c) for f in registry.FAMILIES
+                                                                     if f.recipe == "pool+norm+matmul"
+                                                                     for c in f.classes}),
+                         ids=lambda k: f"{k[0]}.{k[1]}")
+def test_pooling_families_pool_and_normalise_in_one_kernel(key, launches):
+    """Gemma 3's projector patched: the average pool and the RMSNorm in one kernel, then one GEMM: no
+    pooling, norm, transpose copy or fp32 pass in PyTorch."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Ops(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.names = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.names.append(func.__name__.split(".")[0])
+            return func(*args, **(kwargs or {}))
+
+    module, inputs = BUILDERS[key]()
+    model = _Parent(module)
+    mmfuse.patch(model)
+    with torch.no_grad():
+        model(*inputs)  # the first call builds the pooling table (kept per shape)
+        launches.clear()
+        with Ops() as ops:
+            model(*inputs)
+    assert launches == ["pool_norm_fwd_kernel", "fused_gemm_kernel"], launches
+    glue = {"avg_pool2d", "rsqrt", "pow", "mean", "clone", "_to_copy", "copy_", "matmul", "mm", "bmm"}
+    assert "pool_norm_fwd" in ops.names and not glue & set(ops.names), ops.names

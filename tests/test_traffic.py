@@ -372,6 +372,40 @@ def test_mapped_gated_traffic_matches_interpreted_runs(use_table):
                                                                 + 2 * K * e + 3 * M * N * e) + (M * N + D * N + D + M * D) * e
 
 
+@pytest.mark.parametrize("norm", ["rms", "layer", None])
+def test_pool_norm_traffic_matches_interpreted_runs(norm):
+    # Gemma 3's pooling kernels operand by operand (odd M and C: ragged programs and column blocks), and
+    # the projector's launches as the model counts them.
+    from mmfuse.kernels import merged_gemm as KM
+    from mmfuse.traffic import pool_norm_bwd_traffic, pool_norm_fwd_traffic, pooled_projector_traffic
+
+    M, C, G = 13, 45, 4
+    x = torch.randn(M * G, C, dtype=torch.float16)
+    table = torch.randperm(M * G, dtype=torch.int32).view(M, G)
+    gamma, beta = torch.randn(C, dtype=torch.float16), torch.randn(C, dtype=torch.float16)
+    blocks = KM.INTERPRETER_ROWWISE
+    (out, pooled, stats), got = measure(
+        lambda: KM.pool_norm_fwd(x, table, G, norm, gamma, beta, 1e-6, 1.0, save=True),
+        {"x": x, "table": table, "gamma": gamma, "beta": beta, "out": lambda r: r[0],
+         **({"pooled": lambda r: r[1], "stats": lambda r: r[2]} if norm else {})})
+    model = pool_norm_fwd_traffic(M, C, G, 2, norm=norm, blocks=blocks)
+    assert {k: got[k] for k in model} == model
+    if norm != "layer":
+        assert got["beta"] == Traffic()
+    da = torch.randn(M, C, dtype=torch.float16)
+    _, got = measure(lambda: KM.pool_norm_bwd(da, M * G, table, G, norm, gamma, pooled, stats, 1.0),
+                     {"da": da, "table": table, "dx": lambda r: r[0],
+                      **({"pooled": pooled, "stats": stats, "gamma": gamma} if norm else {})})
+    model = pool_norm_bwd_traffic(M, C, G, 2, norm=norm, blocks=blocks)
+    assert {k: got[k] for k in model if k != "partials"} == {k: v for k, v in model.items() if k != "partials"}
+    if norm == "rms":
+        t = pooled_projector_traffic(M * G, C, G, 24, (32, 32), 2, blocks=blocks)
+        # pool + norm, the GEMM; dW, dA, the pool backward and its partials' sum. Eager: copy, pool, 8
+        # RMSNorm kernels, matmul; backward 15.
+        assert (t["fwd"]["launches"], t["bwd"]["launches"], t["eager_fwd"]["launches"],
+                t["eager_bwd"]["launches"]) == (2, 4, 11, 15)
+
+
 @pytest.mark.parametrize("post", [False, True])
 def test_norm_rowwise_traffic_matches_interpreted_runs(post):
     from mmfuse.kernels import merged_gemm as KM

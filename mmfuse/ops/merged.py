@@ -23,7 +23,7 @@ from mmfuse._dispatch import REFERENCE, autocast_inputs, backend_for
 from mmfuse.kernels import linear as KL
 from mmfuse.kernels import merged_gemm as KM
 from mmfuse.ops.linear import (ACTIVATION_NAMES, GATE_ACTIVATIONS, _acc_sum_rows, _check_layer, _needs_grad, _nothing,
-                               apply_activation_reference, mlp_reference)
+                               apply_activation_reference, mlp, mlp_reference)
 
 NORM_NAMES = (None, "layer", "rms")
 
@@ -31,7 +31,13 @@ NORM_NAMES = (None, "layer", "rms")
 # ----------------------------------------------------------------------------------------------
 # Reference
 # ----------------------------------------------------------------------------------------------
-def _norm_reference(x, norm, weight, bias, eps):
+def _norm_reference(x, norm, weight, bias, eps, weight_offset=0.0):
+    if weight_offset:  # Gemma 3's RMSNorm: (x * rsqrt(mean(x^2) + eps) * (1 + w)) in fp32, cast once
+        x32 = x.float() if x.dtype != torch.float64 else x
+        y = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps) if norm == "rms" else \
+            F.layer_norm(x32, x.shape[-1:], None, None, eps)
+        y = y * (weight_offset + weight.to(x32.dtype))
+        return (y + bias.to(x32.dtype) if norm == "layer" else y).to(x.dtype)
     if norm == "layer":
         return F.layer_norm(x, x.shape[-1:], weight, bias, eps)
     # RMSNorm as transformers writes it (Qwen2RMSNorm / T5LayerNorm), in the input's dtype at the end
@@ -41,9 +47,14 @@ def _norm_reference(x, norm, weight, bias, eps):
 
 
 def norm_merge_reference(x, group, token_map=None, norm=None, norm_weight=None, norm_bias=None, eps=1e-6,
-                         norm_after_merge=False):
-    """The merged operand in plain PyTorch: (M, group * C)."""
+                         norm_after_merge=False, pool=False, norm_weight_offset=0.0):
+    """The merged operand in plain PyTorch: (M, group * C), or (M, C) pooled."""
     C = x.shape[-1]
+    if pool:  # AvgPool2d's result: an fp32 mean rounded to x's dtype, then the norm over it
+        rows = x[token_map.long()] if token_map is not None else x.reshape(-1, group, C)
+        acc = rows.double() if x.dtype == torch.float64 else rows.float()
+        pooled = acc.mean(1).to(x.dtype)
+        return _norm_reference(pooled, norm, norm_weight, norm_bias, eps, norm_weight_offset) if norm else pooled
     if norm is not None and not norm_after_merge:
         x = _norm_reference(x, norm, norm_weight, norm_bias, eps)
     merged = (x[token_map.long()] if token_map is not None else x.reshape(-1, group, C)).reshape(-1, group * C)
@@ -53,8 +64,10 @@ def norm_merge_reference(x, group, token_map=None, norm=None, norm_weight=None, 
 
 
 def merged_mlp_reference(x, weights, biases=None, activation="gelu", *, group, token_map=None, norm=None,
-                         norm_weight=None, norm_bias=None, eps=1e-6, norm_after_merge=False, gate_half=None):
-    a = norm_merge_reference(x, group, token_map, norm, norm_weight, norm_bias, eps, norm_after_merge)
+                         norm_weight=None, norm_bias=None, eps=1e-6, norm_after_merge=False, gate_half=None,
+                         pool=False, norm_weight_offset=0.0):
+    a = norm_merge_reference(x, group, token_map, norm, norm_weight, norm_bias, eps, norm_after_merge, pool,
+                             norm_weight_offset)
     if gate_half is None:
         return mlp_reference(a, weights, biases, activation)
     # Aya Vision's SwiGLU on one chunked weight: `x, gate = linear_1(a).chunk(2)` is gate_half 1.
@@ -201,6 +214,65 @@ def _merged_backward(ctx, dy, _stats, _hidden, _preacts):
 merged_mlp_fwd_op.register_autograd(_merged_backward, setup_context=_merged_setup)
 
 
+# Average pooling (Gemma 3): a row-wise kernel, then the MLP's GEMMs on its (M, C) output
+@torch.library.custom_op("mmfuse::pool_norm_fwd", mutates_args=())
+def pool_norm_fwd_op(x: torch.Tensor, token_map: torch.Tensor, group: int, norm: str | None, gamma: torch.Tensor,
+                     beta: torch.Tensor, eps: float, gamma_shift: float, save: bool,
+                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(out, pooled, stats): pooled and stats for the backward (empty without a norm or ``save``)."""
+    out, pooled, stats = KM.pool_norm_fwd(x, token_map, group, norm, gamma if norm else None,
+                                          beta if norm == "layer" else None, eps, gamma_shift, save)
+    return out, pooled if pooled is not None else _nothing(x), stats if (stats is not None and save) else _nothing(x)
+
+
+@pool_norm_fwd_op.register_fake
+def _(x, token_map, group, norm, gamma, beta, eps, gamma_shift, save):
+    M, C = token_map.shape[0], x.shape[1]
+    keep = norm is not None and save
+    acc = torch.float64 if x.dtype == torch.float64 else torch.float32
+    return x.new_empty(M, C), x.new_empty(M, C) if keep else x.new_empty(0), \
+        x.new_empty(M, 2, dtype=acc) if keep else x.new_empty(0)
+
+
+@torch.library.custom_op("mmfuse::pool_norm_bwd", mutates_args=())
+def pool_norm_bwd_op(da: torch.Tensor, token_map: torch.Tensor, tokens: int, group: int, norm: str | None,
+                     gamma: torch.Tensor, pooled: torch.Tensor, stats: torch.Tensor, gamma_shift: float,
+                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(dx, dgamma, dbeta): dgamma / dbeta empty where the norm has none."""
+    dx, dgamma, dbeta = KM.pool_norm_bwd(da, tokens, token_map, group, norm, gamma if norm else None,
+                                         pooled, stats, gamma_shift)
+    return dx, dgamma if dgamma is not None else _nothing(da), dbeta if dbeta is not None else _nothing(da)
+
+
+@pool_norm_bwd_op.register_fake
+def _(da, token_map, tokens, group, norm, gamma, pooled, stats, gamma_shift):
+    return (da.new_empty(tokens, da.shape[1]), gamma.new_empty(gamma.shape) if norm else da.new_empty(0),
+            gamma.new_empty(gamma.shape) if norm == "layer" else da.new_empty(0))
+
+
+def _pool_setup(ctx, inputs, output):
+    x, token_map, group, norm, gamma, beta, eps, gamma_shift, _ = inputs
+    ctx.set_materialize_grads(False)
+    ctx.meta = (x.shape[0], group, norm, gamma_shift)
+    ctx.needs = (x.requires_grad, norm is not None and gamma.requires_grad, norm == "layer" and beta.requires_grad)
+    _, pooled, stats = output
+    ctx.save_for_backward(token_map, gamma, pooled, stats)
+
+
+def _pool_backward(ctx, dout, _pooled, _stats):
+    need_x, need_gamma, need_beta = ctx.needs
+    if dout is None:
+        return (None,) * 9
+    tokens, group, norm, gamma_shift = ctx.meta
+    token_map, gamma, pooled, stats = ctx.saved_tensors
+    dx, dgamma, dbeta = pool_norm_bwd_op(dout, token_map, tokens, group, norm, gamma, pooled, stats, gamma_shift)
+    return (dx if need_x else None, None, None, None, dgamma if need_gamma else None,
+            dbeta if need_beta else None, None, None, None)
+
+
+pool_norm_fwd_op.register_autograd(_pool_backward, setup_context=_pool_setup)
+
+
 # ----------------------------------------------------------------------------------------------
 # Functional API
 # ----------------------------------------------------------------------------------------------
@@ -227,7 +299,8 @@ def merged_mlp(x: torch.Tensor, weights: Sequence[torch.Tensor], biases: Sequenc
                activation: str | None = "gelu", *, group: int, token_map: torch.Tensor | None = None,
                norm: str | None = None, norm_weight: torch.Tensor | None = None,
                norm_bias: torch.Tensor | None = None, eps: float = 1e-6, norm_after_merge: bool = False,
-               gate_half: int | None = None, _table_checked: bool = False) -> torch.Tensor:
+               gate_half: int | None = None, pool: bool = False, norm_weight_offset: float = 0.0,
+               _table_checked: bool = False) -> torch.Tensor:
     """``mlp(norm_merge(x), weights, biases, activation)`` with the merge and the norm read inside the
     first GEMM (never materialised).
 
@@ -243,8 +316,24 @@ def merged_mlp(x: torch.Tensor, weights: Sequence[torch.Tensor], biases: Sequenc
     two weights, weights[0] (2N, K) whose half ``gate_half`` is the gate, ``h = act(gate) * up`` in the
     first GEMM's epilogue (activation: the gate's), then ``weights[1]`` (D, N). transformers' ``x, gate
     = linear_1(a).chunk(2, dim=-1)`` is gate_half=1.
+
+    ``pool=True``: merged row m is the *mean* of its tokens (average pooling: Gemma 3's AvgPool2d over
+    the patch grid), C wide, rounded to x's dtype as AvgPool2d returns it, and the norm (if any) is over
+    it (``norm_after_merge`` must then be True). This form runs as one row-wise kernel (pool and norm)
+    whose (M, C) output the MLP's GEMMs read: with group tokens per row, gathering inside the GEMM would
+    load every token once per output-column tile, group times the bytes of a pooled operand
+    (bench/NOTES.md "Average pooling"). ``norm_weight_offset``: the norm scales by ``offset + weight``
+    in fp32 (Gemma's RMSNorm: 1.0); pooled form only.
     """
     check_tensor("x", x, ndim=2)
+    if pool:
+        if gate_half is not None:
+            raise ValueError("gate_half: expected None with pool=True (a pooled gated MLP is not implemented)")
+        if norm is not None and not norm_after_merge:
+            raise ValueError("norm_after_merge: expected True with pool=True and a norm (the norm is over the "
+                             "pooled row), got False")
+    elif norm_weight_offset:
+        raise ValueError(f"norm_weight_offset: expected 0.0 without pool=True, got {norm_weight_offset!r}")
     if gate_half is not None:
         check_choice("gate_half", gate_half, (0, 1))
         check_choice("activation", activation, GATE_ACTIVATIONS)
@@ -275,7 +364,7 @@ def merged_mlp(x: torch.Tensor, weights: Sequence[torch.Tensor], biases: Sequenc
             _check_token_values(token_map, T)
     elif T % group:
         raise ValueError(f"x: expected a token count divisible by group == {group} (no token_map), got {T}")
-    width = group * C
+    width = C if pool else group * C
     if norm is not None:
         norm_width = width if norm_after_merge else C
         check_tensor("norm_weight", norm_weight, ndim=1)
@@ -285,6 +374,10 @@ def merged_mlp(x: torch.Tensor, weights: Sequence[torch.Tensor], biases: Sequenc
             check_tensor("norm_bias", norm_bias, ndim=1)
             check_like("norm_bias", norm_bias, "x", x)
             check_size("norm_bias", "shape[0] (the normalised width)", norm_bias.shape[0], norm_width)
+    if pool:
+        return _pooled_mlp(x, weights, biases, activation, group, token_map, norm, norm_weight, norm_bias, eps,
+                           norm_weight_offset)
+
     def in_features(i, ws):
         return width if i == 0 else ws[i - 1].shape[0] // (2 if i == 1 and gate_half is not None else 1)
 
@@ -311,6 +404,25 @@ def merged_mlp(x: torch.Tensor, weights: Sequence[torch.Tensor], biases: Sequenc
                                    _needs_grad(x, gamma if norm else None, beta if norm == "layer" else None,
                                                *weights, *biases), -1 if gate_half is None else gate_half)
     return y
+
+
+def _pooled_mlp(x, weights, biases, activation, group, token_map, norm, norm_weight, norm_bias, eps, offset):
+    """merged_mlp(pool=True) after the shared checks: the pool-and-norm kernel, then ``mlp`` on its rows."""
+    if backend_for(x) == REFERENCE:
+        for i, (w, b) in enumerate(zip(weights, biases)):
+            _check_layer(x, w, b, x.shape[1] if i == 0 else weights[i - 1].shape[0], f"weights[{i}]", f"biases[{i}]")
+        return merged_mlp_reference(x, weights, biases, activation, group=group, token_map=token_map, norm=norm,
+                                    norm_weight=norm_weight, norm_bias=norm_bias, eps=eps, norm_after_merge=True,
+                                    pool=True, norm_weight_offset=offset)
+    _check_layer(x, weights[0], biases[0], x.shape[1], "weights[0]", "biases[0]")
+    x, norm_weight, norm_bias = autocast_inputs(x, norm_weight, norm_bias)
+    table = token_map.to(torch.int32).contiguous() if token_map is not None else \
+        torch.arange(x.shape[0], dtype=torch.int32, device=x.device).view(-1, group)
+    gamma = norm_weight if norm is not None else x.new_empty(0)
+    beta = norm_bias if norm == "layer" else x.new_empty(0)
+    a, _, _ = pool_norm_fwd_op(x, table, group, norm, gamma, beta, float(eps), float(offset),
+                               _needs_grad(x, gamma if norm else None, beta if norm == "layer" else None))
+    return mlp(a, weights, biases, activation)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -344,8 +456,23 @@ def verify_checks():
                                           ["x", "W1", "W2", "b1", "b2", "gamma", "beta"][:5 + len(norm_params)])
         return Check(f"merged_mlp {what}", dtype, f"T={T} C={C} G={G}", run)
 
+    def pooled_check(dtype, T=80, C=40, G=16, N=24):  # Gemma 3: pool, RMSNorm (1 + weight), one matmul
+        def run(device):
+            x = torch.randn(T, C, device=device, dtype=dtype)
+            tmap = torch.randperm(T, device=device).view(-1, G)
+            w = torch.randn(N, C, device=device, dtype=dtype) / C ** 0.5
+            g = 0.3 * torch.randn(C, device=device, dtype=dtype)
+
+            def call(f):
+                return lambda x, w, g: f(x, [w], None, None, group=G, token_map=tmap, pool=True, norm="rms",
+                                         norm_weight=g, norm_after_merge=True, norm_weight_offset=1.0)
+
+            return compare_with_reference(call(merged_mlp), call(merged_mlp_reference), [x, w, g], ["x", "W", "gamma"])
+        return Check("merged_mlp pool+rms (gemma3)", dtype, f"T={T} C={C} G={G}", run)
+
     checks = []
     for dtype in (torch.float32, torch.float16, torch.bfloat16):
+        checks.append(pooled_check(dtype))
         checks.append(merged_check(dtype, "rms per token", "rms", False, False))
         checks.append(merged_check(dtype, "shuffle+ln per row", "layer", True, True))
         checks.append(merged_check(dtype, "swiglu, shuffle+ln", "layer", True, True, gate_half=1))
