@@ -318,6 +318,67 @@ def _merged_mlp(module: nn.Module, family: Family) -> nn.Module:
     return _shallow_copy(module, sub)
 
 
+@functools.lru_cache(maxsize=32)
+def _unfold_table(grids: tuple, s: int, device: torch.device) -> torch.Tensor:
+    """The (M, s*s) int32 token table of ``F.unfold(kernel_size=s, stride=s)`` over each image's (h, w)
+    row-major token grid, images one after another (Mistral3's patch merger; trailing rows / columns
+    dropped as unfold does). Slot j = di * s + dj."""
+    tables, offset = [], 0
+    d = torch.arange(s, device=device)
+    for h, w in grids:
+        r = torch.arange(h // s, device=device)[:, None] * s + d          # (h // s, s) grid rows
+        c = torch.arange(w // s, device=device)[:, None] * s + d          # (w // s, s) grid columns
+        tables.append(offset + (r[:, None, :, None] * w + c[None, :, None, :]).reshape(-1, s * s))
+        offset += h * w
+    return torch.cat(tables).to(torch.int32) if tables else torch.zeros(0, s * s, dtype=torch.int32, device=device)
+
+
+def _unfold_merged_mlp(module: nn.Module, family: Family) -> nn.Module:
+    """Mistral3 / Pixtral: RMSNorm per token, the patch merger's per-image ``unfold`` merge and its merging
+    Linear as one ``mmfuse.merged_mlp`` (the norm and the merge read in the GEMM's loads), then the MLP
+    (``mmfuse.mlp``). unfold lays a merged row out channel-major (column c * s^2 + j); the mapped GEMM
+    reads token-major rows (j * C + c), so the merging weight's columns are permuted to match (a view
+    plus one copy of that weight per call; under autograd, through it). Options: ``norm``, ``merger``
+    (with ``merging_layer``, ``spatial_merge_size``, ``patch_size``), ``linears`` and ``act``."""
+    from mmfuse.ops.linear import mlp
+    from mmfuse.ops.merged import merged_mlp
+
+    norm_path, merger_path, (l1, l2), act_path = (family.opt("norm"), family.opt("merger"), family.opt("linears"),
+                                                  family.opt("act"))
+    merger = _get(module, merger_path)
+    for path in (f"{merger_path}.merging_layer", l1, l2):
+        if not isinstance(_get(module, path), nn.Linear):
+            raise _patch.Unsupported(f"{path}: expected nn.Linear, got {type(_get(module, path)).__name__}")
+    _norm_form(_get(module, norm_path))
+    act = activation_name(_get(module, act_path))
+    G, C = merger.spatial_merge_size ** 2, merger.merging_layer.out_features
+    if merger.merging_layer.in_features != G * C:
+        raise _patch.Unsupported(f"{merger_path}.merging_layer: expected in_features == {G * C}, got "
+                                 f"{merger.merging_layer.in_features}")
+
+    def forward(self, image_features, image_sizes):
+        m = _get(self, merger_path)
+        s, patch = m.spatial_merge_size, m.patch_size
+        sizes = image_sizes.tolist() if isinstance(image_sizes, torch.Tensor) else image_sizes
+        grids = tuple((int(h) // patch, int(w) // patch) for h, w in sizes)
+        x = image_features.reshape(-1, image_features.shape[-1])
+        if x.shape[0] != sum(h * w for h, w in grids):
+            raise ValueError(f"image_features: expected {sum(h * w for h, w in grids)} tokens (the image_sizes' "
+                             f"patch grids), got {x.shape[0]}")
+        norm, weight, bias, eps = _norm_form(_get(self, norm_path))
+        wm = m.merging_layer.weight
+        wm = wm.view(wm.shape[0], -1, s * s).transpose(1, 2).reshape(wm.shape[0], -1)  # columns j * C + c
+        merged = merged_mlp(x, [wm], [m.merging_layer.bias], None, group=s * s,
+                            token_map=_unfold_table(grids, s, x.device), norm=norm, norm_weight=weight,
+                            norm_bias=bias, eps=eps, _table_checked=True)
+        a, b = _get(self, l1), _get(self, l2)
+        return mlp(merged, [a.weight, b.weight], [a.bias, b.bias], act)
+
+    cls = _fused_class(type(module))
+    sub = type(cls.__name__, (cls,), {"__module__": "mmfuse.registry", "forward": forward})
+    return _shallow_copy(module, sub)
+
+
 def _conv3d_patch_embed(module: nn.Module, family: Family) -> nn.Module:
     from mmfuse.nn.hf import Qwen2VLPatchEmbed
 
@@ -367,6 +428,9 @@ RECIPES = {r.name: r for r in [
     Recipe("merged mlp", PROJECTOR,
            "the norm and the token merge inside the first GEMM's loads (never materialised), every Linear, "
            "bias and activation (a chunked SwiGLU's gate and up: one GEMM, act(g) * u in its epilogue)", "nothing (a pixel shuffle's token table is probed once per shape)", _merged_mlp),
+    Recipe("unfold merged mlp", PROJECTOR,
+           "the norm and the per-image unfold merge inside the merging Linear's loads (its columns permuted to "
+           "the kernel's token-major order), then the MLP (act in the epilogue)", "nothing", _unfold_merged_mlp),
     Recipe("pool+norm+matmul", PROJECTOR,
            "the average pool and the RMSNorm (one row-wise kernel) and the weight matmul (W^T as the GEMM's B)",
            "nothing", _pooled_matmul),
@@ -440,6 +504,7 @@ _QWEN_MERGER = (("linears", ("mlp.0", "mlp.2")), ("act", "mlp.1"), ("norm", "ln_
 _QWEN3_MERGER = (("linears", ("linear_fc1", "linear_fc2")), ("act", "act_fn"), ("norm", "norm"), ("merge", "view"),
                  ("post", "use_postshuffle_norm"))
 _PIXEL_SHUFFLE = (("linears", ("modality_projection.proj",)), ("merge", "pixel_shuffle"))
+_UNFOLD = (("norm", "norm"), ("merger", "patch_merger"), ("linears", ("linear_1", "linear_2")), ("act", "act"))
 _GEMMA3_POOL = (("weight", "mm_input_projection_weight"), ("norm", "mm_soft_emb_norm"), ("norm_offset", 1.0))
 # `x, gate = linear_1(a).chunk(2)`: the gate is the second half.
 _DOWNSAMPLE_SWIGLU = (("linears", ("linear_1", "linear_2")), ("act", "act"), ("merge", "pixel_shuffle_downsample"),
@@ -487,17 +552,14 @@ FAMILIES: list[Family] = [
     Family("Cohere Compass", "cohere_compass", ("CohereCompassVisionPatchMerger",), "merged mlp", _QWEN3_MERGER),
     Family("Qwen4-Exp", "qwen4_exp", ("Qwen4ExpVisionPatchMerger",), "merged mlp", _QWEN3_MERGER),
     Family("EXAONE 4.5", "exaone4_5", ("Exaone4_5_PatchMerger",), "merged mlp", _QWEN_MERGER),
-    Family("MistralLarge4", "mistral_large4", ("MistralLarge4MultiModalProjector",), "merge+mlp",
-           (("linears", ("patch_merger.merging_layer", "linear_1", "linear_2")), ("fuse", (("linear_1", "act"),)))),
+    Family("MistralLarge4", "mistral_large4", ("MistralLarge4MultiModalProjector",), "unfold merged mlp", _UNFOLD),
     Family("Qianfan-OCR", "qianfan_ocr", ("QianfanOCRMultiModalProjector",), "norm+mlp",
            (("linears", ("linear_1", "linear_2")), ("fuse", (("linear_1", "act"),)))),
     Family("T5Gemma 2", "t5gemma2", ("T5Gemma2MultiModalProjector",), "pool+norm+matmul",
            _GEMMA3_POOL),
-    Family("Mistral3 / Pixtral", "mistral3", ("Mistral3MultiModalProjector",), "merge+mlp",
-           (("linears", ("patch_merger.merging_layer", "linear_1", "linear_2")), ("fuse", (("linear_1", "act"),))),
-           notes="RMSNorm, unfold merge per image, merge Linear, Linear -> act -> Linear"),
-    Family("LightOnOCR", "lighton_ocr", ("LightOnOcrMultiModalProjector",), "merge+mlp",
-           (("linears", ("patch_merger.merging_layer", "linear_1", "linear_2")), ("fuse", (("linear_1", "act"),)))),
+    Family("Mistral3 / Pixtral", "mistral3", ("Mistral3MultiModalProjector",), "unfold merged mlp", _UNFOLD,
+           notes="RMSNorm and the per-image unfold merge read in the merge Linear's loads, Linear -> act -> Linear"),
+    Family("LightOnOCR", "lighton_ocr", ("LightOnOcrMultiModalProjector",), "unfold merged mlp", _UNFOLD),
     Family("Idefics3", "idefics3", ("Idefics3Connector",), "merged mlp", _PIXEL_SHUFFLE,
            notes="pixel shuffle read in the Linear's loads (no copy)"),
     Family("SmolVLM", "smolvlm", ("SmolVLMConnector",), "merged mlp", _PIXEL_SHUFFLE,

@@ -1006,3 +1006,49 @@ def test_pooling_families_pool_and_normalise_in_one_kernel(key, launches):
     assert launches == ["pool_norm_fwd_kernel", "fused_gemm_kernel"], launches
     glue = {"avg_pool2d", "rsqrt", "pow", "mean", "clone", "_to_copy", "copy_", "matmul", "mm", "bmm"}
     assert "pool_norm_fwd" in ops.names and not glue & set(ops.names), ops.names
+
+
+@pytest.mark.parametrize("key", sorted(k for k in BUILDERS if k in {(f.module, c) for f in registry.FAMILIES
+                                                                     if f.recipe == "unfold merged mlp"
+                                                                     for c in f.classes}),
+                         ids=lambda k: f"{k[0]}.{k[1]}")
+def test_unfold_families_merge_inside_the_gemm_on_ragged_grids(key, launches):
+    """Mistral3's per-image unfold merge read through a token table: images whose patch grids the merge
+    does not divide (3x4 and 4x3 patches: unfold drops a row or a column), against the original under
+    the project's rule (values and every gradient); the forward runs the norm statistics, the mapped GEMM and the MLP's two
+    GEMMs, and no norm, unfold, permute or cat in PyTorch."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Ops(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.names = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.names.append(func.__name__.split(".")[0])
+            return func(*args, **(kwargs or {}))
+
+    module, (x, _) = BUILDERS[key]()
+    with torch.no_grad():
+        module.norm.weight.normal_(1, 0.3)
+    sizes = torch.tensor([[6, 8], [8, 6]])  # patch 2: 3x4 and 4x3 grids, 24 tokens, 2 + 2 merged rows
+    inputs = [torch.randn(24, x.shape[-1]), sizes]
+    model = _Parent(module).float()
+    ref32 = _run(model, inputs)
+    ref64 = _run(copy.deepcopy(model).double(), [inputs[0].double(), sizes])
+    patched = copy.deepcopy(model)
+    mmfuse.patch(patched)
+    launches.clear()
+    out, grads = _run(patched, inputs)
+    assert launches[:4] == ["norm_stats_kernel", "mapped_gemm_kernel", "fused_gemm_kernel", "fused_gemm_kernel"]
+    assert out.shape == (4, ref32[0].shape[1])
+    assert_close("out", out, ref64[0], ref32[0])
+    assert grads.keys() == ref32[1].keys()
+    for name in grads:
+        assert_close(f"grad {name}", grads[name], ref64[1][name], ref32[1][name])
+    x = inputs[0]
+    with torch.no_grad(), Ops() as ops:
+        patched(x, sizes)
+    glue = {"im2col", "rsqrt", "pow", "mean", "cat", "permute", "_to_copy", "copy_", "mm", "addmm"}
+    assert not glue & set(ops.names), ops.names
+    assert ops.names.count("clone") == 1, ops.names  # the merging weight's columns, permuted (not activations)
