@@ -159,6 +159,19 @@ def _patch_impls():
             "reshape+GEMM": reshape_gemm, "torch.compile": torch.compile(eager)}
 
 
+def _patch_rows_impls():
+    """Qwen2-VL / 2.5-VL / 3-VL's patch embedding as those models feed it: pre-cut rows of C*T*P*P pixels."""
+    import mmfuse
+
+    def eager(rows, w, b):  # transformers' PatchEmbed: each row viewed as a (C, T, P, P) clip, one Conv3d
+        return F.conv3d(rows.view(-1, *w.shape[1:]), w, b, stride=w.shape[2:]).view(-1, w.shape[0])
+
+    def fused(rows, w, b):  # mmfuse.patch's Qwen2VLPatchEmbed: one GEMM on the rows
+        return mmfuse.linear(rows, w.reshape(w.shape[0], -1), b)
+
+    return {"mmfuse": fused, "eager": eager, "torch.compile": torch.compile(eager)}
+
+
 def _attention_impls():
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
@@ -191,7 +204,9 @@ def _attention_impls():
 ATTENTION_IMPLS = ("mmfuse", "eager", "sdpa flash", "sdpa efficient", "sdpa cudnn", "sdpa math", "sdpa enable_gqa")
 #: FLOPs of forward + backward over the forward's: a GEMM's backward is two GEMMs of its size; attention's
 #: is 2.5 forwards (5 matrix products against 2: the convention of FlashAttention's benchmarks).
-BACKWARD_FLOPS = {"mlp": 2.0, "gated_mlp": 2.0, "merged_mlp": 2.0, "patch_embed": 2.0, "cross_attention": 2.5}
+BACKWARD_FLOPS = {"mlp": 2.0, "gated_mlp": 2.0, "merged_mlp": 2.0, "patch_embed": 2.0, "patch_rows": 2.0,
+                  "cross_attention": 2.5}
+PATCH_ROWS_IMPLS = ("mmfuse", "eager", "torch.compile")
 GATED_IMPLS = ("mmfuse", "eager", "torch.compile", "mmfuse linears")
 MERGED_IMPLS = ("mmfuse", "eager", "torch.compile", "mmfuse glue")
 
@@ -257,6 +272,16 @@ def cases(dtypes=("bfloat16", "float16"), modes=("fwd", "fwd+bwd"), images: int 
 
         out += [Case("patch_embed", s.name, m, d, impl, flops, make) for m in modes for d in dtypes
                 for impl in ("mmfuse", "eager", "reshape+GEMM", "torch.compile")]
+        if s.temporal > 1:  # the video towers' own input: pre-cut rows (the cuDNN Conv3d of issue 11)
+
+            def make_rows(device, dtype, s=s):
+                k = s.channels * s.temporal * s.patch * s.patch
+                rows = torch.randn(s.tokens * images, k, device=device, dtype=dtype)
+                w = torch.randn(s.dim, s.channels, s.temporal, s.patch, s.patch, device=device, dtype=dtype) * 0.02
+                return [rows, w, None]
+
+            out += [Case("patch_rows", s.name, m, d, impl, flops, make_rows) for m in modes for d in dtypes
+                    for impl in PATCH_ROWS_IMPLS]
     for s in ATTENTION_SHAPES:
         flops = 4 * images * s.heads * s.queries * s.keys * s.head_dim
 
@@ -270,7 +295,8 @@ def cases(dtypes=("bfloat16", "float16"), modes=("fwd", "fwd+bwd"), images: int 
     return out
 
 
-_IMPLS = {"mlp": _mlp_impls, "gated_mlp": _gated_impls, "merged_mlp": _merged_impls, "patch_embed": _patch_impls, "cross_attention": _attention_impls}
+_IMPLS = {"mlp": _mlp_impls, "gated_mlp": _gated_impls, "merged_mlp": _merged_impls, "patch_embed": _patch_impls,
+          "patch_rows": _patch_rows_impls, "cross_attention": _attention_impls}
 
 #: ``mmfuse bench --profile quick`` (what ``mmfuse gpu-check`` runs in its few minutes): per op family
 #: two real shapes, mmfuse against eager and the strongest baselines that need no compile step, bf16,
@@ -280,6 +306,7 @@ QUICK_PROFILE = {
     "gated_mlp": (("qwen2.5-vl-7b-tower-mlp", "idefics2-8b-connector-mlp"), ("mmfuse", "eager", "mmfuse linears")),
     "merged_mlp": (("qwen2.5-vl-7b-merger", "internvl2-8b-mlp1"), ("mmfuse", "eager", "mmfuse glue")),
     "patch_embed": (("clip-l-14-336", "qwen2-vl"), ("mmfuse", "eager", "reshape+GEMM")),
+    "patch_rows": (("qwen2-vl", "qwen2.5-vl-7b"), ("mmfuse", "eager")),
     "cross_attention": (("idefics2-resampler", "blip2-qformer-xattn"),
                         ("mmfuse", "eager", "sdpa efficient", "sdpa enable_gqa")),
 }

@@ -17,10 +17,11 @@ def test_every_op_shape_mode_dtype_and_baseline_is_a_case():
     names = [c.name for c in all_cases]
     assert len(names) == len(set(names))
     # 2 dtypes; MLP: 5 implementations forward, 4 forward+backward (_addmm_activation has no derivative);
-    # gated and merged MLPs: 4 both ways; patch embedding (images and video): 4 both ways; cross-attention:
-    # 7 both ways.
+    # gated and merged MLPs: 4 both ways; patch embedding (images and video): 4 both ways, and the video
+    # shapes on pre-cut rows 3 both ways; cross-attention: 7 both ways.
+    video = sum(s.temporal > 1 for s in shapes.PATCH_SHAPES)
     expected = 2 * ((5 + 4) * len(shapes.MLP_SHAPES) + 2 * 4 * len(shapes.GATED_SHAPES)
-                    + 2 * 4 * len(shapes.MERGED_SHAPES) + 2 * 4 * len(shapes.PATCH_SHAPES)
+                    + 2 * 4 * len(shapes.MERGED_SHAPES) + 2 * 4 * len(shapes.PATCH_SHAPES) + 2 * 3 * video
                     + 2 * 7 * len(shapes.ATTENTION_SHAPES))
     assert len(all_cases) == expected
     assert {c.shape for c in all_cases if c.op == "patch_embed"} == {s.name for s in shapes.PATCH_SHAPES}
@@ -40,6 +41,17 @@ def test_every_patch_implementation_computes_the_same_tokens_images_and_video():
         ref = impls["eager"](*args)
         for name in ("mmfuse", "reshape+GEMM"):
             torch.testing.assert_close(impls[name](*args), ref, rtol=1e-4, atol=1e-4)
+
+
+def test_pre_cut_rows_implementations_agree():
+    # Qwen2.5-VL's input form: rows of C*T*P*P pixels; the tower's Conv3d and mmfuse's one GEMM.
+    impls = suite._patch_rows_impls()
+    rows, w = torch.randn(6, 3 * 2 * 4 * 4), torch.randn(5, 3, 2, 4, 4)
+    for b in (None, torch.randn(5)):
+        torch.testing.assert_close(impls["mmfuse"](rows, w, b), impls["eager"](rows, w, b), rtol=1e-4, atol=1e-4)
+    case = next(c for c in suite.cases() if c.op == "patch_rows" and c.shape == "qwen2.5-vl-7b")
+    r, w, b = case.make("meta", torch.bfloat16)
+    assert r.shape == (8 * shapes.by_name("qwen2.5-vl-7b").tokens, 3 * 2 * 14 * 14) and b is None
 
 
 def test_video_case_builds_conv3d_inputs():
@@ -234,7 +246,7 @@ def test_readme_without_markers_is_an_error(tmp_path):
 def test_quick_profile_is_two_shapes_per_op_bf16_cheap_baselines():
     quick = suite.profile_cases("quick")
     assert {c.dtype for c in quick} == {"bfloat16"} and {c.mode for c in quick} == {"fwd", "fwd+bwd"}
-    for op in ("mlp", "gated_mlp", "merged_mlp", "patch_embed", "cross_attention"):
+    for op in ("mlp", "gated_mlp", "merged_mlp", "patch_embed", "patch_rows", "cross_attention"):
         cases = [c for c in quick if c.op == op]
         assert len({c.shape for c in cases}) == 2, op
         assert {"mmfuse", "eager"} <= {c.impl for c in cases}
