@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import sys
 from typing import Callable
 
 import torch
@@ -260,6 +261,12 @@ def _probed_token_map(module: nn.Module, merge, lead: tuple, device: torch.devic
     return table
 
 
+def _defining_module(m: nn.Module):
+    """The Python module (transformers' modeling file) that defines m's original class (the fused copy's
+    classes are mmfuse.registry's)."""
+    return sys.modules[next(c.__module__ for c in type(m).__mro__ if not c.__module__.startswith("mmfuse"))]
+
+
 #: Merges the merged-mlp recipe reads inside the GEMM: None (adjacent rows: Qwen's 2x2 merge, a view),
 #: or (tokens per row, the module's own merge on a tensor) for a probed shuffle.
 MERGES = {
@@ -269,6 +276,9 @@ MERGES = {
     "pixel_shuffle_factor": (lambda m: m.pixel_shuffle_factor ** 2,                                     # ModernVBERT
                              lambda m, t: m.pixel_shuffle(t, m.pixel_shuffle_factor)),
     "pixel_shuffle_downsample": (lambda m: m.downsample_factor ** 2, lambda m, t: m.pixel_shuffle(t)),  # Aya Vision
+    # Llama 4's vision adapter: a module-level function of its modeling file, ratio 0.5 (4 tokens a row)
+    "pixel_shuffle_ratio": (lambda m: round(1 / m.pixel_shuffle_ratio ** 2),
+                            lambda m, t: _defining_module(m).pixel_shuffle(t, m.pixel_shuffle_ratio)),
 }
 
 
@@ -277,8 +287,10 @@ def _merged_mlp(module: nn.Module, family: Family) -> nn.Module:
     (``linears``, activation ``act`` between them), its norm (``norm``: before the merge, or after it
     where ``post`` names a true attribute), its merge (``merge``: a MERGES key); ``gate_half``: the first
     Linear is a chunked SwiGLU / GeGLU weight whose half ``gate_half`` is the gate (``act`` its
-    activation), computed in the same GEMM."""
-    from mmfuse.ops.linear import GATE_ACTIVATIONS
+    activation), computed in the same GEMM; ``act_after_last``: the activation follows the last Linear
+    too (one elementwise pass in PyTorch); ``dropout``: the path of a dropout probability between the
+    Linears (the original forward runs while training with it above 0)."""
+    from mmfuse.ops.linear import GATE_ACTIVATIONS, apply_activation_reference
     from mmfuse.ops.merged import merged_mlp
 
     lin_paths, act_path, gate_half = family.opt("linears"), family.opt("act"), family.opt("gate_half")
@@ -296,7 +308,16 @@ def _merged_mlp(module: nn.Module, family: Family) -> nn.Module:
     if norm_path:
         _norm_form(_get(module, norm_path))  # Unsupported now, not at the first call
 
+    act_after_last, dropout_path = family.opt("act_after_last", False), family.opt("dropout")
+    original_forward = type(module).forward
+
     def forward(self, x):
+        if dropout_path and self.training and _get(self, dropout_path) > 0:
+            return original_forward(self, x)  # dropout between the GEMMs: not in the kernels
+        y = fused_forward(self, x)
+        return apply_activation_reference(y, act) if act_after_last else y
+
+    def fused_forward(self, x):
         lins = [_get(self, p) for p in lin_paths]
         norm, weight, bias, eps = _norm_form(_get(self, norm_path)) if norm_path else (None, None, None, 1e-6)
         kw = dict(norm=norm, norm_weight=weight, norm_bias=bias, eps=eps, norm_after_merge=post, gate_half=gate_half)
@@ -534,8 +555,12 @@ FAMILIES: list[Family] = [
     Family("InternVL", "internvl", ("InternVLMultiModalProjector",), "norm+mlp",
            (("linears", ("linear_1", "linear_2")), ("fuse", (("linear_1", "act"),)))),
     Family("PaliGemma", "paligemma", ("PaliGemmaMultiModalProjector",), "linear", (("linears", ("linear",)),)),
-    Family("Llama 4", "llama4", ("Llama4MultiModalProjector",), "linear", (("linears", ("linear_1",)),),
-           notes="the vision tower's pixel-shuffle adapter (Llama4VisionPixelShuffleMLP) is not covered"),
+    Family("Llama 4", "llama4", ("Llama4MultiModalProjector",), "linear", (("linears", ("linear_1",)),)),
+    Family("Llama 4 (vision adapter)", "llama4", ("Llama4VisionPixelShuffleMLP",), "merged mlp",
+           (("linears", ("mlp.fc1", "mlp.fc2")), ("act", "mlp.activation_fn"), ("merge", "pixel_shuffle_ratio"),
+            ("act_after_last", True), ("dropout", "mlp.dropout")),
+           notes="pixel shuffle read in fc1's loads, GELU in its epilogue; the GELU after fc2 and, while "
+           "training with projector_dropout > 0, the whole original forward stay PyTorch"),
     # token merge then MLP
     Family("Qwen2-VL", "qwen2_vl", ("PatchMerger",), "merged mlp", _QWEN_MERGER,
            notes="LayerNorm per token and the 2x2 merge read in the first GEMM, Linear -> GELU -> Linear"),

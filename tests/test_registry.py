@@ -155,6 +155,14 @@ def _llama4():
     return _mod("llama4", "Llama4MultiModalProjector")(cfg), _tokens(7, V, batch=2)
 
 
+def _llama4_adapter():
+    """Llama 4's vision adapter: pixel shuffle (ratio 0.5) of a 4x4 patch grid, fc1 -> GELU -> fc2 -> GELU."""
+    vcfg = M.llama4.Llama4VisionConfig(hidden_size=V, intermediate_size=4 * V, num_hidden_layers=1,
+                                       num_attention_heads=2, pixel_shuffle_ratio=0.5, projector_input_dim=20,
+                                       projector_output_dim=20, vision_output_dim=V)
+    return _mod("llama4", "Llama4VisionPixelShuffleMLP")(vcfg), [torch.randn(2, 16, V)]
+
+
 def _lfm2():
     vcfg = M.siglip2.Siglip2VisionConfig(hidden_size=V, intermediate_size=32, num_hidden_layers=1,
                                          num_attention_heads=2)
@@ -279,6 +287,7 @@ BUILDERS = {
         "aya_vision", M.aya_vision.AyaVisionConfig, "AyaVisionMultiModalProjector", M.siglip.SiglipVisionConfig,
         downsample_factor=2, alignment_intermediate_size=20),
     ("llama4", "Llama4MultiModalProjector"): _llama4,
+    ("llama4", "Llama4VisionPixelShuffleMLP"): _llama4_adapter,
     ("idefics2", "Idefics2VisionEmbeddings"): _vision_embeddings(
         "idefics2", "Idefics2VisionEmbeddings", "Idefics2VisionConfig", [_PATCH_MASK]),
     ("idefics3", "Idefics3VisionEmbeddings"): _vision_embeddings(
@@ -1052,3 +1061,23 @@ def test_unfold_families_merge_inside_the_gemm_on_ragged_grids(key, launches):
     glue = {"im2col", "rsqrt", "pow", "mean", "cat", "permute", "_to_copy", "copy_", "mm", "addmm"}
     assert not glue & set(ops.names), ops.names
     assert ops.names.count("clone") == 1, ops.names  # the merging weight's columns, permuted (not activations)
+
+
+def test_llama4_adapter_with_dropout_trains_through_the_original_forward(launches):
+    """Llama 4's adapter drops out between fc1 and fc2 while training (projector_dropout > 0): the patched
+    module then runs the original forward (same random mask, no kernel); in eval, the fused one."""
+    module, (x,) = _llama4_adapter()
+    module.mlp.dropout = 0.5
+    model = _Parent(module)
+    patched = copy.deepcopy(model)
+    mmfuse.patch(patched)
+    model.train(), patched.train()
+    torch.manual_seed(1)
+    ref = model(x)
+    torch.manual_seed(1)
+    launches.clear()
+    assert torch.equal(patched(x), ref) and not launches
+    model.eval(), patched.eval()
+    out = patched(x)
+    assert "mapped_gemm_kernel" in launches
+    torch.testing.assert_close(out, model(x), rtol=1e-4, atol=1e-5)
