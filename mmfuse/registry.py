@@ -951,7 +951,7 @@ TESTED_BY_SIBLING = {
 #: are outside it too: the enumeration is of projector-like classes only.
 NOT_ENUMERATED = {("idefics2", "Idefics2PerceiverAttention"), ("idefics2", "Idefics2MLP"),
                   ("minicpm_ocr", "MiniCPMOcrDownsampleMLP"), ("minicpmv4_6", "MiniCPMV4_6DownsampleMLP"),
-                  ("minicpmv4_7", "MiniCPMV4_7DownsampleMLP")}
+                  ("minicpmv4_7", "MiniCPMV4_7DownsampleMLP"), ("llama4", "Llama4VisionPixelShuffleMLP")}
 
 
 def projector_like_classes() -> list[tuple[str, str]]:
