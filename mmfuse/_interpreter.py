@@ -14,6 +14,14 @@ becomes 1.0) and can turn a NaN into inf, where a GPU (``cvt.rn.bf16.f32``) and 
 nearest even. The tests are meant to measure what the GPU computes, so the second fix makes that cast
 round to nearest even too (through torch's conversion). Without it an interpreted bf16 result carries
 up to one extra ulp per rounding that the GPU does not have.
+
+Speed, not semantics: a kernel launch patches ``triton.language`` for the interpreter once (and restores
+it after the grid), but every call of a ``@triton.jit`` helper from inside the kernel patches it again
+(``InterpretedFunction.__call__`` -> ``_patch_lang``: ``inspect.getmembers`` over the language modules,
+~1.3 ms a call). Our kernels call helpers inside their loops (the mapped GEMM's loads, the epilogues),
+so that re-patching was ~20% of an interpreted run. Inside a launch whose patch already covers every
+language module the helper sees, the helper now runs without re-patching: the same patched functions
+are in place, so nothing it computes changes (tests/test_interpreter.py compares both ways bitwise).
 """
 
 from __future__ import annotations
@@ -54,3 +62,61 @@ def install_bf16_dot_fix() -> None:
 
     builder_cls.cast_impl = cast_impl  # create_fp_trunc and stores call self.cast_impl: they round too
     _INSTALLED = True
+
+
+_FAST_CALLS = False
+#: Switch for the fast path once installed (tests/test_interpreter.py runs kernels both ways).
+fast_calls_enabled = True
+
+
+def install_device_call_fast_path() -> bool:
+    """Skip the redundant re-patching of ``triton.language`` on each helper call inside a launch (module
+    docstring). Returns whether it was installed: the interpreter internals it wraps must exist as in
+    Triton 3.6-3.9, else nothing changes."""
+    global _FAST_CALLS
+    if _FAST_CALLS:
+        return True
+    from triton.runtime import interpreter as interp
+
+    needed = (hasattr(interp, "GridExecutor") and hasattr(interp, "InterpretedFunction")
+              and hasattr(interp, "_patch_lang") and hasattr(interp.InterpretedFunction, "rewrite"))
+    if not needed:
+        return False
+    patched: list = []  # per running launch (a stack), the language modules patched in it so far
+
+    def languages(fn):
+        import triton.language as tl
+
+        return {id(v) for v in fn.__globals__.values() if v is tl or v is tl.core}
+
+    grid_call = interp.GridExecutor.__call__
+
+    def launch(self, *args, **kwargs):
+        patched.append(languages(self.fn))
+        try:
+            return grid_call(self, *args, **kwargs)
+        finally:
+            patched.pop()
+
+    device_call = interp.InterpretedFunction.__call__
+
+    def call(self, *args, **kwargs):
+        langs = languages(self.fn)
+        if fast_calls_enabled and patched and langs <= patched[-1]:
+            fn = self.rewrite()
+            try:
+                return fn(*args, **kwargs)
+            except Exception as e:
+                raise interp.InterpreterError(repr(e)) from e
+        # A helper that sees a module the launch did not patch (triton.language's own tl.sum sees
+        # triton.language.core): Triton patches it here and never restores it, so for the rest of this
+        # launch it is patched as well.
+        result = device_call(self, *args, **kwargs)
+        if patched:
+            patched[-1] = patched[-1] | langs
+        return result
+
+    interp.GridExecutor.__call__ = launch
+    interp.InterpretedFunction.__call__ = call
+    _FAST_CALLS = True
+    return True
