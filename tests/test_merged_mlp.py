@@ -437,3 +437,22 @@ def test_pool_bad_input():
         merged_mlp(x, [torch.randn(5, G * C)], group=G, norm="rms", norm_weight=torch.ones(C), norm_weight_offset=1.0)
     with pytest.raises(ValueError, match=r"weights\[0\]: expected shape\[1\] \(in_features\) == 24, got 96"):
         merged_mlp(x, [torch.randn(5, G * C)], group=G, pool=True)
+
+
+def test_pool_and_gated_with_no_rows():
+    # An empty table or no tokens: (0, N) out, zero gradients of the right shapes, no launch fails.
+    w, g = torch.randn(3, 5, requires_grad=True), torch.zeros(5, requires_grad=True)
+    for x, tmap in ((torch.randn(8, 5), torch.zeros(0, 4, dtype=torch.long)), (torch.randn(0, 5), None)):
+        x.requires_grad_()
+        y = merged_mlp(x, [w], None, None, group=4, token_map=tmap, pool=True, norm="rms", norm_weight=g,
+                       norm_after_merge=True, norm_weight_offset=1.0)
+        assert y.shape == (0, 3)
+        y.sum().backward()
+        assert torch.equal(x.grad, torch.zeros_like(x)) and torch.equal(g.grad, torch.zeros(5))
+    x = torch.randn(0, 6, requires_grad=True)
+    w1, w2 = torch.randn(8, 24, requires_grad=True), torch.randn(3, 4, requires_grad=True)
+    y = merged_mlp(x, [w1, w2], None, "silu", group=4, gate_half=1, norm="layer", norm_weight=torch.ones(24),
+                   norm_bias=torch.zeros(24), norm_after_merge=True)
+    assert y.shape == (0, 3)
+    y.sum().backward()
+    assert x.grad.shape == (0, 6) and torch.equal(w1.grad, torch.zeros_like(w1))
