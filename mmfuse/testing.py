@@ -17,6 +17,7 @@ from __future__ import annotations
 import dataclasses
 
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 MULT = 3.0
 #: Units in the last place of the output scale allowed on top of MULT * reference error.
@@ -120,3 +121,16 @@ class poisoned_outputs:
 
         _common.POISON_OUTPUTS = self._old
         return False
+
+
+class OpNames(TorchDispatchMode):
+    """Records the name (without overload) of every aten op dispatched inside it: what PyTorch itself
+    ran around the kernels (no norm pass, no layout copy, no host read)."""
+
+    def __init__(self):
+        super().__init__()
+        self.names = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.names.append(func.__name__.split(".")[0])
+        return func(*args, **(kwargs or {}))

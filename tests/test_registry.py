@@ -16,7 +16,7 @@ import torch.nn as nn
 
 import mmfuse
 from mmfuse import registry
-from mmfuse.testing import assert_close
+from mmfuse.testing import OpNames, assert_close
 
 transformers = pytest.importorskip("transformers")
 M = transformers.models
@@ -961,24 +961,13 @@ def test_merged_families_read_norm_and_merge_inside_the_gemm(key, launches):
     """A patched merger / pixel-shuffle connector runs no norm, no merge copy and no permute in PyTorch:
     only the norm statistics, the mapped GEMM and the rest of the MLP (a second call: the first may
     probe the pixel shuffle's token table)."""
-    from torch.utils._python_dispatch import TorchDispatchMode
-
-    class Ops(TorchDispatchMode):
-        def __init__(self):
-            super().__init__()
-            self.names = []
-
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            self.names.append(func.__name__)
-            return func(*args, **(kwargs or {}))
-
     module, inputs = BUILDERS[key]()
     model = _Parent(module)
     mmfuse.patch(model)
     with torch.no_grad():
         model(*inputs)
         launches.clear()
-        with Ops() as ops:
+        with OpNames() as ops:
             model(*inputs)
     assert "mapped_gemm_kernel" in launches and launches.count("mapped_gemm_kernel") == 1, launches
     norm_like = {"native_layer_norm", "layer_norm", "rsqrt", "pow", "mean", "clone", "permute", "_to_copy", "copy_"}
@@ -993,24 +982,13 @@ def test_merged_families_read_norm_and_merge_inside_the_gemm(key, launches):
 def test_pooling_families_pool_and_normalise_in_one_kernel(key, launches):
     """Gemma 3's projector patched: the average pool and the RMSNorm in one kernel, then one GEMM: no
     pooling, norm, transpose copy or fp32 pass in PyTorch."""
-    from torch.utils._python_dispatch import TorchDispatchMode
-
-    class Ops(TorchDispatchMode):
-        def __init__(self):
-            super().__init__()
-            self.names = []
-
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            self.names.append(func.__name__.split(".")[0])
-            return func(*args, **(kwargs or {}))
-
     module, inputs = BUILDERS[key]()
     model = _Parent(module)
     mmfuse.patch(model)
     with torch.no_grad():
         model(*inputs)  # the first call builds the pooling table (kept per shape)
         launches.clear()
-        with Ops() as ops:
+        with OpNames() as ops:
             model(*inputs)
     assert launches == ["pool_norm_fwd_kernel", "fused_gemm_kernel"], launches
     glue = {"avg_pool2d", "rsqrt", "pow", "mean", "clone", "_to_copy", "copy_", "matmul", "mm", "bmm"}
@@ -1026,17 +1004,6 @@ def test_unfold_families_merge_inside_the_gemm_on_ragged_grids(key, launches):
     does not divide (3x4 and 4x3 patches: unfold drops a row or a column), against the original under
     the project's rule (values and every gradient); the forward runs the norm statistics, the mapped GEMM and the MLP's two
     GEMMs, and no norm, unfold, permute or cat in PyTorch."""
-    from torch.utils._python_dispatch import TorchDispatchMode
-
-    class Ops(TorchDispatchMode):
-        def __init__(self):
-            super().__init__()
-            self.names = []
-
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            self.names.append(func.__name__.split(".")[0])
-            return func(*args, **(kwargs or {}))
-
     module, (x, _) = BUILDERS[key]()
     with torch.no_grad():
         module.norm.weight.normal_(1, 0.3)
@@ -1056,7 +1023,7 @@ def test_unfold_families_merge_inside_the_gemm_on_ragged_grids(key, launches):
     for name in grads:
         assert_close(f"grad {name}", grads[name], ref64[1][name], ref32[1][name])
     x = inputs[0]
-    with torch.no_grad(), Ops() as ops:
+    with torch.no_grad(), OpNames() as ops:
         patched(x, sizes)
     glue = {"im2col", "rsqrt", "pow", "mean", "cat", "permute", "_to_copy", "copy_", "mm", "addmm"}
     assert not glue & set(ops.names), ops.names
