@@ -288,9 +288,9 @@ def _merged_mlp(module: nn.Module, family: Family) -> nn.Module:
     where ``post`` names a true attribute), its merge (``merge``: a MERGES key); ``gate_half``: the first
     Linear is a chunked SwiGLU / GeGLU weight whose half ``gate_half`` is the gate (``act`` its
     activation), computed in the same GEMM; ``act_after_last``: the activation follows the last Linear
-    too (one elementwise pass in PyTorch); ``dropout``: the path of a dropout probability between the
+    too (in its epilogue); ``dropout``: the path of a dropout probability between the
     Linears (the original forward runs while training with it above 0)."""
-    from mmfuse.ops.linear import GATE_ACTIVATIONS, apply_activation_reference
+    from mmfuse.ops.linear import GATE_ACTIVATIONS
     from mmfuse.ops.merged import merged_mlp
 
     lin_paths, act_path, gate_half = family.opt("linears"), family.opt("act"), family.opt("gate_half")
@@ -314,13 +314,13 @@ def _merged_mlp(module: nn.Module, family: Family) -> nn.Module:
     def forward(self, x):
         if dropout_path and self.training and _get(self, dropout_path) > 0:
             return original_forward(self, x)  # dropout between the GEMMs: not in the kernels
-        y = fused_forward(self, x)
-        return apply_activation_reference(y, act) if act_after_last else y
+        return fused_forward(self, x)
 
     def fused_forward(self, x):
         lins = [_get(self, p) for p in lin_paths]
         norm, weight, bias, eps = _norm_form(_get(self, norm_path)) if norm_path else (None, None, None, 1e-6)
-        kw = dict(norm=norm, norm_weight=weight, norm_bias=bias, eps=eps, norm_after_merge=post, gate_half=gate_half)
+        kw = dict(norm=norm, norm_weight=weight, norm_bias=bias, eps=eps, norm_after_merge=post, gate_half=gate_half,
+                  final_activation=act_after_last)
         ws, bs = [m.weight for m in lins], [m.bias for m in lins]
         C = x.shape[-1]
         if merge is None:
@@ -559,8 +559,8 @@ FAMILIES: list[Family] = [
     Family("Llama 4 (vision adapter)", "llama4", ("Llama4VisionPixelShuffleMLP",), "merged mlp",
            (("linears", ("mlp.fc1", "mlp.fc2")), ("act", "mlp.activation_fn"), ("merge", "pixel_shuffle_ratio"),
             ("act_after_last", True), ("dropout", "mlp.dropout")),
-           notes="pixel shuffle read in fc1's loads, GELU in its epilogue; the GELU after fc2 and, while "
-           "training with projector_dropout > 0, the whole original forward stay PyTorch"),
+           notes="pixel shuffle read in fc1's loads, GELU in both epilogues; while training with "
+           "projector_dropout > 0 the original forward runs"),
     # token merge then MLP
     Family("Qwen2-VL", "qwen2_vl", ("PatchMerger",), "merged mlp", _QWEN_MERGER,
            notes="LayerNorm per token and the 2x2 merge read in the first GEMM, Linear -> GELU -> Linear"),

@@ -456,3 +456,27 @@ def test_pool_and_gated_with_no_rows():
     assert y.shape == (0, 3)
     y.sum().backward()
     assert x.grad.shape == (0, 6) and torch.equal(w1.grad, torch.zeros_like(w1))
+
+
+def test_final_activation(launches):
+    # Llama 4's vision adapter: GELU after the last Linear too, in its epilogue; its backward starts
+    # with one act' pass. fp32 values and gradients, launches, gradcheck in fp64.
+    inputs, names, _, _ = _case(torch.float32, None, False, True)
+    kw = dict(group=G, token_map=torch.randperm(52)[:52].reshape(-1, G), final_activation=True)
+
+    def call(f):
+        return lambda x, w1, w2, b1, b2: f(x, [w1, w2], [b1, b2], "gelu", **kw)
+
+    assert_matches_reference(call(merged_mlp), call(merged_mlp_reference), inputs[:5], names[:5])
+    leaves = [t.detach().requires_grad_() for t in inputs[:5]]
+    launches.clear()
+    y = call(merged_mlp)(*leaves)
+    assert launches == ["mapped_gemm_kernel", "fused_gemm_kernel"]
+    launches.clear()
+    y.sum().backward()
+    assert launches[0] == "act_grad_kernel" and len(launches) == 5
+    small, _, _, _ = _case(torch.float64, None, False, True, T=8, widths=(5, 3), C=3, G=2)
+    kw.update(group=2, token_map=torch.randperm(8).reshape(-1, 2))
+    assert torch.autograd.gradcheck(call(merged_mlp), [t.requires_grad_() for t in small[:5]], fast_mode=True)
+    with pytest.raises(ValueError, match="final_activation: expected False with pool=True or gate_half"):
+        merged_mlp(torch.randn(8, C), [torch.randn(5, C)], group=G, pool=True, final_activation=True)

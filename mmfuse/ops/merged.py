@@ -65,11 +65,12 @@ def norm_merge_reference(x, group, token_map=None, norm=None, norm_weight=None, 
 
 def merged_mlp_reference(x, weights, biases=None, activation="gelu", *, group, token_map=None, norm=None,
                          norm_weight=None, norm_bias=None, eps=1e-6, norm_after_merge=False, gate_half=None,
-                         pool=False, norm_weight_offset=0.0):
+                         pool=False, norm_weight_offset=0.0, final_activation=False):
     a = norm_merge_reference(x, group, token_map, norm, norm_weight, norm_bias, eps, norm_after_merge, pool,
                              norm_weight_offset)
     if gate_half is None:
-        return mlp_reference(a, weights, biases, activation)
+        y = mlp_reference(a, weights, biases, activation)
+        return apply_activation_reference(y, activation) if final_activation else y
     # Aya Vision's SwiGLU on one chunked weight: `x, gate = linear_1(a).chunk(2)` is gate_half 1.
     biases = biases if biases is not None else [None, None]
     halves = F.linear(a, weights[0], biases[0]).chunk(2, dim=-1)
@@ -84,37 +85,38 @@ def merged_mlp_reference(x, weights, biases=None, activation="gelu", *, group, t
 def merged_mlp_fwd_op(x: torch.Tensor, token_map: torch.Tensor, has_map: bool, group: int, norm: str | None,
                       gamma: torch.Tensor, beta: torch.Tensor, eps: float, post: bool, weights: list[torch.Tensor],
                       biases: list[torch.Tensor], has_bias: list[bool], activation: str | None, save: bool,
-                      gate_half: int,
+                      gate_half: int, final_act: bool,
                       ) -> tuple[torch.Tensor, torch.Tensor, list[torch.Tensor], list[torch.Tensor]]:
     """(y, stats, hidden, preacts): stats the norm's (mean, rstd) per normalised row (empty without a
     norm); hidden / preacts as ``mlp_fwd_op`` saves them (empty lists when not saving). gate_half >= 0:
-    the first layer is gated (two weights; its preact is [g | u] in the weight's row order)."""
+    the first layer is gated (two weights; its preact is [g | u] in the weight's row order). final_act:
+    the activation follows the last layer too (in its epilogue; its preact saved as well)."""
     merge = KM.Merge(x, group, token_map if has_map else None, norm, post, gamma if norm else None,
                      beta if norm == "layer" else None, eps)
     if norm is not None:
         KM.norm_stats(merge)
     n = len(weights)
     biases = [b if hb else None for b, hb in zip(biases, has_bias)]
-    act0 = KL.ACTIVATIONS[activation if n > 1 else None]
+    act0 = KL.ACTIVATIONS[activation if n > 1 or final_act else None]
     if gate_half >= 0:
         y, h = KM.mapped_gated_fwd(merge, weights[0], gate_half, biases[0], act0, store_preact=save)
     else:
         y, h = KM.mapped_fwd(merge, weights[0], biases[0], act0, store_preact=save)
     inputs, preacts = [y], [h if h is not None else _nothing(x)]
     for i in range(1, n):
-        act = activation if i < n - 1 and gate_half < 0 else None
+        act = activation if (i < n - 1 or final_act) and gate_half < 0 else None
         y, h = KL.linear_fwd(inputs[-1], weights[i], biases[i], act, store_preact=save)
         inputs.append(y)
         preacts.append(h if h is not None else _nothing(x))
     stats = merge.stats if merge.stats is not None else _nothing(x)
     if not save:
         return inputs[-1], stats, [], []
-    return inputs[-1], stats, inputs[:-1], preacts[:-1]
+    return inputs[-1], stats, inputs[:-1], preacts if final_act else preacts[:-1]
 
 
 @merged_mlp_fwd_op.register_fake
 def _(x, token_map, has_map, group, norm, gamma, beta, eps, post, weights, biases, has_bias, activation, save,
-      gate_half):
+      gate_half, final_act):
     M = token_map.shape[0] if has_map else x.shape[0] // group
     y = x.new_empty(M, weights[-1].shape[0])
     rows = M if post else x.shape[0]
@@ -125,7 +127,7 @@ def _(x, token_map, has_map, group, norm, gamma, beta, eps, post, weights, biase
     if gate_half >= 0:
         return y, stats, [x.new_empty(M, weights[0].shape[0] // 2)], [x.new_empty(M, weights[0].shape[0])]
     return y, stats, [x.new_empty(M, w.shape[0]) for w in weights[:-1]], \
-        [x.new_empty(M, w.shape[0]) if activation else x.new_empty(0) for w in weights[:-1]]
+        [x.new_empty(M, w.shape[0]) if activation else x.new_empty(0) for w in (weights if final_act else weights[:-1])]
 
 
 @torch.library.custom_op("mmfuse::merged_mlp_bwd", mutates_args=())
@@ -133,7 +135,7 @@ def merged_mlp_bwd_op(dy: torch.Tensor, x: torch.Tensor, token_map: torch.Tensor
                       norm: str | None, gamma: torch.Tensor, beta: torch.Tensor, eps: float, post: bool,
                       stats: torch.Tensor, hidden: list[torch.Tensor], weights: list[torch.Tensor],
                       preacts: list[torch.Tensor], activation: str | None, need_x: bool, need_gamma: bool,
-                      need_beta: bool, need_w: list[bool], need_b: list[bool], gate_half: int,
+                      need_beta: bool, need_w: list[bool], need_b: list[bool], gate_half: int, final_act: bool,
                       ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, list[torch.Tensor], list[torch.Tensor]]:
     """(dx, dgamma, dbeta, dW_i, db_i). Gated (gate_half >= 0): the down layer's dH becomes [dG | dU] in
     the first weight's row order (one GEMM, the gate product's derivative in its epilogue), which the
@@ -143,7 +145,7 @@ def merged_mlp_bwd_op(dy: torch.Tensor, x: torch.Tensor, token_map: torch.Tensor
     merge.stats = stats if norm else None
     n = len(weights)
     dws, dbs = [_nothing(x) for _ in range(n)], [_nothing(x) for _ in range(n)]
-    dh = dy
+    dh = KL.act_grad(dy, preacts[n - 1], activation) if final_act else dy
     for i in reversed(range(1, n)):
         if need_w[i]:
             dws[i], db = KL.weight_grad(dh, hidden[i - 1], with_bias=need_b[i])
@@ -175,7 +177,7 @@ def merged_mlp_bwd_op(dy: torch.Tensor, x: torch.Tensor, token_map: torch.Tensor
 
 @merged_mlp_bwd_op.register_fake
 def _(dy, x, token_map, has_map, group, norm, gamma, beta, eps, post, stats, hidden, weights, preacts, activation,
-      need_x, need_gamma, need_beta, need_w, need_b, gate_half):
+      need_x, need_gamma, need_beta, need_w, need_b, gate_half, final_act):
     return (x.new_empty(x.shape) if need_x else x.new_empty(0), gamma.new_empty(gamma.shape) if need_gamma
             else x.new_empty(0), beta.new_empty(beta.shape) if need_beta else x.new_empty(0),
             [w.new_empty(w.shape) if nw else x.new_empty(0) for w, nw in zip(weights, need_w)],
@@ -183,10 +185,10 @@ def _(dy, x, token_map, has_map, group, norm, gamma, beta, eps, post, stats, hid
 
 
 def _merged_setup(ctx, inputs, output):
-    x, token_map, has_map, group, norm, gamma, beta, eps, post, weights, biases, has_bias, activation, _, gate_half \
-        = inputs
+    (x, token_map, has_map, group, norm, gamma, beta, eps, post, weights, biases, has_bias, activation, _, gate_half,
+     final_act) = inputs
     ctx.set_materialize_grads(False)
-    ctx.meta = (has_map, group, norm, eps, post, activation, len(weights), gate_half)
+    ctx.meta = (has_map, group, norm, eps, post, activation, len(weights), gate_half, final_act)
     ctx.needs = (x.requires_grad, norm is not None and gamma.requires_grad,
                  norm == "layer" and beta.requires_grad, [w.requires_grad for w in weights],
                  [hb and b.requires_grad for b, hb in zip(biases, has_bias)])
@@ -195,9 +197,9 @@ def _merged_setup(ctx, inputs, output):
 
 
 def _merged_backward(ctx, dy, _stats, _hidden, _preacts):
-    has_map, group, norm, eps, post, activation, n, gate_half = ctx.meta
+    has_map, group, norm, eps, post, activation, n, gate_half, final_act = ctx.meta
     if dy is None:  # no gradient reaches y: none for any input (a list per list input)
-        return (None,) * 9 + ([None] * n, [None] * n) + (None,) * 4
+        return (None,) * 9 + ([None] * n, [None] * n) + (None,) * 5
     saved = ctx.saved_tensors
     x, token_map, gamma, beta, stats = saved[:5]
     rest = saved[5:]
@@ -205,10 +207,10 @@ def _merged_backward(ctx, dy, _stats, _hidden, _preacts):
     need_x, need_gamma, need_beta, need_w, need_b = ctx.needs
     dx, dgamma, dbeta, dws, dbs = merged_mlp_bwd_op(
         dy, x, token_map, has_map, group, norm, gamma, beta, eps, post, stats, hidden, weights, preacts, activation,
-        need_x, need_gamma, need_beta, need_w, need_b, gate_half)
+        need_x, need_gamma, need_beta, need_w, need_b, gate_half, final_act)
     return (dx if need_x else None, None, None, None, None, dgamma if need_gamma else None,
             dbeta if need_beta else None, None, None, [g if nw else None for g, nw in zip(dws, need_w)],
-            [g if nb else None for g, nb in zip(dbs, need_b)], None, None, None, None)
+            [g if nb else None for g, nb in zip(dbs, need_b)], None, None, None, None, None)
 
 
 merged_mlp_fwd_op.register_autograd(_merged_backward, setup_context=_merged_setup)
@@ -300,7 +302,7 @@ def merged_mlp(x: torch.Tensor, weights: Sequence[torch.Tensor], biases: Sequenc
                norm: str | None = None, norm_weight: torch.Tensor | None = None,
                norm_bias: torch.Tensor | None = None, eps: float = 1e-6, norm_after_merge: bool = False,
                gate_half: int | None = None, pool: bool = False, norm_weight_offset: float = 0.0,
-               _table_checked: bool = False) -> torch.Tensor:
+               final_activation: bool = False, _table_checked: bool = False) -> torch.Tensor:
     """``mlp(norm_merge(x), weights, biases, activation)`` with the merge and the norm read inside the
     first GEMM (never materialised).
 
@@ -323,9 +325,12 @@ def merged_mlp(x: torch.Tensor, weights: Sequence[torch.Tensor], biases: Sequenc
     whose (M, C) output the MLP's GEMMs read: with group tokens per row, gathering inside the GEMM would
     load every token once per output-column tile, group times the bytes of a pooled operand
     (bench/NOTES.md "Average pooling"). ``norm_weight_offset``: the norm scales by ``offset + weight``
-    in fp32 (Gemma's RMSNorm: 1.0); pooled form only.
+    in fp32 (Gemma's RMSNorm: 1.0); pooled form only. ``final_activation``: ``activation`` follows the last
+    Linear too (Llama 4's vision adapter), in its epilogue.
     """
     check_tensor("x", x, ndim=2)
+    if final_activation and (pool or gate_half is not None):
+        raise ValueError("final_activation: expected False with pool=True or gate_half (not implemented there)")
     if pool:
         if gate_half is not None:
             raise ValueError("gate_half: expected None with pool=True (a pooled gated MLP is not implemented)")
@@ -386,7 +391,8 @@ def merged_mlp(x: torch.Tensor, weights: Sequence[torch.Tensor], biases: Sequenc
             _check_layer(x, w, b, in_features(i, weights), f"weights[{i}]", f"biases[{i}]")
         return merged_mlp_reference(x, weights, biases, activation, group=group, token_map=token_map, norm=norm,
                                     norm_weight=norm_weight, norm_bias=norm_bias, eps=eps,
-                                    norm_after_merge=norm_after_merge, gate_half=gate_half)
+                                    norm_after_merge=norm_after_merge, gate_half=gate_half,
+                                    final_activation=final_activation)
     n = len(weights)
     x, *params = autocast_inputs(x, *weights, *biases)
     weights, biases = params[:n], params[n:]
@@ -402,7 +408,8 @@ def merged_mlp(x: torch.Tensor, weights: Sequence[torch.Tensor], biases: Sequenc
     y, _, _, _ = merged_mlp_fwd_op(x, tmap, token_map is not None, group, norm, gamma, beta, float(eps),
                                    norm_after_merge, weights, placeholders, has_bias, activation,
                                    _needs_grad(x, gamma if norm else None, beta if norm == "layer" else None,
-                                               *weights, *biases), -1 if gate_half is None else gate_half)
+                                               *weights, *biases), -1 if gate_half is None else gate_half,
+                                   bool(final_activation))
     return y
 
 
