@@ -82,7 +82,14 @@ def install_device_call_fast_path() -> bool:
               and hasattr(interp, "_patch_lang") and hasattr(interp.InterpretedFunction, "rewrite"))
     if not needed:
         return False
-    patched: list = []  # per running launch (a stack), the language modules patched in it so far
+    import threading
+
+    local = threading.local()  # per thread: the running launches' (a stack) patched language modules
+
+    def stack():
+        if not hasattr(local, "patched"):
+            local.patched = []
+        return local.patched
 
     def languages(fn):
         import triton.language as tl
@@ -92,6 +99,7 @@ def install_device_call_fast_path() -> bool:
     grid_call = interp.GridExecutor.__call__
 
     def launch(self, *args, **kwargs):
+        patched = stack()
         patched.append(languages(self.fn))
         try:
             return grid_call(self, *args, **kwargs)
@@ -101,6 +109,7 @@ def install_device_call_fast_path() -> bool:
     device_call = interp.InterpretedFunction.__call__
 
     def call(self, *args, **kwargs):
+        patched = stack()
         langs = languages(self.fn)
         if fast_calls_enabled and patched and langs <= patched[-1]:
             fn = self.rewrite()

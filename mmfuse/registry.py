@@ -137,7 +137,18 @@ def _swap_gemms(module: nn.Module, family: Family) -> nn.Module:
 # ----------------------------------------------------------------------------------------------
 # Recipes with a forward of their own
 # ----------------------------------------------------------------------------------------------
+def _normal_tensors(build):
+    """Token tables are cached and then saved for backward: build them as normal tensors even when the
+    first call runs under ``torch.inference_mode()`` (an inference tensor cannot be saved later)."""
+    @functools.wraps(build)
+    def wrapper(*args, **kwargs):
+        with torch.inference_mode(False):
+            return build(*args, **kwargs)
+    return wrapper
+
+
 @functools.lru_cache(maxsize=32)
+@_normal_tensors
 def _grid_pool_table(images: int, side: int, kernel: int, device: torch.device) -> torch.Tensor:
     """The (images * (side // kernel)^2, kernel^2) int32 token table of AvgPool2d(kernel, stride=kernel)
     over each image's (side x side) row-major patch grid (trailing rows / columns dropped, as it does)."""
@@ -248,17 +259,24 @@ def _probed_token_map(module: nn.Module, merge, lead: tuple, device: torch.devic
     key = (type(module), group(module), lead, device)
     table = _TABLES.get(key)
     if table is None:
-        ids = torch.arange(torch.Size(lead).numel() * 2, device=device).view(*lead, 2)
-        out = run(module, ids)
-        out_lead = tuple(out.shape[:-1])
-        out = out.reshape(-1, out.shape[-1])
-        first, second = out[:, 0::2], out[:, 1::2]
-        if not bool(((first % 2 == 0) & (second == first + 1)).all()):
-            raise _patch.Unsupported("merge: the probe did not keep each token's channels together")
+        table = _probe(run, module, lead, device)
         if len(_TABLES) >= 64:
             _TABLES.clear()
-        table = _TABLES[key] = ((first // 2).to(torch.int32), out_lead)
+        _TABLES[key] = table
     return table
+
+
+@_normal_tensors
+def _probe(run, module, lead, device):
+    """``_probed_token_map``'s table and output leading shape, built once."""
+    ids = torch.arange(torch.Size(lead).numel() * 2, device=device).view(*lead, 2)
+    out = run(module, ids)
+    out_lead = tuple(out.shape[:-1])
+    out = out.reshape(-1, out.shape[-1])
+    first, second = out[:, 0::2], out[:, 1::2]
+    if not bool(((first % 2 == 0) & (second == first + 1)).all()):
+        raise _patch.Unsupported("merge: the probe did not keep each token's channels together")
+    return (first // 2).to(torch.int32), out_lead
 
 
 def _defining_module(m: nn.Module):
@@ -340,6 +358,7 @@ def _merged_mlp(module: nn.Module, family: Family) -> nn.Module:
 
 
 @functools.lru_cache(maxsize=32)
+@_normal_tensors
 def _unfold_table(grids: tuple, s: int, device: torch.device) -> torch.Tensor:
     """The (M, s*s) int32 token table of ``F.unfold(kernel_size=s, stride=s)`` over each image's (h, w)
     row-major token grid, images one after another (Mistral3's patch merger; trailing rows / columns
@@ -388,7 +407,7 @@ def _unfold_merged_mlp(module: nn.Module, family: Family) -> nn.Module:
                              f"patch grids), got {x.shape[0]}")
         norm, weight, bias, eps = _norm_form(_get(self, norm_path))
         wm = m.merging_layer.weight
-        wm = wm.view(wm.shape[0], -1, s * s).transpose(1, 2).reshape(wm.shape[0], -1)  # columns j * C + c
+        wm = wm.reshape(wm.shape[0], -1, s * s).transpose(1, 2).reshape(wm.shape[0], -1)  # columns j * C + c
         merged = merged_mlp(x, [wm], [m.merging_layer.bias], None, group=s * s,
                             token_map=_unfold_table(grids, s, x.device), norm=norm, norm_weight=weight,
                             norm_bias=bias, eps=eps, _table_checked=True)

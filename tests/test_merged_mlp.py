@@ -480,3 +480,10 @@ def test_final_activation(launches):
     assert torch.autograd.gradcheck(call(merged_mlp), [t.requires_grad_() for t in small[:5]], fast_mode=True)
     with pytest.raises(ValueError, match="final_activation: expected False with pool=True or gate_half"):
         merged_mlp(torch.randn(8, C), [torch.randn(5, C)], group=G, pool=True, final_activation=True)
+
+
+def test_final_activation_without_an_activation_is_a_plain_mlp():
+    x, w = torch.randn(8, C, requires_grad=True), torch.randn(5, G * C, requires_grad=True)
+    y = merged_mlp(x, [w], None, None, group=G, final_activation=True)
+    y.sum().backward()
+    assert torch.allclose(y, merged_mlp_reference(x, [w], None, None, group=G), rtol=1e-5, atol=1e-5)

@@ -1048,3 +1048,21 @@ def test_llama4_adapter_with_dropout_trains_through_the_original_forward(launche
     out = patched(x)
     assert "mapped_gemm_kernel" in launches
     torch.testing.assert_close(out, model(x), rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("key", [("gemma3", "Gemma3MultiModalProjector"), ("aya_vision", "AyaVisionMultiModalProjector"),
+                                 ("mistral3", "Mistral3MultiModalProjector")], ids=lambda k: k[0])
+def test_token_tables_built_under_inference_mode_still_train(key):
+    """The token tables are cached per shape and saved for backward: a first call under
+    torch.inference_mode() (generation) must not leave an inference tensor that breaks training later."""
+    registry._TABLES.clear()
+    registry._grid_pool_table.cache_clear()
+    registry._unfold_table.cache_clear()
+    module, inputs = BUILDERS[key]()
+    model = _Parent(module)
+    mmfuse.patch(model)
+    with torch.inference_mode():
+        model(*inputs)
+    x = inputs[0].clone().requires_grad_()
+    model(x, *inputs[1:]).sum().backward()
+    assert x.grad is not None and torch.isfinite(x.grad).all()

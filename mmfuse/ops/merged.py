@@ -329,6 +329,7 @@ def merged_mlp(x: torch.Tensor, weights: Sequence[torch.Tensor], biases: Sequenc
     Linear too (Llama 4's vision adapter), in its epilogue.
     """
     check_tensor("x", x, ndim=2)
+    final_activation = bool(final_activation) and activation is not None  # (no activation: nothing to add)
     if final_activation and (pool or gate_half is not None):
         raise ValueError("final_activation: expected False with pool=True or gate_half (not implemented there)")
     if pool:
