@@ -545,10 +545,9 @@ def norm_stats(merge: Merge):
 
 def mapped_tiles(elem_bytes: int, precision: str, C: int | None = None, mapped: int = 0, gated: bool = False) -> tuple:
     """The mapped GEMM's tiles: MAPPED_TILES (MAPPED_GATED_TILES for a gated forward), or the fp32-IEEE /
-    fp64 one. Given C, only the tiles whose
-    merged-column block divides C (ALIGNED: one token per row per block); if none does, the gather tile
-    (at 128x128 the per-element statistics, pipelined, needed 272 KB of shared memory on an H100 with
-    Triton 3.6)."""
+    fp64 one. Given C, only the tiles whose merged-column block divides C (ALIGNED: one token per row per
+    block); if none does, the gather tile (at 128x128 the per-element statistics, pipelined, needed
+    272 KB of shared memory on an H100 with Triton 3.6)."""
     if elem_bytes == 8:
         tiles = gather = (MAPPED_FP64_TILE,)
     elif elem_bytes == 4 and precision == "ieee":

@@ -34,6 +34,17 @@ class Traffic:
         return Traffic(self.loaded + other.loaded, self.unique + other.unique, self.stored + other.stored)
 
 
+def _totals(ts) -> dict:
+    """mmfuse's launches: HBM = each launch's distinct bytes plus its stores, L2 = every load and store."""
+    return {"hbm": sum(t.unique + t.stored for t in ts), "l2": sum(t.loaded + t.stored for t in ts),
+            "launches": len(ts)}
+
+
+def _eager_totals(launches) -> dict:
+    """Eager's kernels, each as (bytes read, bytes written)."""
+    return {"hbm": sum(r + w for r, w in launches), "launches": len(launches)}
+
+
 def _cdiv(a, b):
     return -(-a // b)
 
@@ -371,9 +382,7 @@ def mlp_traffic(M: int, widths, tile, elem: int) -> dict[str, dict]:
         if i > 0:
             eager_bwd += eager("eager_bwd", 0, 3 * M * k * e)           # GELU': read dA and h, write dH
             elementwise += 3 * M * k * e
-    total = lambda ts: {"hbm": sum(t.unique + t.stored for t in ts), "l2": sum(t.loaded + t.stored for t in ts),  # noqa: E731
-                        "launches": len(ts)}
-    return {"fwd": total(fwd), "bwd": total(bwd),
+    return {"fwd": _totals(fwd), "bwd": _totals(bwd),
             "eager_fwd": {"hbm": eager_fwd, "launches": len(detail["eager_fwd"])},
             "eager_bwd": {"hbm": eager_bwd, "launches": len(detail["eager_bwd"])},
             "eager_elementwise_hbm": elementwise,  # of eager's fwd+bwd bytes, those of its GEMM-free kernels
@@ -443,10 +452,8 @@ def gated_mlp_traffic(M: int, K: int, N: int, D: int, tile, elem: int, bias: boo
         eager("eager_bwd", up, (M * N + N * K + M * K) * e, (M, K))
     eager("eager_bwd", 0, 3 * M * K * e)                            # dX = dX_gate + dX_up
     elementwise = sum(x["hbm"] for step in ("eager_fwd", "eager_bwd") for x in detail[step] if x["rows"] is None)
-    total = lambda ts: {"hbm": sum(t.unique + t.stored for t in ts), "l2": sum(t.loaded + t.stored for t in ts),  # noqa: E731
-                        "launches": len(ts)}
     eager_total = lambda step: {"hbm": sum(x["hbm"] for x in detail[step]), "launches": len(detail[step])}  # noqa: E731
-    return {"fwd": total(ours["fwd"]), "bwd": total(ours["bwd"]), "eager_fwd": eager_total("eager_fwd"),
+    return {"fwd": _totals(ours["fwd"]), "bwd": _totals(ours["bwd"]), "eager_fwd": eager_total("eager_fwd"),
             "eager_bwd": eager_total("eager_bwd"), "eager_elementwise_hbm": elementwise, "per_launch": detail}
 
 
@@ -566,9 +573,7 @@ def merged_mlp_traffic(T: int, C: int, G: int, widths, tile, elem: int, *, norm:
                    Traffic()))
     bwd += _norm_bwd_launches(T, C, G, e, norm, post, table, acc_elem)
     eager_f, eager_b = _eager_norm_merge(T, C, G, e, norm, post, table, acc_elem)
-    total = lambda ts: {"hbm": sum(t.unique + t.stored for t in ts), "l2": sum(t.loaded + t.stored for t in ts),  # noqa: E731
-                        "launches": len(ts)}
-    return {"fwd": total(fwd), "bwd": total(bwd),
+    return {"fwd": _totals(fwd), "bwd": _totals(bwd),
             "eager_fwd": {"hbm": sum(r + w for r, w in eager_f) + mlp["eager_fwd"]["hbm"],
                           "launches": len(eager_f) + mlp["eager_fwd"]["launches"]},
             "eager_bwd": {"hbm": sum(r + w for r, w in eager_b) + mlp["eager_bwd"]["hbm"],
@@ -655,10 +660,7 @@ def _merged_gated_traffic(T, C, G, widths, tile, e, *, norm, post, table, acc_el
                ((M * N2 + M * K) * e, N2 * K * e),                 # dW_1
                (M * N2 * e, N2 * e),                               # db_1
                ((M * N2 + N2 * K) * e, M * K * e)] + norm_b        # dX_1, then the merge's and norm's
-    total = lambda ts: {"hbm": sum(t.unique + t.stored for t in ts), "l2": sum(t.loaded + t.stored for t in ts),  # noqa: E731
-                        "launches": len(ts)}
-    eager = lambda launches: {"hbm": sum(r + w for r, w in launches), "launches": len(launches)}  # noqa: E731
-    return {"fwd": total(fwd), "bwd": total(bwd), "eager_fwd": eager(eager_f), "eager_bwd": eager(eager_b)}
+    return {"fwd": _totals(fwd), "bwd": _totals(bwd), "eager_fwd": _eager_totals(eager_f), "eager_bwd": _eager_totals(eager_b)}
 
 
 def pool_norm_fwd_traffic(M: int, C: int, G: int, elem: int, *, norm: str | None, blocks=(16, 128),
@@ -735,7 +737,4 @@ def pooled_projector_traffic(T: int, C: int, G: int, N: int, tile, elem: int, *,
                (MC * f32, MC * e),                                               # to(fp32) backward
                (MC * e, TC * e),                                                 # AvgPool2d backward
                (TC * e, TC * e)]                                                 # the copy's backward
-    total = lambda ts: {"hbm": sum(t.unique + t.stored for t in ts), "l2": sum(t.loaded + t.stored for t in ts),  # noqa: E731
-                        "launches": len(ts)}
-    eager = lambda launches: {"hbm": sum(r + w for r, w in launches), "launches": len(launches)}  # noqa: E731
-    return {"fwd": total(fwd), "bwd": total(bwd), "eager_fwd": eager(eager_f), "eager_bwd": eager(eager_b)}
+    return {"fwd": _totals(fwd), "bwd": _totals(bwd), "eager_fwd": _eager_totals(eager_f), "eager_bwd": _eager_totals(eager_b)}

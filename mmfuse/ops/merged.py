@@ -380,10 +380,6 @@ def merged_mlp(x: torch.Tensor, weights: Sequence[torch.Tensor], biases: Sequenc
             check_tensor("norm_bias", norm_bias, ndim=1)
             check_like("norm_bias", norm_bias, "x", x)
             check_size("norm_bias", "shape[0] (the normalised width)", norm_bias.shape[0], norm_width)
-    if pool:
-        return _pooled_mlp(x, weights, biases, activation, group, token_map, norm, norm_weight, norm_bias, eps,
-                           norm_weight_offset)
-
     def in_features(i, ws):
         return width if i == 0 else ws[i - 1].shape[0] // (2 if i == 1 and gate_half is not None else 1)
 
@@ -392,8 +388,11 @@ def merged_mlp(x: torch.Tensor, weights: Sequence[torch.Tensor], biases: Sequenc
             _check_layer(x, w, b, in_features(i, weights), f"weights[{i}]", f"biases[{i}]")
         return merged_mlp_reference(x, weights, biases, activation, group=group, token_map=token_map, norm=norm,
                                     norm_weight=norm_weight, norm_bias=norm_bias, eps=eps,
-                                    norm_after_merge=norm_after_merge, gate_half=gate_half,
-                                    final_activation=final_activation)
+                                    norm_after_merge=norm_after_merge, gate_half=gate_half, pool=pool,
+                                    norm_weight_offset=norm_weight_offset, final_activation=final_activation)
+    if pool:
+        return _pooled_mlp(x, weights, biases, activation, group, token_map, norm, norm_weight, norm_bias, eps,
+                           norm_weight_offset)
     n = len(weights)
     x, *params = autocast_inputs(x, *weights, *biases)
     weights, biases = params[:n], params[n:]
@@ -415,13 +414,8 @@ def merged_mlp(x: torch.Tensor, weights: Sequence[torch.Tensor], biases: Sequenc
 
 
 def _pooled_mlp(x, weights, biases, activation, group, token_map, norm, norm_weight, norm_bias, eps, offset):
-    """merged_mlp(pool=True) after the shared checks: the pool-and-norm kernel, then ``mlp`` on its rows."""
-    if backend_for(x) == REFERENCE:
-        for i, (w, b) in enumerate(zip(weights, biases)):
-            _check_layer(x, w, b, x.shape[1] if i == 0 else weights[i - 1].shape[0], f"weights[{i}]", f"biases[{i}]")
-        return merged_mlp_reference(x, weights, biases, activation, group=group, token_map=token_map, norm=norm,
-                                    norm_weight=norm_weight, norm_bias=norm_bias, eps=eps, norm_after_merge=True,
-                                    pool=True, norm_weight_offset=offset)
+    """merged_mlp(pool=True) on the kernels, after the shared checks: the pool-and-norm kernel, then
+    ``mlp`` on its rows (which checks the later layers)."""
     _check_layer(x, weights[0], biases[0], x.shape[1], "weights[0]", "biases[0]")
     x, norm_weight, norm_bias = autocast_inputs(x, norm_weight, norm_bias)
     table = token_map.to(torch.int32).contiguous() if token_map is not None else \
