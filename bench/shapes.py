@@ -91,6 +91,10 @@ MLP_SHAPES = (
     # 4096 -> 1024), Linear(1024, 5120) -> GELU -> Linear(5120, 5120); a 1036px image is 74x74
     # patches of 14, merged to 37x37 = 1369 tokens.
     MLPShape("mistral3-24b-projector", 1369, (1024, 5120, 5120)),
+    # SigLIP-so400m/14 at 384px, each of its 27 ViT blocks' MLP (issue 12's tower MLP): fc1 1152 -> 4304,
+    # GELU (tanh), fc2 4304 -> 1152, on 27x27 = 729 patches per image (the published
+    # google/siglip-so400m-patch14-384 config: hidden_size 1152, intermediate_size 4304).
+    MLPShape("siglip-so400m-tower-mlp", 729, (1152, 4304, 1152), activation="gelu_tanh"),
 )
 
 GATED_SHAPES = (
@@ -117,6 +121,10 @@ MERGED_SHAPES = (
     # gate halves of 14336, SiLU(gate) * up, linear_2 14336 -> 4096 (Command R7B). The sizes are the
     # published CohereLabs/aya-vision-8b config.json's as recalled (image_size 364,
     # alignment_intermediate_size 28672): no download here to re-check them.
+    # Idefics3-8B (Llama 3): SigLIP-so400m (1152) at 364px: 26x26 = 676 patches, pixel shuffle
+    # (scale_factor 2) to 169 rows of 4608, one Linear 4608 -> 4096, no bias, no norm (the Idefics3 paper's
+    # 169 tokens per image; HuggingFaceM4/Idefics3-8B-Llama3's config as recalled: no download here).
+    MergedShape("idefics3-8b-connector", 676, 1152, 4, (4096,), None, table=True, bias=False),
     MergedShape("aya-vision-8b-projector", 676, 1152, 4, (14336, 4096), "layer", norm_after_merge=True, table=True,
                 gated=True),
     # Gemma 3 4B: SigLIP-so400m (1152) at 896px: 64x64 = 4096 patches of 14, AvgPool2d(4) to 256 tokens,

@@ -44,16 +44,16 @@ class Case:
 def _mlp_impls():
     import mmfuse
 
-    def mmfuse_fn(x, ws, bs):
-        return mmfuse.mlp(x, ws, bs)
+    def mmfuse_fn(x, ws, bs, act="gelu"):
+        return mmfuse.mlp(x, ws, bs, act)
 
-    def eager(x, ws, bs):
+    def eager(x, ws, bs, act="gelu"):
         for i, (w, b) in enumerate(zip(ws, bs)):
             x = F.linear(x, w, b)
-            x = F.gelu(x) if i < len(ws) - 1 else x
+            x = F.gelu(x, approximate="tanh" if act == "gelu_tanh" else "none") if i < len(ws) - 1 else x
         return x
 
-    def addmm_activation(x, ws, bs):  # cuBLASLt's GELU epilogue: the tanh approximation, not erf
+    def addmm_activation(x, ws, bs, act="gelu"):  # cuBLASLt's GELU epilogue: the tanh approximation, not erf
         for i, (w, b) in enumerate(zip(ws, bs)):
             x = torch._addmm_activation(b, x, w.t(), use_gelu=True) if i < len(ws) - 1 else F.linear(x, w, b)
         return x
@@ -99,6 +99,8 @@ def _merged_impls():
             return (p32 * torch.rsqrt(p32.pow(2).mean(-1, keepdim=True) + 1e-6) * (1.0 + nw.float())).to(x.dtype)
 
         def norm_(t):
+            if norm is None:  # (a connector without a norm: Idefics3)
+                return t
             if norm == "layer":
                 return F.layer_norm(t, t.shape[-1:], nw, nb, 1e-6)
             t32 = t.float()
@@ -222,7 +224,7 @@ def cases(dtypes=("bfloat16", "float16"), modes=("fwd", "fwd+bwd"), images: int 
             x = torch.randn(M, s.widths[0], device=device, dtype=dtype)
             ws = [torch.randn(n, k, device=device, dtype=dtype) / k ** 0.5 for k, n in zip(s.widths, s.widths[1:])]
             bs = [torch.randn(n, device=device, dtype=dtype) for n in s.widths[1:]]
-            return [x, ws, bs]
+            return [x, ws, bs, s.activation]
 
         # torch._addmm_activation has no derivative: a forward-only baseline.
         out += [Case("mlp", s.name, m, d, impl, flops, make) for m in modes for d in dtypes

@@ -70,8 +70,14 @@ def patch(model: nn.Module, vision_tower: bool = False) -> PatchReport:
             new.train(child.training)
             setattr(parent, child_name, new)
             report.swapped.append((qual, type(child).__name__, type(new).__name__))
+            if registry.is_model_level(family):  # a model's copy: its children are patched as usual
+                visit(new, qual)
 
-    if registry.family_for(model, vision_tower=vision_tower) is not None:
+    family = registry.family_for(model, vision_tower=vision_tower)
+    if family is not None and registry.is_model_level(family):
+        report.left_alone.append(("", type(model).__name__, "the root module: wrap it in a parent module for its "
+                                  "model-level token merge to be handed to the projector"))
+    elif family is not None:
         raise ValueError("model: patch() replaces submodules in place; wrap a bare "
                          f"{type(model).__name__} in a parent module (or use its from_module)")
     visit(model, "")
@@ -91,6 +97,7 @@ def unpatch(model: nn.Module) -> list[str]:
                 original.train(child.training)
                 setattr(parent, child_name, original)
                 restored.append(qual)
+                visit(child, qual)  # a model-level copy's patched children: named (the copy is dropped)
             else:
                 visit(child, qual)
 

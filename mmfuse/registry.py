@@ -19,12 +19,18 @@ the gate product inside the GEMM; ``merged mlp``: the norm and the token merge i
 ``pool+norm+matmul``: Gemma's pooling and norm in one kernel) are the same kind of copy with one method
 replaced; glue still run in PyTorch before their GEMMs is named in the family's options (``GATED_PRE``),
 so a later change can fuse it into the kernels' loads without touching the family table.
+
+One recipe works on a whole model (``merge into projector``): InternVL runs its pixel shuffle in the
+model's ``get_image_features``, between the tower and the projector. The model's copy keeps that code
+and hands the merge to the projector's first GEMM (``_DeferredMerge``); ``patch`` goes on into the
+copy's children as usual.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 import sys
 from typing import Callable
 
@@ -36,6 +42,7 @@ from mmfuse.nn._activations import activation_name
 
 PROJECTOR, PATCH_EMBED, CROSS_ATTENTION = "projector", "patch embedding", "cross-attention"
 TOWER_MLP = "vision-tower MLP"  # counted apart from projectors (a tower family's recipe is a projector recipe)
+MODEL_MERGE = "model-level merge"  # a model whose token merge runs outside its projector (InternVL)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -256,10 +263,13 @@ def _probed_token_map(module: nn.Module, merge, lead: tuple, device: torch.devic
     token's channels together as one chunk, else it is not a token merge these kernels read. Returns
     (table, the merge's output leading shape)."""
     group, run = merge
-    key = (type(module), group(module), lead, device)
+    return _cached_table((type(module), group(module), lead, device), lambda: _probe(run, module, lead, device))
+
+
+def _cached_table(key, build):
     table = _TABLES.get(key)
     if table is None:
-        table = _probe(run, module, lead, device)
+        table = build()
         if len(_TABLES) >= 64:
             _TABLES.clear()
         _TABLES[key] = table
@@ -318,7 +328,7 @@ def _merged_mlp(module: nn.Module, family: Family) -> nn.Module:
     act = activation_name(_get(module, act_path)) if act_path else None
     if gate_half is not None and act not in GATE_ACTIVATIONS:
         raise _patch.Unsupported(f"gate activation: expected one the epilogue computes, got {act!r}")
-    norm_path, merge = family.opt("norm"), MERGES[family.opt("merge")]
+    norm_path, merge = family.opt("norm"), MERGES[family.opt("merge", "view")]
     post = family.opt("post", False)
     post = bool(getattr(module, post, False)) if isinstance(post, str) else post
     if norm_path and _get(module, norm_path) is None:  # an optional norm the config turned off
@@ -330,16 +340,23 @@ def _merged_mlp(module: nn.Module, family: Family) -> nn.Module:
     original_forward = type(module).forward
 
     def forward(self, x):
+        deferred = self.__dict__.get(_DEFERRED)
+        if deferred is not None and deferred.stands_for(x):  # the model's merge, handed to this GEMM
+            return fused_forward(self, x, deferred)
         if dropout_path and self.training and _get(self, dropout_path) > 0:
             return original_forward(self, x)  # dropout between the GEMMs: not in the kernels
         return fused_forward(self, x)
 
-    def fused_forward(self, x):
+    def fused_forward(self, x, deferred=None):
         lins = [_get(self, p) for p in lin_paths]
         norm, weight, bias, eps = _norm_form(_get(self, norm_path)) if norm_path else (None, None, None, 1e-6)
         kw = dict(norm=norm, norm_weight=weight, norm_bias=bias, eps=eps, norm_after_merge=post, gate_half=gate_half,
                   final_activation=act_after_last)
         ws, bs = [m.weight for m in lins], [m.bias for m in lins]
+        if deferred is not None:
+            rows, table = deferred.take()
+            y = merged_mlp(rows, ws, bs, act, group=table.shape[1], token_map=table, _table_checked=True, **kw)
+            return y.view(*x.shape[:-1], y.shape[-1])
         C = x.shape[-1]
         if merge is None:
             group = lins[0].in_features // C
@@ -353,7 +370,119 @@ def _merged_mlp(module: nn.Module, family: Family) -> nn.Module:
         return y.view(*out_lead, y.shape[-1])
 
     cls = _fused_class(type(module))
-    sub = type(cls.__name__, (cls,), {"__module__": "mmfuse.registry", "forward": forward})
+    sub = type(cls.__name__, (cls,), {"__module__": "mmfuse.registry", "forward": forward,
+                                      "_reads_deferred_merge": merge is None and not act_after_last})
+    return _shallow_copy(module, sub)
+
+
+# ----------------------------------------------------------------------------------------------
+# Model-level merges: InternVL runs its pixel shuffle in ``InternVLModel.get_image_features``, between
+# the tower and the projector, not in the projector. The model's copy hands the merge to the
+# projector's first GEMM instead: the model's own code still runs, every line of it.
+# ----------------------------------------------------------------------------------------------
+_DEFERRED = "_mmfuse_deferred_merge"  # on the projector, while the model's get_image_features runs
+
+
+@dataclasses.dataclass
+class _DeferredMerge:
+    """A token merge the model asked for and the projector reads in its first GEMM's loads. The
+    merge returned a stand-in: a NaN scalar expanded to the merge's output shape (no memory, every
+    stride 0), which the model's code reshapes and passes to its projector; the projector recognises
+    it (``stands_for``) and reads ``rows`` through ``table`` instead. A stand-in that reaches anything
+    else is NaN, and ``get_image_features`` raises when the projector did not take it."""
+    rows: torch.Tensor        # (R, C): the merge's input tokens as rows of one view, in place
+    table: torch.Tensor       # (merged rows, group) int32: each merged row's tokens, as rows of ``rows``
+    out_shape: tuple          # the merge's output shape
+    taken: bool = False
+
+    def stands_for(self, t: torch.Tensor) -> bool:
+        return (not self.taken and t.numel() == torch.Size(self.out_shape).numel() and t.numel() > 0
+                and t.shape[-1] == self.out_shape[-1] and all(s == 0 for s in t.stride()))
+
+    def take(self) -> tuple[torch.Tensor, torch.Tensor]:
+        self.taken = True
+        return self.rows, self.table
+
+
+def _token_rows(x: torch.Tensor) -> tuple[torch.Tensor, tuple | None]:
+    """x (..., C) as the rows of a 2-D view (R, C), and per leading dim the row step of its index
+    (None: row i is token i). InternVL hands over ``last_hidden_state[:, 1:]`` (the class token
+    dropped): its tokens sit in the hidden state's rows with a gap per image, which a strided view over
+    those rows keeps with no copy (the gaps are rows no merged row reads: zero gradient). Shapes and
+    strides only: no device work. A layout no row view covers is copied."""
+    C, lead = x.shape[-1], x.shape[:-1]
+    if x.is_contiguous() or x.numel() == 0:
+        return x.reshape(-1, C), None
+    dims = sorted((s, n) for s, n in zip(x.stride()[:-1], lead) if n > 1)
+    span, apart = C, True  # tokens apart: each dim's stride clears the extent of the finer ones
+    for s, n in dims:
+        apart, span = apart and s >= span, s * n
+    step = math.gcd(*(s for s, _ in dims)) or C  # rows: every token starts on one
+    if (x.stride(-1) != 1 and C > 1) or not apart or step < C:
+        return x.reshape(-1, C).contiguous(), None
+    steps = tuple(s // step if n > 1 else 0 for n, s in zip(lead, x.stride()[:-1]))
+    return x.as_strided((1 + sum((n - 1) * k for n, k in zip(lead, steps)), C), (step, 1)), steps
+
+
+def _row_ids(lead: tuple, steps: tuple, device) -> torch.Tensor:
+    """Each token's row in ``_token_rows``' view, in x's token order (int64)."""
+    ids = torch.zeros((), dtype=torch.long, device=device)
+    for dim, (n, k) in enumerate(zip(lead, steps)):
+        shape = [1] * len(lead)
+        shape[dim] = n
+        ids = ids + torch.arange(n, device=device).view(shape) * k
+    return ids.reshape(-1)
+
+
+def _deferred_merge_model(module: nn.Module, family: Family) -> nn.Module:
+    """The model with its token merge (method ``merge``) handed to its projector (``projector``, a
+    merged-mlp copy): ``get_image_features`` runs the model's own code while the merge returns a
+    stand-in the projector recognises (``_DeferredMerge``). The token table is the model's own merge
+    run once on token ids, per input shape."""
+    merge_name, proj_path = family.opt("merge"), family.opt("projector")
+    cls = type(module)
+    if not callable(getattr(cls, merge_name, None)) or not callable(getattr(cls, "get_image_features", None)):
+        raise _patch.Unsupported(f"expected methods {merge_name} and get_image_features")
+    if not isinstance(_get(module, proj_path), nn.Module):
+        raise _patch.Unsupported(f"{proj_path}: expected the projector module")
+    original_features, original_merge = cls.get_image_features, getattr(cls, merge_name)
+
+    def get_image_features(self, *args, **kwargs):
+        proj = _get(self, proj_path)
+        if not getattr(type(proj), "_reads_deferred_merge", False):  # the projector was left alone
+            return original_features(self, *args, **kwargs)
+        object.__setattr__(self, "_mmfuse_projector", proj)
+        try:
+            out = original_features(self, *args, **kwargs)
+        finally:
+            self.__dict__.pop("_mmfuse_projector", None)
+            deferred = proj.__dict__.pop(_DEFERRED, None)
+        if deferred is not None and not deferred.taken:
+            raise RuntimeError(f"{cls.__name__}.get_image_features: the {merge_name} output did not reach "
+                               f"{proj_path} (mmfuse hands the merge to it): mmfuse.unpatch the model")
+        return out
+
+    def merge(self, x, *args, **kwargs):
+        proj = self.__dict__.get("_mmfuse_projector")
+        if proj is None or _DEFERRED in proj.__dict__ or x.dim() < 2:  # outside get_image_features, or again
+            return original_merge(self, x, *args, **kwargs)
+        lead = tuple(x.shape[:-1])
+        rows, steps = _token_rows(x)
+        key = (cls, merge_name, args, tuple(sorted(kwargs.items())), lead, steps, x.device)
+
+        def build():
+            table, out_lead = _probe(lambda m, t: original_merge(m, t, *args, **kwargs), self, lead, x.device)
+            if steps is not None:  # tokens to rows of the strided view (built once per shape)
+                table = _row_ids(lead, steps, x.device)[table.long()].to(torch.int32)
+            return table, out_lead
+
+        table, out_lead = _cached_table(key, _normal_tensors(build))
+        out_shape = (*out_lead, table.shape[1] * x.shape[-1])
+        object.__setattr__(proj, _DEFERRED, _DeferredMerge(rows, table, out_shape))
+        return x.new_full((1,) * len(out_shape), float("nan")).expand(out_shape)
+
+    sub = type(_fused_class(cls).__name__, (_fused_class(cls),),
+               {"__module__": "mmfuse.registry", "get_image_features": get_image_features, merge_name: merge})
     return _shallow_copy(module, sub)
 
 
@@ -471,6 +600,10 @@ RECIPES = {r.name: r for r in [
     Recipe("unfold merged mlp", PROJECTOR,
            "the norm and the per-image unfold merge inside the merging Linear's loads (its columns permuted to "
            "the kernel's token-major order), then the MLP (act in the epilogue)", "nothing", _unfold_merged_mlp),
+    Recipe("merge into projector", MODEL_MERGE,
+           "the model's token merge (InternVL's pixel shuffle in get_image_features), read by its merged-mlp "
+           "projector's first GEMM (never materialised)", "nothing (the model's own code runs; the merge returns a "
+           "zero-memory stand-in)", _deferred_merge_model),
     Recipe("pool+norm+matmul", PROJECTOR,
            "the average pool and the RMSNorm (one row-wise kernel) and the weight matmul (W^T as the GEMM's B)",
            "nothing", _pooled_matmul),
@@ -545,6 +678,8 @@ _QWEN3_MERGER = (("linears", ("linear_fc1", "linear_fc2")), ("act", "act_fn"), (
                  ("post", "use_postshuffle_norm"))
 _PIXEL_SHUFFLE = (("linears", ("modality_projection.proj",)), ("merge", "pixel_shuffle"))
 _UNFOLD = (("norm", "norm"), ("merger", "patch_merger"), ("linears", ("linear_1", "linear_2")), ("act", "act"))
+_INTERNVL_PROJECTOR = (("linears", ("linear_1", "linear_2")), ("act", "act"), ("norm", "layer_norm"), ("post", True))
+_INTERNVL_MODEL = (("merge", "pixel_shuffle"), ("projector", "multi_modal_projector"))
 _GEMMA3_POOL = (("weight", "mm_input_projection_weight"), ("norm", "mm_soft_emb_norm"), ("norm_offset", 1.0))
 # `x, gate = linear_1(a).chunk(2)`: the gate is the second half.
 _DOWNSAMPLE_SWIGLU = (("linears", ("linear_1", "linear_2")), ("act", "act"), ("merge", "pixel_shuffle_downsample"),
@@ -571,8 +706,9 @@ FAMILIES: list[Family] = [
     Family("VideoLLaMA3", "video_llama_3", ("VideoLlama3Projector",), "mlp", (("sequential", ("readout",)),)),
     Family("VipLLaVA", "vipllava", ("VipLlavaMultiModalProjector",), "norm+mlp",
            (("linears", ("linear_1", "linear_2")), ("fuse", (("linear_1", "act"),)))),
-    Family("InternVL", "internvl", ("InternVLMultiModalProjector",), "norm+mlp",
-           (("linears", ("linear_1", "linear_2")), ("fuse", (("linear_1", "act"),)))),
+    Family("InternVL", "internvl", ("InternVLMultiModalProjector",), "merged mlp", _INTERNVL_PROJECTOR,
+           notes="LayerNorm read in linear_1's loads; with the model-level family, the pixel shuffle too"),
+    Family("InternVL", "internvl", ("InternVLModel",), "merge into projector", _INTERNVL_MODEL),
     Family("PaliGemma", "paligemma", ("PaliGemmaMultiModalProjector",), "linear", (("linears", ("linear",)),)),
     Family("Llama 4", "llama4", ("Llama4MultiModalProjector",), "linear", (("linears", ("linear_1",)),)),
     Family("Llama 4 (vision adapter)", "llama4", ("Llama4VisionPixelShuffleMLP",), "merged mlp",
@@ -597,8 +733,9 @@ FAMILIES: list[Family] = [
     Family("Qwen4-Exp", "qwen4_exp", ("Qwen4ExpVisionPatchMerger",), "merged mlp", _QWEN3_MERGER),
     Family("EXAONE 4.5", "exaone4_5", ("Exaone4_5_PatchMerger",), "merged mlp", _QWEN_MERGER),
     Family("MistralLarge4", "mistral_large4", ("MistralLarge4MultiModalProjector",), "unfold merged mlp", _UNFOLD),
-    Family("Qianfan-OCR", "qianfan_ocr", ("QianfanOCRMultiModalProjector",), "norm+mlp",
-           (("linears", ("linear_1", "linear_2")), ("fuse", (("linear_1", "act"),)))),
+    Family("Qianfan-OCR", "qianfan_ocr", ("QianfanOCRMultiModalProjector",), "merged mlp", _INTERNVL_PROJECTOR,
+           notes="as InternVL's"),
+    Family("Qianfan-OCR", "qianfan_ocr", ("QianfanOCRModel",), "merge into projector", _INTERNVL_MODEL),
     Family("T5Gemma 2", "t5gemma2", ("T5Gemma2MultiModalProjector",), "pool+norm+matmul",
            _GEMMA3_POOL),
     Family("Mistral3 / Pixtral", "mistral3", ("Mistral3MultiModalProjector",), "unfold merged mlp", _UNFOLD,
@@ -828,6 +965,11 @@ def build(module: nn.Module, family: Family) -> nn.Module:
     return RECIPES[family.recipe].build(module, family)
 
 
+def is_model_level(family: Family) -> bool:
+    """A model's copy (``patch`` goes on into its children), not a leaf replacement."""
+    return RECIPES[family.recipe].kind == MODEL_MERGE
+
+
 def declined_reason(module: nn.Module) -> str | None:
     """Why the registry leaves this transformers class alone, or None if it is not listed."""
     cls = type(module)
@@ -1002,7 +1144,7 @@ MODELS_END = "<!-- models:end -->"
 def counts() -> dict[str, int]:
     """Accelerated classes of the installed transformers, by kind (projector-like = projector,
     merger, connector, resampler attention; patch embeddings)."""
-    out = {PROJECTOR: 0, PATCH_EMBED: 0, CROSS_ATTENTION: 0, TOWER_MLP: 0}
+    out = {PROJECTOR: 0, PATCH_EMBED: 0, CROSS_ATTENTION: 0, TOWER_MLP: 0, MODEL_MERGE: 0}
     for fam in FAMILIES:
         out[TOWER_MLP if fam.tower else RECIPES[fam.recipe].kind] += len(fam.classes)
     return out
@@ -1023,7 +1165,8 @@ def models_table() -> str:
     lines += ["", f"Accelerated classes of the installed transformers: **{c[PROJECTOR] + c[CROSS_ATTENTION]} "
               f"projectors / mergers / connectors** ({c[CROSS_ATTENTION]} of them resampler cross-attention) "
               f"and **{c[PATCH_EMBED]} vision patch embeddings**; with `vision_tower=True`, also **{c[TOWER_MLP]} "
-              f"vision-tower MLP classes**. {len(DECLINED)} more projector-like classes "
+              f"vision-tower MLP classes**. {c[MODEL_MERGE]} model classes hand the token merge they run outside "
+              f"their projector to its first GEMM. {len(DECLINED)} more projector-like classes "
               "are recognised and left alone, each with its reason (`mmfuse models --declined`)."]
     return "\n".join(lines)
 

@@ -310,7 +310,7 @@ def merged_traffic_section() -> list[str]:
              "backward: the later layers as `mlp`, the first layer's dW (x through the table again), db, dA "
              "stored through the table, one row-wise norm backward. GEMM tiles 128x128 (the mapped GEMM's "
              "largest); distinct bytes per launch. Eager: the module's code: the norm (F.layer_norm: one kernel; "
-             "RMSNorm as transformers writes it: 7 kernels in fp32), the pixel shuffle's copy (Qwen's merge is a "
+             "RMSNorm as transformers writes it: 7 kernels in fp32), the pixel shuffle's two permute copies (Qwen's merge is a "
              "view), the MLP, autograd through all of it. Training forward saves the pre-activation; inference "
              "does not. Aya Vision's gated form: gate and up from one read of the merged operand, [dG | dU] in "
              "the down layer's dX epilogue, one dW and one dA GEMM over both halves; eager runs the chunked "
@@ -325,7 +325,7 @@ def merged_traffic_section() -> list[str]:
     for s in MERGED_SHAPES:
         for images in (1, 8):
             kw = dict(norm=s.norm, post=s.norm_after_merge, table=s.table, bk=KM.MAPPED_GATED_TILES[0][2] if s.gated
-                      else bk, gated=s.gated)
+                      else bk, gated=s.gated, **({} if s.bias else {"bias": False}))
             T = s.tokens * images
             if s.pool:  # Gemma 3: the pool-and-norm kernel, then the GEMM (the same bytes in inference)
                 t = inf = pooled_projector_traffic(T, s.channels, s.group, s.widths[0], (128, 128), 2, norm=s.norm)

@@ -335,8 +335,8 @@ def measure(fn, tensors: dict[str, torch.Tensor], by_launch: bool = False):
     return result, {kernel: _attribute(rec, named, i) for i, kernel in enumerate(rec.launches)}
 
 
-def mlp_traffic(M: int, widths, tile, elem: int) -> dict[str, dict]:
-    """``mmfuse.mlp`` in training (biases on, GELU between layers), forward and backward, against
+def mlp_traffic(M: int, widths, tile, elem: int, bias: bool = True) -> dict[str, dict]:
+    """``mmfuse.mlp`` in training (biases on unless ``bias`` is False, GELU between layers), forward and backward, against
     eager PyTorch (addmm with bias, GELU, autograd), each as {"hbm": bytes, "l2": bytes, "launches": n}.
     mmfuse's HBM is the sum of each launch's distinct bytes (re-reads assumed to hit L2); eager's
     kernels are counted the same way: every input read once, every output written once.
@@ -363,22 +363,24 @@ def mlp_traffic(M: int, widths, tile, elem: int) -> dict[str, dict]:
     fwd, bwd = [], []
     eager_fwd = eager_bwd = elementwise = 0
     for i, (k, nn_) in enumerate(layers):
-        fwd.append(launch("fwd", 2 * M * k * nn_, M=M, N=nn_, K=k, bias=True, store_aux=i < n - 1))
-        eager_fwd += eager("eager_fwd", 2 * M * k * nn_, (M * k + nn_ * k + nn_ + M * nn_) * e, (M, nn_))  # addmm
+        fwd.append(launch("fwd", 2 * M * k * nn_, M=M, N=nn_, K=k, bias=bias, store_aux=i < n - 1))
+        eager_fwd += eager("eager_fwd", 2 * M * k * nn_, (M * k + nn_ * k + bias * nn_ + M * nn_) * e, (M, nn_))  # addmm
         if i < n - 1:
             eager_fwd += eager("eager_fwd", 0, 2 * M * nn_ * e)          # GELU: read h, write a
             elementwise += 2 * M * nn_ * e
     for i in reversed(range(n)):
         k, nn_ = layers[i]
         bwd.append(launch("bwd", 2 * M * k * nn_, M=nn_, N=k, K=M))                 # dW_i
-        db = bias_grad_traffic(M, nn_, e)                                           # db_i (a reduction)
-        detail["bwd"].append({"flops": 0, "hbm": db.unique + db.stored, "rows": None, "cols": None})
-        bwd.append(db)
+        if bias:
+            db = bias_grad_traffic(M, nn_, e)                                       # db_i (a reduction)
+            detail["bwd"].append({"flops": 0, "hbm": db.unique + db.stored, "rows": None, "cols": None})
+            bwd.append(db)
         bwd.append(launch("bwd", 2 * M * k * nn_, M=M, N=k, K=nn_, act_grad=i > 0))  # dX (x GELU'(h_{i-1}))
         eager_bwd += eager("eager_bwd", 2 * M * k * nn_, (M * nn_ + M * k + nn_ * k) * e, (nn_, k))  # dW = dY^T X
-        eager_bwd += eager("eager_bwd", 0, (M * nn_ + nn_) * e)                                  # db = sum dY
+        if bias:
+            eager_bwd += eager("eager_bwd", 0, (M * nn_ + nn_) * e)                              # db = sum dY
+            elementwise += (M * nn_ + nn_) * e
         eager_bwd += eager("eager_bwd", 2 * M * k * nn_, (M * nn_ + nn_ * k + M * k) * e, (M, k))  # dX = dY W
-        elementwise += (M * nn_ + nn_) * e
         if i > 0:
             eager_bwd += eager("eager_bwd", 0, 3 * M * k * e)           # GELU': read dA and h, write dH
             elementwise += 3 * M * k * e
@@ -525,7 +527,7 @@ def norm_bwd_traffic(R: int, C: int, G: int, elem: int, *, post: bool, blocks=(1
 
 def merged_mlp_traffic(T: int, C: int, G: int, widths, tile, elem: int, *, norm: str | None, post: bool,
                        table: bool, acc_elem: int = 4, bk: int = 64, training: bool = True,
-                       gated: bool = False) -> dict[str, dict]:
+                       gated: bool = False, bias: bool = True) -> dict[str, dict]:
     """``mmfuse.merged_mlp`` in training (biases on, GELU between layers) against eager PyTorch running
     the module's own code, in the form of ``mlp_traffic``: ``hbm`` = distinct bytes per launch.
 
@@ -534,7 +536,7 @@ def merged_mlp_traffic(T: int, C: int, G: int, widths, tile, elem: int, *, norm:
     dX * act', then the first layer's dW (x through the table again), db, dA (stored through the table)
     and the norm backward (dA, x, the statistics; dx and fp32 per-program partials of dgamma, dbeta).
     Eager: the norm (F.layer_norm: one kernel; RMSNorm as transformers writes it: to(fp32), pow, mean,
-    rsqrt, mul, to(dtype), mul by the weight), the merge (a pixel shuffle's `.contiguous()` copy when
+    rsqrt, mul, to(dtype), mul by the weight), the merge (a pixel shuffle's two permute copies when
     ``table``; Qwen's view merge is free), then the MLP (``mlp_traffic``'s eager launches), and autograd
     through all of it. ``tile``: (BLOCK_M, BLOCK_N) of every GEMM, ``bk`` the mapped GEMMs' BLOCK_K.
     ``training`` False: the inference forward (no pre-activations saved; "bwd" then meaningless).
@@ -542,7 +544,7 @@ def merged_mlp_traffic(T: int, C: int, G: int, widths, tile, elem: int, *, norm:
     computes gate and up from one A tile (g and u saved), the backward's [dG | dU] comes from the down
     layer's dX GEMM (the product rule in its epilogue), and the first layer's dW, db and dA reduce over
     2N. Eager then runs linear_1 (2N wide), chunk (a view), act, mul, linear_2, and autograd (the
-    chunk's backward: a copy of [dU | dG])."""
+    chunk's backward: a copy of [dU | dG]). ``bias`` False: Linears without biases (Idefics3; not gated)."""
     if gated:
         return _merged_gated_traffic(T, C, G, widths, tile, elem, norm=norm, post=post, table=table,
                                      acc_elem=acc_elem, bk=bk, training=training)
@@ -551,24 +553,24 @@ def merged_mlp_traffic(T: int, C: int, G: int, widths, tile, elem: int, *, norm:
     rows_norm = (M if post else T) if norm else 0
     norm_width = K if post else C
     layers = list(zip((K, *widths[:-1]), widths))
-    mlp = mlp_traffic(M, (K, *widths), tile, e)
+    mlp = mlp_traffic(M, (K, *widths), tile, e, bias=bias)
     fwd, bwd = [], []
     fwd += _norm_stats_launch(T, C, G, e, norm, post, table, acc_elem)
     n1, k1 = layers[0][1], K
     fwd.append(sum(mapped_gemm_traffic(M, n1, k1, (*tile[:2], bk), e, mapped=0, C=C, G=G, rows_norm=rows_norm,
-                                       norm_width=norm_width, bias=True, store_aux=training and len(layers) > 1,
+                                       norm_width=norm_width, bias=bias, store_aux=training and len(layers) > 1,
                                        acc_elem=acc_elem, table=table).values(), Traffic()))
     for i, (k, n) in enumerate(layers[1:], start=1):
-        fwd.append(sum(fused_gemm_traffic(M, n, k, tile, e, bias=True,
+        fwd.append(sum(fused_gemm_traffic(M, n, k, tile, e, bias=bias,
                                           store_aux=training and i < len(layers) - 1).values(), Traffic()))
     for i in reversed(range(1, len(layers))):
         k, n = layers[i]
         bwd.append(sum(fused_gemm_traffic(n, k, M, tile, e).values(), Traffic()))                   # dW_i
-        bwd.append(bias_grad_traffic(M, n, e))                                                        # db_i
+        bwd += [bias_grad_traffic(M, n, e)] if bias else []                                           # db_i
         bwd.append(sum(fused_gemm_traffic(M, k, n, tile, e, act_grad=True).values(), Traffic()))    # dX * act'
     bwd.append(sum(mapped_gemm_traffic(n1, K, M, (*tile[:2], bk), e, mapped=1, C=C, G=G, rows_norm=rows_norm,
                                        norm_width=norm_width, acc_elem=acc_elem, table=table).values(), Traffic()))
-    bwd.append(bias_grad_traffic(M, n1, e))
+    bwd += [bias_grad_traffic(M, n1, e)] if bias else []
     bwd.append(sum(mapped_gemm_traffic(M, K, n1, (*tile[:2], bk), e, mapped=2, C=C, G=G, table=table).values(),
                    Traffic()))
     bwd += _norm_bwd_launches(T, C, G, e, norm, post, table, acc_elem)
@@ -621,8 +623,11 @@ def _eager_norm_merge(T, C, G, e, norm, post, table, acc_elem) -> tuple[list, li
                   (TC * f32, TC * e)]
     else:
         norm_f, norm_b = [], []
-    merge_f = [(TC * e, TC * e)] if table else []       # pixel shuffle: reshape of a permute = a copy
-    merge_b = [(TC * e, TC * e)] if table else []       # its gradient: the inverse permute's copy
+    # A pixel shuffle materialises two permutes: InternVL's two .contiguous(), Idefics3's two reshapes of a
+    # permute, Aya's one reshape and the LayerNorm's own contiguous copy of the permuted rows (recorded op
+    # by op in tests/test_traffic.py); its gradient is the same two copies, inverse order.
+    merge_f = [(TC * e, TC * e)] * 2 if table else []
+    merge_b = [(TC * e, TC * e)] * 2 if table else []
     return norm_f + merge_f, merge_b + norm_b
 
 

@@ -24,7 +24,8 @@ M = transformers.models
 
 def test_every_projector_like_class_is_covered_or_declined():
     found = registry.projector_like_classes()
-    covered = {(f.module, c) for f in registry.FAMILIES if not f.tower for c in f.classes}
+    covered = {(f.module, c) for f in registry.FAMILIES  # model-level families are whole models
+               if not f.tower and not registry.is_model_level(f) for c in f.classes}
     unknown = sorted(set(found) - covered - set(registry.DECLINED))
     assert not unknown, f"classes neither covered nor declined (decide, then list them): {unknown}"
     stale = sorted((covered | set(registry.DECLINED)) - set(found) - registry.NOT_ENUMERATED)
@@ -653,7 +654,8 @@ def _class_body(mod, cls):
 def test_every_covered_class_has_a_builder_or_a_checked_sibling():
     """Classes without a builder here are transformers copies of a tested class: same body, and the
     registry gives them the same recipe and options."""
-    by_class = {(f.module, c): f for f in registry.FAMILIES if not f.tower for c in f.classes}
+    by_class = {(f.module, c): f for f in registry.FAMILIES
+                if not f.tower and not registry.is_model_level(f) for c in f.classes}
     untested = set(by_class) - set(BUILDERS)
     assert untested <= set(registry.TESTED_BY_SIBLING), sorted(untested - set(registry.TESTED_BY_SIBLING))
     for key, sibling in registry.TESTED_BY_SIBLING.items():
@@ -1066,3 +1068,180 @@ def test_token_tables_built_under_inference_mode_still_train(key):
     x = inputs[0].clone().requires_grad_()
     model(x, *inputs[1:]).sum().backward()
     assert x.grad is not None and torch.isfinite(x.grad).all()
+
+
+# ----------------------------------------------------------------------------------------------
+# Model-level merges: InternVL's pixel shuffle runs in InternVLModel.get_image_features, handed to
+# the projector's first GEMM by the model's copy
+# ----------------------------------------------------------------------------------------------
+def _internvl_vlm(mod="internvl", cfg_name="InternVLConfig", cls="InternVLForConditionalGeneration", side=56):
+    def make():
+        torch.manual_seed(0)
+        cfg = getattr(getattr(M, mod), cfg_name)(
+            vision_config=dict(hidden_size=V, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
+                               image_size=[side, side], patch_size=[14, 14]),
+            text_config=_llama_text().to_dict(), downsample_ratio=0.5, image_token_id=60)
+        return _InternVLCall(getattr(getattr(M, mod), cls)(cfg))
+    return make
+
+
+class _InternVLCall(nn.Module):
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, ids, pixels):
+        return self.model(input_ids=ids, pixel_values=pixels)
+
+
+def _internvl_inputs(images=2, side=56):
+    tokens = (side // 14 // 2) ** 2  # per image, after the shuffle
+    ids = torch.tensor([[1] + [60] * (tokens * images) + [5, 6]])
+    return [ids, torch.randn(images, 3, side, side)]
+
+
+MODEL_LEVEL = {"internvl": _internvl_vlm(),
+               "qianfan_ocr": _internvl_vlm("qianfan_ocr", "QianfanOCRConfig", "QianfanOCRForConditionalGeneration")}
+
+
+def test_every_model_level_family_is_tested():
+    assert {f.module for f in registry.FAMILIES if registry.is_model_level(f)} == set(MODEL_LEVEL)
+
+
+@pytest.mark.parametrize("mod", sorted(MODEL_LEVEL))
+def test_model_level_pixel_shuffle_read_by_the_projector_matches_and_trains(mod, launches):
+    """The whole model (tower, shuffle, projector, LLM): logits and every parameter gradient against the
+    original in fp64; the projector's first GEMM read the shuffle (one mapped GEMM, 4 tokens a row); one
+    training step; unpatch puts the original model back."""
+    hf = _hf_checks()
+    make, inputs = MODEL_LEVEL[mod], _internvl_inputs()
+    launches.clear()
+    model, report = hf.check_patch_equivalence(make(), inputs, lambda o: o.logits, [])
+    names = {name: new for name, _, new in report.swapped}
+    assert names["model.model"].startswith("Fused") and "model.model.multi_modal_projector" in names, str(report)
+    assert launches.count("mapped_gemm_kernel") == 3, launches  # forward, dW, dA through the shuffle's table
+    hf.check_training_step(make, inputs, lambda o: o.logits)
+    original = model.model.model.__dict__["_mmfuse_original"]
+    restored = mmfuse.unpatch(model)
+    assert model.model.model is original and "model.model" in restored
+    assert "model.model.multi_modal_projector" in restored
+    assert not any(type(m).__module__.startswith("mmfuse") for m in model.modules())
+
+
+def test_internvl_shuffle_is_never_materialised(monkeypatch):
+    """Beyond the tower's own ops, get_image_features runs the mmfuse op and nothing that copies,
+    permutes or normalises: the model's pixel_shuffle runs only once, on token ids (the table's probe),
+    and the projector's rows are the tower's hidden state itself (class token rows skipped, no copy)."""
+    from transformers.models.internvl import modeling_internvl as mi
+
+    calls = []
+    real_shuffle = mi.InternVLModel.pixel_shuffle
+
+    def counting(self, x, *args, **kwargs):
+        calls.append(x.dtype)
+        return real_shuffle(self, x, *args, **kwargs)
+
+    monkeypatch.setattr(mi.InternVLModel, "pixel_shuffle", counting)
+    registry._TABLES.clear()
+    model = MODEL_LEVEL["internvl"]().model
+    mmfuse.patch(model)
+    _, pixels = _internvl_inputs()
+    seen = {}
+    real_take = registry._DeferredMerge.take
+
+    def take(self):
+        rows, table = real_take(self)
+        seen.update(rows=rows, table=table)
+        return rows, table
+
+    monkeypatch.setattr(registry._DeferredMerge, "take", take)
+    with torch.no_grad():
+        model.model.get_image_features(pixel_values=pixels, return_dict=True)
+        assert calls == [torch.long]  # the probe, on ids
+        with OpNames() as tower_ops:
+            hidden = model.model.vision_tower(pixel_values=pixels, return_dict=True).last_hidden_state
+        with OpNames() as ops:
+            out = model.model.get_image_features(pixel_values=pixels, return_dict=True).pooler_output
+    assert calls == [torch.long]
+    import collections
+
+    extra = collections.Counter(n.split(".")[0] for n in ops.names)
+    extra.subtract(collections.Counter(n.split(".")[0] for n in tower_ops.names))
+    extra = {n for n, c in extra.items() if c > 0}
+    assert "merged_mlp_fwd" in extra, extra
+    assert not extra & {"clone", "permute", "_to_copy", "copy_", "native_layer_norm", "layer_norm", "contiguous"}, extra
+    rows = seen["rows"]
+    assert rows.shape[0] == hidden.shape[0] * hidden.shape[1] - 1 and rows.stride() == (V, 1)
+    # the view starts at image 0's first patch token: image i's class token is row i * (1 + 16) - 1
+    assert not ((seen["table"] + 1) % hidden.shape[1] == 0).any() and seen["table"].unique().numel() == 32
+    assert out.shape == (2, 4, 24) and torch.isfinite(out).all()
+
+
+def test_internvl_merge_outside_get_image_features_is_the_real_one():
+    model = MODEL_LEVEL["internvl"]().model
+    original = copy.deepcopy(model)
+    mmfuse.patch(model)
+    x = torch.randn(2, 4, 4, V)
+    torch.testing.assert_close(model.model.pixel_shuffle(x, scale_factor=0.5),
+                               original.model.pixel_shuffle(x, scale_factor=0.5), rtol=0, atol=0)
+
+
+def test_internvl_stand_in_that_misses_the_projector_raises(monkeypatch):
+    """Should the model's code ever stop passing the merge's output straight to the projector, the
+    stand-in is not read as features: get_image_features raises instead of returning NaN."""
+    model = MODEL_LEVEL["internvl"]().model
+    mmfuse.patch(model)
+    monkeypatch.setattr(registry._DeferredMerge, "stands_for", lambda self, t: False)
+    with pytest.raises(RuntimeError, match="pixel_shuffle output did not reach multi_modal_projector"):
+        model.model.get_image_features(pixel_values=_internvl_inputs()[1], return_dict=True)
+
+
+def test_internvl_with_a_projector_left_alone_runs_its_own_shuffle():
+    model, pixels = MODEL_LEVEL["internvl"]().model, _internvl_inputs()[1]
+    ref = model.model.get_image_features(pixel_values=pixels, return_dict=True).pooler_output
+    mmfuse.patch(model)
+    proj = model.model.multi_modal_projector.__dict__["_mmfuse_original"]
+    model.model.multi_modal_projector = proj  # as if the projector's recipe had declined it
+    out = model.model.get_image_features(pixel_values=pixels, return_dict=True).pooler_output
+    torch.testing.assert_close(out, ref)
+
+
+def test_model_level_root_is_left_alone_and_its_children_patched():
+    vlm = MODEL_LEVEL["internvl"]().model
+    report = mmfuse.patch(vlm.model)  # the bare InternVLModel
+    assert any(name == "" and "root module" in why for name, _, why in report.left_alone), str(report)
+    assert "multi_modal_projector" in {name for name, _, _ in report.swapped}
+
+
+@pytest.mark.parametrize("shape,index,view", [
+    ((3, 5, 4, 6), (slice(None), slice(1, None)), True),              # the class token dropped: a row view
+    ((3, 10, 6), (slice(None), slice(2, 7)), True),                   # a window of tokens per image
+    ((2, 7, 6), (slice(None), slice(None, None, 2)), False),          # every other token: copied (the rule is
+                                                                      # a sufficient one for tokens apart)
+    ((4, 3, 8), (slice(None), slice(None), slice(0, 5)), True),       # a channel slice (row stride 8)
+    ((2, 1, 6), "expand", False), ((5, 6), "overlap", False)])        # tokens sharing memory: copied
+def test_token_rows_view_every_token_in_place(shape, index, view):
+    base = torch.randn(shape)
+    x = base.expand(2, 3, 6) if index == "expand" else base.as_strided((3, 4), (2, 1)) if index == "overlap" \
+        else base[index]
+    rows, steps = registry._token_rows(x)
+    flat = x.reshape(-1, x.shape[-1])
+    got = rows if steps is None else rows[registry._row_ids(x.shape[:-1], steps, x.device)]
+    torch.testing.assert_close(got, flat, rtol=0, atol=0)
+    shares = rows.untyped_storage().data_ptr() == base.untyped_storage().data_ptr()
+    assert shares == view
+
+
+def test_model_level_patches_on_meta_and_loads_after():
+    real = MODEL_LEVEL["internvl"]()
+    with torch.device("meta"):
+        model = MODEL_LEVEL["internvl"]()
+    report = mmfuse.patch(model)
+    assert "model.model" in {name for name, _, _ in report.swapped}
+    model.to_empty(device="cpu")
+    model.load_state_dict(real.state_dict())
+    with torch.no_grad():  # non-persistent buffers are re-created, as transformers' _init_weights does
+        for name, buf in real.named_buffers():
+            model.get_buffer(name).copy_(buf)
+    inputs = _internvl_inputs()
+    torch.testing.assert_close(model(*inputs).logits, real(*inputs).logits, rtol=1e-5, atol=1e-5)

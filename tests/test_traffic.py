@@ -360,9 +360,9 @@ def test_mapped_gated_traffic_matches_interpreted_runs(use_table):
     t = merged_mlp_traffic(T, C, G, (N, D), (32, 32), 4, norm="layer", post=True, table=use_table, bk=32, gated=True)
     # mmfuse: statistics, the gated GEMM, down; backward: dW_down, db_down, [dG | dU], the chunked
     # weight's dW and db, dA, the norm backward and its partials' sum (tests/test_merged_mlp.py counts
-    # the Triton launches among them). Eager: LayerNorm, the shuffle's copy (none for a view), linear_1,
-    # act, mul, linear_2; backward 10 + the copy's and the norm's.
-    copies = 1 if use_table else 0
+    # the Triton launches among them). Eager: LayerNorm, the shuffle's two copies (none for a view), linear_1,
+    # act, mul, linear_2; backward 10 + the copies' and the norm's.
+    copies = 2 if use_table else 0
     assert (t["fwd"]["launches"], t["bwd"]["launches"]) == (3, 8)
     assert (t["eager_fwd"]["launches"], t["eager_bwd"]["launches"]) == (5 + copies, 11 + copies)
     # The forward, counted by hand: x once per kernel (the table's 4 bytes per token with it), the
@@ -429,3 +429,60 @@ def test_norm_rowwise_traffic_matches_interpreted_runs(post):
     model = norm_bwd_traffic(R, C, g, 4, post=post, blocks=blocks, table=post)
     assert {k: got[k] for k in ("x", "da", "stats", "gamma", "table", "dx")} == \
         {k: model[k] for k in ("x", "da", "stats", "gamma", "table", "dx")}
+
+
+def test_eager_pixel_shuffle_makes_two_copies_each_way():
+    """The eager side of merged_mlp_traffic: a pixel shuffle materialises two permutes forward and two
+    in its gradient (InternVL's model-level shuffle, Idefics3's connector, Aya Vision's projector, where
+    the second forward copy is LayerNorm's own contiguous copy of the permuted rows)."""
+    transformers = pytest.importorskip("transformers")
+    from mmfuse.testing import OpNames
+
+    M = transformers.models
+    vision = dict(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2)
+    text = dict(hidden_size=24, intermediate_size=48, num_hidden_layers=1, num_attention_heads=2,
+                num_key_value_heads=2, vocab_size=64)
+    internvl = M.internvl.modeling_internvl.InternVLModel(M.internvl.InternVLConfig(vision_config=vision,
+                                                                                   text_config=text))
+    idefics3 = M.idefics3.modeling_idefics3.Idefics3Connector(M.idefics3.Idefics3Config(
+        vision_config=vision, text_config=text, scale_factor=2))
+    aya = M.aya_vision.modeling_aya_vision.AyaVisionMultiModalProjector(M.aya_vision.AyaVisionConfig(
+        vision_config=dict(vision, model_type="siglip_vision_model"), text_config=text, downsample_factor=2,
+        alignment_intermediate_size=20))
+    cases = {  # name: (input (class token dropped for InternVL, as its model does), the eager code)
+        "internvl": (lambda x: x[:, 1:].reshape(2, 8, 8, 16),
+                     lambda x: internvl.multi_modal_projector(internvl.pixel_shuffle(x, 0.5).reshape(2, -1, 64))),
+        "idefics3": (lambda x: x[:, 1:], idefics3),
+        "aya": (lambda x: x[:, 1:], aya),
+    }
+    for name, (view, run) in cases.items():
+        x = torch.randn(2, 65, 16, requires_grad=True)
+        with OpNames() as fwd:
+            out = run(view(x))
+        with OpNames() as bwd:
+            out.sum().backward()
+        forward_copies = fwd.names.count("clone") + fwd.names.count("clone.default")
+        if name == "aya":  # LayerNorm reads the permuted shuffle: it copies it to contiguous rows first
+            assert not aya.pixel_shuffle(view(x)).is_contiguous()
+            forward_copies += 1
+        backward_copies = bwd.names.count("clone") + bwd.names.count("clone.default")
+        assert (forward_copies, backward_copies) == (2, 2), (name, fwd.names, bwd.names)
+
+
+def test_merged_connector_without_norm_or_bias_hand_count():
+    # Idefics3's connector (bench/shapes.py): pixel shuffle to 4 tokens a row, one Linear, no bias, no
+    # norm. mmfuse: one mapped GEMM forward (x through the table: the table's 4 bytes per token, W, y);
+    # backward its dW and dA through the table. Eager: the shuffle's two copies and mm; backward the
+    # mm's dW and dX, then the copies' two.
+    from mmfuse.traffic import merged_mlp_traffic
+
+    T, C, G, N, e = 676 * 8, 1152, 4, 4096, 2
+    M, K = T // G, G * C
+    t = merged_mlp_traffic(T, C, G, (N,), (128, 128), e, norm=None, post=False, table=True, bias=False)
+    assert t["fwd"]["hbm"] == T * C * e + 4 * T + N * K * e + M * N * e
+    assert (t["fwd"]["launches"], t["bwd"]["launches"], t["eager_fwd"]["launches"], t["eager_bwd"]["launches"]) \
+        == (1, 2, 3, 4)
+    assert t["eager_fwd"]["hbm"] == 2 * 2 * T * C * e + (M * K + N * K + M * N) * e
+    with_bias = merged_mlp_traffic(T, C, G, (N,), (128, 128), e, norm=None, post=False, table=True)
+    assert with_bias["fwd"]["hbm"] - t["fwd"]["hbm"] == N * e  # the bias, read once
+    assert with_bias["bwd"]["launches"] == t["bwd"]["launches"] + 1  # its gradient's reduction
