@@ -784,8 +784,9 @@ def aot_specs():
         elem = {"*fp32": 4, "*fp64": 8}.get(ptr, 2)
         block_k = block_k_for(bk, elem)
         args = _gemm_spec_args(ptr, mapped, T, C, G, N)
-        if gated:  # the up half's bias, a unit-stride slice (its W^T has the gate half's strides)
-            args["stride_bias2"] = 1
+        if gated:  # the up half's bias, a unit-stride slice (its W^T has the gate half's strides); the
+            args["stride_bias2"] = 1  # pre-activations [g | u] share one (M, 2N) buffer
+            args["stride_auxm"] = 2 * N
         if not norm or mapped == 2:  # the launcher passes the output as the unused stats pointer
             args["stats_ptr"] = ptr
         aligned = C % (block_k if mapped == 0 else bn) == 0
@@ -830,22 +831,26 @@ def aot_specs():
                                       ("per merged row", T // G, G, C, every[:2]),
                                       ("per token (C % 128 != 0)", T, 1, 1176, every)):
         br, bc = ROWWISE if C_ % ROWWISE[1] == 0 else ROWWISE_GATHER
-        for dtype, ptr in dtypes:
+        # center: 1 LayerNorm, 0 RMSNorm. A runtime int, but the JIT specialises the value 1, so the two
+        # norms are different compiles: RMSNorm per token (Qwen2.5-VL's merger) in bf16 as well.
+        for dtype, ptr, center in [(d, p, 1) for d, p in dtypes] + ([("bf16", "*bf16", 0)] if g == 1 and C_ == C else []):
             acc = tl.float64 if ptr == "*fp64" else tl.float32
             acc_ptr = "*fp64" if ptr == "*fp64" else "*fp32"
+            norm_name = "" if center else " (RMSNorm)"
             stats = dict(x_ptr=ptr, map_ptr="*i32", stats_ptr=acc_ptr, R=rows, C=C_, G=g, stride_xt=C_, stride_xc=1,
-                         stride_map=g, eps=1e-6, center=1)
+                         stride_map=g, eps=1e-6, center=center)
             specs.append(CompileSpec(
-                kernel="merged_gemm/norm_stats_kernel", variant=f"mean, rstd {what}", dtype=dtype,
+                kernel="merged_gemm/norm_stats_kernel", variant=f"mean, rstd {what}{norm_name}", dtype=dtype,
                 config=f"{br}x{bc} w4", fn=norm_stats_kernel, args=tuple(stats.items()),
                 constexprs=(("ALIGNED", C_ % bc == 0), ("TABLE", g > 1), ("ACC_DTYPE", acc), ("BLOCK_R", br),
                             ("BLOCK_C", bc)),
                 num_warps=4, num_stages=1, tensor_cores=False))
             bwd = dict(da_ptr=ptr, x_ptr=ptr, map_ptr="*i32", stats_ptr=acc_ptr, gamma_ptr=ptr, dx_ptr=ptr,
                        dgamma_ptr=acc_ptr, dbeta_ptr=acc_ptr, R=rows, C=C_, G=g, stride_xt=C_, stride_xc=1,
-                       stride_dat=C_, stride_dac=1, stride_dxt=C_, stride_dxc=1, stride_map=g, stride_gamma=1, center=1)
+                       stride_dat=C_, stride_dac=1, stride_dxt=C_, stride_dxc=1, stride_map=g, stride_gamma=1,
+                       center=center)
             specs.append(CompileSpec(
-                kernel="merged_gemm/norm_bwd_kernel", variant=f"dx, dgamma, dbeta {what}", dtype=dtype,
+                kernel="merged_gemm/norm_bwd_kernel", variant=f"dx, dgamma, dbeta {what}{norm_name}", dtype=dtype,
                 config=f"{br}x{bc} w4", fn=norm_bwd_kernel, args=tuple(bwd.items()),
                 constexprs=(("NORM_POST", g > 1), ("ALIGNED", C_ % bc == 0), ("TABLE", g > 1), ("ACC_DTYPE", acc),
                             ("BLOCK_R", br),

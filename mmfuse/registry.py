@@ -179,8 +179,20 @@ def _pooled_matmul(module: nn.Module, family: Family) -> nn.Module:
     if not (isinstance(getattr(norm, "weight", None), torch.Tensor) and isinstance(getattr(norm, "eps", None), float)
             and "RMSNorm" in type(norm).__name__):
         raise _patch.Unsupported(f"{norm_path}: expected an RMSNorm with weight and eps, got {type(norm).__name__}")
-    if not isinstance(getattr(module, "avg_pool", None), nn.AvgPool2d):
+    pool = getattr(module, "avg_pool", None)
+    if not isinstance(pool, nn.AvgPool2d):
         raise _patch.Unsupported("avg_pool: expected nn.AvgPool2d")
+    kernel, side = getattr(module, "kernel_size", None), getattr(module, "patches_per_image", None)
+    if not (isinstance(kernel, int) and isinstance(side, int) and kernel > 0 and side % kernel == 0):
+        raise _patch.Unsupported(f"kernel_size / patches_per_image: expected ints, a grid of whole {kernel}-windows, "
+                                 f"got {kernel!r} / {side!r}")
+    pair = torch.nn.modules.utils._pair
+    got = (pair(pool.kernel_size), pair(pool.stride), pair(pool.padding), pool.ceil_mode, pool.divisor_override)
+    if got != ((kernel, kernel), (kernel, kernel), (0, 0), False, None):
+        raise _patch.Unsupported(f"avg_pool: expected non-overlapping {kernel}x{kernel} windows (kernel_size == "
+                                 f"stride == {kernel}, no padding, no ceil_mode, no divisor_override), got kernel_size="
+                                 f"{pool.kernel_size}, stride={pool.stride}, padding={pool.padding}, ceil_mode="
+                                 f"{pool.ceil_mode}, divisor_override={pool.divisor_override}")
 
     def forward(self, x):
         images, tokens, channels = x.shape
@@ -292,7 +304,8 @@ def _probe(run, module, lead, device):
 def _defining_module(m: nn.Module):
     """The Python module (transformers' modeling file) that defines m's original class (the fused copy's
     classes are mmfuse.registry's)."""
-    return sys.modules[next(c.__module__ for c in type(m).__mro__ if not c.__module__.startswith("mmfuse"))]
+    mods = [c.__module__ for c in type(m).__mro__ if not c.__module__.startswith("mmfuse")]
+    return sys.modules[next((n for n in mods if n.startswith("transformers.models.")), mods[0])]
 
 
 #: Merges the merged-mlp recipe reads inside the GEMM: None (adjacent rows: Qwen's 2x2 merge, a view),
@@ -502,12 +515,30 @@ def _unfold_table(grids: tuple, s: int, device: torch.device) -> torch.Tensor:
     return torch.cat(tables).to(torch.int32) if tables else torch.zeros(0, s * s, dtype=torch.int32, device=device)
 
 
+def _token_major_weight(owner: nn.Module, w: torch.Tensor, s: int) -> torch.Tensor:
+    """The merging weight's columns from unfold's channel-major c * s^2 + j to token-major j * C + c:
+    through autograd while it needs a gradient, else one copy kept on ``owner`` until the weight changes
+    (its storage, or its version: an optimizer step or a load_state_dict copies in place)."""
+    def permute(t):
+        return t.reshape(t.shape[0], -1, s * s).transpose(1, 2).reshape(t.shape[0], -1)
+
+    if torch.is_grad_enabled() and w.requires_grad:
+        return permute(w)
+    key = (w.data_ptr(), w._version, w.dtype, w.device, tuple(w.shape), s)
+    cached = owner.__dict__.get("_mmfuse_token_major")
+    if cached is None or cached[0] != key:
+        with torch.no_grad(), torch.inference_mode(False):
+            cached = (key, permute(w.detach()).contiguous())
+        object.__setattr__(owner, "_mmfuse_token_major", cached)
+    return cached[1]
+
+
 def _unfold_merged_mlp(module: nn.Module, family: Family) -> nn.Module:
     """Mistral3 / Pixtral: RMSNorm per token, the patch merger's per-image ``unfold`` merge and its merging
     Linear as one ``mmfuse.merged_mlp`` (the norm and the merge read in the GEMM's loads), then the MLP
     (``mmfuse.mlp``). unfold lays a merged row out channel-major (column c * s^2 + j); the mapped GEMM
-    reads token-major rows (j * C + c), so the merging weight's columns are permuted to match (a view
-    plus one copy of that weight per call; under autograd, through it). Options: ``norm``, ``merger``
+    reads token-major rows (j * C + c), so the merging weight's columns are permuted to match
+    (``_token_major_weight``: under autograd through the permute, else one cached copy). Options: ``norm``, ``merger``
     (with ``merging_layer``, ``spatial_merge_size``, ``patch_size``), ``linears`` and ``act``."""
     from mmfuse.ops.linear import mlp
     from mmfuse.ops.merged import merged_mlp
@@ -535,8 +566,7 @@ def _unfold_merged_mlp(module: nn.Module, family: Family) -> nn.Module:
             raise ValueError(f"image_features: expected {sum(h * w for h, w in grids)} tokens (the image_sizes' "
                              f"patch grids), got {x.shape[0]}")
         norm, weight, bias, eps = _norm_form(_get(self, norm_path))
-        wm = m.merging_layer.weight
-        wm = wm.reshape(wm.shape[0], -1, s * s).transpose(1, 2).reshape(wm.shape[0], -1)  # columns j * C + c
+        wm = _token_major_weight(self, m.merging_layer.weight, s)
         merged = merged_mlp(x, [wm], [m.merging_layer.bias], None, group=s * s,
                             token_map=_unfold_table(grids, s, x.device), norm=norm, norm_weight=weight,
                             norm_bias=bias, eps=eps, _table_checked=True)

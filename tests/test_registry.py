@@ -1245,3 +1245,52 @@ def test_model_level_patches_on_meta_and_loads_after():
             model.get_buffer(name).copy_(buf)
     inputs = _internvl_inputs()
     torch.testing.assert_close(model(*inputs).logits, real(*inputs).logits, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("pool", [dict(padding=1), dict(ceil_mode=True), dict(divisor_override=3), dict(stride=1)],
+                         ids=lambda kw: next(iter(kw)))
+def test_gemma3_pool_other_than_whole_windows_is_left_alone(pool):
+    """The fused form pools non-overlapping kernel x kernel windows: any other AvgPool2d would be a silent
+    wrong answer, so the projector is left alone, with the reason."""
+    module, _ = BUILDERS[("gemma3", "Gemma3MultiModalProjector")]()
+    k = module.kernel_size
+    module.avg_pool = nn.AvgPool2d(**{"kernel_size": k, "stride": k, **pool})
+    report = mmfuse.patch(_Parent(module))
+    assert not report.swapped and "avg_pool: expected non-overlapping" in report.left_alone[0][2], str(report)
+
+
+def test_gemma3_pool_under_autocast_pools_in_the_input_dtype(monkeypatch):
+    """Under bf16 autocast, Gemma pools and normalises the fp32 tower output in fp32 and casts at the
+    matmul; the patched projector does the same (rounding x to bf16 before the pool would add a
+    rounding per token): the pool kernel gets fp32, and the error to fp64 obeys the error rule."""
+    from mmfuse.ops import merged as ops_merged
+
+    seen = []
+    real = ops_merged.pool_norm_fwd_op
+    monkeypatch.setattr(ops_merged, "pool_norm_fwd_op", lambda x, *a: seen.append(x.dtype) or real(x, *a))
+    module, (x,) = BUILDERS[("gemma3", "Gemma3MultiModalProjector")]()
+    ref64 = copy.deepcopy(module).double()(x.double())
+    patched = _Parent(copy.deepcopy(module))
+    mmfuse.patch(patched)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        eager = module(x)
+        out = patched(x)
+    assert out.dtype == eager.dtype == torch.float32  # (type_as the input, as the original)
+    assert seen == [torch.float32]
+    assert_close("out", out, ref64, eager)
+
+
+def test_mistral3_inference_keeps_the_permuted_merging_weight_until_it_changes():
+    """Without a gradient to carry, the token-major merging weight is made once, not per call, and is
+    remade when the weight changes in place (an optimizer step, load_state_dict)."""
+    module, inputs = BUILDERS[("mistral3", "Mistral3MultiModalProjector")]()
+    model = _Parent(module)
+    mmfuse.patch(model)
+    with torch.no_grad():
+        model(*inputs)
+        with OpNames() as ops:
+            out = model(*inputs)
+        assert not {"clone", "_unsafe_view", "copy_"} & {n.split(".")[0] for n in ops.names}, ops.names
+        torch.testing.assert_close(out, module(*inputs), rtol=1e-5, atol=1e-5)
+        module.patch_merger.merging_layer.weight.mul_(-0.5)  # in place, shared with the patched copy
+        torch.testing.assert_close(model(*inputs), module(*inputs), rtol=1e-5, atol=1e-5)

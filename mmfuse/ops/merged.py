@@ -417,7 +417,8 @@ def _pooled_mlp(x, weights, biases, activation, group, token_map, norm, norm_wei
     """merged_mlp(pool=True) on the kernels, after the shared checks: the pool-and-norm kernel, then
     ``mlp`` on its rows (which checks the later layers)."""
     _check_layer(x, weights[0], biases[0], x.shape[1], "weights[0]", "biases[0]")
-    x, norm_weight, norm_bias = autocast_inputs(x, norm_weight, norm_bias)
+    # Not autocast: pool and norm run in x's dtype, as Gemma's AvgPool2d and fp32 RMSNorm do under
+    # autocast (rounding x to bf16 first would add a rounding per token); ``mlp`` casts the pooled rows.
     table = token_map.to(torch.int32).contiguous() if token_map is not None else \
         torch.arange(x.shape[0], dtype=torch.int32, device=x.device).view(-1, group)
     gamma = norm_weight if norm is not None else x.new_empty(0)
