@@ -50,6 +50,7 @@ from mmfuse.kernels._common import (
     forced_tile,
     gpu_config_on,
     grouped_tile,
+    grouped_tile_of,
     next_pow2,
     num_sms,
     LAUNCH_US,
@@ -113,22 +114,55 @@ def patch_embed_fwd_kernel(
     INPUT_PRECISION: tl.constexpr, ACC_DTYPE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     GROUP_M: tl.constexpr, EVEN_K: tl.constexpr,
+    W_DESC: tl.constexpr,        # w_ptr is a TMA descriptor of the packed weight (Hopper)
+    NUM_PROGRAMS: tl.constexpr,  # > 0: that many persistent programs walk the tiles (Hopper); 0: a grid of tiles
 ):
     """out[b, n, d] = sum_k pixels[patch(b, n), k] * W[d, k] + bias[d] + pos[b, n, d].
 
     The reduction runs over patch rows padded to RUN = next_pow2(P) pixels: k = run*RUN + j, and the
     weight comes packed the same way (zeros at j >= P and past K). A run of pixels is contiguous
     along W, so the gather loads are vectors the pipeliner can copy asynchronously (scalar loads
-    cannot be pipelined). K = C*T*P*RUN; the packed weight rows hold a multiple of 64 columns."""
-    pid_m, pid_n = grouped_tile(M, D, BLOCK_M, BLOCK_N, GROUP_M)
+    cannot be pipelined). K = C*T*P*RUN; the packed weight rows hold a multiple of 64 columns.
+    On Hopper (``W_DESC``, ``NUM_PROGRAMS``; issue 14's core) the weight arrives by TMA (the pixel
+    gather cannot: no tensor map describes it) and the grid is persistent; one tile's code either way."""
+    stride_xb, stride_xc, stride_xf, stride_xh = _aligned(stride_xb_q, stride_xc_q, stride_xf_q, stride_xh_q, PIX_ALIGN)
+    if NUM_PROGRAMS == 0:
+        pid_m, pid_n = grouped_tile(M, D, BLOCK_M, BLOCK_N, GROUP_M)
+        _patch_fwd_tile(pid_m, pid_n, pix_ptr, w_ptr, bias_ptr, pos_ptr, out_ptr, M, D, K, GRID_F, GRID_H, GRID_W,
+                        stride_xb, stride_xc, stride_xf, stride_xh, stride_xw, stride_wd, stride_bias,
+                        stride_pb, stride_pn, stride_pd, stride_ob, stride_on, stride_od,
+                        T, P, RUN, HAS_BIAS, HAS_POS, INPUT_PRECISION, ACC_DTYPE, BLOCK_M, BLOCK_N, BLOCK_K,
+                        EVEN_K, W_DESC)
+    else:
+        num_tiles = tl.cdiv(M, BLOCK_M) * tl.cdiv(D, BLOCK_N)
+        for tile in tl.range(tl.program_id(0), num_tiles, NUM_PROGRAMS):
+            pid_m, pid_n = grouped_tile_of(tile, M, D, BLOCK_M, BLOCK_N, GROUP_M)
+            _patch_fwd_tile(pid_m, pid_n, pix_ptr, w_ptr, bias_ptr, pos_ptr, out_ptr, M, D, K, GRID_F, GRID_H,
+                            GRID_W, stride_xb, stride_xc, stride_xf, stride_xh, stride_xw, stride_wd, stride_bias,
+                            stride_pb, stride_pn, stride_pd, stride_ob, stride_on, stride_od,
+                            T, P, RUN, HAS_BIAS, HAS_POS, INPUT_PRECISION, ACC_DTYPE, BLOCK_M, BLOCK_N, BLOCK_K,
+                            EVEN_K, W_DESC)
+
+
+@triton.jit
+def _patch_fwd_tile(
+    pid_m, pid_n, pix_ptr, w_ptr, bias_ptr, pos_ptr, out_ptr, M, D, K, GRID_F, GRID_H, GRID_W,
+    stride_xb, stride_xc, stride_xf, stride_xh, stride_xw, stride_wd, stride_bias,
+    stride_pb, stride_pn, stride_pd, stride_ob, stride_on, stride_od,
+    T: tl.constexpr, P: tl.constexpr, RUN: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_POS: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr, ACC_DTYPE: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr,
+    W_DESC: tl.constexpr,
+):
+    """One (BLOCK_M, BLOCK_N) output tile of ``patch_embed_fwd_kernel``."""
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_k = tl.arange(0, BLOCK_K)
 
     # im2col in the load: A[m, k] lives at token_offset[m] + run_offset[k // RUN] + (k % RUN).
-    stride_xb, stride_xc, stride_xf, stride_xh = _aligned(stride_xb_q, stride_xc_q, stride_xf_q, stride_xh_q, PIX_ALIGN)
     x_rows = _token_offsets(offs_m, M, GRID_F, GRID_H, GRID_W, stride_xb, stride_xf, stride_xh, stride_xw, T, P)
-    w_ptrs = w_ptr + (offs_n % D)[None, :] * stride_wd + offs_k[:, None]
+    if not W_DESC:
+        w_ptrs = w_ptr + (offs_n % D)[None, :] * stride_wd + offs_k[:, None]
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=ACC_DTYPE)
     for k0 in range(0, K, BLOCK_K):
         k = k0 + offs_k
@@ -142,9 +176,12 @@ def patch_embed_fwd_kernel(
                 a = tl.load(x_ptrs, mask=(j < P)[None, :], other=0.0)
         else:
             a = tl.load(x_ptrs, mask=((j < P) & (k < K))[None, :], other=0.0)
-        b = tl.load(w_ptrs)  # packed: zero-padded past K to a multiple of BLOCK_K, no mask
+        if W_DESC:  # (D, KP) rows by TMA: the copy engine zero-fills past D and KP
+            b = w_ptr.load([pid_n * BLOCK_N, k0]).T
+        else:
+            b = tl.load(w_ptrs)  # packed: zero-padded past K to a multiple of BLOCK_K, no mask
+            w_ptrs += BLOCK_K
         acc = tl.dot(a, b, acc, input_precision=INPUT_PRECISION, out_dtype=ACC_DTYPE)
-        w_ptrs += BLOCK_K
 
     # Epilogue in the accumulator type; one rounding at the store.
     N_TOK = GRID_F * GRID_H * GRID_W
@@ -351,9 +388,10 @@ _fixed = {name: triton.heuristics({"EVEN_K": lambda args, _red=_REDUCTION[name]:
 TUNERS = {name: TileChooser(f"patch_embed/{fn.__name__}") for name, fn in _kernels.items()}
 
 
-def _launch(name, rows, cols, args, flags, elem_bytes, tile=None, *, red, key=(), splits=1):
+def _launch(name, rows, cols, args, flags, elem_bytes, tile=None, *, red, key=(), splits=1, tma_weight=None):
     """``rows`` x ``cols`` output tiles over a reduction of ``red``; ``key``: what else changes the tile;
-    ``splits``: grid axis 1 (dW's split-K over tokens)."""
+    ``splits``: grid axis 1 (dW's split-K over tokens). ``tma_weight``: the index in ``args`` of the
+    forward's packed weight, to pass as a TMA descriptor to persistent programs (``fwd_on_tma``)."""
 
     def launch(tile, gpu_tile=True):
         bm, bn, bk, warps, stages = tile
@@ -362,9 +400,19 @@ def _launch(name, rows, cols, args, flags, elem_bytes, tile=None, *, red, key=()
         # The packed weight is padded for these block sizes only (its loads are not masked).
         assert name != "fwd" or PACK_ALIGN % bk == 0, "fwd: BLOCK_K must divide PACK_ALIGN"
         assert name != "dx" or PACK_ALIGN % bn == 0, "dx: BLOCK_N must divide PACK_ALIGN"
-        grid = (cdiv(rows, bm) * cdiv(cols, bn), splits)
-        _fixed[name][grid](*args, **flags, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=GROUP_M,
-                           num_warps=warps, num_stages=stages)
+        tiles, run_args, extra = cdiv(rows, bm) * cdiv(cols, bn), args, {}
+        if name == "fwd":
+            extra = dict(W_DESC=False, NUM_PROGRAMS=0)
+        if tma_weight is not None:
+            from mmfuse.kernels import linear as KL
+
+            programs = KL.TMA_PROGRAMS or num_sms(args[0].device)
+            run_args = list(args)
+            run_args[tma_weight] = KL._tma_operand(args[tma_weight], bn, bk, False)
+            extra = dict(W_DESC=True, NUM_PROGRAMS=programs)
+            tiles = min(tiles, programs)
+        _fixed[name][(tiles, splits)](*run_args, **flags, **extra, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk,
+                                      GROUP_M=GROUP_M, num_warps=warps, num_stages=stages)
 
     if tile is None:  # a GPU tile chosen by the tests (gpu_config), else None
         tile = forced_tile(_kernels[name].__name__)
@@ -376,7 +424,8 @@ def _launch(name, rows, cols, args, flags, elem_bytes, tile=None, *, red, key=()
         device = args[0].device
         # Not PIX_ALIGN: it follows the image width, which dynamic resolutions change every step, and
         # re-timing per width would undo the once-per-octave tuning (tests/test_tuning.py).
-        tune_key = (elem_bytes, device, *key, *(v for f, v in flags.items() if f != "PIX_ALIGN"))
+        tune_key = (elem_bytes, device, *key, tma_weight is not None,
+                    *(v for f, v in flags.items() if f != "PIX_ALIGN"))
         launch(TUNERS[name].choose((rows, cols, red), tune_key,
                                    candidate_tiles(name, rows, cols, num_sms(device)), launch))
 
@@ -464,8 +513,18 @@ def patch_embed_fwd(pixels5, weight5, bias=None, pos=None, out=None, packed=None
             *out.stride())
     flags = dict(T=T, P=P, RUN=next_pow2(P), PIX_ALIGN=align, HAS_BIAS=bias is not None, HAS_POS=pos is not None,
                  INPUT_PRECISION=dot_precision(pixels5.dtype), ACC_DTYPE=acc_dtype(pixels5.dtype))
-    _launch("fwd", M, D, args, flags, pixels5.element_size(), tile, red=K)
+    _launch("fwd", M, D, args, flags, pixels5.element_size(), tile, red=K,
+            tma_weight=1 if fwd_on_tma(pixels5, w_runs) else None)
     return out
+
+
+def fwd_on_tma(pixels5, w_runs) -> bool:
+    """Whether the forward runs on the Hopper core (the packed weight by TMA, persistent programs): only
+    with ``MMFUSE_TMA=always`` ("auto" keeps the pointer kernel: not yet timed on a GPU, bench/NOTES.md),
+    16-bit pixels, and a packed weight whose rows TMA can read."""
+    from mmfuse.kernels import linear as KL
+
+    return KL._wants_tma(pixels5) and KL.TMA == "always" and KL._tma_layout(w_runs) is False
 
 
 def patch_embed_dx(dout, weight5, pixel_shape, packed=None, tile=None):
@@ -638,7 +697,7 @@ def _aot_launches(shape: str = "clip-l-14-336"):
                     stride_pn=D,
                     stride_pd=1, stride_ob=N * D, stride_on=D, stride_od=1)
     fwd = (patch_embed_fwd_kernel, "fwd bias+pos", ("M", "D", "K"), fwd_ints,
-           dict(RUN=run, PIX_ALIGN=align, HAS_BIAS=True, HAS_POS=True),
+           dict(RUN=run, PIX_ALIGN=align, HAS_BIAS=True, HAS_POS=True, W_DESC=False, NUM_PROGRAMS=0),
            ("pix_ptr", "w_ptr", "bias_ptr", "pos_ptr", "out_ptr"))
     dx = (patch_embed_dx_kernel, "dpixels", ("M", "K", "D"),
           dict(geo, K=k_runs, **g, stride_wd=cdiv(k_runs, PACK_ALIGN) * PACK_ALIGN, **x),
@@ -676,6 +735,17 @@ def aot_specs():
     specs = [_spec(shape_cx, launches[gemm], tile, dtype, ptr, precision)
              for gemm, dtype, ptr, precision in plans for tile in TILES[gemm]]
     specs.append(_spec(shape_cx, launches["fwd"], TILES["fwd"][-1], "fp32", "*fp32", "ieee"))
+    # The Hopper forward (sm_90 only; ``fwd_on_tma``): the packed weight by TMA, 132 persistent programs,
+    # every forward tile, 16-bit dtypes.
+    import dataclasses
+
+    for dtype, ty in (("fp16", "fp16"), ("bf16", "bf16")):
+        for tile in TILES["fwd"]:
+            sp = _spec(shape_cx, launches["fwd"], tile, dtype, f"*{ty}", "ieee")
+            args = dict(sp.args, w_ptr=f"tensordesc<{ty}[{tile[1]}, {tile[2]}]>")
+            cx = dict(sp.constexprs, W_DESC=True, NUM_PROGRAMS=132)
+            specs.append(dataclasses.replace(sp, variant="fwd bias+pos (TMA weight, persistent)",
+                                             args=tuple(args.items()), constexprs=tuple(cx.items()), archs=(90,)))
     # The other patch geometries of bench/shapes.py (P = 30; T = 2) specialise the index arithmetic
     # differently: their forward in fp16 at the largest tile.
     for name in ("fuyu-8b", "qwen2-vl"):
@@ -683,8 +753,6 @@ def aot_specs():
         specs.append(_spec(other_cx, other["fwd"], TILES["fwd"][0], "fp16", "*fp16", "ieee", f" {name}"))
     # dW split over tokens (fp32 partials), as the launcher runs it at 64 images: every dW tile, and the
     # combine that sums the partials (and db's) in split order.
-    import dataclasses
-
     ints = launches["dw"][3]
     # The kernel's columns KR (padded run order) decide the grid and the split; dW's own are K.
     D, KR, K, M = ints["D"], ints["K"], ints["stride_dwd"], 64 * ints["M"] // AOT_BATCH

@@ -113,15 +113,17 @@ def _attention_grids(s, batch: int) -> dict:
 def compile_section(reports) -> list[str]:
     lines = ["## Compiled kernel configs (Triton AOT, no GPU)", "",
              "| kernel | variant | dtype | config | arch | regs | spill B | smem KB | tensor cores "
-             "| 128-bit loads | CTAs/SM |",
-             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+             "| 128-bit loads | grid | CTAs/SM |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for (_, arch), r in sorted(reports.items(), key=lambda kv: kv[0]):
         s = r.spec
         wide = "TMA" if r.tma else ("cp.async 16B" if r.cp_async_16B else ("v4" if r.vec128_loads else "no"))
         if wide == "no" and arch not in s.wide_load_archs:
             wide = "no (known)"
+        programs = dict(s.constexprs).get("NUM_PROGRAMS")  # the persistent kernels' program count
+        grid = f"persistent ({programs})" if programs else "a program per tile"
         lines.append(f"| {s.kernel} | {s.variant} | {s.dtype} | {s.config} | sm_{arch} | {r.registers} | "
-                     f"{r.spill_bytes} | {r.shared_bytes / 1024:.0f} | {r.tensor_core_instr} | {wide} | "
+                     f"{r.spill_bytes} | {r.shared_bytes / 1024:.0f} | {r.tensor_core_instr} | {wide} | {grid} | "
                      f"{r.max_ctas_per_sm()} |")
     return lines
 

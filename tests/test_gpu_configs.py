@@ -99,9 +99,10 @@ def run_key(spec):
         T, P, run = cx["T"], cx["P"], cx.get("RUN", None)
         C = args["K"] // (T * P * (run or P))
         tile = (cx["BLOCK_M"], cx["BLOCK_N"], bk2, spec.num_warps, spec.num_stages)
-        # dW's token loop split into fp32 partials (then summed by dw_combine_kernel), or not.
-        split = name == "patch_embed_dw_kernel" and args.get("dw_ptr") == "*fp32"
-        return ("patch_embed", name, spec.dtype, tile, cx["EVEN_K"], (C, T, P, cx["PIX_ALIGN"]), split)
+        # The last field, the GEMM's variant: dW's token loop split into fp32 partials (then summed by
+        # dw_combine_kernel), or the forward on the Hopper core (TMA weight, persistent programs).
+        variant = args.get("dw_ptr") == "*fp32" if name == "patch_embed_dw_kernel" else bool(cx.get("W_DESC"))
+        return ("patch_embed", name, spec.dtype, tile, cx["EVEN_K"], (C, T, P, cx["PIX_ALIGN"]), variant)
     if name == "dw_combine_kernel":
         return ("patch_embed", "patch_embed_dw_kernel", spec.dtype, None, None, None, True)
     if name == "batch_sum_kernel":
@@ -469,11 +470,15 @@ def _execute(key):
     elif family == "patch_embed":
         from mmfuse.kernels import patch_embed as KP
 
-        name, dtype_name, tile, even_k, geometry, split = params
+        from mmfuse.kernels import linear as KL
+
+        name, dtype_name, tile, even_k, geometry, variant = params
+        split, tma = variant and name == "patch_embed_dw_kernel", variant and name == "patch_embed_fwd_kernel"
         # dW's split count as the spec compiled it (2 ways into fp32 partials, or none), not the model's
-        # choice at these test sizes.
+        # choice at these test sizes; the forward on the TMA core as the GPU launches it (132 programs).
         with _tf32(dtype_name == "fp32-tf32"), _common.gpu_config({name: tile} if len(tile) == 5 else {}), \
-                _patched(KP, "dw_splits", lambda *a, **k: 2 if split else 1):
+                _patched(KP, "dw_splits", lambda *a, **k: 2 if split else 1), \
+                _patched(KL, "TMA", "always" if tma else "never"), _patched(KL, "TMA_PROGRAMS", 132 if tma else None):
             run_patch_embed(name, DTYPES[dtype_name], tile, even_k, geometry)
     elif family == "cross_attention":
         D, dtype_name, even, two, short, form = params
@@ -559,6 +564,9 @@ def launchable_configs() -> dict:
             for bm, bn, bk, warps, stages in tiles:
                 out.setdefault((KP._kernels[gemm].__name__, (bm, bn, KL.block_k_for(bk, elem)), warps, stages, cls),
                                f"patch_embed {dtype} {gemm}")
+                if gemm == "fwd" and elem == 2:  # the Hopper forward (MMFUSE_TMA=always): 16-bit only
+                    out.setdefault((KP._kernels[gemm].__name__, (bm, bn, bk), warps, stages, cls, "TMA"),
+                                   f"patch_embed {dtype} fwd TMA")
         # The gated MLP's own GEMMs (its dW GEMMs are the linear dW above).
         for kind, role in (("gated", "gated fwd"), ("gate_grad", "gate grad"), ("two_k", "gated dX")):
             for bm, bn, bk, warps, stages in ([KL.FP64_TILE] if elem == 8 else KL.GATED_TILES[kind, elem]):
@@ -607,6 +615,8 @@ def spec_config(spec):
         key += (role,)
     if name == "mapped_gemm_kernel":
         key += (cx["MAPPED"], cx["ALIGNED"], cx["GATED"])
+    if cx.get("W_DESC"):  # the patch forward on the Hopper core
+        key += ("TMA",)
     return key
 
 

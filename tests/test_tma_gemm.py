@@ -119,3 +119,50 @@ def test_pointer_kernel_tiles_drop_only_the_spilling_fp32_act_grad_ones():
     # fp32 dX * act' keeps the 64-row tiles (the 128-row ones spill with TF32); everything else keeps all.
     assert KL.pointer_tiles(True, 4) == tuple(t for t in KL.GEMM_TILES if t[0] == 64)
     assert KL.pointer_tiles(True, 2) == KL.pointer_tiles(False, 4) == KL.GEMM_TILES
+
+
+# ----------------------------------------------------------------------------------------------
+# The patch-embedding forward on the same core: the packed weight by TMA, persistent programs, the
+# pixel gather on pointers (kernels/patch_embed.py, W_DESC / NUM_PROGRAMS)
+# ----------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("geometry", [((2, 3, 42, 70), (40, 3, 14, 14)),          # P = 14: runs padded to 16
+                                      ((3, 3, 2, 32, 48), (36, 3, 2, 16, 16))],   # video, T = 2, P = 16
+                         ids=["image P14", "video T2 P16"])
+def test_patch_embed_forward_on_tma(tma, dtype, geometry, monkeypatch, launches):
+    """Values and gradients under the error rule (the backward GEMMs stay on pointers), 3 persistent
+    programs over ragged tiles (D = 40 / 36: TMA zero-fills the weight rows past D), and the forward
+    took the descriptor path."""
+    from mmfuse.kernels import patch_embed as KP
+
+    taken, real = [], KP.fwd_on_tma
+    monkeypatch.setattr(KP, "fwd_on_tma", lambda *a: taken.append(real(*a)) or taken[-1])
+    pixel_shape, weight_shape = geometry
+    x = torch.randn(pixel_shape, dtype=dtype)
+    w = (torch.randn(weight_shape) / 20).to(dtype)
+    b = torch.randn(weight_shape[0], dtype=dtype)
+    assert_matches_reference(mmfuse.patch_embed, mmfuse.patch_embed_reference, [x, w, b], ["pixels", "weight", "bias"])
+    assert taken and all(taken)
+
+
+def test_patch_embed_tma_forward_equals_the_pointer_kernel_bitwise(tma, monkeypatch):
+    """One tile's code either way: the interpreted TMA / persistent forward computes exactly the
+    pointer kernel's sums (the same blocks in the same order)."""
+    x = torch.randn(2, 3, 56, 42, dtype=torch.float16)
+    w = (torch.randn(72, 3, 14, 14) / 20).to(torch.float16)
+    b = torch.randn(72, dtype=torch.float16)
+    on_tma = mmfuse.patch_embed(x, w, b)
+    monkeypatch.setattr(KL, "TMA", "never")
+    assert torch.equal(on_tma, mmfuse.patch_embed(x, w, b))
+
+
+def test_patch_embed_forward_stays_on_pointers_unless_always(monkeypatch):
+    """"auto" (the default) does not take the patch forward's TMA path: it is not yet timed on a GPU."""
+    from mmfuse.kernels import patch_embed as KP
+
+    monkeypatch.setattr(KL, "TMA", "auto")
+    w_runs, _ = KP.pack_weight(torch.randn(40, 3, 1, 14, 14, dtype=torch.float16))
+    assert not KP.fwd_on_tma(torch.randn(1, 3, 1, 28, 28, dtype=torch.float16), w_runs)
+    monkeypatch.setattr(KL, "TMA", "always")
+    assert KP.fwd_on_tma(torch.randn(1, 3, 1, 28, 28, dtype=torch.float16), w_runs)
+    assert not KP.fwd_on_tma(torch.randn(1, 3, 1, 28, 28), w_runs.float())  # 16-bit only
