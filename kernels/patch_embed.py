@@ -114,7 +114,7 @@ def patch_embed_fwd_kernel(
     INPUT_PRECISION: tl.constexpr, ACC_DTYPE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     GROUP_M: tl.constexpr, EVEN_K: tl.constexpr,
-    W_DESC: tl.constexpr,        # w_ptr is a TMA descriptor of the packed weight (Hopper)
+    TMA: tl.constexpr,           # w_ptr is a TMA descriptor of the packed weight (Hopper)
     NUM_PROGRAMS: tl.constexpr,  # > 0: that many persistent programs walk the tiles (Hopper); 0: a grid of tiles
 ):
     """out[b, n, d] = sum_k pixels[patch(b, n), k] * W[d, k] + bias[d] + pos[b, n, d].
@@ -123,7 +123,7 @@ def patch_embed_fwd_kernel(
     weight comes packed the same way (zeros at j >= P and past K). A run of pixels is contiguous
     along W, so the gather loads are vectors the pipeliner can copy asynchronously (scalar loads
     cannot be pipelined). K = C*T*P*RUN; the packed weight rows hold a multiple of 64 columns.
-    On Hopper (``W_DESC``, ``NUM_PROGRAMS``; issue 14's core) the weight arrives by TMA (the pixel
+    On Hopper (``TMA``, ``NUM_PROGRAMS``; issue 14's core) the weight arrives by TMA (the pixel
     gather cannot: no tensor map describes it) and the grid is persistent; one tile's code either way."""
     stride_xb, stride_xc, stride_xf, stride_xh = _aligned(stride_xb_q, stride_xc_q, stride_xf_q, stride_xh_q, PIX_ALIGN)
     if NUM_PROGRAMS == 0:
@@ -132,7 +132,7 @@ def patch_embed_fwd_kernel(
                         stride_xb, stride_xc, stride_xf, stride_xh, stride_xw, stride_wd, stride_bias,
                         stride_pb, stride_pn, stride_pd, stride_ob, stride_on, stride_od,
                         T, P, RUN, HAS_BIAS, HAS_POS, INPUT_PRECISION, ACC_DTYPE, BLOCK_M, BLOCK_N, BLOCK_K,
-                        EVEN_K, W_DESC)
+                        EVEN_K, TMA)
     else:
         num_tiles = tl.cdiv(M, BLOCK_M) * tl.cdiv(D, BLOCK_N)
         for tile in tl.range(tl.program_id(0), num_tiles, NUM_PROGRAMS):
@@ -141,7 +141,7 @@ def patch_embed_fwd_kernel(
                             GRID_W, stride_xb, stride_xc, stride_xf, stride_xh, stride_xw, stride_wd, stride_bias,
                             stride_pb, stride_pn, stride_pd, stride_ob, stride_on, stride_od,
                             T, P, RUN, HAS_BIAS, HAS_POS, INPUT_PRECISION, ACC_DTYPE, BLOCK_M, BLOCK_N, BLOCK_K,
-                            EVEN_K, W_DESC)
+                            EVEN_K, TMA)
 
 
 @triton.jit
@@ -152,7 +152,7 @@ def _patch_fwd_tile(
     T: tl.constexpr, P: tl.constexpr, RUN: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_POS: tl.constexpr,
     INPUT_PRECISION: tl.constexpr, ACC_DTYPE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr,
-    W_DESC: tl.constexpr,
+    TMA: tl.constexpr,
 ):
     """One (BLOCK_M, BLOCK_N) output tile of ``patch_embed_fwd_kernel``."""
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -161,7 +161,7 @@ def _patch_fwd_tile(
 
     # im2col in the load: A[m, k] lives at token_offset[m] + run_offset[k // RUN] + (k % RUN).
     x_rows = _token_offsets(offs_m, M, GRID_F, GRID_H, GRID_W, stride_xb, stride_xf, stride_xh, stride_xw, T, P)
-    if not W_DESC:
+    if not TMA:
         w_ptrs = w_ptr + (offs_n % D)[None, :] * stride_wd + offs_k[:, None]
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=ACC_DTYPE)
     for k0 in range(0, K, BLOCK_K):
@@ -176,7 +176,7 @@ def _patch_fwd_tile(
                 a = tl.load(x_ptrs, mask=(j < P)[None, :], other=0.0)
         else:
             a = tl.load(x_ptrs, mask=((j < P) & (k < K))[None, :], other=0.0)
-        if W_DESC:  # (D, KP) rows by TMA: the copy engine zero-fills past D and KP
+        if TMA:  # (D, KP) rows by TMA: the copy engine zero-fills past D and KP
             b = w_ptr.load([pid_n * BLOCK_N, k0]).T
         else:
             b = tl.load(w_ptrs)  # packed: zero-padded past K to a multiple of BLOCK_K, no mask
@@ -209,22 +209,50 @@ def patch_embed_dx_kernel(
     INPUT_PRECISION: tl.constexpr, ACC_DTYPE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     GROUP_M: tl.constexpr, EVEN_K: tl.constexpr,
+    TMA: tl.constexpr,           # dout_ptr / w_ptr are TMA descriptors of dOut (M, D) and the packed weight
+    NUM_PROGRAMS: tl.constexpr,  # > 0: that many persistent programs walk the tiles (Hopper); 0: a grid of tiles
 ):
     """dpixels[patch(m), k] = sum_d dOut[m, d] * W[d, k]: a GEMM over D whose store is the
     inverse of the forward's gather (tiles: BLOCK_M tokens x BLOCK_N patch elements). Columns are in
-    the forward's padded run order (K = C*T*P*RUN) over its packed weight; j >= P is not stored."""
-    pid_m, pid_n = grouped_tile(M, K, BLOCK_M, BLOCK_N, GROUP_M)
+    the forward's padded run order (K = C*T*P*RUN) over its packed weight; j >= P is not stored.
+    On Hopper (``TMA``, ``NUM_PROGRAMS``) both operands arrive by TMA (the store stays a scatter)."""
+    stride_xb, stride_xc, stride_xf, stride_xh = _aligned(stride_xb_q, stride_xc_q, stride_xf_q, stride_xh_q, PIX_ALIGN)
+    if NUM_PROGRAMS == 0:
+        pid_m, pid_n = grouped_tile(M, K, BLOCK_M, BLOCK_N, GROUP_M)
+        _patch_dx_tile(pid_m, pid_n, dout_ptr, w_ptr, dpix_ptr, M, D, K, GRID_F, GRID_H, GRID_W,
+                       stride_gb, stride_gn, stride_gd, stride_wd, stride_xb, stride_xc, stride_xf, stride_xh,
+                       stride_xw, T, P, RUN, INPUT_PRECISION, ACC_DTYPE, BLOCK_M, BLOCK_N, BLOCK_K, EVEN_K, TMA)
+    else:
+        for tile in tl.range(tl.program_id(0), tl.cdiv(M, BLOCK_M) * tl.cdiv(K, BLOCK_N), NUM_PROGRAMS):
+            pid_m, pid_n = grouped_tile_of(tile, M, K, BLOCK_M, BLOCK_N, GROUP_M)
+            _patch_dx_tile(pid_m, pid_n, dout_ptr, w_ptr, dpix_ptr, M, D, K, GRID_F, GRID_H, GRID_W,
+                           stride_gb, stride_gn, stride_gd, stride_wd, stride_xb, stride_xc, stride_xf, stride_xh,
+                           stride_xw, T, P, RUN, INPUT_PRECISION, ACC_DTYPE, BLOCK_M, BLOCK_N, BLOCK_K, EVEN_K, TMA)
+
+
+@triton.jit
+def _patch_dx_tile(
+    pid_m, pid_n, dout_ptr, w_ptr, dpix_ptr, M, D, K, GRID_F, GRID_H, GRID_W,
+    stride_gb, stride_gn, stride_gd, stride_wd, stride_xb, stride_xc, stride_xf, stride_xh, stride_xw,
+    T: tl.constexpr, P: tl.constexpr, RUN: tl.constexpr, INPUT_PRECISION: tl.constexpr, ACC_DTYPE: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr, TMA: tl.constexpr,
+):
+    """One (BLOCK_M, BLOCK_N) tile of ``patch_embed_dx_kernel``."""
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_K)
 
     N_TOK = GRID_F * GRID_H * GRID_W
-    g_ptrs = dout_ptr + _token_rows(offs_m, M, N_TOK, stride_gb, stride_gn)[:, None] + offs_d[None, :] * stride_gd
-    # Packed rows hold a multiple of 128 columns (zeros past K): no wrap or mask needed along n.
-    w_ptrs = w_ptr + offs_d[:, None] * stride_wd + offs_n[None, :]
+    if not TMA:
+        g_ptrs = dout_ptr + _token_rows(offs_m, M, N_TOK, stride_gb, stride_gn)[:, None] + offs_d[None, :] * stride_gd
+        # Packed rows hold a multiple of 128 columns (zeros past K): no wrap or mask needed along n.
+        w_ptrs = w_ptr + offs_d[:, None] * stride_wd + offs_n[None, :]
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=ACC_DTYPE)
     for d0 in range(0, D, BLOCK_K):
-        if EVEN_K:
+        if TMA:  # the copy engine zero-fills past M, D and the packed columns: no masks
+            g = dout_ptr.load([pid_m * BLOCK_M, d0])
+            w = w_ptr.load([d0, pid_n * BLOCK_N])
+        elif EVEN_K:
             g = tl.load(g_ptrs)
             w = tl.load(w_ptrs)
         else:
@@ -232,11 +260,11 @@ def patch_embed_dx_kernel(
             g = tl.load(g_ptrs, mask=offs_d[None, :] < d_left, other=0.0)
             w = tl.load(w_ptrs, mask=offs_d[:, None] < d_left, other=0.0)
         acc = tl.dot(g, w, acc, input_precision=INPUT_PRECISION, out_dtype=ACC_DTYPE)
-        g_ptrs += BLOCK_K * stride_gd
-        w_ptrs += BLOCK_K * stride_wd
+        if not TMA:
+            g_ptrs += BLOCK_K * stride_gd
+            w_ptrs += BLOCK_K * stride_wd
 
     # Scatter = the forward's gather addresses: each (m, k) is a distinct pixel (kernel == stride).
-    stride_xb, stride_xc, stride_xf, stride_xh = _aligned(stride_xb_q, stride_xc_q, stride_xf_q, stride_xh_q, PIX_ALIGN)
     x_rows = _token_offsets(offs_m, M, GRID_F, GRID_H, GRID_W, stride_xb, stride_xf, stride_xh, stride_xw, T, P)
     j = offs_n % RUN
     x_cols = _run_offsets(offs_n // RUN, stride_xc, stride_xf, stride_xh, T, P) + j * stride_xw
@@ -255,6 +283,8 @@ def patch_embed_dw_kernel(
     INPUT_PRECISION: tl.constexpr, ACC_DTYPE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     GROUP_M: tl.constexpr, EVEN_K: tl.constexpr,
+    TMA: tl.constexpr,           # dout_ptr is a TMA descriptor of dOut (M, D), read as dOut^T
+    NUM_PROGRAMS: tl.constexpr,  # > 0: that many persistent programs walk tiles x splits (Hopper)
 ):
     """dW[d, k] = sum_m dOut[m, d] * pixels[patch(m), k] (tiles: BLOCK_M of D x BLOCK_N of K; the
     loop walks BLOCK_K tokens at a time and gathers their patches again). The columns run in the
@@ -264,9 +294,35 @@ def patch_embed_dw_kernel(
     5x slower than the forward's GEMM of the same size on an H100). Split-K over tokens (grid axis
     1): split s sums tokens [s*TOKEN_CHUNK, (s+1)*TOKEN_CHUNK) (a multiple of BLOCK_K) into its own
     fp32 partial at s*stride_dws; ``dw_combine_kernel`` sums them in split order. One split writes dW
-    directly (stride 0). No db here: see ``batch_sum_kernel`` and ``patch_embed_dw``."""
-    pid_m, pid_n = grouped_tile(D, K, BLOCK_M, BLOCK_N, GROUP_M)
-    split = tl.program_id(1)
+    directly (stride 0). No db here: see ``batch_sum_kernel`` and ``patch_embed_dw``. On Hopper
+    (``TMA``, ``NUM_PROGRAMS``) dOut^T arrives by TMA (the pixels stay a gather) and the programs
+    walk every (tile, split) pair, the split outermost."""
+    if NUM_PROGRAMS == 0:
+        pid_m, pid_n = grouped_tile(D, K, BLOCK_M, BLOCK_N, GROUP_M)
+        _patch_dw_tile(pid_m, pid_n, tl.program_id(1), dout_ptr, pix_ptr, dw_ptr, M, D, K, GRID_F, GRID_H, GRID_W,
+                       stride_gb, stride_gn, stride_gd, stride_xb_q, stride_xc_q, stride_xf_q, stride_xh_q, stride_xw,
+                       stride_dws, stride_dwd, stride_dwk, TOKEN_CHUNK, T, P, RUN, PIX_ALIGN, INPUT_PRECISION,
+                       ACC_DTYPE, BLOCK_M, BLOCK_N, BLOCK_K, EVEN_K, TMA)
+    else:
+        tiles = tl.cdiv(D, BLOCK_M) * tl.cdiv(K, BLOCK_N)
+        for work in tl.range(tl.program_id(0), tiles * tl.cdiv(M, TOKEN_CHUNK), NUM_PROGRAMS):
+            pid_m, pid_n = grouped_tile_of(work % tiles, D, K, BLOCK_M, BLOCK_N, GROUP_M)
+            _patch_dw_tile(pid_m, pid_n, work // tiles, dout_ptr, pix_ptr, dw_ptr, M, D, K, GRID_F, GRID_H, GRID_W,
+                           stride_gb, stride_gn, stride_gd, stride_xb_q, stride_xc_q, stride_xf_q, stride_xh_q, stride_xw,
+                           stride_dws, stride_dwd, stride_dwk, TOKEN_CHUNK, T, P, RUN, PIX_ALIGN, INPUT_PRECISION,
+                           ACC_DTYPE, BLOCK_M, BLOCK_N, BLOCK_K, EVEN_K, TMA)
+
+
+@triton.jit
+def _patch_dw_tile(
+    pid_m, pid_n, split, dout_ptr, pix_ptr, dw_ptr, M, D, K, GRID_F, GRID_H, GRID_W,
+    stride_gb, stride_gn, stride_gd, stride_xb_q, stride_xc_q, stride_xf_q, stride_xh_q, stride_xw,
+    stride_dws, stride_dwd, stride_dwk, TOKEN_CHUNK,
+    T: tl.constexpr, P: tl.constexpr, RUN: tl.constexpr, PIX_ALIGN: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+    ACC_DTYPE: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr, TMA: tl.constexpr,
+):
+    """One (BLOCK_M, BLOCK_N) tile of ``patch_embed_dw_kernel``, over split ``split``'s tokens."""
     offs_d = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_t = tl.arange(0, BLOCK_K)
@@ -282,14 +338,19 @@ def patch_embed_dw_kernel(
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=ACC_DTYPE)
     for m0 in range(split * TOKEN_CHUNK, tl.minimum(M, split * TOKEN_CHUNK + TOKEN_CHUNK), BLOCK_K):
         m = m0 + offs_t
-        g_ptrs = dout_ptr + g_cols[:, None] + _token_rows(m, M, N_TOK, stride_gb, stride_gn)[None, :]
+        if not TMA:
+            g_ptrs = dout_ptr + g_cols[:, None] + _token_rows(m, M, N_TOK, stride_gb, stride_gn)[None, :]
         x_rows = _token_offsets(m, M, GRID_F, GRID_H, GRID_W, stride_xb, stride_xf, stride_xh, stride_xw, T, P)
         x_ptrs = pix_ptr + x_rows[:, None] + x_cols[None, :]
-        if EVEN_K:
+        if TMA:  # dOut (M, D) rows m0.., columns of this tile's D block, transposed in registers;
+            g = dout_ptr.load([m0, pid_m * BLOCK_M]).T  # zero-filled past M and D
+        elif EVEN_K:
             g = tl.load(g_ptrs)
-            x = tl.load(x_ptrs, mask=col_ok[None, :], other=0.0)
         else:
             g = tl.load(g_ptrs, mask=m[None, :] < M, other=0.0)
+        if EVEN_K:
+            x = tl.load(x_ptrs, mask=col_ok[None, :], other=0.0)
+        else:
             x = tl.load(x_ptrs, mask=(m < M)[:, None] & col_ok[None, :], other=0.0)
         acc = tl.dot(g, x, acc, input_precision=INPUT_PRECISION, out_dtype=ACC_DTYPE)
 
@@ -359,6 +420,9 @@ TILES = {
     "dx": ((128, 128, 64, 8, 3), (128, 64, 64, 4, 3), (64, 128, 64, 4, 3), (64, 64, 64, 4, 3)),
     "dw": ((64, 128, 64, 8, 4), (64, 64, 64, 4, 3)),
 }
+#: Tiles of the Hopper core (``on_tma``): dpixels at 64x128 w4 spills 80 B on sm_90 with Triton 3.6
+#: (255 registers) with both operands by TMA in the persistent loop; its pointer twin does not.
+TMA_TILES = {gemm: tuple(t for t in tiles if not (gemm == "dx" and t[:2] == (64, 128))) for gemm, tiles in TILES.items()}
 GROUP_M = 8
 #: The single config used under the interpreter: small, so odd test sizes span several tiles.
 INTERPRETER_TILE = (32, 32, 32, 4, 1)
@@ -371,9 +435,10 @@ COMBINE_BLOCK = (32, 128)
 
 
 @functools.lru_cache(maxsize=4096)  # a pure function of its ints, asked on every launch
-def candidate_tiles(gemm: str, rows: int, cols: int, sms: int) -> tuple:
-    """Tiles of ``gemm`` with wave efficiency >= MIN_WAVE_EFFICIENCY at (rows, cols), or the best two."""
-    scored = [(wave_efficiency(rows, cols, t[0], t[1], sms), t) for t in TILES[gemm]]
+def candidate_tiles(gemm: str, rows: int, cols: int, sms: int, tma: bool = False) -> tuple:
+    """Tiles of ``gemm`` (on the Hopper core with ``tma``) with wave efficiency >= MIN_WAVE_EFFICIENCY
+    at (rows, cols), or the best two."""
+    scored = [(wave_efficiency(rows, cols, t[0], t[1], sms), t) for t in (TMA_TILES if tma else TILES)[gemm]]
     keep = [t for e, t in scored if e >= MIN_WAVE_EFFICIENCY]
     return tuple(keep or [t for _, t in sorted(scored, key=lambda s: -s[0])[:2]])
 
@@ -388,10 +453,11 @@ _fixed = {name: triton.heuristics({"EVEN_K": lambda args, _red=_REDUCTION[name]:
 TUNERS = {name: TileChooser(f"patch_embed/{fn.__name__}") for name, fn in _kernels.items()}
 
 
-def _launch(name, rows, cols, args, flags, elem_bytes, tile=None, *, red, key=(), splits=1, tma_weight=None):
+def _launch(name, rows, cols, args, flags, elem_bytes, tile=None, *, red, key=(), splits=1, tma=None):
     """``rows`` x ``cols`` output tiles over a reduction of ``red``; ``key``: what else changes the tile;
-    ``splits``: grid axis 1 (dW's split-K over tokens). ``tma_weight``: the index in ``args`` of the
-    forward's packed weight, to pass as a TMA descriptor to persistent programs (``fwd_on_tma``)."""
+    ``splits``: grid axis 1 (dW's split-K over tokens). ``tma``: on the Hopper core (``on_tma``), the
+    operands to pass as TMA descriptors, [(index in ``args``, 2-D tensor, (bm, bn, bk) -> its block)];
+    the programs are then persistent, one per SM, walking every tile (and split)."""
 
     def launch(tile, gpu_tile=True):
         bm, bn, bk, warps, stages = tile
@@ -400,19 +466,17 @@ def _launch(name, rows, cols, args, flags, elem_bytes, tile=None, *, red, key=()
         # The packed weight is padded for these block sizes only (its loads are not masked).
         assert name != "fwd" or PACK_ALIGN % bk == 0, "fwd: BLOCK_K must divide PACK_ALIGN"
         assert name != "dx" or PACK_ALIGN % bn == 0, "dx: BLOCK_N must divide PACK_ALIGN"
-        tiles, run_args, extra = cdiv(rows, bm) * cdiv(cols, bn), args, {}
-        if name == "fwd":
-            extra = dict(W_DESC=False, NUM_PROGRAMS=0)
-        if tma_weight is not None:
+        grid, run_args, hopper = (cdiv(rows, bm) * cdiv(cols, bn), splits), args, dict(TMA=False, NUM_PROGRAMS=0)
+        if tma:
             from mmfuse.kernels import linear as KL
 
             programs = KL.TMA_PROGRAMS or num_sms(args[0].device)
             run_args = list(args)
-            run_args[tma_weight] = KL._tma_operand(args[tma_weight], bn, bk, False)
-            extra = dict(W_DESC=True, NUM_PROGRAMS=programs)
-            tiles = min(tiles, programs)
-        _fixed[name][(tiles, splits)](*run_args, **flags, **extra, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk,
-                                      GROUP_M=GROUP_M, num_warps=warps, num_stages=stages)
+            for i, t, block in tma:
+                run_args[i] = KL._tma_operand(t, *block(bm, bn, bk), False)
+            grid, hopper = (min(grid[0] * splits, programs), 1), dict(TMA=True, NUM_PROGRAMS=programs)
+        _fixed[name][grid](*run_args, **flags, **hopper, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=GROUP_M,
+                           num_warps=warps, num_stages=stages)
 
     if tile is None:  # a GPU tile chosen by the tests (gpu_config), else None
         tile = forced_tile(_kernels[name].__name__)
@@ -424,10 +488,10 @@ def _launch(name, rows, cols, args, flags, elem_bytes, tile=None, *, red, key=()
         device = args[0].device
         # Not PIX_ALIGN: it follows the image width, which dynamic resolutions change every step, and
         # re-timing per width would undo the once-per-octave tuning (tests/test_tuning.py).
-        tune_key = (elem_bytes, device, *key, tma_weight is not None,
+        tune_key = (elem_bytes, device, *key, bool(tma),
                     *(v for f, v in flags.items() if f != "PIX_ALIGN"))
         launch(TUNERS[name].choose((rows, cols, red), tune_key,
-                                   candidate_tiles(name, rows, cols, num_sms(device)), launch))
+                                   candidate_tiles(name, rows, cols, num_sms(device), bool(tma)), launch))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -513,18 +577,28 @@ def patch_embed_fwd(pixels5, weight5, bias=None, pos=None, out=None, packed=None
             *out.stride())
     flags = dict(T=T, P=P, RUN=next_pow2(P), PIX_ALIGN=align, HAS_BIAS=bias is not None, HAS_POS=pos is not None,
                  INPUT_PRECISION=dot_precision(pixels5.dtype), ACC_DTYPE=acc_dtype(pixels5.dtype))
-    _launch("fwd", M, D, args, flags, pixels5.element_size(), tile, red=K,
-            tma_weight=1 if fwd_on_tma(pixels5, w_runs) else None)
+    tma = [(1, w_runs, lambda bm, bn, bk: (bn, bk))] if on_tma(pixels5, w_runs) else None
+    _launch("fwd", M, D, args, flags, pixels5.element_size(), tile, red=K, tma=tma)
     return out
 
 
-def fwd_on_tma(pixels5, w_runs) -> bool:
-    """Whether the forward runs on the Hopper core (the packed weight by TMA, persistent programs): only
-    with ``MMFUSE_TMA=always`` ("auto" keeps the pointer kernel: not yet timed on a GPU, bench/NOTES.md),
-    16-bit pixels, and a packed weight whose rows TMA can read."""
+def on_tma(x, *operands) -> bool:
+    """Whether a patch GEMM runs on the Hopper core (``operands``, 2-D, by TMA; persistent programs):
+    only with ``MMFUSE_TMA=always`` ("auto" keeps the pointer kernels: not yet timed on a GPU,
+    bench/NOTES.md), 16-bit inputs, and operands whose rows TMA can read (None: no such view)."""
     from mmfuse.kernels import linear as KL
 
-    return KL._wants_tma(pixels5) and KL.TMA == "always" and KL._tma_layout(w_runs) is False
+    return (KL._wants_tma(x) and KL.TMA == "always"
+            and all(t is not None and KL._tma_layout(t) is False for t in operands))
+
+
+def _token_matrix(g):
+    """dOut (B, N, D) as the (M, D) matrix its tokens form, when one row stride covers them (the
+    batch folds into the rows), else None."""
+    B, N, D = g.shape
+    if g.stride(2) != 1 or (B > 1 and g.stride(0) != N * g.stride(1)):
+        return None
+    return g.as_strided((B * N, D), (g.stride(1), 1))
 
 
 def patch_embed_dx(dout, weight5, pixel_shape, packed=None, tile=None):
@@ -543,7 +617,10 @@ def patch_embed_dx(dout, weight5, pixel_shape, packed=None, tile=None):
     args = (dout, w_runs, dpix, M, D, K, GF, GH, GW, *dout.stride(), w_runs.stride(0), *pix)
     flags = dict(T=T, P=P, RUN=next_pow2(P), PIX_ALIGN=align, INPUT_PRECISION=dot_precision(dout.dtype),
                  ACC_DTYPE=acc_dtype(dout.dtype))
-    _launch("dx", M, K, args, flags, dout.element_size(), tile, red=D)
+    g2 = _token_matrix(dout)
+    tma = [(0, g2, lambda bm, bn, bk: (bm, bk)), (1, w_runs, lambda bm, bn, bk: (bk, bn))] \
+        if on_tma(dout, g2, w_runs) else None
+    _launch("dx", M, K, args, flags, dout.element_size(), tile, red=D, tma=tma)
     return dpix
 
 
@@ -627,7 +704,9 @@ def patch_embed_dw(dout, pixels5, weight_shape, with_bias: bool, tile=None, spli
     args = (dout, pixels5, dw_t, M, D, KR, GF, GH, GW, *dout.stride(), *pix, sws, dwd, dwk, chunk)
     flags = dict(T=T, P=P, RUN=RUN, PIX_ALIGN=align, INPUT_PRECISION=dot_precision(dout.dtype),
                  ACC_DTYPE=acc_dtype(dout.dtype))
-    _launch("dw", D, KR, args, flags, dout.element_size(), tile, red=M, splits=splits)
+    g2 = _token_matrix(dout)
+    tma = [(0, g2, lambda bm, bn, bk: (bk, bm))] if on_tma(dout, g2) else None  # dOut^T by TMA
+    _launch("dw", D, KR, args, flags, dout.element_size(), tile, red=M, splits=splits, tma=tma)
     if splits > 1:
         bd, bk = COMBINE_BLOCK
         dw_combine_kernel[(cdiv(D, bd), cdiv(K, bk))](
@@ -697,15 +776,15 @@ def _aot_launches(shape: str = "clip-l-14-336"):
                     stride_pn=D,
                     stride_pd=1, stride_ob=N * D, stride_on=D, stride_od=1)
     fwd = (patch_embed_fwd_kernel, "fwd bias+pos", ("M", "D", "K"), fwd_ints,
-           dict(RUN=run, PIX_ALIGN=align, HAS_BIAS=True, HAS_POS=True, W_DESC=False, NUM_PROGRAMS=0),
+           dict(RUN=run, PIX_ALIGN=align, HAS_BIAS=True, HAS_POS=True, TMA=False, NUM_PROGRAMS=0),
            ("pix_ptr", "w_ptr", "bias_ptr", "pos_ptr", "out_ptr"))
     dx = (patch_embed_dx_kernel, "dpixels", ("M", "K", "D"),
           dict(geo, K=k_runs, **g, stride_wd=cdiv(k_runs, PACK_ALIGN) * PACK_ALIGN, **x),
-          dict(RUN=run, PIX_ALIGN=align),
+          dict(RUN=run, PIX_ALIGN=align, TMA=False, NUM_PROGRAMS=0),
           ("dout_ptr", "w_ptr", "dpix_ptr"))
     dw = (patch_embed_dw_kernel, "dW", ("D", "K", "M"),
           dict(geo, K=k_runs, **g, **x, stride_dws=0, stride_dwd=K, stride_dwk=1, TOKEN_CHUNK=M),
-          dict(RUN=run, PIX_ALIGN=align), ("dout_ptr", "pix_ptr", "dw_ptr"))
+          dict(RUN=run, PIX_ALIGN=align, TMA=False, NUM_PROGRAMS=0), ("dout_ptr", "pix_ptr", "dw_ptr"))
     return dict(T=T, P=P), {"fwd": fwd, "dx": dx, "dw": dw}
 
 
@@ -735,17 +814,29 @@ def aot_specs():
     specs = [_spec(shape_cx, launches[gemm], tile, dtype, ptr, precision)
              for gemm, dtype, ptr, precision in plans for tile in TILES[gemm]]
     specs.append(_spec(shape_cx, launches["fwd"], TILES["fwd"][-1], "fp32", "*fp32", "ieee"))
-    # The Hopper forward (sm_90 only; ``fwd_on_tma``): the packed weight by TMA, 132 persistent programs,
+    # The Hopper forward (sm_90 only; ``on_tma``): the packed weight by TMA, 132 persistent programs,
     # every forward tile, 16-bit dtypes.
     import dataclasses
 
     for dtype, ty in (("fp16", "fp16"), ("bf16", "bf16")):
-        for tile in TILES["fwd"]:
+        for tile in TMA_TILES["fwd"]:
             sp = _spec(shape_cx, launches["fwd"], tile, dtype, f"*{ty}", "ieee")
             args = dict(sp.args, w_ptr=f"tensordesc<{ty}[{tile[1]}, {tile[2]}]>")
-            cx = dict(sp.constexprs, W_DESC=True, NUM_PROGRAMS=132)
+            cx = dict(sp.constexprs, TMA=True, NUM_PROGRAMS=132)
             specs.append(dataclasses.replace(sp, variant="fwd bias+pos (TMA weight, persistent)",
                                              args=tuple(args.items()), constexprs=tuple(cx.items()), archs=(90,)))
+    # dpixels (dOut and the packed weight by TMA) and dW (dOut^T by TMA) on the same core, fp16 (as their
+    # pointer twins: no dtype logic in their epilogues), every tile.
+    for gemm, descs, label in (("dx", {"dout_ptr": lambda t: (t[0], t[2]), "w_ptr": lambda t: (t[2], t[1])},
+                                "dpixels (TMA dOut and weight, persistent)"),
+                               ("dw", {"dout_ptr": lambda t: (t[2], t[0])}, "dW (TMA dOut^T, persistent)")):
+        for tile in TMA_TILES[gemm]:
+            sp = _spec(shape_cx, launches[gemm], tile, "fp16", "*fp16", "ieee")
+            args = dict(sp.args, **{a: f"tensordesc<fp16[{r}, {c}]>" for a, block in descs.items()
+                                    for r, c in [block(tile)]})
+            cx = dict(sp.constexprs, TMA=True, NUM_PROGRAMS=132)
+            specs.append(dataclasses.replace(sp, variant=label, args=tuple(args.items()),
+                                             constexprs=tuple(cx.items()), archs=(90,)))
     # The other patch geometries of bench/shapes.py (P = 30; T = 2) specialise the index arithmetic
     # differently: their forward in fp16 at the largest tile.
     for name in ("fuyu-8b", "qwen2-vl"):
@@ -763,6 +854,13 @@ def aot_specs():
                     TOKEN_CHUNK=dw_token_chunk(M, splits), stride_gb=(M // 64) * D)
         specs.append(dataclasses.replace(sp, variant=f"dW, split {splits} (fp32 partials)",
                                          args=tuple(args.items())))
+        if tile == TMA_TILES["dw"][0]:  # the Hopper dW walks (tile, split) pairs: its split form, once
+            bm, bn, bk = tile[:3]
+            cx = dict(sp.constexprs, TMA=True, NUM_PROGRAMS=132)
+            specs.append(dataclasses.replace(
+                sp, variant=f"dW, split {splits} (fp32 partials; TMA dOut^T, persistent)", archs=(90,),
+                args=tuple(dict(args, dout_ptr=f"tensordesc<fp16[{bk}, {bm}]>").items()),
+                constexprs=tuple(cx.items())))
     bd, bk = COMBINE_BLOCK
     args = dict(part_ptr="*fp32", dw_ptr="*fp16", SPLITS=splits, D=D, K=K,
                 stride_ps=D * K, stride_pd=K, stride_pk=1, stride_dwd=K, stride_dwk=1)

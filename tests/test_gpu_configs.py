@@ -99,14 +99,15 @@ def run_key(spec):
         T, P, run = cx["T"], cx["P"], cx.get("RUN", None)
         C = args["K"] // (T * P * (run or P))
         tile = (cx["BLOCK_M"], cx["BLOCK_N"], bk2, spec.num_warps, spec.num_stages)
-        # The last field, the GEMM's variant: dW's token loop split into fp32 partials (then summed by
-        # dw_combine_kernel), or the forward on the Hopper core (TMA weight, persistent programs).
-        variant = args.get("dw_ptr") == "*fp32" if name == "patch_embed_dw_kernel" else bool(cx.get("W_DESC"))
+        # The last field, the GEMM's variant: "split", dW's token loop split into fp32 partials (then
+        # summed by dw_combine_kernel); "TMA", the Hopper core (descriptors, persistent programs).
+        variant = (("split",) if name == "patch_embed_dw_kernel" and args.get("dw_ptr") == "*fp32" else ()) \
+            + (("TMA",) if cx.get("TMA") else ())
         return ("patch_embed", name, spec.dtype, tile, cx["EVEN_K"], (C, T, P, cx["PIX_ALIGN"]), variant)
     if name == "dw_combine_kernel":
-        return ("patch_embed", "patch_embed_dw_kernel", spec.dtype, None, None, None, True)
+        return ("patch_embed", "patch_embed_dw_kernel", spec.dtype, None, None, None, ("split",))
     if name == "batch_sum_kernel":
-        return ("patch_embed", name, spec.dtype, (cx["BLOCK_N"], cx["BLOCK_D"]), None, None, False)
+        return ("patch_embed", name, spec.dtype, (cx["BLOCK_N"], cx["BLOCK_D"]), None, None, ())
     if name in ("attn_fwd_kernel", "attn_bwd_dkdv_kernel", "attn_bwd_dq_kernel", "attn_combine_kernel",
                 "attn_delta_kernel"):
         even = bool(cx.get("EVEN_N", False))
@@ -123,9 +124,10 @@ RUNS: dict = {}
 for _s in SPECS:
     RUNS.setdefault(run_key(_s), []).append(_s)
 # The combine of dW's split partials runs inside every split dW run: assign it to the first one.
-_combine = RUNS.pop(("patch_embed", "patch_embed_dw_kernel", "fp16", None, None, None, True), [])
+_combine = RUNS.pop(("patch_embed", "patch_embed_dw_kernel", "fp16", None, None, None, ("split",)), [])
 if _combine:
-    RUNS[min((k for k in RUNS if k[:2] == ("patch_embed", "patch_embed_dw_kernel") and k[-1]), key=repr)] += _combine
+    RUNS[min((k for k in RUNS if k[:2] == ("patch_embed", "patch_embed_dw_kernel") and k[-1] == ("split",)),
+             key=repr)] += _combine
 
 
 def test_every_spec_is_executed():
@@ -368,19 +370,22 @@ def run_pooled(dtype, norm):
     _values_and_grads(call(mmfuse.merged_mlp), call(merged_mlp_reference), [x, w, *extra], names, names)
 
 
-def run_patch_embed(name, dtype, tile, even_k, geometry):
+def run_patch_embed(name, dtype, tile, even_k, geometry, tma=False):
+    """``tma``: sizes that keep dOut's rows 16-byte aligned (D ragged by 8, TMA's rule), as the
+    Hopper core needs to take the GEMM."""
     if name == "batch_sum_kernel":  # dpos of a shared table, db from its sums: B = 2, N and D past one block
         C, T, P, B, grid, D, align = 3, 1, 4, 2, (1, 6, 6), tile[1] + RAGGED, 16
     else:
         C, T, P, align = geometry
         bm, bn, bk = tile[0], tile[1], _block_k(tile, dtype)
         # Tokens span two row tiles (ragged) except where they are dW's reduction (EVEN_K: 2 x BLOCK_K).
+        ragged = 8 if tma else RAGGED
         if name == "patch_embed_dw_kernel":
-            D, tokens = bm + RAGGED, _red(bk, even_k)
+            D, tokens = bm + ragged, _red(bk, even_k)
             B = 2 if tokens % 2 == 0 else 1
         else:
             B, tokens = 2, bm + RAGGED
-            D = bn + RAGGED if name == "patch_embed_fwd_kernel" else _red(bk, even_k)
+            D = bn + ragged if name == "patch_embed_fwd_kernel" else 2 * bk + (0 if even_k else ragged)
         per_image = -(-tokens // B)
         gw = max(2, int(per_image ** 0.5))
         if name == "patch_embed_dx_kernel":
@@ -473,13 +478,13 @@ def _execute(key):
         from mmfuse.kernels import linear as KL
 
         name, dtype_name, tile, even_k, geometry, variant = params
-        split, tma = variant and name == "patch_embed_dw_kernel", variant and name == "patch_embed_fwd_kernel"
+        split, tma = "split" in variant, "TMA" in variant
         # dW's split count as the spec compiled it (2 ways into fp32 partials, or none), not the model's
         # choice at these test sizes; the forward on the TMA core as the GPU launches it (132 programs).
         with _tf32(dtype_name == "fp32-tf32"), _common.gpu_config({name: tile} if len(tile) == 5 else {}), \
                 _patched(KP, "dw_splits", lambda *a, **k: 2 if split else 1), \
                 _patched(KL, "TMA", "always" if tma else "never"), _patched(KL, "TMA_PROGRAMS", 132 if tma else None):
-            run_patch_embed(name, DTYPES[dtype_name], tile, even_k, geometry)
+            run_patch_embed(name, DTYPES[dtype_name], tile, even_k, geometry, tma=tma)
     elif family == "cross_attention":
         D, dtype_name, even, two, short, form = params
         # "per sample": dQ unsplit as the spec compiled it, not the split rule's choice at these sizes.
@@ -564,9 +569,9 @@ def launchable_configs() -> dict:
             for bm, bn, bk, warps, stages in tiles:
                 out.setdefault((KP._kernels[gemm].__name__, (bm, bn, KL.block_k_for(bk, elem)), warps, stages, cls),
                                f"patch_embed {dtype} {gemm}")
-                if gemm == "fwd" and elem == 2:  # the Hopper forward (MMFUSE_TMA=always): 16-bit only
-                    out.setdefault((KP._kernels[gemm].__name__, (bm, bn, bk), warps, stages, cls, "TMA"),
-                                   f"patch_embed {dtype} fwd TMA")
+            for bm, bn, bk, warps, stages in (KP.TMA_TILES[gemm] if elem == 2 else ()):  # the Hopper core: 16-bit
+                out.setdefault((KP._kernels[gemm].__name__, (bm, bn, bk), warps, stages, cls, "TMA"),
+                               f"patch_embed {dtype} {gemm} TMA")
         # The gated MLP's own GEMMs (its dW GEMMs are the linear dW above).
         for kind, role in (("gated", "gated fwd"), ("gate_grad", "gate grad"), ("two_k", "gated dX")):
             for bm, bn, bk, warps, stages in ([KL.FP64_TILE] if elem == 8 else KL.GATED_TILES[kind, elem]):
@@ -615,7 +620,7 @@ def spec_config(spec):
         key += (role,)
     if name == "mapped_gemm_kernel":
         key += (cx["MAPPED"], cx["ALIGNED"], cx["GATED"])
-    if cx.get("W_DESC"):  # the patch forward on the Hopper core
+    if cx.get("TMA") is True:  # a patch GEMM on the Hopper core
         key += ("TMA",)
     return key
 
@@ -712,7 +717,7 @@ def uncompiled_run(key):
     if name == "act_grad_kernel":
         return ("linear", "act'", "gelu", True, dtype, blocks, None, name)
     if name == "batch_sum_kernel":
-        return ("patch_embed", name, dtype, blocks, None, None, False)
+        return ("patch_embed", name, dtype, blocks, None, None, ())
     tile = (blocks[0], blocks[1], blocks[2] * scale if len(blocks) > 2 else None, warps, stages)
     if name == "fused_gemm_kernel":
         return ("linear", key[5], "gelu", True, dtype, tile, True, name)
@@ -721,11 +726,12 @@ def uncompiled_run(key):
     if name == "dw_combine_kernel":
         # Inside a split dW run: a compiled one's sizes, its BLOCK_K scaled so the token loop still spans
         # two SPLIT_ALIGN chunks in this dtype (the dW tile is only the vehicle here).
-        run = min((k for k in RUNS if k[:2] == ("patch_embed", "patch_embed_dw_kernel") and k[-1]), key=repr)
+        run = min((k for k in RUNS if k[:2] == ("patch_embed", "patch_embed_dw_kernel") and k[-1] == ("split",)),
+                  key=repr)
         bm, bn, bk, w, st = run[3]
         return (*run[:2], dtype, (bm, bn, bk * scale, w, st), *run[4:])
-    run = min((k for k in RUNS if k[:2] == ("patch_embed", name) and k[4] is not None), key=repr)
-    return ("patch_embed", name, dtype, tile, run[4], run[5], False)
+    run = min((k for k in RUNS if k[:2] == ("patch_embed", name) and k[4] is not None and not k[-1]), key=repr)
+    return ("patch_embed", name, dtype, tile, run[4], run[5], ())
 
 
 UNCOMPILED_RUNS: dict = {}

@@ -122,47 +122,73 @@ def test_pointer_kernel_tiles_drop_only_the_spilling_fp32_act_grad_ones():
 
 
 # ----------------------------------------------------------------------------------------------
-# The patch-embedding forward on the same core: the packed weight by TMA, persistent programs, the
-# pixel gather on pointers (kernels/patch_embed.py, W_DESC / NUM_PROGRAMS)
+# The patch-embedding GEMMs on the same core (kernels/patch_embed.py, TMA / NUM_PROGRAMS): the forward's
+# packed weight, dpixels' dOut and weight, dW's dOut^T by TMA; the pixel gather (forward, dW) and the
+# pixel scatter (dpixels) stay on pointers; persistent programs everywhere
 # ----------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("geometry", [((2, 3, 42, 70), (40, 3, 14, 14)),          # P = 14: runs padded to 16
-                                      ((3, 3, 2, 32, 48), (36, 3, 2, 16, 16))],   # video, T = 2, P = 16
+                                      ((3, 3, 2, 32, 48), (56, 3, 2, 16, 16))],   # video, T = 2, P = 16
                          ids=["image P14", "video T2 P16"])
-def test_patch_embed_forward_on_tma(tma, dtype, geometry, monkeypatch, launches):
-    """Values and gradients under the error rule (the backward GEMMs stay on pointers), 3 persistent
-    programs over ragged tiles (D = 40 / 36: TMA zero-fills the weight rows past D), and the forward
-    took the descriptor path."""
+def test_patch_embed_on_tma(tma, dtype, geometry, monkeypatch, launches):
+    """Values and gradients under the error rule, 3 persistent programs over ragged tiles (D = 40 / 56:
+    TMA zero-fills past D; token counts no block divides), and every GEMM took the descriptor path."""
     from mmfuse.kernels import patch_embed as KP
 
-    taken, real = [], KP.fwd_on_tma
-    monkeypatch.setattr(KP, "fwd_on_tma", lambda *a: taken.append(real(*a)) or taken[-1])
+    taken, real = [], KP.on_tma
+    monkeypatch.setattr(KP, "on_tma", lambda *a: taken.append(real(*a)) or taken[-1])
     pixel_shape, weight_shape = geometry
     x = torch.randn(pixel_shape, dtype=dtype)
     w = (torch.randn(weight_shape) / 20).to(dtype)
     b = torch.randn(weight_shape[0], dtype=dtype)
     assert_matches_reference(mmfuse.patch_embed, mmfuse.patch_embed_reference, [x, w, b], ["pixels", "weight", "bias"])
-    assert taken and all(taken)
+    assert len(taken) >= 3 and all(taken)  # forward, dpixels, dW (each run of the check)
 
 
-def test_patch_embed_tma_forward_equals_the_pointer_kernel_bitwise(tma, monkeypatch):
-    """One tile's code either way: the interpreted TMA / persistent forward computes exactly the
-    pointer kernel's sums (the same blocks in the same order)."""
-    x = torch.randn(2, 3, 56, 42, dtype=torch.float16)
-    w = (torch.randn(72, 3, 14, 14) / 20).to(torch.float16)
-    b = torch.randn(72, dtype=torch.float16)
-    on_tma = mmfuse.patch_embed(x, w, b)
+def test_patch_embed_dw_split_on_tma(tma, monkeypatch):
+    """dW's token loop split 3 ways into fp32 partials: the persistent programs walk every (tile,
+    split) pair; the combine sums them in split order, as the pointer kernel's run does, bitwise."""
+    from mmfuse.kernels import patch_embed as KP
+
+    g = torch.randn(2, 48, 40, dtype=torch.float16)  # 96 tokens: chunks of 64 (SPLIT_ALIGN) -> 2 splits
+    x = torch.randn(2, 3, 1, 84, 112, dtype=torch.float16)
+    on_tma = KP.patch_embed_dw(g, x, (40, 3, 1, 14, 14), with_bias=False, splits=3)[0]
     monkeypatch.setattr(KL, "TMA", "never")
-    assert torch.equal(on_tma, mmfuse.patch_embed(x, w, b))
+    assert torch.equal(on_tma, KP.patch_embed_dw(g, x, (40, 3, 1, 14, 14), with_bias=False, splits=3)[0])
 
 
-def test_patch_embed_forward_stays_on_pointers_unless_always(monkeypatch):
-    """"auto" (the default) does not take the patch forward's TMA path: it is not yet timed on a GPU."""
+def test_patch_embed_tma_equals_the_pointer_kernels_bitwise(tma, monkeypatch):
+    """One tile's code either way: the interpreted TMA / persistent GEMMs compute exactly the pointer
+    kernels' sums (the same blocks in the same order), forward and backward."""
+    x = torch.randn(2, 3, 56, 42, dtype=torch.float16, requires_grad=True)
+    w = (torch.randn(72, 3, 14, 14) / 20).to(torch.float16).requires_grad_()
+    b = torch.randn(72, dtype=torch.float16, requires_grad=True)
+    g = torch.randn(2, 12, 72, dtype=torch.float16)
+
+    def run():
+        out = mmfuse.patch_embed(x, w, b)
+        return (out, *torch.autograd.grad(out, (x, w, b), g))
+
+    on_tma = run()
+    monkeypatch.setattr(KL, "TMA", "never")
+    for a, b_ in zip(on_tma, run()):
+        assert torch.equal(a, b_)
+
+
+def test_patch_embed_stays_on_pointers_unless_always(monkeypatch):
+    """"auto" (the default) does not take the patch GEMMs' TMA path: it is not yet timed on a GPU. Nor
+    do layouts TMA cannot read: a dOut whose batch does not fold into its rows (a class-token view)."""
     from mmfuse.kernels import patch_embed as KP
 
     monkeypatch.setattr(KL, "TMA", "auto")
     w_runs, _ = KP.pack_weight(torch.randn(40, 3, 1, 14, 14, dtype=torch.float16))
-    assert not KP.fwd_on_tma(torch.randn(1, 3, 1, 28, 28, dtype=torch.float16), w_runs)
+    x = torch.randn(1, 3, 1, 28, 28, dtype=torch.float16)
+    assert not KP.on_tma(x, w_runs)
     monkeypatch.setattr(KL, "TMA", "always")
-    assert KP.fwd_on_tma(torch.randn(1, 3, 1, 28, 28, dtype=torch.float16), w_runs)
-    assert not KP.fwd_on_tma(torch.randn(1, 3, 1, 28, 28), w_runs.float())  # 16-bit only
+    assert KP.on_tma(x, w_runs)
+    assert not KP.on_tma(x.float(), w_runs.float())  # 16-bit only
+    with_class = torch.randn(2, 5, 40, dtype=torch.float16)[:, 1:]  # (B, N, D) past a class token
+    assert KP._token_matrix(with_class) is None and not KP.on_tma(with_class, KP._token_matrix(with_class))
+    assert KP._token_matrix(torch.randn(2, 4, 40, dtype=torch.float16)).shape == (8, 40)
+    odd_rows = torch.randn(2, 4, 36, dtype=torch.float16)  # 72-byte rows: off TMA's 16-byte rule
+    assert not KP.on_tma(odd_rows, KP._token_matrix(odd_rows))
