@@ -224,12 +224,16 @@ def tma_gemm_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     GROUP_M: tl.constexpr, NUM_PROGRAMS: tl.constexpr,
     FLATTEN: tl.constexpr,      # one flattened tile x K loop (epilogue overlapped with the next loads)
+    EPILOGUE_SPLIT: tl.constexpr,  # 2: the epilogue runs on two (BLOCK_M, BLOCK_N / 2) halves in turn
 ):
     """The same GEMM and epilogues for Hopper: operands arrive by TMA (descriptor loads: no address
     arithmetic, edges zero-filled by the copy engine, so no masks and no EVEN_K), and the kernel is
     persistent: NUM_PROGRAMS programs (one per SM) walk the output tiles in grouped order; with
     FLATTEN the tile x K loop nest is one pipelined loop, so the next tile's loads are issued during
     this tile's epilogue (those registers stay live across the epilogue, hence not with act').
+    EPILOGUE_SPLIT = 2 subtiles the epilogue: the accumulator's two column halves get their bias, aux
+    read (act''s h) and store one after the other, so only half of the aux tile and of act''s
+    temporaries are live at once (the dX * act' epilogue at 128x128 spilled without it).
     16-bit inputs only (the launcher checks TMA's alignment rules)."""
     num_tiles = tl.cdiv(M, BLOCK_M) * tl.cdiv(N, BLOCK_N)
     k_steps = tl.cdiv(K, BLOCK_K)
@@ -249,9 +253,18 @@ def tma_gemm_kernel(
             else:
                 b = b_desc.load([off_k, off_n])
             acc = tl.dot(a, b, acc, out_dtype=ACC_DTYPE)
-        gemm_epilogue(acc, pid_m, pid_n, M, N, c_ptr, bias_ptr, aux_ptr,
-                      stride_cm, stride_cn, stride_auxm, stride_auxn, stride_bias,
-                      ACTIVATION, HAS_BIAS, STORE_AUX, ACT_GRAD, ACC_DTYPE, BLOCK_M, BLOCK_N)
+        if EPILOGUE_SPLIT == 2:  # columns [0, BLOCK_N/2) and [BLOCK_N/2, BLOCK_N): half-tiles 2*pid_n, 2*pid_n+1
+            left, right = tl.split(tl.permute(tl.reshape(acc, (BLOCK_M, 2, BLOCK_N // 2)), (0, 2, 1)))
+            gemm_epilogue(left, pid_m, 2 * pid_n, M, N, c_ptr, bias_ptr, aux_ptr,
+                          stride_cm, stride_cn, stride_auxm, stride_auxn, stride_bias,
+                          ACTIVATION, HAS_BIAS, STORE_AUX, ACT_GRAD, ACC_DTYPE, BLOCK_M, BLOCK_N // 2)
+            gemm_epilogue(right, pid_m, 2 * pid_n + 1, M, N, c_ptr, bias_ptr, aux_ptr,
+                          stride_cm, stride_cn, stride_auxm, stride_auxn, stride_bias,
+                          ACTIVATION, HAS_BIAS, STORE_AUX, ACT_GRAD, ACC_DTYPE, BLOCK_M, BLOCK_N // 2)
+        else:
+            gemm_epilogue(acc, pid_m, pid_n, M, N, c_ptr, bias_ptr, aux_ptr,
+                          stride_cm, stride_cn, stride_auxm, stride_auxn, stride_bias,
+                          ACTIVATION, HAS_BIAS, STORE_AUX, ACT_GRAD, ACC_DTYPE, BLOCK_M, BLOCK_N)
 
 
 @triton.jit
@@ -348,15 +361,17 @@ TMA_TUNER = TileChooser("linear/tma_gemm_kernel")
 
 
 def tma_tiles(act_grad: bool):
-    """Tiles the TMA kernel takes. The dX * act' epilogue at 128x128 spills 8-16 bytes on sm_90 in the
-    persistent kernel, flattened or not (the pointer kernel's does not): that GEMM drops the tile."""
-    return tuple(t for t in GEMM_TILES if not (act_grad and t[:2] == (128, 128)))
+    """Tiles the TMA kernel takes: all of them. The dX * act' epilogue at 128x128 spilled 8-16 bytes on
+    sm_90 in the persistent kernel (255 registers), flattened or not, until it was subtiled
+    (``tma_epilogue_split``: 172 registers, no spills, Triton 3.9)."""
+    del act_grad  # (every GEMM: the signature stays for the callers that ask per GEMM)
+    return GEMM_TILES
 
 
 def pointer_tiles(act_grad: bool, elem_bytes: int) -> tuple:
     """Tiles the pointer kernel takes. fp32's dX * act' (TF32) spills on the 128-row tiles: 8 B at
     128x128 w8 (sm_90, Triton 3.6 and 3.9), 32 B at 128x64 w4; 64x128 and 64x64 compile clean. That GEMM
-    keeps only the 64-row tiles, as tma_tiles drops the TMA kernel's spilling one."""
+    keeps only the 64-row tiles."""
     return tuple(t for t in GEMM_TILES if not (act_grad and elem_bytes == 4 and t[0] == 128))
 
 
@@ -387,6 +402,12 @@ def tma_preferred(a_trans: bool, b_trans: bool, act_grad: bool) -> bool:
     553 only at 128x128, the tile it spills at (the clean 128x64: 318, the pointer kernel: 497); dW
     (A = dH^T) 628 against 633. Unmeasured layouts stay on the pointer kernel."""
     return b_trans and not a_trans and not act_grad
+
+
+def tma_epilogue_split(act_grad: bool, block_n: int) -> int:
+    """EPILOGUE_SPLIT of the TMA kernel: the dX * act' epilogue on two column halves at 128-wide tiles
+    (it reads the aux tile and evaluates act'; whole, it spilled at 128x128), else one pass."""
+    return 2 if act_grad and block_n == 128 else 1
 
 
 def tma_flatten(act_grad: bool) -> bool:
@@ -482,7 +503,8 @@ def _launch_gemm(a, b, c, *, bias=None, aux=None, activation=0,
             *out_strides[:5],
             **epilogue, A_TRANS=a_trans, B_TRANS=b_trans,
             BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=GROUP_M, NUM_PROGRAMS=programs,
-            FLATTEN=tma_flatten(act_grad), num_warps=warps, num_stages=stages)
+            FLATTEN=tma_flatten(act_grad), EPILOGUE_SPLIT=tma_epilogue_split(act_grad, bn),
+            num_warps=warps, num_stages=stages)
 
     tma_forced, forced = forced_tile("tma_gemm_kernel"), forced_tile("fused_gemm_kernel")  # tests' GPU tiles
     if tma_forced is not None or forced is not None:
@@ -728,7 +750,7 @@ def aot_specs():
                             stride_auxm=strides["stride_auxm"], stride_auxn=1, stride_bias=1)
                 cx = dict(flags, ACC_DTYPE=tl.float32, A_TRANS=a_trans, B_TRANS=b_trans, BLOCK_M=bm,
                           BLOCK_N=bn, BLOCK_K=bk, GROUP_M=GROUP_M, NUM_PROGRAMS=132,
-                          FLATTEN=tma_flatten(flags["ACT_GRAD"]))
+                          FLATTEN=tma_flatten(flags["ACT_GRAD"]), EPILOGUE_SPLIT=tma_epilogue_split(flags["ACT_GRAD"], bn))
                 specs.append(CompileSpec(
                     kernel="linear/tma_gemm_kernel", variant=variant, dtype=dtype,
                     config=f"{bm}x{bn}x{bk} w{warps} s{stages}", fn=tma_gemm_kernel,

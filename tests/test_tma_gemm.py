@@ -102,9 +102,26 @@ def test_every_tile_the_launcher_can_take_is_compiled():
             tile = (cx["BLOCK_M"], cx["BLOCK_N"], cx["BLOCK_K"], s.num_warps, s.num_stages)
             compiled.setdefault(cx["ACT_GRAD"], set()).add(tile)
             assert cx["FLATTEN"] == KL.tma_flatten(cx["ACT_GRAD"]) and s.archs == (90,)
+            assert cx["EPILOGUE_SPLIT"] == KL.tma_epilogue_split(cx["ACT_GRAD"], cx["BLOCK_N"])
     for act_grad in (False, True):
         assert compiled[act_grad] == set(KL.tma_tiles(act_grad))
-    assert (128, 128, 64, 8, 4) not in KL.tma_tiles(True)
+    # dX * act' at 128x128: subtiled (it spilled whole)
+    assert (128, 128, 64, 8, 4) in KL.tma_tiles(True) and KL.tma_epilogue_split(True, 128) == 2
+
+
+@pytest.mark.parametrize("activation", ["gelu", "gelu_tanh", "silu"])
+def test_subtiled_act_grad_epilogue_at_128x128(tma, activation):
+    """The dX * act' GEMM on a 128x128 tile, whose epilogue runs on two 64-column halves: values under
+    the error rule at sizes with ragged halves (N = 136: the last tile's right half is all edge)."""
+    from mmfuse.kernels import _common
+
+    x = torch.randn(37, 136, dtype=torch.float16)
+    ws = [(torch.randn(136, 136) / 12).to(torch.float16), (torch.randn(24, 136) / 12).to(torch.float16)]
+    bs = [torch.randn(136, dtype=torch.float16), torch.randn(24, dtype=torch.float16)]
+    with _common.gpu_config({"tma_gemm_kernel": (128, 128, 64, 8, 4)}):
+        assert_matches_reference(lambda x, *p: mmfuse.mlp(x, p[:2], p[2:], activation=activation),
+                                 lambda x, *p: mmfuse.mlp_reference(x, p[:2], p[2:], activation=activation),
+                                 [x, *ws, *bs], ["x", "w0", "w1", "b0", "b1"])
 
 
 def test_auto_takes_the_tma_kernel_only_where_it_was_measured_faster():
