@@ -213,11 +213,35 @@ def fused_gemm_kernel(
 
 
 @triton.jit
+def _tma_tile(desc, off_rows, off_k, TRANS: tl.constexpr, K_FIRST: tl.constexpr):
+    """An A tile (rows, BLOCK_K) (``K_FIRST`` False) or a B tile (BLOCK_K, cols) (``K_FIRST``) through a
+    descriptor over the operand, or over its transpose (``TRANS``: the tile is transposed back)."""
+    if K_FIRST != TRANS:  # the descriptor's rows run along K
+        t = desc.load([off_k, off_rows])
+    else:
+        t = desc.load([off_rows, off_k])
+    return t.T if TRANS else t
+
+
+@triton.jit
+def tma_k_loop(acc, a_desc, b_desc, off_m, off_n, k_steps, A_TRANS: tl.constexpr, B_TRANS: tl.constexpr,
+               ACC_DTYPE: tl.constexpr, BLOCK_K: tl.constexpr):
+    """acc += A @ B over k_steps BLOCK_K steps, both operands by TMA."""
+    for ks in range(k_steps):
+        a = _tma_tile(a_desc, off_m, ks * BLOCK_K, A_TRANS, False)
+        b = _tma_tile(b_desc, off_n, ks * BLOCK_K, B_TRANS, True)
+        acc = tl.dot(a, b, acc, out_dtype=ACC_DTYPE)
+    return acc
+
+
+@triton.jit
 def tma_gemm_kernel(
     a_desc, b_desc, c_ptr, bias_ptr, aux_ptr,
+    a2_desc, b2_desc, c2_ptr, bias2_ptr, aux2_ptr,  # second operands/outputs (GATED, GATE_GRAD, TWO_K_SOURCES)
     M, N, K,
-    stride_cm, stride_cn, stride_auxm, stride_auxn, stride_bias,
+    stride_cm, stride_cn, stride_auxm, stride_auxn, stride_bias, stride_bias2,
     ACTIVATION: tl.constexpr, HAS_BIAS: tl.constexpr, STORE_AUX: tl.constexpr, ACT_GRAD: tl.constexpr,
+    GATED: tl.constexpr, GATE_GRAD: tl.constexpr, TWO_K_SOURCES: tl.constexpr,  # as fused_gemm_kernel's
     ACC_DTYPE: tl.constexpr,
     A_TRANS: tl.constexpr,      # a_desc holds A^T (K, M): A is contiguous along M (dW's dH^T)
     B_TRANS: tl.constexpr,      # b_desc holds B^T (N, K): B is contiguous along K (the forward's W^T)
@@ -226,15 +250,17 @@ def tma_gemm_kernel(
     FLATTEN: tl.constexpr,      # one flattened tile x K loop (epilogue overlapped with the next loads)
     EPILOGUE_SPLIT: tl.constexpr,  # 2: the epilogue runs on two (BLOCK_M, BLOCK_N / 2) halves in turn
 ):
-    """The same GEMM and epilogues for Hopper: operands arrive by TMA (descriptor loads: no address
+    """The same GEMMs and epilogues for Hopper: operands arrive by TMA (descriptor loads: no address
     arithmetic, edges zero-filled by the copy engine, so no masks and no EVEN_K), and the kernel is
     persistent: NUM_PROGRAMS programs (one per SM) walk the output tiles in grouped order; with
     FLATTEN the tile x K loop nest is one pipelined loop, so the next tile's loads are issued during
     this tile's epilogue (those registers stay live across the epilogue, hence not with act').
     EPILOGUE_SPLIT = 2 subtiles the epilogue: the accumulator's two column halves get their bias, aux
     read (act''s h) and store one after the other, so only half of the aux tile and of act''s
-    temporaries are live at once (the dX * act' epilogue at 128x128 spilled without it).
-    16-bit inputs only (the launcher checks TMA's alignment rules)."""
+    temporaries are live at once (the dX * act' epilogue at 128x128 spilled without it). The gated
+    MLP's GEMMs as in ``fused_gemm_kernel``: GATED (gate and up from one A tile, b2 the up weight's
+    descriptor), GATE_GRAD ([dG | dU] in the epilogue), TWO_K_SOURCES (A @ B, then A2 @ B2, into one
+    accumulator: the pointer kernel's order). 16-bit inputs only (the launcher checks TMA's rules)."""
     num_tiles = tl.cdiv(M, BLOCK_M) * tl.cdiv(N, BLOCK_N)
     k_steps = tl.cdiv(K, BLOCK_K)
     for tile in tl.range(tl.program_id(0), num_tiles, NUM_PROGRAMS, flatten=FLATTEN):
@@ -242,29 +268,37 @@ def tma_gemm_kernel(
         off_m = pid_m * BLOCK_M
         off_n = pid_n * BLOCK_N
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=ACC_DTYPE)
-        for ks in range(k_steps):
-            off_k = ks * BLOCK_K
-            if A_TRANS:
-                a = a_desc.load([off_k, off_m]).T
-            else:
-                a = a_desc.load([off_m, off_k])
-            if B_TRANS:
-                b = b_desc.load([off_n, off_k]).T
-            else:
-                b = b_desc.load([off_k, off_n])
-            acc = tl.dot(a, b, acc, out_dtype=ACC_DTYPE)
-        if EPILOGUE_SPLIT == 2:  # columns [0, BLOCK_N/2) and [BLOCK_N/2, BLOCK_N): half-tiles 2*pid_n, 2*pid_n+1
-            left, right = tl.split(tl.permute(tl.reshape(acc, (BLOCK_M, 2, BLOCK_N // 2)), (0, 2, 1)))
-            gemm_epilogue(left, pid_m, 2 * pid_n, M, N, c_ptr, bias_ptr, aux_ptr,
-                          stride_cm, stride_cn, stride_auxm, stride_auxn, stride_bias,
-                          ACTIVATION, HAS_BIAS, STORE_AUX, ACT_GRAD, ACC_DTYPE, BLOCK_M, BLOCK_N // 2)
-            gemm_epilogue(right, pid_m, 2 * pid_n + 1, M, N, c_ptr, bias_ptr, aux_ptr,
-                          stride_cm, stride_cn, stride_auxm, stride_auxn, stride_bias,
-                          ACTIVATION, HAS_BIAS, STORE_AUX, ACT_GRAD, ACC_DTYPE, BLOCK_M, BLOCK_N // 2)
+        if GATED:  # gate and up tiles from the same A tile: A is read once for both products
+            acc_up = tl.zeros((BLOCK_M, BLOCK_N), dtype=ACC_DTYPE)
+            for ks in range(k_steps):
+                a = _tma_tile(a_desc, off_m, ks * BLOCK_K, A_TRANS, False)
+                acc = tl.dot(a, _tma_tile(b_desc, off_n, ks * BLOCK_K, B_TRANS, True), acc, out_dtype=ACC_DTYPE)
+                acc_up = tl.dot(a, _tma_tile(b2_desc, off_n, ks * BLOCK_K, B_TRANS, True), acc_up,
+                                out_dtype=ACC_DTYPE)
+            gated_epilogue(acc, acc_up, pid_m, pid_n, M, N, c_ptr, c2_ptr, bias_ptr, bias2_ptr, aux_ptr, aux2_ptr,
+                           stride_cm, stride_cn, stride_auxm, stride_auxn, stride_bias, stride_bias2,
+                           ACTIVATION, HAS_BIAS, STORE_AUX, False, ACC_DTYPE, BLOCK_M, BLOCK_N)
         else:
-            gemm_epilogue(acc, pid_m, pid_n, M, N, c_ptr, bias_ptr, aux_ptr,
-                          stride_cm, stride_cn, stride_auxm, stride_auxn, stride_bias,
-                          ACTIVATION, HAS_BIAS, STORE_AUX, ACT_GRAD, ACC_DTYPE, BLOCK_M, BLOCK_N)
+            acc = tma_k_loop(acc, a_desc, b_desc, off_m, off_n, k_steps, A_TRANS, B_TRANS, ACC_DTYPE, BLOCK_K)
+            if TWO_K_SOURCES:  # the gated MLP's dX = dG @ Wg + dU @ Wu, one accumulator, no concatenation
+                acc = tma_k_loop(acc, a2_desc, b2_desc, off_m, off_n, k_steps, A_TRANS, B_TRANS, ACC_DTYPE,
+                                 BLOCK_K)
+            if GATE_GRAD:
+                gated_epilogue(acc, acc, pid_m, pid_n, M, N, c_ptr, c2_ptr, bias_ptr, bias2_ptr, aux_ptr,
+                               aux2_ptr, stride_cm, stride_cn, stride_auxm, stride_auxn, stride_bias, stride_bias2,
+                               ACTIVATION, False, False, True, ACC_DTYPE, BLOCK_M, BLOCK_N)
+            elif EPILOGUE_SPLIT == 2:  # columns [0, BLOCK_N/2), [BLOCK_N/2, BLOCK_N): half-tiles 2*pid_n, 2*pid_n+1
+                left, right = tl.split(tl.permute(tl.reshape(acc, (BLOCK_M, 2, BLOCK_N // 2)), (0, 2, 1)))
+                gemm_epilogue(left, pid_m, 2 * pid_n, M, N, c_ptr, bias_ptr, aux_ptr,
+                              stride_cm, stride_cn, stride_auxm, stride_auxn, stride_bias,
+                              ACTIVATION, HAS_BIAS, STORE_AUX, ACT_GRAD, ACC_DTYPE, BLOCK_M, BLOCK_N // 2)
+                gemm_epilogue(right, pid_m, 2 * pid_n + 1, M, N, c_ptr, bias_ptr, aux_ptr,
+                              stride_cm, stride_cn, stride_auxm, stride_auxn, stride_bias,
+                              ACTIVATION, HAS_BIAS, STORE_AUX, ACT_GRAD, ACC_DTYPE, BLOCK_M, BLOCK_N // 2)
+            else:
+                gemm_epilogue(acc, pid_m, pid_n, M, N, c_ptr, bias_ptr, aux_ptr,
+                              stride_cm, stride_cn, stride_auxm, stride_auxn, stride_bias,
+                              ACTIVATION, HAS_BIAS, STORE_AUX, ACT_GRAD, ACC_DTYPE, BLOCK_M, BLOCK_N)
 
 
 @triton.jit
@@ -368,6 +402,15 @@ def tma_tiles(act_grad: bool):
     return GEMM_TILES
 
 
+#: Tiles of the gated MLP's GEMMs on the TMA kernel (MMFUSE_TMA=always), by GEMM; chosen by the
+#: compile check (sm_90, Triton 3.6-3.9; bench/NOTES.md "Gated MLP on the TMA core").
+TMA_GATED_TILES = {
+    "gated": ((128, 64, 64, 8, 4), (64, 64, 64, 4, 4)),
+    "gate_grad": ((128, 64, 64, 8, 4), (64, 64, 64, 4, 4)),
+    "two_k": ((64, 128, 64, 8, 4), (64, 64, 64, 4, 4)),
+}
+
+
 def pointer_tiles(act_grad: bool, elem_bytes: int) -> tuple:
     """Tiles the pointer kernel takes. fp32's dX * act' (TF32) spills on the 128-row tiles: 8 B at
     128x128 w8 (sm_90, Triton 3.6 and 3.9), 32 B at 128x64 w4; 64x128 and 64x64 compile clean. That GEMM
@@ -404,16 +447,18 @@ def tma_preferred(a_trans: bool, b_trans: bool, act_grad: bool) -> bool:
     return b_trans and not a_trans and not act_grad
 
 
-def tma_epilogue_split(act_grad: bool, block_n: int) -> int:
+def tma_epilogue_split(act_grad: bool, block_n: int, gate_path: bool = False) -> int:
     """EPILOGUE_SPLIT of the TMA kernel: the dX * act' epilogue on two column halves at 128-wide tiles
-    (it reads the aux tile and evaluates act'; whole, it spilled at 128x128), else one pass."""
-    return 2 if act_grad and block_n == 128 else 1
+    (it reads the aux tile and evaluates act'; whole, it spilled at 128x128), else one pass (the gated
+    epilogues have their own code, not split)."""
+    return 2 if act_grad and block_n == 128 and not gate_path else 1
 
 
-def tma_flatten(act_grad: bool) -> bool:
+def tma_flatten(act_grad: bool, gate_path: bool = False) -> bool:
     """FLATTEN for a GEMM: not with act' (flattening keeps the next tile's load state live across the
-    epilogue: 255 registers and 8 B of spills at 128x64, 188 without)."""
-    return not act_grad
+    epilogue: 255 registers and 8 B of spills at 128x64, 188 without), nor for the gated MLP's GEMMs
+    (two accumulators, or two K loops)."""
+    return not act_grad and not gate_path
 
 
 @functools.lru_cache(maxsize=None)
@@ -479,7 +524,7 @@ def _launch_gemm(a, b, c, *, bias=None, aux=None, activation=0,
                     ACC_DTYPE=acc_dtype(a.dtype))
     gate_flags = dict(GATED=gated, GATE_GRAD=gate_grad, TWO_K_SOURCES=two_k)
     flags = dict(epilogue, **gate_flags, INPUT_PRECISION=dot_precision(a.dtype))
-    gate_path = gated or gate_grad or two_k  # the pointer kernel only (not measured on TMA)
+    gate_path = gated or gate_grad or two_k  # on TMA only with MMFUSE_TMA=always (not measured there)
 
     def launch(tile, gpu_tile=True):
         bm, bn, bk, warps, stages = tile
@@ -490,20 +535,27 @@ def _launch_gemm(a, b, c, *, bias=None, aux=None, activation=0,
                     **flags, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=GROUP_M,
                     num_warps=warps, num_stages=stages)
 
-    # Whether TMA can read both operands, and how (alignment does not depend on the tile).
-    layouts_tma = (_tma_layout(a), _tma_layout(b)) if K > 0 and not gate_path and _wants_tma(a) else (None, None)
+    # Whether TMA can read every operand, and how (alignment does not depend on the tile); a second
+    # operand must be read as its first is (the kernel has one A_TRANS and one B_TRANS).
+    layouts_tma = (None, None)
+    if K > 0 and _wants_tma(a) and (not gate_path or TMA == "always"):
+        layouts_tma = (_tma_layout(a), _tma_layout(b))
+        if (two_k and _tma_layout(a2) != layouts_tma[0]) or (b2 is not None and _tma_layout(b2) != layouts_tma[1]):
+            layouts_tma = (None, None)
     tma_ok = None not in layouts_tma
 
     def launch_tma(tile):
         bm, bn, bk, warps, stages = tile
         a_trans, b_trans = layouts_tma
         programs = TMA_PROGRAMS or num_sms(a.device)
+        a_desc, b_desc = _tma_operand(a, bm, bk, a_trans), _tma_operand(b, bk, bn, b_trans)
+        a2_desc = _tma_operand(a2, bm, bk, a_trans) if two_k else a_desc  # (the same when unused)
+        b2_desc = _tma_operand(b2, bk, bn, b_trans) if b2 is not None else b_desc
         tma_gemm_kernel[(min(programs, cdiv(M, bm) * cdiv(N, bn)),)](
-            _tma_operand(a, bm, bk, a_trans), _tma_operand(b, bk, bn, b_trans), *outs[:3], M, N, K,
-            *out_strides[:5],
-            **epilogue, A_TRANS=a_trans, B_TRANS=b_trans,
+            a_desc, b_desc, *outs[:3], a2_desc, b2_desc, *outs[5:], M, N, K, *out_strides,
+            **epilogue, **gate_flags, A_TRANS=a_trans, B_TRANS=b_trans,
             BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=GROUP_M, NUM_PROGRAMS=programs,
-            FLATTEN=tma_flatten(act_grad), EPILOGUE_SPLIT=tma_epilogue_split(act_grad, bn),
+            FLATTEN=tma_flatten(act_grad, gate_path), EPILOGUE_SPLIT=tma_epilogue_split(act_grad, bn, gate_path),
             num_warps=warps, num_stages=stages)
 
     tma_forced, forced = forced_tile("tma_gemm_kernel"), forced_tile("fused_gemm_kernel")  # tests' GPU tiles
@@ -522,7 +574,8 @@ def _launch_gemm(a, b, c, *, bias=None, aux=None, activation=0,
         key = (a.dtype, a.device, *flags.values(), *layouts)
         sms = num_sms(a.device)
         if tma_ok and (TMA == "always" or tma_preferred(*layouts_tma, act_grad)):
-            tma_candidates = candidate_tiles(M, N, sms, tma_tiles(act_grad))
+            tma_candidates = candidate_tiles(M, N, sms, TMA_GATED_TILES[gated_kind(gated, gate_grad)]
+                                             if gate_path else tma_tiles(act_grad))
             launch_tma(TMA_TUNER.choose((M, N, K), key, tma_candidates, launch_tma))
         else:
             tiles = GATED_TILES[gated_kind(gated, gate_grad), a.element_size()] if gate_path else \
@@ -735,27 +788,34 @@ def aot_specs():
     # tile it takes (``tma_tiles``). Operand layouts as the launcher builds them: the forward's B (W^T) and dW's A (dH^T) are
     # read through descriptors over their transposes.
     tma_plans = [("fp16", "fp16", layouts), ("bf16", "bf16", layouts[:1])]
-    for bm, bn, bk, warps, stages in GEMM_TILES:
-        for dtype, ty, lays in tma_plans:
-            for variant, (gm, gn, gk), strides, flags in lays:
-                if (bm, bn, bk, warps, stages) not in tma_tiles(flags["ACT_GRAD"]):
-                    continue
-                a_trans, b_trans = strides["stride_am"] == 1, strides["stride_bn"] != 1
-                a_block = [bk, bm] if a_trans else [bm, bk]
-                b_block = [bn, bk] if b_trans else [bk, bn]
-                args = dict(a_desc=f"tensordesc<{ty}[{a_block[0]}, {a_block[1]}]>",
-                            b_desc=f"tensordesc<{ty}[{b_block[0]}, {b_block[1]}]>",
-                            c_ptr=f"*{ty}", bias_ptr=f"*{ty}", aux_ptr=f"*{ty}",
-                            M=gm, N=gn, K=gk, stride_cm=strides["stride_cm"], stride_cn=1,
-                            stride_auxm=strides["stride_auxm"], stride_auxn=1, stride_bias=1)
-                cx = dict(flags, ACC_DTYPE=tl.float32, A_TRANS=a_trans, B_TRANS=b_trans, BLOCK_M=bm,
-                          BLOCK_N=bn, BLOCK_K=bk, GROUP_M=GROUP_M, NUM_PROGRAMS=132,
-                          FLATTEN=tma_flatten(flags["ACT_GRAD"]), EPILOGUE_SPLIT=tma_epilogue_split(flags["ACT_GRAD"], bn))
-                specs.append(CompileSpec(
-                    kernel="linear/tma_gemm_kernel", variant=variant, dtype=dtype,
-                    config=f"{bm}x{bn}x{bk} w{warps} s{stages}", fn=tma_gemm_kernel,
-                    args=tuple(args.items()), constexprs=tuple(cx.items()), num_warps=warps,
-                    num_stages=stages, archs=(90,)))
+    # The gated MLP's GEMMs on the same kernel (MMFUSE_TMA=always), fp16, on their tiles.
+    tma_gated = [(lay, TMA_GATED_TILES[kind]) for lay, kind in zip(_gated_layouts(M, K, N), ("gated", "gate_grad", "two_k"))]
+    tma_jobs = [(tile, dtype, ty, lay) for tile in GEMM_TILES for dtype, ty, lays in tma_plans for lay in lays
+                if tile in tma_tiles(lay[3]["ACT_GRAD"])]
+    tma_jobs += [(tile, "fp16", "fp16", lay) for lay, tiles in tma_gated for tile in tiles]
+    for (bm, bn, bk, warps, stages), dtype, ty, (variant, (gm, gn, gk), strides, flags) in tma_jobs:
+        flags = dict(NO_GATE, **flags)
+        gate_path = flags["GATED"] or flags["GATE_GRAD"] or flags["TWO_K_SOURCES"]
+        a_trans, b_trans = strides["stride_am"] == 1, strides["stride_bn"] != 1
+        a_block = [bk, bm] if a_trans else [bm, bk]
+        b_block = [bn, bk] if b_trans else [bk, bn]
+        a_desc = f"tensordesc<{ty}[{a_block[0]}, {a_block[1]}]>"
+        b_desc = f"tensordesc<{ty}[{b_block[0]}, {b_block[1]}]>"
+        args = dict(a_desc=a_desc, b_desc=b_desc, c_ptr=f"*{ty}", bias_ptr=f"*{ty}", aux_ptr=f"*{ty}",
+                    a2_desc=a_desc, b2_desc=b_desc, c2_ptr=f"*{ty}", bias2_ptr=f"*{ty}", aux2_ptr=f"*{ty}",
+                    M=gm, N=gn, K=gk, stride_cm=strides["stride_cm"], stride_cn=1,
+                    stride_auxm=strides["stride_auxm"], stride_auxn=1, stride_bias=1,
+                    stride_bias2=1 if flags["GATED"] else 0)
+        cx = dict(flags, ACC_DTYPE=tl.float32, A_TRANS=a_trans, B_TRANS=b_trans, BLOCK_M=bm,
+                  BLOCK_N=bn, BLOCK_K=bk, GROUP_M=GROUP_M, NUM_PROGRAMS=132,
+                  FLATTEN=tma_flatten(flags["ACT_GRAD"], gate_path),
+                  EPILOGUE_SPLIT=tma_epilogue_split(flags["ACT_GRAD"], bn, gate_path))
+        cx.pop("INPUT_PRECISION", None)
+        specs.append(CompileSpec(
+            kernel="linear/tma_gemm_kernel", variant=variant, dtype=dtype,
+            config=f"{bm}x{bn}x{bk} w{warps} s{stages}", fn=tma_gemm_kernel,
+            args=tuple(args.items()), constexprs=tuple(cx.items()), num_warps=warps,
+            num_stages=stages, archs=(90,)))
     # The gated MLP's three GEMMs on every tile they take: bf16 for the 2-byte dtypes (fp16 is the
     # same code), TF32 and IEEE fp32 for the 4-byte ones, fp64 (gradcheck) on its tile.
     for (variant, (gm, gn, gk), strides, flags), kind in zip(_gated_layouts(M, K, N), ("gated", "gate_grad", "two_k")):

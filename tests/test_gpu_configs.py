@@ -291,12 +291,13 @@ def run_linear(kind, act, bias, dtype, tile, even_k, ragged=RAGGED):
                       inputs, names, () if kind == "fwd" else tuple(names))
 
 
-def run_gated(kind, act, dtype, tile, even_k):
+def run_gated(kind, act, dtype, tile, even_k, ragged=RAGGED):
     """A gated MLP whose targeted GEMM spans two ragged tiles of ``tile`` and reduces over 2 BLOCK_K
     (+ a tail unless EVEN_K): the gate/up forward is (M, N, K), [dG | dU] (M, N, D), dX (M, K, N)
-    for x (M, K), hidden width N, output width D. Values and every gradient."""
-    rows, cols = tile[0] + RAGGED, tile[1] + RAGGED
-    red = 2 * _block_k(tile, dtype) + (0 if even_k else RAGGED)
+    for x (M, K), hidden width N, output width D. Values and every gradient. ``ragged`` 8 keeps
+    every row 16-byte aligned (TMA's rule)."""
+    rows, cols = tile[0] + ragged, tile[1] + ragged
+    red = 2 * _block_k(tile, dtype) + (0 if even_k else ragged)
     M, K, N, D = {"gated fwd": (rows, red, cols, 24), "gate grad": (rows, 24, cols, red),
                   "gated dX": (rows, cols, red, 24)}[kind]
     x = torch.randn(M, K, dtype=dtype)
@@ -461,7 +462,7 @@ def _execute(key):
         with _tf32(dtype_name == "fp32-tf32"), _common.gpu_config(tiles), \
                 _patched(KL, "TMA", "always" if tma else "never"), _patched(KL, "TMA_PROGRAMS", 132 if tma else None):
             if kind.startswith("gate"):
-                run_gated(kind, act, DTYPES[dtype_name], tile, even_k)
+                run_gated(kind, act, DTYPES[dtype_name], tile, even_k, ragged=8 if tma else RAGGED)
             else:
                 run_linear(kind, act, bias, DTYPES[dtype_name], tile, even_k, ragged=8 if tma else RAGGED)
     elif family == "merged":
@@ -572,11 +573,13 @@ def launchable_configs() -> dict:
             for bm, bn, bk, warps, stages in (KP.TMA_TILES[gemm] if elem == 2 else ()):  # the Hopper core: 16-bit
                 out.setdefault((KP._kernels[gemm].__name__, (bm, bn, bk), warps, stages, cls, "TMA"),
                                f"patch_embed {dtype} {gemm} TMA")
-        # The gated MLP's own GEMMs (its dW GEMMs are the linear dW above).
+        # The gated MLP's own GEMMs (its dW GEMMs are the linear dW above), and on the TMA kernel in 16 bits.
         for kind, role in (("gated", "gated fwd"), ("gate_grad", "gate grad"), ("two_k", "gated dX")):
             for bm, bn, bk, warps, stages in ([KL.FP64_TILE] if elem == 8 else KL.GATED_TILES[kind, elem]):
                 out.setdefault(("fused_gemm_kernel", (bm, bn, KL.block_k_for(bk, elem)), warps, stages, cls, role),
                                f"gated mlp {dtype} {role}")
+            for bm, bn, bk, warps, stages in (KL.TMA_GATED_TILES[kind] if elem == 2 else ()):
+                out.setdefault(("tma_gemm_kernel", (bm, bn, bk), warps, stages, cls, role), f"gated mlp {dtype} {role} TMA")
         # The merged projector: its three mapped GEMMs, and the row-wise norm kernels (their input dtype
         # is the class; no dot, so TF32 or not is the same kernel).
         # Channel counts the blocks divide (ALIGNED) take every tile; others the gather tile. (C = 2^16

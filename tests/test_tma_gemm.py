@@ -100,13 +100,60 @@ def test_every_tile_the_launcher_can_take_is_compiled():
         if s.kernel == "linear/tma_gemm_kernel" and s.dtype == "fp16":
             cx = dict(s.constexprs)
             tile = (cx["BLOCK_M"], cx["BLOCK_N"], cx["BLOCK_K"], s.num_warps, s.num_stages)
-            compiled.setdefault(cx["ACT_GRAD"], set()).add(tile)
-            assert cx["FLATTEN"] == KL.tma_flatten(cx["ACT_GRAD"]) and s.archs == (90,)
-            assert cx["EPILOGUE_SPLIT"] == KL.tma_epilogue_split(cx["ACT_GRAD"], cx["BLOCK_N"])
+            gate = KL.gated_kind(cx["GATED"], cx["GATE_GRAD"]) if cx["GATED"] or cx["GATE_GRAD"] or \
+                cx["TWO_K_SOURCES"] else None
+            compiled.setdefault(gate or cx["ACT_GRAD"], set()).add(tile)
+            assert cx["FLATTEN"] == KL.tma_flatten(cx["ACT_GRAD"], gate is not None) and s.archs == (90,)
+            assert cx["EPILOGUE_SPLIT"] == KL.tma_epilogue_split(cx["ACT_GRAD"], cx["BLOCK_N"], gate is not None)
     for act_grad in (False, True):
         assert compiled[act_grad] == set(KL.tma_tiles(act_grad))
+    for kind, tiles in KL.TMA_GATED_TILES.items():
+        assert compiled[kind] == set(tiles)
     # dX * act' at 128x128: subtiled (it spilled whole)
     assert (128, 128, 64, 8, 4) in KL.tma_tiles(True) and KL.tma_epilogue_split(True, 128) == 2
+
+
+@pytest.mark.parametrize("activation", ["silu", "gelu_tanh"])
+def test_gated_mlp_on_tma(tma, activation, launches):
+    """SwiGLU / GeGLU with every GEMM on the TMA kernel: gate and up from one A tile (two weight
+    descriptors), [dG | dU] in the epilogue, dX over two K sources, and the dW GEMMs; values and every
+    gradient under the error rule, at sizes no block divides (rows kept 16-byte aligned)."""
+    M, K, N, D = 37, 40, 72, 24
+    x = torch.randn(M, K, dtype=torch.float16)
+    wg, wu = ((torch.randn(N, K) / K ** 0.5).to(torch.float16) for _ in range(2))
+    wd = (torch.randn(D, N) / N ** 0.5).to(torch.float16)
+    bs = [torch.randn(n, dtype=torch.float16) for n in (N, N, D)]
+    names = ["x", "w_gate", "w_up", "w_down", "b_gate", "b_up", "b_down"]
+    assert_matches_reference(lambda *t: mmfuse.gated_mlp(*t, activation=activation),
+                             lambda *t: mmfuse.gated_mlp_reference(*t, activation=activation),
+                             [x, wg, wu, wd, *bs], names)
+    assert _gemm_launches(launches) and set(_gemm_launches(launches)) == {"tma_gemm_kernel"}
+
+
+def test_gated_mlp_on_tma_equals_the_pointer_kernel_bitwise(tma, monkeypatch):
+    """The same blocks in the same order (dX: all of dG @ Wg, then dU @ Wu): bitwise equal outputs
+    and gradients, interpreted."""
+    x = torch.randn(37, 40, dtype=torch.float16, requires_grad=True)
+    ws = [(torch.randn(*shape) / 8).to(torch.float16).requires_grad_() for shape in ((72, 40), (72, 40), (24, 72))]
+    bs = [torch.randn(n, dtype=torch.float16, requires_grad=True) for n in (72, 72, 24)]
+    g = torch.randn(37, 24, dtype=torch.float16)
+
+    def run():
+        y = mmfuse.gated_mlp(x, *ws, *bs)
+        return (y, *torch.autograd.grad(y, (x, *ws, *bs), g))
+
+    on_tma = run()
+    monkeypatch.setattr(KL, "TMA", "never")
+    for a, b in zip(on_tma, run()):
+        assert torch.equal(a, b)
+
+
+def test_gated_gemms_stay_on_the_pointer_kernel_under_auto(monkeypatch, launches):
+    monkeypatch.setattr(KL, "TMA", "auto")
+    x = torch.randn(37, 40, dtype=torch.float16)
+    ws = [(torch.randn(*shape) / 8).to(torch.float16) for shape in ((72, 40), (72, 40), (24, 72))]
+    mmfuse.gated_mlp(x, *ws, None, None, None)
+    assert "tma_gemm_kernel" not in launches
 
 
 @pytest.mark.parametrize("activation", ["gelu", "gelu_tanh", "silu"])
