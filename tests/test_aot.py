@@ -28,5 +28,8 @@ def test_compiles_without_spills(spec, arch):
             assert r.cp_async_16B or r.tma or r.vec128_loads > 0, f"{spec.label}: no 128-bit global loads"
     else:
         assert r.tensor_core_instr == "none"
-    if spec.kernel.endswith("tma_gemm_kernel"):  # the Hopper core: its operands come by TMA
+    # The Hopper core (the linear TMA kernel, the patch GEMMs' TMA form): its operands come by TMA, and
+    # it runs persistent programs.
+    if spec.kernel.endswith("tma_gemm_kernel") or dict(spec.constexprs).get("TMA") is True:
         assert r.tma, f"{spec.label}: no cp.async.bulk.tensor in the PTX"
+        assert dict(spec.constexprs)["NUM_PROGRAMS"] > 0 and spec.archs == (90,), spec.label
