@@ -95,6 +95,21 @@ MLP_SHAPES = (
     # GELU (tanh), fc2 4304 -> 1152, on 27x27 = 729 patches per image (the published
     # google/siglip-so400m-patch14-384 config: hidden_size 1152, intermediate_size 4304).
     MLPShape("siglip-so400m-tower-mlp", 729, (1152, 4304, 1152), activation="gelu_tanh"),
+    # Session 8's rows for families the registry covers. "transformers' default": the sizes equal the
+    # default config of transformers 5.23, whose docstring names that checkpoint (checked offline);
+    # "recalled": the published config.json as recalled, not re-checkable here (no download).
+    # LLaVA-OneVision (Qwen2-7B): SigLIP-so400m 384px, 27x27 = 729 tokens per crop, 1152 -> 3584 -> 3584
+    # (recalled: Qwen2-7B's hidden size 3584; transformers' default pairs the tower with a 4096 LLM).
+    MLPShape("llava-onevision-qwen2-7b", 729, (1152, 3584, 3584)),
+    # VipLLaVA-7B: five CLIP-L/14-336 layers concatenated (5 x 1024), its LayerNorm (PyTorch in the
+    # norm+mlp recipe), then 5120 -> 4096 -> 4096 on 576 tokens (transformers' default).
+    MLPShape("vipllava-7b", 576, (5120, 4096, 4096)),
+    # Video-LLaVA-7B: LanguageBind's CLIP-L/14 at 224px, 256 tokens per image or frame, 1024 -> 4096 -> 4096
+    # (transformers' default).
+    MLPShape("video-llava-7b", 256, (1024, 4096, 4096)),
+    # PaliGemma-3B-224: one Linear, SigLIP-so400m's 1152 -> Gemma-2B's 2048 on 256 tokens
+    # (transformers' default).
+    MLPShape("paligemma-3b-224", 256, (1152, 2048)),
 )
 
 GATED_SHAPES = (
@@ -121,6 +136,16 @@ MERGED_SHAPES = (
     # gate halves of 14336, SiLU(gate) * up, linear_2 14336 -> 4096 (Command R7B). The sizes are the
     # published CohereLabs/aya-vision-8b config.json's as recalled (image_size 364,
     # alignment_intermediate_size 28672): no download here to re-check them.
+    # Qwen3-VL-8B's merger: LayerNorm(1152) per token, 2x2 merge to 4608 -> 4608 -> 4096 (Qwen3-8B), on the
+    # 64x64 = 4096 patches of 16 of a 1024px image (tower 1152 wide, patch 16: transformers' default;
+    # the 4096 output recalled).
+    MergedShape("qwen3-vl-8b-merger", 4096, 1152, 4, (4608, 4096), "layer"),
+    # InternVL3-8B: InternViT-300M (1024) per 448px tile, pixel shuffle to 256 rows of 4096,
+    # LayerNorm(4096), 4096 -> 3584 -> 3584 (Qwen2.5-7B; recalled).
+    MergedShape("internvl3-8b-mlp1", 1024, 1024, 4, (3584, 3584), "layer", norm_after_merge=True, table=True),
+    # SmolVLM-256M: SigLIP-B/16 at 512px (768 wide, 32x32 = 1024 patches), pixel shuffle (scale 4) to 64
+    # rows of 12288, one Linear to SmolLM2-135M's 576, no bias (recalled).
+    MergedShape("smolvlm-256m-connector", 1024, 768, 16, (576,), None, table=True, bias=False),
     # Idefics3-8B (Llama 3): SigLIP-so400m (1152) at 364px: 26x26 = 676 patches, pixel shuffle
     # (scale_factor 2) to 169 rows of 4608, one Linear 4608 -> 4096, no bias, no norm (the Idefics3 paper's
     # 169 tokens per image; HuggingFaceM4/Idefics3-8B-Llama3's config as recalled: no download here).
@@ -142,6 +167,12 @@ PATCH_SHAPES = (
     PatchShape("qwen2-vl", 3, (392, 392), 14, 1280, temporal=2, frames=2),
     # Qwen2.5-VL-7B: Conv3d 3x2x14x14 -> 1280 (no bias) on pre-cut rows; a 2-frame 896px clip.
     PatchShape("qwen2.5-vl-7b", 3, (896, 896), 14, 1280, temporal=2, frames=2),
+    # Qwen3-VL: Conv3d 3x2x16x16 -> 1152 on pre-cut rows; a 2-frame 1024px clip (transformers' default).
+    PatchShape("qwen3-vl", 3, (1024, 1024), 16, 1152, temporal=2, frames=2),
+    # InternViT-300M (InternVL): Conv2d 14 -> 1024 on a 448px tile (transformers' default).
+    PatchShape("internvit-300m-448", 3, (448, 448), 14, 1024),
+    # BLIP-2 / InstructBLIP's EVA ViT-g: Conv2d 14 -> 1408 at 224px (transformers' default).
+    PatchShape("blip2-eva-vit-g", 3, (224, 224), 14, 1408),
 )
 
 ATTENTION_SHAPES = (

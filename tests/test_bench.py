@@ -420,3 +420,35 @@ def test_kernel_profile_gemm_sweep_runs_every_variant(monkeypatch):
     for g in kinds:
         chosen = [r["tile"] for r in rows if r["gemm"] == g and r.get("chosen")]
         assert [t.split()[0] for t in chosen] == ["pointer", "tma"], (g, chosen)
+
+
+def test_shapes_quoted_from_transformers_defaults_match_them():
+    """bench/shapes.py rows whose comment says "transformers' default": the sizes are that default
+    config's (the checkpoint its docstring names), checked here against the installed transformers."""
+    T = pytest.importorskip("transformers").models
+    vip = T.vipllava.VipLlavaConfig()
+    grid = (vip.vision_config.image_size // vip.vision_config.patch_size) ** 2
+    assert shapes.by_name("vipllava-7b") == shapes.MLPShape(
+        "vipllava-7b", grid, (vip.vision_config.hidden_size * len(vip.vision_feature_layers),
+                              vip.text_config.hidden_size, vip.text_config.hidden_size))
+    vl = T.video_llava.VideoLlavaConfig()
+    assert shapes.by_name("video-llava-7b") == shapes.MLPShape(
+        "video-llava-7b", (vl.vision_config.image_size // vl.vision_config.patch_size) ** 2,
+        (vl.vision_config.hidden_size, vl.text_config.hidden_size, vl.text_config.hidden_size))
+    pg = T.paligemma.PaliGemmaConfig()
+    assert shapes.by_name("paligemma-3b-224") == shapes.MLPShape(
+        "paligemma-3b-224", (pg.vision_config.image_size // pg.vision_config.patch_size) ** 2,
+        (pg.vision_config.hidden_size, pg.text_config.hidden_size))
+    q3 = T.qwen3_vl.Qwen3VLConfig().vision_config
+    s = shapes.by_name("qwen3-vl")
+    assert (s.dim, s.patch, s.temporal, s.channels) == (q3.hidden_size, q3.patch_size, q3.temporal_patch_size,
+                                                         q3.in_channels)
+    m = shapes.by_name("qwen3-vl-8b-merger")
+    assert (m.channels, m.group, m.widths[0]) == (q3.hidden_size, q3.spatial_merge_size ** 2,
+                                                  q3.hidden_size * q3.spatial_merge_size ** 2)
+    iv = T.internvl.InternVLConfig().vision_config
+    s = shapes.by_name("internvit-300m-448")
+    assert (s.dim, s.image, s.patch) == (iv.hidden_size, tuple(iv.image_size), iv.patch_size[0])
+    b2 = T.blip_2.Blip2Config().vision_config
+    s = shapes.by_name("blip2-eva-vit-g")
+    assert (s.dim, s.image, s.patch) == (b2.hidden_size, (b2.image_size,) * 2, b2.patch_size)
