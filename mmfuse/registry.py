@@ -32,6 +32,7 @@ import dataclasses
 import functools
 import math
 import sys
+import threading
 from typing import Callable
 
 import torch
@@ -353,9 +354,14 @@ def _merged_mlp(module: nn.Module, family: Family) -> nn.Module:
     original_forward = type(module).forward
 
     def forward(self, x):
-        deferred = self.__dict__.get(_DEFERRED)
-        if deferred is not None and deferred.stands_for(x):  # the model's merge, handed to this GEMM
-            return fused_forward(self, x, deferred)
+        deferred = _pending_merge(self)
+        if deferred is not None:
+            if deferred.stands_for(x):  # the model's merge, handed to this GEMM
+                return fused_forward(self, x, deferred)
+            if x.device.type == "meta" and not deferred.taken:
+                raise RuntimeError(f"{type(self).__name__}: the token merge's stand-in reached the projector "
+                                   "reordered or copied (mmfuse reads the merge in the GEMM only when the model "
+                                   "passes its output straight on): mmfuse.unpatch the model")
         if dropout_path and self.training and _get(self, dropout_path) > 0:
             return original_forward(self, x)  # dropout between the GEMMs: not in the kernels
         return fused_forward(self, x)
@@ -393,24 +399,43 @@ def _merged_mlp(module: nn.Module, family: Family) -> nn.Module:
 # the tower and the projector, not in the projector. The model's copy hands the merge to the
 # projector's first GEMM instead: the model's own code still runs, every line of it.
 # ----------------------------------------------------------------------------------------------
-_DEFERRED = "_mmfuse_deferred_merge"  # on the projector, while the model's get_image_features runs
+#: Per thread, the model-level merges in flight (``get_image_features`` calls, innermost last): the
+#: handoff is per call, so two threads running one model never see each other's.
+_IN_FLIGHT = threading.local()
 
 
-@dataclasses.dataclass
+def _calls() -> list:
+    stack = getattr(_IN_FLIGHT, "calls", None)
+    if stack is None:
+        stack = _IN_FLIGHT.calls = []
+    return stack
+
+
+def _pending_merge(projector: nn.Module):
+    """The innermost in-flight merge handed to ``projector`` on this thread, or None."""
+    return next((c for c in reversed(_calls()) if c.projector is projector and c.stand_in is not None), None)
+
+
+@dataclasses.dataclass(eq=False)
 class _DeferredMerge:
-    """A token merge the model asked for and the projector reads in its first GEMM's loads. The
-    merge returned a stand-in: a NaN scalar expanded to the merge's output shape (no memory, every
-    stride 0), which the model's code reshapes and passes to its projector; the projector recognises
-    it (``stands_for``) and reads ``rows`` through ``table`` instead. A stand-in that reaches anything
-    else is NaN, and ``get_image_features`` raises when the projector did not take it."""
-    rows: torch.Tensor        # (R, C): the merge's input tokens as rows of one view, in place
-    table: torch.Tensor       # (merged rows, group) int32: each merged row's tokens, as rows of ``rows``
-    out_shape: tuple          # the merge's output shape
+    """One ``get_image_features`` call's token merge, read by the projector in its first GEMM's loads.
+    The merge returned a stand-in: an empty tensor on the meta device, of the merge's output shape (no
+    memory, no data), which the model's code reshapes and passes to its projector. The projector takes
+    it (``stands_for``: that tensor or a view of it with its element order, contiguous) and reads
+    ``rows`` through ``table`` instead. Anything else that touches the stand-in fails loudly (meta
+    tensors hold no data; mixing them with real ones raises), a reordered or copied stand-in reaching
+    the projector raises, and ``get_image_features`` raises when the projector did not take it."""
+    model: nn.Module
+    projector: nn.Module
+    rows: torch.Tensor | None = None     # (R, C): the merge's input tokens as rows of one view, in place
+    table: torch.Tensor | None = None    # (merged rows, group) int32: each merged row's tokens, as rows
+    stand_in: torch.Tensor | None = None
     taken: bool = False
 
     def stands_for(self, t: torch.Tensor) -> bool:
-        return (not self.taken and t.numel() == torch.Size(self.out_shape).numel() and t.numel() > 0
-                and t.shape[-1] == self.out_shape[-1] and all(s == 0 for s in t.stride()))
+        s = self.stand_in
+        return (not self.taken and (t is s or t._base is s) and t.is_contiguous() and t.numel() == s.numel()
+                and t.shape[-1] == s.shape[-1])
 
     def take(self) -> tuple[torch.Tensor, torch.Tensor]:
         self.taken = True
@@ -464,35 +489,39 @@ def _deferred_merge_model(module: nn.Module, family: Family) -> nn.Module:
         proj = _get(self, proj_path)
         if not getattr(type(proj), "_reads_deferred_merge", False):  # the projector was left alone
             return original_features(self, *args, **kwargs)
-        object.__setattr__(self, "_mmfuse_projector", proj)
+        call, stack = _DeferredMerge(self, proj), _calls()
+        stack.append(call)
         try:
             out = original_features(self, *args, **kwargs)
         finally:
-            self.__dict__.pop("_mmfuse_projector", None)
-            deferred = proj.__dict__.pop(_DEFERRED, None)
-        if deferred is not None and not deferred.taken:
+            stack.remove(call)
+        if call.stand_in is not None and not call.taken:
             raise RuntimeError(f"{cls.__name__}.get_image_features: the {merge_name} output did not reach "
                                f"{proj_path} (mmfuse hands the merge to it): mmfuse.unpatch the model")
         return out
 
-    def merge(self, x, *args, **kwargs):
-        proj = self.__dict__.get("_mmfuse_projector")
-        if proj is None or _DEFERRED in proj.__dict__ or x.dim() < 2:  # outside get_image_features, or again
-            return original_merge(self, x, *args, **kwargs)
-        lead = tuple(x.shape[:-1])
+    def merge(self, *args, **kwargs):
+        call = next((c for c in reversed(_calls()) if c.model is self), None)
+        x = args[0] if args and isinstance(args[0], torch.Tensor) else None
+        if call is None or call.stand_in is not None or x is None or x.dim() < 2:
+            return original_merge(self, *args, **kwargs)  # outside get_image_features, again, or by keyword
+        rest, lead = args[1:], tuple(x.shape[:-1])
         rows, steps = _token_rows(x)
-        key = (cls, merge_name, args, tuple(sorted(kwargs.items())), lead, steps, x.device)
+        key = (cls, merge_name, rest, tuple(sorted(kwargs.items())), lead, steps, x.device)
 
         def build():
-            table, out_lead = _probe(lambda m, t: original_merge(m, t, *args, **kwargs), self, lead, x.device)
+            table, out_lead = _probe(lambda m, t: original_merge(m, t, *rest, **kwargs), self, lead, x.device)
             if steps is not None:  # tokens to rows of the strided view (built once per shape)
                 table = _row_ids(lead, steps, x.device)[table.long()].to(torch.int32)
             return table, out_lead
 
-        table, out_lead = _cached_table(key, _normal_tensors(build))
-        out_shape = (*out_lead, table.shape[1] * x.shape[-1])
-        object.__setattr__(proj, _DEFERRED, _DeferredMerge(rows, table, out_shape))
-        return x.new_full((1,) * len(out_shape), float("nan")).expand(out_shape)
+        try:
+            table, out_lead = _cached_table(key, _normal_tensors(build))
+        except _patch.Unsupported:  # not a token merge the kernels read: the model's own
+            return original_merge(self, *args, **kwargs)
+        call.rows, call.table = rows, table
+        call.stand_in = torch.empty((*out_lead, table.shape[1] * x.shape[-1]), dtype=x.dtype, device="meta")
+        return call.stand_in
 
     sub = type(_fused_class(cls).__name__, (_fused_class(cls),),
                {"__module__": "mmfuse.registry", "get_image_features": get_image_features, merge_name: merge})
@@ -515,30 +544,14 @@ def _unfold_table(grids: tuple, s: int, device: torch.device) -> torch.Tensor:
     return torch.cat(tables).to(torch.int32) if tables else torch.zeros(0, s * s, dtype=torch.int32, device=device)
 
 
-def _token_major_weight(owner: nn.Module, w: torch.Tensor, s: int) -> torch.Tensor:
-    """The merging weight's columns from unfold's channel-major c * s^2 + j to token-major j * C + c:
-    through autograd while it needs a gradient, else one copy kept on ``owner`` until the weight changes
-    (its storage, or its version: an optimizer step or a load_state_dict copies in place)."""
-    def permute(t):
-        return t.reshape(t.shape[0], -1, s * s).transpose(1, 2).reshape(t.shape[0], -1)
-
-    if torch.is_grad_enabled() and w.requires_grad:
-        return permute(w)
-    key = (w.data_ptr(), w._version, w.dtype, w.device, tuple(w.shape), s)
-    cached = owner.__dict__.get("_mmfuse_token_major")
-    if cached is None or cached[0] != key:
-        with torch.no_grad(), torch.inference_mode(False):
-            cached = (key, permute(w.detach()).contiguous())
-        object.__setattr__(owner, "_mmfuse_token_major", cached)
-    return cached[1]
-
-
 def _unfold_merged_mlp(module: nn.Module, family: Family) -> nn.Module:
     """Mistral3 / Pixtral: RMSNorm per token, the patch merger's per-image ``unfold`` merge and its merging
     Linear as one ``mmfuse.merged_mlp`` (the norm and the merge read in the GEMM's loads), then the MLP
     (``mmfuse.mlp``). unfold lays a merged row out channel-major (column c * s^2 + j); the mapped GEMM
-    reads token-major rows (j * C + c), so the merging weight's columns are permuted to match
-    (``_token_major_weight``: under autograd through the permute, else one cached copy). Options: ``norm``, ``merger``
+    reads token-major rows (j * C + c), so the merging weight's columns are permuted to match (a view
+    plus one copy of that weight per call; under autograd, through it). Not cached between calls: writes
+    through ``weight.data`` (PEFT's adapter merge, EMA updates) do not bump the version a cache would
+    key on, and a stale weight would be a silent wrong answer. Options: ``norm``, ``merger``
     (with ``merging_layer``, ``spatial_merge_size``, ``patch_size``), ``linears`` and ``act``."""
     from mmfuse.ops.linear import mlp
     from mmfuse.ops.merged import merged_mlp
@@ -566,7 +579,8 @@ def _unfold_merged_mlp(module: nn.Module, family: Family) -> nn.Module:
             raise ValueError(f"image_features: expected {sum(h * w for h, w in grids)} tokens (the image_sizes' "
                              f"patch grids), got {x.shape[0]}")
         norm, weight, bias, eps = _norm_form(_get(self, norm_path))
-        wm = _token_major_weight(self, m.merging_layer.weight, s)
+        wm = m.merging_layer.weight
+        wm = wm.reshape(wm.shape[0], -1, s * s).transpose(1, 2).reshape(wm.shape[0], -1)  # columns j * C + c
         merged = merged_mlp(x, [wm], [m.merging_layer.bias], None, group=s * s,
                             token_map=_unfold_table(grids, s, x.device), norm=norm, norm_weight=weight,
                             norm_bias=bias, eps=eps, _table_checked=True)

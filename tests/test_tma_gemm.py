@@ -130,7 +130,7 @@ def test_gated_mlp_on_tma(tma, activation, launches):
     assert _gemm_launches(launches) and set(_gemm_launches(launches)) == {"tma_gemm_kernel"}
 
 
-def test_gated_mlp_on_tma_equals_the_pointer_kernel_bitwise(tma, monkeypatch):
+def test_gated_mlp_on_tma_equals_the_pointer_kernel_bitwise(tma, monkeypatch, launches):
     """The same blocks in the same order (dX: all of dG @ Wg, then dU @ Wu): bitwise equal outputs
     and gradients, interpreted."""
     x = torch.randn(37, 40, dtype=torch.float16, requires_grad=True)
@@ -143,9 +143,12 @@ def test_gated_mlp_on_tma_equals_the_pointer_kernel_bitwise(tma, monkeypatch):
         return (y, *torch.autograd.grad(y, (x, *ws, *bs), g))
 
     on_tma = run()
+    assert set(_gemm_launches(launches)) == {"tma_gemm_kernel"}
+    launches.clear()
     monkeypatch.setattr(KL, "TMA", "never")
     for a, b in zip(on_tma, run()):
         assert torch.equal(a, b)
+    assert set(_gemm_launches(launches)) == {"fused_gemm_kernel"}
 
 
 def test_gated_gemms_stay_on_the_pointer_kernel_under_auto(monkeypatch, launches):
@@ -157,10 +160,13 @@ def test_gated_gemms_stay_on_the_pointer_kernel_under_auto(monkeypatch, launches
 
 
 @pytest.mark.parametrize("activation", ["gelu", "gelu_tanh", "silu"])
-def test_subtiled_act_grad_epilogue_at_128x128(tma, activation):
+def test_subtiled_act_grad_epilogue_at_128x128(tma, activation, monkeypatch, launches):
     """The dX * act' GEMM on a 128x128 tile, whose epilogue runs on two 64-column halves: values under
     the error rule at sizes with ragged halves (N = 136: the last tile's right half is all edge)."""
     from mmfuse.kernels import _common
+
+    splits, real = [], KL.tma_epilogue_split
+    monkeypatch.setattr(KL, "tma_epilogue_split", lambda *a: splits.append(real(*a)) or splits[-1])
 
     x = torch.randn(37, 136, dtype=torch.float16)
     ws = [(torch.randn(136, 136) / 12).to(torch.float16), (torch.randn(24, 136) / 12).to(torch.float16)]
@@ -169,6 +175,7 @@ def test_subtiled_act_grad_epilogue_at_128x128(tma, activation):
         assert_matches_reference(lambda x, *p: mmfuse.mlp(x, p[:2], p[2:], activation=activation),
                                  lambda x, *p: mmfuse.mlp_reference(x, p[:2], p[2:], activation=activation),
                                  [x, *ws, *bs], ["x", "w0", "w1", "b0", "b1"])
+    assert 2 in splits and set(_gemm_launches(launches)) == {"tma_gemm_kernel"}
 
 
 def test_auto_takes_the_tma_kernel_only_where_it_was_measured_faster():
@@ -209,21 +216,30 @@ def test_patch_embed_on_tma(tma, dtype, geometry, monkeypatch, launches):
     assert len(taken) >= 3 and all(taken)  # forward, dpixels, dW (each run of the check)
 
 
-def test_patch_embed_dw_split_on_tma(tma, monkeypatch):
+def test_patch_embed_dw_split_on_tma(tma, monkeypatch, launches):
     """dW's token loop split 3 ways into fp32 partials: the persistent programs walk every (tile,
     split) pair; the combine sums them in split order, as the pointer kernel's run does, bitwise."""
     from mmfuse.kernels import patch_embed as KP
 
-    g = torch.randn(2, 48, 40, dtype=torch.float16)  # 96 tokens: chunks of 64 (SPLIT_ALIGN) -> 2 splits
-    x = torch.randn(2, 3, 1, 84, 112, dtype=torch.float16)
+    taken, real = [], KP.on_tma
+    monkeypatch.setattr(KP, "on_tma", lambda *a: taken.append(real(*a)) or taken[-1])
+    g = torch.randn(2, 96, 40, dtype=torch.float16)  # 192 tokens: chunks of 64 (SPLIT_ALIGN) -> 3 splits
+    x = torch.randn(2, 3, 1, 112, 168, dtype=torch.float16)
+    assert KP.dw_token_chunk(192, 3) == 64
     on_tma = KP.patch_embed_dw(g, x, (40, 3, 1, 14, 14), with_bias=False, splits=3)[0]
+    assert taken == [True] and "dw_combine_kernel" in launches
     monkeypatch.setattr(KL, "TMA", "never")
     assert torch.equal(on_tma, KP.patch_embed_dw(g, x, (40, 3, 1, 14, 14), with_bias=False, splits=3)[0])
+    assert taken == [True, False]
 
 
 def test_patch_embed_tma_equals_the_pointer_kernels_bitwise(tma, monkeypatch):
     """One tile's code either way: the interpreted TMA / persistent GEMMs compute exactly the pointer
     kernels' sums (the same blocks in the same order), forward and backward."""
+    from mmfuse.kernels import patch_embed as KP
+
+    taken, real = [], KP.on_tma
+    monkeypatch.setattr(KP, "on_tma", lambda *a: taken.append(real(*a)) or taken[-1])
     x = torch.randn(2, 3, 56, 42, dtype=torch.float16, requires_grad=True)
     w = (torch.randn(72, 3, 14, 14) / 20).to(torch.float16).requires_grad_()
     b = torch.randn(72, dtype=torch.float16, requires_grad=True)
@@ -234,6 +250,7 @@ def test_patch_embed_tma_equals_the_pointer_kernels_bitwise(tma, monkeypatch):
         return (out, *torch.autograd.grad(out, (x, w, b), g))
 
     on_tma = run()
+    assert taken == [True] * 3  # forward, dpixels, dW
     monkeypatch.setattr(KL, "TMA", "never")
     for a, b_ in zip(on_tma, run()):
         assert torch.equal(a, b_)
