@@ -42,6 +42,7 @@ from mmfuse.kernels._common import (
     dot_precision,
     empty,
     forced_tile,
+    gpu_config_on,
     grouped_tile,
     grouped_tile_of,
     num_sms,
@@ -561,7 +562,7 @@ def _launch_gemm(a, b, c, *, bias=None, aux=None, activation=0,
     tma_forced, forced = forced_tile("tma_gemm_kernel"), forced_tile("fused_gemm_kernel")  # tests' GPU tiles
     if tma_forced is not None or forced is not None:
         launch_tma(tma_forced) if tma_forced is not None and tma_ok else launch(tma_forced or forced)
-    elif INTERPRET:
+    elif INTERPRET and not gpu_config_on():  # (under gpu_config: the GPU's choice, which is also faster here)
         launch_tma(INTERPRETER_TILE) if tma_ok else launch(INTERPRETER_TILE, gpu_tile=False)
     elif a.element_size() == 8:
         launch(FP64_TILE)

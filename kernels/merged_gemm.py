@@ -45,6 +45,7 @@ from mmfuse.kernels._common import (
     dot_precision,
     empty,
     forced_tile,
+    gpu_config_on,
     grouped_tile,
     num_sms,
 )
@@ -593,7 +594,7 @@ def _launch(a, b, c, merge: Merge, mapped: int, M, N, K, strides, *, bias=None, 
     forced = forced_tile("mapped_gemm_kernel")
     if forced is not None:
         launch(forced)
-    elif INTERPRET:
+    elif INTERPRET and not gpu_config_on():  # (under gpu_config: the GPU's choice, which is also faster here)
         launch(INTERPRETER_TILE, gpu_tile=False)
     else:
         key = (x.dtype, x.device, *flags.values(), merge.C)

@@ -482,7 +482,7 @@ def _launch(name, rows, cols, args, flags, elem_bytes, tile=None, *, red, key=()
         tile = forced_tile(_kernels[name].__name__)
     if tile is not None:
         launch(tile)
-    elif INTERPRET:
+    elif INTERPRET and not gpu_config_on():  # (under gpu_config: the GPU's choice, which is also faster here)
         launch(INTERPRETER_TILE, gpu_tile=False)
     else:
         device = args[0].device
