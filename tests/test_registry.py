@@ -1081,17 +1081,8 @@ def _internvl_vlm(mod="internvl", cfg_name="InternVLConfig", cls="InternVLForCon
             vision_config=dict(hidden_size=V, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
                                image_size=[side, side], patch_size=[14, 14]),
             text_config=_llama_text().to_dict(), downsample_ratio=0.5, image_token_id=60)
-        return _InternVLCall(getattr(getattr(M, mod), cls)(cfg))
+        return _hf_checks()._LlavaCall(getattr(getattr(M, mod), cls)(cfg))  # model(input_ids=, pixel_values=)
     return make
-
-
-class _InternVLCall(nn.Module):
-    def __init__(self, model):
-        super().__init__()
-        self.model = model
-
-    def forward(self, ids, pixels):
-        return self.model(input_ids=ids, pixel_values=pixels)
 
 
 def _internvl_inputs(images=2, side=56):
