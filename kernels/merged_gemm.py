@@ -522,8 +522,6 @@ class Merge:
 
 
 def _rowwise(C: int):
-    from mmfuse.kernels._common import gpu_config_on
-
     if INTERPRET and not gpu_config_on():
         return INTERPRETER_ROWWISE
     return ROWWISE if C % ROWWISE[1] == 0 else ROWWISE_GATHER
@@ -683,8 +681,6 @@ def norm_bwd(da, merge: Merge):
 
 def pool_blocks(dtype: torch.dtype) -> tuple:
     """(BLOCK_R, BLOCK_C) of the pooling kernels for this dtype (the interpreter's small blocks there)."""
-    from mmfuse.kernels._common import gpu_config_on
-
     if INTERPRET and not gpu_config_on():
         return INTERPRETER_ROWWISE
     return POOL_ROWWISE_FP64 if dtype == torch.float64 else POOL_ROWWISE

@@ -155,19 +155,6 @@ def _normal_tensors(build):
     return wrapper
 
 
-@functools.lru_cache(maxsize=32)
-@_normal_tensors
-def _grid_pool_table(images: int, side: int, kernel: int, device: torch.device) -> torch.Tensor:
-    """The (images * (side // kernel)^2, kernel^2) int32 token table of AvgPool2d(kernel, stride=kernel)
-    over each image's (side x side) row-major patch grid (trailing rows / columns dropped, as it does)."""
-    out = side // kernel
-    d = torch.arange(kernel, device=device)
-    r = (torch.arange(out, device=device)[:, None] * kernel + d[None, :])  # (out, kernel): grid rows / columns
-    window = (r[:, None, :, None] * side + r[None, :, None, :]).reshape(out * out, kernel * kernel)
-    base = torch.arange(images, device=device)[:, None, None] * side * side
-    return (base + window[None]).reshape(-1, kernel * kernel).to(torch.int32)
-
-
 def _pooled_matmul(module: nn.Module, family: Family) -> nn.Module:
     """Gemma 3: average pooling of each image's patch grid, the RMSNorm and ``@ W`` (an (in, out)
     parameter) as ``mmfuse.merged_mlp(pool=True)``: one row-wise pool-and-norm kernel, one GEMM on W^T.
@@ -202,7 +189,7 @@ def _pooled_matmul(module: nn.Module, family: Family) -> nn.Module:
             raise ValueError(f"vision_outputs: expected {side * side} tokens per image (a {side}x{side} patch grid), "
                              f"got {tokens}")
         nm = _get(self, norm_path)
-        table = _grid_pool_table(images, side, kernel, x.device)
+        table = _unfold_table(((side, side),) * images, kernel, x.device)  # AvgPool2d's windows: unfold's
         y = merged_mlp(x.reshape(-1, channels), [getattr(self, weight_name).t()], None, None, group=kernel * kernel,
                        token_map=table, pool=True, norm="rms", norm_weight=nm.weight, eps=nm.eps,
                        norm_after_merge=True, norm_weight_offset=offset, _table_checked=True)
@@ -532,7 +519,8 @@ def _deferred_merge_model(module: nn.Module, family: Family) -> nn.Module:
 @_normal_tensors
 def _unfold_table(grids: tuple, s: int, device: torch.device) -> torch.Tensor:
     """The (M, s*s) int32 token table of ``F.unfold(kernel_size=s, stride=s)`` over each image's (h, w)
-    row-major token grid, images one after another (Mistral3's patch merger; trailing rows / columns
+    row-major token grid, images one after another (Mistral3's patch merger, and Gemma 3's AvgPool2d
+    windows on square grids; trailing rows / columns
     dropped as unfold does). Slot j = di * s + dj."""
     tables, offset = [], 0
     d = torch.arange(s, device=device)

@@ -327,7 +327,7 @@ def merged_traffic_section() -> list[str]:
     for s in MERGED_SHAPES:
         for images in (1, 8):
             kw = dict(norm=s.norm, post=s.norm_after_merge, table=s.table, bk=KM.MAPPED_GATED_TILES[0][2] if s.gated
-                      else bk, gated=s.gated, **({} if s.bias else {"bias": False}))
+                      else bk, gated=s.gated, bias=s.bias)
             T = s.tokens * images
             if s.pool:  # Gemma 3: the pool-and-norm kernel, then the GEMM (the same bytes in inference)
                 t = inf = pooled_projector_traffic(T, s.channels, s.group, s.widths[0], (128, 128), 2, norm=s.norm)

@@ -1058,7 +1058,6 @@ def test_token_tables_built_under_inference_mode_still_train(key):
     """The token tables are cached per shape and saved for backward: a first call under
     torch.inference_mode() (generation) must not leave an inference tensor that breaks training later."""
     registry._TABLES.clear()
-    registry._grid_pool_table.cache_clear()
     registry._unfold_table.cache_clear()
     module, inputs = BUILDERS[key]()
     model = _Parent(module)

@@ -26,6 +26,13 @@ def _gemm_launches(launches):
     return [n for n in launches if n in ("tma_gemm_kernel", "fused_gemm_kernel")]
 
 
+def _returns(monkeypatch, module, name) -> list:
+    """What ``module.name`` returns at each call from now on (the launchers' path decisions), in order."""
+    seen, real = [], getattr(module, name)
+    monkeypatch.setattr(module, name, lambda *a: seen.append(real(*a)) or seen[-1])
+    return seen
+
+
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_linear_forward_and_backward_on_tma(tma, dtype):
     # M = 37 ragged rows; K = 72 and N = 136 keep rows 16-byte aligned (TMA's rule) without being
@@ -167,8 +174,7 @@ def test_subtiled_act_grad_epilogue_at_128x128(tma, activation, monkeypatch):
     the error rule at sizes with ragged halves (N = 136: the last tile's right half is all edge)."""
     from mmfuse.kernels import _common
 
-    splits, real = [], KL.tma_epilogue_split
-    monkeypatch.setattr(KL, "tma_epilogue_split", lambda *a: splits.append(real(*a)) or splits[-1])
+    splits = _returns(monkeypatch, KL, "tma_epilogue_split")
 
     x = torch.randn(37, 136, dtype=torch.float16)
     ws = [(torch.randn(136, 136) / 12).to(torch.float16), (torch.randn(24, 136) / 12).to(torch.float16)]
@@ -208,8 +214,7 @@ def test_patch_embed_on_tma(tma, dtype, geometry, monkeypatch):
     TMA zero-fills past D; token counts no block divides), and every GEMM took the descriptor path."""
     from mmfuse.kernels import patch_embed as KP
 
-    taken, real = [], KP.on_tma
-    monkeypatch.setattr(KP, "on_tma", lambda *a: taken.append(real(*a)) or taken[-1])
+    taken = _returns(monkeypatch, KP, "on_tma")
     pixel_shape, weight_shape = geometry
     x = torch.randn(pixel_shape, dtype=dtype)
     w = (torch.randn(weight_shape) / 20).to(dtype)
@@ -223,8 +228,7 @@ def test_patch_embed_dw_split_on_tma(tma, monkeypatch, launches):
     split) pair; the combine sums them in split order, as the pointer kernel's run does, bitwise."""
     from mmfuse.kernels import patch_embed as KP
 
-    taken, real = [], KP.on_tma
-    monkeypatch.setattr(KP, "on_tma", lambda *a: taken.append(real(*a)) or taken[-1])
+    taken = _returns(monkeypatch, KP, "on_tma")
     g = torch.randn(2, 96, 40, dtype=torch.float16)  # 192 tokens: chunks of 64 (SPLIT_ALIGN) -> 3 splits
     x = torch.randn(2, 3, 1, 112, 168, dtype=torch.float16)
     assert KP.dw_token_chunk(192, 3) == 64
@@ -240,8 +244,7 @@ def test_patch_embed_tma_equals_the_pointer_kernels_bitwise(tma, monkeypatch):
     kernels' sums (the same blocks in the same order), forward and backward."""
     from mmfuse.kernels import patch_embed as KP
 
-    taken, real = [], KP.on_tma
-    monkeypatch.setattr(KP, "on_tma", lambda *a: taken.append(real(*a)) or taken[-1])
+    taken = _returns(monkeypatch, KP, "on_tma")
     x = torch.randn(2, 3, 56, 42, dtype=torch.float16, requires_grad=True)
     w = (torch.randn(72, 3, 14, 14) / 20).to(torch.float16).requires_grad_()
     b = torch.randn(72, dtype=torch.float16, requires_grad=True)
