@@ -123,7 +123,9 @@ def cases(images: int = 1, dtype=torch.bfloat16, tiny: bool = False) -> dict:
 
     def attention(s):
         def make():
-            Lq, Lk, H, Hkv, Dh = (5, 19, 2, 1, 16) if tiny else (s.queries, s.keys, s.heads, s.kv_heads, s.head_dim)
+            # tiny: grouped heads where the model groups them (Idefics2), else not (BLIP-2: the single pass)
+            Lq, Lk, H, Hkv, Dh = (5, 19, 2, 1 if s.kv_heads < s.heads else 2, 16) if tiny else (
+                s.queries, s.keys, s.heads, s.kv_heads, s.head_dim)
             q, k, v = t(1, H, Lq, Dh), t(images, Hkv, Lk, Dh), t(images, Hkv, Lk, Dh)
             return (lambda q, k, v: mmfuse.cross_attention(q, k, v)), [q, k, v]
         return make

@@ -28,6 +28,10 @@ Backward (recompute P block by block from the saved lse; never the Lq x Lk matri
       too where the modelled time says so (``dq_splits_for``).
   with dS = P * (dP - delta), dP = dO V^T. Every output element has exactly one owner program that
   sums in a fixed order: no atomics, bitwise-reproducible gradients.
+  Single pass (no query-head groups and every query in one block, where ``bwd_plan`` models it
+  faster: BLIP-2's Q-Former, OpenFlamingo's perceiver): a dQ program then meets each (sample, head,
+  key block) of its share alone, so it forms delta from O, and stores that block's dK and dV as it
+  goes (nothing left to sum over): one launch instead of three, K and V read once instead of twice.
 """
 
 from __future__ import annotations
@@ -320,6 +324,7 @@ def attn_bwd_dkdv_kernel(
 @triton.jit
 def attn_bwd_dq_kernel(
     q_ptr, k_ptr, v_ptr, k2_ptr, v2_ptr, do_ptr, lse_ptr, delta_ptr, dq_ptr, kv_lens_ptr, mask_ptr,
+    o_ptr, dk_ptr, dv_ptr, dk2_ptr, dv2_ptr,
     stride_qb, stride_qh, stride_qm, stride_qd,
     stride_kb, stride_kh, stride_kn, stride_kd,
     stride_vb, stride_vh, stride_vn, stride_vd,
@@ -329,8 +334,13 @@ def attn_bwd_dq_kernel(
     stride_lb, stride_lh, stride_lm,
     stride_mb, stride_mn, stride_lens,
     stride_dqs, stride_dqb, stride_dqh, stride_dqm, stride_dqd,
+    stride_ob, stride_oh, stride_om, stride_od,
+    stride_dkb, stride_dkh, stride_dkn, stride_dkd,
+    stride_dvb, stride_dvh, stride_dvn, stride_dvd,
+    stride_dk2b, stride_dk2h, stride_dk2n, stride_dk2d,
+    stride_dv2b, stride_dv2h, stride_dv2n, stride_dv2d,
     Hq, Lq, Lk, L1, D, GROUP, BATCH_LOOP, BATCH_CHUNK, KEY_CHUNK, KEY_SPLITS, qk_scale, sm_scale,
-    HAS_LENS: tl.constexpr, HAS_MASK: tl.constexpr, TWO_SOURCES: tl.constexpr,
+    HAS_LENS: tl.constexpr, HAS_MASK: tl.constexpr, TWO_SOURCES: tl.constexpr, SINGLE_PASS: tl.constexpr,
     INPUT_PRECISION: tl.constexpr, ACC_DTYPE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
@@ -340,7 +350,12 @@ def attn_bwd_dq_kernel(
     partial at s*stride_dqs; the launcher sums the partials in split order. A grid of query blocks x
     heads alone is 32 programs for Idefics2, whatever the batch: the split is what fills the GPU. At
     small batch the keys split too (KEY_SPLITS chunks of KEY_CHUNK keys, a multiple of BLOCK_N): split
-    s takes batch chunk s // KEY_SPLITS and key chunk s % KEY_SPLITS, one fp32 partial each."""
+    s takes batch chunk s // KEY_SPLITS and key chunk s % KEY_SPLITS, one fp32 partial each.
+
+    SINGLE_PASS (GROUP = 1 and one query block holds every query, the launcher's condition): then this
+    program is the only one to meet each (sample, head, key block) it visits, so it also stores that
+    block's dK and dV (complete: there is no other query block or head to sum over) and forms delta
+    from O itself. The whole backward is this one launch, and K, V are read once instead of twice."""
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
     bq = pid_bh // Hq
@@ -363,12 +378,19 @@ def attn_bwd_dq_kernel(
                      + offs_d[None, :] * stride_gd, mask=mask_md, other=0.0)
         row = b * stride_lb + h * stride_lh + offs_m * stride_lm
         lse = tl.load(lse_ptr + row, mask=mask_m, other=float("inf"))
-        delta = tl.load(delta_ptr + row, mask=mask_m, other=0.0)
+        if SINGLE_PASS:
+            o = tl.load(o_ptr + b * stride_ob + h * stride_oh + offs_m[:, None] * stride_om
+                        + offs_d[None, :] * stride_od, mask=mask_md, other=0.0)
+            delta = tl.sum(o.to(ACC_DTYPE) * do.to(ACC_DTYPE), 1)
+        else:
+            delta = tl.load(delta_ptr + row, mask=mask_m, other=0.0)
         n_end = Lk
         if HAS_LENS:
             n_end = tl.minimum(n_end, tl.load(kv_lens_ptr + b * stride_lens).to(tl.int32))
+        # Keys past kv_lens still get their dK = dV = 0 stored when this program owns them.
+        n_stop = tl.minimum(Lk if SINGLE_PASS else n_end, n_start + KEY_CHUNK)
         n_end = tl.minimum(n_end, n_start + KEY_CHUNK)
-        for n0 in range(n_start, n_end, BLOCK_N):
+        for n0 in range(n_start, n_stop, BLOCK_N):
             offs_n = n0 + tl.arange(0, BLOCK_N)
             valid = _key_valid(offs_n, n_end, mask_ptr + b * stride_mb, stride_mn, L1, HAS_MASK, TWO_SOURCES)
             kv_mask = valid[:, None] & (offs_d < D)[None, :]
@@ -383,6 +405,20 @@ def attn_bwd_dq_kernel(
             dp = tl.dot(do, tl.trans(v), input_precision=INPUT_PRECISION, out_dtype=ACC_DTYPE).to(ACC_DTYPE)
             ds = p * (dp - delta[:, None])
             dq += tl.dot(ds.to(k.dtype), k, input_precision=INPUT_PRECISION, out_dtype=ACC_DTYPE).to(ACC_DTYPE)
+            if SINGLE_PASS:
+                # K and V were loaded as 0 where a key is left out, so P, dP and dS are 0 there and so
+                # are its dK and dV: no select needed (a NaN in a masked-out row never enters).
+                dv = tl.dot(tl.trans(p.to(do.dtype)), do, input_precision=INPUT_PRECISION, out_dtype=ACC_DTYPE)
+                dk = tl.dot(tl.trans(ds.to(q.dtype)), q, input_precision=INPUT_PRECISION, out_dtype=ACC_DTYPE)
+                store_mask = (offs_n < Lk)[:, None] & (offs_d < D)[None, :]
+                tl.store(_kv_ptrs(dk_ptr + b * stride_dkb + hkv * stride_dkh,
+                                  dk2_ptr + b * stride_dk2b + hkv * stride_dk2h, offs_n, offs_d, stride_dkn,
+                                  stride_dkd, stride_dk2n, stride_dk2d, L1, TWO_SOURCES, False),
+                         (dk.to(ACC_DTYPE) * sm_scale).to(dk_ptr.dtype.element_ty), mask=store_mask)
+                tl.store(_kv_ptrs(dv_ptr + b * stride_dvb + hkv * stride_dvh,
+                                  dv2_ptr + b * stride_dv2b + hkv * stride_dv2h, offs_n, offs_d, stride_dvn,
+                                  stride_dvd, stride_dv2n, stride_dv2d, L1, TWO_SOURCES, False),
+                         dv.to(ACC_DTYPE).to(dv_ptr.dtype.element_ty), mask=store_mask)
     dq_ptrs = (dq_ptr + split * stride_dqs + bq * stride_dqb + h * stride_dqh + offs_m[:, None] * stride_dqm
                + offs_d[None, :] * stride_dqd)
     tl.store(dq_ptrs, (dq * sm_scale).to(dq_ptr.dtype.element_ty), mask=mask_md)
@@ -444,6 +480,22 @@ def blocks_for(Lq: int, D: int, backward: bool = False, elem_bytes: int = 2) -> 
     return gpu_blocks(Lq, D, backward, elem_bytes)
 
 
+def single_pass_blocks(Lq: int, D: int, elem_bytes: int = 2, gpu: bool | None = None) -> dict:
+    """Tiles of the single-pass backward: the backward's, except that 33-64 queries take one 64-query
+    block for 2-byte inputs at D <= 64 (OpenFlamingo's 64 latents), where the program's Q, dO, O and
+    fp32 dQ tiles still fit beside a key block's (the compile check holds it to no spills)."""
+    if gpu is None:
+        gpu = not INTERPRET or gpu_config_on()
+    if not gpu:
+        return dict(INTERPRETER_BLOCKS, num_warps=4, num_stages=1)
+    blk = gpu_blocks(Lq, D, backward=True, elem_bytes=elem_bytes)
+    if blk["BLOCK_N"] > 32:
+        blk = dict(blk, BLOCK_N=32)
+    if 32 < Lq <= 64 and elem_bytes <= 2 and block_d(D, gpu=True) <= 64:
+        blk = dict(blk, BLOCK_M=64)
+    return blk
+
+
 def rowwise_blocks(D: int, gpu: bool | None = None) -> dict:
     """Tiles of the row-wise kernels (split combine, delta): whole rows of BLOCK_D, and as many rows as
     keep one (rows x BLOCK_D) fp32 tile at 32 values per thread of 4 warps, so no head dim spills
@@ -485,30 +537,32 @@ def dq_efficiency(programs: int, batch_loop: int, key_blocks: int, b: int, k: in
 
 
 def dq_splits_for(B: int, Bq: int, Hq: int, Hkv: int, Lq: int, Lk: int, D: int, elem: int, blocks: dict,
-                  sms: int) -> tuple[int, int]:
-    """(batch splits, key splits) of dQ (``_dq_splits``, cached per shape: it runs on every backward)."""
-    return _dq_splits(B, Bq, Hq, Hkv, Lq, Lk, D, elem, blocks["BLOCK_M"], blocks["BLOCK_N"], sms)
+                  sms: int, single_pass: bool = False) -> tuple[int, int]:
+    """(batch splits, key splits) of dQ (``_dq_splits``, cached per shape: it runs on every backward).
+    ``single_pass``: of the launch that also writes dK, dV (``attn_bwd_dq_kernel``'s SINGLE_PASS)."""
+    return _dq_splits(B, Bq, Hq, Hkv, Lq, Lk, D, elem, blocks["BLOCK_M"], blocks["BLOCK_N"], sms, single_pass)[:2]
 
 
 @functools.lru_cache(maxsize=4096)
 def _dq_splits(B: int, Bq: int, Hq: int, Hkv: int, Lq: int, Lk: int, D: int, elem: int, block_m: int, block_n: int,
-               sms: int) -> tuple[int, int]:
-    """(batch splits, key splits) of dQ. The batch loop of shared queries splits first
+               sms: int, single_pass: bool = False) -> tuple[int, int, float]:
+    """(batch splits, key splits, modelled µs) of dQ. The batch loop of shared queries splits first
     (``choose_splits``); when that cannot reach TARGET_WAVE_EFFICIENCY (batch 1, or few samples) the
     keys may split too, if the modelled time says so (roofline at the grid's efficiency, the fp32
     partials written and read back, the summing launch): Idefics2 at batch 1 (32 programs over 78 key
-    blocks) splits, the short key sets of OpenFlamingo and BLIP-2 do not."""
+    blocks) splits, the short key sets of OpenFlamingo and BLIP-2 do not. The single pass does five
+    matrix products instead of three, reads O and writes dK, dV besides."""
     programs = cdiv(Lq, block_m) * Bq * Hq
     batch_loop = B if Bq == 1 else 1
     key_blocks = max(1, cdiv(Lk, block_n))
     b = choose_splits(programs, batch_loop, sms)
     b = cdiv(batch_loop, cdiv(batch_loop, b))
-    if split_efficiency(programs, batch_loop, b, sms) >= TARGET_WAVE_EFFICIENCY:
-        return b, 1
     k = choose_splits(programs * b, key_blocks, sms)
     k = cdiv(key_blocks, cdiv(key_blocks, k))
-    flops = 6 * B * Hq * Lq * Lk * D  # three matrix products
+    flops = (10 if single_pass else 6) * B * Hq * Lq * Lk * D
     base = (2 * B * Hkv * Lk + B * Hq * Lq + Bq * Hq * Lq) * D * elem
+    if single_pass:
+        base += (2 * B * Hkv * Lk + B * Hq * Lq) * D * elem
     partial = Bq * Hq * Lq * D * 4
 
     def us(kk):
@@ -517,7 +571,42 @@ def _dq_splits(B: int, Bq: int, Hq: int, Hkv: int, Lq: int, Lk: int, D: int, ele
                 (base + (total * partial if total > 1 else partial // 2)) / PEAK_BYTES) * 1e6 + LAUNCH_US
         return t + ((total * partial + partial // 2) / PEAK_BYTES * 1e6 + LAUNCH_US if total > 1 else 0.0)
 
-    return (b, k) if us(k) < us(1) else (b, 1)
+    if split_efficiency(programs, batch_loop, b, sms) >= TARGET_WAVE_EFFICIENCY or us(k) >= us(1):
+        return b, 1, us(1)
+    return b, k, us(k)
+
+
+def single_pass_eligible(Hq: int, Hkv: int, Lq: int, block_m: int) -> bool:
+    """The single-pass backward's condition: each (sample, head, key block) is met by exactly one dQ
+    program, i.e. no query-head group shares the keys and one query block holds every query."""
+    return Hq == Hkv and 1 <= Lq <= block_m
+
+
+def bwd_plan(B: int, Bq: int, Hq: int, Hkv: int, Lq: int, Lk: int, D: int, elem: int, blocks: dict,
+             single_blocks: dict, sms: int) -> tuple[bool, int, int]:
+    """(single pass, dQ's batch splits, dQ's key splits) of a backward needing every gradient: the
+    single pass (at ``single_blocks``) where it is allowed and its modelled time is lower than that of
+    delta + dK/dV + dQ (at ``blocks``). ``_bwd_plan``, cached per shape."""
+    return _bwd_plan(B, Bq, Hq, Hkv, Lq, Lk, D, elem, blocks["BLOCK_M"], blocks["BLOCK_N"],
+                     single_blocks["BLOCK_M"], single_blocks["BLOCK_N"], sms)
+
+
+@functools.lru_cache(maxsize=4096)
+def _bwd_plan(B: int, Bq: int, Hq: int, Hkv: int, Lq: int, Lk: int, D: int, elem: int, block_m: int, block_n: int,
+              single_m: int, single_n: int, sms: int) -> tuple[bool, int, int]:
+    b, k, dq_us = _dq_splits(B, Bq, Hq, Hkv, Lq, Lk, D, elem, block_m, block_n, sms)
+    if not single_pass_eligible(Hq, Hkv, Lq, single_m):
+        return False, b, k
+    rows = B * Hq * Lq
+    delta_us = (2 * rows * D * elem + rows * 4) / PEAK_BYTES * 1e6 + LAUNCH_US
+    dkdv_programs = max(1, cdiv(Lk, block_n)) * B * Hkv
+    dkdv_bytes = (4 * B * Hkv * Lk + Bq * Hq * Lq + rows) * D * elem + 2 * rows * 4
+    dkdv_eff = dkdv_programs / (cdiv(dkdv_programs, sms) * sms)
+    dkdv_us = max(8 * B * Hq * Lq * Lk * D / (PEAK_FLOPS * dkdv_eff), dkdv_bytes / PEAK_BYTES) * 1e6 + LAUNCH_US
+    sb, sk, single_us = _dq_splits(B, Bq, Hq, Hkv, Lq, Lk, D, elem, single_m, single_n, sms, True)
+    if single_us < delta_us + dkdv_us + dq_us:
+        return True, sb, sk
+    return False, b, k
 
 
 def fwd_modelled_us(B: int, Bq: int, Hq: int, Hkv: int, Lq: int, Lk: int, D: int, elem: int, splits: int,
@@ -644,17 +733,33 @@ def attention_fwd(q, k, v, kv_lens, key_mask, scale, splits=None, acc=torch.floa
 
 
 def attention_bwd(do, q, k, v, o, lse, kv_lens, key_mask, scale, need_q=True, need_kv=True,
-                  acc=torch.float32, precision="ieee", dq_splits=None, k2=None, v2=None):
+                  acc=torch.float32, precision="ieee", dq_splits=None, k2=None, v2=None, single_pass=None):
     """(dq shaped like q, dk, dv shaped like k, v); None for what is not needed. ``dq_splits``: how
     many ways dQ splits the batch loop of shared queries, or (batch splits, key splits) (default:
-    ``dq_splits_for`` on 132 SMs).
+    the modelled choice on the device's SMs). ``single_pass``: the whole backward in one launch
+    (``attn_bwd_dq_kernel`` with SINGLE_PASS; every gradient needed, no query-head groups, every query
+    in one block); None: where ``bwd_plan`` models it faster than delta + dK/dV + dQ.
     With a second source ``k2, v2``: dk and dv are pairs (shaped like k, k2 and v, v2), written by the
     same kernel (a key block straddling the seam stores each row in its own tensor)."""
     B, Hkv, Lk, D = k.shape
     k2, v2, s2, L1, two = _second_source(k, v, k2, v2)
     Lk = L1 + (k2.shape[2] if two else 0)
     Bq, Hq, Lq = q.shape[0], q.shape[1], q.shape[2]
-    blk = blocks_for(Lq, D, backward=True, elem_bytes=q.element_size())
+    elem = q.element_size()
+    blk = blocks_for(Lq, D, backward=True, elem_bytes=elem)
+    single_blk = single_pass_blocks(Lq, D, elem)
+    eligible = need_q and need_kv and single_pass_eligible(Hq, Hkv, Lq, single_blk["BLOCK_M"]) and B > 0
+    if single_pass and not eligible:
+        raise ValueError(f"attention_bwd: single_pass=True needs dq, dk and dv, Hq == Hkv and 1 <= Lq <= BLOCK_M "
+                         f"(= {single_blk['BLOCK_M']}) and B > 0; got need_q={need_q}, need_kv={need_kv}, Hq={Hq}, "
+                         f"Hkv={Hkv}, Lq={Lq}, B={B}")
+    plan = None
+    if eligible and single_pass is None:
+        plan = bwd_plan(B, Bq, Hq, Hkv, Lq, Lk, D, elem, blk, single_blk, num_sms(q.device))
+        single_pass = plan[0]
+    single = bool(eligible and single_pass)
+    if single:
+        blk = single_blk
     BM, BN, BD = blk["BLOCK_M"], blk["BLOCK_N"], block_d(D)
     qs = _strides4(q)
     if Bq == 1:
@@ -665,25 +770,24 @@ def attention_bwd(do, q, k, v, o, lse, kv_lens, key_mask, scale, need_q=True, ne
                   INPUT_PRECISION=precision,
                   ACC_DTYPE=_tl_acc(acc), BLOCK_M=BM, BLOCK_N=BN, BLOCK_D=BD,
                   num_warps=blk["num_warps"], num_stages=blk["num_stages"])
-    if delta.numel():
+    if delta.numel() and not single:
         rb = rowwise_blocks(D)
         attn_delta_kernel[(cdiv(Lq, rb["BLOCK_M"]), B * Hq)](
             o, do, delta, *_strides4(o), *_strides4(do), *delta.stride(), Hq, Lq, D,
             ACC_DTYPE=_tl_acc(acc), **rb, num_stages=1)
     dq = dk = dv = None
+    kv_out = [0] * 16
     if need_kv:
         dk = empty(k.shape, dtype=k.dtype, device=k.device)
         dv = empty(v.shape, dtype=v.dtype, device=v.device)
         dk2 = empty(k2.shape, dtype=k.dtype, device=k.device) if two else dk
         dv2 = empty(v2.shape, dtype=v.dtype, device=v.device) if two else dv
-        if B * Hkv * Lk * D:
+        kv_out = _strides4(dk) + _strides4(dv) + (_strides4(dk2) + _strides4(dv2) if two else [0] * 8)
+        if B * Hkv * Lk * D and not single:
             attn_bwd_dkdv_kernel[(cdiv(Lk, BN), B * Hkv)](
                 q, k, v, k2, v2, do, lse, delta, dk, dv, dk2, dv2, lens, mask,
                 *qs, *_strides4(k), *_strides4(v), *s2, *_strides4(do), *lse.stride(), *mask_strides,
-                *_strides4(dk), *_strides4(dv), *(_strides4(dk2) + _strides4(dv2) if two else [0] * 8),
-                Hkv, Lq, Lk, L1, D, Hq // Hkv, float(scale * LOG2E), float(scale), **common)
-        if two:
-            dk, dv = (dk, dk2), (dv, dv2)
+                *kv_out, Hkv, Lq, Lk, L1, D, Hq // Hkv, float(scale * LOG2E), float(scale), **common)
     if need_q:
         dq = empty(q.shape, dtype=q.dtype, device=q.device)
         if dq.numel() and B == 0:  # shared queries over an empty batch: an empty sum
@@ -691,7 +795,11 @@ def attention_bwd(do, q, k, v, o, lse, kv_lens, key_mask, scale, need_q=True, ne
         elif dq.numel():
             batch_loop = B if Bq == 1 else 1
             key_blocks = max(1, cdiv(Lk, BN))
-            splits, key_splits = dq_splits_for(B, Bq, Hq, Hkv, Lq, Lk, D, q.element_size(), blk, num_sms(q.device))
+            if plan is not None:
+                splits, key_splits = plan[1:]
+            else:
+                splits, key_splits = dq_splits_for(B, Bq, Hq, Hkv, Lq, Lk, D, elem, blk, num_sms(q.device),
+                                                   single_pass=single)
             if dq_splits is not None:
                 splits, key_splits = (dq_splits, 1) if isinstance(dq_splits, int) else dq_splits
             chunk = cdiv(batch_loop, max(1, min(int(splits), batch_loop)))
@@ -702,12 +810,16 @@ def attention_bwd(do, q, k, v, o, lse, kv_lens, key_mask, scale, need_q=True, ne
             target = empty((splits, *q.shape), dtype=acc, device=q.device) if splits > 1 else dq
             attn_bwd_dq_kernel[(cdiv(Lq, BM), Bq * Hq, splits)](
                 q, k, v, k2, v2, do, lse, delta, target, lens, mask,
+                o, *((dk, dv, dk2, dv2) if single else (delta,) * 4),
                 *qs, *_strides4(k), *_strides4(v), *s2, *_strides4(do), *lse.stride(), *mask_strides,
                 target.stride(0) if splits > 1 else 0, *_strides4(target[0] if splits > 1 else dq),
+                *_strides4(o), *kv_out,
                 Hq, Lq, Lk, L1, D, Hq // Hkv, batch_loop, chunk, key_chunk, key_splits, float(scale * LOG2E),
-                float(scale), **common)
+                float(scale), SINGLE_PASS=single, **common)
             if splits > 1:
                 dq = target.sum(0).to(q.dtype)  # over the leading dim: a fixed order, no atomics
+    if need_kv and two:
+        dk, dv = (dk, dk2), (dv, dv2)
     return dq, dk, dv
 
 
@@ -829,14 +941,40 @@ def aot_specs():
                 else:
                     # Shared queries over batch 8: 2 x 16 programs, the batch split 4 ways (fp32 partials).
                     dq_splits = choose_splits(cdiv(lq, BM) * Hq, B, 132)
+                    # (The single pass's outputs are dummies here: SINGLE_PASS is off.)
                     args = dict(base, dq_ptr=acc_ptr, Hq=Hq, BATCH_LOOP=B, BATCH_CHUNK=cdiv(B, dq_splits),
                                 KEY_CHUNK=cdiv(Lk, BN) * BN, KEY_SPLITS=1,
                                 stride_dqs=Hq * lq * D,
                                 **dict(zip(["stride_dqb", "stride_dqh", "stride_dqm", "stride_dqd"],
-                                           strides(1, Hq, lq, D))))
+                                           strides(1, Hq, lq, D))),
+                                o_ptr=ptr, dk_ptr=acc_ptr, dv_ptr=acc_ptr, dk2_ptr=acc_ptr, dv2_ptr=acc_ptr,
+                                **dict(zip(["stride_ob", "stride_oh", "stride_om", "stride_od"], o_s)),
+                                **{f"stride_d{t}{a}": 0 for t in ("k", "v", "k2", "v2") for a in "bhnd"})
                     specs.append(spec("attn_bwd_dq_kernel", attn_bwd_dq_kernel, "dQ, batch split",
-                                      dtype, ptr, D, args, common, precision == "tf32" or elem != 4, warps, stages,
+                                      dtype, ptr, D, args, dict(common, SINGLE_PASS=False),
+                                      precision == "tf32" or elem != 4, warps, stages,
                                       sm90="wgmma" if BM >= 64 and elem != 8 else "mma.sync"))
+                    # The single pass (no head groups, every query in one block): the same program also
+                    # stores dK, dV and forms delta from O. Broadcast queries over the batch, split; one
+                    # spec per tile it takes (<= 32 queries, and 33-64).
+                    dq_args = args
+                    for sp_blk in {repr(b_): b_ for b_ in (single_pass_blocks(n, D, elem, gpu=True)
+                                                           for n in (32, 64))}.values():
+                        lq1 = sp_blk["BLOCK_M"] - 5
+                        per_row = [0] + strides(Hkv, lq1, D)
+                        args = dict(dq_args, Hq=Hkv, GROUP=1, Lq=lq1, dk_ptr=ptr, dv_ptr=ptr, dk2_ptr=ptr, dv2_ptr=ptr,
+                                    stride_dqs=Hkv * lq1 * D, **dict(zip(["stride_lb", "stride_lh", "stride_lm"],
+                                                                        strides(B, Hkv, lq1))),
+                                    **{f"stride_{t}{a}": x for t in ("q", "dq") for a, x in zip("bhmd", per_row)},
+                                    **{f"stride_{t}{a}": x for t in ("g", "o") for a, x in zip("bhmd",
+                                                                                             strides(B, Hkv, lq1, D))},
+                                    **{f"stride_{t}{a}": x for t in ("dk", "dv") for a, x in zip("bhnd", k_s)})
+                        cx = dict(common, SINGLE_PASS=True, BLOCK_M=sp_blk["BLOCK_M"], BLOCK_N=sp_blk["BLOCK_N"])
+                        sp = spec("attn_bwd_dq_kernel", attn_bwd_dq_kernel, "single pass (dQ, dK, dV)", dtype, ptr, D,
+                                  args, cx, precision == "tf32" or elem != 4, sp_blk["num_warps"],
+                                  sp_blk["num_stages"], sm90="wgmma" if sp_blk["BLOCK_M"] >= 64 and elem != 8
+                                  else "mma.sync")
+                        specs.append(sp)
     # A head dim whose rows are not 16-byte multiples (fp64 at D = 3, the gradchecks') has no 128-bit
     # loads to make.
     import dataclasses

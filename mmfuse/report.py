@@ -99,15 +99,19 @@ def _attention_grids(s, batch: int) -> dict:
     dkdv = cdiv(s.keys, bblk["BLOCK_N"]) * batch * s.kv_heads
     dq = cdiv(s.queries, bblk["BLOCK_M"]) * s.heads
     dq_key_blocks = cdiv(s.keys, bblk["BLOCK_N"])
-    dq_splits, dq_key_splits = KA.dq_splits_for(batch, 1, s.heads, s.kv_heads, s.queries, s.keys, s.head_dim, 2,
-                                                bblk, SMS)
+    sblk = KA.single_pass_blocks(s.queries, s.head_dim, gpu=True)
+    single, dq_splits, dq_key_splits = KA.bwd_plan(batch, 1, s.heads, s.kv_heads, s.queries, s.keys, s.head_dim, 2,
+                                                   bblk, sblk, SMS)
+    if single:  # dQ's programs at the single pass's tile (and no dK/dV launch)
+        bblk = sblk
+        dq = cdiv(s.queries, bblk["BLOCK_M"]) * s.heads
     dq_eff = KA.dq_efficiency(dq, batch, dq_key_blocks, dq_splits, dq_key_splits, SMS)
     return dict(blocks=(blk["BLOCK_M"], blk["BLOCK_N"]), bwd_blocks=(bblk["BLOCK_M"], bblk["BLOCK_N"]),
                 programs=programs, unsplit_eff=KA.split_efficiency(programs, key_blocks, 1, SMS), splits=splits,
                 launched=programs * cdiv(key_blocks, cdiv(key_blocks, splits)),
                 fwd_eff=KA.split_efficiency(programs, key_blocks, splits, SMS),
                 dkdv=dkdv, dkdv_eff=grid_efficiency(dkdv),
-                dq=dq, dq_splits=dq_splits, dq_key_splits=dq_key_splits, dq_eff=dq_eff)
+                dq=dq, dq_splits=dq_splits, dq_key_splits=dq_key_splits, dq_eff=dq_eff, single_pass=single)
 
 
 def compile_section(reports) -> list[str]:
@@ -196,7 +200,7 @@ def waves_section() -> list[str]:
                               f"({KP.dw_split_efficiency(D, K, M, tile, splits, SMS):.0%})")
             lines.append(f"| {s.name} | {batch} | {gemms['fwd'][0]} x {s.dim} | " + " | ".join(cells) + " |")
     lines += ["", "### Cross-attention (forward `attn_fwd_kernel` with split-KV; backward `attn_bwd_dkdv_kernel`, "
-              "`attn_bwd_dq_kernel`; shared learnable queries)", "",
+              "`attn_bwd_dq_kernel`, or the single pass of the latter; shared learnable queries)", "",
               "| shape | batch | fwd programs without split (efficiency) | splits | fwd programs (efficiency) "
               "| dK/dV programs (efficiency) | dQ programs x batch splits (efficiency) |",
               "| --- | --- | --- | --- | --- | --- | --- |"]
@@ -204,8 +208,9 @@ def waves_section() -> list[str]:
         for batch in (1, 8, 64):
             g = _attention_grids(s, batch)
             lines.append(f"| {s.name} | {batch} | {g['programs']} ({g['unsplit_eff']:.0%}) | {g['splits']} | "
-                         f"{g['launched']} ({g['fwd_eff']:.0%}) | {g['dkdv']} ({g['dkdv_eff']:.0%}) | "
-                         f"{g['dq']} x {g['dq_splits']}"
+                         f"{g['launched']} ({g['fwd_eff']:.0%}) | "
+                         + ("none: single pass | " if g["single_pass"] else f"{g['dkdv']} ({g['dkdv_eff']:.0%}) | ")
+                         + f"{g['dq']} x {g['dq_splits']}"
                          + (f" x {g['dq_key_splits']} key splits" if g["dq_key_splits"] > 1 else "")
                          + f" ({g['dq_eff']:.0%}) |")
     return lines
@@ -416,7 +421,9 @@ def attention_traffic_section() -> list[str]:
              "splits; backward: delta, dK/dV (one program per key block and KV head: 4 matrix products), dQ (one "
              "program per query block and head, looping over its share of the batch when the queries are shared, "
              "the batch split like the forward's keys: 3 matrix products, recomputing P and dP), plus the sum of "
-             "dQ's fp32 partials when split; distinct bytes per launch. Baseline: SDPA (flash) on keys and "
+             "dQ's fp32 partials when split; or, without query-head groups and with every query in one block, "
+             "where modelled faster, the single pass (dQ's programs also write dK, dV and form delta: 5 matrix "
+             "products, K and V read once; dK/dV column —); distinct bytes per launch. Baseline: SDPA (flash) on keys and "
              "values repeated to the query heads (`repeat_interleave`, one copy each when grouped) and the queries "
              "expanded over the batch, each kernel reading its inputs once; its backward as FlashAttention-2 runs "
              "it (dO·O with a zeroed fp32 dQ accumulator; the main kernel with 5 matrix products, its dQ atomics "
@@ -433,7 +440,8 @@ def attention_traffic_section() -> list[str]:
             splits, fwd_eff, dkdv_eff, dq_eff = g["splits"], g["fwd_eff"], g["dkdv_eff"], g["dq_eff"]
             fwd = attention_fwd_traffic(batch, 1, s.heads, s.kv_heads, s.queries, s.keys, hd, g["blocks"], splits, e)
             bwd = attention_bwd_traffic(batch, 1, s.heads, s.kv_heads, s.queries, s.keys, hd, g["bwd_blocks"], e,
-                                        dq_splits=g["dq_splits"], dq_key_splits=g["dq_key_splits"])
+                                        dq_splits=g["dq_splits"], dq_key_splits=g["dq_key_splits"],
+                                        single_pass=g["single_pass"])
             pair = 2 * batch * s.heads * s.queries * s.keys * hd  # one matrix product, all heads and samples
             rows = batch * s.heads * s.queries
             kv, kv_rep = batch * s.kv_heads * s.keys * hd * e, batch * s.heads * s.keys * hd * e
@@ -452,8 +460,11 @@ def attention_traffic_section() -> list[str]:
                              + fwd["lse"].stored, 1.0)]
             else:
                 ours_fwd = [(2 * pair, _hbm(fwd), fwd_eff)]
-            ours_bwd = [(0, _hbm(bwd["delta"]), 1.0), (4 * pair, _hbm(bwd["dkdv"]), dkdv_eff),
-                        (3 * pair, _hbm(bwd["dq"]), dq_eff)]
+            if g["single_pass"]:  # one launch: dQ's programs also write dK, dV and form delta
+                ours_bwd = [(5 * pair, _hbm(bwd["dq"]), dq_eff)]
+            else:
+                ours_bwd = [(0, _hbm(bwd["delta"]), 1.0), (4 * pair, _hbm(bwd["dkdv"]), dkdv_eff),
+                            (3 * pair, _hbm(bwd["dq"]), dq_eff)]
             if "dq_sum" in bwd:  # the fp32 partials of a batch-split dQ, summed by one torch reduction
                 ours_bwd.append((0, _hbm(bwd["dq_sum"]), 1.0))
             t_sdpa_fwd, t_sdpa, t_fwd, t_all = _step_times(sdpa_fwd, sdpa_bwd, ours_fwd, ours_bwd)
@@ -461,7 +472,8 @@ def attention_traffic_section() -> list[str]:
                 f"| {s.name} | {batch} | {splits} | {sum(b for _, b in sdpa_fwd) / 1e6:.2f} → {_hbm(fwd) / 1e6:.2f} "
                 f"| {sum(b for _, b in sdpa_bwd) / 1e6:.2f} → {sum(_hbm(t) for t in bwd.values()) / 1e6:.2f} | "
                 f"{len(sdpa_fwd)} → {len(ours_fwd)}, {len(sdpa_bwd)} → {len(ours_bwd)} | "
-                f"{fwd_eff:.0%} / {dkdv_eff:.0%} / {dq_eff:.0%} | {t_sdpa_fwd:.0f} → {t_fwd:.0f} | "
+                f"{fwd_eff:.0%} / {'—' if g['single_pass'] else f'{dkdv_eff:.0%}'} / {dq_eff:.0%} | "
+                f"{t_sdpa_fwd:.0f} → {t_fwd:.0f} | "
                 f"{t_sdpa_fwd / t_fwd:.2f}x | {t_sdpa:.0f} → {t_all:.0f} | {t_sdpa / t_all:.2f}x |")
     return lines
 

@@ -211,8 +211,8 @@ def attention_fwd_traffic(B: int, Bq: int, Hq: int, Hkv: int, Lq: int, Lk: int, 
 
 
 def attention_bwd_traffic(B: int, Bq: int, Hq: int, Hkv: int, Lq: int, Lk: int, D: int, blocks: tuple[int, int],
-                          elem: int, acc_elem: int = 4, dq_splits: int = 1, dq_key_splits: int = 1
-                          ) -> dict[str, dict[str, Traffic]]:
+                          elem: int, acc_elem: int = 4, dq_splits: int = 1, dq_key_splits: int = 1,
+                          single_pass: bool = False) -> dict[str, dict[str, Traffic]]:
     """Per launch of ``attention_bwd`` (dq, dk and dv all needed, no kv_lens / key_mask), per tensor:
 
     * "delta" (``attn_delta_kernel``): reads o and dO once, writes delta (fp32 per row).
@@ -225,6 +225,8 @@ def attention_bwd_traffic(B: int, Bq: int, Hq: int, Hkv: int, Lq: int, Lk: int, 
       an fp32 partial per split ("dq_partial"); with ``dq_key_splits`` > 1 each (batch share, key
       chunk) is a split, loading its q block, and dO, lse, delta once per key chunk; the partials
     * "dq_sum" (a torch reduction, not a Triton launch) reads back and sums into dQ.
+    ``single_pass`` (Hq = Hkv, every query in one block): "dq" alone does the whole backward, also
+    loading o (for delta; no "delta" launch) and storing dK, dV, and there is no "dkdv" launch.
     ``blocks`` = (BLOCK_M, BLOCK_N) of the backward."""
     bm, bn = blocks
     rows = B * Hq * Lq
@@ -246,6 +248,13 @@ def attention_bwd_traffic(B: int, Bq: int, Hq: int, Hkv: int, Lq: int, Lk: int, 
           "lse": Traffic(ks * row_acc, row_acc), "delta": Traffic(ks * row_acc, row_acc), "k": Traffic(kv_loaded, kv),
           "v": Traffic(kv_loaded, kv)}
     out = {"delta": delta, "dkdv": dkdv, "dq": dq}
+    if single_pass:
+        if Hq != Hkv or qm != 1:
+            raise ValueError(f"attention_bwd_traffic: single_pass needs Hq == Hkv and Lq <= BLOCK_M; got Hq={Hq}, "
+                             f"Hkv={Hkv}, Lq={Lq}, BLOCK_M={bm}")
+        del dq["delta"]
+        dq.update(o=Traffic(ks * row_d, row_d), dk=Traffic(stored=kv), dv=Traffic(stored=kv))
+        out = {"dq": dq}
     if splits == 1:
         dq["dq"] = Traffic(stored=q_unique)
     else:

@@ -180,6 +180,92 @@ def test_dq_of_shared_queries_split_over_the_batch(dq_splits, monkeypatch):
     assert KA.choose_splits(8, 5, 132) == 5
 
 
+# The single-pass backward: one dQ program owns each (sample, head, key block), so it writes dK / dV too.
+SINGLE_PASS_CASES = [
+    # Bq, B, H, Lq, Lk, D, dtype, padding, dq_splits, two sources
+    (1, 3, 2, 13, 70, 24, torch.float32, False, None, False),         # shared queries, the batch loop
+    (3, 3, 2, 16, 70, 24, torch.float16, True, None, False),          # queries per sample, kv_lens + mask
+    (1, 3, 2, 9, 50, 20, torch.bfloat16, True, (2, 2), False),        # batch and key splits: fp32 partials
+    (1, 2, 3, 7, 45, 40, torch.float32, True, None, True),            # media ‖ latents, seam in a block
+]
+
+
+@pytest.mark.parametrize("Bq,B,H,Lq,Lk,D,dtype,padding,dq_splits,two", SINGLE_PASS_CASES,
+                         ids=lambda v: str(v).replace("torch.", ""))
+def test_single_pass_backward_matches_the_two_pass_one(Bq, B, H, Lq, Lk, D, dtype, padding, dq_splits, two,
+                                                       launches):
+    # Every query in one backward block and no head groups: delta + dK/dV + dQ (three launches) become
+    # one, with the same products in the same order (bit for bit interpreted). Keys past kv_lens and
+    # masked keys get dK = dV = 0 written by the program that owns them (outputs are NaN-poisoned).
+    q, k, v = _qkv(Bq, B, H, H, Lq, Lk, D, dtype)
+    kw = {}
+    if padding:
+        kw = dict(kv_lens=torch.tensor([Lk, Lk - 30, 0][:B], dtype=torch.int32), key_mask=torch.rand(B, Lk) > 0.3)
+    k2 = v2 = None
+    if two:
+        k, k2, v, v2 = k[:, :, :Lk - 9], k[:, :, Lk - 9:], v[:, :, :Lk - 9], v[:, :, Lk - 9:]
+        if padding:
+            kw["key_mask"] = kw["key_mask"][:, :Lk - 9]
+    scale = D ** -0.5
+    o, lse = KA.attention_fwd(q, k, v, kw.get("kv_lens"), kw.get("key_mask"), scale, k2=k2, v2=v2)
+    do = torch.randn_like(o)
+    args = (do, q, k, v, o, lse, kw.get("kv_lens"), kw.get("key_mask"), scale)
+    del launches[:]
+    one = KA.attention_bwd(*args, dq_splits=dq_splits, k2=k2, v2=v2, single_pass=True)
+    assert launches == ["attn_bwd_dq_kernel"]
+    three = KA.attention_bwd(*args, dq_splits=dq_splits, k2=k2, v2=v2, single_pass=False)
+    assert launches[1:] == ["attn_delta_kernel", "attn_bwd_dkdv_kernel", "attn_bwd_dq_kernel"]
+    flat = lambda grads: [t for g in grads for t in (g if isinstance(g, tuple) else (g,))]  # noqa: E731
+    for a, b in zip(flat(one), flat(three)):
+        assert torch.equal(a, b)
+    if padding:  # the zeros past kv_lens are stores of their own, not left-over memory
+        dk = torch.cat(one[1], 2) if two else one[1]
+        assert torch.equal(dk[1, :, Lk - 30:], torch.zeros_like(dk[1, :, Lk - 30:]))
+
+
+def test_single_pass_is_the_plan_where_it_is_allowed_and_faster(launches):
+    # Through autograd: an eligible shape (Hq = Hkv, every query in one block) runs one backward launch
+    # and matches the reference; grouped heads, or more queries than a block, keep the three launches.
+    q, k, v = _qkv(1, 3, 2, 2, 11, 50, 24)
+    del launches[:]
+    _check(q, k, v)
+    assert launches.count("attn_bwd_dq_kernel") == launches.count("attn_fwd_kernel") > 0
+    assert "attn_bwd_dkdv_kernel" not in launches and "attn_delta_kernel" not in launches
+    for shape in ((1, 3, 4, 2, 11, 50, 24), (1, 3, 2, 2, 40, 50, 24)):
+        del launches[:]
+        _check(*_qkv(*shape))
+        assert "attn_bwd_dkdv_kernel" in launches
+    # The model's verdict at the report's shapes (H100, bf16, shared queries): BLIP-2 (32 queries) and
+    # OpenFlamingo (64 queries: the single pass's 64-query tile at D = 64) have no head groups and take
+    # it at every batch; Idefics2 (4 query heads per KV head) cannot.
+    def plan(B, H, Hkv, Lq, Lk, D):
+        return KA.bwd_plan(B, 1, H, Hkv, Lq, Lk, D, 2, KA.gpu_blocks(Lq, D, backward=True),
+                           KA.single_pass_blocks(Lq, D, 2, gpu=True), 132)[0]
+
+    assert KA.single_pass_blocks(64, 64, 2, gpu=True)["BLOCK_M"] == 64
+    assert KA.single_pass_blocks(64, 96, 2, gpu=True)["BLOCK_M"] == 32  # D > 64: two blocks, not allowed
+    for B in (1, 8, 64):
+        assert plan(B, 12, 12, 32, 257, 64) and plan(B, 8, 8, 64, 321, 64)
+        assert not plan(B, 16, 4, 64, 4964, 96) and not plan(B, 8, 8, 64, 321, 96)
+
+
+def test_single_pass_gradcheck_and_bad_input():
+    q, k, v = _qkv(1, 2, 2, 2, 3, 5, 3, torch.float64)
+    lens = torch.tensor([5, 2])
+    o, lse = KA.attention_fwd(q, k, v, lens, None, 3 ** -0.5)
+    assert KA.bwd_plan(2, 1, 2, 2, 3, 5, 3, 8, KA.blocks_for(3, 3, backward=True), KA.single_pass_blocks(3, 3, 8),
+                       132)[0]
+    q, k, v = (t.requires_grad_() for t in (q, k, v))
+    assert torch.autograd.gradcheck(lambda q, k, v: cross_attention(q, k, v, kv_lens=lens), (q, k, v),
+                                    fast_mode=True)  # as test_gradcheck_fp64: the full Jacobian costs 16 s
+    do = torch.randn_like(o)
+    for kw, what in ((dict(need_kv=False), "need_kv=False"), (dict(), "Hkv=1")):
+        k1, v1 = (k[:, :1], v[:, :1]) if not kw else (k, v)
+        with pytest.raises(ValueError, match=f"single_pass=True .*{what}"):
+            KA.attention_bwd(do, q.detach(), k1.detach(), v1.detach(), o, lse, lens, None, 1.0, single_pass=True,
+                             **kw)
+
+
 def test_empty_batch_and_no_keys():
     q, k, v = _qkv(1, 0, 2, 2, 5, 7, 16)
     assert cross_attention(q, k, v).shape == (0, 2, 5, 16)

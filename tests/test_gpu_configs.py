@@ -115,8 +115,10 @@ def run_key(spec):
         # one launch with padding (no split partials), or dQ of queries per sample (no batch loop)
         unsplit = name == "attn_fwd_kernel" and not cx["PARTIAL"] and cx["HAS_LENS"]
         per_sample = name == "attn_bwd_dq_kernel" and dict(spec.args)["stride_qb"] != 0
+        # the single-pass backward (dQ's program also writes dK, dV), per tile
+        single = f"single pass {cx['BLOCK_M']}x{cx['BLOCK_N']}" if cx.get("SINGLE_PASS") else None
         return ("cross_attention", dict(spec.args)["D"], spec.dtype, even, bool(cx.get("TWO_SOURCES", False)),
-                short, "unsplit" if unsplit else "per sample" if per_sample else None)
+                short, "unsplit" if unsplit else "per sample" if per_sample else single)
     return ("unknown", spec.label)
 
 
@@ -420,8 +422,11 @@ def run_cross_attention(D, dtype, even, two=False, short=False, form=None):
     """Broadcast queries (Bq = 1), 4 query heads over 2 KV heads, batch 2. Padded: kv_lens (int32) and
     key_mask, keys split 2 ways (fp32 partials + combine); even: no padding, Lk two whole key blocks.
     ``two``: the keys come from two sources (the perceiver's media and latents), never concatenated."""
-    fwd = KA.gpu_blocks(64, D, elem_bytes=torch.empty((), dtype=dtype).element_size())
+    elem = torch.empty((), dtype=dtype).element_size()
+    fwd = KA.gpu_blocks(64, D, elem_bytes=elem)
     bwd = KA.gpu_blocks(64, D, backward=True)
+    if form and form.startswith("single pass"):
+        return run_single_pass(D, dtype, *map(int, form.split()[-1].split("x")))
     # > 32: the GPU's 64-query forward tile, 2 tiles; 3 backward tiles. ``short``: 27 queries, the
     # 32-query forward tile.
     Lq = 32 - 5 if short else fwd["BLOCK_M"] + RAGGED
@@ -447,6 +452,21 @@ def run_cross_attention(D, dtype, even, two=False, short=False, form=None):
     return _values_and_grads(
         lambda q, k, v: mmfuse.cross_attention(q, k, v, _splits=splits, **kw),
         lambda q, k, v: cross_attention_reference(q, k, v, **kw), [q, k, v], ["q", "k", "v"], ("q", "k", "v"))
+
+
+def run_single_pass(D, dtype, block_m, block_n):
+    """The single-pass backward at the tile (block_m x block_n): no head groups (2 heads), broadcast
+    queries filling most of one block, batch 2 with kv_lens and key_mask, dQ's batch loop split 2 ways."""
+    Lq = block_m - 5 if block_m > 32 else block_m - 3
+    assert KA.single_pass_blocks(Lq, D, torch.empty((), dtype=dtype).element_size())["BLOCK_M"] == block_m
+    B, H, Lk = 2, 2, 2 * block_n + RAGGED
+    q = torch.randn(1, H, Lq, D, dtype=dtype)
+    k, v = torch.randn(B, H, Lk, D, dtype=dtype), torch.randn(B, H, Lk, D, dtype=dtype)
+    kw = dict(kv_lens=torch.tensor([Lk, Lk - 2 * RAGGED], dtype=torch.int32), key_mask=torch.rand(B, Lk) > 0.2)
+    with _patched(KA, "bwd_plan", lambda *a, **k: (True, 2, 1)):
+        return _values_and_grads(
+            lambda q, k, v: mmfuse.cross_attention(q, k, v, **kw),
+            lambda q, k, v: cross_attention_reference(q, k, v, **kw), [q, k, v], ["q", "k", "v"], ("q", "k", "v"))
 
 
 def _execute(key):
@@ -547,8 +567,11 @@ def launchable_configs() -> dict:
             bd = KA.block_d(D, gpu=True)
             for Lq in (1, 32, 33, 4096):
                 for name, backward in (("attn_fwd_kernel", False), ("attn_bwd_dkdv_kernel", True),
-                                       ("attn_bwd_dq_kernel", True)):
-                    b = KA.gpu_blocks(Lq, D, backward=backward, elem_bytes=elem)
+                                       ("attn_bwd_dq_kernel", True), ("single pass", True)):
+                    if name == "single pass":
+                        name, b = "attn_bwd_dq_kernel", KA.single_pass_blocks(Lq, D, elem, gpu=True)
+                    else:
+                        b = KA.gpu_blocks(Lq, D, backward=backward, elem_bytes=elem)
                     key = (name, (b["BLOCK_M"], b["BLOCK_N"], bd), b["num_warps"], b["num_stages"], cls)
                     out.setdefault(key, f"cross_attention {dtype} D={D} Lq={Lq}")
             rb = KA.rowwise_blocks(D, gpu=True)
@@ -716,7 +739,11 @@ def uncompiled_run(key):
     dtype = _CLASS_DTYPE[cls]
     scale = {"fp64": 4, "fp32": 2, "fp32-tf32": 2}.get(dtype, 1)  # the tables' BLOCK_K is 2-byte's
     if name.startswith("attn_"):
-        return ("cross_attention", blocks[2] - 3, dtype, False, False, False, None)
+        D = blocks[2] - 3
+        if name == "attn_bwd_dq_kernel" and KA.gpu_blocks(32, D, backward=True, elem_bytes=cls[0])["BLOCK_N"] != \
+                blocks[1]:  # a tile only the single-pass backward takes
+            return ("cross_attention", D, dtype, False, False, False, f"single pass {blocks[0]}x{blocks[1]}")
+        return ("cross_attention", D, dtype, False, False, False, None)
     if name == "act_grad_kernel":
         return ("linear", "act'", "gelu", True, dtype, blocks, None, name)
     if name == "batch_sum_kernel":

@@ -54,8 +54,24 @@ def _decisions(uncached: bool) -> list:
                 out.append(plain(KA._fwd_splits)(*args, blk["BLOCK_M"], blk["BLOCK_N"]) if uncached
                            else KA.choose_fwd_splits(*args, blocks))
             bwd = KA.gpu_blocks(Lq, D, backward=True, elem_bytes=elem)
-            out.append(plain(KA._dq_splits)(B, Bq, Hq, Hkv, Lq, Lk, D, elem, bwd["BLOCK_M"], bwd["BLOCK_N"], sms)
+            out.append(plain(KA._dq_splits)(B, Bq, Hq, Hkv, Lq, Lk, D, elem, bwd["BLOCK_M"], bwd["BLOCK_N"], sms)[:2]
                        if uncached else KA.dq_splits_for(B, Bq, Hq, Hkv, Lq, Lk, D, elem, bwd, sms))
+    return out
+
+
+def _plans(uncached: bool) -> list:
+    """The backward plans (single pass or not, dQ's splits) over the attention spread, with the query
+    heads ungrouped too (where the single pass is allowed)."""
+    out = []
+    for sms in SMS:
+        for B, Bq, Hq, Hkv, Lq, Lk, D, elem in _attention_shapes():
+            for hkv in (Hkv, Hq):
+                bwd = KA.gpu_blocks(Lq, D, backward=True, elem_bytes=elem)
+                one = KA.single_pass_blocks(Lq, D, elem, gpu=True)
+                args = (B, Bq, Hq, hkv, Lq, Lk, D, elem)
+                out.append(KA._bwd_plan.__wrapped__(*args, bwd["BLOCK_M"], bwd["BLOCK_N"], one["BLOCK_M"],
+                                                    one["BLOCK_N"], sms) if uncached
+                           else KA.bwd_plan(*args, bwd, one, sms))
     return out
 
 
@@ -75,9 +91,11 @@ def test_cached_choices_equal_the_uncached_model():
     assert cached == uncached
     assert _digest(uncached) == DECISIONS_DIGEST
     assert _decisions(False) == cached  # served from the caches the first pass filled
+    plans = _plans(False)
+    assert plans == _plans(True) and any(p[0] for p in plans) and not all(p[0] for p in plans)
 
 
-CACHED = (KL.candidate_tiles, KP.candidate_tiles, KP.dw_splits, KA._fwd_splits, KA._dq_splits)
+CACHED = (KL.candidate_tiles, KP.candidate_tiles, KP.dw_splits, KA._fwd_splits, KA._dq_splits, KA._bwd_plan)
 
 
 def test_models_are_computed_once_per_shape():

@@ -216,6 +216,39 @@ def test_attention_backward_traffic_matches_an_interpreted_run(B, Bq, Hq, Hkv, L
     assert _touched(got) == {names[k]: v for k, v in want.items() if k in names}
 
 
+@pytest.mark.parametrize("B,Bq,H,Lq,Lk,D,splits", [(3, 1, 3, 13, 70, 24, (2, 1)), (3, 3, 2, 16, 97, 16, (1, 2)),
+                                                    (2, 1, 2, 5, 40, 16, (1, 1))])
+def test_single_pass_backward_traffic_matches_an_interpreted_run(B, Bq, H, Lq, Lk, D, splits, monkeypatch):
+    # One launch: q once per split, dO, O and lse once per key chunk, K and V once, dK and dV stored once.
+    from mmfuse.kernels import cross_attention as KA
+    from mmfuse.traffic import attention_bwd_traffic
+
+    q = torch.randn(Bq, H, Lq, D, dtype=torch.float16)
+    k, v = torch.randn(B, H, Lk, D, dtype=torch.float16), torch.randn(B, H, Lk, D, dtype=torch.float16)
+    o, lse = KA.attention_fwd(q, k, v, None, None, D ** -0.5)
+    do = torch.randn_like(o)
+    allocated = []  # delta (unused), dk, dv, dq, then the fp32 dQ partials when split
+
+    def recording_empty(*args, **kw):
+        allocated.append(torch.empty(*args, **kw))
+        return allocated[-1]
+
+    monkeypatch.setattr(KA, "empty", recording_empty)
+    blocks = (KA.INTERPRETER_BLOCKS["BLOCK_M"], KA.INTERPRETER_BLOCKS["BLOCK_N"])
+    named = {"q": q, "k": k, "v": v, "o": o, "do": do, "lse": lse, "delta": lambda _: allocated[0],
+             "dq": lambda r: r[0], "dk": lambda r: r[1], "dv": lambda r: r[2]}
+    if splits != (1, 1):
+        named["dq_partial"] = lambda _: allocated[4]
+    _, got = measure(lambda: KA.attention_bwd(do, q, k, v, o, lse, None, None, D ** -0.5, dq_splits=splits,
+                                              single_pass=True), named, by_launch=True)
+    want = attention_bwd_traffic(B, Bq, H, H, Lq, Lk, D, blocks, 2, dq_splits=splits[0], dq_key_splits=splits[1],
+                                 single_pass=True)
+    assert set(want) == ({"dq", "dq_sum"} if splits != (1, 1) else {"dq"})
+    assert _touched(got) == {"attn_bwd_dq_kernel": want["dq"]}
+    with pytest.raises(ValueError, match="single_pass needs Hq == Hkv"):
+        attention_bwd_traffic(B, Bq, H, 1, Lq, Lk, D, blocks, 2, single_pass=True)
+
+
 def test_measure_by_launch_refuses_a_kernel_launched_twice():
     x = torch.randn(8, 16)
     w = torch.randn(4, 16)
