@@ -201,9 +201,10 @@ def _pooled_matmul(module: nn.Module, family: Family) -> nn.Module:
 
 
 #: Glue a gated recipe runs before its gated MLP (each the original forward's first lines; a later
-#: change may read them inside the first GEMM's loads).
+#: change may read them inside the first GEMM's loads): (what of it stays PyTorch, the glue).
 GATED_PRE = {
-    "glm_merger": lambda m, x: m.act1(m.post_projection_norm(m.proj(x))),
+    "glm_merger": ("the LayerNorm + GELU between the merger's proj Linear (an mmfuse GEMM) and the gated MLP",
+                   lambda m, x: m.act1(m.post_projection_norm(m.proj(x)))),
 }
 
 
@@ -216,7 +217,7 @@ def _gated_mlp(module: nn.Module, family: Family) -> nn.Module:
     from mmfuse.ops.linear import GATE_ACTIVATIONS, gated_mlp
 
     new = _swap_gemms(module, family)  # the glue's own Linears (GLM's proj), if any
-    pre = GATED_PRE[family.opt("pre")] if family.opt("pre") else None
+    pre = GATED_PRE[family.opt("pre")][1] if family.opt("pre") else None
     gate, up, down, act_path = family.opt("gated")
     for path in (gate, up, down):
         if not isinstance(_get(module, path), nn.Linear):
@@ -625,7 +626,7 @@ RECIPES = {r.name: r for r in [
            "the norm and the token merge (reshapes / unfold / pixel shuffle)", _swap_gemms),
     Recipe("gated mlp", PROJECTOR,
            "gate and up as one GEMM (bias, act(g) * u in its epilogue; dG and dU in the backward GEMM's), "
-           "down as a second", "the glue before it (GLM-4V's Linear + LayerNorm + GELU)", _gated_mlp),
+           "down as a second", "nothing", _gated_mlp),
     Recipe("merged mlp", PROJECTOR,
            "the norm and the token merge inside the first GEMM's loads (never materialised), every Linear, "
            "bias and activation (a chunked SwiGLU's gate and up: one GEMM, act(g) * u in its epilogue)", "nothing (a pixel shuffle's token table is probed once per shape)", _merged_mlp),
@@ -649,7 +650,7 @@ RECIPES = {r.name: r for r in [
     Recipe("vision embeddings", PATCH_EMBED,
            "Conv2d(k=s) patchify + bias [+ class token] + position table, one kernel",
            "interpolate_pos_encoding and off-size images (the original's code)", _vision_embeddings),
-    Recipe("cross-attention", CROSS_ATTENTION, "Q/K/V/O projections and the attention (one kernel)",
+    Recipe("cross-attention", CROSS_ATTENTION, "the Q/K/V/O projections the class has and the attention (one kernel)",
            "head reshapes", lambda m, f: _from_module(f.opt("dropin"))(m, f)),
 ]}
 
@@ -986,6 +987,13 @@ FAMILIES: list[Family] = [
     Family("Idefics2", "idefics2", ("Idefics2PerceiverAttention",), "cross-attention",
            (("dropin", "mmfuse.nn.attention.Idefics2PerceiverAttention"),),
            notes="the perceiver resampler's attention (keys = context + latents)"),
+    *[Family(name, mod, (cls,), "cross-attention", (("dropin", "mmfuse.nn.attention.QFormerAttention"),),
+             notes="the Q-Former's self- and cross-attention (Q/K/V projections and the attention; its output "
+             "projection is the layer's own module); the class's own forward runs with attention dropout in "
+             "training (the checkpoints' 0.1), attention weights asked for, or a mask not one row per sample")
+      for name, mod, cls in (("BLIP-2", "blip_2", "Blip2QFormerMultiHeadAttention"),
+                             ("InstructBLIP", "instructblip", "InstructBlipQFormerMultiHeadAttention"),
+                             ("InstructBLIP-Video", "instructblipvideo", "InstructBlipVideoQFormerMultiHeadAttention"))],
 ]
 
 
@@ -1025,12 +1033,8 @@ _MINICPM_MERGER = ("a container: per image, view / permute 2x2 merges between it
                    "(DownsampleMLP: LayerNorm + Linear -> GELU -> Linear), which are replaced")
 DECLINED: dict[tuple[str, str], str] = {
     # cross-attention / Q-Former
-    ("blip_2", "Blip2QFormerMultiHeadAttention"): "Q-Former attention: self- and cross-attention in one class, "
-    "with attention-probability dropout and head masks; the cross-attention drop-in covers neither (not built)",
     ("blip_2", "Blip2QFormerAttention"): _WRAPPER,
-    ("instructblip", "InstructBlipQFormerMultiHeadAttention"): "as BLIP-2's Q-Former attention",
     ("instructblip", "InstructBlipQFormerAttention"): _WRAPPER,
-    ("instructblipvideo", "InstructBlipVideoQFormerMultiHeadAttention"): "as BLIP-2's Q-Former attention",
     ("instructblipvideo", "InstructBlipVideoQFormerAttention"): _WRAPPER,
     ("idefics2", "Idefics2PerceiverResampler"): "its Idefics2PerceiverAttention layers are replaced",
     ("idefics2", "Idefics2Connector"): "a container: its gated MLPs (Idefics2MLP) and perceiver attention are replaced",
@@ -1101,6 +1105,8 @@ PROJECTOR_WORDS = ("Projector", "Merger", "Connector", "Resampler", "PatchEmbed"
 #: Covered classes tested through the sibling they copy: transformers' modular files generate them,
 #: and tests/test_registry.py checks that class body == the sibling's up to the class-name prefix.
 TESTED_BY_SIBLING = {
+    ("instructblip", "InstructBlipQFormerMultiHeadAttention"): ("blip_2", "Blip2QFormerMultiHeadAttention"),
+    ("instructblipvideo", "InstructBlipVideoQFormerMultiHeadAttention"): ("blip_2", "Blip2QFormerMultiHeadAttention"),
     ("qwen2_5_omni", "Qwen2_5OmniPatchMerger"): ("qwen2_5_vl", "Qwen2_5_VLPatchMerger"),
     ("qwen2_5_omni", "Qwen2_5_VisionPatchEmbed"): ("qwen2_5_vl", "Qwen2_5_VisionPatchEmbed"),
     ("exaone4_5", "Exaone4_5_PatchMerger"): ("qwen2_5_vl", "Qwen2_5_VLPatchMerger"),
@@ -1182,6 +1188,13 @@ def counts() -> dict[str, int]:
     return out
 
 
+def stays_pytorch(fam: Family) -> str:
+    """What of the family's module stays PyTorch: the recipe's answer, or the family's own glue step."""
+    if fam.opt("pre"):
+        return GATED_PRE[fam.opt("pre")][0]
+    return RECIPES[fam.recipe].pytorch
+
+
 def models_table() -> str:
     """The supported-models table as markdown: family, class, recipe, fused, PyTorch glue, notes;
     then the counts and the declined classes' number (``mmfuse models --declined`` lists them)."""
@@ -1192,7 +1205,7 @@ def models_table() -> str:
         cls = ", ".join(f"`{c}`" for c in fam.classes) or "`nn.Sequential(Linear, act, Linear, ...)`"
         notes = "; ".join(filter(None, ["vision tower, opt-in: `patch(model, vision_tower=True)`" if fam.tower
                                         else "", fam.notes]))
-        lines.append(f"| {fam.name} | {cls} | {r.name} | {r.fused} | {r.pytorch} | {notes} |")
+        lines.append(f"| {fam.name} | {cls} | {r.name} | {r.fused} | {stays_pytorch(fam)} | {notes} |")
     c = counts()
     lines += ["", f"Accelerated classes of the installed transformers: **{c[PROJECTOR] + c[CROSS_ATTENTION]} "
               f"projectors / mergers / connectors** ({c[CROSS_ATTENTION]} of them resampler cross-attention) "

@@ -572,7 +572,21 @@ def _aria_cross_attention():
     return _mod("aria", "AriaCrossAttention")(cfg), [torch.randn(2, 5, V), torch.randn(2, 3, V)]
 
 
+def _qformer_config(**kw):
+    """A tiny Q-Former without dropout (the checkpoints' 0.1 makes the class's own forward run in training:
+    ``test_qformer_attention_routes_by_structure``)."""
+    return M.blip_2.Blip2QFormerConfig(**dict(dict(hidden_size=V, num_hidden_layers=1, num_attention_heads=2,
+                                                   intermediate_size=32, encoder_hidden_size=12,
+                                                   attention_probs_dropout_prob=0.0, hidden_dropout_prob=0.0), **kw))
+
+
+def _qformer_cross_attention():
+    attn = _mod("blip_2", "Blip2QFormerMultiHeadAttention")(_qformer_config(), is_cross_attention=True)
+    return attn, [torch.randn(2, 5, V), None, torch.randn(2, 9, 12)]
+
+
 BUILDERS.update({
+    ("blip_2", "Blip2QFormerMultiHeadAttention"): _qformer_cross_attention,
     ("aria", "AriaCrossAttention"): _aria_cross_attention,
     ("x_clip", "XCLIPCrossAttention"): lambda: (
         _mod("x_clip", "XCLIPCrossAttention")(M.x_clip.XCLIPConfig(projection_dim=V, prompt_num_attention_heads=2)),
@@ -703,7 +717,14 @@ def test_models_cli_prints_the_table(capsys):
     assert cli.main(["models"]) == 0
     assert "Qwen2.5-VL" in capsys.readouterr().out
     assert cli.main(["models", "--declined"]) == 0
-    assert "Blip2QFormerMultiHeadAttention" in capsys.readouterr().out
+    assert "Blip2QFormerAttention" in capsys.readouterr().out
+
+
+def test_what_stays_pytorch_is_the_familys_own():
+    # The gated recipe leaves nothing to PyTorch unless the family runs glue before it (GLM-4V's merger).
+    fam = {c: f for f in registry.FAMILIES for c in f.classes if not f.tower}
+    assert registry.stays_pytorch(fam["Idefics2MLP"]) == "nothing"
+    assert "LayerNorm + GELU" in registry.stays_pytorch(fam["Glm4vVisionPatchMerger"])
 
 
 def test_patch_report_names_declined_modules():
@@ -711,8 +732,10 @@ def test_patch_report_names_declined_modules():
                                       intermediate_size=32, encoder_hidden_size=16)
     model = _Parent(M.blip_2.modeling_blip_2.Blip2QFormerModel(cfg))
     report = mmfuse.patch(model)
-    assert any(cls == "Blip2QFormerMultiHeadAttention" and "Q-Former" in why for _, cls, why in report.left_alone)
+    assert any(cls == "Blip2QFormerAttention" and why == registry._WRAPPER for _, cls, why in report.left_alone)
     assert "left alone" in str(report)
+    # its children (the Q-Former's self- and cross-attention) are swapped
+    assert sorted(name.rsplit(".", 2)[-2] for name, _, _ in report.swapped) == ["attention", "crossattention"]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -779,7 +802,23 @@ def _paligemma_model():
     return _VLMCall(M.paligemma.PaliGemmaForConditionalGeneration(cfg))
 
 
+class _QFormerCall(nn.Module):
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, queries, image_tokens):
+        return self.model(query_embeds=queries, encoder_hidden_states=image_tokens)
+
+
+def _qformer_model():
+    torch.manual_seed(0)
+    return _QFormerCall(M.blip_2.modeling_blip_2.Blip2QFormerModel(_qformer_config(num_hidden_layers=2)))
+
+
 E2E = {
+    "blip-2 q-former (cross-attention: self and cross)": (
+        _qformer_model, lambda: [torch.randn(2, 6, V), torch.randn(2, 11, 12)], lambda o: o.last_hidden_state),
     "qwen2.5-vl tower (merge+mlp, RMSNorm; Conv3d patch embed)": (
         _tower("qwen2_5_vl", "Qwen2_5_VisionTransformerPretrainedModel", "Qwen2_5_VLVisionConfig", **_QW25),
         _tower_inputs, _pooled),
@@ -809,6 +848,48 @@ def test_whole_model_patched_matches_and_trains(name):
     model, report = check_patch_equivalence(make(), inputs, select, [])
     assert len(report.swapped) >= 2, str(report)
     check_training_step(make, inputs, select)
+
+
+def test_qformer_attention_routes_by_structure(launches):
+    """The kernel where it computes what the class computes; the class's own forward otherwise (attention
+    dropout in training, weights asked for, a mask with a row per query): chosen from flags, shapes and
+    dtypes, never from values."""
+    torch.manual_seed(0)
+    attn = _mod("blip_2", "Blip2QFormerMultiHeadAttention")(_qformer_config(attention_probs_dropout_prob=0.1))
+    x = torch.randn(2, 5, V)
+    model = _Parent(attn)
+    mmfuse.patch(model)
+    new = model.target
+    pad = torch.tensor([[True] * 5, [True] * 3 + [False] * 2])
+    for train, mask, kernel in ((False, None, True), (False, pad[:, None, None, :], True),
+                                (False, pad[:, None, None, :].expand(2, 1, 5, 5), False), (True, None, False)):
+        new.train(train), attn.train(train)
+        launches.clear()
+        torch.manual_seed(1)
+        got = new(x, mask)[0]
+        assert ("attn_fwd_kernel" in launches) == kernel, (train, None if mask is None else mask.shape)
+        if kernel:  # the original, given the same mask in its (eager) additive form
+            additive = None if mask is None else (~mask).float() * torch.finfo(torch.float32).min
+            torch.testing.assert_close(got, attn(x, additive)[0])
+        else:  # the original's own code on the same arguments (and dropout draws)
+            torch.manual_seed(1)
+            assert torch.equal(got, attn(x, mask)[0])
+    new.eval()
+    launches.clear()
+    new(x, output_attentions=True)
+    assert "attn_fwd_kernel" not in launches
+
+
+def test_qformer_model_attends_on_the_kernel_with_a_single_pass_backward(launches):
+    # The whole tiny Q-Former (E2E above checks values and a training step): each of its three attentions
+    # (two self, one cross) runs the forward kernel, and its backward in one launch (no head groups,
+    # every query in one block): no delta, no dK/dV kernel.
+    model = _qformer_model()
+    mmfuse.patch(model)
+    launches.clear()
+    model(torch.randn(2, 6, V), torch.randn(2, 11, 12)).last_hidden_state.sum().backward()
+    assert launches.count("attn_fwd_kernel") == 3 and launches.count("attn_bwd_dq_kernel") == 3
+    assert "attn_bwd_dkdv_kernel" not in launches and "attn_delta_kernel" not in launches
 
 
 # ----------------------------------------------------------------------------------------------

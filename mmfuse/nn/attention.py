@@ -266,3 +266,54 @@ class Idefics2PerceiverAttention(nn.Module):
             row = row == 0 if m.dim() == 4 else row != 0  # additive 4-D (0 = attend); 2-D 1/0 (1 = attend)
         return row.expand(B, Lk)
 
+
+
+#: transformers' Q-Former attention classes (the same code in the three families).
+QFORMER_CLASSES = ("Blip2QFormerMultiHeadAttention", "InstructBlipQFormerMultiHeadAttention",
+                   "InstructBlipVideoQFormerMultiHeadAttention")
+
+
+class QFormerAttention(nn.Module):
+    """transformers' Q-Former attention (BLIP-2, InstructBLIP, InstructBLIP-Video) on ``mmfuse.linear``
+    and ``mmfuse.cross_attention``: one class for the Q-Former's self-attention (queries, and text
+    tokens, over themselves) and its cross-attention (queries over the image encoder's tokens). Same
+    ``query`` / ``key`` / ``value`` Linears and state_dict (the output projection is the layer's
+    ``...QFormerSelfOutput``, left as it is).
+
+    The class's own forward runs instead, unchanged, where the kernel would not compute the same thing:
+    attention dropout in effect (training with ``attention_probs_dropout_prob`` > 0: the checkpoints'
+    default is 0.1), attention weights asked for, or a mask that is not one boolean row per sample
+    (``(B or 1, 1, 1, Lk)``, what ``attn_implementation="mmfuse"``'s mask builder makes; SDPA's builder
+    gives ``(B, 1, Lq, Lk)`` when there is padding and ``None`` when there is none). The choice reads
+    shapes, dtypes and flags, never the mask's values: no host synchronisation."""
+
+    @classmethod
+    def from_module(cls, module: nn.Module) -> "QFormerAttention":
+        if type(module).__name__ not in QFORMER_CLASSES:
+            raise TypeError(f"module: expected one of {QFORMER_CLASSES}, got {type(module).__name__}")
+        new = cls.__new__(cls)
+        nn.Module.__init__(new)
+        for name in ("config", "num_attention_heads", "attention_head_size", "all_head_size", "scaling",
+                     "is_causal", "attention_dropout"):
+            setattr(new, name, getattr(module, name))
+        new.query, new.key, new.value = module.query, module.key, module.value
+        new._original_forward = type(module).forward  # the exact fallback (a function, not bound)
+        return new
+
+    def forward(self, hidden_states, attention_mask=None, encoder_hidden_states=None, encoder_attention_mask=None,
+                **kwargs):
+        from mmfuse.integrations import _key_mask
+
+        cross = encoder_hidden_states is not None
+        source = encoder_hidden_states if cross else hidden_states
+        mask = encoder_attention_mask if cross else attention_mask
+        usable, key_mask = _key_mask(mask, source.shape[0], source.shape[1])
+        if not usable or (self.training and self.attention_dropout > 0) or kwargs.get("output_attentions"):
+            return self._original_forward(self, hidden_states, attention_mask, encoder_hidden_states,
+                                          encoder_attention_mask, **kwargs)
+        H = self.num_attention_heads
+        q = _heads(linear(hidden_states, self.query.weight, self.query.bias), H)
+        k = _heads(linear(source, self.key.weight, self.key.bias), H)
+        v = _heads(linear(source, self.value.weight, self.value.bias), H)
+        out = cross_attention(q, k, v, key_mask=key_mask, scale=self.scaling)
+        return out.transpose(1, 2).reshape(*out.shape[:1], out.shape[2], -1), None  # (B, Lq, H*D): a view
