@@ -226,12 +226,12 @@ def _tma_tile(desc, off_rows, off_k, TRANS: tl.constexpr, K_FIRST: tl.constexpr)
 
 @triton.jit
 def tma_k_loop(acc, a_desc, b_desc, off_m, off_n, k_steps, A_TRANS: tl.constexpr, B_TRANS: tl.constexpr,
-               ACC_DTYPE: tl.constexpr, BLOCK_K: tl.constexpr):
+               INPUT_PRECISION: tl.constexpr, ACC_DTYPE: tl.constexpr, BLOCK_K: tl.constexpr):
     """acc += A @ B over k_steps BLOCK_K steps, both operands by TMA."""
     for ks in range(k_steps):
         a = _tma_tile(a_desc, off_m, ks * BLOCK_K, A_TRANS, False)
         b = _tma_tile(b_desc, off_n, ks * BLOCK_K, B_TRANS, True)
-        acc = tl.dot(a, b, acc, out_dtype=ACC_DTYPE)
+        acc = tl.dot(a, b, acc, input_precision=INPUT_PRECISION, out_dtype=ACC_DTYPE)
     return acc
 
 
@@ -243,7 +243,7 @@ def tma_gemm_kernel(
     stride_cm, stride_cn, stride_auxm, stride_auxn, stride_bias, stride_bias2,
     ACTIVATION: tl.constexpr, HAS_BIAS: tl.constexpr, STORE_AUX: tl.constexpr, ACT_GRAD: tl.constexpr,
     GATED: tl.constexpr, GATE_GRAD: tl.constexpr, TWO_K_SOURCES: tl.constexpr,  # as fused_gemm_kernel's
-    ACC_DTYPE: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr, ACC_DTYPE: tl.constexpr,
     A_TRANS: tl.constexpr,      # a_desc holds A^T (K, M): A is contiguous along M (dW's dH^T)
     B_TRANS: tl.constexpr,      # b_desc holds B^T (N, K): B is contiguous along K (the forward's W^T)
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
@@ -273,17 +273,19 @@ def tma_gemm_kernel(
             acc_up = tl.zeros((BLOCK_M, BLOCK_N), dtype=ACC_DTYPE)
             for ks in range(k_steps):
                 a = _tma_tile(a_desc, off_m, ks * BLOCK_K, A_TRANS, False)
-                acc = tl.dot(a, _tma_tile(b_desc, off_n, ks * BLOCK_K, B_TRANS, True), acc, out_dtype=ACC_DTYPE)
+                acc = tl.dot(a, _tma_tile(b_desc, off_n, ks * BLOCK_K, B_TRANS, True), acc,
+                             input_precision=INPUT_PRECISION, out_dtype=ACC_DTYPE)
                 acc_up = tl.dot(a, _tma_tile(b2_desc, off_n, ks * BLOCK_K, B_TRANS, True), acc_up,
-                                out_dtype=ACC_DTYPE)
+                                input_precision=INPUT_PRECISION, out_dtype=ACC_DTYPE)
             gated_epilogue(acc, acc_up, pid_m, pid_n, M, N, c_ptr, c2_ptr, bias_ptr, bias2_ptr, aux_ptr, aux2_ptr,
                            stride_cm, stride_cn, stride_auxm, stride_auxn, stride_bias, stride_bias2,
                            ACTIVATION, HAS_BIAS, STORE_AUX, False, ACC_DTYPE, BLOCK_M, BLOCK_N)
         else:
-            acc = tma_k_loop(acc, a_desc, b_desc, off_m, off_n, k_steps, A_TRANS, B_TRANS, ACC_DTYPE, BLOCK_K)
+            acc = tma_k_loop(acc, a_desc, b_desc, off_m, off_n, k_steps, A_TRANS, B_TRANS, INPUT_PRECISION,
+                             ACC_DTYPE, BLOCK_K)
             if TWO_K_SOURCES:  # the gated MLP's dX = dG @ Wg + dU @ Wu, one accumulator, no concatenation
-                acc = tma_k_loop(acc, a2_desc, b2_desc, off_m, off_n, k_steps, A_TRANS, B_TRANS, ACC_DTYPE,
-                                 BLOCK_K)
+                acc = tma_k_loop(acc, a2_desc, b2_desc, off_m, off_n, k_steps, A_TRANS, B_TRANS, INPUT_PRECISION,
+                                 ACC_DTYPE, BLOCK_K)
             if GATE_GRAD:
                 gated_epilogue(acc, acc, pid_m, pid_n, M, N, c_ptr, c2_ptr, bias_ptr, bias2_ptr, aux_ptr,
                                aux2_ptr, stride_cm, stride_cn, stride_auxm, stride_auxn, stride_bias, stride_bias2,
@@ -395,11 +397,14 @@ TMA_PROGRAMS: int | None = None
 TMA_TUNER = TileChooser("linear/tma_gemm_kernel")
 
 
-def tma_tiles(act_grad: bool):
-    """Tiles the TMA kernel takes: all of them. The dX * act' epilogue at 128x128 spilled 8-16 bytes on
-    sm_90 in the persistent kernel (255 registers), flattened or not, until it was subtiled
-    (``tma_epilogue_split``: 172 registers, no spills, Triton 3.9)."""
-    del act_grad  # (every GEMM: the signature stays for the callers that ask per GEMM)
+def tma_tiles(act_grad: bool, elem_bytes: int = 2):
+    """Tiles the TMA kernel takes (BLOCK_K for 2-byte operands; ``block_k_for`` halves it for fp32):
+    all of them, but fp32's dX * act' at 128x64 (TF32: 255 registers and 16 B of spills on sm_90,
+    Triton 3.9). The 16-bit dX * act' epilogue at 128x128 spilled 8-16 bytes in the persistent kernel
+    (255 registers), flattened or not, until it was subtiled (``tma_epilogue_split``: 172 registers, no
+    spills, Triton 3.9; TF32: 191)."""
+    if act_grad and elem_bytes == 4:
+        return tuple(t for t in GEMM_TILES if t[:2] != (128, 64))
     return GEMM_TILES
 
 
@@ -410,6 +415,12 @@ TMA_GATED_TILES = {
     "gate_grad": ((128, 64, 64, 8, 4), (64, 64, 64, 4, 4)),
     "two_k": ((64, 128, 64, 8, 4), (64, 64, 64, 4, 4)),
 }
+
+
+def tma_gated_tiles(kind: str, elem_bytes: int = 2) -> tuple:
+    """The gated GEMM's tiles on the TMA kernel; none for fp32's [dG | dU] epilogue (TF32 spilled 24 and
+    56 B on sm_90 at both tiles, Triton 3.9: it stays on the pointer kernel)."""
+    return () if (kind == "gate_grad" and elem_bytes == 4) else TMA_GATED_TILES[kind]
 
 
 def pointer_tiles(act_grad: bool, elem_bytes: int) -> tuple:
@@ -493,9 +504,16 @@ def _tma_operand(t: torch.Tensor, rows_block: int, cols_block: int, transposed: 
 
 
 def _wants_tma(a: torch.Tensor) -> bool:
+    """16-bit operands, and fp32 with TF32 (wgmma's TF32 form; IEEE fp32 would multiply on CUDA cores
+    from shared memory, which spilled 320-5880 B at every tile on sm_90) under MMFUSE_TMA=always only:
+    "auto" keeps fp32 on the pointer kernel until a GPU has timed it."""
     if TMA not in TMA_MODES:
         raise ValueError(f"MMFUSE_TMA: expected one of {TMA_MODES}, got {TMA!r}")
-    if TMA == "never" or a.element_size() != 2:
+    if TMA == "never":
+        return False
+    if a.element_size() == 4:
+        return TMA == "always" and dot_precision(a.dtype) == "tf32"
+    if a.element_size() != 2:
         return False
     if TMA == "always":
         return True
@@ -539,14 +557,17 @@ def _launch_gemm(a, b, c, *, bias=None, aux=None, activation=0,
     # Whether TMA can read every operand, and how (alignment does not depend on the tile); a second
     # operand must be read as its first is (the kernel has one A_TRANS and one B_TRANS).
     layouts_tma = (None, None)
-    if K > 0 and _wants_tma(a) and (not gate_path or TMA == "always"):
+    gate_tiles = tma_gated_tiles(gated_kind(gated, gate_grad), a.element_size()) if gate_path else None
+    if K > 0 and _wants_tma(a) and (not gate_path or (TMA == "always" and gate_tiles)):
         layouts_tma = (_tma_layout(a), _tma_layout(b))
         if (two_k and _tma_layout(a2) != layouts_tma[0]) or (b2 is not None and _tma_layout(b2) != layouts_tma[1]):
             layouts_tma = (None, None)
     tma_ok = None not in layouts_tma
 
-    def launch_tma(tile):
+    def launch_tma(tile, gpu_tile=True):
         bm, bn, bk, warps, stages = tile
+        if gpu_tile:  # as ``launch``: BLOCK_K halved for fp32
+            bk = block_k_for(bk, a.element_size())
         a_trans, b_trans = layouts_tma
         programs = TMA_PROGRAMS or num_sms(a.device)
         a_desc, b_desc = _tma_operand(a, bm, bk, a_trans), _tma_operand(b, bk, bn, b_trans)
@@ -554,7 +575,7 @@ def _launch_gemm(a, b, c, *, bias=None, aux=None, activation=0,
         b2_desc = _tma_operand(b2, bk, bn, b_trans) if b2 is not None else b_desc
         tma_gemm_kernel[(min(programs, cdiv(M, bm) * cdiv(N, bn)),)](
             a_desc, b_desc, *outs[:3], a2_desc, b2_desc, *outs[5:], M, N, K, *out_strides,
-            **epilogue, **gate_flags, A_TRANS=a_trans, B_TRANS=b_trans,
+            **epilogue, **gate_flags, INPUT_PRECISION=flags["INPUT_PRECISION"], A_TRANS=a_trans, B_TRANS=b_trans,
             BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=GROUP_M, NUM_PROGRAMS=programs,
             FLATTEN=tma_flatten(act_grad, gate_path), EPILOGUE_SPLIT=tma_epilogue_split(act_grad, bn, gate_path),
             num_warps=warps, num_stages=stages)
@@ -563,7 +584,7 @@ def _launch_gemm(a, b, c, *, bias=None, aux=None, activation=0,
     if tma_forced is not None or forced is not None:
         launch_tma(tma_forced) if tma_forced is not None and tma_ok else launch(tma_forced or forced)
     elif INTERPRET and not gpu_config_on():  # (under gpu_config: the GPU's choice, which is also faster here)
-        launch_tma(INTERPRETER_TILE) if tma_ok else launch(INTERPRETER_TILE, gpu_tile=False)
+        launch_tma(INTERPRETER_TILE, gpu_tile=False) if tma_ok else launch(INTERPRETER_TILE, gpu_tile=False)
     elif a.element_size() == 8:
         launch(FP64_TILE)
     elif K == 0:
@@ -575,8 +596,8 @@ def _launch_gemm(a, b, c, *, bias=None, aux=None, activation=0,
         key = (a.dtype, a.device, *flags.values(), *layouts)
         sms = num_sms(a.device)
         if tma_ok and (TMA == "always" or tma_preferred(*layouts_tma, act_grad)):
-            tma_candidates = candidate_tiles(M, N, sms, TMA_GATED_TILES[gated_kind(gated, gate_grad)]
-                                             if gate_path else tma_tiles(act_grad))
+            tma_candidates = candidate_tiles(M, N, sms, gate_tiles if gate_path else
+                                             tma_tiles(act_grad, a.element_size()))
             launch_tma(TMA_TUNER.choose((M, N, K), key, tma_candidates, launch_tma))
         else:
             tiles = GATED_TILES[gated_kind(gated, gate_grad), a.element_size()] if gate_path else \
@@ -785,16 +806,18 @@ def aot_specs():
                     # tokens are its reduction): Triton stages them with narrow loads on sm_90. A cost
                     # of fp32 training on Hopper, found by the compile check, not yet timed.
                     wide_load_archs=(80,) if (precision == "tf32" and strides["stride_am"] == 1) else (80, 90)))
-    # The Hopper kernel (sm_90 only): the three GEMMs of a layer in fp16, the forward in bf16, on every
-    # tile it takes (``tma_tiles``). Operand layouts as the launcher builds them: the forward's B (W^T) and dW's A (dH^T) are
-    # read through descriptors over their transposes.
-    tma_plans = [("fp16", "fp16", layouts), ("bf16", "bf16", layouts[:1])]
-    # The gated MLP's GEMMs on the same kernel (MMFUSE_TMA=always), fp16, on their tiles.
-    tma_gated = [(lay, TMA_GATED_TILES[kind]) for lay, kind in zip(_gated_layouts(M, K, N), ("gated", "gate_grad", "two_k"))]
+    # The Hopper kernel (sm_90 only): the three GEMMs of a layer in fp16 and in fp32 with TF32, the
+    # forward in bf16, on every tile it takes (``tma_tiles``). Operand layouts as the launcher builds
+    # them: the forward's B (W^T) and dW's A (dH^T) are read through descriptors over their transposes.
+    tma_plans = [("fp16", "fp16", layouts), ("bf16", "bf16", layouts[:1]), ("fp32-tf32", "fp32", layouts)]
+    # The gated MLP's GEMMs on the same kernel (MMFUSE_TMA=always), fp16 and TF32, on their tiles.
     tma_jobs = [(tile, dtype, ty, lay) for tile in GEMM_TILES for dtype, ty, lays in tma_plans for lay in lays
-                if tile in tma_tiles(lay[3]["ACT_GRAD"])]
-    tma_jobs += [(tile, "fp16", "fp16", lay) for lay, tiles in tma_gated for tile in tiles]
+                if tile in tma_tiles(lay[3]["ACT_GRAD"], 4 if ty == "fp32" else 2)]
+    tma_jobs += [(tile, dtype, ty, lay) for dtype, ty in (("fp16", "fp16"), ("fp32-tf32", "fp32"))
+                 for lay, kind in zip(_gated_layouts(M, K, N), ("gated", "gate_grad", "two_k"))
+                 for tile in tma_gated_tiles(kind, 4 if ty == "fp32" else 2)]
     for (bm, bn, bk, warps, stages), dtype, ty, (variant, (gm, gn, gk), strides, flags) in tma_jobs:
+        bk = block_k_for(bk, 4 if ty == "fp32" else 2)
         flags = dict(NO_GATE, **flags)
         gate_path = flags["GATED"] or flags["GATE_GRAD"] or flags["TWO_K_SOURCES"]
         a_trans, b_trans = strides["stride_am"] == 1, strides["stride_bn"] != 1
@@ -811,7 +834,7 @@ def aot_specs():
                   BLOCK_N=bn, BLOCK_K=bk, GROUP_M=GROUP_M, NUM_PROGRAMS=132,
                   FLATTEN=tma_flatten(flags["ACT_GRAD"], gate_path),
                   EPILOGUE_SPLIT=tma_epilogue_split(flags["ACT_GRAD"], bn, gate_path))
-        cx.pop("INPUT_PRECISION", None)
+        cx["INPUT_PRECISION"] = "tf32" if ty == "fp32" else "ieee"  # (16-bit operands ignore it)
         specs.append(CompileSpec(
             kernel="linear/tma_gemm_kernel", variant=variant, dtype=dtype,
             config=f"{bm}x{bn}x{bk} w{warps} s{stages}", fn=tma_gemm_kernel,

@@ -584,9 +584,10 @@ def launchable_configs() -> dict:
             for bm, bn, bk, warps, stages in tiles:
                 out.setdefault(("fused_gemm_kernel", (bm, bn, KL.block_k_for(bk, elem)), warps, stages, cls, role),
                                f"linear {dtype} {role}")
-            if elem == 2:  # the Hopper kernel: 16-bit operands only
-                for bm, bn, bk, warps, stages in KL.tma_tiles(act_grad):
-                    out.setdefault(("tma_gemm_kernel", (bm, bn, bk), warps, stages, cls, role), f"linear {dtype} {role} TMA")
+            if elem == 2 or prec == "tf32":  # the Hopper kernel: 16-bit operands and TF32
+                for bm, bn, bk, warps, stages in KL.tma_tiles(act_grad, elem):
+                    out.setdefault(("tma_gemm_kernel", (bm, bn, KL.block_k_for(bk, elem)), warps, stages, cls, role),
+                                   f"linear {dtype} {role} TMA")
         bm, bn = KL.ACT_GRAD_BLOCK
         out.setdefault(("act_grad_kernel", (bm, bn), 4, 1, acc), f"linear {dtype} act'")
         for gemm, tiles in KP.TILES.items():
@@ -601,8 +602,9 @@ def launchable_configs() -> dict:
             for bm, bn, bk, warps, stages in ([KL.FP64_TILE] if elem == 8 else KL.GATED_TILES[kind, elem]):
                 out.setdefault(("fused_gemm_kernel", (bm, bn, KL.block_k_for(bk, elem)), warps, stages, cls, role),
                                f"gated mlp {dtype} {role}")
-            for bm, bn, bk, warps, stages in (KL.TMA_GATED_TILES[kind] if elem == 2 else ()):
-                out.setdefault(("tma_gemm_kernel", (bm, bn, bk), warps, stages, cls, role), f"gated mlp {dtype} {role} TMA")
+            for bm, bn, bk, warps, stages in (KL.tma_gated_tiles(kind, elem) if elem == 2 or prec == "tf32" else ()):
+                out.setdefault(("tma_gemm_kernel", (bm, bn, KL.block_k_for(bk, elem)), warps, stages, cls, role),
+                               f"gated mlp {dtype} {role} TMA")
         # The merged projector: its three mapped GEMMs, and the row-wise norm kernels (their input dtype
         # is the class; no dot, so TF32 or not is the same kernel).
         # Channel counts the blocks divide (ALIGNED) take every tile; others the gather tile. (C = 2^16
@@ -634,7 +636,7 @@ def spec_config(spec):
         blocks = tuple(cx[b] for b in ("BLOCK_M", "BLOCK_N", "BLOCK_D", "BLOCK_K") if b in cx)
         return (name, blocks, spec.num_warps, spec.num_stages, acc)
     first_ptr = next(v for v in args.values() if isinstance(v, str))
-    elem = _ELEM.get(first_ptr) or {"fp16": 2, "bf16": 2}[first_ptr.split("<")[1].split("[")[0]]
+    elem = _ELEM.get(first_ptr) or {"fp16": 2, "bf16": 2, "fp32": 4}[first_ptr.split("<")[1].split("[")[0]]
     cls = (elem, cx.get("INPUT_PRECISION", "ieee"), acc)
     blocks = tuple(cx[b] for b in ("BLOCK_M", "BLOCK_N", "BLOCK_D", "BLOCK_K", "BLOCK_R", "BLOCK_C") if b in cx)
     key = (name, blocks, spec.num_warps, spec.num_stages, cls)

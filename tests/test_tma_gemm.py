@@ -79,10 +79,12 @@ def test_layouts_tma_cannot_read_fall_back_to_the_pointer_kernel(tma, launches):
         assert_matches_reference(lambda *t: mmfuse.linear(*t), lambda *t: mmfuse.linear_reference(*t), [x, w],
                                  ["x", "weight"])
         assert "fused_gemm_kernel" in launches
-    # fp32 and fp64 never take it (16-bit operands only).
+    # fp32 without TF32 (torch's default) and fp64 never take it (no wgmma form; IEEE fp32 spilled on it).
     launches.clear()
+    assert not torch.backends.cuda.matmul.allow_tf32
     mmfuse.linear(torch.randn(8, 16), torch.randn(8, 16))
-    assert _gemm_launches(launches) == ["fused_gemm_kernel"]
+    mmfuse.linear(torch.randn(8, 16, dtype=torch.float64), torch.randn(8, 16, dtype=torch.float64))
+    assert _gemm_launches(launches) == ["fused_gemm_kernel"] * 2
 
 
 def test_tma_mode_is_checked(monkeypatch):
@@ -104,20 +106,60 @@ def test_every_tile_the_launcher_can_take_is_compiled():
 
     compiled = {}
     for s in all_specs():
-        if s.kernel == "linear/tma_gemm_kernel" and s.dtype == "fp16":
+        if s.kernel == "linear/tma_gemm_kernel" and s.dtype in ("fp16", "fp32-tf32"):
             cx = dict(s.constexprs)
-            tile = (cx["BLOCK_M"], cx["BLOCK_N"], cx["BLOCK_K"], s.num_warps, s.num_stages)
+            elem = 4 if s.dtype == "fp32-tf32" else 2
+            assert cx["INPUT_PRECISION"] == ("tf32" if elem == 4 else "ieee")
+            tile = (cx["BLOCK_M"], cx["BLOCK_N"], cx["BLOCK_K"] * (2 if elem == 4 else 1), s.num_warps, s.num_stages)
             gate = KL.gated_kind(cx["GATED"], cx["GATE_GRAD"]) if cx["GATED"] or cx["GATE_GRAD"] or \
                 cx["TWO_K_SOURCES"] else None
-            compiled.setdefault(gate or cx["ACT_GRAD"], set()).add(tile)
+            compiled.setdefault((gate or cx["ACT_GRAD"], elem), set()).add(tile)
             assert cx["FLATTEN"] == KL.tma_flatten(cx["ACT_GRAD"], gate is not None) and s.archs == (90,)
             assert cx["EPILOGUE_SPLIT"] == KL.tma_epilogue_split(cx["ACT_GRAD"], cx["BLOCK_N"], gate is not None)
-    for act_grad in (False, True):
-        assert compiled[act_grad] == set(KL.tma_tiles(act_grad))
-    for kind, tiles in KL.TMA_GATED_TILES.items():
-        assert compiled[kind] == set(tiles)
+    for elem in (2, 4):
+        for act_grad in (False, True):
+            assert compiled[act_grad, elem] == set(KL.tma_tiles(act_grad, elem))
+        for kind in KL.TMA_GATED_TILES:
+            assert compiled.get((kind, elem), set()) == set(KL.tma_gated_tiles(kind, elem))
+    # TF32: dX * act' drops 128x64 and [dG | dU] has no tile (both spilled); everything else as 16-bit.
+    assert set(KL.tma_tiles(False, 4)) == set(KL.GEMM_TILES) and len(KL.tma_tiles(True, 4)) == len(KL.GEMM_TILES) - 1
+    assert KL.tma_gated_tiles("gate_grad", 4) == () and KL.tma_gated_tiles("gated", 4) == KL.TMA_GATED_TILES["gated"]
     # dX * act' at 128x128: subtiled (it spilled whole)
     assert (128, 128, 64, 8, 4) in KL.tma_tiles(True) and KL.tma_epilogue_split(True, 128) == 2
+
+
+@pytest.fixture
+def tf32():
+    old = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = True
+    yield
+    torch.backends.cuda.matmul.allow_tf32 = old
+
+
+def test_tf32_mlp_and_gated_mlp_on_tma(tma, tf32, launches):
+    """fp32 with TF32 on the TMA kernel (MMFUSE_TMA=always): every GEMM of a two-layer MLP (forward,
+    dX * act', dX, dW) and the gated MLP's gate/up, down, dX and dW GEMMs take it, but [dG | dU], whose
+    TF32 epilogue spilled (pointer kernel); values and gradients under the error rule."""
+    x = torch.randn(37, 24)
+    ws, bs = [torch.randn(88, 24) / 5, torch.randn(40, 88) / 9], [torch.randn(88), torch.randn(40)]
+    assert_matches_reference(lambda x, *p: mmfuse.mlp(x, p[:2], p[2:], activation="gelu"),
+                             lambda x, *p: mmfuse.mlp_reference(x, p[:2], p[2:], activation="gelu"),
+                             [x, *ws, *bs], ["x", "w0", "w1", "b0", "b1"])
+    used = _gemm_launches(launches)
+    assert "fused_gemm_kernel" not in used and used.count("tma_gemm_kernel") >= 6  # 2 forward, dX*act', dX, 2 dW
+    launches.clear()
+    gw = [torch.randn(72, 24) / 5, torch.randn(72, 24) / 5, torch.randn(40, 72) / 9]
+    assert_matches_reference(lambda *t: mmfuse.gated_mlp(*t), lambda *t: mmfuse.gated_mlp_reference(*t), [x, *gw],
+                             ["x", "w_gate", "w_up", "w_down"])
+    used = _gemm_launches(launches)
+    assert "fused_gemm_kernel" in used and used.count("tma_gemm_kernel") >= 5
+
+
+def test_tf32_linear_on_tma_matches_the_reference(tma, tf32):
+    x, w, b = torch.randn(37, 72), torch.randn(136, 72) / 9, torch.randn(136)
+    assert_matches_reference(lambda *t: mmfuse.linear(*t, activation="gelu"),
+                             lambda *t: mmfuse.linear_reference(*t, activation="gelu"), [x, w, b],
+                             ["x", "weight", "bias"])
 
 
 @pytest.mark.parametrize("activation", ["silu", "gelu_tanh"])
