@@ -97,9 +97,12 @@ MLP_SHAPES = (
     MLPShape("siglip-so400m-tower-mlp", 729, (1152, 4304, 1152), activation="gelu_tanh"),
     # Session 8's rows for families the registry covers. "transformers' default": the sizes equal the
     # default config of transformers 5.23, whose docstring names that checkpoint (checked offline);
-    # "recalled": the published config.json as recalled, not re-checkable here (no download).
+    # "public copy": checked (session 9) against a public copy of the published config.json or the
+    # conversion script that wrote it, named in the row's comment (no download here).
     # LLaVA-OneVision (Qwen2-7B): SigLIP-so400m 384px, 27x27 = 729 tokens per crop, 1152 -> 3584 -> 3584
-    # (recalled: Qwen2-7B's hidden size 3584; transformers' default pairs the tower with a 4096 LLM).
+    # (public copy: transformers' convert_llava_onevision_weights_to_hf.py maps lmms-lab/llava-onevision-
+    # qwen2-7b-ov to Qwen2-7B-Instruct, hidden 3584, and SigLIP 1152 at 384px; transformers' default pairs
+    # the tower with a 4096 LLM).
     MLPShape("llava-onevision-qwen2-7b", 729, (1152, 3584, 3584)),
     # VipLLaVA-7B: five CLIP-L/14-336 layers concatenated (5 x 1024), its LayerNorm (PyTorch in the
     # norm+mlp recipe), then 5120 -> 4096 -> 4096 on 576 tokens (transformers' default).
@@ -133,23 +136,29 @@ MERGED_SHAPES = (
     MergedShape("internvl2-8b-mlp1", 1024, 1024, 4, (4096, 4096), "layer", norm_after_merge=True, table=True),
     # Aya Vision 8B: SigLIP2-so400m (1152) at 364px: 26x26 = 676 patches of 14 per tile, pixel shuffle
     # (downsample 2) to 169 rows of 4608, LayerNorm(4608), linear_1 4608 -> 28672 chunked into up and
-    # gate halves of 14336, SiLU(gate) * up, linear_2 14336 -> 4096 (Command R7B). The sizes are the
-    # published CohereLabs/aya-vision-8b config.json's as recalled (image_size 364,
-    # alignment_intermediate_size 28672): no download here to re-check them.
+    # gate halves of 14336, SiLU(gate) * up, linear_2 14336 -> 4096 (Command R7B). Public copy: the
+    # aya-vision-8b config.json as mirrored by mlx-community/aya-vision-8b-8bit (image_size 364, patch 14,
+    # vision hidden 1152, downsample_factor 2, alignment_intermediate_size 28672, text hidden 4096).
     # Qwen3-VL-8B's merger: LayerNorm(1152) per token, 2x2 merge to 4608 -> 4608 -> 4096 (Qwen3-8B), on the
     # 64x64 = 4096 patches of 16 of a 1024px image (tower 1152 wide, patch 16: transformers' default;
-    # the 4096 output recalled).
+    # out_hidden_size 4096: public copies of Qwen3-VL-8B-Instruct's vision_config and its Ollama metadata).
     MergedShape("qwen3-vl-8b-merger", 4096, 1152, 4, (4608, 4096), "layer"),
     # InternVL3-8B: InternViT-300M (1024) per 448px tile, pixel shuffle to 256 rows of 4096,
-    # LayerNorm(4096), 4096 -> 3584 -> 3584 (Qwen2.5-7B; recalled).
+    # LayerNorm(4096), 4096 -> 3584 -> 3584 (Qwen2.5-7B; public copy: MindSpeed-MM's InternVL3 8B config,
+    # downsample_ratio 0.5, LLM hidden 3584; InternViT-300M-448px's config, hidden 1024 at 448px / 14).
     MergedShape("internvl3-8b-mlp1", 1024, 1024, 4, (3584, 3584), "layer", norm_after_merge=True, table=True),
     # SmolVLM-256M: SigLIP-B/16 at 512px (768 wide, 32x32 = 1024 patches), pixel shuffle (scale 4) to 64
-    # rows of 12288, one Linear to SmolLM2-135M's 576, no bias (recalled).
+    # rows of 12288, one Linear to SmolLM2-135M's 576, no bias (public copy of a fine-tune's config naming
+    # SmolVLM-256M-Instruct: scale_factor 4, text 576; the model card: siglip-base-patch16-512, 64 tokens).
     MergedShape("smolvlm-256m-connector", 1024, 768, 16, (576,), None, table=True, bias=False),
     # Idefics3-8B (Llama 3): SigLIP-so400m (1152) at 364px: 26x26 = 676 patches, pixel shuffle
-    # (scale_factor 2) to 169 rows of 4608, one Linear 4608 -> 4096, no bias, no norm (the Idefics3 paper's
-    # 169 tokens per image; HuggingFaceM4/Idefics3-8B-Llama3's config as recalled: no download here).
+    # (scale_factor 2) to 169 rows of 4608, one Linear 4608 -> 4096, no bias, no norm (public copy: the
+    # Idefics3-8B-Llama3 config.json, scale_factor 2, text 4096; its model card: 169 tokens per 364px image).
     MergedShape("idefics3-8b-connector", 676, 1152, 4, (4096,), None, table=True, bias=False),
+    # SmolVLM-Instruct (2B): SigLIP-so400m (1152) per 384px tile, 27x27 = 729 patches, pixel shuffle
+    # (scale_factor 3) to 81 rows of 10368, one Linear 10368 -> 2048 (SmolLM2-1.7B), no bias (public
+    # copies of the config.json: scale_factor 3, image_seq_len 81, text hidden 2048).
+    MergedShape("smolvlm-2b-connector", 729, 1152, 9, (2048,), None, table=True, bias=False),
     MergedShape("aya-vision-8b-projector", 676, 1152, 4, (14336, 4096), "layer", norm_after_merge=True, table=True,
                 gated=True),
     # Gemma 3 4B: SigLIP-so400m (1152) at 896px: 64x64 = 4096 patches of 14, AvgPool2d(4) to 256 tokens,
