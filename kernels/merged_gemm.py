@@ -47,10 +47,12 @@ from mmfuse.kernels._common import (
     forced_tile,
     gpu_config_on,
     grouped_tile,
+    grouped_tile_of,
     num_sms,
 )
-from mmfuse.kernels.linear import (GROUP_M, INTERPRETER_TILE, block_k_for, candidate_tiles, gated_epilogue,
-                                   gemm_epilogue)
+from mmfuse.kernels.linear import (GROUP_M, INTERPRETER_TILE, _tma_tile, block_k_for, candidate_tiles,
+                                   gated_epilogue, gemm_epilogue)
+from mmfuse.kernels import linear as KL
 from mmfuse.kernels._tuning import TileChooser
 
 
@@ -176,22 +178,62 @@ def mapped_gemm_kernel(
     INPUT_PRECISION: tl.constexpr, ACC_DTYPE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     GROUP_M: tl.constexpr, EVEN_K: tl.constexpr,
+    TMA: tl.constexpr,           # the operands not read through the map are TMA descriptors (Hopper)
+    A_TRANS: tl.constexpr,       # (TMA) A's descriptor is over A^T (dW's dH^T)
+    B_TRANS: tl.constexpr,       # (TMA) B's descriptor is over B^T (the forward's W^T: over W)
+    NUM_PROGRAMS: tl.constexpr,  # > 0: that many persistent programs walk the tiles (Hopper); 0: a grid of tiles
 ):
     """C = A @ B with one operand in the merged layout (module docstring). The mapped operand's
     "strides" are x's (token, channel); rows past M / columns past N wrap as in fused_gemm_kernel.
     GATED (SwiGLU / GeGLU on a merged operand: Aya Vision, Command A) normalises and gathers each A
     tile once for both products; the launcher stores g and u (aux, aux2) where the backward's GEMMs
-    read them as one (M, 2N) operand in the weight's row order."""
-    pid_m, pid_n = grouped_tile(M, N, BLOCK_M, BLOCK_N, GROUP_M)
+    read them as one (M, 2N) operand in the weight's row order.
+    On Hopper (issue 14's core: ``TMA``, ``NUM_PROGRAMS``) the operands that are not the merge (the
+    weight, dH) arrive by TMA, the merged operand stays a pointer gather (TMA cannot express a token
+    table, nor a norm in the load), and persistent programs walk the tiles in grouped order."""
+    if NUM_PROGRAMS == 0:
+        pid_m, pid_n = grouped_tile(M, N, BLOCK_M, BLOCK_N, GROUP_M)
+        _mapped_tile(pid_m, pid_n, a_ptr, b_ptr, c_ptr, bias_ptr, aux_ptr, map_ptr, stats_ptr, gamma_ptr, beta_ptr,
+                     b2_ptr, bias2_ptr, aux2_ptr, M, N, K, C, G, stride_am, stride_ak, stride_bk, stride_bn, stride_cm,
+                     stride_cn, stride_auxm, stride_auxn, stride_bias, stride_bias2, stride_map, stride_gamma,
+                     stride_beta, MAPPED, NORM, NORM_POST, ALIGNED, TABLE, GATED, ACTIVATION, HAS_BIAS, STORE_AUX,
+                     INPUT_PRECISION, ACC_DTYPE, BLOCK_M, BLOCK_N, BLOCK_K, EVEN_K, TMA, A_TRANS, B_TRANS)
+    else:
+        for tile in tl.range(tl.program_id(0), tl.cdiv(M, BLOCK_M) * tl.cdiv(N, BLOCK_N), NUM_PROGRAMS):
+            pid_m, pid_n = grouped_tile_of(tile, M, N, BLOCK_M, BLOCK_N, GROUP_M)
+            _mapped_tile(pid_m, pid_n, a_ptr, b_ptr, c_ptr, bias_ptr, aux_ptr, map_ptr, stats_ptr, gamma_ptr,
+                         beta_ptr, b2_ptr, bias2_ptr, aux2_ptr, M, N, K, C, G, stride_am, stride_ak, stride_bk,
+                         stride_bn, stride_cm, stride_cn, stride_auxm, stride_auxn, stride_bias, stride_bias2,
+                         stride_map, stride_gamma, stride_beta, MAPPED, NORM, NORM_POST, ALIGNED, TABLE, GATED,
+                         ACTIVATION, HAS_BIAS, STORE_AUX, INPUT_PRECISION, ACC_DTYPE, BLOCK_M, BLOCK_N, BLOCK_K,
+                         EVEN_K, TMA, A_TRANS, B_TRANS)
+
+
+@triton.jit
+def _mapped_tile(
+    pid_m, pid_n, a_ptr, b_ptr, c_ptr, bias_ptr, aux_ptr, map_ptr, stats_ptr, gamma_ptr, beta_ptr,
+    b2_ptr, bias2_ptr, aux2_ptr, M, N, K, C, G,
+    stride_am, stride_ak, stride_bk, stride_bn, stride_cm, stride_cn, stride_auxm, stride_auxn,
+    stride_bias, stride_bias2, stride_map, stride_gamma, stride_beta,
+    MAPPED: tl.constexpr, NORM: tl.constexpr, NORM_POST: tl.constexpr, ALIGNED: tl.constexpr, TABLE: tl.constexpr,
+    GATED: tl.constexpr, ACTIVATION: tl.constexpr, HAS_BIAS: tl.constexpr, STORE_AUX: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr, ACC_DTYPE: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr,
+    TMA: tl.constexpr, A_TRANS: tl.constexpr, B_TRANS: tl.constexpr,
+):
+    """One output tile of ``mapped_gemm_kernel``."""
+    op_dtype = c_ptr.dtype.element_ty  # every operand's dtype (the launchers keep them one)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_k = tl.arange(0, BLOCK_K)
     rows_a = offs_m % M
     cols_b = offs_n % N
-    a_ptrs = a_ptr + rows_a.to(tl.int64)[:, None] * stride_am + offs_k[None, :] * stride_ak
-    b_off = offs_k[:, None] * stride_bk + cols_b.to(tl.int64)[None, :] * stride_bn
-    b_ptrs = b_ptr + b_off
-    b2_ptrs = b2_ptr + b_off  # GATED only: W_up^T, with W_gate^T's strides
+    if not (TMA and MAPPED != 0):  # A by pointers
+        a_ptrs = a_ptr + rows_a.to(tl.int64)[:, None] * stride_am + offs_k[None, :] * stride_ak
+    if not (TMA and MAPPED != 1):  # B (and GATED's B2: W_up^T, with W_gate^T's strides) by pointers
+        b_off = offs_k[:, None] * stride_bk + cols_b.to(tl.int64)[None, :] * stride_bn
+        b_ptrs = b_ptr + b_off
+        b2_ptrs = b2_ptr + b_off
 
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=ACC_DTYPE)
     acc_up = tl.zeros((BLOCK_M, BLOCK_N) if GATED else (1, 1), dtype=ACC_DTYPE)
@@ -214,15 +256,23 @@ def mapped_gemm_kernel(
                     gi = (j * C if NORM_POST else 0) + c0 + offs_k
                     a = normalise(a.to(ACC_DTYPE), mean, rstd, gamma_ptr, beta_ptr, gi, gi >= 0, stride_gamma,
                                   stride_beta)
-                a = a.to(b_ptr.dtype.element_ty)
-                b = tl.load(b_ptrs)
+                a = a.to(op_dtype)
+                if TMA:
+                    b = _tma_tile(b_ptr, pid_n * BLOCK_N, j * C + c0, B_TRANS, True)
+                else:
+                    b = tl.load(b_ptrs)
                 acc = tl.dot(a, b, acc, input_precision=INPUT_PRECISION, out_dtype=ACC_DTYPE)
                 if GATED:
-                    acc_up = tl.dot(a, tl.load(b2_ptrs), acc_up, input_precision=INPUT_PRECISION,
-                                    out_dtype=ACC_DTYPE)
-                    b2_ptrs += BLOCK_K * stride_bk
+                    if TMA:
+                        b2 = _tma_tile(b2_ptr, pid_n * BLOCK_N, j * C + c0, B_TRANS, True)
+                    else:
+                        b2 = tl.load(b2_ptrs)
+                    acc_up = tl.dot(a, b2, acc_up, input_precision=INPUT_PRECISION, out_dtype=ACC_DTYPE)
+                    if not TMA:
+                        b2_ptrs += BLOCK_K * stride_bk
                 x_ptrs += BLOCK_K * stride_ak
-                b_ptrs += BLOCK_K * stride_bk
+                if not TMA:
+                    b_ptrs += BLOCK_K * stride_bk
     else:
         for k in range(0, tl.cdiv(K, BLOCK_K)):
             ks = k * BLOCK_K + offs_k
@@ -230,8 +280,9 @@ def mapped_gemm_kernel(
             if MAPPED == 0:
                 a = load_normalised(a_ptr, rows_a, ks, k * BLOCK_K, rows_a >= 0, k_ok, map_ptr,
                                     stats_ptr, gamma_ptr, beta_ptr, C, G, K, stride_am, stride_ak, stride_map,
-                                    stride_gamma, stride_beta, ALIGNED, TABLE, NORM, NORM_POST, ACC_DTYPE,
-                                    b_ptr.dtype.element_ty)
+                                    stride_gamma, stride_beta, ALIGNED, TABLE, NORM, NORM_POST, ACC_DTYPE, op_dtype)
+            elif TMA:  # the copy engine zero-fills past K
+                a = _tma_tile(a_ptr, pid_m * BLOCK_M, k * BLOCK_K, A_TRANS, False)
             elif EVEN_K:
                 a = tl.load(a_ptrs)
             else:
@@ -239,22 +290,28 @@ def mapped_gemm_kernel(
             if MAPPED == 1:
                 b = load_normalised(b_ptr, ks, cols_b, (pid_n * BLOCK_N) % N, k_ok, cols_b >= 0,
                                     map_ptr, stats_ptr, gamma_ptr, beta_ptr, C, G, N, stride_bk, stride_bn, stride_map,
-                                    stride_gamma, stride_beta, ALIGNED, TABLE, NORM, NORM_POST, ACC_DTYPE,
-                                    a_ptr.dtype.element_ty)
+                                    stride_gamma, stride_beta, ALIGNED, TABLE, NORM, NORM_POST, ACC_DTYPE, op_dtype)
+            elif TMA:
+                b = _tma_tile(b_ptr, pid_n * BLOCK_N, k * BLOCK_K, B_TRANS, True)
             elif EVEN_K:
                 b = tl.load(b_ptrs)
             else:
                 b = tl.load(b_ptrs, mask=k_ok[:, None], other=0.0)
             acc = tl.dot(a, b, acc, input_precision=INPUT_PRECISION, out_dtype=ACC_DTYPE)
             if GATED:
-                if EVEN_K:
+                if TMA:
+                    b2 = _tma_tile(b2_ptr, pid_n * BLOCK_N, k * BLOCK_K, B_TRANS, True)
+                elif EVEN_K:
                     b2 = tl.load(b2_ptrs)
                 else:
                     b2 = tl.load(b2_ptrs, mask=k_ok[:, None], other=0.0)
                 acc_up = tl.dot(a, b2, acc_up, input_precision=INPUT_PRECISION, out_dtype=ACC_DTYPE)
-                b2_ptrs += BLOCK_K * stride_bk
-            a_ptrs += BLOCK_K * stride_ak
-            b_ptrs += BLOCK_K * stride_bk
+                if not TMA:
+                    b2_ptrs += BLOCK_K * stride_bk
+            if not (TMA and MAPPED != 0):
+                a_ptrs += BLOCK_K * stride_ak
+            if not (TMA and MAPPED != 1):
+                b_ptrs += BLOCK_K * stride_bk
 
     if MAPPED == 2:
         # dA straight into x's layout: the inverse of the forward's gather, a permutation store.
@@ -542,21 +599,37 @@ def norm_stats(merge: Merge):
     return stats
 
 
-def mapped_tiles(elem_bytes: int, precision: str, C: int | None = None, mapped: int = 0, gated: bool = False) -> tuple:
+def mapped_tiles(elem_bytes: int, precision: str, C: int | None = None, mapped: int = 0, gated: bool = False,
+                 tma: bool = False) -> tuple:
     """The mapped GEMM's tiles: MAPPED_TILES (MAPPED_GATED_TILES for a gated forward), or the fp32-IEEE /
     fp64 one. Given C, only the tiles whose merged-column block divides C (ALIGNED: one token per row per
     block); if none does, the gather tile (at 128x128 the per-element statistics, pipelined, needed
-    272 KB of shared memory on an H100 with Triton 3.6)."""
+    272 KB of shared memory on an H100 with Triton 3.6). ``tma``: on the Hopper core, where the forward
+    drops 128x128 (244-255 registers on Triton 3.6-3.9, and 32-48 B of spills on 3.9 with a norm: per
+    merged row in bf16, per token in TF32)."""
     if elem_bytes == 8:
         tiles = gather = (MAPPED_FP64_TILE,)
     elif elem_bytes == 4 and precision == "ieee":
         tiles = gather = (MAPPED_FP32_GATED_TILE if gated else MAPPED_FP32_TILE,)
     else:
         tiles, gather = MAPPED_GATED_TILES if gated else MAPPED_TILES, (MAPPED_GATHER_TILE,)
+        if tma and mapped == 0:
+            tiles = tuple(t for t in tiles if t[:2] != (128, 128))
     if C is None:
         return tiles
     aligned = tuple(t for t in tiles if C % (block_k_for(t[2], elem_bytes) if mapped == 0 else t[1]) == 0)
     return aligned or gather
+
+
+def _tma_layouts(a, b, b2, mapped: int):
+    """(A_TRANS, B_TRANS) of the mapped GEMM's operands that are not the merge, read by TMA; None where
+    TMA cannot read one (``linear._tma_layout``). The forward's B is W^T (its descriptor over W), dW's
+    A is dH^T (over dH), dA's A and B are dH and W as they lie."""
+    a_t = KL._tma_layout(a) if mapped != 0 else False
+    b_t = KL._tma_layout(b) if mapped != 1 else False
+    if b2 is not None and KL._tma_layout(b2) != b_t:
+        return None
+    return None if a_t is None or b_t is None else (a_t, b_t)
 
 
 def _launch(a, b, c, merge: Merge, mapped: int, M, N, K, strides, *, bias=None, aux=None, activation=0,
@@ -577,17 +650,32 @@ def _launch(a, b, c, merge: Merge, mapped: int, M, N, K, strides, *, bias=None, 
                  ACC_DTYPE=acc_dtype(x.dtype))
     seconds = (b2 if gated else dummy, bias2 if bias2 is not None else dummy, aux2 if aux2 is not None else dummy)
 
+    # The Hopper core (MMFUSE_TMA=always; issue 14): the operands that are not the merge by TMA, where
+    # TMA can read them (unit stride, 16-byte aligned rows), and persistent programs.
+    tma_layout = _tma_layouts(a, b, b2, mapped) if KL._wants_tma(x) and KL.TMA == "always" else None
+
     def launch(tile, gpu_tile=True):
         bm, bn, bk, warps, stages = tile
         if gpu_tile:
             bk = block_k_for(bk, x.element_size())
-        _mapped_gemm[(cdiv(M, bm) * cdiv(N, bn),)](
-            a, b, c, bias if bias is not None else dummy, aux_t, merge.token_map, stats, gamma, beta, *seconds,
+        ops, grid = (a, b, seconds[0]), (cdiv(M, bm) * cdiv(N, bn),)
+        hopper = dict(TMA=False, A_TRANS=False, B_TRANS=False, NUM_PROGRAMS=0)
+        if tma_layout is not None:
+            a_trans, b_trans = tma_layout
+            programs = KL.TMA_PROGRAMS or num_sms(x.device)
+            ops = (KL._tma_operand(a, bm, bk, a_trans) if mapped != 0 else a,
+                   KL._tma_operand(b, bk, bn, b_trans) if mapped != 1 else b,
+                   KL._tma_operand(b2, bk, bn, b_trans) if gated else seconds[0])
+            grid = (min(programs, grid[0]),)
+            hopper = dict(TMA=True, A_TRANS=a_trans, B_TRANS=b_trans, NUM_PROGRAMS=programs)
+        _mapped_gemm[grid](
+            ops[0], ops[1], c, bias if bias is not None else dummy, aux_t, merge.token_map, stats, gamma, beta,
+            ops[2], *seconds[1:],
             M, N, K, merge.C, merge.G, *strides, aux_t.stride(0), aux_t.stride(1),
             bias.stride(0) if bias is not None else 0, bias2.stride(0) if bias2 is not None else 0,
             merge.token_map.stride(0), gamma.stride(0) if norm else 0, beta.stride(0) if norm else 0,
             **flags, ALIGNED=merge.C % (bk if mapped == 0 else bn) == 0, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk,
-            GROUP_M=GROUP_M, num_warps=warps, num_stages=stages)
+            GROUP_M=GROUP_M, **hopper, num_warps=warps, num_stages=stages)
 
     forced = forced_tile("mapped_gemm_kernel")
     if forced is not None:
@@ -595,8 +683,9 @@ def _launch(a, b, c, merge: Merge, mapped: int, M, N, K, strides, *, bias=None, 
     elif INTERPRET and not gpu_config_on():  # (under gpu_config: the GPU's choice, which is also faster here)
         launch(INTERPRETER_TILE, gpu_tile=False)
     else:
-        key = (x.dtype, x.device, *flags.values(), merge.C)
-        tiles = mapped_tiles(x.element_size(), flags["INPUT_PRECISION"], merge.C, mapped, gated)
+        key = (x.dtype, x.device, *flags.values(), merge.C, tma_layout)
+        tiles = mapped_tiles(x.element_size(), flags["INPUT_PRECISION"], merge.C, mapped, gated,
+                             tma=tma_layout is not None)
         launch(TUNER.choose((M, N, K), key, candidate_tiles(M, N, num_sms(x.device), tiles), launch))
 
 
@@ -776,11 +865,19 @@ def aot_specs():
     T, C, G, N = AOT_SHAPE
     specs = []
 
-    def gemm_spec(form, mapped, dtype, ptr, precision, tile, C=C, note="", gated=False):
+    def gemm_spec(form, mapped, dtype, ptr, precision, tile, C=C, note="", gated=False, tma=False):
         (variant, norm, post, table), (bm, bn, bk, warps, stages) = form, tile
         elem = {"*fp32": 4, "*fp64": 8}.get(ptr, 2)
         block_k = block_k_for(bk, elem)
         args = _gemm_spec_args(ptr, mapped, T, C, G, N)
+        if tma:  # the operands that are not the merge as the launcher's descriptors (``_tma_layouts``)
+            desc = lambda r, c: f"tensordesc<{ptr[1:]}[{r}, {c}]>"  # noqa: E731
+            if mapped == 0:  # W^T: a descriptor over W
+                args.update(b_ptr=desc(bn, block_k), b2_ptr=desc(bn, block_k) if gated else ptr)
+            elif mapped == 1:  # dH^T: a descriptor over dH
+                args.update(a_ptr=desc(block_k, bm))
+            else:  # dH and W as they lie
+                args.update(a_ptr=desc(bm, block_k), b_ptr=desc(block_k, bn))
         if gated:  # the up half's bias, a unit-stride slice (its W^T has the gate half's strides); the
             args["stride_bias2"] = 1  # pre-activations [g | u] share one (M, 2N) buffer
             args["stride_auxm"] = 2 * N
@@ -792,13 +889,15 @@ def aot_specs():
                   ACTIVATION=(4 if gated else 1) if mapped == 0 else 0, HAS_BIAS=mapped == 0, STORE_AUX=mapped == 0,
                   INPUT_PRECISION=precision, ACC_DTYPE=tl.float64 if elem == 8 else tl.float32,
                   BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=block_k, GROUP_M=GROUP_M, EVEN_K=args["K"] % block_k == 0)
+        cx.update(TMA=tma, A_TRANS=tma and mapped == 1, B_TRANS=tma and mapped == 0, NUM_PROGRAMS=132 if tma else 0)
         what = {0: f"fwd {'silu gated' if gated else 'gelu'}+bias+aux, {variant}", 1: f"dW, {variant}",
                 2: "dA stored through the " + ("table" if table else "view merge")}[mapped]
         return CompileSpec(
-            kernel="merged_gemm/mapped_gemm_kernel", variant=what + note, dtype=dtype,
-            config=f"{bm}x{bn}x{block_k} w{warps} s{stages}", fn=mapped_gemm_kernel, args=tuple(args.items()),
-            constexprs=tuple(cx.items()), num_warps=warps, num_stages=stages,
-            tensor_cores=precision == "tf32" or elem != 4, sm90_instr="mma.sync" if elem == 8 else "wgmma")
+            kernel="merged_gemm/mapped_gemm_kernel", variant=what + note + (" (TMA, persistent)" if tma else ""),
+            dtype=dtype, config=f"{bm}x{bn}x{block_k} w{warps} s{stages}", fn=mapped_gemm_kernel,
+            args=tuple(args.items()), constexprs=tuple(cx.items()), num_warps=warps, num_stages=stages,
+            tensor_cores=precision == "tf32" or elem != 4, sm90_instr="mma.sync" if elem == 8 else "wgmma",
+            **(dict(archs=(90,)) if tma else {}))
 
     for dtype, ptr, precision, gemms in _plans():
         elem = {"*fp32": 4, "*fp64": 8}.get(ptr, 2)
@@ -821,6 +920,23 @@ def aot_specs():
     for form, mapped in [(MERGE_FORMS[0], 0), (MERGE_FORMS[0], 1), (MERGE_FORMS[1], 2)]:
         specs.append(gemm_spec(form, mapped, "bf16", "*bf16", "ieee", MAPPED_GATHER_TILE, C=1176,
                                note=" (C % block != 0)"))
+    # The Hopper core (sm_90, MMFUSE_TMA=always): the 16-bit and TF32 GEMMs above, the weight / dH by
+    # TMA, persistent; every form and tile as the pointer kernel's, the gather tile included.
+    for sp in list(specs):
+        cx = dict(sp.constexprs)
+        if sp.kernel.endswith("mapped_gemm_kernel") and sp.dtype in ("bf16", "fp32-tf32"):
+            form = next(f for f in MERGE_FORMS if f[0] in sp.variant) if cx["MAPPED"] != 2 else \
+                (MERGE_FORMS[1] if cx["TABLE"] else MERGE_FORMS[0])
+            ptr, elem = ("*bf16", 2) if sp.dtype == "bf16" else ("*fp32", 4)
+            bk = cx["BLOCK_K"] * (2 if elem == 4 else 1)
+            tile = (cx["BLOCK_M"], cx["BLOCK_N"], bk, sp.num_warps, sp.num_stages)
+            gather = "(C % block != 0)" in sp.variant
+            if tile not in mapped_tiles(elem, cx["INPUT_PRECISION"], mapped=cx["MAPPED"], gated=cx["GATED"],
+                                        tma=True) + (MAPPED_GATHER_TILE,):
+                continue  # a tile the Hopper launcher does not take
+            specs.append(gemm_spec(form, cx["MAPPED"], sp.dtype, ptr, cx["INPUT_PRECISION"], tile,
+                                   C=1176 if gather else C, note=" (C % block != 0)" if gather else "",
+                                   gated=cx["GATED"], tma=True))
     # The row-wise kernels: per source token (G = 1) and per merged row (G = 4, K = 5120 wide), C a
     # multiple of BLOCK_C; and per token with C = 1176 (the per-element gather), bf16.
     every = (("bf16", "*bf16"), ("fp32", "*fp32"), ("fp64", "*fp64"))

@@ -85,7 +85,7 @@ def run_key(spec):
         bk = cx["BLOCK_K"] * {"fp64": 4, "fp32": 2, "fp32-tf32": 2}.get(spec.dtype, 1)
         tile = (cx["BLOCK_M"], cx["BLOCK_N"], bk, spec.num_warps, spec.num_stages)
         return ("merged", cx["MAPPED"], cx["NORM"], cx["NORM_POST"], spec.dtype, tile, cx["ALIGNED"], cx["EVEN_K"],
-                cx["TABLE"], cx["GATED"])
+                cx["TABLE"], cx["GATED"]) + (("TMA",) if cx.get("TMA") else ())
     if name in ("norm_stats_kernel", "norm_bwd_kernel"):
         post = dict(spec.args)["G"] > 1
         return ("merged", None, True, post, spec.dtype, None, cx["ALIGNED"], None, cx["TABLE"], False)
@@ -312,22 +312,23 @@ def run_gated(kind, act, dtype, tile, even_k, ragged=RAGGED):
                       lambda *t: gated_mlp_reference(*t, activation=act), [x, wg, wu, wd, *bs], names, names)
 
 
-def run_merged(mapped, norm, post, dtype, tile, aligned, even_k, table, gated=False):
+def run_merged(mapped, norm, post, dtype, tile, aligned, even_k, table, gated=False, ragged=RAGGED):
     """A merged projector (``mmfuse.merged_mlp``, G = 2 tokens per row, a shuffled token table or none
     (``table``: adjacent rows, Qwen's view merge), LayerNorm
     per token or per merged row, or none) whose targeted mapped GEMM spans two tiles of ``tile`` and
     reduces over 2 BLOCK_K (+ a tail unless EVEN_K); C a multiple of the block along the merged
     columns when ALIGNED, else 40. ``mapped`` None: the row-wise kernels at GPU blocks (GEMMs at the
     interpreter's tile). ``gated``: the first layer a SwiGLU on one chunked weight (its forward GEMM's
-    N is the gate's width). Values and every gradient."""
+    N is the gate's width). ``ragged``: 8 for the Hopper core (rows of dH stay 16-byte aligned, TMA's
+    rule). Values and every gradient."""
     G = 2
     if mapped is None:  # C a multiple of the row-wise BLOCK_C (128) when ALIGNED
         C, M, N1 = (128 if aligned else 40), 21, 24
     else:
         bm, bn, bk = tile[0], tile[1], _block_k(tile, dtype)
-        red = 2 * bk + (0 if even_k else RAGGED)
+        red = 2 * bk + (0 if even_k else ragged)
         C = {0: bk, 1: bn, 2: bn}[mapped] if aligned else 40
-        M, N1 = {0: (bm + RAGGED, bn + RAGGED), 1: (red, bm + RAGGED), 2: (bm + RAGGED, red)}[mapped]
+        M, N1 = {0: (bm + ragged, bn + ragged), 1: (red, bm + ragged), 2: (bm + ragged, red)}[mapped]
         if mapped == 0 and not aligned:
             assert (G * C) % bk != 0 or even_k
     T = G * M
@@ -486,9 +487,14 @@ def _execute(key):
             else:
                 run_linear(kind, act, bias, DTYPES[dtype_name], tile, even_k, ragged=8 if tma else RAGGED)
     elif family == "merged":
-        mapped, norm, post, dtype_name, tile, aligned, even_k, table, gated = params
-        with _tf32(dtype_name == "fp32-tf32"), _common.gpu_config({"mapped_gemm_kernel": tile} if tile else {}):
-            run_merged(mapped, norm, post, DTYPES[dtype_name], tile, aligned, even_k, table, gated)
+        from mmfuse.kernels import linear as KL
+
+        mapped, norm, post, dtype_name, tile, aligned, even_k, table, gated, *tma = params
+        # The Hopper core (the weight and dH by TMA) as a GPU launches it: 132 persistent programs.
+        with _tf32(dtype_name == "fp32-tf32"), _common.gpu_config({"mapped_gemm_kernel": tile} if tile else {}), \
+                _patched(KL, "TMA", "always" if tma else "never"), _patched(KL, "TMA_PROGRAMS", 132 if tma else None):
+            run_merged(mapped, norm, post, DTYPES[dtype_name], tile, aligned, even_k, table, gated,
+                       ragged=8 if tma else RAGGED)
     elif family == "pooled":
         dtype_name, norm = params
         with _common.gpu_config({}):
@@ -616,6 +622,12 @@ def launchable_configs() -> dict:
                     out.setdefault(("mapped_gemm_kernel", (bm, bn, KL.block_k_for(bk, elem)), warps, stages, cls,
                                     mapped, aligned, gated),
                                    f"merged mlp {dtype} mapped={mapped} aligned={aligned} gated={gated}")
+                # the Hopper core (the weight / dH by TMA): 16-bit and TF32
+                for bm, bn, bk, warps, stages in (KM.mapped_tiles(elem, prec, C, mapped, gated, tma=True)
+                                                  if elem == 2 or prec == "tf32" else ()):
+                    out.setdefault(("mapped_gemm_kernel", (bm, bn, KL.block_k_for(bk, elem)), warps, stages, cls,
+                                    mapped, aligned, gated, "TMA"),
+                                   f"merged mlp {dtype} mapped={mapped} aligned={aligned} gated={gated} TMA")
         for blocks in (KM.ROWWISE, KM.ROWWISE_GATHER):
             for name in ("norm_stats_kernel", "norm_bwd_kernel"):
                 out.setdefault((name, blocks, 4, 1, (elem, "ieee", acc)), f"merged mlp {dtype} norm")
@@ -754,7 +766,7 @@ def uncompiled_run(key):
     if name == "fused_gemm_kernel":
         return ("linear", key[5], "gelu", True, dtype, tile, True, name)
     if name == "mapped_gemm_kernel":  # one run launches all three mapped GEMMs at the forced tile
-        return ("merged", 0, True, False, dtype, tile, key[6], True, False, key[7])
+        return ("merged", 0, True, False, dtype, tile, key[6], True, False, key[7]) + (("TMA",) if key[-1] == "TMA" else ())
     if name == "dw_combine_kernel":
         # Inside a split dW run: a compiled one's sizes, its BLOCK_K scaled so the token loop still spans
         # two SPLIT_ALIGN chunks in this dtype (the dW tile is only the vehicle here).

@@ -320,3 +320,64 @@ def test_patch_embed_stays_on_pointers_unless_always(monkeypatch):
     assert KP._token_matrix(torch.randn(2, 4, 40, dtype=torch.float16)).shape == (8, 40)
     odd_rows = torch.randn(2, 4, 36, dtype=torch.float16)  # 72-byte rows: off TMA's 16-byte rule
     assert not KP.on_tma(odd_rows, KP._token_matrix(odd_rows))
+
+
+# The merged projector's mapped GEMMs (kernels/merged_gemm.py): the weight and dH by TMA, the merged
+# operand (token table or view merge, norm in the load) still gathered by pointers; persistent programs.
+MERGED_FORMS = [("layer", True, True, 64), ("rms", False, False, 64), (None, False, True, 24), ("layer", False, True, 24)]
+
+
+def _merged_case(norm, post, table, C, dtype=torch.float16, T=52, G=4, widths=(40, 24), gated=False):
+    x = torch.randn(T, C, dtype=dtype)
+    tmap = torch.randperm(T)[: (T // G) * G].reshape(-1, G).to(torch.int32) if table else None
+    width = G * C if post else C
+    nb = [(1 + 0.3 * torch.randn(width)).to(dtype)] if norm else []
+    nb += [torch.randn(width, dtype=dtype)] if norm == "layer" else []
+    w1 = (torch.randn(widths[0] * (2 if gated else 1), G * C) / (G * C) ** 0.5).to(dtype)
+    w2 = (torch.randn(widths[1], widths[0]) / widths[0] ** 0.5).to(dtype)
+    bs = [torch.randn(w1.shape[0], dtype=dtype), torch.randn(widths[1], dtype=dtype)]
+    kw = dict(group=G, token_map=tmap, norm=norm, eps=1e-5, norm_after_merge=post)
+    if gated:
+        kw["gate_half"] = 1
+
+    def call(f):
+        return lambda x, w1, w2, b1, b2, *nb: f(x, [w1, w2], [b1, b2], "silu" if gated else "gelu",
+                                               norm_weight=nb[0] if nb else None,
+                                               norm_bias=nb[1] if len(nb) > 1 else None, **kw)
+    names = ["x", "W1", "W2", "b1", "b2", *(["gamma", "beta"][:len(nb)])]
+    return [x, w1, w2, *bs, *nb], names, call
+
+
+@pytest.mark.parametrize("norm,post,table,C,gated", [(*f, False) for f in MERGED_FORMS] + [("layer", True, True, 64, True)],
+                         ids=lambda v: str(v))
+def test_merged_mlp_gemms_on_tma(tma, norm, post, table, C, gated, monkeypatch, launches):
+    from mmfuse.ops.merged import merged_mlp, merged_mlp_reference
+
+    descriptors, real = [], KL._tma_operand
+    monkeypatch.setattr(KL, "_tma_operand", lambda *a: descriptors.append(tuple(a[0].shape)) or real(*a))
+    inputs, names, call = _merged_case(norm, post, table, C, gated=gated)
+    assert_matches_reference(call(merged_mlp), call(merged_mlp_reference), inputs, names)
+    assert "mapped_gemm_kernel" in launches and "fused_gemm_kernel" not in launches
+    M, K, N1 = 52 // 4, 4 * C, inputs[1].shape[0]
+    # forward: W1^T (K, 40), or each half's; dW1: dH1^T (N1, M); dA: dH1 (M, N1) and W1 (N1, K)
+    assert {(K, 40), (N1, M), (M, N1), (N1, K)} <= set(descriptors)
+
+
+def test_merged_mlp_gemms_on_tma_equal_the_pointer_kernel(tma, monkeypatch, launches):
+    """The same blocks in the same order, the weight loaded by TMA instead of pointers: bitwise equal
+    outputs and gradients, interpreted (fp16; the persistent programs walk several tiles each)."""
+    from mmfuse.ops.merged import merged_mlp
+
+    inputs, names, call = _merged_case("layer", True, True, 64, widths=(72, 40))
+    inputs = [t.requires_grad_() for t in inputs]
+    g = torch.randn(13, 40, dtype=torch.float16)
+
+    def run():
+        y = call(merged_mlp)(*inputs)
+        return (y, *torch.autograd.grad(y, inputs, g))
+
+    on_tma = run()
+    launches.clear()
+    monkeypatch.setattr(KL, "TMA", "never")
+    for a, b in zip(on_tma, run()):
+        assert torch.equal(a, b)
