@@ -113,6 +113,19 @@ MLP_SHAPES = (
     # PaliGemma-3B-224: one Linear, SigLIP-so400m's 1152 -> Gemma-2B's 2048 on 256 tokens
     # (transformers' default).
     MLPShape("paligemma-3b-224", 256, (1152, 2048)),
+    # Session 9's rows, each checked against a public source (no download here).
+    # Pixtral-12B (LLaVA-style projector): vision 1024 wide, patch 16, 1024px images: 64x64 = 4096 patches;
+    # 1024 -> 5120 -> 5120, GELU (candle's pixtral_12b_2409 config; transformers' convert_pixtral script,
+    # text hidden 5120; projector_hidden_act the LlavaConfig default "gelu").
+    MLPShape("pixtral-12b-projector", 4096, (1024, 5120, 5120)),
+    # FastVLM-7B: FastViTHD's 3072 channels, 256 tokens per 1024px image (transformers'
+    # convert_fastvlm_weights_to_hf: image_seq_length 256), mlp2x_gelu to Qwen2-7B's 3584 (FastVlmConfig's
+    # default, "the same configuration as FastVLM-7B").
+    MLPShape("fastvlm-7b-projector", 256, (3072, 3584, 3584)),
+    # PaddleOCR-VL: LayerNorm(1152) per token and the 2x2 merge in PyTorch ("merge+mlp"), then 4608 ->
+    # 4608 -> 1024 on mmfuse GEMMs; an 896px page: 64x64 patches of 14, 1024 merged rows (candle's
+    # paddleocr_vl config defaults and transformers' PaddleOCRProjector).
+    MLPShape("paddleocr-vl-projector", 1024, (4608, 4608, 1024)),
 )
 
 GATED_SHAPES = (
@@ -122,6 +135,11 @@ GATED_SHAPES = (
     # Idefics2-8B's connector modality projection (Idefics2MLP, no biases): SigLIP's 1152 -> the
     # Mistral-7B intermediate 14336 -> 4096, on 70x70 = 4900 tokens of a 980px image.
     GatedShape("idefics2-8b-connector-mlp", 4900, 1152, 14336, 4096, bias=False),
+    # GLM-4.1V-9B's patch merger after its 2x2 downsample conv (1536 -> out_hidden_size 4096): proj
+    # Linear + LayerNorm + GELU (glue), then SwiGLU 4096 -> 13696 -> 4096 without biases, on the 12x12 =
+    # 144 merged tokens of a 336px image (image_size 336, patch 14: GLM-4.1V-9B-Thinking presets / mlxcel
+    # test; Glm4vVisionPatchMerger(dim=out_hidden_size, context_dim=intermediate_size) in transformers).
+    GatedShape("glm-4.1v-9b-merger", 144, 4096, 13696, 4096, bias=False),
 )
 
 MERGED_SHAPES = (
@@ -159,6 +177,14 @@ MERGED_SHAPES = (
     # (scale_factor 3) to 81 rows of 10368, one Linear 10368 -> 2048 (SmolLM2-1.7B), no bias (public
     # copies of the config.json: scale_factor 3, image_seq_len 81, text hidden 2048).
     MergedShape("smolvlm-2b-connector", 729, 1152, 9, (2048,), None, table=True, bias=False),
+    # LFM2-VL-450M: SigLIP2-base (768) per 512px tile, 32x32 = 1024 patches of 16, pixel unshuffle 2 to 256
+    # rows of 3072, LayerNorm(3072), 3072 -> 2560 (GELU) -> 1024, with biases (a public copy of the
+    # config.json: projector_hidden_size 2560, downsample_factor 2, max_image_tokens 256, text 1024).
+    MergedShape("lfm2-vl-450m-projector", 1024, 768, 4, (2560, 1024), "layer", norm_after_merge=True, table=True),
+    # LFM2-VL-1.6B: the same with SigLIP2 so400m-shaped (1152) and LFM2-1.2B's 2048 (secondary sources:
+    # a snapshot note of the HF config and a fixture "matching the checkpoint geometry"; 2560 is also
+    # Lfm2VlConfig's default).
+    MergedShape("lfm2-vl-1.6b-projector", 1024, 1152, 4, (2560, 2048), "layer", norm_after_merge=True, table=True),
     MergedShape("aya-vision-8b-projector", 676, 1152, 4, (14336, 4096), "layer", norm_after_merge=True, table=True,
                 gated=True),
     # Gemma 3 4B: SigLIP-so400m (1152) at 896px: 64x64 = 4096 patches of 14, AvgPool2d(4) to 256 tokens,
