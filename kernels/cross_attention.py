@@ -401,7 +401,10 @@ def attn_bwd_dq_kernel(
                                  offs_n, offs_d, stride_vn, stride_vd, stride_v2n, stride_v2d, L1, TWO_SOURCES,
                                  False), mask=kv_mask, other=0.0)
             qk = tl.dot(q, tl.trans(k), input_precision=INPUT_PRECISION, out_dtype=ACC_DTYPE).to(ACC_DTYPE)
-            p = tl.where(valid[None, :], tl.exp2(tl.fma(qk, qk_scale, -lse[:, None])), 0.0)
+            keep = valid[None, :]
+            if SINGLE_PASS:  # dK sums over the query rows: a padding row's q = 0 meets a -inf key as NaN
+                keep = keep & mask_m[:, None]
+            p = tl.where(keep, tl.exp2(tl.fma(qk, qk_scale, -lse[:, None])), 0.0)
             dp = tl.dot(do, tl.trans(v), input_precision=INPUT_PRECISION, out_dtype=ACC_DTYPE).to(ACC_DTYPE)
             ds = p * (dp - delta[:, None])
             dq += tl.dot(ds.to(k.dtype), k, input_precision=INPUT_PRECISION, out_dtype=ACC_DTYPE).to(ACC_DTYPE)
