@@ -802,18 +802,20 @@ def _paligemma_model():
     return _VLMCall(M.paligemma.PaliGemmaForConditionalGeneration(cfg))
 
 
-class _QFormerCall(nn.Module):
-    def __init__(self, model):
+class _KeywordCall(nn.Module):
+    """A model called with positional inputs passed on as these keywords (the checks call model(*inputs))."""
+    def __init__(self, model, keywords):
         super().__init__()
-        self.model = model
+        self.model, self.keywords = model, keywords
 
-    def forward(self, queries, image_tokens):
-        return self.model(query_embeds=queries, encoder_hidden_states=image_tokens)
+    def forward(self, *inputs):
+        return self.model(**dict(zip(self.keywords, inputs)))
 
 
 def _qformer_model():
     torch.manual_seed(0)
-    return _QFormerCall(M.blip_2.modeling_blip_2.Blip2QFormerModel(_qformer_config(num_hidden_layers=2)))
+    return _KeywordCall(M.blip_2.modeling_blip_2.Blip2QFormerModel(_qformer_config(num_hidden_layers=2)),
+                        ("query_embeds", "encoder_hidden_states"))
 
 
 E2E = {
