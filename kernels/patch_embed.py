@@ -588,7 +588,8 @@ def on_tma(x, *operands) -> bool:
     bench/NOTES.md), 16-bit inputs, and operands whose rows TMA can read (None: no such view)."""
     from mmfuse.kernels import linear as KL
 
-    return (KL._wants_tma(x) and KL.TMA == "always"
+    # (16-bit only: ``_wants_tma`` also admits TF32, which the patch GEMMs' core specs do not cover yet.)
+    return (x.element_size() == 2 and KL._wants_tma(x) and KL.TMA == "always"
             and all(t is not None and KL._tma_layout(t) is False for t in operands))
 
 

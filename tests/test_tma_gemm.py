@@ -381,3 +381,17 @@ def test_merged_mlp_gemms_on_tma_equal_the_pointer_kernel(tma, monkeypatch, laun
     monkeypatch.setattr(KL, "TMA", "never")
     for a, b in zip(on_tma, run()):
         assert torch.equal(a, b)
+
+
+def test_tf32_patch_embed_stays_on_the_pointer_kernels(tma, tf32, monkeypatch):
+    """``_wants_tma`` admits TF32 for the linear and mapped GEMMs; the patch-embedding GEMMs' core specs
+    are 16-bit only, so their launchers keep fp32 on the pointer kernels (fp16 takes the core)."""
+    from mmfuse.kernels import patch_embed as KP
+
+    decided = _returns(monkeypatch, KP, "on_tma")
+    for dtype in (torch.float32, torch.float16):
+        px = torch.randn(2, 3, 28, 28, dtype=dtype, requires_grad=True)
+        w, b = (torch.randn(24, 3, 14, 14) / 24).to(dtype).requires_grad_(), torch.randn(24, dtype=dtype)
+        mmfuse.patch_embed(px, w, b, torch.randn(4, 24, dtype=dtype)).sum().backward()
+        assert decided and (any(decided) if dtype == torch.float16 else not any(decided)), (dtype, decided)
+        decided.clear()
