@@ -316,4 +316,4 @@ class QFormerAttention(nn.Module):
         k = _heads(linear(source, self.key.weight, self.key.bias), H)
         v = _heads(linear(source, self.value.weight, self.value.bias), H)
         out = cross_attention(q, k, v, key_mask=key_mask, scale=self.scaling)
-        return out.transpose(1, 2).reshape(*out.shape[:1], out.shape[2], -1), None  # (B, Lq, H*D): a view
+        return _merge(out), None  # (B, Lq, H*D): a view of the kernel's (B, Lq, H, D) storage
