@@ -12,8 +12,12 @@ Forward (online softmax, fp32 statistics in base 2: s = q.k * scale * log2(e)):
   For each query block and a chunk of the keys (split s of S), stream K/V blocks keeping the running
   max m, the running sum l and the unnormalised output acc; store acc / l and lse = m + log2(l).
   With S = 1 that is the result. With S > 1 (flash-decoding: a few queries cannot fill 132 SMs,
-  so the keys are split; S minimises the modelled time, ``choose_fwd_splits``), each split writes fp32 partials and ``attn_combine_kernel`` merges them:
+  so the keys are split; S minimises the modelled time, ``choose_fwd_splits``), each split writes
+  fp32 partials and ``attn_combine_kernel`` merges them:
   lse = log2 sum_s 2^lse_s, o = sum_s 2^(lse_s - lse) o_s, in split order (deterministic).
+  With COMBINE (MMFUSE_SPLIT_COMBINE=kernel) the merge runs in the same launch: each split counts
+  its arrival on an integer counter per query block, and the last to arrive merges all partials
+  from memory in split order, so the result is the same bits whichever program that is.
   A query row with no valid key gets o = 0 and lse = +inf, so that every recomputed probability
   2^(s - lse) in backward is 0: zero gradients, no NaN.
 Backward (recompute P block by block from the saved lse; never the Lq x Lk matrix):
@@ -37,6 +41,7 @@ Backward (recompute P block by block from the saved lse; never the Lq x Lk matri
 from __future__ import annotations
 
 import functools
+import os
 
 import torch
 import triton
@@ -90,8 +95,35 @@ def _kv_ptrs(base, base2, offs_n, offs_d, stride_n, stride_d, stride2_n, stride2
 
 
 @triton.jit
+def _merge_splits(op_base, o_offs, lsep_base, lse_offs, stride_ps, stride_qs, SPLITS, mask_m, mask,
+                  ACC_DTYPE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):
+    """(o, lse) of a row block from its SPLITS partials at ``op_base + o_offs`` (rows x D, fp32) and
+    ``lsep_base + lse_offs`` (rows): lse = log2 sum_s 2^lse_s, o = sum_s 2^(lse_s - lse) o_s, splits
+    taken in order (deterministic); the split kernel's in-kernel combine and ``attn_combine_kernel``
+    both call it, so the two give the same bits. Loads bypass L1 (.cg): in the in-kernel combine they
+    read what other programs wrote. Rows with no valid key in any split get o = 0, lse = +inf."""
+    m = tl.full((BLOCK_M,), float("-inf"), dtype=ACC_DTYPE)
+    for s in range(0, SPLITS):
+        m = tl.maximum(m, tl.load(lsep_base + s * stride_qs + lse_offs, mask=mask_m, other=float("-inf"),
+                                  cache_modifier=".cg"))
+    m_safe = tl.where(m == float("-inf"), 0.0, m)
+    total = tl.zeros((BLOCK_M,), dtype=ACC_DTYPE)
+    acc = tl.zeros((BLOCK_M, BLOCK_D), dtype=ACC_DTYPE)
+    for s in range(0, SPLITS):
+        w = tl.exp2(tl.load(lsep_base + s * stride_qs + lse_offs, mask=mask_m, other=float("-inf"),
+                            cache_modifier=".cg") - m_safe)
+        total += w
+        acc += w[:, None] * tl.load(op_base + s * stride_ps + o_offs, mask=mask, other=0.0, cache_modifier=".cg")
+    empty_row = total == 0.0
+    out = acc / tl.where(empty_row, 1.0, total)[:, None]
+    lse = tl.where(empty_row, float("inf"), m_safe + tl.log2(tl.where(empty_row, 1.0, total)))
+    return out, lse
+
+
+@triton.jit
 def attn_fwd_kernel(
-    q_ptr, k_ptr, v_ptr, k2_ptr, v2_ptr, o_ptr, lse_ptr, kv_lens_ptr, mask_ptr,
+    q_ptr, k_ptr, v_ptr, k2_ptr, v2_ptr, o_ptr, lse_ptr, merged_o_ptr, merged_lse_ptr, arrivals_ptr,
+    kv_lens_ptr, mask_ptr,
     stride_qb, stride_qh, stride_qm, stride_qd,
     stride_kb, stride_kh, stride_kn, stride_kd,
     stride_vb, stride_vh, stride_vn, stride_vd,
@@ -99,10 +131,12 @@ def attn_fwd_kernel(
     stride_v2b, stride_v2h, stride_v2n, stride_v2d,
     stride_os, stride_ob, stride_oh, stride_om, stride_od,
     stride_ls, stride_lb, stride_lh, stride_lm,
+    stride_fob, stride_foh, stride_fom, stride_fod,
+    stride_flb, stride_flh, stride_flm,
     stride_mb, stride_mn, stride_lens,
-    Hq, Lq, Lk, L1, D, GROUP, CHUNK, qk_scale,
+    Hq, Lq, Lk, L1, D, GROUP, CHUNK, SPLITS, qk_scale,
     HAS_LENS: tl.constexpr, HAS_MASK: tl.constexpr, TWO_SOURCES: tl.constexpr, PARTIAL: tl.constexpr,
-    INPUT_PRECISION: tl.constexpr, ACC_DTYPE: tl.constexpr,
+    COMBINE: tl.constexpr, INPUT_PRECISION: tl.constexpr, ACC_DTYPE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr,
     EVEN_N: tl.constexpr,
 ):
@@ -171,6 +205,27 @@ def attn_fwd_kernel(
     tl.store(lse_ptr + split * stride_ls + b * stride_lb + h * stride_lh + offs_m * stride_lm,
              lse.to(lse_ptr.dtype.element_ty), mask=offs_m < Lq)
 
+    if COMBINE:
+        # The split of this query block that arrives last merges all of them, in split order, from
+        # memory (its own partial too): the result does not depend on which split that is. The barrier
+        # puts every warp's partial stores before the arrival, whose release publishes them and whose
+        # acquire (in the last program) orders the merge's loads after every other split's release.
+        # Integer atomics only: nothing is summed in arrival order.
+        tl.debug_barrier()
+        arrival = arrivals_ptr + pid_bh * tl.num_programs(0) + pid_m
+        if tl.atomic_add(arrival, 1, sem="acq_rel", scope="gpu") == SPLITS - 1:
+            mask_m = offs_m < Lq
+            out, lse = _merge_splits(
+                o_ptr + b * stride_ob + h * stride_oh, offs_m[:, None] * stride_om + offs_d[None, :] * stride_od,
+                lse_ptr + b * stride_lb + h * stride_lh, offs_m * stride_lm, stride_os, stride_ls, SPLITS,
+                mask_m, mask_m[:, None] & mask_d[None, :], ACC_DTYPE, BLOCK_M, BLOCK_D)
+            tl.store(merged_o_ptr + b * stride_fob + h * stride_foh + offs_m[:, None] * stride_fom
+                     + offs_d[None, :] * stride_fod, out.to(merged_o_ptr.dtype.element_ty),
+                     mask=mask_m[:, None] & mask_d[None, :])
+            tl.store(merged_lse_ptr + b * stride_flb + h * stride_flh + offs_m * stride_flm,
+                     lse.to(merged_lse_ptr.dtype.element_ty), mask=mask_m)
+            tl.store(arrival, 0)  # back to zero for the next launch (kernel boundaries order it)
+
 
 @triton.jit
 def attn_combine_kernel(
@@ -191,21 +246,10 @@ def attn_combine_kernel(
     offs_d = tl.arange(0, BLOCK_D)
     mask_m = offs_m < Lq
     mask = mask_m[:, None] & (offs_d < D)[None, :]
-    lsep = lsep_ptr + b * stride_qb + h * stride_qh + offs_m * stride_qm
-    m = tl.full((BLOCK_M,), float("-inf"), dtype=ACC_DTYPE)
-    for s in range(0, SPLITS):
-        m = tl.maximum(m, tl.load(lsep + s * stride_qs, mask=mask_m, other=float("-inf")))
-    m_safe = tl.where(m == float("-inf"), 0.0, m)
-    total = tl.zeros((BLOCK_M,), dtype=ACC_DTYPE)
-    acc = tl.zeros((BLOCK_M, BLOCK_D), dtype=ACC_DTYPE)
-    op = (op_ptr + b * stride_pb + h * stride_ph + offs_m[:, None] * stride_pm + offs_d[None, :] * stride_pd)
-    for s in range(0, SPLITS):
-        w = tl.exp2(tl.load(lsep + s * stride_qs, mask=mask_m, other=float("-inf")) - m_safe)
-        total += w
-        acc += w[:, None] * tl.load(op + s * stride_ps, mask=mask, other=0.0)
-    empty_row = total == 0.0
-    out = acc / tl.where(empty_row, 1.0, total)[:, None]
-    lse = tl.where(empty_row, float("inf"), m_safe + tl.log2(tl.where(empty_row, 1.0, total)))
+    out, lse = _merge_splits(
+        op_ptr + b * stride_pb + h * stride_ph, offs_m[:, None] * stride_pm + offs_d[None, :] * stride_pd,
+        lsep_ptr + b * stride_qb + h * stride_qh, offs_m * stride_qm, stride_ps, stride_qs, SPLITS, mask_m, mask,
+        ACC_DTYPE, BLOCK_M, BLOCK_D)
     tl.store(o_ptr + b * stride_ob + h * stride_oh + offs_m[:, None] * stride_om + offs_d[None, :] * stride_od,
              out.to(o_ptr.dtype.element_ty), mask=mask)
     tl.store(lse_ptr + b * stride_lb + h * stride_lh + offs_m * stride_lm, lse.to(lse_ptr.dtype.element_ty),
@@ -448,7 +492,7 @@ def block_d(D: int, gpu: bool | None = None) -> int:
     return max(64 if gpu else 16, next_pow2(D))
 
 
-def gpu_blocks(Lq: int, D: int, backward: bool = False, elem_bytes: int = 2) -> dict:
+def gpu_blocks(Lq: int, D: int, backward: bool = False, elem_bytes: int = 2, combine: bool = False) -> dict:
     """Tiles on a GPU, chosen so that no config spills on sm_80 or sm_90 (the compile test checks).
     Forward: 64 queries (32 when there are fewer, for 2-byte inputs to D = 128) x 64
     keys (32 past D = 128, and past D = 64 for 4-byte inputs, whose Q tile alone is 64 x 128 fp32),
@@ -457,7 +501,9 @@ def gpu_blocks(Lq: int, D: int, backward: bool = False, elem_bytes: int = 2) -> 
     registers. fp64 (gradcheck, not speed): 16 queries (32 at D <= 64 forward) x 16 keys; an fp64 value
     takes two registers and an MMA's A operand (Q, dO) is held whole by every warp of its rows: 32-row
     tiles spilled from D = 128, and these are the tiles that compile clean on Triton 3.6-3.9, except
-    dK/dV past D = 64 and dQ at D = 256, which spill on every tile tried (bench/NOTES.md)."""
+    dK/dV past D = 64 and dQ at D = 256, which spill on every tile tried (bench/NOTES.md).
+    ``combine``: the forward merging its split partials in the kernel, whose merge tile sits beside the
+    forward's registers: 8 warps for the 64-query tile at D <= 64 (4 spilled 8 B on sm_80, Triton 3.9)."""
     bd = block_d(D, gpu=True)
     if elem_bytes == 8:
         if backward:
@@ -474,13 +520,15 @@ def gpu_blocks(Lq: int, D: int, backward: bool = False, elem_bytes: int = 2) -> 
     # is a config compiled per Triton version and dtype), and at D = 256 the 32x32 tile spilled 8 B on
     # sm_90 (Triton 3.6) where the 64-query one does not.
     short = Lq <= 32 and elem_bytes <= 2 and bd <= 128
+    if combine and not short and warps == 4:
+        warps = 8
     return dict(BLOCK_M=32 if short else 64, BLOCK_N=32 if wide else 64, num_warps=warps, num_stages=2)
 
 
-def blocks_for(Lq: int, D: int, backward: bool = False, elem_bytes: int = 2) -> dict:
+def blocks_for(Lq: int, D: int, backward: bool = False, elem_bytes: int = 2, combine: bool = False) -> dict:
     if INTERPRET and not gpu_config_on():
         return dict(INTERPRETER_BLOCKS, num_warps=4, num_stages=1)
-    return gpu_blocks(Lq, D, backward, elem_bytes)
+    return gpu_blocks(Lq, D, backward, elem_bytes, combine)
 
 
 def single_pass_blocks(Lq: int, D: int, elem_bytes: int = 2, gpu: bool | None = None) -> dict:
@@ -613,10 +661,11 @@ def _bwd_plan(B: int, Bq: int, Hq: int, Hkv: int, Lq: int, Lk: int, D: int, elem
 
 
 def fwd_modelled_us(B: int, Bq: int, Hq: int, Hkv: int, Lq: int, Lk: int, D: int, elem: int, splits: int,
-                    sms: int, blocks=None) -> float:
+                    sms: int, blocks=None, combine_in_kernel: bool = False) -> float:
     """Roofline of the forward with ``splits`` key splits (H100 figures of kernels/_common.py):
     max(FLOPs / (peak x the split's wave efficiency), bytes / bandwidth) + a launch, and with splits
-    the fp32 partials (o and lse) written, read back by the combine, its output and its launch."""
+    the fp32 partials (o and lse) written, read back by the combine, its output and its launch (none
+    with ``combine_in_kernel``: the same bytes, in the tail of the one launch)."""
     blk = blocks or gpu_blocks(Lq, D, elem_bytes=elem)
     programs = cdiv(Lq, blk["BLOCK_M"]) * B * Hq
     key_blocks = max(1, cdiv(Lk, blk["BLOCK_N"]))
@@ -627,29 +676,45 @@ def fwd_modelled_us(B: int, Bq: int, Hq: int, Hkv: int, Lq: int, Lk: int, D: int
     eff = split_efficiency(programs, key_blocks, splits, sms)
     us = max(flops / (PEAK_FLOPS * eff), (inputs + (partials if splits > 1 else out)) / PEAK_BYTES) * 1e6 + LAUNCH_US
     if splits > 1:
-        us += (partials + out) / PEAK_BYTES * 1e6 + LAUNCH_US
+        us += (partials + out) / PEAK_BYTES * 1e6 + (0.0 if combine_in_kernel else LAUNCH_US)
     return us
 
 
+#: Where the forward's split partials are merged: "launch" (``attn_combine_kernel``, a second launch;
+#: the default) or "kernel" (the split kernel's last program per query block: one launch). The
+#: in-kernel merge orders other programs' stores through an integer counter, which the interpreter
+#: cannot exercise the way a GPU does, so it stays opt-in until a GPU check has run it.
+SPLIT_COMBINE = os.environ.get("MMFUSE_SPLIT_COMBINE", "launch")
+SPLIT_COMBINE_MODES = ("launch", "kernel")
+
+
+def combine_in_kernel() -> bool:
+    """Whether the split forward merges its partials in the same launch (``MMFUSE_SPLIT_COMBINE``)."""
+    if SPLIT_COMBINE not in SPLIT_COMBINE_MODES:
+        raise ValueError(f"MMFUSE_SPLIT_COMBINE: expected one of {SPLIT_COMBINE_MODES}, got {SPLIT_COMBINE!r}")
+    return SPLIT_COMBINE == "kernel"
+
+
 def choose_fwd_splits(B: int, Bq: int, Hq: int, Hkv: int, Lq: int, Lk: int, D: int, elem: int, sms: int,
-                      blocks=None) -> int:
+                      blocks=None, in_kernel: bool = False) -> int:
     """Key splits of the forward (``_fwd_splits``, cached per shape: it runs on every forward and costs
-    up to 64 roofline evaluations)."""
+    up to 64 roofline evaluations); ``in_kernel``: with the merge in the split kernel's launch."""
     blk = blocks or gpu_blocks(Lq, D, elem_bytes=elem)
-    return _fwd_splits(B, Bq, Hq, Hkv, Lq, Lk, D, elem, sms, blk["BLOCK_M"], blk["BLOCK_N"])
+    return _fwd_splits(B, Bq, Hq, Hkv, Lq, Lk, D, elem, sms, blk["BLOCK_M"], blk["BLOCK_N"], in_kernel)
 
 
 @functools.lru_cache(maxsize=4096)
 def _fwd_splits(B: int, Bq: int, Hq: int, Hkv: int, Lq: int, Lk: int, D: int, elem: int, sms: int, block_m: int,
-                block_n: int) -> int:
+                block_n: int, in_kernel: bool = False) -> int:
     """Key splits of the forward minimising ``fwd_modelled_us`` (fewer on ties): occupancy against the
-    partials' bytes and the combine launch. Short key sets (OpenFlamingo, BLIP-2) stay in one launch."""
+    partials' bytes and the combine launch. Short key sets (OpenFlamingo, BLIP-2) stay in one launch
+    unless the merge is in the kernel."""
     blk = dict(BLOCK_M=block_m, BLOCK_N=block_n)  # all fwd_modelled_us reads of the blocks
     key_blocks = max(1, cdiv(Lk, blk["BLOCK_N"]))
     best, best_us = 1, fwd_modelled_us(B, Bq, Hq, Hkv, Lq, Lk, D, elem, 1, sms, blk)
     for s in range(2, min(MAX_SPLITS, key_blocks) + 1):
         s_eff = cdiv(key_blocks, cdiv(key_blocks, s))  # splits launched for this chunk size
-        us = fwd_modelled_us(B, Bq, Hq, Hkv, Lq, Lk, D, elem, s_eff, sms, blk)
+        us = fwd_modelled_us(B, Bq, Hq, Hkv, Lq, Lk, D, elem, s_eff, sms, blk, in_kernel)
         if us < best_us * (1 - 1e-9):
             best, best_us = s_eff, us
     return best
@@ -684,9 +749,26 @@ def _second_source(k, v, k2, v2):
     return k2, v2, _strides4(k2) + _strides4(v2), k.shape[2], True
 
 
+#: Arrival counters of the in-kernel combine, per (device, stream): int32 zeros that every launch
+#: leaves at zero again (its last program per query block resets its own). One set per stream, so
+#: that launches on two streams never share a counter; grown (a zeroed copy) when a grid needs more.
+_ARRIVALS: dict = {}
+
+
+def _arrival_counters(device: torch.device, n: int) -> torch.Tensor:
+    stream = torch.cuda.current_stream(device).stream_id if device.type == "cuda" else 0
+    key = (device, stream)
+    counters = _ARRIVALS.get(key)
+    if counters is None or counters.numel() < n:
+        counters = torch.zeros(max(n, 1024), dtype=torch.int32, device=device)
+        _ARRIVALS[key] = counters
+    return counters
+
+
 def attention_fwd(q, k, v, kv_lens, key_mask, scale, splits=None, acc=torch.float32, precision="ieee",
-                  k2=None, v2=None):
+                  k2=None, v2=None, combine=None):
     """``k2, v2``: optional second key/value source (B, Hkv, L2, D): the keys are k ‖ k2, never built.
+    ``combine``: where split partials are merged, "launch" or "kernel" (None: ``MMFUSE_SPLIT_COMBINE``).
     Returns (o (B, Hq, Lq, D) in q's dtype, stored head-interleaved (B, Lq, Hq, D); lse (B, Hq, Lq) in
     ``acc``, base 2; +inf on empty rows)."""
     B, Hkv, Lk, D = k.shape
@@ -705,12 +787,22 @@ def attention_fwd(q, k, v, kv_lens, key_mask, scale, splits=None, acc=torch.floa
     if q.shape[0] == 1:
         qs[0] = 0  # one set of queries for every sample
     key_blocks = max(1, cdiv(Lk, BN))
+    if combine is None:
+        in_kernel = combine_in_kernel()
+    elif combine in SPLIT_COMBINE_MODES:
+        in_kernel = combine == "kernel"
+    else:
+        raise ValueError(f"combine: expected None or one of {SPLIT_COMBINE_MODES}, got {combine!r}")
     if splits is None:
-        splits = choose_fwd_splits(B, q.shape[0], Hq, Hkv, Lq, Lk, D, q.element_size(), num_sms(q.device), blk)
+        splits = choose_fwd_splits(B, q.shape[0], Hq, Hkv, Lq, Lk, D, q.element_size(), num_sms(q.device), blk,
+                                   in_kernel)
     splits = max(1, min(int(splits), key_blocks))
     chunk = cdiv(key_blocks, splits) * BN
     splits = cdiv(max(Lk, 1), chunk)
     lens, mask, mask_strides = _mask_args(kv_lens, key_mask, lse)
+    in_kernel = in_kernel and splits > 1
+    if in_kernel:  # the same tile; its warps may differ (``gpu_blocks``)
+        blk = blocks_for(Lq, D, elem_bytes=q.element_size(), combine=True)
     if splits == 1:
         o_t, l_t = o, lse
         os_, ls_ = [0, *o.stride()], [0, *lse.stride()]
@@ -719,14 +811,16 @@ def attention_fwd(q, k, v, kv_lens, key_mask, scale, splits=None, acc=torch.floa
         l_t = empty((splits, B, Hq, Lq), dtype=acc, device=q.device)
         os_, ls_ = list(o_t.stride()), list(l_t.stride())
     grid = (cdiv(Lq, BM), B * Hq, splits)
+    arrivals = _arrival_counters(q.device, grid[0] * grid[1]) if in_kernel else lse
     _attn_fwd[grid](
-        q, k, v, k2, v2, o_t, l_t, lens, mask, *qs, *_strides4(k), *_strides4(v), *s2, *os_, *ls_, *mask_strides,
-        Hq, Lq, Lk, L1, D, Hq // Hkv, chunk, float(scale * LOG2E),
+        q, k, v, k2, v2, o_t, l_t, o, lse, arrivals, lens, mask, *qs, *_strides4(k), *_strides4(v), *s2, *os_, *ls_,
+        *o.stride(), *lse.stride(), *mask_strides, Hq, Lq, Lk, L1, D, Hq // Hkv, chunk, splits,
+        float(scale * LOG2E),
         HAS_LENS=kv_lens is not None, HAS_MASK=key_mask is not None, TWO_SOURCES=two, PARTIAL=splits > 1,
-        INPUT_PRECISION=precision, ACC_DTYPE=_tl_acc(acc), BLOCK_M=BM, BLOCK_N=BN, BLOCK_D=BD,
+        COMBINE=in_kernel, INPUT_PRECISION=precision, ACC_DTYPE=_tl_acc(acc), BLOCK_M=BM, BLOCK_N=BN, BLOCK_D=BD,
         num_warps=blk["num_warps"], num_stages=blk["num_stages"],
     )
-    if splits > 1:
+    if splits > 1 and not in_kernel:
         rb = rowwise_blocks(D)
         attn_combine_kernel[(cdiv(Lq, rb["BLOCK_M"]), B * Hq)](
             o_t, l_t, o, lse, *o_t.stride(), *l_t.stride(), *o.stride(), *lse.stride(), Hq, Lq, D, splits,
@@ -902,9 +996,13 @@ def aot_specs():
                             **dict(zip(["stride_vb", "stride_vh", "stride_vn", "stride_vd"], k_s)),
                             **dict(zip(["stride_os", "stride_ob", "stride_oh", "stride_om", "stride_od"], op_s)),
                             **dict(zip(["stride_ls", "stride_lb", "stride_lh", "stride_lm"], lp_s)),
+                            # The merged output of the in-kernel combine (dummies without COMBINE).
+                            merged_o_ptr=ptr, merged_lse_ptr=acc_ptr, arrivals_ptr=acc_ptr,
+                            **dict(zip(["stride_fob", "stride_foh", "stride_fom", "stride_fod"], o_s)),
+                            **dict(zip(["stride_flb", "stride_flh", "stride_flm"], l_s)),
                             stride_mb=Lk, stride_mn=1, stride_lens=1, Hq=Hq, Lq=lq, Lk=Lk, D=D, GROUP=Hq // Hkv,
-                            CHUNK=cdiv(cdiv(Lk, BN), splits) * BN, qk_scale=0.1, **one_source)
-                cx = dict(common, PARTIAL=True, EVEN_D=D == BD, EVEN_N=False)
+                            CHUNK=cdiv(cdiv(Lk, BN), splits) * BN, SPLITS=splits, qk_scale=0.1, **one_source)
+                cx = dict(common, PARTIAL=True, COMBINE=False, EVEN_D=D == BD, EVEN_N=False)
                 # fp32 without TF32 multiplies on CUDA cores; fp64 has DMMA (mma.sync) and no wgmma form,
                 # nor does a 32-row tile (wgmma needs 64 rows per warpgroup).
                 specs.append(spec("attn_fwd_kernel", attn_fwd_kernel, "split-KV partial, lens+mask" + short, dtype,
@@ -913,14 +1011,15 @@ def aot_specs():
                 if dtype == "fp16" and D in (64, 128):  # the mask-free path: no padding, 4096 keys
                     # Without kv_lens / key_mask the launcher passes the lse buffer for both pointers.
                     even = dict(args, o_ptr=ptr, lse_ptr="*fp32", kv_lens_ptr="*fp32", mask_ptr="*fp32", Lk=4096,
-                                stride_os=0, stride_ls=0,
+                                arrivals_ptr="*fp32", stride_os=0, stride_ls=0, SPLITS=1,
                                 **dict(zip(["stride_ob", "stride_oh", "stride_om", "stride_od"], o_s)),
                                 **dict(zip(["stride_lb", "stride_lh", "stride_lm"], strides(B, Hq, lq))),
                                 CHUNK=4096, L1=4096, **dict(zip(["stride_kb", "stride_kh", "stride_kn", "stride_kd"],
                                                        strides(B, Hkv, 4096, D))),
                                 **dict(zip(["stride_vb", "stride_vh", "stride_vn", "stride_vd"],
                                            strides(B, Hkv, 4096, D))))
-                    cx = dict(common, HAS_LENS=False, HAS_MASK=False, PARTIAL=False, EVEN_D=D == BD, EVEN_N=True)
+                    cx = dict(common, HAS_LENS=False, HAS_MASK=False, PARTIAL=False, COMBINE=False, EVEN_D=D == BD,
+                              EVEN_N=True)
                     specs.append(spec("attn_fwd_kernel", attn_fwd_kernel, "no split, no padding (EVEN_N)", dtype,
                                       ptr, D, even, cx, True, warps, stages))
             else:
@@ -1016,7 +1115,7 @@ def aot_specs():
         a, D = dict(sp.args), dict(sp.args)["D"]
         if sp.variant == "split-KV partial, lens+mask":
             o_s, l_s = strides(B, Hq, Lq, D), strides(B, Hq, Lq)
-            a.update(o_ptr="*fp16", stride_os=0, stride_ls=0, CHUNK=cdiv(Lk, dict(sp.constexprs)["BLOCK_N"]) *
+            a.update(o_ptr="*fp16", stride_os=0, stride_ls=0, SPLITS=1, CHUNK=cdiv(Lk, dict(sp.constexprs)["BLOCK_N"]) *
                      dict(sp.constexprs)["BLOCK_N"], **dict(zip(["stride_ob", "stride_oh", "stride_om", "stride_od"],
                                                                 o_s)),
                      **dict(zip(["stride_lb", "stride_lh", "stride_lm"], l_s)))
@@ -1041,6 +1140,21 @@ def aot_specs():
                 constexprs=tuple(cx.items()), num_warps=blk["num_warps"], num_stages=blk["num_stages"],
                 sm90_instr="mma.sync",  # a 32-row tile: wgmma needs 64 rows per warpgroup
                 config=f"D={D} {blk['BLOCK_M']}x{blk['BLOCK_N']}x{bd} w{blk['num_warps']} s{blk['num_stages']}"))
+    # The in-kernel combine (MMFUSE_SPLIT_COMBINE=kernel): the split forward whose last program per query
+    # block merges the partials, at representative tiles (a flag, like two sources: not a tile of its
+    # own): fp16 at D = 64 (both query tiles), 96 and 256, TF32 at D = 96.
+    for sp in list(specs):
+        if sp.variant.startswith("split-KV partial, lens+mask") and "two sources" not in sp.variant and (
+                (sp.dtype == "fp16" and sp.config.split()[0] in ("D=64", "D=96", "D=256")
+                 and (sp.variant.endswith("queries") <= (sp.config.split()[0] == "D=64")))
+                or (sp.dtype == "fp32-tf32" and sp.config.split()[0] == "D=96")):
+            lq, D, elem = dict(sp.args)["Lq"], dict(sp.args)["D"], _AOT_ELEM[dict(sp.args)["q_ptr"]]
+            warps = gpu_blocks(lq, D, elem_bytes=elem, combine=True)["num_warps"]
+            specs.append(dataclasses.replace(
+                sp, variant=sp.variant.replace("partial", "in-kernel combine"), num_warps=warps,
+                config=sp.config.replace(f" w{sp.num_warps} ", f" w{warps} "),
+                args=tuple(dict(sp.args, arrivals_ptr="*i32").items()),
+                constexprs=tuple(dict(sp.constexprs, COMBINE=True).items())))
     # The row-wise kernels' tiles: one per BLOCK_D (rowwise_blocks), in fp32 (16- and 32-bit inputs)
     # and fp64.
     for D, dtype in [(D, dtype) for dtype in ("fp16", "fp64") for D in ((64, 96, 256) if dtype == "fp16" else (3, 96, 256))]:

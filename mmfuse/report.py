@@ -478,6 +478,98 @@ def attention_traffic_section() -> list[str]:
     return lines
 
 
+def flash_fwd_splits(programs: int, slots: int, key_blocks: int, max_splits: int = 128) -> int:
+    """The key splits of FlashAttention-2's forward as PyTorch's SDPA launches it (``flash_api.cpp``:
+    ``set_params_splitkv`` calls ``num_splits_heuristic`` with batch x heads x 64-query blocks, twice
+    the SM count, key blocks of 256 / 128 / 64 at D <= 64 / 128 / 256), restated: no split when the
+    programs fill 80% of the slots; else, among split counts up to min(max_splits, slots, key
+    blocks) that change the blocks per split, the fewest reaching 85% of the best wave efficiency."""
+    if programs >= 0.8 * slots:
+        return 1
+    top = min(max_splits, slots, key_blocks)
+    eligible = [n for n in range(1, top + 1) if n == 1 or _cdiv(key_blocks, n) != _cdiv(key_blocks, n - 1)]
+
+    def eff(n):
+        waves = programs * n / slots
+        return waves / -(-waves // 1)
+
+    best = max(eff(n) for n in eligible)
+    return next(n for n in eligible if eff(n) >= 0.85 * best)
+
+
+def attention_combine_section() -> list[str]:
+    """The split forward with its merge in the same launch (MMFUSE_SPLIT_COMBINE=kernel), against SDPA
+    modelled two ways: the idealised kernel of the table above, and its backends as they launch."""
+    from mmfuse.kernels import cross_attention as KA
+    from mmfuse.traffic import attention_fwd_traffic
+
+    lines = ["## Cross-attention forward: the in-kernel combine, and SDPA as it launches (bf16, shared queries, "
+             "no padding; model)", "",
+             "mmfuse: the split count the launcher takes with the merge in a second launch (the default) and "
+             "with the merge in the split kernel (`MMFUSE_SPLIT_COMBINE=kernel`: the last split of each query "
+             "block merges the fp32 partials; opt-in until a GPU run has validated it); the in-kernel merge "
+             "is the same bytes, read in the launch's tail after its split's work (added, not overlapped), "
+             "and no second launch. SDPA, idealised: the table above (one launch filling the GPU). SDPA as "
+             "launched, the faster of its two fused backends at these shapes: flash (FlashAttention-2) "
+             "splits the keys by its own heuristic (`flash_fwd_splits`) into fp32 partials merged by a "
+             "second kernel, its programs 64 queries per split (128 unsplit, 64 past D = 128); "
+             "memory-efficient does not split: one program per 64 queries and head. Both on the "
+             "repeated keys and values when grouped, as above.", "", _PER_LAUNCH_RULE, "",
+             "| shape | batch | mmfuse splits, combine launch → in kernel | launches | mmfuse fwd µs, combine "
+             "launch → in kernel | SDPA fwd µs: idealised / flash (splits) / mem-efficient | in kernel vs "
+             "idealised | in kernel vs SDPA as launched |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+    for s in ATTENTION_SHAPES:
+        for batch in (1, 8, 64):
+            e, acc, group, hd = 2, 4, s.heads // s.kv_heads, s.head_dim
+            g = _attention_grids(s, batch)
+            blk = KA.gpu_blocks(s.queries, hd)
+            key_blocks = _cdiv(s.keys, blk["BLOCK_N"])
+            pair = 2 * batch * s.heads * s.queries * s.keys * hd
+            rows = batch * s.heads * s.queries
+            kv, kv_rep = batch * s.kv_heads * s.keys * hd * e, batch * s.heads * s.keys * hd * e
+            q_o = rows * hd * e
+            repeat = [(0, kv + kv_rep)] * (2 if group > 1 else 0)
+            one = q_o + 2 * kv_rep + q_o + rows * acc  # q, K, V read once; o, lse written
+            ideal = sum(launch_us(*x) for x in repeat + [(2 * pair, one)])
+            m_blocks = _cdiv(s.queries, 64)
+            fa_splits = flash_fwd_splits(batch * s.heads * m_blocks, 2 * SMS, _cdiv(s.keys, 256 if hd <= 64 else
+                                                                                   128 if hd <= 128 else 64))
+            if fa_splits == 1:
+                unsplit_rows = 128 if hd <= 128 else 64
+                flash = [(2 * pair, one, grid_efficiency(batch * s.heads * _cdiv(s.queries, unsplit_rows)))]
+            else:
+                partials = fa_splits * rows * (hd + 1) * acc
+                flash = [(2 * pair, q_o + 2 * kv_rep + partials, grid_efficiency(batch * s.heads * m_blocks * fa_splits)),
+                         (0, partials + q_o + rows * acc, 1.0)]
+            t_flash = sum(launch_us(*x) for x in repeat + flash)
+            t_eff = sum(launch_us(*x) for x in repeat + [(2 * pair, one, grid_efficiency(batch * s.heads * m_blocks))])
+
+            def ours(splits, in_kernel):
+                fwd = attention_fwd_traffic(batch, 1, s.heads, s.kv_heads, s.queries, s.keys, hd,
+                                            (blk["BLOCK_M"], blk["BLOCK_N"]), splits, e)
+                eff = KA.split_efficiency(g["programs"], key_blocks, splits, SMS)
+                if "o_partial" not in fwd:
+                    return [(2 * pair, _hbm(fwd), eff)], 0.0
+                main = sum(fwd[n].unique for n in ("q", "k", "v")) + fwd["o_partial"].stored + fwd["lse_partial"].stored
+                tail = fwd["o_partial"].unique + fwd["lse_partial"].unique + fwd["o"].stored + fwd["lse"].stored
+                if in_kernel:
+                    return [(2 * pair, main, eff)], tail / PEAK_BYTES * 1e6
+                return [(2 * pair, main, eff), (0, tail, 1.0)], 0.0
+
+            split_k = KA.choose_fwd_splits(batch, 1, s.heads, s.kv_heads, s.queries, s.keys, hd, 2, SMS, in_kernel=True)
+            launches_l, extra_l = ours(g["splits"], False)
+            launches_k, extra_k = ours(split_k, True)
+            t_l = sum(launch_us(*x) for x in launches_l) + extra_l
+            t_k = sum(launch_us(*x) for x in launches_k) + extra_k
+            best = min(t_flash, t_eff)
+            lines.append(
+                f"| {s.name} | {batch} | {g['splits']} → {split_k} | {len(launches_l)} → {len(launches_k)} | "
+                f"{t_l:.1f} → {t_k:.1f} | {ideal:.1f} / {t_flash:.1f} ({fa_splits}) / {t_eff:.1f} | "
+                f"{ideal / t_k:.2f}x | {best / t_k:.2f}x |")
+    return lines
+
+
 def render(reports=None, progress=None) -> str:
     """The whole report as markdown (``reports``: ``mmfuse._aot.compile_all()`` by default;
     ``progress`` gets a line now and then while that compiles)."""
@@ -489,7 +581,8 @@ def render(reports=None, progress=None) -> str:
             "Computed, not timed: compile figures from Triton's AOT compiler for sm_80 / sm_90, launch grids "
             "from the launchers' own tile and split rules on an H100's 132 SMs.", ""]
     return "\n".join(head + compile_section(reports) + [""] + waves_section() + [""] + traffic_section()
-                     + [""] + gated_traffic_section() + [""] + merged_traffic_section() + [""] + patch_traffic_section() + [""] + attention_traffic_section()) + "\n"
+                     + [""] + gated_traffic_section() + [""] + merged_traffic_section() + [""] + patch_traffic_section() + [""] + attention_traffic_section()
+                     + [""] + attention_combine_section()) + "\n"
 
 
 def main(out: str | None = None) -> int:

@@ -456,3 +456,167 @@ def test_lse_rounding_floor_only_matters_at_huge_logits():
     big = cross_attention_term_scales(q * 30, k * 30, v, do)["grad v"]
     # 4 fp32 ulps of that scale: far more than the ordinary floor, what the fp32 lse costs at |logits| ~ 1e4.
     assert big > 50 * ordinary and big * 4 * torch.finfo(torch.float32).eps > 1e-4
+
+
+# --- The in-kernel combine (MMFUSE_SPLIT_COMBINE=kernel) ------------------------------------------
+COMBINE_CASES = [
+    # Bq, B, Hq, Hkv, Lq, Lk, D, dtype, padding, two sources, splits
+    (1, 3, 4, 2, 17, 577, 24, torch.float32, "lens+mask", False, 5),   # GQA, a fully masked sample
+    (3, 3, 2, 2, 33, 97, 40, torch.float16, "lens", False, 3),         # queries per sample, 3 query blocks
+    (1, 2, 3, 3, 5, 130, 16, torch.bfloat16, None, False, 4),          # no padding (EVEN_N off: 130 keys)
+    (1, 2, 2, 1, 17, 75, 32, torch.float32, "mask", True, 3),          # keys from two sources
+]
+
+
+def _combine_inputs(Bq, B, Hq, Hkv, Lq, Lk, D, dtype, padding, two):
+    q, k, v = _qkv(Bq, B, Hq, Hkv, Lq, Lk, D, dtype)
+    # Non-contiguous views of every tensor: q column-major, k a slice of wider rows, v head-interleaved.
+    k = torch.cat([k, torch.randn_like(k[..., :3])], -1)[..., :D]
+    q, v = q.transpose(2, 3).contiguous().transpose(2, 3), v.transpose(1, 2).contiguous().transpose(1, 2)
+    lens = torch.tensor([Lk, Lk // 3, 0][:B], dtype=torch.int32) if padding and "lens" in padding else None
+    mask = torch.rand(B, Lk - (7 if two else 0)) > 0.3 if padding and "mask" in padding else None
+    k2 = v2 = None
+    if two:  # the last 7 keys from a second tensor
+        k, k2, v, v2 = k[:, :, :-7], k[:, :, -7:], v[:, :, :-7], v[:, :, -7:]
+    return q, k, v, lens, mask, k2, v2
+
+
+@pytest.mark.parametrize("Bq,B,Hq,Hkv,Lq,Lk,D,dtype,padding,two,splits", COMBINE_CASES,
+                         ids=lambda v: str(v).replace("torch.", ""))
+def test_in_kernel_combine_matches_the_combine_launch_bit_for_bit(Bq, B, Hq, Hkv, Lq, Lk, D, dtype, padding, two,
+                                                                  splits, request):
+    """The split kernel's last program per query block merges the partials in split order from memory:
+    the same bits as attn_combine_kernel, in one launch, and the arrival counters are left at zero."""
+    launches = request.getfixturevalue("launches") if mmfuse.INTERPRET else None
+    q, k, v, lens, mask, k2, v2 = _combine_inputs(Bq, B, Hq, Hkv, Lq, Lk, D, dtype, padding, two)
+    acc = torch.float32
+    want = KA.attention_fwd(q, k, v, lens, mask, 0.3, splits=splits, acc=acc, k2=k2, v2=v2, combine="launch")
+    if launches is not None:
+        assert launches == ["attn_fwd_kernel", "attn_combine_kernel"]
+        launches.clear()
+    got = KA.attention_fwd(q, k, v, lens, mask, 0.3, splits=splits, acc=acc, k2=k2, v2=v2, combine="kernel")
+    if launches is not None:
+        assert launches == ["attn_fwd_kernel"]
+    assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+    assert not got[0].isnan().any()
+    if lens is not None and B == 3:  # the sample with no keys: o = 0, lse = +inf
+        assert torch.equal(got[0][2], torch.zeros_like(got[0][2])) and torch.isinf(got[1][2]).all()
+    assert all(not c.any() for c in KA._ARRIVALS.values())
+
+
+@pytest.mark.skipif(mmfuse.INTERPRET, reason="GPU only: the order in which splits arrive is the GPU's; on CPU "
+                    "the interpreter runs programs one by one (the shuffled-order test stands in)")
+def test_in_kernel_combine_at_the_report_shapes_on_a_gpu():
+    """On a GPU a missing memory ordering would show as an occasional wrong merge, not always: Idefics2 and
+    OpenFlamingo at batch 1, at the splits the in-kernel rule takes there, 20 times each, against the
+    combine launch bit for bit (run by ``mmfuse gpu-check``'s value tests)."""
+    for Hq, Hkv, Lq, Lk, D in ((16, 4, 64, 4964, 96), (8, 8, 64, 321, 64)):
+        q, k, v = _qkv(1, 1, Hq, Hkv, Lq, Lk, D, torch.bfloat16)
+        splits = KA.choose_fwd_splits(1, 1, Hq, Hkv, Lq, Lk, D, 2, KA.num_sms(q.device), in_kernel=True)
+        assert splits > 1
+        want = KA.attention_fwd(q, k, v, None, None, D ** -0.5, splits=splits, combine="launch")
+        for _ in range(20):
+            got = KA.attention_fwd(q, k, v, None, None, D ** -0.5, splits=splits, combine="kernel")
+            assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+        assert all(not c.any() for c in KA._ARRIVALS.values())
+
+
+@pytest.mark.skipif(not mmfuse.INTERPRET, reason="reorders the interpreter's grid (on a GPU the hardware does)")
+def test_in_kernel_combine_does_not_depend_on_which_split_arrives_last(monkeypatch):
+    """On a GPU any split of a query block may arrive last and merge. The interpreter runs the grid in
+    order (the last split merges); here each launch runs the split axis in a shuffled order, so other
+    programs merge, and the bits do not change."""
+    from triton.runtime import interpreter
+
+    builder = interpreter.interpreter_builder
+    real_dim, real_idx = builder.set_grid_dim, builder.set_grid_idx
+    order = {}
+
+    def set_grid_dim(x, y, z):
+        order["perm"] = torch.randperm(z, generator=torch.Generator().manual_seed(x * 131 + y * 7 + z)).tolist()
+        return real_dim(x, y, z)
+
+    def set_grid_idx(x, y, z):
+        return real_idx(x, y, order["perm"][z])
+
+    q, k, v, lens, mask, _, _ = _combine_inputs(1, 3, 4, 2, 17, 577, 24, torch.float32, "lens+mask", False)
+    want = KA.attention_fwd(q, k, v, lens, mask, 0.3, splits=7, combine="launch")
+    monkeypatch.setattr(builder, "set_grid_dim", set_grid_dim)
+    monkeypatch.setattr(builder, "set_grid_idx", set_grid_idx)
+    got = KA.attention_fwd(q, k, v, lens, mask, 0.3, splits=7, combine="kernel")
+    assert order["perm"] != sorted(order["perm"])  # the split axis really ran out of order
+    assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+
+
+def test_in_kernel_combine_through_the_op_values_and_gradients(monkeypatch):
+    """Under MMFUSE_SPLIT_COMBINE=kernel the functional API takes it (one forward launch): values and
+    gradients by the error rule, gradcheck in fp64."""
+    monkeypatch.setattr(KA, "SPLIT_COMBINE", "kernel")
+    q, k, v = _qkv(1, 2, 4, 2, 17, 300, 32, torch.float16)
+    _check(q, k, v, splits=3, kv_lens=torch.tensor([300, 101]))
+    # fp64 gradcheck through q (the numerical side re-runs the merged forward twice per element; K and V
+    # would take 2 x 1120 runs, and their gradients come from the same saved o and lse as q's).
+    q, k, v = (t.double() for t in _qkv(1, 2, 1, 1, 2, 70, 4))
+    lens = torch.tensor([70, 33])
+    assert torch.autograd.gradcheck(lambda q: cross_attention(q, k, v, kv_lens=lens, _splits=3),
+                                    (q.requires_grad_(),))
+
+
+def test_in_kernel_combine_switch_and_bad_values(monkeypatch):
+    q, k, v = _qkv(1, 1, 1, 1, 3, 70, 16)
+    with pytest.raises(ValueError, match=r"combine: expected None or one of \('launch', 'kernel'\), got 'both'"):
+        KA.attention_fwd(q, k, v, None, None, 0.25, splits=2, combine="both")
+    monkeypatch.setattr(KA, "SPLIT_COMBINE", "fused")
+    with pytest.raises(ValueError, match=r"MMFUSE_SPLIT_COMBINE: expected one of \('launch', 'kernel'\), got 'fused'"):
+        cross_attention(q, k, v, _splits=2)
+    monkeypatch.setattr(KA, "SPLIT_COMBINE", "launch")
+    assert not KA.combine_in_kernel()
+
+
+def test_in_kernel_combine_is_off_unless_asked_for():
+    """Opt-in until a GPU check has run it: without MMFUSE_SPLIT_COMBINE the combine is its own launch."""
+    import os
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k != "MMFUSE_SPLIT_COMBINE"}
+    code = "import mmfuse; from mmfuse.kernels import cross_attention as KA; print(KA.combine_in_kernel())"
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "False"
+    env["MMFUSE_SPLIT_COMBINE"] = "kernel"
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "True"
+
+
+def test_arrival_counters_grow_and_stay_zero():
+    KA._ARRIVALS.pop((torch.device("cpu"), 0), None)
+    small = KA._arrival_counters(torch.device("cpu"), 10)
+    assert small.numel() >= 10 and small.dtype == torch.int32 and not small.any()
+    assert KA._arrival_counters(torch.device("cpu"), 10) is small  # reused, not reallocated
+    big = KA._arrival_counters(torch.device("cpu"), small.numel() + 1)
+    assert big.numel() > small.numel() and not big.any()
+    # A grid larger than the first set: every counter it uses is back at zero after the launch.
+    q, k, v = _qkv(1, 3, 2, 2, 17, 1000, 16)
+    KA.attention_fwd(q, k, v, None, None, 0.25, splits=9, combine="kernel")
+    assert all(not c.any() for c in KA._ARRIVALS.values())
+
+
+def test_in_kernel_combine_split_rule():
+    """The model without the combine launch (the same bytes, one launch fewer) and the split count that
+    minimises it; OpenFlamingo's 64 latents at batch 1 then split, BLIP-2's 32 queries do not (their
+    modelled forward stays in one program per head: partials cost more than the 12 idle SMs gain)."""
+    args = (1, 1, 8, 8, 64, 321, 64, 2)
+    for s in (2, 3, 6):
+        assert KA.fwd_modelled_us(*args, s, 132, combine_in_kernel=True) == pytest.approx(
+            KA.fwd_modelled_us(*args, s, 132) - KA.LAUNCH_US)
+    assert KA.fwd_modelled_us(*args, 1, 132, combine_in_kernel=True) == KA.fwd_modelled_us(*args, 1, 132)
+    for shape in (args, (1, 1, 12, 12, 32, 257, 64, 2), (1, 1, 16, 4, 64, 4964, 96, 2)):
+        blk = KA.gpu_blocks(shape[4], shape[6])
+        kb = KA.cdiv(shape[5], blk["BLOCK_N"])
+        times = {KA.cdiv(kb, KA.cdiv(kb, s)): KA.fwd_modelled_us(*shape, KA.cdiv(kb, KA.cdiv(kb, s)), 132,
+                                                                  combine_in_kernel=True) for s in range(1, kb + 1)}
+        chosen = KA.choose_fwd_splits(*shape, 132, in_kernel=True)
+        assert times[chosen] == min(times.values())
+        assert times[chosen] <= KA.fwd_modelled_us(*shape, KA.choose_fwd_splits(*shape, 132), 132)
+    assert KA.choose_fwd_splits(*args, 132, in_kernel=True) > 1 == KA.choose_fwd_splits(*args, 132)
+    assert KA.choose_fwd_splits(1, 1, 12, 12, 32, 257, 64, 2, 132, in_kernel=True) == 1

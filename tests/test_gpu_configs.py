@@ -117,8 +117,9 @@ def run_key(spec):
         per_sample = name == "attn_bwd_dq_kernel" and dict(spec.args)["stride_qb"] != 0
         # the single-pass backward (dQ's program also writes dK, dV), per tile
         single = f"single pass {cx['BLOCK_M']}x{cx['BLOCK_N']}" if cx.get("SINGLE_PASS") else None
+        combine = "in-kernel combine" if cx.get("COMBINE") else None  # the split merged in the same launch
         return ("cross_attention", dict(spec.args)["D"], spec.dtype, even, bool(cx.get("TWO_SOURCES", False)),
-                short, "unsplit" if unsplit else "per sample" if per_sample else single)
+                short, "unsplit" if unsplit else "per sample" if per_sample else single or combine)
     return ("unknown", spec.label)
 
 
@@ -428,6 +429,9 @@ def run_cross_attention(D, dtype, even, two=False, short=False, form=None):
     bwd = KA.gpu_blocks(64, D, backward=True)
     if form and form.startswith("single pass"):
         return run_single_pass(D, dtype, *map(int, form.split()[-1].split("x")))
+    if form == "in-kernel combine":  # the padded, split forward with its merge in the same launch
+        with _patched(KA, "SPLIT_COMBINE", "kernel"):
+            return run_cross_attention(D, dtype, even, two, short)
     # > 32: the GPU's 64-query forward tile, 2 tiles; 3 backward tiles. ``short``: 27 queries, the
     # 32-query forward tile.
     Lq = 32 - 5 if short else fwd["BLOCK_M"] + RAGGED
@@ -575,11 +579,14 @@ def launchable_configs() -> dict:
                 for name, backward in (("attn_fwd_kernel", False), ("attn_bwd_dkdv_kernel", True),
                                        ("attn_bwd_dq_kernel", True), ("single pass", True)):
                     if name == "single pass":
-                        name, b = "attn_bwd_dq_kernel", KA.single_pass_blocks(Lq, D, elem, gpu=True)
-                    else:
-                        b = KA.gpu_blocks(Lq, D, backward=backward, elem_bytes=elem)
-                    key = (name, (b["BLOCK_M"], b["BLOCK_N"], bd), b["num_warps"], b["num_stages"], cls)
-                    out.setdefault(key, f"cross_attention {dtype} D={D} Lq={Lq}")
+                        blocks = [KA.single_pass_blocks(Lq, D, elem, gpu=True)]
+                        name = "attn_bwd_dq_kernel"
+                    else:  # the forward also with its in-kernel combine (MMFUSE_SPLIT_COMBINE=kernel)
+                        blocks = [KA.gpu_blocks(Lq, D, backward=backward, elem_bytes=elem, combine=c)
+                                  for c in ((False, True) if name == "attn_fwd_kernel" else (False,))]
+                    for b in blocks:
+                        key = (name, (b["BLOCK_M"], b["BLOCK_N"], bd), b["num_warps"], b["num_stages"], cls)
+                        out.setdefault(key, f"cross_attention {dtype} D={D} Lq={Lq}")
             rb = KA.rowwise_blocks(D, gpu=True)
             for name in ("attn_combine_kernel", "attn_delta_kernel"):  # fp32 or fp64 rows, whatever the input
                 out.setdefault((name, (rb["BLOCK_M"], rb["BLOCK_D"]), rb["num_warps"], 1, acc),

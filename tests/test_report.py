@@ -45,3 +45,32 @@ def test_launch_time_is_limited_by_the_sms_its_grid_can_use():
     assert report.grid_efficiency(264) == 1.0 and report.grid_efficiency(133) == pytest.approx(133 / 264)
     assert report.launch_us(8e9, 6e6, report.grid_efficiency(33)) == pytest.approx(40 + 3)
     assert report.launch_us(8e6, 6e8, 0.25) == pytest.approx(200 + 3)  # bandwidth-bound either way
+
+
+def test_flash_split_heuristic_as_worked_by_hand():
+    """FlashAttention-2's forward split count, restated in ``report.flash_fwd_splits`` (264 slots: 2 x 132)."""
+    # OpenFlamingo at batch 1: 8 heads x 1 block of 64 queries, 321 keys in 2 blocks of 256: 1 split keeps
+    # 8/264 busy, 2 splits 16/264 (the best): 2.
+    assert report.flash_fwd_splits(8, 264, 2) == 2
+    # Idefics2 at batch 1: 16 programs, 4964 keys in 39 blocks of 128. Counts that do not change the blocks
+    # per split are skipped (11, 12: 4 blocks, as 10); 13 (3 blocks each) keeps 208/264 = 79% busy, the
+    # best any count reaches (39: 624 in 3 waves of 264 = 79% too), and no smaller one reaches 85% of it
+    # (10: 160/264 = 61%): 13.
+    assert report.flash_fwd_splits(16, 264, 39) == 13
+    assert report.flash_fwd_splits(212, 264, 39) == 1  # 80% of the slots already: no split
+    assert report.flash_fwd_splits(8, 264, 1) == 1     # one key block: nothing to split
+
+
+def test_in_kernel_combine_section():
+    lines = report.attention_combine_section()
+    text = "\n".join(lines)
+    assert "## Cross-attention forward: the in-kernel combine" in text
+    # Idefics2 at batch 1: the same 6 splits, the merge's launch gone (2 -> 1); SDPA's flash splits 13 ways.
+    # (The README quotes its 10.3 → 7.3 µs.)
+    assert "| idefics2-resampler | 1 | 6 → 6 | 2 → 1 | 10.3 → 7.3 |" in text and "(13)" in text
+    rows = [line for line in lines if line.startswith("| ") and line.split("|")[2].strip().isdigit()]
+    assert len(rows) == 9
+    for row in rows:  # never slower than the combine launch, and never below SDPA as it launches
+        cells = [c.strip() for c in row.strip("|").split("|")]
+        before, after = map(float, cells[4].split(" → "))
+        assert after <= before and float(cells[7].rstrip("x")) >= 1.0

@@ -135,6 +135,31 @@ def test_attention_forward_traffic_matches_an_interpreted_run(B, Bq, Hq, Hkv, Lq
     assert got == want, (got, want)
 
 
+def test_attention_forward_in_kernel_combine_traffic(monkeypatch):
+    """The in-kernel combine moves the bytes of the split kernel and attn_combine_kernel together (the
+    model's figures), in one launch: the last split of a query block reads every partial back."""
+    from mmfuse.kernels import cross_attention as KA
+    from mmfuse.traffic import attention_fwd_traffic
+
+    allocated = []
+
+    def recording_empty(*args, **kw):
+        allocated.append(torch.empty(*args, **kw))
+        return allocated[-1]
+
+    monkeypatch.setattr(KA, "empty", recording_empty)
+    B, Bq, Hq, Hkv, Lq, Lk, D, splits = 2, 1, 4, 2, 20, 97, 24, 3
+    q = torch.randn(Bq, Hq, Lq, D)
+    k, v = torch.randn(B, Hkv, Lk, D), torch.randn(B, Hkv, Lk, D)
+    named = {"q": q, "k": k, "v": v, "o": lambda r: r[0], "lse": lambda r: r[1],
+             "o_partial": lambda r: allocated[2], "lse_partial": lambda r: allocated[3]}
+    _, got = measure(lambda: KA.attention_fwd(q, k, v, None, None, D ** -0.5, splits=splits, combine="kernel"),
+                     named, by_launch=True)
+    assert list(got) == ["attn_fwd_kernel"]
+    blocks = (KA.INTERPRETER_BLOCKS["BLOCK_M"], KA.INTERPRETER_BLOCKS["BLOCK_N"])
+    assert got["attn_fwd_kernel"] == attention_fwd_traffic(B, Bq, Hq, Hkv, Lq, Lk, D, blocks, splits, 4)
+
+
 def _touched(per_launch):
     """{kernel: {tensor: Traffic}} without the tensors a launch did not touch."""
     return {k: {n: t for n, t in ts.items() if t != Traffic()} for k, ts in per_launch.items()}
