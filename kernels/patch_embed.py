@@ -420,9 +420,13 @@ TILES = {
     "dx": ((128, 128, 64, 8, 3), (128, 64, 64, 4, 3), (64, 128, 64, 4, 3), (64, 64, 64, 4, 3)),
     "dw": ((64, 128, 64, 8, 4), (64, 64, 64, 4, 3)),
 }
-#: Tiles of the Hopper core (``on_tma``): dpixels at 64x128 w4 spills 80 B on sm_90 with Triton 3.6
-#: (255 registers) with both operands by TMA in the persistent loop; its pointer twin does not.
-TMA_TILES = {gemm: tuple(t for t in tiles if not (gemm == "dx" and t[:2] == (64, 128))) for gemm, tiles in TILES.items()}
+#: Tiles of the Hopper core (``on_tma``), by operand bytes (2: fp16 / bf16, 4: fp32 with TF32) and GEMM:
+#: every pointer tile but the one that spills on sm_90 with both operands by TMA in the persistent loop
+#: (dpixels, whose pointer twins do not): in 16 bits 64x128 w4 (80 B, Triton 3.6, 255 registers), in
+#: TF32 128x128 w8 (48 B, Triton 3.7.1).
+TMA_TILES = {elem: {gemm: tuple(t for t in tiles if not (gemm == "dx" and t[:2] == spilled))
+                    for gemm, tiles in TILES.items()}
+             for elem, spilled in ((2, (64, 128)), (4, (128, 128)))}
 GROUP_M = 8
 #: The single config used under the interpreter: small, so odd test sizes span several tiles.
 INTERPRETER_TILE = (32, 32, 32, 4, 1)
@@ -435,10 +439,10 @@ COMBINE_BLOCK = (32, 128)
 
 
 @functools.lru_cache(maxsize=4096)  # a pure function of its ints, asked on every launch
-def candidate_tiles(gemm: str, rows: int, cols: int, sms: int, tma: bool = False) -> tuple:
-    """Tiles of ``gemm`` (on the Hopper core with ``tma``) with wave efficiency >= MIN_WAVE_EFFICIENCY
-    at (rows, cols), or the best two."""
-    scored = [(wave_efficiency(rows, cols, t[0], t[1], sms), t) for t in (TMA_TILES if tma else TILES)[gemm]]
+def candidate_tiles(gemm: str, rows: int, cols: int, sms: int, tma: bool = False, elem: int = 2) -> tuple:
+    """Tiles of ``gemm`` (on the Hopper core with ``tma``, for ``elem``-byte operands) with wave
+    efficiency >= MIN_WAVE_EFFICIENCY at (rows, cols), or the best two."""
+    scored = [(wave_efficiency(rows, cols, t[0], t[1], sms), t) for t in (TMA_TILES[elem] if tma else TILES)[gemm]]
     keep = [t for e, t in scored if e >= MIN_WAVE_EFFICIENCY]
     return tuple(keep or [t for _, t in sorted(scored, key=lambda s: -s[0])[:2]])
 
@@ -491,7 +495,8 @@ def _launch(name, rows, cols, args, flags, elem_bytes, tile=None, *, red, key=()
         tune_key = (elem_bytes, device, *key, bool(tma),
                     *(v for f, v in flags.items() if f != "PIX_ALIGN"))
         launch(TUNERS[name].choose((rows, cols, red), tune_key,
-                                   candidate_tiles(name, rows, cols, num_sms(device), bool(tma)), launch))
+                                   candidate_tiles(name, rows, cols, num_sms(device), bool(tma), elem_bytes),
+                                   launch))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -585,11 +590,11 @@ def patch_embed_fwd(pixels5, weight5, bias=None, pos=None, out=None, packed=None
 def on_tma(x, *operands) -> bool:
     """Whether a patch GEMM runs on the Hopper core (``operands``, 2-D, by TMA; persistent programs):
     only with ``MMFUSE_TMA=always`` ("auto" keeps the pointer kernels: not yet timed on a GPU,
-    bench/NOTES.md), 16-bit inputs, and operands whose rows TMA can read (None: no such view)."""
+    bench/NOTES.md), 16-bit inputs or fp32 under torch's TF32 switch (``_wants_tma``; IEEE fp32 stays
+    on pointers), and operands whose rows TMA can read (None: no such view)."""
     from mmfuse.kernels import linear as KL
 
-    # (16-bit only: ``_wants_tma`` also admits TF32, which the patch GEMMs' core specs do not cover yet.)
-    return (x.element_size() == 2 and KL._wants_tma(x) and KL.TMA == "always"
+    return (KL._wants_tma(x) and KL.TMA == "always"
             and all(t is not None and KL._tma_layout(t) is False for t in operands))
 
 
@@ -819,25 +824,29 @@ def aot_specs():
     # every forward tile, 16-bit dtypes.
     import dataclasses
 
+    def core(gemm, tile, dtype, ty, precision, descs, label):
+        """The Hopper core's spec of one GEMM and tile: the ``descs`` operands as TMA descriptors of
+        their (rows, cols) blocks of (BLOCK_M, BLOCK_N, BLOCK_K), 132 persistent programs, sm_90."""
+        sp = _spec(shape_cx, launches[gemm], tile, dtype, f"*{ty}", precision)
+        t = (tile[0], tile[1], dict(sp.constexprs)["BLOCK_K"])
+        args = dict(sp.args, **{a: f"tensordesc<{ty}[{r}, {c}]>" for a, block in descs.items() for r, c in [block(t)]})
+        cx = dict(sp.constexprs, TMA=True, NUM_PROGRAMS=132)
+        return dataclasses.replace(sp, variant=label, args=tuple(args.items()), constexprs=tuple(cx.items()),
+                                   archs=(90,))
+
+    fwd_desc = {"w_ptr": lambda t: (t[1], t[2])}
     for dtype, ty in (("fp16", "fp16"), ("bf16", "bf16")):
-        for tile in TMA_TILES["fwd"]:
-            sp = _spec(shape_cx, launches["fwd"], tile, dtype, f"*{ty}", "ieee")
-            args = dict(sp.args, w_ptr=f"tensordesc<{ty}[{tile[1]}, {tile[2]}]>")
-            cx = dict(sp.constexprs, TMA=True, NUM_PROGRAMS=132)
-            specs.append(dataclasses.replace(sp, variant="fwd bias+pos (TMA weight, persistent)",
-                                             args=tuple(args.items()), constexprs=tuple(cx.items()), archs=(90,)))
+        specs += [core("fwd", tile, dtype, ty, "ieee", fwd_desc, "fwd bias+pos (TMA weight, persistent)")
+                  for tile in TMA_TILES[2]["fwd"]]
     # dpixels (dOut and the packed weight by TMA) and dW (dOut^T by TMA) on the same core, fp16 (as their
-    # pointer twins: no dtype logic in their epilogues), every tile.
-    for gemm, descs, label in (("dx", {"dout_ptr": lambda t: (t[0], t[2]), "w_ptr": lambda t: (t[2], t[1])},
-                                "dpixels (TMA dOut and weight, persistent)"),
-                               ("dw", {"dout_ptr": lambda t: (t[2], t[0])}, "dW (TMA dOut^T, persistent)")):
-        for tile in TMA_TILES[gemm]:
-            sp = _spec(shape_cx, launches[gemm], tile, "fp16", "*fp16", "ieee")
-            args = dict(sp.args, **{a: f"tensordesc<fp16[{r}, {c}]>" for a, block in descs.items()
-                                    for r, c in [block(tile)]})
-            cx = dict(sp.constexprs, TMA=True, NUM_PROGRAMS=132)
-            specs.append(dataclasses.replace(sp, variant=label, args=tuple(args.items()),
-                                             constexprs=tuple(cx.items()), archs=(90,)))
+    # pointer twins: no dtype logic in their epilogues), every tile; and all three GEMMs in TF32.
+    backward = (("dx", {"dout_ptr": lambda t: (t[0], t[2]), "w_ptr": lambda t: (t[2], t[1])},
+                 "dpixels (TMA dOut and weight, persistent)"),
+                ("dw", {"dout_ptr": lambda t: (t[2], t[0])}, "dW (TMA dOut^T, persistent)"))
+    for gemm, descs, label in backward:
+        specs += [core(gemm, tile, "fp16", "fp16", "ieee", descs, label) for tile in TMA_TILES[2][gemm]]
+    for gemm, descs, label in (("fwd", fwd_desc, "fwd bias+pos (TMA weight, persistent)"), *backward):
+        specs += [core(gemm, tile, "fp32-tf32", "fp32", "tf32", descs, label) for tile in TMA_TILES[4][gemm]]
     # The other patch geometries of bench/shapes.py (P = 30; T = 2) specialise the index arithmetic
     # differently: their forward in fp16 at the largest tile.
     for name in ("fuyu-8b", "qwen2-vl"):
@@ -855,7 +864,7 @@ def aot_specs():
                     TOKEN_CHUNK=dw_token_chunk(M, splits), stride_gb=(M // 64) * D)
         specs.append(dataclasses.replace(sp, variant=f"dW, split {splits} (fp32 partials)",
                                          args=tuple(args.items())))
-        if tile == TMA_TILES["dw"][0]:  # the Hopper dW walks (tile, split) pairs: its split form, once
+        if tile == TMA_TILES[2]["dw"][0]:  # the Hopper dW walks (tile, split) pairs: its split form, once
             bm, bn, bk = tile[:3]
             cx = dict(sp.constexprs, TMA=True, NUM_PROGRAMS=132)
             specs.append(dataclasses.replace(

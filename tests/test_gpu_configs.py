@@ -607,9 +607,10 @@ def launchable_configs() -> dict:
             for bm, bn, bk, warps, stages in tiles:
                 out.setdefault((KP._kernels[gemm].__name__, (bm, bn, KL.block_k_for(bk, elem)), warps, stages, cls),
                                f"patch_embed {dtype} {gemm}")
-            for bm, bn, bk, warps, stages in (KP.TMA_TILES[gemm] if elem == 2 else ()):  # the Hopper core: 16-bit
-                out.setdefault((KP._kernels[gemm].__name__, (bm, bn, bk), warps, stages, cls, "TMA"),
-                               f"patch_embed {dtype} {gemm} TMA")
+            # The Hopper core: 16-bit and TF32.
+            for bm, bn, bk, warps, stages in (KP.TMA_TILES[elem][gemm] if elem == 2 or prec == "tf32" else ()):
+                out.setdefault((KP._kernels[gemm].__name__, (bm, bn, KL.block_k_for(bk, elem)), warps, stages, cls,
+                                "TMA"), f"patch_embed {dtype} {gemm} TMA")
         # The gated MLP's own GEMMs (its dW GEMMs are the linear dW above), and on the TMA kernel in 16 bits.
         for kind, role in (("gated", "gated fwd"), ("gate_grad", "gate grad"), ("two_k", "gated dX")):
             for bm, bn, bk, warps, stages in ([KL.FP64_TILE] if elem == 8 else KL.GATED_TILES[kind, elem]):

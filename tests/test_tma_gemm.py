@@ -265,6 +265,21 @@ def test_patch_embed_on_tma(tma, dtype, geometry, monkeypatch):
     assert len(taken) >= 3 and all(taken)  # forward, dpixels, dW (each run of the check)
 
 
+@pytest.mark.parametrize("geometry", [((2, 3, 42, 70), (40, 3, 14, 14)), ((3, 3, 2, 32, 48), (56, 3, 2, 16, 16))],
+                         ids=["image P14", "video T2 P16"])
+def test_patch_embed_tf32_on_tma(tma, tf32, geometry, monkeypatch):
+    """fp32 under torch's TF32 switch on the core: the forward, dpixels and dW each take it (TF32 wgmma;
+    the same descriptors in 4-byte elements, BLOCK_K halved), values and gradients under the error rule
+    against the TF32 reference."""
+    from mmfuse.kernels import patch_embed as KP
+
+    taken = _returns(monkeypatch, KP, "on_tma")
+    pixel_shape, weight_shape = geometry
+    x, w, b = torch.randn(pixel_shape), torch.randn(weight_shape) / 20, torch.randn(weight_shape[0])
+    assert_matches_reference(mmfuse.patch_embed, mmfuse.patch_embed_reference, [x, w, b], ["pixels", "weight", "bias"])
+    assert len(taken) >= 3 and all(taken)
+
+
 def test_patch_embed_dw_split_on_tma(tma, monkeypatch, launches):
     """dW's token loop split 3 ways into fp32 partials: the persistent programs walk every (tile,
     split) pair; the combine sums them in split order, as the pointer kernel's run does, bitwise."""
@@ -314,7 +329,15 @@ def test_patch_embed_stays_on_pointers_unless_always(monkeypatch):
     assert not KP.on_tma(x, w_runs)
     monkeypatch.setattr(KL, "TMA", "always")
     assert KP.on_tma(x, w_runs)
-    assert not KP.on_tma(x.float(), w_runs.float())  # 16-bit only
+    old = torch.backends.cuda.matmul.allow_tf32
+    try:  # fp32 only with TF32 (IEEE fp32 would multiply on CUDA cores from shared memory: it spills)
+        torch.backends.cuda.matmul.allow_tf32 = False
+        assert not KP.on_tma(x.float(), w_runs.float())
+        torch.backends.cuda.matmul.allow_tf32 = True
+        assert KP.on_tma(x.float(), w_runs.float())
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = old
+    assert not KP.on_tma(x.double(), w_runs.double())
     with_class = torch.randn(2, 5, 40, dtype=torch.float16)[:, 1:]  # (B, N, D) past a class token
     assert KP._token_matrix(with_class) is None and not KP.on_tma(with_class, KP._token_matrix(with_class))
     assert KP._token_matrix(torch.randn(2, 4, 40, dtype=torch.float16)).shape == (8, 40)
@@ -383,15 +406,22 @@ def test_merged_mlp_gemms_on_tma_equal_the_pointer_kernel(tma, monkeypatch, laun
         assert torch.equal(a, b)
 
 
-def test_tf32_patch_embed_stays_on_the_pointer_kernels(tma, tf32, monkeypatch):
-    """``_wants_tma`` admits TF32 for the linear and mapped GEMMs; the patch-embedding GEMMs' core specs
-    are 16-bit only, so their launchers keep fp32 on the pointer kernels (fp16 takes the core)."""
+def test_ieee_fp32_patch_embed_stays_on_the_pointer_kernels(tma, monkeypatch):
+    """IEEE fp32 (torch's TF32 switch off) keeps the patch-embedding GEMMs on the pointer kernels, as the
+    linear's (``_wants_tma``: CUDA-core FMA from shared memory spills on the core); TF32 and fp16 take it."""
     from mmfuse.kernels import patch_embed as KP
 
     decided = _returns(monkeypatch, KP, "on_tma")
-    for dtype in (torch.float32, torch.float16):
-        px = torch.randn(2, 3, 28, 28, dtype=dtype, requires_grad=True)
-        w, b = (torch.randn(24, 3, 14, 14) / 24).to(dtype).requires_grad_(), torch.randn(24, dtype=dtype)
-        mmfuse.patch_embed(px, w, b, torch.randn(4, 24, dtype=dtype)).sum().backward()
-        assert decided and (any(decided) if dtype == torch.float16 else not any(decided)), (dtype, decided)
-        decided.clear()
+    old = torch.backends.cuda.matmul.allow_tf32
+    try:
+        for dtype, tf32 in ((torch.float32, False), (torch.float32, True), (torch.float16, False)):
+            torch.backends.cuda.matmul.allow_tf32 = tf32
+            px = torch.randn(2, 3, 28, 28, dtype=dtype, requires_grad=True)
+            w, b = (torch.randn(24, 3, 14, 14) / 24).to(dtype).requires_grad_(), torch.randn(24, dtype=dtype)
+            out = mmfuse.patch_embed(px, w, b, torch.randn(4, 24, dtype=dtype))
+            out.backward(torch.randn_like(out))  # (a dense dOut: ``sum()``'s is a stride-0 view TMA cannot read)
+            on_core = dtype == torch.float16 or tf32
+            assert len(decided) == 3 and all(d == on_core for d in decided), (dtype, tf32, decided)
+            decided.clear()
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = old
