@@ -14,6 +14,12 @@ The quick benchmark says *that* a case is slow; this says *which launch* and *wh
    tile of the pointer kernel and of the TMA kernel (flattened or not), next to ``torch.mm`` of the same layout: whether the wave
    model and the launcher's defaults pick the right variant, and how far each is from cuBLAS.
 
+4. ``attention_splits``: the cross-attention forward at batch 1 of each resampler shape
+   (``ATTENTION_SHAPES``), where the key split decides: the split merged by a second launch (the
+   default), merged in the split kernel (``MMFUSE_SPLIT_COMBINE=kernel``, checked bit for bit against
+   the former), each at its own modelled split count, and SDPA's flash and memory-efficient backends
+   on the inputs transformers feeds them.
+
 Results: ``<out-dir>/kernel-profile-<gpu>-<date>.json`` and a markdown summary beside it. Each part
 catches its own failure (recorded in the JSON), so one broken part leaves the others.
 """
@@ -174,7 +180,56 @@ def gemm_tile_sweep(M: int = 8 * 576, K: int = 1024, N: int = 4096, device: str 
 SWEEP_SHAPES = (("llava-1.5-7b, 1 image", 576, 1024, 4096), ("llava-1.5-7b, 8 images", 4608, 1024, 4096),
                 ("qwen2.5-vl-7b-merger, 8 images", 8192, 5120, 5120))
 
-PARTS = ("kernels", "compiled", "gemm_tiles")
+def attention_split_sweep(batch: int = 1, device: str = "cuda", bench=None, shapes=None) -> list[dict]:
+    """Forward time of each resampler shape at ``batch`` under the two split merges and SDPA's fused
+    backends (bf16; shared queries; ``shapes``: ``ATTENTION_SHAPES`` by default)."""
+    import torch.nn.functional as F
+
+    from mmfuse.bench.shapes import ATTENTION_SHAPES
+    from mmfuse.kernels import _common
+    from mmfuse.kernels import cross_attention as KA
+
+    if bench is None:
+        import triton.testing
+
+        bench = triton.testing.do_bench
+    dt = torch.bfloat16 if device == "cuda" else torch.float32
+    rows = []
+    for s in shapes or ATTENTION_SHAPES:
+        q = torch.randn(1, s.heads, s.queries, s.head_dim, device=device, dtype=dt)
+        k = torch.randn(batch, s.kv_heads, s.keys, s.head_dim, device=device, dtype=dt)
+        v = torch.randn_like(k)
+        scale = s.head_dim ** -0.5
+        sms = _common.num_sms(q.device)
+        args = (batch, 1, s.heads, s.kv_heads, s.queries, s.keys, s.head_dim, 2, sms)
+        for combine in KA.SPLIT_COMBINE_MODES:
+            splits = KA.choose_fwd_splits(*args, in_kernel=combine == "kernel")
+            fn = (lambda splits=splits, combine=combine:
+                  KA.attention_fwd(q, k, v, None, None, scale, splits=splits, combine=combine))
+            rows.append({"shape": s.name, "batch": batch, "impl": f"mmfuse, merge by {combine}",
+                         "splits": splits, "ms": bench(fn)})
+        # The in-kernel merge against the merge launch at the same split count: the same bits.
+        merged = KA.attention_fwd(q, k, v, None, None, scale, splits=splits, combine="kernel")
+        launched = KA.attention_fwd(q, k, v, None, None, scale, splits=splits, combine="launch")
+        rows[-1]["equal"] = all(torch.equal(a, b) for a, b in zip(merged, launched))
+        group = s.heads // s.kv_heads
+        qe, ke, ve = q.expand(batch, -1, -1, -1), k.repeat_interleave(group, 1), v.repeat_interleave(group, 1)
+        if device == "cuda":
+            from torch.nn.attention import SDPBackend, sdpa_kernel
+
+            for name, backend in (("sdpa flash", SDPBackend.FLASH_ATTENTION),
+                                  ("sdpa efficient", SDPBackend.EFFICIENT_ATTENTION)):
+                def sdpa(backend=backend):
+                    with sdpa_kernel(backend):
+                        return F.scaled_dot_product_attention(qe, ke, ve)
+                try:
+                    rows.append({"shape": s.name, "batch": batch, "impl": name, "ms": bench(sdpa)})
+                except RuntimeError as e:  # a backend that does not take this shape / dtype here
+                    rows.append({"shape": s.name, "batch": batch, "impl": name, "error": str(e)[:200]})
+    return rows
+
+
+PARTS = ("kernels", "compiled", "gemm_tiles", "attention_splits")
 
 
 def main(out_dir: str, parts=PARTS, print=print) -> int:
@@ -194,6 +249,8 @@ def main(out_dir: str, parts=PARTS, print=print) -> int:
             elif part == "gemm_tiles":
                 result[part] = [dict(r, shape=label) for label, M, K, N in SWEEP_SHAPES
                                 for r in gemm_tile_sweep(M, K, N)]
+            elif part == "attention_splits":
+                result[part] = attention_split_sweep()
             else:
                 raise ValueError(f"parts: expected names from {PARTS}, got {part!r}")
         except Exception:
@@ -249,6 +306,15 @@ def markdown(result: dict) -> str:
                 else:
                     lines.append(f"| {r['gemm']} | {r['tile']} | failed: {r.get('error', '')[:120]} | | |")
             lines.append("")
+    splits = result.get("attention_splits")
+    if isinstance(splits, list):
+        lines += ["## Cross-attention forward at batch 1: the split's merge (bf16)", "",
+                  "| shape | implementation | splits | ms | same bits as the merge launch |", "| --- | --- | --- | --- | --- |"]
+        for r in splits:
+            timing = f"{r['ms']:.4f}" if "ms" in r else f"failed: {r.get('error', '')[:100]}"
+            same = "" if "equal" not in r else "yes" if r["equal"] else "**NO**"
+            lines.append(f"| {r['shape']} | {r['impl']} | {r.get('splits', '')} | {timing} | {same} |")
+        lines.append("")
     for part in PARTS:
         if isinstance(result.get(part), dict) and "error" in result[part]:
             lines += ["", f"## {part}: failed", "", "```", result[part]["error"], "```"]

@@ -422,6 +422,22 @@ def test_kernel_profile_gemm_sweep_runs_every_variant(monkeypatch):
         assert [t.split()[0] for t in chosen] == ["pointer", "tma"], (g, chosen)
 
 
+def test_kernel_profile_attention_split_sweep(monkeypatch):
+    """The sweep's GPU part with the interpreter, small shapes and a fake timer: both merges run at their
+    own split counts and agree bit for bit (the GPU run records the same check); the markdown lists it."""
+    from mmfuse.bench import kernel_profile
+    from mmfuse.bench.shapes import AttentionShape
+    from mmfuse.kernels import cross_attention as KA
+
+    monkeypatch.setattr(KA, "choose_fwd_splits", lambda *a, in_kernel=False, **k: 3 if in_kernel else 2)
+    shapes = [AttentionShape("tiny", 17, 100, 4, 2, 24)]
+    rows = kernel_profile.attention_split_sweep(batch=2, device="cpu", bench=lambda f: f() and 1.0, shapes=shapes)
+    assert [(r["impl"], r["splits"]) for r in rows] == [("mmfuse, merge by launch", 2), ("mmfuse, merge by kernel", 3)]
+    assert rows[-1]["equal"] is True and "equal" not in rows[0]
+    md = kernel_profile.markdown({"gpu": "x", "date": "d", "attention_splits": rows})
+    assert "| tiny | mmfuse, merge by kernel | 3 | 1.0000 |" in md
+
+
 def test_shapes_quoted_from_transformers_defaults_match_them():
     """bench/shapes.py rows whose comment says "transformers' default": the sizes are that default
     config's (the checkpoint its docstring names), checked here against the installed transformers."""
