@@ -417,10 +417,15 @@ TMA_GATED_TILES = {
 }
 
 
+#: fp32's (TF32) [dG | dU] epilogue on the TMA kernel: the 16-bit tiles spilled (24 and 56 B on sm_90,
+#: Triton 3.9), as did 64x64 w4 and 128x64 w8 at BLOCK_K 16-32 (16-64 B on 3.6 / 3.9); the pointer
+#: kernel's fp32 tile, 64x64 w8 s4, compiles clean on Triton 3.6-3.9 (112-116 registers).
+TMA_GATE_GRAD_TF32_TILES = ((64, 64, 64, 8, 4),)
+
+
 def tma_gated_tiles(kind: str, elem_bytes: int = 2) -> tuple:
-    """The gated GEMM's tiles on the TMA kernel; none for fp32's [dG | dU] epilogue (TF32 spilled 24 and
-    56 B on sm_90 at both tiles, Triton 3.9: it stays on the pointer kernel)."""
-    return () if (kind == "gate_grad" and elem_bytes == 4) else TMA_GATED_TILES[kind]
+    """The gated GEMM's tiles on the TMA kernel (fp32's [dG | dU]: ``TMA_GATE_GRAD_TF32_TILES``)."""
+    return TMA_GATE_GRAD_TF32_TILES if (kind == "gate_grad" and elem_bytes == 4) else TMA_GATED_TILES[kind]
 
 
 def pointer_tiles(act_grad: bool, elem_bytes: int) -> tuple:
