@@ -812,14 +812,21 @@ def attention_fwd(q, k, v, kv_lens, key_mask, scale, splits=None, acc=torch.floa
         os_, ls_ = list(o_t.stride()), list(l_t.stride())
     grid = (cdiv(Lq, BM), B * Hq, splits)
     arrivals = _arrival_counters(q.device, grid[0] * grid[1]) if in_kernel else lse
-    _attn_fwd[grid](
-        q, k, v, k2, v2, o_t, l_t, o, lse, arrivals, lens, mask, *qs, *_strides4(k), *_strides4(v), *s2, *os_, *ls_,
-        *o.stride(), *lse.stride(), *mask_strides, Hq, Lq, Lk, L1, D, Hq // Hkv, chunk, splits,
-        float(scale * LOG2E),
-        HAS_LENS=kv_lens is not None, HAS_MASK=key_mask is not None, TWO_SOURCES=two, PARTIAL=splits > 1,
-        COMBINE=in_kernel, INPUT_PRECISION=precision, ACC_DTYPE=_tl_acc(acc), BLOCK_M=BM, BLOCK_N=BN, BLOCK_D=BD,
-        num_warps=blk["num_warps"], num_stages=blk["num_stages"],
-    )
+    try:
+        _attn_fwd[grid](
+            q, k, v, k2, v2, o_t, l_t, o, lse, arrivals, lens, mask, *qs, *_strides4(k), *_strides4(v), *s2, *os_,
+            *ls_, *o.stride(), *lse.stride(), *mask_strides, Hq, Lq, Lk, L1, D, Hq // Hkv, chunk, splits,
+            float(scale * LOG2E),
+            HAS_LENS=kv_lens is not None, HAS_MASK=key_mask is not None, TWO_SOURCES=two, PARTIAL=splits > 1,
+            COMBINE=in_kernel, INPUT_PRECISION=precision, ACC_DTYPE=_tl_acc(acc), BLOCK_M=BM, BLOCK_N=BN,
+            BLOCK_D=BD, num_warps=blk["num_warps"], num_stages=blk["num_stages"],
+        )
+    except BaseException:
+        # A launch stopped part-way (the interpreter interrupted; on a GPU a failed launch leaves no usable
+        # context) may leave counters mid-count, and the next launch would merge at the wrong arrival.
+        if in_kernel:
+            arrivals.zero_()
+        raise
     if splits > 1 and not in_kernel:
         rb = rowwise_blocks(D)
         attn_combine_kernel[(cdiv(Lq, rb["BLOCK_M"]), B * Hq)](

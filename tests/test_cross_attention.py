@@ -601,6 +601,32 @@ def test_arrival_counters_grow_and_stay_zero():
     assert all(not c.any() for c in KA._ARRIVALS.values())
 
 
+@pytest.mark.skipif(not mmfuse.INTERPRET, reason="interrupts the interpreter's grid part-way")
+def test_an_interrupted_in_kernel_combine_leaves_the_counters_at_zero(monkeypatch):
+    """A launch stopped after some splits arrived must not leave their counts for the next launch (which
+    would then merge early, from partials not yet written)."""
+    from triton.runtime import interpreter
+
+    builder = interpreter.interpreter_builder
+    real_idx, seen = builder.set_grid_idx, []
+
+    def failing(x, y, z):
+        seen.append((x, y, z))
+        if len(seen) == 5:
+            raise KeyboardInterrupt
+        return real_idx(x, y, z)
+
+    q, k, v = _qkv(1, 2, 2, 2, 17, 200, 16)
+    want = KA.attention_fwd(q, k, v, None, None, 0.25, splits=3, combine="launch")
+    monkeypatch.setattr(builder, "set_grid_idx", failing)
+    with pytest.raises(KeyboardInterrupt):
+        KA.attention_fwd(q, k, v, None, None, 0.25, splits=3, combine="kernel")
+    monkeypatch.setattr(builder, "set_grid_idx", real_idx)
+    assert all(not c.any() for c in KA._ARRIVALS.values())
+    got = KA.attention_fwd(q, k, v, None, None, 0.25, splits=3, combine="kernel")
+    assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+
+
 def test_in_kernel_combine_split_rule():
     """The model without the combine launch (the same bytes, one launch fewer) and the split count that
     minimises it; OpenFlamingo's 64 latents at batch 1 then split, BLIP-2's 32 queries do not (their
