@@ -208,9 +208,10 @@ def attention_split_sweep(batch: int = 1, device: str = "cuda", bench=None, shap
                   KA.attention_fwd(q, k, v, None, None, scale, splits=splits, combine=combine))
             rows.append({"shape": s.name, "batch": batch, "impl": f"mmfuse, merge by {combine}",
                          "splits": splits, "ms": bench(fn)})
-        # The in-kernel merge against the merge launch at the same split count: the same bits.
-        merged = KA.attention_fwd(q, k, v, None, None, scale, splits=splits, combine="kernel")
-        launched = KA.attention_fwd(q, k, v, None, None, scale, splits=splits, combine="launch")
+        # The in-kernel merge against the merge launch at the same split count (at least 2, or both
+        # would take the unsplit kernel): the same bits.
+        merged = KA.attention_fwd(q, k, v, None, None, scale, splits=max(2, splits), combine="kernel")
+        launched = KA.attention_fwd(q, k, v, None, None, scale, splits=max(2, splits), combine="launch")
         rows[-1]["equal"] = all(torch.equal(a, b) for a, b in zip(merged, launched))
         group = s.heads // s.kv_heads
         qe, ke, ve = q.expand(batch, -1, -1, -1), k.repeat_interleave(group, 1), v.repeat_interleave(group, 1)

@@ -820,8 +820,8 @@ def aot_specs():
     specs = [_spec(shape_cx, launches[gemm], tile, dtype, ptr, precision)
              for gemm, dtype, ptr, precision in plans for tile in TILES[gemm]]
     specs.append(_spec(shape_cx, launches["fwd"], TILES["fwd"][-1], "fp32", "*fp32", "ieee"))
-    # The Hopper forward (sm_90 only; ``on_tma``): the packed weight by TMA, 132 persistent programs,
-    # every forward tile, 16-bit dtypes.
+    # The Hopper core (sm_90 only; ``on_tma``): the forward's packed weight by TMA, 132 persistent
+    # programs, every forward tile in fp16 and bf16; the backward GEMMs and all three in TF32 below.
     import dataclasses
 
     def core(gemm, tile, dtype, ty, precision, descs, label):

@@ -412,6 +412,30 @@ def patch_traffic_section() -> list[str]:
     return lines
 
 
+def _attention_fwd_launches(fwd: dict, flops: float, eff: float, in_kernel: bool = False):
+    """(launches, µs added) of mmfuse's forward from its traffic (``attention_fwd_traffic``): one launch
+    unsplit; split, the split kernel writing the fp32 partials, then the merge reading them back and
+    writing o and lse, by a second launch or (``in_kernel``) in the same launch's tail, whose bytes are
+    added after the roofline of its work (the merge waits for every split of its query block)."""
+    if "o_partial" not in fwd:
+        return [(flops, _hbm(fwd), eff)], 0.0
+    main = sum(fwd[n].unique for n in ("q", "k", "v")) + fwd["o_partial"].stored + fwd["lse_partial"].stored
+    tail = fwd["o_partial"].unique + fwd["lse_partial"].unique + fwd["o"].stored + fwd["lse"].stored
+    if in_kernel:
+        return [(flops, main, eff)], tail / PEAK_BYTES * 1e6
+    return [(flops, main, eff), (0, tail, 1.0)], 0.0
+
+
+def _sdpa_fwd_launches(s, batch: int, e: int = 2, acc: int = 4, eff: float = 1.0) -> list:
+    """SDPA's forward on transformers' inputs: the `repeat_interleave` copies of K and V when grouped, then
+    one fused kernel reading q, K, V once and writing o and lse, its grid keeping ``eff`` of the SMs busy."""
+    group, hd = s.heads // s.kv_heads, s.head_dim
+    rows = batch * s.heads * s.queries
+    kv, kv_rep = batch * s.kv_heads * s.keys * hd * e, batch * s.heads * s.keys * hd * e
+    pair = 2 * batch * s.heads * s.queries * s.keys * hd
+    return [(0, kv + kv_rep)] * (2 if group > 1 else 0) + [(2 * pair, 2 * rows * hd * e + 2 * kv_rep + rows * acc, eff)]
+
+
 def attention_traffic_section() -> list[str]:
     from mmfuse.traffic import attention_bwd_traffic, attention_fwd_traffic
 
@@ -446,20 +470,13 @@ def attention_traffic_section() -> list[str]:
             rows = batch * s.heads * s.queries
             kv, kv_rep = batch * s.kv_heads * s.keys * hd * e, batch * s.heads * s.keys * hd * e
             q_o, acc_q = rows * hd * e, rows * hd * acc
-            # SDPA forward: the repeat copies of K and V when grouped, then one kernel.
-            sdpa_fwd = [(0, kv + kv_rep)] * (2 if group > 1 else 0) + [(2 * pair, q_o + 2 * kv_rep + q_o + rows * acc)]
+            sdpa_fwd = _sdpa_fwd_launches(s, batch, e, acc)
             sdpa_bwd = [(0, 2 * q_o + rows * acc + acc_q),                                   # dO·O, zero dQ acc
                         (5 * pair, q_o + 2 * kv_rep + q_o + 2 * rows * acc + 2 * kv_rep + 2 * acc_q),  # main
                         (0, acc_q + q_o)]                                                    # dQ conversion
             sdpa_bwd += [(0, kv_rep + kv)] * (2 if group > 1 else 0)                          # repeat's gradient
             sdpa_bwd += [(0, q_o + s.heads * s.queries * hd * e)] * (batch > 1)               # expand's gradient
-            if "o_partial" in fwd:  # split kernel writes fp32 partials; the combine merges them
-                ours_fwd = [(2 * pair, sum(fwd[n].unique for n in ("q", "k", "v")) + fwd["o_partial"].stored
-                             + fwd["lse_partial"].stored, fwd_eff),
-                            (0, fwd["o_partial"].unique + fwd["lse_partial"].unique + fwd["o"].stored
-                             + fwd["lse"].stored, 1.0)]
-            else:
-                ours_fwd = [(2 * pair, _hbm(fwd), fwd_eff)]
+            ours_fwd, _ = _attention_fwd_launches(fwd, 2 * pair, fwd_eff)
             if g["single_pass"]:  # one launch: dQ's programs also write dK, dV and form delta
                 ours_bwd = [(5 * pair, _hbm(bwd["dq"]), dq_eff)]
             else:
@@ -469,7 +486,7 @@ def attention_traffic_section() -> list[str]:
                 ours_bwd.append((0, _hbm(bwd["dq_sum"]), 1.0))
             t_sdpa_fwd, t_sdpa, t_fwd, t_all = _step_times(sdpa_fwd, sdpa_bwd, ours_fwd, ours_bwd)
             lines.append(
-                f"| {s.name} | {batch} | {splits} | {sum(b for _, b in sdpa_fwd) / 1e6:.2f} → {_hbm(fwd) / 1e6:.2f} "
+                f"| {s.name} | {batch} | {splits} | {sum(x[1] for x in sdpa_fwd) / 1e6:.2f} → {_hbm(fwd) / 1e6:.2f} "
                 f"| {sum(b for _, b in sdpa_bwd) / 1e6:.2f} → {sum(_hbm(t) for t in bwd.values()) / 1e6:.2f} | "
                 f"{len(sdpa_fwd)} → {len(ours_fwd)}, {len(sdpa_bwd)} → {len(ours_bwd)} | "
                 f"{fwd_eff:.0%} / {'—' if g['single_pass'] else f'{dkdv_eff:.0%}'} / {dq_eff:.0%} | "
@@ -484,7 +501,7 @@ def flash_fwd_splits(programs: int, slots: int, key_blocks: int, max_splits: int
     the SM count, key blocks of 256 / 128 / 64 at D <= 64 / 128 / 256), restated: no split when the
     programs fill 80% of the slots; else, among split counts up to min(max_splits, slots, key
     blocks) that change the blocks per split, the fewest reaching 85% of the best wave efficiency."""
-    if programs >= 0.8 * slots:
+    if programs >= 0.8 * slots or key_blocks <= 1:
         return 1
     top = min(max_splits, slots, key_blocks)
     eligible = [n for n in range(1, top + 1) if n == 1 or _cdiv(key_blocks, n) != _cdiv(key_blocks, n - 1)]
@@ -521,41 +538,35 @@ def attention_combine_section() -> list[str]:
              "| --- | --- | --- | --- | --- | --- | --- | --- |"]
     for s in ATTENTION_SHAPES:
         for batch in (1, 8, 64):
-            e, acc, group, hd = 2, 4, s.heads // s.kv_heads, s.head_dim
+            e, acc, hd = 2, 4, s.head_dim
             g = _attention_grids(s, batch)
             blk = KA.gpu_blocks(s.queries, hd)
             key_blocks = _cdiv(s.keys, blk["BLOCK_N"])
             pair = 2 * batch * s.heads * s.queries * s.keys * hd
             rows = batch * s.heads * s.queries
-            kv, kv_rep = batch * s.kv_heads * s.keys * hd * e, batch * s.heads * s.keys * hd * e
-            q_o = rows * hd * e
-            repeat = [(0, kv + kv_rep)] * (2 if group > 1 else 0)
-            one = q_o + 2 * kv_rep + q_o + rows * acc  # q, K, V read once; o, lse written
-            ideal = sum(launch_us(*x) for x in repeat + [(2 * pair, one)])
+            ideal = sum(launch_us(*x) for x in _sdpa_fwd_launches(s, batch, e, acc))
             m_blocks = _cdiv(s.queries, 64)
             fa_splits = flash_fwd_splits(batch * s.heads * m_blocks, 2 * SMS, _cdiv(s.keys, 256 if hd <= 64 else
                                                                                    128 if hd <= 128 else 64))
             if fa_splits == 1:
                 unsplit_rows = 128 if hd <= 128 else 64
-                flash = [(2 * pair, one, grid_efficiency(batch * s.heads * _cdiv(s.queries, unsplit_rows)))]
-            else:
+                flash = _sdpa_fwd_launches(s, batch, e, acc, grid_efficiency(batch * s.heads * _cdiv(s.queries,
+                                                                                                     unsplit_rows)))
+            else:  # the split kernel writes fp32 partials instead of o and lse; a second kernel merges them
                 partials = fa_splits * rows * (hd + 1) * acc
-                flash = [(2 * pair, q_o + 2 * kv_rep + partials, grid_efficiency(batch * s.heads * m_blocks * fa_splits)),
-                         (0, partials + q_o + rows * acc, 1.0)]
-            t_flash = sum(launch_us(*x) for x in repeat + flash)
-            t_eff = sum(launch_us(*x) for x in repeat + [(2 * pair, one, grid_efficiency(batch * s.heads * m_blocks))])
+                *repeat, (flops, one, _) = _sdpa_fwd_launches(s, batch, e, acc)
+                flash = repeat + [(flops, one - rows * (hd * e + acc) + partials,
+                                   grid_efficiency(batch * s.heads * m_blocks * fa_splits)),
+                                  (0, partials + rows * (hd * e + acc), 1.0)]
+            t_flash = sum(launch_us(*x) for x in flash)
+            t_eff = sum(launch_us(*x) for x in _sdpa_fwd_launches(s, batch, e, acc,
+                                                                  grid_efficiency(batch * s.heads * m_blocks)))
 
             def ours(splits, in_kernel):
                 fwd = attention_fwd_traffic(batch, 1, s.heads, s.kv_heads, s.queries, s.keys, hd,
                                             (blk["BLOCK_M"], blk["BLOCK_N"]), splits, e)
-                eff = KA.split_efficiency(g["programs"], key_blocks, splits, SMS)
-                if "o_partial" not in fwd:
-                    return [(2 * pair, _hbm(fwd), eff)], 0.0
-                main = sum(fwd[n].unique for n in ("q", "k", "v")) + fwd["o_partial"].stored + fwd["lse_partial"].stored
-                tail = fwd["o_partial"].unique + fwd["lse_partial"].unique + fwd["o"].stored + fwd["lse"].stored
-                if in_kernel:
-                    return [(2 * pair, main, eff)], tail / PEAK_BYTES * 1e6
-                return [(2 * pair, main, eff), (0, tail, 1.0)], 0.0
+                return _attention_fwd_launches(fwd, 2 * pair, KA.split_efficiency(g["programs"], key_blocks, splits,
+                                                                                  SMS), in_kernel)
 
             split_k = KA.choose_fwd_splits(batch, 1, s.heads, s.kv_heads, s.queries, s.keys, hd, 2, SMS, in_kernel=True)
             launches_l, extra_l = ours(g["splits"], False)

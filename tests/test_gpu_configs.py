@@ -579,13 +579,14 @@ def launchable_configs() -> dict:
                 for name, backward in (("attn_fwd_kernel", False), ("attn_bwd_dkdv_kernel", True),
                                        ("attn_bwd_dq_kernel", True), ("single pass", True)):
                     if name == "single pass":
-                        blocks = [KA.single_pass_blocks(Lq, D, elem, gpu=True)]
+                        forms = [(KA.single_pass_blocks(Lq, D, elem, gpu=True), ())]
                         name = "attn_bwd_dq_kernel"
-                    else:  # the forward also with its in-kernel combine (MMFUSE_SPLIT_COMBINE=kernel)
-                        blocks = [KA.gpu_blocks(Lq, D, backward=backward, elem_bytes=elem, combine=c)
-                                  for c in ((False, True) if name == "attn_fwd_kernel" else (False,))]
-                    for b in blocks:
-                        key = (name, (b["BLOCK_M"], b["BLOCK_N"], bd), b["num_warps"], b["num_stages"], cls)
+                    else:
+                        forms = [(KA.gpu_blocks(Lq, D, backward=backward, elem_bytes=elem), ())]
+                        if name == "attn_fwd_kernel" and elem <= 4:  # the in-kernel combine (not fp64)
+                            forms.append((KA.gpu_blocks(Lq, D, elem_bytes=elem, combine=True), ("combine",)))
+                    for b, flag in forms:
+                        key = (name, (b["BLOCK_M"], b["BLOCK_N"], bd), b["num_warps"], b["num_stages"], cls, *flag)
                         out.setdefault(key, f"cross_attention {dtype} D={D} Lq={Lq}")
             rb = KA.rowwise_blocks(D, gpu=True)
             for name in ("attn_combine_kernel", "attn_delta_kernel"):  # fp32 or fp64 rows, whatever the input
@@ -670,6 +671,8 @@ def spec_config(spec):
         key += (cx["MAPPED"], cx["ALIGNED"], cx["GATED"])
     if cx.get("TMA") is True:  # a patch GEMM on the Hopper core
         key += ("TMA",)
+    if cx.get("COMBINE"):  # the attention forward merging its splits in the kernel (its own registers)
+        key += ("combine",)
     return key
 
 
@@ -677,7 +680,7 @@ def spec_config(spec):
 #: match at least one such config (a gap closed is a rule deleted), and no config may fall outside them.
 KNOWN_UNCOMPILED = [
     ("fp32 attention without TF32 (the default: torch's allow_tf32 is off)",
-     lambda k: k[0].startswith("attn_") and k[-1] == (4, "ieee", _F32),
+     lambda k: k[0].startswith("attn_") and k[4] == (4, "ieee", _F32),
      "spills at the launcher's tiles (Triton 3.6: 8-7472 B forward, 472-7056 B dK/dV, 24-40 B dQ), and dK/dV "
      "at D = 256 on every tile tried: the FMA dot holds whole operand rows per thread (bench/NOTES.md)"),
     ("fp64 attention dK/dV past BLOCK_D 64 and dQ at 256",
@@ -686,8 +689,8 @@ KNOWN_UNCOMPILED = [
      "spill on every tile tried on some Triton of 3.6-3.9 (dK/dV at 128: 8-24 B on 3.6 at 16x16 w8, 32 B "
      "on 3.8/3.9 at 16x32; at 256: 400-4000 B; dQ at 256: 8-1336 B): Q and dO are MMA A operands of "
      "8 fp64 rows x D per warp"),
-    ("fp32-TF32 attention forward at BLOCK_D 256", lambda k: k[0] == "attn_fwd_kernel" and k[1][2] == 256
-     and k[-1] == (4, "tf32", _F32), "spills 64 B on sm_90 (Triton 3.9.0) at 64x32x256 w8"),
+    ("fp32-TF32 attention forward at BLOCK_D 256 (with either merge)", lambda k: k[0] == "attn_fwd_kernel"
+     and k[1][2] == 256 and k[4] == (4, "tf32", _F32), "spills 64 B on sm_90 (Triton 3.9.0) at 64x32x256 w8"),
     ("fp32 IEEE linear dW at 128x64 and dX * act' at 64x64",
      lambda k: k in (("fused_gemm_kernel", (128, 64, 32), 4, 4, (4, "ieee", _F32), "dW"),
                      ("fused_gemm_kernel", (64, 64, 32), 4, 4, (4, "ieee", _F32), "dX*act'")),
@@ -765,7 +768,7 @@ def uncompiled_run(key):
         if name == "attn_bwd_dq_kernel" and KA.gpu_blocks(32, D, backward=True, elem_bytes=cls[0])["BLOCK_N"] != \
                 blocks[1]:  # a tile only the single-pass backward takes
             return ("cross_attention", D, dtype, False, False, False, f"single pass {blocks[0]}x{blocks[1]}")
-        return ("cross_attention", D, dtype, False, False, False, None)
+        return ("cross_attention", D, dtype, False, False, False, "in-kernel combine" if key[-1] == "combine" else None)
     if name == "act_grad_kernel":
         return ("linear", "act'", "gelu", True, dtype, blocks, None, name)
     if name == "batch_sum_kernel":
