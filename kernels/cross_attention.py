@@ -688,11 +688,16 @@ SPLIT_COMBINE = os.environ.get("MMFUSE_SPLIT_COMBINE", "launch")
 SPLIT_COMBINE_MODES = ("launch", "kernel")
 
 
-def combine_in_kernel() -> bool:
-    """Whether the split forward merges its partials in the same launch (``MMFUSE_SPLIT_COMBINE``)."""
-    if SPLIT_COMBINE not in SPLIT_COMBINE_MODES:
-        raise ValueError(f"MMFUSE_SPLIT_COMBINE: expected one of {SPLIT_COMBINE_MODES}, got {SPLIT_COMBINE!r}")
-    return SPLIT_COMBINE == "kernel"
+def combine_in_kernel(combine: str | None = None) -> bool:
+    """Whether the split forward merges its partials in the same launch: ``combine`` ("launch" or
+    "kernel", a caller's choice), else ``MMFUSE_SPLIT_COMBINE``."""
+    if combine is None:
+        if SPLIT_COMBINE not in SPLIT_COMBINE_MODES:
+            raise ValueError(f"MMFUSE_SPLIT_COMBINE: expected one of {SPLIT_COMBINE_MODES}, got {SPLIT_COMBINE!r}")
+        return SPLIT_COMBINE == "kernel"
+    if combine not in SPLIT_COMBINE_MODES:
+        raise ValueError(f"combine: expected None or one of {SPLIT_COMBINE_MODES}, got {combine!r}")
+    return combine == "kernel"
 
 
 def choose_fwd_splits(B: int, Bq: int, Hq: int, Hkv: int, Lq: int, Lk: int, D: int, elem: int, sms: int,
@@ -789,12 +794,7 @@ def attention_fwd(q, k, v, kv_lens, key_mask, scale, splits=None, acc=torch.floa
     if q.shape[0] == 1:
         qs[0] = 0  # one set of queries for every sample
     key_blocks = max(1, cdiv(Lk, BN))
-    if combine is None:
-        in_kernel = combine_in_kernel()
-    elif combine in SPLIT_COMBINE_MODES:
-        in_kernel = combine == "kernel"
-    else:
-        raise ValueError(f"combine: expected None or one of {SPLIT_COMBINE_MODES}, got {combine!r}")
+    in_kernel = combine_in_kernel(combine)
     if splits is None:
         splits = choose_fwd_splits(B, q.shape[0], Hq, Hkv, Lq, Lk, D, q.element_size(), num_sms(q.device), blk,
                                    in_kernel)
