@@ -208,6 +208,9 @@ PATCH_SHAPES = (
     PatchShape("internvit-300m-448", 3, (448, 448), 14, 1024),
     # BLIP-2 / InstructBLIP's EVA ViT-g: Conv2d 14 -> 1408 at 224px (transformers' default).
     PatchShape("blip2-eva-vit-g", 3, (224, 224), 14, 1408),
+    # HY-V4-VL (tencent/Hy4): Conv2d 16 -> 1536 on pre-cut patch rows (transformers 5.24's default
+    # HYV4VLVisionConfig, whose docstring names that checkpoint); a 1024px image, 64x64 patches.
+    PatchShape("hy-v4-vl", 3, (1024, 1024), 16, 1536),
 )
 
 ATTENTION_SHAPES = (

@@ -862,6 +862,10 @@ FAMILIES: list[Family] = [
            (("convs", ("proj_conv", "proj_out")), ("linears", ("mlp",))),
            notes="Conv2d(k=s=merge) and the 1x1 Conv2d as patch GEMMs, then the Linear; RMSNorms, the activation "
            "between the convs, the newline / begin / end tokens stay PyTorch"),
+    Family("HY-V4-VL", "hy_v4_vl", ("HYV4VLVisionPatchMerger",), "gemm swap", (("convs", ("proj_conv", "proj_out")),),
+           notes="HunYuan-VL's merger without its Linear (each frame merged on its own): Conv2d(k=s=merge) and the "
+           "1x1 Conv2d as patch GEMMs; the RMSNorm, the activation between the convs and the newline token stay "
+           "PyTorch"),
     Family("Aria", "aria", ("AriaCrossAttention",), "gemm swap",
            (("linears", ("q_proj", "k_proj", "v_proj", "linear")),),
            notes="the four Linears around nn.MultiheadAttention; the LayerNorms and nn.MultiheadAttention (its packed "
@@ -950,6 +954,8 @@ FAMILIES: list[Family] = [
     _conv_swap("Kimi K2.5", "kimi_k25", "Kimi_K25VisionPatchEmbed", "proj",
                "Conv2d(k=s) on pre-cut patch rows; the position embedding stays PyTorch"),
     _conv_swap("HunYuan-VL", "hunyuan_vl", "HunYuanVLVisionPatchEmbed", "patch_embedding",
+               "Conv2d(k=s) on pre-cut patch rows; the per-image interpolated position table stays PyTorch"),
+    _conv_swap("HY-V4-VL", "hy_v4_vl", "HYV4VLVisionPatchEmbed", "patch_embedding",
                "Conv2d(k=s) on pre-cut patch rows; the per-image interpolated position table stays PyTorch"),
     Family("MiniMax-M3-VL", "minimax_m3_vl", ("MiniMaxM3VLVisionEmbeddings",), "patch embed (pre-cut rows)",
            notes=_CONV3D_NOTE),

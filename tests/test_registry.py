@@ -392,6 +392,12 @@ def _hunyuan_merger():
     return merger, [torch.randn(2, 4 * 6, V), (4, 6)]
 
 
+def _hy_v4_merger():
+    cfg = _cfg("hy_v4_vl", "HYV4VLVisionConfig", **_TINY_VIT, out_hidden_size=T, spatial_merge_size=2)
+    merger = _init_(_mod("hy_v4_vl", "HYV4VLVisionPatchMerger")(cfg), "image_newline")
+    return merger, [torch.randn(1, 2 * 4 * 6, V), (4, 6)]  # two frames, each merged on its own
+
+
 def _ernie_resampler(cls):
     def make():
         cfg = M.ernie4_5_vl_moe.Ernie4_5_VLMoeConfig(
@@ -454,6 +460,11 @@ def _hunyuan_patches():
     return _mod("hunyuan_vl", "HunYuanVLVisionPatchEmbed")(cfg), [torch.randn(24, 3 * 2 * 2), [[1, 4, 4], [1, 2, 4]]]
 
 
+def _hy_v4_patches():
+    cfg = _cfg("hy_v4_vl", "HYV4VLVisionConfig", **_TINY_VIT, patch_size=2, max_image_size=8)
+    return _mod("hy_v4_vl", "HYV4VLVisionPatchEmbed")(cfg), [torch.randn(24, 3 * 2 * 2), [[1, 4, 4], [1, 2, 4]]]
+
+
 def _minicpm_patches():
     cfg = _cfg("minicpm_ocr", "MiniCPMOcrVisionConfig", **_TINY_VIT, image_size=8, patch_size=2)
     return _mod("minicpm_ocr", "MiniCPMOcrVisionEmbeddings")(cfg), [torch.randn(1, 3, 2, 2 * 24), _GRID[:, 1:]]
@@ -510,6 +521,7 @@ BUILDERS.update({
         _mod("glm5_next", "Glm5NextVisionPatchMerger")(V, 20, "silu", swiglu_limit=0.5, bias=True), _tokens(7, V)),
     ("florence2", "Florence2MultiModalProjector"): _florence2,
     ("hunyuan_vl", "HunYuanVLVisionPatchMerger"): _hunyuan_merger,
+    ("hy_v4_vl", "HYV4VLVisionPatchMerger"): _hy_v4_merger,
     # patch embeddings
     ("aimv2", "Aimv2VisionEmbeddings"): _vision_embeddings("aimv2", "Aimv2VisionEmbeddings", "Aimv2VisionConfig"),
     ("clipseg", "CLIPSegVisionEmbeddings"): _vision_embeddings("clipseg", "CLIPSegVisionEmbeddings",
@@ -537,6 +549,7 @@ BUILDERS.update({
                                                            patch_size=2),
     ("kimi_k25", "Kimi_K25VisionPatchEmbed"): _kimi_patches,
     ("hunyuan_vl", "HunYuanVLVisionPatchEmbed"): _hunyuan_patches,
+    ("hy_v4_vl", "HYV4VLVisionPatchEmbed"): _hy_v4_patches,
     ("minimax_m3_vl", "MiniMaxM3VLVisionEmbeddings"): _own_config(
         "minimax_m3_vl", "MiniMaxM3VLVisionEmbeddings", "MiniMaxM3VLVisionConfig", _rows(5, 3 * 2 * 2 * 2),
         **_TINY_VIT, patch_size=2, temporal_patch_size=2),
