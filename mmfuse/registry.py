@@ -957,6 +957,11 @@ FAMILIES: list[Family] = [
                "Conv2d(k=s) on pre-cut patch rows; the per-image interpolated position table stays PyTorch"),
     _conv_swap("HY-V4-VL", "hy_v4_vl", "HYV4VLVisionPatchEmbed", "patch_embedding",
                "Conv2d(k=s) on pre-cut patch rows; the per-image interpolated position table stays PyTorch"),
+    _conv_swap("PaddleOCR-VL", "paddleocr_vl", "PaddleOCRVisionEmbeddings", "patch_embedding",
+               "Conv2d(k=s) on pre-cut patch rows; the per-image interpolated position table (a weighted "
+               "gather) stays PyTorch"),
+    _conv_swap("VideoLLaMA3", "video_llama_3", "VideoLlama3VisionEmbeddings", "patch_embedding",
+               "Conv2d(k=s) on pre-cut patch rows, nothing else"),
     Family("MiniMax-M3-VL", "minimax_m3_vl", ("MiniMaxM3VLVisionEmbeddings",), "patch embed (pre-cut rows)",
            notes=_CONV3D_NOTE),
     _linear_patches("Ernie-4.5-VL", "ernie4_5_vl_moe", "Ernie4_5_VLMoePatchEmbed", "proj"),
@@ -1029,8 +1034,6 @@ def declined_reason(module: nn.Module) -> str | None:
 # Recognised but not replaced (the enumeration test requires every projector-like class to be in
 # FAMILIES or here)
 # ----------------------------------------------------------------------------------------------
-_POS_IDS = ("patch embedding with position ids gathered per image (bucketed / variable resolution): "
-            "needs a gathered-position patch-embed recipe, not built yet")
 _TOWER = "vision-tower internals, not a projector (issue 12's opt-in tower swapping)"
 _AUDIO = "not a vision module"
 _WRAPPER = "a container whose GEMMs sit in covered (or declined) child classes"
@@ -1050,8 +1053,9 @@ DECLINED: dict[tuple[str, str], str] = {
     ("groupvit", "GroupViTCrossAttentionLayer"): "grouping block inside the vision tower",
     ("pix2struct", "Pix2StructTextLayerCrossAttention"): "decoder cross-attention, not a projector",
     # patch embeddings that are more than a patchify
-    ("paddleocr_vl", "PaddleOCRVisionEmbeddings"): _POS_IDS,
-    ("video_llama_3", "VideoLlama3VisionEmbeddings"): _POS_IDS,
+    ("sam3", "Sam3ViTPatchEmbeddings"): "a bias-free Conv2d(k=s) that the conv swap would fit, but transformers "
+    "declares modeling_sam3 as needing torchvision (its lazy import refuses without it), which mmfuse's test "
+    "environment lacks: untestable here, so left alone",
     ("glm4v", "Glm4vVisionEmbeddings"): "position table interpolated per image (grid_sample), no patchify",
     ("glm4v_moe", "Glm4vMoeVisionEmbeddings"): "position table interpolated per image (grid_sample), no patchify",
     ("glm_image", "GlmImageVisionEmbeddings"): "position table interpolated per image (grid_sample), no patchify",
@@ -1090,8 +1094,6 @@ DECLINED: dict[tuple[str, str], str] = {
     ("pp_formulanet", "PPFormulaNetMultiModalProjector"): "two 3x3 stride-2 padded convolutions before its "
     "Linears: overlapping windows, not a patch GEMM (only the two Linears could run on mmfuse)",
     ("qianfan_ocr", "QianfanOCRVisionEmbeddings"): "a container: its QianfanOCRVisionPatchEmbeddings is replaced",
-    ("sam3", "Sam3ViTPatchEmbeddings"): "a bias-free Conv2d(k=s) that the conv swap would fit, but transformers' "
-    "modeling_sam3 imports torchvision, which mmfuse's test environment lacks: untestable here, so left alone",
     ("tipsv2", "Tipsv2VisionEmbeddings"): "a container: its Tipsv2VisionPatchEmbeddings is replaced; the mask, "
     "class and register tokens and the interpolated position add stay PyTorch",
     ("unlimited_ocr", "UnlimitedOcrVisionEmbeddings"): "no patchify and no GEMM: takes the SAM encoder's "
@@ -1188,9 +1190,15 @@ MODELS_END = "<!-- models:end -->"
 def counts() -> dict[str, int]:
     """Accelerated classes of the installed transformers, by kind (projector-like = projector,
     merger, connector, resampler attention; patch embeddings)."""
+    import pathlib
+
+    import transformers
+
+    models = pathlib.Path(transformers.__file__).parent / "models"
     out = {PROJECTOR: 0, PATCH_EMBED: 0, CROSS_ATTENTION: 0, TOWER_MLP: 0, MODEL_MERGE: 0}
-    for fam in FAMILIES:
-        out[TOWER_MLP if fam.tower else RECIPES[fam.recipe].kind] += len(fam.classes)
+    for fam in FAMILIES:  # a family newer than the installed transformers has no classes to count
+        if (models / fam.module).is_dir():
+            out[TOWER_MLP if fam.tower else RECIPES[fam.recipe].kind] += len(fam.classes)
     return out
 
 

@@ -465,6 +465,16 @@ def _hy_v4_patches():
     return _mod("hy_v4_vl", "HYV4VLVisionPatchEmbed")(cfg), [torch.randn(24, 3 * 2 * 2), [[1, 4, 4], [1, 2, 4]]]
 
 
+def _paddle_patches():
+    cfg = _cfg("paddleocr_vl", "PaddleOCRVisionConfig", **_TINY_VIT, image_size=8, patch_size=2)
+    return _mod("paddleocr_vl", "PaddleOCRVisionEmbeddings")(cfg), [torch.randn(1, 24, 3, 2, 2), _GRID]
+
+
+def _video_llama3_patches():
+    cfg = _cfg("video_llama_3", "VideoLlama3VisionConfig", **_TINY_VIT, patch_size=2)
+    return _mod("video_llama_3", "VideoLlama3VisionEmbeddings")(cfg), [torch.randn(24, 3 * 2 * 2)]
+
+
 def _minicpm_patches():
     cfg = _cfg("minicpm_ocr", "MiniCPMOcrVisionConfig", **_TINY_VIT, image_size=8, patch_size=2)
     return _mod("minicpm_ocr", "MiniCPMOcrVisionEmbeddings")(cfg), [torch.randn(1, 3, 2, 2 * 24), _GRID[:, 1:]]
@@ -550,6 +560,8 @@ BUILDERS.update({
     ("kimi_k25", "Kimi_K25VisionPatchEmbed"): _kimi_patches,
     ("hunyuan_vl", "HunYuanVLVisionPatchEmbed"): _hunyuan_patches,
     ("hy_v4_vl", "HYV4VLVisionPatchEmbed"): _hy_v4_patches,
+    ("paddleocr_vl", "PaddleOCRVisionEmbeddings"): _paddle_patches,
+    ("video_llama_3", "VideoLlama3VisionEmbeddings"): _video_llama3_patches,
     ("minimax_m3_vl", "MiniMaxM3VLVisionEmbeddings"): _own_config(
         "minimax_m3_vl", "MiniMaxM3VLVisionEmbeddings", "MiniMaxM3VLVisionConfig", _rows(5, 3 * 2 * 2 * 2),
         **_TINY_VIT, patch_size=2, temporal_patch_size=2),
