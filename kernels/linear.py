@@ -347,7 +347,9 @@ MIN_WAVE_EFFICIENCY = 0.70
 #: The single config used under the interpreter: small, so odd test sizes span several tiles.
 INTERPRETER_TILE = (32, 32, 32, 4, 1)
 
-ACT_GRAD_BLOCK = (64, 64)
+#: dH = dY * act'(h)'s block by element size: fp64 takes half the rows (at 64x64 its fp64 act' spilled
+#: 8 B on sm_90 with Triton 3.6).
+ACT_GRAD_BLOCKS = {2: (64, 64), 4: (64, 64), 8: (32, 64)}
 
 
 def block_k_for(block_k: int, elem_bytes: int) -> int:
@@ -428,11 +430,18 @@ def tma_gated_tiles(kind: str, elem_bytes: int = 2) -> tuple:
     return TMA_GATE_GRAD_TF32_TILES if (kind == "gate_grad" and elem_bytes == 4) else TMA_GATED_TILES[kind]
 
 
-def pointer_tiles(act_grad: bool, elem_bytes: int) -> tuple:
-    """Tiles the pointer kernel takes. fp32's dX * act' (TF32) spills on the 128-row tiles: 8 B at
-    128x128 w8 (sm_90, Triton 3.6 and 3.9), 32 B at 128x64 w4; 64x128 and 64x64 compile clean. That GEMM
-    keeps only the 64-row tiles."""
-    return tuple(t for t in GEMM_TILES if not (act_grad and elem_bytes == 4 and t[0] == 128))
+def pointer_tiles(act_grad: bool, elem_bytes: int, ieee: bool = False, a_trans: bool = False) -> tuple:
+    """Tiles the pointer kernel takes (fp64 takes FP64_TILE). fp32's dX * act' spills on the 128-row
+    tiles: 8 B at 128x128 w8 (TF32, sm_90, Triton 3.6 and 3.9), 32 B at 128x64 w4; that GEMM keeps the
+    64-row ones. IEEE fp32 (FMA, no tensor cores) drops two more that spill on sm_90: dW's (``a_trans``:
+    A read M-major) 128x64 w4 (24 B, Triton 3.7.1) and dX * act' at 64x64 w4 (8 B, Triton 3.9.0)."""
+    def spills(t):
+        if elem_bytes != 4:
+            return False
+        if act_grad and (t[0] == 128 or (ieee and t[:2] == (64, 64))):
+            return True
+        return ieee and a_trans and t[:2] == (128, 64)
+    return tuple(t for t in GEMM_TILES if not spills(t))
 
 
 #: Tiles of the gated MLP's GEMMs (pointer kernel), by GEMM and operand size; 8-byte operands take
@@ -549,6 +558,8 @@ def _launch_gemm(a, b, c, *, bias=None, aux=None, activation=0,
     gate_flags = dict(GATED=gated, GATE_GRAD=gate_grad, TWO_K_SOURCES=two_k)
     flags = dict(epilogue, **gate_flags, INPUT_PRECISION=dot_precision(a.dtype))
     gate_path = gated or gate_grad or two_k  # on TMA only with MMFUSE_TMA=always (not measured there)
+    # The pointer kernel's tile set depends on these (``pointer_tiles``); A read M-major is dW's layout.
+    ieee, a_m_major = flags["INPUT_PRECISION"] == "ieee", a.stride(0) == 1
 
     def launch(tile, gpu_tile=True):
         bm, bn, bk, warps, stages = tile
@@ -595,10 +606,11 @@ def _launch_gemm(a, b, c, *, bias=None, aux=None, activation=0,
     elif K == 0:
         # An empty reduction (a layer of width 0): the loop runs zero times and the epilogue writes
         # act(bias) or 0 * act'(h), as torch does. Nothing to choose.
-        launch(GATED_TILES[gated_kind(gated, gate_grad), a.element_size()][-1] if gate_path else GEMM_TILES[-1])
+        launch(GATED_TILES[gated_kind(gated, gate_grad), a.element_size()][-1] if gate_path else
+               pointer_tiles(act_grad, a.element_size(), ieee, a_m_major)[-1])
     else:
         layouts = (a.stride(1) == 1, b.stride(1) == 1, c.stride(1) == 1)
-        key = (a.dtype, a.device, *flags.values(), *layouts)
+        key = (a.dtype, a.device, *flags.values(), *layouts, a_m_major)
         sms = num_sms(a.device)
         if tma_ok and (TMA == "always" or tma_preferred(*layouts_tma, act_grad)):
             tma_candidates = candidate_tiles(M, N, sms, gate_tiles if gate_path else
@@ -606,7 +618,7 @@ def _launch_gemm(a, b, c, *, bias=None, aux=None, activation=0,
             launch_tma(TMA_TUNER.choose((M, N, K), key, tma_candidates, launch_tma))
         else:
             tiles = GATED_TILES[gated_kind(gated, gate_grad), a.element_size()] if gate_path else \
-                pointer_tiles(act_grad, a.element_size())
+                pointer_tiles(act_grad, a.element_size(), ieee, a_m_major)
             candidates = candidate_tiles(M, N, sms, tiles)
             launch(TUNER.choose((M, N, K), key, candidates, launch))
 
@@ -629,7 +641,7 @@ def act_grad(dy, h, activation):
     M, N = dy.shape
     dh = empty((M, N), dtype=dy.dtype, device=dy.device)
     if dh.numel():
-        bm, bn = ACT_GRAD_BLOCK
+        bm, bn = ACT_GRAD_BLOCKS[dy.element_size()]
         act_grad_kernel[(cdiv(M, bm), cdiv(N, bn))](
             dy, h, dh, M, N,
             dy.stride(0), dy.stride(1), h.stride(0), h.stride(1), dh.stride(0), dh.stride(1),
@@ -783,7 +795,7 @@ def aot_specs():
         # on the 64-row ones only (pointer_tiles).
         bwd_other = [("bf16", "*bf16", "ieee", layouts[1:])] if (bm, bn) == (128, 128) else []
         # (Not fp32 IEEE dW at 128x64 nor its dX * act' at 64x64: they spill 24 B / 8 B on sm_90 with
-        # Triton 3.7.1 / 3.9.0; KNOWN_UNCOMPILED in tests/test_gpu_configs.py.)
+        # Triton 3.7.1 / 3.9.0, and pointer_tiles no longer takes them.)
         bwd_other += [(name, "*fp32", prec, ([layouts[2]] if (name, bm, bn) != ("fp32", 128, 64) else []) +
                        ([layouts[1]] if (bm, bn, bk, warps, stages) in pointer_tiles(True, 4)
                         and (name, bm, bn) != ("fp32", 64, 64) else []))
@@ -863,12 +875,11 @@ def aot_specs():
                     args=tuple(args.items()), constexprs=tuple(cx.items()), num_warps=warps,
                     num_stages=stages, tensor_cores=precision == "tf32" or elem != 4,
                     sm90_instr="mma.sync" if elem == 8 else "wgmma"))
-    bm, bn = ACT_GRAD_BLOCK
-    # Not fp64: it spills 8 B on sm_90 (Triton 3.6) at this block (tests/test_gpu_configs.py KNOWN_UNCOMPILED).
-    for dtype, ptr in (("fp16", "*fp16"), ("bf16", "*bf16"), ("fp32", "*fp32")):
+    for dtype, ptr, elem in (("fp16", "*fp16", 2), ("bf16", "*bf16", 2), ("fp32", "*fp32", 4), ("fp64", "*fp64", 8)):
+        bm, bn = ACT_GRAD_BLOCKS[elem]
         args = dict(dy_ptr=ptr, h_ptr=ptr, dh_ptr=ptr, M=M, N=N, stride_dym=N, stride_dyn=1,
                     stride_hm=N, stride_hn=1, stride_dhm=N, stride_dhn=1)
-        cx = dict(ACTIVATION=1, ACC_DTYPE=tl.float32, BLOCK_M=bm, BLOCK_N=bn)
+        cx = dict(ACTIVATION=1, ACC_DTYPE=tl.float64 if elem == 8 else tl.float32, BLOCK_M=bm, BLOCK_N=bn)
         specs.append(CompileSpec(
             kernel="linear/act_grad_kernel", variant="dY * gelu'(h)", dtype=dtype, config=f"{bm}x{bn} w4",
             fn=act_grad_kernel, args=tuple(args.items()), constexprs=tuple(cx.items()), num_warps=4,

@@ -600,7 +600,7 @@ def launchable_configs() -> dict:
                                f"cross_attention {dtype} D={D}")
         # The linear GEMMs: the forward (any epilogue; also the plain dX = dH W), dX * act'(h), dW.
         for role, act_grad in (("fwd", False), ("dX*act'", True), ("dW", False)):
-            tiles = [KL.FP64_TILE] if elem == 8 else list(KL.pointer_tiles(act_grad, elem)) + [KL.GEMM_TILES[-1]]
+            tiles = [KL.FP64_TILE] if elem == 8 else KL.pointer_tiles(act_grad, elem, prec == "ieee", role == "dW")
             for bm, bn, bk, warps, stages in tiles:
                 out.setdefault(("fused_gemm_kernel", (bm, bn, KL.block_k_for(bk, elem)), warps, stages, cls, role),
                                f"linear {dtype} {role}")
@@ -608,7 +608,7 @@ def launchable_configs() -> dict:
                 for bm, bn, bk, warps, stages in KL.tma_tiles(act_grad, elem):
                     out.setdefault(("tma_gemm_kernel", (bm, bn, KL.block_k_for(bk, elem)), warps, stages, cls, role),
                                    f"linear {dtype} {role} TMA")
-        bm, bn = KL.ACT_GRAD_BLOCK
+        bm, bn = KL.ACT_GRAD_BLOCKS[elem]
         out.setdefault(("act_grad_kernel", (bm, bn), 4, 1, acc), f"linear {dtype} act'")
         for gemm, tiles in KP.TILES.items():
             for bm, bn, bk, warps, stages in tiles:
@@ -697,12 +697,6 @@ KNOWN_UNCOMPILED = [
      "8 fp64 rows x D per warp"),
     ("fp32-TF32 attention forward at BLOCK_D 256 (with either merge)", lambda k: k[0] == "attn_fwd_kernel"
      and k[1][2] == 256 and k[4] == (4, "tf32", _F32), "spills 64 B on sm_90 (Triton 3.9.0) at 64x32x256 w8"),
-    ("fp32 IEEE linear dW at 128x64 and dX * act' at 64x64",
-     lambda k: k in (("fused_gemm_kernel", (128, 64, 32), 4, 4, (4, "ieee", _F32), "dW"),
-                     ("fused_gemm_kernel", (64, 64, 32), 4, 4, (4, "ieee", _F32), "dX*act'")),
-     "spill 24 B (Triton 3.7.1) / 8 B (3.9.0) on sm_90; the launcher (pointer_tiles) still takes them"),
-    ("fp64 act_grad_kernel", lambda k: k == ("act_grad_kernel", (64, 64), 4, 1, _F64),
-     "spills 8 B on sm_90 (Triton 3.6) at ACT_GRAD_BLOCK; needs a per-dtype block in the launcher"),
     ("the merged projector's GEMMs in fp32 / fp64 with C no block divides (the per-element token gather)",
      lambda k: k[0] == "mapped_gemm_kernel" and not k[6] and k[4][0] in (4, 8),
      "not compiled for CI time; their aligned twins and the bf16 gather are (no spills)"),

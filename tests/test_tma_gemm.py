@@ -238,10 +238,48 @@ def test_auto_takes_the_tma_kernel_only_where_it_was_measured_faster():
     assert not KL.tma_preferred(a_trans=False, b_trans=False, act_grad=False)  # dX (unmeasured)
 
 
-def test_pointer_kernel_tiles_drop_only_the_spilling_fp32_act_grad_ones():
-    # fp32 dX * act' keeps the 64-row tiles (the 128-row ones spill with TF32); everything else keeps all.
+def test_pointer_kernel_tiles_drop_only_the_spilling_fp32_ones():
+    # fp32 dX * act' keeps the 64-row tiles (the 128-row ones spill with TF32), IEEE fp32's only 64x128;
+    # IEEE fp32 dW (A read M-major) drops 128x64; everything else keeps all.
     assert KL.pointer_tiles(True, 4) == tuple(t for t in KL.GEMM_TILES if t[0] == 64)
+    assert KL.pointer_tiles(True, 4, ieee=True) == tuple(t for t in KL.GEMM_TILES if t[:2] == (64, 128))
+    assert KL.pointer_tiles(False, 4, ieee=True, a_trans=True) == tuple(t for t in KL.GEMM_TILES
+                                                                       if t[:2] != (128, 64))
     assert KL.pointer_tiles(True, 2) == KL.pointer_tiles(False, 4) == KL.GEMM_TILES
+    assert KL.pointer_tiles(False, 4, ieee=True) == KL.pointer_tiles(False, 2, ieee=True, a_trans=True) == KL.GEMM_TILES
+
+
+def test_launcher_passes_precision_and_layout_to_the_tile_set(monkeypatch):
+    """IEEE fp32's spilling tiles are dropped only if the launcher tells pointer_tiles which GEMM it runs:
+    an fp32 MLP's forward, dX * act' and dW (A = dH^T, read M-major) under the GPU's own choice, and
+    an empty reduction (K = 0), which takes the set's last tile."""
+    from mmfuse.kernels import _common
+
+    seen = []
+    real = KL.pointer_tiles
+    monkeypatch.setattr(KL, "pointer_tiles", lambda *a: seen.append(a) or real(*a))
+    launched = []
+    real_gemm = KL._gemm
+
+    class Recording:
+        def __getitem__(self, grid):
+            # (tile, A read M-major (a.stride(0) == 1, after a, b and the 8 outputs and M, N, K), ACT_GRAD)
+            return lambda *a, **kw: (launched.append(((kw["BLOCK_M"], kw["BLOCK_N"]), a[13] == 1, kw["ACT_GRAD"])),
+                                     real_gemm[grid](*a, **kw))
+    monkeypatch.setattr(KL, "_gemm", Recording())
+    x = torch.randn(5, 16, requires_grad=True)
+    w1, w2 = torch.randn(24, 16, requires_grad=True), torch.randn(8, 24, requires_grad=True)
+    with _common.gpu_config({}):
+        mmfuse.mlp(x, [w1, w2], [None, None]).sum().backward()
+        assert {(act_grad, ieee, m_major) for act_grad, elem, ieee, m_major in seen} >= {
+            (False, True, False), (True, True, False), (False, True, True)}, seen
+        assert {(m_major, act_grad) for _, m_major, act_grad in launched} == {(False, False), (True, False),
+                                                                             (False, True)}, launched
+        assert not [t for t, m_major, act_grad in launched if (m_major and t == (128, 64))
+                    or (act_grad and t != (64, 128))], launched
+        seen.clear()
+        KL.linear_fwd(torch.randn(3, 0), torch.randn(4, 0))
+    assert [a[:3] for a in seen] == [(False, 4, True)] and launched[-1][0] == real(*seen[0])[-1][:2]
 
 
 # ----------------------------------------------------------------------------------------------
