@@ -492,7 +492,8 @@ def block_d(D: int, gpu: bool | None = None) -> int:
     return max(64 if gpu else 16, next_pow2(D))
 
 
-def gpu_blocks(Lq: int, D: int, backward: bool = False, elem_bytes: int = 2, combine: bool = False) -> dict:
+def gpu_blocks(Lq: int, D: int, backward: bool = False, elem_bytes: int = 2, combine: bool = False,
+               ieee: bool = False) -> dict:
     """Tiles on a GPU, chosen so that no config spills on sm_80 or sm_90 (the compile test checks).
     Forward: 64 queries (32 when there are fewer, for 2-byte inputs to D = 128) x 64
     keys (32 past D = 128, and past D = 64 for 4-byte inputs, whose Q tile alone is 64 x 128 fp32),
@@ -503,8 +504,19 @@ def gpu_blocks(Lq: int, D: int, backward: bool = False, elem_bytes: int = 2, com
     tiles spilled from D = 128, and these are the tiles that compile clean on Triton 3.6-3.9, except
     dK/dV past D = 64 and dQ at D = 256, which spill on every tile tried (bench/NOTES.md).
     ``combine``: the forward merging its split partials in the kernel, whose merge tile sits beside the
-    forward's registers: 8 warps for the 64-query tile at D <= 64 (4 spilled 8 B on sm_80, Triton 3.9)."""
+    forward's registers: 8 warps for the 64-query tile at D <= 64 (4 spilled 8 B on sm_80, Triton 3.9).
+    ``ieee``: 4-byte inputs without TF32, whose dots run on FMA units and hold operand rows per thread:
+    the forward takes 64 x 32 at D <= 64 and 32 x 16 beyond (the TF32 tiles spilled 72-7936 B; these
+    compile clean with or without the combine on Triton 3.6-3.9, 63-164 registers); the backward 16
+    queries x 32 keys at D <= 64 and 16 x 16 beyond, 8 warps, two stages except dQ and the single pass
+    at D = 65-128: one (with two they spilled 8 B on sm_90, while dK/dV, ``dkdv_num_stages``, spilled
+    8-16 B on sm_80 with one). dK/dV at D = 256 spilled on every tile tried (320-400 B at 16 x 16)."""
     bd = block_d(D, gpu=True)
+    if ieee and elem_bytes == 4:
+        if backward:
+            return dict(BLOCK_M=16, BLOCK_N=32 if bd <= 64 else 16, num_warps=8,
+                        num_stages=1 if bd == 128 else 2, dkdv_num_stages=2)
+        return dict(BLOCK_M=64 if bd <= 64 else 32, BLOCK_N=32 if bd <= 64 else 16, num_warps=8, num_stages=2)
     if elem_bytes == 8:
         if backward:
             return dict(BLOCK_M=16, BLOCK_N=16, num_warps=8, num_stages=2)
@@ -525,13 +537,14 @@ def gpu_blocks(Lq: int, D: int, backward: bool = False, elem_bytes: int = 2, com
     return dict(BLOCK_M=32 if short else 64, BLOCK_N=32 if wide else 64, num_warps=warps, num_stages=2)
 
 
-def blocks_for(Lq: int, D: int, backward: bool = False, elem_bytes: int = 2, combine: bool = False) -> dict:
+def blocks_for(Lq: int, D: int, backward: bool = False, elem_bytes: int = 2, combine: bool = False,
+               ieee: bool = False) -> dict:
     if INTERPRET and not gpu_config_on():
         return dict(INTERPRETER_BLOCKS, num_warps=4, num_stages=1)
-    return gpu_blocks(Lq, D, backward, elem_bytes, combine)
+    return gpu_blocks(Lq, D, backward, elem_bytes, combine, ieee)
 
 
-def single_pass_blocks(Lq: int, D: int, elem_bytes: int = 2, gpu: bool | None = None) -> dict:
+def single_pass_blocks(Lq: int, D: int, elem_bytes: int = 2, gpu: bool | None = None, ieee: bool = False) -> dict:
     """Tiles of the single-pass backward: the backward's, except that 33-64 queries take one 64-query
     block for 2-byte inputs at D <= 64 (OpenFlamingo's 64 latents), where the program's Q, dO, O and
     fp32 dQ tiles still fit beside a key block's (the compile check holds it to no spills)."""
@@ -539,7 +552,7 @@ def single_pass_blocks(Lq: int, D: int, elem_bytes: int = 2, gpu: bool | None = 
         gpu = not INTERPRET or gpu_config_on()
     if not gpu:
         return dict(INTERPRETER_BLOCKS, num_warps=4, num_stages=1)
-    blk = gpu_blocks(Lq, D, backward=True, elem_bytes=elem_bytes)
+    blk = gpu_blocks(Lq, D, backward=True, elem_bytes=elem_bytes, ieee=ieee)
     if blk["BLOCK_N"] > 32:
         blk = dict(blk, BLOCK_N=32)
     if 32 < Lq <= 64 and elem_bytes <= 2 and block_d(D, gpu=True) <= 64:
@@ -788,7 +801,8 @@ def attention_fwd(q, k, v, kv_lens, key_mask, scale, splits=None, acc=torch.floa
     lse = empty((B, Hq, Lq), dtype=acc, device=q.device)
     if o.numel() == 0:
         return o, lse
-    blk = blocks_for(Lq, D, elem_bytes=q.element_size())
+    ieee = precision == "ieee"  # (fp32's FMA tiles: ``gpu_blocks``)
+    blk = blocks_for(Lq, D, elem_bytes=q.element_size(), ieee=ieee)
     BM, BN, BD = blk["BLOCK_M"], blk["BLOCK_N"], block_d(D)
     qs = _strides4(q)
     if q.shape[0] == 1:
@@ -806,7 +820,7 @@ def attention_fwd(q, k, v, kv_lens, key_mask, scale, splits=None, acc=torch.floa
     # forward is compiled.
     in_kernel = in_kernel and splits > 1 and q.element_size() <= 4
     if in_kernel:  # the same tile; its warps may differ (``gpu_blocks``)
-        blk = blocks_for(Lq, D, elem_bytes=q.element_size(), combine=True)
+        blk = blocks_for(Lq, D, elem_bytes=q.element_size(), combine=True, ieee=ieee)
     if splits == 1:
         o_t, l_t = o, lse
         os_, ls_ = [0, *o.stride()], [0, *lse.stride()]
@@ -854,8 +868,9 @@ def attention_bwd(do, q, k, v, o, lse, kv_lens, key_mask, scale, need_q=True, ne
     Lk = L1 + (k2.shape[2] if two else 0)
     Bq, Hq, Lq = q.shape[0], q.shape[1], q.shape[2]
     elem = q.element_size()
-    blk = blocks_for(Lq, D, backward=True, elem_bytes=elem)
-    single_blk = single_pass_blocks(Lq, D, elem)
+    ieee = precision == "ieee"  # (fp32's FMA tiles: ``gpu_blocks``)
+    blk = blocks_for(Lq, D, backward=True, elem_bytes=elem, ieee=ieee)
+    single_blk = single_pass_blocks(Lq, D, elem, ieee=ieee)
     eligible = need_q and need_kv and single_pass_eligible(Hq, Hkv, Lq, single_blk["BLOCK_M"]) and B > 0
     if single_pass and not eligible:
         raise ValueError(f"attention_bwd: single_pass=True needs dq, dk and dv, Hq == Hkv and 1 <= Lq <= BLOCK_M "
@@ -895,7 +910,8 @@ def attention_bwd(do, q, k, v, o, lse, kv_lens, key_mask, scale, need_q=True, ne
             attn_bwd_dkdv_kernel[(cdiv(Lk, BN), B * Hkv)](
                 q, k, v, k2, v2, do, lse, delta, dk, dv, dk2, dv2, lens, mask,
                 *qs, *_strides4(k), *_strides4(v), *s2, *_strides4(do), *lse.stride(), *mask_strides,
-                *kv_out, Hkv, Lq, Lk, L1, D, Hq // Hkv, float(scale * LOG2E), float(scale), **common)
+                *kv_out, Hkv, Lq, Lk, L1, D, Hq // Hkv, float(scale * LOG2E), float(scale),
+                **dict(common, num_stages=blk.get("dkdv_num_stages", blk["num_stages"])))
     if need_q:
         dq = empty(q.shape, dtype=q.dtype, device=q.device)
         if dq.numel() and B == 0:  # shared queries over an empty batch: an empty sum
@@ -947,6 +963,8 @@ _ALL = ("fwd", "dkdv", "dq")
 #: bench/NOTES.md).
 COVERAGE_PLANS = [
     *[(D, "fp32-tf32", "*fp32", "tf32", ("fwd", "dkdv", "dq")[(D > 64):], 64) for D in (64, 96, 256)],
+    # IEEE fp32's FMA tiles (dK/dV at D = 256 spills on every tile: not compiled)
+    *[(D, "fp32", "*fp32", "ieee", ("fwd", "dq") if D == 256 else ("fwd", "dkdv", "dq"), 64) for D in (64, 96, 256)],
     *[(D, "fp64", "*fp64", "ieee", kernels, 64) for D, kernels in ((3, _ALL), (96, ("fwd", "dq")), (256, ("fwd",)))],
 ]
 
@@ -984,8 +1002,8 @@ def aot_specs():
         elem = _AOT_ELEM[ptr]
         acc_ptr, acc = ("*fp64", tl.float64) if elem == 8 else ("*fp32", tl.float32)
         mask_ptr = "*i64" if elem == 8 else "*u8"  # fp64 reads the key mask widened (``_mask_args``)
-        fwd_blk = gpu_blocks(lq, D, elem_bytes=elem)
-        bwd_blk = gpu_blocks(lq, D, backward=True, elem_bytes=elem)
+        fwd_blk = gpu_blocks(lq, D, elem_bytes=elem, ieee=precision == "ieee")
+        bwd_blk = gpu_blocks(lq, D, backward=True, elem_bytes=elem, ieee=precision == "ieee")
         q_s = [0] + strides(Hq, lq, D)  # broadcast learnable queries
         k_s = strides(B, Hkv, Lk, D)
         o_s = strides(B, Hq, lq, D)
@@ -994,7 +1012,7 @@ def aot_specs():
         for name in kernels:
             blk = fwd_blk if name == "fwd" else bwd_blk
             BM, BN, BD, warps, stages = blk["BLOCK_M"], blk["BLOCK_N"], block_d(D, gpu=True), blk["num_warps"], \
-                blk["num_stages"]
+                blk["dkdv_num_stages" if name == "dkdv" and "dkdv_num_stages" in blk else "num_stages"]
             common = dict(HAS_LENS=True, HAS_MASK=True, TWO_SOURCES=False, INPUT_PRECISION=precision,
                           ACC_DTYPE=acc, BLOCK_M=BM, BLOCK_N=BN, BLOCK_D=BD)
             one_source = dict(k2_ptr=ptr, v2_ptr=ptr, L1=Lk, **{f"stride_{t}2{a}": 0 for t in "kv" for a in "bhnd"})
@@ -1071,7 +1089,7 @@ def aot_specs():
                     # stores dK, dV and forms delta from O. Broadcast queries over the batch, split; one
                     # spec per tile it takes (<= 32 queries, and 33-64).
                     dq_args = args
-                    for sp_blk in {repr(b_): b_ for b_ in (single_pass_blocks(n, D, elem, gpu=True)
+                    for sp_blk in {repr(b_): b_ for b_ in (single_pass_blocks(n, D, elem, gpu=True, ieee=precision == "ieee")
                                                            for n in (32, 64))}.values():
                         lq1 = sp_blk["BLOCK_M"] - 5
                         per_row = [0] + strides(Hkv, lq1, D)
@@ -1158,9 +1176,10 @@ def aot_specs():
     for sp in list(specs):
         if sp.variant.startswith("split-KV partial, lens+mask") and "two sources" not in sp.variant and (
                 (sp.dtype == "fp16" and sp.config.split()[0] in ("D=64", "D=96", "D=256"))
-                or (sp.dtype == "fp32-tf32" and sp.config.split()[0] in ("D=64", "D=96"))):
+                or (sp.dtype == "fp32-tf32" and sp.config.split()[0] in ("D=64", "D=96"))
+                or sp.dtype == "fp32"):
             lq, D, elem = dict(sp.args)["Lq"], dict(sp.args)["D"], _AOT_ELEM[dict(sp.args)["q_ptr"]]
-            warps = gpu_blocks(lq, D, elem_bytes=elem, combine=True)["num_warps"]
+            warps = gpu_blocks(lq, D, elem_bytes=elem, combine=True, ieee=sp.dtype == "fp32")["num_warps"]
             specs.append(dataclasses.replace(
                 sp, variant=sp.variant.replace("partial", "in-kernel combine"), num_warps=warps,
                 config=sp.config.replace(f" w{sp.num_warps} ", f" w{warps} "),

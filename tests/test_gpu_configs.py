@@ -426,8 +426,9 @@ def run_cross_attention(D, dtype, even, two=False, short=False, form=None):
     split kernel, 16-bit and fp32); even: no padding, Lk two whole key blocks.
     ``two``: the keys come from two sources (the perceiver's media and latents), never concatenated."""
     elem = torch.empty((), dtype=dtype).element_size()
-    fwd = KA.gpu_blocks(64, D, elem_bytes=elem)
-    bwd = KA.gpu_blocks(64, D, backward=True)
+    ieee = elem == 4 and _common.dot_precision(dtype) == "ieee"  # fp32's FMA tiles
+    fwd = KA.gpu_blocks(64, D, elem_bytes=elem, ieee=ieee)
+    bwd = KA.gpu_blocks(64, D, backward=True, elem_bytes=4 if ieee else 2, ieee=ieee)
     if form and form.startswith("single pass"):
         return run_single_pass(D, dtype, *map(int, form.split()[-1].split("x")))
     # > 32: the GPU's 64-query forward tile, 2 tiles; 3 backward tiles. ``short``: 27 queries, the
@@ -469,7 +470,8 @@ def run_single_pass(D, dtype, block_m, block_n):
     """The single-pass backward at the tile (block_m x block_n): no head groups (2 heads), broadcast
     queries filling most of one block, batch 2 with kv_lens and key_mask, dQ's batch loop split 2 ways."""
     Lq = block_m - 5 if block_m > 32 else block_m - 3
-    assert KA.single_pass_blocks(Lq, D, torch.empty((), dtype=dtype).element_size())["BLOCK_M"] == block_m
+    ieee = _common.dot_precision(dtype) == "ieee"
+    assert KA.single_pass_blocks(Lq, D, torch.empty((), dtype=dtype).element_size(), ieee=ieee)["BLOCK_M"] == block_m
     B, H, Lk = 2, 2, 2 * block_n + RAGGED
     q = torch.randn(1, H, Lq, D, dtype=dtype)
     k, v = torch.randn(B, H, Lk, D, dtype=dtype), torch.randn(B, H, Lk, D, dtype=dtype)
@@ -584,13 +586,17 @@ def launchable_configs() -> dict:
             for Lq in (1, 32, 33, 4096):
                 for name, backward in (("attn_fwd_kernel", False), ("attn_bwd_dkdv_kernel", True),
                                        ("attn_bwd_dq_kernel", True), ("single pass", True)):
+                    ieee = prec == "ieee"
                     if name == "single pass":
-                        forms = [(KA.single_pass_blocks(Lq, D, elem, gpu=True), ())]
+                        forms = [(KA.single_pass_blocks(Lq, D, elem, gpu=True, ieee=ieee), ())]
                         name = "attn_bwd_dq_kernel"
                     else:
-                        forms = [(KA.gpu_blocks(Lq, D, backward=backward, elem_bytes=elem), ())]
+                        forms = [(KA.gpu_blocks(Lq, D, backward=backward, elem_bytes=elem, ieee=ieee), ())]
+                        if name == "attn_bwd_dkdv_kernel" and "dkdv_num_stages" in forms[0][0]:
+                            forms = [(dict(forms[0][0], num_stages=forms[0][0]["dkdv_num_stages"]), ())]
                         if name == "attn_fwd_kernel" and elem <= 4:  # the in-kernel combine (not fp64)
-                            forms.append((KA.gpu_blocks(Lq, D, elem_bytes=elem, combine=True), ("combine",)))
+                            forms.append((KA.gpu_blocks(Lq, D, elem_bytes=elem, combine=True, ieee=ieee),
+                                          ("combine",)))
                     for b, flag in forms:
                         key = (name, (b["BLOCK_M"], b["BLOCK_N"], bd), b["num_warps"], b["num_stages"], cls, *flag)
                         out.setdefault(key, f"cross_attention {dtype} D={D} Lq={Lq}")
@@ -685,10 +691,10 @@ def spec_config(spec):
 #: Configs a GPU launcher can choose that no spec compiles yet, each rule with its reason. Every rule must
 #: match at least one such config (a gap closed is a rule deleted), and no config may fall outside them.
 KNOWN_UNCOMPILED = [
-    ("fp32 attention without TF32 (the default: torch's allow_tf32 is off)",
-     lambda k: k[0].startswith("attn_") and k[4] == (4, "ieee", _F32),
-     "spills at the launcher's tiles (Triton 3.6: 8-7472 B forward, 472-7056 B dK/dV, 24-40 B dQ), and dK/dV "
-     "at D = 256 on every tile tried: the FMA dot holds whole operand rows per thread (bench/NOTES.md)"),
+    ("fp32 attention's dK/dV at BLOCK_D 256 without TF32 (the default: torch's allow_tf32 is off)",
+     lambda k: k[0] == "attn_bwd_dkdv_kernel" and k[1][2] == 256 and k[4] == (4, "ieee", _F32),
+     "spills on every tile tried (320-400 B at 16x16 w8 on Triton 3.6-3.9): the FMA dot holds whole operand "
+     "rows per thread (bench/NOTES.md); IEEE fp32's other attention tiles (gpu_blocks' ieee) are compiled"),
     ("fp64 attention dK/dV past BLOCK_D 64 and dQ at 256",
      lambda k: k[-1] == (8, "ieee", _F64) and ((k[0] == "attn_bwd_dkdv_kernel" and k[1][2] > 64)
                                                or (k[0] == "attn_bwd_dq_kernel" and k[1][2] == 256)),
@@ -765,7 +771,8 @@ def uncompiled_run(key):
     scale = {"fp64": 4, "fp32": 2, "fp32-tf32": 2}.get(dtype, 1)  # the tables' BLOCK_K is 2-byte's
     if name.startswith("attn_"):
         D = blocks[2] - 3
-        if name == "attn_bwd_dq_kernel" and KA.gpu_blocks(32, D, backward=True, elem_bytes=cls[0])["BLOCK_N"] != \
+        if name == "attn_bwd_dq_kernel" and KA.gpu_blocks(32, D, backward=True, elem_bytes=cls[0],
+                                                          ieee=cls[1] == "ieee")["BLOCK_N"] != \
                 blocks[1]:  # a tile only the single-pass backward takes
             return ("cross_attention", D, dtype, False, False, False, f"single pass {blocks[0]}x{blocks[1]}")
         return ("cross_attention", D, dtype, False, False, False, None)  # the in-kernel combine too
