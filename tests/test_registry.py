@@ -941,6 +941,12 @@ TOWER_BUILDERS = {  # activations: quick_gelu (CLIP, Qwen2-VL), gelu_tanh (SigLI
     ("qwen2_vl", "VisionMlp"): lambda: (_mod("qwen2_vl", "VisionMlp")(dim=V, hidden_dim=32, hidden_act="quick_gelu"),
                                         _tokens(7, V)),
     ("qwen3_vl", "Qwen3VLVisionMLP"): _tower_block("qwen3_vl", "Qwen3VLVisionMLP", "Qwen3VLVisionConfig"),
+    ("llama4", "Llama4VisionMLP"): _tower_block("llama4", "Llama4VisionMLP", "Llama4VisionConfig"),
+    ("paddleocr_vl", "PaddleOCRVisionMLP"): _tower_block("paddleocr_vl", "PaddleOCRVisionMLP", "PaddleOCRVisionConfig"),
+    ("video_llama_3", "VideoLlama3VisionMLP"): _tower_block("video_llama_3", "VideoLlama3VisionMLP",
+                                                            "VideoLlama3VisionConfig"),
+    ("hunyuan_vl", "HunYuanVLVisionMLP"): _tower_block("hunyuan_vl", "HunYuanVLVisionMLP", "HunYuanVLVisionConfig"),
+    ("hy_v4_vl", "HYV4VLVisionMLP"): _tower_block("hy_v4_vl", "HYV4VLVisionMLP", "HYV4VLVisionConfig"),
     ("qwen2_5_vl", "Qwen2_5_VLMLP"): lambda: (_mod("qwen2_5_vl", "Qwen2_5_VLMLP")(
         M.qwen2_5_vl.Qwen2_5_VLVisionConfig(hidden_size=V, intermediate_size=32), bias=True), _tokens(7, V)),
     ("pixtral", "PixtralMLP"): _tower_block("pixtral", "PixtralMLP", "PixtralVisionConfig", hidden_act="silu"),
