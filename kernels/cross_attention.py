@@ -675,7 +675,9 @@ def _bwd_plan(B: int, Bq: int, Hq: int, Hkv: int, Lq: int, Lk: int, D: int, elem
 
 def fwd_modelled_us(B: int, Bq: int, Hq: int, Hkv: int, Lq: int, Lk: int, D: int, elem: int, splits: int,
                     sms: int, blocks=None, combine_in_kernel: bool = False) -> float:
-    """Roofline of the forward with ``splits`` key splits (H100 figures of kernels/_common.py):
+    """Roofline of the forward with ``splits`` key splits (H100 figures of kernels/_common.py) at
+    ``blocks`` (default: ``gpu_blocks``' tensor-core tiles; the launcher passes the tiles it launches,
+    IEEE fp32's included):
     max(FLOPs / (peak x the split's wave efficiency), bytes / bandwidth) + a launch, and with splits
     the fp32 partials (o and lse) written, read back by the combine, its output and its launch (none
     with ``combine_in_kernel``: the same bytes, in the tail of the one launch)."""
@@ -956,11 +958,11 @@ def _tl_acc(dtype):
 # ----------------------------------------------------------------------------------------------
 _AOT_ELEM = {"*fp16": 2, "*bf16": 2, "*fp32": 4, "*fp64": 8}
 _ALL = ("fwd", "dkdv", "dq")
-#: Configs beyond the fp16 / Idefics2 set that the launchers pick for other dtypes: fp32 with TF32 and
-#: fp64, every kernel at each head-dim tile (D = 64 / 96 / 256 for the tiles 64 / 128 / 256; fp64 at
-#: D = 3, the gradchecks' size). Not fp32 without TF32, TF32's forward at D = 256, nor fp64's dK/dV
-#: past D = 64 and dQ at D = 256: they spill (``KNOWN_UNCOMPILED`` in tests/test_gpu_configs.py,
-#: bench/NOTES.md).
+#: Configs beyond the fp16 / Idefics2 set that the launchers pick for other dtypes: fp32 with TF32,
+#: fp32 without it (its own FMA tiles, ``gpu_blocks``' ieee) and fp64, every kernel at each head-dim
+#: tile (D = 64 / 96 / 256 for the tiles 64 / 128 / 256; fp64 at D = 3, the gradchecks' size). Not
+#: TF32's forward at D = 256, IEEE fp32's dK/dV at D = 256, nor fp64's dK/dV past D = 64 and dQ at
+#: D = 256: they spill (``KNOWN_UNCOMPILED`` in tests/test_gpu_configs.py, bench/NOTES.md).
 COVERAGE_PLANS = [
     *[(D, "fp32-tf32", "*fp32", "tf32", ("fwd", "dkdv", "dq")[(D > 64):], 64) for D in (64, 96, 256)],
     # IEEE fp32's FMA tiles (dK/dV at D = 256 spills on every tile: not compiled)
@@ -1170,9 +1172,10 @@ def aot_specs():
                 sm90_instr="mma.sync",  # a 32-row tile: wgmma needs 64 rows per warpgroup
                 config=f"D={D} {blk['BLOCK_M']}x{blk['BLOCK_N']}x{bd} w{blk['num_warps']} s{blk['num_stages']}"))
     # The in-kernel combine (MMFUSE_SPLIT_COMBINE=kernel): the split forward whose last program per query
-    # block merges the partials, at every forward tile of fp16 / bf16 and TF32 (its merge adds registers:
-    # the 64-query tile at D <= 64 takes 8 warps, ``gpu_blocks``): fp16 at D = 64, 96 (both query tiles)
-    # and 256, TF32 at D = 64 and 96. (fp64 keeps the combine launch; TF32 at D = 256 spills either way.)
+    # block merges the partials, at every forward tile of fp16 / bf16, TF32 and IEEE fp32 (its merge adds
+    # registers: the 64-query tile at D <= 64 takes 8 warps, ``gpu_blocks``): fp16 at D = 64, 96 (both
+    # query tiles) and 256, TF32 at D = 64 and 96, IEEE fp32 at D = 64, 96 and 256. (fp64 keeps the
+    # combine launch; TF32 at D = 256 spills either way.)
     for sp in list(specs):
         if sp.variant.startswith("split-KV partial, lens+mask") and "two sources" not in sp.variant and (
                 (sp.dtype == "fp16" and sp.config.split()[0] in ("D=64", "D=96", "D=256"))

@@ -558,7 +558,8 @@ def _launch_gemm(a, b, c, *, bias=None, aux=None, activation=0,
     gate_flags = dict(GATED=gated, GATE_GRAD=gate_grad, TWO_K_SOURCES=two_k)
     flags = dict(epilogue, **gate_flags, INPUT_PRECISION=dot_precision(a.dtype))
     gate_path = gated or gate_grad or two_k  # on TMA only with MMFUSE_TMA=always (not measured there)
-    # The pointer kernel's tile set depends on these (``pointer_tiles``); A read M-major is dW's layout.
+    # The pointer kernel's tile set depends on these (``pointer_tiles``); A read M-major is dW's layout
+    # (and that of a K <= 1 input, strides (1, 1): it then merely loses IEEE fp32's 128x64).
     ieee, a_m_major = flags["INPUT_PRECISION"] == "ieee", a.stride(0) == 1
 
     def launch(tile, gpu_tile=True):
@@ -791,14 +792,13 @@ def aot_specs():
         # forward on the 128-row tiles only (the 64-row ones sit far below the limit: bench/NOTES.md).
         # The backward GEMMs of bf16 on the largest tile, the one nearest the register limit (bf16 and
         # fp16 take the same tiles and constexprs: fp16's specs cover the smaller ones). fp32 (TF32 and
-        # IEEE: other instructions, other register use) on every tile it takes: dW on all, dX * act'
-        # on the 64-row ones only (pointer_tiles).
+        # IEEE: other instructions, other register use) on every tile the launcher takes for its dW
+        # and dX * act' (``pointer_tiles``: IEEE drops the ones that spill).
         bwd_other = [("bf16", "*bf16", "ieee", layouts[1:])] if (bm, bn) == (128, 128) else []
-        # (Not fp32 IEEE dW at 128x64 nor its dX * act' at 64x64: they spill 24 B / 8 B on sm_90 with
-        # Triton 3.7.1 / 3.9.0, and pointer_tiles no longer takes them.)
-        bwd_other += [(name, "*fp32", prec, ([layouts[2]] if (name, bm, bn) != ("fp32", 128, 64) else []) +
-                       ([layouts[1]] if (bm, bn, bk, warps, stages) in pointer_tiles(True, 4)
-                        and (name, bm, bn) != ("fp32", 64, 64) else []))
+        tile = (bm, bn, bk, warps, stages)
+        bwd_other += [(name, "*fp32", prec, ([layouts[2]] if tile in pointer_tiles(False, 4, prec == "ieee", True)
+                                             else []) +
+                       ([layouts[1]] if tile in pointer_tiles(True, 4, prec == "ieee") else []))
                       for name, prec in (("fp32-tf32", "tf32"), ("fp32", "ieee"))]
         tile_plans = plans + bwd_other + [extra_dx] + ([extra_fwd] if bm == 128 else [])
         # fp64 on its own tile only, and that tile only for fp64

@@ -1197,12 +1197,14 @@ def counts() -> dict[str, int]:
     merger, connector, resampler attention; patch embeddings)."""
     import pathlib
 
-    import transformers
-
-    models = pathlib.Path(transformers.__file__).parent / "models"
+    try:
+        import transformers
+        models = pathlib.Path(transformers.__file__).parent / "models"
+    except ImportError:  # (an optional dependency) without it, the registry's own count
+        models = None
     out = {PROJECTOR: 0, PATCH_EMBED: 0, CROSS_ATTENTION: 0, TOWER_MLP: 0, MODEL_MERGE: 0}
     for fam in FAMILIES:  # a family newer than the installed transformers has no classes to count
-        if (models / fam.module).is_dir():
+        if models is None or (models / fam.module).is_dir():
             out[TOWER_MLP if fam.tower else RECIPES[fam.recipe].kind] += len(fam.classes)
     return out
 

@@ -111,7 +111,7 @@ def run_key(spec):
     if name in ("attn_fwd_kernel", "attn_bwd_dkdv_kernel", "attn_bwd_dq_kernel", "attn_combine_kernel",
                 "attn_delta_kernel"):
         even = bool(cx.get("EVEN_N", False))
-        short = name == "attn_fwd_kernel" and cx["BLOCK_M"] == 32  # the forward's tile for <= 32 queries
+        short = name == "attn_fwd_kernel" and dict(spec.args)["Lq"] <= 32  # the forward's tile for <= 32 queries
         # one launch with padding (no split partials), or dQ of queries per sample (no batch loop)
         unsplit = name == "attn_fwd_kernel" and not cx["PARTIAL"] and cx["HAS_LENS"]
         per_sample = name == "attn_bwd_dq_kernel" and dict(spec.args)["stride_qb"] != 0

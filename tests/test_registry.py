@@ -736,6 +736,23 @@ def test_readme_supported_models_block_is_generated():
         "README's supported-models table is stale: run `mmfuse models --readme README.md`"
 
 
+def test_counts_only_families_the_installed_transformers_has(monkeypatch, tmp_path):
+    """A family newer than the installed transformers is not counted; without transformers (an optional
+    dependency) ``mmfuse models`` still counts the registry."""
+    import sys
+    import types
+
+    every = registry.counts()
+    fake = types.ModuleType("transformers")
+    (tmp_path / "models" / "clip").mkdir(parents=True)
+    fake.__file__ = str(tmp_path / "__init__.py")
+    monkeypatch.setitem(sys.modules, "transformers", fake)
+    only_clip = registry.counts()
+    assert sum(only_clip.values()) == sum(len(f.classes) for f in registry.FAMILIES if f.module == "clip") > 0
+    monkeypatch.setitem(sys.modules, "transformers", None)  # import transformers raises ImportError
+    assert sum(registry.counts().values()) == sum(len(f.classes) for f in registry.FAMILIES) == sum(every.values())
+
+
 def test_models_cli_prints_the_table(capsys):
     from mmfuse import cli
 

@@ -279,7 +279,10 @@ def test_launcher_passes_precision_and_layout_to_the_tile_set(monkeypatch):
                     or (act_grad and t != (64, 128))], launched
         seen.clear()
         KL.linear_fwd(torch.randn(3, 0), torch.randn(4, 0))
-    assert [a[:3] for a in seen] == [(False, 4, True)] and launched[-1][0] == real(*seen[0])[-1][:2]
+        assert [a[:3] for a in seen] == [(False, 4, True)] and launched[-1][0] == real(*seen[0])[-1][:2]
+        # dX * act' over an empty reduction: IEEE fp32 keeps only 64x128 there (64x64 spilled)
+        KL.input_grad(torch.randn(3, 0), torch.randn(0, 4), h_prev=torch.randn(3, 4), activation_prev="gelu")
+    assert launched[-1] == ((64, 128), True, True), launched[-1]
 
 
 # ----------------------------------------------------------------------------------------------
