@@ -136,6 +136,11 @@ def next_pow2(n: int) -> int:
 H100_SMS = 132
 #: The roofline the split rules and `mmfuse report` model with (H100 SXM, as measured on one; DESIGN.md):
 #: bf16 dense FLOP/s, HBM bytes/s, and a launch's fixed cost in µs (assumed).
+#: Compile options every launch states rather than inherits. FMA fusion (a*b+c in one rounding) is on,
+#: as every supported Triton defaults to; Triton 3.9 warns that 3.10 turns the default off, which would
+#: change the kernels' rounding (not their determinism). The compile check compiles with the same.
+LAUNCH_OPTIONS = dict(enable_fp_fusion=True)
+
 PEAK_FLOPS = 800e12
 PEAK_BYTES = 3.0e12
 LAUNCH_US = 3.0
@@ -184,5 +189,5 @@ __all__ = [
     "ACTIVATIONS", "apply_activation",
     "activation_grad", "grouped_tile", "grouped_tile_of", "KERNEL_DTYPES", "acc_dtype", "dot_precision", "POISON_OUTPUTS", "empty",
     "cdiv", "next_pow2", "H100_SMS", "num_sms", "gpu_config", "gpu_config_on", "forced_tile",
-    "PEAK_FLOPS", "PEAK_BYTES", "LAUNCH_US",
+    "PEAK_FLOPS", "PEAK_BYTES", "LAUNCH_US", "LAUNCH_OPTIONS",
 ]

@@ -48,6 +48,7 @@ import triton
 import triton.language as tl
 
 from mmfuse.kernels._common import (
+    LAUNCH_OPTIONS,
     INTERPRET,
     LAUNCH_US,
     PEAK_BYTES,
@@ -839,7 +840,7 @@ def attention_fwd(q, k, v, kv_lens, key_mask, scale, splits=None, acc=torch.floa
             float(scale * LOG2E),
             HAS_LENS=kv_lens is not None, HAS_MASK=key_mask is not None, TWO_SOURCES=two, PARTIAL=splits > 1,
             COMBINE=in_kernel, INPUT_PRECISION=precision, ACC_DTYPE=_tl_acc(acc), BLOCK_M=BM, BLOCK_N=BN,
-            BLOCK_D=BD, num_warps=blk["num_warps"], num_stages=blk["num_stages"],
+            BLOCK_D=BD, num_warps=blk["num_warps"], num_stages=blk["num_stages"], **LAUNCH_OPTIONS,
         )
     except BaseException:
         # A launch stopped part-way (the interpreter interrupted; on a GPU a failed launch leaves no usable
@@ -851,7 +852,7 @@ def attention_fwd(q, k, v, kv_lens, key_mask, scale, splits=None, acc=torch.floa
         rb = rowwise_blocks(D)
         attn_combine_kernel[(cdiv(Lq, rb["BLOCK_M"]), B * Hq)](
             o_t, l_t, o, lse, *o_t.stride(), *l_t.stride(), *o.stride(), *lse.stride(), Hq, Lq, D, splits,
-            ACC_DTYPE=_tl_acc(acc), **rb, num_stages=1,
+            ACC_DTYPE=_tl_acc(acc), **rb, num_stages=1, **LAUNCH_OPTIONS,
         )
     return o, lse
 
@@ -894,12 +895,12 @@ def attention_bwd(do, q, k, v, o, lse, kv_lens, key_mask, scale, need_q=True, ne
     common = dict(HAS_LENS=kv_lens is not None, HAS_MASK=key_mask is not None, TWO_SOURCES=two,
                   INPUT_PRECISION=precision,
                   ACC_DTYPE=_tl_acc(acc), BLOCK_M=BM, BLOCK_N=BN, BLOCK_D=BD,
-                  num_warps=blk["num_warps"], num_stages=blk["num_stages"])
+                  num_warps=blk["num_warps"], num_stages=blk["num_stages"], **LAUNCH_OPTIONS)
     if delta.numel() and not single:
         rb = rowwise_blocks(D)
         attn_delta_kernel[(cdiv(Lq, rb["BLOCK_M"]), B * Hq)](
             o, do, delta, *_strides4(o), *_strides4(do), *delta.stride(), Hq, Lq, D,
-            ACC_DTYPE=_tl_acc(acc), **rb, num_stages=1)
+            ACC_DTYPE=_tl_acc(acc), **rb, num_stages=1, **LAUNCH_OPTIONS)
     dq = dk = dv = None
     kv_out = [0] * 16
     if need_kv:

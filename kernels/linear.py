@@ -33,6 +33,7 @@ import triton
 import triton.language as tl
 
 from mmfuse.kernels._common import (
+    LAUNCH_OPTIONS,
     ACTIVATIONS,
     INTERPRET,
     acc_dtype,
@@ -569,7 +570,7 @@ def _launch_gemm(a, b, c, *, bias=None, aux=None, activation=0,
         grid = (cdiv(M, bm) * cdiv(N, bn),)
         _gemm[grid](a, b, *outs, M, N, K, a.stride(0), a.stride(1), b.stride(0), b.stride(1), *out_strides,
                     **flags, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=GROUP_M,
-                    num_warps=warps, num_stages=stages)
+                    num_warps=warps, num_stages=stages, **LAUNCH_OPTIONS)
 
     # Whether TMA can read every operand, and how (alignment does not depend on the tile); a second
     # operand must be read as its first is (the kernel has one A_TRANS and one B_TRANS).
@@ -595,7 +596,7 @@ def _launch_gemm(a, b, c, *, bias=None, aux=None, activation=0,
             **epilogue, **gate_flags, INPUT_PRECISION=flags["INPUT_PRECISION"], A_TRANS=a_trans, B_TRANS=b_trans,
             BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=GROUP_M, NUM_PROGRAMS=programs,
             FLATTEN=tma_flatten(act_grad, gate_path), EPILOGUE_SPLIT=tma_epilogue_split(act_grad, bn, gate_path),
-            num_warps=warps, num_stages=stages)
+            num_warps=warps, num_stages=stages, **LAUNCH_OPTIONS)
 
     tma_forced, forced = forced_tile("tma_gemm_kernel"), forced_tile("fused_gemm_kernel")  # tests' GPU tiles
     if tma_forced is not None or forced is not None:
@@ -647,7 +648,7 @@ def act_grad(dy, h, activation):
             dy, h, dh, M, N,
             dy.stride(0), dy.stride(1), h.stride(0), h.stride(1), dh.stride(0), dh.stride(1),
             ACTIVATION=ACTIVATIONS[activation], ACC_DTYPE=acc_dtype(dy.dtype), BLOCK_M=bm, BLOCK_N=bn,
-            num_warps=4, num_stages=1,  # as compiled by the compile check (aot_specs)
+            num_warps=4, num_stages=1, **LAUNCH_OPTIONS,  # as compiled by the compile check (aot_specs)
         )
     return dh
 

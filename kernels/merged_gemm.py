@@ -39,6 +39,7 @@ import triton
 import triton.language as tl
 
 from mmfuse.kernels._common import (
+    LAUNCH_OPTIONS,
     INTERPRET,
     acc_dtype,
     cdiv,
@@ -594,7 +595,7 @@ def norm_stats(merge: Merge):
         norm_stats_kernel[(cdiv(R, br),)](
             x, merge.token_map, stats, R, merge.C, G, x.stride(0), x.stride(1), merge.token_map.stride(0),
             merge.eps, int(merge.norm == "layer"), ALIGNED=merge.C % bc == 0, TABLE=table,
-            ACC_DTYPE=acc_dtype(x.dtype), BLOCK_R=br, BLOCK_C=bc, num_warps=4, num_stages=1)
+            ACC_DTYPE=acc_dtype(x.dtype), BLOCK_R=br, BLOCK_C=bc, num_warps=4, num_stages=1, **LAUNCH_OPTIONS)
     merge.stats = stats
     return stats
 
@@ -675,7 +676,7 @@ def _launch(a, b, c, merge: Merge, mapped: int, M, N, K, strides, *, bias=None, 
             bias.stride(0) if bias is not None else 0, bias2.stride(0) if bias2 is not None else 0,
             merge.token_map.stride(0), gamma.stride(0) if norm else 0, beta.stride(0) if norm else 0,
             **flags, ALIGNED=merge.C % (bk if mapped == 0 else bn) == 0, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk,
-            GROUP_M=GROUP_M, **hopper, num_warps=warps, num_stages=stages)
+            GROUP_M=GROUP_M, **hopper, num_warps=warps, num_stages=stages, **LAUNCH_OPTIONS)
 
     forced = forced_tile("mapped_gemm_kernel")
     if forced is not None:
@@ -762,7 +763,7 @@ def norm_bwd(da, merge: Merge):
             R, merge.C, G, x.stride(0), x.stride(1), da.stride(0), da.stride(1), dx.stride(0), dx.stride(1),
             merge.token_map.stride(0), merge.gamma.stride(0), int(merge.norm == "layer"),
             NORM_POST=merge.post, ALIGNED=merge.C % bc == 0, TABLE=table, ACC_DTYPE=acc_dtype(x.dtype),
-            BLOCK_R=br, BLOCK_C=bc, num_warps=4, num_stages=1)
+            BLOCK_R=br, BLOCK_C=bc, num_warps=4, num_stages=1, **LAUNCH_OPTIONS)
     dgamma = dgamma_p.sum(0).to(x.dtype)
     dbeta = dbeta_p.sum(0).to(x.dtype) if merge.norm == "layer" else None
     return dx, dgamma, dbeta
@@ -792,7 +793,7 @@ def pool_norm_fwd(x, table, G, norm=None, gamma=None, beta=None, eps=1e-6, gamma
             M, C, G, x.stride(0), x.stride(1), table.stride(0), gamma.stride(0) if norm else 0,
             beta.stride(0) if norm == "layer" else 0, pooled.stride(0), out.stride(0), eps, float(gamma_shift),
             int(norm == "layer"), NORM=norm is not None, ACC_DTYPE=acc_dtype(x.dtype), BLOCK_R=br, BLOCK_C=bc,
-            num_warps=4, num_stages=1)
+            num_warps=4, num_stages=1, **LAUNCH_OPTIONS)
     return out, (pooled if norm and save else None), (stats if norm else None)
 
 
@@ -814,7 +815,7 @@ def pool_norm_bwd(da, T, table, G, norm=None, gamma=None, pooled=None, stats=Non
             M, C, G, da.stride(0), da.stride(1), pooled.stride(0) if norm else 0, table.stride(0),
             gamma.stride(0) if norm else 0, dx.stride(0), dx.stride(1), float(gamma_shift), int(norm == "layer"),
             NORM=norm is not None, ACC_DTYPE=acc_dtype(da.dtype), BLOCK_R=br, BLOCK_C=bc, num_warps=4,
-            num_stages=1)
+            num_stages=1, **LAUNCH_OPTIONS)
     if not norm:
         return dx, None, None
     dtype = gamma.dtype

@@ -42,6 +42,7 @@ import triton
 import triton.language as tl
 
 from mmfuse.kernels._common import (
+    LAUNCH_OPTIONS,
     INTERPRET,
     acc_dtype,
     cdiv,
@@ -480,7 +481,7 @@ def _launch(name, rows, cols, args, flags, elem_bytes, tile=None, *, red, key=()
                 run_args[i] = KL._tma_operand(t, *block(bm, bn, bk), False)
             grid, hopper = (min(grid[0] * splits, programs), 1), dict(TMA=True, NUM_PROGRAMS=programs)
         _fixed[name][grid](*run_args, **flags, **hopper, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=GROUP_M,
-                           num_warps=warps, num_stages=stages)
+                           num_warps=warps, num_stages=stages, **LAUNCH_OPTIONS)
 
     if tile is None:  # a GPU tile chosen by the tests (gpu_config), else None
         tile = forced_tile(_kernels[name].__name__)
@@ -717,7 +718,7 @@ def patch_embed_dw(dout, pixels5, weight_shape, with_bias: bool, tile=None, spli
         bd, bk = COMBINE_BLOCK
         dw_combine_kernel[(cdiv(D, bd), cdiv(K, bk))](
             part, dw, splits, D, K, *part.stride(), *dw.stride(), ACC_DTYPE=acc_dtype(dout.dtype), BLOCK_D=bd,
-            BLOCK_K=bk, num_warps=4, num_stages=1)  # as compiled by the compile check (aot_specs)
+            BLOCK_K=bk, num_warps=4, num_stages=1, **LAUNCH_OPTIONS)  # as compiled by the compile check (aot_specs)
     return dw, db
 
 
@@ -741,7 +742,7 @@ def batch_sum(g, bias_from=None):
     batch_sum_kernel[(cdiv(N, bn), cdiv(D, bd))](
         g, out, colsum, B, N, D, bias_from or 0, *g.stride(), *out.stride(), COL_SUMS=bias_from is not None,
         ACC_DTYPE=acc_dtype(g.dtype), BLOCK_N=bn, BLOCK_D=bd,
-        num_warps=4, num_stages=1)  # as compiled by the compile check (aot_specs)
+        num_warps=4, num_stages=1, **LAUNCH_OPTIONS)  # as compiled by the compile check (aot_specs)
     return out, (colsum.sum(0).to(g.dtype) if bias_from is not None else None)
 
 

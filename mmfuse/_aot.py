@@ -145,12 +145,14 @@ def compile_spec(spec: CompileSpec, arch: int) -> CompileReport:
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
+    from mmfuse.kernels._common import LAUNCH_OPTIONS
+
     sig, cx, attrs = _signature(spec)
     t0 = time.perf_counter()
     kernel = triton.compile(
         ASTSource(fn=spec.fn, signature=sig, constexprs=cx, attrs=attrs),
         target=GPUTarget("cuda", arch, 32),
-        options={"num_warps": spec.num_warps, "num_stages": spec.num_stages},
+        options={"num_warps": spec.num_warps, "num_stages": spec.num_stages, **LAUNCH_OPTIONS},  # as launched
     )
     seconds = time.perf_counter() - t0
     with tempfile.TemporaryDirectory() as d:

@@ -160,7 +160,8 @@ def recorded(monkeypatch):
         ordered = tuple((n, ptrs[n] if n in ptrs else ints[n]) for n in named if n in ptrs or n in ints)
         out.append(dict(name=self.fn.__name__, cx={n: named.get(n) for n in self.constexprs}, ptrs=ptrs,
                         args=ordered, warps=kwargs.get("num_warps", DEFAULT_WARPS),
-                        stages=kwargs.get("num_stages", DEFAULT_STAGES)))
+                        stages=kwargs.get("num_stages", DEFAULT_STAGES),
+                        options={n: kwargs.get(n) for n in _common.LAUNCH_OPTIONS}))
         return real(self, *args, **kwargs)
 
     monkeypatch.setattr(interpreter.GridExecutor, "__call__", record)
@@ -171,7 +172,9 @@ def _launched(spec, launches) -> bool:
     want_cx = _cx(spec)
     want_ptrs = {n: v for n, v in spec.args if isinstance(v, str)}
     for rec in launches:
-        if rec["name"] != _fn_name(spec) or (rec["warps"], rec["stages"]) != (spec.num_warps, spec.num_stages):
+        # the compile options too: the compile check compiles with LAUNCH_OPTIONS (FMA fusion stated)
+        if rec["name"] != _fn_name(spec) or (rec["warps"], rec["stages"]) != (spec.num_warps, spec.num_stages) \
+                or rec["options"] != _common.LAUNCH_OPTIONS:
             continue
         if all(rec["cx"].get(n) == v for n, v in want_cx.items()) and \
                 all(rec["ptrs"].get(n) == v for n, v in want_ptrs.items()):
