@@ -18,7 +18,8 @@ The quick benchmark says *that* a case is slow; this says *which launch* and *wh
    (``ATTENTION_SHAPES``), where the key split decides: the split merged by a second launch (the
    default), merged in the split kernel (``MMFUSE_SPLIT_COMBINE=kernel``, checked bit for bit against
    the former), each at its own modelled split count, and SDPA's flash and memory-efficient backends
-   on the inputs transformers feeds them.
+   on the inputs transformers feeds them; in bf16, then in fp32 (IEEE: mmfuse's FMA tiles; SDPA's
+   flash backend takes no fp32 and records its error).
 
 Results: ``<out-dir>/kernel-profile-<gpu>-<date>.json`` and a markdown summary beside it. Each part
 catches its own failure (recorded in the JSON), so one broken part leaves the others.
@@ -180,9 +181,10 @@ def gemm_tile_sweep(M: int = 8 * 576, K: int = 1024, N: int = 4096, device: str 
 SWEEP_SHAPES = (("llava-1.5-7b, 1 image", 576, 1024, 4096), ("llava-1.5-7b, 8 images", 4608, 1024, 4096),
                 ("qwen2.5-vl-7b-merger, 8 images", 8192, 5120, 5120))
 
-def attention_split_sweep(batch: int = 1, device: str = "cuda", bench=None, shapes=None) -> list[dict]:
+def attention_split_sweep(batch: int = 1, device: str = "cuda", bench=None, shapes=None, dtype=None) -> list[dict]:
     """Forward time of each resampler shape at ``batch`` under the two split merges and SDPA's fused
-    backends (bf16; shared queries; ``shapes``: ``ATTENTION_SHAPES`` by default)."""
+    backends (shared queries; ``shapes``: ``ATTENTION_SHAPES`` by default; ``dtype``: bf16 on a GPU by
+    default; fp32 runs IEEE, torch's default, on its own FMA tiles)."""
     import torch.nn.functional as F
 
     from mmfuse.bench.shapes import ATTENTION_SHAPES
@@ -193,7 +195,8 @@ def attention_split_sweep(batch: int = 1, device: str = "cuda", bench=None, shap
         import triton.testing
 
         bench = triton.testing.do_bench
-    dt = torch.bfloat16 if device == "cuda" else torch.float32
+    dt = dtype or (torch.bfloat16 if device == "cuda" else torch.float32)
+    elem = torch.empty((), dtype=dt).element_size()
     rows = []
     for s in shapes or ATTENTION_SHAPES:
         q = torch.randn(1, s.heads, s.queries, s.head_dim, device=device, dtype=dt)
@@ -201,13 +204,16 @@ def attention_split_sweep(batch: int = 1, device: str = "cuda", bench=None, shap
         v = torch.randn_like(k)
         scale = s.head_dim ** -0.5
         sms = _common.num_sms(q.device)
-        args = (batch, 1, s.heads, s.kv_heads, s.queries, s.keys, s.head_dim, 2, sms)
+        args = (batch, 1, s.heads, s.kv_heads, s.queries, s.keys, s.head_dim, elem, sms)
+        ieee = _common.dot_precision(dt) == "ieee"
         for combine in KA.SPLIT_COMBINE_MODES:
-            splits = KA.choose_fwd_splits(*args, in_kernel=combine == "kernel")
+            # the split count at the tiles the launcher takes (IEEE fp32 has its own)
+            blocks = KA.blocks_for(s.queries, s.head_dim, elem_bytes=elem, combine=combine == "kernel", ieee=ieee)
+            splits = KA.choose_fwd_splits(*args, blocks=blocks, in_kernel=combine == "kernel")
             fn = (lambda splits=splits, combine=combine:
                   KA.attention_fwd(q, k, v, None, None, scale, splits=splits, combine=combine))
-            rows.append({"shape": s.name, "batch": batch, "impl": f"mmfuse, merge by {combine}",
-                         "splits": splits, "ms": bench(fn)})
+            rows.append({"shape": s.name, "batch": batch, "dtype": str(dt).split(".")[-1],
+                         "impl": f"mmfuse, merge by {combine}", "splits": splits, "ms": bench(fn)})
         # The in-kernel merge against the merge launch at the same split count (at least 2, or both
         # would take the unsplit kernel): the same bits.
         merged = KA.attention_fwd(q, k, v, None, None, scale, splits=max(2, splits), combine="kernel")
@@ -224,9 +230,11 @@ def attention_split_sweep(batch: int = 1, device: str = "cuda", bench=None, shap
                     with sdpa_kernel(backend):
                         return F.scaled_dot_product_attention(qe, ke, ve)
                 try:
-                    rows.append({"shape": s.name, "batch": batch, "impl": name, "ms": bench(sdpa)})
-                except RuntimeError as e:  # a backend that does not take this shape / dtype here
-                    rows.append({"shape": s.name, "batch": batch, "impl": name, "error": str(e)[:200]})
+                    rows.append({"shape": s.name, "batch": batch, "dtype": str(dt).split(".")[-1], "impl": name,
+                                 "ms": bench(sdpa)})
+                except RuntimeError as e:  # a backend that does not take this shape / dtype (flash: fp32)
+                    rows.append({"shape": s.name, "batch": batch, "dtype": str(dt).split(".")[-1], "impl": name,
+                                 "error": str(e)[:200]})
     return rows
 
 
@@ -251,7 +259,8 @@ def main(out_dir: str, parts=PARTS, print=print) -> int:
                 result[part] = [dict(r, shape=label) for label, M, K, N in SWEEP_SHAPES
                                 for r in gemm_tile_sweep(M, K, N)]
             elif part == "attention_splits":
-                result[part] = attention_split_sweep()
+                # bf16, then IEEE fp32 on its own tiles (session 11; no GPU has timed them)
+                result[part] = attention_split_sweep() + attention_split_sweep(dtype=torch.float32)
             else:
                 raise ValueError(f"parts: expected names from {PARTS}, got {part!r}")
         except Exception:
@@ -309,12 +318,14 @@ def markdown(result: dict) -> str:
             lines.append("")
     splits = result.get("attention_splits")
     if isinstance(splits, list):
-        lines += ["## Cross-attention forward at batch 1: the split's merge (bf16)", "",
-                  "| shape | implementation | splits | ms | same bits as the merge launch |", "| --- | --- | --- | --- | --- |"]
+        lines += ["## Cross-attention forward at batch 1: the split's merge", "",
+                  "| shape | dtype | implementation | splits | ms | same bits as the merge launch |",
+                  "| --- | --- | --- | --- | --- | --- |"]
         for r in splits:
             timing = f"{r['ms']:.4f}" if "ms" in r else f"failed: {r.get('error', '')[:100]}"
             same = "" if "equal" not in r else "yes" if r["equal"] else "**NO**"
-            lines.append(f"| {r['shape']} | {r['impl']} | {r.get('splits', '')} | {timing} | {same} |")
+            lines.append(f"| {r['shape']} | {r.get('dtype', 'bfloat16')} | {r['impl']} | {r.get('splits', '')} | "
+                         f"{timing} | {same} |")
         lines.append("")
     for part in PARTS:
         if isinstance(result.get(part), dict) and "error" in result[part]:

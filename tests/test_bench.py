@@ -429,13 +429,17 @@ def test_kernel_profile_attention_split_sweep(monkeypatch):
     from mmfuse.bench.shapes import AttentionShape
     from mmfuse.kernels import cross_attention as KA
 
-    monkeypatch.setattr(KA, "choose_fwd_splits", lambda *a, in_kernel=False, **k: 3 if in_kernel else 2)
+    seen = []
+    monkeypatch.setattr(KA, "choose_fwd_splits",
+                        lambda *a, in_kernel=False, **k: seen.append((a[7], k["blocks"])) or (3 if in_kernel else 2))
     shapes = [AttentionShape("tiny", 17, 100, 4, 2, 24)]
     rows = kernel_profile.attention_split_sweep(batch=2, device="cpu", bench=lambda f: f() and 1.0, shapes=shapes)
     assert [(r["impl"], r["splits"]) for r in rows] == [("mmfuse, merge by launch", 2), ("mmfuse, merge by kernel", 3)]
     assert rows[-1]["equal"] is True and "equal" not in rows[0]
+    # fp32 (4-byte) at the tiles the launcher takes for it (the interpreter's here)
+    assert seen and all(elem == 4 and blocks == KA.blocks_for(17, 24, elem_bytes=4, ieee=True) for elem, blocks in seen)
     md = kernel_profile.markdown({"gpu": "x", "date": "d", "attention_splits": rows})
-    assert "| tiny | mmfuse, merge by kernel | 3 | 1.0000 |" in md
+    assert "| tiny | float32 | mmfuse, merge by kernel | 3 | 1.0000 |" in md
 
 
 def test_shapes_quoted_from_transformers_defaults_match_them():
