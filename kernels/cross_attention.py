@@ -48,8 +48,8 @@ import triton
 import triton.language as tl
 
 from mmfuse.kernels._common import (
-    LAUNCH_OPTIONS,
     INTERPRET,
+    LAUNCH_OPTIONS,
     LAUNCH_US,
     PEAK_BYTES,
     PEAK_FLOPS,

@@ -33,9 +33,9 @@ import triton
 import triton.language as tl
 
 from mmfuse.kernels._common import (
-    LAUNCH_OPTIONS,
     ACTIVATIONS,
     INTERPRET,
+    LAUNCH_OPTIONS,
     acc_dtype,
     activation_grad,
     apply_activation,

@@ -39,8 +39,8 @@ import triton
 import triton.language as tl
 
 from mmfuse.kernels._common import (
-    LAUNCH_OPTIONS,
     INTERPRET,
+    LAUNCH_OPTIONS,
     acc_dtype,
     cdiv,
     dot_precision,
