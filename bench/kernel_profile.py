@@ -196,7 +196,8 @@ def attention_split_sweep(batch: int = 1, device: str = "cuda", bench=None, shap
 
         bench = triton.testing.do_bench
     dt = dtype or (torch.bfloat16 if device == "cuda" else torch.float32)
-    elem = torch.empty((), dtype=dt).element_size()
+    elem, dname = torch.empty((), dtype=dt).element_size(), str(dt).split(".")[-1]
+    ieee = _common.dot_precision(dt) == "ieee"
     rows = []
     for s in shapes or ATTENTION_SHAPES:
         q = torch.randn(1, s.heads, s.queries, s.head_dim, device=device, dtype=dt)
@@ -205,15 +206,14 @@ def attention_split_sweep(batch: int = 1, device: str = "cuda", bench=None, shap
         scale = s.head_dim ** -0.5
         sms = _common.num_sms(q.device)
         args = (batch, 1, s.heads, s.kv_heads, s.queries, s.keys, s.head_dim, elem, sms)
-        ieee = _common.dot_precision(dt) == "ieee"
         for combine in KA.SPLIT_COMBINE_MODES:
             # the split count at the tiles the launcher takes (IEEE fp32 has its own)
             blocks = KA.blocks_for(s.queries, s.head_dim, elem_bytes=elem, combine=combine == "kernel", ieee=ieee)
             splits = KA.choose_fwd_splits(*args, blocks=blocks, in_kernel=combine == "kernel")
             fn = (lambda splits=splits, combine=combine:
                   KA.attention_fwd(q, k, v, None, None, scale, splits=splits, combine=combine))
-            rows.append({"shape": s.name, "batch": batch, "dtype": str(dt).split(".")[-1],
-                         "impl": f"mmfuse, merge by {combine}", "splits": splits, "ms": bench(fn)})
+            rows.append({"shape": s.name, "batch": batch, "dtype": dname, "impl": f"mmfuse, merge by {combine}",
+                         "splits": splits, "ms": bench(fn)})
         # The in-kernel merge against the merge launch at the same split count (at least 2, or both
         # would take the unsplit kernel): the same bits.
         merged = KA.attention_fwd(q, k, v, None, None, scale, splits=max(2, splits), combine="kernel")
@@ -230,11 +230,9 @@ def attention_split_sweep(batch: int = 1, device: str = "cuda", bench=None, shap
                     with sdpa_kernel(backend):
                         return F.scaled_dot_product_attention(qe, ke, ve)
                 try:
-                    rows.append({"shape": s.name, "batch": batch, "dtype": str(dt).split(".")[-1], "impl": name,
-                                 "ms": bench(sdpa)})
+                    rows.append({"shape": s.name, "batch": batch, "dtype": dname, "impl": name, "ms": bench(sdpa)})
                 except RuntimeError as e:  # a backend that does not take this shape / dtype (flash: fp32)
-                    rows.append({"shape": s.name, "batch": batch, "dtype": str(dt).split(".")[-1], "impl": name,
-                                 "error": str(e)[:200]})
+                    rows.append({"shape": s.name, "batch": batch, "dtype": dname, "impl": name, "error": str(e)[:200]})
     return rows
 
 

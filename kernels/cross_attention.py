@@ -538,6 +538,12 @@ def gpu_blocks(Lq: int, D: int, backward: bool = False, elem_bytes: int = 2, com
     return dict(BLOCK_M=32 if short else 64, BLOCK_N=32 if wide else 64, num_warps=warps, num_stages=2)
 
 
+def dkdv_stages(blk: dict) -> int:
+    """Pipeline stages of the dK/dV launch at backward tiles ``blk``: their own where ``gpu_blocks``
+    gives dK/dV other stages than dQ (IEEE fp32 at D = 65-128), else the tiles' ``num_stages``."""
+    return blk.get("dkdv_num_stages", blk["num_stages"])
+
+
 def blocks_for(Lq: int, D: int, backward: bool = False, elem_bytes: int = 2, combine: bool = False,
                ieee: bool = False) -> dict:
     if INTERPRET and not gpu_config_on():
@@ -914,7 +920,7 @@ def attention_bwd(do, q, k, v, o, lse, kv_lens, key_mask, scale, need_q=True, ne
                 q, k, v, k2, v2, do, lse, delta, dk, dv, dk2, dv2, lens, mask,
                 *qs, *_strides4(k), *_strides4(v), *s2, *_strides4(do), *lse.stride(), *mask_strides,
                 *kv_out, Hkv, Lq, Lk, L1, D, Hq // Hkv, float(scale * LOG2E), float(scale),
-                **dict(common, num_stages=blk.get("dkdv_num_stages", blk["num_stages"])))
+                **dict(common, num_stages=dkdv_stages(blk)))
     if need_q:
         dq = empty(q.shape, dtype=q.dtype, device=q.device)
         if dq.numel() and B == 0:  # shared queries over an empty batch: an empty sum
@@ -1015,7 +1021,7 @@ def aot_specs():
         for name in kernels:
             blk = fwd_blk if name == "fwd" else bwd_blk
             BM, BN, BD, warps, stages = blk["BLOCK_M"], blk["BLOCK_N"], block_d(D, gpu=True), blk["num_warps"], \
-                blk["dkdv_num_stages" if name == "dkdv" and "dkdv_num_stages" in blk else "num_stages"]
+                dkdv_stages(blk) if name == "dkdv" else blk["num_stages"]
             common = dict(HAS_LENS=True, HAS_MASK=True, TWO_SOURCES=False, INPUT_PRECISION=precision,
                           ACC_DTYPE=acc, BLOCK_M=BM, BLOCK_N=BN, BLOCK_D=BD)
             one_source = dict(k2_ptr=ptr, v2_ptr=ptr, L1=Lk, **{f"stride_{t}2{a}": 0 for t in "kv" for a in "bhnd"})

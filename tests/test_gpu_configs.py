@@ -595,8 +595,8 @@ def launchable_configs() -> dict:
                         name = "attn_bwd_dq_kernel"
                     else:
                         forms = [(KA.gpu_blocks(Lq, D, backward=backward, elem_bytes=elem, ieee=ieee), ())]
-                        if name == "attn_bwd_dkdv_kernel" and "dkdv_num_stages" in forms[0][0]:
-                            forms = [(dict(forms[0][0], num_stages=forms[0][0]["dkdv_num_stages"]), ())]
+                        if name == "attn_bwd_dkdv_kernel":
+                            forms = [(dict(forms[0][0], num_stages=KA.dkdv_stages(forms[0][0])), ())]
                         if name == "attn_fwd_kernel" and elem <= 4:  # the in-kernel combine (not fp64)
                             forms.append((KA.gpu_blocks(Lq, D, elem_bytes=elem, combine=True, ieee=ieee),
                                           ("combine",)))
