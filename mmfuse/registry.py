@@ -118,8 +118,15 @@ def _swap_gemms(module: nn.Module, family: Family) -> nn.Module:
     from mmfuse.nn.linear import Linear, MLPProjector
 
     fused_acts = dict(family.opt("fuse", ()))  # linear path -> activation path
+    linear_paths = list(family.opt("linears", ()))
+    chain = family.opt("chain")
+    if chain:  # (first, list, act): first, then a ModuleList of Linears, each after the activation (Janus)
+        first, layers, act_path = chain
+        links = [first, *(f"{layers}.{i}" for i in range(len(_get(module, layers))))]
+        linear_paths += links
+        fused_acts.update({path: act_path for path in links[:-1]})  # the act follows every link but the last
     plan = []
-    for path in family.opt("linears", ()):
+    for path in linear_paths:
         lin = _get(module, path)
         if not isinstance(lin, nn.Linear):
             raise _patch.Unsupported(f"{path}: expected nn.Linear, got {type(lin).__name__}")
@@ -319,7 +326,8 @@ def _merged_mlp(module: nn.Module, family: Family) -> nn.Module:
     Linear is a chunked SwiGLU / GeGLU weight whose half ``gate_half`` is the gate (``act`` its
     activation), computed in the same GEMM; ``act_after_last``: the activation follows the last Linear
     too (in its epilogue); ``dropout``: the path of a dropout probability between the
-    Linears (the original forward runs while training with it above 0)."""
+    Linears (the original forward runs while training with it above 0); ``keep_batch``: a view merge that
+    keeps the input's leading dimension (``view(x.shape[0], -1, G * C)``) instead of flat rows."""
     from mmfuse.ops.linear import GATE_ACTIVATIONS
     from mmfuse.ops.merged import merged_mlp
 
@@ -339,6 +347,7 @@ def _merged_mlp(module: nn.Module, family: Family) -> nn.Module:
         _norm_form(_get(module, norm_path))  # Unsupported now, not at the first call
 
     act_after_last, dropout_path = family.opt("act_after_last", False), family.opt("dropout")
+    keep_batch = family.opt("keep_batch", False)
     original_forward = type(module).forward
 
     def forward(self, x):
@@ -370,6 +379,8 @@ def _merged_mlp(module: nn.Module, family: Family) -> nn.Module:
             y = merged_mlp(x.reshape(-1, C), ws, bs, act, group=group, **kw)
             # Qwen's merge returns the merged rows flat; without one (group 1: a norm then an MLP) the
             # tokens keep their leading dims.
+            if keep_batch:  # Kimi K2.5: view(batch, -1, G * C) before the Linears
+                return y.view(x.shape[0], -1, y.shape[-1])
             return y.view(*x.shape[:-1], y.shape[-1]) if group == 1 else y
         table, out_lead = _probed_token_map(self, merge, tuple(x.shape[:-1]), x.device)
         y = merged_mlp(x.reshape(-1, C), ws, bs, act, group=merge[0](self), token_map=table, _table_checked=True,
@@ -581,6 +592,47 @@ def _unfold_merged_mlp(module: nn.Module, family: Family) -> nn.Module:
     return _shallow_copy(module, sub)
 
 
+def _unfold_patch_embed(module: nn.Module, family: Family) -> nn.Module:
+    """Llama 4: ``nn.Unfold(P, stride=P)``, a permute and a bias-free Linear(C * P * P, D): a Conv2d(k=s)
+    with the Linear's weight viewed as (D, C, P, P) (unfold's column order is the conv weight's), as one
+    patch GEMM writing the (B, N, D) tokens the original returns. Pixels past the last whole patch are
+    dropped, as unfold drops them (a view). Options: ``unfold``, ``linear`` (paths)."""
+    from mmfuse.nn.patch_embed import _packed
+    from mmfuse.ops.patch_embed import fused_patch_embed
+
+    unfold_path, linear_path = family.opt("unfold"), family.opt("linear")
+    unfold, lin = _get(module, unfold_path), _get(module, linear_path)
+    if not isinstance(unfold, nn.Unfold) or not isinstance(lin, nn.Linear):
+        raise _patch.Unsupported(f"{unfold_path} / {linear_path}: expected nn.Unfold and nn.Linear, got "
+                                 f"{type(unfold).__name__} / {type(lin).__name__}")
+    pair = torch.nn.modules.utils._pair
+    k, stride = pair(unfold.kernel_size), pair(unfold.stride)
+    if k != stride or k[0] != k[1] or pair(unfold.padding) != (0, 0) or pair(unfold.dilation) != (1, 1):
+        raise _patch.Unsupported(f"{unfold_path}: expected square non-overlapping patches (kernel_size == stride, no "
+                                 f"padding, dilation 1), got kernel_size={unfold.kernel_size}, stride={unfold.stride}, "
+                                 f"padding={unfold.padding}, dilation={unfold.dilation}")
+    P = k[0]
+    if lin.in_features % (P * P):
+        raise _patch.Unsupported(f"{linear_path}: expected in_features a multiple of {P * P} (channels x {P}x{P}), "
+                                 f"got {lin.in_features}")
+
+    def forward(self, pixels):
+        if pixels.dim() != 4:
+            raise ValueError(f"pixels: expected (B, C, H, W), got shape {tuple(pixels.shape)}")
+        w = _get(self, linear_path).weight
+        C = w.shape[1] // (P * P)
+        if pixels.shape[1] != C:
+            raise ValueError(f"pixels: expected {C} channels, got {pixels.shape[1]}")
+        h, w_ = pixels.shape[-2] // P * P, pixels.shape[-1] // P * P
+        weight = w.view(w.shape[0], C, P, P)
+        return fused_patch_embed(pixels[..., :h, :w_], weight, _get(self, linear_path).bias,
+                                 cache=_packed(self), cache_owner=w)
+
+    cls = _fused_class(type(module))
+    sub = type(cls.__name__, (cls,), {"__module__": "mmfuse.registry", "forward": forward})
+    return _shallow_copy(module, sub)
+
+
 def _conv3d_patch_embed(module: nn.Module, family: Family) -> nn.Module:
     from mmfuse.nn.hf import Qwen2VLPatchEmbed
 
@@ -647,6 +699,9 @@ RECIPES = {r.name: r for r in [
            "class token, position table / gathered position ids, norms (the original's code)", _swap_gemms),
     Recipe("patch embed (linear on patches)", PATCH_EMBED, "the Linear on pre-cut patches (bias in the epilogue)",
            "position table resizing and add (the original's code)", _swap_gemms),
+    Recipe("patch embed (unfold + linear)", PATCH_EMBED,
+           "nn.Unfold(k=s) + Linear as one patch GEMM (the Linear's weight viewed as a conv weight; im2col in the "
+           "loads, token-major output)", "nothing", _unfold_patch_embed),
     Recipe("vision embeddings", PATCH_EMBED,
            "Conv2d(k=s) patchify + bias [+ class token] + position table, one kernel",
            "interpolate_pos_encoding and off-size images (the original's code)", _vision_embeddings),
@@ -717,6 +772,9 @@ _GEMMA3_POOL = (("weight", "mm_input_projection_weight"), ("norm", "mm_soft_emb_
 # `x, gate = linear_1(a).chunk(2)`: the gate is the second half.
 _DOWNSAMPLE_SWIGLU = (("linears", ("linear_1", "linear_2")), ("act", "act"), ("merge", "pixel_shuffle_downsample"),
                       ("gate_half", 1))
+_KOSMOS_PROJECTION = (("linears", ("dense", "x_attn.q_proj", "x_attn.k_proj", "x_attn.v_proj", "x_attn.out_proj")),)
+_KOSMOS_NOTE = ("dense and the latent-query attention's four projections; the concat of features and latents and "
+                "the attention itself (the text model's attention class, no drop-in) stay PyTorch")
 _CONV3D_NOTE = "Conv3d(k=s) on rows the processor cut: cuDNN's bf16 Conv3d path avoided"
 _SEPARATE_GATE = (("gated", ("gate_proj", "up_proj", "down_proj", "act_fn")),)
 _GLM_MERGER = (("linears", ("proj",)), ("pre", "glm_merger"), *_SEPARATE_GATE)
@@ -744,6 +802,23 @@ FAMILIES: list[Family] = [
     Family("InternVL", "internvl", ("InternVLModel",), "merge into projector", _INTERNVL_MODEL),
     Family("PaliGemma", "paligemma", ("PaliGemmaMultiModalProjector",), "linear", (("linears", ("linear",)),)),
     Family("Llama 4", "llama4", ("Llama4MultiModalProjector",), "linear", (("linears", ("linear_1",)),)),
+    Family("DeepSeek-VL", "deepseek_vl", ("DeepseekVLAligner",), "mlp",
+           (("linears", ("linear1", "linear2")), ("fuse", (("linear1", "activation"),)))),
+    Family("DeepSeek-VL (hybrid)", "deepseek_vl_hybrid", ("DeepseekVLHybridAligner",), "gemm swap",
+           (("linears", ("vision_proj", "high_res_vision_proj", "proj")),
+            ("fuse", (("vision_proj", "act"), ("high_res_vision_proj", "act")))),
+           notes="GELU of the two projections' concatenation is the concatenation of their GELUs: in both "
+           "epilogues; the concat stays PyTorch"),
+    Family("Janus", "janus", ("JanusVisionAlignerMLP", "JanusVQVAEAlignerMLP"), "mlp",
+           (("chain", ("fc1", "hidden_layers", "activation_fn")),),
+           notes="fc1, then the activation before each of its depth - 1 hidden Linears"),
+    Family("Kimi K2.5", "kimi_k25", ("Kimi_K25MultimodalProjection",), "merged mlp",
+           (("linears", ("in_proj", "out_proj")), ("act", "act"), ("norm", "pre_norm"), ("merge", "view"),
+            ("keep_batch", True)), notes="LayerNorm per token, the 2x2 merge (a view), Linear -> GELU -> Linear"),
+    Family("Kosmos-2", "kosmos2", ("Kosmos2ImageToTextProjection",), "gemm swap", _KOSMOS_PROJECTION,
+           notes=_KOSMOS_NOTE),
+    Family("Kosmos-2.5", "kosmos2_5", ("Kosmos2_5ImageToTextProjection",), "gemm swap", _KOSMOS_PROJECTION,
+           notes=_KOSMOS_NOTE),
     Family("Llama 4 (vision adapter)", "llama4", ("Llama4VisionPixelShuffleMLP",), "merged mlp",
            (("linears", ("mlp.fc1", "mlp.fc2")), ("act", "mlp.activation_fn"), ("merge", "pixel_shuffle_ratio"),
             ("act_after_last", True), ("dropout", "mlp.dropout")),
@@ -964,6 +1039,8 @@ FAMILIES: list[Family] = [
                "Conv2d(k=s) on pre-cut patch rows, nothing else"),
     Family("MiniMax-M3-VL", "minimax_m3_vl", ("MiniMaxM3VLVisionEmbeddings",), "patch embed (pre-cut rows)",
            notes=_CONV3D_NOTE),
+    Family("Llama 4", "llama4", ("Llama4UnfoldConvolution",), "patch embed (unfold + linear)",
+           (("unfold", "unfold"), ("linear", "linear"))),
     _linear_patches("Ernie-4.5-VL", "ernie4_5_vl_moe", "Ernie4_5_VLMoePatchEmbed", "proj"),
     _linear_patches("Gemma 4", "gemma4", "Gemma4VisionPatchEmbedder", "input_proj",
                     "the 2(x - 0.5) rescale and the gathered x / y position tables stay PyTorch"),
@@ -1081,6 +1158,10 @@ DECLINED: dict[tuple[str, str], str] = {
     "and the position add stay PyTorch",
     ("internvl", "InternVLVisionEmbeddings"): "a container: its InternVLVisionPatchEmbeddings is replaced; "
     "the class token, mask token and position add stay PyTorch",
+    ("granite4_vision", "Granite4VisionWindowQFormerDownsampler"): "a container: LayerNorm, windowing views, a "
+    "Q-Former built by AutoModel from its qformer_config (the BLIP-2 Q-Former's cross-attention is covered by its "
+    "own family) and out_linear; patch swaps the outermost match only, so covering this class would hide that "
+    "Q-Former: out_linear (one Linear) stays PyTorch",
     ("lighton_ocr", "LightOnOcrPatchMerger"):
         "part of the covered LightOnOcrMultiModalProjector: its merging_layer runs on mmfuse there",
     ("minicpm_ocr", "MiniCPMOcrMerger"): _MINICPM_MERGER,
@@ -1113,7 +1194,9 @@ DECLINED: dict[tuple[str, str], str] = {
 #: A projector-like class: defined at top level of its modeling file, with a name containing one of
 #: these words.
 PROJECTOR_WORDS = ("Projector", "Merger", "Connector", "Resampler", "PatchEmbed", "PatchEmbeddings",
-                   "PatchEmbedder", "VisionEmbeddings", "Adapter", "QFormer\\w*Attention", "CrossAttention")
+                   "PatchEmbedder", "VisionEmbeddings", "Adapter", "QFormer\\w*Attention", "CrossAttention",
+                   # other names for the same parts (DeepSeek-VL / Janus, Kimi K2.5, Kosmos-2, Llama 4, Granite 4)
+                   "Aligner", "[Mm]odalProjection", "ImageToTextProjection", "UnfoldConvolution", "Downsampler")
 
 #: Covered classes tested through the sibling they copy: transformers' modular files generate them,
 #: and tests/test_registry.py checks that class body == the sibling's up to the class-name prefix.

@@ -623,6 +623,56 @@ BUILDERS.update({
 })
 
 
+def _deepseek_hybrid():
+    cfg = M.deepseek_vl_hybrid.DeepseekVLHybridConfig(
+        vision_config=dict(model_type="siglip_vision_model", **_TINY_VIT),
+        high_res_vision_config=dict(output_channels=6), text_config=_llama_text().to_dict())
+    aligner = _mod("deepseek_vl_hybrid", "DeepseekVLHybridAligner")(cfg)  # T // 2 wide halves, 4 * 6 high-res in
+    return aligner, [torch.randn(2, 7, V), torch.randn(2, 7, 24)]
+
+
+def _janus(cls, depth, **kw):
+    def make():
+        cfg = _cfg("janus", "JanusVisionConfig" if "Vision" in cls else "JanusVQVAEConfig", projection_dim=T,
+                   depth=depth, **kw)
+        return _mod("janus", cls)(cfg), _tokens(7, V, batch=2)
+    return make
+
+
+def _kimi_projection():
+    cfg = M.kimi_k25.Kimi_K25Config(vision_config=dict(**_TINY_VIT, merge_kernel_size=(2, 2)),
+                                    text_config=_TINY_TEXT, projection_hidden_size=V)
+    return _mod("kimi_k25", "Kimi_K25MultimodalProjection")(cfg), [torch.randn(6, 4, V)]  # 6 merged rows
+
+
+def _kosmos(mod, cfg_cls, cls):
+    def make():
+        cfg = _cfg(mod, cfg_cls, vision_config=dict(hidden_size=V, intermediate_size=32, num_hidden_layers=1,
+                                                     num_attention_heads=2),
+                   text_config=dict(embed_dim=T, attention_heads=2, layers=1, ffn_dim=32, vocab_size=64,
+                                    attention_dropout=0.0, dropout=0.0),
+                   latent_query_num=3)
+        return _mod(mod, cls)(cfg), _tokens(7, V, batch=2)
+    return make
+
+
+BUILDERS.update({
+    ("deepseek_vl", "DeepseekVLAligner"): lambda: (_mod("deepseek_vl", "DeepseekVLAligner")(
+        M.deepseek_vl.DeepseekVLConfig(vision_config=dict(model_type="siglip_vision_model", **_TINY_VIT),
+                                       text_config=_llama_text().to_dict())), _tokens(7, V, batch=2)),
+    ("deepseek_vl_hybrid", "DeepseekVLHybridAligner"): _deepseek_hybrid,
+    ("janus", "JanusVisionAlignerMLP"): _janus("JanusVisionAlignerMLP", 3, hidden_size=V),  # fc1 + 2 hidden
+    ("janus", "JanusVQVAEAlignerMLP"): _janus("JanusVQVAEAlignerMLP", 2, embed_dim=V),
+    ("kimi_k25", "Kimi_K25MultimodalProjection"): _kimi_projection,
+    ("kosmos2", "Kosmos2ImageToTextProjection"): _kosmos("kosmos2", "Kosmos2Config", "Kosmos2ImageToTextProjection"),
+    ("kosmos2_5", "Kosmos2_5ImageToTextProjection"): _kosmos("kosmos2_5", "Kosmos2_5Config",
+                                                             "Kosmos2_5ImageToTextProjection"),
+    ("llama4", "Llama4UnfoldConvolution"): lambda: (
+        _mod("llama4", "Llama4UnfoldConvolution")(M.llama4.Llama4VisionConfig(**_TINY_VIT, patch_size=3)),
+        [torch.randn(2, 3, 10, 7)]),  # 3x2 patches of 3; the last row and column dropped, as unfold drops them
+})
+
+
 class _Parent(nn.Module):
     def __init__(self, target):
         super().__init__()
@@ -860,7 +910,19 @@ def _qformer_model():
                         ("query_embeds", "encoder_hidden_states"))
 
 
+def _llama4_vision_model():
+    """Llama 4's vision model: the unfold patch embedding and the pixel-shuffle adapter (4x4 patches of 3;
+    the adapter's fc1 reads intermediate_size = 4 * hidden wide rows, as the checkpoints' 5632 = 4 * 1408)."""
+    torch.manual_seed(0)
+    cfg = M.llama4.Llama4VisionConfig(**dict(_TINY_VIT, intermediate_size=4 * V), image_size=12, patch_size=3,
+                                      pixel_shuffle_ratio=0.5, projector_input_dim=T, projector_output_dim=T,
+                                      vision_output_dim=T)
+    return M.llama4.modeling_llama4.Llama4VisionModel(cfg)
+
+
 E2E = {
+    "llama 4 vision model (unfold + linear patch embed; merged mlp adapter)": (
+        _llama4_vision_model, lambda: [torch.randn(2, 3, 12, 12)], lambda o: o.last_hidden_state),
     "blip-2 q-former (cross-attention: self and cross)": (
         _qformer_model, lambda: [torch.randn(2, 6, V), torch.randn(2, 11, 12)], lambda o: o.last_hidden_state),
     "qwen2.5-vl tower (merge+mlp, RMSNorm; Conv3d patch embed)": (
@@ -1463,3 +1525,22 @@ def test_mistral3_sees_weight_writes_through_data():
         model(*inputs)
         module.patch_merger.merging_layer.weight.data.mul_(-0.5)
         torch.testing.assert_close(model(*inputs), module(*inputs), rtol=1e-5, atol=1e-5)
+
+def test_unfold_patch_embed_packs_its_weight_once_and_again_after_an_update(monkeypatch):
+    """Llama 4's patch embedding views its Linear's weight as a conv weight on every call; the packed
+    weight is still cached on that Linear's weight (repacked only when it changes)."""
+    from mmfuse.ops import patch_embed as ops
+
+    packs = []
+    real_pack = ops.K.pack_weight
+    monkeypatch.setattr(ops.K, "pack_weight", lambda w: packs.append(1) or real_pack(w))
+    module, (x,) = BUILDERS[("llama4", "Llama4UnfoldConvolution")]()
+    model = _Parent(module)
+    mmfuse.patch(model)
+    first = model(x)
+    model(x)
+    assert len(packs) == 1
+    with torch.no_grad():
+        module.linear.weight.mul_(2)  # an in-place update: a new version of the same tensor
+    torch.testing.assert_close(model(x), 2 * first)
+    assert len(packs) == 2

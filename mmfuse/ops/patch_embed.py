@@ -238,19 +238,23 @@ class PackedWeight:
         self._key = None
         self._packed = None
 
-    def get(self, weight: torch.Tensor):
-        key = (weight._version, weight.data_ptr(), weight.dtype, weight.device, tuple(weight.shape))
-        if self._key is None or self._key[0] is not weight or self._key[1:] != key:
+    def get(self, weight: torch.Tensor, owner: torch.Tensor | None = None):
+        """``owner``: the tensor ``weight`` is a fresh view of on every call (a Linear's weight viewed as a
+        conv weight), whose identity, version and address then key the cache."""
+        owner = weight if owner is None else owner
+        key = (owner._version, weight.data_ptr(), weight.dtype, weight.device, tuple(weight.shape))
+        if self._key is None or self._key[0] is not owner or self._key[1:] != key:
             with torch.no_grad():
                 w5 = _as5d(weight.detach())
                 self._packed = K.pack_weight(w5)[0]
-            self._key = (weight, *key)
+            self._key = (owner, *key)
         return self._packed
 
 
-def fused_patch_embed(pixels, weight, bias=None, pos_embed=None, class_embedding=None, cache=None):
+def fused_patch_embed(pixels, weight, bias=None, pos_embed=None, class_embedding=None, cache=None, cache_owner=None):
     """``patch_embed`` (``patch_embed_with_class`` when ``class_embedding`` is given) with an optional
-    ``PackedWeight`` cache: the entry point of the modules in ``mmfuse.nn.patch_embed``."""
+    ``PackedWeight`` cache: the entry point of the modules in ``mmfuse.nn.patch_embed``
+    (``cache_owner``: see ``PackedWeight.get``)."""
     given = weight
     reference = backend_for(pixels) == REFERENCE  # autocast below keeps the device
     if not reference:
@@ -261,7 +265,7 @@ def fused_patch_embed(pixels, weight, bias=None, pos_embed=None, class_embedding
         if class_embedding is None:
             return patch_embed_reference(pixels, weight, bias, pos_embed)
         return patch_embed_with_class_reference(pixels, weight, bias, pos_embed, class_embedding)
-    packed = cache.get(weight) if cache is not None and weight is given else None  # not an autocast copy
+    packed = cache.get(weight, cache_owner) if cache is not None and weight is given else None  # not an autocast copy
     return patch_embed_fwd_op(pixels, weight, bias, pos_embed, class_embedding, packed)
 
 
