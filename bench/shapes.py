@@ -126,6 +126,17 @@ MLP_SHAPES = (
     # 4608 -> 1024 on mmfuse GEMMs; an 896px page: 64x64 patches of 14, 1024 merged rows (candle's
     # paddleocr_vl config defaults and transformers' PaddleOCRProjector).
     MLPShape("paddleocr-vl-projector", 1024, (4608, 4608, 1024)),
+    # Session 12's rows, each from two public copies of the published config (no download here): MaxText's
+    # configs/models/llama4-17b-16e.yml and base.yml (vision hidden 1408, intermediate 5632, 336px tiles,
+    # patch 14, pixel_shuffle_ratio 0.5, projector dims 4096, text 5120) and ai-dynamo/aiconfigurator's
+    # bundled Llama-4-Scout / Maverick config.json test (the same vision_config for both; projector dims
+    # (5632, 4096), (4096, 4096), (4096, 5120); 577 tower tokens per tile, 144 out).
+    # Llama 4 Scout / Maverick's projector: one bias-free Linear 4096 -> 5120 on the adapter's 144 rows
+    # per tile (the byte model gives it a bias: 10 KB).
+    MLPShape("llama4-projector", 144, (4096, 5120)),
+    # Llama 4's vision-tower MLP (each of its 34 blocks): fc1 1408 -> 5632, GELU (erf), fc2 -> 1408, on
+    # 576 patches + the class token per tile.
+    MLPShape("llama4-tower-mlp", 577, (1408, 5632, 1408)),
 )
 
 GATED_SHAPES = (
@@ -140,6 +151,10 @@ GATED_SHAPES = (
     # 144 merged tokens of a 336px image (image_size 336, patch 14: GLM-4.1V-9B-Thinking presets / mlxcel
     # test; Glm4vVisionPatchMerger(dim=out_hidden_size, context_dim=intermediate_size) in transformers).
     GatedShape("glm-4.1v-9b-merger", 144, 4096, 13696, 4096, bias=False),
+    # GLM-4.5V (glm4v_moe): the same merger with a 10944-wide SwiGLU (a public model-info report of the
+    # GLM-4.5V checkpoint: its config, vision intermediate_size 10944, out_hidden_size 4096, and its weight
+    # list, merger.gate_proj [10944, 4096]; transformers' Glm4vMoeVisionConfig default says 13696, 4.1V's).
+    GatedShape("glm-4.5v-merger", 144, 4096, 10944, 4096, bias=False),
 )
 
 MERGED_SHAPES = (
@@ -161,6 +176,17 @@ MERGED_SHAPES = (
     # 64x64 = 4096 patches of 16 of a 1024px image (tower 1152 wide, patch 16: transformers' default;
     # out_hidden_size 4096: public copies of Qwen3-VL-8B-Instruct's vision_config and its Ollama metadata).
     MergedShape("qwen3-vl-8b-merger", 4096, 1152, 4, (4608, 4096), "layer"),
+    # Qwen3-VL-30B-A3B (qwen3_vl_moe): the same tower, out_hidden_size 2048 (MaxText's
+    # configs/models/qwen3-vl-30b-a3b.yml: hidden 1152, intermediate 4304, patch 16, merge 2, out 2048,
+    # text 2048). Qwen3.5-397B-A17B's merger has the 8B's sizes (MaxText's qwen3.5-397b-a17b.yml and
+    # aiconfigurator's config copy: 1152 -> out_hidden_size 4096), so the row above stands for it; Qwen2.5-Omni-
+    # 7B's vision is Qwen2.5-VL-7B's (1280 -> 3584: a config-validator fixture and transformers' default).
+    MergedShape("qwen3-vl-30b-a3b-merger", 4096, 1152, 4, (4608, 2048), "layer"),
+    # Llama 4's vision adapter: the 576 patches of a 336px tile (class token dropped), pixel shuffle 0.5 to
+    # 144 rows of 5632, fc1 5632 -> 4096, GELU, fc2 4096 -> 4096, GELU, no biases, no norm (sources: the
+    # Llama 4 rows above). The GELU after fc2 is not in the byte model (in the epilogue for mmfuse; one
+    # saved pre-activation in training, 1.2 MB per tile, and one more eager elementwise pass).
+    MergedShape("llama4-vision-adapter", 576, 1408, 4, (4096, 4096), None, table=True, bias=False),
     # InternVL3-8B: InternViT-300M (1024) per 448px tile, pixel shuffle to 256 rows of 4096,
     # LayerNorm(4096), 4096 -> 3584 -> 3584 (Qwen2.5-7B; public copy: MindSpeed-MM's InternVL3 8B config,
     # downsample_ratio 0.5, LLM hidden 3584; InternViT-300M-448px's config, hidden 1024 at 448px / 14).
@@ -211,6 +237,13 @@ PATCH_SHAPES = (
     # HY-V4-VL (tencent/Hy4): Conv2d 16 -> 1536 on pre-cut patch rows (transformers 5.24's default
     # HYV4VLVisionConfig, whose docstring names that checkpoint); a 1024px image, 64x64 patches.
     PatchShape("hy-v4-vl", 3, (1024, 1024), 16, 1536),
+    # Llama 4 (Llama4UnfoldConvolution): unfold 14 + a bias-free Linear(588, 1408) on a 336px tile (the
+    # Llama 4 rows above; the byte model gives it a bias and a position add).
+    PatchShape("llama4", 3, (336, 336), 14, 1408),
+    # GLM-4.1V / GLM-4.5V: Conv3d 3x2x14x14 -> 1536 on pre-cut rows, 336px (the GLM-4.5V report's weight
+    # list, patch_embed.proj [1536, 3, 2, 14, 14], image_size 336; Glm4vVisionConfig's defaults for 4.1V); a
+    # 2-frame clip.
+    PatchShape("glm-4.5v", 3, (336, 336), 14, 1536, temporal=2, frames=2),
 )
 
 ATTENTION_SHAPES = (
