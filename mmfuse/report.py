@@ -357,8 +357,9 @@ def patch_traffic_section() -> list[str]:
     lines = ["## HBM bytes and launches, patch embedding in training (bf16, bias and a shared pos_embed, every "
              "input requiring grad; model, checked against interpreted runs at small sizes in "
              "tests/test_traffic.py)", "",
-             "mmfuse: the distinct bytes of each launch, with the packed weight cached (as the modules do; the "
-             "functional call packs it first when P is not a power of two). Forward: one launch. Backward: dpixels "
+             "mmfuse: the distinct bytes of each launch. Forward: one launch, after a copy packing the weight into "
+             "16-wide patch rows when P is not a power of two (on every call, as the functional API and the modules "
+             "by default do: `cache_packed_weight` keeps it, unsafe under writes through `.data`). Backward: dpixels "
              "(a GEMM over the packed weight, stored as a permutation), dW (one GEMM gathering the patches "
              "again; where the modelled time says so, its token loop split S ways into fp32 partials that one "
              "more launch sums in split order: \"split S\"), dpos (a batch sum, which also stores its blocks' "
@@ -395,6 +396,8 @@ def patch_traffic_section() -> list[str]:
             eager_bwd = [(0, 2 * out), (flops, out + w + x), (flops, out + x + w), (0, out + D * e),  # copy, dgrad,
                          (0, out + pos)]                                                        # wgrad, db, dpos
             ours_fwd = [(flops_runs, _hbm(fwd), eff["fwd"])]
+            if k_runs != K or K % KP.PACK_ALIGN:  # the weight packed into runs first (a copy: read, write)
+                ours_fwd.insert(0, (0, w + D * _cdiv(k_runs, KP.PACK_ALIGN) * KP.PACK_ALIGN * e, 1.0))
             ours_bwd = [(flops_runs, _hbm(bwd["dx"]), eff["dx"]), (flops, _hbm(bwd["dw"]), eff["dw"]),
                         (0, _hbm(bwd["batch_sum"]), 1.0)]
             if splits > 1:
@@ -402,7 +405,8 @@ def patch_traffic_section() -> list[str]:
             ours_bwd.append((0, _hbm(bwd["bias_sum"]), 1.0))  # db from the batch sum's column sums
             t_eager_fwd, t_eager, t_fwd, t_all = _step_times(eager_fwd, eager_bwd, ours_fwd, ours_bwd)
             lines.append(
-                f"| {s.name} | {batch} | {sum(b for _, b in eager_fwd) / 1e6:.1f} → {_hbm(fwd) / 1e6:.1f} "
+                f"| {s.name} | {batch} | {sum(b for _, b in eager_fwd) / 1e6:.1f} → "
+                f"{sum(b for _, b, _ in ours_fwd) / 1e6:.1f} "
                 f"({_l2(fwd) / 1e6:.0f}) | {sum(b for _, b in eager_bwd) / 1e6:.1f} → "
                 f"{sum(_hbm(t) for t in bwd.values()) / 1e6:.1f} ({sum(_l2(t) for t in bwd.values()) / 1e6:.0f}) | "
                 f"{len(eager_fwd)} → {len(ours_fwd)}, {len(eager_bwd)} → {len(ours_bwd)} | "

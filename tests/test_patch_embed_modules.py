@@ -177,11 +177,25 @@ def test_from_module_refuses_other_classes():
         CLIPVisionEmbeddings.from_module(_siglip_embeddings())
 
 
-def test_packed_weight_cache_follows_weight_updates():
-    """Modules pack the weight once and repack after any change to it (in-place step, load_state_dict,
-    a new Parameter); a stale pack would give the old weight's output."""
+def test_packed_weight_is_not_cached_by_default_so_data_writes_are_seen():
+    """A write through ``weight.data`` (EMA updates, some loaders) does not bump the weight's version: by
+    default the modules repack on every call, so the output follows it."""
     conv = nn.Conv2d(3, 20, 14, stride=14)
     m = PatchEmbed.from_module(conv)
+    x = torch.randn(2, 3, 28, 28)
+    m.tokens(x)
+    conv.weight.data.mul_(3.0)
+    torch.testing.assert_close(m.tokens(x), conv(x).flatten(2).transpose(1, 2), atol=2e-5, rtol=1e-4)
+    assert "_mmfuse_packed" not in m.__dict__
+
+
+def test_packed_weight_cache_follows_weight_updates():
+    """With ``cache_packed_weight``, modules pack the weight once and repack after any change to it that
+    bumps its version (in-place step, load_state_dict, a new Parameter); a stale pack would give the old
+    weight's output."""
+    conv = nn.Conv2d(3, 20, 14, stride=14)
+    m = PatchEmbed.from_module(conv)
+    m.cache_packed_weight = True
     x = torch.randn(2, 3, 28, 28)
 
     def check():

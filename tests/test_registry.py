@@ -1527,8 +1527,9 @@ def test_mistral3_sees_weight_writes_through_data():
         torch.testing.assert_close(model(*inputs), module(*inputs), rtol=1e-5, atol=1e-5)
 
 def test_unfold_patch_embed_packs_its_weight_once_and_again_after_an_update(monkeypatch):
-    """Llama 4's patch embedding views its Linear's weight as a conv weight on every call; the packed
-    weight is still cached on that Linear's weight (repacked only when it changes)."""
+    """Llama 4's patch embedding views its Linear's weight as a conv weight on every call; with
+    ``cache_packed_weight`` the packed weight is still cached on that Linear's weight (repacked only when
+    it changes); by default it is packed on every call."""
     from mmfuse.ops import patch_embed as ops
 
     packs = []
@@ -1537,6 +1538,12 @@ def test_unfold_patch_embed_packs_its_weight_once_and_again_after_an_update(monk
     module, (x,) = BUILDERS[("llama4", "Llama4UnfoldConvolution")]()
     model = _Parent(module)
     mmfuse.patch(model)
+    model(x)
+    assert len(packs) == 1
+    model(x)
+    assert len(packs) == 2  # the default: a pack per call
+    model.target.cache_packed_weight = True
+    packs.clear()
     first = model(x)
     model(x)
     assert len(packs) == 1

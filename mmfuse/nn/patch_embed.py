@@ -8,6 +8,9 @@
   [class token +] position embedding) as one kernel; same submodules, parameters and state_dict.
   Registered with ``mmfuse.patch``. ``interpolate_pos_encoding=True`` and image sizes other than the
   configured one run the original class's code on the same parameters (not fused).
+
+Where P is not a power of two the forward reads the weight packed into 16-wide patch rows: a copy made
+on every call unless ``cache_packed_weight`` is set (``_packed`` says why it is off by default).
 """
 
 from __future__ import annotations
@@ -42,8 +45,13 @@ def _is_arange(ids: torch.Tensor) -> bool:
     return torch.equal(ids.reshape(-1).cpu(), torch.arange(ids.numel()))
 
 
-def _packed(module: nn.Module) -> PackedWeight:
-    """The module's packed-weight cache (outside the module tree: no state_dict entry)."""
+def _packed(module: nn.Module) -> PackedWeight | None:
+    """The module's packed-weight cache (outside the module tree: no state_dict entry), or None (repack on
+    every call) unless the module's ``cache_packed_weight`` is true. Off by default: the cache is keyed on
+    the weight's version, which a write through ``weight.data`` (EMA updates, some loaders) does not bump,
+    so a cached pack would silently keep the old weight. Turn it on for a weight nothing writes that way."""
+    if not getattr(module, "cache_packed_weight", False):
+        return None
     cache = module.__dict__.get("_mmfuse_packed")
     if cache is None:
         cache = module.__dict__["_mmfuse_packed"] = PackedWeight()
@@ -61,7 +69,11 @@ def _share(cls, module: nn.Module):
 
 
 class PatchEmbed(nn.Conv2d):
-    """``nn.Conv2d(in_channels, embed_dim, patch_size, stride=patch_size)`` on the fused kernel."""
+    """``nn.Conv2d(in_channels, embed_dim, patch_size, stride=patch_size)`` on the fused kernel.
+    ``cache_packed_weight`` (class or instance attribute, default False): keep the packed weight between
+    calls (P not a power of two) while the weight's version is unchanged; see ``_packed``."""
+
+    cache_packed_weight = False
 
     def __init__(self, in_channels: int, embed_dim: int, patch_size: int, bias: bool = True, device=None, dtype=None):
         super().__init__(in_channels, embed_dim, patch_size, stride=patch_size, bias=bias, device=device, dtype=dtype)
@@ -86,7 +98,10 @@ class PatchEmbed(nn.Conv2d):
 
 
 class PatchEmbed3d(nn.Conv3d):
-    """``nn.Conv3d(in_channels, embed_dim, (T, P, P), stride=(T, P, P))`` on the fused kernel (video)."""
+    """``nn.Conv3d(in_channels, embed_dim, (T, P, P), stride=(T, P, P))`` on the fused kernel (video).
+    ``cache_packed_weight``: as ``PatchEmbed``'s."""
+
+    cache_packed_weight = False
 
     def __init__(self, in_channels: int, embed_dim: int, patch_size: int, temporal_patch_size: int,
                  bias: bool = True, device=None, dtype=None):
@@ -115,6 +130,7 @@ class _FusedVisionEmbeddings(nn.Module):
 
     _original_name = ""
     _extra_attrs: tuple[str, ...] = ()
+    cache_packed_weight = False  # as PatchEmbed's
 
     def __init__(self, module: nn.Module):
         super().__init__()
