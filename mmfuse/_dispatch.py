@@ -60,9 +60,11 @@ def uses_kernels(*tensors: torch.Tensor | None) -> bool:
 def autocast_inputs(*tensors: torch.Tensor | None) -> list:
     """Cast floating inputs as ``torch.autocast`` casts those of F.linear / conv / SDPA (all in its
     lower-precision list on CPU and CUDA): to the autocast dtype when autocast is on for the device.
+    fp64 tensors are left as they are, as autocast leaves them (its casts skip double).
     Our ops are custom operators, which autocast does not see, so each op calls this first."""
     device = next(t for t in tensors if t is not None).device.type
     if device in ("cpu", "cuda") and torch.is_autocast_enabled(device):
         dtype = torch.get_autocast_dtype(device)
-        return [t.to(dtype) if t is not None and t.is_floating_point() else t for t in tensors]
+        return [t.to(dtype) if t is not None and t.is_floating_point() and t.dtype != torch.float64 else t
+                for t in tensors]
     return list(tensors)

@@ -22,6 +22,22 @@ class Unsupported(ValueError):
 
 
 _ORIGINAL = "_mmfuse_original"
+_HOOK_TABLES = ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks")
+
+
+def check_replaceable(module: nn.Module) -> None:
+    """``Unsupported`` when replacing ``module`` would silently change what it computes: a hook on it or
+    on a submodule (the replacement's modules would not run it), or a parametrized parameter (weight_norm,
+    spectral_norm: the replacement would hold one evaluation of it)."""
+    from torch.nn.utils import parametrize
+
+    for name, m in module.named_modules():
+        where = f"submodule {name}" if name else "the module"
+        if any(getattr(m, table, None) for table in _HOOK_TABLES):
+            raise Unsupported(f"{where} has hooks registered, which the replacement would not run")
+        if parametrize.is_parametrized(m):
+            raise Unsupported(f"{where} has parametrized parameters (e.g. weight_norm), which the replacement "
+                              "would hold as one evaluation")
 
 
 @dataclasses.dataclass
@@ -46,6 +62,8 @@ def patch(model: nn.Module, vision_tower: bool = False) -> PatchReport:
     each ViT block's MLP); without it those are left as they are (opt-in)."""
     from mmfuse import registry
 
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model: expected an nn.Module, got {type(model).__name__}")
     if not isinstance(vision_tower, bool):
         raise TypeError(f"vision_tower: expected a bool, got {type(vision_tower).__name__}")
     report = PatchReport([], [])
@@ -61,6 +79,8 @@ def patch(model: nn.Module, vision_tower: bool = False) -> PatchReport:
                 visit(child, qual)
                 continue
             try:
+                if not registry.is_model_level(family):  # (a model's copy keeps its hooks; children are visited)
+                    check_replaceable(child)
                 new = registry.build(child, family)
             except Unsupported as why:
                 report.left_alone.append((qual, type(child).__name__, str(why)))

@@ -39,7 +39,7 @@ import torch
 import torch.nn as nn
 
 from mmfuse import _patch
-from mmfuse.nn._activations import activation_name
+from mmfuse.nn._activations import activation_name, plain_linear
 
 PROJECTOR, PATCH_EMBED, CROSS_ATTENTION = "projector", "patch embedding", "cross-attention"
 TOWER_MLP = "vision-tower MLP"  # counted apart from projectors (a tower family's recipe is a projector recipe)
@@ -127,9 +127,7 @@ def _swap_gemms(module: nn.Module, family: Family) -> nn.Module:
         fused_acts.update({path: act_path for path in links[:-1]})  # the act follows every link but the last
     plan = []
     for path in linear_paths:
-        lin = _get(module, path)
-        if not isinstance(lin, nn.Linear):
-            raise _patch.Unsupported(f"{path}: expected nn.Linear, got {type(lin).__name__}")
+        lin = plain_linear(_get(module, path), path)
         act_path = fused_acts.get(path)
         act = activation_name(_get(module, act_path)) if act_path else None
         plan.append((path, Linear.from_module(lin, activation=act), act_path))
@@ -227,8 +225,7 @@ def _gated_mlp(module: nn.Module, family: Family) -> nn.Module:
     pre = GATED_PRE[family.opt("pre")][1] if family.opt("pre") else None
     gate, up, down, act_path = family.opt("gated")
     for path in (gate, up, down):
-        if not isinstance(_get(module, path), nn.Linear):
-            raise _patch.Unsupported(f"{path}: expected nn.Linear, got {type(_get(module, path)).__name__}")
+        plain_linear(_get(module, path), path)
     act = activation_name(_get(module, act_path))
     if act not in GATE_ACTIVATIONS:
         raise _patch.Unsupported(f"gate activation: expected one the epilogue computes, got {act!r}")
@@ -333,8 +330,7 @@ def _merged_mlp(module: nn.Module, family: Family) -> nn.Module:
 
     lin_paths, act_path, gate_half = family.opt("linears"), family.opt("act"), family.opt("gate_half")
     for path in lin_paths:
-        if not isinstance(_get(module, path), nn.Linear):
-            raise _patch.Unsupported(f"{path}: expected nn.Linear, got {type(_get(module, path)).__name__}")
+        plain_linear(_get(module, path), path)
     act = activation_name(_get(module, act_path)) if act_path else None
     if gate_half is not None and act not in GATE_ACTIVATIONS:
         raise _patch.Unsupported(f"gate activation: expected one the epilogue computes, got {act!r}")
@@ -560,8 +556,7 @@ def _unfold_merged_mlp(module: nn.Module, family: Family) -> nn.Module:
                                                   family.opt("act"))
     merger = _get(module, merger_path)
     for path in (f"{merger_path}.merging_layer", l1, l2):
-        if not isinstance(_get(module, path), nn.Linear):
-            raise _patch.Unsupported(f"{path}: expected nn.Linear, got {type(_get(module, path)).__name__}")
+        plain_linear(_get(module, path), path)
     _norm_form(_get(module, norm_path))
     act = activation_name(_get(module, act_path))
     G, C = merger.spatial_merge_size ** 2, merger.merging_layer.out_features
@@ -602,7 +597,7 @@ def _unfold_patch_embed(module: nn.Module, family: Family) -> nn.Module:
 
     unfold_path, linear_path = family.opt("unfold"), family.opt("linear")
     unfold, lin = _get(module, unfold_path), _get(module, linear_path)
-    if not isinstance(unfold, nn.Unfold) or not isinstance(lin, nn.Linear):
+    if type(unfold) is not nn.Unfold or type(lin) is not nn.Linear:
         raise _patch.Unsupported(f"{unfold_path} / {linear_path}: expected nn.Unfold and nn.Linear, got "
                                  f"{type(unfold).__name__} / {type(lin).__name__}")
     pair = torch.nn.modules.utils._pair

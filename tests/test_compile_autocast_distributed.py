@@ -214,3 +214,12 @@ def test_autocast_patch_embed_and_cross_attention_like_conv_and_sdpa():
     torch.testing.assert_close(attn.float(), attn_ref.float(), rtol=2e-2, atol=2e-2)
     out.float().sum().backward()
     assert conv.weight.grad.dtype == torch.float32
+
+
+def test_autocast_leaves_fp64_inputs_in_fp64_like_f_linear():
+    x, w, b = torch.randn(4, 5, dtype=torch.float64), torch.randn(7, 5, dtype=torch.float64), torch.randn(7).double()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        ref = torch.nn.functional.linear(x, w, b)
+        out = mmfuse.linear(x, w, b)
+    assert out.dtype == ref.dtype == torch.float64
+    torch.testing.assert_close(out, ref)

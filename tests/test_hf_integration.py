@@ -226,3 +226,46 @@ def test_transformers_version_is_recorded():
 
     readme = (pathlib.Path(__file__).parents[1] / "README.md").read_text()
     assert f"transformers {transformers.__version__}" in readme
+
+
+class _DoubledGELU(nn.GELU):
+    def forward(self, x):
+        return 2 * super().forward(x)
+
+
+class _ScaledLinear(nn.Linear):
+    def forward(self, x):
+        return 3 * super().forward(x)
+
+
+@pytest.mark.parametrize("change", ["gelu subclass", "linear subclass", "hook on the projector",
+                                    "hook on its Linear", "weight_norm"])
+def test_modules_that_would_compute_something_else_when_swapped_are_left_alone(change):
+    """A subclass with its own forward, a hook, a parametrized weight: swapping would silently drop it, so
+    patch leaves the projector alone and says why (found by an adversarial review; each was swapped before)."""
+    model = tiny_llava()
+    proj = model.model.multi_modal_projector
+    if change == "gelu subclass":
+        proj.act = _DoubledGELU()
+    elif change == "linear subclass":
+        old = proj.linear_1
+        proj.linear_1 = _ScaledLinear(old.in_features, old.out_features)
+    elif change == "hook on the projector":
+        proj.register_forward_hook(lambda m, i, o: o * 0)
+    elif change == "hook on its Linear":
+        proj.linear_2.register_forward_pre_hook(lambda m, i: (i[0] * 0,))
+    else:
+        proj.linear_1 = torch.nn.utils.parametrizations.weight_norm(proj.linear_1)
+    x = torch.randn(2, 5, proj.linear_1.in_features)
+    ref = proj(x)
+    report = mmfuse.patch(model)
+    left = {name: why for name, _, why in report.left_alone}
+    assert "model.multi_modal_projector" in left, str(report)
+    assert model.model.multi_modal_projector is proj
+    assert not [name for name, _, _ in report.swapped if name.startswith("model.multi_modal_projector")]
+    torch.testing.assert_close(model.model.multi_modal_projector(x), ref)
+
+
+def test_patch_names_its_argument_on_a_non_module():
+    with pytest.raises(TypeError, match="model: expected an nn.Module, got str"):
+        mmfuse.patch("model")

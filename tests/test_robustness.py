@@ -268,3 +268,16 @@ def test_interpreted_bf16_cast_rounds_to_nearest_even():
     assert y[0].item() == 1.0078125 and torch.isnan(y[7])
     assert torch.equal(y.view(torch.int16)[:7], want.view(torch.int16)[:7])
     assert torch.equal(z.view(torch.int16)[:7], want.view(torch.int16)[:7]) and torch.isnan(z[7])
+
+
+def test_a_bad_activation_is_named_at_construction_not_at_the_first_forward():
+    with pytest.raises(ValueError, match="activation: expected one of"):
+        mmfuse.nn.Linear(5, 7, activation="tanh")
+    with pytest.raises(ValueError, match="activation: expected one of"):
+        mmfuse.nn.Linear.from_module(torch.nn.Linear(5, 7), activation="tanh")
+
+
+def test_merged_mlp_refuses_a_norm_bias_an_rmsnorm_would_drop():
+    x, w = torch.randn(8, 4), torch.randn(6, 8)
+    with pytest.raises(ValueError, match="norm_bias: expected None with norm='rms'"):
+        mmfuse.merged_mlp(x, [w], group=2, norm="rms", norm_weight=torch.ones(4), norm_bias=torch.zeros(4))

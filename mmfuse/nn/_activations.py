@@ -27,16 +27,26 @@ _BY_CLASS_NAME = {
 def activation_name(module: nn.Module | None) -> str | None:
     """The kernels' activation name for ``module`` ("gelu", "gelu_tanh", "quick_gelu", "silu", "relu",
     or None for the identity); ``Unsupported`` (a ValueError) for anything the kernels do not compute."""
-    if module is None or isinstance(module, nn.Identity):
+    if module is None or type(module) is nn.Identity:
         return None
-    if isinstance(module, nn.GELU):
+    if type(module) is nn.GELU:  # exact types: a subclass may override forward with another formula
         return "gelu_tanh" if module.approximate == "tanh" else "gelu"
-    if isinstance(module, nn.SiLU):
+    if type(module) is nn.SiLU:
         return "silu"
     if type(module) is nn.ReLU:  # not ReLU6 or a subclass with another formula
         return "relu"
     name = type(module).__name__
     if name in _BY_CLASS_NAME and type(module).__module__.startswith("transformers"):
         return _BY_CLASS_NAME[name]
-    raise Unsupported(f"activation: expected nn.GELU, nn.SiLU, nn.ReLU, nn.Identity or a transformers "
+    raise Unsupported(f"activation: expected nn.GELU, nn.SiLU, nn.ReLU, nn.Identity (exactly) or a transformers "
                       f"GELU/GELUTanh/QuickGELU/SiLU activation, got {name}")
+
+
+def plain_linear(module, name: str = "module") -> nn.Linear:
+    """``module`` if it is exactly an ``nn.Linear`` (or mmfuse's drop-in), else ``Unsupported``: a subclass
+    (a quantized Linear, one with its own forward) does not compute F.linear on its weight."""
+    from mmfuse.nn.linear import Linear
+
+    if type(module) not in (nn.Linear, Linear):
+        raise Unsupported(f"{name}: expected nn.Linear, got {type(module).__name__}")
+    return module

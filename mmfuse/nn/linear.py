@@ -7,8 +7,9 @@ from typing import Sequence
 import torch
 import torch.nn as nn
 
-from mmfuse.nn._activations import activation_name
-from mmfuse.ops.linear import gated_mlp, linear, mlp
+from mmfuse.nn._activations import activation_name, plain_linear
+from mmfuse._checks import check_choice
+from mmfuse.ops.linear import ACTIVATION_NAMES, gated_mlp, linear, mlp
 
 
 class Linear(nn.Linear):
@@ -17,6 +18,7 @@ class Linear(nn.Linear):
     def __init__(self, in_features: int, out_features: int, bias: bool = True, activation: str | None = None,
                  device=None, dtype=None):
         super().__init__(in_features, out_features, bias=bias, device=device, dtype=dtype)
+        check_choice("activation", activation, ACTIVATION_NAMES)  # now, not at the first forward
         self.activation = activation
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -30,8 +32,13 @@ class Linear(nn.Linear):
         """Wrap an ``nn.Linear``, sharing its parameters (no copy)."""
         if not isinstance(module, nn.Linear):
             raise TypeError(f"module: expected nn.Linear, got {type(module).__name__}")
+        plain_linear(module)
+        from mmfuse._patch import check_replaceable
+
+        check_replaceable(module)  # a parametrized weight (weight_norm) would be held as one evaluation
         new = cls.__new__(cls)
         nn.Module.__init__(new)
+        check_choice("activation", activation, ACTIVATION_NAMES)
         new.in_features, new.out_features = module.in_features, module.out_features
         new.weight = module.weight
         new.bias = module.bias
@@ -77,7 +84,7 @@ class MLPProjector(nn.Module):
         new.activation = activation
         new._layer_names = list(names)
         for name, lin in zip(names, layers):
-            new.add_module(name, lin)  # shares the parameters
+            new.add_module(name, plain_linear(lin, f"module.{name}"))  # shares the parameters
         return new
 
     @classmethod
@@ -99,6 +106,7 @@ class MLPProjector(nn.Module):
             if i % 2 == 0:
                 if not isinstance(m, nn.Linear):
                     raise TypeError(f"module[{i}]: expected nn.Linear, got {type(m).__name__}")
+                plain_linear(m, f"module[{i}]")
                 names.append(name)
                 layers.append(m)
             else:
@@ -140,11 +148,14 @@ class GatedMLP(nn.Module):
         if not all(isinstance(getattr(module, n, None), nn.Linear) for n in names):
             raise TypeError(f"module: expected gate_proj, up_proj and down_proj nn.Linear children, "
                             f"got {type(module).__name__}")
+        for n in names:
+            plain_linear(getattr(module, n), f"module.{n}")
         new = cls.__new__(cls)
         nn.Module.__init__(new)
         for n in names:
             new.add_module(n, getattr(module, n))
-        new.activation = activation_name(getattr(module, "act_fn", None))
+        act_fn = getattr(module, "act_fn", None)
+        new.activation = activation_name(act_fn)
         if new.activation is None:
-            raise ValueError(f"module.act_fn: expected a gate activation, got {type(module.act_fn).__name__}")
+            raise ValueError(f"module.act_fn: expected a gate activation, got {type(act_fn).__name__}")
         return new

@@ -351,6 +351,8 @@ def merged_mlp(x: torch.Tensor, weights: Sequence[torch.Tensor], biases: Sequenc
                              f"{weights[0].shape[0]}")
     check_choice("activation", activation, ACTIVATION_NAMES)
     check_choice("norm", norm, NORM_NAMES)
+    if norm != "layer" and norm_bias is not None:  # (an RMSNorm has no bias: silently dropping it would hide a bug)
+        raise ValueError(f"norm_bias: expected None with norm={norm!r} (only a LayerNorm has a bias), got a tensor")
     if not isinstance(group, int) or group < 1:
         raise ValueError(f"group: expected a positive int, got {group!r}")
     if isinstance(weights, torch.Tensor) or len(weights) == 0:
