@@ -54,6 +54,21 @@ def test_multihead_attention_from_module(batch_first, kdim):
              lambda m, q, kv: m(q, kv, kv, key_padding_mask=pad, need_weights=False)[0], [q, kv])
 
 
+@pytest.mark.parametrize("batch_first", [True, False])
+def test_multihead_attention_unbatched_inputs_like_nn(batch_first):
+    """nn.MultiheadAttention takes unbatched (L, E) inputs (with either batch_first): so does the drop-in."""
+    torch.manual_seed(0)
+    mha = nn.MultiheadAttention(32, 4, batch_first=batch_first)
+    q, kv = torch.randn(7, 32), torch.randn(13, 32)
+    pad = torch.zeros(13, dtype=torch.bool)
+    pad[9:] = True
+    _compare(mha,
+             lambda m, q, kv: MultiheadAttention.from_module(m)(q, kv, kv, key_padding_mask=pad)[0],
+             lambda m, q, kv: m(q, kv, kv, key_padding_mask=pad, need_weights=False)[0], [q, kv])
+    with pytest.raises(ValueError, match="key / value: expected 2-D"):
+        MultiheadAttention.from_module(mha)(q, kv[None], kv[None])
+
+
 def test_multihead_attention_refuses_what_it_cannot_compute():
     with pytest.raises(ValueError, match="add_bias_kv"):
         MultiheadAttention.from_module(nn.MultiheadAttention(8, 2, add_bias_kv=True))

@@ -71,6 +71,16 @@ class MultiheadAttention(nn.Module):
         if need_weights or attn_mask is not None or is_causal:
             raise ValueError("need_weights / attn_mask / is_causal: expected False / None / False "
                              "(mmfuse.nn.MultiheadAttention computes padded cross-attention only)")
+        if query.dim() == 2:  # unbatched (L, E), as nn.MultiheadAttention accepts: a batch of one
+            if key.dim() != 2 or value.dim() != 2:
+                raise ValueError(f"key / value: expected 2-D (S, E) with a 2-D query, got shapes "
+                                 f"{tuple(key.shape)} / {tuple(value.shape)}")
+            b = 0 if self.batch_first else 1
+            mask = key_padding_mask.unsqueeze(0) if key_padding_mask is not None else None
+            out, _ = self.forward(query.unsqueeze(b), key.unsqueeze(b), value.unsqueeze(b), mask)
+            return out.squeeze(b), None
+        if query.dim() != 3:
+            raise ValueError(f"query: expected (L, E) or a batch of them (3-D), got shape {tuple(query.shape)}")
         wq, wk, wv = self._weights()
         bq = bk = bv = None
         if self.in_proj_bias is not None:
