@@ -281,3 +281,15 @@ def test_merged_mlp_refuses_a_norm_bias_an_rmsnorm_would_drop():
     x, w = torch.randn(8, 4), torch.randn(6, 8)
     with pytest.raises(ValueError, match="norm_bias: expected None with norm='rms'"):
         mmfuse.merged_mlp(x, [w], group=2, norm="rms", norm_weight=torch.ones(4), norm_bias=torch.zeros(4))
+
+
+def test_weights_may_be_any_iterable_and_layer_names_must_be_distinct():
+    x = torch.randn(5, 8)
+    ws = [torch.randn(6, 8), torch.randn(4, 6)]
+    torch.testing.assert_close(mmfuse.mlp(x, (w for w in ws)), mmfuse.mlp(x, ws))
+    torch.testing.assert_close(mmfuse.merged_mlp(x.view(10, 4), (w for w in ws), group=2),
+                               mmfuse.merged_mlp(x.view(10, 4), ws, group=2))
+    with pytest.raises(ValueError, match="weights: expected a non-empty sequence"):
+        mmfuse.mlp(x, iter(()))
+    with pytest.raises(ValueError, match="names: expected 2 distinct names"):
+        mmfuse.nn.MLPProjector((8, 6, 4), names=["a", "a"])

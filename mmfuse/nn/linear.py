@@ -64,6 +64,8 @@ class MLPProjector(nn.Module):
         names = list(names) if names is not None else [str(2 * i) for i in range(n)]
         if len(names) != n:
             raise ValueError(f"names: expected {n} names (one per Linear), got {len(names)}")
+        if len(set(names)) != n:
+            raise ValueError(f"names: expected {n} distinct names, got {names}")
         self.activation = activation
         self._layer_names = names
         for name, k, m in zip(names, widths[:-1], widths[1:]):

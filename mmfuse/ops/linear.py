@@ -274,10 +274,11 @@ def mlp(x: torch.Tensor, weights: Sequence[torch.Tensor], biases: Sequence[torch
     """
     _check_x(x)
     check_choice("activation", activation, ACTIVATION_NAMES)
-    if isinstance(weights, torch.Tensor) or len(weights) == 0:
-        raise ValueError(f"weights: expected a non-empty sequence of 2-D tensors, got {type(weights).__name__}"
-                         + ("" if isinstance(weights, torch.Tensor) else " of length 0"))
-    weights = list(weights)
+    if isinstance(weights, torch.Tensor) or not hasattr(weights, "__iter__"):
+        raise ValueError(f"weights: expected a non-empty sequence of 2-D tensors, got {type(weights).__name__}")
+    weights = list(weights)  # (any iterable: a generator too)
+    if not weights:
+        raise ValueError("weights: expected a non-empty sequence of 2-D tensors, got one of length 0")
     if biases is None:
         biases = [None] * len(weights)
     else:

@@ -329,6 +329,11 @@ def merged_mlp(x: torch.Tensor, weights: Sequence[torch.Tensor], biases: Sequenc
     Linear too (Llama 4's vision adapter), in its epilogue.
     """
     check_tensor("x", x, ndim=2)
+    if isinstance(weights, torch.Tensor) or not hasattr(weights, "__iter__"):
+        raise ValueError(f"weights: expected a non-empty sequence of 2-D tensors, got {type(weights).__name__}")
+    weights = list(weights)  # (any iterable: a generator too)
+    if not weights:
+        raise ValueError("weights: expected a non-empty sequence of 2-D tensors, got one of length 0")
     final_activation = bool(final_activation) and activation is not None  # (no activation: nothing to add)
     if final_activation and (pool or gate_half is not None):
         raise ValueError("final_activation: expected False with pool=True or gate_half (not implemented there)")
@@ -355,9 +360,6 @@ def merged_mlp(x: torch.Tensor, weights: Sequence[torch.Tensor], biases: Sequenc
         raise ValueError(f"norm_bias: expected None with norm={norm!r} (only a LayerNorm has a bias), got a tensor")
     if not isinstance(group, int) or group < 1:
         raise ValueError(f"group: expected a positive int, got {group!r}")
-    if isinstance(weights, torch.Tensor) or len(weights) == 0:
-        raise ValueError("weights: expected a non-empty sequence of 2-D tensors")
-    weights = list(weights)
     biases = list(biases) if biases is not None else [None] * len(weights)
     check_size("biases", "len(biases) (one per weight)", len(biases), len(weights))
     T, C = x.shape
