@@ -554,12 +554,11 @@ def pack_weight(weight5):
         w = weight5.reshape(D, K)
         if w.stride(1) == 1 and w.stride(0) % 8 == 0:
             return w, K
-    packed = empty((D, cdiv(K, PACK_ALIGN) * PACK_ALIGN), dtype=weight5.dtype, device=weight5.device)
-    runs = packed[:, :K].view(D, rows, run)
-    runs[:, :, :P] = weight5.reshape(D, rows, P)
-    runs[:, :, P:] = 0  # only the padding is written twice: the copy and these fills are one pass
-    packed[:, K:] = 0
-    return packed, K
+    KP = cdiv(K, PACK_ALIGN) * PACK_ALIGN
+    # One pass (a single pad kernel): each row of P padded to RUN with zeros, then (KP - K) / RUN rows of
+    # zeros (RUN divides PACK_ALIGN, or PACK_ALIGN divides RUN and K == KP).
+    packed = torch.nn.functional.pad(weight5.reshape(D, rows, P), (0, run - P, 0, (KP - K) // run))
+    return packed.reshape(D, KP), K
 
 
 def patch_embed_fwd(pixels5, weight5, bias=None, pos=None, out=None, packed=None, tile=None):
