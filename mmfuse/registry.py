@@ -1117,6 +1117,8 @@ _WRAPPER = "a container whose GEMMs sit in covered (or declined) child classes"
 _OVERLAP = "overlapping or padded patches (kernel != stride): not a GEMM"
 _MINICPM_MERGER = ("a container: per image, view / permute 2x2 merges between its downsample MLPs "
                    "(DownsampleMLP: LayerNorm + Linear -> GELU -> Linear), which are replaced")
+_SAM_NECK = ("the SAM encoder's neck: two 3x3 stride-2 padded convolutions (after a bilinear resize in DeepSeek-VL's): "
+             "overlapping windows, not a patch GEMM")
 DECLINED: dict[tuple[str, str], str] = {
     # cross-attention / Q-Former
     ("blip_2", "Blip2QFormerAttention"): _WRAPPER,
@@ -1153,6 +1155,12 @@ DECLINED: dict[tuple[str, str], str] = {
     "and the position add stay PyTorch",
     ("internvl", "InternVLVisionEmbeddings"): "a container: its InternVLVisionPatchEmbeddings is replaced; "
     "the class token, mask token and position add stay PyTorch",
+    ("deepseek_vl_hybrid", "DeepseekVLSamVisionProj"): _SAM_NECK,
+    ("deepseek_ocr2", "DeepseekOcr2SamVisionProj"): _SAM_NECK,
+    ("unlimited_ocr", "UnlimitedOcrSamVisionProj"): _SAM_NECK,
+    ("florence2", "Florence2VisionConvEmbed"): "a DaViT stage's convolutional embedding: kernel 7 stride 4, then "
+    "kernel 3 stride 2, padded (the published configs' patch_size / patch_stride / patch_padding): overlapping "
+    "windows, not a patch GEMM",
     ("granite4_vision", "Granite4VisionWindowQFormerDownsampler"): "a container: LayerNorm, windowing views, a "
     "Q-Former built by AutoModel from its qformer_config (the BLIP-2 Q-Former's cross-attention is covered by its "
     "own family) and out_linear; patch swaps the outermost match only, so covering this class would hide that "
@@ -1191,7 +1199,8 @@ DECLINED: dict[tuple[str, str], str] = {
 PROJECTOR_WORDS = ("Projector", "Merger", "Connector", "Resampler", "PatchEmbed", "PatchEmbeddings",
                    "PatchEmbedder", "VisionEmbeddings", "Adapter", "QFormer\\w*Attention", "CrossAttention",
                    # other names for the same parts (DeepSeek-VL / Janus, Kimi K2.5, Kosmos-2, Llama 4, Granite 4)
-                   "Aligner", "[Mm]odalProjection", "ImageToTextProjection", "UnfoldConvolution", "Downsampler")
+                   "Aligner", "[Mm]odalProjection", "ImageToTextProjection", "UnfoldConvolution", "Downsampler",
+                   "VisionProj", "ConvEmbed")
 
 #: Covered classes tested through the sibling they copy: transformers' modular files generate them,
 #: and tests/test_registry.py checks that class body == the sibling's up to the class-name prefix.
