@@ -137,6 +137,10 @@ MLP_SHAPES = (
     # Llama 4's vision-tower MLP (each of its 34 blocks): fc1 1408 -> 5632, GELU (erf), fc2 -> 1408, on
     # 576 patches + the class token per tile.
     MLPShape("llama4-tower-mlp", 577, (1408, 5632, 1408)),
+    # Janus-Pro-7B's aligner (JanusVisionAlignerMLP, depth 2): SigLIP-L/16 at 384px, 24x24 = 576 tokens,
+    # 1024 -> 4096 -> 4096, GELU (a config-parser test's assertions on the checkpoint's config: projector_type
+    # "mlp_gelu", input_dim 1024, n_embed 4096, depth 2, siglip_large_patch16_384).
+    MLPShape("janus-pro-7b-aligner", 576, (1024, 4096, 4096)),
 )
 
 GATED_SHAPES = (
@@ -155,6 +159,11 @@ GATED_SHAPES = (
     # GLM-4.5V checkpoint: its config, vision intermediate_size 10944, out_hidden_size 4096, and its weight
     # list, merger.gate_proj [10944, 4096]; transformers' Glm4vMoeVisionConfig default says 13696, 4.1V's).
     GatedShape("glm-4.5v-merger", 144, 4096, 10944, 4096, bias=False),
+    # Molmo2-4B's image projector (Molmo2ImageProjectorMLP): SwiGLU 1152 -> 9728 -> 2560, no biases (a mirrored
+    # Molmo2-4B config.json in albud1978/CV: adapter hidden 1152, intermediate 9728, text_hidden_size 2560,
+    # hidden_act silu; mlp_bias the config's default False). 196 rows: 2x2 attention pooling of the 27x27
+    # patches of a 378px crop, rounded up (our reading of the pooling, not a published figure).
+    GatedShape("molmo2-4b-projector", 196, 1152, 9728, 2560, bias=False),
 )
 
 MERGED_SHAPES = (
@@ -182,6 +191,11 @@ MERGED_SHAPES = (
     # aiconfigurator's config copy: 1152 -> out_hidden_size 4096), so the row above stands for it; Qwen2.5-Omni-
     # 7B's vision is Qwen2.5-VL-7B's (1280 -> 3584: a config-validator fixture and transformers' default).
     MergedShape("qwen3-vl-30b-a3b-merger", 4096, 1152, 4, (4608, 2048), "layer"),
+    # Kimi K2.5's projector: LayerNorm(1152) per token, the 2x2 merge (a view) to 4608 -> 4608, GELU, -> 7168
+    # (aiconfigurator's moonshotai--Kimi-K2.5 config.json: vt_hidden_size 1152, patch 14, merge_kernel_size
+    # [2, 2], text hidden 7168; vLLM's and mlx-vlm's projector code: in 4 x 1152, out the text hidden); a
+    # 896px image, 64x64 patches (native resolution: the size is ours).
+    MergedShape("kimi-k2.5-projector", 4096, 1152, 4, (4608, 7168), "layer"),
     # Llama 4's vision adapter: the 576 patches of a 336px tile (class token dropped), pixel shuffle 0.5 to
     # 144 rows of 5632, fc1 5632 -> 4096, GELU, fc2 4096 -> 4096, GELU, no biases, no norm (sources: the
     # Llama 4 rows above). The GELU after fc2 is not in the byte model (in the epilogue for mmfuse; one
