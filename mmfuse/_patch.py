@@ -73,7 +73,7 @@ def patch(model: nn.Module, vision_tower: bool = False) -> PatchReport:
             qual = f"{prefix}.{child_name}" if prefix else child_name
             family = registry.family_for(child, vision_tower=vision_tower)
             if family is None:
-                declined = registry.declined_reason(child)
+                declined = registry.declined_reason(child, vision_tower)
                 if declined is not None:
                     report.left_alone.append((qual, type(child).__name__, declined))
                 visit(child, qual)

@@ -226,7 +226,8 @@ def _gated_mlp(module: nn.Module, family: Family) -> nn.Module:
     gate, up, down, act_path = family.opt("gated")
     for path in (gate, up, down):
         plain_linear(_get(module, path), path)
-    act = activation_name(_get(module, act_path))
+    # ``fixed_act``: the activation written as a function in the forward (no module to read)
+    act = family.opt("fixed_act") if act_path is None else activation_name(_get(module, act_path))
     if act not in GATE_ACTIVATIONS:
         raise _patch.Unsupported(f"gate activation: expected one the epilogue computes, got {act!r}")
 
@@ -1071,6 +1072,43 @@ FAMILIES: list[Family] = [
     _tower_gated("Qwen2.5-VL", "qwen2_5_vl", "Qwen2_5_VLMLP", notes="SwiGLU (separate gate / up, with biases)"),
     _tower_gated("Pixtral", "pixtral", "PixtralMLP", notes="SwiGLU (separate gate / up)"),
     _tower_gated("GLM-4V", "glm4v", "Glm4VisionMlp", notes="SwiGLU (separate gate / up)"),
+    # session 12: the rest of the tower MLPs the tower enumeration finds (tests/test_registry.py)
+    *[_tower_mlp(name, mod, cls) for name, mod, cls in (
+        ("AltCLIP", "altclip", "AltCLIPMLP"), ("Chinese-CLIP", "chinese_clip", "ChineseCLIPVisionMLP"),
+        ("CLIPSeg", "clipseg", "CLIPSegMLP"), ("Florence-2", "florence2", "Florence2VisionMLP"),
+        ("GIT", "git", "GitVisionMLP"), ("GLM-Image", "glm_image", "GlmImageVisionMLP"),
+        ("Granite-Docling", "granite_docling", "GraniteDoclingVisionMLP"), ("GroupViT", "groupvit", "GroupViTMLP"),
+        ("Inkling 2", "inkling2", "Inkling2VisionMLP"), ("Janus", "janus", "JanusVisionMLP"),
+        ("Kosmos-2", "kosmos2", "Kosmos2VisionMLP"), ("MetaCLIP 2", "metaclip_2", "MetaClip2MLP"),
+        ("MiniCPM-o OCR", "minicpm_ocr", "MiniCPMOcrVisionMLP"), ("MiniCPM-V 4.6", "minicpmv4_6", "MiniCPMV4_6VisionMLP"),
+        ("MiniCPM-V 4.7", "minicpmv4_7", "MiniCPMV4_7VisionMLP"),
+        ("MiniMax-M3-VL", "minimax_m3_vl", "MiniMaxM3VLVisionMLP"), ("Mllama", "mllama", "MllamaVisionMLP"),
+        ("Molmo2", "molmo2", "Molmo2VisionMLP"), ("OWL-ViT", "owlvit", "OwlViTMLP"),
+        ("Phi-4 multimodal", "phi4_multimodal", "Phi4MultimodalVisionMLP"),
+        ("Qianfan-OCR", "qianfan_ocr", "QianfanOCRVisionMLP"), ("Step3p7", "step3p7", "Step3p7VisionMLP"),
+        ("TIPSv2", "tipsv2", "Tipsv2VisionMLP"), ("X-CLIP", "x_clip", "XCLIPMLP"))],
+    _tower_mlp("GroupViT", "groupvit", "GroupViTMixerMLP", notes="the token-mixing MLP: its own transposes stay"),
+    *[_tower_mlp(name, mod, cls, linears=("linear_fc1", "linear_fc2"), act="act_fn") for name, mod, cls in (
+        ("Qwen3.5", "qwen3_5", "Qwen3_5VisionMLP"), ("Qwen3.5-MoE", "qwen3_5_moe", "Qwen3_5MoeVisionMLP"),
+        ("Qwen3-Omni-MoE", "qwen3_omni_moe", "Qwen3OmniMoeVisionMLP"),
+        ("Qwen3-VL-MoE", "qwen3_vl_moe", "Qwen3VLMoeVisionMLP"), ("Qwen4-Exp", "qwen4_exp", "Qwen4ExpVisionMLP"),
+        ("Cohere Compass", "cohere_compass", "CohereCompassVisionMLP"))],
+    *[_tower_mlp(name, mod, cls, act="act") for name, mod, cls in (
+        ("Ernie-4.5-VL", "ernie4_5_vl_moe", "Ernie4_5VLVisionMLP"), ("Kimi K2.5", "kimi_k25", "Kimi_K25VisionMLP"),
+        ("Muse Glimmer", "muse_glimmer", "MuseGlimmerVisionMLP"), ("Muse Spark", "muse_spark", "MuseSparkVisionMLP"))],
+    *[_tower_mlp(name, mod, cls, linears=("wi_0", "wi_1", "wo"), act="act",
+                 notes="T5-style gated GELU: wi_0's activation in its epilogue; the product, dropout and wo's "
+                 "dtype guard stay the original's") for name, mod, cls in (
+        ("Kosmos-2.5", "kosmos2_5", "Kosmos2_5VisionMlp"), ("Pix2Struct", "pix2struct", "Pix2StructVisionMlp"))],
+    *[_tower_gated(name, mod, cls) for name, mod, cls in (
+        ("DeepSeek-OCR 2", "deepseek_ocr2", "DeepseekOcr2VisionMLP"), ("dots.3 note", "dots3_note", "Dots3NoteVisionMLP"),
+        ("GLM-OCR", "glm_ocr", "GlmOcrVisionMlp"), ("Ovis2", "ovis2", "Ovis2VisionMLP"),
+        ("TIPSv2", "tipsv2", "Tipsv2VisionSwiGLUFFN"))],
+    Family("LFM3-VL", "lfm3_vl", ("Lfm3VlVisionMLP",), "gated mlp", (("gated", ("w1", "w3", "w2", None)),
+           ("fixed_act", "silu")), notes="SwiGLU with F.silu written in its forward", tower=True),
+    Family("GLM-5-Next", "glm5_next", ("Glm5NextVisionMLP",), "mlp", (("linears", ("gate_proj", "up_proj", "down_proj")),),
+           notes="SwiGLU with clamps between the GEMMs and the activation: the three GEMMs swapped, the clamps, "
+           "SiLU and product stay the original's", tower=True),
     # cross-attention
     Family("Idefics2", "idefics2", ("Idefics2PerceiverAttention",), "cross-attention",
            (("dropin", "mmfuse.nn.attention.Idefics2PerceiverAttention"),),
@@ -1098,13 +1136,15 @@ def is_model_level(family: Family) -> bool:
     return RECIPES[family.recipe].kind == MODEL_MERGE
 
 
-def declined_reason(module: nn.Module) -> str | None:
-    """Why the registry leaves this transformers class alone, or None if it is not listed."""
+def declined_reason(module: nn.Module, vision_tower: bool = False) -> str | None:
+    """Why the registry leaves this transformers class alone, or None if it is not listed (tower MLPs
+    only with ``vision_tower``: without it no tower MLP is swapped)."""
     cls = type(module)
     parts = cls.__module__.split(".")
     if len(parts) < 3 or parts[:2] != ["transformers", "models"]:
         return None
-    return DECLINED.get((parts[2], cls.__name__))
+    key = (parts[2], cls.__name__)
+    return DECLINED.get(key) or (TOWER_DECLINED.get(key) if vision_tower else None)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -1190,6 +1230,17 @@ DECLINED: dict[tuple[str, str], str] = {
 }
 
 
+#: Vision-tower MLP-like classes (``tower_mlp_like_classes``) that ``vision_tower=True`` leaves alone.
+TOWER_DECLINED: dict[tuple[str, str], str] = {
+    ("gemma4", "Gemma4VisionMLP"): "its Linears are Gemma4ClippableLinear (input / output clipping around the "
+    "matmul), not nn.Linear",
+    ("granite4_vision", "Granite4VisionTextMLP"): "the language model's MLP, not the vision tower's",
+    ("llama4", "Llama4VisionMLP2"): "part of the covered Llama4VisionPixelShuffleMLP (the vision adapter)",
+    ("ernie4_5_vl_moe", "Ernie4_5_VLMoeVisionMLP"): "the resampler's spatial / temporal MLP: its Linears run on "
+    "mmfuse inside the covered Ernie-4.5-VL resampler",
+}
+
+
 # ----------------------------------------------------------------------------------------------
 # What "projector-like" means (tests/test_registry.py enumerates with it)
 # ----------------------------------------------------------------------------------------------
@@ -1253,15 +1304,24 @@ NOT_ENUMERATED = {("idefics2", "Idefics2PerceiverAttention"), ("idefics2", "Idef
                   ("minicpmv4_7", "MiniCPMV4_7DownsampleMLP"), ("llama4", "Llama4VisionPixelShuffleMLP")}
 
 
-def projector_like_classes() -> list[tuple[str, str]]:
-    """(module, class) of every projector-like class of every vision-language model module of the
-    installed transformers, read from the source files (nothing imported)."""
+#: A vision-tower MLP-like class: a name with one of the first words and one of the second.
+TOWER_MLP_WORDS = (("Vision", "ViT", "Vit", "Siglip", "Clip", "CLIP"), ("MLP", "Mlp", "FeedForward", "FFN"))
+
+
+def tower_mlp_like_classes() -> list[tuple[str, str]]:
+    """(module, class) of every vision-tower-MLP-like class of every vision-language model module of the
+    installed transformers (the projector enumeration's modules), read from the source files."""
+    return _classes_named(r"^class (\w*(?:" + "|".join(TOWER_MLP_WORDS[0]) + r")\w*(?:"
+                          + "|".join(TOWER_MLP_WORDS[1]) + r")\w*)\(")
+
+
+def _classes_named(regex: str) -> list[tuple[str, str]]:
     import pathlib
     import re
 
     import transformers
 
-    pattern = re.compile(r"^class (\w*(?:" + "|".join(PROJECTOR_WORDS) + r")\w*)\(", re.M)
+    pattern = re.compile(regex, re.M)
     found = []
     for d in sorted((pathlib.Path(transformers.__file__).parent / "models").iterdir()):
         config_src = "".join(p.read_text() for p in d.glob("configuration_*.py"))
@@ -1270,6 +1330,12 @@ def projector_like_classes() -> list[tuple[str, str]]:
         for path in sorted(d.glob("modeling_*.py")):
             found += [(d.name, c) for c in pattern.findall(path.read_text())]
     return found
+
+
+def projector_like_classes() -> list[tuple[str, str]]:
+    """(module, class) of every projector-like class of every vision-language model module of the
+    installed transformers, read from the source files (nothing imported)."""
+    return _classes_named(r"^class (\w*(?:" + "|".join(PROJECTOR_WORDS) + r")\w*)\(")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -1319,14 +1385,16 @@ def models_table() -> str:
               f"projectors / mergers / connectors** ({c[CROSS_ATTENTION]} of them resampler cross-attention) "
               f"and **{c[PATCH_EMBED]} vision patch embeddings**; with `vision_tower=True`, also **{c[TOWER_MLP]} "
               f"vision-tower MLP classes**. {c[MODEL_MERGE]} model classes hand the token merge they run outside "
-              f"their projector to its first GEMM. {len(DECLINED)} more projector-like classes "
-              "are recognised and left alone, each with its reason (`mmfuse models --declined`)."]
+              f"their projector to its first GEMM. {len(DECLINED)} more projector-like classes and "
+              f"{len(TOWER_DECLINED)} tower-MLP-like ones are recognised and left alone, each with its reason "
+              "(`mmfuse models --declined`)."]
     return "\n".join(lines)
 
 
 def declined_table() -> str:
     lines = ["| module | class | why it is left alone |", "|---|---|---|"]
     lines += [f"| {mod} | `{cls}` | {why} |" for (mod, cls), why in sorted(DECLINED.items())]
+    lines += [f"| {mod} | `{cls}` | vision tower: {why} |" for (mod, cls), why in sorted(TOWER_DECLINED.items())]
     return "\n".join(lines)
 
 

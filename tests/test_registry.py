@@ -1034,6 +1034,65 @@ TOWER_BUILDERS = {  # activations: quick_gelu (CLIP, Qwen2-VL), gelu_tanh (SigLI
 }
 
 
+def _dim_mlp(mod, cls):
+    """A tower MLP built as cls(dim, hidden_dim, hidden_act) (Ernie, Kimi K2.5, Muse)."""
+    return lambda: (_mod(mod, cls)(V, 32, "gelu_pytorch_tanh"), _tokens(7, V))
+
+
+TOWER_BUILDERS.update({
+    **{(mod, cls): _tower_block(mod, cls, cfg) for mod, cls, cfg in (
+        ("altclip", "AltCLIPMLP", "AltCLIPVisionConfig"), ("chinese_clip", "ChineseCLIPVisionMLP", "ChineseCLIPVisionConfig"),
+        ("clipseg", "CLIPSegMLP", "CLIPSegVisionConfig"), ("git", "GitVisionMLP", "GitVisionConfig"),
+        ("glm_image", "GlmImageVisionMLP", "GlmImageVisionConfig"),
+        ("granite_docling", "GraniteDoclingVisionMLP", "GraniteDoclingVisionConfig"),
+        ("groupvit", "GroupViTMLP", "GroupViTVisionConfig"),
+        ("inkling2", "Inkling2VisionMLP", "Inkling2VisionConfig"), ("kosmos2", "Kosmos2VisionMLP", "Kosmos2VisionConfig"),
+        ("metaclip_2", "MetaClip2MLP", "MetaClip2VisionConfig"), ("minicpm_ocr", "MiniCPMOcrVisionMLP", "MiniCPMOcrVisionConfig"),
+        ("minicpmv4_6", "MiniCPMV4_6VisionMLP", "MiniCPMV4_6VisionConfig"),
+        ("minicpmv4_7", "MiniCPMV4_7VisionMLP", "MiniCPMV4_7VisionConfig"),
+        ("minimax_m3_vl", "MiniMaxM3VLVisionMLP", "MiniMaxM3VLVisionConfig"), ("mllama", "MllamaVisionMLP", "MllamaVisionConfig"),
+        ("molmo2", "Molmo2VisionMLP", "Molmo2VisionConfig"), ("owlvit", "OwlViTMLP", "OwlViTVisionConfig"),
+        ("phi4_multimodal", "Phi4MultimodalVisionMLP", "Phi4MultimodalVisionConfig"),
+        ("qianfan_ocr", "QianfanOCRVisionMLP", "QianfanOCRVisionConfig"), ("step3p7", "Step3p7VisionMLP", "Step3p7VisionConfig"),
+        ("x_clip", "XCLIPMLP", "XCLIPVisionConfig"),
+        ("qwen3_5", "Qwen3_5VisionMLP", "Qwen3_5VisionConfig"), ("qwen3_5_moe", "Qwen3_5MoeVisionMLP", "Qwen3_5MoeVisionConfig"),
+        ("qwen3_omni_moe", "Qwen3OmniMoeVisionMLP", "Qwen3OmniMoeVisionEncoderConfig"),
+        ("qwen3_vl_moe", "Qwen3VLMoeVisionMLP", "Qwen3VLMoeVisionConfig"), ("qwen4_exp", "Qwen4ExpVisionMLP", "Qwen4ExpVisionConfig"),
+        ("cohere_compass", "CohereCompassVisionMLP", "CohereCompassVisionConfig"),
+        ("deepseek_ocr2", "DeepseekOcr2VisionMLP", "DeepseekOcr2VisionEncoderConfig"),
+        ("glm_ocr", "GlmOcrVisionMlp", "GlmOcrVisionConfig"),
+        ("ovis2", "Ovis2VisionMLP", "Ovis2VisionConfig"), ("tipsv2", "Tipsv2VisionSwiGLUFFN", "Tipsv2VisionConfig"),
+        ("lfm3_vl", "Lfm3VlVisionMLP", "Lfm3VlVisionConfig"), ("glm5_next", "Glm5NextVisionMLP", "Glm5NextVisionConfig"),
+        ("kosmos2_5", "Kosmos2_5VisionMlp", "Kosmos2_5VisionConfig"),
+        ("pix2struct", "Pix2StructVisionMlp", "Pix2StructVisionConfig"))},
+    ("florence2", "Florence2VisionMLP"): lambda: (_mod("florence2", "Florence2VisionMLP")(
+        M.florence2.Florence2VisionConfig(embed_dim=[8, V], mlp_ratio=2.0), 1), _tokens(7, V, batch=2)),
+    ("janus", "JanusVisionMLP"): _tower_block("janus", "JanusVisionMLP", "JanusVisionConfig", mlp_ratio=2.0),
+    ("dots3_note", "Dots3NoteVisionMLP"): _tower_block("dots3_note", "Dots3NoteVisionMLP", "Dots3NoteVisionConfig",
+                                                       adapter_in_dim=V),
+    # the token-mixing MLP: over the 7 tokens of (2, 7, V) inputs (its forward transposes them)
+    ("groupvit", "GroupViTMixerMLP"): lambda: (_mod("groupvit", "GroupViTMixerMLP")(
+        M.groupvit.GroupViTVisionConfig(hidden_size=V, intermediate_size=32, num_attention_heads=2), 7, 20, 7),
+        _tokens(7, V, batch=2)),
+    ("tipsv2", "Tipsv2VisionMLP"): _tower_block("tipsv2", "Tipsv2VisionMLP", "Tipsv2VisionConfig", mlp_ratio=2.0),
+    **{(mod, cls): _dim_mlp(mod, cls) for mod, cls in (
+        ("ernie4_5_vl_moe", "Ernie4_5VLVisionMLP"), ("kimi_k25", "Kimi_K25VisionMLP"),
+        ("muse_glimmer", "MuseGlimmerVisionMLP"), ("muse_spark", "MuseSparkVisionMLP"))},
+})
+
+
+def test_every_tower_mlp_like_class_is_covered_or_declined():
+    """The tower's side of the enumeration: every vision-tower-MLP-like class of the installed transformers'
+    vision-language modules is swapped by ``vision_tower=True`` (or covered as a projector) or declined with
+    its reason; a new class in a future transformers fails here until someone decides."""
+    found = set(registry.tower_mlp_like_classes())
+    covered = {(f.module, c) for f in registry.FAMILIES for c in f.classes}
+    unknown = sorted(found - covered - set(registry.TOWER_DECLINED))
+    assert not unknown, f"tower MLP classes neither covered nor declined (decide, then list them): {unknown}"
+    assert not sorted(set(registry.TOWER_DECLINED) - found), "stale TOWER_DECLINED entries"
+    assert all(registry.TOWER_DECLINED.values()) and not covered & set(registry.TOWER_DECLINED)
+
+
 def test_every_tower_family_class_has_a_builder():
     tower = {(f.module, c) for f in registry.FAMILIES if f.tower for c in f.classes}
     assert tower == set(TOWER_BUILDERS)
@@ -1551,3 +1610,12 @@ def test_unfold_patch_embed_packs_its_weight_once_and_again_after_an_update(monk
         module.linear.weight.mul_(2)  # an in-place update: a new version of the same tensor
     torch.testing.assert_close(model(x), 2 * first)
     assert len(packs) == 2
+
+
+def test_vision_tower_patch_reports_a_declined_tower_mlp():
+    """A tower MLP the registry declines is named with its reason in the report, with vision_tower=True only."""
+    cfg = M.gemma4.Gemma4VisionConfig(**_TINY_VIT)
+    model = _Parent(_mod("gemma4", "Gemma4VisionMLP")(cfg))
+    assert not mmfuse.patch(model).left_alone
+    left = {name: why for name, _, why in mmfuse.patch(model, vision_tower=True).left_alone}
+    assert "Gemma4ClippableLinear" in left["target"]
