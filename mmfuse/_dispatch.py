@@ -68,3 +68,46 @@ def autocast_inputs(*tensors: torch.Tensor | None) -> list:
         return [t.to(dtype) if t is not None and t.is_floating_point() and t.dtype != torch.float64 else t
                 for t in tensors]
     return list(tensors)
+
+
+# ----------------------------------------------------------------------------------------------
+# Calling an op: through torch.library, or its implementation directly where nothing can tell
+# ----------------------------------------------------------------------------------------------
+_PLAIN_TENSORS = (torch.Tensor, torch.nn.Parameter)
+
+
+def custom_op(name: str, **kwargs):
+    """``torch.library.custom_op(name, **kwargs)`` that also keeps the undecorated implementation, for
+    ``call_op``."""
+    def register(fn):
+        op = torch.library.custom_op(name, **kwargs)(fn)
+        op._mmfuse_impl = fn
+        return op
+    return register
+
+
+def _direct_call_is_invisible(tensors) -> bool:
+    """True when calling an op's implementation is indistinguishable from calling the op: no autograd
+    graph to record, plain tensors (no subclass, FakeTensor or DTensor), and no tracer, compiler,
+    dispatch or function mode, or functorch transform that would want to see the op."""
+    if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
+        return False
+    if any(type(t) not in _PLAIN_TENSORS for t in tensors):
+        return False
+    try:
+        return not (torch.compiler.is_compiling() or torch.jit.is_tracing() or torch._C._len_torch_dispatch_stack()
+                    or torch._C._is_torch_function_mode_enabled() or torch._C._are_functorch_transforms_active())
+    except AttributeError:  # (a torch without one of these queries: take the op)
+        return False
+
+
+def call_op(op, *args):
+    """``op(*args)`` (an op made by ``custom_op``); where no autograd, tracing, compiling or mode could see
+    the difference (``_direct_call_is_invisible``), its implementation called directly: the same
+    kernels and results without torch.library's dispatch, which costs about a third of an inference
+    forward's host time (bench/NOTES.md, "Host overhead per call")."""
+    tensors = [a for a in args if isinstance(a, torch.Tensor)]
+    tensors += [t for a in args if isinstance(a, (list, tuple)) for t in a if isinstance(t, torch.Tensor)]
+    if _direct_call_is_invisible(tensors):
+        return op._mmfuse_impl(*args)
+    return op(*args)

@@ -151,3 +151,40 @@ def test_overhead_script_runs_and_restores_the_kernels(decisions):
     for mod, attrs in before.items():
         assert all(vars(mod)[k] is v for k, v in attrs.items())
     assert "cross_attention" in H.profile("blip2", calls=2, top=3)
+
+
+def test_inference_calls_skip_torch_library_only_where_nothing_can_tell(monkeypatch):
+    """``call_op`` runs an op's implementation directly for inference on plain tensors (the same result,
+    bit for bit), and the op itself wherever autograd, a dispatch mode or the compiler would see it."""
+    import mmfuse
+    from mmfuse.ops import cross_attention as ops_attn
+    from mmfuse.ops import linear as ops_linear
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    direct = []
+    for op in (ops_linear.linear_fwd_op, ops_attn.cross_attention_fwd_op):
+        impl = op._mmfuse_impl
+        monkeypatch.setattr(op, "_mmfuse_impl", lambda *a, impl=impl, op=op: direct.append(op) or impl(*a))
+
+    class Record(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.ops = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.ops.append(str(func))
+            return func(*args, **(kwargs or {}))
+
+    torch.manual_seed(0)
+    x, w, b = torch.randn(5, 24), torch.randn(40, 24), torch.randn(40)
+    q, k, v = torch.randn(1, 2, 3, 16), torch.randn(2, 2, 9, 16), torch.randn(2, 2, 9, 16)
+    with torch.no_grad():
+        y1, o1 = mmfuse.linear(x, w, b, "gelu"), mmfuse.cross_attention(q, k, v)
+    assert len(direct) == 2
+    with torch.no_grad(), Record() as mode:
+        y2, o2 = mmfuse.linear(x, w, b, "gelu"), mmfuse.cross_attention(q, k, v)
+    assert len(direct) == 2 and any("mmfuse.linear_fwd" in op for op in mode.ops)
+    assert any("mmfuse.cross_attention_fwd" in op for op in mode.ops)
+    assert torch.equal(y1, y2) and torch.equal(o1, o2)
+    y3 = mmfuse.linear(x, w.requires_grad_(), b, "gelu")  # autograd records the op
+    assert len(direct) == 2 and y3.grad_fn is not None and torch.equal(y3.detach(), y1)

@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from mmfuse._checks import check_like, check_tensor
-from mmfuse._dispatch import REFERENCE, autocast_inputs, backend_for
+from mmfuse._dispatch import REFERENCE, autocast_inputs, backend_for, call_op, custom_op
 from mmfuse.kernels import cross_attention as K
 from mmfuse.kernels._common import dot_precision
 
@@ -136,7 +136,7 @@ def _acc(dtype):
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-@torch.library.custom_op("mmfuse::cross_attention_fwd", mutates_args=())
+@custom_op("mmfuse::cross_attention_fwd", mutates_args=())
 def cross_attention_fwd_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_lens: torch.Tensor | None,
                            key_mask: torch.Tensor | None, scale: float, splits: int,
                            k2: torch.Tensor | None = None, v2: torch.Tensor | None = None
@@ -154,7 +154,7 @@ def _(q, k, v, kv_lens, key_mask, scale, splits, k2=None, v2=None):
     return q.new_empty(B, Lq, Hq, q.shape[3]).transpose(1, 2), q.new_empty(B, Hq, Lq, dtype=_acc(q.dtype))
 
 
-@torch.library.custom_op("mmfuse::cross_attention_bwd", mutates_args=())
+@custom_op("mmfuse::cross_attention_bwd", mutates_args=())
 def cross_attention_bwd_op(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o: torch.Tensor,
                            lse: torch.Tensor, kv_lens: torch.Tensor | None, key_mask: torch.Tensor | None,
                            scale: float, need_q: bool, need_kv: bool,
@@ -240,7 +240,7 @@ def cross_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, kv_len
     if reference:
         k, v, key_mask = _concat(k, k2, v, v2, key_mask)
         return cross_attention_reference(q, k, v, kv_lens=kv_lens, key_mask=key_mask, scale=scale)
-    o, _ = cross_attention_fwd_op(q, k, v, kv_lens, key_mask, scale, int(_splits), k2, v2)
+    o, _ = call_op(cross_attention_fwd_op, q, k, v, kv_lens, key_mask, scale, int(_splits), k2, v2)
     return o
 
 

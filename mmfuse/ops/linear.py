@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from mmfuse._checks import check_choice, check_like, check_size, check_tensor
-from mmfuse._dispatch import REFERENCE, autocast_inputs, backend_for
+from mmfuse._dispatch import REFERENCE, autocast_inputs, backend_for, call_op, custom_op
 from mmfuse.kernels import linear as K
 
 ACTIVATION_NAMES = (None, "gelu", "gelu_tanh", "quick_gelu", "silu", "relu", "relu2")
@@ -93,7 +93,7 @@ def _acc_sum_rows(dh: torch.Tensor) -> torch.Tensor:
     return dh.sum(0, dtype=torch.float64 if dh.dtype == torch.float64 else torch.float32).to(dh.dtype)
 
 
-@torch.library.custom_op("mmfuse::linear_fwd", mutates_args=())
+@custom_op("mmfuse::linear_fwd", mutates_args=())
 def linear_fwd_op(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, activation: str | None,
                   save_preact: bool) -> tuple[torch.Tensor, torch.Tensor]:
     """(y, h): y = act(x @ W^T + b) on 2-D x; h the pre-activation when saved for backward."""
@@ -107,7 +107,7 @@ def _(x, weight, bias, activation, save_preact):
     return x.new_empty(shape), (x.new_empty(shape) if save_preact and activation else _nothing(x))
 
 
-@torch.library.custom_op("mmfuse::linear_bwd", mutates_args=())
+@custom_op("mmfuse::linear_bwd", mutates_args=())
 def linear_bwd_op(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, h: torch.Tensor,
                   activation: str | None, need_x: bool, need_w: bool, need_b: bool,
                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -149,7 +149,7 @@ def _linear_backward(ctx, dy, _dh):
 linear_fwd_op.register_autograd(_linear_backward, setup_context=_linear_setup)
 
 
-@torch.library.custom_op("mmfuse::mlp_fwd", mutates_args=())
+@custom_op("mmfuse::mlp_fwd", mutates_args=())
 def mlp_fwd_op(x: torch.Tensor, weights: list[torch.Tensor], biases: list[torch.Tensor], has_bias: list[bool],
                activation: str | None, save: bool) -> tuple[torch.Tensor, list[torch.Tensor], list[torch.Tensor]]:
     """(y, hidden, preacts): hidden[i] = layer i's output (layer i+1's input) and preacts[i] its
@@ -180,7 +180,7 @@ def _(x, weights, biases, has_bias, activation, save):
     return y, hidden, pre
 
 
-@torch.library.custom_op("mmfuse::mlp_bwd", mutates_args=())
+@custom_op("mmfuse::mlp_bwd", mutates_args=())
 def mlp_bwd_op(dy: torch.Tensor, x: torch.Tensor, hidden: list[torch.Tensor], weights: list[torch.Tensor],
                preacts: list[torch.Tensor], activation: str | None, need_x: bool, need_w: list[bool],
                need_b: list[bool]) -> tuple[torch.Tensor, list[torch.Tensor], list[torch.Tensor]]:
@@ -261,7 +261,8 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     x, weight, bias = autocast_inputs(x, weight, bias)
     _check_layer(x, weight, bias, x.shape[-1])
     lead = x.shape[:-1]
-    y, _ = linear_fwd_op(x.reshape(-1, x.shape[-1]), weight, bias, activation, _needs_grad(x, weight, bias))
+    y, _ = call_op(linear_fwd_op, x.reshape(-1, x.shape[-1]), weight, bias, activation,
+                   _needs_grad(x, weight, bias))
     return y.reshape(*lead, weight.shape[0])
 
 
@@ -298,8 +299,8 @@ def mlp(x: torch.Tensor, weights: Sequence[torch.Tensor], biases: Sequence[torch
     lead = x.shape[:-1]
     has_bias = [b is not None for b in biases]
     placeholders = [b if b is not None else _nothing(x) for b in biases]
-    y, _, _ = mlp_fwd_op(x.reshape(-1, x.shape[-1]), weights, placeholders, has_bias, activation,
-                         _needs_grad(x, *weights, *biases))
+    y, _, _ = call_op(mlp_fwd_op, x.reshape(-1, x.shape[-1]), weights, placeholders, has_bias, activation,
+                      _needs_grad(x, *weights, *biases))
     return y.reshape(*lead, features)
 
 
@@ -365,7 +366,7 @@ def gated_mlp_reference(x, w_gate, w_up, w_down, b_gate=None, b_up=None, b_down=
                     w_down, b_down)
 
 
-@torch.library.custom_op("mmfuse::gated_mlp_fwd", mutates_args=())
+@custom_op("mmfuse::gated_mlp_fwd", mutates_args=())
 def gated_mlp_fwd_op(x: torch.Tensor, w_gate: torch.Tensor, w_up: torch.Tensor, w_down: torch.Tensor,
                      b_gate: torch.Tensor | None, b_up: torch.Tensor | None, b_down: torch.Tensor | None,
                      activation: str, save: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -382,7 +383,7 @@ def _(x, w_gate, w_up, w_down, b_gate, b_up, b_down, activation, save):
     return y, (x.new_empty(M, N) if save else _nothing(x)), (x.new_empty(M, 2 * N) if save else _nothing(x))
 
 
-@torch.library.custom_op("mmfuse::gated_mlp_bwd", mutates_args=())
+@custom_op("mmfuse::gated_mlp_bwd", mutates_args=())
 def gated_mlp_bwd_op(dy: torch.Tensor, x: torch.Tensor, h: torch.Tensor, gu: torch.Tensor, w_gate: torch.Tensor,
                      w_up: torch.Tensor, w_down: torch.Tensor, activation: str, need_x: bool, need_gate_up: bool,
                      need_down: bool, need_b_gate_up: bool, need_b_down: bool,
@@ -467,8 +468,8 @@ def gated_mlp(x: torch.Tensor, w_gate: torch.Tensor, w_up: torch.Tensor, w_down:
         b_gate = b_gate if b_gate is not None else torch.zeros_like(b_up)
         b_up = b_up if b_up is not None else torch.zeros_like(b_gate)
     lead = x.shape[:-1]
-    y, _, _ = gated_mlp_fwd_op(x.reshape(-1, x.shape[-1]), w_gate, w_up, w_down, b_gate, b_up, b_down, activation,
-                               _needs_grad(x, w_gate, w_up, w_down, b_gate, b_up, b_down))
+    y, _, _ = call_op(gated_mlp_fwd_op, x.reshape(-1, x.shape[-1]), w_gate, w_up, w_down, b_gate, b_up, b_down,
+                      activation, _needs_grad(x, w_gate, w_up, w_down, b_gate, b_up, b_down))
     return y.reshape(*lead, w_down.shape[0])
 
 

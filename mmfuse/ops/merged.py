@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from mmfuse._checks import check_choice, check_like, check_size, check_tensor
-from mmfuse._dispatch import REFERENCE, autocast_inputs, backend_for
+from mmfuse._dispatch import REFERENCE, autocast_inputs, backend_for, call_op, custom_op
 from mmfuse.kernels import linear as KL
 from mmfuse.kernels import merged_gemm as KM
 from mmfuse.ops.linear import (ACTIVATION_NAMES, GATE_ACTIVATIONS, _acc_sum_rows, _check_layer, _needs_grad, _nothing,
@@ -81,7 +81,7 @@ def merged_mlp_reference(x, weights, biases=None, activation="gelu", *, group, t
 # ----------------------------------------------------------------------------------------------
 # Custom operators
 # ----------------------------------------------------------------------------------------------
-@torch.library.custom_op("mmfuse::merged_mlp_fwd", mutates_args=())
+@custom_op("mmfuse::merged_mlp_fwd", mutates_args=())
 def merged_mlp_fwd_op(x: torch.Tensor, token_map: torch.Tensor, has_map: bool, group: int, norm: str | None,
                       gamma: torch.Tensor, beta: torch.Tensor, eps: float, post: bool, weights: list[torch.Tensor],
                       biases: list[torch.Tensor], has_bias: list[bool], activation: str | None, save: bool,
@@ -130,7 +130,7 @@ def _(x, token_map, has_map, group, norm, gamma, beta, eps, post, weights, biase
         [x.new_empty(M, w.shape[0]) if activation else x.new_empty(0) for w in (weights if final_act else weights[:-1])]
 
 
-@torch.library.custom_op("mmfuse::merged_mlp_bwd", mutates_args=())
+@custom_op("mmfuse::merged_mlp_bwd", mutates_args=())
 def merged_mlp_bwd_op(dy: torch.Tensor, x: torch.Tensor, token_map: torch.Tensor, has_map: bool, group: int,
                       norm: str | None, gamma: torch.Tensor, beta: torch.Tensor, eps: float, post: bool,
                       stats: torch.Tensor, hidden: list[torch.Tensor], weights: list[torch.Tensor],
@@ -217,7 +217,7 @@ merged_mlp_fwd_op.register_autograd(_merged_backward, setup_context=_merged_setu
 
 
 # Average pooling (Gemma 3): a row-wise kernel, then the MLP's GEMMs on its (M, C) output
-@torch.library.custom_op("mmfuse::pool_norm_fwd", mutates_args=())
+@custom_op("mmfuse::pool_norm_fwd", mutates_args=())
 def pool_norm_fwd_op(x: torch.Tensor, token_map: torch.Tensor, group: int, norm: str | None, gamma: torch.Tensor,
                      beta: torch.Tensor, eps: float, gamma_shift: float, save: bool,
                      ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -236,7 +236,7 @@ def _(x, token_map, group, norm, gamma, beta, eps, gamma_shift, save):
         x.new_empty(M, 2, dtype=acc) if keep else x.new_empty(0)
 
 
-@torch.library.custom_op("mmfuse::pool_norm_bwd", mutates_args=())
+@custom_op("mmfuse::pool_norm_bwd", mutates_args=())
 def pool_norm_bwd_op(da: torch.Tensor, token_map: torch.Tensor, tokens: int, group: int, norm: str | None,
                      gamma: torch.Tensor, pooled: torch.Tensor, stats: torch.Tensor, gamma_shift: float,
                      ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -409,7 +409,7 @@ def merged_mlp(x: torch.Tensor, weights: Sequence[torch.Tensor], biases: Sequenc
     beta = norm_bias if norm == "layer" else x.new_empty(0)
     has_bias = [b is not None for b in biases]
     placeholders = [b if b is not None else _nothing(x) for b in biases]
-    y, _, _, _ = merged_mlp_fwd_op(x, tmap, token_map is not None, group, norm, gamma, beta, float(eps),
+    y, _, _, _ = call_op(merged_mlp_fwd_op, x, tmap, token_map is not None, group, norm, gamma, beta, float(eps),
                                    norm_after_merge, weights, placeholders, has_bias, activation,
                                    _needs_grad(x, gamma if norm else None, beta if norm == "layer" else None,
                                                *weights, *biases), -1 if gate_half is None else gate_half,
@@ -427,7 +427,7 @@ def _pooled_mlp(x, weights, biases, activation, group, token_map, norm, norm_wei
         torch.arange(x.shape[0], dtype=torch.int32, device=x.device).view(-1, group)
     gamma = norm_weight if norm is not None else x.new_empty(0)
     beta = norm_bias if norm == "layer" else x.new_empty(0)
-    a, _, _ = pool_norm_fwd_op(x, table, group, norm, gamma, beta, float(eps), float(offset),
+    a, _, _ = call_op(pool_norm_fwd_op, x, table, group, norm, gamma, beta, float(eps), float(offset),
                                _needs_grad(x, gamma if norm else None, beta if norm == "layer" else None))
     return mlp(a, weights, biases, activation)
 

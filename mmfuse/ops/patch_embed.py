@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 
 from mmfuse._checks import check_like, check_tensor
-from mmfuse._dispatch import REFERENCE, autocast_inputs, backend_for
+from mmfuse._dispatch import REFERENCE, autocast_inputs, backend_for, call_op, custom_op
 from mmfuse.kernels import patch_embed as K
 
 
@@ -148,7 +148,7 @@ def _rows(pixels, weight, prefix):
 # Custom operators with autograd (opaque to torch.compile, with fake implementations), as in
 # mmfuse/ops/linear.py. Inputs are checked by the caller. ``packed`` is the forward's packed weight
 # when a module's cache holds one (it may be a view of the weight, so it is an input, never an output).
-@torch.library.custom_op("mmfuse::patch_embed_fwd", mutates_args=())
+@custom_op("mmfuse::patch_embed_fwd", mutates_args=())
 def patch_embed_fwd_op(pixels: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
                        pos_embed: torch.Tensor | None, class_embedding: torch.Tensor | None,
                        packed: torch.Tensor | None) -> torch.Tensor:
@@ -173,7 +173,7 @@ def _(pixels, weight, bias, pos_embed, class_embedding, packed):
     return pixels.new_empty(pixels.shape[0], L, weight.shape[0])
 
 
-@torch.library.custom_op("mmfuse::patch_embed_bwd", mutates_args=())
+@custom_op("mmfuse::patch_embed_bwd", mutates_args=())
 def patch_embed_bwd_op(g: torch.Tensor, pixels: torch.Tensor, weight: torch.Tensor, packed: torch.Tensor | None,
                        prefix: int, pos_shape: list[int], need_x: bool, need_w: bool, need_b: bool, need_p: bool,
                        need_c: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -266,7 +266,7 @@ def fused_patch_embed(pixels, weight, bias=None, pos_embed=None, class_embedding
             return patch_embed_reference(pixels, weight, bias, pos_embed)
         return patch_embed_with_class_reference(pixels, weight, bias, pos_embed, class_embedding)
     packed = cache.get(weight, cache_owner) if cache is not None and weight is given else None  # not an autocast copy
-    return patch_embed_fwd_op(pixels, weight, bias, pos_embed, class_embedding, packed)
+    return call_op(patch_embed_fwd_op, pixels, weight, bias, pos_embed, class_embedding, packed)
 
 
 # ----------------------------------------------------------------------------------------------
