@@ -89,14 +89,16 @@ def custom_op(name: str, **kwargs):
 def _direct_call_is_invisible(tensors) -> bool:
     """True when calling an op's implementation is indistinguishable from calling the op: no autograd
     graph to record, plain tensors (no subclass, FakeTensor or DTensor), and no tracer, compiler,
-    dispatch or function mode, or functorch transform that would want to see the op."""
+    dispatch or function mode, functorch transform or profiler that would want to see the op. (A kernel
+    registered for an mmfuse op with ``torch.library.register_kernel`` is not consulted on this path.)"""
     if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
         return False
     if any(type(t) not in _PLAIN_TENSORS for t in tensors):
         return False
     try:
         return not (torch.compiler.is_compiling() or torch.jit.is_tracing() or torch._C._len_torch_dispatch_stack()
-                    or torch._C._is_torch_function_mode_enabled() or torch._C._are_functorch_transforms_active())
+                    or torch._C._is_torch_function_mode_enabled() or torch._C._are_functorch_transforms_active()
+                    or torch.autograd._profiler_enabled())
     except AttributeError:  # (a torch without one of these queries: take the op)
         return False
 

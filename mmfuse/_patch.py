@@ -25,19 +25,29 @@ _ORIGINAL = "_mmfuse_original"
 _HOOK_TABLES = ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks")
 
 
-def check_replaceable(module: nn.Module) -> None:
-    """``Unsupported`` when replacing ``module`` would silently change what it computes: a hook on it or
-    on a submodule (the replacement's modules would not run it), or a parametrized parameter (weight_norm,
-    spectral_norm: the replacement would hold one evaluation of it)."""
+def check_replaceable(module: nn.Module, root_hooks: bool = True) -> None:
+    """``Unsupported`` when replacing ``module`` would silently change what it computes: a hook on a
+    submodule (or on the module itself unless ``root_hooks`` is False: ``patch`` checks afterwards that
+    the replacement kept them), a ``forward`` set on an instance (accelerate's hooks: a copy would call
+    the original's), or a parametrized parameter (weight_norm, spectral_norm: the replacement would hold
+    one evaluation of it)."""
     from torch.nn.utils import parametrize
 
     for name, m in module.named_modules():
         where = f"submodule {name}" if name else "the module"
-        if any(getattr(m, table, None) for table in _HOOK_TABLES):
+        if (name or root_hooks) and any(getattr(m, table, None) for table in _HOOK_TABLES):
             raise Unsupported(f"{where} has hooks registered, which the replacement would not run")
+        if "forward" in m.__dict__:
+            raise Unsupported(f"{where} has its forward replaced on the instance (a hook library's wrapper), "
+                              "which the replacement would not call")
         if parametrize.is_parametrized(m):
             raise Unsupported(f"{where} has parametrized parameters (e.g. weight_norm), which the replacement "
                               "would hold as one evaluation")
+
+
+def _kept_hooks(old: nn.Module, new: nn.Module) -> bool:
+    """Whether ``new`` runs ``old``'s own hooks (a shallow copy carries its hook tables; a drop-in does not)."""
+    return all(dict(getattr(new, t, None) or {}) == dict(getattr(old, t, None) or {}) for t in _HOOK_TABLES)
 
 
 @dataclasses.dataclass
@@ -80,8 +90,10 @@ def patch(model: nn.Module, vision_tower: bool = False) -> PatchReport:
                 continue
             try:
                 if not registry.is_model_level(family):  # (a model's copy keeps its hooks; children are visited)
-                    check_replaceable(child)
+                    check_replaceable(child, root_hooks=False)
                 new = registry.build(child, family)
+                if not _kept_hooks(child, new):
+                    raise Unsupported("the module has hooks registered, which its replacement would not run")
             except Unsupported as why:
                 report.left_alone.append((qual, type(child).__name__, str(why)))
                 visit(child, qual)  # an inner part may still be replaceable

@@ -246,7 +246,7 @@ def _norm_form(m: nn.Module):
     """("layer" | "rms", weight, bias, eps) of a norm module the merged kernels compute exactly:
     nn.LayerNorm (affine), or an RMSNorm written as transformers' Qwen2RMSNorm / T5LayerNorm are
     (a ``weight``, ``variance_epsilon`` or ``eps``, no bias)."""
-    if isinstance(m, nn.LayerNorm):
+    if type(m) is nn.LayerNorm:  # (exactly: a subclass may compute something else)
         if m.weight is None or len(m.normalized_shape) != 1:
             raise _patch.Unsupported(f"{type(m).__name__}: expected an affine LayerNorm over one dimension")
         return "layer", m.weight, m.bias if m.bias is not None else torch.zeros_like(m.weight), m.eps
@@ -1088,6 +1088,16 @@ FAMILIES: list[Family] = [
         ("Qianfan-OCR", "qianfan_ocr", "QianfanOCRVisionMLP"), ("Step3p7", "step3p7", "Step3p7VisionMLP"),
         ("TIPSv2", "tipsv2", "Tipsv2VisionMLP"), ("X-CLIP", "x_clip", "XCLIPMLP"))],
     _tower_mlp("GroupViT", "groupvit", "GroupViTMixerMLP", notes="the token-mixing MLP: its own transposes stay"),
+    *[_tower_mlp(name, mod, cls) for name, mod, cls in (
+        ("BLIP", "blip", "BlipMLP"), ("BLIP-2", "blip_2", "Blip2MLP"), ("InstructBLIP", "instructblip", "InstructBlipMLP"),
+        ("InstructBLIP-Video", "instructblipvideo", "InstructBlipVideoMLP"), ("OWLv2", "owlv2", "Owlv2MLP"),
+        ("Cosmos 3 Edge", "cosmos3_edge", "Cosmos3EdgeMLP"), ("Unlimited-OCR", "unlimited_ocr", "UnlimitedOcrMLP"),
+        ("VideoPrism", "videoprism", "VideoPrismMLP"))],
+    *[_tower_mlp(name, mod, cls, linears=("lin1", "lin2"), act="act", notes="the SAM encoder's MLP block")
+      for name, mod, cls in (
+        ("DeepSeek-OCR 2", "deepseek_ocr2", "DeepseekOcr2SamMLPBlock"), ("GOT-OCR2", "got_ocr2", "GotOcr2MLPBlock"),
+        ("PP-FormulaNet", "pp_formulanet", "PPFormulaNetMLPBlock"),
+        ("Unlimited-OCR", "unlimited_ocr", "UnlimitedOcrSamMLPBlock"))],
     *[_tower_mlp(name, mod, cls, linears=("linear_fc1", "linear_fc2"), act="act_fn") for name, mod, cls in (
         ("Qwen3.5", "qwen3_5", "Qwen3_5VisionMLP"), ("Qwen3.5-MoE", "qwen3_5_moe", "Qwen3_5MoeVisionMLP"),
         ("Qwen3-Omni-MoE", "qwen3_omni_moe", "Qwen3OmniMoeVisionMLP"),
@@ -1103,7 +1113,9 @@ FAMILIES: list[Family] = [
     *[_tower_gated(name, mod, cls) for name, mod, cls in (
         ("DeepSeek-OCR 2", "deepseek_ocr2", "DeepseekOcr2VisionMLP"), ("dots.3 note", "dots3_note", "Dots3NoteVisionMLP"),
         ("GLM-OCR", "glm_ocr", "GlmOcrVisionMlp"), ("Ovis2", "ovis2", "Ovis2VisionMLP"),
-        ("TIPSv2", "tipsv2", "Tipsv2VisionSwiGLUFFN"))],
+        ("TIPSv2", "tipsv2", "Tipsv2VisionSwiGLUFFN"), ("GLM-4V-MoE", "glm4v_moe", "Glm4vMoeisionMlp"),
+        ("AIMv2", "aimv2", "Aimv2MLP"), ("Ovis2", "ovis2", "Ovis2MLP"), ("PE Video", "pe_video", "PeVideoEncoderMLP"),
+        ("Qwen2.5-Omni", "qwen2_5_omni", "Qwen2_5OmniMLP"))],
     Family("LFM3-VL", "lfm3_vl", ("Lfm3VlVisionMLP",), "gated mlp", (("gated", ("w1", "w3", "w2", None)),
            ("fixed_act", "silu")), notes="SwiGLU with F.silu written in its forward", tower=True),
     Family("GLM-5-Next", "glm5_next", ("Glm5NextVisionMLP",), "mlp", (("linears", ("gate_proj", "up_proj", "down_proj")),),
@@ -1234,10 +1246,26 @@ DECLINED: dict[tuple[str, str], str] = {
 TOWER_DECLINED: dict[tuple[str, str], str] = {
     ("gemma4", "Gemma4VisionMLP"): "its Linears are Gemma4ClippableLinear (input / output clipping around the "
     "matmul), not nn.Linear",
-    ("granite4_vision", "Granite4VisionTextMLP"): "the language model's MLP, not the vision tower's",
     ("llama4", "Llama4VisionMLP2"): "part of the covered Llama4VisionPixelShuffleMLP (the vision adapter)",
     ("ernie4_5_vl_moe", "Ernie4_5_VLMoeVisionMLP"): "the resampler's spatial / temporal MLP: its Linears run on "
     "mmfuse inside the covered Ernie-4.5-VL resampler",
+    ("exaone4_5", "Exaone4_5_MLP"): "one class for the vision blocks and the language model's decoder layers: "
+    "vision_tower=True would swap the language model's MLPs too",
+    ("idefics3", "Idefics3SimpleMLP"): "the connector's Linear, inside the covered Idefics3Connector",
+    ("smolvlm", "SmolVLMSimpleMLP"): "the connector's Linear, inside the covered SmolVLMConnector",
+    ("sam3", "Sam3MLP"): "SAM 3's DETR and geometry heads, not a ViT block (and modeling_sam3 needs torchvision)",
+    ("sam3", "Sam3DecoderMLP"): "SAM 3's DETR decoder head, not a ViT block (and modeling_sam3 needs torchvision)",
+    ("tipsv2", "Tipsv2MLP"): "TIPSv2's text encoder MLP",
+    **{key: "speech generation (talker / code-to-wave), not the vision tower" for key in (
+        ("qwen2_5_omni", "DiTMLP"), ("qwen3_omni_moe", "Qwen3OmniMoeTalkerResizeMLP"),
+        ("qwen3_omni_moe", "Qwen3OmniMoeMLP"), ("qwen3_omni_moe", "Qwen3OmniMoeCode2WavMlp"))},
+    **{key: "the language model's MLP, not the vision tower's" for key in (
+        ("aria", "AriaSharedExpertsMLP"), ("cohere_compass", "CohereCompassMLP"), ("ernie4_5_vl_moe", "Ernie4_5_VLMoeMLP"),
+        ("gemma3", "Gemma3MLP"), ("hunyuan_vl", "HunYuanVLMLP"), ("hy_v4_vl", "HYV4VLMLP"), ("inkling", "InklingMLP"),
+        ("minimax_m3_vl", "MiniMaxM3VLDenseMLP"), ("ministral3", "Ministral3MLP"), ("molmo2", "Molmo2MLP"),
+        ("paddleocr_vl", "PaddleOCRMLP"), ("qwen2_5_omni", "Qwen2MLP"), ("qwen2_5_vl", "Qwen2MLP"),
+        ("qwen2_vl", "Qwen2MLP"), ("qwen3_5", "Qwen3_5MLP"), ("qwen3_5_moe", "Qwen3_5MoeMLP"),
+        ("step3p7", "Step3p7MLP"), ("t5gemma2", "T5Gemma2MLP"), ("embedding_gemma2", "EmbeddingGemma2MLP"))},
 }
 
 
@@ -1304,15 +1332,18 @@ NOT_ENUMERATED = {("idefics2", "Idefics2PerceiverAttention"), ("idefics2", "Idef
                   ("minicpmv4_7", "MiniCPMV4_7DownsampleMLP"), ("llama4", "Llama4VisionPixelShuffleMLP")}
 
 
-#: A vision-tower MLP-like class: a name with one of the first words and one of the second.
-TOWER_MLP_WORDS = (("Vision", "ViT", "Vit", "Siglip", "Clip", "CLIP"), ("MLP", "Mlp", "FeedForward", "FFN"))
+#: An MLP-like class: a name with one of these words (and neither "Text" nor "Audio": those are not the
+#: vision tower's). Transformers names tower MLPs freely (BlipMLP, Glm4vMoeisionMlp, GotOcr2MLPBlock), so
+#: every MLP of a vision-language module is decided: a tower family, or TOWER_DECLINED with the reason
+#: (most are the language model's).
+TOWER_MLP_WORDS = ("MLP", "Mlp", "FeedForward", "FFN")
 
 
 def tower_mlp_like_classes() -> list[tuple[str, str]]:
-    """(module, class) of every vision-tower-MLP-like class of every vision-language model module of the
-    installed transformers (the projector enumeration's modules), read from the source files."""
-    return _classes_named(r"^class (\w*(?:" + "|".join(TOWER_MLP_WORDS[0]) + r")\w*(?:"
-                          + "|".join(TOWER_MLP_WORDS[1]) + r")\w*)\(")
+    """(module, class) of every MLP-like class of every vision-language model module of the installed
+    transformers (the projector enumeration's modules), read from the source files."""
+    found = _classes_named(r"^class (\w*(?:" + "|".join(TOWER_MLP_WORDS) + r")\w*)\(")
+    return [(mod, cls) for mod, cls in found if "Text" not in cls and "Audio" not in cls]
 
 
 def _classes_named(regex: str) -> list[tuple[str, str]]:

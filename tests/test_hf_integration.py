@@ -238,11 +238,17 @@ class _ScaledLinear(nn.Linear):
         return 3 * super().forward(x)
 
 
-@pytest.mark.parametrize("change", ["gelu subclass", "linear subclass", "hook on the projector",
-                                    "hook on its Linear", "weight_norm"])
-def test_modules_that_would_compute_something_else_when_swapped_are_left_alone(change):
-    """A subclass with its own forward, a hook, a parametrized weight: swapping would silently drop it, so
-    patch leaves the projector alone and says why (found by an adversarial review; each was swapped before)."""
+@pytest.mark.parametrize("change, why", [
+    ("gelu subclass", "expected nn.GELU, nn.SiLU, nn.ReLU, nn.Identity (exactly)"),
+    ("linear subclass", "expected nn.Linear, got _ScaledLinear"),
+    ("hook on the projector", "hooks registered"),  # (LLaVA's drop-in is a new module: its hooks would be lost)
+    ("hook on its Linear", "submodule linear_2 has hooks registered"),
+    ("weight_norm", "submodule linear_1 has parametrized parameters"),
+    ("instance forward", "forward replaced on the instance")])
+def test_modules_that_would_compute_something_else_when_swapped_are_left_alone(change, why):
+    """A subclass with its own forward, a hook the replacement would not run, a wrapper set on the instance,
+    a parametrized weight: swapping would silently drop it, so patch leaves the projector alone and says why
+    (found by an adversarial review: each but the instance forward was swapped before)."""
     model = tiny_llava()
     proj = model.model.multi_modal_projector
     if change == "gelu subclass":
@@ -254,13 +260,17 @@ def test_modules_that_would_compute_something_else_when_swapped_are_left_alone(c
         proj.register_forward_hook(lambda m, i, o: o * 0)
     elif change == "hook on its Linear":
         proj.linear_2.register_forward_pre_hook(lambda m, i: (i[0] * 0,))
-    else:
+    elif change == "weight_norm":
         proj.linear_1 = torch.nn.utils.parametrizations.weight_norm(proj.linear_1)
+    else:  # what accelerate's add_hook_to_module does: a wrapper around the original bound forward
+        original = proj.forward
+        proj.forward = lambda *a, **k: 2 * original(*a, **k)
     x = torch.randn(2, 5, proj.linear_1.in_features)
     ref = proj(x)
     report = mmfuse.patch(model)
-    left = {name: why for name, _, why in report.left_alone}
+    left = {name: reason for name, _, reason in report.left_alone}
     assert "model.multi_modal_projector" in left, str(report)
+    assert why in left["model.multi_modal_projector"]
     assert model.model.multi_modal_projector is proj
     assert not [name for name, _, _ in report.swapped if name.startswith("model.multi_modal_projector")]
     torch.testing.assert_close(model.model.multi_modal_projector(x), ref)
@@ -269,3 +279,20 @@ def test_modules_that_would_compute_something_else_when_swapped_are_left_alone(c
 def test_patch_names_its_argument_on_a_non_module():
     with pytest.raises(TypeError, match="model: expected an nn.Module, got str"):
         mmfuse.patch("model")
+
+
+def test_a_hook_on_a_copied_module_is_kept_and_runs():
+    """Recipes that copy the module (Qwen2-VL's merger: the merge and norm read in the GEMM) carry its own
+    hooks over, so a forward hook there (capturing features, say) does not stop the swap and still runs."""
+    from transformers.models.qwen2_vl.modeling_qwen2_vl import PatchMerger
+
+    torch.manual_seed(0)
+    model = nn.Sequential(PatchMerger(dim=24, context_dim=16, spatial_merge_size=2))
+    seen = []
+    model[0].register_forward_hook(lambda m, i, o: seen.append(type(m).__name__))
+    x = torch.randn(8, 16)
+    ref = model(x)
+    report = mmfuse.patch(model)
+    assert [name for name, _, _ in report.swapped] == ["0"], str(report)
+    torch.testing.assert_close(model(x), ref, atol=1e-5, rtol=1e-4)
+    assert seen == ["PatchMerger", "FusedPatchMerger"]

@@ -155,7 +155,8 @@ def test_overhead_script_runs_and_restores_the_kernels(decisions):
 
 def test_inference_calls_skip_torch_library_only_where_nothing_can_tell(monkeypatch):
     """``call_op`` runs an op's implementation directly for inference on plain tensors (the same result,
-    bit for bit), and the op itself wherever autograd, a dispatch mode or the compiler would see it."""
+    bit for bit) and in the backward's engine, and the op itself wherever autograd, a dispatch mode or the
+    profiler would see it (torch.compile: tests/test_compile_autocast_distributed.py)."""
     import mmfuse
     from mmfuse.ops import cross_attention as ops_attn
     from mmfuse.ops import linear as ops_linear
@@ -188,3 +189,12 @@ def test_inference_calls_skip_torch_library_only_where_nothing_can_tell(monkeypa
     assert torch.equal(y1, y2) and torch.equal(o1, o2)
     y3 = mmfuse.linear(x, w.requires_grad_(), b, "gelu")  # autograd records the op
     assert len(direct) == 2 and y3.grad_fn is not None and torch.equal(y3.detach(), y1)
+    with torch.no_grad(), torch.profiler.profile() as prof:  # the profiler sees the op
+        mmfuse.linear(x, w, b, "gelu")
+    assert len(direct) == 2 and any("mmfuse::linear_fwd" in e.name for e in prof.events())
+
+    # The backward's op, inside the autograd engine with grad off, is called directly too.
+    bwd = ops_linear.linear_bwd_op
+    monkeypatch.setattr(bwd, "_mmfuse_impl", lambda *a, impl=bwd._mmfuse_impl: direct.append(bwd) or impl(*a))
+    y3.sum().backward()
+    assert direct[-1] is bwd and w.grad is not None

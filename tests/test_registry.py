@@ -631,10 +631,9 @@ def _deepseek_hybrid():
     return aligner, [torch.randn(2, 7, V), torch.randn(2, 7, 24)]
 
 
-def _janus(cls, depth, **kw):
+def _janus(cls, **kw):
     def make():
-        cfg = _cfg("janus", "JanusVisionConfig" if "Vision" in cls else "JanusVQVAEConfig", projection_dim=T,
-                   depth=depth, **kw)
+        cfg = _cfg("janus", "JanusVisionConfig" if "Vision" in cls else "JanusVQVAEConfig", projection_dim=T, **kw)
         return _mod("janus", cls)(cfg), _tokens(7, V, batch=2)
     return make
 
@@ -661,8 +660,9 @@ BUILDERS.update({
         M.deepseek_vl.DeepseekVLConfig(vision_config=dict(model_type="siglip_vision_model", **_TINY_VIT),
                                        text_config=_llama_text().to_dict())), _tokens(7, V, batch=2)),
     ("deepseek_vl_hybrid", "DeepseekVLHybridAligner"): _deepseek_hybrid,
-    ("janus", "JanusVisionAlignerMLP"): _janus("JanusVisionAlignerMLP", 3, hidden_size=V),  # fc1 + 2 hidden
-    ("janus", "JanusVQVAEAlignerMLP"): _janus("JanusVQVAEAlignerMLP", 2, embed_dim=V),
+    ("janus", "JanusVisionAlignerMLP"): _janus("JanusVisionAlignerMLP", depth=3, hidden_size=V),  # fc1 + 2 hidden
+    # (its depth is num_hidden_layers: fc1 + 1 hidden Linear)
+    ("janus", "JanusVQVAEAlignerMLP"): _janus("JanusVQVAEAlignerMLP", num_hidden_layers=2, embed_dim=V),
     ("kimi_k25", "Kimi_K25MultimodalProjection"): _kimi_projection,
     ("kosmos2", "Kosmos2ImageToTextProjection"): _kosmos("kosmos2", "Kosmos2Config", "Kosmos2ImageToTextProjection"),
     ("kosmos2_5", "Kosmos2_5ImageToTextProjection"): _kosmos("kosmos2_5", "Kosmos2_5Config",
@@ -1065,6 +1065,22 @@ TOWER_BUILDERS.update({
         ("lfm3_vl", "Lfm3VlVisionMLP", "Lfm3VlVisionConfig"), ("glm5_next", "Glm5NextVisionMLP", "Glm5NextVisionConfig"),
         ("kosmos2_5", "Kosmos2_5VisionMlp", "Kosmos2_5VisionConfig"),
         ("pix2struct", "Pix2StructVisionMlp", "Pix2StructVisionConfig"))},
+    **{(mod, cls): _tower_block(mod, cls, cfg) for mod, cls, cfg in (
+        ("blip", "BlipMLP", "BlipVisionConfig"), ("blip_2", "Blip2MLP", "Blip2VisionConfig"),
+        ("instructblip", "InstructBlipMLP", "InstructBlipVisionConfig"),
+        ("instructblipvideo", "InstructBlipVideoMLP", "InstructBlipVideoVisionConfig"),
+        ("owlv2", "Owlv2MLP", "Owlv2VisionConfig"), ("cosmos3_edge", "Cosmos3EdgeMLP", "Cosmos3EdgeVisionConfig"),
+        ("unlimited_ocr", "UnlimitedOcrMLP", "UnlimitedOcrVisionEncoderConfig"),
+        ("videoprism", "VideoPrismMLP", "VideoPrismVisionConfig"),
+        ("glm4v_moe", "Glm4vMoeisionMlp", "Glm4vMoeVisionConfig"), ("aimv2", "Aimv2MLP", "Aimv2VisionConfig"),
+        ("ovis2", "Ovis2MLP", "Ovis2VisionConfig"), ("pe_video", "PeVideoEncoderMLP", "PeVideoEncoderConfig"))},
+    **{(mod, cls): _tower_block(mod, cls, cfg, mlp_dim=32) for mod, cls, cfg in (
+        ("deepseek_ocr2", "DeepseekOcr2SamMLPBlock", "DeepseekOcr2SamVisionConfig"),
+        ("got_ocr2", "GotOcr2MLPBlock", "GotOcr2VisionConfig"),
+        ("pp_formulanet", "PPFormulaNetMLPBlock", "PPFormulaNetVisionConfig"),
+        ("unlimited_ocr", "UnlimitedOcrSamMLPBlock", "UnlimitedOcrSamVisionConfig"))},
+    ("qwen2_5_omni", "Qwen2_5OmniMLP"): lambda: (_mod("qwen2_5_omni", "Qwen2_5OmniMLP")(
+        M.qwen2_5_omni.Qwen2_5OmniVisionEncoderConfig(hidden_size=V, intermediate_size=32), bias=True), _tokens(7, V)),
     ("florence2", "Florence2VisionMLP"): lambda: (_mod("florence2", "Florence2VisionMLP")(
         M.florence2.Florence2VisionConfig(embed_dim=[8, V], mlp_ratio=2.0), 1), _tokens(7, V, batch=2)),
     ("janus", "JanusVisionMLP"): _tower_block("janus", "JanusVisionMLP", "JanusVisionConfig", mlp_ratio=2.0),

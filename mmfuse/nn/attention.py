@@ -45,6 +45,9 @@ class MultiheadAttention(nn.Module):
     def from_module(cls, module: nn.MultiheadAttention) -> "MultiheadAttention":
         if not isinstance(module, nn.MultiheadAttention):
             raise TypeError(f"module: expected nn.MultiheadAttention, got {type(module).__name__}")
+        if type(module) is not nn.MultiheadAttention:  # a subclass may override forward
+            raise _patch.Unsupported(f"module: expected nn.MultiheadAttention exactly, got {type(module).__name__}")
+        _patch.check_replaceable(module)
         if module.bias_k is not None or module.add_zero_attn:
             raise _patch.Unsupported("module: add_bias_kv / add_zero_attn are not supported")
         if module.dropout:

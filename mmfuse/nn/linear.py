@@ -7,8 +7,9 @@ from typing import Sequence
 import torch
 import torch.nn as nn
 
-from mmfuse.nn._activations import activation_name, plain_linear
 from mmfuse._checks import check_choice
+from mmfuse._patch import check_replaceable
+from mmfuse.nn._activations import activation_name, plain_linear
 from mmfuse.ops.linear import ACTIVATION_NAMES, gated_mlp, linear, mlp
 
 
@@ -33,8 +34,6 @@ class Linear(nn.Linear):
         if not isinstance(module, nn.Linear):
             raise TypeError(f"module: expected nn.Linear, got {type(module).__name__}")
         plain_linear(module)
-        from mmfuse._patch import check_replaceable
-
         check_replaceable(module)  # a parametrized weight (weight_norm) would be held as one evaluation
         new = cls.__new__(cls)
         nn.Module.__init__(new)
@@ -92,6 +91,7 @@ class MLPProjector(nn.Module):
     @classmethod
     def from_module(cls, module: nn.Module) -> "MLPProjector":
         """From ``nn.Sequential(Linear, GELU, Linear, ...)`` or a ``LlavaMultiModalProjector``."""
+        check_replaceable(module)  # hooks anywhere in it, a parametrized weight: not carried over
         if isinstance(module, nn.Sequential):
             return cls._from_sequential(module)
         if type(module).__name__ == "LlavaMultiModalProjector":
@@ -152,6 +152,7 @@ class GatedMLP(nn.Module):
                             f"got {type(module).__name__}")
         for n in names:
             plain_linear(getattr(module, n), f"module.{n}")
+        check_replaceable(module)
         new = cls.__new__(cls)
         nn.Module.__init__(new)
         for n in names:

@@ -29,6 +29,9 @@ def _check_patch_conv(module: nn.Module, conv_type: type, name: str = "module") 
     """Raise unless ``module`` is a ``conv_type`` that cuts non-overlapping patches (kernel == stride)."""
     if not isinstance(module, conv_type):
         raise TypeError(f"{name}: expected nn.{conv_type.__name__}, got {type(module).__name__}")
+    if type(module) is not conv_type:  # a subclass may override forward (and the swap would skip it)
+        raise _patch.Unsupported(f"{name}: expected nn.{conv_type.__name__} exactly, got {type(module).__name__}")
+    _patch.check_replaceable(module)
     k = tuple(module.kernel_size)
     if tuple(module.stride) != k:
         raise _patch.Unsupported(f"{name}: expected stride == kernel_size {k}, got stride {tuple(module.stride)}")

@@ -191,8 +191,8 @@ def _backward(ctx, do, _dlse):
     if do is None:
         return (None,) * 9
     q, k, v, o, lse, kv_lens, key_mask, k2, v2 = ctx.saved_tensors
-    dq, dk, dv, dk2, dv2 = cross_attention_bwd_op(do, q, k, v, o, lse, kv_lens, key_mask, ctx.scale, ctx.need_q,
-                                                  ctx.need_kv, k2, v2)
+    dq, dk, dv, dk2, dv2 = call_op(cross_attention_bwd_op, do, q, k, v, o, lse, kv_lens, key_mask, ctx.scale,
+                                   ctx.need_q, ctx.need_kv, k2, v2)
     kv = ctx.need_kv
     return (dq if ctx.need_q else None, dk if kv else None, dv if kv else None, None, None, None, None,
             dk2 if kv and ctx.two else None, dv2 if kv and ctx.two else None)

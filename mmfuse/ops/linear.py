@@ -142,7 +142,7 @@ def _linear_backward(ctx, dy, _dh):
     need_x, need_w, need_b = ctx.needs
     if dy is None:
         return None, None, None, None, None
-    dx, dw, db = linear_bwd_op(dy, x, weight, h, ctx.activation, need_x, need_w, need_b)
+    dx, dw, db = call_op(linear_bwd_op, dy, x, weight, h, ctx.activation, need_x, need_w, need_b)
     return dx if need_x else None, dw if need_w else None, db if need_b else None, None, None
 
 
@@ -231,7 +231,8 @@ def _mlp_backward(ctx, dy, _hidden, _preacts):
         return None, [None] * n, [None] * n, None, None, None
     saved = ctx.saved_tensors
     x, hidden, weights, preacts = saved[0], list(saved[1:n]), list(saved[n:2 * n]), list(saved[2 * n:])
-    dx, dws, dbs = mlp_bwd_op(dy, x, hidden, weights, preacts, ctx.activation, ctx.need_x, ctx.need_w, ctx.need_b)
+    dx, dws, dbs = call_op(mlp_bwd_op, dy, x, hidden, weights, preacts, ctx.activation, ctx.need_x, ctx.need_w,
+                           ctx.need_b)
     return (dx if ctx.need_x else None, [g if nw else None for g, nw in zip(dws, ctx.need_w)],
             [g if nb else None for g, nb in zip(dbs, ctx.need_b)], None, None, None)
 
@@ -435,8 +436,8 @@ def _gated_backward(ctx, dy, _h, _gu):
         return (None,) * 9
     x, h, gu, w_gate, w_up, w_down = ctx.saved_tensors
     nx, ng, nu, nd, nbg, nbu, nbd = ctx.needs
-    dx, dwgu, dwd, dbgu, dbd = gated_mlp_bwd_op(dy, x, h, gu, w_gate, w_up, w_down, ctx.activation, nx, ng or nu,
-                                                nd, nbg or nbu, nbd)
+    dx, dwgu, dwd, dbgu, dbd = call_op(gated_mlp_bwd_op, dy, x, h, gu, w_gate, w_up, w_down, ctx.activation, nx,
+                                       ng or nu, nd, nbg or nbu, nbd)
     N = w_gate.shape[0]
     # Views of one buffer each: gate rows first (the kernel's [g | u] order).
     return (dx if nx else None, dwgu[:N] if ng else None, dwgu[N:] if nu else None, dwd if nd else None,

@@ -205,9 +205,9 @@ def _merged_backward(ctx, dy, _stats, _hidden, _preacts):
     rest = saved[5:]
     hidden, weights, preacts = list(rest[:n - 1]), list(rest[n - 1:2 * n - 1]), list(rest[2 * n - 1:])
     need_x, need_gamma, need_beta, need_w, need_b = ctx.needs
-    dx, dgamma, dbeta, dws, dbs = merged_mlp_bwd_op(
-        dy, x, token_map, has_map, group, norm, gamma, beta, eps, post, stats, hidden, weights, preacts, activation,
-        need_x, need_gamma, need_beta, need_w, need_b, gate_half, final_act)
+    dx, dgamma, dbeta, dws, dbs = call_op(
+        merged_mlp_bwd_op, dy, x, token_map, has_map, group, norm, gamma, beta, eps, post, stats, hidden, weights,
+        preacts, activation, need_x, need_gamma, need_beta, need_w, need_b, gate_half, final_act)
     return (dx if need_x else None, None, None, None, None, dgamma if need_gamma else None,
             dbeta if need_beta else None, None, None, [g if nw else None for g, nw in zip(dws, need_w)],
             [g if nb else None for g, nb in zip(dbs, need_b)], None, None, None, None, None)
@@ -267,7 +267,8 @@ def _pool_backward(ctx, dout, _pooled, _stats):
         return (None,) * 9
     tokens, group, norm, gamma_shift = ctx.meta
     token_map, gamma, pooled, stats = ctx.saved_tensors
-    dx, dgamma, dbeta = pool_norm_bwd_op(dout, token_map, tokens, group, norm, gamma, pooled, stats, gamma_shift)
+    dx, dgamma, dbeta = call_op(pool_norm_bwd_op, dout, token_map, tokens, group, norm, gamma, pooled, stats,
+                                gamma_shift)
     return (dx if need_x else None, None, None, None, dgamma if need_gamma else None,
             dbeta if need_beta else None, None, None, None)
 

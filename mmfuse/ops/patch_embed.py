@@ -221,7 +221,7 @@ def _setup(ctx, inputs, output):
 
 def _backward(ctx, g):
     pixels, weight, packed = ctx.saved_tensors
-    grads = patch_embed_bwd_op(g, pixels, weight, packed, ctx.prefix, ctx.pos_shape, *ctx.needs)
+    grads = call_op(patch_embed_bwd_op, g, pixels, weight, packed, ctx.prefix, ctx.pos_shape, *ctx.needs)
     return tuple(gr if need else None for gr, need in zip(grads, ctx.needs)) + (None,)
 
 
