@@ -714,9 +714,10 @@ def _llava_mlp(name, module, cls, notes=""):
                                                  ("fuse", (("linear_1", "act"),))), notes)
 
 
-def _tower_mlp(name, module, cls, linears=("fc1", "fc2"), act="activation_fn", notes=""):
-    """A ViT block's fc1 -> act -> fc2 (opt-in: ``tower=True``)."""
-    return Family(name, module, (cls,), "mlp", (("linears", linears), ("fuse", ((linears[0], act),))), notes,
+def _tower_mlp(name, module, cls, linears=("fc1", "fc2"), act="activation_fn", notes="", recipe="mlp"):
+    """A ViT block's fc1 -> act -> fc2 (opt-in: ``tower=True``); ``recipe`` "gemm swap" where more of its
+    forward than the GEMMs and the activation stays the original's (the notes say what)."""
+    return Family(name, module, (cls,), recipe, (("linears", linears), ("fuse", ((linears[0], act),))), notes,
                   tower=True)
 
 
@@ -1106,7 +1107,7 @@ FAMILIES: list[Family] = [
     *[_tower_mlp(name, mod, cls, act="act") for name, mod, cls in (
         ("Ernie-4.5-VL", "ernie4_5_vl_moe", "Ernie4_5VLVisionMLP"), ("Kimi K2.5", "kimi_k25", "Kimi_K25VisionMLP"),
         ("Muse Glimmer", "muse_glimmer", "MuseGlimmerVisionMLP"), ("Muse Spark", "muse_spark", "MuseSparkVisionMLP"))],
-    *[_tower_mlp(name, mod, cls, linears=("wi_0", "wi_1", "wo"), act="act",
+    *[_tower_mlp(name, mod, cls, linears=("wi_0", "wi_1", "wo"), act="act", recipe="gemm swap",
                  notes="T5-style gated GELU: wi_0's activation in its epilogue; the product, dropout and wo's "
                  "dtype guard stay the original's") for name, mod, cls in (
         ("Kosmos-2.5", "kosmos2_5", "Kosmos2_5VisionMlp"), ("Pix2Struct", "pix2struct", "Pix2StructVisionMlp"))],
@@ -1118,7 +1119,8 @@ FAMILIES: list[Family] = [
         ("Qwen2.5-Omni", "qwen2_5_omni", "Qwen2_5OmniMLP"))],
     Family("LFM3-VL", "lfm3_vl", ("Lfm3VlVisionMLP",), "gated mlp", (("gated", ("w1", "w3", "w2", None)),
            ("fixed_act", "silu")), notes="SwiGLU with F.silu written in its forward", tower=True),
-    Family("GLM-5-Next", "glm5_next", ("Glm5NextVisionMLP",), "mlp", (("linears", ("gate_proj", "up_proj", "down_proj")),),
+    Family("GLM-5-Next", "glm5_next", ("Glm5NextVisionMLP",), "gemm swap",
+           (("linears", ("gate_proj", "up_proj", "down_proj")),),
            notes="SwiGLU with clamps between the GEMMs and the activation: the three GEMMs swapped, the clamps, "
            "SiLU and product stay the original's", tower=True),
     # cross-attention
