@@ -21,6 +21,13 @@ The quick benchmark says *that* a case is slow; this says *which launch* and *wh
    on the inputs transformers feeds them; in bf16, then in fp32 (IEEE: mmfuse's FMA tiles; SDPA's
    flash backend takes no fp32 and records its error).
 
+5. ``dynamic_m``: the LLaVA-1.5 projector's training step (forward + backward) over 50 distinct token
+   counts in a row, as dynamic-resolution training sees them, timed end to end from the first call
+   (Triton's compiles included: the first pass) and again over the same counts (the second pass), for
+   mmfuse's default tile policy, with ``MMFUSE_AUTOTUNE=1`` (timing once per octave of M: the number
+   of timing rounds is recorded), and eager PyTorch (addmm + GELU): issue 13's "no re-tuning per token
+   count", measured.
+
 Results: ``<out-dir>/kernel-profile-<gpu>-<date>.json`` and a markdown summary beside it. Each part
 catches its own failure (recorded in the JSON), so one broken part leaves the others.
 """
@@ -236,7 +243,67 @@ def attention_split_sweep(batch: int = 1, device: str = "cuda", bench=None, shap
     return rows
 
 
-PARTS = ("kernels", "compiled", "gemm_tiles", "attention_splits")
+def token_counts(n: int = 50, low: int = 576, high: int = 8 * 576, seed: int = 0) -> list[int]:
+    """``n`` distinct token counts in [low, high), in a fixed shuffled order (a dynamic-resolution run)."""
+    import random
+
+    return random.Random(seed).sample(range(low, high), n)
+
+
+def dynamic_m_loop(counts=None, widths=(1024, 4096, 4096), device: str = "cuda", dtype=None, passes: int = 2,
+                   clock=None) -> list[dict]:
+    """Seconds of a projector's training step over each pass of ``counts`` (``token_counts()`` by
+    default) for mmfuse's default tile choice, for ``MMFUSE_AUTOTUNE``'s octave timing (with the number
+    of timing rounds it ran) and for eager PyTorch; ``clock``: a function returning seconds after
+    waiting for the device (tests pass a CPU one)."""
+    import torch.nn.functional as F
+
+    import mmfuse
+    from mmfuse.kernels import _tuning
+
+    counts = list(counts or token_counts())
+    dt = dtype or (torch.bfloat16 if device == "cuda" else torch.float32)
+    if clock is None:
+        def clock():
+            torch.cuda.synchronize()
+            return time.perf_counter()
+    gen = torch.Generator(device="cpu").manual_seed(0)
+    ws = [(torch.randn(n, k, generator=gen) / k ** 0.5).to(device, dt).requires_grad_()
+          for k, n in zip(widths, widths[1:])]
+    bs = [torch.zeros(n, device=device, dtype=dt, requires_grad=True) for n in widths[1:]]
+
+    def eager(x):
+        for i, (w, b) in enumerate(zip(ws, bs)):
+            x = F.linear(x, w, b)
+            x = F.gelu(x) if i < len(ws) - 1 else x
+        return x
+
+    rows = []
+    for impl in ("mmfuse", "mmfuse, MMFUSE_AUTOTUNE=1", "eager"):
+        timed = []
+        saved, bench = _tuning.AUTOTUNE, _tuning._bench
+        _tuning.AUTOTUNE = impl.endswith("AUTOTUNE=1")
+
+        def counted(run):
+            timed.append(1)
+            return bench(run)
+        _tuning._bench = counted
+        try:
+            fn = eager if impl == "eager" else (lambda x: mmfuse.mlp(x, ws, bs))
+            for p in range(passes):
+                t0 = clock()
+                for m in counts:
+                    x = torch.randn(m, widths[0], device=device, dtype=dt)
+                    fn(x).float().sum().backward()
+                seconds = clock() - t0
+                rows.append({"impl": impl, "pass": p + 1, "counts": len(counts), "seconds": seconds,
+                             "ms_per_step": 1e3 * seconds / len(counts), "timings": len(timed)})
+        finally:
+            _tuning.AUTOTUNE, _tuning._bench = saved, bench
+    return rows
+
+
+PARTS = ("kernels", "compiled", "gemm_tiles", "attention_splits", "dynamic_m")
 
 
 def main(out_dir: str, parts=PARTS, print=print) -> int:
@@ -259,6 +326,8 @@ def main(out_dir: str, parts=PARTS, print=print) -> int:
             elif part == "attention_splits":
                 # bf16, then IEEE fp32 on its own tiles (session 11; no GPU has timed them)
                 result[part] = attention_split_sweep() + attention_split_sweep(dtype=torch.float32)
+            elif part == "dynamic_m":
+                result[part] = dynamic_m_loop()
             else:
                 raise ValueError(f"parts: expected names from {PARTS}, got {part!r}")
         except Exception:
@@ -324,6 +393,13 @@ def markdown(result: dict) -> str:
             same = "" if "equal" not in r else "yes" if r["equal"] else "**NO**"
             lines.append(f"| {r['shape']} | {r.get('dtype', 'bfloat16')} | {r['impl']} | {r.get('splits', '')} | "
                          f"{timing} | {same} |")
+        lines.append("")
+    dyn = result.get("dynamic_m")
+    if isinstance(dyn, list):
+        lines += ["## Dynamic token counts: a training step at each of 50 distinct counts (LLaVA-1.5 projector)", "",
+                  "| implementation | pass | s in all | ms per step | timing rounds so far |", "| --- | --- | --- | --- | --- |"]
+        lines += [f"| {r['impl']} | {r['pass']} | {r['seconds']:.3f} | {r['ms_per_step']:.3f} | {r['timings']} |"
+                  for r in dyn]
         lines.append("")
     for part in PARTS:
         if isinstance(result.get(part), dict) and "error" in result[part]:

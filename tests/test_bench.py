@@ -4,6 +4,7 @@ files, and `mmfuse bench` without a GPU (which writes the exact report instead).
 import csv
 import json
 import os
+import time
 
 import pytest
 import torch
@@ -472,3 +473,28 @@ def test_shapes_quoted_from_transformers_defaults_match_them():
     b2 = T.blip_2.Blip2Config().vision_config
     s = shapes.by_name("blip2-eva-vit-g")
     assert (s.dim, s.image, s.patch) == (b2.hidden_size, (b2.image_size,) * 2, b2.patch_size)
+
+
+def test_kernel_profile_dynamic_m_loop_counts_its_timing_rounds(monkeypatch):
+    """The dynamic-token-count loop with the interpreter, tiny widths and a CPU clock: every implementation
+    runs each pass over the same distinct counts, the default policy times nothing, a second pass times
+    nothing new, and the flag is restored. (The interpreter keeps one tile, so nothing is timed here; the
+    at-most-once-per-octave bound itself is tests/test_tuning.py's, on the GPU launch path.)"""
+    from mmfuse.bench import kernel_profile
+    from mmfuse.kernels import _tuning
+
+    counts = kernel_profile.token_counts(n=6, low=20, high=70)
+    assert len(set(counts)) == 6 and all(20 <= m < 70 for m in counts)
+    monkeypatch.setattr(_tuning, "_bench", lambda run: run() or 1.0)  # no GPU timer here
+    rows = kernel_profile.dynamic_m_loop(counts, widths=(24, 40, 16), device="cpu", passes=2,
+                                         clock=time.perf_counter)
+    assert [(r["impl"], r["pass"]) for r in rows] == [
+        ("mmfuse", 1), ("mmfuse", 2), ("mmfuse, MMFUSE_AUTOTUNE=1", 1), ("mmfuse, MMFUSE_AUTOTUNE=1", 2),
+        ("eager", 1), ("eager", 2)]
+    by = {(r["impl"], r["pass"]): r for r in rows}
+    assert by[("mmfuse", 2)]["timings"] == 0 and by[("eager", 2)]["timings"] == 0
+    tuned = by[("mmfuse, MMFUSE_AUTOTUNE=1", 1)]["timings"]
+    assert by[("mmfuse, MMFUSE_AUTOTUNE=1", 2)]["timings"] == tuned  # the second pass times nothing new
+    assert all(r["seconds"] > 0 for r in rows) and _tuning.AUTOTUNE is False
+    md = kernel_profile.markdown({"gpu": "x", "date": "d", "dynamic_m": rows})
+    assert "| mmfuse, MMFUSE_AUTOTUNE=1 | 2 |" in md
