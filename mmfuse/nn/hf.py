@@ -90,6 +90,9 @@ class Qwen2VLPatchEmbed(nn.Module):
         proj = getattr(module, "proj", None)
         if not isinstance(proj, nn.Conv3d):
             raise TypeError(f"module: expected Qwen2-VL's PatchEmbed (with a Conv3d proj), got {type(module).__name__}")
+        if type(proj) is not nn.Conv3d:  # a subclass may override forward
+            raise _patch.Unsupported(f"proj: expected nn.Conv3d exactly, got {type(proj).__name__}")
+        _patch.check_replaceable(module)
         if tuple(proj.kernel_size) != tuple(proj.stride) or proj.padding != (0, 0, 0) or proj.groups != 1:
             raise _patch.Unsupported("proj: expected Conv3d with kernel_size == stride, no padding, groups=1")
         return cls(proj, module.in_channels, module.temporal_patch_size, module.patch_size, module.embed_dim)
