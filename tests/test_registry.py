@@ -1165,6 +1165,28 @@ def test_whole_tower_with_gated_mlps_patched_with_vision_tower(name):
     hf.check_training_step(make, inputs, select, vision_tower=True)
 
 
+_TOWER_E2E = {
+    # deepstack mergers too (post-shuffle LayerNorm), and the linear_fc1 / fc2 tower MLPs
+    "qwen3.5 tower (merged mlp, deepstack mergers; Conv3d patch embed; tower MLPs)": (
+        _tower("qwen3_5", "Qwen3_5VisionModel", "Qwen3_5VisionConfig", **dict(_QW3, deepstack_visual_indexes=[0])),
+        _tower_inputs, _pooled, ["FusedQwen3_5VisionMLP", "FusedQwen3_5VisionPatchMerger"]),
+    "llama 4 vision model (unfold patch embed, adapter, tower MLPs)": (
+        _llama4_vision_model, lambda: [torch.randn(2, 3, 12, 12)], lambda o: o.last_hidden_state,
+        ["FusedLlama4VisionMLP", "FusedLlama4UnfoldConvolution", "FusedLlama4VisionPixelShuffleMLP"]),
+}
+
+
+@pytest.mark.parametrize("name", sorted(_TOWER_E2E))
+def test_whole_modern_tower_patched_with_vision_tower(name):
+    """Every part of a 2025-26 tower at once with vision_tower=True (patch embedding, block MLPs, mergers):
+    outputs, gradients and a training step as the unpatched tower's."""
+    hf = _hf_checks()
+    make, inputs, select, expected = _TOWER_E2E[name]
+    inputs = inputs()
+    hf.check_patch_equivalence(make(), inputs, select, expected, vision_tower=True)
+    hf.check_training_step(make, inputs, select, vision_tower=True)
+
+
 def _hf_checks():
     """tests/test_hf_integration.py's check_patch_equivalence / check_training_step."""
     import importlib.util
