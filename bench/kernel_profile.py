@@ -397,7 +397,8 @@ def markdown(result: dict) -> str:
     dyn = result.get("dynamic_m")
     if isinstance(dyn, list):
         lines += ["## Dynamic token counts: a training step at each of 50 distinct counts (LLaVA-1.5 projector)", "",
-                  "| implementation | pass | s in all | ms per step | timing rounds so far |", "| --- | --- | --- | --- | --- |"]
+                  "| implementation | pass | s in all | ms per step | timing rounds so far |",
+                  "| --- | --- | --- | --- | --- |"]
         lines += [f"| {r['impl']} | {r['pass']} | {r['seconds']:.3f} | {r['ms_per_step']:.3f} | {r['timings']} |"
                   for r in dyn]
         lines.append("")

@@ -1081,7 +1081,8 @@ FAMILIES: list[Family] = [
         ("Granite-Docling", "granite_docling", "GraniteDoclingVisionMLP"), ("GroupViT", "groupvit", "GroupViTMLP"),
         ("Inkling 2", "inkling2", "Inkling2VisionMLP"), ("Janus", "janus", "JanusVisionMLP"),
         ("Kosmos-2", "kosmos2", "Kosmos2VisionMLP"), ("MetaCLIP 2", "metaclip_2", "MetaClip2MLP"),
-        ("MiniCPM-o OCR", "minicpm_ocr", "MiniCPMOcrVisionMLP"), ("MiniCPM-V 4.6", "minicpmv4_6", "MiniCPMV4_6VisionMLP"),
+        ("MiniCPM-o OCR", "minicpm_ocr", "MiniCPMOcrVisionMLP"),
+        ("MiniCPM-V 4.6", "minicpmv4_6", "MiniCPMV4_6VisionMLP"),
         ("MiniCPM-V 4.7", "minicpmv4_7", "MiniCPMV4_7VisionMLP"),
         ("MiniMax-M3-VL", "minimax_m3_vl", "MiniMaxM3VLVisionMLP"), ("Mllama", "mllama", "MllamaVisionMLP"),
         ("Molmo2", "molmo2", "Molmo2VisionMLP"), ("OWL-ViT", "owlvit", "OwlViTMLP"),
@@ -1090,7 +1091,8 @@ FAMILIES: list[Family] = [
         ("TIPSv2", "tipsv2", "Tipsv2VisionMLP"), ("X-CLIP", "x_clip", "XCLIPMLP"))],
     _tower_mlp("GroupViT", "groupvit", "GroupViTMixerMLP", notes="the token-mixing MLP: its own transposes stay"),
     *[_tower_mlp(name, mod, cls) for name, mod, cls in (
-        ("BLIP", "blip", "BlipMLP"), ("BLIP-2", "blip_2", "Blip2MLP"), ("InstructBLIP", "instructblip", "InstructBlipMLP"),
+        ("BLIP", "blip", "BlipMLP"), ("BLIP-2", "blip_2", "Blip2MLP"),
+        ("InstructBLIP", "instructblip", "InstructBlipMLP"),
         ("InstructBLIP-Video", "instructblipvideo", "InstructBlipVideoMLP"), ("OWLv2", "owlv2", "Owlv2MLP"),
         ("Cosmos 3 Edge", "cosmos3_edge", "Cosmos3EdgeMLP"), ("Unlimited-OCR", "unlimited_ocr", "UnlimitedOcrMLP"),
         ("VideoPrism", "videoprism", "VideoPrismMLP"))],
@@ -1112,7 +1114,8 @@ FAMILIES: list[Family] = [
                  "dtype guard stay the original's") for name, mod, cls in (
         ("Kosmos-2.5", "kosmos2_5", "Kosmos2_5VisionMlp"), ("Pix2Struct", "pix2struct", "Pix2StructVisionMlp"))],
     *[_tower_gated(name, mod, cls) for name, mod, cls in (
-        ("DeepSeek-OCR 2", "deepseek_ocr2", "DeepseekOcr2VisionMLP"), ("dots.3 note", "dots3_note", "Dots3NoteVisionMLP"),
+        ("DeepSeek-OCR 2", "deepseek_ocr2", "DeepseekOcr2VisionMLP"),
+        ("dots.3 note", "dots3_note", "Dots3NoteVisionMLP"),
         ("GLM-OCR", "glm_ocr", "GlmOcrVisionMlp"), ("Ovis2", "ovis2", "Ovis2VisionMLP"),
         ("TIPSv2", "tipsv2", "Tipsv2VisionSwiGLUFFN"), ("GLM-4V-MoE", "glm4v_moe", "Glm4vMoeisionMlp"),
         ("AIMv2", "aimv2", "Aimv2MLP"), ("Ovis2", "ovis2", "Ovis2MLP"), ("PE Video", "pe_video", "PeVideoEncoderMLP"),
@@ -1262,7 +1265,8 @@ TOWER_DECLINED: dict[tuple[str, str], str] = {
         ("qwen2_5_omni", "DiTMLP"), ("qwen3_omni_moe", "Qwen3OmniMoeTalkerResizeMLP"),
         ("qwen3_omni_moe", "Qwen3OmniMoeMLP"), ("qwen3_omni_moe", "Qwen3OmniMoeCode2WavMlp"))},
     **{key: "the language model's MLP, not the vision tower's" for key in (
-        ("aria", "AriaSharedExpertsMLP"), ("cohere_compass", "CohereCompassMLP"), ("ernie4_5_vl_moe", "Ernie4_5_VLMoeMLP"),
+        ("aria", "AriaSharedExpertsMLP"), ("cohere_compass", "CohereCompassMLP"),
+        ("ernie4_5_vl_moe", "Ernie4_5_VLMoeMLP"),
         ("gemma3", "Gemma3MLP"), ("hunyuan_vl", "HunYuanVLMLP"), ("hy_v4_vl", "HYV4VLMLP"), ("inkling", "InklingMLP"),
         ("minimax_m3_vl", "MiniMaxM3VLDenseMLP"), ("ministral3", "Ministral3MLP"), ("molmo2", "Molmo2MLP"),
         ("paddleocr_vl", "PaddleOCRMLP"), ("qwen2_5_omni", "Qwen2MLP"), ("qwen2_5_vl", "Qwen2MLP"),
