@@ -313,6 +313,15 @@ def main(out_dir: str, parts=PARTS, print=print) -> int:
     date = datetime.date.today().isoformat()
     result = {"gpu": gpu, "date": date, **environment()}
     failed = 0
+    os.makedirs(out_dir, exist_ok=True)
+    stem = os.path.join(out_dir, f"kernel-profile-{gpu.replace(' ', '_')}-{date}")
+
+    def write():  # after every part: a step timeout (gpu-check's budget) keeps what was measured
+        with open(stem + ".json", "w") as f:
+            json.dump(result, f, indent=1)
+        with open(stem + ".md", "w") as f:
+            f.write(markdown(result))
+
     for part in parts:
         t0 = time.perf_counter()
         try:
@@ -334,12 +343,7 @@ def main(out_dir: str, parts=PARTS, print=print) -> int:
             result[part] = {"error": traceback.format_exc(limit=4)}
             failed += 1
         print(f"kernel_profile: {part} in {time.perf_counter() - t0:.0f} s")
-    os.makedirs(out_dir, exist_ok=True)
-    stem = os.path.join(out_dir, f"kernel-profile-{gpu.replace(' ', '_')}-{date}")
-    with open(stem + ".json", "w") as f:
-        json.dump(result, f, indent=1)
-    with open(stem + ".md", "w") as f:
-        f.write(markdown(result))
+        write()
     print(markdown(result))
     return 1 if failed else 0
 

@@ -498,3 +498,22 @@ def test_kernel_profile_dynamic_m_loop_counts_its_timing_rounds(monkeypatch):
     assert all(r["seconds"] > 0 for r in rows) and _tuning.AUTOTUNE is False
     md = kernel_profile.markdown({"gpu": "x", "date": "d", "dynamic_m": rows})
     assert "| mmfuse, MMFUSE_AUTOTUNE=1 | 2 |" in md
+
+
+def test_kernel_profile_writes_its_results_after_every_part(tmp_path, monkeypatch):
+    """A gpu-check step that runs out of time is killed: what the earlier parts measured is on disk by then."""
+    from mmfuse.bench import kernel_profile
+
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a: "Fake GPU")
+    monkeypatch.setattr(kernel_profile, "dynamic_m_loop", lambda: [
+        {"impl": "mmfuse", "pass": 1, "counts": 50, "seconds": 1.0, "ms_per_step": 20.0, "timings": 0}])
+    on_disk = []
+
+    def compiled():  # the next part: the first one's results are already written
+        (path,) = tmp_path.glob("kernel-profile-Fake_GPU-*.json")
+        on_disk.append(json.loads(path.read_text()).get("dynamic_m"))
+        return []
+    monkeypatch.setattr(kernel_profile, "compiled_kernels", compiled)
+    assert kernel_profile.main(str(tmp_path), parts=("dynamic_m", "compiled"), print=lambda *a: None) == 0
+    assert on_disk and on_disk[0][0]["ms_per_step"] == 20.0
+    assert "| mmfuse | 1 | 1.000 | 20.000 | 0 |" in next(tmp_path.glob("*.md")).read_text()
