@@ -240,7 +240,7 @@ class _ScaledLinear(nn.Linear):
 
 @pytest.mark.parametrize("change, why", [
     ("gelu subclass", "expected nn.GELU, nn.SiLU, nn.ReLU, nn.Identity (exactly)"),
-    ("linear subclass", "expected nn.Linear, got _ScaledLinear"),
+    ("linear subclass", "expected nn.Linear, got |._ScaledLinear"),  # (its module named: PEFT's is "Linear" too)
     ("hook on the projector", "hooks registered"),  # (LLaVA's drop-in is a new module: its hooks would be lost)
     ("hook on its Linear", "submodule linear_2 has hooks registered"),
     ("weight_norm", "submodule linear_1 has parametrized parameters"),
@@ -270,7 +270,7 @@ def test_modules_that_would_compute_something_else_when_swapped_are_left_alone(c
     report = mmfuse.patch(model)
     left = {name: reason for name, _, reason in report.left_alone}
     assert "model.multi_modal_projector" in left, str(report)
-    assert why in left["model.multi_modal_projector"]
+    assert all(part in left["model.multi_modal_projector"] for part in why.split("|"))
     assert model.model.multi_modal_projector is proj
     assert not [name for name, _, _ in report.swapped if name.startswith("model.multi_modal_projector")]
     torch.testing.assert_close(model.model.multi_modal_projector(x), ref)

@@ -48,5 +48,7 @@ def plain_linear(module, name: str = "module") -> nn.Linear:
     from mmfuse.nn.linear import Linear
 
     if type(module) not in (nn.Linear, Linear):
-        raise Unsupported(f"{name}: expected nn.Linear, got {type(module).__name__}")
+        cls = type(module)  # its module too: PEFT's LoRA layer and bitsandbytes' are also called "Linear..."
+        where = "" if cls.__module__.startswith("torch.") else f"{cls.__module__}."
+        raise Unsupported(f"{name}: expected nn.Linear, got {where}{cls.__qualname__}")
     return module
