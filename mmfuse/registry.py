@@ -95,6 +95,20 @@ def _shallow_copy(module: nn.Module, cls: type | None = None) -> nn.Module:
     return new
 
 
+def _linear_at(module: nn.Module, path: str) -> nn.Linear:
+    """The Linear a recipe's own forward reads at ``path``, checked on every call: a module put there
+    after ``patch`` (an adapter library wrapping it) would otherwise be read as its bare weight, its
+    adapter silently ignored."""
+    lin = _get(module, path)
+    if type(lin) is not nn.Linear:
+        raise RuntimeError(f"{path}: expected the nn.Linear that mmfuse.patch found there, got "
+                           f"{type(lin).__module__}.{type(lin).__qualname__}: its fused forward reads the Linear's "
+                           "weight directly, so a module replaced after patching (an adapter) would be ignored; "
+                           "apply adapters before mmfuse.patch (it then leaves the adapted module alone) or call "
+                           "mmfuse.unpatch first")
+    return lin
+
+
 def _get(module: nn.Module, path: str):
     for part in path.split("."):
         module = getattr(module, part, None)
@@ -233,7 +247,7 @@ def _gated_mlp(module: nn.Module, family: Family) -> nn.Module:
 
     def forward(self, x):
         x = pre(self, x) if pre is not None else x
-        g, u, d = _get(self, gate), _get(self, up), _get(self, down)
+        g, u, d = _linear_at(self, gate), _linear_at(self, up), _linear_at(self, down)
         return gated_mlp(x, g.weight, u.weight, d.weight, g.bias, u.bias, d.bias, act)
 
     cls = type(new)
@@ -361,7 +375,7 @@ def _merged_mlp(module: nn.Module, family: Family) -> nn.Module:
         return fused_forward(self, x)
 
     def fused_forward(self, x, deferred=None):
-        lins = [_get(self, p) for p in lin_paths]
+        lins = [_linear_at(self, p) for p in lin_paths]
         norm, weight, bias, eps = _norm_form(_get(self, norm_path)) if norm_path else (None, None, None, 1e-6)
         kw = dict(norm=norm, norm_weight=weight, norm_bias=bias, eps=eps, norm_after_merge=post, gate_half=gate_half,
                   final_activation=act_after_last)
@@ -575,12 +589,12 @@ def _unfold_merged_mlp(module: nn.Module, family: Family) -> nn.Module:
             raise ValueError(f"image_features: expected {sum(h * w for h, w in grids)} tokens (the image_sizes' "
                              f"patch grids), got {x.shape[0]}")
         norm, weight, bias, eps = _norm_form(_get(self, norm_path))
-        wm = m.merging_layer.weight
+        wm = _linear_at(self, f"{merger_path}.merging_layer").weight
         wm = wm.reshape(wm.shape[0], -1, s * s).transpose(1, 2).reshape(wm.shape[0], -1)  # columns j * C + c
         merged = merged_mlp(x, [wm], [m.merging_layer.bias], None, group=s * s,
                             token_map=_unfold_table(grids, s, x.device), norm=norm, norm_weight=weight,
                             norm_bias=bias, eps=eps, _table_checked=True)
-        a, b = _get(self, l1), _get(self, l2)
+        a, b = _linear_at(self, l1), _linear_at(self, l2)
         return mlp(merged, [a.weight, b.weight], [a.bias, b.bias], act)
 
     cls = _fused_class(type(module))
@@ -615,13 +629,14 @@ def _unfold_patch_embed(module: nn.Module, family: Family) -> nn.Module:
     def forward(self, pixels):
         if pixels.dim() != 4:
             raise ValueError(f"pixels: expected (B, C, H, W), got shape {tuple(pixels.shape)}")
-        w = _get(self, linear_path).weight
+        lin = _linear_at(self, linear_path)
+        w = lin.weight
         C = w.shape[1] // (P * P)
         if pixels.shape[1] != C:
             raise ValueError(f"pixels: expected {C} channels, got {pixels.shape[1]}")
         h, w_ = pixels.shape[-2] // P * P, pixels.shape[-1] // P * P
         weight = w.view(w.shape[0], C, P, P)
-        return fused_patch_embed(pixels[..., :h, :w_], weight, _get(self, linear_path).bias,
+        return fused_patch_embed(pixels[..., :h, :w_], weight, lin.bias,
                                  cache=_packed(self), cache_owner=w)
 
     cls = _fused_class(type(module))

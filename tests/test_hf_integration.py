@@ -296,3 +296,30 @@ def test_a_hook_on_a_copied_module_is_kept_and_runs():
     assert [name for name, _, _ in report.swapped] == ["0"], str(report)
     torch.testing.assert_close(model(x), ref, atol=1e-5, rtol=1e-4)
     assert seen == ["PatchMerger", "FusedPatchMerger"]
+
+
+class _Adapter(nn.Module):
+    """What an adapter library puts in a Linear's place: the Linear inside, its own forward around it."""
+    def __init__(self, base):
+        super().__init__()
+        self.base_layer = base
+
+    @property
+    def weight(self):
+        return self.base_layer.weight
+
+    def forward(self, x):
+        return self.base_layer(x) + 1.0
+
+
+def test_a_linear_replaced_after_patch_is_refused_not_ignored():
+    """A recipe with its own fused forward reads its Linears' weights directly: one replaced after patch
+    (an adapter) would be silently skipped, so the forward names it and says what to do instead."""
+    from transformers.models.qwen2_vl.modeling_qwen2_vl import PatchMerger
+
+    model = nn.Sequential(PatchMerger(dim=24, context_dim=16, spatial_merge_size=2))
+    mmfuse.patch(model)
+    model[0].mlp[0] = _Adapter(model[0].mlp[0])
+    with pytest.raises(RuntimeError, match=r"mlp\.0: expected the nn.Linear that mmfuse.patch found there.*"
+                                           r"apply adapters before mmfuse.patch"):
+        model(torch.randn(8, 16))
