@@ -1176,7 +1176,9 @@ def declined_reason(module: nn.Module, vision_tower: bool = False) -> str | None
     if len(parts) < 3 or parts[:2] != ["transformers", "models"]:
         return None
     key = (parts[2], cls.__name__)
-    return DECLINED.get(key) or (TOWER_DECLINED.get(key) if vision_tower else None)
+    tower = TOWER_DECLINED.get(key) if vision_tower else None
+    # (the language model's and speech heads' MLPs are not tower candidates: no report line per layer)
+    return DECLINED.get(key) or (tower if tower not in _NOT_THE_TOWER else None)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -1263,6 +1265,9 @@ DECLINED: dict[tuple[str, str], str] = {
 
 
 #: Vision-tower MLP-like classes (``tower_mlp_like_classes``) that ``vision_tower=True`` leaves alone.
+_LM_MLP = "the language model's MLP, not the vision tower's"
+_SPEECH_MLP = "speech generation (talker / code-to-wave), not the vision tower"
+_NOT_THE_TOWER = (_LM_MLP, _SPEECH_MLP)
 TOWER_DECLINED: dict[tuple[str, str], str] = {
     ("gemma4", "Gemma4VisionMLP"): "its Linears are Gemma4ClippableLinear (input / output clipping around the "
     "matmul), not nn.Linear",
@@ -1276,10 +1281,10 @@ TOWER_DECLINED: dict[tuple[str, str], str] = {
     ("sam3", "Sam3MLP"): "SAM 3's DETR and geometry heads, not a ViT block (and modeling_sam3 needs torchvision)",
     ("sam3", "Sam3DecoderMLP"): "SAM 3's DETR decoder head, not a ViT block (and modeling_sam3 needs torchvision)",
     ("tipsv2", "Tipsv2MLP"): "TIPSv2's text encoder MLP",
-    **{key: "speech generation (talker / code-to-wave), not the vision tower" for key in (
+    **{key: _SPEECH_MLP for key in (
         ("qwen2_5_omni", "DiTMLP"), ("qwen3_omni_moe", "Qwen3OmniMoeTalkerResizeMLP"),
         ("qwen3_omni_moe", "Qwen3OmniMoeMLP"), ("qwen3_omni_moe", "Qwen3OmniMoeCode2WavMlp"))},
-    **{key: "the language model's MLP, not the vision tower's" for key in (
+    **{key: _LM_MLP for key in (
         ("aria", "AriaSharedExpertsMLP"), ("cohere_compass", "CohereCompassMLP"),
         ("ernie4_5_vl_moe", "Ernie4_5_VLMoeMLP"),
         ("gemma3", "Gemma3MLP"), ("hunyuan_vl", "HunYuanVLMLP"), ("hy_v4_vl", "HYV4VLMLP"), ("inkling", "InklingMLP"),

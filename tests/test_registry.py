@@ -1677,3 +1677,13 @@ def test_vision_tower_patch_reports_a_declined_tower_mlp():
     assert not mmfuse.patch(model).left_alone
     left = {name: why for name, _, why in mmfuse.patch(model, vision_tower=True).left_alone}
     assert "Gemma4ClippableLinear" in left["target"]
+
+
+def test_vision_tower_patch_does_not_list_the_language_models_mlps():
+    """The enumeration declines the language model's MLPs (Qwen2MLP, ...), but they are not tower candidates:
+    the vision_tower report has no line for each decoder layer's MLP."""
+    cfg = M.qwen2_vl.Qwen2VLTextConfig(hidden_size=T, intermediate_size=32, num_hidden_layers=1,
+                                       num_attention_heads=2, num_key_value_heads=2, vocab_size=64)
+    model = _Parent(_mod("qwen2_vl", "Qwen2MLP")(cfg))
+    assert registry.TOWER_DECLINED[("qwen2_vl", "Qwen2MLP")]  # declined, with its reason...
+    assert not mmfuse.patch(model, vision_tower=True).left_alone  # ...and not reported
