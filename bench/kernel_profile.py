@@ -348,6 +348,11 @@ def main(out_dir: str, parts=PARTS, print=print) -> int:
     return 1 if failed else 0
 
 
+def _table_head(title: str, *columns: str) -> list[str]:
+    """A markdown section's title and its table's header rows."""
+    return [f"## {title}", "", "| " + " | ".join(columns) + " |", "|" + " --- |" * len(columns)]
+
+
 def markdown(result: dict) -> str:
     lines = [f"# mmfuse kernel profile, {result['gpu']}, {result['date']} (measured)", "",
              f"torch {result.get('torch')}, Triton {result.get('triton')}", ""]
@@ -365,8 +370,7 @@ def markdown(result: dict) -> str:
         lines.append("")
     comp = result.get("compiled")
     if isinstance(comp, list):
-        lines += ["## Compiled kernels", "", "| kernel | warps | stages | regs | spills | shared | constexprs |",
-                  "| --- | --- | --- | --- | --- | --- | --- |"]
+        lines += _table_head("Compiled kernels", "kernel", "warps", "stages", "regs", "spills", "shared", "constexprs")
         for r in comp:
             consts = ", ".join(f"{k}={v}" for k, v in sorted(r.get("constexprs", {}).items())
                                if k.startswith("BLOCK") or k.isupper())
@@ -376,8 +380,8 @@ def markdown(result: dict) -> str:
     tiles = result.get("gemm_tiles")
     if isinstance(tiles, list):
         for shape in dict.fromkeys(r.get("shape", "LLaVA-1.5 layer, M=4608") for r in tiles):
-            lines += [f"## GEMM tiles (bf16, {shape})", "",
-                      "| GEMM | kernel and tile | ms | TFLOP/s | launcher default |", "| --- | --- | --- | --- | --- |"]
+            lines += _table_head(f"GEMM tiles (bf16, {shape})", "GEMM", "kernel and tile", "ms", "TFLOP/s",
+                                 "launcher default")
             for r in tiles:
                 if r.get("shape", "LLaVA-1.5 layer, M=4608") != shape:
                     continue
@@ -389,9 +393,8 @@ def markdown(result: dict) -> str:
             lines.append("")
     splits = result.get("attention_splits")
     if isinstance(splits, list):
-        lines += ["## Cross-attention forward at batch 1: the split's merge", "",
-                  "| shape | dtype | implementation | splits | ms | same bits as the merge launch |",
-                  "| --- | --- | --- | --- | --- | --- |"]
+        lines += _table_head("Cross-attention forward at batch 1: the split's merge", "shape", "dtype",
+                             "implementation", "splits", "ms", "same bits as the merge launch")
         for r in splits:
             timing = f"{r['ms']:.4f}" if "ms" in r else f"failed: {r.get('error', '')[:100]}"
             same = "" if "equal" not in r else "yes" if r["equal"] else "**NO**"
@@ -400,9 +403,8 @@ def markdown(result: dict) -> str:
         lines.append("")
     dyn = result.get("dynamic_m")
     if isinstance(dyn, list):
-        lines += ["## Dynamic token counts: a training step at each of 50 distinct counts (LLaVA-1.5 projector)", "",
-                  "| implementation | pass | s in all | ms per step | timing rounds so far |",
-                  "| --- | --- | --- | --- | --- |"]
+        lines += _table_head("Dynamic token counts: a training step at each of 50 distinct counts (LLaVA-1.5 "
+                             "projector)", "implementation", "pass", "s in all", "ms per step", "timing rounds so far")
         lines += [f"| {r['impl']} | {r['pass']} | {r['seconds']:.3f} | {r['ms_per_step']:.3f} | {r['timings']} |"
                   for r in dyn]
         lines.append("")
