@@ -45,6 +45,26 @@ def check_replaceable(module: nn.Module, root_hooks: bool = True) -> None:
                               "would hold as one evaluation")
 
 
+def check_class_contract(module: nn.Module, forward: tuple[str, ...], attributes: tuple[str, ...] = ()) -> None:
+    """``Unsupported`` unless ``type(module).forward`` takes exactly the parameters ``forward`` (after
+    ``self``, ``**kwargs`` aside) and the module has ``attributes``: a drop-in reimplementing a
+    transformers forward is called as the class's own callers call it, positionally included, and
+    reads what that class's version defines; another version's class (another signature, attributes
+    it lacks) would hand it arguments in the wrong places or compute something else."""
+    import inspect
+
+    name = type(module).__name__
+    params = [p.name for p in inspect.signature(type(module).forward).parameters.values()
+              if p.kind not in (p.VAR_KEYWORD, p.VAR_POSITIONAL)][1:]
+    if tuple(params) != tuple(forward):
+        raise Unsupported(f"{name}.forward takes ({', '.join(params)}), the drop-in implements "
+                          f"({', '.join(forward)}): another transformers version's class")
+    missing = [a for a in attributes if not hasattr(module, a)]
+    if missing:
+        raise Unsupported(f"{name} has no {', '.join(missing)}, which the drop-in reads: another transformers "
+                          "version's class")
+
+
 def _kept_hooks(old: nn.Module, new: nn.Module) -> bool:
     """Whether ``new`` runs ``old``'s own hooks (a shallow copy carries its hook tables; a drop-in does not)."""
     return all(dict(getattr(new, t, None) or {}) == dict(getattr(old, t, None) or {}) for t in _HOOK_TABLES)

@@ -38,22 +38,24 @@ def _key_mask(attention_mask: torch.Tensor | None, batch: int, keys: int) -> tup
     return True, m[:, 0, 0, :].expand(batch, keys)
 
 
-def key_padding_mask(batch_size: int, q_length: int, kv_length: int, q_offset: int = 0, kv_offset: int = 0,
-                     mask_function=None, attention_mask: torch.Tensor | None = None, **kwargs):
+def key_padding_mask(mask_function=None, attention_mask: torch.Tensor | None = None, **kwargs):
     """transformers mask builder: a bidirectional padding mask as one boolean row per sample,
     ``(B, 1, 1, Lk)`` (None without padding), without looking at its values; SDPA's builder for
-    every other pattern. SDPA broadcasts the one-row form too, so a fallback call still works."""
-    from transformers.masking_utils import bidirectional_mask_function, prepare_padding_mask, sdpa_mask
+    every other pattern. SDPA broadcasts the one-row form too, so a fallback call still works.
+    transformers calls builders by keyword, with its version's arguments (5.x: ``q_length``; 4.x:
+    ``cache_position``, and no bidirectional builder): they pass through to its own SDPA builder."""
+    from transformers import masking_utils
 
-    if mask_function is bidirectional_mask_function and kwargs.get("local_size") is None:
+    bidirectional = getattr(masking_utils, "bidirectional_mask_function", None)
+    if mask_function is not None and mask_function is bidirectional and kwargs.get("local_size") is None:
         if attention_mask is None:
             return None
-        pad = prepare_padding_mask(attention_mask, kv_length, kv_offset)[:, kv_offset:kv_offset + kv_length]
+        kv_length, kv_offset = kwargs["kv_length"], kwargs.get("kv_offset", 0)
+        pad = masking_utils.prepare_padding_mask(attention_mask, kv_length, kv_offset)[:, kv_offset:kv_offset + kv_length]
         if pad.dtype != torch.bool:
             pad = pad != 0
         return pad.to(kwargs.get("device", pad.device))[:, None, None, :]
-    return sdpa_mask(batch_size=batch_size, q_length=q_length, kv_length=kv_length, q_offset=q_offset,
-                     kv_offset=kv_offset, mask_function=mask_function, attention_mask=attention_mask, **kwargs)
+    return masking_utils.sdpa_mask(mask_function=mask_function, attention_mask=attention_mask, **kwargs)
 
 
 def mmfuse_attention_forward(module, query, key, value, attention_mask, dropout: float = 0.0,

@@ -1386,6 +1386,8 @@ def _classes_named(regex: str) -> list[tuple[str, str]]:
         if "vision_config" not in config_src or "text_config" not in config_src:
             continue
         for path in sorted(d.glob("modeling_*.py")):
+            if path.name.startswith(("modeling_tf_", "modeling_flax_")):  # transformers 4.x: not torch modules
+                continue
             found += [(d.name, c) for c in pattern.findall(path.read_text())]
     return found
 

@@ -304,6 +304,11 @@ class QFormerAttention(nn.Module):
     def from_module(cls, module: nn.Module) -> "QFormerAttention":
         if type(module).__name__ not in QFORMER_CLASSES:
             raise TypeError(f"module: expected one of {QFORMER_CLASSES}, got {type(module).__name__}")
+        # transformers 4.x's class takes head_mask / past_key_value; up to 5.12 it has no `scaling` (and
+        # is handed float masks, which the kernel route does not take anyway)
+        _patch.check_class_contract(
+            module, forward=("hidden_states", "attention_mask", "encoder_hidden_states", "encoder_attention_mask"),
+            attributes=("scaling", "is_causal", "attention_dropout"))
         new = cls.__new__(cls)
         nn.Module.__init__(new)
         for name in ("config", "num_attention_heads", "attention_head_size", "all_head_size", "scaling",
