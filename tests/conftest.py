@@ -9,6 +9,11 @@ tests that need the interpreter (launch counting) skip themselves.
 """
 
 import os
+import sys
+
+# Test helper modules beside this file (``_transformers_versions``): --import-mode=importlib does not
+# put the test directory on sys.path.
+sys.path.insert(0, os.path.dirname(__file__))
 
 DEVICE = os.environ.get("MMFUSE_TEST_DEVICE", "cpu")
 if DEVICE == "cpu":

@@ -12,6 +12,7 @@ import mmfuse
 from mmfuse.testing import assert_close
 
 transformers = pytest.importorskip("transformers")
+from _transformers_versions import merged_output  # noqa: E402
 
 
 def _run(model, inputs, select):
@@ -165,14 +166,14 @@ class _QwenCall(nn.Module):
 
 def test_qwen2_vl_vision_patched_matches():
     model, report = check_patch_equivalence(_QwenCall(tiny_qwen2_vl_vision()), _qwen_inputs(),
-                                            lambda o: o.pooler_output, ["Qwen2VLPatchEmbed", "FusedPatchMerger"])
+                                            merged_output, ["Qwen2VLPatchEmbed", "FusedPatchMerger"])
     # The merger runs mmfuse.merged_mlp on its own children (LayerNorm read in the first GEMM's loads):
     # the Sequential and its state_dict stay the original's.
     assert isinstance(model.model.merger.mlp, torch.nn.Sequential)
 
 
 def test_qwen2_vl_training_step():
-    check_training_step(lambda: _QwenCall(tiny_qwen2_vl_vision()), _qwen_inputs(), lambda o: o.pooler_output)
+    check_training_step(lambda: _QwenCall(tiny_qwen2_vl_vision()), _qwen_inputs(), merged_output)
 
 
 def test_qwen2_vl_merge_is_a_view_not_a_copy(monkeypatch):
