@@ -45,6 +45,26 @@ def check_replaceable(module: nn.Module, root_hooks: bool = True) -> None:
                               "would hold as one evaluation")
 
 
+_READS_PARAMETERS = "its fused forward reads that module's parameters directly, so a module put there afterwards " \
+                    "(an adapter) would be ignored"
+
+
+def exact_child(owner: nn.Module, path: str, cls: type, why: str = _READS_PARAMETERS) -> nn.Module:
+    """The submodule at dotted ``path`` of a drop-in whose forward reads that submodule's parameters
+    directly (the fused kernels take weights, not modules), checked on every call to still be exactly
+    ``cls``: a module put there afterwards (an adapter library wrapping it: PEFT's LoRA, LN tuning) would
+    otherwise be read as its bare weight, its update silently ignored. One type check per child."""
+    m = owner
+    for part in path.split(".") if "." in path else (path,):
+        m = m._modules[part] if part in m._modules else getattr(m, part)  # (the dict: ~1 us less per call)
+    if type(m) is not cls:
+        raise RuntimeError(f"{type(owner).__name__}.{path}: expected the {cls.__module__}.{cls.__qualname__} that "
+                           f"mmfuse built this module with, got {type(m).__module__}.{type(m).__qualname__}: {why}; "
+                           "apply adapters before mmfuse.patch (it then leaves adapted modules alone) or call "
+                           "mmfuse.unpatch first")
+    return m
+
+
 def check_class_contract(module: nn.Module, forward: tuple[str, ...], attributes: tuple[str, ...] = ()) -> None:
     """``Unsupported`` unless ``type(module).forward`` takes exactly the parameters ``forward`` (after
     ``self``, ``**kwargs`` aside) and the module has ``attributes``: a drop-in reimplementing a

@@ -96,17 +96,8 @@ def _shallow_copy(module: nn.Module, cls: type | None = None) -> nn.Module:
 
 
 def _linear_at(module: nn.Module, path: str) -> nn.Linear:
-    """The Linear a recipe's own forward reads at ``path``, checked on every call: a module put there
-    after ``patch`` (an adapter library wrapping it) would otherwise be read as its bare weight, its
-    adapter silently ignored."""
-    lin = _get(module, path)
-    if type(lin) is not nn.Linear:
-        raise RuntimeError(f"{path}: expected the nn.Linear that mmfuse.patch found there, got "
-                           f"{type(lin).__module__}.{type(lin).__qualname__}: its fused forward reads the Linear's "
-                           "weight directly, so a module replaced after patching (an adapter) would be ignored; "
-                           "apply adapters before mmfuse.patch (it then leaves the adapted module alone) or call "
-                           "mmfuse.unpatch first")
-    return lin
+    """The Linear a recipe's own forward reads at ``path``, checked on every call (``exact_child``)."""
+    return _patch.exact_child(module, path, nn.Linear)
 
 
 def _get(module: nn.Module, path: str):
@@ -158,6 +149,17 @@ def _swap_gemms(module: nn.Module, family: Family) -> nn.Module:
         _set(new, path, replacement)
         if act_path:
             _set(new, act_path, nn.Identity())
+    fused = tuple(path for path, _, act_path in plan if act_path)
+    if fused:  # an adapter wrapping a Linear with its activation fused would add its update after the activation
+        base = type(new)
+
+        def forward(self, *args, **kwargs):
+            for path in fused:
+                _patch.exact_child(self, path, Linear, "the activation after it runs in its GEMM's epilogue, so a "
+                                   "module wrapping it (an adapter adding its update) would act after the activation")
+            return base.forward(self, *args, **kwargs)
+
+        new.__class__ = type(base.__name__, (base,), {"__module__": "mmfuse.registry", "forward": forward})
     return new
 
 

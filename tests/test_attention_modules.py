@@ -183,3 +183,42 @@ def test_perceiver_resampler_from_idefics2_shares_parameters():
 def test_cross_attention_from_module_builds_the_mha_drop_in():
     mha = nn.MultiheadAttention(16, 2, batch_first=True)
     assert isinstance(CrossAttention.from_module(mha), MultiheadAttention)
+
+
+class _Wrapped(nn.Module):
+    """An adapter library's stand-in: the layer inside, its parameters reachable through it (as PEFT's)."""
+
+    def __init__(self, base):
+        super().__init__()
+        self.base_layer = base
+
+    def __getattr__(self, name):
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            return getattr(self._modules["base_layer"], name)
+
+    def forward(self, *args):
+        return self.base_layer(*args) + 1.0
+
+
+@pytest.mark.parametrize("make,path,args", [
+    (lambda: CrossAttention(dim=16, heads=2, dim_head=8), "to_k", lambda: (torch.randn(2, 3, 16), torch.randn(2, 5, 16))),
+    (lambda: PerceiverResampler(dim=16, depth=1, dim_head=8, heads=2, num_latents=3, ff_mult=1), "layers.0.0.to_kv",
+     lambda: (torch.randn(2, 5, 16),)),
+    (lambda: PerceiverResampler(dim=16, depth=1, dim_head=8, heads=2, num_latents=3, ff_mult=1), "layers.0.1.3",
+     lambda: (torch.randn(2, 5, 16),)),
+    (lambda: MultiheadAttention.from_module(nn.MultiheadAttention(16, 2, batch_first=True)), "out_proj",
+     lambda: (torch.randn(2, 3, 16), torch.randn(2, 5, 16), torch.randn(2, 5, 16))),
+], ids=["cross-attention", "perceiver attention", "perceiver feed-forward", "multihead attention"])
+def test_a_layer_wrapped_after_construction_is_refused_not_ignored(make, path, args):
+    """The forwards read their Linears' weights directly: a Linear wrapped afterwards (an adapter) would be
+    skipped, so the forward raises naming it."""
+    torch.manual_seed(0)
+    m = make()
+    parent, _, leaf = path.rpartition(".")
+    owner = m.get_submodule(parent) if parent else m
+    owner._modules[leaf] = _Wrapped(owner._modules[leaf])
+    with pytest.raises(RuntimeError, match=rf"{leaf}: expected the .*Linear that mmfuse built this module with, got "
+                                           r".*_Wrapped.*apply adapters before mmfuse.patch"):
+        m(*args())

@@ -1772,3 +1772,73 @@ def test_vision_tower_patch_does_not_list_the_language_models_mlps():
     model = _Parent(_mod("qwen2_vl", "Qwen2MLP")(cfg))
     assert registry.TOWER_DECLINED[("qwen2_vl", "Qwen2MLP")]  # declined, with its reason...
     assert not mmfuse.patch(model, vision_tower=True).left_alone  # ...and not reported
+
+
+# ----------------------------------------------------------------------------------------------
+# Adapters added after patch: applied or refused, never silently ignored
+# ----------------------------------------------------------------------------------------------
+class _ShiftAdapter(nn.Module):
+    """What an adapter library (PEFT's LoRA) puts in a layer's place: the layer inside, its own forward
+    around it adding an update, and the layer's parameters reachable through it as PEFT's are."""
+
+    def __init__(self, base):
+        super().__init__()
+        self.base_layer = base
+
+    def __getattr__(self, name):
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            return getattr(self._modules["base_layer"], name)
+
+    def forward(self, *args, **kwargs):
+        return self.base_layer(*args, **kwargs) + 0.25
+
+
+_ADAPTED = (nn.Linear, nn.Conv2d, nn.Conv3d, nn.Embedding)
+
+
+def _adapt(root: nn.Module, paths) -> None:
+    for path in paths:
+        parent, _, leaf = path.rpartition(".")
+        owner = root.get_submodule(parent) if parent else root
+        owner._modules[leaf] = _ShiftAdapter(owner._modules[leaf])
+
+
+def _one_builder_per_recipe():
+    keys = {}
+    for fam in registry.FAMILIES:
+        for cls in fam.classes:
+            key = (fam.module, cls)
+            # (Gemma 3's pooled matmul holds no layer to wrap: a bare weight parameter and an RMSNorm)
+            if key in (TOWER_BUILDERS if fam.tower else BUILDERS) and fam.recipe != "pool+norm+matmul":
+                # each attention class has a drop-in of its own; CLIP's and SigLIP's embeddings differ
+                group = (fam.recipe, fam.tower, fam.opt("fuse") is not None, fam.opt("layout"),
+                         cls if fam.recipe == "cross-attention" else None)
+                keys.setdefault(group, (key, fam.tower))
+    return sorted(keys.values())
+
+
+@pytest.mark.parametrize("key,tower", _one_builder_per_recipe(), ids=lambda k: f"{k[0]}.{k[1]}" if isinstance(k, tuple) else "")
+def test_an_adapter_added_after_patch_is_applied_or_refused(key, tower):
+    """Every layer a swapped module holds (Linears, convs, embeddings: what PEFT's LoRA wraps), wrapped by
+    an adapter after ``patch``: the forward either computes what the adapted original computes, or raises
+    naming the layer (a fused forward reading the layer's weight would otherwise skip the adapter, and a
+    fused activation would put the update after it). One family per recipe."""
+    torch.manual_seed(0)
+    module, inputs = (TOWER_BUILDERS if tower else BUILDERS)[key]()
+    model = _Parent(module).float().eval()
+    reference = copy.deepcopy(model)
+    _swapped_target(mmfuse.patch(model, vision_tower=tower))
+    paths = [name for name, m in model.named_modules() if isinstance(m, _ADAPTED) and name]
+    assert paths, "no layer to adapt"
+    _adapt(model, paths)
+    _adapt(reference, [p for p in paths if isinstance(reference.get_submodule(p), _ADAPTED)])
+    with torch.no_grad():
+        expected = reference(*inputs)
+        try:
+            out = model(*inputs)
+        except RuntimeError as e:
+            assert "that mmfuse built this module with" in str(e) and "apply adapters before mmfuse.patch" in str(e), e
+            return
+    torch.testing.assert_close(out, expected, rtol=1e-4, atol=1e-4)

@@ -27,6 +27,12 @@ def _heads_seq_first(x: torch.Tensor, heads: int) -> torch.Tensor:
     return x.view(L, B, heads, -1).permute(1, 2, 0, 3)
 
 
+def _linears(owner: nn.Module, *names: str) -> tuple[nn.Linear, ...]:
+    """The Linears a forward reads the weights of, checked to be the ones it was built with
+    (``_patch.exact_child``: an adapter put there since would otherwise be ignored)."""
+    return tuple(_patch.exact_child(owner, name, nn.Linear) for name in names)
+
+
 def _merge(x: torch.Tensor) -> torch.Tensor:
     """(B, H, L, Dh) -> (B, L, H*Dh)."""
     B, H, L, Dh = x.shape
@@ -100,7 +106,8 @@ class MultiheadAttention(nn.Module):
                 raise TypeError(f"key_padding_mask: expected dtype torch.bool (True = ignore), got "
                                 f"{key_padding_mask.dtype}")
             key_mask = ~key_padding_mask
-        out = linear(_merge(cross_attention(q, k, v, key_mask=key_mask)), self.out_proj.weight, self.out_proj.bias)
+        out_proj = _patch.exact_child(self, "out_proj", nn.modules.linear.NonDynamicallyQuantizableLinear)
+        out = linear(_merge(cross_attention(q, k, v, key_mask=key_mask)), out_proj.weight, out_proj.bias)
         return (out if self.batch_first else out.transpose(0, 1)), None
 
 
@@ -129,11 +136,12 @@ class CrossAttention(nn.Module):
         return MultiheadAttention.from_module(module)
 
     def forward(self, x, context, kv_lens=None, key_mask=None):
-        q = _heads(linear(x, self.to_q.weight, self.to_q.bias), self.heads)
-        k = _heads(linear(context, self.to_k.weight, self.to_k.bias), self.kv_heads)
-        v = _heads(linear(context, self.to_v.weight, self.to_v.bias), self.kv_heads)
+        to_q, to_k, to_v, to_out = _linears(self, "to_q", "to_k", "to_v", "to_out")
+        q = _heads(linear(x, to_q.weight, to_q.bias), self.heads)
+        k = _heads(linear(context, to_k.weight, to_k.bias), self.kv_heads)
+        v = _heads(linear(context, to_v.weight, to_v.bias), self.kv_heads)
         out = cross_attention(q, k, v, kv_lens=kv_lens, key_mask=key_mask)
-        return linear(_merge(out), self.to_out.weight, self.to_out.bias)
+        return linear(_merge(out), to_out.weight, to_out.bias)
 
 
 class PerceiverAttention(nn.Module):
@@ -153,15 +161,16 @@ class PerceiverAttention(nn.Module):
     def forward(self, media, latents, media_mask=None):
         media = self.norm_media(media)
         latents = self.norm_latents(latents)
-        q = _heads(linear(latents, self.to_q.weight), self.heads)
+        to_q, to_kv, to_out = _linears(self, "to_q", "to_kv", "to_out")
+        q = _heads(linear(latents, to_q.weight), self.heads)
         # K/V of media and of latents are projected separately and read by the kernel from both
         # tensors (two sources): neither (media ‖ latents) nor its K/V is ever built.
-        k_media, v_media = (_heads(t, self.heads) for t in linear(media, self.to_kv.weight).chunk(2, dim=-1))
-        k_lat, v_lat = (_heads(t, self.heads) for t in linear(latents, self.to_kv.weight).chunk(2, dim=-1))
+        k_media, v_media = (_heads(t, self.heads) for t in linear(media, to_kv.weight).chunk(2, dim=-1))
+        k_lat, v_lat = (_heads(t, self.heads) for t in linear(latents, to_kv.weight).chunk(2, dim=-1))
         # True = attend, per media token; the mask covers the first source, latents always attend.
         key_mask = media_mask.expand(media.shape[0], -1) if media_mask is not None else None
         out = cross_attention(q, (k_media, k_lat), (v_media, v_lat), key_mask=key_mask)
-        return linear(_merge(out), self.to_out.weight)
+        return linear(_merge(out), to_out.weight)
 
 
 def _feed_forward(dim: int, mult: int) -> nn.Sequential:
@@ -211,6 +220,7 @@ class PerceiverResampler(nn.Module):
         for attn, ff in self.layers:
             latents = attn(x, latents, media_mask) + latents
             norm, fc1, _, fc2 = ff
+            fc1, fc2 = _linears(ff, "1", "3")
             latents = mlp(norm(latents), [fc1.weight, fc2.weight], None, "gelu") + latents
         return self.norm(latents)
 
@@ -246,7 +256,8 @@ class Idefics2PerceiverAttention(nn.Module):
         B, Lq, _ = latents.shape
         Lk = context.shape[1] + Lq
         key_mask = self._key_mask(attention_mask, B, Lk)
-        q = _heads(linear(latents, self.q_proj.weight, self.q_proj.bias), self.num_heads)
+        q_proj, k_proj, v_proj, o_proj = _linears(self, "q_proj", "k_proj", "v_proj", "o_proj")
+        q = _heads(linear(latents, q_proj.weight, q_proj.bias), self.num_heads)
         kv_heads = self.num_key_value_heads
 
         def project(proj):  # K or V of (context, latents): two sources the kernel reads in place
@@ -255,8 +266,8 @@ class Idefics2PerceiverAttention(nn.Module):
         # The mask covers the context (the latents' columns are True by construction).
         if key_mask is not None:
             key_mask = key_mask[:, :context.shape[1]]
-        out = cross_attention(q, project(self.k_proj), project(self.v_proj), key_mask=key_mask, scale=self.scaling)
-        return linear(_merge(out), self.o_proj.weight, self.o_proj.bias), None
+        out = cross_attention(q, project(k_proj), project(v_proj), key_mask=key_mask, scale=self.scaling)
+        return linear(_merge(out), o_proj.weight, o_proj.bias), None
 
     @staticmethod
     def _key_mask(attention_mask, B: int, Lk: int):
@@ -330,8 +341,9 @@ class QFormerAttention(nn.Module):
             return self._original_forward(self, hidden_states, attention_mask, encoder_hidden_states,
                                           encoder_attention_mask, **kwargs)
         H = self.num_attention_heads
-        q = _heads(linear(hidden_states, self.query.weight, self.query.bias), H)
-        k = _heads(linear(source, self.key.weight, self.key.bias), H)
-        v = _heads(linear(source, self.value.weight, self.value.bias), H)
+        query, key, value = _linears(self, "query", "key", "value")
+        q = _heads(linear(hidden_states, query.weight, query.bias), H)
+        k = _heads(linear(source, key.weight, key.bias), H)
+        v = _heads(linear(source, value.weight, value.bias), H)
         out = cross_attention(q, k, v, key_mask=key_mask, scale=self.scaling)
         return _merge(out), None  # (B, Lq, H*D): a view of the kernel's (B, Lq, H, D) storage

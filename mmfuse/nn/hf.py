@@ -58,7 +58,7 @@ class NormMLPProjector(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         from mmfuse.ops.linear import mlp
 
-        lins = (self.linear_1, self.linear_2)
+        lins = (_patch.exact_child(self, "linear_1", nn.Linear), _patch.exact_child(self, "linear_2", nn.Linear))
         return mlp(self.layer_norm(x), [m.weight for m in lins], [m.bias for m in lins], self.activation)
 
     @classmethod
@@ -80,10 +80,11 @@ class Qwen2VLPatchEmbed(nn.Module):
         self.patch_size, self.embed_dim = patch_size, embed_dim
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        w = self.proj.weight
+        proj = _patch.exact_child(self, "proj", nn.Conv3d)
+        w = proj.weight
         k = self.in_channels * self.temporal_patch_size * self.patch_size * self.patch_size
         x = hidden_states.reshape(-1, k).to(w.dtype)  # the original casts to the weight dtype too
-        return linear(x, w.reshape(self.embed_dim, k), self.proj.bias)
+        return linear(x, w.reshape(self.embed_dim, k), proj.bias)
 
     @classmethod
     def from_module(cls, module: nn.Module) -> "Qwen2VLPatchEmbed":

@@ -158,6 +158,11 @@ class _FusedVisionEmbeddings(nn.Module):
     def interpolate_pos_encoding(self, embeddings, height, width):
         return self._original_class.interpolate_pos_encoding(self, embeddings, height, width)
 
+    def _read_children(self) -> tuple[nn.Conv2d, nn.Embedding]:
+        """The conv and the position table the kernel reads, as this module was built with them."""
+        return (_patch.exact_child(self, "patch_embedding", nn.Conv2d),
+                _patch.exact_child(self, "position_embedding", nn.Embedding))
+
     def _fused(self, pixel_values: torch.Tensor, interpolate_pos_encoding: bool) -> bool:
         H, W = pixel_values.shape[-2:]
         if not interpolate_pos_encoding and pixel_values.dim() == 4 and H == W == self.image_size:
@@ -182,9 +187,9 @@ class SiglipVisionEmbeddings(_FusedVisionEmbeddings):
     def forward(self, pixel_values: torch.Tensor, interpolate_pos_encoding: bool = False) -> torch.Tensor:
         if not self._fused(pixel_values, interpolate_pos_encoding):
             return self._original_class.forward(self, pixel_values, interpolate_pos_encoding)
-        w = self.patch_embedding.weight
-        return fused_patch_embed(pixel_values.to(dtype=w.dtype), w, self.patch_embedding.bias,
-                                 self.position_embedding.weight, cache=_packed(self))
+        conv, pos = self._read_children()
+        return fused_patch_embed(pixel_values.to(dtype=conv.weight.dtype), conv.weight, conv.bias, pos.weight,
+                                 cache=_packed(self))
 
 
 class CLIPVisionEmbeddings(_FusedVisionEmbeddings):
@@ -197,6 +202,6 @@ class CLIPVisionEmbeddings(_FusedVisionEmbeddings):
     def forward(self, pixel_values: torch.Tensor, interpolate_pos_encoding: bool = False) -> torch.Tensor:
         if not self._fused(pixel_values, interpolate_pos_encoding):
             return self._original_class.forward(self, pixel_values, interpolate_pos_encoding)
-        w = self.patch_embedding.weight
-        return fused_patch_embed(pixel_values.to(dtype=w.dtype), w, self.patch_embedding.bias,
-                                 self.position_embedding.weight, self.class_embedding, cache=_packed(self))
+        conv, pos = self._read_children()
+        return fused_patch_embed(pixel_values.to(dtype=conv.weight.dtype), conv.weight, conv.bias, pos.weight,
+                                 self.class_embedding, cache=_packed(self))
