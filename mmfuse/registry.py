@@ -209,7 +209,7 @@ def _pooled_matmul(module: nn.Module, family: Family) -> nn.Module:
         if tokens != side * side:
             raise ValueError(f"vision_outputs: expected {side * side} tokens per image (a {side}x{side} patch grid), "
                              f"got {tokens}")
-        nm = _get(self, norm_path)
+        nm = _patch.exact_child(self, norm_path, type(norm))
         table = _unfold_table(((side, side),) * images, kernel, x.device)  # AvgPool2d's windows: unfold's
         y = merged_mlp(x.reshape(-1, channels), [getattr(self, weight_name).t()], None, None, group=kernel * kernel,
                        token_map=table, pool=True, norm="rms", norm_weight=nm.weight, eps=nm.eps,
@@ -356,6 +356,7 @@ def _merged_mlp(module: nn.Module, family: Family) -> nn.Module:
     post = bool(getattr(module, post, False)) if isinstance(post, str) else post
     if norm_path and _get(module, norm_path) is None:  # an optional norm the config turned off
         norm_path = None
+    norm_type = type(_get(module, norm_path)) if norm_path else None
     if norm_path:
         _norm_form(_get(module, norm_path))  # Unsupported now, not at the first call
 
@@ -378,7 +379,8 @@ def _merged_mlp(module: nn.Module, family: Family) -> nn.Module:
 
     def fused_forward(self, x, deferred=None):
         lins = [_linear_at(self, p) for p in lin_paths]
-        norm, weight, bias, eps = _norm_form(_get(self, norm_path)) if norm_path else (None, None, None, 1e-6)
+        norm, weight, bias, eps = (_norm_form(_patch.exact_child(self, norm_path, norm_type)) if norm_path
+                                   else (None, None, None, 1e-6))
         kw = dict(norm=norm, norm_weight=weight, norm_bias=bias, eps=eps, norm_after_merge=post, gate_half=gate_half,
                   final_activation=act_after_last)
         ws, bs = [m.weight for m in lins], [m.bias for m in lins]
@@ -575,6 +577,7 @@ def _unfold_merged_mlp(module: nn.Module, family: Family) -> nn.Module:
     for path in (f"{merger_path}.merging_layer", l1, l2):
         plain_linear(_get(module, path), path)
     _norm_form(_get(module, norm_path))
+    norm_type = type(_get(module, norm_path))
     act = activation_name(_get(module, act_path))
     G, C = merger.spatial_merge_size ** 2, merger.merging_layer.out_features
     if merger.merging_layer.in_features != G * C:
@@ -590,7 +593,7 @@ def _unfold_merged_mlp(module: nn.Module, family: Family) -> nn.Module:
         if x.shape[0] != sum(h * w for h, w in grids):
             raise ValueError(f"image_features: expected {sum(h * w for h, w in grids)} tokens (the image_sizes' "
                              f"patch grids), got {x.shape[0]}")
-        norm, weight, bias, eps = _norm_form(_get(self, norm_path))
+        norm, weight, bias, eps = _norm_form(_patch.exact_child(self, norm_path, norm_type))
         wm = _linear_at(self, f"{merger_path}.merging_layer").weight
         wm = wm.reshape(wm.shape[0], -1, s * s).transpose(1, 2).reshape(wm.shape[0], -1)  # columns j * C + c
         merged = merged_mlp(x, [wm], [m.merging_layer.bias], None, group=s * s,

@@ -1798,6 +1798,11 @@ class _ShiftAdapter(nn.Module):
 _ADAPTED = (nn.Linear, nn.Conv2d, nn.Conv3d, nn.Embedding)
 
 
+def _adaptable(m: nn.Module) -> bool:
+    """The layers PEFT wraps: LoRA's Linears, convs and embeddings; LN tuning's norms."""
+    return isinstance(m, _ADAPTED) or type(m).__name__.endswith(("LayerNorm", "RMSNorm"))
+
+
 def _adapt(root: nn.Module, paths) -> None:
     for path in paths:
         parent, _, leaf = path.rpartition(".")
@@ -1810,8 +1815,7 @@ def _one_builder_per_recipe():
     for fam in registry.FAMILIES:
         for cls in fam.classes:
             key = (fam.module, cls)
-            # (Gemma 3's pooled matmul holds no layer to wrap: a bare weight parameter and an RMSNorm)
-            if key in (TOWER_BUILDERS if fam.tower else BUILDERS) and fam.recipe != "pool+norm+matmul":
+            if key in (TOWER_BUILDERS if fam.tower else BUILDERS):
                 # each attention class has a drop-in of its own; CLIP's and SigLIP's embeddings differ
                 group = (fam.recipe, fam.tower, fam.opt("fuse") is not None, fam.opt("layout"),
                          cls if fam.recipe == "cross-attention" else None)
@@ -1821,7 +1825,7 @@ def _one_builder_per_recipe():
 
 @pytest.mark.parametrize("key,tower", _one_builder_per_recipe(), ids=lambda k: f"{k[0]}.{k[1]}" if isinstance(k, tuple) else "")
 def test_an_adapter_added_after_patch_is_applied_or_refused(key, tower):
-    """Every layer a swapped module holds (Linears, convs, embeddings: what PEFT's LoRA wraps), wrapped by
+    """Every layer a swapped module holds (Linears, convs, embeddings, norms: what PEFT wraps), wrapped by
     an adapter after ``patch``: the forward either computes what the adapted original computes, or raises
     naming the layer (a fused forward reading the layer's weight would otherwise skip the adapter, and a
     fused activation would put the update after it). One family per recipe."""
@@ -1830,10 +1834,10 @@ def test_an_adapter_added_after_patch_is_applied_or_refused(key, tower):
     model = _Parent(module).float().eval()
     reference = copy.deepcopy(model)
     _swapped_target(mmfuse.patch(model, vision_tower=tower))
-    paths = [name for name, m in model.named_modules() if isinstance(m, _ADAPTED) and name]
+    paths = [name for name, m in model.named_modules() if _adaptable(m) and name]
     assert paths, "no layer to adapt"
     _adapt(model, paths)
-    _adapt(reference, [p for p in paths if isinstance(reference.get_submodule(p), _ADAPTED)])
+    _adapt(reference, [p for p in paths if _adaptable(reference.get_submodule(p))])
     with torch.no_grad():
         expected = reference(*inputs)
         try:

@@ -219,8 +219,7 @@ class PerceiverResampler(nn.Module):
         latents = self.latents.unsqueeze(0).expand(x.shape[0], -1, -1)
         for attn, ff in self.layers:
             latents = attn(x, latents, media_mask) + latents
-            norm, fc1, _, fc2 = ff
-            fc1, fc2 = _linears(ff, "1", "3")
+            norm, (fc1, fc2) = ff[0], _linears(ff, "1", "3")
             latents = mlp(norm(latents), [fc1.weight, fc2.weight], None, "gelu") + latents
         return self.norm(latents)
 
