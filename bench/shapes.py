@@ -141,6 +141,35 @@ MLP_SHAPES = (
     # 1024 -> 4096 -> 4096, GELU (a config-parser test's assertions on the checkpoint's config: projector_type
     # "mlp_gelu", input_dim 1024, n_embed 4096, depth 2, siglip_large_patch16_384).
     MLPShape("janus-pro-7b-aligner", 576, (1024, 4096, 4096)),
+    # Session 13's rows: public copies of the checkpoints' config.json on the Hugging Face Hub (file pages
+    # read through the search corpus; no download here). None of these projectors has a bias, which the
+    # MLP rows model (a vector per layer: a rounding error of the bytes).
+    # Florence-2: image_projection, one Linear from DaViT's last stage to the projection width, on 577
+    # rows (a 768px image: 24x24 stage-4 tokens plus their spatial mean). Base: dim_embed [.., 1024],
+    # projection_dim 768 (microsoft/Florence-2-base config.json @53f3fb41 and a copy's); large: [.., 2048],
+    # 1024 (a copy of microsoft/Florence-2-large's, thomas-roth/Florence-2-large @d163573c).
+    MLPShape("florence-2-base-projection", 577, (1024, 768)),
+    MLPShape("florence-2-large-projection", 577, (2048, 1024)),
+    # Aria: the projector's feed-forward after its cross-attention, 1152 -> 2560 -> 2560, gelu_new (tanh),
+    # on the 256 queries of a 980px image (rhymes-ai/Aria config.json: projector_patch_to_query_dict
+    # {1225: 128, 4900: 256}, text hidden 2560; vision 1152, 16 heads; processor size_conversion {490: 128,
+    # 980: 256}). Its cross-attention is a GEMM swap around nn.MultiheadAttention: no attention row.
+    MLPShape("aria-projector-ffn", 256, (1152, 2560, 2560), activation="gelu_tanh"),
+    # VideoLLaMA3-2B: readout Linear(1152 -> 1536), GELU, Linear(1536 -> 1536) (DAMO-NLP-SG/VideoLLaMA3-2B
+    # config.json @6fde53bf: hidden_size 1536, mm_projector_type mlp2x_gelu; its SigLIP-NaViT encoder 1152
+    # wide, patch 14, in a fork's copy of the config). Images are not merged: a 448px image, 32x32 = 1024
+    # tokens (the size is ours).
+    MLPShape("videollama3-2b-projector", 1024, (1152, 1536, 1536)),
+    # LightOnOCR-0.9B-16k-1025 (lightonai's config.json): Pixtral vision 1024 wide, patch 14, image_size
+    # 1540, spatial_merge_size 2, text hidden 1024, projector GELU without bias; after the 2x2 unfold merge
+    # (a Linear 4096 -> 1024, as Mistral3's row above leaves out), 1024 -> 1024 -> 1024 on a 1540px page:
+    # 110x110 patches merged to 55x55 = 3025 rows.
+    MLPShape("lightonocr-0.9b-projector", 3025, (1024, 1024, 1024)),
+    # PerceptionLM-1B: linear_1 1024 -> 2048, GELU, linear_2 2048 -> 2048, then 2x2 average pooling in
+    # PyTorch, on PE-core-L/14 at 336px: 24x24 = 576 tokens (a re-upload's config.json: text hidden 2048,
+    # projector_pooling_ratio 2, vision "vit_pe_core_large_patch14_336", which transformers' conversion
+    # script maps to width 1024). Less certain than the rows above: not the publisher's own file.
+    MLPShape("perception-lm-1b-projector", 576, (1024, 2048, 2048)),
 )
 
 GATED_SHAPES = (
