@@ -81,9 +81,28 @@ class Family:
 # ----------------------------------------------------------------------------------------------
 @functools.lru_cache(maxsize=None)
 def _fused_class(cls: type) -> type:
-    """``Fused<Class>``: the original class, recognisably replaced (forward and helpers inherited)."""
+    """``Fused<Class>``: the original class, recognisably replaced (forward and helpers inherited).
+    Pickled (``torch.save(model)``, multiprocessing) through ``_unpickle_swapped``."""
     name = "Fused" + cls.__name__
-    return type(name, (cls,), {"__module__": "mmfuse.registry", "__qualname__": name})
+    return type(name, (cls,), {"__module__": "mmfuse.registry", "__qualname__": name,
+                               "__reduce_ex__": _reduce_swapped})
+
+
+def _reduce_swapped(self, protocol):
+    """A recipe's classes are made per family (and some per module, their forward a closure over the
+    family's paths), so pickle cannot find them by name: the pickle names the original module instead
+    (kept on the swapped one for ``unpatch``), the class is made again from it by the same recipe, and
+    the swapped module's own state (children, hooks, training flag, adapters since) restored as it was."""
+    original = self.__dict__.get(_patch._ORIGINAL)
+    if original is None:
+        raise TypeError(f"{type(self).__name__}: a module built by mmfuse's registry outside mmfuse.patch "
+                        "(no original kept) cannot be pickled")
+    return _unpickle_swapped, (original,), self.__dict__
+
+
+def _unpickle_swapped(original: nn.Module) -> nn.Module:
+    new = build(original, family_for(original, vision_tower=True))
+    return type(new).__new__(type(new))  # (its state follows, from the pickle)
 
 
 def _shallow_copy(module: nn.Module, cls: type | None = None) -> nn.Module:

@@ -1846,3 +1846,27 @@ def test_an_adapter_added_after_patch_is_applied_or_refused(key, tower):
             assert "that mmfuse built this module with" in str(e) and "apply adapters before mmfuse.patch" in str(e), e
             return
     torch.testing.assert_close(out, expected, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("key,tower", _one_builder_per_recipe(), ids=lambda k: f"{k[0]}.{k[1]}" if isinstance(k, tuple) else "")
+def test_a_patched_module_pickles_and_deep_copies(key, tower):
+    """``torch.save(model)`` / pickle (multiprocessing) and ``copy.deepcopy`` of a patched model: the
+    registry's classes are made per family, so pickle could not name them (it raised); the copy has the
+    same classes, shares nothing with the original, computes the same, and still unpatches."""
+    import io
+
+    torch.manual_seed(0)
+    module, inputs = (TOWER_BUILDERS if tower else BUILDERS)[key]()
+    model = _Parent(module).float().eval()
+    _swapped_target(mmfuse.patch(model, vision_tower=tower))
+    with torch.no_grad():
+        expected = model(*inputs)
+    buffer = io.BytesIO()
+    torch.save(model, buffer)
+    buffer.seek(0)
+    for copied in (torch.load(buffer, weights_only=False), copy.deepcopy(model)):
+        assert [type(m).__name__ for m in copied.modules()] == [type(m).__name__ for m in model.modules()]
+        assert not {id(p) for p in copied.parameters()} & {id(p) for p in model.parameters()}
+        with torch.no_grad():
+            torch.testing.assert_close(copied(*inputs), expected, rtol=0, atol=0)
+        assert mmfuse.unpatch(copied) == ["target"] and type(copied.target) is type(module)
