@@ -29,9 +29,10 @@ INTERPRET: bool = _env_interpret()
 
 if INTERPRET:
     # The interpreter multiplies bf16 dot operands as raw bit patterns (see _interpreter.py).
-    from mmfuse._interpreter import install_bf16_dot_fix, install_device_call_fast_path
+    from mmfuse._interpreter import install_bf16_dot_fix, install_device_call_fast_path, install_index_fix
 
     install_bf16_dot_fix()
+    install_index_fix()
     install_device_call_fast_path()
 
 

@@ -15,6 +15,12 @@ nearest even. The tests are meant to measure what the GPU computes, so the secon
 round to nearest even too (through torch's conversion). Without it an interpreted bf16 result carries
 up to one extra ulp per rounding that the GPU does not have.
 
+Triton 3.6's interpreter turns a scalar it holds as a one-element array into a loop bound with
+``int(array)``, which numpy 2.4 refuses ("only 0-dimensional arrays can be converted to Python
+scalars"): every kernel whose ``range`` starts or ends at a computed value failed there (all of
+``mmfuse verify`` on 3.6 with a current numpy). Triton 3.7 squeezes the array first; the third fix does
+the same on 3.6.
+
 Speed, not semantics: a kernel launch patches ``triton.language`` for the interpreter once (and restores
 it after the grid), but every call of a ``@triton.jit`` helper from inside the kernel patches it again
 (``InterpretedFunction.__call__`` -> ``_patch_lang``: ``inspect.getmembers`` over the language modules,
@@ -62,6 +68,29 @@ def install_bf16_dot_fix() -> None:
 
     builder_cls.cast_impl = cast_impl  # create_fp_trunc and stores call self.cast_impl: they round too
     _INSTALLED = True
+
+
+def install_index_fix() -> bool:
+    """Triton 3.6's tensor ``__index__`` squeezed as 3.7's is (module docstring). Returns whether it was
+    installed: only where the interpreter's own ``__index__`` is 3.6's ``int(self.handle.data)``."""
+    import inspect
+
+    from triton.runtime import interpreter as interp
+
+    original = getattr(interp, "_patch_lang_tensor", None)
+    if original is None or getattr(original, "_mmfuse_index_fix", False):
+        return False
+    if "int(self.handle.data)" not in inspect.getsource(original):  # (3.7+: already squeezed)
+        return False
+
+    def patch_lang_tensor(tensor, scope):
+        original(tensor, scope)
+        # set after Triton's own: the scope restores in reverse order, so the original comes back last
+        scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.squeeze()))
+
+    patch_lang_tensor._mmfuse_index_fix = True
+    interp._patch_lang_tensor = patch_lang_tensor
+    return True
 
 
 _FAST_CALLS = False
