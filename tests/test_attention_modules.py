@@ -11,6 +11,7 @@ import torch.nn.functional as F
 import mmfuse
 from mmfuse.nn import CrossAttention, Idefics2PerceiverAttention, MultiheadAttention, PerceiverResampler
 from mmfuse.testing import assert_close
+from _adapters import AdapterStandIn
 
 
 def _run(fn, params, inputs):
@@ -185,23 +186,6 @@ def test_cross_attention_from_module_builds_the_mha_drop_in():
     assert isinstance(CrossAttention.from_module(mha), MultiheadAttention)
 
 
-class _Wrapped(nn.Module):
-    """An adapter library's stand-in: the layer inside, its parameters reachable through it (as PEFT's)."""
-
-    def __init__(self, base):
-        super().__init__()
-        self.base_layer = base
-
-    def __getattr__(self, name):
-        try:
-            return super().__getattr__(name)
-        except AttributeError:
-            return getattr(self._modules["base_layer"], name)
-
-    def forward(self, *args):
-        return self.base_layer(*args) + 1.0
-
-
 @pytest.mark.parametrize("make,path,args", [
     (lambda: CrossAttention(dim=16, heads=2, dim_head=8), "to_k", lambda: (torch.randn(2, 3, 16), torch.randn(2, 5, 16))),
     (lambda: PerceiverResampler(dim=16, depth=1, dim_head=8, heads=2, num_latents=3, ff_mult=1), "layers.0.0.to_kv",
@@ -218,7 +202,7 @@ def test_a_layer_wrapped_after_construction_is_refused_not_ignored(make, path, a
     m = make()
     parent, _, leaf = path.rpartition(".")
     owner = m.get_submodule(parent) if parent else m
-    owner._modules[leaf] = _Wrapped(owner._modules[leaf])
+    owner._modules[leaf] = AdapterStandIn(owner._modules[leaf])
     with pytest.raises(RuntimeError, match=rf"{leaf}: expected the .*Linear that mmfuse built this module with, got "
-                                           r".*_Wrapped.*apply adapters before mmfuse.patch"):
+                                           r".*AdapterStandIn.*apply adapters before mmfuse.patch"):
         m(*args())

@@ -7,6 +7,7 @@ import torch.nn as nn
 import mmfuse
 from mmfuse.nn import Linear, MLPProjector
 from mmfuse.testing import assert_close
+from _adapters import AdapterStandIn
 
 
 def _grads(module, x, dy):
@@ -140,30 +141,13 @@ def test_patch_swaps_projector_in_tiny_llava_model():
     torch.testing.assert_close(after, before, rtol=1e-5, atol=1e-5)
 
 
-class _Wrapped(nn.Module):
-    """An adapter library's stand-in: the Linear inside, its weight reachable through it (as PEFT's)."""
-
-    def __init__(self, base):
-        super().__init__()
-        self.base_layer = base
-
-    def __getattr__(self, name):
-        try:
-            return super().__getattr__(name)
-        except AttributeError:
-            return getattr(self._modules["base_layer"], name)
-
-    def forward(self, x):
-        return self.base_layer(x) + 1.0
-
-
 @pytest.mark.parametrize("make,name", [(lambda: MLPProjector([16, 24, 8]), "2"),
                                        (lambda: mmfuse.nn.GatedMLP(16, 24, 8), "up_proj")], ids=["mlp", "gated"])
 def test_a_linear_wrapped_after_construction_is_refused_not_ignored(make, name):
     """MLPProjector / GatedMLP read their Linears' weights (one fused op): a Linear wrapped afterwards (an
     adapter) would be skipped, so the forward raises naming it."""
     m = make()
-    setattr(m, name, _Wrapped(getattr(m, name)))
+    setattr(m, name, AdapterStandIn(getattr(m, name)))
     with pytest.raises(RuntimeError, match=rf"{name}: expected the torch\.nn\.modules\.linear\.Linear that mmfuse "
-                                           r"built this module with, got .*_Wrapped"):
+                                           r"built this module with, got .*AdapterStandIn"):
         m(torch.randn(3, 16))

@@ -17,6 +17,7 @@ import torch.nn as nn
 import mmfuse
 from mmfuse import registry
 from mmfuse.testing import OpNames, assert_close
+from _adapters import AdapterStandIn
 
 transformers = pytest.importorskip("transformers")
 from _transformers_versions import (Models, merged_output, off_pin_skip_on_error, on_pinned,  # noqa: E402
@@ -1777,24 +1778,6 @@ def test_vision_tower_patch_does_not_list_the_language_models_mlps():
 # ----------------------------------------------------------------------------------------------
 # Adapters added after patch: applied or refused, never silently ignored
 # ----------------------------------------------------------------------------------------------
-class _ShiftAdapter(nn.Module):
-    """What an adapter library (PEFT's LoRA) puts in a layer's place: the layer inside, its own forward
-    around it adding an update, and the layer's parameters reachable through it as PEFT's are."""
-
-    def __init__(self, base):
-        super().__init__()
-        self.base_layer = base
-
-    def __getattr__(self, name):
-        try:
-            return super().__getattr__(name)
-        except AttributeError:
-            return getattr(self._modules["base_layer"], name)
-
-    def forward(self, *args, **kwargs):
-        return self.base_layer(*args, **kwargs) + 0.25
-
-
 _ADAPTED = (nn.Linear, nn.Conv2d, nn.Conv3d, nn.Embedding)
 
 
@@ -1807,7 +1790,7 @@ def _adapt(root: nn.Module, paths) -> None:
     for path in paths:
         parent, _, leaf = path.rpartition(".")
         owner = root.get_submodule(parent) if parent else root
-        owner._modules[leaf] = _ShiftAdapter(owner._modules[leaf])
+        owner._modules[leaf] = AdapterStandIn(owner._modules[leaf])
 
 
 def _one_builder_per_recipe():
