@@ -49,19 +49,28 @@ _READS_PARAMETERS = "its fused forward reads that module's parameters directly, 
                     "(an adapter) would be ignored"
 
 
-def exact_child(owner: nn.Module, path: str, cls: type, why: str = _READS_PARAMETERS) -> nn.Module:
+def exact_child(owner: nn.Module, path: str, cls: type | tuple[type, ...], why: str = _READS_PARAMETERS) -> nn.Module:
     """The submodule at dotted ``path`` of a drop-in whose forward reads that submodule's parameters
-    directly (the fused kernels take weights, not modules), checked on every call to still be exactly
-    ``cls``: a module put there afterwards (an adapter library wrapping it: PEFT's LoRA, LN tuning) would
-    otherwise be read as its bare weight, its update silently ignored. One type check per child."""
+    directly (the fused kernels take weights, not modules), checked on every call to be exactly ``cls``
+    (or one of them) and still without hooks or an instance ``forward``: a module put there afterwards
+    (an adapter library wrapping it: PEFT's LoRA, LN tuning), or a hook added to it (a pruning mask, the
+    hook-based weight_norm, a sharding library gathering its parameters), would otherwise be skipped,
+    its effect silently lost. A type compare and four empty-dict tests per child (~0.3 us)."""
     m = owner
     for part in path.split(".") if "." in path else (path,):
         m = m._modules[part] if part in m._modules else getattr(m, part)  # (the dict: ~1 us less per call)
-    if type(m) is not cls:
-        raise RuntimeError(f"{type(owner).__name__}.{path}: expected the {cls.__module__}.{cls.__qualname__} that "
-                           f"mmfuse built this module with, got {type(m).__module__}.{type(m).__qualname__}: {why}; "
-                           "apply adapters before mmfuse.patch (it then leaves adapted modules alone) or call "
-                           "mmfuse.unpatch first")
+    allowed = cls if isinstance(cls, tuple) else (cls,)
+    if type(m) not in allowed:
+        names = " or ".join(f"{c.__module__}.{c.__qualname__}" for c in allowed)
+        raise RuntimeError(f"{type(owner).__name__}.{path}: expected the {names} that mmfuse built this module "
+                           f"with, got {type(m).__module__}.{type(m).__qualname__}: {why}; apply adapters before "
+                           "mmfuse.patch (it then leaves adapted modules alone) or call mmfuse.unpatch first")
+    if m._forward_hooks or m._forward_pre_hooks or m._backward_hooks or m._backward_pre_hooks \
+            or "forward" in m.__dict__:
+        raise RuntimeError(f"{type(owner).__name__}.{path} has hooks (or an instance forward) added since mmfuse "
+                           "built this module: its fused forward reads that module's parameters without calling it, "
+                           "so they would not run; add them before mmfuse.patch (it then leaves the module alone) "
+                           "or call mmfuse.unpatch first")
     return m
 
 

@@ -39,7 +39,7 @@ import torch
 import torch.nn as nn
 
 from mmfuse import _patch
-from mmfuse.nn._activations import activation_name, plain_linear
+from mmfuse.nn._activations import activation_name, plain_linear, plain_linear_types
 
 PROJECTOR, PATCH_EMBED, CROSS_ATTENTION = "projector", "patch embedding", "cross-attention"
 TOWER_MLP = "vision-tower MLP"  # counted apart from projectors (a tower family's recipe is a projector recipe)
@@ -97,7 +97,8 @@ def _reduce_swapped(self, protocol):
     if original is None:
         raise TypeError(f"{type(self).__name__}: a module built by mmfuse's registry outside mmfuse.patch "
                         "(no original kept) cannot be pickled")
-    return _unpickle_swapped, (original,), self.__dict__
+    # (__getstate__, not __dict__: a class that refuses pickling, a parametrized module's, still refuses)
+    return _unpickle_swapped, (original,), self.__getstate__()
 
 
 def _unpickle_swapped(original: nn.Module) -> nn.Module:
@@ -116,7 +117,7 @@ def _shallow_copy(module: nn.Module, cls: type | None = None) -> nn.Module:
 
 def _linear_at(module: nn.Module, path: str) -> nn.Linear:
     """The Linear a recipe's own forward reads at ``path``, checked on every call (``exact_child``)."""
-    return _patch.exact_child(module, path, nn.Linear)
+    return _patch.exact_child(module, path, plain_linear_types())
 
 
 def _get(module: nn.Module, path: str):

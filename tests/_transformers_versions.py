@@ -1,12 +1,13 @@
 """The tests against a transformers other than the pinned one (CI runs the model tests again on the
-last 4.x release: ``.ci/run`` step 1b).
+last 4.x release: ``.ci/run`` step 2b).
 
 The pinned version (``pyproject.toml``'s test extra) is where everything is checked: the enumeration,
 the counts, the README, every family. On another version the same family tests run for every class it
 has, and a test skips (never passes) only where its own scaffolding does not fit that version: a class
 or config the version lacks, a tiny config its config classes reject, a call convention its class does
-not take. What ``mmfuse.patch`` then does is still checked: swapped and equal to the original, or left
-alone with a reason.
+not take; and a class mmfuse's own version check leaves alone ("another transformers version's class").
+What ``mmfuse.patch`` then does is still checked: swapped and equal to the original; any other reason to
+leave a class alone fails.
 """
 
 from __future__ import annotations

@@ -148,6 +148,29 @@ def test_a_linear_wrapped_after_construction_is_refused_not_ignored(make, name):
     adapter) would be skipped, so the forward raises naming it."""
     m = make()
     setattr(m, name, AdapterStandIn(getattr(m, name)))
-    with pytest.raises(RuntimeError, match=rf"{name}: expected the torch\.nn\.modules\.linear\.Linear that mmfuse "
+    with pytest.raises(RuntimeError, match=rf"{name}: expected the torch\.nn\.modules\.linear\.Linear or mmfuse\.nn\.linear\.Linear that mmfuse "
                                            r"built this module with, got .*AdapterStandIn"):
         m(torch.randn(3, 16))
+
+
+def test_a_hook_added_to_a_layer_after_construction_is_refused_not_skipped():
+    """A fused forward reads the Linears' weights without calling them: a hook added to one since (a
+    pruning mask, the hook-based weight_norm, a sharding library's gather) would not run."""
+    m = MLPProjector([16, 24, 8])
+    handle = m.get_submodule("0").register_forward_hook(lambda mod, args, out: out * 0)
+    with pytest.raises(RuntimeError, match=r"MLPProjector\.0 has hooks \(or an instance forward\) added since"):
+        m(torch.randn(3, 16))
+    handle.remove()
+    m(torch.randn(3, 16))
+
+
+def test_mlp_projector_of_mmfuse_linears_runs_and_one_with_a_fused_activation_is_refused():
+    """Children that are mmfuse's own Linear compute F.linear too (a model patched layer by layer before);
+    one with its activation fused would have it dropped by the fused MLP, so it is refused when building."""
+    torch.manual_seed(0)
+    seq = nn.Sequential(Linear(16, 24), nn.GELU(), Linear(24, 8))
+    ref = seq(x := torch.randn(3, 16))
+    torch.testing.assert_close(MLPProjector.from_module(seq)(x), ref, rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match=r"module\[0\]: expected a plain Linear, got mmfuse's Linear with activation "
+                                         r"'gelu'"):
+        MLPProjector.from_module(nn.Sequential(Linear(16, 24, activation="gelu"), nn.GELU(), Linear(24, 8)))

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+
 import torch.nn as nn
 
 from mmfuse._patch import Unsupported
@@ -42,13 +44,24 @@ def activation_name(module: nn.Module | None) -> str | None:
                       f"GELU/GELUTanh/QuickGELU/SiLU activation, got {name}")
 
 
-def plain_linear(module, name: str = "module") -> nn.Linear:
-    """``module`` if it is exactly an ``nn.Linear`` (or mmfuse's drop-in), else ``Unsupported``: a subclass
-    (a quantized Linear, one with its own forward) does not compute F.linear on its weight."""
+@functools.lru_cache(maxsize=None)
+def plain_linear_types() -> tuple[type, type]:
+    """The classes that compute exactly F.linear on their weight: ``nn.Linear`` and mmfuse's drop-in
+    (without a fused activation: ``plain_linear`` refuses one with)."""
     from mmfuse.nn.linear import Linear
 
-    if type(module) not in (nn.Linear, Linear):
+    return nn.Linear, Linear
+
+
+def plain_linear(module, name: str = "module") -> nn.Linear:
+    """``module`` if it is exactly an ``nn.Linear`` (or mmfuse's drop-in without a fused activation), else
+    ``Unsupported``: a subclass (a quantized Linear, one with its own forward) does not compute F.linear on
+    its weight, and a recipe reading the weight would drop a fused activation."""
+    if type(module) not in plain_linear_types():
         cls = type(module)  # its module too: PEFT's LoRA layer and bitsandbytes' are also called "Linear..."
         where = "" if cls.__module__.startswith("torch.") else f"{cls.__module__}."
         raise Unsupported(f"{name}: expected nn.Linear, got {where}{cls.__qualname__}")
+    if getattr(module, "activation", None) is not None:
+        raise Unsupported(f"{name}: expected a plain Linear, got mmfuse's Linear with activation "
+                          f"{module.activation!r} fused into it")
     return module

@@ -11,6 +11,7 @@ import torch
 import torch.nn as nn
 
 from mmfuse import _patch
+from mmfuse.nn._activations import plain_linear_types
 from mmfuse.ops.cross_attention import cross_attention
 from mmfuse.ops.linear import linear
 
@@ -30,7 +31,7 @@ def _heads_seq_first(x: torch.Tensor, heads: int) -> torch.Tensor:
 def _linears(owner: nn.Module, *names: str) -> tuple[nn.Linear, ...]:
     """The Linears a forward reads the weights of, checked to be the ones it was built with
     (``_patch.exact_child``: an adapter put there since would otherwise be ignored)."""
-    return tuple(_patch.exact_child(owner, name, nn.Linear) for name in names)
+    return tuple(_patch.exact_child(owner, name, plain_linear_types()) for name in names)
 
 
 def _merge(x: torch.Tensor) -> torch.Tensor:

@@ -19,7 +19,7 @@ import torch
 import torch.nn as nn
 
 from mmfuse import _patch
-from mmfuse.nn._activations import activation_name
+from mmfuse.nn._activations import activation_name, plain_linear_types
 from mmfuse.nn.linear import MLPProjector
 from mmfuse.ops.linear import linear
 
@@ -58,7 +58,7 @@ class NormMLPProjector(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         from mmfuse.ops.linear import mlp
 
-        lins = (_patch.exact_child(self, "linear_1", nn.Linear), _patch.exact_child(self, "linear_2", nn.Linear))
+        lins = tuple(_patch.exact_child(self, name, plain_linear_types()) for name in ("linear_1", "linear_2"))
         return mlp(self.layer_norm(x), [m.weight for m in lins], [m.bias for m in lins], self.activation)
 
     @classmethod
