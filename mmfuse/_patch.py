@@ -55,7 +55,7 @@ def exact_child(owner: nn.Module, path: str, cls: type | tuple[type, ...], why: 
     (or one of them) and still without hooks or an instance ``forward``: a module put there afterwards
     (an adapter library wrapping it: PEFT's LoRA, LN tuning), or a hook added to it (a pruning mask, the
     hook-based weight_norm, a sharding library gathering its parameters), would otherwise be skipped,
-    its effect silently lost. A type compare and four empty-dict tests per child (~0.3 us)."""
+    its effect silently lost. A type compare and five dict tests per child (~0.9 us on CI's CPU)."""
     m = owner
     for part in path.split(".") if "." in path else (path,):
         m = m._modules[part] if part in m._modules else getattr(m, part)  # (the dict: ~1 us less per call)
