@@ -519,7 +519,7 @@ BUILDERS.update({
                                                       projection_hidden_dim=20, text_hidden_size=T),
     ("muse_glimmer", "MuseGlimmerVisionAdapter"): _own_config(
         "muse_glimmer", "MuseGlimmerVisionAdapter", "MuseGlimmerConfig", _rows(7, V),
-        vision_config=_TINY_VIT, text_config=_TINY_TEXT, out_hidden_size=V, projector_hidden_size=20),
+        vision_config=dict(_TINY_VIT), text_config=dict(_TINY_TEXT), out_hidden_size=V, projector_hidden_size=20),
     ("perception_lm", "PerceptionLMMultiModalProjector"): _perception_lm,
     ("granite_docling", "GraniteDoclingDeepStackMerger"): lambda: (
         _mod("granite_docling", "GraniteDoclingDeepStackMerger")(
@@ -611,7 +611,10 @@ def _window_merger(mod, cls, cfg_cls):
 
 
 def _aria_cross_attention():
-    cfg = M.aria.AriaConfig(vision_config=_TINY_VIT, text_config=dict(_TINY_TEXT, moe_num_experts=2, moe_topk=1))
+    # (copies: transformers 4.x writes a model_type into the vision dict, and reads the text dict as a
+    # config only with one)
+    cfg = M.aria.AriaConfig(vision_config=dict(_TINY_VIT),
+                            text_config=dict(_TINY_TEXT, moe_num_experts=2, moe_topk=1, model_type="aria_text"))
     return _mod("aria", "AriaCrossAttention")(cfg), [torch.randn(2, 5, V), torch.randn(2, 3, V)]
 
 
@@ -684,7 +687,7 @@ BUILDERS.update({
 def _deepseek_hybrid():
     cfg = M.deepseek_vl_hybrid.DeepseekVLHybridConfig(
         vision_config=dict(model_type="siglip_vision_model", **_TINY_VIT),
-        high_res_vision_config=dict(output_channels=6), text_config=_llama_text().to_dict())
+        high_res_vision_config=dict(output_channels=6), text_config=_llama_text())
     aligner = _mod("deepseek_vl_hybrid", "DeepseekVLHybridAligner")(cfg)  # T // 2 wide halves, 4 * 6 high-res in
     return aligner, [torch.randn(2, 7, V), torch.randn(2, 7, 24)]
 
@@ -716,7 +719,7 @@ def _kosmos(mod, cfg_cls, cls):
 BUILDERS.update({
     ("deepseek_vl", "DeepseekVLAligner"): lambda: (_mod("deepseek_vl", "DeepseekVLAligner")(
         M.deepseek_vl.DeepseekVLConfig(vision_config=dict(model_type="siglip_vision_model", **_TINY_VIT),
-                                       text_config=_llama_text().to_dict())), _tokens(7, V, batch=2)),
+                                       text_config=_llama_text())), _tokens(7, V, batch=2)),
     ("deepseek_vl_hybrid", "DeepseekVLHybridAligner"): _deepseek_hybrid,
     ("janus", "JanusVisionAlignerMLP"): _janus("JanusVisionAlignerMLP", depth=3, hidden_size=V),  # fc1 + 2 hidden
     # (its depth is num_hidden_layers: fc1 + 1 hidden Linear)
@@ -1027,8 +1030,9 @@ def test_whole_model_patched_matches_and_trains(name):
     make, inputs, select = E2E[name]
     inputs = inputs()
     model, report = check_patch_equivalence(make(), inputs, select, [])
-    if not on_pinned() and len(report.swapped) < 2:  # (equal to the original all the same: checked above)
-        pytest.skip(f"transformers {transformers.__version__}: {report}")
+    if not on_pinned() and len(report.swapped) < 2 and any("another transformers version's class" in why
+                                                           for _, _, why in report.left_alone):
+        pytest.skip(f"transformers {transformers.__version__}: {report}")  # (equal to the original: checked above)
     assert len(report.swapped) >= 2, str(report)
     check_training_step(make, inputs, select)
 
