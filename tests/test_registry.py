@@ -42,6 +42,15 @@ def test_every_projector_like_class_is_covered_or_declined():
     assert not covered & set(registry.DECLINED)
 
 
+def test_each_class_belongs_to_one_family():
+    """One family per class, tower or not: ``patch`` picks the family by class, and unpickling a patched
+    module makes its class again the same way (with every family in view)."""
+    import collections
+
+    counts = collections.Counter((f.module, c) for f in registry.FAMILIES for c in f.classes)
+    assert not [key for key, n in counts.items() if n > 1]
+
+
 @pinned_only
 def test_every_family_names_a_known_recipe_and_real_class():
     import importlib
