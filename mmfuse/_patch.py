@@ -25,6 +25,15 @@ _ORIGINAL = "_mmfuse_original"
 _HOOK_TABLES = ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks")
 
 
+def _has_hooks(m: nn.Module) -> bool:
+    """Whether ``m`` has hooks of its own (a loop over its dict: this runs in forwards, on every call)."""
+    d = m.__dict__
+    for table in _HOOK_TABLES:
+        if d.get(table):
+            return True
+    return False
+
+
 def check_replaceable(module: nn.Module, root_hooks: bool = True) -> None:
     """``Unsupported`` when replacing ``module`` would silently change what it computes: a hook on a
     submodule (or on the module itself unless ``root_hooks`` is False: ``patch`` checks afterwards that
@@ -35,7 +44,7 @@ def check_replaceable(module: nn.Module, root_hooks: bool = True) -> None:
 
     for name, m in module.named_modules():
         where = f"submodule {name}" if name else "the module"
-        if (name or root_hooks) and any(getattr(m, table, None) for table in _HOOK_TABLES):
+        if (name or root_hooks) and _has_hooks(m):
             raise Unsupported(f"{where} has hooks registered, which the replacement would not run")
         if "forward" in m.__dict__:
             raise Unsupported(f"{where} has its forward replaced on the instance (a hook library's wrapper), "
@@ -65,8 +74,7 @@ def exact_child(owner: nn.Module, path: str, cls: type | tuple[type, ...], why: 
         raise RuntimeError(f"{type(owner).__name__}.{path}: expected the {names} that mmfuse built this module "
                            f"with, got {type(m).__module__}.{type(m).__qualname__}: {why}; apply adapters before "
                            "mmfuse.patch (it then leaves adapted modules alone) or call mmfuse.unpatch first")
-    if m._forward_hooks or m._forward_pre_hooks or m._backward_hooks or m._backward_pre_hooks \
-            or "forward" in m.__dict__:
+    if _has_hooks(m) or "forward" in m.__dict__:
         raise RuntimeError(f"{type(owner).__name__}.{path} has hooks (or an instance forward) added since mmfuse "
                            "built this module: its fused forward reads that module's parameters without calling it, "
                            "so they would not run; add them before mmfuse.patch (it then leaves the module alone) "
