@@ -304,8 +304,11 @@ _IMPLS = {"mlp": _mlp_impls, "gated_mlp": _gated_impls, "merged_mlp": _merged_im
 #: two real shapes, mmfuse against eager and the strongest baselines that need no compile step, bf16,
 #: forward and forward+backward. No torch.compile: its max-autotune compiles alone exceed the budget.
 QUICK_PROFILE = {
-    # (the SigLIP-so400m tower MLP: issue 12 asks for a tower MLP timed; the Qwen mergers are merged_mlp's)
-    "mlp": (("llava-1.5-7b", "siglip-so400m-tower-mlp"), ("mmfuse", "eager", "addmm_activation")),
+    # (the SigLIP-so400m tower MLP: issue 12 asks for a tower MLP timed; the Qwen mergers are merged_mlp's.
+    # PaliGemma's and Florence-2's single Linear, no activation: the model predicts mmfuse slower than
+    # cuBLAS there (NOTES, session 13), and `patch` swaps them; the GPU decides whether it should.)
+    "mlp": (("llava-1.5-7b", "siglip-so400m-tower-mlp", "paligemma-3b-224", "florence-2-large-projection"),
+            ("mmfuse", "eager", "addmm_activation")),
     "gated_mlp": (("qwen2.5-vl-7b-tower-mlp", "idefics2-8b-connector-mlp"), ("mmfuse", "eager", "mmfuse linears")),
     "merged_mlp": (("qwen2.5-vl-7b-merger", "internvl2-8b-mlp1"), ("mmfuse", "eager", "mmfuse glue")),
     "patch_embed": (("clip-l-14-336", "qwen2-vl"), ("mmfuse", "eager", "reshape+GEMM")),

@@ -32,6 +32,8 @@ def main(argv=None) -> int:
     p_verify.add_argument("--device", default=None, help="cuda or cpu (default: cuda if available)")
     p_verify.add_argument("--op", nargs="*", default=None,
                           help="only these op families (e.g. linear mlp); default: all")
+    p_verify.add_argument("--shard", default=None, metavar="I/N",
+                          help="only every N-th check from the I-th (0-based): N processes share the compiles")
     p_bench = sub.add_parser("bench", help="time every op against every baseline on this GPU (report without one)")
     p_bench.add_argument("--out-dir", default=os.path.join("bench", "results"), help="where results are written")
     p_bench.add_argument("--op", nargs="*", default=None, help="only these ops (mlp gated_mlp merged_mlp patch_embed cross_attention)")
@@ -58,7 +60,7 @@ def main(argv=None) -> int:
             _ensure_interpreter_on_cpu(argv)
         from mmfuse import verify
 
-        return verify.main(args.device, args.op)
+        return verify.main(args.device, args.op, shard=_shard(args.shard))
     if args.command == "bench":
         rc = _bench(args.out_dir, args.op, profile=args.profile)
         if args.readme:
@@ -85,6 +87,18 @@ def main(argv=None) -> int:
 
         return report.main(args.out)
     return 2
+
+
+def _shard(text: str | None) -> tuple[int, int] | None:
+    if text is None:
+        return None
+    try:
+        i, n = (int(part) for part in text.split("/"))
+    except ValueError:
+        raise SystemExit(f"mmfuse verify: --shard: expected I/N (e.g. 0/4), got {text!r}") from None
+    if not 0 <= i < n:
+        raise SystemExit(f"mmfuse verify: --shard: expected 0 <= I < N, got {text!r}")
+    return i, n
 
 
 def _bench(out_dir: str, ops=None, timer=None, cuda=None, profile: str = "full") -> int:

@@ -6,7 +6,8 @@ GPU time in all with the machine's start, at most 10 minutes for one command. So
 get a budget of 8 minutes (``--budget``), run in this order, and each writes its results as it goes,
 so a step that runs out of time still leaves the earlier ones:
 
-1. ``verify``  ``mmfuse verify --device cuda``: the compiled kernels against their references;
+1. ``verify``  ``mmfuse verify --device cuda``: the compiled kernels against their references, in
+               ``VERIFY_SHARDS`` processes side by side (``--shard``; each compiles its share);
 2. ``tests``   the value tests of the suite on CUDA tensors (``MMFUSE_TEST_DEVICE=cuda``: the same test
                code, the interpreter off, tensors created on the GPU by default; tests that need the
                interpreter skip themselves);
@@ -42,6 +43,11 @@ STEPS = ("verify", "tests", "bench", "profile")
 #: with an empty Triton cache (2026-11-26, session 6): verify > 125 s (217 comparisons, each config's
 #: compile; 36 s once cached), tests 98 s, bench 71 s, profile 56 s: 0.25 of 480 s stopped verify.
 SHARES = {"verify": 0.4, "tests": 0.55, "bench": 0.6, "profile": 1.0}
+#: Processes ``verify`` runs side by side, each every n-th check (``mmfuse verify --shard i/n``). With an
+#: empty Triton cache the step is compiles, one CPU core at a time: on the fourth H100 run (2026-11-27,
+#: 253 comparisons) one process stopped at 217 after its 180 s; the same run warm took 45 s. One process
+#: where there are few cores (the compiles would only contend).
+VERIFY_SHARDS = max(1, min(4, (os.cpu_count() or 1) // 4))
 #: The value-test files run on CUDA.
 VALUE_TEST_FILES = ("tests/test_linear.py", "tests/test_tma_gemm.py", "tests/test_gated_mlp.py",
                     "tests/test_merged_mlp.py", "tests/test_patch_embed.py", "tests/test_cross_attention.py")
@@ -53,6 +59,8 @@ def step_command(step: str, out_dir: str, repo: str | None = None) -> tuple[list
     repo = repo or REPO
     if step == "verify":
         return [py, "-m", "mmfuse.cli", "verify", "--device", "cuda"], {}
+    if step.startswith("verify "):  # "verify i/n": one shard
+        return [py, "-m", "mmfuse.cli", "verify", "--device", "cuda", "--shard", step.split()[1]], {}
     if step == "tests":
         files = [os.path.join(repo, f) for f in VALUE_TEST_FILES if os.path.exists(os.path.join(repo, f))]
         if not files or not os.path.exists(os.path.join(repo, "pyproject.toml")):
@@ -84,8 +92,38 @@ def environment() -> dict:
             "triton": triton.__version__, "mmfuse": mmfuse.__version__, "python": sys.version.split()[0]}
 
 
+def _run_step(step: str, out_dir: str, log: str, timeout: float, run, shards: int):
+    """Run one step into ``log``; its exit code, or "timeout". ``verify`` with ``shards`` > 1: that many
+    processes side by side (threads wait on them), each into its own part of the log, joined after."""
+    parts = [f"verify {i}/{shards}" for i in range(shards)] if step == "verify" and shards > 1 else [step]
+
+    def one(part, path):
+        argv, extra = step_command(part, out_dir)
+        with open(path, "w") as f, tempfile.TemporaryDirectory() as cwd:
+            try:
+                return run(argv, cwd=cwd, env={**os.environ, **extra}, stdout=f, stderr=subprocess.STDOUT,
+                           timeout=timeout).returncode
+            except subprocess.TimeoutExpired:
+                f.write(f"\nmmfuse gpu-check: stopped after {timeout:.0f} s\n")
+                return "timeout"
+
+    if len(parts) == 1:
+        return one(step, log)
+    from concurrent.futures import ThreadPoolExecutor
+
+    paths = [f"{log}.{i}" for i in range(len(parts))]
+    with ThreadPoolExecutor(len(parts)) as pool:
+        rcs = list(pool.map(one, parts, paths))
+    with open(log, "w") as f:
+        for part, path in zip(parts, paths):
+            with open(path) as p:
+                f.write(f"## mmfuse {part}\n{p.read()}\n")
+            os.remove(path)
+    return next((rc for rc in rcs if rc == "timeout"), None) or next((rc for rc in rcs if rc != 0), 0)
+
+
 def main(out_dir: str, budget_s: float = 480.0, steps=None, run=subprocess.run, env_info=None,
-         clock=time.monotonic, print=print) -> int:
+         clock=time.monotonic, print=print, verify_shards: int | None = None) -> int:
     """Run the steps in order within ``budget_s``; 0 when every step passed. ``run``/``env_info``/
     ``clock`` are parameters so the logic is tested on CPU without a GPU."""
     steps = list(steps or STEPS)
@@ -111,6 +149,7 @@ def main(out_dir: str, budget_s: float = 480.0, steps=None, run=subprocess.run, 
             continue
         timeout = left * SHARES[step]
         log = os.path.join(folder, f"{step}.txt")
+        shards = VERIFY_SHARDS if verify_shards is None else verify_shards
         try:
             argv, extra = step_command(step, out_dir)
         except FileNotFoundError as e:  # the step cannot run here: say why, go on with the others
@@ -120,15 +159,10 @@ def main(out_dir: str, budget_s: float = 480.0, steps=None, run=subprocess.run, 
             print(f"mmfuse gpu-check: {step}: not runnable: {e}")
             failed += 1
             continue
-        print(f"mmfuse gpu-check: {step} (at most {timeout:.0f} s): {' '.join(argv)}")
+        side = f" ({shards} shards side by side)" if step == "verify" and shards > 1 else ""
+        print(f"mmfuse gpu-check: {step} (at most {timeout:.0f} s){side}: {' '.join(argv)}")
         t0 = clock()
-        with open(log, "w") as f, tempfile.TemporaryDirectory() as cwd:
-            try:
-                rc = run(argv, cwd=cwd, env={**os.environ, **extra}, stdout=f, stderr=subprocess.STDOUT,
-                         timeout=timeout).returncode
-            except subprocess.TimeoutExpired:
-                rc = "timeout"
-                f.write(f"\nmmfuse gpu-check: stopped after {timeout:.0f} s\n")
+        rc = _run_step(step, out_dir, log, timeout, run, shards)
         seconds = clock() - t0
         failed += rc != 0
         summary["steps"].append({"step": step, "rc": rc, "seconds": round(seconds, 1), "log": os.path.basename(log)})

@@ -38,8 +38,11 @@ def _dtype_name(dtype: torch.dtype) -> str:
     return str(dtype).replace("torch.", "")
 
 
-def main(device: str | None = None, ops: list[str] | None = None, out=sys.stdout) -> int:
-    """Run the checks (those whose op name starts with one of ``ops``, if given); 0 if all pass."""
+def main(device: str | None = None, ops: list[str] | None = None, out=sys.stdout,
+         shard: tuple[int, int] | None = None) -> int:
+    """Run the checks (those whose op name starts with one of ``ops``, if given); 0 if all pass.
+    ``shard`` (i, n): only every n-th check from the i-th, so that n processes share the compiles (what a
+    cold Triton cache spends most of the time on; ``mmfuse gpu-check`` runs the shards side by side)."""
     import mmfuse
 
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -56,6 +59,11 @@ def main(device: str | None = None, ops: list[str] | None = None, out=sys.stdout
     total = 0
     t0 = time.perf_counter()
     checks = [c for c in all_checks() if not ops or c.op.split()[0] in ops]
+    if shard is not None:
+        i, n = shard
+        if not 0 <= i < n:
+            raise ValueError(f"shard: expected I/N with 0 <= I < N, got {i}/{n}")
+        checks = checks[i::n]
     if not checks:
         print(f"no checks match --op {' '.join(ops or [])}", file=out)
         return 2

@@ -249,10 +249,14 @@ def test_quick_profile_is_two_shapes_per_op_bf16_cheap_baselines():
     assert {c.dtype for c in quick} == {"bfloat16"} and {c.mode for c in quick} == {"fwd", "fwd+bwd"}
     for op in ("mlp", "gated_mlp", "merged_mlp", "patch_embed", "patch_rows", "cross_attention"):
         cases = [c for c in quick if c.op == op]
-        assert len({c.shape for c in cases}) == 2, op
+        # two shapes per op; the MLP has two more: single Linear projections (no activation to fuse)
+        assert len({c.shape for c in cases}) == (4 if op == "mlp" else 2), op
         assert {"mmfuse", "eager"} <= {c.impl for c in cases}
         assert not any("compile" in c.impl for c in cases)  # no compile step within the budget
     assert {c.name for c in quick} <= {c.name for c in suite.cases()}
+    readme = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "README.md")
+    with open(readme) as f:  # the README states the count
+        assert f"`mmfuse bench --profile quick` ({len(quick)} cases)" in f.read()
     assert suite.profile_cases("full") == suite.cases()
     with pytest.raises(ValueError, match="profile"):
         suite.profile_cases("fast")
@@ -517,3 +521,71 @@ def test_kernel_profile_writes_its_results_after_every_part(tmp_path, monkeypatc
     assert kernel_profile.main(str(tmp_path), parts=("dynamic_m", "compiled"), print=lambda *a: None) == 0
     assert on_disk and on_disk[0][0]["ms_per_step"] == 20.0
     assert "| mmfuse | 1 | 1.000 | 20.000 | 0 |" in next(tmp_path.glob("*.md")).read_text()
+
+
+def test_gpu_check_runs_verify_in_shards_side_by_side_and_joins_their_logs(tmp_path):
+    # The fourth H100 run (2026-11-27): one verify process compiling into an empty Triton cache stopped at
+    # 217 of 253 after its 180 s. The shards run at once: each fake run waits at a barrier the others
+    # must reach too, so shards run one after another would time out there.
+    import subprocess
+    import threading
+
+    from mmfuse import gpu_check
+
+    barrier, seen = threading.Barrier(3, timeout=10), []
+
+    def run(argv, cwd, env, stdout, stderr, timeout):
+        seen.append(argv)
+        if "verify" in argv:
+            barrier.wait()
+            shard = argv[argv.index("--shard") + 1]
+            stdout.write(f"checks of {shard}\n")
+            return subprocess.CompletedProcess(argv, 1 if shard == "1/3" else 0)
+        return subprocess.CompletedProcess(argv, 0)
+
+    rc = gpu_check.main(str(tmp_path), budget_s=480, steps=["verify", "bench"], run=run, env_info=lambda: ENV,
+                        print=lambda *a: None, verify_shards=3)
+    assert rc == 1
+    shards = sorted(a[a.index("--shard") + 1] for a in seen if "verify" in a)
+    assert shards == ["0/3", "1/3", "2/3"]
+    (folder,) = tmp_path.glob("gpu-check-*")
+    log = (folder / "verify.txt").read_text()
+    assert [line for line in log.splitlines() if line.startswith("checks of")] == [
+        "checks of 0/3", "checks of 1/3", "checks of 2/3"]
+    assert sorted(p.name for p in folder.iterdir()) == ["bench.txt", "summary.json", "verify.txt"]
+    steps = json.loads((folder / "summary.json").read_text())["steps"]
+    assert [(s["step"], s["rc"]) for s in steps] == [("verify", 1), ("bench", 0)]
+
+
+def test_mmfuse_verify_shards_split_the_checks_without_overlap(monkeypatch):
+    import io
+    from types import SimpleNamespace
+
+    import torch
+
+    from mmfuse import cli, verify
+
+    ran = []
+
+    def check(n):
+        ok = SimpleNamespace(ok=True, what="out", error=0.0, allowed=1.0)
+        return SimpleNamespace(op=f"linear {n}", dtype=torch.float32, shape=f"s{n}",
+                               run=lambda dev: ran.append(n) or [ok])
+
+    monkeypatch.setattr(verify, "all_checks", lambda: [check(n) for n in range(10)])
+    per_shard = []
+    for i in range(3):
+        ran.clear()
+        out = io.StringIO()
+        assert verify.main("cpu", None, out=out, shard=(i, 3)) == 0
+        per_shard.append(list(ran))
+        assert f"{len(ran)} passed, 0 failed" in out.getvalue()
+    assert sorted(sum(per_shard, [])) == list(range(10))  # every check once, in one shard only
+    assert [len(p) for p in per_shard] == [4, 3, 3]
+    with pytest.raises(ValueError, match="shard"):
+        verify.main("cpu", None, out=io.StringIO(), shard=(3, 3))
+    with pytest.raises(SystemExit, match="I/N"):
+        cli._shard("2-of-4")
+    with pytest.raises(SystemExit, match="0 <= I < N"):
+        cli._shard("4/4")
+    assert cli._shard("1/4") == (1, 4) and cli._shard(None) is None
