@@ -109,6 +109,36 @@ def acc_dtype(dtype: torch.dtype):
     """Accumulator type: fp32 for 16/32-bit inputs, fp64 for fp64."""
     return tl.float64 if dtype == torch.float64 else tl.float32
 
+#: Round fp32 operands to TF32 before a "tf32" ``tl.dot``. Triton's TF32 MMA hands the tensor cores the
+#: raw fp32 bits, which drop the low 13 mantissa bits (round toward zero: twice a rounding's error);
+#: on the fourth H100 run (bench/NOTES.md, session 14) the TF32 GEMMs came out at 3.0-3.1x the error of
+#: PyTorch's TF32 reference (cuBLAS), past the tests' 3x. Off under the interpreter: its "tf32" dot is
+#: exact fp32, as the CPU reference it is compared with (torch has no TF32 on the CPU), so rounding there
+#: would compare TF32 with fp32; the rounding itself is tested there on its own (tests/test_tma_gemm.py).
+ROUND_TF32_OPERANDS = tl.constexpr(not INTERPRET)
+
+
+@triton.jit
+def round_to_tf32(x):
+    """fp32 -> the nearest TF32 value (10 mantissa bits; ties away from zero, as PTX's cvt.rna.tf32.f32),
+    kept in fp32. Inf and NaN pass unchanged; a finite value past TF32's largest rounds to inf."""
+    bits = x.to(tl.uint32, bitcast=True)
+    rounded = ((bits + 0x1000) & 0xFFFFE000).to(tl.float32, bitcast=True)
+    return tl.where((bits & 0x7F800000) == 0x7F800000, x, rounded)
+
+
+@triton.jit
+def mma(a, b, acc, INPUT_PRECISION: tl.constexpr, ACC_DTYPE: tl.constexpr):
+    """``tl.dot(a, b, acc)`` with fp32 operands rounded to TF32 first under "tf32"
+    (``ROUND_TF32_OPERANDS``); ``acc`` may be None."""
+    if INPUT_PRECISION == "tf32" and ROUND_TF32_OPERANDS:
+        if a.dtype == tl.float32:
+            a = round_to_tf32(a)
+        if b.dtype == tl.float32:
+            b = round_to_tf32(b)
+    return tl.dot(a, b, acc, input_precision=INPUT_PRECISION, out_dtype=ACC_DTYPE)
+
+
 def dot_precision(dtype: torch.dtype) -> str:
     """fp32 follows torch's TF32 switch, as DESIGN.md requires; other dtypes ignore it."""
     if dtype == torch.float32 and torch.backends.cuda.matmul.allow_tf32:
@@ -188,6 +218,7 @@ __all__ = [
     "INTERPRET", "ACT_NONE", "ACT_GELU", "ACT_GELU_TANH", "ACT_QUICK_GELU", "ACT_SILU", "ACT_RELU",
     "ACTIVATIONS", "apply_activation",
     "activation_grad", "grouped_tile", "grouped_tile_of", "KERNEL_DTYPES", "acc_dtype", "dot_precision", "POISON_OUTPUTS", "empty",
+    "ROUND_TF32_OPERANDS", "round_to_tf32", "mma",
     "cdiv", "next_pow2", "H100_SMS", "num_sms", "gpu_config", "gpu_config_on", "forced_tile",
     "PEAK_FLOPS", "PEAK_BYTES", "LAUNCH_US", "LAUNCH_OPTIONS",
 ]

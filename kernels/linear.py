@@ -46,6 +46,7 @@ from mmfuse.kernels._common import (
     gpu_config_on,
     grouped_tile,
     grouped_tile_of,
+    mma,
     num_sms,
 )
 from mmfuse.kernels._tuning import TileChooser
@@ -137,7 +138,7 @@ def k_loop(acc, a_ptrs, b_ptrs, K, stride_ak, stride_bk, offs_k,
             k_left = K - k * BLOCK_K
             a = tl.load(a_ptrs, mask=offs_k[None, :] < k_left, other=0.0)
             b = tl.load(b_ptrs, mask=offs_k[:, None] < k_left, other=0.0)
-        acc = tl.dot(a, b, acc, input_precision=INPUT_PRECISION, out_dtype=ACC_DTYPE)
+        acc = mma(a, b, acc, INPUT_PRECISION, ACC_DTYPE)
         a_ptrs += BLOCK_K * stride_ak
         b_ptrs += BLOCK_K * stride_bk
     return acc
@@ -190,8 +191,8 @@ def fused_gemm_kernel(
                 a = tl.load(a_ptrs, mask=offs_k[None, :] < k_left, other=0.0)
                 b = tl.load(b_ptrs, mask=offs_k[:, None] < k_left, other=0.0)
                 b2 = tl.load(b2_ptrs, mask=offs_k[:, None] < k_left, other=0.0)
-            acc = tl.dot(a, b, acc, input_precision=INPUT_PRECISION, out_dtype=ACC_DTYPE)
-            acc_up = tl.dot(a, b2, acc_up, input_precision=INPUT_PRECISION, out_dtype=ACC_DTYPE)
+            acc = mma(a, b, acc, INPUT_PRECISION, ACC_DTYPE)
+            acc_up = mma(a, b2, acc_up, INPUT_PRECISION, ACC_DTYPE)
             a_ptrs += BLOCK_K * stride_ak
             b_ptrs += BLOCK_K * stride_bk
             b2_ptrs += BLOCK_K * stride_bk
@@ -232,7 +233,7 @@ def tma_k_loop(acc, a_desc, b_desc, off_m, off_n, k_steps, A_TRANS: tl.constexpr
     for ks in range(k_steps):
         a = _tma_tile(a_desc, off_m, ks * BLOCK_K, A_TRANS, False)
         b = _tma_tile(b_desc, off_n, ks * BLOCK_K, B_TRANS, True)
-        acc = tl.dot(a, b, acc, input_precision=INPUT_PRECISION, out_dtype=ACC_DTYPE)
+        acc = mma(a, b, acc, INPUT_PRECISION, ACC_DTYPE)
     return acc
 
 
@@ -274,10 +275,10 @@ def tma_gemm_kernel(
             acc_up = tl.zeros((BLOCK_M, BLOCK_N), dtype=ACC_DTYPE)
             for ks in range(k_steps):
                 a = _tma_tile(a_desc, off_m, ks * BLOCK_K, A_TRANS, False)
-                acc = tl.dot(a, _tma_tile(b_desc, off_n, ks * BLOCK_K, B_TRANS, True), acc,
-                             input_precision=INPUT_PRECISION, out_dtype=ACC_DTYPE)
-                acc_up = tl.dot(a, _tma_tile(b2_desc, off_n, ks * BLOCK_K, B_TRANS, True), acc_up,
-                                input_precision=INPUT_PRECISION, out_dtype=ACC_DTYPE)
+                acc = mma(a, _tma_tile(b_desc, off_n, ks * BLOCK_K, B_TRANS, True), acc,
+                          INPUT_PRECISION, ACC_DTYPE)
+                acc_up = mma(a, _tma_tile(b2_desc, off_n, ks * BLOCK_K, B_TRANS, True), acc_up,
+                             INPUT_PRECISION, ACC_DTYPE)
             gated_epilogue(acc, acc_up, pid_m, pid_n, M, N, c_ptr, c2_ptr, bias_ptr, bias2_ptr, aux_ptr, aux2_ptr,
                            stride_cm, stride_cn, stride_auxm, stride_auxn, stride_bias, stride_bias2,
                            ACTIVATION, HAS_BIAS, STORE_AUX, False, ACC_DTYPE, BLOCK_M, BLOCK_N)

@@ -49,6 +49,7 @@ from mmfuse.kernels._common import (
     gpu_config_on,
     grouped_tile,
     grouped_tile_of,
+    mma,
     num_sms,
 )
 from mmfuse.kernels.linear import (GROUP_M, INTERPRETER_TILE, _tma_tile, block_k_for, candidate_tiles,
@@ -262,13 +263,13 @@ def _mapped_tile(
                     b = _tma_tile(b_ptr, pid_n * BLOCK_N, j * C + c0, B_TRANS, True)
                 else:
                     b = tl.load(b_ptrs)
-                acc = tl.dot(a, b, acc, input_precision=INPUT_PRECISION, out_dtype=ACC_DTYPE)
+                acc = mma(a, b, acc, INPUT_PRECISION, ACC_DTYPE)
                 if GATED:
                     if TMA:
                         b2 = _tma_tile(b2_ptr, pid_n * BLOCK_N, j * C + c0, B_TRANS, True)
                     else:
                         b2 = tl.load(b2_ptrs)
-                    acc_up = tl.dot(a, b2, acc_up, input_precision=INPUT_PRECISION, out_dtype=ACC_DTYPE)
+                    acc_up = mma(a, b2, acc_up, INPUT_PRECISION, ACC_DTYPE)
                     if not TMA:
                         b2_ptrs += BLOCK_K * stride_bk
                 x_ptrs += BLOCK_K * stride_ak
@@ -298,7 +299,7 @@ def _mapped_tile(
                 b = tl.load(b_ptrs)
             else:
                 b = tl.load(b_ptrs, mask=k_ok[:, None], other=0.0)
-            acc = tl.dot(a, b, acc, input_precision=INPUT_PRECISION, out_dtype=ACC_DTYPE)
+            acc = mma(a, b, acc, INPUT_PRECISION, ACC_DTYPE)
             if GATED:
                 if TMA:
                     b2 = _tma_tile(b2_ptr, pid_n * BLOCK_N, k * BLOCK_K, B_TRANS, True)
@@ -306,7 +307,7 @@ def _mapped_tile(
                     b2 = tl.load(b2_ptrs)
                 else:
                     b2 = tl.load(b2_ptrs, mask=k_ok[:, None], other=0.0)
-                acc_up = tl.dot(a, b2, acc_up, input_precision=INPUT_PRECISION, out_dtype=ACC_DTYPE)
+                acc_up = mma(a, b2, acc_up, INPUT_PRECISION, ACC_DTYPE)
                 if not TMA:
                     b2_ptrs += BLOCK_K * stride_bk
             if not (TMA and MAPPED != 0):

@@ -52,6 +52,7 @@ from mmfuse.kernels._common import (
     gpu_config_on,
     grouped_tile,
     grouped_tile_of,
+    mma,
     next_pow2,
     num_sms,
     LAUNCH_US,
@@ -182,7 +183,7 @@ def _patch_fwd_tile(
         else:
             b = tl.load(w_ptrs)  # packed: zero-padded past K to a multiple of BLOCK_K, no mask
             w_ptrs += BLOCK_K
-        acc = tl.dot(a, b, acc, input_precision=INPUT_PRECISION, out_dtype=ACC_DTYPE)
+        acc = mma(a, b, acc, INPUT_PRECISION, ACC_DTYPE)
 
     # Epilogue in the accumulator type; one rounding at the store.
     N_TOK = GRID_F * GRID_H * GRID_W
@@ -260,7 +261,7 @@ def _patch_dx_tile(
             d_left = D - d0
             g = tl.load(g_ptrs, mask=offs_d[None, :] < d_left, other=0.0)
             w = tl.load(w_ptrs, mask=offs_d[:, None] < d_left, other=0.0)
-        acc = tl.dot(g, w, acc, input_precision=INPUT_PRECISION, out_dtype=ACC_DTYPE)
+        acc = mma(g, w, acc, INPUT_PRECISION, ACC_DTYPE)
         if not TMA:
             g_ptrs += BLOCK_K * stride_gd
             w_ptrs += BLOCK_K * stride_wd
@@ -353,7 +354,7 @@ def _patch_dw_tile(
             x = tl.load(x_ptrs, mask=col_ok[None, :], other=0.0)
         else:
             x = tl.load(x_ptrs, mask=(m < M)[:, None] & col_ok[None, :], other=0.0)
-        acc = tl.dot(g, x, acc, input_precision=INPUT_PRECISION, out_dtype=ACC_DTYPE)
+        acc = mma(g, x, acc, INPUT_PRECISION, ACC_DTYPE)
 
     # Column n = run*RUN + j is column run*P + j of dW's flattened (C, T, P, P) order.
     cols = (offs_n // RUN) * P + offs_n % RUN

@@ -85,6 +85,7 @@ class CompileReport:
     tma: bool               # cp.async.bulk.tensor (TMA)
     vec128_loads: int       # number of 128-bit ld.global instructions (stores not counted)
     seconds: float
+    tf32_rounds: int = 0    # `and.b32 ..., -8192`: fp32 operands rounded to TF32 before the MMA (``mma``)
 
     @property
     def tensor_core_instr(self) -> str:
@@ -174,6 +175,7 @@ def compile_spec(spec: CompileSpec, arch: int) -> CompileReport:
         vec128_loads=len(re.findall(r"ld\.global(?:\.[a-z0-9:]+)*\.v4\.(?:b32|f32|u32|s32)", ptx))
         + len(re.findall(r"ld\.global(?:\.[a-z0-9:]+)*\.v2\.(?:b64|f64|u64)", ptx)),
         seconds=seconds,
+        tf32_rounds=len(re.findall(r"and\.b32\s[^;]*, -8192;", ptx)),
     )
 
 
@@ -191,7 +193,7 @@ def all_specs() -> list[CompileSpec]:
 # Batch compilation (in a subprocess when this process runs the interpreter)
 # ----------------------------------------------------------------------------------------------
 _FIELDS = ("registers", "spill_bytes", "shared_bytes", "mma", "wgmma", "cp_async_16B", "tma",
-           "vec128_loads", "seconds")
+           "vec128_loads", "seconds", "tf32_rounds")
 
 
 def _compile_index(job):

@@ -5,8 +5,11 @@ kernel, which needs compute capability 9.x."""
 
 import pytest
 import torch
+import triton
+import triton.language as tl
 
 import mmfuse
+from mmfuse.kernels._common import round_to_tf32
 from mmfuse.kernels import linear as KL
 from mmfuse.testing import assert_matches_reference
 
@@ -128,6 +131,50 @@ def test_every_tile_the_launcher_can_take_is_compiled():
     assert KL.tma_gated_tiles("gated", 4) == KL.TMA_GATED_TILES["gated"]
     # dX * act' at 128x128: subtiled (it spilled whole)
     assert (128, 128, 64, 8, 4) in KL.tma_tiles(True) and KL.tma_epilogue_split(True, 128) == 2
+
+
+@triton.jit
+def _round_to_tf32_kernel(x_ptr, y_ptr, n, BLOCK: tl.constexpr):
+    offs = tl.arange(0, BLOCK)
+    x = tl.load(x_ptr + offs, mask=offs < n)
+    tl.store(y_ptr + offs, round_to_tf32(x), mask=offs < n)
+
+
+def _nearest_tf32_bits(x: torch.Tensor) -> torch.Tensor:
+    """Round-to-nearest (ties away from zero) to 10 mantissa bits, on the sign-magnitude bit pattern in
+    int64 (no wrap-around): keep the high bits of the magnitude, add one TF32 unit when the dropped
+    13 bits are at least half of it. Inf and NaN keep their bits."""
+    bits = x.view(torch.int32).to(torch.int64) & 0xFFFFFFFF
+    sign, mag = bits & 0x80000000, bits & 0x7FFFFFFF
+    dropped = mag & 0x1FFF
+    rounded = (mag - dropped) + torch.where(dropped >= 0x1000, 0x2000, 0)
+    out = torch.where((mag & 0x7F800000) == 0x7F800000, bits, sign | rounded)
+    return torch.where(out >= 2**31, out - 2**32, out).to(torch.int32)
+
+
+def test_round_to_tf32_is_round_to_nearest_on_every_kind_of_value():
+    """The rounding the GEMMs apply to fp32 operands under TF32 (kernels/_common.py, ``mma``; compiled
+    into every TF32 GEMM config, tests/test_aot.py), run through the interpreter here and compiled on a
+    GPU: bit for bit against an int64 rounding of the bit pattern, and against fp64 arithmetic."""
+    torch.manual_seed(0)
+    tiny, big = torch.finfo(torch.float32).tiny, torch.finfo(torch.float32).max
+    ties = (torch.arange(1, 200, dtype=torch.int32) << 13 | 0x1000).view(torch.float32)  # exactly halfway
+    specials = torch.tensor([0.0, -0.0, 1.0, -1.0, tiny, -tiny, tiny / 3, -tiny / 7, big, -big,
+                             float("inf"), float("-inf"), float("nan")])
+    nan_high = torch.tensor([0x7FFFFFFF, -1, 0x7FFFF000, 0x7F800001], dtype=torch.int32).view(torch.float32)
+    x = torch.cat([torch.randn(3000) * torch.logspace(-30, 30, 3000), ties, -ties, ties.nextafter(torch.zeros(1)),
+                   specials, nan_high]).contiguous()
+    y = torch.full_like(x, 7.0)
+    _round_to_tf32_kernel[(1,)](x, y, x.numel(), BLOCK=triton.next_power_of_2(x.numel()))
+    assert torch.equal(y.cpu().view(torch.int32), _nearest_tf32_bits(x.cpu()))
+    # and what the bits mean: finite values land on 10-bit mantissas within half a TF32 unit
+    x64, y64 = x.cpu().double(), y.cpu().double()
+    fin = torch.isfinite(x64) & torch.isfinite(y64) & (x64 != 0)
+    unit = torch.exp2((torch.floor(torch.log2(x64[fin].abs())) - 10).clamp(min=-136))  # subnormals: 2^-149 * 2^13
+    assert ((y64[fin] - x64[fin]).abs() <= unit / 2).all()
+    assert ((y.cpu()[fin.nonzero().squeeze(1)].view(torch.int32) & 0x1FFF) == 0).all()
+    assert torch.isnan(y.cpu()[torch.isnan(x.cpu())]).all()  # NaN stays NaN, whatever its payload
+    assert (y.cpu()[x.cpu() == big] == float("inf")).all()  # past TF32's largest: inf, as cvt.rna
 
 
 @pytest.fixture
@@ -319,8 +366,21 @@ def test_patch_embed_tf32_on_tma(tma, tf32, geometry, monkeypatch):
     taken = _returns(monkeypatch, KP, "on_tma")
     pixel_shape, weight_shape = geometry
     x, w, b = torch.randn(pixel_shape), torch.randn(weight_shape) / 20, torch.randn(weight_shape[0])
-    assert_matches_reference(mmfuse.patch_embed, mmfuse.patch_embed_reference, [x, w, b], ["pixels", "weight", "bias"])
+    # The same-precision reference is a TF32 GEMM: the convolution form follows cuDNN's own choice, which
+    # on the H100 run computed the video case in full fp32 (error 8e-06 against TF32's 4e-03).
+    ref = [t.double() for t in (x, w, b)]
+    torch.testing.assert_close(_patch_gemm_reference(*ref), mmfuse.patch_embed_reference(*ref))
+    assert_matches_reference(mmfuse.patch_embed, _patch_gemm_reference, [x, w, b], ["pixels", "weight", "bias"])
     assert len(taken) >= 3 and all(taken)
+
+
+def _patch_gemm_reference(pixels, weight, bias):
+    """``patch_embed_reference`` as im2col and one ``F.linear`` (which follows torch's TF32 switch)."""
+    B, C, D, P = pixels.shape[0], pixels.shape[1], weight.shape[0], weight.shape[-1]
+    T = weight.shape[2] if weight.dim() == 5 else 1
+    frames, H, W = (pixels.shape[2] if pixels.dim() == 5 else 1), pixels.shape[-2], pixels.shape[-1]
+    patches = pixels.reshape(B, C, frames // T, T, H // P, P, W // P, P).permute(0, 2, 4, 6, 1, 3, 5, 7)
+    return torch.nn.functional.linear(patches.reshape(B, -1, C * T * P * P), weight.reshape(D, -1), bias)
 
 
 def test_patch_embed_dw_split_on_tma(tma, monkeypatch, launches):
