@@ -36,6 +36,28 @@ if INTERPRET:
     install_device_call_fast_path()
 
 
+#: A GEMM with nothing to fuse into it (a projection with no activation after it; a Linear on pre-cut
+#: patches) in the drop-in layers and ``patch``'s swaps: "pytorch" (the default: ``F.linear``, cuBLAS on a
+#: GPU) or "mmfuse" (mmfuse's GEMM kernel), from ``MMFUSE_PLAIN_GEMMS`` at import. Measured on an H100
+#: (bench/NOTES.md, session 14): PaliGemma's and Florence-2's projections, one such Linear each, ran at
+#: 0.17-0.26x of ``F.linear`` through mmfuse (host time per call, and a GEMM slower than cuBLAS at those
+#: sizes); with nothing fused into it there is no traffic to win back. The functional API is not affected:
+#: ``mmfuse.linear(x, w, b)`` always runs mmfuse's kernel.
+PLAIN_GEMMS: str = os.environ.get("MMFUSE_PLAIN_GEMMS", "pytorch")
+if PLAIN_GEMMS not in ("pytorch", "mmfuse"):
+    raise ValueError(f"MMFUSE_PLAIN_GEMMS: expected 'pytorch' or 'mmfuse', got {PLAIN_GEMMS!r}")
+
+
+def plain_gemm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """``F.linear(x, weight, bias)`` for a GEMM with nothing fused into it, on the path ``PLAIN_GEMMS``
+    names."""
+    if PLAIN_GEMMS == "pytorch":
+        return torch.nn.functional.linear(x, weight, bias)
+    from mmfuse.ops.linear import linear
+
+    return linear(x, weight, bias)
+
+
 def backend_for(*tensors: torch.Tensor | None) -> str:
     """Which path a call on these tensors takes: ``"triton"``, ``"interpreter"`` or ``"reference"``.
 

@@ -38,12 +38,13 @@ from typing import Callable
 import torch
 import torch.nn as nn
 
-from mmfuse import _patch
+from mmfuse import _dispatch, _patch
 from mmfuse.nn._activations import activation_name, plain_linear, plain_linear_types
 
 PROJECTOR, PATCH_EMBED, CROSS_ATTENTION = "projector", "patch embedding", "cross-attention"
 TOWER_MLP = "vision-tower MLP"  # counted apart from projectors (a tower family's recipe is a projector recipe)
 MODEL_MERGE = "model-level merge"  # a model whose token merge runs outside its projector (InternVL)
+NOTHING = "nothing to fuse"  # counted apart: recognised, left as PyTorch by default (PLAIN_GEMMS)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -79,6 +80,21 @@ class Family:
 # ----------------------------------------------------------------------------------------------
 # The GEMM-swap recipes: a copy of the module with mmfuse GEMMs, running the original forward
 # ----------------------------------------------------------------------------------------------
+#: A Linear with nothing to fuse into its epilogue (no activation module after it: a projection, an MLP's
+#: last Linear, a Linear on pre-cut patches) stays PyTorch's unless ``MMFUSE_PLAIN_GEMMS=mmfuse``
+#: (``_dispatch.PLAIN_GEMMS``, the measurement behind it there). A module whose only GEMMs are such Linears
+#: is left alone (``NOTHING_TO_FUSE``).
+NOTHING_TO_FUSE = ("nothing to fuse: its only GEMMs are Linears with no activation after them, which run faster as "
+                   "PyTorch's own (0.17-0.26x through mmfuse on an H100); MMFUSE_PLAIN_GEMMS=mmfuse swaps them anyway")
+
+
+def plain_gemms_only(fam: "Family") -> bool:
+    """Whether the family's swap has nothing to fuse (``PLAIN_GEMMS``): a GEMM-swap recipe whose listed
+    Linears have no activation to take in, and no conv, chain or fused Sequential beside them."""
+    return (RECIPES[fam.recipe].build is _swap_gemms and not fam.opt("fuse") and not fam.opt("chain")
+            and not fam.opt("convs") and not fam.opt("sequential"))
+
+
 @functools.lru_cache(maxsize=None)
 def _fused_class(cls: type) -> type:
     """``Fused<Class>``: the original class, recognisably replaced (forward and helpers inherited).
@@ -139,7 +155,10 @@ def _set(root: nn.Module, path: str, value: nn.Module) -> None:
     node._modules[leaf] = value
 
 
-def _swap_gemms(module: nn.Module, family: Family) -> nn.Module:
+def _swap_gemms(module: nn.Module, family: Family, nothing_else: bool = True) -> nn.Module:
+    """The copy with the family's GEMM children swapped. ``nothing_else``: the recipe swaps nothing but
+    these, so a copy with none swapped is refused (``NOTHING_TO_FUSE``); a recipe with a forward of its
+    own passes False."""
     from mmfuse.nn.linear import Linear, MLPProjector
 
     fused_acts = dict(family.opt("fuse", ()))  # linear path -> activation path
@@ -152,8 +171,10 @@ def _swap_gemms(module: nn.Module, family: Family) -> nn.Module:
         fused_acts.update({path: act_path for path in links[:-1]})  # the act follows every link but the last
     plan = []
     for path in linear_paths:
-        lin = plain_linear(_get(module, path), path)
         act_path = fused_acts.get(path)
+        if act_path is None and _dispatch.PLAIN_GEMMS == "pytorch":
+            continue  # nothing to fuse: PyTorch's GEMM is the faster one (PLAIN_GEMMS)
+        lin = plain_linear(_get(module, path), path)
         act = activation_name(_get(module, act_path)) if act_path else None
         plan.append((path, Linear.from_module(lin, activation=act), act_path))
     for path in family.opt("sequential", ()):
@@ -164,6 +185,8 @@ def _swap_gemms(module: nn.Module, family: Family) -> nn.Module:
         conv = _get(module, path)
         drop_in = PatchEmbed3d if isinstance(conv, nn.Conv3d) else PatchEmbed
         plan.append((path, drop_in.from_module(conv), None))
+    if not plan and nothing_else:
+        raise _patch.Unsupported(NOTHING_TO_FUSE)
     new = _shallow_copy(module, _fused_class(type(module)))
     for path, replacement, act_path in plan:
         _set(new, path, replacement)
@@ -257,7 +280,7 @@ def _gated_mlp(module: nn.Module, family: Family) -> nn.Module:
     ``gate_half``.)"""
     from mmfuse.ops.linear import GATE_ACTIVATIONS, gated_mlp
 
-    new = _swap_gemms(module, family)  # the glue's own Linears (GLM's proj), if any
+    new = _swap_gemms(module, family, nothing_else=False)  # the glue's own Linears (GLM's proj), if any
     pre = GATED_PRE[family.opt("pre")][1] if family.opt("pre") else None
     gate, up, down, act_path = family.opt("gated")
     for path in (gate, up, down):
@@ -699,19 +722,23 @@ def _mlp_projector(module, family):
 
 _SWAP_PYTORCH = "the original forward's glue"
 RECIPES = {r.name: r for r in [
-    Recipe("mlp", PROJECTOR, "every Linear, bias and activation (one GEMM each, act in the epilogue)",
-           "nothing", _swap_gemms),
+    Recipe("mlp", PROJECTOR, "each Linear with the activation after it (one GEMM each, bias and act in the "
+           "epilogue)", "the last Linear (nothing to fuse: `MMFUSE_PLAIN_GEMMS`)", _swap_gemms),
     Recipe("mlp (fused chain)", PROJECTOR,
            "Linear -> act -> Linear ... as one autograd op (act' in the dX GEMM's epilogue)", "nothing",
            _mlp_projector),
-    Recipe("linear", PROJECTOR, "the Linear (bias in the epilogue)", "nothing", _swap_gemms),
-    Recipe("norm+mlp", PROJECTOR, "every Linear, bias and activation", "the norm", _swap_gemms),
+    Recipe("linear", PROJECTOR, "with `MMFUSE_PLAIN_GEMMS=mmfuse`: the Linear (bias in the epilogue)", "the Linear "
+           "(nothing to fuse)", _swap_gemms),
+    Recipe("norm+mlp", PROJECTOR, "each Linear with the activation after it (bias and act in the epilogue)",
+           "the norm, the last Linear", _swap_gemms),
     Recipe("gemm swap", PROJECTOR,
-           "each listed Linear and Conv(k=s) as one mmfuse GEMM (bias, and a following activation module where "
-           "the family fuses one, in the epilogue)",
-           "the rest of the original forward (the family's notes name it)", _swap_gemms),
-    Recipe("merge+mlp", PROJECTOR, "every Linear (merge Linear included), bias and activation",
-           "the norm and the token merge (reshapes / unfold / pixel shuffle)", _swap_gemms),
+           "each listed Conv(k=s), and each listed Linear with an activation module the family fuses, as one "
+           "mmfuse GEMM (bias and activation in the epilogue)",
+           "the rest of the original forward (the family's notes name it), Linears with nothing to fuse included",
+           _swap_gemms),
+    Recipe("merge+mlp", PROJECTOR, "each Linear with the activation after it (bias and act in the epilogue)",
+           "the norm, the token merge (reshapes / unfold / pixel shuffle), Linears with nothing after them",
+           _swap_gemms),
     Recipe("gated mlp", PROJECTOR,
            "gate and up as one GEMM (bias, act(g) * u in its epilogue; dG and dU in the backward GEMM's), "
            "down as a second", "nothing", _gated_mlp),
@@ -733,16 +760,18 @@ RECIPES = {r.name: r for r in [
     Recipe("patch embed (conv swap)", PATCH_EMBED,
            "Conv(k=s) as one GEMM (im2col in the loads, bias in the epilogue; conv layout as a free view)",
            "class token, position table / gathered position ids, norms (the original's code)", _swap_gemms),
-    Recipe("patch embed (linear on patches)", PATCH_EMBED, "the Linear on pre-cut patches (bias in the epilogue)",
-           "position table resizing and add (the original's code)", _swap_gemms),
+    Recipe("patch embed (linear on patches)", PATCH_EMBED, "with `MMFUSE_PLAIN_GEMMS=mmfuse`: the Linear on pre-cut "
+           "patches (bias in the epilogue)", "the Linear (nothing to fuse), position table resizing and add (the "
+           "original's code)", _swap_gemms),
     Recipe("patch embed (unfold + linear)", PATCH_EMBED,
            "nn.Unfold(k=s) + Linear as one patch GEMM (the Linear's weight viewed as a conv weight; im2col in the "
            "loads, token-major output)", "nothing", _unfold_patch_embed),
     Recipe("vision embeddings", PATCH_EMBED,
            "Conv2d(k=s) patchify + bias [+ class token] + position table, one kernel",
            "interpolate_pos_encoding and off-size images (the original's code)", _vision_embeddings),
-    Recipe("cross-attention", CROSS_ATTENTION, "the Q/K/V/O projections the class has and the attention (one kernel)",
-           "head reshapes", lambda m, f: _from_module(f.opt("dropin"))(m, f)),
+    Recipe("cross-attention", CROSS_ATTENTION, "the attention (one kernel, the Lq x Lk matrix never formed)",
+           "head reshapes; the Q/K/V/O projections (plain GEMMs: `MMFUSE_PLAIN_GEMMS`)",
+           lambda m, f: _from_module(f.opt("dropin"))(m, f)),
 ]}
 
 
@@ -1440,11 +1469,16 @@ def counts() -> dict[str, int]:
         models = pathlib.Path(transformers.__file__).parent / "models"
     except ImportError:  # (an optional dependency) without it, the registry's own count
         models = None
-    out = {PROJECTOR: 0, PATCH_EMBED: 0, CROSS_ATTENTION: 0, TOWER_MLP: 0, MODEL_MERGE: 0}
+    out = {PROJECTOR: 0, PATCH_EMBED: 0, CROSS_ATTENTION: 0, TOWER_MLP: 0, MODEL_MERGE: 0, NOTHING: 0}
     for fam in FAMILIES:  # a family newer than the installed transformers has no classes to count
         if models is None or (models / fam.module).is_dir():
-            out[TOWER_MLP if fam.tower else RECIPES[fam.recipe].kind] += len(fam.classes)
+            kind = TOWER_MLP if fam.tower else RECIPES[fam.recipe].kind
+            out[NOTHING if _left_as_pytorch(fam) else kind] += len(fam.classes)
     return out
+
+
+def _left_as_pytorch(fam: Family) -> bool:
+    return _dispatch.PLAIN_GEMMS == "pytorch" and plain_gemms_only(fam)
 
 
 def stays_pytorch(fam: Family) -> str:
@@ -1464,13 +1498,19 @@ def models_table() -> str:
         cls = ", ".join(f"`{c}`" for c in fam.classes) or "`nn.Sequential(Linear, act, Linear, ...)`"
         notes = "; ".join(filter(None, ["vision tower, opt-in: `patch(model, vision_tower=True)`" if fam.tower
                                         else "", fam.notes]))
-        lines.append(f"| {fam.name} | {cls} | {r.name} | {r.fused} | {stays_pytorch(fam)} | {notes} |")
+        fused, stays = r.fused, stays_pytorch(fam)
+        if _left_as_pytorch(fam):
+            fused = "nothing by default (`MMFUSE_PLAIN_GEMMS=mmfuse`: its Linears)"
+            stays = "all of it: its Linears have nothing to fuse and run faster as PyTorch's own"
+        lines.append(f"| {fam.name} | {cls} | {r.name} | {fused} | {stays} | {notes} |")
     c = counts()
     lines += ["", f"Accelerated classes of the installed transformers: **{c[PROJECTOR] + c[CROSS_ATTENTION]} "
               f"projectors / mergers / connectors** ({c[CROSS_ATTENTION]} of them resampler cross-attention) "
               f"and **{c[PATCH_EMBED]} vision patch embeddings**; with `vision_tower=True`, also **{c[TOWER_MLP]} "
               f"vision-tower MLP classes**. {c[MODEL_MERGE]} model classes hand the token merge they run outside "
-              f"their projector to its first GEMM. {len(DECLINED)} more projector-like classes and "
+              f"their projector to its first GEMM. {c[NOTHING]} recognised classes are left as PyTorch by default, "
+              f"their only GEMMs being Linears with nothing to fuse (`MMFUSE_PLAIN_GEMMS`). "
+              f"{len(DECLINED)} more projector-like classes and "
               f"{len(TOWER_DECLINED)} tower-MLP-like ones are recognised and left alone, each with its reason "
               "(`mmfuse models --declined`)."]
     return "\n".join(lines)

@@ -174,3 +174,22 @@ def test_mlp_projector_of_mmfuse_linears_runs_and_one_with_a_fused_activation_is
     with pytest.raises(ValueError, match=r"module\[0\]: expected a plain Linear, got mmfuse's Linear with activation "
                                          r"'gelu'"):
         MLPProjector.from_module(nn.Sequential(Linear(16, 24, activation="gelu"), nn.GELU(), Linear(24, 8)))
+
+
+@pytest.mark.parametrize("setting", ["pytorch", "mmfuse"])
+def test_a_linear_without_activation_is_a_plain_gemm(setting, monkeypatch, launches):
+    """Nothing to fuse: ``F.linear`` by default, mmfuse's GEMM with ``MMFUSE_PLAIN_GEMMS=mmfuse``; the same
+    values and gradients either way. The attention drop-ins' projections take the same path."""
+    from mmfuse.nn import CrossAttention
+
+    monkeypatch.setattr(mmfuse._dispatch, "PLAIN_GEMMS", setting)
+    lin = nn.Linear(24, 40)
+    x = torch.randn(3, 7, 24)
+    launches.clear()
+    _check_module_pair(lin, Linear.from_module(lin), x)
+    assert launches.count("fused_gemm_kernel") == (0 if setting == "pytorch" else 3)  # fwd, dX, dW
+    attn = CrossAttention(dim=16, heads=2, dim_head=8, kv_dim=12)
+    launches.clear()
+    attn(torch.randn(2, 3, 16), torch.randn(2, 5, 12))
+    assert "attn_fwd_kernel" in launches
+    assert launches.count("fused_gemm_kernel") == (0 if setting == "pytorch" else 4)  # Q, K, V, O

@@ -41,7 +41,7 @@ def _llava_parts(projector_cls="llava"):
         cfg = LlavaConfig(vision_config=vision, text_config=LlamaConfig(
             hidden_size=24, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2, vocab_size=64))
         projector = LlavaMultiModalProjector(cfg)
-    else:  # PaliGemma's projector: one Linear, swapped as a plain GEMM
+    else:  # PaliGemma's projector: one Linear (a plain GEMM: swapped only with MMFUSE_PLAIN_GEMMS=mmfuse)
         cfg = PaliGemmaConfig(vision_config=SiglipVisionConfig(hidden_size=16, projection_dim=24),
                               text_config=GemmaConfig(hidden_size=24, num_hidden_layers=1, vocab_size=64))
         projector = PaliGemmaMultiModalProjector(cfg)
@@ -66,9 +66,14 @@ def test_lora_after_patch_on_fused_forwards_raises_naming_the_layer():
             model(pixels)
 
 
-def test_lora_after_patch_on_a_plain_gemm_swap_applies():
+def test_lora_after_patch_on_a_plain_gemm_swap_applies(monkeypatch):
+    from mmfuse import registry
+
     pixels = torch.randn(1, 3, 28, 28)
     reference = _lora(_llava_parts("paligemma"), ["linear"])
+    model = _llava_parts("paligemma")  # by default its one Linear, nothing to fuse, is left as PyTorch's
+    assert ("projector", registry.NOTHING_TO_FUSE) in [(n, why) for n, _, why in mmfuse.patch(model).left_alone]
+    monkeypatch.setattr(mmfuse._dispatch, "PLAIN_GEMMS", "mmfuse")  # MMFUSE_PLAIN_GEMMS=mmfuse: swapped as a plain GEMM
     model = _llava_parts("paligemma")
     report = mmfuse.patch(model)
     assert "projector" in [name for name, _, _ in report.swapped], str(report)

@@ -776,9 +776,32 @@ def _swapped_target(report):
     assert [name for name, _, _ in report.swapped] == ["target"], str(report)
 
 
+def _opt_in_to_plain_gemms(module, monkeypatch) -> None:
+    """A family with nothing to fuse is left alone by default (``mmfuse._dispatch.PLAIN_GEMMS``; its default is
+    tested in ``check_family``); the tests of what a swap keeps (meta loading, adapters, pickling) run it
+    with ``MMFUSE_PLAIN_GEMMS=mmfuse``, which still swaps it."""
+    family = registry.family_for(module, vision_tower=True)
+    if family is not None and registry.plain_gemms_only(family):
+        monkeypatch.setattr(mmfuse._dispatch, "PLAIN_GEMMS", "mmfuse")
+
+
 def check_family(key, launches, builders=BUILDERS, vision_tower=False):
     torch.manual_seed(0)
     module, inputs = builders[key]()
+    family = registry.family_for(module, vision_tower=True)
+    if family is not None and registry.plain_gemms_only(family) and mmfuse._dispatch.PLAIN_GEMMS == "pytorch":
+        # Nothing to fuse: left alone by default, with the reason; then swapped on request, so that the
+        # swap stays tested for MMFUSE_PLAIN_GEMMS=mmfuse.
+        model = _Parent(module)
+        report = mmfuse.patch(model, vision_tower=vision_tower)
+        assert not report.swapped and [(n, why) for n, _, why in report.left_alone] == [
+            ("target", registry.NOTHING_TO_FUSE)], str(report)
+        assert model.target is module
+        mmfuse._dispatch.PLAIN_GEMMS = "mmfuse"
+        try:
+            return check_family(key, launches, builders, vision_tower)
+        finally:
+            mmfuse._dispatch.PLAIN_GEMMS = "pytorch"
     model = _Parent(module).float().train()
     ref32 = off_pin_skip_on_error(lambda: _run(model, inputs), f"calling the original {key[1]} the test's way")
     ref64 = _run(copy.deepcopy(model).double(), [t.double() if _is_float(t) else t for t in inputs])
@@ -834,15 +857,16 @@ def test_every_covered_class_has_a_builder_or_a_checked_sibling():
 
 
 @pytest.mark.parametrize("key", sorted(BUILDERS), ids=lambda k: f"{k[0]}.{k[1]}")
-def test_family_patches_on_meta_and_loads_after(key):
+def test_family_patches_on_meta_and_loads_after(key, monkeypatch):
     """Patch before the weights exist (meta), then to_empty + load_state_dict: equals the original.
     (tests/test_compile_autocast_distributed.py runs the same flow under FSDP2 with two processes.)"""
-    check_meta_patch(key)
+    check_meta_patch(key, monkeypatch)
 
 
-def check_meta_patch(key, builders=BUILDERS, vision_tower=False):
+def check_meta_patch(key, monkeypatch, builders=BUILDERS, vision_tower=False):
     torch.manual_seed(0)
     real, inputs = builders[key]()
+    _opt_in_to_plain_gemms(real, monkeypatch)
     if not on_pinned():
         off_pin_skip_on_error(lambda: _Parent(real)(*inputs), f"calling the original {key[1]} the test's way")
     with torch.device("meta"):
@@ -1020,7 +1044,7 @@ E2E = {
     "gemma 3 (pool+norm+matmul; SigLIP embeddings)": (
         _gemma3_model, lambda: [torch.tensor([[1, 60, 60, 60, 60, 5, 6]]), torch.randn(1, 3, 16, 16)],
         lambda o: o.logits),
-    "paligemma (linear; SigLIP embeddings)": (
+    "paligemma (SigLIP embeddings; the Linear projector left as PyTorch)": (
         _paligemma_model, lambda: [torch.tensor([[60, 60, 60, 60, 5, 6]]), torch.randn(1, 3, 16, 16)],
         lambda o: o.logits),
 }
@@ -1042,7 +1066,9 @@ def test_whole_model_patched_matches_and_trains(name):
     if not on_pinned() and len(report.swapped) < 2 and any("another transformers version's class" in why
                                                            for _, _, why in report.left_alone):
         pytest.skip(f"transformers {transformers.__version__}: {report}")  # (equal to the original: checked above)
-    assert len(report.swapped) >= 2, str(report)
+    # (a projector with nothing to fuse counts as recognised: left alone for that reason, mmfuse._dispatch.PLAIN_GEMMS)
+    plain = [name for name, _, why in report.left_alone if why == registry.NOTHING_TO_FUSE]
+    assert report.swapped and len(report.swapped) + len(plain) >= 2, str(report)
     check_training_step(make, inputs, select)
 
 
@@ -1240,8 +1266,8 @@ def test_tower_mlp_patched_matches_original(key, launches):
 
 
 @pytest.mark.parametrize("key", sorted(TOWER_BUILDERS), ids=lambda k: f"{k[0]}.{k[1]}")
-def test_tower_mlp_patches_on_meta_and_loads_after(key):
-    check_meta_patch(key, builders=TOWER_BUILDERS, vision_tower=True)
+def test_tower_mlp_patches_on_meta_and_loads_after(key, monkeypatch):
+    check_meta_patch(key, monkeypatch, builders=TOWER_BUILDERS, vision_tower=True)
 
 
 def test_whole_vision_tower_patched_with_and_without_vision_tower():
@@ -1820,13 +1846,14 @@ def _one_builder_per_recipe():
 
 
 @pytest.mark.parametrize("key,tower", _one_builder_per_recipe(), ids=lambda k: f"{k[0]}.{k[1]}" if isinstance(k, tuple) else "")
-def test_an_adapter_added_after_patch_is_applied_or_refused(key, tower):
+def test_an_adapter_added_after_patch_is_applied_or_refused(key, tower, monkeypatch):
     """Every layer a swapped module holds (Linears, convs, embeddings, norms: what PEFT wraps), wrapped by
     an adapter after ``patch``: the forward either computes what the adapted original computes, or raises
     naming the layer (a fused forward reading the layer's weight would otherwise skip the adapter, and a
     fused activation would put the update after it). One family per recipe."""
     torch.manual_seed(0)
     module, inputs = (TOWER_BUILDERS if tower else BUILDERS)[key]()
+    _opt_in_to_plain_gemms(module, monkeypatch)
     model = _Parent(module).float().eval()
     reference = copy.deepcopy(model)
     _swapped_target(mmfuse.patch(model, vision_tower=tower))
@@ -1851,7 +1878,7 @@ def test_an_adapter_added_after_patch_is_applied_or_refused(key, tower):
 
 
 @pytest.mark.parametrize("key,tower", _one_builder_per_recipe(), ids=lambda k: f"{k[0]}.{k[1]}" if isinstance(k, tuple) else "")
-def test_a_patched_module_pickles_and_deep_copies(key, tower):
+def test_a_patched_module_pickles_and_deep_copies(key, tower, monkeypatch):
     """``torch.save(model)`` / pickle (multiprocessing) and ``copy.deepcopy`` of a patched model: the
     registry's classes are made per family, so pickle could not name them (it raised); the copy has the
     same classes, shares nothing with the original, computes the same, and still unpatches."""
@@ -1859,6 +1886,7 @@ def test_a_patched_module_pickles_and_deep_copies(key, tower):
 
     torch.manual_seed(0)
     module, inputs = (TOWER_BUILDERS if tower else BUILDERS)[key]()
+    _opt_in_to_plain_gemms(module, monkeypatch)
     model = _Parent(module).float().eval()
     _swapped_target(mmfuse.patch(model, vision_tower=tower))
     with torch.no_grad():
@@ -1901,3 +1929,40 @@ def test_whole_tower_patched_trains_under_gradient_checkpointing(reentrant):
     assert grads.keys() == ref_grads.keys()
     for name in grads:
         torch.testing.assert_close(grads[name], ref_grads[name], rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_a_linear_with_nothing_to_fuse_stays_pytorchs(monkeypatch, launches):
+    """``mmfuse._dispatch.PLAIN_GEMMS``: an MLP's Linear with its activation after it runs on mmfuse (act in the
+    epilogue); the last Linear, with nothing to fuse, stays the original nn.Linear (cuBLAS measured
+    4-6x faster as a plain GEMM, bench/NOTES.md session 14); ``MMFUSE_PLAIN_GEMMS=mmfuse`` swaps it too."""
+    from mmfuse.nn.linear import Linear
+
+    for key, builders, tower, (fused, plain) in [
+            (("llava_next", "LlavaNextMultiModalProjector"), BUILDERS, False, ("linear_1", "linear_2")),
+            (("clip", "CLIPMLP"), TOWER_BUILDERS, True, ("fc1", "fc2"))]:
+        for setting in ("pytorch", "mmfuse"):
+            monkeypatch.setattr(mmfuse._dispatch, "PLAIN_GEMMS", setting)
+            torch.manual_seed(0)
+            module, inputs = builders[key]()
+            model = _Parent(module)
+            expected = model(*inputs)
+            assert [n for n, _, _ in mmfuse.patch(model, vision_tower=tower).swapped] == ["target"]
+            assert type(getattr(model.target, fused)) is Linear and getattr(model.target, fused).activation
+            if setting == "pytorch":
+                assert getattr(model.target, plain) is getattr(module, plain)  # the original nn.Linear
+            else:
+                assert type(getattr(model.target, plain)) is Linear and getattr(model.target, plain).activation is None
+            launches.clear()
+            torch.testing.assert_close(model(*inputs), expected)
+            assert launches.count("fused_gemm_kernel") == (1 if setting == "pytorch" else 2), (key, setting, launches)
+
+
+def test_plain_gemms_setting_is_checked_at_import():
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "MMFUSE_PLAIN_GEMMS": "cublas"}
+    proc = subprocess.run([sys.executable, "-c", "import mmfuse"], env=env, capture_output=True, text=True)
+    assert proc.returncode != 0
+    assert "MMFUSE_PLAIN_GEMMS: expected 'pytorch' or 'mmfuse', got 'cublas'" in proc.stderr

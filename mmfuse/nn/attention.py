@@ -2,7 +2,8 @@
 cross-attention, a generic ``CrossAttention`` with grouped-query heads, and OpenFlamingo's
 ``PerceiverResampler`` (same state_dict layout).
 
-Projections run through ``mmfuse.linear``; the attention never forms the Lq x Lk matrix.
+Projections are plain GEMMs (``_dispatch.plain_gemm``: PyTorch's unless ``MMFUSE_PLAIN_GEMMS=mmfuse``);
+the attention never forms the Lq x Lk matrix.
 """
 
 from __future__ import annotations
@@ -11,9 +12,9 @@ import torch
 import torch.nn as nn
 
 from mmfuse import _patch
+from mmfuse._dispatch import plain_gemm
 from mmfuse.nn._activations import plain_linear_types
 from mmfuse.ops.cross_attention import cross_attention
-from mmfuse.ops.linear import linear
 
 
 def _heads(x: torch.Tensor, heads: int) -> torch.Tensor:
@@ -98,9 +99,9 @@ class MultiheadAttention(nn.Module):
         H = self.num_heads
         # Projections in the caller's layout; (L, B, E) inputs become (B, H, L, D) views, not copies.
         heads = _heads if self.batch_first else _heads_seq_first
-        q = heads(linear(query, wq, bq), H)
-        k = heads(linear(key, wk, bk), H)
-        v = heads(linear(value, wv, bv), H)
+        q = heads(plain_gemm(query, wq, bq), H)
+        k = heads(plain_gemm(key, wk, bk), H)
+        v = heads(plain_gemm(value, wv, bv), H)
         key_mask = None
         if key_padding_mask is not None:
             if key_padding_mask.dtype != torch.bool:
@@ -108,7 +109,7 @@ class MultiheadAttention(nn.Module):
                                 f"{key_padding_mask.dtype}")
             key_mask = ~key_padding_mask
         out_proj = _patch.exact_child(self, "out_proj", nn.modules.linear.NonDynamicallyQuantizableLinear)
-        out = linear(_merge(cross_attention(q, k, v, key_mask=key_mask)), out_proj.weight, out_proj.bias)
+        out = plain_gemm(_merge(cross_attention(q, k, v, key_mask=key_mask)), out_proj.weight, out_proj.bias)
         return (out if self.batch_first else out.transpose(0, 1)), None
 
 
@@ -138,11 +139,11 @@ class CrossAttention(nn.Module):
 
     def forward(self, x, context, kv_lens=None, key_mask=None):
         to_q, to_k, to_v, to_out = _linears(self, "to_q", "to_k", "to_v", "to_out")
-        q = _heads(linear(x, to_q.weight, to_q.bias), self.heads)
-        k = _heads(linear(context, to_k.weight, to_k.bias), self.kv_heads)
-        v = _heads(linear(context, to_v.weight, to_v.bias), self.kv_heads)
+        q = _heads(plain_gemm(x, to_q.weight, to_q.bias), self.heads)
+        k = _heads(plain_gemm(context, to_k.weight, to_k.bias), self.kv_heads)
+        v = _heads(plain_gemm(context, to_v.weight, to_v.bias), self.kv_heads)
         out = cross_attention(q, k, v, kv_lens=kv_lens, key_mask=key_mask)
-        return linear(_merge(out), to_out.weight, to_out.bias)
+        return plain_gemm(_merge(out), to_out.weight, to_out.bias)
 
 
 class PerceiverAttention(nn.Module):
@@ -163,15 +164,15 @@ class PerceiverAttention(nn.Module):
         media = self.norm_media(media)
         latents = self.norm_latents(latents)
         to_q, to_kv, to_out = _linears(self, "to_q", "to_kv", "to_out")
-        q = _heads(linear(latents, to_q.weight), self.heads)
+        q = _heads(plain_gemm(latents, to_q.weight), self.heads)
         # K/V of media and of latents are projected separately and read by the kernel from both
         # tensors (two sources): neither (media ‖ latents) nor its K/V is ever built.
-        k_media, v_media = (_heads(t, self.heads) for t in linear(media, to_kv.weight).chunk(2, dim=-1))
-        k_lat, v_lat = (_heads(t, self.heads) for t in linear(latents, to_kv.weight).chunk(2, dim=-1))
+        k_media, v_media = (_heads(t, self.heads) for t in plain_gemm(media, to_kv.weight).chunk(2, dim=-1))
+        k_lat, v_lat = (_heads(t, self.heads) for t in plain_gemm(latents, to_kv.weight).chunk(2, dim=-1))
         # True = attend, per media token; the mask covers the first source, latents always attend.
         key_mask = media_mask.expand(media.shape[0], -1) if media_mask is not None else None
         out = cross_attention(q, (k_media, k_lat), (v_media, v_lat), key_mask=key_mask)
-        return linear(_merge(out), to_out.weight)
+        return plain_gemm(_merge(out), to_out.weight)
 
 
 def _feed_forward(dim: int, mult: int) -> nn.Sequential:
@@ -257,17 +258,17 @@ class Idefics2PerceiverAttention(nn.Module):
         Lk = context.shape[1] + Lq
         key_mask = self._key_mask(attention_mask, B, Lk)
         q_proj, k_proj, v_proj, o_proj = _linears(self, "q_proj", "k_proj", "v_proj", "o_proj")
-        q = _heads(linear(latents, q_proj.weight, q_proj.bias), self.num_heads)
+        q = _heads(plain_gemm(latents, q_proj.weight, q_proj.bias), self.num_heads)
         kv_heads = self.num_key_value_heads
 
         def project(proj):  # K or V of (context, latents): two sources the kernel reads in place
-            return tuple(_heads(linear(x, proj.weight, proj.bias), kv_heads) for x in (context, latents))
+            return tuple(_heads(plain_gemm(x, proj.weight, proj.bias), kv_heads) for x in (context, latents))
 
         # The mask covers the context (the latents' columns are True by construction).
         if key_mask is not None:
             key_mask = key_mask[:, :context.shape[1]]
         out = cross_attention(q, project(k_proj), project(v_proj), key_mask=key_mask, scale=self.scaling)
-        return linear(_merge(out), o_proj.weight, o_proj.bias), None
+        return plain_gemm(_merge(out), o_proj.weight, o_proj.bias), None
 
     @staticmethod
     def _key_mask(attention_mask, B: int, Lk: int):
@@ -298,7 +299,7 @@ QFORMER_CLASSES = ("Blip2QFormerMultiHeadAttention", "InstructBlipQFormerMultiHe
 
 
 class QFormerAttention(nn.Module):
-    """transformers' Q-Former attention (BLIP-2, InstructBLIP, InstructBLIP-Video) on ``mmfuse.linear``
+    """transformers' Q-Former attention (BLIP-2, InstructBLIP, InstructBLIP-Video) on plain GEMMs
     and ``mmfuse.cross_attention``: one class for the Q-Former's self-attention (queries, and text
     tokens, over themselves) and its cross-attention (queries over the image encoder's tokens). Same
     ``query`` / ``key`` / ``value`` Linears and state_dict (the output projection is the layer's
@@ -342,8 +343,8 @@ class QFormerAttention(nn.Module):
                                           encoder_attention_mask, **kwargs)
         H = self.num_attention_heads
         query, key, value = _linears(self, "query", "key", "value")
-        q = _heads(linear(hidden_states, query.weight, query.bias), H)
-        k = _heads(linear(source, key.weight, key.bias), H)
-        v = _heads(linear(source, value.weight, value.bias), H)
+        q = _heads(plain_gemm(hidden_states, query.weight, query.bias), H)
+        k = _heads(plain_gemm(source, key.weight, key.bias), H)
+        v = _heads(plain_gemm(source, value.weight, value.bias), H)
         out = cross_attention(q, k, v, key_mask=key_mask, scale=self.scaling)
         return _merge(out), None  # (B, Lq, H*D): a view of the kernel's (B, Lq, H, D) storage

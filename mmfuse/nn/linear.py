@@ -8,13 +8,15 @@ import torch
 import torch.nn as nn
 
 from mmfuse._checks import check_choice
+from mmfuse._dispatch import plain_gemm
 from mmfuse._patch import check_replaceable, exact_child
 from mmfuse.nn._activations import activation_name, plain_linear, plain_linear_types
 from mmfuse.ops.linear import ACTIVATION_NAMES, gated_mlp, linear, mlp
 
 
 class Linear(nn.Linear):
-    """``nn.Linear`` with an optional fused activation; same parameters and state_dict keys."""
+    """``nn.Linear`` with an optional fused activation; same parameters and state_dict keys. Without an
+    activation it is a plain GEMM (``_dispatch.plain_gemm``: PyTorch's unless ``MMFUSE_PLAIN_GEMMS=mmfuse``)."""
 
     def __init__(self, in_features: int, out_features: int, bias: bool = True, activation: str | None = None,
                  device=None, dtype=None):
@@ -23,6 +25,8 @@ class Linear(nn.Linear):
         self.activation = activation
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.activation is None:  # nothing to fuse: PyTorch's GEMM unless MMFUSE_PLAIN_GEMMS=mmfuse
+            return plain_gemm(x, self.weight, self.bias)
         return linear(x, self.weight, self.bias, self.activation)
 
     def extra_repr(self) -> str:
