@@ -118,7 +118,11 @@ def _reduce_swapped(self, protocol):
 
 
 def _unpickle_swapped(original: nn.Module) -> nn.Module:
-    new = build(original, family_for(original, vision_tower=True))
+    family = family_for(original, vision_tower=True)
+    # (a GEMM swap's class does not depend on which Linears it swapped: one pickled under another
+    # MMFUSE_PLAIN_GEMMS, even one with nothing fused, is made again)
+    new = (_swap_gemms(original, family, nothing_else=False) if RECIPES[family.recipe].build is _swap_gemms
+           else build(original, family))
     return type(new).__new__(type(new))  # (its state follows, from the pickle)
 
 

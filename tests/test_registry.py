@@ -1966,3 +1966,26 @@ def test_plain_gemms_setting_is_checked_at_import():
     proc = subprocess.run([sys.executable, "-c", "import mmfuse"], env=env, capture_output=True, text=True)
     assert proc.returncode != 0
     assert "MMFUSE_PLAIN_GEMMS: expected 'pytorch' or 'mmfuse', got 'cublas'" in proc.stderr
+
+
+def test_a_module_swapped_under_one_plain_gemms_setting_unpickles_under_the_other(monkeypatch):
+    """PaliGemma's projector swapped with MMFUSE_PLAIN_GEMMS=mmfuse, saved, and loaded where the default
+    ("pytorch") would leave it alone: the pickle still loads, as it was saved, and computes the same."""
+    import io
+
+    torch.manual_seed(0)
+    module, inputs = BUILDERS[("paligemma", "PaliGemmaMultiModalProjector")]()
+    monkeypatch.setattr(mmfuse._dispatch, "PLAIN_GEMMS", "mmfuse")
+    model = _Parent(module).eval()
+    _swapped_target(mmfuse.patch(model))
+    with torch.no_grad():
+        expected = model(*inputs)
+    buffer = io.BytesIO()
+    torch.save(model, buffer)
+    monkeypatch.setattr(mmfuse._dispatch, "PLAIN_GEMMS", "pytorch")
+    buffer.seek(0)
+    loaded = torch.load(buffer, weights_only=False)
+    assert type(loaded.target) is type(model.target)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(*inputs), expected)
+    assert mmfuse.unpatch(loaded) == ["target"] and type(loaded.target) is type(module)
