@@ -164,14 +164,18 @@ def _patch_impls():
 def _patch_rows_impls():
     """Qwen2-VL / 2.5-VL / 3-VL's patch embedding as those models feed it: pre-cut rows of C*T*P*P pixels."""
     import mmfuse
+    from mmfuse._dispatch import plain_gemm
 
     def eager(rows, w, b):  # transformers' PatchEmbed: each row viewed as a (C, T, P, P) clip, one Conv3d
         return F.conv3d(rows.view(-1, *w.shape[1:]), w, b, stride=w.shape[2:]).view(-1, w.shape[0])
 
-    def fused(rows, w, b):  # mmfuse.patch's Qwen2VLPatchEmbed: one GEMM on the rows
+    def fused(rows, w, b):  # mmfuse.patch's Qwen2VLPatchEmbed: one GEMM on the rows, with nothing to fuse
+        return plain_gemm(rows, w.reshape(w.shape[0], -1), b)  # (F.linear unless MMFUSE_PLAIN_GEMMS=mmfuse)
+
+    def mmfuse_gemm(rows, w, b):  # the same GEMM on mmfuse's kernel (what MMFUSE_PLAIN_GEMMS=mmfuse runs)
         return mmfuse.linear(rows, w.reshape(w.shape[0], -1), b)
 
-    return {"mmfuse": fused, "eager": eager, "torch.compile": torch.compile(eager)}
+    return {"mmfuse": fused, "eager": eager, "torch.compile": torch.compile(eager), "mmfuse GEMM": mmfuse_gemm}
 
 
 def _attention_impls():
@@ -208,7 +212,7 @@ ATTENTION_IMPLS = ("mmfuse", "eager", "sdpa flash", "sdpa efficient", "sdpa cudn
 #: is 2.5 forwards (5 matrix products against 2: the convention of FlashAttention's benchmarks).
 BACKWARD_FLOPS = {"mlp": 2.0, "gated_mlp": 2.0, "merged_mlp": 2.0, "patch_embed": 2.0, "patch_rows": 2.0,
                   "cross_attention": 2.5}
-PATCH_ROWS_IMPLS = ("mmfuse", "eager", "torch.compile")
+PATCH_ROWS_IMPLS = ("mmfuse", "eager", "torch.compile", "mmfuse GEMM")
 GATED_IMPLS = ("mmfuse", "eager", "torch.compile", "mmfuse linears")
 MERGED_IMPLS = ("mmfuse", "eager", "torch.compile", "mmfuse glue")
 
@@ -305,14 +309,14 @@ _IMPLS = {"mlp": _mlp_impls, "gated_mlp": _gated_impls, "merged_mlp": _merged_im
 #: forward and forward+backward. No torch.compile: its max-autotune compiles alone exceed the budget.
 QUICK_PROFILE = {
     # (the SigLIP-so400m tower MLP: issue 12 asks for a tower MLP timed; the Qwen mergers are merged_mlp's.
-    # PaliGemma's and Florence-2's single Linear, no activation: the model predicts mmfuse slower than
-    # cuBLAS there (NOTES, session 13), and `patch` swaps them; the GPU decides whether it should.)
+    # PaliGemma's and Florence-2's single Linear, no activation: measured 0.17-0.26x of F.linear through
+    # mmfuse's GEMM (NOTES, session 14), so `patch` leaves them as PyTorch's; kept to watch the gap.)
     "mlp": (("llava-1.5-7b", "siglip-so400m-tower-mlp", "paligemma-3b-224", "florence-2-large-projection"),
             ("mmfuse", "eager", "addmm_activation")),
     "gated_mlp": (("qwen2.5-vl-7b-tower-mlp", "idefics2-8b-connector-mlp"), ("mmfuse", "eager", "mmfuse linears")),
     "merged_mlp": (("qwen2.5-vl-7b-merger", "internvl2-8b-mlp1"), ("mmfuse", "eager", "mmfuse glue")),
     "patch_embed": (("clip-l-14-336", "qwen2-vl"), ("mmfuse", "eager", "reshape+GEMM")),
-    "patch_rows": (("qwen2-vl", "qwen2.5-vl-7b"), ("mmfuse", "eager")),
+    "patch_rows": (("qwen2-vl", "qwen2.5-vl-7b"), ("mmfuse", "eager", "mmfuse GEMM")),
     "cross_attention": (("idefics2-resampler", "blip2-qformer-xattn"),
                         ("mmfuse", "eager", "sdpa efficient", "sdpa enable_gqa")),
 }

@@ -109,6 +109,7 @@ def acc_dtype(dtype: torch.dtype):
     """Accumulator type: fp32 for 16/32-bit inputs, fp64 for fp64."""
     return tl.float64 if dtype == torch.float64 else tl.float32
 
+
 #: Round fp32 operands to TF32 before a "tf32" ``tl.dot``. Triton's TF32 MMA hands the tensor cores the
 #: raw fp32 bits, which drop the low 13 mantissa bits (round toward zero: twice a rounding's error);
 #: on the fourth H100 run (bench/NOTES.md, session 14) the TF32 GEMMs came out at 3.0-3.1x the error of
@@ -121,7 +122,8 @@ ROUND_TF32_OPERANDS = tl.constexpr(not INTERPRET)
 @triton.jit
 def round_to_tf32(x):
     """fp32 -> the nearest TF32 value (10 mantissa bits; ties away from zero, as PTX's cvt.rna.tf32.f32),
-    kept in fp32. Inf and NaN pass unchanged; a finite value past TF32's largest rounds to inf."""
+    kept in fp32. Inf and NaN pass unchanged; a finite value at or past the midpoint above TF32's largest
+    (bits 0x7F7FF000) rounds to inf, as rounding to nearest does."""
     bits = x.to(tl.uint32, bitcast=True)
     rounded = ((bits + 0x1000) & 0xFFFFE000).to(tl.float32, bitcast=True)
     return tl.where((bits & 0x7F800000) == 0x7F800000, x, rounded)

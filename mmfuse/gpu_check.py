@@ -47,7 +47,7 @@ SHARES = {"verify": 0.4, "tests": 0.55, "bench": 0.6, "profile": 1.0}
 #: empty Triton cache the step is compiles, one CPU core at a time: on the fourth H100 run (2026-11-27,
 #: 253 comparisons) one process stopped at 217 after its 180 s; the same run warm took 45 s. One process
 #: where there are few cores (the compiles would only contend).
-VERIFY_SHARDS = max(1, min(4, (os.cpu_count() or 1) // 4))
+VERIFY_SHARDS = max(1, min(4, len(os.sched_getaffinity(0)) // 4))
 #: The value-test files run on CUDA.
 VALUE_TEST_FILES = ("tests/test_linear.py", "tests/test_tma_gemm.py", "tests/test_gated_mlp.py",
                     "tests/test_merged_mlp.py", "tests/test_patch_embed.py", "tests/test_cross_attention.py")
@@ -140,6 +140,7 @@ def main(out_dir: str, budget_s: float = 480.0, steps=None, run=subprocess.run, 
           f"budget {budget_s:.0f} s; results in {folder}")
     start = clock()
     failed = 0
+    shards = VERIFY_SHARDS if verify_shards is None else verify_shards
     for step in steps:
         left = budget_s - (clock() - start)
         if left < 10:
@@ -149,7 +150,6 @@ def main(out_dir: str, budget_s: float = 480.0, steps=None, run=subprocess.run, 
             continue
         timeout = left * SHARES[step]
         log = os.path.join(folder, f"{step}.txt")
-        shards = VERIFY_SHARDS if verify_shards is None else verify_shards
         try:
             argv, extra = step_command(step, out_dir)
         except FileNotFoundError as e:  # the step cannot run here: say why, go on with the others
@@ -159,8 +159,8 @@ def main(out_dir: str, budget_s: float = 480.0, steps=None, run=subprocess.run, 
             print(f"mmfuse gpu-check: {step}: not runnable: {e}")
             failed += 1
             continue
-        side = f" ({shards} shards side by side)" if step == "verify" and shards > 1 else ""
-        print(f"mmfuse gpu-check: {step} (at most {timeout:.0f} s){side}: {' '.join(argv)}")
+        side = f" in {shards} shards side by side (--shard i/{shards})" if step == "verify" and shards > 1 else ""
+        print(f"mmfuse gpu-check: {step} (at most {timeout:.0f} s): {' '.join(argv)}{side}")
         t0 = clock()
         rc = _run_step(step, out_dir, log, timeout, run, shards)
         seconds = clock() - t0

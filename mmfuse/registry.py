@@ -88,6 +88,14 @@ NOTHING_TO_FUSE = ("nothing to fuse: its only GEMMs are Linears with no activati
                    "PyTorch's own (0.17-0.26x through mmfuse on an H100); MMFUSE_PLAIN_GEMMS=mmfuse swaps them anyway")
 
 
+def unfused_linears(fam: "Family") -> tuple[str, ...]:
+    """The family's listed Linears with no activation to fuse (left as they are by default)."""
+    if RECIPES[fam.recipe].build not in (_swap_gemms, _gated_mlp):
+        return ()
+    fused = dict(fam.opt("fuse", ()))
+    return tuple(p for p in fam.opt("linears", ()) if p not in fused)
+
+
 def plain_gemms_only(fam: "Family") -> bool:
     """Whether the family's swap has nothing to fuse (``PLAIN_GEMMS``): a GEMM-swap recipe whose listed
     Linears have no activation to take in, and no conv, chain or fused Sequential beside them."""
@@ -271,7 +279,7 @@ def _pooled_matmul(module: nn.Module, family: Family) -> nn.Module:
 #: Glue a gated recipe runs before its gated MLP (each the original forward's first lines; a later
 #: change may read them inside the first GEMM's loads): (what of it stays PyTorch, the glue).
 GATED_PRE = {
-    "glm_merger": ("the LayerNorm + GELU between the merger's proj Linear (an mmfuse GEMM) and the gated MLP",
+    "glm_merger": ("the LayerNorm + GELU between the merger's proj Linear and the gated MLP",
                    lambda m, x: m.act1(m.post_projection_norm(m.proj(x)))),
 }
 
@@ -727,22 +735,19 @@ def _mlp_projector(module, family):
 _SWAP_PYTORCH = "the original forward's glue"
 RECIPES = {r.name: r for r in [
     Recipe("mlp", PROJECTOR, "each Linear with the activation after it (one GEMM each, bias and act in the "
-           "epilogue)", "the last Linear (nothing to fuse: `MMFUSE_PLAIN_GEMMS`)", _swap_gemms),
+           "epilogue)", "nothing", _swap_gemms),
     Recipe("mlp (fused chain)", PROJECTOR,
            "Linear -> act -> Linear ... as one autograd op (act' in the dX GEMM's epilogue)", "nothing",
            _mlp_projector),
-    Recipe("linear", PROJECTOR, "with `MMFUSE_PLAIN_GEMMS=mmfuse`: the Linear (bias in the epilogue)", "the Linear "
-           "(nothing to fuse)", _swap_gemms),
+    Recipe("linear", PROJECTOR, "the Linear (bias in the epilogue)", "nothing", _swap_gemms),
     Recipe("norm+mlp", PROJECTOR, "each Linear with the activation after it (bias and act in the epilogue)",
-           "the norm, the last Linear", _swap_gemms),
+           "the norm", _swap_gemms),
     Recipe("gemm swap", PROJECTOR,
            "each listed Conv(k=s), and each listed Linear with an activation module the family fuses, as one "
            "mmfuse GEMM (bias and activation in the epilogue)",
-           "the rest of the original forward (the family's notes name it), Linears with nothing to fuse included",
-           _swap_gemms),
+           "the rest of the original forward (the family's notes name it)", _swap_gemms),
     Recipe("merge+mlp", PROJECTOR, "each Linear with the activation after it (bias and act in the epilogue)",
-           "the norm, the token merge (reshapes / unfold / pixel shuffle), Linears with nothing after them",
-           _swap_gemms),
+           "the norm and the token merge (reshapes / unfold / pixel shuffle)", _swap_gemms),
     Recipe("gated mlp", PROJECTOR,
            "gate and up as one GEMM (bias, act(g) * u in its epilogue; dG and dU in the backward GEMM's), "
            "down as a second", "nothing", _gated_mlp),
@@ -759,14 +764,14 @@ RECIPES = {r.name: r for r in [
     Recipe("pool+norm+matmul", PROJECTOR,
            "the average pool and the RMSNorm (one row-wise kernel) and the weight matmul (W^T as the GEMM's B)",
            "nothing", _pooled_matmul),
-    Recipe("patch embed (pre-cut rows)", PATCH_EMBED, "Conv3d(k=s) on pre-cut patch rows as one GEMM + bias",
-           "nothing", _conv3d_patch_embed),
+    Recipe("patch embed (pre-cut rows)", PATCH_EMBED, "Conv3d(k=s) on pre-cut patch rows as one GEMM + bias "
+           "(nothing to fuse: PyTorch's `F.linear` unless `MMFUSE_PLAIN_GEMMS=mmfuse`; the win is not running "
+           "cuDNN's Conv3d)", "nothing", _conv3d_patch_embed),
     Recipe("patch embed (conv swap)", PATCH_EMBED,
            "Conv(k=s) as one GEMM (im2col in the loads, bias in the epilogue; conv layout as a free view)",
            "class token, position table / gathered position ids, norms (the original's code)", _swap_gemms),
-    Recipe("patch embed (linear on patches)", PATCH_EMBED, "with `MMFUSE_PLAIN_GEMMS=mmfuse`: the Linear on pre-cut "
-           "patches (bias in the epilogue)", "the Linear (nothing to fuse), position table resizing and add (the "
-           "original's code)", _swap_gemms),
+    Recipe("patch embed (linear on patches)", PATCH_EMBED, "the Linear on pre-cut patches (bias in the epilogue)",
+           "position table resizing and add (the original's code)", _swap_gemms),
     Recipe("patch embed (unfold + linear)", PATCH_EMBED,
            "nn.Unfold(k=s) + Linear as one patch GEMM (the Linear's weight viewed as a conv weight; im2col in the "
            "loads, token-major output)", "nothing", _unfold_patch_embed),
@@ -1198,7 +1203,8 @@ FAMILIES: list[Family] = [
            ("fixed_act", "silu")), notes="SwiGLU with F.silu written in its forward", tower=True),
     Family("GLM-5-Next", "glm5_next", ("Glm5NextVisionMLP",), "gemm swap",
            (("linears", ("gate_proj", "up_proj", "down_proj")),),
-           notes="SwiGLU with clamps between the GEMMs and the activation: the three GEMMs swapped, the clamps, "
+           notes="SwiGLU with clamps between the GEMMs and the activation: the three GEMMs (with "
+           "MMFUSE_PLAIN_GEMMS=mmfuse; nothing to fuse), the clamps, "
            "SiLU and product stay the original's", tower=True),
     # cross-attention
     Family("Idefics2", "idefics2", ("Idefics2PerceiverAttention",), "cross-attention",
@@ -1463,9 +1469,10 @@ MODELS_START = "<!-- models:start -->"
 MODELS_END = "<!-- models:end -->"
 
 
-def counts() -> dict[str, int]:
+def counts(plain: str | None = None) -> dict[str, int]:
     """Accelerated classes of the installed transformers, by kind (projector-like = projector,
-    merger, connector, resampler attention; patch embeddings)."""
+    merger, connector, resampler attention; patch embeddings); ``plain``: a ``PLAIN_GEMMS`` setting
+    (default: the one in effect)."""
     import pathlib
 
     try:
@@ -1477,12 +1484,12 @@ def counts() -> dict[str, int]:
     for fam in FAMILIES:  # a family newer than the installed transformers has no classes to count
         if models is None or (models / fam.module).is_dir():
             kind = TOWER_MLP if fam.tower else RECIPES[fam.recipe].kind
-            out[NOTHING if _left_as_pytorch(fam) else kind] += len(fam.classes)
+            out[NOTHING if _left_as_pytorch(fam, plain) else kind] += len(fam.classes)
     return out
 
 
-def _left_as_pytorch(fam: Family) -> bool:
-    return _dispatch.PLAIN_GEMMS == "pytorch" and plain_gemms_only(fam)
+def _left_as_pytorch(fam: Family, plain: str | None = None) -> bool:
+    return (plain or _dispatch.PLAIN_GEMMS) == "pytorch" and plain_gemms_only(fam)
 
 
 def stays_pytorch(fam: Family) -> str:
@@ -1492,9 +1499,11 @@ def stays_pytorch(fam: Family) -> str:
     return RECIPES[fam.recipe].pytorch
 
 
-def models_table() -> str:
+def models_table(plain: str | None = None) -> str:
     """The supported-models table as markdown: family, class, recipe, fused, PyTorch glue, notes;
-    then the counts and the declined classes' number (``mmfuse models --declined`` lists them)."""
+    then the counts and the declined classes' number (``mmfuse models --declined`` lists them).
+    ``plain``: the ``PLAIN_GEMMS`` setting it describes (default: the one in effect)."""
+    plain = plain or _dispatch.PLAIN_GEMMS
     lines = ["| family | module class | recipe | fused (mmfuse kernels) | stays PyTorch | notes |",
              "|---|---|---|---|---|---|"]
     for fam in FAMILIES:
@@ -1503,16 +1512,19 @@ def models_table() -> str:
         notes = "; ".join(filter(None, ["vision tower, opt-in: `patch(model, vision_tower=True)`" if fam.tower
                                         else "", fam.notes]))
         fused, stays = r.fused, stays_pytorch(fam)
-        if _left_as_pytorch(fam):
-            fused = "nothing by default (`MMFUSE_PLAIN_GEMMS=mmfuse`: its Linears)"
+        if _left_as_pytorch(fam, plain):
+            fused = "nothing (`MMFUSE_PLAIN_GEMMS=mmfuse`: its Linears)"
             stays = "all of it: its Linears have nothing to fuse and run faster as PyTorch's own"
+        elif plain == "pytorch" and unfused_linears(fam):
+            paths = ", ".join(f"`{p}`" for p in unfused_linears(fam))
+            stays = ("" if stays == "nothing" else stays + "; ") + f"{paths} (nothing to fuse)"
         lines.append(f"| {fam.name} | {cls} | {r.name} | {fused} | {stays} | {notes} |")
-    c = counts()
+    c = counts(plain)
     lines += ["", f"Accelerated classes of the installed transformers: **{c[PROJECTOR] + c[CROSS_ATTENTION]} "
               f"projectors / mergers / connectors** ({c[CROSS_ATTENTION]} of them resampler cross-attention) "
               f"and **{c[PATCH_EMBED]} vision patch embeddings**; with `vision_tower=True`, also **{c[TOWER_MLP]} "
               f"vision-tower MLP classes**. {c[MODEL_MERGE]} model classes hand the token merge they run outside "
-              f"their projector to its first GEMM. {c[NOTHING]} recognised classes are left as PyTorch by default, "
+              f"their projector to its first GEMM. {c[NOTHING]} recognised classes are left as PyTorch, "
               f"their only GEMMs being Linears with nothing to fuse (`MMFUSE_PLAIN_GEMMS`). "
               f"{len(DECLINED)} more projector-like classes and "
               f"{len(TOWER_DECLINED)} tower-MLP-like ones are recognised and left alone, each with its reason "
@@ -1528,7 +1540,8 @@ def declined_table() -> str:
 
 
 def readme_block() -> str:
-    return f"{MODELS_START}\n{models_table()}\n{MODELS_END}"
+    """The README's table describes the default setting, whatever ``MMFUSE_PLAIN_GEMMS`` says here."""
+    return f"{MODELS_START}\n{models_table(plain='pytorch')}\n{MODELS_END}"
 
 
 def rewrite_readme(path: str) -> None:

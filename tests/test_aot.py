@@ -28,8 +28,9 @@ def test_compiles_without_spills(spec, arch):
             assert r.cp_async_16B or r.tma or r.vec128_loads > 0, f"{spec.label}: no 128-bit global loads"
     else:
         assert r.tensor_core_instr == "none"
-    # fp32 under TF32: the GEMM families round their operands to nearest first, as cuBLAS does (Triton's
-    # TF32 MMA would truncate them; kernels/_common.py, ``mma``); nothing else rounds. Cross-attention
+    # fp32 under TF32: the GEMM families round their operands to nearest first (Triton's TF32 MMA would
+    # truncate them: twice the error of PyTorch's TF32 GEMMs; kernels/_common.py, ``mma``); nothing else
+    # rounds. Cross-attention
     # keeps the truncation: rounding spilled 7 of its backward configs (bench/NOTES.md, session 14).
     rounds = spec.dtype == "fp32-tf32" and not spec.kernel.startswith("cross_attention")
     assert (r.tf32_rounds > 0) == rounds, f"{spec.label}: {r.tf32_rounds} TF32 roundings in the PTX"

@@ -19,10 +19,11 @@ def test_every_op_shape_mode_dtype_and_baseline_is_a_case():
     assert len(names) == len(set(names))
     # 2 dtypes; MLP: 5 implementations forward, 4 forward+backward (_addmm_activation has no derivative);
     # gated and merged MLPs: 4 both ways; patch embedding (images and video): 4 both ways, and the video
-    # shapes on pre-cut rows 3 both ways; cross-attention: 7 both ways.
+    # shapes on pre-cut rows 4 both ways (the drop-in's F.linear, mmfuse's GEMM, Conv3d, compiled);
+    # cross-attention: 7 both ways.
     video = sum(s.temporal > 1 for s in shapes.PATCH_SHAPES)
     expected = 2 * ((5 + 4) * len(shapes.MLP_SHAPES) + 2 * 4 * len(shapes.GATED_SHAPES)
-                    + 2 * 4 * len(shapes.MERGED_SHAPES) + 2 * 4 * len(shapes.PATCH_SHAPES) + 2 * 3 * video
+                    + 2 * 4 * len(shapes.MERGED_SHAPES) + 2 * 4 * len(shapes.PATCH_SHAPES) + 2 * 4 * video
                     + 2 * 7 * len(shapes.ATTENTION_SHAPES))
     assert len(all_cases) == expected
     assert {c.shape for c in all_cases if c.op == "patch_embed"} == {s.name for s in shapes.PATCH_SHAPES}
@@ -300,7 +301,7 @@ def test_gpu_check_runs_verify_tests_bench_in_order_and_writes_as_it_goes(tmp_pa
     clock = FakeClock()
     run = FakeRun(clock, seconds=30.0)
     rc = gpu_check.main(str(tmp_path), budget_s=480, run=run, env_info=lambda: ENV, clock=clock,
-                        print=lambda *a: None)
+                        print=lambda *a: None, verify_shards=1)
     assert rc == 0
     assert [c[0] for c in run.calls] == ["verify", "tests", "bench", "profile"]
     verify, tests, bench, profile = run.calls
@@ -326,7 +327,7 @@ def test_gpu_check_a_hung_step_times_out_and_the_rest_still_runs(tmp_path):
     clock = FakeClock()
     run = FakeRun(clock, seconds=20.0, rcs={"bench": 1}, hang=("tests",))
     rc = gpu_check.main(str(tmp_path), budget_s=480, run=run, env_info=lambda: ENV, clock=clock,
-                        print=lambda *a: None)
+                        print=lambda *a: None, verify_shards=1)
     assert rc == 1
     (folder,) = tmp_path.glob("gpu-check-*")
     steps = json.loads((folder / "summary.json").read_text())["steps"]
@@ -358,7 +359,7 @@ def test_gpu_check_runs_the_tests_of_the_checkout_it_is_given_not_of_site_packag
     clock = FakeClock()
     run = FakeRun(clock, seconds=10.0)
     rc = gpu_check.main(str(tmp_path / "out"), budget_s=480, run=run, env_info=lambda: ENV, clock=clock,
-                        print=lambda *a: None)
+                        print=lambda *a: None, verify_shards=1)
     assert rc == 1 and [c[0] for c in run.calls] == ["verify", "bench", "profile"]
     (folder,) = (tmp_path / "out").glob("gpu-check-*")
     assert "MMFUSE_REPO" in (folder / "tests.txt").read_text()
@@ -372,7 +373,7 @@ def test_gpu_check_with_the_budget_spent_skips_and_fails(tmp_path):
     clock = FakeClock()
     run = FakeRun(clock, seconds=300.0)
     rc = gpu_check.main(str(tmp_path), budget_s=300, steps=["verify", "bench"], run=run, env_info=lambda: ENV,
-                        clock=clock, print=lambda *a: None)
+                        clock=clock, print=lambda *a: None, verify_shards=1)
     assert rc == 1 and [c[0] for c in run.calls] == ["verify"]
     with pytest.raises(ValueError, match="steps"):
         gpu_check.main(str(tmp_path), steps=["nonesuch"], run=run, env_info=lambda: ENV, print=lambda *a: None)

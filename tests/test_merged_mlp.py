@@ -487,3 +487,28 @@ def test_final_activation_without_an_activation_is_a_plain_mlp():
     y = merged_mlp(x, [w], None, None, group=G, final_activation=True)
     y.sum().backward()
     assert torch.allclose(y, merged_mlp_reference(x, [w], None, None, group=G), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("norm,post,use_map", [("layer", False, False), ("rms", True, True)])
+def test_tf32_rounds_both_operands_of_every_gemm(norm, post, use_map, monkeypatch):
+    """As tests/test_tma_gemm.py's test of the same name, for the mapped GEMM (the normalised, merged A
+    operand rounded in registers; dW; dA through the table) and the MLP's second GEMM: the rounding
+    switched on under the interpreter, against a reference whose every matmul rounds both operands
+    (``assert_rounds_like``: the normalised operand is computed, so a few elements may round apart)."""
+    from _tf32 import assert_rounds_like, tf32_linear
+
+    from mmfuse.kernels import _common
+
+    monkeypatch.setattr(_common, "ROUND_TF32_OPERANDS", _common.tl.constexpr(True))
+    inputs, names, fn, ref = _case(torch.float32, norm, post, use_map)
+
+    def tf32_ref(*t):
+        with monkeypatch.context() as m:
+            m.setattr(torch.nn.functional, "linear", tf32_linear)
+            return ref(*t)
+
+    saved, torch.backends.cuda.matmul.allow_tf32 = torch.backends.cuda.matmul.allow_tf32, True
+    try:
+        assert_rounds_like(fn, tf32_ref, inputs, names)
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = saved

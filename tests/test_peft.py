@@ -71,9 +71,10 @@ def test_lora_after_patch_on_a_plain_gemm_swap_applies(monkeypatch):
 
     pixels = torch.randn(1, 3, 28, 28)
     reference = _lora(_llava_parts("paligemma"), ["linear"])
-    model = _llava_parts("paligemma")  # by default its one Linear, nothing to fuse, is left as PyTorch's
+    monkeypatch.setattr(registry._dispatch, "PLAIN_GEMMS", "pytorch")  # the default, whatever the environment
+    model = _llava_parts("paligemma")  # its one Linear, nothing to fuse, is left as PyTorch's
     assert ("projector", registry.NOTHING_TO_FUSE) in [(n, why) for n, _, why in mmfuse.patch(model).left_alone]
-    monkeypatch.setattr(mmfuse._dispatch, "PLAIN_GEMMS", "mmfuse")  # MMFUSE_PLAIN_GEMMS=mmfuse: swapped as a plain GEMM
+    monkeypatch.setattr(registry._dispatch, "PLAIN_GEMMS", "mmfuse")  # MMFUSE_PLAIN_GEMMS=mmfuse: swapped as a plain GEMM
     model = _llava_parts("paligemma")
     report = mmfuse.patch(model)
     assert "projector" in [name for name, _, _ in report.swapped], str(report)

@@ -813,7 +813,10 @@ def check_family(key, launches, builders=BUILDERS, vision_tower=False):
     assert model.state_dict().keys() == _Parent(module).state_dict().keys()
     launches.clear()
     out, grads = _run(model, inputs)
-    assert launches, f"{key}: no Triton kernel ran in the patched forward"
+    # (a Conv3d on pre-cut rows becomes one GEMM with nothing to fuse: PyTorch's unless MMFUSE_PLAIN_GEMMS=mmfuse)
+    plain_rows = family is not None and family.recipe == "patch embed (pre-cut rows)"
+    assert launches or (plain_rows and mmfuse._dispatch.PLAIN_GEMMS == "pytorch"), \
+        f"{key}: no Triton kernel ran in the patched forward"
     assert_close("out", out, ref64[0], ref32[0])
     assert grads.keys() == ref32[1].keys()
     for name in grads:
@@ -1931,7 +1934,7 @@ def test_whole_tower_patched_trains_under_gradient_checkpointing(reentrant):
         torch.testing.assert_close(grads[name], ref_grads[name], rtol=1e-4, atol=1e-6, msg=name)
 
 
-def test_a_linear_with_nothing_to_fuse_stays_pytorchs(monkeypatch, launches):
+def test_a_linear_with_nothing_to_fuse_stays_the_original(monkeypatch, launches):
     """``mmfuse._dispatch.PLAIN_GEMMS``: an MLP's Linear with its activation after it runs on mmfuse (act in the
     epilogue); the last Linear, with nothing to fuse, stays the original nn.Linear (cuBLAS measured
     4-6x faster as a plain GEMM, bench/NOTES.md session 14); ``MMFUSE_PLAIN_GEMMS=mmfuse`` swaps it too."""

@@ -12,6 +12,7 @@ import mmfuse
 from mmfuse.kernels._common import round_to_tf32
 from mmfuse.kernels import linear as KL
 from mmfuse.testing import assert_matches_reference
+from _tf32 import assert_rounds_like, nearest_tf32_bits, tf32_linear
 
 DTYPES = [torch.float16, torch.bfloat16]
 
@@ -140,25 +141,17 @@ def _round_to_tf32_kernel(x_ptr, y_ptr, n, BLOCK: tl.constexpr):
     tl.store(y_ptr + offs, round_to_tf32(x), mask=offs < n)
 
 
-def _nearest_tf32_bits(x: torch.Tensor) -> torch.Tensor:
-    """Round-to-nearest (ties away from zero) to 10 mantissa bits, on the sign-magnitude bit pattern in
-    int64 (no wrap-around): keep the high bits of the magnitude, add one TF32 unit when the dropped
-    13 bits are at least half of it. Inf and NaN keep their bits."""
-    bits = x.view(torch.int32).to(torch.int64) & 0xFFFFFFFF
-    sign, mag = bits & 0x80000000, bits & 0x7FFFFFFF
-    dropped = mag & 0x1FFF
-    rounded = (mag - dropped) + torch.where(dropped >= 0x1000, 0x2000, 0)
-    out = torch.where((mag & 0x7F800000) == 0x7F800000, bits, sign | rounded)
-    return torch.where(out >= 2**31, out - 2**32, out).to(torch.int32)
-
-
 def test_round_to_tf32_is_round_to_nearest_on_every_kind_of_value():
     """The rounding the GEMMs apply to fp32 operands under TF32 (kernels/_common.py, ``mma``; compiled
     into every TF32 GEMM config, tests/test_aot.py), run through the interpreter here and compiled on a
     GPU: bit for bit against an int64 rounding of the bit pattern, and against fp64 arithmetic."""
     torch.manual_seed(0)
     tiny, big = torch.finfo(torch.float32).tiny, torch.finfo(torch.float32).max
-    ties = (torch.arange(1, 200, dtype=torch.int32) << 13 | 0x1000).view(torch.float32)  # exactly halfway
+    # exactly halfway between two TF32 values: subnormal, and normal (1.0 + half a unit, and the carry into
+    # the exponent: 0x3FFFF000, just below 2.0, rounds up to 2.0)
+    ties = torch.cat([torch.arange(1, 200, dtype=torch.int32) << 13 | 0x1000,
+                      torch.tensor([0x3F801000, 0x3FFFF000, 0x4B7FF000, 0x00FFF000], dtype=torch.int32)]
+                     ).view(torch.float32)
     specials = torch.tensor([0.0, -0.0, 1.0, -1.0, tiny, -tiny, tiny / 3, -tiny / 7, big, -big,
                              float("inf"), float("-inf"), float("nan")])
     nan_high = torch.tensor([0x7FFFFFFF, -1, 0x7FFFF000, 0x7F800001], dtype=torch.int32).view(torch.float32)
@@ -166,7 +159,7 @@ def test_round_to_tf32_is_round_to_nearest_on_every_kind_of_value():
                    specials, nan_high]).contiguous()
     y = torch.full_like(x, 7.0)
     _round_to_tf32_kernel[(1,)](x, y, x.numel(), BLOCK=triton.next_power_of_2(x.numel()))
-    assert torch.equal(y.cpu().view(torch.int32), _nearest_tf32_bits(x.cpu()))
+    assert torch.equal(y.cpu().view(torch.int32), nearest_tf32_bits(x.cpu()))
     # and what the bits mean: finite values land on 10-bit mantissas within half a TF32 unit
     x64, y64 = x.cpu().double(), y.cpu().double()
     fin = torch.isfinite(x64) & torch.isfinite(y64) & (x64 != 0)
@@ -175,6 +168,7 @@ def test_round_to_tf32_is_round_to_nearest_on_every_kind_of_value():
     assert ((y.cpu()[fin.nonzero().squeeze(1)].view(torch.int32) & 0x1FFF) == 0).all()
     assert torch.isnan(y.cpu()[torch.isnan(x.cpu())]).all()  # NaN stays NaN, whatever its payload
     assert (y.cpu()[x.cpu() == big] == float("inf")).all()  # past TF32's largest: inf, as cvt.rna
+    assert y.cpu()[x.cpu() == torch.tensor(0x3FFFF000, dtype=torch.int32).view(torch.float32)].eq(2.0).all()
 
 
 @pytest.fixture
@@ -183,6 +177,39 @@ def tf32():
     torch.backends.cuda.matmul.allow_tf32 = True
     yield
     torch.backends.cuda.matmul.allow_tf32 = old
+
+
+@pytest.mark.parametrize("core", ["pointer", "tma"])
+def test_tf32_rounds_both_operands_of_every_gemm(core, tf32, monkeypatch):
+    """The rounding switched on under the interpreter (on a GPU it is always on): every GEMM of the MLP
+    (forward, dX * act', dX, dW), of the gated MLP (gate / up, down, [dG | dU], dX over two sources, dW)
+    and of the patch embedding (forward, dpixels, dW) then matches a reference in which every matmul rounds
+    both of its operands (``assert_rounds_like``: operands computed in the kernel, dH = dY W * act', may
+    round one TF32 unit apart from the reference's in a few elements; an unrounded operand is off nearly
+    everywhere)."""
+    if not mmfuse.INTERPRET:
+        pytest.skip("the GPU rounds always; the switch is the interpreter's (tests above run it on a GPU)")
+    from mmfuse.kernels import _common
+
+    if core == "tma":
+        monkeypatch.setattr(KL, "TMA", "always")
+        monkeypatch.setattr(KL, "TMA_PROGRAMS", 3)
+    monkeypatch.setattr(_common, "ROUND_TF32_OPERANDS", tl.constexpr(True))
+    F = torch.nn.functional
+    x = torch.randn(37, 24)
+    ws, bs = [torch.randn(88, 24) / 5, torch.randn(40, 88) / 9], [torch.randn(88), torch.randn(40)]
+    assert_rounds_like(
+        lambda x, *p: mmfuse.mlp(x, p[:2], p[2:], activation="gelu"),
+        lambda x, *p: tf32_linear(F.gelu(tf32_linear(x, p[0], p[2])), p[1], p[3]),
+        [x, *ws, *bs], ["x", "w0", "w1", "b0", "b1"])
+    gw = [torch.randn(72, 24) / 5, torch.randn(72, 24) / 5, torch.randn(40, 72) / 9]
+    assert_rounds_like(
+        lambda *t: mmfuse.gated_mlp(*t),
+        lambda x, wg, wu, wd: tf32_linear(F.silu(tf32_linear(x, wg)) * tf32_linear(x, wu), wd),
+        [x, *gw], ["x", "w_gate", "w_up", "w_down"])
+    px, pw, pb = torch.randn(2, 3, 42, 70), torch.randn(40, 3, 14, 14) / 20, torch.randn(40)
+    assert_rounds_like(mmfuse.patch_embed, lambda *t: _patch_gemm_reference(*t, linear=tf32_linear),
+                             [px, pw, pb], ["pixels", "weight", "bias"])
 
 
 def test_tf32_mlp_and_gated_mlp_on_tma(tma, tf32, launches):
@@ -204,7 +231,7 @@ def test_tf32_mlp_and_gated_mlp_on_tma(tma, tf32, launches):
     assert "fused_gemm_kernel" not in used and used.count("tma_gemm_kernel") >= 6
 
 
-def test_tf32_linear_on_tma_matches_the_reference(tma, tf32):
+def testtf32_linear_on_tma_matches_the_reference(tma, tf32):
     x, w, b = torch.randn(37, 72), torch.randn(136, 72) / 9, torch.randn(136)
     assert_matches_reference(lambda *t: mmfuse.linear(*t, activation="gelu"),
                              lambda *t: mmfuse.linear_reference(*t, activation="gelu"), [x, w, b],
@@ -374,13 +401,13 @@ def test_patch_embed_tf32_on_tma(tma, tf32, geometry, monkeypatch):
     assert len(taken) >= 3 and all(taken)
 
 
-def _patch_gemm_reference(pixels, weight, bias):
+def _patch_gemm_reference(pixels, weight, bias, linear=torch.nn.functional.linear):
     """``patch_embed_reference`` as im2col and one ``F.linear`` (which follows torch's TF32 switch)."""
     B, C, D, P = pixels.shape[0], pixels.shape[1], weight.shape[0], weight.shape[-1]
     T = weight.shape[2] if weight.dim() == 5 else 1
     frames, H, W = (pixels.shape[2] if pixels.dim() == 5 else 1), pixels.shape[-2], pixels.shape[-1]
     patches = pixels.reshape(B, C, frames // T, T, H // P, P, W // P, P).permute(0, 2, 4, 6, 1, 3, 5, 7)
-    return torch.nn.functional.linear(patches.reshape(B, -1, C * T * P * P), weight.reshape(D, -1), bias)
+    return linear(patches.reshape(B, -1, C * T * P * P), weight.reshape(D, -1), bias)
 
 
 def test_patch_embed_dw_split_on_tma(tma, monkeypatch, launches):
