@@ -195,14 +195,29 @@ def test_cross_attention_from_module_builds_the_mha_drop_in():
     (lambda: MultiheadAttention.from_module(nn.MultiheadAttention(16, 2, batch_first=True)), "out_proj",
      lambda: (torch.randn(2, 3, 16), torch.randn(2, 5, 16), torch.randn(2, 5, 16))),
 ], ids=["cross-attention", "perceiver attention", "perceiver feed-forward", "multihead attention"])
-def test_a_layer_wrapped_after_construction_is_refused_not_ignored(make, path, args):
-    """The forwards read their Linears' weights directly: a Linear wrapped afterwards (an adapter) would be
-    skipped, so the forward raises naming it."""
+@pytest.mark.parametrize("plain", ["pytorch", "mmfuse"])
+def test_a_layer_wrapped_after_construction_is_applied_or_refused(make, path, args, plain, monkeypatch):
+    """A Linear wrapped afterwards (an adapter): a projection, a plain GEMM, is the child called (its
+    update applied, as by the original) unless MMFUSE_PLAIN_GEMMS=mmfuse, where its weight is read by
+    mmfuse's GEMM; the feed-forward's Linears are read by the fused MLP. Where a weight is read, the
+    adapter would be skipped, so the forward raises naming it."""
+    monkeypatch.setattr(mmfuse._dispatch, "PLAIN_GEMMS", plain)
     torch.manual_seed(0)
     m = make()
+    inputs = args()
     parent, _, leaf = path.rpartition(".")
     owner = m.get_submodule(parent) if parent else m
+    plain_layer = not path.startswith("layers.0.1")
+    expected = None
+    if plain_layer and plain == "pytorch":  # the same module computed with the update added by hand
+        reference = copy.deepcopy(m)
+        shifted = reference.get_submodule(path)
+        shifted.register_forward_hook(lambda mod, a, out: out + 0.25)
+        expected = reference(*inputs)
     owner._modules[leaf] = AdapterStandIn(owner._modules[leaf])
+    if expected is not None:
+        torch.testing.assert_close(m(*inputs), expected)
+        return
     with pytest.raises(RuntimeError, match=rf"{leaf}: expected the .*Linear that mmfuse built this module with, got "
                                            r".*AdapterStandIn.*apply adapters before mmfuse.patch"):
-        m(*args())
+        m(*inputs)

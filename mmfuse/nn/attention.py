@@ -2,8 +2,8 @@
 cross-attention, a generic ``CrossAttention`` with grouped-query heads, and OpenFlamingo's
 ``PerceiverResampler`` (same state_dict layout).
 
-Projections are plain GEMMs (``_dispatch.plain_gemm``: PyTorch's unless ``MMFUSE_PLAIN_GEMMS=mmfuse``);
-the attention never forms the Lq x Lk matrix.
+Projections are plain GEMMs: the Linear children themselves unless ``MMFUSE_PLAIN_GEMMS=mmfuse``
+(``_projections``); the attention never forms the Lq x Lk matrix.
 """
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
-from mmfuse import _patch
+from mmfuse import _dispatch, _patch
 from mmfuse._dispatch import plain_gemm
 from mmfuse.nn._activations import plain_linear_types
 from mmfuse.ops.cross_attention import cross_attention
@@ -27,6 +27,19 @@ def _heads_seq_first(x: torch.Tensor, heads: int) -> torch.Tensor:
     """(L, B, H*Dh) -> (B, H, L, Dh), a view."""
     L, B, _ = x.shape
     return x.view(L, B, heads, -1).permute(1, 2, 0, 3)
+
+
+def _projections(owner: nn.Module, *names: str, cls=None) -> tuple:
+    """The Q/K/V/O projections as callables. Plain GEMMs (``_dispatch.PLAIN_GEMMS``): by default the child
+    modules themselves, so an adapter or hook put on one since runs with it, as in the original forward;
+    with ``MMFUSE_PLAIN_GEMMS=mmfuse``, mmfuse's GEMM on each child's weight, the child checked to be the
+    one the module was built with (``_patch.exact_child``: an adapter would otherwise be skipped)."""
+    if _dispatch.PLAIN_GEMMS == "pytorch":
+        return tuple(owner._modules[name] for name in names)
+    from mmfuse.ops.linear import linear
+
+    checked = (_patch.exact_child(owner, name, cls or plain_linear_types()) for name in names)
+    return tuple(lambda x, lin=lin: linear(x, lin.weight, lin.bias) for lin in checked)
 
 
 def _linears(owner: nn.Module, *names: str) -> tuple[nn.Linear, ...]:
@@ -108,8 +121,8 @@ class MultiheadAttention(nn.Module):
                 raise TypeError(f"key_padding_mask: expected dtype torch.bool (True = ignore), got "
                                 f"{key_padding_mask.dtype}")
             key_mask = ~key_padding_mask
-        out_proj = _patch.exact_child(self, "out_proj", nn.modules.linear.NonDynamicallyQuantizableLinear)
-        out = plain_gemm(_merge(cross_attention(q, k, v, key_mask=key_mask)), out_proj.weight, out_proj.bias)
+        (out_proj,) = _projections(self, "out_proj", cls=nn.modules.linear.NonDynamicallyQuantizableLinear)
+        out = out_proj(_merge(cross_attention(q, k, v, key_mask=key_mask)))
         return (out if self.batch_first else out.transpose(0, 1)), None
 
 
@@ -138,12 +151,12 @@ class CrossAttention(nn.Module):
         return MultiheadAttention.from_module(module)
 
     def forward(self, x, context, kv_lens=None, key_mask=None):
-        to_q, to_k, to_v, to_out = _linears(self, "to_q", "to_k", "to_v", "to_out")
-        q = _heads(plain_gemm(x, to_q.weight, to_q.bias), self.heads)
-        k = _heads(plain_gemm(context, to_k.weight, to_k.bias), self.kv_heads)
-        v = _heads(plain_gemm(context, to_v.weight, to_v.bias), self.kv_heads)
+        to_q, to_k, to_v, to_out = _projections(self, "to_q", "to_k", "to_v", "to_out")
+        q = _heads(to_q(x), self.heads)
+        k = _heads(to_k(context), self.kv_heads)
+        v = _heads(to_v(context), self.kv_heads)
         out = cross_attention(q, k, v, kv_lens=kv_lens, key_mask=key_mask)
-        return plain_gemm(_merge(out), to_out.weight, to_out.bias)
+        return to_out(_merge(out))
 
 
 class PerceiverAttention(nn.Module):
@@ -163,16 +176,16 @@ class PerceiverAttention(nn.Module):
     def forward(self, media, latents, media_mask=None):
         media = self.norm_media(media)
         latents = self.norm_latents(latents)
-        to_q, to_kv, to_out = _linears(self, "to_q", "to_kv", "to_out")
-        q = _heads(plain_gemm(latents, to_q.weight), self.heads)
+        to_q, to_kv, to_out = _projections(self, "to_q", "to_kv", "to_out")
+        q = _heads(to_q(latents), self.heads)
         # K/V of media and of latents are projected separately and read by the kernel from both
         # tensors (two sources): neither (media ‖ latents) nor its K/V is ever built.
-        k_media, v_media = (_heads(t, self.heads) for t in plain_gemm(media, to_kv.weight).chunk(2, dim=-1))
-        k_lat, v_lat = (_heads(t, self.heads) for t in plain_gemm(latents, to_kv.weight).chunk(2, dim=-1))
+        k_media, v_media = (_heads(t, self.heads) for t in to_kv(media).chunk(2, dim=-1))
+        k_lat, v_lat = (_heads(t, self.heads) for t in to_kv(latents).chunk(2, dim=-1))
         # True = attend, per media token; the mask covers the first source, latents always attend.
         key_mask = media_mask.expand(media.shape[0], -1) if media_mask is not None else None
         out = cross_attention(q, (k_media, k_lat), (v_media, v_lat), key_mask=key_mask)
-        return plain_gemm(_merge(out), to_out.weight)
+        return to_out(_merge(out))
 
 
 def _feed_forward(dim: int, mult: int) -> nn.Sequential:
@@ -257,18 +270,18 @@ class Idefics2PerceiverAttention(nn.Module):
         B, Lq, _ = latents.shape
         Lk = context.shape[1] + Lq
         key_mask = self._key_mask(attention_mask, B, Lk)
-        q_proj, k_proj, v_proj, o_proj = _linears(self, "q_proj", "k_proj", "v_proj", "o_proj")
-        q = _heads(plain_gemm(latents, q_proj.weight, q_proj.bias), self.num_heads)
+        q_proj, k_proj, v_proj, o_proj = _projections(self, "q_proj", "k_proj", "v_proj", "o_proj")
+        q = _heads(q_proj(latents), self.num_heads)
         kv_heads = self.num_key_value_heads
 
         def project(proj):  # K or V of (context, latents): two sources the kernel reads in place
-            return tuple(_heads(plain_gemm(x, proj.weight, proj.bias), kv_heads) for x in (context, latents))
+            return tuple(_heads(proj(x), kv_heads) for x in (context, latents))
 
         # The mask covers the context (the latents' columns are True by construction).
         if key_mask is not None:
             key_mask = key_mask[:, :context.shape[1]]
         out = cross_attention(q, project(k_proj), project(v_proj), key_mask=key_mask, scale=self.scaling)
-        return plain_gemm(_merge(out), o_proj.weight, o_proj.bias), None
+        return o_proj(_merge(out)), None
 
     @staticmethod
     def _key_mask(attention_mask, B: int, Lk: int):
@@ -342,9 +355,9 @@ class QFormerAttention(nn.Module):
             return self._original_forward(self, hidden_states, attention_mask, encoder_hidden_states,
                                           encoder_attention_mask, **kwargs)
         H = self.num_attention_heads
-        query, key, value = _linears(self, "query", "key", "value")
-        q = _heads(plain_gemm(hidden_states, query.weight, query.bias), H)
-        k = _heads(plain_gemm(source, key.weight, key.bias), H)
-        v = _heads(plain_gemm(source, value.weight, value.bias), H)
+        query, key, value = _projections(self, "query", "key", "value")
+        q = _heads(query(hidden_states), H)
+        k = _heads(key(source), H)
+        v = _heads(value(source), H)
         out = cross_attention(q, k, v, key_mask=key_mask, scale=self.scaling)
         return _merge(out), None  # (B, Lq, H*D): a view of the kernel's (B, Lq, H, D) storage
