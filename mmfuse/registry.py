@@ -39,7 +39,7 @@ import torch
 import torch.nn as nn
 
 from mmfuse import _dispatch, _patch
-from mmfuse.nn._activations import activation_name, plain_linear, plain_linear_types
+from mmfuse.nn._activations import activation_name, exact_linears, plain_linear
 
 PROJECTOR, PATCH_EMBED, CROSS_ATTENTION = "projector", "patch embedding", "cross-attention"
 TOWER_MLP = "vision-tower MLP"  # counted apart from projectors (a tower family's recipe is a projector recipe)
@@ -145,7 +145,7 @@ def _shallow_copy(module: nn.Module, cls: type | None = None) -> nn.Module:
 
 def _linear_at(module: nn.Module, path: str) -> nn.Linear:
     """The Linear a recipe's own forward reads at ``path``, checked on every call (``exact_child``)."""
-    return _patch.exact_child(module, path, plain_linear_types())
+    return exact_linears(module, path)[0]
 
 
 def _get(module: nn.Module, path: str):

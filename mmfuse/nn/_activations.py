@@ -6,7 +6,7 @@ import functools
 
 import torch.nn as nn
 
-from mmfuse._patch import Unsupported
+from mmfuse._patch import Unsupported, exact_child
 
 # transformers' classes, by name (no import needed). Each computes exactly the kernel's formula:
 # GELUActivation is erf GELU (also with use_gelu_python: the same formula written out);
@@ -51,6 +51,14 @@ def plain_linear_types() -> tuple[type, type]:
     from mmfuse.nn.linear import Linear
 
     return nn.Linear, Linear
+
+
+def exact_linears(owner: nn.Module, *names: str, cls=None) -> tuple[nn.Linear, ...]:
+    """The Linear children a forward reads the weights of, each checked on this call to be one it was built
+    with (``plain_linear_types()``, or ``cls``) and still without hooks (``exact_child``: an adapter or a
+    hook put there since would otherwise be skipped)."""
+    allowed = cls or plain_linear_types()
+    return tuple(exact_child(owner, name, allowed) for name in names)
 
 
 def plain_linear(module, name: str = "module") -> nn.Linear:

@@ -13,7 +13,7 @@ import torch.nn as nn
 
 from mmfuse import _dispatch, _patch
 from mmfuse._dispatch import plain_gemm
-from mmfuse.nn._activations import plain_linear_types
+from mmfuse.nn._activations import exact_linears
 from mmfuse.ops.cross_attention import cross_attention
 
 
@@ -36,16 +36,8 @@ def _projections(owner: nn.Module, *names: str, cls=None) -> tuple:
     one the module was built with (``_patch.exact_child``: an adapter would otherwise be skipped)."""
     if _dispatch.PLAIN_GEMMS == "pytorch":
         return tuple(owner._modules[name] for name in names)
-    from mmfuse.ops.linear import linear
-
-    checked = (_patch.exact_child(owner, name, cls or plain_linear_types()) for name in names)
-    return tuple(lambda x, lin=lin: linear(x, lin.weight, lin.bias) for lin in checked)
-
-
-def _linears(owner: nn.Module, *names: str) -> tuple[nn.Linear, ...]:
-    """The Linears a forward reads the weights of, checked to be the ones it was built with
-    (``_patch.exact_child``: an adapter put there since would otherwise be ignored)."""
-    return tuple(_patch.exact_child(owner, name, plain_linear_types()) for name in names)
+    checked = exact_linears(owner, *names, cls=cls)
+    return tuple(lambda x, lin=lin: plain_gemm(x, lin.weight, lin.bias) for lin in checked)
 
 
 def _merge(x: torch.Tensor) -> torch.Tensor:
@@ -234,7 +226,7 @@ class PerceiverResampler(nn.Module):
         latents = self.latents.unsqueeze(0).expand(x.shape[0], -1, -1)
         for attn, ff in self.layers:
             latents = attn(x, latents, media_mask) + latents
-            norm, (fc1, fc2) = ff[0], _linears(ff, "1", "3")
+            norm, (fc1, fc2) = ff[0], exact_linears(ff, "1", "3")
             latents = mlp(norm(latents), [fc1.weight, fc2.weight], None, "gelu") + latents
         return self.norm(latents)
 

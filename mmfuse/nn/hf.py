@@ -20,7 +20,7 @@ import torch.nn as nn
 
 from mmfuse import _patch
 from mmfuse._dispatch import plain_gemm
-from mmfuse.nn._activations import activation_name, plain_linear_types
+from mmfuse.nn._activations import activation_name, exact_linears
 from mmfuse.nn.linear import MLPProjector
 
 
@@ -58,7 +58,7 @@ class NormMLPProjector(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         from mmfuse.ops.linear import mlp
 
-        lins = tuple(_patch.exact_child(self, name, plain_linear_types()) for name in ("linear_1", "linear_2"))
+        lins = exact_linears(self, "linear_1", "linear_2")
         return mlp(self.layer_norm(x), [m.weight for m in lins], [m.bias for m in lins], self.activation)
 
     @classmethod

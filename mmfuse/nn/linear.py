@@ -9,8 +9,8 @@ import torch.nn as nn
 
 from mmfuse._checks import check_choice
 from mmfuse._dispatch import plain_gemm
-from mmfuse._patch import check_replaceable, exact_child
-from mmfuse.nn._activations import activation_name, plain_linear, plain_linear_types
+from mmfuse._patch import check_replaceable
+from mmfuse.nn._activations import activation_name, exact_linears, plain_linear
 from mmfuse.ops.linear import ACTIVATION_NAMES, gated_mlp, linear, mlp
 
 
@@ -79,7 +79,7 @@ class MLPProjector(nn.Module):
         return [getattr(self, name) for name in self._layer_names]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        layers = [exact_child(self, name, plain_linear_types()) for name in self._layer_names]
+        layers = exact_linears(self, *self._layer_names)
         return mlp(x, [lin.weight for lin in layers], [lin.bias for lin in layers], self.activation)
 
     @classmethod
@@ -140,7 +140,7 @@ class GatedMLP(nn.Module):
         self.activation = activation
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        g, u, d = (exact_child(self, name, plain_linear_types()) for name in ("gate_proj", "up_proj", "down_proj"))
+        g, u, d = exact_linears(self, "gate_proj", "up_proj", "down_proj")
         return gated_mlp(x, g.weight, u.weight, d.weight, g.bias, u.bias, d.bias, self.activation)
 
     def extra_repr(self) -> str:
