@@ -170,6 +170,31 @@ MLP_SHAPES = (
     # projector_pooling_ratio 2, vision "vit_pe_core_large_patch14_336", which transformers' conversion
     # script maps to width 1024). Less certain than the rows above: not the publisher's own file.
     MLPShape("perception-lm-1b-projector", 576, (1024, 2048, 2048)),
+    # Session 15's rows (issue 11 item 5: the families that had none). No download here: public copies read
+    # through the search corpus, each named; what is ours is said.
+    # ERNIE-4.5-VL-28B-A3B's resampler (Ernie4_5_VLMoeVariableResolutionResamplerModel): the DFN vision tower
+    # is 1280 wide, patch 14, spatial and temporal merge 2 (NVIDIA Megatron-Bridge's ERNIE-4.5-VL vision
+    # constants "from the HF DFNRope config"; mlx-vlm's ernie4_5_moe_vl config defaults; transformers'
+    # Ernie4_5_VLMoeVisionConfig default), so after the 2x2 merge spatial_linear is fc1 5120 -> 5120, GELU,
+    # fc2 5120 -> 5120, and for an image (its frame duplicated) temporal_linear is fc1 10240 -> 5120, GELU,
+    # fc2 5120 -> 5120, each with LayerNorm after (PyTorch); on the 1024 merged rows of a 896px image (the
+    # size is ours). The last Linear (5120 -> the text width, 2560 for 28B-A3B by third-party copies only)
+    # has nothing to fuse and stays PyTorch, so it has no row.
+    MLPShape("ernie-4.5-vl-28b-spatial-mlp", 1024, (5120, 5120, 5120)),
+    MLPShape("ernie-4.5-vl-28b-temporal-mlp", 1024, (10240, 5120, 5120)),
+    # MiniCPM-V 4.6's downsample MLP (MiniCPMV4_6DownsampleMLP): SigLIP-so400m (1152, patch 14) merged 2x2
+    # by the window-attention merger inside the tower and 2x2 again here: LayerNorm(4608) (PyTorch), linear_1
+    # 4608 -> 4608, GELU, linear_2 4608 -> 1024 (openbmb/MiniCPM-V-4.6 config.json: vision hidden 1152,
+    # patch 14, text hidden 1024); a 448px slice, 32x32 patches, is 64 rows here ("16x" mode, the default).
+    # MiniCPM-V 4.7 (1B, 35B-A3B) has the same classes; no copy of its text widths was found: no row.
+    MLPShape("minicpm-v-4.6-downsample-mlp", 64, (4608, 4608, 1024)),
+    # HunyuanOCR's merger (HunYuanVLVisionPatchMerger): Conv2d(1152, 2304, k=s=2) -- a GEMM on 2x2-merged
+    # rows of 4608 --, GELU, the 1x1 Conv2d 2304 -> 4608, then Linear(4608 -> 1024) on the rows plus a
+    # newline token per row of the grid (nothing to fuse: PyTorch, no row). Tower 1152 wide, patch 16
+    # (a printout of the loaded checkpoint's merger in a published write-up; tencent/HunyuanOCR's
+    # preprocessor_config patch 16, merge 2; a conversion copy of its config.json, text hidden 1024). A
+    # 1024px page: 64x64 patches, 32x32 = 1024 merged rows (the size is ours).
+    MLPShape("hunyuan-ocr-merger-convs", 1024, (4608, 2304, 4608)),
 )
 
 GATED_SHAPES = (
@@ -256,6 +281,12 @@ MERGED_SHAPES = (
     MergedShape("lfm2-vl-1.6b-projector", 1024, 1152, 4, (2560, 2048), "layer", norm_after_merge=True, table=True),
     MergedShape("aya-vision-8b-projector", 676, 1152, 4, (14336, 4096), "layer", norm_after_merge=True, table=True,
                 gated=True),
+    # Command A Vision (CohereLabs/command-a-vision-07-2025; Cohere2VisionConfig's defaults, whose docstring
+    # names it): SigLIP2 1152 wide at 512px, patch 16: 32x32 = 1024 patches per tile, pixel shuffle 2 to 256
+    # rows of 4608, no norm, linear_1 4608 -> 36864 chunked into halves of 18432, SiLU(gate) * x, linear_2
+    # 18432 -> 12288 (Command A's width: a third-party hard-coded copy of the config and a copy of the
+    # sibling Command A Translate's config.json, hidden 12288, intermediate 36864).
+    MergedShape("command-a-vision-projector", 1024, 1152, 4, (18432, 12288), None, table=True, gated=True),
     # Gemma 3 4B: SigLIP-so400m (1152) at 896px: 64x64 = 4096 patches of 14, AvgPool2d(4) to 256 tokens,
     # Gemma3RMSNorm(1152) (scaled by 1 + weight), @ W (1152, 2560), no bias (the published
     # google/gemma-3-4b-it config: image_size 896, mm_tokens_per_image 256, text hidden_size 2560).
