@@ -186,7 +186,10 @@ MLP_SHAPES = (
     # by the window-attention merger inside the tower and 2x2 again here: LayerNorm(4608) (PyTorch), linear_1
     # 4608 -> 4608, GELU, linear_2 4608 -> 1024 (openbmb/MiniCPM-V-4.6 config.json: vision hidden 1152,
     # patch 14, text hidden 1024); a 448px slice, 32x32 patches, is 64 rows here ("16x" mode, the default).
-    # MiniCPM-V 4.7 (1B, 35B-A3B) has the same classes; no copy of its text widths was found: no row.
+    # MiniCPM-V 4.7 (1B, 35B-A3B) has the same classes and a 27-layer SigLIP tower of patch 14 (OpenBMB's
+    # MiniCPM-V CookBook, v4.7 overview: so400m's depth, so 1152 wide), so its fused GEMM (linear_1, GELU)
+    # is this row's 4608 -> 4608; only linear_2's output (the text width, not found in any copy) differs,
+    # and that Linear has nothing to fuse: PyTorch's.
     MLPShape("minicpm-v-4.6-downsample-mlp", 64, (4608, 4608, 1024)),
     # HunyuanOCR's merger (HunYuanVLVisionPatchMerger): Conv2d(1152, 2304, k=s=2) -- a GEMM on 2x2-merged
     # rows of 4608 --, GELU, the 1x1 Conv2d 2304 -> 4608, then Linear(4608 -> 1024) on the rows plus a
