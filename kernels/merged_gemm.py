@@ -16,12 +16,16 @@ or, with NORM_POST, over the merged row's K columns:
     r, i = tok, c (pre-merge)  or  m, k (post-merge)
 mean / rstd per normalised row come from ``norm_stats_kernel`` (a pre-pass over x: 8 bytes per row out),
 computed in fp32 with two passes over the row (mean first, then the centred sum of squares: exact where
-|mean| >> std, which E[x^2] - E[x]^2 is not). Normalising in the load (not folding gamma into W and
-mean / rstd into the epilogue) keeps the GEMM's operand exactly what PyTorch's norm would output, one
-rounding to the input dtype; the fold would multiply the raw x (|mean| >> std loses std's bits in bf16).
+|mean| >> std, which E[x^2] - E[x]^2 is not). A LayerNorm is normalised in the load (not folded into W
+with mean / rstd in the epilogue), which keeps the GEMM's operand exactly what PyTorch's norm would
+output, one rounding to the input dtype; the fold would subtract mean * (gamma W) from the raw x's
+product (|mean| >> std loses std's bits in bf16). An RMSNorm has no mean: from FOLD_MIN_ROWS rows its
+gamma is folded into the first weight by the statistics' launch (``fold_gamma``) and the GEMM reads x
+raw, rstd scaling the accumulator (FOLDED: A then goes from shared memory to the tensor cores unchanged,
+where normalising it costs a round trip through registers per K step).
 
 ``mapped_gemm_kernel`` runs the three GEMMs that touch A (MAPPED selects which operand is mapped):
-  0  forward   act(A @ W^T + b)      A read through the map and normalised in the load
+  0  forward   act(A @ W^T + b)      A read through the map and normalised in the load (or FOLDED)
   1  dW        dH^T @ A              A as the B operand, the same loads
   2  dX        dA = dH @ W           stored through the map: a permutation store into x's layout (every
                                       element written once when the map is a permutation: no atomics)
@@ -126,16 +130,40 @@ def normalise(a, mean, rstd, gamma_ptr, beta_ptr, gi, col_ok, stride_gamma, stri
 
 @triton.jit
 def norm_stats_kernel(
-    x_ptr, map_ptr, stats_ptr,
+    x_ptr, map_ptr, stats_ptr, w_ptr, gamma_ptr, wf_ptr,
     R, C, G, stride_xt, stride_xc, stride_map, eps, center,
+    STATS_PROGRAMS, N, K, stride_wn, stride_wk, stride_gamma,
     ALIGNED: tl.constexpr,      # C % BLOCK_C == 0: one token per row per column block
     TABLE: tl.constexpr,        # tokens from map (else row r's are r * G .. r * G + G - 1)
+    FOLD: tl.constexpr,         # programs past STATS_PROGRAMS write wf = gamma * w (the folded forward's B)
+    FOLD_POST: tl.constexpr,    # gamma runs along all K columns of w (a norm per merged row), else per C
     ACC_DTYPE: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
+    """The light pass before a merged projector's first GEMM: the norm's statistics and, for the folded
+    RMSNorm forward, its first weight with gamma folded in, in one launch (the forward stays at one launch
+    more than its GEMMs). Program p < STATS_PROGRAMS: ``row_stats`` of rows p * BLOCK_R ...; the others:
+    ``fold_gamma`` of weight rows (p - STATS_PROGRAMS) * BLOCK_R ..."""
+    pid = tl.program_id(0)
+    if FOLD:
+        if pid < STATS_PROGRAMS:
+            row_stats(pid, x_ptr, map_ptr, stats_ptr, R, C, G, stride_xt, stride_xc, stride_map, eps, center,
+                      ALIGNED, TABLE, ACC_DTYPE, BLOCK_R, BLOCK_C)
+        else:
+            fold_gamma(pid - STATS_PROGRAMS, w_ptr, gamma_ptr, wf_ptr, N, K, C, stride_wn, stride_wk, stride_gamma,
+                       FOLD_POST, ACC_DTYPE, BLOCK_R, BLOCK_C)
+    else:
+        row_stats(pid, x_ptr, map_ptr, stats_ptr, R, C, G, stride_xt, stride_xc, stride_map, eps, center,
+                  ALIGNED, TABLE, ACC_DTYPE, BLOCK_R, BLOCK_C)
+
+
+@triton.jit
+def row_stats(pid, x_ptr, map_ptr, stats_ptr, R, C, G, stride_xt, stride_xc, stride_map, eps, center,
+              ALIGNED: tl.constexpr, TABLE: tl.constexpr, ACC_DTYPE: tl.constexpr, BLOCK_R: tl.constexpr,
+              BLOCK_C: tl.constexpr):
     """stats[r] = (mean, rstd) of normalised row r: the G*C values of tokens map[r, 0..G-1] (a source
     token: G = 1 and map[r, 0] = r; a merged row: its tokens). ``center`` = 1 for LayerNorm; 0 for
     RMSNorm, which stores mean = 0. Two passes over the row: the mean, then the centred squares."""
-    rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+    rows = pid * BLOCK_R + tl.arange(0, BLOCK_R)
     row_ok = rows < R
     width = C * G
     total = tl.zeros((BLOCK_R,), dtype=ACC_DTYPE)
@@ -163,6 +191,24 @@ def norm_stats_kernel(
 
 
 @triton.jit
+def fold_gamma(pid, w_ptr, gamma_ptr, wf_ptr, N, K, C, stride_wn, stride_wk, stride_gamma,
+               FOLD_POST: tl.constexpr, ACC_DTYPE: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
+    """wf[n, k] = w[n, k] * gamma[k] (post-merge) or gamma[k % C] (per token), for BLOCK_R rows of the
+    (N, K) weight: the product in fp32, rounded once to the weight's dtype (wf is contiguous)."""
+    rows = pid * BLOCK_R + tl.arange(0, BLOCK_R)
+    row_ok = rows < N
+    for k0 in range(0, K, BLOCK_C):
+        cols = k0 + tl.arange(0, BLOCK_C)
+        col_ok = cols < K
+        mask = row_ok[:, None] & col_ok[None, :]
+        w = tl.load(w_ptr + rows.to(tl.int64)[:, None] * stride_wn + cols[None, :] * stride_wk, mask=mask, other=0.0)
+        gi = cols if FOLD_POST else cols % C
+        gamma = tl.load(gamma_ptr + gi * stride_gamma, mask=col_ok, other=0.0)
+        wf = w.to(ACC_DTYPE) * gamma.to(ACC_DTYPE)[None, :]
+        tl.store(wf_ptr + rows.to(tl.int64)[:, None] * K + cols[None, :], wf.to(wf_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
 def mapped_gemm_kernel(
     a_ptr, b_ptr, c_ptr, bias_ptr, aux_ptr,
     map_ptr, stats_ptr, gamma_ptr, beta_ptr,
@@ -175,6 +221,7 @@ def mapped_gemm_kernel(
     NORM_POST: tl.constexpr,    # statistics and gamma / beta per merged row (else per source token)
     ALIGNED: tl.constexpr,      # C % (the mapped operand's block along the merged columns) == 0
     TABLE: tl.constexpr,        # tokens from the map (else merged row m is tokens m * G .. m * G + G - 1)
+    FOLDED: tl.constexpr,       # (MAPPED 0, RMSNorm) B holds gamma * W: A read raw, rstd scales the accumulator
     GATED: tl.constexpr,        # (MAPPED 0) C = act(A @ B + bias) * (A @ B2 + bias2): one A tile, two B tiles
     ACTIVATION: tl.constexpr, HAS_BIAS: tl.constexpr, STORE_AUX: tl.constexpr,
     INPUT_PRECISION: tl.constexpr, ACC_DTYPE: tl.constexpr,
@@ -198,17 +245,17 @@ def mapped_gemm_kernel(
         _mapped_tile(pid_m, pid_n, a_ptr, b_ptr, c_ptr, bias_ptr, aux_ptr, map_ptr, stats_ptr, gamma_ptr, beta_ptr,
                      b2_ptr, bias2_ptr, aux2_ptr, M, N, K, C, G, stride_am, stride_ak, stride_bk, stride_bn, stride_cm,
                      stride_cn, stride_auxm, stride_auxn, stride_bias, stride_bias2, stride_map, stride_gamma,
-                     stride_beta, MAPPED, NORM, NORM_POST, ALIGNED, TABLE, GATED, ACTIVATION, HAS_BIAS, STORE_AUX,
-                     INPUT_PRECISION, ACC_DTYPE, BLOCK_M, BLOCK_N, BLOCK_K, EVEN_K, TMA, A_TRANS, B_TRANS)
+                     stride_beta, MAPPED, NORM, NORM_POST, ALIGNED, TABLE, FOLDED, GATED, ACTIVATION, HAS_BIAS,
+                     STORE_AUX, INPUT_PRECISION, ACC_DTYPE, BLOCK_M, BLOCK_N, BLOCK_K, EVEN_K, TMA, A_TRANS, B_TRANS)
     else:
         for tile in tl.range(tl.program_id(0), tl.cdiv(M, BLOCK_M) * tl.cdiv(N, BLOCK_N), NUM_PROGRAMS):
             pid_m, pid_n = grouped_tile_of(tile, M, N, BLOCK_M, BLOCK_N, GROUP_M)
             _mapped_tile(pid_m, pid_n, a_ptr, b_ptr, c_ptr, bias_ptr, aux_ptr, map_ptr, stats_ptr, gamma_ptr,
                          beta_ptr, b2_ptr, bias2_ptr, aux2_ptr, M, N, K, C, G, stride_am, stride_ak, stride_bk,
                          stride_bn, stride_cm, stride_cn, stride_auxm, stride_auxn, stride_bias, stride_bias2,
-                         stride_map, stride_gamma, stride_beta, MAPPED, NORM, NORM_POST, ALIGNED, TABLE, GATED,
-                         ACTIVATION, HAS_BIAS, STORE_AUX, INPUT_PRECISION, ACC_DTYPE, BLOCK_M, BLOCK_N, BLOCK_K,
-                         EVEN_K, TMA, A_TRANS, B_TRANS)
+                         stride_map, stride_gamma, stride_beta, MAPPED, NORM, NORM_POST, ALIGNED, TABLE, FOLDED,
+                         GATED, ACTIVATION, HAS_BIAS, STORE_AUX, INPUT_PRECISION, ACC_DTYPE, BLOCK_M, BLOCK_N,
+                         BLOCK_K, EVEN_K, TMA, A_TRANS, B_TRANS)
 
 
 @triton.jit
@@ -218,7 +265,7 @@ def _mapped_tile(
     stride_am, stride_ak, stride_bk, stride_bn, stride_cm, stride_cn, stride_auxm, stride_auxn,
     stride_bias, stride_bias2, stride_map, stride_gamma, stride_beta,
     MAPPED: tl.constexpr, NORM: tl.constexpr, NORM_POST: tl.constexpr, ALIGNED: tl.constexpr, TABLE: tl.constexpr,
-    GATED: tl.constexpr, ACTIVATION: tl.constexpr, HAS_BIAS: tl.constexpr, STORE_AUX: tl.constexpr,
+    FOLDED: tl.constexpr, GATED: tl.constexpr, ACTIVATION: tl.constexpr, HAS_BIAS: tl.constexpr, STORE_AUX: tl.constexpr,
     INPUT_PRECISION: tl.constexpr, ACC_DTYPE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr,
     TMA: tl.constexpr, A_TRANS: tl.constexpr, B_TRANS: tl.constexpr,
@@ -239,15 +286,30 @@ def _mapped_tile(
 
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=ACC_DTYPE)
     acc_up = tl.zeros((BLOCK_M, BLOCK_N) if GATED else (1, 1), dtype=ACC_DTYPE)
-    if MAPPED == 0 and TABLE and ALIGNED:
-        # A table maps each row's slot j to one token (ALIGNED: a K step never straddles two slots), so
-        # look the G tokens up outside the channel loop: its addresses are then plain pointer steps,
-        # which the pipeliner buffers num_stages - 1 deep (an address from a load in the same iteration
-        # got one or two buffers: the forward of a pixel shuffle ran ~4x slower than its GEMM).
+    # FOLDED: an RMSNorm's gamma is in B (the launcher's gamma * W), so A reaches the MMA as loaded
+    # (shared memory straight to the tensor cores: normalising in the load costs a shared -> registers
+    # -> shared round trip per K step, and on Hopper wgmma then takes A from registers). What is left of
+    # the norm is a positive scale per row and slot, x @ (gamma W)^T summed over slots j with rstd[tok(m, j)];
+    # the accumulator is kept in units of the current slot's rstd (rescaled by the ratio at each slot,
+    # as online softmax rescales by its running max), and by a merged row's rstd at the end post-merge.
+    tl.static_assert(not FOLDED or (MAPPED == 0 and not NORM and not GATED and (NORM_POST or ALIGNED)))
+    if MAPPED == 0 and ALIGNED and (TABLE or (FOLDED and not NORM_POST)):
+        # One token per row and slot j (ALIGNED: a K step never straddles two slots): the tokens come
+        # outside the channel loop, so its addresses are plain pointer steps, which the pipeliner buffers
+        # num_stages - 1 deep (an address from a load in the same iteration got one or two buffers: the
+        # forward of a pixel shuffle ran ~4x slower than its GEMM).
         rows = rows_a.to(tl.int64)
+        scale = tl.full((BLOCK_M,), 1.0, dtype=ACC_DTYPE)  # FOLDED per token: the accumulator's unit
         for j in range(0, G):
-            tok = tl.load(map_ptr + rows * stride_map + j).to(tl.int64)
+            if TABLE:
+                tok = tl.load(map_ptr + rows * stride_map + j).to(tl.int64)
+            else:
+                tok = rows * G + j
             x_ptrs = a_ptr + tok[:, None] * stride_am + offs_k[None, :] * stride_ak
+            if FOLDED and not NORM_POST:
+                rstd_j = tl.load(stats_ptr + 2 * tok + 1).to(ACC_DTYPE)
+                acc = acc * (scale / rstd_j)[:, None]
+                scale = rstd_j
             if NORM:
                 r = rows if NORM_POST else tok
                 mean = tl.load(stats_ptr + 2 * r)[:, None]
@@ -275,6 +337,8 @@ def _mapped_tile(
                 x_ptrs += BLOCK_K * stride_ak
                 if not TMA:
                     b_ptrs += BLOCK_K * stride_bk
+        if FOLDED and not NORM_POST:
+            acc = acc * scale[:, None]
     else:
         for k in range(0, tl.cdiv(K, BLOCK_K)):
             ks = k * BLOCK_K + offs_k
@@ -314,6 +378,8 @@ def _mapped_tile(
                 a_ptrs += BLOCK_K * stride_ak
             if not (TMA and MAPPED != 1):
                 b_ptrs += BLOCK_K * stride_bk
+    if FOLDED and NORM_POST:
+        acc = acc * tl.load(stats_ptr + 2 * rows_a.to(tl.int64) + 1).to(ACC_DTYPE)[:, None]
 
     if MAPPED == 2:
         # dA straight into x's layout: the inverse of the forward's gather, a permutation store.
@@ -570,6 +636,7 @@ class Merge:
         self.gamma = gamma
         self.beta = beta if norm == "layer" else (_zeros(width, x.dtype, x.device) if norm else None)
         self.stats = None
+        self.folded = None  # gamma * W of the first Linear, once norm_stats folded it (``fold_applies``)
 
     @property
     def rows(self):
@@ -586,19 +653,57 @@ def _rowwise(C: int):
     return ROWWISE if C % ROWWISE[1] == 0 else ROWWISE_GATHER
 
 
-def norm_stats(merge: Merge):
-    """(mean, rstd) per normalised row into merge.stats (fp32; fp64 for fp64 inputs)."""
+def norm_stats(merge: Merge, fold=None):
+    """(mean, rstd) per normalised row into merge.stats (fp32; fp64 for fp64 inputs). ``fold``: the first
+    Linear's (N, K) weight, when ``fold_applies``: gamma * W into merge.folded, in the same launch."""
     x = merge.x
     R, G, table = merge.rows
     stats = empty((R, 2), dtype=torch.float64 if x.dtype == torch.float64 else torch.float32, device=x.device)
-    if R:
-        br, bc = _rowwise(merge.C)
-        norm_stats_kernel[(cdiv(R, br),)](
-            x, merge.token_map, stats, R, merge.C, G, x.stride(0), x.stride(1), merge.token_map.stride(0),
-            merge.eps, int(merge.norm == "layer"), ALIGNED=merge.C % bc == 0, TABLE=table,
+    br, bc = _rowwise(merge.C)
+    programs = cdiv(R, br)
+    w, wf = (fold, empty(fold.shape, dtype=fold.dtype, device=fold.device)) if fold is not None else (stats, stats)
+    folds = cdiv(w.shape[0], br) if fold is not None else 0
+    if programs + folds:
+        norm_stats_kernel[(programs + folds,)](
+            x, merge.token_map, stats, w, merge.gamma if fold is not None else stats, wf,
+            R, merge.C, G, x.stride(0), x.stride(1), merge.token_map.stride(0), merge.eps, int(merge.norm == "layer"),
+            programs, w.shape[0], merge.K, w.stride(0), w.stride(1), merge.gamma.stride(0) if fold is not None else 0,
+            ALIGNED=merge.C % bc == 0, TABLE=table, FOLD=fold is not None, FOLD_POST=merge.post,
             ACC_DTYPE=acc_dtype(x.dtype), BLOCK_R=br, BLOCK_C=bc, num_warps=4, num_stages=1, **LAUNCH_OPTIONS)
     merge.stats = stats
+    merge.folded = wf if fold is not None else None
     return stats
+
+
+#: The folded RMSNorm forward (``fold_applies``) from this many merged rows. Model (bench/NOTES.md,
+#: "RMSNorm folded into the weight"): normalising in the load ran the Qwen2.5-VL merger's first GEMM at
+#: 3.3x the time of an unmapped GEMM of its size on an H100 (2.20 ms against 0.66 ms), so folding saves
+#: ~2.2 GEMM times (2 M N K / F, F ~ 660 TFLOP/s) and costs one pass over W (read and write, 2 N K e
+#: bytes at ~3.35 TB/s): a win from M ~ e F / (2.2 BW) ~ 180 rows for 2-byte weights (4-byte ones under
+#: TF32: half the FLOP rate, twice the bytes, the same M).
+FOLD_MIN_ROWS = 192
+
+
+def fold_applies(merge: Merge, gated: bool = False) -> bool:
+    """Whether the forward folds the norm into its first weight: an RMSNorm (no mean: nothing cancels;
+    a LayerNorm's fold subtracts mean * (gamma W) from x @ (gamma W)^T, which loses the signal's bits
+    when |mean| >> std: ``test_normalising_in_the_load_is_exact_at_large_mean``), not gated, at least
+    FOLD_MIN_ROWS merged rows, and one token per row in every K step the launcher may take (a norm
+    per token: its rstd scales whole K steps), or a norm over the merged row."""
+    if merge.norm != "rms" or gated or merge.M < FOLD_MIN_ROWS:
+        return False
+    return merge.post or all(merge.C % bk == 0 for bk in _forward_block_ks(merge))
+
+
+def _forward_block_ks(merge: Merge) -> set:
+    """The BLOCK_K values the forward's launch may take (``_launch``'s tile choice)."""
+    x = merge.x
+    forced = forced_tile("mapped_gemm_kernel")
+    if forced is not None:
+        return {block_k_for(forced[2], x.element_size())}
+    if INTERPRET and not gpu_config_on():
+        return {INTERPRETER_TILE[2]}
+    return {block_k_for(t[2], x.element_size()) for t in mapped_tiles(x.element_size(), dot_precision(x.dtype), merge.C)}
 
 
 def mapped_tiles(elem_bytes: int, precision: str, C: int | None = None, mapped: int = 0, gated: bool = False,
@@ -645,8 +750,10 @@ def _launch(a, b, c, merge: Merge, mapped: int, M, N, K, strides, *, bias=None, 
     dummy = c  # never dereferenced when its flag is off
     norm = merge.norm is not None and mapped != 2
     gated = b2 is not None
+    folded = mapped == 0 and merge.folded is not None  # b is then gamma * W (``norm_stats``)
     stats, gamma, beta = (merge.stats, merge.gamma, merge.beta) if norm else (dummy, dummy, dummy)
-    flags = dict(MAPPED=mapped, NORM=norm, NORM_POST=merge.post and norm, TABLE=merge.table, GATED=gated,
+    flags = dict(MAPPED=mapped, NORM=norm and not folded, NORM_POST=merge.post and norm, TABLE=merge.table,
+                 FOLDED=folded, GATED=gated,
                  ACTIVATION=activation, HAS_BIAS=bias is not None, STORE_AUX=store_aux,
                  INPUT_PRECISION=dot_precision(x.dtype),
                  ACC_DTYPE=acc_dtype(x.dtype))
@@ -692,11 +799,12 @@ def _launch(a, b, c, merge: Merge, mapped: int, M, N, K, strides, *, bias=None, 
 
 
 def mapped_fwd(merge: Merge, weight, bias=None, activation=0, store_preact=False):
-    """y = act(norm_merge(x) @ W^T + b) (M, N), the merged operand read through the map; (y, h)."""
+    """y = act(norm_merge(x) @ W^T + b) (M, N), the merged operand read through the map; (y, h). With
+    merge.folded (``norm_stats(merge, fold=weight)``) the GEMM reads gamma * W and x raw."""
     M, N, x = merge.M, weight.shape[0], merge.x
     y = empty((M, N), dtype=x.dtype, device=x.device)
     h = empty((M, N), dtype=x.dtype, device=x.device) if (store_preact and activation) else None
-    w_t = weight.t()
+    w_t = (merge.folded if merge.folded is not None else weight).t()
     _launch(x, w_t, y, merge, 0, M, N, merge.K,
             (x.stride(0), x.stride(1), w_t.stride(0), w_t.stride(1), y.stride(0), y.stride(1)),
             bias=bias, aux=h, activation=activation, store_aux=h is not None)
@@ -837,6 +945,10 @@ AOT_SHAPE = (4096, 1280, 4, 5120)
 #: paths the others compile.
 MERGE_FORMS = (("norm per token", True, False, False), ("table, no norm", False, False, True),
                ("norm per merged row, table", True, True, True))
+#: The folded RMSNorm forwards (``fold_applies``): Qwen2.5-VL's (per token, the view merge) and a norm
+#: over the merged row of a table (the flat K loop, rstd in the epilogue).
+FOLDED_FORMS = (("RMSNorm per token folded into W", True, False, False),
+                ("RMSNorm per merged row folded into W, table", True, True, True))
 
 
 def _gemm_spec_args(ptr, mapped, T, C, G, N):
@@ -867,7 +979,7 @@ def aot_specs():
     T, C, G, N = AOT_SHAPE
     specs = []
 
-    def gemm_spec(form, mapped, dtype, ptr, precision, tile, C=C, note="", gated=False, tma=False):
+    def gemm_spec(form, mapped, dtype, ptr, precision, tile, C=C, note="", gated=False, tma=False, folded=False):
         (variant, norm, post, table), (bm, bn, bk, warps, stages) = form, tile
         elem = {"*fp32": 4, "*fp64": 8}.get(ptr, 2)
         block_k = block_k_for(bk, elem)
@@ -886,8 +998,8 @@ def aot_specs():
         if not norm or mapped == 2:  # the launcher passes the output as the unused stats pointer
             args["stats_ptr"] = ptr
         aligned = C % (block_k if mapped == 0 else bn) == 0
-        cx = dict(MAPPED=mapped, NORM=norm and mapped != 2, NORM_POST=post and mapped != 2, ALIGNED=aligned,
-                  TABLE=table, GATED=gated,
+        cx = dict(MAPPED=mapped, NORM=norm and mapped != 2 and not folded, NORM_POST=post and mapped != 2,
+                  ALIGNED=aligned, TABLE=table, FOLDED=folded, GATED=gated,
                   ACTIVATION=(4 if gated else 1) if mapped == 0 else 0, HAS_BIAS=mapped == 0, STORE_AUX=mapped == 0,
                   INPUT_PRECISION=precision, ACC_DTYPE=tl.float64 if elem == 8 else tl.float32,
                   BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=block_k, GROUP_M=GROUP_M, EVEN_K=args["K"] % block_k == 0)
@@ -906,6 +1018,10 @@ def aot_specs():
         for form, mapped in gemms:
             for tile in mapped_tiles(elem, precision):
                 specs.append(gemm_spec(form, mapped, dtype, ptr, precision, tile))
+        # The folded RMSNorm forwards: both forms in 16 bits, the per-token one (Qwen2.5-VL) in the others.
+        for form in FOLDED_FORMS if elem == 2 else FOLDED_FORMS[:1]:
+            for tile in mapped_tiles(elem, precision):
+                specs.append(gemm_spec(form, 0, dtype, ptr, precision, tile, folded=True))
     # The gated forward (Aya Vision: a norm over the merged row of a pixel shuffle; Command A: no norm):
     # its own tiles in 16 bits, every dtype class on Aya's form, and the gather tile. Its dW and dA are
     # the plain mapped GEMMs above (N = 2 * the gate's width).
@@ -926,12 +1042,13 @@ def aot_specs():
     # TMA, persistent, on every tile it takes, the gather tile included; one form per GEMM and tile (CI
     # time): the one holding the most registers in the pointer kernel (a norm per token, the table's dA,
     # Aya's gated forward).
-    heaviest = ("norm per token", "dA stored through the table", "gated+bias+aux, norm per merged row")
+    heaviest = ("norm per token", "dA stored through the table", "gated+bias+aux, norm per merged row",
+                "RMSNorm per token folded into W")
     for sp in list(specs):
         cx = dict(sp.constexprs)
         if sp.kernel.endswith("mapped_gemm_kernel") and sp.dtype in ("bf16", "fp32-tf32") and \
                 any(h in sp.variant for h in heaviest):
-            form = next(f for f in MERGE_FORMS if f[0] in sp.variant) if cx["MAPPED"] != 2 else \
+            form = next(f for f in MERGE_FORMS + FOLDED_FORMS if f[0] in sp.variant) if cx["MAPPED"] != 2 else \
                 (MERGE_FORMS[1] if cx["TABLE"] else MERGE_FORMS[0])
             ptr, elem = ("*bf16", 2) if sp.dtype == "bf16" else ("*fp32", 4)
             bk = cx["BLOCK_K"] * (2 if elem == 4 else 1)
@@ -942,7 +1059,7 @@ def aot_specs():
                 continue  # a tile the Hopper launcher does not take
             specs.append(gemm_spec(form, cx["MAPPED"], sp.dtype, ptr, cx["INPUT_PRECISION"], tile,
                                    C=1176 if gather else C, note=" (C % block != 0)" if gather else "",
-                                   gated=cx["GATED"], tma=True))
+                                   gated=cx["GATED"], tma=True, folded=cx["FOLDED"]))
     # The row-wise kernels: per source token (G = 1) and per merged row (G = 4, K = 5120 wide), C a
     # multiple of BLOCK_C; and per token with C = 1176 (the per-element gather), bf16.
     every = (("bf16", "*bf16"), ("fp32", "*fp32"), ("fp64", "*fp64"))
@@ -956,14 +1073,24 @@ def aot_specs():
             acc = tl.float64 if ptr == "*fp64" else tl.float32
             acc_ptr = "*fp64" if ptr == "*fp64" else "*fp32"
             norm_name = "" if center else " (RMSNorm)"
-            stats = dict(x_ptr=ptr, map_ptr="*i32", stats_ptr=acc_ptr, R=rows, C=C_, G=g, stride_xt=C_, stride_xc=1,
-                         stride_map=g, eps=1e-6, center=center)
-            specs.append(CompileSpec(
-                kernel="merged_gemm/norm_stats_kernel", variant=f"mean, rstd {what}{norm_name}", dtype=dtype,
-                config=f"{br}x{bc} w4", fn=norm_stats_kernel, args=tuple(stats.items()),
-                constexprs=(("ALIGNED", C_ % bc == 0), ("TABLE", g > 1), ("ACC_DTYPE", acc), ("BLOCK_R", br),
-                            ("BLOCK_C", bc)),
-                num_warps=4, num_stages=1, tensor_cores=False))
+            # The folded RMSNorm forward's launch also writes gamma * W (5120 x 5120): per token in every
+            # dtype class, per merged row in bf16 (without FOLD the launcher passes stats as the weight
+            # pointers, never read).
+            folds = (g == 1 and C_ == C and (center == 0 or ptr != "*bf16")) or (g > 1 and ptr == "*bf16")
+            for fold in (False, True) if folds else (False,):
+                w_ptr = ptr if fold else acc_ptr
+                stats = dict(x_ptr=ptr, map_ptr="*i32", stats_ptr=acc_ptr, w_ptr=w_ptr, gamma_ptr=w_ptr, wf_ptr=w_ptr,
+                             R=rows, C=C_, G=g, stride_xt=C_, stride_xc=1, stride_map=g, eps=1e-6,
+                             center=0 if fold else center, STATS_PROGRAMS=cdiv(rows, br), N=N, K=G * C_,
+                             stride_wn=G * C_, stride_wk=1, stride_gamma=1 if fold else 0)
+                specs.append(CompileSpec(
+                    kernel="merged_gemm/norm_stats_kernel",
+                    variant=(f"mean, rstd {what} (RMSNorm) + gamma folded into W" if fold
+                             else f"mean, rstd {what}{norm_name}"),
+                    dtype=dtype, config=f"{br}x{bc} w4", fn=norm_stats_kernel, args=tuple(stats.items()),
+                    constexprs=(("ALIGNED", C_ % bc == 0), ("TABLE", g > 1), ("FOLD", fold), ("FOLD_POST", g > 1),
+                                ("ACC_DTYPE", acc), ("BLOCK_R", br), ("BLOCK_C", bc)),
+                    num_warps=4, num_stages=1, tensor_cores=False))
             bwd = dict(da_ptr=ptr, x_ptr=ptr, map_ptr="*i32", stats_ptr=acc_ptr, gamma_ptr=ptr, dx_ptr=ptr,
                        dgamma_ptr=acc_ptr, dbeta_ptr=acc_ptr, R=rows, C=C_, G=g, stride_xt=C_, stride_xc=1,
                        stride_dat=C_, stride_dac=1, stride_dxt=C_, stride_dxc=1, stride_map=g, stride_gamma=1,

@@ -86,6 +86,7 @@ class CompileReport:
     vec128_loads: int       # number of 128-bit ld.global instructions (stores not counted)
     seconds: float
     tf32_rounds: int = 0    # `and.b32 ..., -8192`: fp32 operands rounded to TF32 before the MMA (``mma``)
+    wgmma_a_registers: bool = False  # a wgmma whose A operand comes from registers, not a shared-memory descriptor
 
     @property
     def tensor_core_instr(self) -> str:
@@ -176,6 +177,8 @@ def compile_spec(spec: CompileSpec, arch: int) -> CompileReport:
         + len(re.findall(r"ld\.global(?:\.[a-z0-9:]+)*\.v2\.(?:b64|f64|u64)", ptx)),
         seconds=seconds,
         tf32_rounds=len(re.findall(r"and\.b32\s[^;]*, -8192;", ptx)),
+        # wgmma D, A, B: the accumulator's register list, then A as a register list or a descriptor
+        wgmma_a_registers=bool(re.search(r"wgmma\.mma_async[^;{]*\{[^}]*\},\s*\{", ptx)),
     )
 
 
@@ -193,7 +196,7 @@ def all_specs() -> list[CompileSpec]:
 # Batch compilation (in a subprocess when this process runs the interpreter)
 # ----------------------------------------------------------------------------------------------
 _FIELDS = ("registers", "spill_bytes", "shared_bytes", "mma", "wgmma", "cp_async_16B", "tma",
-           "vec128_loads", "seconds", "tf32_rounds")
+           "vec128_loads", "seconds", "tf32_rounds", "wgmma_a_registers")
 
 
 def _compile_index(job):

@@ -470,7 +470,8 @@ def gated_mlp_traffic(M: int, K: int, N: int, D: int, tile, elem: int, bias: boo
 
 def mapped_gemm_traffic(M: int, N: int, K: int, tile: tuple[int, int, int], elem: int, *, mapped: int, C: int,
                         G: int, rows_norm: int = 0, norm_width: int = 0, bias: bool = False, store_aux: bool = False,
-                        acc_elem: int = 4, table: bool = True, gated: bool = False) -> dict[str, Traffic]:
+                        acc_elem: int = 4, table: bool = True, gated: bool = False,
+                        folded: bool = False) -> dict[str, Traffic]:
     """Per operand of one ``mapped_gemm_kernel`` launch (kernels/merged_gemm.py) of GEMM (M, N, K) with
     tile (BLOCK_M, BLOCK_N, BLOCK_K), channel blocks aligned to C (ALIGNED: one token per row per
     step). ``mapped`` 0: A is the merged operand ("x", loaded like A; per program, K step and row: one
@@ -480,7 +481,9 @@ def mapped_gemm_traffic(M: int, N: int, K: int, tile: tuple[int, int, int], elem
     length. The table is a permutation: every token once. ``table`` False (Qwen's view merge): tokens
     computed, no table read. The forward through a table looks each row's tokens up once per slot j
     (G per program row), with its (mean, rstd) per slot, not per K step. ``gated`` (mapped 0): the up
-    half's W^T, bias and pre-activation beside the gate's ("b2", "bias2", "aux2"), A loaded once."""
+    half's W^T, bias and pre-activation beside the gate's ("b2", "bias2", "aux2"), A loaded once.
+    ``folded`` (mapped 0, an RMSNorm folded into B = gamma * W): no gamma / beta loads; per program only
+    rstd, per row and slot j (a norm per token) or per row once (per merged row)."""
     bm, bn, bk = tile
     t = fused_gemm_traffic(M, N, K, (bm, bn), elem, bias=bias, store_aux=store_aux, gated=gated)
     pm, pn = _cdiv(M, bm), _cdiv(N, bn)
@@ -499,10 +502,22 @@ def mapped_gemm_traffic(M: int, N: int, K: int, tile: tuple[int, int, int], elem
         lookups, columns = pm * pn * K, pm * pn * steps * bn  # rows masked to K; columns wrap
         merged_rows = K
     t["table"] = Traffic(loaded=lookups * 4, unique=merged_rows * G * 4) if table else Traffic()
-    if rows_norm:
+    if rows_norm and folded:
+        per_program = bm * (G if rows_norm != M else 1)  # rstd per row and slot, or per merged row
+        t["stats"] = Traffic(loaded=pm * pn * per_program * acc_elem, unique=rows_norm * acc_elem)
+    elif rows_norm:
         t["stats"] = Traffic(loaded=2 * lookups * acc_elem, unique=2 * rows_norm * acc_elem)
         t["gamma_beta"] = Traffic(loaded=2 * columns * elem, unique=2 * norm_width * elem)
     return t
+
+
+def fold_gamma_traffic(N: int, K: int, width: int, elem: int, blocks=(16, 128)) -> dict[str, Traffic]:
+    """The fold programs of ``norm_stats_kernel``: W (N, K) read once, gamma per program and column
+    step (``width`` distinct values: C per token, K per merged row), gamma * W stored."""
+    programs = _cdiv(N, blocks[0])
+    return {"w": Traffic(loaded=N * K * elem, unique=N * K * elem),
+            "gamma": Traffic(loaded=programs * K * elem, unique=width * elem),
+            "wf": Traffic(stored=N * K * elem)}
 
 
 def norm_stats_traffic(R: int, C: int, G: int, elem: int, *, center: bool, blocks=(16, 128), acc_elem: int = 4,
@@ -536,7 +551,7 @@ def norm_bwd_traffic(R: int, C: int, G: int, elem: int, *, post: bool, blocks=(1
 
 def merged_mlp_traffic(T: int, C: int, G: int, widths, tile, elem: int, *, norm: str | None, post: bool,
                        table: bool, acc_elem: int = 4, bk: int = 64, training: bool = True,
-                       gated: bool = False, bias: bool = True) -> dict[str, dict]:
+                       gated: bool = False, bias: bool = True, folded: bool | None = None) -> dict[str, dict]:
     """``mmfuse.merged_mlp`` in training (biases on, GELU between layers) against eager PyTorch running
     the module's own code, in the form of ``mlp_traffic``: ``hbm`` = distinct bytes per launch.
 
@@ -553,7 +568,10 @@ def merged_mlp_traffic(T: int, C: int, G: int, widths, tile, elem: int, *, norm:
     computes gate and up from one A tile (g and u saved), the backward's [dG | dU] comes from the down
     layer's dX GEMM (the product rule in its epilogue), and the first layer's dW, db and dA reduce over
     2N. Eager then runs linear_1 (2N wide), chunk (a view), act, mul, linear_2, and autograd (the
-    chunk's backward: a copy of [dU | dG]). ``bias`` False: Linears without biases (Idefics3; not gated)."""
+    chunk's backward: a copy of [dU | dG]). ``bias`` False: Linears without biases (Idefics3; not gated).
+    ``folded``: the RMSNorm forward with gamma folded into the first weight (the statistics' launch also
+    writes gamma * W; the GEMM reads it and x raw); None: the launcher's rule (``fold_applies``: RMSNorm,
+    at least FOLD_MIN_ROWS merged rows; C % bk == 0 or a norm per merged row)."""
     if gated:
         return _merged_gated_traffic(T, C, G, widths, tile, elem, norm=norm, post=post, table=table,
                                      acc_elem=acc_elem, bk=bk, training=training)
@@ -563,12 +581,16 @@ def merged_mlp_traffic(T: int, C: int, G: int, widths, tile, elem: int, *, norm:
     norm_width = K if post else C
     layers = list(zip((K, *widths[:-1]), widths))
     mlp = mlp_traffic(M, (K, *widths), tile, e, bias=bias)
-    fwd, bwd = [], []
-    fwd += _norm_stats_launch(T, C, G, e, norm, post, table, acc_elem)
     n1, k1 = layers[0][1], K
+    if folded is None:
+        from mmfuse.kernels.merged_gemm import FOLD_MIN_ROWS
+
+        folded = norm == "rms" and M >= FOLD_MIN_ROWS and (post or C % bk == 0)
+    fwd, bwd = [], []
+    fwd += _norm_stats_launch(T, C, G, e, norm, post, table, acc_elem, fold=(n1, K, norm_width) if folded else None)
     fwd.append(sum(mapped_gemm_traffic(M, n1, k1, (*tile[:2], bk), e, mapped=0, C=C, G=G, rows_norm=rows_norm,
                                        norm_width=norm_width, bias=bias, store_aux=training and len(layers) > 1,
-                                       acc_elem=acc_elem, table=table).values(), Traffic()))
+                                       acc_elem=acc_elem, table=table, folded=folded).values(), Traffic()))
     for i, (k, n) in enumerate(layers[1:], start=1):
         fwd.append(sum(fused_gemm_traffic(M, n, k, tile, e, bias=bias,
                                           store_aux=training and i < len(layers) - 1).values(), Traffic()))
@@ -591,13 +613,15 @@ def merged_mlp_traffic(T: int, C: int, G: int, widths, tile, elem: int, *, norm:
                           "launches": len(eager_b) + mlp["eager_bwd"]["launches"]}}
 
 
-def _norm_stats_launch(T, C, G, e, norm, post, table, acc_elem) -> list:
-    """The norm statistics' launch of a merged projector (none without a norm)."""
+def _norm_stats_launch(T, C, G, e, norm, post, table, acc_elem, fold=None) -> list:
+    """The norm statistics' launch of a merged projector (none without a norm); ``fold`` (N, K, gamma's
+    width): the same launch also writes gamma * W."""
     if not norm:
         return []
     rows, g = (T // G, G) if post else (T, 1)
-    return [sum(norm_stats_traffic(rows, C, g, e, center=norm == "layer", acc_elem=acc_elem,
-                                   table=table and post).values(), Traffic())]
+    stats = sum(norm_stats_traffic(rows, C, g, e, center=norm == "layer", acc_elem=acc_elem,
+                                   table=table and post).values(), Traffic())
+    return [stats + sum(fold_gamma_traffic(*fold, e).values(), Traffic()) if fold else stats]
 
 
 def _norm_bwd_launches(T, C, G, e, norm, post, table, acc_elem) -> list:

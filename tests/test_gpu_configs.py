@@ -84,11 +84,13 @@ def run_key(spec):
     if name == "mapped_gemm_kernel":
         bk = cx["BLOCK_K"] * {"fp64": 4, "fp32": 2, "fp32-tf32": 2}.get(spec.dtype, 1)
         tile = (cx["BLOCK_M"], cx["BLOCK_N"], bk, spec.num_warps, spec.num_stages)
-        return ("merged", cx["MAPPED"], cx["NORM"], cx["NORM_POST"], spec.dtype, tile, cx["ALIGNED"], cx["EVEN_K"],
-                cx["TABLE"], cx["GATED"]) + (("TMA",) if cx.get("TMA") else ())
+        return ("merged", cx["MAPPED"], cx["NORM"] or cx["FOLDED"], cx["NORM_POST"], spec.dtype, tile, cx["ALIGNED"],
+                cx["EVEN_K"], cx["TABLE"], cx["GATED"]) + (("TMA",) if cx.get("TMA") else ()) \
+            + (("FOLDED",) if cx["FOLDED"] else ())
     if name in ("norm_stats_kernel", "norm_bwd_kernel"):
         post = dict(spec.args)["G"] > 1
-        return ("merged", None, True, post, spec.dtype, None, cx["ALIGNED"], None, cx["TABLE"], False)
+        return ("merged", None, True, post, spec.dtype, None, cx["ALIGNED"], None, cx["TABLE"], False) \
+            + (("FOLDED",) if cx.get("FOLD") else ())
     if name in ("pool_norm_fwd_kernel", "pool_norm_bwd_kernel"):
         return ("pooled", spec.dtype, cx["NORM"])
     if name == "act_grad_kernel":
@@ -316,7 +318,7 @@ def run_gated(kind, act, dtype, tile, even_k, ragged=RAGGED):
                       lambda *t: gated_mlp_reference(*t, activation=act), [x, wg, wu, wd, *bs], names, names)
 
 
-def run_merged(mapped, norm, post, dtype, tile, aligned, even_k, table, gated=False, ragged=RAGGED):
+def run_merged(mapped, norm, post, dtype, tile, aligned, even_k, table, gated=False, ragged=RAGGED, folded=False):
     """A merged projector (``mmfuse.merged_mlp``, G = 2 tokens per row, a shuffled token table or none
     (``table``: adjacent rows, Qwen's view merge), LayerNorm
     per token or per merged row, or none) whose targeted mapped GEMM spans two tiles of ``tile`` and
@@ -324,7 +326,8 @@ def run_merged(mapped, norm, post, dtype, tile, aligned, even_k, table, gated=Fa
     columns when ALIGNED, else 40. ``mapped`` None: the row-wise kernels at GPU blocks (GEMMs at the
     interpreter's tile). ``gated``: the first layer a SwiGLU on one chunked weight (its forward GEMM's
     N is the gate's width). ``ragged``: 8 for the Hopper core (rows of dH stay 16-byte aligned, TMA's
-    rule). Values and every gradient."""
+    rule). ``folded``: an RMSNorm, folded into the first weight at any row count. Values and every
+    gradient."""
     G = 2
     if mapped is None:  # C a multiple of the row-wise BLOCK_C (128) when ALIGNED
         C, M, N1 = (128 if aligned else 40), 21, 24
@@ -342,17 +345,21 @@ def run_merged(mapped, norm, post, dtype, tile, aligned, even_k, table, gated=Fa
     halves = 2 if gated else 1
     ws = [torch.randn(halves * N1, G * C, dtype=dtype) / (G * C) ** 0.5, torch.randn(16, N1, dtype=dtype) / N1 ** 0.5]
     bs = [torch.randn(halves * N1, dtype=dtype), torch.randn(16, dtype=dtype)]
-    norm_kw = dict(norm="layer" if norm else None, norm_after_merge=post)
-    extra = [(1 + 0.2 * torch.randn(width)).to(dtype), torch.randn(width, dtype=dtype)] if norm else []
+    norm_kw = dict(norm=("rms" if folded else "layer") if norm else None, norm_after_merge=post)
+    extra = [(1 + 0.2 * torch.randn(width)).to(dtype), torch.randn(width, dtype=dtype)][:1 if folded else 2] \
+        if norm else []
     names = ["x", "w1", "w2", "b1", "b2"] + ["gamma", "beta"][:len(extra)]
 
     def call(f):
         return lambda x, w1, w2, b1, b2, *nb: f(x, [w1, w2], [b1, b2], "silu" if gated else "gelu", group=G,
                                                token_map=tmap, norm_weight=nb[0] if nb else None,
-                                               norm_bias=nb[1] if nb else None, eps=1e-5,
+                                               norm_bias=nb[1] if len(nb) > 1 else None, eps=1e-5,
                                                gate_half=1 if gated else None, **norm_kw)
 
-    _values_and_grads(call(mmfuse.merged_mlp), call(merged_mlp_reference), [x, *ws, *bs, *extra], names, names)
+    from mmfuse.kernels import merged_gemm as KM
+
+    with _patched(KM, "FOLD_MIN_ROWS", 0 if folded else 1 << 30):
+        _values_and_grads(call(mmfuse.merged_mlp), call(merged_mlp_reference), [x, *ws, *bs, *extra], names, names)
 
 
 def run_pooled(dtype, norm):
@@ -504,12 +511,13 @@ def _execute(key):
     elif family == "merged":
         from mmfuse.kernels import linear as KL
 
-        mapped, norm, post, dtype_name, tile, aligned, even_k, table, gated, *tma = params
+        mapped, norm, post, dtype_name, tile, aligned, even_k, table, gated, *flags = params
+        tma = "TMA" in flags
         # The Hopper core (the weight and dH by TMA) as a GPU launches it: 132 persistent programs.
         with _tf32(dtype_name == "fp32-tf32"), _common.gpu_config({"mapped_gemm_kernel": tile} if tile else {}), \
                 _patched(KL, "TMA", "always" if tma else "never"), _patched(KL, "TMA_PROGRAMS", 132 if tma else None):
             run_merged(mapped, norm, post, DTYPES[dtype_name], tile, aligned, even_k, table, gated,
-                       ragged=8 if tma else RAGGED)
+                       ragged=8 if tma else RAGGED, folded="FOLDED" in flags)
     elif family == "pooled":
         dtype_name, norm = params
         with _common.gpu_config({}):

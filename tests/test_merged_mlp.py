@@ -166,6 +166,139 @@ def test_normalising_in_the_load_is_exact_at_large_mean():
     assert not compare("out", folded, ref64, ref16).ok
 
 
+# ----------------------------------------------------------------------------------------------
+# The folded RMSNorm forward: gamma * W written by the statistics' launch, x read raw, rstd scaling the
+# accumulator per slot (a norm per token) or per row (per merged row). kernels/merged_gemm.py,
+# ``fold_applies``; why: bench/NOTES.md, "RMSNorm folded into the weight".
+# ----------------------------------------------------------------------------------------------
+@pytest.fixture
+def folded_launches(monkeypatch):
+    """FOLDED of every mapped GEMM launch, in order (the kernel object wrapped, not the interpreter)."""
+    from mmfuse.kernels import merged_gemm as KM
+
+    flags, real = [], KM._mapped_gemm
+
+    class Spy:
+        def __getitem__(self, grid):
+            def launch(*args, **kw):
+                flags.append((kw["MAPPED"], kw["FOLDED"]))
+                return real[grid](*args, **kw)
+            return launch
+
+    monkeypatch.setattr(KM, "_mapped_gemm", Spy())
+    return flags
+
+
+@pytest.fixture
+def always_fold(monkeypatch):
+    from mmfuse.kernels import merged_gemm as KM
+
+    monkeypatch.setattr(KM, "FOLD_MIN_ROWS", 0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("post,use_map,C_", [(False, False, 64), (False, True, 64), (True, True, 64), (True, False, 24)],
+                         ids=["per-token-view", "per-token-table", "per-row-table", "per-row-view-C24"])
+def test_folded_rmsnorm_matches_reference(dtype, post, use_map, C_, always_fold, folded_launches):
+    # Values and every gradient (the backward is the unfolded one: dW and dA read x normalised in their
+    # loads); a norm per token folds only where every K step lies in one token's channels (C = 64 and
+    # the interpreter's 32-wide steps), a norm over the merged row at any C.
+    inputs, names, fn, ref = _case(dtype, "rms", post, use_map, T=44, C=C_)
+    assert_matches_reference(fn, ref, inputs, names)
+    assert folded_launches[0] == (0, True) and all(not f for m, f in folded_launches if m != 0)
+
+
+def test_where_the_forward_folds(launches, folded_launches):
+    # RMSNorm from FOLD_MIN_ROWS merged rows; never a LayerNorm (its mean would cancel), a gated first
+    # layer, a norm per token whose channels straddle a K step, or fewer rows.
+    from mmfuse.kernels import merged_gemm as KM
+
+    def folds(norm, post, C_, T, gated=False):
+        folded_launches.clear()
+        x = torch.randn(T, C_)
+        width = 2 * C_ if post else C_
+        w1 = torch.randn(2 * 8 if gated else 8, 2 * C_) / 8
+        with torch.no_grad():
+            mmfuse.merged_mlp(x, [w1, torch.randn(4, 8)], None, "silu" if gated else "gelu", group=2, norm=norm,
+                              norm_weight=torch.rand(width) + 0.5, norm_bias=torch.zeros(width) if norm == "layer"
+                              else None, norm_after_merge=post, gate_half=1 if gated else None)
+        return folded_launches[0][1]
+
+    rows = KM.FOLD_MIN_ROWS
+    assert folds("rms", False, 32, 2 * rows) and folds("rms", True, 24, 2 * rows)
+    assert launches[-3:] == ["norm_stats_kernel", "mapped_gemm_kernel", "fused_gemm_kernel"]  # still GEMMs + 1
+    assert not folds("rms", False, 32, 2 * rows - 2)   # one row short
+    assert not folds("rms", False, 24, 2 * rows)       # C = 24: a 32-wide K step straddles two tokens
+    assert not folds("layer", False, 32, 2 * rows) and not folds("layer", True, 32, 2 * rows)
+    assert not folds("rms", True, 32, 2 * rows, gated=True)
+
+
+def test_folded_forward_stores_only_the_folded_weight_beside_its_outputs(always_fold):
+    # What the folded training forward writes: y, the hidden layer and its pre-activation, 8 bytes of
+    # statistics per token, and gamma * W (N1 x K): still nothing of the merged operand or the norm's output.
+    T, widths, C_ = 64, (40, 17), 64
+    inputs, names, fn, _ = _case(torch.float32, "rms", False, False, T=T, widths=widths, C=C_)
+    leaves = [t.requires_grad_() for t in inputs]
+    stored = []
+    real = interpreter.InterpreterBuilder.create_masked_store
+
+    def count(self, ptrs, value, mask, *a):
+        import numpy as np
+
+        stored.append(int(np.asarray(mask.data, dtype=bool).sum()) * value.data.itemsize)
+        return real(self, ptrs, value, mask, *a)
+
+    interpreter.InterpreterBuilder.create_masked_store = count
+    try:
+        fn(*leaves)
+    finally:
+        interpreter.InterpreterBuilder.create_masked_store = real
+    M = T // G
+    assert sum(stored) == 4 * (2 * T + 2 * M * widths[0] + M * widths[1] + widths[0] * G * C_)
+
+
+@pytest.mark.parametrize("post", [False, True], ids=["per-token", "per-row"])
+def test_folded_gradcheck_fp64(post, always_fold, folded_launches):
+    inputs, names, fn, _ = _case(torch.float64, "rms", post, not post, T=8, widths=(5, 3), C=32, G=2)
+    inputs = [t.requires_grad_() for t in inputs]
+    assert torch.autograd.gradcheck(fn, inputs, fast_mode=True)
+    assert (0, True) in folded_launches
+
+
+def test_folded_rmsnorm_holds_at_large_mean(always_fold, folded_launches):
+    """An RMSNorm has no mean to subtract, so folding gamma into W cancels nothing: at |mean| ~ 1000 and
+    std ~ 1 (x's bf16 ulp 4) the folded forward passes the rule as the unfolded one does (the fold
+    rounds gamma * W once, where eager rounds x * rstd * gamma once)."""
+    T, Cl = 32, 64
+    x = (1000 + torch.randn(T, Cl)).to(torch.bfloat16)
+    gamma = (1 + 0.1 * torch.randn(Cl)).to(torch.bfloat16)
+    w = (torch.randn(24, G * Cl) / 16).to(torch.bfloat16)
+    kw = dict(group=G, norm="rms", eps=1e-6)
+    ours = merged_mlp(x, [w], None, None, norm_weight=gamma, **kw)
+    ref64 = merged_mlp_reference(x.double(), [w.double()], None, None, norm_weight=gamma.double(), **kw)
+    ref16 = merged_mlp_reference(x, [w], None, None, norm_weight=gamma, **kw)
+    assert compare("out", ours, ref64, ref16).ok
+    assert folded_launches == [(0, True)]
+
+
+def test_folded_forward_reads_strided_weights_and_gamma(always_fold, folded_launches):
+    # The fold reads W and gamma through their strides (a transposed weight, every other gamma) and is
+    # bitwise reproducible.
+    T = 40
+    x = torch.randn(T, 64)
+    w1, w2 = (torch.randn(128, 24) / 11).t(), (torch.randn(24, 9) / 5).t()
+    gamma = (torch.rand(128) + 0.5)[::2]
+    assert not any(t.is_contiguous() for t in (w1, w2, gamma))
+
+    def fn(x_, w1_, w2_, g_, f=merged_mlp):
+        return f(x_, [w1_, w2_], None, "gelu", group=2, norm="rms", norm_weight=g_, eps=1e-5)
+
+    assert_matches_reference(fn, lambda *t: fn(*t, f=merged_mlp_reference), [x, w1, w2, gamma],
+                             ["x", "W1", "W2", "gamma"])
+    assert torch.equal(fn(x, w1, w2, gamma), fn(x, w1, w2, gamma))
+    assert folded_launches[0] == (0, True)
+
+
 def test_empty_and_inference():
     inputs, names, fn, _ = _case(torch.float32, "layer", True, False, T=0)
     leaves = [t.requires_grad_() for t in inputs]

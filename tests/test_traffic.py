@@ -489,6 +489,42 @@ def test_norm_rowwise_traffic_matches_interpreted_runs(post):
         {k: model[k] for k in ("x", "da", "stats", "gamma", "table", "dx")}
 
 
+@pytest.mark.parametrize("post,use_table", [(False, False), (False, True), (True, True)],
+                         ids=["per-token-view", "per-token-table", "per-row-table"])
+def test_folded_forward_traffic_matches_interpreted_runs(post, use_table):
+    # The folded RMSNorm forward launch by launch: the statistics' launch also reads W once and gamma per
+    # program and column step and writes gamma * W; the GEMM reads gamma * W and x raw, with only rstd
+    # per row and slot (per token) or per row (per merged row), no gamma / beta.
+    from mmfuse.kernels import merged_gemm as KM
+    from mmfuse.traffic import fold_gamma_traffic, mapped_gemm_traffic, norm_stats_traffic
+
+    T, C, G, N = 96, 64, 2, 40
+    M, K = T // G, G * C
+    x = torch.randn(T, C)
+    table = torch.randperm(T, dtype=torch.int32).view(M, G) if use_table else KM._no_table(x.device)
+    width = K if post else C
+    gamma = torch.rand(width) + 0.5
+    merge = KM.Merge(x, G, table if use_table else None, "rms", post, gamma)
+    w, b = torch.randn(N, K), torch.randn(N)
+    R, g, uses_table = merge.rows
+    _, got = measure(lambda: KM.norm_stats(merge, fold=w),
+                     {"x": x, "table": table, "stats": lambda r: r, "w": w, "gamma": gamma,
+                      "wf": lambda r: merge.folded})
+    blocks = KM.INTERPRETER_ROWWISE
+    model = {**norm_stats_traffic(R, C, g, 4, center=False, blocks=blocks, table=use_table and post),
+             **fold_gamma_traffic(N, K, width, 4, blocks=blocks)}
+    assert got == model
+    rows_norm = M if post else T
+    tensors = {"x": x, "table": table, "wf": merge.folded, "bias": b, "stats": merge.stats, "gamma": gamma}
+    (y, h), got = measure(lambda: KM.mapped_fwd(merge, w, b, activation=1, store_preact=True),
+                          {**tensors, "y": lambda r: r[0], "h": lambda r: r[1]})
+    model = mapped_gemm_traffic(M, N, K, (32, 32, 32), 4, mapped=0, C=C, G=G, rows_norm=rows_norm, norm_width=width,
+                                bias=True, store_aux=True, table=use_table, folded=True)
+    assert (got["x"], got["table"], got["wf"], got["bias"], got["y"], got["h"], got["stats"]) == \
+        (model["x"], model["table"], model["b"], model["bias"], model["c"], model["aux"], model["stats"])
+    assert got["gamma"] == Traffic() and "gamma_beta" not in model
+
+
 def test_eager_pixel_shuffle_makes_two_copies_each_way():
     """The eager side of merged_mlp_traffic: a pixel shuffle materialises two permutes forward and two
     in its gradient (InternVL's model-level shuffle, Idefics3's connector, Aya Vision's projector, where

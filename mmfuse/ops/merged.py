@@ -94,7 +94,8 @@ def merged_mlp_fwd_op(x: torch.Tensor, token_map: torch.Tensor, has_map: bool, g
     merge = KM.Merge(x, group, token_map if has_map else None, norm, post, gamma if norm else None,
                      beta if norm == "layer" else None, eps)
     if norm is not None:
-        KM.norm_stats(merge)
+        # An RMSNorm's gamma folded into the first weight in the same launch, where that is faster.
+        KM.norm_stats(merge, fold=weights[0] if KM.fold_applies(merge, gated=gate_half >= 0) else None)
     n = len(weights)
     biases = [b if hb else None for b, hb in zip(biases, has_bias)]
     act0 = KL.ACTIVATIONS[activation if n > 1 or final_act else None]
