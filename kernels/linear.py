@@ -483,10 +483,14 @@ def tma_epilogue_split(act_grad: bool, block_n: int, gate_path: bool = False) ->
 
 
 def tma_flatten(act_grad: bool, gate_path: bool = False) -> bool:
-    """FLATTEN for a GEMM: not with act' (flattening keeps the next tile's load state live across the
-    epilogue: 255 registers and 8 B of spills at 128x64, 188 without), nor for the gated MLP's GEMMs
-    (two accumulators, or two K loops)."""
-    return not act_grad and not gate_path
+    """FLATTEN for a GEMM: never, by measurement (session 14's H100 tile sweep, bench/NOTES.md "Session 15"):
+    flattened, the forward and dW at LLaVA-1.5 with one image ran 82 and 35 µs at 128x128 against 31 and
+    18 µs unflattened (one or two tiles per persistent program), and at 8 images and Qwen2.5-VL's merger
+    sizes flattening was 5% slower to 2% faster. (With act' it also held the next tile's load state live
+    across the epilogue: 255 registers and 8 B of spills at 128x64; the gated GEMMs have two accumulators
+    or two K loops.) The flattened form stays in the kernel, and ``kernel_profile``'s tile sweep still
+    times it, to be measured again on other GPUs."""
+    return False
 
 
 @functools.lru_cache(maxsize=None)

@@ -676,11 +676,11 @@ def norm_stats(merge: Merge, fold=None):
 
 
 #: The folded RMSNorm forward (``fold_applies``) from this many merged rows. Model (bench/NOTES.md,
-#: "RMSNorm folded into the weight"): normalising in the load ran the Qwen2.5-VL merger's first GEMM at
-#: 3.3x the time of an unmapped GEMM of its size on an H100 (2.20 ms against 0.66 ms), so folding saves
-#: ~2.2 GEMM times (2 M N K / F, F ~ 660 TFLOP/s) and costs one pass over W (read and write, 2 N K e
-#: bytes at ~3.35 TB/s): a win from M ~ e F / (2.2 BW) ~ 180 rows for 2-byte weights (4-byte ones under
-#: TF32: half the FLOP rate, twice the bytes, the same M).
+#: "Session 15"): normalising in the load ran the Qwen2.5-VL merger's first GEMM at 2.5x the time of the
+#: unmapped GEMM of its size on an H100 (2.20 ms against 0.84-0.90 ms), so folding saves ~1.5 GEMM times
+#: (2 M N K / F, F ~ 500 TFLOP/s at that size) and costs one pass over W (read and write, 2 N K e bytes at
+#: ~3.35 TB/s): a win from M ~ e F / (1.5 BW) ~ 200 rows for 2-byte weights (4-byte ones under TF32: half
+#: the FLOP rate, twice the bytes, the same M); 192, three 64-row tiles.
 FOLD_MIN_ROWS = 192
 
 

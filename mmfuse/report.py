@@ -316,7 +316,7 @@ def merged_traffic_section() -> list[str]:
              "first GEMM reading x through the token table and normalising in its loads, the rest of the MLP; an "
              "RMSNorm from `FOLD_MIN_ROWS` (192) merged rows is folded instead: the statistics' launch also reads "
              "the first weight and writes gamma * W (2 N K bytes more: a pass over W against the in-load "
-             "normalisation's 3.3x GEMM time on an H100), and the GEMM reads x raw, rstd scaling its accumulator; "
+             "normalisation's 2.5x GEMM time on an H100), and the GEMM reads x raw, rstd scaling its accumulator; "
              "backward: the later layers as `mlp`, the first layer's dW (x through the table again), db, dA "
              "stored through the table, one row-wise norm backward. GEMM tiles 128x128 (the mapped GEMM's "
              "largest); distinct bytes per launch. Eager: the module's code: the norm (F.layer_norm: one kernel; "
