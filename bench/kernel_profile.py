@@ -164,13 +164,13 @@ def gemm_tile_sweep(M: int = 8 * 576, K: int = 1024, N: int = 4096, device: str 
                   "tma": largest_tile(KL.candidate_tiles(*dims, sms, KL.tma_tiles(act_grad)))}
         for kernel, tile, flat in variants:
             label = f"{kernel} {'x'.join(map(str, tile))}" + ("" if flat is None else f" flatten={flat}")
-            default = tile == chosen[kernel] and (flat is None or flat == KL.tma_flatten(act_grad))
+            default = tile == chosen[kernel] and (flat is None or flat == KL.tma_flatten(act_grad))  # (bf16)
             row = {"gemm": gname, "tile": label, "chosen": default}
             old = (KL.TMA, KL.tma_flatten)
             try:
                 KL.TMA = "always" if kernel == "tma" else "never"
                 if flat is not None:
-                    KL.tma_flatten = lambda act_grad, flat=flat: flat
+                    KL.tma_flatten = lambda *args, flat=flat, **kw: flat
                 with _common.gpu_config({f"{'tma' if kernel == 'tma' else 'fused'}_gemm_kernel": tile}):
                     ms = bench(ours)
                 row.update(ms=ms, tflops=flops / ms / 1e9)

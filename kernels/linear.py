@@ -482,15 +482,16 @@ def tma_epilogue_split(act_grad: bool, block_n: int, gate_path: bool = False) ->
     return 2 if act_grad and block_n == 128 and not gate_path else 1
 
 
-def tma_flatten(act_grad: bool, gate_path: bool = False) -> bool:
-    """FLATTEN for a GEMM: never, by measurement (session 14's H100 tile sweep, bench/NOTES.md "Session 15"):
-    flattened, the forward and dW at LLaVA-1.5 with one image ran 82 and 35 µs at 128x128 against 31 and
-    18 µs unflattened (one or two tiles per persistent program), and at 8 images and Qwen2.5-VL's merger
-    sizes flattening was 5% slower to 2% faster. (With act' it also held the next tile's load state live
-    across the epilogue: 255 registers and 8 B of spills at 128x64; the gated GEMMs have two accumulators
-    or two K loops.) The flattened form stays in the kernel, and ``kernel_profile``'s tile sweep still
-    times it, to be measured again on other GPUs."""
-    return False
+def tma_flatten(act_grad: bool, gate_path: bool = False, tf32: bool = False) -> bool:
+    """FLATTEN for a GEMM: not in 16 bits, by measurement (session 14's H100 tile sweep, bench/NOTES.md
+    "Session 15"): flattened, the forward and dW at LLaVA-1.5 with one image ran 82 and 35 µs at 128x128
+    against 31 and 18 µs unflattened (one or two tiles per persistent program), and at 8 images and
+    Qwen2.5-VL's merger sizes flattening was 5% slower to 2% faster. TF32 (not in the sweep) keeps the
+    flattened forward and dW: unflattened, its 64x128 forward spilled 8 B on Triton 3.9. Never with act'
+    (flattening holds the next tile's load state live across the epilogue: 255 registers and 8 B of
+    spills at 128x64) nor in the gated GEMMs (two accumulators, or two K loops). ``kernel_profile``'s
+    sweep times both forms, to be measured again."""
+    return tf32 and not act_grad and not gate_path
 
 
 @functools.lru_cache(maxsize=None)
@@ -600,7 +601,8 @@ def _launch_gemm(a, b, c, *, bias=None, aux=None, activation=0,
             a_desc, b_desc, *outs[:3], a2_desc, b2_desc, *outs[5:], M, N, K, *out_strides,
             **epilogue, **gate_flags, INPUT_PRECISION=flags["INPUT_PRECISION"], A_TRANS=a_trans, B_TRANS=b_trans,
             BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=GROUP_M, NUM_PROGRAMS=programs,
-            FLATTEN=tma_flatten(act_grad, gate_path), EPILOGUE_SPLIT=tma_epilogue_split(act_grad, bn, gate_path),
+            FLATTEN=tma_flatten(act_grad, gate_path, flags["INPUT_PRECISION"] == "tf32"),
+            EPILOGUE_SPLIT=tma_epilogue_split(act_grad, bn, gate_path),
             num_warps=warps, num_stages=stages, **LAUNCH_OPTIONS)
 
     tma_forced, forced = forced_tile("tma_gemm_kernel"), forced_tile("fused_gemm_kernel")  # tests' GPU tiles
@@ -855,7 +857,7 @@ def aot_specs():
                     stride_bias2=1 if flags["GATED"] else 0)
         cx = dict(flags, ACC_DTYPE=tl.float32, A_TRANS=a_trans, B_TRANS=b_trans, BLOCK_M=bm,
                   BLOCK_N=bn, BLOCK_K=bk, GROUP_M=GROUP_M, NUM_PROGRAMS=132,
-                  FLATTEN=tma_flatten(flags["ACT_GRAD"], gate_path),
+                  FLATTEN=tma_flatten(flags["ACT_GRAD"], gate_path, ty == "fp32"),
                   EPILOGUE_SPLIT=tma_epilogue_split(flags["ACT_GRAD"], bn, gate_path))
         cx["INPUT_PRECISION"] = "tf32" if ty == "fp32" else "ieee"  # (16-bit operands ignore it)
         specs.append(CompileSpec(
