@@ -340,3 +340,92 @@ def by_name(name: str):
             if s.name == name:
                 return s
     raise KeyError(name)
+
+
+# Which rows stand for each family the registry covers (``mmfuse.registry.FAMILIES``, its modules swapped
+# by default; the opt-in tower MLPs have the representative rows "siglip-so400m-tower-mlp",
+# "qwen2.5-vl-7b-tower-mlp" and "llama4-tower-mlp"), or why none does. A row "stands for" a family when
+# its GEMM widths are that family's checkpoint's (the token count may differ: rows are per image at one
+# resolution). tests/test_bench.py checks that every family is here and every row named exists.
+_NOTHING = "no row needed: nothing of it runs on mmfuse by default (its GEMMs have nothing to fuse)"
+_NO_CONFIG = "no row: no public copy of the checkpoint's config was found offline (transformers' defaults only)"
+FAMILY_ROWS: dict[str, tuple[str, ...] | str] = {
+    "LLaVA-1.5": ("llava-1.5-7b", "llava-1.5-13b", "clip-l-14-336"),
+    "LLaVA (original code)": ("llava-1.5-7b", "llava-1.5-13b"),
+    "LLaVA-NeXT": ("llava-next-7b", "clip-l-14-336"),
+    "LLaVA-NeXT-Video": ("llava-next-7b",),  # LLaVA-NeXT-Video-7B: the same CLIP-L/14-336 -> 4096 projector
+    "LLaVA-OneVision": ("llava-onevision-qwen2-7b", "siglip-so400m-14-384"),
+    "Video-LLaVA": ("video-llava-7b",),
+    "VipLLaVA": ("vipllava-7b",),
+    "FastVLM": ("fastvlm-7b-projector",),
+    "Janus": ("janus-pro-7b-aligner",),
+    "VideoLLaMA3": ("videollama3-2b-projector",),
+    "PaddleOCR-VL": ("paddleocr-vl-projector",),
+    "PerceptionLM": ("perception-lm-1b-projector",),
+    "Aria": ("aria-projector-ffn",),
+    "LightOnOCR": ("lightonocr-0.9b-projector",),
+    "Mistral3 / Pixtral": ("mistral3-24b-projector", "pixtral-12b-projector"),
+    "PaliGemma": ("paligemma-3b-224",),
+    "Florence-2": ("florence-2-base-projection", "florence-2-large-projection"),
+    "Llama 4": ("llama4-projector", "llama4"),
+    "Llama 4 (vision adapter)": ("llama4-vision-adapter",),
+    "Gemma 3": ("gemma3-4b-projector",),
+    "Qwen2-VL": ("qwen2-vl-merger", "qwen2-vl-7b-merger", "qwen2-vl"),
+    "Qwen2.5-VL": ("qwen2.5-vl-7b-merger", "qwen2.5-vl-7b"),
+    "Qwen2.5-Omni": ("qwen2.5-vl-7b-merger", "qwen2.5-vl-7b"),  # its vision is Qwen2.5-VL-7B's (the row's comment)
+    "Qwen3-VL": ("qwen3-vl-8b-merger", "qwen3-vl"),
+    "Qwen3-VL-MoE": ("qwen3-vl-30b-a3b-merger", "qwen3-vl"),
+    "Qwen3.5": ("qwen3-vl-8b-merger", "qwen3-vl"),  # Qwen3.5-397B-A17B's merger has the 8B's sizes
+    "Qwen3.5-MoE": ("qwen3-vl-8b-merger", "qwen3-vl"),
+    "Kimi K2.5": ("kimi-k2.5-projector",),
+    "InternVL": ("internvl2-8b-mlp1", "internvl3-8b-mlp1", "internvit-300m-448"),
+    "Idefics2": ("idefics2-8b-connector-mlp", "idefics2-resampler"),
+    "Idefics3": ("idefics3-8b-connector",),
+    "SmolVLM": ("smolvlm-256m-connector", "smolvlm-2b-connector"),
+    "LFM2-VL": ("lfm2-vl-450m-projector", "lfm2-vl-1.6b-projector"),
+    "Aya Vision": ("aya-vision-8b-projector",),
+    "Command A Vision": ("command-a-vision-projector",),
+    "GLM-4V": ("glm-4.1v-9b-merger", "glm-4.5v"),
+    "GLM-4V-MoE": ("glm-4.5v-merger", "glm-4.5v"),
+    "Molmo2": ("molmo2-4b-projector",),
+    "BLIP-2": ("blip2-eva-vit-g", "blip2-qformer-xattn"),
+    # InstructBLIP keeps BLIP-2's EVA ViT-g and Q-Former sizes (32 queries, 12 heads of 64, 1408-wide keys).
+    "InstructBLIP": ("blip2-eva-vit-g", "blip2-qformer-xattn"),
+    "InstructBLIP-Video": ("blip2-eva-vit-g", "blip2-qformer-xattn"),
+    "CLIP": ("clip-l-14-336",),
+    "SigLIP": ("siglip-so400m-14-384",),
+    "Ernie-4.5-VL": ("ernie-4.5-vl-28b-spatial-mlp", "ernie-4.5-vl-28b-temporal-mlp"),
+    "MiniCPM-V 4.6": ("minicpm-v-4.6-downsample-mlp",),
+    "MiniCPM-V 4.7": ("minicpm-v-4.6-downsample-mlp",),  # the same tower, so the same fused GEMM (its comment)
+    "HunYuan-VL": ("hunyuan-ocr-merger-convs",),
+    "HY-V4-VL": ("hy-v4-vl",),
+    # Families whose default swap runs nothing on mmfuse.
+    "Kosmos-2.5": _NOTHING, "GLM-5-Next": _NOTHING,
+    "UltraVBERT": _NOTHING, "SigLIP 2": _NOTHING, "Gemma 4": _NOTHING, "Pix2Struct": _NOTHING,
+    # Copies of CLIP's / SigLIP's embeddings whose checkpoints' widths are another size; the CLIP-L row is
+    # the same code at one width.
+    "AltCLIP": "no row: CLIP's patch embedding code (the clip-l-14-336 row's GEMM) at its checkpoint's width, "
+               "not read offline",
+    "Chinese-CLIP": "no row: CLIP's patch embedding code (the clip-l-14-336 row's GEMM) at its checkpoints' "
+                    "widths (ViT-B/16 to ViT-H/14), not read offline",
+    "MetaCLIP 2": "no row: CLIP's patch embedding code (the clip-l-14-336 row's GEMM) at its checkpoints' widths, "
+                  "not read offline",
+    "BridgeTower": "no row: CLIP's patch embedding code at its checkpoint's width, not read offline",
+    "CLIPSeg": "no row: CLIP's patch embedding code at its checkpoint's width (ViT-B/16), not read offline",
+    "OWL-ViT": "no row: CLIP's patch embedding code at its checkpoints' widths, not read offline",
+    "OWLv2": "no row: CLIP's patch embedding code at its checkpoints' widths, not read offline",
+    "GroupViT": "no row: a ViT patch embedding (Conv2d k = s) at its checkpoint's width, not read offline",
+    "Kosmos-2": "no row: CLIP's patch embedding code at its checkpoint's width, not read offline (its "
+                "projection has nothing to fuse)",
+    "X-CLIP": "no row: CLIP's patch embedding code at its checkpoints' widths, not read offline (its "
+              "cross-attention Linears have nothing to fuse)",
+    "BLIP": "no row: BLIP-2's patch embedding code (the blip2-eva-vit-g row's GEMM) at BLIP's ViT widths, "
+            "not read offline",
+    "Granite-Docling": _NO_CONFIG,
+}
+for _name in ("AIMv2", "Cohere Compass", "Cosmos 3 Edge", "DeepSeek-OCR 2", "DeepSeek-VL", "DeepSeek-VL (hybrid)",
+              "dots.3 note", "EXAONE 4.5", "GLM-Image", "GLM-OCR", "GOT-OCR2", "Inkling 2", "LFM3-VL", "MiniCPM-o OCR",
+              "MiniMax-M3-VL", "MistralLarge4", "ModernVBERT", "Muse Glimmer", "Muse Spark", "Nemotron Omni", "Ovis2",
+              "PP-FormulaNet", "Qianfan-OCR", "Qwen3-Omni-MoE", "Qwen4-Exp", "Step3.7", "T5Gemma 2", "TIPSv2",
+              "Unlimited-OCR"):
+    FAMILY_ROWS[_name] = _NO_CONFIG

@@ -590,3 +590,20 @@ def test_mmfuse_verify_shards_split_the_checks_without_overlap(monkeypatch):
     with pytest.raises(SystemExit, match="0 <= I < N"):
         cli._shard("4/4")
     assert cli._shard("1/4") == (1, 4) and cli._shard(None) is None
+
+
+def test_every_covered_family_has_a_shape_row_or_a_reason():
+    # Issue 11 item 5: each family the registry swaps by default names the rows of bench/shapes.py that
+    # stand for it, or says why none does; a family added to the registry fails here until someone decides.
+    from mmfuse import registry
+    from mmfuse.bench import shapes
+
+    families = {f.name for f in registry.FAMILIES if not f.tower}
+    assert set(shapes.FAMILY_ROWS) == families
+    rows = {s.name for table in (shapes.MLP_SHAPES, shapes.GATED_SHAPES, shapes.MERGED_SHAPES, shapes.PATCH_SHAPES,
+                                 shapes.ATTENTION_SHAPES) for s in table}
+    for name, entry in shapes.FAMILY_ROWS.items():
+        if isinstance(entry, tuple):
+            assert entry and set(entry) <= rows, (name, set(entry) - rows)
+        else:
+            assert entry.startswith("no row"), (name, entry)
