@@ -198,6 +198,11 @@ MLP_SHAPES = (
     # preprocessor_config patch 16, merge 2; a conversion copy of its config.json, text hidden 1024). A
     # 1024px page: 64x64 patches, 32x32 = 1024 merged rows (the size is ours).
     MLPShape("hunyuan-ocr-merger-convs", 1024, (4608, 2304, 4608)),
+    # Qwen3-Omni-30B-A3B's merger (Qwen3OmniMoeVisionPatchMerger; LayerNorm(1152) and the 2x2 merge in
+    # PyTorch): 4608 -> 4608, GELU, -> 2048 (out_hidden_size 2048, not transformers' default 3584: a printout
+    # of the loaded Qwen3-Omni-30B-A3B-Instruct and a copy of its config.json); a 768px image (its
+    # image_size): 48x48 patches of 16, 576 merged rows.
+    MLPShape("qwen3-omni-30b-a3b-merger", 576, (4608, 4608, 2048)),
 )
 
 GATED_SHAPES = (
@@ -221,6 +226,11 @@ GATED_SHAPES = (
     # hidden_act silu; mlp_bias the config's default False). 196 rows: 2x2 attention pooling of the 27x27
     # patches of a 378px crop, rounded up (our reading of the pooling, not a published figure).
     GatedShape("molmo2-4b-projector", 196, 1152, 9728, 2560, bias=False),
+    # GLM-OCR's merger (GlmOcrVisionPatchMerger, the GLM-4V form): proj 1536 -> 1536 + LayerNorm + GELU
+    # (glue), then SwiGLU 1536 -> 4608 -> 1536 without biases (three public dumps of the GLM-OCR config.json:
+    # vision 1024 wide, patch 14, merge 2, out_hidden_size 1536, text 1536); a 896px page: 64x64 patches,
+    # 1024 merged rows (the size is ours).
+    GatedShape("glm-ocr-merger", 1024, 1536, 4608, 1536, bias=False),
 )
 
 MERGED_SHAPES = (
@@ -295,6 +305,11 @@ MERGED_SHAPES = (
     # google/gemma-3-4b-it config: image_size 896, mm_tokens_per_image 256, text hidden_size 2560).
     MergedShape("gemma3-4b-projector", 4096, 1152, 16, (2560,), "rms", norm_after_merge=True, table=True, pool=True,
                 bias=False),
+    # T5Gemma 2 270M-270M: Gemma 3's projector form with SigLIP-so400m (1152) at 896px, pooled 16 to 256 tokens,
+    # onto its 640-wide model (a printout of the loaded checkpoint, mm_input_projection 1152 x 640, and its
+    # docs: 896px; transformers' default tower, 768 wide at 224px, is not the checkpoint's).
+    MergedShape("t5gemma2-270m-projector", 4096, 1152, 16, (640,), "rms", norm_after_merge=True, table=True, pool=True,
+                bias=False),
 )
 
 PATCH_SHAPES = (
@@ -321,6 +336,16 @@ PATCH_SHAPES = (
     # list, patch_embed.proj [1536, 3, 2, 14, 14], image_size 336; Glm4vVisionConfig's defaults for 4.1V); a
     # 2-frame clip.
     PatchShape("glm-4.5v", 3, (336, 336), 14, 1536, temporal=2, frames=2),
+    # GLM-OCR: Conv3d 3x2x14x14 -> 1024 on pre-cut rows (the GLM-OCR config dumps above); a 2-frame 896px clip.
+    PatchShape("glm-ocr", 3, (896, 896), 14, 1024, temporal=2, frames=2),
+    # GOT-OCR2's SAM-B patch embedding: Conv2d 16 -> 768 at 1024px (the publisher's vary_b.py encoder; copies of
+    # its code); DeepSeek-OCR 2's SAM patch embedding has the same sizes (two third-party ports).
+    PatchShape("got-ocr2-sam-b", 3, (1024, 1024), 16, 768),
+    # AIMv2-large/14 at 224px: Conv2d 14 -> 1024 (apple/ml-aim's AIMv2 model code: large 1024, huge 1536).
+    PatchShape("aimv2-large-14-224", 3, (224, 224), 14, 1024),
+    # Ovis2-4B / 8B: AIMv2-huge (1536) at 448px: Conv2d 14 -> 1536 (a mirror of the Ovis2-4B model card;
+    # ml-aim's widths).
+    PatchShape("ovis2-aimv2-huge-448", 3, (448, 448), 14, 1536),
 )
 
 ATTENTION_SHAPES = (
@@ -399,6 +424,16 @@ FAMILY_ROWS: dict[str, tuple[str, ...] | str] = {
     "MiniCPM-V 4.7": ("minicpm-v-4.6-downsample-mlp",),  # the same tower, so the same fused GEMM (its comment)
     "HunYuan-VL": ("hunyuan-ocr-merger-convs",),
     "HY-V4-VL": ("hy-v4-vl",),
+    "Qwen3-Omni-MoE": ("qwen3-omni-30b-a3b-merger", "qwen3-vl"),  # its Conv3d (2, 16, 16) -> 1152 is Qwen3-VL's
+    "GLM-OCR": ("glm-ocr-merger", "glm-ocr"),
+    "T5Gemma 2": ("t5gemma2-270m-projector",),
+    "GOT-OCR2": ("got-ocr2-sam-b",),
+    "DeepSeek-OCR 2": ("got-ocr2-sam-b",),
+    "AIMv2": ("aimv2-large-14-224",),
+    "Ovis2": ("ovis2-aimv2-huge-448",),
+    "DeepSeek-VL (hybrid)": "no row: two Linears (1024 -> 2048 each: SigLIP-L and SAM-B's features; GELU after their "
+                            "concatenation) and 4096 -> 4096 (transformers' conversion script, the publisher's "
+                            "projector code): no row type expresses the concatenation",
     # Families whose default swap runs nothing on mmfuse.
     "Kosmos-2.5": _NOTHING, "GLM-5-Next": _NOTHING,
     "UltraVBERT": _NOTHING, "SigLIP 2": _NOTHING, "Gemma 4": _NOTHING, "Pix2Struct": _NOTHING,
@@ -421,11 +456,13 @@ FAMILY_ROWS: dict[str, tuple[str, ...] | str] = {
               "cross-attention Linears have nothing to fuse)",
     "BLIP": "no row: BLIP-2's patch embedding code (the blip2-eva-vit-g row's GEMM) at BLIP's ViT widths, "
             "not read offline",
-    "Granite-Docling": _NO_CONFIG,
+    "Granite-Docling": "no row: its DeepStack mergers are granite-for-docling-500m's, whose sizes (SigLIP2-B 768 "
+                       "wide; 12288 -> 1024 -> 1024 and 3072 -> 1024) were found only in code of transformers' own "
+                       "lineage, not in an independent copy of the config",
 }
-for _name in ("AIMv2", "Cohere Compass", "Cosmos 3 Edge", "DeepSeek-OCR 2", "DeepSeek-VL", "DeepSeek-VL (hybrid)",
-              "dots.3 note", "EXAONE 4.5", "GLM-Image", "GLM-OCR", "GOT-OCR2", "Inkling 2", "LFM3-VL", "MiniCPM-o OCR",
-              "MiniMax-M3-VL", "MistralLarge4", "ModernVBERT", "Muse Glimmer", "Muse Spark", "Nemotron Omni", "Ovis2",
-              "PP-FormulaNet", "Qianfan-OCR", "Qwen3-Omni-MoE", "Qwen4-Exp", "Step3.7", "T5Gemma 2", "TIPSv2",
+for _name in ("Cohere Compass", "Cosmos 3 Edge", "DeepSeek-VL", "dots.3 note", "EXAONE 4.5", "GLM-Image",
+              "Inkling 2", "LFM3-VL", "MiniCPM-o OCR", "MiniMax-M3-VL", "MistralLarge4", "ModernVBERT", "Muse Glimmer",
+              "Muse Spark", "Nemotron Omni", "PP-FormulaNet", "Qianfan-OCR", "Qwen4-Exp", "Step3.7", "TIPSv2",
               "Unlimited-OCR"):
+    assert _name not in FAMILY_ROWS, _name
     FAMILY_ROWS[_name] = _NO_CONFIG

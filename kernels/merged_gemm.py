@@ -194,7 +194,8 @@ def row_stats(pid, x_ptr, map_ptr, stats_ptr, R, C, G, stride_xt, stride_xc, str
 def fold_gamma(pid, w_ptr, gamma_ptr, wf_ptr, N, K, C, stride_wn, stride_wk, stride_gamma,
                FOLD_POST: tl.constexpr, ACC_DTYPE: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
     """wf[n, k] = w[n, k] * gamma[k] (post-merge) or gamma[k % C] (per token), for BLOCK_R rows of the
-    (N, K) weight: the product in fp32, rounded once to the weight's dtype (wf is contiguous)."""
+    (N, K) weight: the product in ACC_DTYPE (exact for 16-bit operands), rounded once to the weight's
+    dtype (wf is contiguous)."""
     rows = pid * BLOCK_R + tl.arange(0, BLOCK_R)
     row_ok = rows < N
     for k0 in range(0, K, BLOCK_C):
