@@ -21,6 +21,14 @@ here without a GPU:
 The op dispatch needs TRITON_INTERPRET=1 before mmfuse is imported (CPU tensors go to the kernel
 path): ``main`` restarts the interpreter with it set when it was not.
 
+``--launch triton``: the launches go through Triton's own launch path instead of a recorder
+(``triton_launch_path``): the real ``JITFunction`` (heuristics, argument binding and specialisation,
+the cache key, launch metadata) over a stand-in CUDA driver whose target is sm_90 and whose launcher
+does nothing. The first call of each kernel compiles it for sm_90 (as ahead of time, no GPU); later calls
+time what a GPU host spends in Triton per launch, less the driver's own launch. This needs the
+interpreter *off* (``@triton.jit`` then makes real JIT functions): ``main`` restarts without it, and
+the ops are pointed at their GPU path for CPU tensors.
+
 Per call: the median over ``--rounds`` rounds of the mean of ``--calls`` calls, after a warm-up.
 """
 
@@ -87,6 +95,72 @@ def kernels_recorded(log: list | None = None, decisions: str = "gpu"):
     finally:
         for mod, key, value in reversed(saved):
             setattr(mod, key, value)
+
+
+class _StandInDriver:
+    """A CUDA driver for Triton's launch path without a GPU: target sm_90 (an H100), device 0, stream 0,
+    binaries "loaded" without a device, a launcher that counts and returns."""
+
+    class _Utils:
+        def get_device_properties(self, device):
+            from mmfuse.kernels._common import H100_SMS
+
+            return {"max_shared_mem": 232448, "multiprocessor_count": H100_SMS, "max_num_regs": 65536,
+                    "warpSize": 32}
+
+        def load_binary(self, name, kernel, shared, device):
+            return 1, 1, 128, 0, 1024  # module, function, registers, spills, max threads
+
+    def __init__(self, log: list):
+        self.log, self.utils, self.backend = log, self._Utils(), "cuda"
+
+    def get_current_device(self):
+        return 0
+
+    def get_current_stream(self, device=None):
+        return 0
+
+    def get_current_target(self):
+        from triton.backends.compiler import GPUTarget
+
+        return GPUTarget("cuda", 90, 32)
+
+    def get_active_torch_device(self):
+        return torch.device("cpu")
+
+    def is_active(self):
+        return True
+
+    def launcher_cls(self, src, metadata):
+        name = src.fn.__name__ if hasattr(src, "fn") else str(src)
+        return lambda *args: self.log.append(name)
+
+
+@contextlib.contextmanager
+def triton_launch_path(log: list | None = None):
+    """Within: every launch runs Triton's own launch path (``JITFunction.run``) over ``_StandInDriver``
+    and appends its kernel's name to ``log``; the ops take their GPU path for CPU tensors."""
+    import mmfuse
+    from mmfuse import _dispatch
+    from mmfuse.ops import cross_attention, linear, merged, patch_embed
+    from triton.runtime.driver import driver
+
+    if mmfuse.INTERPRET:
+        raise RuntimeError("triton_launch_path: expected the Triton interpreter off (TRITON_INTERPRET unset before "
+                           "mmfuse is imported), got it on")
+    log = [] if log is None else log
+    ops = (cross_attention, linear, merged, patch_embed)
+    saved = [(op, op.backend_for) for op in ops]
+    previous = driver._active
+    driver.set_active(_StandInDriver(log))
+    try:
+        for op in ops:
+            op.backend_for = lambda *tensors: _dispatch.TRITON
+        yield log
+    finally:
+        for op, fn in saved:
+            op.backend_for = fn
+        driver._active = previous
 
 
 # ----------------------------------------------------------------------------------------------
@@ -170,10 +244,15 @@ def time_per_call(step, calls: int = 200, rounds: int = 5, warmup: int = 20) -> 
 
 
 def measure(images: int = 1, decisions: str = "gpu", calls: int = 200, rounds: int = 5, warmup: int = 20,
-            tiny: bool = False, modes=("fwd", "fwd+bwd"), only: str | None = None) -> list[dict]:
-    """One row per (case, mode): microseconds per call and the kernels one call launched."""
+            tiny: bool = False, modes=("fwd", "fwd+bwd"), only: str | None = None,
+            launch: str = "recorder") -> list[dict]:
+    """One row per (case, mode): microseconds per call and the kernels one call launched. ``launch``:
+    "recorder" (no Triton code runs) or "triton" (Triton's launch path, ``triton_launch_path``; GPU
+    decisions)."""
+    if launch not in ("recorder", "triton"):
+        raise ValueError(f"launch: expected 'recorder' or 'triton', got {launch!r}")
     rows = []
-    with kernels_recorded(decisions=decisions) as log:
+    with (kernels_recorded(decisions=decisions) if launch == "recorder" else triton_launch_path()) as log:
         for name, make in cases(images, tiny=tiny).items():
             if only and only not in name:
                 continue
@@ -220,23 +299,34 @@ def main(argv=None) -> None:
     p.add_argument("--profile", metavar="CASE", default=None, help="cProfile the first case matching CASE")
     p.add_argument("--mode", choices=("fwd", "fwd+bwd"), default="fwd", help="mode of --profile")
     p.add_argument("--sort", default="tottime", help="cProfile sort key of --profile (tottime, cumtime)")
+    p.add_argument("--launch", choices=("recorder", "triton"), default="recorder",
+                   help="recorder: no Triton code runs; triton: Triton's launch path over a stand-in driver")
+    p.add_argument("--modes", default="fwd,fwd+bwd", help="comma-separated: fwd, fwd+bwd")
+    p.add_argument("--tiny", action="store_true", help="the cases at small shapes (tests)")
     args = p.parse_args(argv)
     torch.set_num_threads(1)
     import mmfuse
 
-    if not mmfuse.INTERPRET:  # ``python -m`` imported mmfuse (the parent package) before this file
-        if os.environ.get("TRITON_INTERPRET") == "1":
-            raise SystemExit("mmfuse was imported before TRITON_INTERPRET=1 took effect")
-        env = dict(os.environ, TRITON_INTERPRET="1")
+    want = args.launch == "recorder"  # the interpreter on for the recorder, off for Triton's launch path
+    if mmfuse.INTERPRET != want:  # (``python -m`` imported mmfuse, the parent package, before this file)
+        if (os.environ.get("TRITON_INTERPRET") == "1") == want:
+            raise SystemExit("mmfuse was imported before TRITON_INTERPRET took effect")
+        env = dict(os.environ, TRITON_INTERPRET="1") if want else \
+            {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
         argv = sys.argv[1:] if argv is None else list(argv)
         os.execve(sys.executable, [sys.executable, "-m", "mmfuse.bench.host_overhead", *argv], env)
     if args.profile:
         print(profile(args.profile, args.mode, args.images, args.decisions, sort=args.sort))
         return
-    print(f"host time per call, kernels not run (decisions: {args.decisions}, images: {args.images}, "
-          f"torch {torch.__version__}, {args.rounds} rounds x {args.calls} calls, median)")
+    import triton
+
+    what = "launches recorded" if args.launch == "recorder" else "Triton's launch path, a stand-in sm_90 driver"
+    print(f"host time per call, kernels not run ({what}; decisions: "
+          f"{args.decisions if args.launch == 'recorder' else 'gpu'}, images: {args.images}, torch {torch.__version__}, "
+          f"Triton {triton.__version__}, {args.rounds} rounds x {args.calls} calls, median)")
     print(f"{'case':40s} {'mode':8s} {'us/call':>9s}  launches")
-    for r in measure(args.images, args.decisions, args.calls, args.rounds, only=args.only):
+    for r in measure(args.images, args.decisions, args.calls, args.rounds, only=args.only, tiny=args.tiny,
+                     modes=tuple(args.modes.split(",")), launch=args.launch):
         print(f"{r['case']:40s} {r['mode']:8s} {r['us_per_call']:9.1f}  {len(r['launches'])}: "
               f"{' '.join(r['launches'])}")
 

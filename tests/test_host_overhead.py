@@ -198,3 +198,29 @@ def test_inference_calls_skip_torch_library_only_where_nothing_can_tell(monkeypa
     monkeypatch.setattr(bwd, "_mmfuse_impl", lambda *a, impl=bwd._mmfuse_impl: direct.append(bwd) or impl(*a))
     y3.sum().backward()
     assert direct[-1] is bwd and w.grad is not None
+
+
+def test_triton_launch_path_mode_runs_tritons_own_launch_path():
+    # `--launch triton`: each launch goes through Triton's JITFunction (compiled for sm_90 on the first
+    # call, no GPU) to a stand-in driver's launcher, which counts it; the script restarts itself without
+    # the interpreter.
+    import os
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    out = subprocess.run([sys.executable, "-m", "mmfuse.bench.host_overhead", "--launch", "triton", "--tiny",
+                          "--calls", "2", "--rounds", "1", "--modes", "fwd", "--only", "linear"],
+                         capture_output=True, text=True, env=env, timeout=600)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "Triton's launch path" in out.stdout
+    row = next(line for line in out.stdout.splitlines() if line.startswith("linear"))
+    assert float(row.split()[-3]) > 0 and row.endswith("1: fused_gemm_kernel"), row
+
+
+def test_triton_launch_path_refuses_the_interpreter():
+    from mmfuse.bench import host_overhead as H
+
+    with pytest.raises(RuntimeError, match="interpreter off"):
+        with H.triton_launch_path():
+            pass
