@@ -41,8 +41,10 @@ def _dtype_name(dtype: torch.dtype) -> str:
 def main(device: str | None = None, ops: list[str] | None = None, out=sys.stdout,
          shard: tuple[int, int] | None = None) -> int:
     """Run the checks (those whose op name starts with one of ``ops``, if given); 0 if all pass.
-    ``shard`` (i, n): only every n-th check from the i-th, so that n processes share the compiles (what a
-    cold Triton cache spends most of the time on; ``mmfuse gpu-check`` runs the shards side by side)."""
+    ``shard`` (i, n): only the i-th of n contiguous runs of the checks, so that n processes share the
+    compiles (what a cold Triton cache spends most of the time on; ``mmfuse gpu-check`` runs the shards
+    side by side). Contiguous, not every n-th: the checks come op by op, so a shard compiles its own ops'
+    kernels, where every n-th check would have every shard compile nearly every kernel."""
     import mmfuse
 
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -63,7 +65,9 @@ def main(device: str | None = None, ops: list[str] | None = None, out=sys.stdout
         i, n = shard
         if not 0 <= i < n:
             raise ValueError(f"shard: expected I/N with 0 <= I < N, got {i}/{n}")
-        checks = checks[i::n]
+        size, extra = divmod(len(checks), n)
+        start = i * size + min(i, extra)
+        checks = checks[start:start + size + (i < extra)]
     if not checks:
         print(f"no checks match --op {' '.join(ops or [])}", file=out)
         return 2
