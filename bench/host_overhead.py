@@ -322,7 +322,8 @@ def main(argv=None) -> None:
 
     what = "launches recorded" if args.launch == "recorder" else "Triton's launch path, a stand-in sm_90 driver"
     print(f"host time per call, kernels not run ({what}; decisions: "
-          f"{args.decisions if args.launch == 'recorder' else 'gpu'}, images: {args.images}, torch {torch.__version__}, "
+          f"{args.decisions if args.launch == 'recorder' else 'gpu'}, images: {args.images}, "
+          f"torch {torch.__version__}, "
           f"Triton {triton.__version__}, {args.rounds} rounds x {args.calls} calls, median)")
     print(f"{'case':40s} {'mode':8s} {'us/call':>9s}  launches")
     for r in measure(args.images, args.decisions, args.calls, args.rounds, only=args.only, tiny=args.tiny,

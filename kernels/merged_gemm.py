@@ -266,7 +266,8 @@ def _mapped_tile(
     stride_am, stride_ak, stride_bk, stride_bn, stride_cm, stride_cn, stride_auxm, stride_auxn,
     stride_bias, stride_bias2, stride_map, stride_gamma, stride_beta,
     MAPPED: tl.constexpr, NORM: tl.constexpr, NORM_POST: tl.constexpr, ALIGNED: tl.constexpr, TABLE: tl.constexpr,
-    FOLDED: tl.constexpr, GATED: tl.constexpr, ACTIVATION: tl.constexpr, HAS_BIAS: tl.constexpr, STORE_AUX: tl.constexpr,
+    FOLDED: tl.constexpr, GATED: tl.constexpr, ACTIVATION: tl.constexpr, HAS_BIAS: tl.constexpr,
+    STORE_AUX: tl.constexpr,
     INPUT_PRECISION: tl.constexpr, ACC_DTYPE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr,
     TMA: tl.constexpr, A_TRANS: tl.constexpr, B_TRANS: tl.constexpr,
@@ -704,7 +705,8 @@ def _forward_block_ks(merge: Merge) -> set:
         return {block_k_for(forced[2], x.element_size())}
     if INTERPRET and not gpu_config_on():
         return {INTERPRETER_TILE[2]}
-    return {block_k_for(t[2], x.element_size()) for t in mapped_tiles(x.element_size(), dot_precision(x.dtype), merge.C)}
+    tiles = mapped_tiles(x.element_size(), dot_precision(x.dtype), merge.C)
+    return {block_k_for(t[2], x.element_size()) for t in tiles}
 
 
 def mapped_tiles(elem_bytes: int, precision: str, C: int | None = None, mapped: int = 0, gated: bool = False,

@@ -43,10 +43,10 @@ STEPS = ("verify", "tests", "bench", "profile")
 #: with an empty Triton cache (2026-11-26, session 6): verify > 125 s (217 comparisons, each config's
 #: compile; 36 s once cached), tests 98 s, bench 71 s, profile 56 s: 0.25 of 480 s stopped verify.
 SHARES = {"verify": 0.4, "tests": 0.55, "bench": 0.6, "profile": 1.0}
-#: Processes ``verify`` runs side by side, each a contiguous run of the checks (``mmfuse verify --shard i/n``). With an
-#: empty Triton cache the step is compiles, one CPU core at a time: on the fourth H100 run (2026-11-27,
-#: 253 comparisons) one process stopped at 217 after its 180 s; the same run warm took 45 s. One process
-#: where there are few cores (the compiles would only contend).
+#: Processes ``verify`` runs side by side, each a contiguous run of the checks (``mmfuse verify --shard
+#: i/n``). With an empty Triton cache the step is compiles, one CPU core at a time: on the fourth H100
+#: run (2026-11-27, 253 comparisons) one process stopped at 217 after its 180 s; the same run warm took
+#: 45 s. One process where there are few cores (the compiles would only contend).
 VERIFY_SHARDS = max(1, min(4, len(os.sched_getaffinity(0)) // 4))
 #: The value-test files run on CUDA.
 VALUE_TEST_FILES = ("tests/test_linear.py", "tests/test_tma_gemm.py", "tests/test_gated_mlp.py",

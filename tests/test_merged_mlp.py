@@ -197,7 +197,8 @@ def always_fold(monkeypatch):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
-@pytest.mark.parametrize("post,use_map,C_", [(False, False, 64), (False, True, 64), (True, True, 64), (True, False, 24)],
+@pytest.mark.parametrize("post,use_map,C_",
+                         [(False, False, 64), (False, True, 64), (True, True, 64), (True, False, 24)],
                          ids=["per-token-view", "per-token-table", "per-row-table", "per-row-view-C24"])
 def test_folded_rmsnorm_matches_reference(dtype, post, use_map, C_, always_fold, folded_launches):
     # Values and every gradient (the backward is the unfolded one: dW and dA read x normalised in their
