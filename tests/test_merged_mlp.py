@@ -121,23 +121,27 @@ def test_forward_writes_neither_the_merged_operand_nor_the_norm_output():
     # 8 bytes of statistics per token: nothing of size T x C (the norm's output) or M x G*C (the merge).
     T, widths = 64, (40, 17)
     inputs, names, fn, _ = _case(torch.float32, "layer", False, True, T=T, widths=widths)
-    leaves = [t.requires_grad_() for t in inputs]
+    M = T // G
+    assert _bytes_stored(fn, [t.requires_grad_() for t in inputs]) == 4 * (2 * T + 2 * M * widths[0] + M * widths[1])
+
+
+def _bytes_stored(fn, inputs) -> int:
+    """Bytes the interpreted kernels store during ``fn(*inputs)``."""
+    import numpy as np
+
     stored = []
     real = interpreter.InterpreterBuilder.create_masked_store
 
     def count(self, ptrs, value, mask, *a):
-        import numpy as np
-
         stored.append(int(np.asarray(mask.data, dtype=bool).sum()) * value.data.itemsize)
         return real(self, ptrs, value, mask, *a)
 
     interpreter.InterpreterBuilder.create_masked_store = count
     try:
-        fn(*leaves)
+        fn(*inputs)
     finally:
         interpreter.InterpreterBuilder.create_masked_store = real
-    M = T // G
-    assert sum(stored) == 4 * (2 * T + 2 * M * widths[0] + M * widths[1])
+    return sum(stored)
 
 
 def test_normalising_in_the_load_is_exact_at_large_mean():
@@ -234,28 +238,15 @@ def test_where_the_forward_folds(launches, folded_launches):
     assert not folds("rms", True, 32, 2 * rows, gated=True)
 
 
+@pytest.mark.skipif(not mmfuse.INTERPRET, reason="counts the interpreter's stores")
 def test_folded_forward_stores_only_the_folded_weight_beside_its_outputs(always_fold):
     # What the folded training forward writes: y, the hidden layer and its pre-activation, 8 bytes of
     # statistics per token, and gamma * W (N1 x K): still nothing of the merged operand or the norm's output.
     T, widths, C_ = 64, (40, 17), 64
     inputs, names, fn, _ = _case(torch.float32, "rms", False, False, T=T, widths=widths, C=C_)
-    leaves = [t.requires_grad_() for t in inputs]
-    stored = []
-    real = interpreter.InterpreterBuilder.create_masked_store
-
-    def count(self, ptrs, value, mask, *a):
-        import numpy as np
-
-        stored.append(int(np.asarray(mask.data, dtype=bool).sum()) * value.data.itemsize)
-        return real(self, ptrs, value, mask, *a)
-
-    interpreter.InterpreterBuilder.create_masked_store = count
-    try:
-        fn(*leaves)
-    finally:
-        interpreter.InterpreterBuilder.create_masked_store = real
     M = T // G
-    assert sum(stored) == 4 * (2 * T + 2 * M * widths[0] + M * widths[1] + widths[0] * G * C_)
+    assert _bytes_stored(fn, [t.requires_grad_() for t in inputs]) == \
+        4 * (2 * T + 2 * M * widths[0] + M * widths[1] + widths[0] * G * C_)
 
 
 @pytest.mark.parametrize("post", [False, True], ids=["per-token", "per-row"])
