@@ -210,6 +210,28 @@ def fold_gamma(pid, w_ptr, gamma_ptr, wf_ptr, N, K, C, stride_wn, stride_wk, str
 
 
 @triton.jit
+def norm_rows_kernel(
+    x_ptr, map_ptr, stats_ptr, gamma_ptr, beta_ptr, out_ptr,
+    M, K, C, G, stride_xt, stride_xc, stride_map, stride_gamma, stride_beta, stride_om,
+    ALIGNED: tl.constexpr, TABLE: tl.constexpr, NORM_POST: tl.constexpr, ACC_DTYPE: tl.constexpr,
+    BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
+):
+    """out[m, :] = the merged, normalised row m (the first GEMM's A operand), for the backward's dW:
+    written once, it makes dW an unmapped GEMM (both operands from shared memory), where normalising in
+    dW's loads ran it at 2.4-4x an unmapped GEMM's time on an H100 (``normalised_rows``)."""
+    rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+    row_ok = rows < M
+    for k0 in range(0, K, BLOCK_C):
+        cols = k0 + tl.arange(0, BLOCK_C)
+        col_ok = cols < K
+        a = load_normalised(x_ptr, rows, cols, k0, row_ok, col_ok, map_ptr, stats_ptr, gamma_ptr, beta_ptr, C, G, K,
+                            stride_xt, stride_xc, stride_map, stride_gamma, stride_beta, ALIGNED, TABLE, True,
+                            NORM_POST, ACC_DTYPE, out_ptr.dtype.element_ty)
+        tl.store(out_ptr + rows.to(tl.int64)[:, None] * stride_om + cols[None, :], a,
+                 mask=row_ok[:, None] & col_ok[None, :])
+
+
+@triton.jit
 def mapped_gemm_kernel(
     a_ptr, b_ptr, c_ptr, bias_ptr, aux_ptr,
     map_ptr, stats_ptr, gamma_ptr, beta_ptr,
@@ -831,6 +853,31 @@ def mapped_gated_fwd(merge: Merge, weight, gate_half: int, bias=None, activation
     return h, gu
 
 
+def normalised_rows(merge: Merge) -> torch.Tensor:
+    """The merged, normalised operand (M, K) in x's dtype (``norm_rows_kernel``: one row-wise launch),
+    for the backward's dW as an unmapped GEMM (``materialise_applies``)."""
+    x = merge.x
+    out = empty((merge.M, merge.K), dtype=x.dtype, device=x.device)
+    if merge.M and merge.K:
+        br, bc = _rowwise(merge.C)
+        norm_rows_kernel[(cdiv(merge.M, br),)](
+            x, merge.token_map, merge.stats, merge.gamma, merge.beta, out, merge.M, merge.K, merge.C, merge.G,
+            x.stride(0), x.stride(1), merge.token_map.stride(0), merge.gamma.stride(0), merge.beta.stride(0),
+            out.stride(0), ALIGNED=merge.C % bc == 0, TABLE=merge.table, NORM_POST=merge.post,
+            ACC_DTYPE=acc_dtype(x.dtype), BLOCK_R=br, BLOCK_C=bc, num_warps=4, num_stages=1, **LAUNCH_OPTIONS)
+    return out
+
+
+def materialise_applies(merge: Merge) -> bool:
+    """Whether the backward writes the normalised operand once (``normalised_rows``) and runs dW as an
+    unmapped GEMM: with a norm (without one the mapped dW's operand reaches the tensor cores as loaded)
+    and from FOLD_MIN_ROWS merged rows. Model (bench/NOTES.md, "Session 15"): normalising in the loads
+    ran dW at 2.4-4x an unmapped GEMM's time on an H100; writing the operand costs M K e bytes (~a
+    hundredth of dW's time per output column at N >= 1024) and a launch, which the threshold keeps
+    from the smallest calls, as for the forward's fold."""
+    return merge.norm is not None and merge.M >= FOLD_MIN_ROWS
+
+
 def mapped_weight_grad(dh, merge: Merge):
     """dW = dH^T @ norm_merge(x) (N, K), the merged operand as B, read through the map again."""
     N, K, x = dh.shape[1], merge.K, merge.x
@@ -1093,6 +1140,17 @@ def aot_specs():
                     dtype=dtype, config=f"{br}x{bc} w4", fn=norm_stats_kernel, args=tuple(stats.items()),
                     constexprs=(("ALIGNED", C_ % bc == 0), ("TABLE", g > 1), ("FOLD", fold), ("FOLD_POST", g > 1),
                                 ("ACC_DTYPE", acc), ("BLOCK_R", br), ("BLOCK_C", bc)),
+                    num_warps=4, num_stages=1, tensor_cores=False))
+            # The backward's normalised operand (``normalised_rows``), written once for an unmapped dW.
+            rows_args = dict(x_ptr=ptr, map_ptr="*i32", stats_ptr=acc_ptr, gamma_ptr=ptr, beta_ptr=ptr, out_ptr=ptr,
+                             M=T // G, K=G * C_, C=C_, G=G, stride_xt=C_, stride_xc=1, stride_map=G, stride_gamma=1,
+                             stride_beta=1, stride_om=G * C_)
+            if center or g > 1:  # (one compile per form and dtype: the LayerNorm rows)
+                specs.append(CompileSpec(
+                    kernel="merged_gemm/norm_rows_kernel", variant=f"normalised operand, norm {what}", dtype=dtype,
+                    config=f"{br}x{bc} w4", fn=norm_rows_kernel, args=tuple(rows_args.items()),
+                    constexprs=(("ALIGNED", C_ % bc == 0), ("TABLE", g > 1), ("NORM_POST", g > 1), ("ACC_DTYPE", acc),
+                                ("BLOCK_R", br), ("BLOCK_C", bc)),
                     num_warps=4, num_stages=1, tensor_cores=False))
             bwd = dict(da_ptr=ptr, x_ptr=ptr, map_ptr="*i32", stats_ptr=acc_ptr, gamma_ptr=ptr, dx_ptr=ptr,
                        dgamma_ptr=acc_ptr, dbeta_ptr=acc_ptr, R=rows, C=C_, G=g, stride_xt=C_, stride_xc=1,

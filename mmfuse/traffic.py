@@ -511,6 +511,23 @@ def mapped_gemm_traffic(M: int, N: int, K: int, tile: tuple[int, int, int], elem
     return t
 
 
+def norm_rows_traffic(M: int, C: int, G: int, elem: int, *, post: bool, table: bool, blocks=(16, 128),
+                      acc_elem: int = 4) -> dict[str, Traffic]:
+    """``norm_rows_kernel`` (ALIGNED): the merged, normalised operand (M, G*C) written once: x read once
+    through the map, per row and column step one table entry and one (mean, rstd) pair, per program
+    and step gamma and beta."""
+    br, bc = blocks
+    K = G * C
+    programs, steps = _cdiv(M, br), _cdiv(K, bc)
+    rows_norm = M if post else M * G
+    width = K if post else C
+    return {"x": Traffic(loaded=M * K * elem, unique=M * K * elem),
+            "table": Traffic(loaded=M * steps * 4, unique=M * G * 4) if table else Traffic(),
+            "stats": Traffic(loaded=2 * M * steps * acc_elem, unique=2 * rows_norm * acc_elem),
+            "gamma_beta": Traffic(loaded=2 * programs * K * elem, unique=2 * width * elem),
+            "out": Traffic(stored=M * K * elem)}
+
+
 def fold_gamma_traffic(N: int, K: int, width: int, elem: int, blocks=(16, 128)) -> dict[str, Traffic]:
     """The fold programs of ``norm_stats_kernel``: W (N, K) read once, gamma per program and column
     step (``width`` distinct values: C per token, K per merged row), gamma * W stored."""
@@ -551,7 +568,8 @@ def norm_bwd_traffic(R: int, C: int, G: int, elem: int, *, post: bool, blocks=(1
 
 def merged_mlp_traffic(T: int, C: int, G: int, widths, tile, elem: int, *, norm: str | None, post: bool,
                        table: bool, acc_elem: int = 4, bk: int = 64, training: bool = True,
-                       gated: bool = False, bias: bool = True, folded: bool | None = None) -> dict[str, dict]:
+                       gated: bool = False, bias: bool = True, folded: bool | None = None,
+                       materialised: bool | None = None) -> dict[str, dict]:
     """``mmfuse.merged_mlp`` in training (biases on, GELU between layers) against eager PyTorch running
     the module's own code, in the form of ``mlp_traffic``: ``hbm`` = distinct bytes per launch.
 
@@ -571,10 +589,16 @@ def merged_mlp_traffic(T: int, C: int, G: int, widths, tile, elem: int, *, norm:
     chunk's backward: a copy of [dU | dG]). ``bias`` False: Linears without biases (Idefics3; not gated).
     ``folded``: the RMSNorm forward with gamma folded into the first weight (the statistics' launch also
     writes gamma * W; the GEMM reads it and x raw); None: the launcher's rule (``fold_applies``: RMSNorm,
-    at least FOLD_MIN_ROWS merged rows; C % bk == 0 or a norm per merged row)."""
+    at least FOLD_MIN_ROWS merged rows; C % bk == 0 or a norm per merged row). ``materialised``: the
+    backward writes the normalised operand once and runs dW unmapped (``materialise_applies``: a norm,
+    at least FOLD_MIN_ROWS merged rows; None: that rule)."""
+    from mmfuse.kernels.merged_gemm import FOLD_MIN_ROWS
+
+    if materialised is None:
+        materialised = bool(norm) and T // G >= FOLD_MIN_ROWS
     if gated:
         return _merged_gated_traffic(T, C, G, widths, tile, elem, norm=norm, post=post, table=table,
-                                     acc_elem=acc_elem, bk=bk, training=training)
+                                     acc_elem=acc_elem, bk=bk, training=training, materialised=materialised)
     e = elem
     M, K = T // G, G * C
     rows_norm = (M if post else T) if norm else 0
@@ -583,8 +607,6 @@ def merged_mlp_traffic(T: int, C: int, G: int, widths, tile, elem: int, *, norm:
     mlp = mlp_traffic(M, (K, *widths), tile, e, bias=bias)
     n1, k1 = layers[0][1], K
     if folded is None:
-        from mmfuse.kernels.merged_gemm import FOLD_MIN_ROWS
-
         folded = norm == "rms" and M >= FOLD_MIN_ROWS and (post or C % bk == 0)
     fwd, bwd = [], []
     fwd += _norm_stats_launch(T, C, G, e, norm, post, table, acc_elem, fold=(n1, K, norm_width) if folded else None)
@@ -599,8 +621,8 @@ def merged_mlp_traffic(T: int, C: int, G: int, widths, tile, elem: int, *, norm:
         bwd.append(sum(fused_gemm_traffic(n, k, M, tile, e).values(), Traffic()))                   # dW_i
         bwd += [bias_grad_traffic(M, n, e)] if bias else []                                           # db_i
         bwd.append(sum(fused_gemm_traffic(M, k, n, tile, e, act_grad=True).values(), Traffic()))    # dX * act'
-    bwd.append(sum(mapped_gemm_traffic(n1, K, M, (*tile[:2], bk), e, mapped=1, C=C, G=G, rows_norm=rows_norm,
-                                       norm_width=norm_width, acc_elem=acc_elem, table=table).values(), Traffic()))
+    bwd += _first_dw_launches(M, n1, C, G, tile, bk, e, rows_norm=rows_norm, norm_width=norm_width, post=post,
+                              table=table, acc_elem=acc_elem, materialised=materialised)
     bwd += [bias_grad_traffic(M, n1, e)] if bias else []
     bwd.append(sum(mapped_gemm_traffic(M, K, n1, (*tile[:2], bk), e, mapped=2, C=C, G=G, table=table).values(),
                    Traffic()))
@@ -611,6 +633,18 @@ def merged_mlp_traffic(T: int, C: int, G: int, widths, tile, elem: int, *, norm:
                           "launches": len(eager_f) + mlp["eager_fwd"]["launches"]},
             "eager_bwd": {"hbm": sum(r + w for r, w in eager_b) + mlp["eager_bwd"]["hbm"],
                           "launches": len(eager_b) + mlp["eager_bwd"]["launches"]}}
+
+
+def _first_dw_launches(M, N, C, G, tile, bk, e, *, rows_norm, norm_width, post, table, acc_elem,
+                       materialised) -> list:
+    """The first layer's dW: the mapped GEMM reading x through the map (and normalising it in its loads),
+    or the normalised operand written once and an unmapped GEMM."""
+    K = G * C
+    if materialised:
+        rows = norm_rows_traffic(M, C, G, e, post=post, table=table, acc_elem=acc_elem)
+        return [sum(rows.values(), Traffic()), sum(fused_gemm_traffic(N, K, M, tile, e).values(), Traffic())]
+    return [sum(mapped_gemm_traffic(N, K, M, (*tile[:2], bk), e, mapped=1, C=C, G=G, rows_norm=rows_norm,
+                                    norm_width=norm_width, acc_elem=acc_elem, table=table).values(), Traffic())]
 
 
 def _norm_stats_launch(T, C, G, e, norm, post, table, acc_elem, fold=None) -> list:
@@ -664,7 +698,7 @@ def _eager_norm_merge(T, C, G, e, norm, post, table, acc_elem) -> tuple[list, li
     return norm_f + merge_f, merge_b + norm_b
 
 
-def _merged_gated_traffic(T, C, G, widths, tile, e, *, norm, post, table, acc_elem, bk, training):
+def _merged_gated_traffic(T, C, G, widths, tile, e, *, norm, post, table, acc_elem, bk, training, materialised):
     """``merged_mlp_traffic`` of the gated form (its docstring)."""
     M, K = T // G, G * C
     N, D = widths
@@ -678,7 +712,8 @@ def _merged_gated_traffic(T, C, G, widths, tile, e, *, norm, post, table, acc_el
     bwd = [sum(fused_gemm_traffic(D, N, M, tile, e).values(), Traffic()),                # dW_down
            bias_grad_traffic(M, D, e),                                                    # db_down
            sum(fused_gemm_traffic(M, N, D, tile, e, gate_grad=True).values(), Traffic()),  # [dG | dU]
-           sum(mapped_gemm_traffic(2 * N, K, M, (*tile[:2], bk), e, mapped=1, **mapped).values(), Traffic()),
+           *_first_dw_launches(M, 2 * N, C, G, tile, bk, e, rows_norm=rows_norm, norm_width=norm_width, post=post,
+                               table=table, acc_elem=acc_elem, materialised=materialised),
            bias_grad_traffic(M, 2 * N, e),
            sum(mapped_gemm_traffic(M, K, 2 * N, (*tile[:2], bk), e, mapped=2, C=C, G=G, table=table).values(),
                Traffic())]

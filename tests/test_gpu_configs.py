@@ -91,6 +91,9 @@ def run_key(spec):
         post = dict(spec.args)["G"] > 1
         return ("merged", None, True, post, spec.dtype, None, cx["ALIGNED"], None, cx["TABLE"], False) \
             + (("FOLDED",) if cx.get("FOLD") else ())
+    if name == "norm_rows_kernel":  # the backward's normalised operand (from FOLD_MIN_ROWS rows)
+        return ("merged", None, True, cx["NORM_POST"], spec.dtype, None, cx["ALIGNED"], None, cx["TABLE"], False,
+                "MATERIALISED")
     if name in ("pool_norm_fwd_kernel", "pool_norm_bwd_kernel"):
         return ("pooled", spec.dtype, cx["NORM"])
     if name == "act_grad_kernel":
@@ -318,7 +321,8 @@ def run_gated(kind, act, dtype, tile, even_k, ragged=RAGGED):
                       lambda *t: gated_mlp_reference(*t, activation=act), [x, wg, wu, wd, *bs], names, names)
 
 
-def run_merged(mapped, norm, post, dtype, tile, aligned, even_k, table, gated=False, ragged=RAGGED, folded=False):
+def run_merged(mapped, norm, post, dtype, tile, aligned, even_k, table, gated=False, ragged=RAGGED, folded=False,
+               materialised=False):
     """A merged projector (``mmfuse.merged_mlp``, G = 2 tokens per row, a shuffled token table or none
     (``table``: adjacent rows, Qwen's view merge), LayerNorm
     per token or per merged row, or none) whose targeted mapped GEMM spans two tiles of ``tile`` and
@@ -326,8 +330,8 @@ def run_merged(mapped, norm, post, dtype, tile, aligned, even_k, table, gated=Fa
     columns when ALIGNED, else 40. ``mapped`` None: the row-wise kernels at GPU blocks (GEMMs at the
     interpreter's tile). ``gated``: the first layer a SwiGLU on one chunked weight (its forward GEMM's
     N is the gate's width). ``ragged``: 8 for the Hopper core (rows of dH stay 16-byte aligned, TMA's
-    rule). ``folded``: an RMSNorm, folded into the first weight at any row count. Values and every
-    gradient."""
+    rule). ``folded``: an RMSNorm, folded into the first weight at any row count; ``materialised``: the
+    backward's normalised operand written at any row count. Values and every gradient."""
     G = 2
     if mapped is None:  # C a multiple of the row-wise BLOCK_C (128) when ALIGNED
         C, M, N1 = (128 if aligned else 40), 21, 24
@@ -358,7 +362,7 @@ def run_merged(mapped, norm, post, dtype, tile, aligned, even_k, table, gated=Fa
 
     from mmfuse.kernels import merged_gemm as KM
 
-    with _patched(KM, "FOLD_MIN_ROWS", 0 if folded else 1 << 30):
+    with _patched(KM, "FOLD_MIN_ROWS", 0 if folded or materialised else 1 << 30):
         _values_and_grads(call(mmfuse.merged_mlp), call(merged_mlp_reference), [x, *ws, *bs, *extra], names, names)
 
 
@@ -517,7 +521,7 @@ def _execute(key):
         with _tf32(dtype_name == "fp32-tf32"), _common.gpu_config({"mapped_gemm_kernel": tile} if tile else {}), \
                 _patched(KL, "TMA", "always" if tma else "never"), _patched(KL, "TMA_PROGRAMS", 132 if tma else None):
             run_merged(mapped, norm, post, DTYPES[dtype_name], tile, aligned, even_k, table, gated,
-                       ragged=8 if tma else RAGGED, folded="FOLDED" in flags)
+                       ragged=8 if tma else RAGGED, folded="FOLDED" in flags, materialised="MATERIALISED" in flags)
     elif family == "pooled":
         dtype_name, norm = params
         with _common.gpu_config({}):
@@ -661,7 +665,7 @@ def launchable_configs() -> dict:
                                     mapped, aligned, gated, "TMA"),
                                    f"merged mlp {dtype} mapped={mapped} aligned={aligned} gated={gated} TMA")
         for blocks in (KM.ROWWISE, KM.ROWWISE_GATHER):
-            for name in ("norm_stats_kernel", "norm_bwd_kernel"):
+            for name in ("norm_stats_kernel", "norm_bwd_kernel", "norm_rows_kernel"):
                 out.setdefault((name, blocks, 4, 1, (elem, "ieee", acc)), f"merged mlp {dtype} norm")
         for name in ("pool_norm_fwd_kernel", "pool_norm_bwd_kernel"):
             blocks = KM.POOL_ROWWISE_FP64 if elem == 8 else KM.POOL_ROWWISE

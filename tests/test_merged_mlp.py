@@ -291,6 +291,47 @@ def test_folded_forward_reads_strided_weights_and_gamma(always_fold, folded_laun
     assert folded_launches[0] == (0, True)
 
 
+# The backward's dW from the normalised operand written once (``materialise_applies``: a norm, from
+# FOLD_MIN_ROWS merged rows): one row-wise launch, then an unmapped GEMM.
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("norm,post,use_map", [("layer", False, False), ("layer", False, True), ("layer", True, True),
+                                               ("rms", True, False)])
+def test_materialised_backward_matches_reference(dtype, norm, post, use_map, always_fold):
+    inputs, names, fn, ref = _case(dtype, norm, post, use_map, T=44)
+    assert_matches_reference(fn, ref, inputs, names)
+
+
+def test_materialised_backward_launches(launches, always_fold):
+    inputs, names, fn, _ = _case(torch.float32, "layer", True, True)
+    leaves = [t.requires_grad_() for t in inputs]
+    y = fn(*leaves)
+    launches.clear()
+    y.sum().backward()
+    # layer 2's dW and dX * gelu'; layer 1's normalised operand, its dW as an unmapped GEMM, dA stored
+    # through the table; the norm backward.
+    assert launches == ["fused_gemm_kernel", "fused_gemm_kernel", "norm_rows_kernel", "fused_gemm_kernel",
+                        "mapped_gemm_kernel", "norm_bwd_kernel"]
+
+
+def test_materialised_gated_backward_and_gradcheck(always_fold):
+    # Aya Vision's form (a SwiGLU on one chunked weight after a pixel shuffle and a LayerNorm over the
+    # merged row): its dW over [dG | dU] from the written operand; and a gradcheck in fp64.
+    T, C_, G_ = 40, 8, 2
+    x = torch.randn(T, C_, dtype=torch.float64)
+    tmap = torch.randperm(T).view(-1, G_)
+    w1, w2 = torch.randn(2 * 6, G_ * C_, dtype=torch.float64) / 4, torch.randn(5, 6, dtype=torch.float64) / 3
+    gamma, beta = 1 + 0.2 * torch.randn(G_ * C_, dtype=torch.float64), torch.randn(G_ * C_, dtype=torch.float64)
+
+    def fn(x, w1, w2, g, b, f=merged_mlp):
+        return f(x, [w1, w2], None, "silu", group=G_, token_map=tmap, norm="layer", norm_weight=g, norm_bias=b,
+                 norm_after_merge=True, gate_half=1)
+
+    inputs = [t.requires_grad_() for t in (x, w1, w2, gamma, beta)]
+    assert torch.autograd.gradcheck(fn, inputs, fast_mode=True)
+    assert_matches_reference(fn, lambda *t: fn(*t, f=merged_mlp_reference), [t.float().detach() for t in inputs],
+                             ["x", "W1", "W2", "gamma", "beta"])
+
+
 def test_empty_and_inference():
     inputs, names, fn, _ = _case(torch.float32, "layer", True, False, T=0)
     leaves = [t.requires_grad_() for t in inputs]

@@ -160,7 +160,10 @@ def merged_mlp_bwd_op(dy: torch.Tensor, x: torch.Tensor, token_map: torch.Tensor
         else:
             dh = KL.input_grad(dh, weights[i], h_prev=preacts[i - 1], activation_prev=activation)
     if need_w[0]:
-        dws[0] = KM.mapped_weight_grad(dh, merge)
+        if KM.materialise_applies(merge):  # the normalised operand written once: dW unmapped
+            dws[0], _ = KL.weight_grad(dh, KM.normalised_rows(merge), with_bias=False)
+        else:
+            dws[0] = KM.mapped_weight_grad(dh, merge)
     if need_b[0]:
         dbs[0] = _acc_sum_rows(dh)
     dx, dgamma, dbeta = _nothing(x), _nothing(x), _nothing(x)
