@@ -489,6 +489,9 @@ def verify_checks():
         # Qwen2.5-VL's form at enough merged rows for the folded forward (gamma * W, rstd on the accumulator):
         # C = 64, a multiple of every tile's K step.
         checks.append(merged_check(dtype, "rms per token, folded", "rms", False, False, T=4 * KM.FOLD_MIN_ROWS, C=64))
+        # InternVL's form at enough rows for the backward's written operand (dW unmapped).
+        checks.append(merged_check(dtype, "shuffle+ln per row, dW unmapped", "layer", True, True,
+                                   T=4 * KM.FOLD_MIN_ROWS))
         checks.append(merged_check(dtype, "shuffle+ln per row", "layer", True, True))
         checks.append(merged_check(dtype, "swiglu, shuffle+ln", "layer", True, True, gate_half=1))
     return checks
