@@ -714,7 +714,7 @@ def fold_applies(merge: Merge, gated: bool = False) -> bool:
     when |mean| >> std: ``test_normalising_in_the_load_is_exact_at_large_mean``), not gated, at least
     FOLD_MIN_ROWS merged rows, and one token per row in every K step the launcher may take (a norm
     per token: its rstd scales whole K steps), or a norm over the merged row."""
-    if merge.norm != "rms" or gated or merge.M < FOLD_MIN_ROWS:
+    if merge.norm != "rms" or gated or merge.M < FOLD_MIN_ROWS or merge.K == 0:  # (K = 0: rstd is NaN, A empty)
         return False
     return merge.post or all(merge.C % bk == 0 for bk in _forward_block_ks(merge))
 

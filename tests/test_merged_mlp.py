@@ -236,6 +236,8 @@ def test_where_the_forward_folds(launches, folded_launches):
     assert not folds("rms", False, 24, 2 * rows)       # C = 24: a 32-wide K step straddles two tokens
     assert not folds("layer", False, 32, 2 * rows) and not folds("layer", True, 32, 2 * rows)
     assert not folds("rms", True, 32, 2 * rows, gated=True)
+    # no channels: nothing to fold (the statistics of an empty row are NaN; unfolded, no K step reads them)
+    assert not KM.fold_applies(KM.Merge(torch.randn(2 * rows, 0), 2, norm="rms", gamma=torch.randn(0)))
 
 
 @pytest.mark.skipif(not mmfuse.INTERPRET, reason="counts the interpreter's stores")
