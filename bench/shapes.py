@@ -464,5 +464,4 @@ for _name in ("Cohere Compass", "Cosmos 3 Edge", "DeepSeek-VL", "dots.3 note", "
               "Inkling 2", "LFM3-VL", "MiniCPM-o OCR", "MiniMax-M3-VL", "MistralLarge4", "ModernVBERT", "Muse Glimmer",
               "Muse Spark", "Nemotron Omni", "PP-FormulaNet", "Qianfan-OCR", "Qwen4-Exp", "Step3.7", "TIPSv2",
               "Unlimited-OCR"):
-    assert _name not in FAMILY_ROWS, _name
-    FAMILY_ROWS[_name] = _NO_CONFIG
+    FAMILY_ROWS.setdefault(_name, _NO_CONFIG)

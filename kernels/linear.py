@@ -486,8 +486,9 @@ def tma_flatten(act_grad: bool, gate_path: bool = False, tf32: bool = False) -> 
     """FLATTEN for a GEMM: not in 16 bits, by measurement (session 14's H100 tile sweep, bench/NOTES.md
     "Session 15"): flattened, the forward and dW at LLaVA-1.5 with one image ran 82 and 35 µs at 128x128
     against 31 and 18 µs unflattened (one or two tiles per persistent program), and at 8 images and
-    Qwen2.5-VL's merger sizes flattening was 5% slower to 2% faster. TF32 (not in the sweep) keeps the
-    flattened forward and dW: unflattened, its 64x128 forward spilled 8 B on Triton 3.9. Never with act'
+    Qwen2.5-VL's merger sizes flattening was 5% slower to 2% faster. TF32 (not in the sweep) keeps
+    flattening every GEMM without act', as before: unflattened, its 64x128 forward spilled 8 B on Triton
+    3.9. Never with act'
     (flattening holds the next tile's load state live across the epilogue: 255 registers and 8 B of
     spills at 128x64) nor in the gated GEMMs (two accumulators, or two K loops). ``kernel_profile``'s
     sweep times both forms, to be measured again."""

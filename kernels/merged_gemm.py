@@ -162,7 +162,9 @@ def row_stats(pid, x_ptr, map_ptr, stats_ptr, R, C, G, stride_xt, stride_xc, str
               BLOCK_C: tl.constexpr):
     """stats[r] = (mean, rstd) of normalised row r: the G*C values of tokens map[r, 0..G-1] (a source
     token: G = 1 and map[r, 0] = r; a merged row: its tokens). ``center`` = 1 for LayerNorm; 0 for
-    RMSNorm, which stores mean = 0. Two passes over the row: the mean, then the centred squares."""
+    RMSNorm, which stores mean = 0. Two passes over the row: the mean, then the centred squares, summed
+    relative to the running largest |value| (as a robust 2-norm is), so a row of finite values never
+    overflows to rstd = 0 (|x| > 1.8e19 would, squared in fp32): the folded forward divides by rstd."""
     rows = pid * BLOCK_R + tl.arange(0, BLOCK_R)
     row_ok = rows < R
     width = C * G
@@ -176,7 +178,8 @@ def row_stats(pid, x_ptr, map_ptr, stats_ptr, R, C, G, stride_xt, stride_xc, str
             x = tl.load(x_ptr + offs, mask=row_ok[:, None] & col_ok[None, :], other=0.0)
             total += tl.sum(x.to(ACC_DTYPE), axis=1)
     mean = total / width
-    squares = tl.zeros((BLOCK_R,), dtype=ACC_DTYPE)
+    big = tl.zeros((BLOCK_R,), dtype=ACC_DTYPE)      # the largest |value - mean| so far
+    squares = tl.zeros((BLOCK_R,), dtype=ACC_DTYPE)  # sum of ((value - mean) / big)^2
     for k0 in range(0, width, BLOCK_C):
         cols = k0 + tl.arange(0, BLOCK_C)
         col_ok = cols < width
@@ -184,8 +187,18 @@ def row_stats(pid, x_ptr, map_ptr, stats_ptr, R, C, G, stride_xt, stride_xc, str
         offs, _ = token_offsets(rows, cols, k0, map_ptr, stride_map, C, G, stride_xt, stride_xc, row_ok, col_ok,
                                 ALIGNED, TABLE)
         d = tl.where(mask, tl.load(x_ptr + offs, mask=mask, other=0.0).to(ACC_DTYPE) - mean[:, None], 0.0)
-        squares += tl.sum(d * d, axis=1)
-    rstd = 1.0 / tl.sqrt(squares / width + eps)
+        big_new = tl.maximum(big, tl.max(tl.abs(d), axis=1))
+        inv = 1.0 / tl.where(big_new > 0, big_new, 1.0)
+        ratio = big * inv
+        d = d * inv[:, None]
+        squares = squares * ratio * ratio + tl.sum(d * d, axis=1)
+        big = big_new
+    # mean square = big^2 * squares / width; past big ~ 1e18 (big^2 near fp32's range) eps is negligible.
+    # (Each branch sees safe values only: padded rows have big = squares = 0.)
+    huge = big > 1e18
+    rstd_huge = 1.0 / (tl.where(huge, big, 1.0) * tl.sqrt(tl.where(huge, squares, 1.0) / width))
+    small = tl.where(huge, 0.0, big)
+    rstd = tl.where(huge, rstd_huge, 1.0 / tl.sqrt(small * small * squares / width + eps))
     tl.store(stats_ptr + 2 * rows, mean.to(stats_ptr.dtype.element_ty), mask=row_ok)
     tl.store(stats_ptr + 2 * rows + 1, rstd.to(stats_ptr.dtype.element_ty), mask=row_ok)
 
@@ -660,7 +673,7 @@ class Merge:
         self.gamma = gamma
         self.beta = beta if norm == "layer" else (_zeros(width, x.dtype, x.device) if norm else None)
         self.stats = None
-        self.folded = None  # gamma * W of the first Linear, once norm_stats folded it (``fold_applies``)
+        self.folded = self.folded_from = None  # gamma * W, and the W it came from (``norm_stats(fold=W)``)
 
     @property
     def rows(self):
@@ -695,7 +708,7 @@ def norm_stats(merge: Merge, fold=None):
             ALIGNED=merge.C % bc == 0, TABLE=table, FOLD=fold is not None, FOLD_POST=merge.post,
             ACC_DTYPE=acc_dtype(x.dtype), BLOCK_R=br, BLOCK_C=bc, num_warps=4, num_stages=1, **LAUNCH_OPTIONS)
     merge.stats = stats
-    merge.folded = wf if fold is not None else None
+    merge.folded, merge.folded_from = (wf, fold) if fold is not None else (None, None)
     return stats
 
 
@@ -713,8 +726,12 @@ def fold_applies(merge: Merge, gated: bool = False) -> bool:
     a LayerNorm's fold subtracts mean * (gamma W) from x @ (gamma W)^T, which loses the signal's bits
     when |mean| >> std: ``test_normalising_in_the_load_is_exact_at_large_mean``), not gated, at least
     FOLD_MIN_ROWS merged rows, and one token per row in every K step the launcher may take (a norm
-    per token: its rstd scales whole K steps), or a norm over the merged row."""
+    per token: its rstd scales whole K steps), or a norm over the merged row; not in fp16, whose
+    subnormals start at 6e-5 (a small gamma times a weight of 1e-2 would lose digits there that
+    PyTorch's order, rounding x * rstd * gamma ~ 1, keeps; bf16 and fp32 have fp32's range)."""
     if merge.norm != "rms" or gated or merge.M < FOLD_MIN_ROWS or merge.K == 0:  # (K = 0: rstd is NaN, A empty)
+        return False
+    if merge.x.dtype == torch.float16:  # gamma * W would round into fp16's subnormals where |gamma W| < 6e-5
         return False
     return merge.post or all(merge.C % bk == 0 for bk in _forward_block_ks(merge))
 
@@ -829,6 +846,8 @@ def mapped_fwd(merge: Merge, weight, bias=None, activation=0, store_preact=False
     M, N, x = merge.M, weight.shape[0], merge.x
     y = empty((M, N), dtype=x.dtype, device=x.device)
     h = empty((M, N), dtype=x.dtype, device=x.device) if (store_preact and activation) else None
+    if merge.folded is not None and weight is not merge.folded_from:
+        raise ValueError("weight: expected the weight norm_stats folded gamma into (merge.folded_from), got another")
     w_t = (merge.folded if merge.folded is not None else weight).t()
     _launch(x, w_t, y, merge, 0, M, N, merge.K,
             (x.stride(0), x.stride(1), w_t.stride(0), w_t.stride(1), y.stride(0), y.stride(1)),
@@ -872,9 +891,9 @@ def materialise_applies(merge: Merge) -> bool:
     """Whether the backward writes the normalised operand once (``normalised_rows``) and runs dW as an
     unmapped GEMM: with a norm (without one the mapped dW's operand reaches the tensor cores as loaded)
     and from FOLD_MIN_ROWS merged rows. Model (bench/NOTES.md, "Session 15"): normalising in the loads
-    ran dW at 2.4-4x an unmapped GEMM's time on an H100; writing the operand costs M K e bytes (~a
-    hundredth of dW's time per output column at N >= 1024) and a launch, which the threshold keeps
-    from the smallest calls, as for the forward's fold."""
+    ran dW at 2.4-4x an unmapped GEMM's time on an H100; the written operand costs a pass (x read, M K e
+    bytes written, which dW then reads instead of gathering x: a small fraction of dW's time at N >= 1024)
+    and a launch, which the threshold keeps from the smallest calls, as for the forward's fold."""
     return merge.norm is not None and merge.M >= FOLD_MIN_ROWS
 
 

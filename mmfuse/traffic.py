@@ -471,7 +471,7 @@ def gated_mlp_traffic(M: int, K: int, N: int, D: int, tile, elem: int, bias: boo
 def mapped_gemm_traffic(M: int, N: int, K: int, tile: tuple[int, int, int], elem: int, *, mapped: int, C: int,
                         G: int, rows_norm: int = 0, norm_width: int = 0, bias: bool = False, store_aux: bool = False,
                         acc_elem: int = 4, table: bool = True, gated: bool = False,
-                        folded: bool = False) -> dict[str, Traffic]:
+                        folded: bool = False, post: bool = False) -> dict[str, Traffic]:
     """Per operand of one ``mapped_gemm_kernel`` launch (kernels/merged_gemm.py) of GEMM (M, N, K) with
     tile (BLOCK_M, BLOCK_N, BLOCK_K), channel blocks aligned to C (ALIGNED: one token per row per
     step). ``mapped`` 0: A is the merged operand ("x", loaded like A; per program, K step and row: one
@@ -483,7 +483,7 @@ def mapped_gemm_traffic(M: int, N: int, K: int, tile: tuple[int, int, int], elem
     (G per program row), with its (mean, rstd) per slot, not per K step. ``gated`` (mapped 0): the up
     half's W^T, bias and pre-activation beside the gate's ("b2", "bias2", "aux2"), A loaded once.
     ``folded`` (mapped 0, an RMSNorm folded into B = gamma * W): no gamma / beta loads; per program only
-    rstd, per row and slot j (a norm per token) or per row once (per merged row)."""
+    rstd, per row and slot j (a norm per token) or per row once (``post``: per merged row)."""
     bm, bn, bk = tile
     t = fused_gemm_traffic(M, N, K, (bm, bn), elem, bias=bias, store_aux=store_aux, gated=gated)
     pm, pn = _cdiv(M, bm), _cdiv(N, bn)
@@ -503,7 +503,7 @@ def mapped_gemm_traffic(M: int, N: int, K: int, tile: tuple[int, int, int], elem
         merged_rows = K
     t["table"] = Traffic(loaded=lookups * 4, unique=merged_rows * G * 4) if table else Traffic()
     if rows_norm and folded:
-        per_program = bm * (G if rows_norm != M else 1)  # rstd per row and slot, or per merged row
+        per_program = bm * (1 if post else G)  # rstd per row and slot, or per merged row
         t["stats"] = Traffic(loaded=pm * pn * per_program * acc_elem, unique=rows_norm * acc_elem)
     elif rows_norm:
         t["stats"] = Traffic(loaded=2 * lookups * acc_elem, unique=2 * rows_norm * acc_elem)
@@ -612,7 +612,8 @@ def merged_mlp_traffic(T: int, C: int, G: int, widths, tile, elem: int, *, norm:
     fwd += _norm_stats_launch(T, C, G, e, norm, post, table, acc_elem, fold=(n1, K, norm_width) if folded else None)
     fwd.append(sum(mapped_gemm_traffic(M, n1, k1, (*tile[:2], bk), e, mapped=0, C=C, G=G, rows_norm=rows_norm,
                                        norm_width=norm_width, bias=bias, store_aux=training and len(layers) > 1,
-                                       acc_elem=acc_elem, table=table, folded=folded).values(), Traffic()))
+                                       acc_elem=acc_elem, table=table, folded=folded, post=post).values(),
+                   Traffic()))
     for i, (k, n) in enumerate(layers[1:], start=1):
         fwd.append(sum(fused_gemm_traffic(M, n, k, tile, e, bias=bias,
                                           store_aux=training and i < len(layers) - 1).values(), Traffic()))

@@ -238,6 +238,35 @@ def test_where_the_forward_folds(launches, folded_launches):
     assert not folds("rms", True, 32, 2 * rows, gated=True)
     # no channels: nothing to fold (the statistics of an empty row are NaN; unfolded, no K step reads them)
     assert not KM.fold_applies(KM.Merge(torch.randn(2 * rows, 0), 2, norm="rms", gamma=torch.randn(0)))
+    # fp16: gamma * W would round into its subnormals (from 6e-5); bf16 has fp32's range
+    for dtype, expected in ((torch.float16, False), (torch.bfloat16, True)):
+        merge = KM.Merge(torch.randn(2 * rows, 32, dtype=dtype), 2, norm="rms", gamma=torch.ones(32, dtype=dtype))
+        assert KM.fold_applies(merge) == expected
+    # the folded weight serves the weight it came from only
+    merge = KM.Merge(torch.randn(2 * rows, 32), 2, norm="rms", gamma=torch.ones(32))
+    w = torch.randn(8, 64)
+    KM.norm_stats(merge, fold=w)
+    with pytest.raises(ValueError, match="weight"):
+        KM.mapped_fwd(merge, w.clone())
+
+
+@pytest.mark.parametrize("fold", [True, False], ids=["folded", "in the load"])
+def test_a_token_whose_squares_overflow_fp32_keeps_its_row_finite(fold, monkeypatch):
+    # |x| ~ 1e20: x^2 overflows fp32, so a plain sum of squares gives rstd = 0 (PyTorch's fp32 RMSNorm
+    # zeroes the token), and the folded forward, dividing by rstd, would make the row NaN. The statistics
+    # sum squares relative to the row's largest value: the token normalises as in fp64.
+    from mmfuse.kernels import merged_gemm as KM
+
+    monkeypatch.setattr(KM, "FOLD_MIN_ROWS", 0 if fold else 1 << 30)
+    x = torch.randn(64, 64)
+    x[5] *= 1e20
+    gamma = 1 + 0.2 * torch.randn(64)
+    w = torch.randn(24, 128) / 11
+    kw = dict(group=2, norm="rms", eps=1e-6)
+    ours = merged_mlp(x, [w], None, None, norm_weight=gamma, **kw)
+    ref64 = merged_mlp_reference(x.double(), [w.double()], None, None, norm_weight=gamma.double(), **kw)
+    assert torch.isfinite(ours).all()
+    torch.testing.assert_close(ours.double(), ref64, rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.skipif(not mmfuse.INTERPRET, reason="counts the interpreter's stores")

@@ -489,8 +489,8 @@ def test_norm_rowwise_traffic_matches_interpreted_runs(post):
         {k: model[k] for k in ("x", "da", "stats", "gamma", "table", "dx")}
 
 
-@pytest.mark.parametrize("post,use_table", [(False, False), (False, True), (True, True)],
-                         ids=["per-token-view", "per-token-table", "per-row-table"])
+@pytest.mark.parametrize("post,use_table", [(False, False), (False, True), (True, True), (True, False)],
+                         ids=["per-token-view", "per-token-table", "per-row-table", "per-row-view"])
 def test_folded_forward_traffic_matches_interpreted_runs(post, use_table):
     # The folded RMSNorm forward launch by launch: the statistics' launch also reads W once and gamma per
     # program and column step and writes gamma * W; the GEMM reads gamma * W and x raw, with only rstd
@@ -519,7 +519,7 @@ def test_folded_forward_traffic_matches_interpreted_runs(post, use_table):
     (y, h), got = measure(lambda: KM.mapped_fwd(merge, w, b, activation=1, store_preact=True),
                           {**tensors, "y": lambda r: r[0], "h": lambda r: r[1]})
     model = mapped_gemm_traffic(M, N, K, (32, 32, 32), 4, mapped=0, C=C, G=G, rows_norm=rows_norm, norm_width=width,
-                                bias=True, store_aux=True, table=use_table, folded=True)
+                                bias=True, store_aux=True, table=use_table, folded=True, post=post)
     assert (got["x"], got["table"], got["wf"], got["bias"], got["y"], got["h"], got["stats"]) == \
         (model["x"], model["table"], model["b"], model["bias"], model["c"], model["aux"], model["stats"])
     assert got["gamma"] == Traffic() and "gamma_beta" not in model

@@ -3,12 +3,14 @@
 ``merged_mlp(x, weights, ...)`` = ``mlp(norm_merge(x), weights, biases, activation)`` where x (T, C)
 holds the vision tower's tokens and norm_merge (kernels/merged_gemm.py) gathers G tokens per merged
 row (a (M, G) token table, or G adjacent rows without one) and normalises (LayerNorm / RMSNorm) each
-source token (pre-merge) or each merged row (post-merge). The merged, normalised operand is never
-materialised: the first GEMM reads x through the table and normalises in its loads.
+source token (pre-merge) or each merged row (post-merge). The forward never materialises the merged,
+normalised operand: the first GEMM reads x through the table and normalises in its loads (an RMSNorm
+from FOLD_MIN_ROWS merged rows: its gamma folded into the first weight, rstd on the accumulator).
 
 Launches: forward 1 (norm statistics) + one GEMM per layer; backward per layer dW, db (a reduction),
-dX (act' in its epilogue), the first layer's dW reading x through the table again, its dX stored back
-through the table (a permutation store), and one row-wise norm backward.
+dX (act' in its epilogue), the first layer's dW reading x through the table again (with a norm, from
+FOLD_MIN_ROWS merged rows: the normalised operand written once by one row-wise launch, then an unmapped
+GEMM), its dX stored back through the table (a permutation store), and one row-wise norm backward.
 """
 
 from __future__ import annotations
@@ -309,7 +311,8 @@ def merged_mlp(x: torch.Tensor, weights: Sequence[torch.Tensor], biases: Sequenc
                gate_half: int | None = None, pool: bool = False, norm_weight_offset: float = 0.0,
                final_activation: bool = False, _table_checked: bool = False) -> torch.Tensor:
     """``mlp(norm_merge(x), weights, biases, activation)`` with the merge and the norm read inside the
-    first GEMM (never materialised).
+    first GEMM (never materialised in the forward; the backward writes the normalised operand once for
+    its dW from FOLD_MIN_ROWS merged rows).
 
     x (T, C): the vision tower's tokens. Merged row m is ``group`` tokens side by side (group * C =
     weights[0].shape[1]): tokens ``token_map[m, 0..group-1]`` (an (M, group) integer tensor, each token
