@@ -447,10 +447,16 @@ def verify_checks():
     from mmfuse.testing import compare_with_reference
     from mmfuse.verify import Check
 
-    def merged_check(dtype, what, norm, post, table, T=64, C=48, G=4, widths=(72, 40), gate_half=None):
+    def merged_check(dtype, what, norm, post, table, T=64, C=48, G=4, widths=(72, 40), gate_half=None,
+                     path=None):
         def run(device):
             x = torch.randn(T, C, device=device, dtype=dtype)
             tmap = torch.randperm(T, device=device).view(-1, G) if table else None
+            if path is not None:  # the check is for that path: fail loudly if the launcher would not take it
+                merge = KM.Merge(x, G, tmap, norm, post, torch.ones(G * C if post else C, device=device, dtype=dtype))
+                if not path(merge):
+                    raise RuntimeError(f"{path.__name__} does not hold for this check's shapes: it would test "
+                                       "another path")
             width = G * C if post else C
             n1 = widths[0] * (1 if gate_half is None else 2)
             ws = [torch.randn(n1, G * C, device=device, dtype=dtype) / (G * C) ** 0.5,
@@ -491,10 +497,12 @@ def verify_checks():
         checks.append(merged_check(dtype, "rms per token", "rms", False, False))
         # Qwen2.5-VL's form at enough merged rows for the folded forward (gamma * W, rstd on the accumulator):
         # C = 64, a multiple of every tile's K step.
-        checks.append(merged_check(dtype, "rms per token, folded", "rms", False, False, T=4 * KM.FOLD_MIN_ROWS, C=64))
+        if dtype != torch.float16:  # (fp16 is not folded: ``fold_applies``)
+            checks.append(merged_check(dtype, "rms per token, folded", "rms", False, False, T=4 * KM.FOLD_MIN_ROWS,
+                                       C=64, path=KM.fold_applies))
         # InternVL's form at enough rows for the backward's written operand (dW unmapped).
         checks.append(merged_check(dtype, "shuffle+ln per row, dW unmapped", "layer", True, True,
-                                   T=4 * KM.FOLD_MIN_ROWS))
+                                   T=4 * KM.FOLD_MIN_ROWS, path=KM.materialise_applies))
         checks.append(merged_check(dtype, "shuffle+ln per row", "layer", True, True))
         checks.append(merged_check(dtype, "swiglu, shuffle+ln", "layer", True, True, gate_half=1))
     return checks
