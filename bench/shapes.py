@@ -203,6 +203,21 @@ MLP_SHAPES = (
     # of the loaded Qwen3-Omni-30B-A3B-Instruct and a copy of its config.json); a 768px image (its
     # image_size): 48x48 patches of 16, 576 merged rows.
     MLPShape("qwen3-omni-30b-a3b-merger", 576, (4608, 4608, 2048)),
+    # MiniMax-M3-VL (minimax_m3_vl, "merge+mlp"): an MLP per patch, linear_1 1280 -> 6144, act, linear_2
+    # 6144 -> 6144, the 2x2 merge as a reshape, then merge_linear_1 24576 -> 6144, act, merge_linear_2 -> 6144
+    # (third-party only, three of them: a write-up reading the release's safetensors headers, an inference
+    # engine's config defaults, and a test whose values are "from nvidia/MiniMax-M3-NVFP4"); a 896px image,
+    # 64x64 patches of 14, 1024 merged rows (the size is ours).
+    MLPShape("minimax-m3-vl-patch-mlp", 4096, (1280, 6144, 6144)),
+    MLPShape("minimax-m3-vl-merge-mlp", 1024, (24576, 6144, 6144)),
+    # Muse Glimmer 30B's vision adapter: fc1 6144 -> 4096, act, fc2 4096 -> 4096, act, no biases (several
+    # third-party mirrors of meta-models/Muse-Glimmer-30B's config.json; the second act is not in the byte
+    # model); 1024 rows (the size is ours).
+    MLPShape("muse-glimmer-30b-adapter", 1024, (6144, 4096, 4096)),
+    # DeepSeek-VL 1.3B's aligner (mlp_gelu): SigLIP-L at 384px, patch 16, 576 tokens; 1024 -> 2048 -> 2048
+    # (two test configs' projector input_dim 1024, n_embed 2048; a mirrored model card: SigLIP-L and
+    # DeepSeek-LLM-1.3B).
+    MLPShape("deepseek-vl-1.3b-aligner", 576, (1024, 2048, 2048)),
 )
 
 GATED_SHAPES = (
@@ -258,6 +273,10 @@ MERGED_SHAPES = (
     # aiconfigurator's config copy: 1152 -> out_hidden_size 4096), so the row above stands for it; Qwen2.5-Omni-
     # 7B's vision is Qwen2.5-VL-7B's (1280 -> 3584: a config-validator fixture and transformers' default).
     MergedShape("qwen3-vl-30b-a3b-merger", 4096, 1152, 4, (4608, 2048), "layer"),
+    # Qwen4-Exp: the Qwen3-VL merger form, tower 1152 wide, patch 16, merge 2, out_hidden_size 2560 (three
+    # third-party copies: two GGUF converters' expected vision_config and a full vision_config dump); its
+    # Conv3d 3x2x16x16 -> 1152 is the "qwen3-vl" row's. A 1024px image, 64x64 patches (the size is ours).
+    MergedShape("qwen4-exp-merger", 4096, 1152, 4, (4608, 2560), "layer"),
     # Kimi K2.5's projector: LayerNorm(1152) per token, the 2x2 merge (a view) to 4608 -> 4608, GELU, -> 7168
     # (aiconfigurator's moonshotai--Kimi-K2.5 config.json: vt_hidden_size 1152, patch 14, merge_kernel_size
     # [2, 2], text hidden 7168; vLLM's and mlx-vlm's projector code: in 4 x 1152, out the text hidden); a
@@ -431,6 +450,11 @@ FAMILY_ROWS: dict[str, tuple[str, ...] | str] = {
     "DeepSeek-OCR 2": ("got-ocr2-sam-b",),
     "AIMv2": ("aimv2-large-14-224",),
     "Ovis2": ("ovis2-aimv2-huge-448",),
+    "Qwen4-Exp": ("qwen4-exp-merger", "qwen3-vl"),
+    # MiniMax-M3-VL's Conv3d (2, 14, 14) -> 1280 is the "qwen2.5-vl-7b" patch row's
+    "MiniMax-M3-VL": ("minimax-m3-vl-patch-mlp", "minimax-m3-vl-merge-mlp", "qwen2.5-vl-7b"),
+    "Muse Glimmer": ("muse-glimmer-30b-adapter",),
+    "DeepSeek-VL": ("deepseek-vl-1.3b-aligner",),
     "DeepSeek-VL (hybrid)": "no row: two Linears (1024 -> 2048 each: SigLIP-L and SAM-B's features; GELU after their "
                             "concatenation) and 4096 -> 4096 (transformers' conversion script, the publisher's "
                             "projector code): no row type expresses the concatenation",
@@ -460,8 +484,7 @@ FAMILY_ROWS: dict[str, tuple[str, ...] | str] = {
                        "wide; 12288 -> 1024 -> 1024 and 3072 -> 1024) were found only in code of transformers' own "
                        "lineage, not in an independent copy of the config",
 }
-for _name in ("Cohere Compass", "Cosmos 3 Edge", "DeepSeek-VL", "dots.3 note", "EXAONE 4.5", "GLM-Image",
-              "Inkling 2", "LFM3-VL", "MiniCPM-o OCR", "MiniMax-M3-VL", "MistralLarge4", "ModernVBERT", "Muse Glimmer",
-              "Muse Spark", "Nemotron Omni", "PP-FormulaNet", "Qianfan-OCR", "Qwen4-Exp", "Step3.7", "TIPSv2",
-              "Unlimited-OCR"):
+for _name in ("Cohere Compass", "Cosmos 3 Edge", "dots.3 note", "EXAONE 4.5", "GLM-Image", "Inkling 2", "LFM3-VL",
+              "MiniCPM-o OCR", "MistralLarge4", "ModernVBERT", "Muse Spark", "Nemotron Omni", "PP-FormulaNet",
+              "Qianfan-OCR", "Step3.7", "TIPSv2", "Unlimited-OCR"):
     FAMILY_ROWS.setdefault(_name, _NO_CONFIG)
