@@ -280,16 +280,18 @@ def _recording():
     cls, grid = interp.InterpreterBuilder, interp.GridExecutor
     load, store, call = cls.create_masked_load, cls.create_masked_store, grid.__call__
 
-    def masked_load(self, ptrs, mask, other, cache_policy, is_volatile):
-        out = load(self, ptrs, mask, other, cache_policy, is_volatile)
+    # (The hooks pass Triton's cache / eviction / volatile arguments through as they come: Triton 3.6-3.8
+    # take cache_modifier and eviction_policy where 3.9 takes one cache_policy.)
+    def masked_load(self, ptrs, mask, other, *policy):
+        out = load(self, ptrs, mask, other, *policy)
         addrs = np.asarray(ptrs.data)[np.asarray(mask.data, dtype=bool)].ravel()
         rec.loads.append((len(rec.launches) - 1, addrs, out.data.itemsize))
         return out
 
-    def masked_store(self, ptrs, value, mask, cache_policy):
+    def masked_store(self, ptrs, value, mask, *policy):
         addrs = np.asarray(ptrs.data)[np.asarray(mask.data, dtype=bool)].ravel()
         rec.stores.append((len(rec.launches) - 1, addrs, value.data.itemsize))
-        return store(self, ptrs, value, mask, cache_policy)
+        return store(self, ptrs, value, mask, *policy)
 
     def launch(self, *args, **kwargs):
         rec.launches.append(self.fn.__name__)
