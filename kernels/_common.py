@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import math
 
+import numpy as np
 import torch
 import triton
 import triton.language as tl
@@ -139,6 +140,17 @@ def mma(a, b, acc, INPUT_PRECISION: tl.constexpr, ACC_DTYPE: tl.constexpr):
         if b.dtype == tl.float32:
             b = round_to_tf32(b)
     return tl.dot(a, b, acc, input_precision=INPUT_PRECISION, out_dtype=ACC_DTYPE)
+
+
+def fp32_pair(value: float, acc: torch.dtype) -> tuple[float, float]:
+    """A float scalar as the kernels take it: (hi, lo), both fp32 values, hi + lo = value to ~2^-48
+    relative. A GPU launch passes a Python float as fp32 (so do Triton 3.6-3.8's interpreters; 3.9's keeps
+    fp64), so an fp64 kernel given the value alone ran with it rounded to fp32: cross-attention's softmax
+    scale then put ~6e-8 relative error in fp64 outputs. lo carries the rest for fp64 accumulators; any
+    other takes hi alone (lo = 0, and hi + 0 is hi exactly). The kernel adds the pair in its accumulator's
+    dtype: ``tl.cast(hi, ACC) + tl.cast(lo, ACC)``."""
+    hi = float(np.float32(value))
+    return hi, (float(np.float32(value - hi)) if acc == torch.float64 else 0.0)
 
 
 def dot_precision(dtype: torch.dtype) -> str:

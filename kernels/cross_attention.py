@@ -55,6 +55,7 @@ from mmfuse.kernels._common import (
     PEAK_FLOPS,
     cdiv,
     empty,
+    fp32_pair,
     gpu_config_on,
     next_pow2,
     num_sms,
@@ -135,12 +136,14 @@ def attn_fwd_kernel(
     stride_fob, stride_foh, stride_fom, stride_fod,
     stride_flb, stride_flh, stride_flm,
     stride_mb, stride_mn, stride_lens,
-    Hq, Lq, Lk, L1, D, GROUP, CHUNK, SPLITS, qk_scale,
+    Hq, Lq, Lk, L1, D, GROUP, CHUNK, SPLITS, qk_scale, qk_scale_lo,
     HAS_LENS: tl.constexpr, HAS_MASK: tl.constexpr, TWO_SOURCES: tl.constexpr, PARTIAL: tl.constexpr,
     COMBINE: tl.constexpr, INPUT_PRECISION: tl.constexpr, ACC_DTYPE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr,
     EVEN_N: tl.constexpr,
 ):
+    # The scales come as an fp32 pair (hi, lo): a GPU passes a Python float as fp32, and fp64 needs more.
+    qk_scale = tl.cast(qk_scale, ACC_DTYPE) + tl.cast(qk_scale_lo, ACC_DTYPE)
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
     split = tl.program_id(2)
@@ -306,13 +309,15 @@ def attn_bwd_dkdv_kernel(
     stride_dvb, stride_dvh, stride_dvn, stride_dvd,
     stride_dk2b, stride_dk2h, stride_dk2n, stride_dk2d,
     stride_dv2b, stride_dv2h, stride_dv2n, stride_dv2d,
-    Hkv, Lq, Lk, L1, D, GROUP, qk_scale, sm_scale,
+    Hkv, Lq, Lk, L1, D, GROUP, qk_scale, qk_scale_lo, sm_scale, sm_scale_lo,
     HAS_LENS: tl.constexpr, HAS_MASK: tl.constexpr, TWO_SOURCES: tl.constexpr,
     INPUT_PRECISION: tl.constexpr, ACC_DTYPE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     """dK, dV of one key block of one (batch, kv head): sums over the GROUP query heads sharing it
     and over every query block, in that fixed order."""
+    qk_scale = tl.cast(qk_scale, ACC_DTYPE) + tl.cast(qk_scale_lo, ACC_DTYPE)  # (hi, lo): ``fp32_pair``
+    sm_scale = tl.cast(sm_scale, ACC_DTYPE) + tl.cast(sm_scale_lo, ACC_DTYPE)
     pid_n = tl.program_id(0)
     pid_bh = tl.program_id(1)
     b = pid_bh // Hkv
@@ -384,7 +389,8 @@ def attn_bwd_dq_kernel(
     stride_dvb, stride_dvh, stride_dvn, stride_dvd,
     stride_dk2b, stride_dk2h, stride_dk2n, stride_dk2d,
     stride_dv2b, stride_dv2h, stride_dv2n, stride_dv2d,
-    Hq, Lq, Lk, L1, D, GROUP, BATCH_LOOP, BATCH_CHUNK, KEY_CHUNK, KEY_SPLITS, qk_scale, sm_scale,
+    Hq, Lq, Lk, L1, D, GROUP, BATCH_LOOP, BATCH_CHUNK, KEY_CHUNK, KEY_SPLITS, qk_scale, qk_scale_lo, sm_scale,
+    sm_scale_lo,
     HAS_LENS: tl.constexpr, HAS_MASK: tl.constexpr, TWO_SOURCES: tl.constexpr, SINGLE_PASS: tl.constexpr,
     INPUT_PRECISION: tl.constexpr, ACC_DTYPE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
@@ -401,6 +407,8 @@ def attn_bwd_dq_kernel(
     program is the only one to meet each (sample, head, key block) it visits, so it also stores that
     block's dK and dV (complete: there is no other query block or head to sum over) and forms delta
     from O itself. The whole backward is this one launch, and K, V are read once instead of twice."""
+    qk_scale = tl.cast(qk_scale, ACC_DTYPE) + tl.cast(qk_scale_lo, ACC_DTYPE)  # (hi, lo): ``fp32_pair``
+    sm_scale = tl.cast(sm_scale, ACC_DTYPE) + tl.cast(sm_scale_lo, ACC_DTYPE)
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
     bq = pid_bh // Hq
@@ -843,7 +851,7 @@ def attention_fwd(q, k, v, kv_lens, key_mask, scale, splits=None, acc=torch.floa
         _attn_fwd[grid](
             q, k, v, k2, v2, o_t, l_t, o, lse, arrivals, lens, mask, *qs, *_strides4(k), *_strides4(v), *s2, *os_,
             *ls_, *o.stride(), *lse.stride(), *mask_strides, Hq, Lq, Lk, L1, D, Hq // Hkv, chunk, splits,
-            float(scale * LOG2E),
+            *fp32_pair(scale * LOG2E, acc),
             HAS_LENS=kv_lens is not None, HAS_MASK=key_mask is not None, TWO_SOURCES=two, PARTIAL=splits > 1,
             COMBINE=in_kernel, INPUT_PRECISION=precision, ACC_DTYPE=_tl_acc(acc), BLOCK_M=BM, BLOCK_N=BN,
             BLOCK_D=BD, num_warps=blk["num_warps"], num_stages=blk["num_stages"], **LAUNCH_OPTIONS,
@@ -919,7 +927,7 @@ def attention_bwd(do, q, k, v, o, lse, kv_lens, key_mask, scale, need_q=True, ne
             attn_bwd_dkdv_kernel[(cdiv(Lk, BN), B * Hkv)](
                 q, k, v, k2, v2, do, lse, delta, dk, dv, dk2, dv2, lens, mask,
                 *qs, *_strides4(k), *_strides4(v), *s2, *_strides4(do), *lse.stride(), *mask_strides,
-                *kv_out, Hkv, Lq, Lk, L1, D, Hq // Hkv, float(scale * LOG2E), float(scale),
+                *kv_out, Hkv, Lq, Lk, L1, D, Hq // Hkv, *fp32_pair(scale * LOG2E, acc), *fp32_pair(scale, acc),
                 **dict(common, num_stages=dkdv_stages(blk)))
     if need_q:
         dq = empty(q.shape, dtype=q.dtype, device=q.device)
@@ -947,8 +955,8 @@ def attention_bwd(do, q, k, v, o, lse, kv_lens, key_mask, scale, need_q=True, ne
                 *qs, *_strides4(k), *_strides4(v), *s2, *_strides4(do), *lse.stride(), *mask_strides,
                 target.stride(0) if splits > 1 else 0, *_strides4(target[0] if splits > 1 else dq),
                 *_strides4(o), *kv_out,
-                Hq, Lq, Lk, L1, D, Hq // Hkv, batch_loop, chunk, key_chunk, key_splits, float(scale * LOG2E),
-                float(scale), SINGLE_PASS=single, **common)
+                Hq, Lq, Lk, L1, D, Hq // Hkv, batch_loop, chunk, key_chunk, key_splits,
+                *fp32_pair(scale * LOG2E, acc), *fp32_pair(scale, acc), SINGLE_PASS=single, **common)
             if splits > 1:
                 dq = target.sum(0).to(q.dtype)  # over the leading dim: a fixed order, no atomics
     if need_kv and two:
@@ -1039,7 +1047,8 @@ def aot_specs():
                             **dict(zip(["stride_fob", "stride_foh", "stride_fom", "stride_fod"], o_s)),
                             **dict(zip(["stride_flb", "stride_flh", "stride_flm"], l_s)),
                             stride_mb=Lk, stride_mn=1, stride_lens=1, Hq=Hq, Lq=lq, Lk=Lk, D=D, GROUP=Hq // Hkv,
-                            CHUNK=cdiv(cdiv(Lk, BN), splits) * BN, SPLITS=splits, qk_scale=0.1, **one_source)
+                            CHUNK=cdiv(cdiv(Lk, BN), splits) * BN, SPLITS=splits, qk_scale=0.1, qk_scale_lo=0.1,
+                            **one_source)
                 cx = dict(common, PARTIAL=True, COMBINE=False, EVEN_D=D == BD, EVEN_N=False)
                 # fp32 without TF32 multiplies on CUDA cores; fp64 has DMMA (mma.sync) and no wgmma form,
                 # nor does a 32-row tile (wgmma needs 64 rows per warpgroup).
@@ -1069,7 +1078,8 @@ def aot_specs():
                             **dict(zip(["stride_lb", "stride_lh", "stride_lm"], l_s)),
                             kv_lens_ptr="*i32", mask_ptr=mask_ptr, stride_mb=Lk, stride_mn=1, stride_lens=1, Lq=lq,
                             Lk=Lk, D=D,
-                            GROUP=Hq // Hkv, qk_scale=0.1, sm_scale=0.1, **one_source)
+                            GROUP=Hq // Hkv, qk_scale=0.1, qk_scale_lo=0.1, sm_scale=0.1, sm_scale_lo=0.1,
+                            **one_source)
                 if name == "dkdv":
                     args = dict(base, dk_ptr=ptr, dv_ptr=ptr, dk2_ptr=ptr, dv2_ptr=ptr, Hkv=Hkv,
                                 **dict(zip(["stride_dkb", "stride_dkh", "stride_dkn", "stride_dkd"], k_s)),

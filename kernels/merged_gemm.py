@@ -50,6 +50,7 @@ from mmfuse.kernels._common import (
     dot_precision,
     empty,
     forced_tile,
+    fp32_pair,
     gpu_config_on,
     grouped_tile,
     grouped_tile_of,
@@ -131,7 +132,7 @@ def normalise(a, mean, rstd, gamma_ptr, beta_ptr, gi, col_ok, stride_gamma, stri
 @triton.jit
 def norm_stats_kernel(
     x_ptr, map_ptr, stats_ptr, w_ptr, gamma_ptr, wf_ptr,
-    R, C, G, stride_xt, stride_xc, stride_map, eps, center,
+    R, C, G, stride_xt, stride_xc, stride_map, eps, eps_lo, center,
     STATS_PROGRAMS, N, K, stride_wn, stride_wk, stride_gamma,
     ALIGNED: tl.constexpr,      # C % BLOCK_C == 0: one token per row per column block
     TABLE: tl.constexpr,        # tokens from map (else row r's are r * G .. r * G + G - 1)
@@ -143,6 +144,7 @@ def norm_stats_kernel(
     RMSNorm forward, its first weight with gamma folded in, in one launch (the forward stays at one launch
     more than its GEMMs). Program p < STATS_PROGRAMS: ``row_stats`` of rows p * BLOCK_R ...; the others:
     ``fold_gamma`` of weight rows (p - STATS_PROGRAMS) * BLOCK_R ..."""
+    eps = tl.cast(eps, ACC_DTYPE) + tl.cast(eps_lo, ACC_DTYPE)  # an fp32 pair (``fp32_pair``): fp64 needs it
     pid = tl.program_id(0)
     if FOLD:
         if pid < STATS_PROGRAMS:
@@ -504,7 +506,7 @@ def norm_bwd_kernel(
 def pool_norm_fwd_kernel(
     x_ptr, map_ptr, gamma_ptr, beta_ptr, pooled_ptr, out_ptr, stats_ptr,
     M, C, G, stride_xt, stride_xc, stride_map, stride_gamma, stride_beta, stride_pm, stride_om,
-    eps, gamma_shift, center,
+    eps, eps_lo, gamma_shift, center,
     NORM: tl.constexpr, ACC_DTYPE: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
     """Average pooling then the norm, for BLOCK_R pooled rows: pooled[m] = mean of x over tokens map[m, :]
@@ -513,6 +515,7 @@ def pool_norm_fwd_kernel(
     1 + weight: gamma_shift 1). Pass 1 pools (G token rows per block) and stores pooled; passes 2 and 3
     read this program's own pooled rows back (after a barrier: other threads wrote them) for the centred
     squares and the output. Without NORM, pass 1 stores straight to out."""
+    eps = tl.cast(eps, ACC_DTYPE) + tl.cast(eps_lo, ACC_DTYPE)  # an fp32 pair (``fp32_pair``): fp64 needs it
     pid = tl.program_id(0)
     rows = pid * BLOCK_R + tl.arange(0, BLOCK_R)
     row_ok = rows < M
@@ -703,7 +706,8 @@ def norm_stats(merge: Merge, fold=None):
     if programs + folds:
         norm_stats_kernel[(programs + folds,)](
             x, merge.token_map, stats, w, merge.gamma if fold is not None else stats, wf,
-            R, merge.C, G, x.stride(0), x.stride(1), merge.token_map.stride(0), merge.eps, int(merge.norm == "layer"),
+            R, merge.C, G, x.stride(0), x.stride(1), merge.token_map.stride(0), *fp32_pair(merge.eps, stats.dtype),
+            int(merge.norm == "layer"),
             programs, w.shape[0], merge.K, w.stride(0), w.stride(1), merge.gamma.stride(0) if fold is not None else 0,
             ALIGNED=merge.C % bc == 0, TABLE=table, FOLD=fold is not None, FOLD_POST=merge.post,
             ACC_DTYPE=acc_dtype(x.dtype), BLOCK_R=br, BLOCK_C=bc, num_warps=4, num_stages=1, **LAUNCH_OPTIONS)
@@ -969,7 +973,8 @@ def pool_norm_fwd(x, table, G, norm=None, gamma=None, beta=None, eps=1e-6, gamma
         pool_norm_fwd_kernel[(cdiv(M, br),)](
             x, table, gamma if norm else out, beta if norm == "layer" else out, pooled, out, stats,
             M, C, G, x.stride(0), x.stride(1), table.stride(0), gamma.stride(0) if norm else 0,
-            beta.stride(0) if norm == "layer" else 0, pooled.stride(0), out.stride(0), eps, float(gamma_shift),
+            beta.stride(0) if norm == "layer" else 0, pooled.stride(0), out.stride(0), *fp32_pair(eps, acc),
+            float(gamma_shift),
             int(norm == "layer"), NORM=norm is not None, ACC_DTYPE=acc_dtype(x.dtype), BLOCK_R=br, BLOCK_C=bc,
             num_warps=4, num_stages=1, **LAUNCH_OPTIONS)
     return out, (pooled if norm and save else None), (stats if norm else None)
@@ -1150,7 +1155,7 @@ def aot_specs():
                 w_ptr = ptr if fold else acc_ptr
                 stats = dict(x_ptr=ptr, map_ptr="*i32", stats_ptr=acc_ptr, w_ptr=w_ptr, gamma_ptr=w_ptr, wf_ptr=w_ptr,
                              R=rows, C=C_, G=g, stride_xt=C_, stride_xc=1, stride_map=g, eps=1e-6,
-                             center=0 if fold else center, STATS_PROGRAMS=cdiv(rows, br), N=N, K=G * C_,
+                             eps_lo=1e-6, center=0 if fold else center, STATS_PROGRAMS=cdiv(rows, br), N=N, K=G * C_,
                              stride_wn=G * C_, stride_wk=1, stride_gamma=1 if fold else 0)
                 specs.append(CompileSpec(
                     kernel="merged_gemm/norm_stats_kernel",
@@ -1195,7 +1200,7 @@ def aot_specs():
         fwd = dict(x_ptr=ptr, map_ptr="*i32", gamma_ptr=ptr, beta_ptr=ptr, pooled_ptr=ptr, out_ptr=ptr,
                    stats_ptr=acc_ptr if norm else ptr, M=R, C=C_, G=g, stride_xt=C_, stride_xc=1, stride_map=g,
                    stride_gamma=1 if norm else 0, stride_beta=0, stride_pm=C_, stride_om=C_, eps=1e-6,
-                   gamma_shift=1.0, center=0)
+                   eps_lo=1e-6, gamma_shift=1.0, center=0)
         specs.append(CompileSpec(
             kernel="merged_gemm/pool_norm_fwd_kernel", variant=f"average pool, {what}", dtype=dtype,
             config=f"{br}x{bc} w4", fn=pool_norm_fwd_kernel, args=tuple(fwd.items()), constexprs=cx,
