@@ -28,6 +28,10 @@ The quick benchmark says *that* a case is slow; this says *which launch* and *wh
    of timing rounds is recorded), and eager PyTorch (addmm + GELU): issue 13's "no re-tuning per token
    count", measured.
 
+6. ``mapped_forms``: the merged projector's first GEMM at InternVL2-8B's and Qwen2.5-VL's shapes taken
+   apart (``mapped_gemm_forms``): the unmapped GEMM of its size, the token gather alone, the gather with
+   the norm in the load, the gather with an RMSNorm folded into W: what the 2.5x of session 14 is made of.
+
 Results: ``<out-dir>/kernel-profile-<gpu>-<date>.json`` and a markdown summary beside it. Each part
 catches its own failure (recorded in the JSON), so one broken part leaves the others.
 """
@@ -188,10 +192,29 @@ def gemm_tile_sweep(M: int = 8 * 576, K: int = 1024, N: int = 4096, device: str 
 SWEEP_SHAPES = (("llava-1.5-7b, 1 image", 576, 1024, 4096), ("llava-1.5-7b, 8 images", 4608, 1024, 4096),
                 ("qwen2.5-vl-7b-merger, 8 images", 8192, 5120, 5120))
 
-def attention_split_sweep(batch: int = 1, device: str = "cuda", bench=None, shapes=None, dtype=None) -> list[dict]:
+def device_ms(fn, calls: int = 20) -> float:
+    """Milliseconds of device (kernel) time per call of ``fn``: the CUDA kernels torch.profiler records
+    over ``calls`` calls, summed, whatever the host spent around them."""
+    from torch.profiler import ProfilerActivity, profile
+
+    fn()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(calls):
+            fn()
+        torch.cuda.synchronize()
+    return sum(e.time_range.elapsed_us() for e in prof.events()
+               if getattr(e, "device_type", None) == torch.autograd.DeviceType.CUDA) / calls / 1e3
+
+
+def attention_split_sweep(batch: int = 1, device: str = "cuda", bench=None, shapes=None, dtype=None,
+                          device_timer=None) -> list[dict]:
     """Forward time of each resampler shape at ``batch`` under the two split merges and SDPA's fused
     backends (shared queries; ``shapes``: ``ATTENTION_SHAPES`` by default; ``dtype``: bf16 on a GPU by
-    default; fp32 runs IEEE, torch's default, on its own FMA tiles)."""
+    default; fp32 runs IEEE, torch's default, on its own FMA tiles). mmfuse's rows also carry their
+    device time alone (``device_timer``: ``device_ms`` on a GPU): session 14 measured the in-kernel merge
+    at 1.23 ms against 0.088 ms for the same kernel plus a merge launch, and whether that was the host
+    or the device was never taken."""
     import torch.nn.functional as F
 
     from mmfuse.bench.shapes import ATTENTION_SHAPES
@@ -202,6 +225,8 @@ def attention_split_sweep(batch: int = 1, device: str = "cuda", bench=None, shap
         import triton.testing
 
         bench = triton.testing.do_bench
+    if device_timer is None and device == "cuda":
+        device_timer = device_ms
     dt = dtype or (torch.bfloat16 if device == "cuda" else torch.float32)
     elem, dname = torch.empty((), dtype=dt).element_size(), str(dt).split(".")[-1]
     ieee = _common.dot_precision(dt) == "ieee"
@@ -221,6 +246,8 @@ def attention_split_sweep(batch: int = 1, device: str = "cuda", bench=None, shap
                   KA.attention_fwd(q, k, v, None, None, scale, splits=splits, combine=combine))
             rows.append({"shape": s.name, "batch": batch, "dtype": dname, "impl": f"mmfuse, merge by {combine}",
                          "splits": splits, "ms": bench(fn)})
+            if device_timer is not None:
+                rows[-1]["device_ms"] = device_timer(fn)
         # The in-kernel merge against the merge launch at the same split count (at least 2, or both
         # would take the unsplit kernel): the same bits.
         merged = KA.attention_fwd(q, k, v, None, None, scale, splits=max(2, splits), combine="kernel")
@@ -241,6 +268,82 @@ def attention_split_sweep(batch: int = 1, device: str = "cuda", bench=None, shap
                 except RuntimeError as e:  # a backend that does not take this shape / dtype (flash: fp32)
                     rows.append({"shape": s.name, "batch": batch, "dtype": dname, "impl": name, "error": str(e)[:200]})
     return rows
+
+
+#: (label, merged shape name, images, norm and where) of ``mapped_gemm_forms``: the two projectors whose
+#: first GEMM session 14 timed at 2.5-2.6x an unmapped GEMM of its size.
+MAPPED_SHAPES = (("internvl2-8b-mlp1, 8 tiles", "internvl2-8b-mlp1", 8),
+                 ("qwen2.5-vl-7b-merger, 8 images", "qwen2.5-vl-7b-merger", 8))
+
+
+def mapped_gemm_forms(device: str = "cuda", bench=None, shapes=MAPPED_SHAPES, pixel_shuffle=None) -> list[dict]:
+    """The merged projector's first GEMM (Linear + GELU) at each shape, taken apart: the unmapped GEMM of
+    the same size (A written, as `mmfuse.linear` reads it), the token gather alone (the shape's table or
+    Qwen's view merge, no norm), the gather with the shape's norm normalised in the load, and the gather
+    with an RMSNorm folded into W (the statistics precomputed, outside the timing). Session 14 measured
+    InternVL2-8B's mapped forward at 273 µs beside its equal-sized unmapped second GEMM at 105 µs, and
+    Qwen2.5-VL's at 2197 µs against 838-900 µs: which part of that is the gather and which the
+    normalisation in the load decides whether folding a LayerNorm (bench/NOTES.md, session 16) is worth
+    building. A table is InternVL's real pixel shuffle (``pixel_shuffle``: its token order), not a
+    random permutation."""
+    from mmfuse.bench.shapes import MERGED_SHAPES
+    from mmfuse.kernels import linear as KL
+    from mmfuse.kernels import merged_gemm as KM
+
+    if bench is None:
+        import triton.testing
+
+        bench = triton.testing.do_bench
+    dt = torch.bfloat16 if device == "cuda" else torch.float32
+    rows = []
+    for label, name, images in shapes:
+        s = next(m for m in MERGED_SHAPES if m.name == name) if isinstance(name, str) else name
+        T, C, G, N = s.tokens * images, s.channels, s.group, s.widths[0]
+        M, K = T // G, G * C
+        x = torch.randn(T, C, device=device, dtype=dt)
+        w = torch.randn(N, K, device=device, dtype=dt) / K ** 0.5
+        b = torch.randn(N, device=device, dtype=dt)
+        width = K if s.norm_after_merge else C
+        gamma = torch.rand(width, device=device, dtype=dt) + 0.5
+        beta = torch.randn(width, device=device, dtype=dt)
+        table = (pixel_shuffle or _pixel_shuffle_table)(images, s.tokens, device) if s.table else None
+        a = torch.randn(M, K, device=device, dtype=dt)
+        y = torch.empty(M, N, device=device, dtype=dt)
+        merge_kinds = [("table" if s.table else "view", table)]
+        if s.table:
+            merge_kinds.append(("view", None))
+        forms = [("unmapped GEMM (A written)", lambda: KL._launch_gemm(a, w.t(), y, bias=b, activation=1))]
+        for kind, tab in merge_kinds:
+            def merged(norm, fold=False, tab=tab):
+                merge = KM.Merge(x, G, tab, norm, s.norm_after_merge, gamma if norm else None,
+                                 beta if norm == "layer" else None)
+                if norm is not None:
+                    KM.norm_stats(merge, fold=w if fold else None)
+                return lambda: KM.mapped_fwd(merge, w, b, activation=1)
+            forms.append((f"{kind} gather, no norm", merged(None)))
+            forms.append((f"{kind} gather + {s.norm} norm in the load", merged(s.norm)))
+            forms.append((f"{kind} gather + rms folded into W", merged("rms", fold=True)))
+        flops = 2 * M * N * K
+        for form, fn in forms:
+            row = {"shape": label, "form": form, "M": M, "K": K, "N": N}
+            try:
+                ms = bench(fn)
+                row.update(ms=ms, tflops=flops / ms / 1e9)
+            except Exception as e:
+                row["error"] = f"{type(e).__name__}: {e}"[:300]
+            rows.append(row)
+    return rows
+
+
+def _pixel_shuffle_table(images: int, tokens: int, device) -> torch.Tensor:
+    """InternVL's pixel shuffle (scale 0.5) as a token table: merged row m's 4 tokens in the order its
+    `pixel_shuffle` lays their channels, for ``images`` square grids of ``tokens`` tokens each."""
+    side = int(round(tokens ** 0.5))
+    ids = torch.arange(images * tokens, device=device).view(images, side, side, 1)
+    n, w, h, c = ids.shape
+    t = ids.view(n, w, h // 2, c * 2).permute(0, 2, 1, 3).contiguous()
+    t = t.view(n, h // 2, w // 2, c * 4).permute(0, 2, 1, 3).contiguous()
+    return t.reshape(-1, 4).to(torch.int32)
 
 
 def token_counts(n: int = 50, low: int = 576, high: int = 8 * 576, seed: int = 0) -> list[int]:
@@ -303,7 +406,7 @@ def dynamic_m_loop(counts=None, widths=(1024, 4096, 4096), device: str = "cuda",
     return rows
 
 
-PARTS = ("kernels", "compiled", "gemm_tiles", "attention_splits", "dynamic_m")
+PARTS = ("kernels", "compiled", "gemm_tiles", "attention_splits", "dynamic_m", "mapped_forms")
 
 
 def main(out_dir: str, parts=PARTS, print=print) -> int:
@@ -337,6 +440,8 @@ def main(out_dir: str, parts=PARTS, print=print) -> int:
                 result[part] = attention_split_sweep() + attention_split_sweep(dtype=torch.float32)
             elif part == "dynamic_m":
                 result[part] = dynamic_m_loop()
+            elif part == "mapped_forms":
+                result[part] = mapped_gemm_forms()
             else:
                 raise ValueError(f"parts: expected names from {PARTS}, got {part!r}")
         except Exception:
@@ -394,12 +499,27 @@ def markdown(result: dict) -> str:
     splits = result.get("attention_splits")
     if isinstance(splits, list):
         lines += _table_head("Cross-attention forward at batch 1: the split's merge", "shape", "dtype",
-                             "implementation", "splits", "ms", "same bits as the merge launch")
+                             "implementation", "splits", "ms", "device ms", "same bits as the merge launch")
         for r in splits:
             timing = f"{r['ms']:.4f}" if "ms" in r else f"failed: {r.get('error', '')[:100]}"
+            dev = f"{r['device_ms']:.4f}" if "device_ms" in r else ""
             same = "" if "equal" not in r else "yes" if r["equal"] else "**NO**"
             lines.append(f"| {r['shape']} | {r.get('dtype', 'bfloat16')} | {r['impl']} | {r.get('splits', '')} | "
-                         f"{timing} | {same} |")
+                         f"{timing} | {dev} | {same} |")
+        lines.append("")
+    forms = result.get("mapped_forms")
+    if isinstance(forms, list):
+        lines += _table_head("The merged projector's first GEMM taken apart (bf16, Linear + GELU)", "shape", "form",
+                             "M x K x N", "ms", "TFLOP/s", "x unmapped")
+        base = {r["shape"]: r["ms"] for r in forms if r["form"].startswith("unmapped") and "ms" in r}
+        for r in forms:
+            if "ms" in r:
+                rel = f"{r['ms'] / base[r['shape']]:.2f}" if r["shape"] in base else ""
+                lines.append(f"| {r['shape']} | {r['form']} | {r['M']} x {r['K']} x {r['N']} | {r['ms']:.4f} | "
+                             f"{r['tflops']:.0f} | {rel} |")
+            else:
+                lines.append(f"| {r['shape']} | {r['form']} | {r['M']} x {r['K']} x {r['N']} | failed: "
+                             f"{r.get('error', '')[:100]} | | |")
         lines.append("")
     dyn = result.get("dynamic_m")
     if isinstance(dyn, list):

@@ -50,7 +50,8 @@ SHARES = {"verify": 0.4, "tests": 0.55, "bench": 0.6, "profile": 1.0}
 VERIFY_SHARDS = max(1, min(4, len(os.sched_getaffinity(0)) // 4))
 #: The value-test files run on CUDA.
 VALUE_TEST_FILES = ("tests/test_linear.py", "tests/test_tma_gemm.py", "tests/test_gated_mlp.py",
-                    "tests/test_merged_mlp.py", "tests/test_patch_embed.py", "tests/test_cross_attention.py")
+                    "tests/test_merged_mlp.py", "tests/test_patch_embed.py", "tests/test_cross_attention.py",
+                    "tests/test_cuda_graphs.py")
 
 
 def step_command(step: str, out_dir: str, repo: str | None = None) -> tuple[list[str], dict]:

@@ -439,13 +439,50 @@ def test_kernel_profile_attention_split_sweep(monkeypatch):
     monkeypatch.setattr(KA, "choose_fwd_splits",
                         lambda *a, in_kernel=False, **k: seen.append((a[7], k["blocks"])) or (3 if in_kernel else 2))
     shapes = [AttentionShape("tiny", 17, 100, 4, 2, 24)]
-    rows = kernel_profile.attention_split_sweep(batch=2, device="cpu", bench=lambda f: f() and 1.0, shapes=shapes)
+    rows = kernel_profile.attention_split_sweep(batch=2, device="cpu", bench=lambda f: f() and 1.0, shapes=shapes,
+                                                device_timer=lambda f: f() and 0.25)
     assert [(r["impl"], r["splits"]) for r in rows] == [("mmfuse, merge by launch", 2), ("mmfuse, merge by kernel", 3)]
     assert rows[-1]["equal"] is True and "equal" not in rows[0]
     # fp32 (4-byte) at the tiles the launcher takes for it (the interpreter's here)
     assert seen and all(elem == 4 and blocks == KA.blocks_for(17, 24, elem_bytes=4, ieee=True) for elem, blocks in seen)
     md = kernel_profile.markdown({"gpu": "x", "date": "d", "attention_splits": rows})
-    assert "| tiny | float32 | mmfuse, merge by kernel | 3 | 1.0000 |" in md
+    assert "| tiny | float32 | mmfuse, merge by kernel | 3 | 1.0000 | 0.2500 | yes |" in md
+    assert "| tiny | float32 | mmfuse, merge by launch | 2 | 1.0000 | 0.2500 |  |" in md
+
+
+def test_kernel_profile_mapped_gemm_forms(monkeypatch):
+    """The merged GEMM taken apart, with the interpreter on a small table shape: every form runs and
+    computes the same GEMM (the gather and the folded RMSNorm checked against PyTorch), and the
+    markdown puts each against the unmapped GEMM."""
+    from mmfuse.bench import kernel_profile
+    from mmfuse.bench.shapes import MergedShape
+
+    shape = MergedShape("tiny", 16, 8, 4, (24, 8), "layer", norm_after_merge=True, table=True)
+    outputs = []
+    rows = kernel_profile.mapped_gemm_forms(device="cpu", bench=lambda f: outputs.append(f()) or 1.0,
+                                            shapes=(("tiny, 2 tiles", shape, 2),))
+    forms = [r["form"] for r in rows]
+    assert forms == ["unmapped GEMM (A written)", "table gather, no norm", "table gather + layer norm in the load",
+                     "table gather + rms folded into W", "view gather, no norm", "view gather + layer norm in the load",
+                     "view gather + rms folded into W"]
+    assert all(r["ms"] == 1.0 and (r["M"], r["K"], r["N"]) == (8, 32, 24) for r in rows)
+    md = kernel_profile.markdown({"gpu": "x", "date": "d", "mapped_forms": rows})
+    assert "| tiny, 2 tiles | table gather + layer norm in the load | 8 x 32 x 24 | 1.0000 |" in md
+    assert md.count("| 1.00 |") == len(rows)
+
+
+def test_pixel_shuffle_table_is_internvls_order():
+    """The sweep's table is InternVL's pixel shuffle (transformers' own `InternVLModel.pixel_shuffle`,
+    scale 0.5, run on token ids), not a random permutation: each merged row a 2x2 neighbourhood."""
+    from transformers.models.internvl.modeling_internvl import InternVLModel
+
+    from mmfuse.bench import kernel_profile
+
+    table = kernel_profile._pixel_shuffle_table(2, 16, "cpu")
+    ids = torch.arange(32, dtype=torch.float32).view(2, 4, 4, 1)
+    want = InternVLModel.pixel_shuffle(None, ids).reshape(-1, 4).to(torch.int32)
+    assert torch.equal(table, want)
+    assert table[0].tolist() == [0, 1, 4, 5]  # (0, 0), (0, 1), (1, 0), (1, 1) of the 4 x 4 grid
 
 
 def test_shapes_quoted_from_transformers_defaults_match_them():
