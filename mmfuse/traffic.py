@@ -280,18 +280,19 @@ def _recording():
     cls, grid = interp.InterpreterBuilder, interp.GridExecutor
     load, store, call = cls.create_masked_load, cls.create_masked_store, grid.__call__
 
-    # (The hooks pass Triton's cache / eviction / volatile arguments through as they come: Triton 3.6-3.8
-    # take cache_modifier and eviction_policy where 3.9 takes one cache_policy.)
-    def masked_load(self, ptrs, mask, other, *policy):
-        out = load(self, ptrs, mask, other, *policy)
+    # (The hooks pass Triton's cache / eviction / volatile arguments through as they come, by position or
+    # by keyword (a TMA descriptor's load names them): Triton 3.6-3.8 take cache_modifier and
+    # eviction_policy where 3.9 takes one cache_policy.)
+    def masked_load(self, ptrs, mask, other, *policy, **named):
+        out = load(self, ptrs, mask, other, *policy, **named)
         addrs = np.asarray(ptrs.data)[np.asarray(mask.data, dtype=bool)].ravel()
         rec.loads.append((len(rec.launches) - 1, addrs, out.data.itemsize))
         return out
 
-    def masked_store(self, ptrs, value, mask, *policy):
+    def masked_store(self, ptrs, value, mask, *policy, **named):
         addrs = np.asarray(ptrs.data)[np.asarray(mask.data, dtype=bool)].ravel()
         rec.stores.append((len(rec.launches) - 1, addrs, value.data.itemsize))
-        return store(self, ptrs, value, mask, *policy)
+        return store(self, ptrs, value, mask, *policy, **named)
 
     def launch(self, *args, **kwargs):
         rec.launches.append(self.fn.__name__)

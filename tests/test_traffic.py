@@ -28,6 +28,25 @@ def test_linear_forward_traffic_matches_an_interpreted_run(M, K, N, dtype):
     assert got == want, (got, want)
 
 
+def test_measure_follows_the_tma_kernel(monkeypatch):
+    """The recorder's hooks take the interpreter's arguments by keyword too (a TMA descriptor's load names
+    its cache policy): the Hopper core's forward is measured, x, W and y each moved at least once."""
+    monkeypatch.setattr(KL, "TMA", "always")
+    x, w = torch.randn(40, 64, dtype=torch.bfloat16), torch.randn(48, 64, dtype=torch.bfloat16)
+    launched = []
+    real = KL._launch_gemm
+
+    def spy(*args, **kwargs):
+        launched.append(KL._tma_layout(args[0]) is not None)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(KL, "_launch_gemm", spy)
+    (y, _), got = measure(lambda: KL.linear_fwd(x, w), {"x": x, "w": w, "y": lambda r: r[0]})
+    assert launched and KL._wants_tma(x)
+    assert got["x"].loaded >= x.numel() * 2 and got["w"].loaded >= w.numel() * 2
+    assert got["y"].stored == y.numel() * 2
+
+
 def test_dw_and_act_grad_epilogues():
     M, K, N = 29, 40, 33
     dh = torch.randn(M, N)
