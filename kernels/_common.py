@@ -143,14 +143,27 @@ def mma(a, b, acc, INPUT_PRECISION: tl.constexpr, ACC_DTYPE: tl.constexpr):
 
 
 def fp32_pair(value: float, acc: torch.dtype) -> tuple[float, float]:
-    """A float scalar as the kernels take it: (hi, lo), both fp32 values, hi + lo = value to ~2^-48
-    relative. A GPU launch passes a Python float as fp32 (so do Triton 3.6-3.8's interpreters; 3.9's keeps
-    fp64), so an fp64 kernel given the value alone ran with it rounded to fp32: cross-attention's softmax
-    scale then put ~6e-8 relative error in fp64 outputs. lo carries the rest for fp64 accumulators; any
-    other takes hi alone (lo = 0, and hi + 0 is hi exactly). The kernel adds the pair in its accumulator's
-    dtype: ``tl.cast(hi, ACC) + tl.cast(lo, ACC)``."""
-    hi = float(np.float32(value))
+    """A float scalar as the kernels take it: (hi, lo), both fp32 values. A GPU launch passes a Python
+    float as fp32 (so do Triton 3.6-3.8's interpreters; 3.9's keeps fp64), so an fp64 kernel given the
+    value alone ran with it rounded to fp32: cross-attention's softmax scale then put ~6e-8 relative
+    error in fp64 outputs. For an fp64 accumulator lo carries the rest (hi + lo = value to ~2^-48, for
+    values in fp32's normal range); any other accumulator takes hi alone (lo = 0). The kernel reads the
+    pair with ``pair_value``."""
+    with np.errstate(over="ignore"):
+        hi = float(np.float32(value))
+    if math.isfinite(value) and not math.isfinite(hi):
+        raise ValueError(f"fp32_pair: expected a value within fp32's range, got {value!r}")
     return hi, (float(np.float32(value - hi)) if acc == torch.float64 else 0.0)
+
+
+@triton.jit
+def pair_value(hi, lo, ACC_DTYPE: tl.constexpr):
+    """The scalar ``fp32_pair`` split: hi + lo in fp64 for an fp64 accumulator; hi itself otherwise (a
+    compile-time choice, so 16-bit and fp32 kernels compile exactly as with the plain scalar)."""
+    if ACC_DTYPE == tl.float64:
+        return tl.cast(hi, tl.float64) + tl.cast(lo, tl.float64)
+    else:
+        return hi
 
 
 def dot_precision(dtype: torch.dtype) -> str:

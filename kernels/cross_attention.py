@@ -59,6 +59,7 @@ from mmfuse.kernels._common import (
     gpu_config_on,
     next_pow2,
     num_sms,
+    pair_value,
 )
 
 LOG2E = 1.4426950408889634
@@ -142,8 +143,8 @@ def attn_fwd_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr,
     EVEN_N: tl.constexpr,
 ):
-    # The scales come as an fp32 pair (hi, lo): a GPU passes a Python float as fp32, and fp64 needs more.
-    qk_scale = tl.cast(qk_scale, ACC_DTYPE) + tl.cast(qk_scale_lo, ACC_DTYPE)
+    # The scales come as fp32 pairs (hi, lo): a GPU passes a Python float as fp32, and fp64 needs more.
+    qk_scale = pair_value(qk_scale, qk_scale_lo, ACC_DTYPE)
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
     split = tl.program_id(2)
@@ -316,8 +317,8 @@ def attn_bwd_dkdv_kernel(
 ):
     """dK, dV of one key block of one (batch, kv head): sums over the GROUP query heads sharing it
     and over every query block, in that fixed order."""
-    qk_scale = tl.cast(qk_scale, ACC_DTYPE) + tl.cast(qk_scale_lo, ACC_DTYPE)  # (hi, lo): ``fp32_pair``
-    sm_scale = tl.cast(sm_scale, ACC_DTYPE) + tl.cast(sm_scale_lo, ACC_DTYPE)
+    qk_scale = pair_value(qk_scale, qk_scale_lo, ACC_DTYPE)  # (hi, lo): ``fp32_pair``
+    sm_scale = pair_value(sm_scale, sm_scale_lo, ACC_DTYPE)
     pid_n = tl.program_id(0)
     pid_bh = tl.program_id(1)
     b = pid_bh // Hkv
@@ -407,8 +408,8 @@ def attn_bwd_dq_kernel(
     program is the only one to meet each (sample, head, key block) it visits, so it also stores that
     block's dK and dV (complete: there is no other query block or head to sum over) and forms delta
     from O itself. The whole backward is this one launch, and K, V are read once instead of twice."""
-    qk_scale = tl.cast(qk_scale, ACC_DTYPE) + tl.cast(qk_scale_lo, ACC_DTYPE)  # (hi, lo): ``fp32_pair``
-    sm_scale = tl.cast(sm_scale, ACC_DTYPE) + tl.cast(sm_scale_lo, ACC_DTYPE)
+    qk_scale = pair_value(qk_scale, qk_scale_lo, ACC_DTYPE)  # (hi, lo): ``fp32_pair``
+    sm_scale = pair_value(sm_scale, sm_scale_lo, ACC_DTYPE)
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
     bq = pid_bh // Hq
@@ -1047,7 +1048,7 @@ def aot_specs():
                             **dict(zip(["stride_fob", "stride_foh", "stride_fom", "stride_fod"], o_s)),
                             **dict(zip(["stride_flb", "stride_flh", "stride_flm"], l_s)),
                             stride_mb=Lk, stride_mn=1, stride_lens=1, Hq=Hq, Lq=lq, Lk=Lk, D=D, GROUP=Hq // Hkv,
-                            CHUNK=cdiv(cdiv(Lk, BN), splits) * BN, SPLITS=splits, qk_scale=0.1, qk_scale_lo=0.1,
+                            CHUNK=cdiv(cdiv(Lk, BN), splits) * BN, SPLITS=splits, qk_scale=0.1, qk_scale_lo=0.0,
                             **one_source)
                 cx = dict(common, PARTIAL=True, COMBINE=False, EVEN_D=D == BD, EVEN_N=False)
                 # fp32 without TF32 multiplies on CUDA cores; fp64 has DMMA (mma.sync) and no wgmma form,
@@ -1078,7 +1079,7 @@ def aot_specs():
                             **dict(zip(["stride_lb", "stride_lh", "stride_lm"], l_s)),
                             kv_lens_ptr="*i32", mask_ptr=mask_ptr, stride_mb=Lk, stride_mn=1, stride_lens=1, Lq=lq,
                             Lk=Lk, D=D,
-                            GROUP=Hq // Hkv, qk_scale=0.1, qk_scale_lo=0.1, sm_scale=0.1, sm_scale_lo=0.1,
+                            GROUP=Hq // Hkv, qk_scale=0.1, qk_scale_lo=0.0, sm_scale=0.1, sm_scale_lo=0.1,
                             **one_source)
                 if name == "dkdv":
                     args = dict(base, dk_ptr=ptr, dv_ptr=ptr, dk2_ptr=ptr, dv2_ptr=ptr, Hkv=Hkv,

@@ -56,6 +56,7 @@ from mmfuse.kernels._common import (
     grouped_tile_of,
     mma,
     num_sms,
+    pair_value,
 )
 from mmfuse.kernels.linear import (GROUP_M, INTERPRETER_TILE, _tma_tile, block_k_for, candidate_tiles,
                                    gated_epilogue, gemm_epilogue)
@@ -144,7 +145,7 @@ def norm_stats_kernel(
     RMSNorm forward, its first weight with gamma folded in, in one launch (the forward stays at one launch
     more than its GEMMs). Program p < STATS_PROGRAMS: ``row_stats`` of rows p * BLOCK_R ...; the others:
     ``fold_gamma`` of weight rows (p - STATS_PROGRAMS) * BLOCK_R ..."""
-    eps = tl.cast(eps, ACC_DTYPE) + tl.cast(eps_lo, ACC_DTYPE)  # an fp32 pair (``fp32_pair``): fp64 needs it
+    eps = pair_value(eps, eps_lo, ACC_DTYPE)  # an fp32 pair (``fp32_pair``): fp64 needs it
     pid = tl.program_id(0)
     if FOLD:
         if pid < STATS_PROGRAMS:
@@ -506,7 +507,7 @@ def norm_bwd_kernel(
 def pool_norm_fwd_kernel(
     x_ptr, map_ptr, gamma_ptr, beta_ptr, pooled_ptr, out_ptr, stats_ptr,
     M, C, G, stride_xt, stride_xc, stride_map, stride_gamma, stride_beta, stride_pm, stride_om,
-    eps, eps_lo, gamma_shift, center,
+    eps, eps_lo, gamma_shift, gamma_shift_lo, center,
     NORM: tl.constexpr, ACC_DTYPE: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
     """Average pooling then the norm, for BLOCK_R pooled rows: pooled[m] = mean of x over tokens map[m, :]
@@ -515,7 +516,8 @@ def pool_norm_fwd_kernel(
     1 + weight: gamma_shift 1). Pass 1 pools (G token rows per block) and stores pooled; passes 2 and 3
     read this program's own pooled rows back (after a barrier: other threads wrote them) for the centred
     squares and the output. Without NORM, pass 1 stores straight to out."""
-    eps = tl.cast(eps, ACC_DTYPE) + tl.cast(eps_lo, ACC_DTYPE)  # an fp32 pair (``fp32_pair``): fp64 needs it
+    eps = pair_value(eps, eps_lo, ACC_DTYPE)  # fp32 pairs (``fp32_pair``): fp64 needs them
+    gamma_shift = pair_value(gamma_shift, gamma_shift_lo, ACC_DTYPE)
     pid = tl.program_id(0)
     rows = pid * BLOCK_R + tl.arange(0, BLOCK_R)
     row_ok = rows < M
@@ -563,7 +565,7 @@ def pool_norm_fwd_kernel(
 def pool_norm_bwd_kernel(
     da_ptr, pooled_ptr, stats_ptr, map_ptr, gamma_ptr, dx_ptr, dgamma_ptr, dbeta_ptr,
     M, C, G, stride_dam, stride_dac, stride_pm, stride_map, stride_gamma, stride_dxt, stride_dxc,
-    gamma_shift, center,
+    gamma_shift, gamma_shift_lo, center,
     NORM: tl.constexpr, ACC_DTYPE: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
     """dx of ``pool_norm_fwd_kernel`` for BLOCK_R pooled rows, from dA (M, C) at its output: the norm's
@@ -571,6 +573,7 @@ def pool_norm_bwd_kernel(
     mean(g * xhat)), this program's fp32 dgamma / dbeta partial rows, summed in order by the launcher),
     then dx[tok] = dp / G for each of the row's G tokens: a spread store, every token written once
     (pooling windows do not overlap), no atomics."""
+    gamma_shift = pair_value(gamma_shift, gamma_shift_lo, ACC_DTYPE)  # (``fp32_pair``)
     pid = tl.program_id(0)
     rows = pid * BLOCK_R + tl.arange(0, BLOCK_R)
     row_ok = rows < M
@@ -706,7 +709,8 @@ def norm_stats(merge: Merge, fold=None):
     if programs + folds:
         norm_stats_kernel[(programs + folds,)](
             x, merge.token_map, stats, w, merge.gamma if fold is not None else stats, wf,
-            R, merge.C, G, x.stride(0), x.stride(1), merge.token_map.stride(0), *fp32_pair(merge.eps, stats.dtype),
+            R, merge.C, G, x.stride(0), x.stride(1), merge.token_map.stride(0),
+            *fp32_pair(merge.eps, stats.dtype),
             int(merge.norm == "layer"),
             programs, w.shape[0], merge.K, w.stride(0), w.stride(1), merge.gamma.stride(0) if fold is not None else 0,
             ALIGNED=merge.C % bc == 0, TABLE=table, FOLD=fold is not None, FOLD_POST=merge.post,
@@ -974,7 +978,7 @@ def pool_norm_fwd(x, table, G, norm=None, gamma=None, beta=None, eps=1e-6, gamma
             x, table, gamma if norm else out, beta if norm == "layer" else out, pooled, out, stats,
             M, C, G, x.stride(0), x.stride(1), table.stride(0), gamma.stride(0) if norm else 0,
             beta.stride(0) if norm == "layer" else 0, pooled.stride(0), out.stride(0), *fp32_pair(eps, acc),
-            float(gamma_shift),
+            *fp32_pair(gamma_shift, acc),
             int(norm == "layer"), NORM=norm is not None, ACC_DTYPE=acc_dtype(x.dtype), BLOCK_R=br, BLOCK_C=bc,
             num_warps=4, num_stages=1, **LAUNCH_OPTIONS)
     return out, (pooled if norm and save else None), (stats if norm else None)
@@ -996,7 +1000,8 @@ def pool_norm_bwd(da, T, table, G, norm=None, gamma=None, pooled=None, stats=Non
         pool_norm_bwd_kernel[(programs,)](
             da, pooled if norm else da, stats if norm else da, table, gamma if norm else da, dx, dgamma_p, dbeta_p,
             M, C, G, da.stride(0), da.stride(1), pooled.stride(0) if norm else 0, table.stride(0),
-            gamma.stride(0) if norm else 0, dx.stride(0), dx.stride(1), float(gamma_shift), int(norm == "layer"),
+            gamma.stride(0) if norm else 0, dx.stride(0), dx.stride(1), *fp32_pair(gamma_shift, acc),
+            int(norm == "layer"),
             NORM=norm is not None, ACC_DTYPE=acc_dtype(da.dtype), BLOCK_R=br, BLOCK_C=bc, num_warps=4,
             num_stages=1, **LAUNCH_OPTIONS)
     if not norm:
@@ -1155,7 +1160,7 @@ def aot_specs():
                 w_ptr = ptr if fold else acc_ptr
                 stats = dict(x_ptr=ptr, map_ptr="*i32", stats_ptr=acc_ptr, w_ptr=w_ptr, gamma_ptr=w_ptr, wf_ptr=w_ptr,
                              R=rows, C=C_, G=g, stride_xt=C_, stride_xc=1, stride_map=g, eps=1e-6,
-                             eps_lo=1e-6, center=0 if fold else center, STATS_PROGRAMS=cdiv(rows, br), N=N, K=G * C_,
+                             eps_lo=0.0, center=0 if fold else center, STATS_PROGRAMS=cdiv(rows, br), N=N, K=G * C_,
                              stride_wn=G * C_, stride_wk=1, stride_gamma=1 if fold else 0)
                 specs.append(CompileSpec(
                     kernel="merged_gemm/norm_stats_kernel",
@@ -1200,7 +1205,7 @@ def aot_specs():
         fwd = dict(x_ptr=ptr, map_ptr="*i32", gamma_ptr=ptr, beta_ptr=ptr, pooled_ptr=ptr, out_ptr=ptr,
                    stats_ptr=acc_ptr if norm else ptr, M=R, C=C_, G=g, stride_xt=C_, stride_xc=1, stride_map=g,
                    stride_gamma=1 if norm else 0, stride_beta=0, stride_pm=C_, stride_om=C_, eps=1e-6,
-                   eps_lo=1e-6, gamma_shift=1.0, center=0)
+                   eps_lo=0.0, gamma_shift=1.0, gamma_shift_lo=0.0, center=0)
         specs.append(CompileSpec(
             kernel="merged_gemm/pool_norm_fwd_kernel", variant=f"average pool, {what}", dtype=dtype,
             config=f"{br}x{bc} w4", fn=pool_norm_fwd_kernel, args=tuple(fwd.items()), constexprs=cx,
@@ -1208,7 +1213,8 @@ def aot_specs():
         bwd = dict(da_ptr=ptr, pooled_ptr=ptr, stats_ptr=acc_ptr if norm else ptr, map_ptr="*i32", gamma_ptr=ptr,
                    dx_ptr=ptr, dgamma_ptr=acc_ptr if norm else ptr, dbeta_ptr=acc_ptr if norm else ptr, M=R, C=C_,
                    G=g, stride_dam=C_, stride_dac=1, stride_pm=C_ if norm else 0, stride_map=g,
-                   stride_gamma=1 if norm else 0, stride_dxt=C_, stride_dxc=1, gamma_shift=1.0, center=0)
+                   stride_gamma=1 if norm else 0, stride_dxt=C_, stride_dxc=1, gamma_shift=1.0,
+                   gamma_shift_lo=0.0, center=0)
         specs.append(CompileSpec(
             kernel="merged_gemm/pool_norm_bwd_kernel", variant=f"dx spread to the window, {what}", dtype=dtype,
             config=f"{br}x{bc} w4", fn=pool_norm_bwd_kernel, args=tuple(bwd.items()), constexprs=cx,
