@@ -203,8 +203,11 @@ def device_ms(fn, calls: int = 20) -> float:
         for _ in range(calls):
             fn()
         torch.cuda.synchronize()
-    return sum(e.time_range.elapsed_us() for e in prof.events()
-               if getattr(e, "device_type", None) == torch.autograd.DeviceType.CUDA) / calls / 1e3
+    spans = [e.time_range.elapsed_us() for e in prof.events()
+             if getattr(e, "device_type", None) == torch.autograd.DeviceType.CUDA]
+    if not spans:  # a profiler that saw no kernel must not read as "no device time"
+        raise RuntimeError("device_ms: expected CUDA kernel events from torch.profiler, got none")
+    return sum(spans) / calls / 1e3
 
 
 def attention_split_sweep(batch: int = 1, device: str = "cuda", bench=None, shapes=None, dtype=None,
@@ -289,6 +292,9 @@ def mapped_gemm_forms(device: str = "cuda", bench=None, shapes=MAPPED_SHAPES, pi
     from mmfuse.bench.shapes import MERGED_SHAPES
     from mmfuse.kernels import linear as KL
     from mmfuse.kernels import merged_gemm as KM
+    from mmfuse.kernels._common import ACTIVATIONS
+
+    gelu = ACTIVATIONS["gelu"]
 
     if bench is None:
         import triton.testing
@@ -312,14 +318,14 @@ def mapped_gemm_forms(device: str = "cuda", bench=None, shapes=MAPPED_SHAPES, pi
         merge_kinds = [("table" if s.table else "view", table)]
         if s.table:
             merge_kinds.append(("view", None))
-        forms = [("unmapped GEMM (A written)", lambda: KL._launch_gemm(a, w.t(), y, bias=b, activation=1))]
+        forms = [("unmapped GEMM (A written)", lambda: KL._launch_gemm(a, w.t(), y, bias=b, activation=gelu))]
         for kind, tab in merge_kinds:
             def merged(norm, fold=False, tab=tab):
                 merge = KM.Merge(x, G, tab, norm, s.norm_after_merge, gamma if norm else None,
                                  beta if norm == "layer" else None)
                 if norm is not None:
                     KM.norm_stats(merge, fold=w if fold else None)
-                return lambda: KM.mapped_fwd(merge, w, b, activation=1)
+                return lambda: KM.mapped_fwd(merge, w, b, activation=gelu)
             forms.append((f"{kind} gather, no norm", merged(None)))
             forms.append((f"{kind} gather + {s.norm} norm in the load", merged(s.norm)))
             forms.append((f"{kind} gather + rms folded into W", merged("rms", fold=True)))

@@ -451,9 +451,9 @@ def test_kernel_profile_attention_split_sweep(monkeypatch):
 
 
 def test_kernel_profile_mapped_gemm_forms(monkeypatch):
-    """The merged GEMM taken apart, with the interpreter on a small table shape: every form runs and
-    computes the same GEMM (the gather and the folded RMSNorm checked against PyTorch), and the
-    markdown puts each against the unmapped GEMM."""
+    """The merged GEMM taken apart, with the interpreter on a small table shape: every form launches and
+    writes its whole output (outputs are NaN-poisoned under the tests), and the markdown puts each
+    against the unmapped GEMM. (The forms' values are the merged GEMM's, tested in test_merged_mlp.py.)"""
     from mmfuse.bench import kernel_profile
     from mmfuse.bench.shapes import MergedShape
 
@@ -466,6 +466,9 @@ def test_kernel_profile_mapped_gemm_forms(monkeypatch):
                      "table gather + rms folded into W", "view gather, no norm", "view gather + layer norm in the load",
                      "view gather + rms folded into W"]
     assert all(r["ms"] == 1.0 and (r["M"], r["K"], r["N"]) == (8, 32, 24) for r in rows)
+    # (the unmapped GEMM writes into a buffer of the sweep's own and returns nothing)
+    assert len(outputs) == len(rows) and outputs[0] is None
+    assert all(y.shape == (8, 24) and y.isfinite().all() for y, _ in outputs[1:])
     md = kernel_profile.markdown({"gpu": "x", "date": "d", "mapped_forms": rows})
     assert "| tiny, 2 tiles | table gather + layer norm in the load | 8 x 32 x 24 | 1.0000 |" in md
     assert md.count("| 1.00 |") == len(rows)

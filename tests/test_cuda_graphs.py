@@ -1,13 +1,15 @@
-"""CUDA graphs: every public op captured once and replayed on new inputs, bit for bit against the same op
-called directly (GPU only; ``mmfuse gpu-check`` runs this file with its value tests).
+"""CUDA graphs: each public op's forward (linear, mlp, gated_mlp, merged_mlp, cross_attention, patch_embed)
+captured once and replayed on new inputs, bit for bit against the same op called directly, and a drop-in
+projector's forward and backward through ``make_graphed_callables`` (GPU only; ``mmfuse gpu-check`` runs
+this file with its value tests).
 
 Why: the measured small calls are host-bound (bench/NOTES.md: ~21-34 µs of Triton's launch path per
 launch, plus mmfuse's own Python), and a CUDA graph is how a user removes the host from a step
 (``torch.cuda.graph``, ``make_graphed_callables``, ``torch.compile(mode="reduce-overhead")``). Capture
 fails on any host synchronisation and replays whatever the capture recorded, so this also checks that
-nothing on the forward or backward path reads a device value on the host, allocates outside the graph's
-pool between replays, or keeps per-call state a replay would not refresh (the in-kernel split merge's
-arrival counters must be back at zero after every replay)."""
+nothing on these paths reads a device value on the host or keeps per-call state a replay would not
+refresh (the in-kernel split merge's arrival counters: warm-up and capture run on one stream, so the
+captured launches use the counters the warm-up left at zero, and every replay must leave them so)."""
 
 from __future__ import annotations
 
@@ -21,8 +23,8 @@ pytestmark = pytest.mark.skipif(mmfuse.INTERPRET or not torch.cuda.is_available(
 
 
 def _graphed(fn, static):
-    """(graph, output) of ``fn(*static)`` captured after a warm-up on a side stream (compiles, tile
-    choices and the allocator's first blocks happen outside the capture)."""
+    """(graph, output) of ``fn(*static)`` captured after a warm-up on the same side stream (compiles, tile
+    choices, per-stream state and the allocator's first blocks happen outside the capture)."""
     side = torch.cuda.Stream()
     side.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(side):
@@ -30,7 +32,7 @@ def _graphed(fn, static):
             fn(*static)
     torch.cuda.current_stream().wait_stream(side)
     graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
+    with torch.cuda.graph(graph, stream=side):
         out = fn(*static)
     return graph, out
 
@@ -50,6 +52,15 @@ def _replays_match(fn, make_inputs, rounds: int = 3):
 
 def _randn(*shape, scale=1.0):
     return lambda: torch.randn(*shape, device="cuda", dtype=torch.bfloat16) * scale
+
+
+def test_linear_and_gated_mlp_replay_bit_for_bit():
+    w = torch.randn(4096, 1024, device="cuda", dtype=torch.bfloat16) * 0.03
+    b = torch.randn(4096, device="cuda", dtype=torch.bfloat16)
+    _replays_match(lambda x: mmfuse.linear(x, w, b, "gelu"), lambda: [_randn(577, 1024)()])
+    wg, wu = (torch.randn(2816, 1024, device="cuda", dtype=torch.bfloat16) * 0.03 for _ in range(2))
+    wd = torch.randn(1024, 2816, device="cuda", dtype=torch.bfloat16) * 0.02
+    _replays_match(lambda x: mmfuse.gated_mlp(x, wg, wu, wd, None, None, None, "silu"), lambda: [_randn(577, 1024)()])
 
 
 def test_mlp_replays_bit_for_bit():
@@ -72,12 +83,13 @@ def test_merged_mlp_replays_bit_for_bit(norm):
 
 @pytest.mark.parametrize("combine", ["launch", "kernel"])
 def test_split_cross_attention_replays_bit_for_bit(monkeypatch, combine):
-    """Idefics2's resampler at batch 1 (split over keys), merged by a launch or in the kernel (its
-    arrival counters are reset by each replay's last program)."""
+    """Idefics2's resampler at batch 1, split over keys (4 ways, whatever this GPU's SM count makes the
+    rule choose), merged by a launch or in the kernel (its arrival counters are reset by each replay's
+    last program)."""
     from mmfuse.kernels import cross_attention as KA
 
     monkeypatch.setattr(KA, "SPLIT_COMBINE", combine)
-    _replays_match(lambda q, k, v: mmfuse.cross_attention(q, k, v),
+    _replays_match(lambda q, k, v: mmfuse.cross_attention(q, k, v, _splits=4),
                    lambda: [_randn(1, 16, 64, 96)(), _randn(1, 4, 4964, 96)(), _randn(1, 4, 4964, 96)()])
     assert all(not c.any() for c in KA._ARRIVALS.values())
 
