@@ -53,6 +53,12 @@ EXTRA_TILES = ((128, 256, 64, 8, 3), (256, 128, 64, 8, 3), (128, 128, 64, 4, 4),
                (128, 128, 32, 4, 4), (128, 256, 64, 8, 4))
 
 
+def _device_spans(prof) -> list[tuple[str, float]]:
+    """(kernel name, µs) of every device event a torch.profiler run recorded: each kernel's span."""
+    return [(e.name, e.time_range.elapsed_us()) for e in prof.events()
+            if getattr(e, "device_type", None) == torch.autograd.DeviceType.CUDA]
+
+
 def kernel_times(selected, steps: int = 10) -> list[dict]:
     """Per case: device time per kernel name and launches per step, from torch.profiler."""
     from torch.profiler import ProfilerActivity, profile
@@ -74,10 +80,9 @@ def kernel_times(selected, steps: int = 10) -> list[dict]:
                 torch.cuda.synchronize()
             wall_us = (time.perf_counter() - t0) * 1e6 / steps
             per = collections.defaultdict(lambda: [0.0, 0])
-            for e in prof.events():
-                if getattr(e, "device_type", None) == torch.autograd.DeviceType.CUDA:
-                    per[e.name][0] += e.time_range.elapsed_us()  # a device event: its kernel's span
-                    per[e.name][1] += 1
+            for name, us in _device_spans(prof):
+                per[name][0] += us
+                per[name][1] += 1
             kernels = sorted(({"kernel": k, "us_per_step": v[0] / steps, "launches_per_step": v[1] / steps}
                               for k, v in per.items()), key=lambda r: -r["us_per_step"])
             row.update(kernels=kernels, wall_us_per_step=wall_us,
@@ -203,8 +208,7 @@ def device_ms(fn, calls: int = 20) -> float:
         for _ in range(calls):
             fn()
         torch.cuda.synchronize()
-    spans = [e.time_range.elapsed_us() for e in prof.events()
-             if getattr(e, "device_type", None) == torch.autograd.DeviceType.CUDA]
+    spans = [us for _, us in _device_spans(prof)]
     if not spans:  # a profiler that saw no kernel must not read as "no device time"
         raise RuntimeError("device_ms: expected CUDA kernel events from torch.profiler, got none")
     return sum(spans) / calls / 1e3
@@ -343,7 +347,9 @@ def mapped_gemm_forms(device: str = "cuda", bench=None, shapes=MAPPED_SHAPES, pi
 
 def _pixel_shuffle_table(images: int, tokens: int, device) -> torch.Tensor:
     """InternVL's pixel shuffle (scale 0.5) as a token table: merged row m's 4 tokens in the order its
-    `pixel_shuffle` lays their channels, for ``images`` square grids of ``tokens`` tokens each."""
+    `pixel_shuffle` lays their channels, for ``images`` square grids of ``tokens`` tokens each. Its two
+    reshapes and permutes restated (the GPU host need not have transformers, whose own method the
+    registry probes); tests/test_bench.py checks it against ``InternVLModel.pixel_shuffle``."""
     side = int(round(tokens ** 0.5))
     ids = torch.arange(images * tokens, device=device).view(images, side, side, 1)
     n, w, h, c = ids.shape
