@@ -168,7 +168,8 @@ def test_round_to_tf32_is_round_to_nearest_on_every_kind_of_value():
     assert ((y.cpu()[fin.nonzero().squeeze(1)].view(torch.int32) & 0x1FFF) == 0).all()
     assert torch.isnan(y.cpu()[torch.isnan(x.cpu())]).all()  # NaN stays NaN, whatever its payload
     assert (y.cpu()[x.cpu() == big] == float("inf")).all()  # past TF32's largest: inf, as cvt.rna
-    assert y.cpu()[x.cpu() == torch.tensor(0x3FFFF000, dtype=torch.int32).view(torch.float32)].eq(2.0).all()
+    below_two = torch.tensor(0x3FFFF000, dtype=torch.int32, device="cpu").view(torch.float32)
+    assert y.cpu()[x.cpu() == below_two].eq(2.0).all()
 
 
 @pytest.fixture
