@@ -15,9 +15,10 @@ Forward (online softmax, fp32 statistics in base 2: s = q.k * scale * log2(e)):
   so the keys are split; S minimises the modelled time, ``choose_fwd_splits``), each split writes
   fp32 partials and ``attn_combine_kernel`` merges them:
   lse = log2 sum_s 2^lse_s, o = sum_s 2^(lse_s - lse) o_s, in split order (deterministic).
-  With COMBINE (MMFUSE_SPLIT_COMBINE=kernel) the merge runs in the same launch: each split counts
-  its arrival on an integer counter per query block, and the last to arrive merges all partials
-  from memory in split order, so the result is the same bits whichever program that is.
+  With COMBINE (the default outside CUDA-graph capture, ``combine_in_kernel``) the merge runs in the
+  same launch instead: each split counts its arrival on an integer counter per query block, and the
+  last to arrive merges all partials from memory in split order, so the result is the same bits
+  whichever program that is.
   A query row with no valid key gets o = 0 and lse = +inf, so that every recomputed probability
   2^(s - lse) in backward is 0: zero gradients, no NaN.
 Backward (recompute P block by block from the saved lse; never the Lq x Lk matrix):
@@ -711,24 +712,38 @@ def fwd_modelled_us(B: int, Bq: int, Hq: int, Hkv: int, Lq: int, Lk: int, D: int
     return us
 
 
-#: Where the forward's split partials are merged: "launch" (``attn_combine_kernel``, a second launch;
-#: the default) or "kernel" (the split kernel's last program per query block: one launch). The
-#: in-kernel merge orders other programs' stores through an integer counter, which the interpreter
-#: cannot exercise the way a GPU does, so it stays opt-in until a GPU check has run it.
-SPLIT_COMBINE = os.environ.get("MMFUSE_SPLIT_COMBINE", "launch")
-SPLIT_COMBINE_MODES = ("launch", "kernel")
+#: Where the forward's split partials are merged: "auto" (the default: in the split kernel itself, its
+#: last program per query block merging them, except while a CUDA graph is being captured), "kernel"
+#: (always in the split kernel: one launch) or "launch" (always ``attn_combine_kernel``, a second launch).
+#: Measured on an H100 (bench/NOTES.md, "Fifth GPU session"): the two merges take the same device time
+#: (Idefics2's resampler at one image: 29.6 against 29.9 us, the same bits) and the one launch saves the
+#: host a launch (0.063 against 0.182 ms per call). Under capture the host cost is gone and the merge
+#: launch has no shared counter, so "auto" takes it there: two graphs captured on one stream share the
+#: in-kernel merge's counters (``_ARRIVALS``) and could not be replayed at once on two streams.
+SPLIT_COMBINE = os.environ.get("MMFUSE_SPLIT_COMBINE", "auto")
+SPLIT_COMBINE_MODES = ("auto", "launch", "kernel")
 
 
-def combine_in_kernel(combine: str | None = None) -> bool:
-    """Whether the split forward merges its partials in the same launch: ``combine`` ("launch" or
-    "kernel", a caller's choice), else ``MMFUSE_SPLIT_COMBINE``."""
-    if combine is None:
-        if SPLIT_COMBINE not in SPLIT_COMBINE_MODES:
-            raise ValueError(f"MMFUSE_SPLIT_COMBINE: expected one of {SPLIT_COMBINE_MODES}, got {SPLIT_COMBINE!r}")
-        return SPLIT_COMBINE == "kernel"
-    if combine not in SPLIT_COMBINE_MODES:
-        raise ValueError(f"combine: expected None or one of {SPLIT_COMBINE_MODES}, got {combine!r}")
-    return combine == "kernel"
+def _capturing(device: torch.device) -> bool:
+    return device.type == "cuda" and torch.cuda.is_current_stream_capturing()
+
+
+def combine_mode(combine: str | None = None) -> str:
+    """The merge mode asked for: ``combine`` (a caller's choice) else ``MMFUSE_SPLIT_COMBINE``."""
+    mode, source = (SPLIT_COMBINE, "MMFUSE_SPLIT_COMBINE") if combine is None else (combine, "combine")
+    if mode not in SPLIT_COMBINE_MODES:
+        raise ValueError(f"{source}: expected {'None or ' if combine is not None else ''}one of "
+                         f"{SPLIT_COMBINE_MODES}, got {mode!r}")
+    return mode
+
+
+def combine_in_kernel(combine: str | None = None, device: torch.device | None = None) -> bool:
+    """Whether a split forward on ``device`` merges its partials in the same launch (``combine_mode``;
+    "auto": yes, unless a CUDA graph is being captured on the current stream)."""
+    mode = combine_mode(combine)
+    if mode == "auto":
+        return not (device is not None and _capturing(device))
+    return mode == "kernel"
 
 
 def choose_fwd_splits(B: int, Bq: int, Hq: int, Hkv: int, Lq: int, Lk: int, D: int, elem: int, sms: int,
@@ -806,7 +821,8 @@ def _arrival_counters(device: torch.device, n: int) -> torch.Tensor:
 def attention_fwd(q, k, v, kv_lens, key_mask, scale, splits=None, acc=torch.float32, precision="ieee",
                   k2=None, v2=None, combine=None):
     """``k2, v2``: optional second key/value source (B, Hkv, L2, D): the keys are k ‖ k2, never built.
-    ``combine``: where split partials are merged, "launch" or "kernel" (None: ``MMFUSE_SPLIT_COMBINE``).
+    ``combine``: where split partials are merged, "auto", "launch" or "kernel" (``combine_in_kernel``; None:
+    ``MMFUSE_SPLIT_COMBINE``).
     Returns (o (B, Hq, Lq, D) in q's dtype, stored head-interleaved (B, Lq, Hq, D); lse (B, Hq, Lq) in
     ``acc``, base 2; +inf on empty rows)."""
     B, Hkv, Lk, D = k.shape
@@ -826,10 +842,13 @@ def attention_fwd(q, k, v, kv_lens, key_mask, scale, splits=None, acc=torch.floa
     if q.shape[0] == 1:
         qs[0] = 0  # one set of queries for every sample
     key_blocks = max(1, cdiv(Lk, BN))
-    in_kernel = combine_in_kernel(combine)
+    in_kernel = combine_in_kernel(combine, q.device)
     if splits is None:
+        # "auto" splits as the merge launch's model says: with the merge in the kernel the model drops a
+        # launch's time and splits OpenFlamingo's keys 3 ways, which measured slower on the device than
+        # 1 (7.6 against 6.6 us); "kernel" keeps the in-kernel model (bench/NOTES.md, "Fifth GPU session").
         splits = choose_fwd_splits(B, q.shape[0], Hq, Hkv, Lq, Lk, D, q.element_size(), num_sms(q.device), blk,
-                                   in_kernel)
+                                   combine_mode(combine) == "kernel")
     splits = max(1, min(int(splits), key_blocks))
     chunk = cdiv(key_blocks, splits) * BN
     splits = cdiv(max(Lk, 1), chunk)

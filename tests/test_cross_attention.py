@@ -458,7 +458,7 @@ def test_lse_rounding_floor_only_matters_at_huge_logits():
     assert big > 50 * ordinary and big * 4 * torch.finfo(torch.float32).eps > 1e-4
 
 
-# --- The in-kernel combine (MMFUSE_SPLIT_COMBINE=kernel) ------------------------------------------
+# --- The in-kernel combine (the default outside capture) ------------------------------------------
 COMBINE_CASES = [
     # Bq, B, Hq, Hkv, Lq, Lk, D, dtype, padding, two sources, splits
     (1, 3, 4, 2, 17, 577, 24, torch.float32, "lens+mask", False, 5),   # GQA, a fully masked sample
@@ -573,27 +573,81 @@ def test_in_kernel_combine_through_the_op_values_and_gradients(monkeypatch):
 
 def test_in_kernel_combine_switch_and_bad_values(monkeypatch):
     q, k, v = _qkv(1, 1, 1, 1, 3, 70, 16)
-    with pytest.raises(ValueError, match=r"combine: expected None or one of \('launch', 'kernel'\), got 'both'"):
+    with pytest.raises(ValueError,
+                       match=r"combine: expected None or one of \('auto', 'launch', 'kernel'\), got 'both'"):
         KA.attention_fwd(q, k, v, None, None, 0.25, splits=2, combine="both")
     monkeypatch.setattr(KA, "SPLIT_COMBINE", "fused")
-    with pytest.raises(ValueError, match=r"MMFUSE_SPLIT_COMBINE: expected one of \('launch', 'kernel'\), got 'fused'"):
+    with pytest.raises(ValueError,
+                       match=r"MMFUSE_SPLIT_COMBINE: expected one of \('auto', 'launch', 'kernel'\), got 'fused'"):
         cross_attention(q, k, v, _splits=2)
     monkeypatch.setattr(KA, "SPLIT_COMBINE", "launch")
     assert not KA.combine_in_kernel()
 
 
-def test_in_kernel_combine_is_off_unless_asked_for():
-    """Opt-in until a GPU check has run it: without MMFUSE_SPLIT_COMBINE the combine is its own launch."""
+def _forward_launches(monkeypatch, q, k, v, splits, combine=None):
+    """(each forward launch's COMBINE flag, None for attn_combine_kernel; attention_fwd's result)."""
+    launched = []
+
+    class Recorder:  # the real launch, its COMBINE flag noted
+        def __init__(self, kernel):
+            self.kernel = kernel
+
+        def __getitem__(self, grid):
+            def launch(*args, **meta):
+                launched.append(meta.get("COMBINE"))
+                return self.kernel[grid](*args, **meta)
+            return launch
+
+    with monkeypatch.context() as m:
+        m.setattr(KA, "_attn_fwd", Recorder(KA._attn_fwd))
+        m.setattr(KA, "attn_combine_kernel", Recorder(KA.attn_combine_kernel))
+        out = KA.attention_fwd(q, k, v, None, None, 0.25, splits=splits, combine=combine)
+    return launched, out
+
+
+def test_the_default_merges_in_the_kernel_except_under_cuda_graph_capture(monkeypatch):
+    """"auto" (the default): one launch that merges its own splits; while a CUDA graph is captured
+    (``_capturing``, stood in for here: capture needs a GPU, tests/test_cuda_graphs.py captures for real)
+    the merge launch, with the same bits. One split: one launch either way, nothing to merge."""
     import os
     import subprocess
     import sys
 
     if "MMFUSE_SPLIT_COMBINE" not in os.environ:  # this process imported mmfuse without it
-        assert KA.SPLIT_COMBINE == "launch" and not KA.combine_in_kernel()
-    env = dict(os.environ, MMFUSE_SPLIT_COMBINE="kernel")
-    code = "import mmfuse; from mmfuse.kernels import cross_attention as KA; print(KA.combine_in_kernel())"
-    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True).stdout
-    assert out.strip() == "True"
+        assert KA.SPLIT_COMBINE == "auto"
+    monkeypatch.setattr(KA, "SPLIT_COMBINE", "auto")
+    q, k, v = _qkv(1, 2, 2, 2, 17, 200, 16)
+    flags, merged = _forward_launches(monkeypatch, q, k, v, splits=3)
+    assert flags == [True]
+    assert _forward_launches(monkeypatch, q, k, v, splits=1)[0] == [False]
+    monkeypatch.setattr(KA, "_capturing", lambda device: True)
+    flags, launched = _forward_launches(monkeypatch, q, k, v, splits=3)
+    assert flags == [False, None]  # the split kernel, then attn_combine_kernel
+    assert torch.equal(merged[0], launched[0]) and torch.equal(merged[1], launched[1])
+    assert _forward_launches(monkeypatch, q, k, v, splits=3, combine="kernel")[0] == [True]  # forced
+    for forced, want in (("launch", "False"), ("kernel", "True"), ("auto", "True")):
+        env = dict(os.environ, MMFUSE_SPLIT_COMBINE=forced)
+        code = "import mmfuse; from mmfuse.kernels import cross_attention as KA; print(KA.combine_in_kernel())"
+        out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+        assert out.stdout.strip() == want
+
+
+def test_auto_splits_by_the_merge_launchs_model(monkeypatch):
+    """"auto" chooses the split count as if the merge were a launch (OpenFlamingo at batch 1: 1 split; the
+    in-kernel model's 3 measured slower on an H100), "kernel" by its own model."""
+    args = (1, 1, 8, 8, 64, 321, 64, 2, 132)
+    assert KA.choose_fwd_splits(*args) == 1 and KA.choose_fwd_splits(*args, in_kernel=True) == 3
+    q, k, v = _qkv(1, 1, 1, 1, 3, 70, 16)
+    seen, real = [], KA.choose_fwd_splits
+
+    def spy(*a, **kw):
+        seen.append(a[10] if len(a) > 10 else kw.get("in_kernel", False))
+        return real(*a, **kw)
+
+    monkeypatch.setattr(KA, "choose_fwd_splits", spy)
+    for mode in ("auto", "launch", "kernel"):
+        KA.attention_fwd(q, k, v, None, None, 0.25, combine=mode)
+    assert seen == [False, False, True]
 
 
 def test_arrival_counters_grow_and_stay_zero():

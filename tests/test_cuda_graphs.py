@@ -81,17 +81,25 @@ def test_merged_mlp_replays_bit_for_bit(norm):
                    lambda: [_randn(4 * 300, C)])
 
 
-@pytest.mark.parametrize("combine", ["launch", "kernel"])
+@pytest.mark.parametrize("combine", ["auto", "launch", "kernel"])
 def test_split_cross_attention_replays_bit_for_bit(monkeypatch, combine):
     """Idefics2's resampler at batch 1, split over keys (4 ways, whatever this GPU's SM count makes the
     rule choose), merged by a launch or in the kernel (its arrival counters are reset by each replay's
-    last program)."""
+    last program); "auto", the default, captures the merge launch and merges in the kernel outside."""
     from mmfuse.kernels import cross_attention as KA
 
     monkeypatch.setattr(KA, "SPLIT_COMBINE", combine)
+    captured = []
+    real = KA.combine_in_kernel
+    monkeypatch.setattr(KA, "combine_in_kernel",
+                        lambda *a, **kw: captured.append((KA._capturing(torch.device("cuda")), real(*a, **kw)))
+                        or captured[-1][1])
     _replays_match(lambda q, k, v: mmfuse.cross_attention(q, k, v, _splits=4),
                    lambda: [_randn(1, 16, 64, 96), _randn(1, 4, 4964, 96), _randn(1, 4, 4964, 96)])
     assert all(not c.any() for c in KA._ARRIVALS.values())
+    in_capture = {merged for capturing, merged in captured if capturing}
+    outside = {merged for capturing, merged in captured if not capturing}
+    assert in_capture == {combine == "kernel"} and outside == {combine != "launch"}
 
 
 def test_patch_embed_replays_bit_for_bit():
