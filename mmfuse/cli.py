@@ -37,6 +37,10 @@ def main(argv=None) -> int:
     p_bench = sub.add_parser("bench", help="time every op against every baseline on this GPU (report without one)")
     p_bench.add_argument("--out-dir", default=os.path.join("bench", "results"), help="where results are written")
     p_bench.add_argument("--op", nargs="*", default=None, help="only these ops (mlp gated_mlp merged_mlp patch_embed cross_attention)")
+    p_bench.add_argument("--shape", nargs="*", default=None, help="only these shapes (names in bench/shapes.py)")
+    p_bench.add_argument("--impl", nargs="*", default=None,
+                         help="only these implementations (mmfuse eager 'torch.compile' ...); mmfuse is always run")
+    p_bench.add_argument("--dtype", nargs="*", default=None, help="only these dtypes (bfloat16 float16)")
     p_bench.add_argument("--profile", default="full", choices=("full", "quick"),
                          help="full: every case (a long GPU run); quick: two shapes per op, bf16, the cheap "
                               "baselines (what gpu-check runs)")
@@ -62,7 +66,8 @@ def main(argv=None) -> int:
 
         return verify.main(args.device, args.op, shard=_shard(args.shard))
     if args.command == "bench":
-        rc = _bench(args.out_dir, args.op, profile=args.profile)
+        rc = _bench(args.out_dir, args.op, profile=args.profile, shapes=args.shape, impls=args.impl,
+                    dtypes=args.dtype)
         if args.readme:
             from mmfuse.bench import readme
 
@@ -101,7 +106,8 @@ def _shard(text: str | None) -> tuple[int, int] | None:
     return i, n
 
 
-def _bench(out_dir: str, ops=None, timer=None, cuda=None, profile: str = "full") -> int:
+def _bench(out_dir: str, ops=None, timer=None, cuda=None, profile: str = "full", shapes=None, impls=None,
+           dtypes=None) -> int:
     import datetime
 
     import torch
@@ -116,9 +122,14 @@ def _bench(out_dir: str, ops=None, timer=None, cuda=None, profile: str = "full")
         print("mmfuse bench: no CUDA GPU on this machine, so nothing can be timed. Writing the exact "
               "figures that need no GPU (compiled configs, grids, waves, bytes) instead.")
         return report.main(path)
-    selected = [c for c in suite.profile_cases(profile) if not ops or c.op in ops]
+    # mmfuse itself always runs: a baseline's row alone has nothing to be compared with.
+    selected = [c for c in suite.profile_cases(profile) if (not ops or c.op in ops)
+                and (not shapes or c.shape in shapes) and (not impls or c.impl in impls or c.impl == "mmfuse")
+                and (not dtypes or c.dtype in dtypes)]
     if not selected:
-        print(f"mmfuse bench: no cases match --op {' '.join(ops or [])}")
+        asked = [f"--{k} {' '.join(v)}" for k, v in (("op", ops), ("shape", shapes), ("impl", impls),
+                                                     ("dtype", dtypes)) if v]
+        print(f"mmfuse bench: no cases match {' '.join(asked)}")
         return 2
     rows = suite.run_suite(selected, **({"timer": timer} if timer else {}))
     gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else "gpu"

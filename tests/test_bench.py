@@ -198,8 +198,27 @@ def test_mmfuse_bench_on_a_gpu_path_with_the_timer_mocked(tmp_path, monkeypatch,
     assert cli._bench(str(tmp_path / "again"), ops=["mlp"], timer=FakeTimer(), cuda=True) == 1
 
 
-def test_mmfuse_bench_unknown_op_exit_code(tmp_path):
+def test_mmfuse_bench_unknown_op_exit_code(tmp_path, capsys):
     assert cli._bench(str(tmp_path), ops=["nonesuch"], timer=FakeTimer(), cuda=True) == 2
+    assert cli._bench(str(tmp_path), shapes=["nonesuch"], impls=["eager"], timer=FakeTimer(), cuda=True) == 2
+    assert "no cases match --shape nonesuch --impl eager" in capsys.readouterr().out
+
+
+def test_mmfuse_bench_selects_shapes_implementations_and_dtypes(tmp_path, monkeypatch):
+    """`mmfuse bench --shape S --impl I --dtype D` (a short GPU run of a few baselines, torch.compile's
+    included): those cases, mmfuse's always with them."""
+    seen = []
+    monkeypatch.setattr(suite, "run_suite", lambda selected, **timer: seen.extend(selected) or [])
+    argv = ["bench", "--out-dir", str(tmp_path), "--op", "merged_mlp", "mlp", "--shape", "qwen2.5-vl-7b-merger",
+            "siglip-so400m-tower-mlp", "--impl", "eager", "torch.compile", "--dtype", "bfloat16"]
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a: "Fake GPU")
+    assert cli.main(argv) == 0
+    got = {(c.op, c.shape, c.mode, c.dtype, c.impl) for c in seen}
+    assert got == {(op, shape, mode, "bfloat16", impl)
+                   for op, shape in (("merged_mlp", "qwen2.5-vl-7b-merger"), ("mlp", "siglip-so400m-tower-mlp"),
+                                     ("mlp", "qwen2.5-vl-7b-merger"))  # (also an MLP shape: the merger unmerged)
+                   for mode in ("fwd", "fwd+bwd") for impl in ("mmfuse", "eager", "torch.compile")}
 
 
 def _readme(tmp_path):
@@ -233,6 +252,18 @@ def test_readme_section_from_a_measured_file(tmp_path):
     # FakeTimer: mmfuse 2.0 ms, eager 1.0 ms -> eager is the fastest baseline, mmfuse 0.5x.
     assert "Measured on **Fake GPU**, 2026-11-24" in text and "700 TFLOP/s" in text
     assert "| mlp/tiny/fwd/float32 | 2.0000 | eager | 1.0000 | 0.50x |" in text
+
+
+def test_readme_compares_with_pytorch_baselines_only(tmp_path):
+    """An mmfuse variant without the op's fusion ("mmfuse GEMM", faster than eager here) is not what a user
+    would run instead: the row names the fastest PyTorch baseline."""
+    rows = suite.run_suite(_tiny_cases()[:2], timer=FakeTimer(), device="cpu", progress=lambda m: None)
+    eager = next(r for r in rows if r.get("impl") == "eager")
+    rows.append(dict(eager, case=eager["case"].replace("/eager", "/mmfuse GEMM"), impl="mmfuse GEMM", ms=0.5))
+    suite.write_results(rows, str(tmp_path / "results"), "Fake GPU", date="2026-11-24")
+    path = _readme(tmp_path)
+    readme.rewrite(str(path), str(tmp_path / "results"))
+    assert "| mlp/tiny/fwd/float32 | 2.0000 | eager | 1.0000 | 0.50x |" in path.read_text()
 
 
 def test_readme_without_markers_is_an_error(tmp_path):
@@ -441,12 +472,14 @@ def test_kernel_profile_attention_split_sweep(monkeypatch):
     shapes = [AttentionShape("tiny", 17, 100, 4, 2, 24)]
     rows = kernel_profile.attention_split_sweep(batch=2, device="cpu", bench=lambda f: f() and 1.0, shapes=shapes,
                                                 device_timer=lambda f: f() and 0.25)
-    assert [(r["impl"], r["splits"]) for r in rows] == [("mmfuse, merge by launch", 2), ("mmfuse, merge by kernel", 3)]
-    assert rows[-1]["equal"] is True and "equal" not in rows[0]
+    assert [(r["impl"], r["splits"]) for r in rows] == [("mmfuse, merge by launch", 2), ("mmfuse, merge by kernel", 3),
+                                                         ("mmfuse, merge by auto", 2)]
+    assert rows[-1]["equal"] is True and "equal" not in rows[0] and "equal" not in rows[1]
     # fp32 (4-byte) at the tiles the launcher takes for it (the interpreter's here)
     assert seen and all(elem == 4 and blocks == KA.blocks_for(17, 24, elem_bytes=4, ieee=True) for elem, blocks in seen)
     md = kernel_profile.markdown({"gpu": "x", "date": "d", "attention_splits": rows})
-    assert "| tiny | float32 | mmfuse, merge by kernel | 3 | 1.0000 | 0.2500 | yes |" in md
+    assert "| tiny | float32 | mmfuse, merge by auto | 2 | 1.0000 | 0.2500 | yes |" in md
+    assert "| tiny | float32 | mmfuse, merge by kernel | 3 | 1.0000 | 0.2500 |  |" in md
     assert "| tiny | float32 | mmfuse, merge by launch | 2 | 1.0000 | 0.2500 |  |" in md
 
 
