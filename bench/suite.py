@@ -431,6 +431,8 @@ def run_suite(selected: list[Case], timer=time_cuda, device: str = "cuda", progr
         except Exception as e:  # a baseline may be unavailable on this GPU (cuDNN, flash for a head dim)
             row.update(error=f"{type(e).__name__}: {e}"[:200])
         rows.append(row)
+        # each result as it comes: a run stopped by a time limit still leaves its log
+        progress(f"    {row['ms']:.4f} ms" if "ms" in row else f"    failed: {row['error']}")
     for row in rows:  # speedup of mmfuse against each baseline of the same case
         ref = next((r for r in rows if r.get("ms") and r["impl"] == "mmfuse" and r["case"].rsplit("/", 1)[0] ==
                     row["case"].rsplit("/", 1)[0]), None)

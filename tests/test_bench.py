@@ -186,7 +186,7 @@ def test_mmfuse_bench_on_a_gpu_path_with_the_timer_mocked(tmp_path, monkeypatch,
     monkeypatch.setattr(suite, "ceilings", lambda timer, device: {"tflops": 700.0, "gbps": 2900.0})
     assert cli._bench(str(tmp_path), ops=["mlp"], timer=FakeTimer(), cuda=True) == 0
     out = capsys.readouterr().out
-    assert "[1/5] mlp/tiny/fwd/float32/mmfuse" in out and "[5/5]" in out
+    assert "[1/5] mlp/tiny/fwd/float32/mmfuse\n    2.0000 ms\n" in out and "[5/5]" in out  # each result as it comes
     (result,) = tmp_path.glob("*.json")
     rows = json.loads(result.read_text())["rows"]
     assert rows[0] == {"ceilings": {"tflops": 700.0, "gbps": 2900.0}} and len(rows) == 6
