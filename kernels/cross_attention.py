@@ -716,8 +716,9 @@ def fwd_modelled_us(B: int, Bq: int, Hq: int, Hkv: int, Lq: int, Lk: int, D: int
 #: last program per query block merging them, except while a CUDA graph is being captured), "kernel"
 #: (always in the split kernel: one launch) or "launch" (always ``attn_combine_kernel``, a second launch).
 #: Measured on an H100 (bench/NOTES.md, "Fifth GPU session"): the two merges take the same device time
-#: (Idefics2's resampler at one image: 29.6 against 29.9 us, the same bits) and the one launch saves the
-#: host a launch (0.063 against 0.182 ms per call). Under capture the host cost is gone and the merge
+#: (Idefics2's resampler at one image: 29.6-30.2 against 29.9-30.9 us, the same bits), and the one launch
+#: saves the host a Triton launch (per call 0.063-0.167 against 0.182-0.204 ms in two runs: host-bound
+#: and noisy). Under capture the host cost is gone and the merge
 #: launch has no shared counter, so "auto" takes it there: two graphs captured on one stream share the
 #: in-kernel merge's counters (``_ARRIVALS``) and could not be replayed at once on two streams.
 SPLIT_COMBINE = os.environ.get("MMFUSE_SPLIT_COMBINE", "auto")
