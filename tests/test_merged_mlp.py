@@ -438,6 +438,55 @@ class TestBadInput:
         out = proc.stderr + proc.stdout
         assert proc.returncode != 0 and ("token_map" in out or "device-side assert" in out), out[-2000:]
 
+    def test_the_device_check_of_table_values_decides_like_the_rule(self):
+        """The GPU's check (one flag for a device-side assert, ``_token_values_ok``) against the rule on
+        random tables: permutations and partial ones, repeats, indices below 0 and from T, int32's and
+        int64's extremes, empty; and the ATen ops it takes (each a launch: host time on a GPU)."""
+        from torch.utils._python_dispatch import TorchDispatchMode
+
+        from mmfuse.ops.merged import _token_values_ok
+
+        gen = torch.Generator().manual_seed(5)
+
+        def rule(table, T):
+            vals = table.reshape(-1).tolist()
+            return all(0 <= v < T for v in vals) and len(set(vals)) == len(vals)
+
+        cases = []
+        for T in (1, 2, 7, 64):
+            for dtype in (torch.int32, torch.int64):
+                perm = torch.randperm(T, generator=gen).to(dtype)
+                cases.append((perm.view(-1, 1), T))
+                cases.append((perm[: T - T % 2].view(-1, 2) if T > 1 else perm.view(1, 1), T))
+                for bad in (-1, T, T + 5, -T - 3, torch.iinfo(dtype).max, torch.iinfo(dtype).min):
+                    t = perm.clone()
+                    t[int(torch.randint(T, (1,), generator=gen))] = bad
+                    cases.append((t.view(-1, 1), T))
+                if T > 1:
+                    t = perm.clone()
+                    t[0] = t[-1]
+                    cases.append((t.view(-1, 1), T))
+                    cases.append((torch.randint(T, (T, 2), generator=gen).to(dtype), T))
+            cases.append((torch.empty(0, 4, dtype=torch.int32), T))
+        cases.append((torch.arange(12).view(3, 4).t(), 12))  # a strided view
+        got = [bool(_token_values_ok(t, T)) for t, T in cases]
+        assert got == [rule(t, T) for t, T in cases] and any(got) and not all(got)
+
+        class Ops(TorchDispatchMode):
+            def __init__(self):
+                super().__init__()
+                self.ops = []
+
+            def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+                self.ops.append(str(func))
+                return func(*args, **(kwargs or {}))
+
+        table = torch.randperm(64).view(16, 4).to(torch.int32)
+        with Ops() as mode:
+            _token_values_ok(table, 64)
+        kernels = [op for op in mode.ops if not any(v in op for v in ("view", "reshape", "slice"))]
+        assert len(kernels) <= 8, mode.ops  # (with torch._assert_async: 9, against 13 before)
+
     def test_group(self):
         x, ws = self._args()
         with pytest.raises(ValueError, match="group: expected a positive int, got 0"):
