@@ -130,9 +130,13 @@ def compiled_kernels() -> list[dict]:
     return rows
 
 
-def gemm_tile_sweep(M: int = 8 * 576, K: int = 1024, N: int = 4096, device: str = "cuda", bench=None) -> list[dict]:
+def gemm_tile_sweep(M: int = 8 * 576, K: int = 1024, N: int = 4096, device: str = "cuda", bench=None,
+                    device_timer=None) -> list[dict]:
     """The three GEMMs of a Linear(K, N) + GELU layer at M tokens, under each tile of each kernel
-    (the pointer kernel; the TMA kernel flattened or not), and torch.mm of the same operand layouts."""
+    (the pointer kernel; the TMA kernel flattened or not), and torch.mm of the same operand layouts.
+    Each row also carries its device time alone (``device_timer``: ``device_ms`` on a GPU): at one image
+    the GEMMs take 14-130 us, do_bench's per-call time is then the host's, and session 17 saw the same
+    kernel move 3.6x between runs (bench/NOTES.md, "Fifth GPU session")."""
     from mmfuse.kernels import _common
     from mmfuse.kernels import linear as KL
     from mmfuse.kernels._tuning import largest_tile
@@ -141,6 +145,8 @@ def gemm_tile_sweep(M: int = 8 * 576, K: int = 1024, N: int = 4096, device: str 
         import triton.testing
 
         bench = triton.testing.do_bench
+    if device_timer is None and device == "cuda":
+        device_timer = device_ms
     dt = torch.bfloat16
     x = torch.randn(M, K, device=device, dtype=dt)
     w = torch.randn(N, K, device=device, dtype=dt) / K ** 0.5
@@ -169,6 +175,8 @@ def gemm_tile_sweep(M: int = 8 * 576, K: int = 1024, N: int = 4096, device: str 
     for gname, (ours, ref, flops, dims, act_grad) in gemms.items():
         ms = bench(ref)
         rows.append({"gemm": gname, "tile": "torch.mm", "ms": ms, "tflops": flops / ms / 1e9})
+        if device_timer is not None:
+            rows[-1]["device_ms"] = device_timer(ref)
         chosen = {"pointer": largest_tile(KL.candidate_tiles(*dims, sms)),
                   "tma": largest_tile(KL.candidate_tiles(*dims, sms, KL.tma_tiles(act_grad)))}
         for kernel, tile, flat in variants:
@@ -182,6 +190,8 @@ def gemm_tile_sweep(M: int = 8 * 576, K: int = 1024, N: int = 4096, device: str 
                     KL.tma_flatten = lambda *args, flat=flat, **kw: flat
                 with _common.gpu_config({f"{'tma' if kernel == 'tma' else 'fused'}_gemm_kernel": tile}):
                     ms = bench(ours)
+                    if device_timer is not None:
+                        row["device_ms"] = device_timer(ours)
                 row.update(ms=ms, tflops=flops / ms / 1e9)
             except Exception as e:
                 row["error"] = f"{type(e).__name__}: {e}"[:300]
@@ -498,15 +508,16 @@ def markdown(result: dict) -> str:
     if isinstance(tiles, list):
         for shape in dict.fromkeys(r.get("shape", "LLaVA-1.5 layer, M=4608") for r in tiles):
             lines += _table_head(f"GEMM tiles (bf16, {shape})", "GEMM", "kernel and tile", "ms", "TFLOP/s",
-                                 "launcher default")
+                                 "device ms", "launcher default")
             for r in tiles:
                 if r.get("shape", "LLaVA-1.5 layer, M=4608") != shape:
                     continue
+                dev = f"{r['device_ms']:.4f}" if "device_ms" in r else ""
                 if "ms" in r:
-                    lines.append(f"| {r['gemm']} | {r['tile']} | {r['ms']:.4f} | {r['tflops']:.0f} | "
+                    lines.append(f"| {r['gemm']} | {r['tile']} | {r['ms']:.4f} | {r['tflops']:.0f} | {dev} | "
                                  f"{'yes' if r.get('chosen') else ''} |")
                 else:
-                    lines.append(f"| {r['gemm']} | {r['tile']} | failed: {r.get('error', '')[:120]} | | |")
+                    lines.append(f"| {r['gemm']} | {r['tile']} | failed: {r.get('error', '')[:120]} | | | |")
             lines.append("")
     splits = result.get("attention_splits")
     if isinstance(splits, list):

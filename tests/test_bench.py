@@ -439,7 +439,7 @@ def test_kernel_profile_finds_every_kernel_family_and_reports_failed_parts():
                        {"gemm": "dW", "tile": "tma 64x64x64x4x4", "ms": 0.2, "tflops": 99.0, "shape": "one image"}]})
     assert "## GEMM tiles (bf16, one image)" in md and md.index("one image)") < md.index("| dW | tma 64x64x64x4x4 |")
     assert "c: failed: ValueError: bad" in md and "## compiled: failed" in md and "RuntimeError: boom" in md
-    assert "| fwd | 128x128x64x8x4 | 0.1000 | 330 | yes |" in md and "attn_fwd_kernel" in md
+    assert "| fwd | 128x128x64x8x4 | 0.1000 | 330 |  | yes |" in md and "attn_fwd_kernel" in md
 
 
 def test_kernel_profile_gemm_sweep_runs_every_variant(monkeypatch):
@@ -448,12 +448,16 @@ def test_kernel_profile_gemm_sweep_runs_every_variant(monkeypatch):
     from mmfuse.bench import kernel_profile
     from mmfuse.kernels import linear as KL
 
-    calls = []
-    rows = kernel_profile.gemm_tile_sweep(M=24, K=40, N=48, device="cpu", bench=lambda f: calls.append(f()) or 1.0)
+    calls, timed = [], []
+    rows = kernel_profile.gemm_tile_sweep(M=24, K=40, N=48, device="cpu", bench=lambda f: calls.append(f()) or 1.0,
+                                          device_timer=lambda f: timed.append(f()) or 0.5)
     assert not [r for r in rows if "error" in r], [r for r in rows if "error" in r][:2]
     assert KL.TMA == "auto"  # restored
     kinds = {r["gemm"] for r in rows}
-    assert len(kinds) == 3 and len(calls) == len(rows)
+    assert len(kinds) == 3 and len(calls) == len(rows) == len(timed)
+    assert all(r["device_ms"] == 0.5 for r in rows)
+    md = kernel_profile.markdown({"gpu": "x", "date": "d", "gemm_tiles": [dict(r, shape="s") for r in rows]})
+    assert "| dW dH^T X | torch.mm | 1.0000 | 0 | 0.5000 |  |" in md
     for g in kinds:
         chosen = [r["tile"] for r in rows if r["gemm"] == g and r.get("chosen")]
         assert [t.split()[0] for t in chosen] == ["pointer", "tma"], (g, chosen)
