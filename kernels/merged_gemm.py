@@ -31,12 +31,15 @@ where normalising it costs a round trip through registers per K step).
                                       element written once when the map is a permutation: no atomics)
 and ``norm_bwd_kernel`` turns dA into dx with one row-wise pass (re-reading x; dgamma / dbeta as fp32
 per-program partials summed in a fixed order by the launcher: deterministic).
-The merged A never exists in memory, nor does the norm's output.
+With MAPPED = 0 the merged A never exists in memory, nor does the norm's output. Where the GPU measured
+that slower (``written_forward_applies``: large GEMMs), the forward instead writes A once
+(``norm_rows_kernel``) and runs its first GEMM unmapped.
 """
 
 from __future__ import annotations
 
 import functools
+import os
 
 import torch
 import triton
@@ -893,6 +896,57 @@ def normalised_rows(merge: Merge) -> torch.Tensor:
             out.stride(0), ALIGNED=merge.C % bc == 0, TABLE=merge.table, NORM_POST=merge.post,
             ACC_DTYPE=acc_dtype(x.dtype), BLOCK_R=br, BLOCK_C=bc, num_warps=4, num_stages=1, **LAUNCH_OPTIONS)
     return out
+
+
+#: Where the forward's first GEMM gets its merged, normalised A: "auto" (``written_forward_applies``),
+#: "in-load" (read through the map and normalised in the GEMM's loads: the merged operand never exists)
+#: or "written" (``normalised_rows`` writes it once, then the unmapped GEMM, TMA on Hopper, reads it).
+#: Read once, at import.
+MERGED_FORWARD = os.environ.get("MMFUSE_MERGED_FORWARD", "auto")
+MERGED_FORWARD_MODES = ("auto", "in-load", "written")
+#: Measured on an H100 (bench/NOTES.md, "Fifth GPU session": the merged GEMM taken apart, bf16): the first
+#: GEMM's time over an unmapped GEMM of its size, less 1 — what writing A once saves, as a fraction of
+#: that GEMM. The gather alone: 0.26 through a table (InternVL's pixel shuffle), 0.41-0.48 by the view
+#: merge (Qwen's); the norm in the load adds 0.88 (LayerNorm) and 1.35 (RMSNorm); folded, nothing.
+GATHER_COST = {True: 0.26, False: 0.41}
+NORM_IN_LOAD_COST = {"layer": 0.88, "rms": 1.35}
+#: The rates the time model takes: an unmapped bf16 GEMM of these sizes on an H100 (540-568 TFLOP/s in
+#: that run), HBM (2.9 TB/s, its copy ceiling) and the host's part of one more launch (µs).
+WRITTEN_GEMM_TFLOPS, WRITTEN_HBM_TBPS, WRITTEN_LAUNCH_US = 540.0, 2.9, 20.0
+
+
+def merged_forward_mode() -> str:
+    if MERGED_FORWARD not in MERGED_FORWARD_MODES:
+        raise ValueError(f"MMFUSE_MERGED_FORWARD: expected one of {MERGED_FORWARD_MODES}, got {MERGED_FORWARD!r}")
+    return MERGED_FORWARD
+
+
+def written_forward_saves_us(M: int, K: int, N: int, elem: int, norm: str | None, table: bool, folded: bool) -> float:
+    """Modelled device time the written operand saves the forward (µs; negative: it costs): the mapped
+    GEMM's excess over an unmapped one (``GATHER_COST``, ``NORM_IN_LOAD_COST``) against the row-wise pass
+    (x read, A written: 2 M K e bytes) and its launch."""
+    gemm_us = 2 * M * N * K / (WRITTEN_GEMM_TFLOPS * 1e6)
+    excess = GATHER_COST[table] + (0.0 if folded or norm is None else NORM_IN_LOAD_COST[norm])
+    return excess * gemm_us - (2 * M * K * elem / (WRITTEN_HBM_TBPS * 1e6) + WRITTEN_LAUNCH_US)
+
+
+def written_forward_applies(merge: Merge, N: int, gated: bool = False) -> bool:
+    """Whether the forward writes the merged, normalised operand once and runs its first GEMM unmapped
+    (``MERGED_FORWARD``; "auto": with a norm, not gated, 2- or 4-byte inputs, from FOLD_MIN_ROWS merged
+    rows, where ``written_forward_saves_us`` is positive — the Qwen2.5-VL merger and InternVL's mlp1 at
+    batch 8 are). The in-load forward never writes A and moves fewer bytes (issue 12's design); the
+    GPU measured it slower wherever the GEMM dominates: its gather and in-load norm cost 1.3-2.8x an
+    unmapped GEMM, against a row-wise pass of 2 M K e bytes."""
+    mode = merged_forward_mode()
+    if mode == "in-load" or gated or merge.norm is None or merge.K == 0 or merge.M == 0:
+        return False
+    if mode == "written":
+        return True
+    if merge.x.element_size() > 4 or merge.M < FOLD_MIN_ROWS:
+        return False
+    folded = fold_applies(merge)
+    return written_forward_saves_us(merge.M, merge.K, N, merge.x.element_size(), merge.norm, merge.table,
+                                    folded) > 0
 
 
 def materialise_applies(merge: Merge) -> bool:

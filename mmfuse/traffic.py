@@ -572,7 +572,7 @@ def norm_bwd_traffic(R: int, C: int, G: int, elem: int, *, post: bool, blocks=(1
 def merged_mlp_traffic(T: int, C: int, G: int, widths, tile, elem: int, *, norm: str | None, post: bool,
                        table: bool, acc_elem: int = 4, bk: int = 64, training: bool = True,
                        gated: bool = False, bias: bool = True, folded: bool | None = None,
-                       materialised: bool | None = None) -> dict[str, dict]:
+                       materialised: bool | None = None, written: bool | None = None) -> dict[str, dict]:
     """``mmfuse.merged_mlp`` in training (biases on, GELU between layers) against eager PyTorch running
     the module's own code, in the form of ``mlp_traffic``: ``hbm`` = distinct bytes per launch.
 
@@ -594,8 +594,11 @@ def merged_mlp_traffic(T: int, C: int, G: int, widths, tile, elem: int, *, norm:
     writes gamma * W; the GEMM reads it and x raw); None: the launcher's rule (``fold_applies``: RMSNorm,
     at least FOLD_MIN_ROWS merged rows; C % bk == 0 or a norm per merged row). ``materialised``: the
     backward writes the normalised operand once and runs dW unmapped (``materialise_applies``: a norm,
-    at least FOLD_MIN_ROWS merged rows; None: that rule)."""
-    from mmfuse.kernels.merged_gemm import FOLD_MIN_ROWS
+    at least FOLD_MIN_ROWS merged rows; None: that rule). ``written``: the forward writes the normalised
+    operand once (``norm_rows_kernel``) and runs its first GEMM unmapped (``written_forward_applies``:
+    a norm, not gated, from FOLD_MIN_ROWS merged rows, where its time model says it saves time; None:
+    that rule): the statistics without the fold, the row-wise pass, an unmapped GEMM."""
+    from mmfuse.kernels.merged_gemm import FOLD_MIN_ROWS, written_forward_saves_us
 
     if materialised is None:
         materialised = bool(norm) and T // G >= FOLD_MIN_ROWS
@@ -611,12 +614,22 @@ def merged_mlp_traffic(T: int, C: int, G: int, widths, tile, elem: int, *, norm:
     n1, k1 = layers[0][1], K
     if folded is None:
         folded = norm == "rms" and M >= FOLD_MIN_ROWS and (post or C % bk == 0)
+    if written is None:
+        written = bool(norm) and e <= 4 and M >= FOLD_MIN_ROWS and written_forward_saves_us(
+            M, K, n1, e, norm, table, folded) > 0
     fwd, bwd = [], []
-    fwd += _norm_stats_launch(T, C, G, e, norm, post, table, acc_elem, fold=(n1, K, norm_width) if folded else None)
-    fwd.append(sum(mapped_gemm_traffic(M, n1, k1, (*tile[:2], bk), e, mapped=0, C=C, G=G, rows_norm=rows_norm,
-                                       norm_width=norm_width, bias=bias, store_aux=training and len(layers) > 1,
-                                       acc_elem=acc_elem, table=table, folded=folded, post=post).values(),
-                   Traffic()))
+    if written:  # the statistics, the normalised operand written once, an unmapped first GEMM
+        fwd += _norm_stats_launch(T, C, G, e, norm, post, table, acc_elem)
+        fwd.append(sum(norm_rows_traffic(M, C, G, e, post=post, table=table, acc_elem=acc_elem).values(), Traffic()))
+        fwd.append(sum(fused_gemm_traffic(M, n1, k1, tile, e, bias=bias,
+                                          store_aux=training and len(layers) > 1).values(), Traffic()))
+    else:
+        fwd += _norm_stats_launch(T, C, G, e, norm, post, table, acc_elem,
+                                  fold=(n1, K, norm_width) if folded else None)
+        fwd.append(sum(mapped_gemm_traffic(M, n1, k1, (*tile[:2], bk), e, mapped=0, C=C, G=G, rows_norm=rows_norm,
+                                           norm_width=norm_width, bias=bias, store_aux=training and len(layers) > 1,
+                                           acc_elem=acc_elem, table=table, folded=folded, post=post).values(),
+                       Traffic()))
     for i, (k, n) in enumerate(layers[1:], start=1):
         fwd.append(sum(fused_gemm_traffic(M, n, k, tile, e, bias=bias,
                                           store_aux=training and i < len(layers) - 1).values(), Traffic()))

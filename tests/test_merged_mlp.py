@@ -363,6 +363,81 @@ def test_materialised_gated_backward_and_gradcheck(always_fold):
                              ["x", "W1", "W2", "gamma", "beta"])
 
 
+# The forward's first GEMM on the operand written once (``written_forward_applies``: large GEMMs, where an
+# H100 measured the in-load gather and norm at 1.3-2.8x an unmapped GEMM): norm_rows_kernel, then the
+# unmapped GEMM. Forced here ("written"): the rule picks it only at model sizes.
+@pytest.fixture
+def written_forward(monkeypatch):
+    from mmfuse.kernels import merged_gemm as KM
+
+    monkeypatch.setattr(KM, "MERGED_FORWARD", "written")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("norm,post,use_map", [("layer", False, False), ("layer", True, True), ("rms", False, True),
+                                               ("rms", True, False)])
+def test_written_forward_matches_reference(dtype, norm, post, use_map, written_forward, launches):
+    inputs, names, fn, ref = _case(dtype, norm, post, use_map, T=44)
+    with torch.no_grad():
+        fn(*inputs)
+    assert launches == ["norm_stats_kernel", "norm_rows_kernel", "fused_gemm_kernel", "fused_gemm_kernel"]
+    assert_matches_reference(fn, ref, inputs, names)
+
+
+def test_written_forward_gradcheck_and_determinism(written_forward):
+    T, C_, G_ = 24, 6, 2
+    x = torch.randn(T, C_, dtype=torch.float64)
+    tmap = torch.randperm(T).view(-1, G_)
+    w1, w2 = torch.randn(7, G_ * C_, dtype=torch.float64) / 3, torch.randn(5, 7, dtype=torch.float64) / 3
+    gamma, beta = 1 + 0.2 * torch.randn(C_, dtype=torch.float64), torch.randn(C_, dtype=torch.float64)
+
+    def fn(x, w1, w2, g, b):
+        return merged_mlp(x, [w1, w2], None, "gelu", group=G_, token_map=tmap, norm="layer", norm_weight=g,
+                          norm_bias=b)
+
+    inputs = [t.requires_grad_() for t in (x, w1, w2, gamma, beta)]
+    assert torch.autograd.gradcheck(fn, inputs, fast_mode=True)
+    runs = [torch.autograd.grad(fn(*inputs).square().sum(), inputs) for _ in range(2)]
+    assert all(torch.equal(a, b) for a, b in zip(*runs))
+
+
+def test_where_the_forward_writes_its_operand(monkeypatch):
+    """The rule at real shapes (bf16, 8 images or tiles): the Qwen2.5-VL merger (RMSNorm folded, the view
+    merge) and InternVL2-8B's mlp1 (LayerNorm in the load, the pixel-shuffle table) write it; one image
+    of LLaVA-OneVision-size rows, no norm, gated, fp64 and fewer than FOLD_MIN_ROWS rows do not; the
+    switch forces either way."""
+    from mmfuse.kernels import merged_gemm as KM
+
+    def merge(T, C, G_, norm, table, dtype=torch.bfloat16, post=False):
+        x = torch.empty(T, C, dtype=dtype)
+        tmap = torch.arange(T).view(-1, G_).to(torch.int32) if table else None
+        width = G_ * C if post else C
+        return KM.Merge(x, G_, tmap, norm, post, torch.ones(width, dtype=dtype),
+                        torch.zeros(width, dtype=dtype) if norm == "layer" else None)
+
+    qwen = merge(8 * 4096, 1280, 4, "rms", False)
+    internvl = merge(8 * 1024, 1024, 4, "layer", True, post=True)
+    monkeypatch.setattr(KM, "INTERPRET", False)  # the GPU's tile rule (the fold's BLOCK_K check)
+    assert KM.written_forward_applies(qwen, 5120) and KM.written_forward_applies(internvl, 4096)
+    # the model's figures: saved device time, µs (the mapped GEMM's excess against the pass and its launch)
+    assert KM.written_forward_saves_us(8192, 5120, 5120, 2, "rms", False, True) == pytest.approx(
+        0.41 * 2 * 8192 * 5120 * 5120 / 540e6 - 2 * 8192 * 5120 * 2 / 2.9e6 - 20)
+    assert KM.written_forward_saves_us(2048, 4096, 4096, 2, "layer", True, False) > 100
+    assert not KM.written_forward_applies(merge(4 * 192, 64, 4, "layer", True), 32)  # small: the pass costs more
+    assert not KM.written_forward_applies(merge(4 * 191 * 8, 1280, 8 * 4, "rms", False), 5120)  # < 192 rows
+    assert not KM.written_forward_applies(merge(8 * 4096, 1280, 4, None, False), 5120)  # no norm to write
+    assert not KM.written_forward_applies(qwen, 5120, gated=True)
+    assert not KM.written_forward_applies(merge(8 * 4096, 1280, 4, "rms", False, dtype=torch.float64), 5120)
+    monkeypatch.setattr(KM, "MERGED_FORWARD", "in-load")
+    assert not KM.written_forward_applies(qwen, 5120)
+    monkeypatch.setattr(KM, "MERGED_FORWARD", "written")
+    assert KM.written_forward_applies(merge(8, 4, 4, "rms", False), 3)
+    monkeypatch.setattr(KM, "MERGED_FORWARD", "always")
+    with pytest.raises(ValueError, match=r"MMFUSE_MERGED_FORWARD: expected one of \('auto', 'in-load', 'written'\), "
+                                         r"got 'always'"):
+        KM.written_forward_applies(qwen, 5120)
+
+
 def test_empty_and_inference():
     inputs, names, fn, _ = _case(torch.float32, "layer", True, False, T=0)
     leaves = [t.requires_grad_() for t in inputs]
@@ -446,7 +521,7 @@ class TestBadInput:
 
         from mmfuse.ops.merged import _token_values_ok
 
-        gen = torch.Generator().manual_seed(5)
+        gen = torch.Generator().manual_seed(5)  # (CPU tensors throughout: the rule's logic, on any device)
 
         def rule(table, T):
             vals = table.reshape(-1).tolist()
@@ -455,20 +530,20 @@ class TestBadInput:
         cases = []
         for T in (1, 2, 7, 64):
             for dtype in (torch.int32, torch.int64):
-                perm = torch.randperm(T, generator=gen).to(dtype)
+                perm = torch.randperm(T, generator=gen, device="cpu").to(dtype)
                 cases.append((perm.view(-1, 1), T))
                 cases.append((perm[: T - T % 2].view(-1, 2) if T > 1 else perm.view(1, 1), T))
                 for bad in (-1, T, T + 5, -T - 3, torch.iinfo(dtype).max, torch.iinfo(dtype).min):
                     t = perm.clone()
-                    t[int(torch.randint(T, (1,), generator=gen))] = bad
+                    t[int(torch.randint(T, (1,), generator=gen, device="cpu"))] = bad
                     cases.append((t.view(-1, 1), T))
                 if T > 1:
                     t = perm.clone()
                     t[0] = t[-1]
                     cases.append((t.view(-1, 1), T))
-                    cases.append((torch.randint(T, (T, 2), generator=gen).to(dtype), T))
-            cases.append((torch.empty(0, 4, dtype=torch.int32), T))
-        cases.append((torch.arange(12).view(3, 4).t(), 12))  # a strided view
+                    cases.append((torch.randint(T, (T, 2), generator=gen, device="cpu").to(dtype), T))
+            cases.append((torch.empty(0, 4, dtype=torch.int32, device="cpu"), T))
+        cases.append((torch.arange(12, device="cpu").view(3, 4).t(), 12))  # a strided view
         got = [bool(_token_values_ok(t, T)) for t, T in cases]
         assert got == [rule(t, T) for t, T in cases] and any(got) and not all(got)
 
@@ -481,7 +556,7 @@ class TestBadInput:
                 self.ops.append(str(func))
                 return func(*args, **(kwargs or {}))
 
-        table = torch.randperm(64).view(16, 4).to(torch.int32)
+        table = torch.randperm(64, device="cpu").view(16, 4).to(torch.int32)
         with Ops() as mode:
             _token_values_ok(table, 64)
         kernels = [op for op in mode.ops if not any(v in op for v in ("view", "reshape", "slice"))]
