@@ -469,7 +469,7 @@ def verify_checks():
     from mmfuse.verify import Check
 
     def merged_check(dtype, what, norm, post, table, T=64, C=48, G=4, widths=(72, 40), gate_half=None,
-                     path=None):
+                     path=None, forward=None):
         def run(device):
             x = torch.randn(T, C, device=device, dtype=dtype)
             tmap = torch.randperm(T, device=device).view(-1, G) if table else None
@@ -494,8 +494,13 @@ def verify_checks():
                              gate_half=gate_half)
                 return fn
 
-            return compare_with_reference(call(merged_mlp), call(merged_mlp_reference), [x, *ws, *bs, *norm_params],
-                                          ["x", "W1", "W2", "b1", "b2", "gamma", "beta"][:5 + len(norm_params)])
+            saved = KM.MERGED_FORWARD
+            KM.MERGED_FORWARD = forward or saved  # ``forward``: the check's forward form, whatever the sizes
+            try:
+                return compare_with_reference(call(merged_mlp), call(merged_mlp_reference), [x, *ws, *bs, *norm_params],
+                                              ["x", "W1", "W2", "b1", "b2", "gamma", "beta"][:5 + len(norm_params)])
+            finally:
+                KM.MERGED_FORWARD = saved
         return Check(f"merged_mlp {what}", dtype, f"T={T} C={C} G={G}", run)
 
     def pooled_check(dtype, T=80, C=40, G=16, N=24):  # Gemma 3: pool, RMSNorm (1 + weight), one matmul
@@ -525,5 +530,7 @@ def verify_checks():
         checks.append(merged_check(dtype, "shuffle+ln per row, dW unmapped", "layer", True, True,
                                    T=4 * KM.FOLD_MIN_ROWS, path=KM.materialise_applies))
         checks.append(merged_check(dtype, "shuffle+ln per row", "layer", True, True))
+        # The forward's operand written once, the first GEMM unmapped (``written_forward_applies``: large GEMMs).
+        checks.append(merged_check(dtype, "rms per token, A written", "rms", False, False, forward="written"))
         checks.append(merged_check(dtype, "swiglu, shuffle+ln", "layer", True, True, gate_half=1))
     return checks
