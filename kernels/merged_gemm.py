@@ -900,8 +900,8 @@ def normalised_rows(merge: Merge) -> torch.Tensor:
 
 #: Where the forward's first GEMM gets its merged, normalised A: "auto" (``written_forward_applies``),
 #: "in-load" (read through the map and normalised in the GEMM's loads: the merged operand never exists)
-#: or "written" (``normalised_rows`` writes it once, then the unmapped GEMM, TMA on Hopper, reads it).
-#: Read once, at import.
+#: or "written" (``normalised_rows`` writes it once, then the unmapped GEMM, TMA on Hopper, reads it; forms
+#: with a norm and not gated — the others keep the in-load forward). Read once, at import.
 MERGED_FORWARD = os.environ.get("MMFUSE_MERGED_FORWARD", "auto")
 MERGED_FORWARD_MODES = ("auto", "in-load", "written")
 #: Measured on an H100 (bench/NOTES.md, "Fifth GPU session": the merged GEMM taken apart, bf16): the first
@@ -921,7 +921,8 @@ def merged_forward_mode() -> str:
     return MERGED_FORWARD
 
 
-def written_forward_saves_us(M: int, K: int, N: int, elem: int, norm: str | None, table: bool, folded: bool) -> float:
+def written_forward_saves_us(M: int, K: int, N: int, elem: int, norm: str | None, table: bool,
+                             folded: bool) -> float:
     """Modelled device time the written operand saves the forward (µs; negative: it costs): the mapped
     GEMM's excess over an unmapped one (``GATHER_COST``, ``NORM_IN_LOAD_COST``) against the row-wise pass
     (x read, A written: 2 M K e bytes) and its launch."""

@@ -456,6 +456,10 @@ def test_kernel_profile_gemm_sweep_runs_every_variant(monkeypatch):
     kinds = {r["gemm"] for r in rows}
     assert len(kinds) == 3 and len(calls) == len(rows) == len(timed)
     assert all(r["device_ms"] == 0.5 for r in rows)
+    assert [r["gemm"] for r in rows if r["tile"] == "torch.mm + epilogue pass"] == [
+        "fwd y=gelu(xW^T+b), aux", "dX dH2 W2 * gelu'(h)"]
+    assert {r["tile"] for r in rows if r["tile"].startswith(("tma 128x256", "tma 256"))} == {
+        "tma 128x256x64x8x3 flatten=False", "tma 256x128x64x8x3 flatten=False"}
     md = kernel_profile.markdown({"gpu": "x", "date": "d", "gemm_tiles": [dict(r, shape="s") for r in rows]})
     assert "| dW dH^T X | torch.mm | 1.0000 | 0 | 0.5000 |  |" in md
     for g in kinds:
