@@ -15,9 +15,10 @@ The quick benchmark says *that* a case is slow; this says *which launch* and *wh
    model and the launcher's defaults pick the right variant, and how far each is from cuBLAS.
 
 4. ``attention_splits``: the cross-attention forward at batch 1 of each resampler shape
-   (``ATTENTION_SHAPES``), where the key split decides: the split merged by a second launch (the
-   default), merged in the split kernel (``MMFUSE_SPLIT_COMBINE=kernel``, checked bit for bit against
-   the former), each at its own modelled split count, and SDPA's flash and memory-efficient backends
+   (``ATTENTION_SHAPES``), where the key split decides: the split merged by a second launch, merged in
+   the split kernel at the in-kernel model's split count (``MMFUSE_SPLIT_COMBINE=kernel``) and at the
+   launch model's ("auto", the default; checked bit for bit against the merge launch), each with its
+   device time, and SDPA's flash and memory-efficient backends
    on the inputs transformers feeds them; in bf16, then in fp32 (IEEE: mmfuse's FMA tiles; SDPA's
    flash backend takes no fp32 and records its error).
 

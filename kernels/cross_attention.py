@@ -15,10 +15,9 @@ Forward (online softmax, fp32 statistics in base 2: s = q.k * scale * log2(e)):
   so the keys are split; S minimises the modelled time, ``choose_fwd_splits``), each split writes
   fp32 partials and ``attn_combine_kernel`` merges them:
   lse = log2 sum_s 2^lse_s, o = sum_s 2^(lse_s - lse) o_s, in split order (deterministic).
-  With COMBINE (the default outside CUDA-graph capture, ``combine_in_kernel``) the merge runs in the
-  same launch instead: each split counts its arrival on an integer counter per query block, and the
-  last to arrive merges all partials from memory in split order, so the result is the same bits
-  whichever program that is.
+  With COMBINE (the default, ``combine_in_kernel``) the merge runs in the same launch instead: each
+  split counts its arrival on an integer counter per query block, and the last to arrive merges all
+  partials from memory in split order, so the result is the same bits whichever program that is.
   A query row with no valid key gets o = 0 and lse = +inf, so that every recomputed probability
   2^(s - lse) in backward is 0: zero gradients, no NaN.
 Backward (recompute P block by block from the saved lse; never the Lq x Lk matrix):
@@ -713,14 +712,13 @@ def fwd_modelled_us(B: int, Bq: int, Hq: int, Hkv: int, Lq: int, Lk: int, D: int
 
 
 #: Where the forward's split partials are merged: "auto" (the default: in the split kernel itself, its
-#: last program per query block merging them, except while a CUDA graph is being captured), "kernel"
-#: (always in the split kernel: one launch) or "launch" (always ``attn_combine_kernel``, a second launch).
-#: Measured on an H100 (bench/NOTES.md, "Fifth GPU session"): the two merges take the same device time
-#: (Idefics2's resampler at one image: 29.6-30.2 against 29.9-30.9 us, the same bits), and the one launch
-#: saves the host a Triton launch (per call 0.063-0.167 against 0.182-0.204 ms in two runs: host-bound
-#: and noisy). Under capture the host cost is gone and the merge
-#: launch has no shared counter, so "auto" takes it there: two graphs captured on one stream share the
-#: in-kernel merge's counters (``_ARRIVALS``) and could not be replayed at once on two streams.
+#: last program per query block merging them, with the split count the merge launch's model chooses),
+#: "kernel" (in the split kernel, split by the in-kernel model) or "launch" (``attn_combine_kernel``, a
+#: second launch). Measured on an H100 (bench/NOTES.md, "Fifth GPU session"): the two merges take the
+#: same device time (Idefics2's resampler at one image: 29.6-30.2 against 29.9-30.9 us, the same bits),
+#: and the one launch saves the host a Triton launch (per call 0.063-0.167 against 0.182-0.204 ms in two
+#: runs: host-bound and noisy). Inside CUDA-graph capture the merge stays in the kernel, on counters of
+#: the graph's own (``_arrival_counters``): the same kernels as the warm-up before the capture compiled.
 SPLIT_COMBINE = os.environ.get("MMFUSE_SPLIT_COMBINE", "auto")
 SPLIT_COMBINE_MODES = ("auto", "launch", "kernel")
 
@@ -738,13 +736,10 @@ def combine_mode(combine: str | None = None) -> str:
     return mode
 
 
-def combine_in_kernel(combine: str | None = None, device: torch.device | None = None) -> bool:
-    """Whether a split forward on ``device`` merges its partials in the same launch (``combine_mode``;
-    "auto": yes, unless a CUDA graph is being captured on the current stream)."""
-    mode = combine_mode(combine)
-    if mode == "auto":
-        return not (device is not None and _capturing(device))
-    return mode == "kernel"
+def combine_in_kernel(combine: str | None = None) -> bool:
+    """Whether a split forward merges its partials in the same launch (``combine_mode``: "auto" and
+    "kernel" do)."""
+    return combine_mode(combine) != "launch"
 
 
 def choose_fwd_splits(B: int, Bq: int, Hq: int, Hkv: int, Lq: int, Lk: int, D: int, elem: int, sms: int,
@@ -804,12 +799,15 @@ def _second_source(k, v, k2, v2):
 #: Arrival counters of the in-kernel combine, per (device, stream): int32 zeros that every launch
 #: leaves at zero again (its last program per query block resets its own). One set per stream, so
 #: that launches on two streams never share a counter; grown (a zeroed copy) when a grid needs more.
-#: A CUDA graph keeps the set of the stream it was captured on: two graphs captured on one stream must
-#: not be replayed concurrently on two streams (their launches would share counters).
+#: While a CUDA graph is captured each launch gets fresh zeros instead (a memset node of that graph, from
+#: its memory pool): graphs never share counters with each other or with eager launches, so any two may
+#: replay at once on different streams.
 _ARRIVALS: dict = {}
 
 
 def _arrival_counters(device: torch.device, n: int) -> torch.Tensor:
+    if _capturing(device):
+        return torch.zeros(max(n, 1), dtype=torch.int32, device=device)
     stream = torch.cuda.current_stream(device).stream_id if device.type == "cuda" else 0
     key = (device, stream)
     counters = _ARRIVALS.get(key)
@@ -843,7 +841,7 @@ def attention_fwd(q, k, v, kv_lens, key_mask, scale, splits=None, acc=torch.floa
     if q.shape[0] == 1:
         qs[0] = 0  # one set of queries for every sample
     key_blocks = max(1, cdiv(Lk, BN))
-    in_kernel = combine_in_kernel(combine, q.device)
+    in_kernel = combine_in_kernel(combine)
     if splits is None:
         # "auto" splits as the merge launch's model says: with the merge in the kernel the model drops a
         # launch's time and splits OpenFlamingo's keys 3 ways, which measured slower on the device than
@@ -1209,13 +1207,13 @@ def aot_specs():
                 constexprs=tuple(cx.items()), num_warps=blk["num_warps"], num_stages=blk["num_stages"],
                 sm90_instr="mma.sync",  # a 32-row tile: wgmma needs 64 rows per warpgroup
                 config=f"D={D} {blk['BLOCK_M']}x{blk['BLOCK_N']}x{bd} w{blk['num_warps']} s{blk['num_stages']}"))
-    # The in-kernel combine (MMFUSE_SPLIT_COMBINE=kernel): the split forward whose last program per query
-    # block merges the partials, at every forward tile of fp16 / bf16, TF32 and IEEE fp32 (its merge adds
-    # registers: the 64-query tile at D <= 64 takes 8 warps, ``gpu_blocks``): fp16 at D = 64, 96 (both
-    # query tiles) and 256, TF32 at D = 64 and 96, IEEE fp32 at D = 64, 96 and 256. (fp64 keeps the
-    # combine launch; TF32 at D = 256 spills either way.)
+    # The in-kernel combine (the default): the split forward whose last program
+    # per query block merges the partials, at every forward tile of fp16 / bf16, TF32 and IEEE fp32 (its
+    # merge adds registers: the 64-query tile at D <= 64 takes 8 warps, ``gpu_blocks``): fp16 at D = 64,
+    # 96 (both query tiles, and the perceiver's two key sources) and 256, TF32 at D = 64 and 96, IEEE fp32
+    # at D = 64, 96 and 256. (fp64 keeps the combine launch; TF32 at D = 256 spills either way.)
     for sp in list(specs):
-        if sp.variant.startswith("split-KV partial, lens+mask") and "two sources" not in sp.variant and (
+        if sp.variant.startswith("split-KV partial, lens+mask") and (
                 (sp.dtype == "fp16" and sp.config.split()[0] in ("D=64", "D=96", "D=256"))
                 or (sp.dtype == "fp32-tf32" and sp.config.split()[0] in ("D=64", "D=96"))
                 or sp.dtype == "fp32"):

@@ -752,14 +752,15 @@ RECIPES = {r.name: r for r in [
            "gate and up as one GEMM (bias, act(g) * u in its epilogue; dG and dU in the backward GEMM's), "
            "down as a second", "nothing", _gated_mlp),
     Recipe("merged mlp", PROJECTOR,
-           "the norm and the token merge inside the first GEMM's loads (never materialised), every Linear, "
+           "the norm and the token merge inside the first GEMM's loads (for large GEMMs written once by a row-wise "
+           "pass instead: measured faster), every Linear, "
            "bias and activation (a chunked SwiGLU's gate and up: one GEMM, act(g) * u in its epilogue)", "nothing (a pixel shuffle's token table is probed once per shape)", _merged_mlp),
     Recipe("unfold merged mlp", PROJECTOR,
            "the norm and the per-image unfold merge inside the merging Linear's loads (its columns permuted to "
            "the kernel's token-major order), then the MLP (act in the epilogue)", "nothing", _unfold_merged_mlp),
     Recipe("merge into projector", MODEL_MERGE,
            "the model's token merge (InternVL's pixel shuffle in get_image_features), read by its merged-mlp "
-           "projector's first GEMM (never materialised)", "nothing (the model's own code runs; the merge returns a "
+           "projector's first GEMM (not materialised, below the written-operand sizes)", "nothing (the model's own code runs; the merge returns a "
            "zero-memory stand-in)", _deferred_merge_model),
     Recipe("pool+norm+matmul", PROJECTOR,
            "the average pool and the RMSNorm (one row-wise kernel) and the weight matmul (W^T as the GEMM's B)",

@@ -454,8 +454,8 @@ def attention_traffic_section() -> list[str]:
 
     lines = ["## HBM bytes and launches, cross-attention in training (bf16, shared learnable queries, no padding; "
              "model, checked against interpreted runs at small sizes in tests/test_traffic.py)", "",
-             "mmfuse: `attn_fwd_kernel` with the split count the launcher chooses, plus the combine kernel when it "
-             "splits; backward: delta, dK/dV (one program per key block and KV head: 4 matrix products), dQ (one "
+             "mmfuse: `attn_fwd_kernel` with the split count the launcher chooses, merging its split partials in "
+             "the same launch's tail (the default; the merge's bytes added after its work); backward: delta, dK/dV (one program per key block and KV head: 4 matrix products), dQ (one "
              "program per query block and head, looping over its share of the batch when the queries are shared, "
              "the batch split like the forward's keys: 3 matrix products, recomputing P and dP), plus the sum of "
              "dQ's fp32 partials when split; or, without query-head groups and with every query in one block, "
@@ -489,7 +489,8 @@ def attention_traffic_section() -> list[str]:
                         (0, acc_q + q_o)]                                                    # dQ conversion
             sdpa_bwd += [(0, kv_rep + kv)] * (2 if group > 1 else 0)                          # repeat's gradient
             sdpa_bwd += [(0, q_o + s.heads * s.queries * hd * e)] * (batch > 1)               # expand's gradient
-            ours_fwd, _ = _attention_fwd_launches(fwd, 2 * pair, fwd_eff)
+            # the default merges split partials in the same launch's tail (MMFUSE_SPLIT_COMBINE=auto)
+            ours_fwd, merge_us = _attention_fwd_launches(fwd, 2 * pair, fwd_eff, in_kernel=True)
             if g["single_pass"]:  # one launch: dQ's programs also write dK, dV and form delta
                 ours_bwd = [(5 * pair, _hbm(bwd["dq"]), dq_eff)]
             else:
@@ -498,6 +499,7 @@ def attention_traffic_section() -> list[str]:
             if "dq_sum" in bwd:  # the fp32 partials of a batch-split dQ, summed by one torch reduction
                 ours_bwd.append((0, _hbm(bwd["dq_sum"]), 1.0))
             t_sdpa_fwd, t_sdpa, t_fwd, t_all = _step_times(sdpa_fwd, sdpa_bwd, ours_fwd, ours_bwd)
+            t_fwd, t_all = t_fwd + merge_us, t_all + merge_us
             lines.append(
                 f"| {s.name} | {batch} | {splits} | {sum(x[1] for x in sdpa_fwd) / 1e6:.2f} → {_hbm(fwd) / 1e6:.2f} "
                 f"| {sum(b for _, b in sdpa_bwd) / 1e6:.2f} → {sum(_hbm(t) for t in bwd.values()) / 1e6:.2f} | "
@@ -528,16 +530,19 @@ def flash_fwd_splits(programs: int, slots: int, key_blocks: int, max_splits: int
 
 
 def attention_combine_section() -> list[str]:
-    """The split forward with its merge in the same launch (MMFUSE_SPLIT_COMBINE=kernel), against SDPA
-    modelled two ways: the idealised kernel of the table above, and its backends as they launch."""
+    """The split forward with its merge in a second launch against the merge in the same launch at the
+    in-kernel model's split count (MMFUSE_SPLIT_COMBINE=kernel), against SDPA modelled two ways: the
+    idealised kernel of the table above, and its backends as they launch."""
     from mmfuse.kernels import cross_attention as KA
     from mmfuse.traffic import attention_fwd_traffic
 
     lines = ["## Cross-attention forward: the in-kernel combine, and SDPA as it launches (bf16, shared queries, "
              "no padding; model)", "",
-             "mmfuse: the split count the launcher takes with the merge in a second launch (the default) and "
-             "with the merge in the split kernel (`MMFUSE_SPLIT_COMBINE=kernel`: the last split of each query "
-             "block merges the fp32 partials; opt-in until a GPU run has validated it); the in-kernel merge "
+             "mmfuse: the split count the launcher takes with the merge in a second launch "
+             "(`MMFUSE_SPLIT_COMBINE=launch`; the default, \"auto\", takes the same count and merges in the "
+             "kernel, as the table above models) and with the merge in the split kernel at the in-kernel "
+             "model's count (`MMFUSE_SPLIT_COMBINE=kernel`: the last split of each query block merges the fp32 "
+             "partials; on an H100 its extra splits measured slower at OpenFlamingo's shape); the in-kernel merge "
              "is the same bytes, read in the launch's tail after its split's work (added, not overlapped), "
              "and no second launch. SDPA, idealised: the table above (one launch filling the GPU). SDPA as "
              "launched, the faster of its two fused backends at these shapes: flash (FlashAttention-2) "

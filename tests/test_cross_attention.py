@@ -605,10 +605,11 @@ def _forward_launches(monkeypatch, q, k, v, splits, combine=None):
     return launched, out
 
 
-def test_the_default_merges_in_the_kernel_except_under_cuda_graph_capture(monkeypatch):
-    """"auto" (the default): one launch that merges its own splits; while a CUDA graph is captured
+def test_the_default_merges_in_the_kernel_on_counters_of_its_own_under_capture(monkeypatch):
+    """"auto" (the default): one launch that merges its own splits, the merge launch only when asked for
+    (the same bits); one split: one launch, nothing to merge. While a CUDA graph is captured
     (``_capturing``, stood in for here: capture needs a GPU, tests/test_cuda_graphs.py captures for real)
-    the merge launch, with the same bits. One split: one launch either way, nothing to merge."""
+    the launch gets fresh zeroed counters, never the cached set, so no two graphs share any."""
     import os
     import subprocess
     import sys
@@ -620,11 +621,22 @@ def test_the_default_merges_in_the_kernel_except_under_cuda_graph_capture(monkey
     flags, merged = _forward_launches(monkeypatch, q, k, v, splits=3)
     assert flags == [True]
     assert _forward_launches(monkeypatch, q, k, v, splits=1)[0] == [False]
-    monkeypatch.setattr(KA, "_capturing", lambda device: True)
-    flags, launched = _forward_launches(monkeypatch, q, k, v, splits=3)
+    flags, launched = _forward_launches(monkeypatch, q, k, v, splits=3, combine="launch")
     assert flags == [False, None]  # the split kernel, then attn_combine_kernel
     assert torch.equal(merged[0], launched[0]) and torch.equal(merged[1], launched[1])
-    assert _forward_launches(monkeypatch, q, k, v, splits=3, combine="kernel")[0] == [True]  # forced
+    device = q.device
+    cached = KA._arrival_counters(device, 8)
+    assert KA._arrival_counters(device, 8) is cached
+    monkeypatch.setattr(KA, "_capturing", lambda device: True)
+    fresh = [KA._arrival_counters(device, 8) for _ in range(2)]
+    assert all(f is not cached and f.data_ptr() != cached.data_ptr() and not f.any() for f in fresh)
+    assert fresh[0].data_ptr() != fresh[1].data_ptr()
+    seen = []
+    real = KA._arrival_counters
+    monkeypatch.setattr(KA, "_arrival_counters", lambda device, n: seen.append(real(device, n)) or seen[-1])
+    flags, captured = _forward_launches(monkeypatch, q, k, v, splits=3)
+    assert flags == [True] and len(seen) == 1 and seen[0] is not cached and not seen[0].any()
+    assert torch.equal(captured[0], merged[0]) and torch.equal(captured[1], merged[1])
     for forced, want in (("launch", "False"), ("kernel", "True"), ("auto", "True")):
         env = dict(os.environ, MMFUSE_SPLIT_COMBINE=forced)
         code = "import mmfuse; from mmfuse.kernels import cross_attention as KA; print(KA.combine_in_kernel())"

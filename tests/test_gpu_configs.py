@@ -461,22 +461,32 @@ def run_cross_attention(D, dtype, even, two=False, short=False, form=None):
         L1 = Lk - 7
         mask1 = kw.pop("key_mask")[:, :L1]
         full = torch.cat([mask1, torch.ones(B, Lk - L1, dtype=torch.bool)], 1)
-        return _values_and_grads(
-            lambda q, k, v: mmfuse.cross_attention(q, (k[:, :, :L1], k[:, :, L1:]), (v[:, :, :L1], v[:, :, L1:]),
-                                                   key_mask=mask1, _splits=splits, **kw),
-            lambda q, k, v: cross_attention_reference(q, k, v, key_mask=full, **kw), [q, k, v], ["q", "k", "v"],
-            ("q", "k", "v"))
-    # (fp64, the gradchecks' dtype, is compared as _values_and_grads says: no higher precision exists.)
-    _values_and_grads(
-        lambda q, k, v: mmfuse.cross_attention(q, k, v, _splits=splits, **kw),
-        lambda q, k, v: cross_attention_reference(q, k, v, **kw), [q, k, v], ["q", "k", "v"], ("q", "k", "v"))
+
+        def ours(q, k, v):
+            return mmfuse.cross_attention(q, (k[:, :, :L1], k[:, :, L1:]), (v[:, :, :L1], v[:, :, L1:]),
+                                          key_mask=mask1, _splits=splits, **kw)
+
+        def ref(q, k, v):
+            return cross_attention_reference(q, k, v, key_mask=full, **kw)
+    else:
+        def ours(q, k, v):
+            return mmfuse.cross_attention(q, k, v, _splits=splits, **kw)
+
+        def ref(q, k, v):
+            return cross_attention_reference(q, k, v, **kw)
+    # Values and gradients with the partials merged by their own launch (the split kernel's partial form and
+    # attn_combine_kernel; what CUDA-graph capture takes). (fp64, the gradchecks' dtype, is compared as
+    # _values_and_grads says: no higher precision exists.)
+    with _patched(KA, "SPLIT_COMBINE", "launch"):
+        _values_and_grads(ours, ref, [q, k, v], ["q", "k", "v"], ("q", "k", "v"))
     if splits > 1 and dtype != torch.float64:
-        # The split forward with its merge in the same launch (MMFUSE_SPLIT_COMBINE=kernel; at its own warps
+        # The split forward with its merge in the same launch (the default outside capture; at its own warps
         # where they differ, ``gpu_blocks``): the same bits as the merge launch just checked.
         with torch.no_grad():
-            launched = mmfuse.cross_attention(q, k, v, _splits=splits, **kw)
+            with _patched(KA, "SPLIT_COMBINE", "launch"):
+                launched = ours(q, k, v)
             with _patched(KA, "SPLIT_COMBINE", "kernel"):
-                merged = mmfuse.cross_attention(q, k, v, _splits=splits, **kw)
+                merged = ours(q, k, v)
         assert torch.equal(merged, launched)
 
 

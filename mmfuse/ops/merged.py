@@ -333,8 +333,9 @@ def merged_mlp(x: torch.Tensor, weights: Sequence[torch.Tensor], biases: Sequenc
                gate_half: int | None = None, pool: bool = False, norm_weight_offset: float = 0.0,
                final_activation: bool = False, _table_checked: bool = False) -> torch.Tensor:
     """``mlp(norm_merge(x), weights, biases, activation)`` with the merge and the norm read inside the
-    first GEMM (never materialised in the forward; the backward writes the normalised operand once for
-    its dW from FOLD_MIN_ROWS merged rows).
+    first GEMM (not materialised in the forward, except where the GEMM is large enough that writing it
+    once is faster: ``KM.written_forward_applies``, ``MMFUSE_MERGED_FORWARD``; the backward writes the
+    normalised operand once for its dW from FOLD_MIN_ROWS merged rows).
 
     x (T, C): the vision tower's tokens. Merged row m is ``group`` tokens side by side (group * C =
     weights[0].shape[1]): tokens ``token_map[m, 0..group-1]`` (an (M, group) integer tensor, each token
