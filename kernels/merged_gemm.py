@@ -231,14 +231,30 @@ def fold_gamma(pid, w_ptr, gamma_ptr, wf_ptr, N, K, C, stride_wn, stride_wk, str
 @triton.jit
 def norm_rows_kernel(
     x_ptr, map_ptr, stats_ptr, gamma_ptr, beta_ptr, out_ptr,
-    M, K, C, G, stride_xt, stride_xc, stride_map, stride_gamma, stride_beta, stride_om,
+    M, K, C, G, stride_xt, stride_xc, stride_map, stride_gamma, stride_beta, stride_om, eps, eps_lo, center,
     ALIGNED: tl.constexpr, TABLE: tl.constexpr, NORM_POST: tl.constexpr, ACC_DTYPE: tl.constexpr,
+    STATS: tl.constexpr,        # compute and store this program's statistics first (else read them)
     BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
-    """out[m, :] = the merged, normalised row m (the first GEMM's A operand), for the backward's dW:
-    written once, it makes dW an unmapped GEMM (both operands from shared memory), where normalising in
-    dW's loads ran it at 2.4-4x an unmapped GEMM's time on an H100 (``normalised_rows``)."""
-    rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+    """out[m, :] = the merged, normalised row m (the first GEMM's A operand), written once so that a GEMM
+    reads it unmapped (both operands from shared memory, TMA on Hopper): the backward's dW, and the
+    forward's first GEMM where that measured faster than normalising in its loads (``normalised_rows``).
+    STATS (the forward): the program first computes its rows' statistics, as ``norm_stats_kernel``
+    would, and stores them for the backward — its merged rows (a norm per merged row), or, a norm per
+    source token without a table, the G * BLOCK_R adjacent tokens those rows hold — then normalises from
+    them: one launch, x read once from HBM."""
+    pid = tl.program_id(0)
+    if STATS:
+        eps = pair_value(eps, eps_lo, ACC_DTYPE)
+        if NORM_POST:
+            row_stats(pid, x_ptr, map_ptr, stats_ptr, M, C, G, stride_xt, stride_xc, stride_map, eps, center,
+                      ALIGNED, TABLE, ACC_DTYPE, BLOCK_R, BLOCK_C)
+        else:  # merged rows pid * BLOCK_R ... hold tokens (pid * G + j) * BLOCK_R ..., j < G
+            for j in range(G):
+                row_stats(pid * G + j, x_ptr, map_ptr, stats_ptr, M * G, C, 1, stride_xt, stride_xc, stride_map,
+                          eps, center, ALIGNED, False, ACC_DTYPE, BLOCK_R, BLOCK_C)
+        tl.debug_barrier()  # every thread's statistics stored before any thread reads them back
+    rows = pid * BLOCK_R + tl.arange(0, BLOCK_R)
     row_ok = rows < M
     for k0 in range(0, K, BLOCK_C):
         cols = k0 + tl.arange(0, BLOCK_C)
@@ -883,18 +899,38 @@ def mapped_gated_fwd(merge: Merge, weight, gate_half: int, bias=None, activation
     return h, gu
 
 
-def normalised_rows(merge: Merge) -> torch.Tensor:
+def rows_take_stats(merge: Merge) -> bool:
+    """Whether ``normalised_rows`` can compute the statistics in its own launch (``stats=True``): each
+    program then owns the rows it normalises — a norm per merged row, or per source token without a
+    table (merged row m holds tokens m*G ...). Per token through a table the tokens a program reads are
+    not a range it owns: ``norm_stats`` first; so for fp64 (the gradchecks' dtype, not a speed path),
+    whose fused launch spilled 16 B on sm_90 (Triton 3.9)."""
+    return merge.norm is not None and (merge.post or not merge.table) and merge.x.dtype != torch.float64
+
+
+def normalised_rows(merge: Merge, stats: bool = False) -> torch.Tensor:
     """The merged, normalised operand (M, K) in x's dtype (``norm_rows_kernel``: one row-wise launch),
-    for the backward's dW as an unmapped GEMM (``materialise_applies``)."""
+    for a GEMM to read unmapped: the backward's dW (``materialise_applies``) and the forward's first GEMM
+    (``written_forward_applies``). ``stats``: the same launch computes merge.stats first
+    (``rows_take_stats`` must hold); else ``norm_stats`` ran."""
     x = merge.x
     out = empty((merge.M, merge.K), dtype=x.dtype, device=x.device)
+    if stats:
+        if not rows_take_stats(merge):
+            raise ValueError("normalised_rows: stats=True needs a norm per merged row, or per token without a "
+                             "table (rows_take_stats)")
+        merge.stats = empty((merge.rows[0], 2), dtype=torch.float64 if x.dtype == torch.float64 else torch.float32,
+                            device=x.device)
+        if merge.K == 0:  # no channels: the statistics of empty rows (NaN, as norm_stats leaves them)
+            merge.stats.fill_(float("nan"))
     if merge.M and merge.K:
         br, bc = _rowwise(merge.C)
         norm_rows_kernel[(cdiv(merge.M, br),)](
             x, merge.token_map, merge.stats, merge.gamma, merge.beta, out, merge.M, merge.K, merge.C, merge.G,
             x.stride(0), x.stride(1), merge.token_map.stride(0), merge.gamma.stride(0), merge.beta.stride(0),
-            out.stride(0), ALIGNED=merge.C % bc == 0, TABLE=merge.table, NORM_POST=merge.post,
-            ACC_DTYPE=acc_dtype(x.dtype), BLOCK_R=br, BLOCK_C=bc, num_warps=4, num_stages=1, **LAUNCH_OPTIONS)
+            out.stride(0), *fp32_pair(merge.eps, merge.stats.dtype), int(merge.norm == "layer"),
+            ALIGNED=merge.C % bc == 0, TABLE=merge.table, NORM_POST=merge.post, ACC_DTYPE=acc_dtype(x.dtype),
+            STATS=stats, BLOCK_R=br, BLOCK_C=bc, num_warps=4, num_stages=1, **LAUNCH_OPTIONS)
     return out
 
 
@@ -1225,16 +1261,22 @@ def aot_specs():
                     constexprs=(("ALIGNED", C_ % bc == 0), ("TABLE", g > 1), ("FOLD", fold), ("FOLD_POST", g > 1),
                                 ("ACC_DTYPE", acc), ("BLOCK_R", br), ("BLOCK_C", bc)),
                     num_warps=4, num_stages=1, tensor_cores=False))
-            # The backward's normalised operand (``normalised_rows``), written once for an unmapped dW.
+            # The normalised operand (``normalised_rows``), written once for an unmapped GEMM: the backward's
+            # dW (statistics read), and the forward's first GEMM (STATS: computed in the same launch, a norm
+            # per merged row or per token of Qwen's adjacent-rows merge, G = 4 without a table).
             rows_args = dict(x_ptr=ptr, map_ptr="*i32", stats_ptr=acc_ptr, gamma_ptr=ptr, beta_ptr=ptr, out_ptr=ptr,
                              M=T // G, K=G * C_, C=C_, G=G, stride_xt=C_, stride_xc=1, stride_map=G, stride_gamma=1,
-                             stride_beta=1, stride_om=G * C_)
-            if center or g > 1:  # (one compile per form and dtype: the LayerNorm rows)
+                             stride_beta=1, stride_om=G * C_, eps=1e-6, eps_lo=0.0, center=center)
+            forms = [(False, g > 1)] if center or g > 1 else []  # (the backward: the LayerNorm rows per form)
+            forms += [(True, g > 1)] if ptr != "*fp64" else []  # the forward's launch (``rows_take_stats``)
+            for stats, table in forms:
                 specs.append(CompileSpec(
-                    kernel="merged_gemm/norm_rows_kernel", variant=f"normalised operand, norm {what}", dtype=dtype,
-                    config=f"{br}x{bc} w4", fn=norm_rows_kernel, args=tuple(rows_args.items()),
-                    constexprs=(("ALIGNED", C_ % bc == 0), ("TABLE", g > 1), ("NORM_POST", g > 1), ("ACC_DTYPE", acc),
-                                ("BLOCK_R", br), ("BLOCK_C", bc)),
+                    kernel="merged_gemm/norm_rows_kernel",
+                    variant=(f"normalised operand and its statistics, norm {what}{'' if table else ', no table'}"
+                             f"{norm_name}" if stats else f"normalised operand, norm {what}"),
+                    dtype=dtype, config=f"{br}x{bc} w4", fn=norm_rows_kernel, args=tuple(rows_args.items()),
+                    constexprs=(("ALIGNED", C_ % bc == 0), ("TABLE", table), ("NORM_POST", g > 1),
+                                ("ACC_DTYPE", acc), ("STATS", stats), ("BLOCK_R", br), ("BLOCK_C", bc)),
                     num_warps=4, num_stages=1, tensor_cores=False))
             bwd = dict(da_ptr=ptr, x_ptr=ptr, map_ptr="*i32", stats_ptr=acc_ptr, gamma_ptr=ptr, dx_ptr=ptr,
                        dgamma_ptr=acc_ptr, dbeta_ptr=acc_ptr, R=rows, C=C_, G=g, stride_xt=C_, stride_xc=1,

@@ -515,18 +515,22 @@ def mapped_gemm_traffic(M: int, N: int, K: int, tile: tuple[int, int, int], elem
 
 
 def norm_rows_traffic(M: int, C: int, G: int, elem: int, *, post: bool, table: bool, blocks=(16, 128),
-                      acc_elem: int = 4) -> dict[str, Traffic]:
+                      acc_elem: int = 4, stats: bool = False, center: bool = True) -> dict[str, Traffic]:
     """``norm_rows_kernel`` (ALIGNED): the merged, normalised operand (M, G*C) written once: x read once
     through the map, per row and column step one table entry and one (mean, rstd) pair, per program
-    and step gamma and beta."""
+    and step gamma and beta. ``stats`` (the forward's launch): each program first passes over its rows
+    as ``norm_stats_traffic`` does (twice for a LayerNorm: ``center``; from L2: x's HBM bytes once) and
+    stores their (mean, rstd), which its rows then read back."""
     br, bc = blocks
     K = G * C
     programs, steps = _cdiv(M, br), _cdiv(K, bc)
     rows_norm = M if post else M * G
     width = K if post else C
-    return {"x": Traffic(loaded=M * K * elem, unique=M * K * elem),
-            "table": Traffic(loaded=M * steps * 4, unique=M * G * 4) if table else Traffic(),
-            "stats": Traffic(loaded=2 * M * steps * acc_elem, unique=2 * rows_norm * acc_elem),
+    passes = (2 if center else 1) if stats else 0
+    return {"x": Traffic(loaded=(1 + passes) * M * K * elem, unique=M * K * elem),
+            "table": Traffic(loaded=(1 + passes) * M * steps * 4, unique=M * G * 4) if table else Traffic(),
+            "stats": Traffic(loaded=2 * M * steps * acc_elem, unique=2 * rows_norm * acc_elem,
+                             stored=2 * rows_norm * acc_elem if stats else 0),
             "gamma_beta": Traffic(loaded=2 * programs * K * elem, unique=2 * width * elem),
             "out": Traffic(stored=M * K * elem)}
 
@@ -597,7 +601,8 @@ def merged_mlp_traffic(T: int, C: int, G: int, widths, tile, elem: int, *, norm:
     at least FOLD_MIN_ROWS merged rows; None: that rule). ``written``: the forward writes the normalised
     operand once (``norm_rows_kernel``) and runs its first GEMM unmapped (``written_forward_applies``:
     a norm, not gated, from FOLD_MIN_ROWS merged rows, where its time model says it saves time; None:
-    that rule): the statistics without the fold, the row-wise pass, an unmapped GEMM."""
+    that rule): the row-wise pass computing the statistics itself (a norm per merged row, or per token
+    without a table; else the statistics' launch first, without the fold), an unmapped GEMM."""
     from mmfuse.kernels.merged_gemm import FOLD_MIN_ROWS, written_forward_saves_us
 
     if materialised is None:
@@ -619,8 +624,10 @@ def merged_mlp_traffic(T: int, C: int, G: int, widths, tile, elem: int, *, norm:
             M, K, n1, e, norm, table, folded) > 0
     fwd, bwd = [], []
     if written:  # the statistics, the normalised operand written once, an unmapped first GEMM
-        fwd += _norm_stats_launch(T, C, G, e, norm, post, table, acc_elem)
-        fwd.append(sum(norm_rows_traffic(M, C, G, e, post=post, table=table, acc_elem=acc_elem).values(), Traffic()))
+        rows_stats = (post or not table) and e <= 4  # (``rows_take_stats``: one launch for both)
+        fwd += [] if rows_stats else _norm_stats_launch(T, C, G, e, norm, post, table, acc_elem)
+        fwd.append(sum(norm_rows_traffic(M, C, G, e, post=post, table=table, acc_elem=acc_elem, stats=rows_stats,
+                                         center=norm == "layer").values(), Traffic()))
         fwd.append(sum(fused_gemm_traffic(M, n1, k1, tile, e, bias=bias,
                                           store_aux=training and len(layers) > 1).values(), Traffic()))
     else:

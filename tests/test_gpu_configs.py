@@ -91,9 +91,10 @@ def run_key(spec):
         post = dict(spec.args)["G"] > 1
         return ("merged", None, True, post, spec.dtype, None, cx["ALIGNED"], None, cx["TABLE"], False) \
             + (("FOLDED",) if cx.get("FOLD") else ())
-    if name == "norm_rows_kernel":  # the backward's normalised operand (from FOLD_MIN_ROWS rows)
+    if name == "norm_rows_kernel":  # the normalised operand: the backward's (from FOLD_MIN_ROWS rows), or the
+        # forward's with its statistics (STATS: ``written_forward_applies``, forced in the run)
         return ("merged", None, True, cx["NORM_POST"], spec.dtype, None, cx["ALIGNED"], None, cx["TABLE"], False,
-                "MATERIALISED")
+                "WRITTEN" if cx.get("STATS") else "MATERIALISED")
     if name in ("pool_norm_fwd_kernel", "pool_norm_bwd_kernel"):
         return ("pooled", spec.dtype, cx["NORM"])
     if name == "act_grad_kernel":
@@ -322,7 +323,7 @@ def run_gated(kind, act, dtype, tile, even_k, ragged=RAGGED):
 
 
 def run_merged(mapped, norm, post, dtype, tile, aligned, even_k, table, gated=False, ragged=RAGGED, folded=False,
-               materialised=False):
+               materialised=False, written=False):
     """A merged projector (``mmfuse.merged_mlp``, G = 2 tokens per row, a shuffled token table or none
     (``table``: adjacent rows, Qwen's view merge), LayerNorm
     per token or per merged row, or none) whose targeted mapped GEMM spans two tiles of ``tile`` and
@@ -331,7 +332,9 @@ def run_merged(mapped, norm, post, dtype, tile, aligned, even_k, table, gated=Fa
     interpreter's tile). ``gated``: the first layer a SwiGLU on one chunked weight (its forward GEMM's
     N is the gate's width). ``ragged``: 8 for the Hopper core (rows of dH stay 16-byte aligned, TMA's
     rule). ``folded``: an RMSNorm, folded into the first weight at any row count; ``materialised``: the
-    backward's normalised operand written at any row count. Values and every gradient."""
+    backward's normalised operand written at any row count; ``written``: the forward's too
+    (``MMFUSE_MERGED_FORWARD=written``: its statistics in the same launch where a program owns its
+    rows). Values and every gradient."""
     G = 2
     if mapped is None:  # C a multiple of the row-wise BLOCK_C (128) when ALIGNED
         C, M, N1 = (128 if aligned else 40), 21, 24
@@ -362,7 +365,8 @@ def run_merged(mapped, norm, post, dtype, tile, aligned, even_k, table, gated=Fa
 
     from mmfuse.kernels import merged_gemm as KM
 
-    with _patched(KM, "FOLD_MIN_ROWS", 0 if folded or materialised else 1 << 30):
+    with _patched(KM, "FOLD_MIN_ROWS", 0 if folded or materialised else 1 << 30), \
+            _patched(KM, "MERGED_FORWARD", "written" if written else "in-load"):
         _values_and_grads(call(mmfuse.merged_mlp), call(merged_mlp_reference), [x, *ws, *bs, *extra], names, names)
 
 
@@ -531,7 +535,8 @@ def _execute(key):
         with _tf32(dtype_name == "fp32-tf32"), _common.gpu_config({"mapped_gemm_kernel": tile} if tile else {}), \
                 _patched(KL, "TMA", "always" if tma else "never"), _patched(KL, "TMA_PROGRAMS", 132 if tma else None):
             run_merged(mapped, norm, post, DTYPES[dtype_name], tile, aligned, even_k, table, gated,
-                       ragged=8 if tma else RAGGED, folded="FOLDED" in flags, materialised="MATERIALISED" in flags)
+                       ragged=8 if tma else RAGGED, folded="FOLDED" in flags, materialised="MATERIALISED" in flags,
+                       written="WRITTEN" in flags)
     elif family == "pooled":
         dtype_name, norm = params
         with _common.gpu_config({}):

@@ -9,7 +9,7 @@ import torch
 from triton.runtime import interpreter
 
 import mmfuse
-from mmfuse.ops.merged import merged_mlp, merged_mlp_reference
+from mmfuse.ops.merged import merged_mlp, merged_mlp_reference, norm_merge_reference
 from mmfuse.testing import assert_matches_reference, compare
 
 C, G = 24, 4  # C: no multiple of the interpreter's 32-wide blocks (the per-element token gather)
@@ -380,7 +380,10 @@ def test_written_forward_matches_reference(dtype, norm, post, use_map, written_f
     inputs, names, fn, ref = _case(dtype, norm, post, use_map, T=44)
     with torch.no_grad():
         fn(*inputs)
-    assert launches == ["norm_stats_kernel", "norm_rows_kernel", "fused_gemm_kernel", "fused_gemm_kernel"]
+    # the statistics in the operand's own launch (GEMMs + 1), except per token through a table (its
+    # tokens are no range a program owns): then norm_stats_kernel first
+    first = ["norm_rows_kernel"] if post or not use_map else ["norm_stats_kernel", "norm_rows_kernel"]
+    assert launches == first + ["fused_gemm_kernel", "fused_gemm_kernel"]
     assert_matches_reference(fn, ref, inputs, names)
 
 
@@ -399,6 +402,68 @@ def test_written_forward_gradcheck_and_determinism(written_forward):
     assert torch.autograd.gradcheck(fn, inputs, fast_mode=True)
     runs = [torch.autograd.grad(fn(*inputs).square().sum(), inputs) for _ in range(2)]
     assert all(torch.equal(a, b) for a, b in zip(*runs))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("norm,post,use_map", [("layer", True, True), ("rms", True, False), ("layer", False, False),
+                                               ("rms", False, False)])
+def test_the_rows_launch_stores_the_statistics_norm_stats_would(dtype, norm, post, use_map):
+    """``normalised_rows(stats=True)``: each program's statistics, then its rows from them — the same bits
+    as ``norm_stats`` followed by the rows launch (tokens and rows not a multiple of the blocks: 13 merged
+    rows of 4 tokens, C = 24)."""
+    from mmfuse.kernels import merged_gemm as KM
+
+    T, C_, G_ = 52, 24, 4
+    x = torch.randn(T, C_, dtype=dtype) * 3 + 1
+    tmap = torch.randperm(T).view(-1, G_).to(torch.int32) if use_map else None
+    width = G_ * C_ if post else C_
+    gamma = (1 + 0.3 * torch.randn(width)).to(dtype)
+    beta = torch.randn(width, dtype=dtype) if norm == "layer" else None
+
+    def merge():
+        return KM.Merge(x, G_, tmap, norm, post, gamma, beta, 1e-5)
+
+    one = merge()
+    rows_one = KM.normalised_rows(one, stats=True)
+    two = merge()
+    KM.norm_stats(two)
+    rows_two = KM.normalised_rows(two)
+    assert one.stats.shape == two.stats.shape == ((T // G_ if post else T), 2)
+    assert torch.equal(one.stats, two.stats) and torch.equal(rows_one, rows_two)
+    assert torch.allclose(rows_one.double(), norm_merge_reference(x.double(), G_, tmap, norm, gamma.double(),
+                                                                  None if beta is None else beta.double(), 1e-5,
+                                                                  post).double(),
+                          rtol=2 ** -7 if dtype == torch.bfloat16 else 1e-5, atol=1e-5)  # (bf16: its rounding)
+
+
+def test_the_rows_launch_refuses_statistics_it_cannot_own():
+    from mmfuse.kernels import merged_gemm as KM
+
+    x = torch.randn(8, 4)
+    merge = KM.Merge(x, 2, torch.arange(8).view(4, 2).to(torch.int32), "rms", False, torch.ones(4))
+    assert not KM.rows_take_stats(merge)
+    with pytest.raises(ValueError, match="stats=True needs a norm per merged row, or per token without a table"):
+        KM.normalised_rows(merge, stats=True)
+    assert KM.rows_take_stats(KM.Merge(x, 2, None, "rms", False, torch.ones(4)))
+    # fp64 (the gradchecks'): two launches (its fused launch spilled on sm_90)
+    assert not KM.rows_take_stats(KM.Merge(x.double(), 2, None, "rms", False, torch.ones(4, dtype=torch.float64)))
+
+
+def test_written_forward_gradcheck_with_a_norm_per_merged_row(written_forward, launches):
+    T, C_, G_ = 24, 6, 2
+    x = torch.randn(T, C_, dtype=torch.float64)
+    w1, w2 = torch.randn(7, G_ * C_, dtype=torch.float64) / 3, torch.randn(5, 7, dtype=torch.float64) / 3
+    gamma, beta = 1 + 0.2 * torch.randn(G_ * C_, dtype=torch.float64), torch.randn(G_ * C_, dtype=torch.float64)
+
+    def fn(x, w1, w2, g, b):
+        return merged_mlp(x, [w1, w2], None, "gelu", group=G_, norm="layer", norm_weight=g, norm_bias=b,
+                          norm_after_merge=True)
+
+    with torch.no_grad():
+        fn(x, w1, w2, gamma, beta)
+    assert launches == ["norm_stats_kernel", "norm_rows_kernel", "fused_gemm_kernel", "fused_gemm_kernel"]  # fp64
+    inputs = [t.requires_grad_() for t in (x, w1, w2, gamma, beta)]
+    assert torch.autograd.gradcheck(fn, inputs, fast_mode=True)
 
 
 def test_where_the_forward_writes_its_operand(monkeypatch):

@@ -572,6 +572,30 @@ def test_normalised_rows_traffic_matches_interpreted_runs(norm, post, use_table)
     torch.testing.assert_close(a, ref, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("norm,post,use_table", [("layer", True, True), ("rms", True, False), ("layer", False, False),
+                                                ("rms", False, False)])
+def test_rows_with_their_statistics_traffic_matches_interpreted_runs(norm, post, use_table):
+    # The forward's launch (``normalised_rows(stats=True)``): the statistics' passes over each program's
+    # rows (from L2), their (mean, rstd) stored and read back, the operand written.
+    from mmfuse.kernels import merged_gemm as KM
+    from mmfuse.traffic import norm_rows_traffic
+
+    T, C, G = 96, 64, 2
+    M, K = T // G, G * C
+    x = torch.randn(T, C)
+    table = torch.randperm(T, dtype=torch.int32).view(M, G) if use_table else KM._no_table(x.device)
+    width = K if post else C
+    merge = KM.Merge(x, G, table if use_table else None, norm, post, torch.randn(width),
+                     torch.randn(width) if norm == "layer" else None)
+    a, got = measure(lambda: KM.normalised_rows(merge, stats=True),
+                     {"x": x, "table": table, "stats": lambda r: merge.stats, "gamma": merge.gamma,
+                      "beta": merge.beta, "out": lambda r: r})
+    model = norm_rows_traffic(M, C, G, 4, post=post, table=use_table, blocks=KM.INTERPRETER_ROWWISE, stats=True,
+                              center=norm == "layer")
+    assert (got["x"], got["table"], got["stats"], got["gamma"] + got["beta"], got["out"]) == \
+        (model["x"], model["table"], model["stats"], model["gamma_beta"], model["out"])
+
+
 def test_eager_pixel_shuffle_makes_two_copies_each_way():
     """The eager side of merged_mlp_traffic: a pixel shuffle materialises two permutes forward and two
     in its gradient (InternVL's model-level shuffle, Idefics3's connector, Aya Vision's projector, where

@@ -10,8 +10,8 @@ from FOLD_MIN_ROWS merged rows: its gamma folded into the first weight, rstd on 
 GEMMs (``KM.written_forward_applies``: the Qwen2.5-VL merger, InternVL's mlp1 at batch 8) instead write
 the normalised operand once and run the first GEMM unmapped, which an H100 measured faster.
 
-Launches: forward 1 (norm statistics; 2 with the written operand) + one GEMM per layer; backward per
-layer dW, db (a reduction),
+Launches: forward 1 (norm statistics; with the written operand the same launch writes it, except a norm
+per token through a table: 2) + one GEMM per layer; backward per layer dW, db (a reduction),
 dX (act' in its epilogue), the first layer's dW reading x through the table again (with a norm, from
 FOLD_MIN_ROWS merged rows: the normalised operand written once by one row-wise launch, then an unmapped
 GEMM), its dX stored back through the table (a permutation store), and one row-wise norm backward.
@@ -101,7 +101,8 @@ def merged_mlp_fwd_op(x: torch.Tensor, token_map: torch.Tensor, has_map: bool, g
                      beta if norm == "layer" else None, eps)
     # Large GEMMs: the merged, normalised operand written once, the first GEMM unmapped (measured faster).
     written = KM.written_forward_applies(merge, weights[0].shape[0], gated=gate_half >= 0)
-    if norm is not None:
+    rows_stats = written and KM.rows_take_stats(merge)  # statistics and operand in one launch
+    if norm is not None and not rows_stats:
         # An RMSNorm's gamma folded into the first weight in the same launch, where that is faster.
         fold = not written and KM.fold_applies(merge, gated=gate_half >= 0)
         KM.norm_stats(merge, fold=weights[0] if fold else None)
@@ -109,7 +110,8 @@ def merged_mlp_fwd_op(x: torch.Tensor, token_map: torch.Tensor, has_map: bool, g
     biases = [b if hb else None for b, hb in zip(biases, has_bias)]
     act0 = activation if n > 1 or final_act else None
     if written:
-        y, h = KL.linear_fwd(KM.normalised_rows(merge), weights[0], biases[0], act0, store_preact=save)
+        y, h = KL.linear_fwd(KM.normalised_rows(merge, stats=rows_stats), weights[0], biases[0], act0,
+                             store_preact=save)
     elif gate_half >= 0:
         y, h = KM.mapped_gated_fwd(merge, weights[0], gate_half, biases[0], KL.ACTIVATIONS[act0],
                                    store_preact=save)
