@@ -544,11 +544,16 @@ def test_folded_forward_traffic_matches_interpreted_runs(post, use_table):
     assert got["gamma"] == Traffic() and "gamma_beta" not in model
 
 
-@pytest.mark.parametrize("norm,post,use_table", [("rms", False, False), ("layer", False, True), ("layer", True, True)],
-                         ids=["rms-per-token-view", "ln-per-token-table", "ln-per-row-table"])
-def test_normalised_rows_traffic_matches_interpreted_runs(norm, post, use_table):
-    # The backward's normalised operand, written once for an unmapped dW: x once through the map, a
-    # table entry and a (mean, rstd) pair per row and column step, gamma and beta per program and step.
+@pytest.mark.parametrize("norm,post,use_table,stats", [
+    ("rms", False, False, False), ("layer", False, True, False), ("layer", True, True, False),
+    ("layer", True, True, True), ("rms", True, False, True), ("layer", False, False, True), ("rms", False, False, True)],
+    ids=["rms-per-token-view", "ln-per-token-table", "ln-per-row-table", "stats-ln-per-row-table",
+         "stats-rms-per-row-view", "stats-ln-per-token-view", "stats-rms-per-token-view"])
+def test_normalised_rows_traffic_matches_interpreted_runs(norm, post, use_table, stats):
+    # The normalised operand written once for an unmapped GEMM: x once through the map, a table entry and
+    # a (mean, rstd) pair per row and column step, gamma and beta per program and step. ``stats`` (the
+    # forward's launch): first the statistics' passes over each program's rows (from L2), their (mean,
+    # rstd) stored, then read back.
     from mmfuse.kernels import merged_gemm as KM
     from mmfuse.traffic import norm_rows_traffic
 
@@ -559,41 +564,19 @@ def test_normalised_rows_traffic_matches_interpreted_runs(norm, post, use_table)
     width = K if post else C
     merge = KM.Merge(x, G, table if use_table else None, norm, post, torch.randn(width),
                      torch.randn(width) if norm == "layer" else None)
-    KM.norm_stats(merge)
-    a, got = measure(lambda: KM.normalised_rows(merge),
-                     {"x": x, "table": table, "stats": merge.stats, "gamma": merge.gamma, "beta": merge.beta,
-                      "out": lambda r: r})
-    model = norm_rows_traffic(M, C, G, 4, post=post, table=use_table, blocks=KM.INTERPRETER_ROWWISE)
+    if not stats:
+        KM.norm_stats(merge)
+    a, got = measure(lambda: KM.normalised_rows(merge, stats=stats),
+                     {"x": x, "table": table, "stats": lambda r: merge.stats, "gamma": merge.gamma,
+                      "beta": merge.beta, "out": lambda r: r})
+    model = norm_rows_traffic(M, C, G, 4, post=post, table=use_table, blocks=KM.INTERPRETER_ROWWISE, stats=stats,
+                              center=norm == "layer")
     assert (got["x"], got["table"], got["stats"], got["gamma"] + got["beta"], got["out"]) == \
         (model["x"], model["table"], model["stats"], model["gamma_beta"], model["out"])
     from mmfuse.ops.merged import norm_merge_reference
     ref = norm_merge_reference(x, G, table if use_table else None, norm, merge.gamma,
                                merge.beta if norm == "layer" else None, 1e-6, post)
     torch.testing.assert_close(a, ref, rtol=1e-5, atol=1e-5)
-
-
-@pytest.mark.parametrize("norm,post,use_table", [("layer", True, True), ("rms", True, False), ("layer", False, False),
-                                                ("rms", False, False)])
-def test_rows_with_their_statistics_traffic_matches_interpreted_runs(norm, post, use_table):
-    # The forward's launch (``normalised_rows(stats=True)``): the statistics' passes over each program's
-    # rows (from L2), their (mean, rstd) stored and read back, the operand written.
-    from mmfuse.kernels import merged_gemm as KM
-    from mmfuse.traffic import norm_rows_traffic
-
-    T, C, G = 96, 64, 2
-    M, K = T // G, G * C
-    x = torch.randn(T, C)
-    table = torch.randperm(T, dtype=torch.int32).view(M, G) if use_table else KM._no_table(x.device)
-    width = K if post else C
-    merge = KM.Merge(x, G, table if use_table else None, norm, post, torch.randn(width),
-                     torch.randn(width) if norm == "layer" else None)
-    a, got = measure(lambda: KM.normalised_rows(merge, stats=True),
-                     {"x": x, "table": table, "stats": lambda r: merge.stats, "gamma": merge.gamma,
-                      "beta": merge.beta, "out": lambda r: r})
-    model = norm_rows_traffic(M, C, G, 4, post=post, table=use_table, blocks=KM.INTERPRETER_ROWWISE, stats=True,
-                              center=norm == "layer")
-    assert (got["x"], got["table"], got["stats"], got["gamma"] + got["beta"], got["out"]) == \
-        (model["x"], model["table"], model["stats"], model["gamma_beta"], model["out"])
 
 
 def test_eager_pixel_shuffle_makes_two_copies_each_way():
