@@ -122,8 +122,15 @@ def _bench(out_dir: str, ops=None, timer=None, cuda=None, profile: str = "full",
         print("mmfuse bench: no CUDA GPU on this machine, so nothing can be timed. Writing the exact "
               "figures that need no GPU (compiled configs, grids, waves, bytes) instead.")
         return report.main(path)
+    cases = suite.profile_cases(profile)
+    for flag, asked, known in (("--shape", shapes, {c.shape for c in cases}), ("--impl", impls, {c.impl for c in cases}),
+                               ("--dtype", dtypes, {c.dtype for c in cases})):
+        unknown = sorted(set(asked or ()) - known)
+        if unknown:  # a typo would silently drop cases
+            print(f"mmfuse bench: {flag}: expected names from {sorted(known)}, got {unknown}")
+            return 2
     # mmfuse itself always runs: a baseline's row alone has nothing to be compared with.
-    selected = [c for c in suite.profile_cases(profile) if (not ops or c.op in ops)
+    selected = [c for c in cases if (not ops or c.op in ops)
                 and (not shapes or c.shape in shapes) and (not impls or c.impl in impls or c.impl == "mmfuse")
                 and (not dtypes or c.dtype in dtypes)]
     if not selected:

@@ -200,8 +200,15 @@ def test_mmfuse_bench_on_a_gpu_path_with_the_timer_mocked(tmp_path, monkeypatch,
 
 def test_mmfuse_bench_unknown_op_exit_code(tmp_path, capsys):
     assert cli._bench(str(tmp_path), ops=["nonesuch"], timer=FakeTimer(), cuda=True) == 2
-    assert cli._bench(str(tmp_path), shapes=["nonesuch"], impls=["eager"], timer=FakeTimer(), cuda=True) == 2
-    assert "no cases match --shape nonesuch --impl eager" in capsys.readouterr().out
+    # a name no case has is refused, not silently dropped
+    assert cli._bench(str(tmp_path), shapes=["qwen2.5-vl-7b-merger", "nonesuch"], timer=FakeTimer(), cuda=True) == 2
+    assert "--shape: expected names from" in capsys.readouterr().out
+    assert cli._bench(str(tmp_path), impls=["torch.compiled"], timer=FakeTimer(), cuda=True) == 2
+    assert "--impl: expected names from" in capsys.readouterr().out
+    # known names that select nothing together
+    assert cli._bench(str(tmp_path), ops=["cross_attention"], shapes=["qwen2.5-vl-7b-merger"], timer=FakeTimer(),
+                      cuda=True) == 2
+    assert "no cases match --op cross_attention --shape qwen2.5-vl-7b-merger" in capsys.readouterr().out
 
 
 def test_mmfuse_bench_selects_shapes_implementations_and_dtypes(tmp_path, monkeypatch):
