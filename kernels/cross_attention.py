@@ -1097,7 +1097,7 @@ def aot_specs():
                             **dict(zip(["stride_lb", "stride_lh", "stride_lm"], l_s)),
                             kv_lens_ptr="*i32", mask_ptr=mask_ptr, stride_mb=Lk, stride_mn=1, stride_lens=1, Lq=lq,
                             Lk=Lk, D=D,
-                            GROUP=Hq // Hkv, qk_scale=0.1, qk_scale_lo=0.0, sm_scale=0.1, sm_scale_lo=0.1,
+                            GROUP=Hq // Hkv, qk_scale=0.1, qk_scale_lo=0.0, sm_scale=0.1, sm_scale_lo=0.0,
                             **one_source)
                 if name == "dkdv":
                     args = dict(base, dk_ptr=ptr, dv_ptr=ptr, dk2_ptr=ptr, dv2_ptr=ptr, Hkv=Hkv,

@@ -715,12 +715,19 @@ def _rowwise(C: int):
     return ROWWISE if C % ROWWISE[1] == 0 else ROWWISE_GATHER
 
 
+def _stats_buffer(merge: Merge) -> torch.Tensor:
+    """(mean, rstd) per normalised row, uninitialised: fp32, fp64 for fp64 inputs."""
+    x = merge.x
+    return empty((merge.rows[0], 2), dtype=torch.float64 if x.dtype == torch.float64 else torch.float32,
+                 device=x.device)
+
+
 def norm_stats(merge: Merge, fold=None):
     """(mean, rstd) per normalised row into merge.stats (fp32; fp64 for fp64 inputs). ``fold``: the first
     Linear's (N, K) weight, when ``fold_applies``: gamma * W into merge.folded, in the same launch."""
     x = merge.x
     R, G, table = merge.rows
-    stats = empty((R, 2), dtype=torch.float64 if x.dtype == torch.float64 else torch.float32, device=x.device)
+    stats = _stats_buffer(merge)
     br, bc = _rowwise(merge.C)
     programs = cdiv(R, br)
     w, wf = (fold, empty(fold.shape, dtype=fold.dtype, device=fold.device)) if fold is not None else (stats, stats)
@@ -903,8 +910,8 @@ def rows_take_stats(merge: Merge) -> bool:
     """Whether ``normalised_rows`` can compute the statistics in its own launch (``stats=True``): each
     program then owns the rows it normalises — a norm per merged row, or per source token without a
     table (merged row m holds tokens m*G ...). Per token through a table the tokens a program reads are
-    not a range it owns: ``norm_stats`` first; so for fp64 (the gradchecks' dtype, not a speed path),
-    whose fused launch spilled 16 B on sm_90 (Triton 3.9)."""
+    not a range it owns: ``norm_stats`` first. So does fp64 (the gradchecks' dtype, not a speed path):
+    its fused launch spilled 16 B on sm_90 (Triton 3.9)."""
     return merge.norm is not None and (merge.post or not merge.table) and merge.x.dtype != torch.float64
 
 
@@ -919,8 +926,7 @@ def normalised_rows(merge: Merge, stats: bool = False) -> torch.Tensor:
         if not rows_take_stats(merge):
             raise ValueError("normalised_rows: stats=True needs a norm per merged row, or per token without a "
                              "table (rows_take_stats)")
-        merge.stats = empty((merge.rows[0], 2), dtype=torch.float64 if x.dtype == torch.float64 else torch.float32,
-                            device=x.device)
+        merge.stats = _stats_buffer(merge)
         if merge.K == 0:  # no channels: the statistics of empty rows (NaN, as norm_stats leaves them)
             merge.stats.fill_(float("nan"))
     if merge.M and merge.K:

@@ -5,10 +5,10 @@ holds the vision tower's tokens and norm_merge (kernels/merged_gemm.py) gathers 
 row (a (M, G) token table, or G adjacent rows without one) and normalises (LayerNorm / RMSNorm) each
 source token (pre-merge) or each merged row (post-merge). Below the sizes named next the forward does
 not materialise the merged, normalised operand: the first GEMM reads x through the table and
-normalises in its loads (an RMSNorm
-from FOLD_MIN_ROWS merged rows: its gamma folded into the first weight, rstd on the accumulator). Large
-GEMMs (``KM.written_forward_applies``: the Qwen2.5-VL merger, InternVL's mlp1 at batch 8) instead write
-the normalised operand once and run the first GEMM unmapped, which an H100 measured faster.
+normalises in its loads (an RMSNorm from FOLD_MIN_ROWS merged rows: its gamma folded into the first
+weight, rstd on the accumulator). Large GEMMs (``KM.written_forward_applies``: the Qwen2.5-VL merger,
+InternVL's mlp1 at batch 8) instead write the normalised operand once and run the first GEMM unmapped,
+which an H100 measured faster.
 
 Launches: forward 1 (norm statistics; with the written operand the same launch writes it, except a norm
 per token through a table: 2) + one GEMM per layer; backward per layer dW, db (a reduction),
