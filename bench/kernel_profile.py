@@ -14,7 +14,11 @@ The quick benchmark says *that* a case is slow; this says *which launch* and *wh
    tile of the pointer kernel and of the TMA kernel (flattened or not), next to ``torch.mm`` of the same layout: whether the wave
    model and the launcher's defaults pick the right variant, and how far each is from cuBLAS.
 
-4. ``attention_splits``: the cross-attention forward at batch 1 of each resampler shape
+4. ``attention_pipeline``: the cross-attention kernels' device time at 2, 3 and 4 pipeline stages
+   (and 4 or 8 warps in the forward) for Idefics2's resampler at batch 8 and 1 and BLIP-2's at batch 8,
+   beside SDPA with ``enable_gqa`` (``attention_pipeline_sweep``): session 18's change of depth, untimed.
+
+4b. ``attention_splits``: the cross-attention forward at batch 1 of each resampler shape
    (``ATTENTION_SHAPES``), where the key split decides: the split merged by a second launch, merged in
    the split kernel at the in-kernel model's split count (``MMFUSE_SPLIT_COMBINE=kernel``) and at the
    launch model's ("auto", the default; checked bit for bit against the merge launch), each with its
@@ -297,6 +301,76 @@ def attention_split_sweep(batch: int = 1, device: str = "cuda", bench=None, shap
     return rows
 
 
+#: (shape name, batch, forward (stages, warps) pairs, backward stages) of ``attention_pipeline_sweep``.
+PIPELINE_CASES = (("idefics2-resampler", 8, ((2, 8), (3, 8), (4, 8), (2, 4), (3, 4), (4, 4)), (2, 3)),
+                  ("idefics2-resampler", 1, ((2, 8), (3, 8), (4, 8)), ()),
+                  ("blip2-qformer-xattn", 8, ((2, 4), (3, 4), (4, 4)), (2, 3)))
+
+
+def attention_pipeline_sweep(device: str = "cuda", cases=PIPELINE_CASES, timer=None, shapes=None) -> list[dict]:
+    """Device time of the cross-attention kernels (bf16, shared queries, the launcher's split count) at
+    each pipeline depth and warp count of ``cases``: session 18 found from the TTGIR that 2 stages wait
+    for every copy at the top of each key block (``KA.TENSOR_CORE_STAGES``) and moved the tensor-core
+    tiles to 3 untimed; this measures 2 / 3 / 4 (and 4 / 8 warps in the forward), with SDPA's flash kernel
+    on ``enable_gqa`` (no repeat copies) as the reference. Tiles are overridden by wrapping
+    ``KA.gpu_blocks``, the one place the launchers take them from."""
+    import torch.nn.functional as F
+
+    from mmfuse.bench.shapes import ATTENTION_SHAPES
+    from mmfuse.kernels import cross_attention as KA
+
+    timer = timer or device_ms
+    shapes = {s.name: s for s in shapes or ATTENTION_SHAPES}
+    rows = []
+    original = KA.gpu_blocks
+    try:
+        for name, batch, fwd_forms, bwd_stages in cases:
+            s = shapes[name]
+            q = torch.randn(1, s.heads, s.queries, s.head_dim, device=device, dtype=torch.bfloat16)
+            k = torch.randn(batch, s.kv_heads, s.keys, s.head_dim, device=device, dtype=torch.bfloat16)
+            v = torch.randn_like(k)
+            scale = s.head_dim ** -0.5
+            for stages, warps in fwd_forms:
+                def tiles(Lq, D, backward=False, *a, stages=stages, warps=warps, **kw):
+                    blk = original(Lq, D, backward, *a, **kw)
+                    return blk if backward else dict(blk, num_stages=stages, num_warps=warps)
+
+                KA.gpu_blocks = tiles
+                row = {"shape": name, "batch": batch, "pass": "fwd", "stages": stages, "warps": warps}
+                try:
+                    row["device_ms"] = timer(lambda: KA.attention_fwd(q, k, v, None, None, scale))
+                except Exception as e:  # a config that fails to compile or launch is a finding, not a stop
+                    row["error"] = f"{type(e).__name__}: {str(e)[:160]}"
+                rows.append(row)
+            KA.gpu_blocks = original
+            if bwd_stages:
+                o, lse = KA.attention_fwd(q, k, v, None, None, scale)
+                do = torch.randn_like(o)
+            for stages in bwd_stages:
+                def tiles(Lq, D, backward=False, *a, stages=stages, **kw):
+                    blk = original(Lq, D, backward, *a, **kw)
+                    return dict(blk, num_stages=stages, dkdv_num_stages=stages) if backward else blk
+
+                KA.gpu_blocks = tiles
+                row = {"shape": name, "batch": batch, "pass": "bwd", "stages": stages, "warps": 8}
+                try:
+                    row["device_ms"] = timer(lambda: KA.attention_bwd(do, q, k, v, o, lse, None, None, scale))
+                except Exception as e:
+                    row["error"] = f"{type(e).__name__}: {str(e)[:160]}"
+                rows.append(row)
+                KA.gpu_blocks = original
+            qe = q.expand(batch, -1, -1, -1)
+            row = {"shape": name, "batch": batch, "pass": "fwd", "impl": "sdpa enable_gqa"}
+            try:
+                row["device_ms"] = timer(lambda: F.scaled_dot_product_attention(qe, k, v, enable_gqa=s.heads != s.kv_heads))
+            except Exception as e:
+                row["error"] = f"{type(e).__name__}: {str(e)[:160]}"
+            rows.append(row)
+    finally:
+        KA.gpu_blocks = original
+    return rows
+
+
 #: (label, merged shape name, images, norm and where) of ``mapped_gemm_forms``: the two projectors whose
 #: first GEMM session 14 timed at 2.5-2.6x an unmapped GEMM of its size.
 MAPPED_SHAPES = (("internvl2-8b-mlp1, 8 tiles", "internvl2-8b-mlp1", 8),
@@ -438,7 +512,7 @@ def dynamic_m_loop(counts=None, widths=(1024, 4096, 4096), device: str = "cuda",
     return rows
 
 
-PARTS = ("kernels", "compiled", "gemm_tiles", "attention_splits", "dynamic_m", "mapped_forms")
+PARTS = ("kernels", "compiled", "attention_pipeline", "gemm_tiles", "attention_splits", "dynamic_m", "mapped_forms")
 
 
 def main(out_dir: str, parts=PARTS, print=print) -> int:
@@ -470,6 +544,8 @@ def main(out_dir: str, parts=PARTS, print=print) -> int:
             elif part == "attention_splits":
                 # bf16, then IEEE fp32 on its own tiles (session 11; no GPU has timed them)
                 result[part] = attention_split_sweep() + attention_split_sweep(dtype=torch.float32)
+            elif part == "attention_pipeline":
+                result[part] = attention_pipeline_sweep()
             elif part == "dynamic_m":
                 result[part] = dynamic_m_loop()
             elif part == "mapped_forms":
@@ -529,6 +605,15 @@ def markdown(result: dict) -> str:
                 else:
                     lines.append(f"| {r['gemm']} | {r['tile']} | failed: {r.get('error', '')[:120]} | | | |")
             lines.append("")
+    pipe = result.get("attention_pipeline")
+    if isinstance(pipe, list):
+        lines += _table_head("Cross-attention pipeline depth (bf16, device time)", "shape", "batch", "pass",
+                             "kernel", "stages", "warps", "device ms")
+        for r in pipe:
+            dev = f"{r['device_ms']:.4f}" if "device_ms" in r else f"failed: {r.get('error', '')[:100]}"
+            lines.append(f"| {r['shape']} | {r['batch']} | {r['pass']} | {r.get('impl', 'mmfuse')} | "
+                         f"{r.get('stages', '')} | {r.get('warps', '')} | {dev} |")
+        lines.append("")
     splits = result.get("attention_splits")
     if isinstance(splits, list):
         lines += _table_head("Cross-attention forward at batch 1: the split's merge", "shape", "dtype",

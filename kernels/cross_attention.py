@@ -489,6 +489,15 @@ INTERPRETER_BLOCKS = dict(BLOCK_M=16, BLOCK_N=32)
 #: Wave efficiency the split count aims for (132 SMs on an H100).
 TARGET_WAVE_EFFICIENCY = 0.85
 MAX_SPLITS = 64
+#: Pipeline depth of the tensor-core tiles (2-byte inputs, TF32). With 2, Triton's pipeliner issues the
+#: next key block's copies at the end of an iteration and waits for *all* copies (``async_wait
+#: {num = 0}`` in the TTGIR) at the top of the next: the load latency is exposed once per key block,
+#: hidden only behind the async P.V product. With 3 the wait leaves the following block's copies in
+#: flight (``num = 2``), one whole iteration of compute ahead. Measured with 2 on an H100: ~1.85 us per
+#: key block per program at 64 queries x 64 keys x D 128, one program per SM (Idefics2's resampler, 144
+#: us at batch 8, 29.6 us at batch 1), ~15% of an SM's tensor-core rate (bench/NOTES.md, session 18).
+#: The FMA (IEEE fp32) and fp64 tiles keep 2: not the speed path, and their registers were tuned at 2.
+TENSOR_CORE_STAGES = 3
 
 
 def block_d(D: int, gpu: bool | None = None) -> int:
@@ -509,7 +518,8 @@ def gpu_blocks(Lq: int, D: int, backward: bool = False, elem_bytes: int = 2, com
     keys (32 past D = 128, and past D = 64 for 4-byte inputs, whose Q tile alone is 64 x 128 fp32),
     4 warps at D <= 64 for 2-byte inputs, else 8. Backward: 32 queries x 64 keys (16 past D = 128),
     8 warps: the dK/dV program keeps two fp32 (keys x D) accumulators plus its K and V tiles in
-    registers. fp64 (gradcheck, not speed): 16 queries (32 at D <= 64 forward) x 16 keys; an fp64 value
+    registers. Tensor-core tiles (2-byte inputs, TF32) pipeline ``TENSOR_CORE_STAGES`` deep (TF32's
+    dK/dV 2). fp64 (gradcheck, not speed): 16 queries (32 at D <= 64 forward) x 16 keys; an fp64 value
     takes two registers and an MMA's A operand (Q, dO) is held whole by every warp of its rows: 32-row
     tiles spilled from D = 128, and these are the tiles that compile clean on Triton 3.6-3.9, except
     dK/dV past D = 64 and dQ at D = 256, which spill on every tile tried (bench/NOTES.md).
@@ -534,8 +544,10 @@ def gpu_blocks(Lq: int, D: int, backward: bool = False, elem_bytes: int = 2, com
     if backward:
         # 4-byte inputs past D = 64: 16 queries (32 spilled 32 B in dK/dV with TF32 at D = 128 on sm_90,
         # Triton 3.6 / 3.8 / 3.9, and 16-32 B at D = 256 on 3.6).
+        # TF32's dK/dV keeps 2 stages: with 3 it spilled 8 B on sm_80 at D = 64 and 256 (Triton 3.6 / 3.7).
         return dict(BLOCK_M=16 if (bd > 64 and elem_bytes == 4) else 32, BLOCK_N=64 if bd <= 128 else 16,
-                    num_warps=8, num_stages=2)
+                    num_warps=8, num_stages=TENSOR_CORE_STAGES,
+                    dkdv_num_stages=2 if elem_bytes == 4 else TENSOR_CORE_STAGES)
     warps = 4 if (bd <= 64 and elem_bytes <= 2) else 8
     wide = bd > (128 if elem_bytes <= 2 else 64)
     # A 32-query tile only for 2-byte inputs up to D = 128: fp32 is not the speed path (and each tile
@@ -544,7 +556,8 @@ def gpu_blocks(Lq: int, D: int, backward: bool = False, elem_bytes: int = 2, com
     short = Lq <= 32 and elem_bytes <= 2 and bd <= 128
     if combine and not short and warps == 4:
         warps = 8
-    return dict(BLOCK_M=32 if short else 64, BLOCK_N=32 if wide else 64, num_warps=warps, num_stages=2)
+    return dict(BLOCK_M=32 if short else 64, BLOCK_N=32 if wide else 64, num_warps=warps,
+                num_stages=TENSOR_CORE_STAGES)
 
 
 def dkdv_stages(blk: dict) -> int:
@@ -709,6 +722,30 @@ def fwd_modelled_us(B: int, Bq: int, Hq: int, Hkv: int, Lq: int, Lk: int, D: int
     if splits > 1:
         us += (partials + out) / PEAK_BYTES * 1e6 + (0.0 if combine_in_kernel else LAUNCH_US)
     return us
+
+
+#: Device µs of one key block per program at the 64 queries x 64 keys x 128 head-dim tile, one program
+#: per SM, by pipeline depth. 2: measured on an H100 (session 17: Idefics2's resampler, 144 us over 78
+#: key blocks at batch 8, 29.6 us over 13 at batch 1, merge included). 3: a prediction (session 18),
+#: written before any GPU ran it: the copies' latency hidden behind one iteration of compute, leaving the
+#: two products and the softmax at one program per SM.
+KEY_BLOCK_US = {2: 1.85, 3: 0.8}
+
+
+def fwd_block_bound_us(B: int, Hq: int, Lq: int, Lk: int, D: int, splits: int, sms: int, blocks: dict,
+                       stages: int = TENSOR_CORE_STAGES) -> float:
+    """The forward's time as its key-block iterations bound it (``fwd_modelled_us`` is the roofline,
+    which an H100 beat by no margin: it predicted 24 us where 144 were measured): the waves of
+    programs (one per SM) x the key blocks each program walks x ``KEY_BLOCK_US[stages]``, scaled by the
+    tile's multiply-adds against the measured 64 x 64 x 128 tile, plus a launch. A model of the
+    measured point, not a law: checked against the three other H100 points in bench/NOTES.md
+    (session 18); not used by any launcher decision."""
+    bm, bn, bd = blocks["BLOCK_M"], blocks["BLOCK_N"], block_d(D, gpu=True)
+    key_blocks = max(1, cdiv(Lk, bn))
+    per_split = cdiv(key_blocks, max(1, splits))
+    programs = cdiv(Lq, bm) * B * Hq * cdiv(key_blocks, per_split)
+    scale = bm * bn * bd / (64 * 64 * 128)
+    return cdiv(programs, sms) * per_split * KEY_BLOCK_US[stages] * scale + LAUNCH_US
 
 
 #: Where the forward's split partials are merged: "auto" (the default: in the split kernel itself, its

@@ -599,6 +599,34 @@ def attention_combine_section() -> list[str]:
     return lines
 
 
+def attention_block_section() -> list[str]:
+    """The forward by the key-block model (``KA.fwd_block_bound_us``) beside its roofline: the roofline was
+    ~6x optimistic against the H100 (Idefics2's resampler at batch 8: 24 µs modelled, 144 measured)."""
+    from mmfuse.kernels import cross_attention as KA
+
+    lines = ["## Cross-attention forward: the roofline against the key-block model (bf16, shared queries, no "
+             "padding; model)", "",
+             "Roofline: the tables above (FLOPs at the grid's wave efficiency, or bytes, plus a launch). Key-block "
+             "model: waves of programs (one per SM) x the key blocks each walks x µs per block "
+             f"(`KEY_BLOCK_US`: {KA.KEY_BLOCK_US[2]} at 2 stages, measured on an H100 at the 64 x 64 x 128 tile; "
+             f"{KA.KEY_BLOCK_US[3]} at 3, the default since session 18, predicted, not yet timed), scaled by the "
+             "tile's multiply-adds, plus a launch, and never below the roofline. At 2 stages it came within 30% of the four H100 points "
+             "(bench/NOTES.md, session 18). Splits: the launcher's.", "",
+             "| shape | batch | splits | roofline µs | key-block model µs, 2 stages (measured basis) | "
+             "3 stages (predicted) |",
+             "| --- | --- | --- | --- | --- | --- |"]
+    for s in ATTENTION_SHAPES:
+        for batch in (1, 8, 64):
+            blk = KA.gpu_blocks(s.queries, s.head_dim)
+            splits = KA.choose_fwd_splits(batch, 1, s.heads, s.kv_heads, s.queries, s.keys, s.head_dim, 2, SMS, blk)
+            roof = KA.fwd_modelled_us(batch, 1, s.heads, s.kv_heads, s.queries, s.keys, s.head_dim, 2, splits, SMS,
+                                      blk, combine_in_kernel=True)
+            t2, t3 = (max(roof, KA.fwd_block_bound_us(batch, s.heads, s.queries, s.keys, s.head_dim, splits, SMS,
+                                                      blk, st)) for st in (2, 3))
+            lines.append(f"| {s.name} | {batch} | {splits} | {roof:.1f} | {t2:.1f} | {t3:.1f} |")
+    return lines
+
+
 def render(reports=None, progress=None) -> str:
     """The whole report as markdown (``reports``: ``mmfuse._aot.compile_all()`` by default;
     ``progress`` gets a line now and then while that compiles)."""
@@ -611,7 +639,7 @@ def render(reports=None, progress=None) -> str:
             "from the launchers' own tile and split rules on an H100's 132 SMs.", ""]
     return "\n".join(head + compile_section(reports) + [""] + waves_section() + [""] + traffic_section()
                      + [""] + gated_traffic_section() + [""] + merged_traffic_section() + [""] + patch_traffic_section() + [""] + attention_traffic_section()
-                     + [""] + attention_combine_section()) + "\n"
+                     + [""] + attention_combine_section() + [""] + attention_block_section()) + "\n"
 
 
 def main(out: str | None = None) -> int:

@@ -498,6 +498,41 @@ def test_kernel_profile_attention_split_sweep(monkeypatch):
     assert "| tiny | float32 | mmfuse, merge by launch | 2 | 1.0000 | 0.2500 |  |" in md
 
 
+def test_kernel_profile_attention_pipeline_sweep():
+    """The depth sweep with the interpreter at GPU tiles and a fake timer: each forward row runs under its
+    own stages and warps (read back from the launchers' one source of tiles while timed), each backward
+    row under its stages (dK/dV's too), the launchers' tiles are restored after, and the markdown lists
+    every row, SDPA's included."""
+    from mmfuse.bench import kernel_profile
+    from mmfuse.bench.shapes import AttentionShape
+    from mmfuse.kernels import _common
+    from mmfuse.kernels import cross_attention as KA
+
+    shape = AttentionShape("tiny", 17, 100, 4, 2, 24)
+    seen = []
+
+    def timer(fn):
+        out = fn()
+        assert all(torch.isfinite(t).all() for t in out if t is not None)
+        seen.append((KA.blocks_for(17, 24), KA.blocks_for(17, 24, backward=True)))
+        return 0.5
+
+    before = (KA.gpu_blocks(17, 24), KA.gpu_blocks(17, 24, backward=True))
+    with _common.gpu_config():
+        rows = kernel_profile.attention_pipeline_sweep(device="cpu", timer=timer, shapes=[shape],
+                                                       cases=(("tiny", 2, ((2, 8), (4, 4)), (2,)),))
+        after = (KA.gpu_blocks(17, 24), KA.gpu_blocks(17, 24, backward=True))
+    assert after == before
+    assert [(r["pass"], r.get("stages"), r.get("warps"), r.get("impl")) for r in rows] == [
+        ("fwd", 2, 8, None), ("fwd", 4, 4, None), ("bwd", 2, 8, None), ("fwd", None, None, "sdpa enable_gqa")]
+    assert [(f["num_stages"], f["num_warps"]) for f, _ in seen[:2]] == [(2, 8), (4, 4)]
+    assert (seen[2][1]["num_stages"], KA.dkdv_stages(seen[2][1])) == (2, 2) and seen[2][0] == before[0]
+    md = kernel_profile.markdown({"gpu": "x", "date": "d", "attention_pipeline": rows})
+    assert "| tiny | 2 | fwd | mmfuse | 4 | 4 | 0.5000 |" in md
+    assert "| tiny | 2 | bwd | mmfuse | 2 | 8 | 0.5000 |" in md
+    assert "| tiny | 2 | fwd | sdpa enable_gqa |  |  | 0.5000 |" in md
+
+
 def test_kernel_profile_mapped_gemm_forms(monkeypatch):
     """The merged GEMM taken apart, with the interpreter on a small table shape: every form launches and
     writes its whole output (outputs are NaN-poisoned under the tests), and the markdown puts each
