@@ -87,6 +87,7 @@ class CompileReport:
     seconds: float
     tf32_rounds: int = 0    # `and.b32 ..., -8192`: fp32 operands rounded to TF32 before the MMA (``mma``)
     wgmma_a_registers: bool = False  # a wgmma whose A operand comes from registers, not a shared-memory descriptor
+    exposed_copy_waits: int = 0  # in-loop waits for every async copy in flight (``exposed_copy_waits``)
 
     @property
     def tensor_core_instr(self) -> str:
@@ -100,6 +101,28 @@ class CompileReport:
         smem_sm = {80: 167936, 90: 233472}[self.arch]
         by_smem = smem_sm // max(self.shared_bytes + 1024, 1)
         return max(0, min(by_regs, by_smem, 2048 // threads, 32))
+
+
+def exposed_copy_waits(ttgir: str) -> int:
+    """Waits inside a loop body for *every* asynchronous copy in flight (``ttg.async_wait {num = 0}``
+    at loop level): each iteration then exposes the copies' latency instead of keeping the next ones in
+    flight (the cross-attention kernels at 2 stages; bench/NOTES.md, session 18). A wait counts when it
+    names copy tokens (the drain after a loop names none, and may sit in an outer loop) and a
+    ``scf.yield`` at its own indentation follows it before the enclosing body closes."""
+    lines = ttgir.splitlines()
+    found = 0
+    for i, line in enumerate(lines):
+        if not re.search(r"async_wait %[^{]*\{num = 0 : i32\}", line):
+            continue
+        indent = len(line) - len(line.lstrip())
+        for later in lines[i + 1:]:
+            depth = len(later) - len(later.lstrip())
+            if later.strip() and depth < indent:
+                break
+            if depth == indent and later.lstrip().startswith("scf.yield"):
+                found += 1
+                break
+    return found
 
 
 def _signature(spec: CompileSpec):
@@ -179,6 +202,7 @@ def compile_spec(spec: CompileSpec, arch: int) -> CompileReport:
         tf32_rounds=len(re.findall(r"and\.b32\s[^;]*, -8192;", ptx)),
         # wgmma D, A, B: the accumulator's register list, then A as a register list or a descriptor
         wgmma_a_registers=bool(re.search(r"wgmma\.mma_async[^;{]*\{[^}]*\},\s*\{", ptx)),
+        exposed_copy_waits=exposed_copy_waits(kernel.asm["ttgir"]),
     )
 
 
@@ -196,7 +220,7 @@ def all_specs() -> list[CompileSpec]:
 # Batch compilation (in a subprocess when this process runs the interpreter)
 # ----------------------------------------------------------------------------------------------
 _FIELDS = ("registers", "spill_bytes", "shared_bytes", "mma", "wgmma", "cp_async_16B", "tma",
-           "vec128_loads", "seconds", "tf32_rounds", "wgmma_a_registers")
+           "vec128_loads", "seconds", "tf32_rounds", "wgmma_a_registers", "exposed_copy_waits")
 
 
 def _compile_index(job):
