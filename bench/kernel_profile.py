@@ -15,8 +15,9 @@ The quick benchmark says *that* a case is slow; this says *which launch* and *wh
    model and the launcher's defaults pick the right variant, and how far each is from cuBLAS.
 
 4. ``attention_pipeline``: the cross-attention kernels' device time at 2, 3 and 4 pipeline stages
-   (and 4 or 8 warps in the forward) for Idefics2's resampler at batch 8 and 1 and BLIP-2's at batch 8,
-   beside SDPA with ``enable_gqa`` (``attention_pipeline_sweep``): session 18's change of depth, untimed.
+   (and 4 or 8 warps, 64 or 128 query rows per program in the forward: 128 packs two grouped heads)
+   for Idefics2's resampler at batch 8 and 1 and BLIP-2's at batch 8, beside SDPA with ``enable_gqa``
+   (``attention_pipeline_sweep``): session 18's changes, untimed.
 
 4b. ``attention_splits``: the cross-attention forward at batch 1 of each resampler shape
    (``ATTENTION_SHAPES``), where the key split decides: the split merged by a second launch, merged in
@@ -303,10 +304,14 @@ def attention_split_sweep(batch: int = 1, device: str = "cuda", bench=None, shap
     return rows
 
 
-#: (shape name, batch, forward (stages, warps) pairs, backward stages) of ``attention_pipeline_sweep``.
-PIPELINE_CASES = (("idefics2-resampler", 8, ((2, 8), (3, 8), (4, 8), (2, 4), (3, 4), (4, 4)), (2, 3)),
-                  ("idefics2-resampler", 1, ((2, 8), (3, 8), (4, 8)), ()),
-                  ("blip2-qformer-xattn", 8, ((2, 4), (3, 4), (4, 4)), (2, 3)))
+#: (shape name, batch, forward (stages, warps, query rows per program) forms, backward stages) of
+#: ``attention_pipeline_sweep``. 128 rows: two of Idefics2's grouped query heads per program, each
+#: warpgroup on 64 rows of its own (at 64 rows and 8 warps both warpgroups compute the same Q.K^T and
+#: softmax: the TTGIR's layout is 8 warps along 64 rows; bench/NOTES.md, session 18).
+PIPELINE_CASES = (("idefics2-resampler", 8, ((2, 8, 64), (3, 8, 64), (4, 8, 64), (3, 4, 64), (4, 4, 64),
+                                             (3, 8, 128), (4, 8, 128)), (2, 3)),
+                  ("idefics2-resampler", 1, ((2, 8, 64), (3, 8, 64), (4, 8, 64), (3, 8, 128)), ()),
+                  ("blip2-qformer-xattn", 8, ((2, 4, 32), (3, 4, 32), (4, 4, 32)), (2, 3)))
 
 
 def attention_pipeline_sweep(device: str = "cuda", cases=PIPELINE_CASES, timer=None, shapes=None) -> list[dict]:
@@ -332,15 +337,18 @@ def attention_pipeline_sweep(device: str = "cuda", cases=PIPELINE_CASES, timer=N
             k = torch.randn(batch, s.kv_heads, s.keys, s.head_dim, device=device, dtype=torch.bfloat16)
             v = torch.randn_like(k)
             scale = s.head_dim ** -0.5
-            for stages, warps in fwd_forms:
-                def tiles(Lq, D, backward=False, *a, stages=stages, warps=warps, **kw):
+            for stages, warps, block_m in fwd_forms:
+                def tiles(Lq, D, backward=False, *a, stages=stages, warps=warps, block_m=block_m, **kw):
                     blk = original(Lq, D, backward, *a, **kw)
-                    return blk if backward else dict(blk, num_stages=stages, num_warps=warps)
+                    return blk if backward else dict(blk, num_stages=stages, num_warps=warps, BLOCK_M=block_m)
 
                 KA.gpu_blocks = tiles
-                row = {"shape": name, "batch": batch, "pass": "fwd", "stages": stages, "warps": warps}
+                # a tile taller than one head's queries holds several grouped heads (PACK_GQA)
+                pack = block_m > s.queries and s.heads > s.kv_heads
+                row = {"shape": name, "batch": batch, "pass": "fwd", "stages": stages, "warps": warps,
+                       "block_m": block_m, "packed": pack}
                 try:
-                    row["device_ms"] = timer(lambda: KA.attention_fwd(q, k, v, None, None, scale))
+                    row["device_ms"] = timer(lambda: KA.attention_fwd(q, k, v, None, None, scale, pack_gqa=pack))
                 except Exception as e:  # a config that fails to compile or launch is a finding, not a stop
                     row["error"] = f"{type(e).__name__}: {str(e)[:160]}"
                 rows.append(row)
@@ -609,12 +617,13 @@ def markdown(result: dict) -> str:
             lines.append("")
     pipe = result.get("attention_pipeline")
     if isinstance(pipe, list):
-        lines += _table_head("Cross-attention pipeline depth (bf16, device time)", "shape", "batch", "pass",
-                             "kernel", "stages", "warps", "device ms")
+        lines += _table_head("Cross-attention pipeline depth and rows per program (bf16, device time)", "shape",
+                             "batch", "pass", "kernel", "stages", "warps", "query rows", "device ms")
         for r in pipe:
             dev = f"{r['device_ms']:.4f}" if "device_ms" in r else f"failed: {r.get('error', '')[:100]}"
             lines.append(f"| {r['shape']} | {r['batch']} | {r['pass']} | {r.get('impl', 'mmfuse')} | "
-                         f"{r.get('stages', '')} | {r.get('warps', '')} | {dev} |")
+                         f"{r.get('stages', '')} | {r.get('warps', '')} | {r.get('block_m', '')}"
+                         f"{' (packed)' if r.get('packed') else ''} | {dev} |")
         lines.append("")
     splits = result.get("attention_splits")
     if isinstance(splits, list):

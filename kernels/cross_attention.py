@@ -9,7 +9,10 @@ positions >= kv_lens[b] and keys with key_mask[b, n] == False are not attended. 
 n - L1 of the second; key_mask then covers the first L1 keys and the second source is always attended.
 
 Forward (online softmax, fp32 statistics in base 2: s = q.k * scale * log2(e)):
-  For each query block and a chunk of the keys (split s of S), stream K/V blocks keeping the running
+  A program's rows are one head's queries; with PACK_GQA (opt-in, ``attention_fwd(pack_gqa=True)``)
+  they run over the GROUP query heads of one kv head and their queries, so each K/V tile loaded serves
+  the whole group in the block.
+  For each row block and a chunk of the keys (split s of S), stream K/V blocks keeping the running
   max m, the running sum l and the unnormalised output acc; store acc / l and lse = m + log2(l).
   With S = 1 that is the result. With S > 1 (flash-decoding: a few queries cannot fill 132 SMs,
   so the keys are split; S minimises the modelled time, ``choose_fwd_splits``), each split writes
@@ -137,29 +140,43 @@ def attn_fwd_kernel(
     stride_fob, stride_foh, stride_fom, stride_fod,
     stride_flb, stride_flh, stride_flm,
     stride_mb, stride_mn, stride_lens,
-    Hq, Lq, Lk, L1, D, GROUP, CHUNK, SPLITS, qk_scale, qk_scale_lo,
+    Hkv, Lq, Lk, L1, D, GROUP, CHUNK, SPLITS, qk_scale, qk_scale_lo,
     HAS_LENS: tl.constexpr, HAS_MASK: tl.constexpr, TWO_SOURCES: tl.constexpr, PARTIAL: tl.constexpr,
     COMBINE: tl.constexpr, INPUT_PRECISION: tl.constexpr, ACC_DTYPE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr,
-    EVEN_N: tl.constexpr,
+    EVEN_N: tl.constexpr, PACK_GQA: tl.constexpr,
 ):
     # The scales come as fp32 pairs (hi, lo): a GPU passes a Python float as fp32, and fp64 needs more.
     qk_scale = pair_value(qk_scale, qk_scale_lo, ACC_DTYPE)
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
     split = tl.program_id(2)
-    b = pid_bh // Hq
-    h = pid_bh % Hq
-    hkv = h // GROUP
-
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    if PACK_GQA:
+        # The rows run over the GROUP query heads that read this kv head (pid_bh = b * Hkv + kv head),
+        # then their queries: row r is query r % Lq of head hkv * GROUP + r // Lq, so a K/V tile loaded
+        # once serves every head of the group in the block (one head per block when Lq is a multiple of
+        # BLOCK_M). Unsigned division: no sign fix-ups.
+        b = pid_bh // Hkv
+        hkv = pid_bh % Hkv
+        head_in_group = (rows.to(tl.uint32) // Lq.to(tl.uint32)).to(tl.int32)
+        h = hkv * GROUP + head_in_group
+        m = rows - head_in_group * Lq
+        row_ok = rows < GROUP * Lq
+    else:  # one query head per program (pid_bh = b * Hq + head): its Lq queries
+        b = pid_bh // (Hkv * GROUP)
+        h = pid_bh % (Hkv * GROUP)
+        hkv = h // GROUP
+        m = rows
+        row_ok = rows < Lq
     offs_d = tl.arange(0, BLOCK_D)
     if EVEN_D:  # a power-of-two head dim: no column mask at all
         mask_d = tl.full((BLOCK_D,), 1, tl.int1)
     else:
         mask_d = offs_d < D
-    q_ptrs = q_ptr + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_qm + offs_d[None, :] * stride_qd
-    q = tl.load(q_ptrs, mask=(offs_m < Lq)[:, None] & mask_d[None, :], other=0.0)
+    q_rows = h * stride_qh + m * stride_qm  # (with one head per program, h is the program's one)
+    q = tl.load(q_ptr + b * stride_qb + q_rows[:, None] + offs_d[None, :] * stride_qd,
+                mask=row_ok[:, None] & mask_d[None, :], other=0.0)
 
     # This program's keys: [n_start, n_end), clipped to the sample's length.
     n_start = split * CHUNK
@@ -204,11 +221,11 @@ def attn_fwd_kernel(
     # An empty partial weighs nothing in the merge (-inf); an empty final row makes every
     # recomputed probability 2^(s - lse) zero in backward (+inf).
     lse = tl.where(empty_row, float("-inf") if PARTIAL else float("inf"), lse)
-    o_ptrs = (o_ptr + split * stride_os + b * stride_ob + h * stride_oh + offs_m[:, None] * stride_om
-              + offs_d[None, :] * stride_od)
-    tl.store(o_ptrs, out.to(o_ptr.dtype.element_ty), mask=(offs_m < Lq)[:, None] & mask_d[None, :])
-    tl.store(lse_ptr + split * stride_ls + b * stride_lb + h * stride_lh + offs_m * stride_lm,
-             lse.to(lse_ptr.dtype.element_ty), mask=offs_m < Lq)
+    o_rows = h * stride_oh + m * stride_om
+    lse_rows = h * stride_lh + m * stride_lm
+    o_ptrs = o_ptr + split * stride_os + b * stride_ob + o_rows[:, None] + offs_d[None, :] * stride_od
+    tl.store(o_ptrs, out.to(o_ptr.dtype.element_ty), mask=row_ok[:, None] & mask_d[None, :])
+    tl.store(lse_ptr + split * stride_ls + b * stride_lb + lse_rows, lse.to(lse_ptr.dtype.element_ty), mask=row_ok)
 
     if COMBINE:
         # The split of this query block that arrives last merges all of them, in split order, from
@@ -219,16 +236,15 @@ def attn_fwd_kernel(
         tl.debug_barrier()
         arrival = arrivals_ptr + pid_bh * tl.num_programs(0) + pid_m
         if tl.atomic_add(arrival, 1, sem="acq_rel", scope="gpu") == SPLITS - 1:
-            mask_m = offs_m < Lq
             out, lse = _merge_splits(
-                o_ptr + b * stride_ob + h * stride_oh, offs_m[:, None] * stride_om + offs_d[None, :] * stride_od,
-                lse_ptr + b * stride_lb + h * stride_lh, offs_m * stride_lm, stride_os, stride_ls, SPLITS,
-                mask_m, mask_m[:, None] & mask_d[None, :], ACC_DTYPE, BLOCK_M, BLOCK_D)
-            tl.store(merged_o_ptr + b * stride_fob + h * stride_foh + offs_m[:, None] * stride_fom
+                o_ptr + b * stride_ob, o_rows[:, None] + offs_d[None, :] * stride_od, lse_ptr + b * stride_lb,
+                lse_rows, stride_os, stride_ls, SPLITS, row_ok, row_ok[:, None] & mask_d[None, :], ACC_DTYPE,
+                BLOCK_M, BLOCK_D)
+            tl.store(merged_o_ptr + b * stride_fob + (h * stride_foh + m * stride_fom)[:, None]
                      + offs_d[None, :] * stride_fod, out.to(merged_o_ptr.dtype.element_ty),
-                     mask=mask_m[:, None] & mask_d[None, :])
-            tl.store(merged_lse_ptr + b * stride_flb + h * stride_flh + offs_m * stride_flm,
-                     lse.to(merged_lse_ptr.dtype.element_ty), mask=mask_m)
+                     mask=row_ok[:, None] & mask_d[None, :])
+            tl.store(merged_lse_ptr + b * stride_flb + h * stride_flh + m * stride_flm,
+                     lse.to(merged_lse_ptr.dtype.element_ty), mask=row_ok)
             tl.store(arrival, 0)  # back to zero for the next launch (kernel boundaries order it)
 
 
@@ -702,16 +718,31 @@ def _bwd_plan(B: int, Bq: int, Hq: int, Hkv: int, Lq: int, Lk: int, D: int, elem
     return False, b, k
 
 
+def fwd_rows(B: int, Hq: int, Hkv: int, Lq: int, packed: bool = False) -> tuple[int, int]:
+    """(rows of one row set, row sets) of the forward: one head's Lq queries per (sample, head), or with
+    ``packed`` (PACK_GQA) a kv head's group of query heads x Lq per (sample, kv head)."""
+    if packed and Hq > Hkv:
+        return Hq // Hkv * Lq, B * Hkv
+    return Lq, B * Hq
+
+
+def fwd_programs(B: int, Hq: int, Hkv: int, Lq: int, block_m: int, packed: bool = False) -> int:
+    """The forward's programs before any key split: ``block_m``-row blocks of each row set (``fwd_rows``)."""
+    rows, sets = fwd_rows(B, Hq, Hkv, Lq, packed)
+    return cdiv(rows, block_m) * sets
+
+
 def fwd_modelled_us(B: int, Bq: int, Hq: int, Hkv: int, Lq: int, Lk: int, D: int, elem: int, splits: int,
-                    sms: int, blocks=None, combine_in_kernel: bool = False) -> float:
+                    sms: int, blocks=None, combine_in_kernel: bool = False, packed: bool = False) -> float:
     """Roofline of the forward with ``splits`` key splits (H100 figures of kernels/_common.py) at
     ``blocks`` (default: ``gpu_blocks``' tensor-core tiles; the launcher passes the tiles it launches,
     IEEE fp32's included):
     max(FLOPs / (peak x the split's wave efficiency), bytes / bandwidth) + a launch, and with splits
     the fp32 partials (o and lse) written, read back by the combine, its output and its launch (none
-    with ``combine_in_kernel``: the same bytes, in the tail of the one launch)."""
+    with ``combine_in_kernel``: the same bytes, in the tail of the one launch). ``packed``: the programs
+    of PACK_GQA (``fwd_programs``)."""
     blk = blocks or gpu_blocks(Lq, D, elem_bytes=elem)
-    programs = cdiv(Lq, blk["BLOCK_M"]) * B * Hq
+    programs = fwd_programs(B, Hq, Hkv, Lq, blk["BLOCK_M"], packed)
     key_blocks = max(1, cdiv(Lk, blk["BLOCK_N"]))
     flops = 4 * B * Hq * Lq * Lk * D
     out = B * Hq * Lq * (D * elem + 4)
@@ -780,25 +811,26 @@ def combine_in_kernel(combine: str | None = None) -> bool:
 
 
 def choose_fwd_splits(B: int, Bq: int, Hq: int, Hkv: int, Lq: int, Lk: int, D: int, elem: int, sms: int,
-                      blocks=None, in_kernel: bool = False) -> int:
+                      blocks=None, in_kernel: bool = False, packed: bool = False) -> int:
     """Key splits of the forward (``_fwd_splits``, cached per shape: it runs on every forward and costs
-    up to 64 roofline evaluations); ``in_kernel``: with the merge in the split kernel's launch."""
+    up to 64 roofline evaluations); ``in_kernel``: with the merge in the split kernel's launch;
+    ``packed``: PACK_GQA's programs."""
     blk = blocks or gpu_blocks(Lq, D, elem_bytes=elem)
-    return _fwd_splits(B, Bq, Hq, Hkv, Lq, Lk, D, elem, sms, blk["BLOCK_M"], blk["BLOCK_N"], in_kernel)
+    return _fwd_splits(B, Bq, Hq, Hkv, Lq, Lk, D, elem, sms, blk["BLOCK_M"], blk["BLOCK_N"], in_kernel, packed)
 
 
 @functools.lru_cache(maxsize=4096)
 def _fwd_splits(B: int, Bq: int, Hq: int, Hkv: int, Lq: int, Lk: int, D: int, elem: int, sms: int, block_m: int,
-                block_n: int, in_kernel: bool = False) -> int:
+                block_n: int, in_kernel: bool = False, packed: bool = False) -> int:
     """Key splits of the forward minimising ``fwd_modelled_us`` (fewer on ties): occupancy against the
     partials' bytes and the combine launch. Short key sets (OpenFlamingo, BLIP-2) stay in one launch;
     with the merge in the kernel OpenFlamingo's splits at batch 1 (3 ways), BLIP-2's still does not."""
     blk = dict(BLOCK_M=block_m, BLOCK_N=block_n)  # all fwd_modelled_us reads of the blocks
     key_blocks = max(1, cdiv(Lk, blk["BLOCK_N"]))
-    best, best_us = 1, fwd_modelled_us(B, Bq, Hq, Hkv, Lq, Lk, D, elem, 1, sms, blk)
+    best, best_us = 1, fwd_modelled_us(B, Bq, Hq, Hkv, Lq, Lk, D, elem, 1, sms, blk, packed=packed)
     for s in range(2, min(MAX_SPLITS, key_blocks) + 1):
         s_eff = cdiv(key_blocks, cdiv(key_blocks, s))  # splits launched for this chunk size
-        us = fwd_modelled_us(B, Bq, Hq, Hkv, Lq, Lk, D, elem, s_eff, sms, blk, in_kernel)
+        us = fwd_modelled_us(B, Bq, Hq, Hkv, Lq, Lk, D, elem, s_eff, sms, blk, in_kernel, packed)
         if us < best_us * (1 - 1e-9):
             best, best_us = s_eff, us
     return best
@@ -855,10 +887,12 @@ def _arrival_counters(device: torch.device, n: int) -> torch.Tensor:
 
 
 def attention_fwd(q, k, v, kv_lens, key_mask, scale, splits=None, acc=torch.float32, precision="ieee",
-                  k2=None, v2=None, combine=None):
+                  k2=None, v2=None, combine=None, pack_gqa=False):
     """``k2, v2``: optional second key/value source (B, Hkv, L2, D): the keys are k ‖ k2, never built.
     ``combine``: where split partials are merged, "auto", "launch" or "kernel" (``combine_in_kernel``; None:
-    ``MMFUSE_SPLIT_COMBINE``).
+    ``MMFUSE_SPLIT_COMBINE``). ``pack_gqa``: a program's rows run over the query heads of one kv head
+    (PACK_GQA; with grouped heads only). Off by default and by every caller but the kernel profile's
+    sweep, which times it with two of Idefics2's heads per 128-row tile: not yet measured on a GPU.
     Returns (o (B, Hq, Lq, D) in q's dtype, stored head-interleaved (B, Lq, Hq, D); lse (B, Hq, Lq) in
     ``acc``, base 2; +inf on empty rows)."""
     B, Hkv, Lk, D = k.shape
@@ -872,8 +906,11 @@ def attention_fwd(q, k, v, kv_lens, key_mask, scale, splits=None, acc=torch.floa
     if o.numel() == 0:
         return o, lse
     ieee = precision == "ieee"  # (fp32's FMA tiles: ``gpu_blocks``)
+    group = Hq // Hkv
     blk = blocks_for(Lq, D, elem_bytes=q.element_size(), ieee=ieee)
     BM, BN, BD = blk["BLOCK_M"], blk["BLOCK_N"], block_d(D)
+    packed = bool(pack_gqa) and group > 1
+    rows, row_sets = fwd_rows(B, Hq, Hkv, Lq, packed)
     qs = _strides4(q)
     if q.shape[0] == 1:
         qs[0] = 0  # one set of queries for every sample
@@ -884,7 +921,7 @@ def attention_fwd(q, k, v, kv_lens, key_mask, scale, splits=None, acc=torch.floa
         # launch's time and splits OpenFlamingo's keys 3 ways, which measured slower on the device than
         # 1 (7.6 against 6.6 us); "kernel" keeps the in-kernel model (bench/NOTES.md, "Fifth GPU session").
         splits = choose_fwd_splits(B, q.shape[0], Hq, Hkv, Lq, Lk, D, q.element_size(), num_sms(q.device), blk,
-                                   combine_mode(combine) == "kernel")
+                                   combine_mode(combine) == "kernel", packed)
     splits = max(1, min(int(splits), key_blocks))
     chunk = cdiv(key_blocks, splits) * BN
     splits = cdiv(max(Lk, 1), chunk)
@@ -901,16 +938,16 @@ def attention_fwd(q, k, v, kv_lens, key_mask, scale, splits=None, acc=torch.floa
         o_t = empty((splits, B, Hq, Lq, D), dtype=acc, device=q.device)
         l_t = empty((splits, B, Hq, Lq), dtype=acc, device=q.device)
         os_, ls_ = list(o_t.stride()), list(l_t.stride())
-    grid = (cdiv(Lq, BM), B * Hq, splits)
+    grid = (cdiv(rows, BM), row_sets, splits)
     arrivals = _arrival_counters(q.device, grid[0] * grid[1]) if in_kernel else lse
     try:
         _attn_fwd[grid](
             q, k, v, k2, v2, o_t, l_t, o, lse, arrivals, lens, mask, *qs, *_strides4(k), *_strides4(v), *s2, *os_,
-            *ls_, *o.stride(), *lse.stride(), *mask_strides, Hq, Lq, Lk, L1, D, Hq // Hkv, chunk, splits,
+            *ls_, *o.stride(), *lse.stride(), *mask_strides, Hkv, Lq, Lk, L1, D, group, chunk, splits,
             *fp32_pair(scale * LOG2E, acc),
             HAS_LENS=kv_lens is not None, HAS_MASK=key_mask is not None, TWO_SOURCES=two, PARTIAL=splits > 1,
             COMBINE=in_kernel, INPUT_PRECISION=precision, ACC_DTYPE=_tl_acc(acc), BLOCK_M=BM, BLOCK_N=BN,
-            BLOCK_D=BD, num_warps=blk["num_warps"], num_stages=blk["num_stages"], **LAUNCH_OPTIONS,
+            BLOCK_D=BD, PACK_GQA=packed, num_warps=blk["num_warps"], num_stages=blk["num_stages"], **LAUNCH_OPTIONS,
         )
     except BaseException:
         # A launch stopped part-way (the interpreter interrupted; on a GPU a failed launch leaves no usable
@@ -1102,10 +1139,10 @@ def aot_specs():
                             merged_o_ptr=ptr, merged_lse_ptr=acc_ptr, arrivals_ptr=acc_ptr,
                             **dict(zip(["stride_fob", "stride_foh", "stride_fom", "stride_fod"], o_s)),
                             **dict(zip(["stride_flb", "stride_flh", "stride_flm"], l_s)),
-                            stride_mb=Lk, stride_mn=1, stride_lens=1, Hq=Hq, Lq=lq, Lk=Lk, D=D, GROUP=Hq // Hkv,
+                            stride_mb=Lk, stride_mn=1, stride_lens=1, Hkv=Hkv, Lq=lq, Lk=Lk, D=D, GROUP=Hq // Hkv,
                             CHUNK=cdiv(cdiv(Lk, BN), splits) * BN, SPLITS=splits, qk_scale=0.1, qk_scale_lo=0.0,
                             **one_source)
-                cx = dict(common, PARTIAL=True, COMBINE=False, EVEN_D=D == BD, EVEN_N=False)
+                cx = dict(common, PARTIAL=True, COMBINE=False, EVEN_D=D == BD, EVEN_N=False, PACK_GQA=False)
                 # fp32 without TF32 multiplies on CUDA cores; fp64 has DMMA (mma.sync) and no wgmma form,
                 # nor does a 32-row tile (wgmma needs 64 rows per warpgroup).
                 specs.append(spec("attn_fwd_kernel", attn_fwd_kernel, "split-KV partial, lens+mask" + short, dtype,
@@ -1122,7 +1159,7 @@ def aot_specs():
                                 **dict(zip(["stride_vb", "stride_vh", "stride_vn", "stride_vd"],
                                            strides(B, Hkv, 4096, D))))
                     cx = dict(common, HAS_LENS=False, HAS_MASK=False, PARTIAL=False, COMBINE=False, EVEN_D=D == BD,
-                              EVEN_N=True)
+                              EVEN_N=True, PACK_GQA=False)
                     specs.append(spec("attn_fwd_kernel", attn_fwd_kernel, "no split, no padding (EVEN_N)", dtype,
                                       ptr, D, even, cx, True, warps, stages))
             else:

@@ -517,20 +517,31 @@ def test_kernel_profile_attention_pipeline_sweep():
         seen.append((KA.blocks_for(17, 24), KA.blocks_for(17, 24, backward=True)))
         return 0.5
 
+    packs = []
+    real_fwd = KA.attention_fwd
+
+    def recording_fwd(*a, pack_gqa=False, **kw):
+        packs.append(pack_gqa)
+        return real_fwd(*a, pack_gqa=pack_gqa, **kw)
+
     before = (KA.gpu_blocks(17, 24), KA.gpu_blocks(17, 24, backward=True))
-    with _common.gpu_config():
+    with _common.gpu_config(), pytest.MonkeyPatch.context() as mp:
+        mp.setattr(KA, "attention_fwd", recording_fwd)
         rows = kernel_profile.attention_pipeline_sweep(device="cpu", timer=timer, shapes=[shape],
-                                                       cases=(("tiny", 2, ((2, 8), (4, 4)), (2,)),))
+                                                       cases=(("tiny", 2, ((2, 8, 16), (4, 4, 64)), (2,)),))
         after = (KA.gpu_blocks(17, 24), KA.gpu_blocks(17, 24, backward=True))
     assert after == before
     assert [(r["pass"], r.get("stages"), r.get("warps"), r.get("impl")) for r in rows] == [
         ("fwd", 2, 8, None), ("fwd", 4, 4, None), ("bwd", 2, 8, None), ("fwd", None, None, "sdpa enable_gqa")]
-    assert [(f["num_stages"], f["num_warps"]) for f, _ in seen[:2]] == [(2, 8), (4, 4)]
+    assert [(f["num_stages"], f["num_warps"], f["BLOCK_M"]) for f, _ in seen[:2]] == [(2, 8, 16), (4, 4, 64)]
+    # a tile taller than one head's 17 queries packs the grouped heads; the backward's forward does not
+    assert [r.get("packed") for r in rows[:2]] == [False, True] and packs == [False, True, False]
     assert (seen[2][1]["num_stages"], KA.dkdv_stages(seen[2][1])) == (2, 2) and seen[2][0] == before[0]
     md = kernel_profile.markdown({"gpu": "x", "date": "d", "attention_pipeline": rows})
-    assert "| tiny | 2 | fwd | mmfuse | 4 | 4 | 0.5000 |" in md
-    assert "| tiny | 2 | bwd | mmfuse | 2 | 8 | 0.5000 |" in md
-    assert "| tiny | 2 | fwd | sdpa enable_gqa |  |  | 0.5000 |" in md
+    assert "| tiny | 2 | fwd | mmfuse | 4 | 4 | 64 (packed) | 0.5000 |" in md
+    assert "| tiny | 2 | fwd | mmfuse | 2 | 8 | 16 | 0.5000 |" in md
+    assert "| tiny | 2 | bwd | mmfuse | 2 | 8 |  | 0.5000 |" in md
+    assert "| tiny | 2 | fwd | sdpa enable_gqa |  |  |  | 0.5000 |" in md
 
 
 def test_kernel_profile_mapped_gemm_forms(monkeypatch):

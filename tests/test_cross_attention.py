@@ -726,3 +726,51 @@ def test_in_kernel_combine_split_rule():
         assert times[chosen] <= KA.fwd_modelled_us(*shape, KA.choose_fwd_splits(*shape, 132), 132)
     assert KA.choose_fwd_splits(*args, 132, in_kernel=True) > 1 == KA.choose_fwd_splits(*args, 132)
     assert KA.choose_fwd_splits(1, 1, 12, 12, 32, 257, 64, 2, 132, in_kernel=True) == 1
+
+
+# --- Grouped heads packed into a program's rows (PACK_GQA, opt-in: the kernel profile's sweep) ------
+PACK_CASES = [
+    # Bq, B, Hq, Hkv, Lq, Lk, D, dtype, padding, two sources, splits, combine
+    (1, 3, 4, 2, 17, 577, 24, torch.float32, "lens+mask", False, 1, "launch"),  # row blocks straddle heads
+    (3, 3, 4, 1, 9, 97, 40, torch.float16, "lens", False, 3, "kernel"),       # queries per sample, 4 heads a block
+    (1, 2, 6, 2, 5, 130, 16, torch.bfloat16, None, False, 4, "launch"),       # 3 heads in one 16-row block
+    (1, 2, 2, 1, 17, 75, 32, torch.float32, "mask", True, 3, "kernel"),       # keys from two sources
+]
+
+
+@pytest.mark.parametrize("Bq,B,Hq,Hkv,Lq,Lk,D,dtype,padding,two,splits,combine", PACK_CASES,
+                         ids=lambda v: str(v).replace("torch.", ""))
+def test_packed_grouped_heads_give_the_one_head_results(Bq, B, Hq, Hkv, Lq, Lk, D, dtype, padding, two, splits,
+                                                        combine, request):
+    """A program whose rows run over a kv head's query heads computes each row as the one-head program
+    does: the same o and lse bits, on fewer programs (the K/V blocks loaded once per group's block)."""
+    launches = request.getfixturevalue("launches") if mmfuse.INTERPRET else None
+    q, k, v, lens, mask, k2, v2 = _combine_inputs(Bq, B, Hq, Hkv, Lq, Lk, D, dtype, padding, two)
+    kw = dict(splits=splits, acc=torch.float32, k2=k2, v2=v2, combine=combine)
+    want = KA.attention_fwd(q, k, v, lens, mask, 0.3, **kw)
+    got = KA.attention_fwd(q, k, v, lens, mask, 0.3, pack_gqa=True, **kw)
+    assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+    assert got[0].shape == (B, Hq, Lq, D) and not got[0].isnan().any()
+    assert KA.fwd_programs(B, Hq, Hkv, Lq, 16, True) < KA.fwd_programs(B, Hq, Hkv, Lq, 16)
+    if launches is not None:
+        assert launches.count("attn_fwd_kernel") == 2
+
+
+def test_packed_grouped_heads_at_a_gpu_tile_and_in_fp64():
+    """The sweep's form, interpreted at the GPU's tile (128 rows: two 64-latent heads per program), against
+    the fp64 reference; and fp64's packed rows against the reference at the gradchecks' precision."""
+    from mmfuse.kernels import _common
+
+    q, k, v = _qkv(1, 2, 4, 2, 64, 150, 96, torch.float16)
+    with _common.gpu_config(), pytest.MonkeyPatch.context() as mp:
+        real = KA.gpu_blocks
+        mp.setattr(KA, "gpu_blocks", lambda Lq, D, backward=False, *a, **kw: real(Lq, D, backward, *a, **kw)
+                   if backward else dict(real(Lq, D, backward, *a, **kw), BLOCK_M=128))
+        o, lse = KA.attention_fwd(q, k, v, None, None, 96 ** -0.5, pack_gqa=True)
+    ref = cross_attention_reference(q.double(), k.double(), v.double())
+    ref16 = cross_attention_reference(q, k, v)
+    err, err16 = (o.double() - ref).abs().max().item(), (ref16.double() - ref).abs().max().item()
+    assert err <= 3 * err16 + 1e-3, (err, err16)
+    q, k, v = _qkv(1, 2, 6, 2, 7, 41, 12, torch.float64)
+    o, _ = KA.attention_fwd(q, k, v, None, None, 0.3, acc=torch.float64, pack_gqa=True)
+    assert (o - cross_attention_reference(q, k, v, scale=0.3)).abs().max().item() < 1e-12
