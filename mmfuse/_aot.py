@@ -88,6 +88,7 @@ class CompileReport:
     tf32_rounds: int = 0    # `and.b32 ..., -8192`: fp32 operands rounded to TF32 before the MMA (``mma``)
     wgmma_a_registers: bool = False  # a wgmma whose A operand comes from registers, not a shared-memory descriptor
     exposed_copy_waits: int = 0  # in-loop waits for every async copy in flight (``exposed_copy_waits``)
+    replicated_dots: int = 0  # matrix products whose warps cover more than the tile (``replicated_dots``)
 
     @property
     def tensor_core_instr(self) -> str:
@@ -122,6 +123,25 @@ def exposed_copy_waits(ttgir: str) -> int:
             if depth == indent and later.lstrip().startswith("scf.yield"):
                 found += 1
                 break
+    return found
+
+
+_MMA_LAYOUT = re.compile(r"^(#mma\d*) = #ttg\.nvidia_mma<\{[^}]*warpsPerCTA = \[(\d+), (\d+)\][^}]*"
+                         r"instrShape = \[(\d+), (\d+)", re.M)
+_DOT = re.compile(r"(?:warp_group_dot|tt\.dot) [^\n]*-> tensor<(\d+)x(\d+)x\w+, (#mma\d*)>")
+
+
+def replicated_dots(ttgir: str) -> int:
+    """Tensor-core products whose warps cover more rows or columns than the product's tile: warps along M
+    x the instruction's rows (16 per warp) or warps along N x its columns, beyond M or N. The surplus warps
+    hold copies of the tile and issue the same MMAs: the 64-row attention forward at 8 warps gives its
+    Q.K^T 8 warps along M, 128 rows for 64, so both warpgroups compute it (bench/NOTES.md, session 18)."""
+    layouts = {m.group(1): tuple(int(x) for x in m.group(2, 3, 4, 5)) for m in _MMA_LAYOUT.finditer(ttgir)}
+    found = 0
+    for m in _DOT.finditer(ttgir):
+        rows, cols, layout = int(m.group(1)), int(m.group(2)), m.group(3)
+        warps_m, warps_n, instr_m, instr_n = layouts[layout]
+        found += rows < warps_m * instr_m or cols < warps_n * instr_n
     return found
 
 
@@ -203,6 +223,7 @@ def compile_spec(spec: CompileSpec, arch: int) -> CompileReport:
         # wgmma D, A, B: the accumulator's register list, then A as a register list or a descriptor
         wgmma_a_registers=bool(re.search(r"wgmma\.mma_async[^;{]*\{[^}]*\},\s*\{", ptx)),
         exposed_copy_waits=exposed_copy_waits(kernel.asm["ttgir"]),
+        replicated_dots=replicated_dots(kernel.asm["ttgir"]),
     )
 
 
@@ -220,7 +241,8 @@ def all_specs() -> list[CompileSpec]:
 # Batch compilation (in a subprocess when this process runs the interpreter)
 # ----------------------------------------------------------------------------------------------
 _FIELDS = ("registers", "spill_bytes", "shared_bytes", "mma", "wgmma", "cp_async_16B", "tma",
-           "vec128_loads", "seconds", "tf32_rounds", "wgmma_a_registers", "exposed_copy_waits")
+           "vec128_loads", "seconds", "tf32_rounds", "wgmma_a_registers", "exposed_copy_waits",
+           "replicated_dots")
 
 
 def _compile_index(job):

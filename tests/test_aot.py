@@ -72,3 +72,21 @@ def test_the_exposed_wait_check_sees_two_stage_loops():
   %e = ttg.async_wait {num = 0 : i32}
 """
     assert exposed_copy_waits(loop) == 1
+
+
+def test_replicated_dots_counts_products_whose_warps_cover_more_than_the_tile():
+    """The figure the report prints: warps along M x 16 rows (or along N x the instruction's columns)
+    beyond the product's tile. The layouts are those Triton 3.6 / 3.9 gave the attention forward on sm_90."""
+    from mmfuse._aot import replicated_dots
+
+    ttgir = """#mma = #ttg.nvidia_mma<{versionMajor = 3, versionMinor = 0, warpsPerCTA = [8, 1], instrShape = [16, 32, 16]}>
+#mma1 = #ttg.nvidia_mma<{versionMajor = 3, versionMinor = 0, warpsPerCTA = [4, 2], instrShape = [16, 64, 16]}>
+#mma2 = #ttg.nvidia_mma<{versionMajor = 2, versionMinor = 0, warpsPerCTA = [1, 8], instrShape = [16, 8]}>
+  %qk = ttng.warp_group_dot %q, %kt, %c {isAsync = true} : !ttg.memdesc<64x128xbf16> * !ttg.memdesc<128x64xbf16> -> tensor<64x64xf32, #mma>
+  %pv = ttng.warp_group_dot %p, %v, %a {isAsync = true} : tensor<64x64xbf16> * !ttg.memdesc<64x128xbf16> -> tensor<64x128xf32, #mma1>
+  %wide = ttng.warp_group_dot %q2, %k2, %c2 : !ttg.memdesc<128x128xbf16> * !ttg.memdesc<128x64xbf16> -> tensor<128x64xf32, #mma>
+  %dq = tt.dot %ds, %k, %z : tensor<32x64xf16> * tensor<64x32xf16> -> tensor<32x32xf32, #mma2>
+"""
+    # Q.K^T: 8 warps x 16 rows = 128 > 64 (counted); P.V at [4, 2]: 64 rows x 128 columns, exact; the
+    # 128-row tile fits its 8 warps; mma.sync's 8 warps along N x 8 columns = 64 > 32 (counted).
+    assert replicated_dots(ttgir) == 2
