@@ -297,10 +297,14 @@ def attention_split_sweep(batch: int = 1, device: str = "cuda", bench=None, shap
                         return F.scaled_dot_product_attention(qe, ke, ve)
                 try:
                     rows.append({"shape": s.name, "batch": batch, "dtype": dname, "impl": name, "ms": bench(sdpa)})
-                    if device_timer is not None:  # SDPA's device time too: its per-call time is host-bound here
-                        rows[-1]["device_ms"] = device_timer(sdpa)
                 except RuntimeError as e:  # a backend that does not take this shape / dtype (flash: fp32)
                     rows.append({"shape": s.name, "batch": batch, "dtype": dname, "impl": name, "error": str(e)[:200]})
+                    continue
+                if device_timer is not None:  # SDPA's device time too: its per-call time is host-bound here
+                    try:
+                        rows[-1]["device_ms"] = device_timer(sdpa)
+                    except RuntimeError as e:
+                        rows[-1]["device_error"] = str(e)[:200]
     return rows
 
 

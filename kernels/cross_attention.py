@@ -156,10 +156,10 @@ def attn_fwd_kernel(
         # The rows run over the GROUP query heads that read this kv head (pid_bh = b * Hkv + kv head),
         # then their queries: row r is query r % Lq of head hkv * GROUP + r // Lq, so a K/V tile loaded
         # once serves every head of the group in the block (one head per block when Lq is a multiple of
-        # BLOCK_M). Unsigned division: no sign fix-ups.
+        # BLOCK_M). (Lq may arrive as the constant 1: the JIT specialises it.)
         b = pid_bh // Hkv
         hkv = pid_bh % Hkv
-        head_in_group = (rows.to(tl.uint32) // Lq.to(tl.uint32)).to(tl.int32)
+        head_in_group = rows // Lq
         h = hkv * GROUP + head_in_group
         m = rows - head_in_group * Lq
         row_ok = rows < GROUP * Lq
@@ -578,7 +578,7 @@ def gpu_blocks(Lq: int, D: int, backward: bool = False, elem_bytes: int = 2, com
 
 def dkdv_stages(blk: dict) -> int:
     """Pipeline stages of the dK/dV launch at backward tiles ``blk``: their own where ``gpu_blocks``
-    gives dK/dV other stages than dQ (IEEE fp32 at D = 65-128), else the tiles' ``num_stages``."""
+    gives dK/dV other stages than dQ (IEEE fp32 at D = 65-128, TF32), else the tiles' ``num_stages``."""
     return blk.get("dkdv_num_stages", blk["num_stages"])
 
 
@@ -756,11 +756,11 @@ def fwd_modelled_us(B: int, Bq: int, Hq: int, Hkv: int, Lq: int, Lk: int, D: int
 
 
 #: Device µs of one key block per program at the 64 queries x 64 keys x 128 head-dim tile, one program
-#: per SM, by pipeline depth. 2: measured on an H100 (session 17: Idefics2's resampler, 144 us over 78
-#: key blocks at batch 8, 29.6 us over 13 at batch 1, merge included). 3: a prediction (session 18),
-#: written before any GPU ran it: the copies' latency hidden behind one iteration of compute, leaving the
-#: two products and the softmax at one program per SM.
-KEY_BLOCK_US = {2: 1.85, 3: 0.8}
+#: per SM, by pipeline depth. 2: fitted to an H100 measurement (session 17: Idefics2's resampler, 144 us
+#: over 78 key blocks at batch 8, less the model's 3 us launch). 3: a prediction (session 18), written
+#: before any GPU ran it: the copies' latency hidden behind one iteration of compute, leaving the two
+#: products and the softmax at one program per SM.
+KEY_BLOCK_US = {2: 1.81, 3: 0.8}
 
 
 def fwd_block_bound_us(B: int, Hq: int, Lq: int, Lk: int, D: int, splits: int, sms: int, blocks: dict,

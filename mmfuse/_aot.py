@@ -140,6 +140,8 @@ def replicated_dots(ttgir: str) -> int:
     found = 0
     for m in _DOT.finditer(ttgir):
         rows, cols, layout = int(m.group(1)), int(m.group(2)), m.group(3)
+        if layout not in layouts:  # a layout this parser does not read: not counted (tests/test_aot.py
+            continue               # checks the figure on a real compile, so a format change shows there)
         warps_m, warps_n, instr_m, instr_n = layouts[layout]
         found += rows < warps_m * instr_m or cols < warps_n * instr_n
     return found

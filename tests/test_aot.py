@@ -90,3 +90,48 @@ def test_replicated_dots_counts_products_whose_warps_cover_more_than_the_tile():
     # Q.K^T: 8 warps x 16 rows = 128 > 64 (counted); P.V at [4, 2]: 64 rows x 128 columns, exact; the
     # 128-row tile fits its 8 warps; mma.sync's 8 warps along N x 8 columns = 64 > 32 (counted).
     assert replicated_dots(ttgir) == 2
+
+
+_REAL_COMPILES = """
+import dataclasses, json
+from mmfuse._aot import compile_spec
+from mmfuse.kernels import cross_attention as KA
+
+specs = KA.aot_specs()
+fwd = next(s for s in specs if s.kernel.endswith("attn_fwd_kernel") and s.dtype == "bf16"
+           and s.variant == "split-KV partial, lens+mask")
+two = next(s for s in specs if s.kernel.endswith("attn_fwd_kernel") and s.num_stages == 2)
+packed = dataclasses.replace(fwd, variant=fwd.variant + ", packed heads",
+                             constexprs=tuple(dict(fwd.constexprs, BLOCK_M=128, PACK_GQA=True).items()))
+one = dataclasses.replace(packed, variant=packed.variant + ", one query", args=tuple(dict(fwd.args, Lq=1).items()))
+out = {}
+for name, spec in (("fwd", fwd), ("two", two), ("packed", packed), ("one", one)):
+    r = compile_spec(spec, 90)
+    out[name] = [r.spill_bytes, r.exposed_copy_waits, r.replicated_dots]
+print(json.dumps(out))
+"""
+
+
+@pytest.mark.aot
+@pytest.mark.xdist_group("aot")
+def test_the_attention_figures_on_real_compiles():
+    """The two TTGIR figures read from this Triton's real output (a format change would otherwise read as
+    0), and the opt-in packed forward (PACK_GQA) as the kernel profile's sweep launches it on an H100:
+    * the 64-row, 8-warp forward tile duplicates a product (its Q.K^T layout covers 128 rows), and a
+      2-stage attention loop waits for every copy;
+    * the packed 128-row tile of two Idefics2 heads compiles for sm_90 without spills, exposed waits or
+      duplicated products, and the packed form compiles with a single query per head (Lq = 1, which the
+      JIT turns into a constant).
+    Compiled in a subprocess without the interpreter (as ``compile_all`` does)."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    proc = subprocess.run([sys.executable, "-c", _REAL_COMPILES], capture_output=True, text=True, env=env,
+                          timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    got = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert got["fwd"][2] >= 1 and got["two"][1] >= 1, got
+    assert got["packed"] == [0, 0, 0] and got["one"][0] == 0, got
