@@ -610,10 +610,10 @@ def attention_block_section() -> list[str]:
              "padding; model)", "",
              "Roofline: the tables above (FLOPs at the grid's wave efficiency, or bytes, plus a launch). Key-block "
              "model: waves of programs (one per SM) x the key blocks each walks x µs per block "
-             f"(`KEY_BLOCK_US`: {KA.KEY_BLOCK_US[2]} at 2 stages, measured on an H100 at the 64 x 64 x 128 tile; "
-             f"{KA.KEY_BLOCK_US[3]} at 3, the default since session 18, predicted, not yet timed), scaled by the "
-             "tile's multiply-adds, plus a launch, and never below the roofline. At 2 stages it came within 30% of the four H100 points "
-             "(bench/NOTES.md, session 18). Splits: the launcher's.", "",
+             f"(`KEY_BLOCK_US`: {KA.KEY_BLOCK_US[2]} at 2 stages, fitted to an H100 measurement at the 64 x 64 x "
+             f"128 tile; {KA.KEY_BLOCK_US[3]} at 3, the default since session 18, predicted, not yet timed), scaled "
+             "by the tile's multiply-adds, plus a launch, and never below the roofline. At 2 stages it came within "
+             "30% of the other three H100 points (bench/NOTES.md, session 18). Splits: the launcher's.", "",
              "| shape | batch | splits | roofline µs | key-block model µs, 2 stages (measured basis) | "
              "3 stages (predicted) |",
              "| --- | --- | --- | --- | --- | --- |"]
