@@ -745,9 +745,9 @@ def test_packed_grouped_heads_give_the_one_head_results(Bq, B, Hq, Hkv, Lq, Lk, 
                                                         combine, monkeypatch):
     """A program whose rows run over a kv head's query heads computes each row as the one-head program
     does, on fewer programs (the K/V blocks loaded once per group's block): the launch packs (PACK_GQA,
-    a grid over kv heads), and o and lse agree with the one-head launch to the rounding of the output
-    dtype (the interpreter's matmul is the CPU's BLAS, whose kernels may round a row differently by its
-    place in the block; a GPU's MMA does not)."""
+    a grid over kv heads), and o and lse agree with the one-head launch to a few units of the output
+    dtype's rounding (the interpreter's matmul is the CPU's BLAS, whose kernels may round a row
+    differently by its place in the block: the same bits under one BLAS, not under another)."""
     launched = []
     real = KA._attn_fwd.run
 
@@ -765,8 +765,10 @@ def test_packed_grouped_heads_give_the_one_head_results(Bq, B, Hq, Hkv, Lq, Lk, 
     assert not one and one_grid[:2] == (math.ceil(Lq / bm), B * Hq)
     assert packed and grid[:2] == (math.ceil(Hq // Hkv * Lq / bm), B * Hkv) and grid[2] == one_grid[2]
     assert grid[0] * grid[1] == KA.fwd_programs(B, Hq, Hkv, Lq, bm, True) < KA.fwd_programs(B, Hq, Hkv, Lq, bm)
+    # a few units of the output's rounding at its scale (the rows' sums of products may round apart)
     eps = torch.finfo(dtype).eps
-    torch.testing.assert_close(got[0].float(), want[0].float(), rtol=2 * eps, atol=2 * eps)
+    torch.testing.assert_close(got[0].float(), want[0].float(), rtol=8 * eps,
+                               atol=8 * eps * want[0].float().abs().max().item())
     torch.testing.assert_close(got[1], want[1], rtol=1e-5, atol=1e-5)
     assert got[0].shape == (B, Hq, Lq, D) and not got[0].isnan().any()
 
