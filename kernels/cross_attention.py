@@ -509,7 +509,7 @@ MAX_SPLITS = 64
 #: next key block's copies at the end of an iteration and waits for *all* copies (``async_wait
 #: {num = 0}`` in the TTGIR) at the top of the next: the load latency is exposed once per key block,
 #: hidden only behind the async P.V product. With 3 the wait leaves the following block's copies in
-#: flight (``num = 2``), one whole iteration of compute ahead. Measured with 2 on an H100: ~1.85 us per
+#: flight (``num = 2``), one whole iteration of compute ahead. Measured with 2 on an H100: ~1.8 us per
 #: key block per program at 64 queries x 64 keys x D 128, one program per SM (Idefics2's resampler, 144
 #: us at batch 8, 29.6 us at batch 1), ~15% of an SM's tensor-core rate (bench/NOTES.md, session 18).
 #: The FMA (IEEE fp32) and fp64 tiles keep 2: not the speed path, and their registers were tuned at 2.
