@@ -325,6 +325,8 @@ def attention_pipeline_sweep(device: str = "cuda", cases=PIPELINE_CASES, timer=N
     tiles to 3 untimed; this measures 2 / 3 / 4 (and 4 / 8 warps in the forward), with SDPA's flash kernel
     on ``enable_gqa`` (no repeat copies) as the reference. Tiles are overridden by wrapping
     ``KA.gpu_blocks``, the one place the launchers take them from."""
+    from unittest import mock
+
     import torch.nn.functional as F
 
     from mmfuse.bench.shapes import ATTENTION_SHAPES
@@ -332,56 +334,46 @@ def attention_pipeline_sweep(device: str = "cuda", cases=PIPELINE_CASES, timer=N
 
     timer = timer or device_ms
     shapes = {s.name: s for s in shapes or ATTENTION_SHAPES}
-    rows = []
     original = KA.gpu_blocks
-    try:
-        for name, batch, fwd_forms, bwd_stages in cases:
-            s = shapes[name]
-            q = torch.randn(1, s.heads, s.queries, s.head_dim, device=device, dtype=torch.bfloat16)
-            k = torch.randn(batch, s.kv_heads, s.keys, s.head_dim, device=device, dtype=torch.bfloat16)
-            v = torch.randn_like(k)
-            scale = s.head_dim ** -0.5
-            for stages, warps, block_m in fwd_forms:
-                def tiles(Lq, D, backward=False, *a, stages=stages, warps=warps, block_m=block_m, **kw):
-                    blk = original(Lq, D, backward, *a, **kw)
-                    return blk if backward else dict(blk, num_stages=stages, num_warps=warps, BLOCK_M=block_m)
 
-                KA.gpu_blocks = tiles
-                # a tile taller than one head's queries holds several grouped heads (PACK_GQA)
-                pack = block_m > s.queries and s.heads > s.kv_heads
-                row = {"shape": name, "batch": batch, "pass": "fwd", "stages": stages, "warps": warps,
-                       "block_m": block_m, "packed": pack}
-                try:
-                    row["device_ms"] = timer(lambda: KA.attention_fwd(q, k, v, None, None, scale, pack_gqa=pack))
-                except Exception as e:  # a config that fails to compile or launch is a finding, not a stop
-                    row["error"] = f"{type(e).__name__}: {str(e)[:160]}"
-                rows.append(row)
-            KA.gpu_blocks = original
-            if bwd_stages:
-                o, lse = KA.attention_fwd(q, k, v, None, None, scale)
-                do = torch.randn_like(o)
-            for stages in bwd_stages:
-                def tiles(Lq, D, backward=False, *a, stages=stages, **kw):
-                    blk = original(Lq, D, backward, *a, **kw)
-                    return dict(blk, num_stages=stages, dkdv_num_stages=stages) if backward else blk
-
-                KA.gpu_blocks = tiles
-                row = {"shape": name, "batch": batch, "pass": "bwd", "stages": stages, "warps": 8}
-                try:
-                    row["device_ms"] = timer(lambda: KA.attention_bwd(do, q, k, v, o, lse, None, None, scale))
-                except Exception as e:
-                    row["error"] = f"{type(e).__name__}: {str(e)[:160]}"
-                rows.append(row)
-                KA.gpu_blocks = original
-            qe = q.expand(batch, -1, -1, -1)
-            row = {"shape": name, "batch": batch, "pass": "fwd", "impl": "sdpa enable_gqa"}
+    def timed(row, fn, tiles=original):
+        with mock.patch.object(KA, "gpu_blocks", tiles):
             try:
-                row["device_ms"] = timer(lambda: F.scaled_dot_product_attention(qe, k, v, enable_gqa=s.heads != s.kv_heads))
-            except Exception as e:
+                row["device_ms"] = timer(fn)
+            except Exception as e:  # a config that fails to compile or launch is a finding, not a stop
                 row["error"] = f"{type(e).__name__}: {str(e)[:160]}"
-            rows.append(row)
-    finally:
-        KA.gpu_blocks = original
+        return row
+
+    rows = []
+    for name, batch, fwd_forms, bwd_stages in cases:
+        s = shapes[name]
+        q = torch.randn(1, s.heads, s.queries, s.head_dim, device=device, dtype=torch.bfloat16)
+        k = torch.randn(batch, s.kv_heads, s.keys, s.head_dim, device=device, dtype=torch.bfloat16)
+        v = torch.randn_like(k)
+        scale = s.head_dim ** -0.5
+        for stages, warps, block_m in fwd_forms:
+            def tiles(Lq, D, backward=False, *a, stages=stages, warps=warps, block_m=block_m, **kw):
+                blk = original(Lq, D, backward, *a, **kw)
+                return blk if backward else dict(blk, num_stages=stages, num_warps=warps, BLOCK_M=block_m)
+
+            # a tile taller than one head's queries holds several grouped heads (PACK_GQA)
+            pack = block_m > s.queries and s.heads > s.kv_heads
+            rows.append(timed({"shape": name, "batch": batch, "pass": "fwd", "stages": stages, "warps": warps,
+                               "block_m": block_m, "packed": pack},
+                              lambda: KA.attention_fwd(q, k, v, None, None, scale, pack_gqa=pack), tiles))
+        if bwd_stages:
+            o, lse = KA.attention_fwd(q, k, v, None, None, scale)
+            do = torch.randn_like(o)
+        for stages in bwd_stages:
+            def tiles(Lq, D, backward=False, *a, stages=stages, **kw):
+                blk = original(Lq, D, backward, *a, **kw)
+                return dict(blk, num_stages=stages, dkdv_num_stages=stages) if backward else blk
+
+            rows.append(timed({"shape": name, "batch": batch, "pass": "bwd", "stages": stages, "warps": 8},
+                              lambda: KA.attention_bwd(do, q, k, v, o, lse, None, None, scale), tiles))
+        qe = q.expand(batch, -1, -1, -1)
+        rows.append(timed({"shape": name, "batch": batch, "pass": "fwd", "impl": "sdpa enable_gqa"},
+                          lambda: F.scaled_dot_product_attention(qe, k, v, enable_gqa=s.heads != s.kv_heads)))
     return rows
 
 
