@@ -441,14 +441,40 @@ def _attention_fwd_launches(fwd: dict, flops: float, eff: float, in_kernel: bool
     return [(flops, main, eff), (0, tail, 1.0)], 0.0
 
 
-def _sdpa_fwd_launches(s, batch: int, e: int = 2, acc: int = 4, eff: float = 1.0) -> list:
-    """SDPA's forward on transformers' inputs: the `repeat_interleave` copies of K and V when grouped, then
-    one fused kernel reading q, K, V once and writing o and lse, its grid keeping ``eff`` of the SMs busy."""
+def _sdpa_fwd_launches(s, batch: int, e: int = 2, acc: int = 4, eff: float = 1.0, gqa: bool = False) -> list:
+    """SDPA's forward on transformers' inputs: one fused kernel reading q, K, V once and writing o and lse,
+    its grid keeping ``eff`` of the SMs busy. Grouped heads: with ``gqa`` (`enable_gqa=True`, transformers'
+    route when no mask is given) the kernel reads each kv head's K and V in place; without it (a mask
+    given, or a backend without GQA) the `repeat_interleave` copies of K and V come first, and the kernel
+    reads the copies."""
     group, hd = s.heads // s.kv_heads, s.head_dim
     rows = batch * s.heads * s.queries
     kv, kv_rep = batch * s.kv_heads * s.keys * hd * e, batch * s.heads * s.keys * hd * e
     pair = 2 * batch * s.heads * s.queries * s.keys * hd
-    return [(0, kv + kv_rep)] * (2 if group > 1 else 0) + [(2 * pair, 2 * rows * hd * e + 2 * kv_rep + rows * acc, eff)]
+    if gqa or group == 1:
+        return [(2 * pair, 2 * rows * hd * e + 2 * kv + rows * acc, eff)]
+    return [(0, kv + kv_rep)] * 2 + [(2 * pair, 2 * rows * hd * e + 2 * kv_rep + rows * acc, eff)]
+
+
+def _sdpa_bwd_launches(s, batch: int, e: int = 2, acc: int = 4, gqa: bool = False) -> list:
+    """SDPA's backward as FlashAttention-2 runs it: dO·O with a zeroed fp32 dQ accumulator; the main kernel
+    (5 matrix products; its dQ atomics counted as one fp32 read and write) writing dK and dV per query
+    head; the dQ conversion; then, grouped, the sum of the per-query-head dK and dV over each group (with
+    ``gqa`` FlashAttention-2's own sum of its expanded dK, dV; without, the gradient of `repeat_interleave`:
+    the same bytes); and the sum behind the queries' `expand` over the batch. With ``gqa`` the main kernel
+    reads K and V in place rather than their copies."""
+    group, hd = s.heads // s.kv_heads, s.head_dim
+    rows = batch * s.heads * s.queries
+    kv, kv_rep = batch * s.kv_heads * s.keys * hd * e, batch * s.heads * s.keys * hd * e
+    q_o, acc_q = rows * hd * e, rows * hd * acc
+    pair = 2 * batch * s.heads * s.queries * s.keys * hd
+    kv_read = kv if gqa else kv_rep
+    launches = [(0, 2 * q_o + rows * acc + acc_q),                                         # dO·O, zero dQ acc
+                (5 * pair, q_o + 2 * kv_read + q_o + 2 * rows * acc + 2 * kv_rep + 2 * acc_q),  # main
+                (0, acc_q + q_o)]                                                           # dQ conversion
+    launches += [(0, kv_rep + kv)] * (2 if group > 1 else 0)                               # dK, dV group sums
+    launches += [(0, q_o + s.heads * s.queries * hd * e)] * (batch > 1)                    # expand's gradient
+    return launches
 
 
 def attention_traffic_section() -> list[str]:
@@ -462,19 +488,21 @@ def attention_traffic_section() -> list[str]:
              "the batch split like the forward's keys: 3 matrix products, recomputing P and dP), plus the sum of "
              "dQ's fp32 partials when split; or, without query-head groups and with every query in one block, "
              "where modelled faster, the single pass (dQ's programs also write dK, dV and form delta: 5 matrix "
-             "products, K and V read once; dK/dV column —); distinct bytes per launch. Baseline: SDPA (flash) on keys and "
-             "values repeated to the query heads (`repeat_interleave`, one copy each when grouped) and the queries "
-             "expanded over the batch, each kernel reading its inputs once; its backward as FlashAttention-2 runs "
-             "it (dO·O with a zeroed fp32 dQ accumulator; the main kernel with 5 matrix products, its dQ atomics "
-             "counted as one fp32 read and write; the dQ conversion), then the sums behind `repeat_interleave` "
-             "and `expand`.", "", _PER_LAUNCH_RULE, "",
+             "products, K and V read once; dK/dV column —); distinct bytes per launch. Baseline: SDPA (flash) with "
+             "`enable_gqa` (transformers' route when no mask is given, on torch >= 2.5: each kv head's K and V read "
+             "in place) and the queries expanded over the batch, each kernel reading its inputs once; its backward "
+             "as FlashAttention-2 runs it (dO·O with a zeroed fp32 dQ accumulator; the main kernel with 5 matrix "
+             "products, its dQ atomics counted as one fp32 read and write, dK and dV written per query head; the "
+             "dQ conversion), then the sums of dK and dV over each head group and the sum behind `expand`. Last "
+             "column: against SDPA on K and V repeated to the query heads (`repeat_interleave`: transformers' "
+             "route when a mask is given; the same when nothing is grouped).", "", _PER_LAUNCH_RULE, "",
              "| shape | batch | splits | fwd MB SDPA → mmfuse | bwd MB SDPA → mmfuse | launches fwd, bwd "
              "| SMs busy fwd / dKdV / dQ | fwd µs SDPA → mmfuse | fwd speedup | fwd+bwd µs SDPA → mmfuse "
-             "| fwd+bwd speedup |",
-             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+             "| fwd+bwd speedup | vs SDPA on repeated K, V: fwd, fwd+bwd |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for s in ATTENTION_SHAPES:
         for batch in (1, 8, 64):
-            e, acc, group, hd = 2, 4, s.heads // s.kv_heads, s.head_dim
+            e, acc, hd = 2, 4, s.head_dim
             g = _attention_grids(s, batch)
             splits, fwd_eff, dkdv_eff, dq_eff = g["splits"], g["fwd_eff"], g["dkdv_eff"], g["dq_eff"]
             fwd = attention_fwd_traffic(batch, 1, s.heads, s.kv_heads, s.queries, s.keys, hd, g["blocks"], splits, e)
@@ -482,15 +510,8 @@ def attention_traffic_section() -> list[str]:
                                         dq_splits=g["dq_splits"], dq_key_splits=g["dq_key_splits"],
                                         single_pass=g["single_pass"])
             pair = 2 * batch * s.heads * s.queries * s.keys * hd  # one matrix product, all heads and samples
-            rows = batch * s.heads * s.queries
-            kv, kv_rep = batch * s.kv_heads * s.keys * hd * e, batch * s.heads * s.keys * hd * e
-            q_o, acc_q = rows * hd * e, rows * hd * acc
-            sdpa_fwd = _sdpa_fwd_launches(s, batch, e, acc)
-            sdpa_bwd = [(0, 2 * q_o + rows * acc + acc_q),                                   # dO·O, zero dQ acc
-                        (5 * pair, q_o + 2 * kv_rep + q_o + 2 * rows * acc + 2 * kv_rep + 2 * acc_q),  # main
-                        (0, acc_q + q_o)]                                                    # dQ conversion
-            sdpa_bwd += [(0, kv_rep + kv)] * (2 if group > 1 else 0)                          # repeat's gradient
-            sdpa_bwd += [(0, q_o + s.heads * s.queries * hd * e)] * (batch > 1)               # expand's gradient
+            sdpa_fwd, sdpa_bwd = _sdpa_fwd_launches(s, batch, e, acc, gqa=True), _sdpa_bwd_launches(s, batch, e, acc, True)
+            rep_fwd, rep_bwd = _sdpa_fwd_launches(s, batch, e, acc), _sdpa_bwd_launches(s, batch, e, acc)
             # the default merges split partials in the same launch's tail (MMFUSE_SPLIT_COMBINE=auto)
             ours_fwd, merge_us = _attention_fwd_launches(fwd, 2 * pair, fwd_eff, in_kernel=True)
             if g["single_pass"]:  # one launch: dQ's programs also write dK, dV and form delta
@@ -501,6 +522,7 @@ def attention_traffic_section() -> list[str]:
             if "dq_sum" in bwd:  # the fp32 partials of a batch-split dQ, summed by one torch reduction
                 ours_bwd.append((0, _hbm(bwd["dq_sum"]), 1.0))
             t_sdpa_fwd, t_sdpa, t_fwd, t_all = _step_times(sdpa_fwd, sdpa_bwd, ours_fwd, ours_bwd)
+            t_rep_fwd, t_rep, _, _ = _step_times(rep_fwd, rep_bwd, ours_fwd, ours_bwd)
             t_fwd, t_all = t_fwd + merge_us, t_all + merge_us
             lines.append(
                 f"| {s.name} | {batch} | {splits} | {sum(x[1] for x in sdpa_fwd) / 1e6:.2f} → {_hbm(fwd) / 1e6:.2f} "
@@ -508,7 +530,8 @@ def attention_traffic_section() -> list[str]:
                 f"{len(sdpa_fwd)} → {len(ours_fwd)}, {len(sdpa_bwd)} → {len(ours_bwd)} | "
                 f"{fwd_eff:.0%} / {'—' if g['single_pass'] else f'{dkdv_eff:.0%}'} / {dq_eff:.0%} | "
                 f"{t_sdpa_fwd:.0f} → {t_fwd:.0f} | "
-                f"{t_sdpa_fwd / t_fwd:.2f}x | {t_sdpa:.0f} → {t_all:.0f} | {t_sdpa / t_all:.2f}x |")
+                f"{t_sdpa_fwd / t_fwd:.2f}x | {t_sdpa:.0f} → {t_all:.0f} | {t_sdpa / t_all:.2f}x | "
+                f"{t_rep_fwd / t_fwd:.2f}x, {t_rep / t_all:.2f}x |")
     return lines
 
 
@@ -550,8 +573,9 @@ def attention_combine_section() -> list[str]:
              "launched, the faster of its two fused backends at these shapes: flash (FlashAttention-2) "
              "splits the keys by its own heuristic (`flash_fwd_splits`) into fp32 partials merged by a "
              "second kernel, its programs 64 queries per split (128 unsplit, 64 past D = 128); "
-             "memory-efficient does not split: one program per 64 queries and head. Both on the "
-             "repeated keys and values when grouped, as above.", "", _PER_LAUNCH_RULE, "",
+             "memory-efficient does not split: one program per 64 queries and head. Flash with `enable_gqa` "
+             "(K and V in place, as above); memory-efficient on K and V repeated to the query heads when "
+             "grouped (`repeat_interleave`).", "", _PER_LAUNCH_RULE, "",
              "| shape | batch | mmfuse splits, combine launch → in kernel | launches | mmfuse fwd µs, combine "
              "launch → in kernel | SDPA fwd µs: idealised / flash (splits) / mem-efficient | in kernel vs "
              "idealised | vs SDPA as launched: combine launch, in kernel |",
@@ -564,20 +588,21 @@ def attention_combine_section() -> list[str]:
             key_blocks = _cdiv(s.keys, blk["BLOCK_N"])
             pair = 2 * batch * s.heads * s.queries * s.keys * hd
             rows = batch * s.heads * s.queries
-            ideal = sum(launch_us(*x) for x in _sdpa_fwd_launches(s, batch, e, acc))
+            ideal = sum(launch_us(*x) for x in _sdpa_fwd_launches(s, batch, e, acc, gqa=True))
             m_blocks = _cdiv(s.queries, 64)
             fa_splits = flash_fwd_splits(batch * s.heads * m_blocks, 2 * SMS, _cdiv(s.keys, 256 if hd <= 64 else
                                                                                    128 if hd <= 128 else 64))
             if fa_splits == 1:
                 unsplit_rows = 128 if hd <= 128 else 64
                 flash = _sdpa_fwd_launches(s, batch, e, acc, grid_efficiency(batch * s.heads * _cdiv(s.queries,
-                                                                                                     unsplit_rows)))
+                                                                                                     unsplit_rows)),
+                                           gqa=True)
             else:  # the split kernel writes fp32 partials instead of o and lse; a second kernel merges them
                 partials = fa_splits * rows * (hd + 1) * acc
-                *repeat, (flops, one, _) = _sdpa_fwd_launches(s, batch, e, acc)
-                flash = repeat + [(flops, one - rows * (hd * e + acc) + partials,
-                                   grid_efficiency(batch * s.heads * m_blocks * fa_splits)),
-                                  (0, partials + rows * (hd * e + acc), 1.0)]
+                [(flops, one, _)] = _sdpa_fwd_launches(s, batch, e, acc, gqa=True)
+                flash = [(flops, one - rows * (hd * e + acc) + partials,
+                          grid_efficiency(batch * s.heads * m_blocks * fa_splits)),
+                         (0, partials + rows * (hd * e + acc), 1.0)]
             t_flash = sum(launch_us(*x) for x in flash)
             t_eff = sum(launch_us(*x) for x in _sdpa_fwd_launches(s, batch, e, acc,
                                                                   grid_efficiency(batch * s.heads * m_blocks)))

@@ -81,3 +81,30 @@ def test_in_kernel_combine_section():
         before, after = map(float, cells[4].split(" → "))
         launched = [float(c.strip().rstrip("x")) for c in cells[7].split(",")]
         assert after <= before and min(launched) >= 1.0 and launched[1] >= launched[0]
+
+
+def test_attention_baseline_reads_grouped_keys_in_place():
+    """The cross-attention table's baseline is SDPA with ``enable_gqa`` (transformers' route without a mask):
+    no copies of K and V. Worked by hand for Idefics2's resampler at batch 8 (16 query heads over 4 kv
+    heads, 64 latents, 4964 keys, D = 96, bf16): q and o 2 x 8 x 16 x 64 x 96 x 2 B = 3.15 MB, K and V
+    2 x 8 x 4 x 4964 x 96 x 2 B = 61.00 MB, lse 8 x 16 x 64 x 4 B = 0.03 MB: 64.18 MB. On repeated K, V
+    (the old baseline, kept in the last column) the copies alone read 61 MB and write 244 MB."""
+    lines = report.attention_traffic_section()
+    text = "\n".join(lines)
+    assert "| idefics2-resampler | 8 | 1 | 64.18 → " in text
+    rows = {tuple(c.strip() for c in line.strip("|").split("|")[:2]): [c.strip() for c in line.strip("|").split("|")]
+            for line in lines if line.startswith("| ") and line.split("|")[2].strip().isdigit()}
+    assert len(rows) == 9
+    for (name, batch), cells in rows.items():
+        fwd, all_ = float(cells[8].rstrip("x")), float(cells[10].rstrip("x"))
+        rep_fwd, rep_all = (float(c.strip().rstrip("x")) for c in cells[11].split(","))
+        if name == "idefics2-resampler":  # grouped: the copies made the old baseline slower
+            assert rep_fwd > fwd and rep_all > all_
+        else:  # nothing grouped: the two routes are one
+            assert (rep_fwd, rep_all) == (fwd, all_)
+    # the gqa route's backward still sums dK, dV over each head group (FlashAttention-2 writes them per
+    # query head): its bytes exceed the forward's K and V
+    s = next(x for x in report.ATTENTION_SHAPES if x.name == "idefics2-resampler")
+    gqa, rep = report._sdpa_bwd_launches(s, 8, gqa=True), report._sdpa_bwd_launches(s, 8)
+    kv, kv_rep = 8 * 4 * 4964 * 96 * 2, 8 * 16 * 4964 * 96 * 2
+    assert len(gqa) == len(rep) == 6 and sum(x[1] for x in rep) - sum(x[1] for x in gqa) == 2 * (kv_rep - kv)
