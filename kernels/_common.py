@@ -41,16 +41,21 @@ def apply_activation(x, ACTIVATION: tl.constexpr):
     return x
 
 @triton.jit
-def _sigmoid_for_grad(x):
-    """1 / (1 + 2^(-x log2(e))) with an approximate (full-range, ~2 ulp) fp32 division: tl.sigmoid
-    (IEEE division) made the dX * act' epilogue spill 8 bytes on sm_80 at 255 registers (128x64
-    tiles, bf16); so did tl.exp with the approximate division. The gradient may differ from the IEEE
-    result by a few fp32 ulps. fp64 keeps tl.sigmoid."""
-    if x.dtype == tl.float32:
-        s = tl.math.fdiv(tl.full(x.shape, 1.0, tl.float32), 1.0 + tl.math.exp2(x * -1.4426950408889634))
+def _sigmoid_and_slope(z):
+    """(s, s * (1 - s)) for s = sigmoid(z), from t = sigmoid(-|z|) <= 1/2: the slope is t - t^2 (even in z),
+    and s is 1 - t or t by z's sign. Formed as s * (1 - s) from s itself, the slope cancels where s nears
+    1 (1 - s keeps only the bits of s below 1): the act' of silu, quick_gelu and gelu_tanh lost up to
+    ~1e-6 absolute at z ~ 5-17 in fp32 (PyTorch's own fp32 backward too: ~1e-6, against ~2e-7 in this
+    form; bench/NOTES.md, session 19). t keeps its relative precision at every z, and the live values
+    stay those of the old form (two per element): the dX * act' epilogue is at 255 registers on sm_80
+    (128x64 tiles, bf16), where forms with a third one spilled 8-32 bytes. fp32: exp2 and an
+    approximate (full-range, ~2 ulp) division, as tl.sigmoid's IEEE division spilled there too; fp64
+    the exact ones. Saturates to (1, 0) and (0, 0); NaN propagates."""
+    if z.dtype == tl.float32:
+        t = tl.math.fdiv(tl.full(z.shape, 1.0, tl.float32), 1.0 + tl.math.exp2(tl.abs(z) * 1.4426950408889634))
     else:
-        s = tl.sigmoid(x)
-    return s
+        t = 1.0 / (1.0 + tl.exp(tl.abs(z)))
+    return tl.where(z < 0.0, t, 1.0 - t), t - t * t
 
 @triton.jit
 def activation_grad(x, ACTIVATION: tl.constexpr):
@@ -60,16 +65,17 @@ def activation_grad(x, ACTIVATION: tl.constexpr):
         pdf = tl.exp(-0.5 * x * x) * 0.3989422804014327
         g = cdf + x * pdf
     elif ACTIVATION == 2:
+        # x * sigmoid(2u(x)): sigmoid(2u) + x * 2 sigmoid'(2u) * u'(x)
         u = 0.7978845608028654 * (x + 0.044715 * x * x * x)
-        s = tl.sigmoid(2.0 * u)
+        s, slope = _sigmoid_and_slope(2.0 * u)
         du = 0.7978845608028654 * (1.0 + 3.0 * 0.044715 * x * x)
-        g = s + x * s * (1.0 - s) * 2.0 * du
+        g = s + x * slope * 2.0 * du
     elif ACTIVATION == 3:
-        s = _sigmoid_for_grad(1.702 * x)
-        g = s + 1.702 * x * s * (1.0 - s)
+        s, slope = _sigmoid_and_slope(1.702 * x)
+        g = s + 1.702 * x * slope
     elif ACTIVATION == 4:
-        s = _sigmoid_for_grad(x)
-        g = s + x * s * (1.0 - s)
+        s, slope = _sigmoid_and_slope(x)
+        g = s + x * slope
     elif ACTIVATION == 5:
         # torch's relu backward: gradient 1 where x > 0, else 0 (also at exactly 0)
         g = tl.where(x > 0.0, 1.0, 0.0).to(x.dtype)
