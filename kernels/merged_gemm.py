@@ -170,7 +170,13 @@ def row_stats(pid, x_ptr, map_ptr, stats_ptr, R, C, G, stride_xt, stride_xc, str
     token: G = 1 and map[r, 0] = r; a merged row: its tokens). ``center`` = 1 for LayerNorm; 0 for
     RMSNorm, which stores mean = 0. Two passes over the row: the mean, then the centred squares, summed
     relative to the running largest |value| (as a robust 2-norm is), so a row of finite values never
-    overflows to rstd = 0 (|x| > 1.8e19 would, squared in fp32): the folded forward divides by rstd."""
+    overflows to rstd = 0 (|x| > 1.8e19 would, squared in fp32): the folded forward divides by rstd.
+    The second pass also sums the centred values, whose mean is the first mean's rounding error: added
+    back, the stored mean is the row's mean to ~half an ulp (the rounded sum alone was off by up to ~1.5
+    ulps, which (x - mean) * rstd multiplies by rstd: at |mean| >> std, 13x PyTorch's error in the
+    normalised values; bench/NOTES.md, session 19). The squares stay those about the first mean: they
+    exceed those about the refined one by width * error^2, below the variance's last bit unless the
+    std is under ~1e-3 |mean|, where x's own rounding already dominates."""
     rows = pid * BLOCK_R + tl.arange(0, BLOCK_R)
     row_ok = rows < R
     width = C * G
@@ -186,6 +192,9 @@ def row_stats(pid, x_ptr, map_ptr, stats_ptr, R, C, G, stride_xt, stride_xc, str
     mean = total / width
     big = tl.zeros((BLOCK_R,), dtype=ACC_DTYPE)      # the largest |value - mean| so far
     squares = tl.zeros((BLOCK_R,), dtype=ACC_DTYPE)  # sum of ((value - mean) / big)^2
+    # sum of (value - mean), width x the first mean's error: summed from the scaled values times big (the
+    # unscaled sum kept one more value live and spilled 8 B at 64 registers, Triton 3.9, sm_90)
+    residue = tl.zeros((BLOCK_R,), dtype=ACC_DTYPE)
     for k0 in range(0, width, BLOCK_C):
         cols = k0 + tl.arange(0, BLOCK_C)
         col_ok = cols < width
@@ -198,6 +207,7 @@ def row_stats(pid, x_ptr, map_ptr, stats_ptr, R, C, G, stride_xt, stride_xc, str
         ratio = big * inv
         d = d * inv[:, None]
         squares = squares * ratio * ratio + tl.sum(d * d, axis=1)
+        residue += tl.sum(d, axis=1) * big_new
         big = big_new
     # mean square = big^2 * squares / width; past big ~ 1e18 (big^2 near fp32's range) eps is negligible.
     # (Each branch sees safe values only: padded rows have big = squares = 0.)
@@ -205,6 +215,7 @@ def row_stats(pid, x_ptr, map_ptr, stats_ptr, R, C, G, stride_xt, stride_xc, str
     rstd_huge = 1.0 / (tl.where(huge, big, 1.0) * tl.sqrt(tl.where(huge, squares, 1.0) / width))
     small = tl.where(huge, 0.0, big)
     rstd = tl.where(huge, rstd_huge, 1.0 / tl.sqrt(small * small * squares / width + eps))
+    mean += center * residue * (1.0 / width)  # (an RMSNorm's mean stays 0)
     tl.store(stats_ptr + 2 * rows, mean.to(stats_ptr.dtype.element_ty), mask=row_ok)
     tl.store(stats_ptr + 2 * rows + 1, rstd.to(stats_ptr.dtype.element_ty), mask=row_ok)
 
@@ -559,13 +570,17 @@ def pool_norm_fwd_kernel(
         tl.debug_barrier()
         mean = center * total / C
         squares = tl.zeros((BLOCK_R,), dtype=ACC_DTYPE)
+        residue = tl.zeros((BLOCK_R,), dtype=ACC_DTYPE)  # C x the mean's rounding error (row_stats)
         for c0 in range(0, C, BLOCK_C):
             cols = c0 + tl.arange(0, BLOCK_C)
             mask = row_ok[:, None] & (cols < C)[None, :]
             p = tl.load(pooled_ptr + r[:, None] * stride_pm + cols[None, :], mask=mask, other=0.0).to(ACC_DTYPE)
             d = tl.where(mask, p - mean[:, None], 0.0)
             squares += tl.sum(d * d, axis=1)
+            residue += tl.sum(d, axis=1)
         rstd = 1.0 / tl.sqrt(squares / C + eps)
+        if ACC_DTYPE != tl.float64:  # (fp64's mean is exact enough; the correction's division spilled 8 B)
+            mean += center * residue / C
         tl.store(stats_ptr + 2 * r, mean.to(stats_ptr.dtype.element_ty), mask=row_ok)
         tl.store(stats_ptr + 2 * r + 1, rstd.to(stats_ptr.dtype.element_ty), mask=row_ok)
         for c0 in range(0, C, BLOCK_C):

@@ -170,6 +170,37 @@ def test_normalising_in_the_load_is_exact_at_large_mean():
     assert not compare("out", folded, ref64, ref16).ok
 
 
+@pytest.mark.parametrize("C", [3, 24, 100])
+@pytest.mark.parametrize("where", ["stats", "rows", "pool"])
+def test_layernorm_mean_is_the_rows_mean_to_half_an_ulp(C, where):
+    """Found by a 1500-example property run (fp32, LayerNorm over 3 channels at mean 3): (x - mean) * rstd
+    multiplies the stored mean's error by rstd, and the mean taken as a rounded sum / width was off by up
+    to ~1.5 ulps, so the normalised operand came out at 13x PyTorch's error where std << |mean|. The
+    statistics' second pass now adds back the mean of the centred values: the stored mean is the fp64
+    mean to half an ulp (plus the centred sum's own rounding, far smaller), in the statistics' launch,
+    in the rows' launch that takes its own statistics, and in the pooling kernel's."""
+    from mmfuse.kernels import merged_gemm as KM
+
+    torch.manual_seed(C)
+    x = 3.0 + 0.02 * torch.randn(64, C)
+    ones, zeros = torch.ones(C), torch.zeros(C)
+    if where == "pool":  # two tokens pooled per row: the norm's input is the rounded mean of the pair
+        table = torch.arange(64, dtype=torch.int32).view(32, 2)
+        _, pooled, stats = KM.pool_norm_fwd(x, table, 2, "layer", ones, zeros, 1e-5, save=True)
+        rows = pooled
+    else:
+        merge = KM.Merge(x, 1, None, "layer", False, ones, zeros, 1e-5)
+        if where == "stats":
+            KM.norm_stats(merge)
+        else:
+            assert KM.rows_take_stats(merge)
+            KM.normalised_rows(merge, stats=True)
+        stats, rows = merge.stats, x
+    mean64 = rows.double().mean(-1)
+    ulp = torch.finfo(torch.float32).eps * 2.0  # at |mean| in [2, 4)
+    assert (stats[:, 0].double() - mean64).abs().max().item() <= 0.5 * ulp * 1.01
+
+
 # ----------------------------------------------------------------------------------------------
 # The folded RMSNorm forward: gamma * W written by the statistics' launch, x read raw, rstd scaling the
 # accumulator per slot (a norm per token) or per row (per merged row). kernels/merged_gemm.py,
