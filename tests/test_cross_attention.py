@@ -458,6 +458,22 @@ def test_lse_rounding_floor_only_matters_at_huge_logits():
     assert big > 50 * ordinary and big * 4 * torch.finfo(torch.float32).eps > 1e-4
 
 
+@pytest.mark.parametrize("seed", [6, 22, 31])
+def test_recomputed_logits_floor_at_large_logits(seed):
+    # Found by a 1500-example property run: fp32, one query, scale 1.6, D = 33, logits up to ~27. The
+    # backward recomputes s in its own summation order, so P = 2^(s - lse) differs from the forward's by
+    # ~an ulp of max |s| (relative), on top of the lse's rounding: dV came out at 1.2-2.7x the floor the
+    # lse alone allowed, on these seeds of the kind of input the property drew (PyTorch forms P once).
+    torch.manual_seed(seed)
+    q, k, v = torch.randn(1, 2, 1, 33), torch.randn(1, 2, 17, 33), torch.randn(1, 2, 17, 33)
+    lens = torch.randint(1, 18, (1,)).expand(1)
+    mask = (torch.rand(1, 17) > 0.3).expand(1, 17)
+    assert_matches_reference(
+        lambda q, k, v: cross_attention(q, k, v, scale=1.6, _splits=2, kv_lens=lens, key_mask=mask),
+        lambda q, k, v: cross_attention_reference(q, k, v, scale=1.6, kv_lens=lens, key_mask=mask),
+        [q, k, v], ["q", "k", "v"], term_scales=lambda i, do: cross_attention_term_scales(*i, do, scale=1.6))
+
+
 # --- The in-kernel combine (the default outside capture) ------------------------------------------
 COMBINE_CASES = [
     # Bq, B, Hq, Hkv, Lq, Lk, D, dtype, padding, two sources, splits

@@ -61,8 +61,13 @@ def cross_attention_term_scales(q, k, v, do, *, scale=None):
       their floor scales with scale * max|dP| * max|K| (resp. max|Q|), the terms' magnitude.
     * The backward recomputes P = 2^(s - lse) from the fp32 log-sum-exp the forward saved (as every
       flash attention does), whose rounding at |lse| is a relative error of up to 2^-24 |lse| ln 2 in P:
-      invisible at ordinary logits, but at |logits| ~ 1e4 it is ~5e-4 of every gradient. The floor
-      covers it: each gradient's scale grows by that relative error over the dtype's 4-ulp floor."""
+      invisible at ordinary logits, but at |logits| ~ 1e4 it is ~5e-4 of every gradient. And it
+      recomputes s with its own tiles, so in another summation order than the forward's: s differs by
+      about an ulp of max |s|, another relative error of up to 2^-23 max |s| in P (found at fp32, one
+      query, logits ~27: dV 17x PyTorch's error, which forms P once; bench/NOTES.md, session 19). The
+      floor covers both: each gradient's scale grows by that relative error over the dtype's 4-ulp
+      floor. (An ulp of the dot's terms, scale * sum_d |q_d| |k_d|, would bound the reordering more
+      surely, but doubles fp32's floor at ordinary logits.)"""
     B, Hkv = k.shape[:2]
     Hq, D = q.shape[1], q.shape[-1]
     if not (q.numel() and k.numel() and do.numel()):
@@ -78,10 +83,12 @@ def cross_attention_term_scales(q, k, v, do, *, scale=None):
     terms = {"grad q": abs(scale) * dp * ke.abs().max().item(), "grad k": abs(scale) * dp * qe.abs().max().item(),
              "grad v": (p.transpose(-1, -2) @ do64.abs()).max().item()}
     # P's relative error from the saved lse (half an fp32 ulp of lse in base 2, times ln 2: 2^-24 |lse|
-    # in natural units), in units of the output dtype's 4-ulp floor. dV sums P dO; dQ and dK sum
-    # P (dP - delta) K, whose P error is at most twice their terms' magnitude.
-    lse = s.abs().max().item() + math.log(max(k.shape[2], 1))
-    rel = 2.0 ** -24 * lse / (4 * torch.finfo(q.dtype).eps)
+    # in natural units) and from s recomputed (an ulp of max |s|), in units of the output dtype's 4-ulp
+    # floor. dV sums P dO; dQ and dK sum P (dP - delta) K, whose P error is at most twice their terms'
+    # magnitude.
+    s_max = s.abs().max().item()
+    lse = s_max + math.log(max(k.shape[2], 1))
+    rel = (2.0 ** -24 * lse + 2.0 ** -23 * s_max) / (4 * torch.finfo(q.dtype).eps)
     return {"grad q": terms["grad q"] * max(1.0, 2 * rel), "grad k": terms["grad k"] * max(1.0, 2 * rel),
             "grad v": terms["grad v"] * rel}
 
