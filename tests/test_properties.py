@@ -159,15 +159,16 @@ def _token_map(draw, T, group):
 MERGED_FORMS = ("in-load", "written", "fold", "gated", "pooled")
 
 
+@pytest.mark.parametrize("form", MERGED_FORMS)  # each form its own examples
 @SETTINGS
-@given(data=st.data(), form=st.sampled_from(MERGED_FORMS), group=st.integers(1, 4), rows=st.integers(0, 8),
+@given(data=st.data(), group=st.integers(1, 4), rows=st.integers(0, 8),
        dtype=DTYPES, table=st.booleans(), after=st.booleans(),
        widths=st.lists(st.integers(1, 20), min_size=1, max_size=2),
        activation=st.sampled_from(["gelu", "silu", "quick_gelu"]), final=st.booleans())
-def test_merged_mlp_property(data, form, group, rows, dtype, table, after, widths, activation, final):
+def test_merged_mlp_property(form, data, group, rows, dtype, table, after, widths, activation, final):
     """Every form of ``merged_mlp`` (MERGED_FORMS): merge by view or by table (int32 / int64, in a drawn
     order, tokens no row reads), no norm or either norm per token or per merged row, two or three layers,
-    a final activation, at a shifted mean or not."""
+    a final activation, at a shifted mean or not (norms over 4 or more values)."""
     from mmfuse.kernels import merged_gemm as KM
 
     torch.manual_seed(0)  # an example must give the same tensors every time hypothesis replays it
@@ -182,10 +183,15 @@ def test_merged_mlp_property(data, form, group, rows, dtype, table, after, width
     final = final and form not in ("gated", "pooled")
     after = after or (pool and norm is not None)
     T = rows * group + (draw(st.integers(0, group)) if table else 0)
-    x = _layout(draw, torch.randn(T, C, dtype=dtype) + draw(st.sampled_from([0.0, 3.0])))
-    token_map = _token_map(draw, T, group) if table else None
     width = C if pool else group * C
     norm_width = width if after else C
+    # A mean of 3 only where the norm spans 4 or more values: over 1-3 values at |mean| >> std the norm
+    # is ill-conditioned, and any two fp32 implementations' max errors then differ by more than the
+    # rule's 3x on ~1-10% of draws (bench/NOTES.md, session 19; the mean's own accuracy at C = 3 is
+    # test_merged_mlp.py's test_layernorm_mean_is_the_rows_mean_to_half_an_ulp).
+    shift = draw(st.sampled_from([0.0, 3.0])) if norm_width >= 4 else 0.0
+    x = _layout(draw, torch.randn(T, C, dtype=dtype) + shift)
+    token_map = _token_map(draw, T, group) if table else None
     inputs, names = [x], ["x"]
     if norm is not None:
         inputs.append(_vector(draw, norm_width, dtype).abs() + 0.5)
