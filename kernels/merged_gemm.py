@@ -215,7 +215,8 @@ def row_stats(pid, x_ptr, map_ptr, stats_ptr, R, C, G, stride_xt, stride_xc, str
     rstd_huge = 1.0 / (tl.where(huge, big, 1.0) * tl.sqrt(tl.where(huge, squares, 1.0) / width))
     small = tl.where(huge, 0.0, big)
     rstd = tl.where(huge, rstd_huge, 1.0 / tl.sqrt(small * small * squares / width + eps))
-    mean += center * residue * (1.0 / width)  # (an RMSNorm's mean stays 0)
+    if center != 0:  # (an RMSNorm's mean stays 0: its residue is the row's sum, which may overflow)
+        mean += residue * (1.0 / width)
     tl.store(stats_ptr + 2 * rows, mean.to(stats_ptr.dtype.element_ty), mask=row_ok)
     tl.store(stats_ptr + 2 * rows + 1, rstd.to(stats_ptr.dtype.element_ty), mask=row_ok)
 
@@ -568,7 +569,9 @@ def pool_norm_fwd_kernel(
         total += tl.sum(pooled.to(ACC_DTYPE), axis=1)
     if NORM:
         tl.debug_barrier()
-        mean = center * total / C
+        mean = tl.zeros((BLOCK_R,), dtype=ACC_DTYPE)  # an RMSNorm's (center 0); its total may overflow
+        if center != 0:
+            mean = total / C
         squares = tl.zeros((BLOCK_R,), dtype=ACC_DTYPE)
         residue = tl.zeros((BLOCK_R,), dtype=ACC_DTYPE)  # C x the mean's rounding error (row_stats)
         for c0 in range(0, C, BLOCK_C):
@@ -580,7 +583,8 @@ def pool_norm_fwd_kernel(
             residue += tl.sum(d, axis=1)
         rstd = 1.0 / tl.sqrt(squares / C + eps)
         if ACC_DTYPE != tl.float64:  # (fp64's mean is exact enough; the correction's division spilled 8 B)
-            mean += center * residue / C
+            if center != 0:
+                mean += residue / C
         tl.store(stats_ptr + 2 * r, mean.to(stats_ptr.dtype.element_ty), mask=row_ok)
         tl.store(stats_ptr + 2 * r + 1, rstd.to(stats_ptr.dtype.element_ty), mask=row_ok)
         for c0 in range(0, C, BLOCK_C):

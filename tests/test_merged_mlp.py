@@ -300,6 +300,30 @@ def test_a_token_whose_squares_overflow_fp32_keeps_its_row_finite(fold, monkeypa
     torch.testing.assert_close(ours.double(), ref64, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("where", ["stats", "rows", "pool"])
+def test_an_rmsnorm_row_whose_sum_overflows_keeps_mean_zero(where):
+    # |x| ~ 1e37, all of one sign: the row's sum overflows fp32. An RMSNorm's mean is 0 whatever the row
+    # holds; the LayerNorm's mean correction (the centred values' sum, the row's sum for an RMSNorm) must
+    # not reach it (0 * inf was NaN: found in review, session 19).
+    from mmfuse.kernels import merged_gemm as KM
+
+    x = torch.randn(64, 64)
+    x[5] = 1e37 * (1 + torch.rand(64))
+    gamma, zeros = torch.ones(64), torch.zeros(64)
+    if where == "pool":
+        table = torch.arange(64, dtype=torch.int32).view(32, 2)
+        out, _, stats = KM.pool_norm_fwd(x, table, 2, "rms", gamma, zeros, 1e-6, save=True)
+    else:
+        merge = KM.Merge(x, 1, None, "rms", False, gamma, zeros, 1e-6)
+        if where == "stats":
+            KM.norm_stats(merge)
+            out = KM.normalised_rows(merge)
+        else:
+            out = KM.normalised_rows(merge, stats=True)
+        stats = merge.stats
+    assert torch.equal(stats[:, 0], torch.zeros_like(stats[:, 0])) and torch.isfinite(out).all()
+
+
 @pytest.mark.skipif(not mmfuse.INTERPRET, reason="counts the interpreter's stores")
 def test_folded_forward_stores_only_the_folded_weight_beside_its_outputs(always_fold):
     # What the folded training forward writes: y, the hidden layer and its pre-activation, 8 bytes of
