@@ -489,7 +489,8 @@ def attention_traffic_section() -> list[str]:
              "dQ's fp32 partials when split; or, without query-head groups and with every query in one block, "
              "where modelled faster, the single pass (dQ's programs also write dK, dV and form delta: 5 matrix "
              "products, K and V read once; dK/dV column —); distinct bytes per launch. Baseline: SDPA (flash) with "
-             "`enable_gqa` (transformers' route when no mask is given, on torch >= 2.5: each kv head's K and V read "
+             "`enable_gqa` (transformers' route when no mask reaches SDPA, on torch >= 2.5: in 5.x's eager forward "
+             "without padding; under tracing or with padding a mask is passed; each kv head's K and V read "
              "in place) and the queries expanded over the batch, each kernel reading its inputs once; its backward "
              "as FlashAttention-2 runs it (dO·O with a zeroed fp32 dQ accumulator; the main kernel with 5 matrix "
              "products, its dQ atomics counted as one fp32 read and write, dK and dV written per query head; the "
@@ -575,7 +576,8 @@ def attention_combine_section() -> list[str]:
              "second kernel, its programs 64 queries per split (128 unsplit, 64 past D = 128); "
              "memory-efficient does not split: one program per 64 queries and head. Flash with `enable_gqa` "
              "(K and V in place, as above); memory-efficient on K and V repeated to the query heads when "
-             "grouped (`repeat_interleave`).", "", _PER_LAUNCH_RULE, "",
+             "grouped (`repeat_interleave`: it takes no `enable_gqa` with unequal head counts, so that is the "
+             "masked route), and the faster of the two is taken.", "", _PER_LAUNCH_RULE, "",
              "| shape | batch | mmfuse splits, combine launch → in kernel | launches | mmfuse fwd µs, combine "
              "launch → in kernel | SDPA fwd µs: idealised / flash (splits) / mem-efficient | in kernel vs "
              "idealised | vs SDPA as launched: combine launch, in kernel |",

@@ -464,10 +464,12 @@ def test_recomputed_logits_floor_at_large_logits(seed):
     # backward recomputes s in its own summation order, so P = 2^(s - lse) differs from the forward's by
     # ~an ulp of max |s| (relative), on top of the lse's rounding: dV came out at 1.2-2.7x the floor the
     # lse alone allowed, on these seeds of the kind of input the property drew (PyTorch forms P once).
-    torch.manual_seed(seed)
-    q, k, v = torch.randn(1, 2, 1, 33), torch.randn(1, 2, 17, 33), torch.randn(1, 2, 17, 33)
-    lens = torch.randint(1, 18, (1,)).expand(1)
-    mask = (torch.rand(1, 17) > 0.3).expand(1, 17)
+    # (drawn on the CPU's generator, the one the seeds were found with, then moved to the tests' device)
+    g, dev = torch.Generator().manual_seed(seed), torch.get_default_device()
+    q, k, v = (torch.randn(*shape, generator=g, device="cpu").to(dev) for shape in
+               ((1, 2, 1, 33), (1, 2, 17, 33), (1, 2, 17, 33)))
+    lens = torch.randint(1, 18, (1,), generator=g, device="cpu").to(dev).expand(1)
+    mask = (torch.rand(1, 17, generator=g, device="cpu") > 0.3).to(dev).expand(1, 17)
     assert_matches_reference(
         lambda q, k, v: cross_attention(q, k, v, scale=1.6, _splits=2, kv_lens=lens, key_mask=mask),
         lambda q, k, v: cross_attention_reference(q, k, v, scale=1.6, kv_lens=lens, key_mask=mask),

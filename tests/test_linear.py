@@ -81,8 +81,8 @@ def test_new_activation_values():
 def test_sigmoid_activation_gradients_do_not_cancel_in_fp32(activation):
     """act' of the sigmoid-based activations, in fp32, within 4e-7 of fp64 at every x in [-30, 30]. Formed as
     s + x s (1 - s), 1 - s cancels where s nears 1 (|x| ~ 5-17): up to 2e-6 off (gelu_tanh; PyTorch's own
-    fp32 backward reaches 1e-6 there). ``_sigmoid_and_slope`` forms s (1 - s) as e / (1 + e)^2 from
-    e = exp(-|z|). Read through dX of a 1x1 identity: x (M, 1), W = 1, dY = 1 give dX = act'(x) exactly."""
+    fp32 backward reaches 1e-6 there). ``_sigmoid_and_slope`` forms the slope as t - t^2 from
+    t = sigmoid(-|z|). Read through dX of a 1x1 identity: x (M, 1), W = 1, dY = 1 give dX = act'(x) exactly."""
     x = torch.linspace(-30, 30, 6001, dtype=torch.float32)[:, None]
     leaf = x.clone().requires_grad_()
     mmfuse.linear(leaf, torch.ones(1, 1), activation=activation).sum().backward()

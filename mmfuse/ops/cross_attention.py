@@ -66,8 +66,10 @@ def cross_attention_term_scales(q, k, v, do, *, scale=None):
       about an ulp of max |s|, another relative error of up to 2^-23 max |s| in P (found at fp32, one
       query, logits ~27: dV 17x PyTorch's error, which forms P once; bench/NOTES.md, session 19). The
       floor covers both: each gradient's scale grows by that relative error over the dtype's 4-ulp
-      floor. (An ulp of the dot's terms, scale * sum_d |q_d| |k_d|, would bound the reordering more
-      surely, but doubles fp32's floor at ordinary logits.)"""
+      floor. This loosens fp32's dV floor at long key sets too: at Idefics2's 4964 keys and ordinary
+      logits (max |s| ~ 5) from ~1.7x to ~3x max |dV| (review, session 19); max |s| counts masked keys.
+      (An ulp of the dot's terms, scale * sum_d |q_d| |k_d|, would bound the reordering more surely, but
+      loosens it further.)"""
     B, Hkv = k.shape[:2]
     Hq, D = q.shape[1], q.shape[-1]
     if not (q.numel() and k.numel() and do.numel()):
