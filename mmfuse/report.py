@@ -441,16 +441,21 @@ def _attention_fwd_launches(fwd: dict, flops: float, eff: float, in_kernel: bool
     return [(flops, main, eff), (0, tail, 1.0)], 0.0
 
 
+def _sdpa_sizes(s, batch: int, e: int):
+    """(group, head dim, query rows, K or V bytes, their bytes repeated to the query heads, FLOPs of one
+    matrix product) of attention shape ``s`` at ``batch``: what SDPA's launches are counted from."""
+    hd = s.head_dim
+    return (s.heads // s.kv_heads, hd, batch * s.heads * s.queries, batch * s.kv_heads * s.keys * hd * e,
+            batch * s.heads * s.keys * hd * e, 2 * batch * s.heads * s.queries * s.keys * hd)
+
+
 def _sdpa_fwd_launches(s, batch: int, e: int = 2, acc: int = 4, eff: float = 1.0, gqa: bool = False) -> list:
     """SDPA's forward on transformers' inputs: one fused kernel reading q, K, V once and writing o and lse,
     its grid keeping ``eff`` of the SMs busy. Grouped heads: with ``gqa`` (`enable_gqa=True`, transformers'
     route when no mask is given) the kernel reads each kv head's K and V in place; without it (a mask
     given, or a backend without GQA) the `repeat_interleave` copies of K and V come first, and the kernel
     reads the copies."""
-    group, hd = s.heads // s.kv_heads, s.head_dim
-    rows = batch * s.heads * s.queries
-    kv, kv_rep = batch * s.kv_heads * s.keys * hd * e, batch * s.heads * s.keys * hd * e
-    pair = 2 * batch * s.heads * s.queries * s.keys * hd
+    group, hd, rows, kv, kv_rep, pair = _sdpa_sizes(s, batch, e)
     if gqa or group == 1:
         return [(2 * pair, 2 * rows * hd * e + 2 * kv + rows * acc, eff)]
     return [(0, kv + kv_rep)] * 2 + [(2 * pair, 2 * rows * hd * e + 2 * kv_rep + rows * acc, eff)]
@@ -463,11 +468,8 @@ def _sdpa_bwd_launches(s, batch: int, e: int = 2, acc: int = 4, gqa: bool = Fals
     ``gqa`` FlashAttention-2's own sum of its expanded dK, dV; without, the gradient of `repeat_interleave`:
     the same bytes); and the sum behind the queries' `expand` over the batch. With ``gqa`` the main kernel
     reads K and V in place rather than their copies."""
-    group, hd = s.heads // s.kv_heads, s.head_dim
-    rows = batch * s.heads * s.queries
-    kv, kv_rep = batch * s.kv_heads * s.keys * hd * e, batch * s.heads * s.keys * hd * e
+    group, hd, rows, kv, kv_rep, pair = _sdpa_sizes(s, batch, e)
     q_o, acc_q = rows * hd * e, rows * hd * acc
-    pair = 2 * batch * s.heads * s.queries * s.keys * hd
     kv_read = kv if gqa else kv_rep
     launches = [(0, 2 * q_o + rows * acc + acc_q),                                         # dO·O, zero dQ acc
                 (5 * pair, q_o + 2 * kv_read + q_o + 2 * rows * acc + 2 * kv_rep + 2 * acc_q),  # main

@@ -170,6 +170,29 @@ def test_normalising_in_the_load_is_exact_at_large_mean():
     assert not compare("out", folded, ref64, ref16).ok
 
 
+def _norm_statistics(x, norm, eps, where):
+    """(stats, the rows they describe, the normalised rows) of x's tokens (gamma 1, beta 0) by each kernel
+    that computes a norm's statistics: ``where`` = "stats" (``norm_stats``, then ``normalised_rows``),
+    "rows" (``normalised_rows`` taking its own statistics) or "pool" (``pool_norm_fwd`` over token pairs,
+    whose rows are the pooled ones)."""
+    from mmfuse.kernels import merged_gemm as KM
+
+    C = x.shape[1]
+    ones, zeros = torch.ones(C), torch.zeros(C)
+    if where == "pool":  # two tokens pooled per row: the norm's input is the rounded mean of the pair
+        table = torch.arange(x.shape[0], dtype=torch.int32).view(-1, 2)
+        out, pooled, stats = KM.pool_norm_fwd(x, table, 2, norm, ones, zeros, eps, save=True)
+        return stats, pooled, out
+    merge = KM.Merge(x, 1, None, norm, False, ones, zeros, eps)
+    if where == "stats":
+        KM.norm_stats(merge)
+        out = KM.normalised_rows(merge)
+    else:
+        assert KM.rows_take_stats(merge)
+        out = KM.normalised_rows(merge, stats=True)
+    return merge.stats, x, out
+
+
 @pytest.mark.parametrize("C", [3, 24, 100])
 @pytest.mark.parametrize("where", ["stats", "rows", "pool"])
 def test_layernorm_mean_is_the_rows_mean_to_half_an_ulp(C, where):
@@ -179,23 +202,9 @@ def test_layernorm_mean_is_the_rows_mean_to_half_an_ulp(C, where):
     statistics' second pass now adds back the mean of the centred values: the stored mean is the fp64
     mean to half an ulp (plus the centred sum's own rounding, far smaller), in the statistics' launch,
     in the rows' launch that takes its own statistics, and in the pooling kernel's."""
-    from mmfuse.kernels import merged_gemm as KM
-
     torch.manual_seed(C)
     x = 3.0 + 0.02 * torch.randn(64, C)
-    ones, zeros = torch.ones(C), torch.zeros(C)
-    if where == "pool":  # two tokens pooled per row: the norm's input is the rounded mean of the pair
-        table = torch.arange(64, dtype=torch.int32).view(32, 2)
-        _, pooled, stats = KM.pool_norm_fwd(x, table, 2, "layer", ones, zeros, 1e-5, save=True)
-        rows = pooled
-    else:
-        merge = KM.Merge(x, 1, None, "layer", False, ones, zeros, 1e-5)
-        if where == "stats":
-            KM.norm_stats(merge)
-        else:
-            assert KM.rows_take_stats(merge)
-            KM.normalised_rows(merge, stats=True)
-        stats, rows = merge.stats, x
+    stats, rows, _ = _norm_statistics(x, "layer", 1e-5, where)
     mean64 = rows.double().mean(-1)
     ulp = torch.finfo(torch.float32).eps * 2.0  # at |mean| in [2, 4)
     assert (stats[:, 0].double() - mean64).abs().max().item() <= 0.5 * ulp * 1.01
@@ -305,22 +314,9 @@ def test_an_rmsnorm_row_whose_sum_overflows_keeps_mean_zero(where):
     # |x| ~ 1e37, all of one sign: the row's sum overflows fp32. An RMSNorm's mean is 0 whatever the row
     # holds; the LayerNorm's mean correction (the centred values' sum, the row's sum for an RMSNorm) must
     # not reach it (0 * inf was NaN: found in review, session 19).
-    from mmfuse.kernels import merged_gemm as KM
-
     x = torch.randn(64, 64)
     x[5] = 1e37 * (1 + torch.rand(64))
-    gamma, zeros = torch.ones(64), torch.zeros(64)
-    if where == "pool":
-        table = torch.arange(64, dtype=torch.int32).view(32, 2)
-        out, _, stats = KM.pool_norm_fwd(x, table, 2, "rms", gamma, zeros, 1e-6, save=True)
-    else:
-        merge = KM.Merge(x, 1, None, "rms", False, gamma, zeros, 1e-6)
-        if where == "stats":
-            KM.norm_stats(merge)
-            out = KM.normalised_rows(merge)
-        else:
-            out = KM.normalised_rows(merge, stats=True)
-        stats = merge.stats
+    stats, _, out = _norm_statistics(x, "rms", 1e-6, where)
     assert torch.equal(stats[:, 0], torch.zeros_like(stats[:, 0])) and torch.isfinite(out).all()
 
 
