@@ -136,8 +136,9 @@ def normalise(a, mean, rstd, gamma_ptr, beta_ptr, gi, col_ok, stride_gamma, stri
 @triton.jit
 def norm_stats_kernel(
     x_ptr, map_ptr, stats_ptr, w_ptr, gamma_ptr, wf_ptr,
-    R, C, G, stride_xt, stride_xc, stride_map, eps, eps_lo, center,
+    R, C, G, stride_xt, stride_xc, stride_map, eps, eps_lo,
     STATS_PROGRAMS, N, K, stride_wn, stride_wk, stride_gamma,
+    CENTER: tl.constexpr,       # LayerNorm (the mean subtracted); else RMSNorm (mean 0)
     ALIGNED: tl.constexpr,      # C % BLOCK_C == 0: one token per row per column block
     TABLE: tl.constexpr,        # tokens from map (else row r's are r * G .. r * G + G - 1)
     FOLD: tl.constexpr,         # programs past STATS_PROGRAMS write wf = gamma * w (the folded forward's B)
@@ -152,22 +153,22 @@ def norm_stats_kernel(
     pid = tl.program_id(0)
     if FOLD:
         if pid < STATS_PROGRAMS:
-            row_stats(pid, x_ptr, map_ptr, stats_ptr, R, C, G, stride_xt, stride_xc, stride_map, eps, center,
+            row_stats(pid, x_ptr, map_ptr, stats_ptr, R, C, G, stride_xt, stride_xc, stride_map, eps, CENTER,
                       ALIGNED, TABLE, ACC_DTYPE, BLOCK_R, BLOCK_C)
         else:
             fold_gamma(pid - STATS_PROGRAMS, w_ptr, gamma_ptr, wf_ptr, N, K, C, stride_wn, stride_wk, stride_gamma,
                        FOLD_POST, ACC_DTYPE, BLOCK_R, BLOCK_C)
     else:
-        row_stats(pid, x_ptr, map_ptr, stats_ptr, R, C, G, stride_xt, stride_xc, stride_map, eps, center,
+        row_stats(pid, x_ptr, map_ptr, stats_ptr, R, C, G, stride_xt, stride_xc, stride_map, eps, CENTER,
                   ALIGNED, TABLE, ACC_DTYPE, BLOCK_R, BLOCK_C)
 
 
 @triton.jit
-def row_stats(pid, x_ptr, map_ptr, stats_ptr, R, C, G, stride_xt, stride_xc, stride_map, eps, center,
-              ALIGNED: tl.constexpr, TABLE: tl.constexpr, ACC_DTYPE: tl.constexpr, BLOCK_R: tl.constexpr,
-              BLOCK_C: tl.constexpr):
+def row_stats(pid, x_ptr, map_ptr, stats_ptr, R, C, G, stride_xt, stride_xc, stride_map, eps,
+              CENTER: tl.constexpr, ALIGNED: tl.constexpr, TABLE: tl.constexpr, ACC_DTYPE: tl.constexpr,
+              BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
     """stats[r] = (mean, rstd) of normalised row r: the G*C values of tokens map[r, 0..G-1] (a source
-    token: G = 1 and map[r, 0] = r; a merged row: its tokens). ``center`` = 1 for LayerNorm; 0 for
+    token: G = 1 and map[r, 0] = r; a merged row: its tokens). CENTER for LayerNorm; else
     RMSNorm, which stores mean = 0. Two passes over the row: the mean, then the centred squares, summed
     relative to the running largest |value| (as a robust 2-norm is), so a row of finite values never
     overflows to rstd = 0 (|x| > 1.8e19 would, squared in fp32): the folded forward divides by rstd.
@@ -181,7 +182,7 @@ def row_stats(pid, x_ptr, map_ptr, stats_ptr, R, C, G, stride_xt, stride_xc, str
     row_ok = rows < R
     width = C * G
     total = tl.zeros((BLOCK_R,), dtype=ACC_DTYPE)
-    if center != 0:
+    if CENTER:
         for k0 in range(0, width, BLOCK_C):
             cols = k0 + tl.arange(0, BLOCK_C)
             col_ok = cols < width
@@ -215,7 +216,7 @@ def row_stats(pid, x_ptr, map_ptr, stats_ptr, R, C, G, stride_xt, stride_xc, str
     rstd_huge = 1.0 / (tl.where(huge, big, 1.0) * tl.sqrt(tl.where(huge, squares, 1.0) / width))
     small = tl.where(huge, 0.0, big)
     rstd = tl.where(huge, rstd_huge, 1.0 / tl.sqrt(small * small * squares / width + eps))
-    if center != 0:  # (an RMSNorm's mean stays 0: its residue is the row's sum, which may overflow)
+    if CENTER:  # (an RMSNorm's mean stays 0: its residue is the row's sum, which may overflow)
         mean += residue * (1.0 / width)
     tl.store(stats_ptr + 2 * rows, mean.to(stats_ptr.dtype.element_ty), mask=row_ok)
     tl.store(stats_ptr + 2 * rows + 1, rstd.to(stats_ptr.dtype.element_ty), mask=row_ok)
@@ -243,8 +244,8 @@ def fold_gamma(pid, w_ptr, gamma_ptr, wf_ptr, N, K, C, stride_wn, stride_wk, str
 @triton.jit
 def norm_rows_kernel(
     x_ptr, map_ptr, stats_ptr, gamma_ptr, beta_ptr, out_ptr,
-    M, K, C, G, stride_xt, stride_xc, stride_map, stride_gamma, stride_beta, stride_om, eps, eps_lo, center,
-    ALIGNED: tl.constexpr, TABLE: tl.constexpr, NORM_POST: tl.constexpr, ACC_DTYPE: tl.constexpr,
+    M, K, C, G, stride_xt, stride_xc, stride_map, stride_gamma, stride_beta, stride_om, eps, eps_lo,
+    CENTER: tl.constexpr, ALIGNED: tl.constexpr, TABLE: tl.constexpr, NORM_POST: tl.constexpr, ACC_DTYPE: tl.constexpr,
     STATS: tl.constexpr,        # compute and store this program's statistics first (else read them)
     BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
@@ -259,12 +260,12 @@ def norm_rows_kernel(
     if STATS:
         eps = pair_value(eps, eps_lo, ACC_DTYPE)
         if NORM_POST:
-            row_stats(pid, x_ptr, map_ptr, stats_ptr, M, C, G, stride_xt, stride_xc, stride_map, eps, center,
+            row_stats(pid, x_ptr, map_ptr, stats_ptr, M, C, G, stride_xt, stride_xc, stride_map, eps, CENTER,
                       ALIGNED, TABLE, ACC_DTYPE, BLOCK_R, BLOCK_C)
         else:  # merged rows pid * BLOCK_R ... hold tokens (pid * G + j) * BLOCK_R ..., j < G
             for j in range(G):
                 row_stats(pid * G + j, x_ptr, map_ptr, stats_ptr, M * G, C, 1, stride_xt, stride_xc, stride_map,
-                          eps, center, ALIGNED, False, ACC_DTYPE, BLOCK_R, BLOCK_C)
+                          eps, CENTER, ALIGNED, False, ACC_DTYPE, BLOCK_R, BLOCK_C)
         tl.debug_barrier()  # every thread's statistics stored before any thread reads them back
     rows = pid * BLOCK_R + tl.arange(0, BLOCK_R)
     row_ok = rows < M
@@ -491,13 +492,12 @@ def norm_bwd_block(x_ptr, da_ptr, gamma_ptr, map_ptr, rows, row_ok, k0, mean, rs
 def norm_bwd_kernel(
     da_ptr, x_ptr, map_ptr, stats_ptr, gamma_ptr, dx_ptr, dgamma_ptr, dbeta_ptr,
     R, C, G, stride_xt, stride_xc, stride_dat, stride_dac, stride_dxt, stride_dxc, stride_map, stride_gamma,
-    center,
-    NORM_POST: tl.constexpr, ALIGNED: tl.constexpr, TABLE: tl.constexpr, ACC_DTYPE: tl.constexpr,
+    CENTER: tl.constexpr, NORM_POST: tl.constexpr, ALIGNED: tl.constexpr, TABLE: tl.constexpr, ACC_DTYPE: tl.constexpr,
     BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
     """dx of the norm for BLOCK_R normalised rows (tokens map[r, 0..G-1], as in norm_stats_kernel), from
     dA (the gradient at the norm's output, in x's layout): with g = dA * gamma, xhat = (x - mean) * rstd,
-        dx = rstd * (g - center * mean(g) - xhat * mean(g * xhat))      (center: 1 LayerNorm, 0 RMSNorm)
+        dx = rstd * (g - mean(g) - xhat * mean(g * xhat))      (an RMSNorm, not CENTER: without mean(g))
     and this program's share of dgamma = sum dA * xhat and dbeta = sum dA over its rows: one fp32
     partial row per program (dgamma_ptr + pid * width), each written once, summed in order by the
     launcher. Pass 1 forms the row sums (and, post-merge, the partials: every column its own gamma);
@@ -520,7 +520,7 @@ def norm_bwd_kernel(
         if NORM_POST:
             tl.store(dgamma_ptr + pid * width + cols, tl.sum(da * xhat, axis=0), mask=col_ok)
             tl.store(dbeta_ptr + pid * width + cols, tl.sum(da, axis=0), mask=col_ok)
-    mean_g = center * sum_g / width
+    mean_g = sum_g / width if CENTER else tl.zeros_like(sum_g)
     mean_gx = sum_gx / width
     for k0 in range(0, width, BLOCK_C):
         cols, col_ok, tok, da, xhat, g = norm_bwd_block(
@@ -538,12 +538,12 @@ def norm_bwd_kernel(
 def pool_norm_fwd_kernel(
     x_ptr, map_ptr, gamma_ptr, beta_ptr, pooled_ptr, out_ptr, stats_ptr,
     M, C, G, stride_xt, stride_xc, stride_map, stride_gamma, stride_beta, stride_pm, stride_om,
-    eps, eps_lo, gamma_shift, gamma_shift_lo, center,
-    NORM: tl.constexpr, ACC_DTYPE: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
+    eps, eps_lo, gamma_shift, gamma_shift_lo,
+    CENTER: tl.constexpr, NORM: tl.constexpr, ACC_DTYPE: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
     """Average pooling then the norm, for BLOCK_R pooled rows: pooled[m] = mean of x over tokens map[m, :]
     (rounded to x's dtype, as AvgPool2d returns it), out[m] = (pooled[m] - mean) * rstd * (gamma +
-    gamma_shift) + beta (``center`` 1 LayerNorm, 0 RMSNorm: mean 0, beta unused; Gemma 3 scales by
+    gamma_shift) + beta (CENTER: LayerNorm; else RMSNorm: mean 0, beta unused; Gemma 3 scales by
     1 + weight: gamma_shift 1). Pass 1 pools (G token rows per block) and stores pooled; passes 2 and 3
     read this program's own pooled rows back (after a barrier: other threads wrote them) for the centred
     squares and the output. Without NORM, pass 1 stores straight to out."""
@@ -569,8 +569,8 @@ def pool_norm_fwd_kernel(
         total += tl.sum(pooled.to(ACC_DTYPE), axis=1)
     if NORM:
         tl.debug_barrier()
-        mean = tl.zeros((BLOCK_R,), dtype=ACC_DTYPE)  # an RMSNorm's (center 0); its total may overflow
-        if center != 0:
+        mean = tl.zeros((BLOCK_R,), dtype=ACC_DTYPE)  # an RMSNorm's; its total may overflow
+        if CENTER:
             mean = total / C
         squares = tl.zeros((BLOCK_R,), dtype=ACC_DTYPE)
         residue = tl.zeros((BLOCK_R,), dtype=ACC_DTYPE)  # C x the mean's rounding error (row_stats)
@@ -583,7 +583,7 @@ def pool_norm_fwd_kernel(
             residue += tl.sum(d, axis=1)
         rstd = 1.0 / tl.sqrt(squares / C + eps)
         if ACC_DTYPE != tl.float64:  # (fp64's mean is exact enough; the correction's division spilled 8 B)
-            if center != 0:
+            if CENTER:
                 mean += residue / C
         tl.store(stats_ptr + 2 * r, mean.to(stats_ptr.dtype.element_ty), mask=row_ok)
         tl.store(stats_ptr + 2 * r + 1, rstd.to(stats_ptr.dtype.element_ty), mask=row_ok)
@@ -594,7 +594,7 @@ def pool_norm_fwd_kernel(
             p = tl.load(pooled_ptr + r[:, None] * stride_pm + cols[None, :], mask=mask, other=0.0).to(ACC_DTYPE)
             gamma = tl.load(gamma_ptr + cols * stride_gamma, mask=col_ok, other=0.0).to(ACC_DTYPE) + gamma_shift
             y = (p - mean[:, None]) * rstd[:, None] * gamma[None, :]
-            if center != 0:
+            if CENTER:
                 y += tl.load(beta_ptr + cols * stride_beta, mask=col_ok, other=0.0).to(ACC_DTYPE)[None, :]
             tl.store(out_ptr + r[:, None] * stride_om + cols[None, :], y.to(out_ptr.dtype.element_ty), mask=mask)
 
@@ -603,11 +603,11 @@ def pool_norm_fwd_kernel(
 def pool_norm_bwd_kernel(
     da_ptr, pooled_ptr, stats_ptr, map_ptr, gamma_ptr, dx_ptr, dgamma_ptr, dbeta_ptr,
     M, C, G, stride_dam, stride_dac, stride_pm, stride_map, stride_gamma, stride_dxt, stride_dxc,
-    gamma_shift, gamma_shift_lo, center,
-    NORM: tl.constexpr, ACC_DTYPE: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
+    gamma_shift, gamma_shift_lo,
+    CENTER: tl.constexpr, NORM: tl.constexpr, ACC_DTYPE: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
     """dx of ``pool_norm_fwd_kernel`` for BLOCK_R pooled rows, from dA (M, C) at its output: the norm's
-    backward as in norm_bwd_kernel (g = dA * gamma, dp = rstd * (g - center * mean(g) - xhat *
+    backward as in norm_bwd_kernel (g = dA * gamma, dp = rstd * (g - mean(g) - xhat *
     mean(g * xhat)), this program's fp32 dgamma / dbeta partial rows, summed in order by the launcher),
     then dx[tok] = dp / G for each of the row's G tokens: a spread store, every token written once
     (pooling windows do not overlap), no atomics."""
@@ -634,7 +634,9 @@ def pool_norm_bwd_kernel(
             sum_gx += tl.sum(g * xhat, axis=1)
             tl.store(dgamma_ptr + pid * C + cols, tl.sum(da * xhat, axis=0), mask=col_ok)
             tl.store(dbeta_ptr + pid * C + cols, tl.sum(da, axis=0), mask=col_ok)
-        mean_g = center * sum_g / C
+        # (an RMSNorm's mean(g) is 0: multiplied out rather than dropped, which spilled 8 B at 80 registers
+        # on Triton 3.7.1, sm_90; this form holds 96 without, as the runtime flag did)
+        mean_g = sum_g / C * (1.0 if CENTER else 0.0)
         mean_gx = sum_gx / C
     for c0 in range(0, C, BLOCK_C):
         cols = c0 + tl.arange(0, BLOCK_C)
@@ -756,9 +758,9 @@ def norm_stats(merge: Merge, fold=None):
             x, merge.token_map, stats, w, merge.gamma if fold is not None else stats, wf,
             R, merge.C, G, x.stride(0), x.stride(1), merge.token_map.stride(0),
             *fp32_pair(merge.eps, stats.dtype),
-            int(merge.norm == "layer"),
             programs, w.shape[0], merge.K, w.stride(0), w.stride(1), merge.gamma.stride(0) if fold is not None else 0,
-            ALIGNED=merge.C % bc == 0, TABLE=table, FOLD=fold is not None, FOLD_POST=merge.post,
+            CENTER=merge.norm == "layer", ALIGNED=merge.C % bc == 0, TABLE=table, FOLD=fold is not None,
+            FOLD_POST=merge.post,
             ACC_DTYPE=acc_dtype(x.dtype), BLOCK_R=br, BLOCK_C=bc, num_warps=4, num_stages=1, **LAUNCH_OPTIONS)
     merge.stats = stats
     merge.folded, merge.folded_from = (wf, fold) if fold is not None else (None, None)
@@ -953,7 +955,7 @@ def normalised_rows(merge: Merge, stats: bool = False) -> torch.Tensor:
         norm_rows_kernel[(cdiv(merge.M, br),)](
             x, merge.token_map, merge.stats, merge.gamma, merge.beta, out, merge.M, merge.K, merge.C, merge.G,
             x.stride(0), x.stride(1), merge.token_map.stride(0), merge.gamma.stride(0), merge.beta.stride(0),
-            out.stride(0), *fp32_pair(merge.eps, merge.stats.dtype), int(merge.norm == "layer"),
+            out.stride(0), *fp32_pair(merge.eps, merge.stats.dtype), CENTER=merge.norm == "layer",
             ALIGNED=merge.C % bc == 0, TABLE=merge.table, NORM_POST=merge.post, ACC_DTYPE=acc_dtype(x.dtype),
             STATS=stats, BLOCK_R=br, BLOCK_C=bc, num_warps=4, num_stages=1, **LAUNCH_OPTIONS)
     return out
@@ -1063,7 +1065,7 @@ def norm_bwd(da, merge: Merge):
         norm_bwd_kernel[(programs,)](
             da, x, merge.token_map, merge.stats, merge.gamma, dx, dgamma_p, dbeta_p,
             R, merge.C, G, x.stride(0), x.stride(1), da.stride(0), da.stride(1), dx.stride(0), dx.stride(1),
-            merge.token_map.stride(0), merge.gamma.stride(0), int(merge.norm == "layer"),
+            merge.token_map.stride(0), merge.gamma.stride(0), CENTER=merge.norm == "layer",
             NORM_POST=merge.post, ALIGNED=merge.C % bc == 0, TABLE=table, ACC_DTYPE=acc_dtype(x.dtype),
             BLOCK_R=br, BLOCK_C=bc, num_warps=4, num_stages=1, **LAUNCH_OPTIONS)
     dgamma = dgamma_p.sum(0).to(x.dtype)
@@ -1095,7 +1097,7 @@ def pool_norm_fwd(x, table, G, norm=None, gamma=None, beta=None, eps=1e-6, gamma
             M, C, G, x.stride(0), x.stride(1), table.stride(0), gamma.stride(0) if norm else 0,
             beta.stride(0) if norm == "layer" else 0, pooled.stride(0), out.stride(0), *fp32_pair(eps, acc),
             *fp32_pair(gamma_shift, acc),
-            int(norm == "layer"), NORM=norm is not None, ACC_DTYPE=acc_dtype(x.dtype), BLOCK_R=br, BLOCK_C=bc,
+            CENTER=norm == "layer", NORM=norm is not None, ACC_DTYPE=acc_dtype(x.dtype), BLOCK_R=br, BLOCK_C=bc,
             num_warps=4, num_stages=1, **LAUNCH_OPTIONS)
     return out, (pooled if norm and save else None), (stats if norm else None)
 
@@ -1117,9 +1119,8 @@ def pool_norm_bwd(da, T, table, G, norm=None, gamma=None, pooled=None, stats=Non
             da, pooled if norm else da, stats if norm else da, table, gamma if norm else da, dx, dgamma_p, dbeta_p,
             M, C, G, da.stride(0), da.stride(1), pooled.stride(0) if norm else 0, table.stride(0),
             gamma.stride(0) if norm else 0, dx.stride(0), dx.stride(1), *fp32_pair(gamma_shift, acc),
-            int(norm == "layer"),
-            NORM=norm is not None, ACC_DTYPE=acc_dtype(da.dtype), BLOCK_R=br, BLOCK_C=bc, num_warps=4,
-            num_stages=1, **LAUNCH_OPTIONS)
+            CENTER=norm == "layer", NORM=norm is not None, ACC_DTYPE=acc_dtype(da.dtype), BLOCK_R=br, BLOCK_C=bc,
+            num_warps=4, num_stages=1, **LAUNCH_OPTIONS)
     if not norm:
         return dx, None, None
     dtype = gamma.dtype
@@ -1262,28 +1263,31 @@ def aot_specs():
                                       ("per merged row", T // G, G, C, every[:2]),
                                       ("per token (C % 128 != 0)", T, 1, 1176, every)):
         br, bc = ROWWISE if C_ % ROWWISE[1] == 0 else ROWWISE_GATHER
-        # center: 1 LayerNorm, 0 RMSNorm. A runtime int, but the JIT specialises the value 1, so the two
-        # norms are different compiles: RMSNorm per token (Qwen2.5-VL's merger) in bf16 as well.
-        for dtype, ptr, center in [(d, p, 1) for d, p in dtypes] + ([("bf16", "*bf16", 0)] if g == 1 and C_ == C else []):
+        # CENTER: LayerNorm, else RMSNorm: different compiles. RMSNorm per token (Qwen2.5-VL's merger) in
+        # every dtype class as well (Triton 3.6 failed to compile the fp32 one while CENTER was a runtime
+        # int, which only an H100 run found: bench/NOTES.md, session 20).
+        norms = (1, 0) if g == 1 and C_ == C else (1,)
+        for dtype, ptr, center in [(d, p, c) for c in norms for d, p in dtypes]:
             acc = tl.float64 if ptr == "*fp64" else tl.float32
             acc_ptr = "*fp64" if ptr == "*fp64" else "*fp32"
             norm_name = "" if center else " (RMSNorm)"
             # The folded RMSNorm forward's launch also writes gamma * W (5120 x 5120): per token in every
             # dtype class, per merged row in bf16 (without FOLD the launcher passes stats as the weight
             # pointers, never read).
-            folds = (g == 1 and C_ == C and (center == 0 or ptr != "*bf16")) or (g > 1 and ptr == "*bf16")
+            folds = (g == 1 and C_ == C and center == 0) or (g > 1 and ptr == "*bf16")
             for fold in (False, True) if folds else (False,):
                 w_ptr = ptr if fold else acc_ptr
                 stats = dict(x_ptr=ptr, map_ptr="*i32", stats_ptr=acc_ptr, w_ptr=w_ptr, gamma_ptr=w_ptr, wf_ptr=w_ptr,
                              R=rows, C=C_, G=g, stride_xt=C_, stride_xc=1, stride_map=g, eps=1e-6,
-                             eps_lo=0.0, center=0 if fold else center, STATS_PROGRAMS=cdiv(rows, br), N=N, K=G * C_,
+                             eps_lo=0.0, STATS_PROGRAMS=cdiv(rows, br), N=N, K=G * C_,
                              stride_wn=G * C_, stride_wk=1, stride_gamma=1 if fold else 0)
                 specs.append(CompileSpec(
                     kernel="merged_gemm/norm_stats_kernel",
                     variant=(f"mean, rstd {what} (RMSNorm) + gamma folded into W" if fold
                              else f"mean, rstd {what}{norm_name}"),
                     dtype=dtype, config=f"{br}x{bc} w4", fn=norm_stats_kernel, args=tuple(stats.items()),
-                    constexprs=(("ALIGNED", C_ % bc == 0), ("TABLE", g > 1), ("FOLD", fold), ("FOLD_POST", g > 1),
+                    constexprs=(("CENTER", bool(center) and not fold), ("ALIGNED", C_ % bc == 0), ("TABLE", g > 1),
+                                ("FOLD", fold), ("FOLD_POST", g > 1),
                                 ("ACC_DTYPE", acc), ("BLOCK_R", br), ("BLOCK_C", bc)),
                     num_warps=4, num_stages=1, tensor_cores=False))
             # The normalised operand (``normalised_rows``), written once for an unmapped GEMM: the backward's
@@ -1291,7 +1295,7 @@ def aot_specs():
             # per merged row or per token of Qwen's adjacent-rows merge, G = 4 without a table).
             rows_args = dict(x_ptr=ptr, map_ptr="*i32", stats_ptr=acc_ptr, gamma_ptr=ptr, beta_ptr=ptr, out_ptr=ptr,
                              M=T // G, K=G * C_, C=C_, G=G, stride_xt=C_, stride_xc=1, stride_map=G, stride_gamma=1,
-                             stride_beta=1, stride_om=G * C_, eps=1e-6, eps_lo=0.0, center=center)
+                             stride_beta=1, stride_om=G * C_, eps=1e-6, eps_lo=0.0)
             forms = [(False, g > 1)] if center or g > 1 else []  # (the backward: the LayerNorm rows per form)
             forms += [(True, g > 1)] if ptr != "*fp64" else []  # the forward's launch (``rows_take_stats``)
             for stats, table in forms:
@@ -1300,17 +1304,18 @@ def aot_specs():
                     variant=(f"normalised operand and its statistics, norm {what}{'' if table else ', no table'}"
                              f"{norm_name}" if stats else f"normalised operand, norm {what}"),
                     dtype=dtype, config=f"{br}x{bc} w4", fn=norm_rows_kernel, args=tuple(rows_args.items()),
-                    constexprs=(("ALIGNED", C_ % bc == 0), ("TABLE", table), ("NORM_POST", g > 1),
+                    constexprs=(("CENTER", bool(center)), ("ALIGNED", C_ % bc == 0), ("TABLE", table),
+                                ("NORM_POST", g > 1),
                                 ("ACC_DTYPE", acc), ("STATS", stats), ("BLOCK_R", br), ("BLOCK_C", bc)),
                     num_warps=4, num_stages=1, tensor_cores=False))
             bwd = dict(da_ptr=ptr, x_ptr=ptr, map_ptr="*i32", stats_ptr=acc_ptr, gamma_ptr=ptr, dx_ptr=ptr,
                        dgamma_ptr=acc_ptr, dbeta_ptr=acc_ptr, R=rows, C=C_, G=g, stride_xt=C_, stride_xc=1,
-                       stride_dat=C_, stride_dac=1, stride_dxt=C_, stride_dxc=1, stride_map=g, stride_gamma=1,
-                       center=center)
+                       stride_dat=C_, stride_dac=1, stride_dxt=C_, stride_dxc=1, stride_map=g, stride_gamma=1)
             specs.append(CompileSpec(
                 kernel="merged_gemm/norm_bwd_kernel", variant=f"dx, dgamma, dbeta {what}{norm_name}", dtype=dtype,
                 config=f"{br}x{bc} w4", fn=norm_bwd_kernel, args=tuple(bwd.items()),
-                constexprs=(("NORM_POST", g > 1), ("ALIGNED", C_ % bc == 0), ("TABLE", g > 1), ("ACC_DTYPE", acc),
+                constexprs=(("CENTER", bool(center)), ("NORM_POST", g > 1), ("ALIGNED", C_ % bc == 0), ("TABLE", g > 1),
+                            ("ACC_DTYPE", acc),
                             ("BLOCK_R", br),
                             ("BLOCK_C", bc)),
                 num_warps=4, num_stages=1, tensor_cores=False))
@@ -1322,12 +1327,12 @@ def aot_specs():
         br, bc = POOL_ROWWISE_FP64 if ptr == "*fp64" else POOL_ROWWISE
         acc = tl.float64 if ptr == "*fp64" else tl.float32
         acc_ptr = "*fp64" if ptr == "*fp64" else "*fp32"
-        cx = (("NORM", norm), ("ACC_DTYPE", acc), ("BLOCK_R", br), ("BLOCK_C", bc))
+        cx = (("CENTER", False), ("NORM", norm), ("ACC_DTYPE", acc), ("BLOCK_R", br), ("BLOCK_C", bc))
         what = "RMSNorm" if norm else "no norm"
         fwd = dict(x_ptr=ptr, map_ptr="*i32", gamma_ptr=ptr, beta_ptr=ptr, pooled_ptr=ptr, out_ptr=ptr,
                    stats_ptr=acc_ptr if norm else ptr, M=R, C=C_, G=g, stride_xt=C_, stride_xc=1, stride_map=g,
                    stride_gamma=1 if norm else 0, stride_beta=0, stride_pm=C_, stride_om=C_, eps=1e-6,
-                   eps_lo=0.0, gamma_shift=1.0, gamma_shift_lo=0.0, center=0)
+                   eps_lo=0.0, gamma_shift=1.0, gamma_shift_lo=0.0)
         specs.append(CompileSpec(
             kernel="merged_gemm/pool_norm_fwd_kernel", variant=f"average pool, {what}", dtype=dtype,
             config=f"{br}x{bc} w4", fn=pool_norm_fwd_kernel, args=tuple(fwd.items()), constexprs=cx,
@@ -1336,7 +1341,7 @@ def aot_specs():
                    dx_ptr=ptr, dgamma_ptr=acc_ptr if norm else ptr, dbeta_ptr=acc_ptr if norm else ptr, M=R, C=C_,
                    G=g, stride_dam=C_, stride_dac=1, stride_pm=C_ if norm else 0, stride_map=g,
                    stride_gamma=1 if norm else 0, stride_dxt=C_, stride_dxc=1, gamma_shift=1.0,
-                   gamma_shift_lo=0.0, center=0)
+                   gamma_shift_lo=0.0)
         specs.append(CompileSpec(
             kernel="merged_gemm/pool_norm_bwd_kernel", variant=f"dx spread to the window, {what}", dtype=dtype,
             config=f"{br}x{bc} w4", fn=pool_norm_bwd_kernel, args=tuple(bwd.items()), constexprs=cx,

@@ -449,10 +449,11 @@ def test_lse_rounding_floor_only_matters_at_huge_logits():
     q, k, v = _qkv(1, 2, 2, 2, 9, 50, 16)
     do = torch.randn(2, 2, 9, 16)
     dv64 = (torch.softmax((q.double() @ k.double().transpose(-1, -2)) / 4, -1).transpose(-1, -2) @ do.double().abs())
-    # "Of its own magnitude": within 2x of max |dV| (the scale bounds |P^T| |dO| elementwise, so it can
-    # exceed max |dV| by a little: 1.05 against 1.03 on the GPU's random stream).
+    # "Of its own magnitude": within 4x of max |dV|. The scale is |P^T| |dO| (a little over max |dV|)
+    # times the relative error of P in 4-ulp units, (|lse| / 2 + max |s|) / 4 in fp32: ~2 at these
+    # logits (max |s| ~ 4 over 1800 scores; the CUDA run's draw gave 2.1x max |dV|, session 20).
     ordinary = cross_attention_term_scales(q, k, v, do)["grad v"]
-    assert ordinary < 2 * dv64.abs().max().item()
+    assert ordinary < 4 * dv64.abs().max().item()
     big = cross_attention_term_scales(q * 30, k * 30, v, do)["grad v"]
     # 4 fp32 ulps of that scale: far more than the ordinary floor, what the fp32 lse costs at |logits| ~ 1e4.
     assert big > 50 * ordinary and big * 4 * torch.finfo(torch.float32).eps > 1e-4
@@ -770,7 +771,7 @@ def test_packed_grouped_heads_give_the_one_head_results(Bq, B, Hq, Hkv, Lq, Lk, 
     real = KA._attn_fwd.run
 
     def spy(*args, **kwargs):
-        launched.append((kwargs["PACK_GQA"], tuple(kwargs["grid"])))
+        launched.append((kwargs["PACK_GQA"], tuple(kwargs["grid"]), kwargs["BLOCK_M"]))
         return real(*args, **kwargs)
 
     monkeypatch.setattr(KA._attn_fwd, "run", spy)
@@ -778,11 +779,13 @@ def test_packed_grouped_heads_give_the_one_head_results(Bq, B, Hq, Hkv, Lq, Lk, 
     kw = dict(splits=splits, acc=torch.float32, k2=k2, v2=v2, combine=combine)
     want = KA.attention_fwd(q, k, v, lens, mask, 0.3, **kw)
     got = KA.attention_fwd(q, k, v, lens, mask, 0.3, pack_gqa=True, **kw)
-    bm = KA.INTERPRETER_BLOCKS["BLOCK_M"]
-    (one, one_grid), (packed, grid) = launched
+    # (the tile the launcher chose: the interpreter's, or the GPU's under MMFUSE_TEST_DEVICE=cuda)
+    (one, one_grid, bm), (packed, grid, packed_bm) = launched
     assert not one and one_grid[:2] == (math.ceil(Lq / bm), B * Hq)
-    assert packed and grid[:2] == (math.ceil(Hq // Hkv * Lq / bm), B * Hkv) and grid[2] == one_grid[2]
-    assert grid[0] * grid[1] == KA.fwd_programs(B, Hq, Hkv, Lq, bm, True) < KA.fwd_programs(B, Hq, Hkv, Lq, bm)
+    assert packed and grid[:2] == (math.ceil(Hq // Hkv * Lq / packed_bm), B * Hkv) and grid[2] == one_grid[2]
+    assert grid[0] * grid[1] == KA.fwd_programs(B, Hq, Hkv, Lq, packed_bm, True) <= KA.fwd_programs(B, Hq, Hkv, Lq, bm)
+    if bm == KA.INTERPRETER_BLOCKS["BLOCK_M"]:  # these cases leave the 16-row tile's rows idle per head
+        assert grid[0] * grid[1] < KA.fwd_programs(B, Hq, Hkv, Lq, bm)
     # a few units of the output's rounding at its scale (the rows' sums of products may round apart)
     eps = torch.finfo(dtype).eps
     torch.testing.assert_close(got[0].float(), want[0].float(), rtol=8 * eps,

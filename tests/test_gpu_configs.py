@@ -89,12 +89,13 @@ def run_key(spec):
             + (("FOLDED",) if cx["FOLDED"] else ())
     if name in ("norm_stats_kernel", "norm_bwd_kernel"):
         post = dict(spec.args)["G"] > 1
+        # an RMSNorm (not CENTER) unfolded runs on its own (CENTER is a compile-time flag); folded, its run
         return ("merged", None, True, post, spec.dtype, None, cx["ALIGNED"], None, cx["TABLE"], False) \
-            + (("FOLDED",) if cx.get("FOLD") else ())
+            + (("FOLDED",) if cx.get("FOLD") else ()) + ((() if cx["CENTER"] or cx.get("FOLD") else ("RMS",)))
     if name == "norm_rows_kernel":  # the normalised operand: the backward's (from FOLD_MIN_ROWS rows), or the
         # forward's with its statistics (STATS: ``written_forward_applies``, forced in the run)
         return ("merged", None, True, cx["NORM_POST"], spec.dtype, None, cx["ALIGNED"], None, cx["TABLE"], False,
-                "WRITTEN" if cx.get("STATS") else "MATERIALISED")
+                "WRITTEN" if cx.get("STATS") else "MATERIALISED") + (() if cx["CENTER"] else ("RMS",))
     if name in ("pool_norm_fwd_kernel", "pool_norm_bwd_kernel"):
         return ("pooled", spec.dtype, cx["NORM"])
     if name == "act_grad_kernel":
@@ -323,7 +324,7 @@ def run_gated(kind, act, dtype, tile, even_k, ragged=RAGGED):
 
 
 def run_merged(mapped, norm, post, dtype, tile, aligned, even_k, table, gated=False, ragged=RAGGED, folded=False,
-               materialised=False, written=False):
+               materialised=False, written=False, rms=False):
     """A merged projector (``mmfuse.merged_mlp``, G = 2 tokens per row, a shuffled token table or none
     (``table``: adjacent rows, Qwen's view merge), LayerNorm
     per token or per merged row, or none) whose targeted mapped GEMM spans two tiles of ``tile`` and
@@ -334,7 +335,7 @@ def run_merged(mapped, norm, post, dtype, tile, aligned, even_k, table, gated=Fa
     rule). ``folded``: an RMSNorm, folded into the first weight at any row count; ``materialised``: the
     backward's normalised operand written at any row count; ``written``: the forward's too
     (``MMFUSE_MERGED_FORWARD=written``: its statistics in the same launch where a program owns its
-    rows). Values and every gradient."""
+    rows); ``rms``: an RMSNorm, not folded. Values and every gradient."""
     G = 2
     if mapped is None:  # C a multiple of the row-wise BLOCK_C (128) when ALIGNED
         C, M, N1 = (128 if aligned else 40), 21, 24
@@ -352,8 +353,8 @@ def run_merged(mapped, norm, post, dtype, tile, aligned, even_k, table, gated=Fa
     halves = 2 if gated else 1
     ws = [torch.randn(halves * N1, G * C, dtype=dtype) / (G * C) ** 0.5, torch.randn(16, N1, dtype=dtype) / N1 ** 0.5]
     bs = [torch.randn(halves * N1, dtype=dtype), torch.randn(16, dtype=dtype)]
-    norm_kw = dict(norm=("rms" if folded else "layer") if norm else None, norm_after_merge=post)
-    extra = [(1 + 0.2 * torch.randn(width)).to(dtype), torch.randn(width, dtype=dtype)][:1 if folded else 2] \
+    norm_kw = dict(norm=("rms" if folded or rms else "layer") if norm else None, norm_after_merge=post)
+    extra = [(1 + 0.2 * torch.randn(width)).to(dtype), torch.randn(width, dtype=dtype)][:1 if folded or rms else 2] \
         if norm else []
     names = ["x", "w1", "w2", "b1", "b2"] + ["gamma", "beta"][:len(extra)]
 
@@ -536,7 +537,7 @@ def _execute(key):
                 _patched(KL, "TMA", "always" if tma else "never"), _patched(KL, "TMA_PROGRAMS", 132 if tma else None):
             run_merged(mapped, norm, post, DTYPES[dtype_name], tile, aligned, even_k, table, gated,
                        ragged=8 if tma else RAGGED, folded="FOLDED" in flags, materialised="MATERIALISED" in flags,
-                       written="WRITTEN" in flags)
+                       written="WRITTEN" in flags, rms="RMS" in flags)
     elif family == "pooled":
         dtype_name, norm = params
         with _common.gpu_config({}):
