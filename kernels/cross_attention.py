@@ -532,7 +532,9 @@ def gpu_blocks(Lq: int, D: int, backward: bool = False, elem_bytes: int = 2, com
     """Tiles on a GPU, chosen so that no config spills on sm_80 or sm_90 (the compile test checks).
     Forward: 64 queries (32 when there are fewer, for 2-byte inputs to D = 128) x 64
     keys (32 past D = 128, and past D = 64 for 4-byte inputs, whose Q tile alone is 64 x 128 fp32),
-    4 warps at D <= 64 for 2-byte inputs, else 8. Backward: 32 queries x 64 keys (16 past D = 128),
+    4 warps at D <= 128 for 2-byte inputs, else 8: at 64 rows and 8 warps both warpgroups computed the
+    same Q.K^T and softmax (the TTGIR lays 8 warps along 64 rows), and on an H100 Idefics2's resampler
+    (D = 96) took 104.5 us at 8 warps, 75.2 at 4 (batch 8, 3 stages; bench/NOTES.md, session 20). Backward: 32 queries x 64 keys (16 past D = 128),
     8 warps: the dK/dV program keeps two fp32 (keys x D) accumulators plus its K and V tiles in
     registers. Tensor-core tiles (2-byte inputs, TF32) pipeline ``TENSOR_CORE_STAGES`` deep (TF32's
     dK/dV 2). fp64 (gradcheck, not speed): 16 queries (32 at D <= 64 forward) x 16 keys; an fp64 value
@@ -540,7 +542,7 @@ def gpu_blocks(Lq: int, D: int, backward: bool = False, elem_bytes: int = 2, com
     tiles spilled from D = 128, and these are the tiles that compile clean on Triton 3.6-3.9, except
     dK/dV past D = 64 and dQ at D = 256, which spill on every tile tried (bench/NOTES.md).
     ``combine``: the forward merging its split partials in the kernel, whose merge tile sits beside the
-    forward's registers: 8 warps for the 64-query tile at D <= 64 (4 spilled 8 B on sm_80, Triton 3.9).
+    forward's registers: 8 warps for the 64-query tile (4 spilled 8 B on sm_80 at D <= 64, Triton 3.9).
     ``ieee``: 4-byte inputs without TF32, whose dots run on FMA units and hold operand rows per thread:
     the forward takes 64 x 32 at D <= 64 and 32 x 16 beyond (the TF32 tiles spilled 72-7936 B; these
     compile clean with or without the combine on Triton 3.6-3.9, 63-164 registers); the backward 16
@@ -564,7 +566,7 @@ def gpu_blocks(Lq: int, D: int, backward: bool = False, elem_bytes: int = 2, com
         return dict(BLOCK_M=16 if (bd > 64 and elem_bytes == 4) else 32, BLOCK_N=64 if bd <= 128 else 16,
                     num_warps=8, num_stages=TENSOR_CORE_STAGES,
                     dkdv_num_stages=2 if elem_bytes == 4 else TENSOR_CORE_STAGES)
-    warps = 4 if (bd <= 64 and elem_bytes <= 2) else 8
+    warps = 4 if (bd <= 128 and elem_bytes <= 2) else 8
     wide = bd > (128 if elem_bytes <= 2 else 64)
     # A 32-query tile only for 2-byte inputs up to D = 128: fp32 is not the speed path (and each tile
     # is a config compiled per Triton version and dtype), and at D = 256 the 32x32 tile spilled 8 B on
@@ -756,18 +758,18 @@ def fwd_modelled_us(B: int, Bq: int, Hq: int, Hkv: int, Lq: int, Lk: int, D: int
 
 
 #: Device µs of one key block per program at the 64 queries x 64 keys x 128 head-dim tile, one program
-#: per SM, by pipeline depth. 2: fitted to an H100 measurement (session 17: Idefics2's resampler, 144 us
-#: over 78 key blocks at batch 8, less the model's 3 us launch). 3: a prediction (session 18), written
-#: before any GPU ran it: the copies' latency hidden behind one iteration of compute, leaving the two
-#: products and the softmax at one program per SM.
-KEY_BLOCK_US = {2: 1.81, 3: 0.8}
+#: per SM, by (pipeline depth, warps), each fitted to an H100 measurement of Idefics2's resampler at
+#: batch 8 (128 programs, 78 key blocks each, less the model's 3 us launch): 2 stages, 8 warps: 144 us
+#: (session 17); 3 stages: 104.5 us at 8 warps, 75.2 at 4 (session 20; session 18 had predicted 0.8 us
+#: a block for 3 stages). 4 warps at 2 stages takes the 8-warp figure (as session 18's check did).
+KEY_BLOCK_US = {(2, 8): 1.81, (3, 8): 1.30, (3, 4): 0.93}
 
 
 def fwd_block_bound_us(B: int, Hq: int, Lq: int, Lk: int, D: int, splits: int, sms: int, blocks: dict,
                        stages: int = TENSOR_CORE_STAGES) -> float:
     """The forward's time as its key-block iterations bound it (``fwd_modelled_us`` is the roofline,
     which an H100 beat by no margin: it predicted 24 us where 144 were measured): the waves of
-    programs (one per SM) x the key blocks each program walks x ``KEY_BLOCK_US[stages]``, scaled by the
+    programs (one per SM) x the key blocks each program walks x ``KEY_BLOCK_US[stages, warps]``, scaled by the
     tile's multiply-adds against the measured 64 x 64 x 128 tile, plus a launch. A model of the
     measured point, not a law: checked against the three other H100 points in bench/NOTES.md
     (session 18); not used by any launcher decision."""
@@ -776,7 +778,8 @@ def fwd_block_bound_us(B: int, Hq: int, Lq: int, Lk: int, D: int, splits: int, s
     per_split = cdiv(key_blocks, max(1, splits))
     programs = cdiv(Lq, bm) * B * Hq * cdiv(key_blocks, per_split)
     scale = bm * bn * bd / (64 * 64 * 128)
-    return cdiv(programs, sms) * per_split * KEY_BLOCK_US[stages] * scale + LAUNCH_US
+    per_block = KEY_BLOCK_US.get((stages, blocks["num_warps"]), KEY_BLOCK_US[stages, 8])
+    return cdiv(programs, sms) * per_split * per_block * scale + LAUNCH_US
 
 
 #: Where the forward's split partials are merged: "auto" (the default: in the split kernel itself, its

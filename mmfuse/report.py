@@ -639,12 +639,12 @@ def attention_block_section() -> list[str]:
              "padding; model)", "",
              "Roofline: the tables above (FLOPs at the grid's wave efficiency, or bytes, plus a launch). Key-block "
              "model: waves of programs (one per SM) x the key blocks each walks x µs per block "
-             f"(`KEY_BLOCK_US`: {KA.KEY_BLOCK_US[2]} at 2 stages, fitted to an H100 measurement at the 64 x 64 x "
-             f"128 tile; {KA.KEY_BLOCK_US[3]} at 3, the default since session 18, predicted, not yet timed), scaled "
-             "by the tile's multiply-adds, plus a launch, and never below the roofline. At 2 stages it came within "
-             "30% of the other three H100 points (bench/NOTES.md, session 18). Splits: the launcher's.", "",
-             "| shape | batch | splits | roofline µs | key-block model µs, 2 stages (measured basis) | "
-             "3 stages (predicted) |",
+             f"(`KEY_BLOCK_US`, by stages and warps: {KA.KEY_BLOCK_US[2, 8]} at 2 stages, "
+             f"{KA.KEY_BLOCK_US[3, 8]} / {KA.KEY_BLOCK_US[3, 4]} at 3 with 8 / 4 warps, each fitted to an H100 "
+             "measurement at the 64 x 64 x 128 tile), scaled by the tile's multiply-adds, plus a launch, and never "
+             "below the roofline. At 2 stages it came within 30% of the other three H100 points (bench/NOTES.md, "
+             "session 18). Splits and tiles: the launcher's (8 warps where the split merges in the kernel).", "",
+             "| shape | batch | splits | roofline µs | key-block model µs, 2 stages | 3 stages (the default) |",
              "| --- | --- | --- | --- | --- | --- |"]
     for s in ATTENTION_SHAPES:
         for batch in (1, 8, 64):
@@ -652,8 +652,9 @@ def attention_block_section() -> list[str]:
             splits = KA.choose_fwd_splits(batch, 1, s.heads, s.kv_heads, s.queries, s.keys, s.head_dim, 2, SMS, blk)
             roof = KA.fwd_modelled_us(batch, 1, s.heads, s.kv_heads, s.queries, s.keys, s.head_dim, 2, splits, SMS,
                                       blk, combine_in_kernel=True)
+            tiles = KA.gpu_blocks(s.queries, s.head_dim, combine=splits > 1)  # (as the launcher's "auto")
             t2, t3 = (max(roof, KA.fwd_block_bound_us(batch, s.heads, s.queries, s.keys, s.head_dim, splits, SMS,
-                                                      blk, st)) for st in (2, 3))
+                                                      tiles, st)) for st in (2, 3))
             lines.append(f"| {s.name} | {batch} | {splits} | {roof:.1f} | {t2:.1f} | {t3:.1f} |")
     return lines
 
