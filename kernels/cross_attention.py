@@ -542,7 +542,9 @@ def gpu_blocks(Lq: int, D: int, backward: bool = False, elem_bytes: int = 2, com
     tiles spilled from D = 128, and these are the tiles that compile clean on Triton 3.6-3.9, except
     dK/dV past D = 64 and dQ at D = 256, which spill on every tile tried (bench/NOTES.md).
     ``combine``: the forward merging its split partials in the kernel, whose merge tile sits beside the
-    forward's registers: 8 warps for the 64-query tile (4 spilled 8 B on sm_80 at D <= 64, Triton 3.9).
+    forward's registers: 8 warps for the 64-query tile at D <= 64 (4 spilled 8 B on sm_80, Triton 3.9);
+    at D = 65-128 it keeps 4 (255 registers on sm_80, no spill on Triton 3.6-3.9; H100, Idefics2 at batch 1
+    split 6 ways: 22.2 us against 27.4 at 8 warps).
     ``ieee``: 4-byte inputs without TF32, whose dots run on FMA units and hold operand rows per thread:
     the forward takes 64 x 32 at D <= 64 and 32 x 16 beyond (the TF32 tiles spilled 72-7936 B; these
     compile clean with or without the combine on Triton 3.6-3.9, 63-164 registers); the backward 16
@@ -572,7 +574,7 @@ def gpu_blocks(Lq: int, D: int, backward: bool = False, elem_bytes: int = 2, com
     # is a config compiled per Triton version and dtype), and at D = 256 the 32x32 tile spilled 8 B on
     # sm_90 (Triton 3.6) where the 64-query one does not.
     short = Lq <= 32 and elem_bytes <= 2 and bd <= 128
-    if combine and not short and warps == 4:
+    if combine and not short and warps == 4 and bd <= 64:
         warps = 8
     return dict(BLOCK_M=32 if short else 64, BLOCK_N=32 if wide else 64, num_warps=warps,
                 num_stages=TENSOR_CORE_STAGES)
