@@ -643,7 +643,8 @@ def attention_block_section() -> list[str]:
              f"{KA.KEY_BLOCK_US[3, 8]} / {KA.KEY_BLOCK_US[3, 4]} at 3 with 8 / 4 warps, each fitted to an H100 "
              "measurement at the 64 x 64 x 128 tile), scaled by the tile's multiply-adds, plus a launch, and never "
              "below the roofline. At 2 stages it came within 30% of the other three H100 points (bench/NOTES.md, "
-             "session 18). Splits and tiles: the launcher's (8 warps where the split merges in the kernel).", "",
+             "session 18). Splits and tiles: the launcher's. One program per SM: at 4 warps two fit (at batch 64 "
+             "the model says 583 µs where 403 were measured; bench/NOTES.md, session 20).", "",
              "| shape | batch | splits | roofline µs | key-block model µs, 2 stages | 3 stages (the default) |",
              "| --- | --- | --- | --- | --- | --- |"]
     for s in ATTENTION_SHAPES:
@@ -652,7 +653,7 @@ def attention_block_section() -> list[str]:
             splits = KA.choose_fwd_splits(batch, 1, s.heads, s.kv_heads, s.queries, s.keys, s.head_dim, 2, SMS, blk)
             roof = KA.fwd_modelled_us(batch, 1, s.heads, s.kv_heads, s.queries, s.keys, s.head_dim, 2, splits, SMS,
                                       blk, combine_in_kernel=True)
-            tiles = KA.gpu_blocks(s.queries, s.head_dim, combine=splits > 1)  # (as the launcher's "auto")
+            tiles = KA.gpu_blocks(s.queries, s.head_dim, combine=splits > 1)  # (the launcher's under "auto")
             t2, t3 = (max(roof, KA.fwd_block_bound_us(batch, s.heads, s.queries, s.keys, s.head_dim, splits, SMS,
                                                       tiles, st)) for st in (2, 3))
             lines.append(f"| {s.name} | {batch} | {splits} | {roof:.1f} | {t2:.1f} | {t3:.1f} |")
