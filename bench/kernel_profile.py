@@ -16,8 +16,9 @@ The quick benchmark says *that* a case is slow; this says *which launch* and *wh
 
 4. ``attention_pipeline``: the cross-attention kernels' device time at 2, 3 and 4 pipeline stages
    (and 4 or 8 warps, 64 or 128 query rows per program in the forward: 128 packs two grouped heads)
-   for Idefics2's resampler at batch 8 and 1 and BLIP-2's at batch 8, beside SDPA with ``enable_gqa``
-   (``attention_pipeline_sweep``): session 18's changes, untimed.
+   for Idefics2's resampler at batch 1, 8 and 64 and BLIP-2's at batch 8, beside SDPA with
+   ``enable_gqa`` (``attention_pipeline_sweep``; session 20 timed the first set and moved the forward
+   to 4 warps: these rows watch that choice and the packed tile, which won at batch 8 only).
 
 4b. ``attention_splits``: the cross-attention forward at batch 1 of each resampler shape
    (``ATTENTION_SHAPES``), where the key split decides: the split merged by a second launch, merged in
@@ -312,10 +313,10 @@ def attention_split_sweep(batch: int = 1, device: str = "cuda", bench=None, shap
 #: ``attention_pipeline_sweep``. 128 rows: two of Idefics2's grouped query heads per program, each
 #: warpgroup on 64 rows of its own (at 64 rows and 8 warps both warpgroups compute the same Q.K^T and
 #: softmax: the TTGIR's layout is 8 warps along 64 rows; bench/NOTES.md, session 18).
-PIPELINE_CASES = (("idefics2-resampler", 8, ((2, 8, 64), (3, 8, 64), (4, 8, 64), (3, 4, 64), (4, 4, 64),
-                                             (3, 8, 128), (4, 8, 128)), (2, 3)),
-                  ("idefics2-resampler", 1, ((2, 8, 64), (3, 8, 64), (4, 8, 64), (3, 8, 128)), ()),
-                  ("blip2-qformer-xattn", 8, ((2, 4, 32), (3, 4, 32), (4, 4, 32)), (2, 3)))
+PIPELINE_CASES = (("idefics2-resampler", 8, ((3, 4, 64), (3, 8, 64), (4, 4, 64), (3, 8, 128)), (2, 3)),
+                  ("idefics2-resampler", 1, ((3, 4, 64), (3, 8, 64), (3, 8, 128)), ()),
+                  ("idefics2-resampler", 64, ((3, 4, 64), (3, 8, 128)), ()),
+                  ("blip2-qformer-xattn", 8, ((2, 4, 32), (3, 4, 32)), (2, 3)))
 
 
 def attention_pipeline_sweep(device: str = "cuda", cases=PIPELINE_CASES, timer=None, shapes=None) -> list[dict]:
