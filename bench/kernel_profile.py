@@ -309,12 +309,15 @@ def attention_split_sweep(batch: int = 1, device: str = "cuda", bench=None, shap
     return rows
 
 
-#: (shape name, batch, forward (stages, warps, query rows per program) forms, backward stages) of
+#: (shape name, batch, forward (stages, warps, query rows per program[, key splits]) forms, backward
+#: stages) of
 #: ``attention_pipeline_sweep``. 128 rows: two of Idefics2's grouped query heads per program, each
 #: warpgroup on 64 rows of its own (at 64 rows and 8 warps both warpgroups compute the same Q.K^T and
 #: softmax: the TTGIR's layout is 8 warps along 64 rows; bench/NOTES.md, session 18).
-PIPELINE_CASES = (("idefics2-resampler", 8, ((3, 4, 64), (3, 8, 64), (4, 4, 64), (3, 8, 128)), (2, 3)),
-                  ("idefics2-resampler", 1, ((3, 4, 64), (3, 8, 64), (3, 8, 128)), ()),
+PIPELINE_CASES = (("idefics2-resampler", 8, ((3, 4, 64), (3, 8, 64), (4, 4, 64), (3, 8, 128), (3, 4, 64, 2),
+                                             (3, 4, 64, 3)), (2, 3)),
+                  ("idefics2-resampler", 1, ((3, 4, 64), (3, 8, 64), (3, 8, 128), (3, 4, 64, 12), (3, 4, 64, 16)),
+                   ()),
                   ("idefics2-resampler", 64, ((3, 4, 64), (3, 8, 128)), ()),
                   ("blip2-qformer-xattn", 8, ((2, 4, 32), (3, 4, 32)), (2, 3)))
 
@@ -352,7 +355,8 @@ def attention_pipeline_sweep(device: str = "cuda", cases=PIPELINE_CASES, timer=N
         k = torch.randn(batch, s.kv_heads, s.keys, s.head_dim, device=device, dtype=torch.bfloat16)
         v = torch.randn_like(k)
         scale = s.head_dim ** -0.5
-        for stages, warps, block_m in fwd_forms:
+        for stages, warps, block_m, *splits in fwd_forms:
+            splits = splits[0] if splits else None  # None: the launcher's split rule
             def tiles(Lq, D, backward=False, *a, stages=stages, warps=warps, block_m=block_m, **kw):
                 blk = original(Lq, D, backward, *a, **kw)
                 return blk if backward else dict(blk, num_stages=stages, num_warps=warps, BLOCK_M=block_m)
@@ -360,8 +364,8 @@ def attention_pipeline_sweep(device: str = "cuda", cases=PIPELINE_CASES, timer=N
             # a tile taller than one head's queries holds several grouped heads (PACK_GQA)
             pack = block_m > s.queries and s.heads > s.kv_heads
             rows.append(timed({"shape": name, "batch": batch, "pass": "fwd", "stages": stages, "warps": warps,
-                               "block_m": block_m, "packed": pack},
-                              lambda: KA.attention_fwd(q, k, v, None, None, scale, pack_gqa=pack), tiles))
+                               "block_m": block_m, "packed": pack, "splits": splits},
+                              lambda: KA.attention_fwd(q, k, v, None, None, scale, splits, pack_gqa=pack), tiles))
         if bwd_stages:
             o, lse = KA.attention_fwd(q, k, v, None, None, scale)
             do = torch.randn_like(o)
@@ -615,12 +619,13 @@ def markdown(result: dict) -> str:
     pipe = result.get("attention_pipeline")
     if isinstance(pipe, list):
         lines += _table_head("Cross-attention pipeline depth and rows per program (bf16, device time)", "shape",
-                             "batch", "pass", "kernel", "stages", "warps", "query rows", "device ms")
+                             "batch", "pass", "kernel", "stages", "warps", "query rows", "key splits", "device ms")
         for r in pipe:
             dev = f"{r['device_ms']:.4f}" if "device_ms" in r else f"failed: {r.get('error', '')[:100]}"
             lines.append(f"| {r['shape']} | {r['batch']} | {r['pass']} | {r.get('impl', 'mmfuse')} | "
                          f"{r.get('stages', '')} | {r.get('warps', '')} | {r.get('block_m', '')}"
-                         f"{' (packed)' if r.get('packed') else ''} | {dev} |")
+                         f"{' (packed)' if r.get('packed') else ''} | "
+                         f"{(r.get('splits') or 'auto') if r['pass'] == 'fwd' and 'impl' not in r else ''} | {dev} |")
         lines.append("")
     splits = result.get("attention_splits")
     if isinstance(splits, list):

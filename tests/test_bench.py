@@ -520,15 +520,18 @@ def test_kernel_profile_attention_pipeline_sweep():
     packs = []
     real_fwd = KA.attention_fwd
 
+    split_counts = []
+
     def recording_fwd(*a, pack_gqa=False, **kw):
         packs.append(pack_gqa)
+        split_counts.append(a[6] if len(a) > 6 else kw.get("splits"))
         return real_fwd(*a, pack_gqa=pack_gqa, **kw)
 
     before = (KA.gpu_blocks(17, 24), KA.gpu_blocks(17, 24, backward=True))
     with _common.gpu_config(), pytest.MonkeyPatch.context() as mp:
         mp.setattr(KA, "attention_fwd", recording_fwd)
         rows = kernel_profile.attention_pipeline_sweep(device="cpu", timer=timer, shapes=[shape],
-                                                       cases=(("tiny", 2, ((2, 8, 16), (4, 4, 64)), (2,)),))
+                                                       cases=(("tiny", 2, ((2, 8, 16), (4, 4, 64, 3)), (2,)),))
         after = (KA.gpu_blocks(17, 24), KA.gpu_blocks(17, 24, backward=True))
     assert after == before
     assert [(r["pass"], r.get("stages"), r.get("warps"), r.get("impl")) for r in rows] == [
@@ -538,10 +541,11 @@ def test_kernel_profile_attention_pipeline_sweep():
     assert [r.get("packed") for r in rows[:2]] == [False, True] and packs == [False, True, False]
     assert (seen[2][1]["num_stages"], KA.dkdv_stages(seen[2][1])) == (2, 2) and seen[2][0] == before[0]
     md = kernel_profile.markdown({"gpu": "x", "date": "d", "attention_pipeline": rows})
-    assert "| tiny | 2 | fwd | mmfuse | 4 | 4 | 64 (packed) | 0.5000 |" in md
-    assert "| tiny | 2 | fwd | mmfuse | 2 | 8 | 16 | 0.5000 |" in md
-    assert "| tiny | 2 | bwd | mmfuse | 2 | 8 |  | 0.5000 |" in md
-    assert "| tiny | 2 | fwd | sdpa enable_gqa |  |  |  | 0.5000 |" in md
+    assert "| tiny | 2 | fwd | mmfuse | 4 | 4 | 64 (packed) | 3 | 0.5000 |" in md
+    assert "| tiny | 2 | fwd | mmfuse | 2 | 8 | 16 | auto | 0.5000 |" in md
+    assert "| tiny | 2 | bwd | mmfuse | 2 | 8 |  |  | 0.5000 |" in md
+    assert "| tiny | 2 | fwd | sdpa enable_gqa |  |  |  |  | 0.5000 |" in md
+    assert [r.get("splits") for r in rows[:2]] == [None, 3] and split_counts[1] == 3
 
 
 def test_kernel_profile_mapped_gemm_forms(monkeypatch):
