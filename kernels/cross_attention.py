@@ -534,17 +534,18 @@ def gpu_blocks(Lq: int, D: int, backward: bool = False, elem_bytes: int = 2, com
     keys (32 past D = 128, and past D = 64 for 4-byte inputs, whose Q tile alone is 64 x 128 fp32),
     4 warps at D <= 128 for 2-byte inputs, else 8: at 64 rows and 8 warps both warpgroups computed the
     same Q.K^T and softmax (the TTGIR lays 8 warps along 64 rows), and on an H100 Idefics2's resampler
-    (D = 96) took 104.5 us at 8 warps, 75.2 at 4 (batch 8, 3 stages; bench/NOTES.md, session 20). Backward: 32 queries x 64 keys (16 past D = 128),
-    8 warps: the dK/dV program keeps two fp32 (keys x D) accumulators plus its K and V tiles in
-    registers. Tensor-core tiles (2-byte inputs, TF32) pipeline ``TENSOR_CORE_STAGES`` deep (TF32's
-    dK/dV 2). fp64 (gradcheck, not speed): 16 queries (32 at D <= 64 forward) x 16 keys; an fp64 value
-    takes two registers and an MMA's A operand (Q, dO) is held whole by every warp of its rows: 32-row
-    tiles spilled from D = 128, and these are the tiles that compile clean on Triton 3.6-3.9, except
-    dK/dV past D = 64 and dQ at D = 256, which spill on every tile tried (bench/NOTES.md).
+    (D = 96) took 104.5 us at 8 warps, 75.2 at 4 (batch 8, 3 stages; bench/NOTES.md, session 20).
+    Backward: 32 queries x 64 keys (16 past D = 128), 8 warps: the dK/dV program keeps two fp32 (keys x D)
+    accumulators plus its K and V tiles in registers. Tensor-core tiles (2-byte inputs, TF32) pipeline
+    ``TENSOR_CORE_STAGES`` deep (TF32's dK/dV 2). fp64 (gradcheck, not speed): 16 queries (32 at D <= 64
+    forward) x 16 keys; an fp64 value takes two registers and an MMA's A operand (Q, dO) is held whole by
+    every warp of its rows: 32-row tiles spilled from D = 128, and these are the tiles that compile clean on
+    Triton 3.6-3.9, except dK/dV past D = 64 and dQ at D = 256, which spill on every tile tried
+    (bench/NOTES.md).
     ``combine``: the forward merging its split partials in the kernel, whose merge tile sits beside the
     forward's registers: 8 warps for the 64-query tile at D <= 64 (4 spilled 8 B on sm_80, Triton 3.9);
-    at D = 65-128 it keeps 4 (255 registers on sm_80, no spill on Triton 3.6-3.9; H100, Idefics2 at batch 1
-    split 6 ways: 22.2 us against 27.4 at 8 warps).
+    at D = 65-128 it keeps 4 (255 registers on sm_80, no spill on Triton 3.6-3.9; H100, Idefics2 at
+    batch 1 split 6 ways: 22.2 us against 27.4 at 8 warps).
     ``ieee``: 4-byte inputs without TF32, whose dots run on FMA units and hold operand rows per thread:
     the forward takes 64 x 32 at D <= 64 and 32 x 16 beyond (the TF32 tiles spilled 72-7936 B; these
     compile clean with or without the combine on Triton 3.6-3.9, 63-164 registers); the backward 16
@@ -771,8 +772,8 @@ def fwd_block_bound_us(B: int, Hq: int, Lq: int, Lk: int, D: int, splits: int, s
                        stages: int = TENSOR_CORE_STAGES) -> float:
     """The forward's time as its key-block iterations bound it (``fwd_modelled_us`` is the roofline,
     which an H100 beat by no margin: it predicted 24 us where 144 were measured): the waves of
-    programs (one per SM) x the key blocks each program walks x ``KEY_BLOCK_US[stages, warps]``, scaled by the
-    tile's multiply-adds against the measured 64 x 64 x 128 tile, plus a launch. A model of the
+    programs (one per SM) x the key blocks each program walks x ``KEY_BLOCK_US[stages, warps]``, scaled
+    by the tile's multiply-adds against the measured 64 x 64 x 128 tile, plus a launch. A model of the
     measured point, not a law: checked against the three other H100 points in bench/NOTES.md
     (session 18); not used by any launcher decision."""
     bm, bn, bd = blocks["BLOCK_M"], blocks["BLOCK_N"], block_d(D, gpu=True)

@@ -245,7 +245,8 @@ def fold_gamma(pid, w_ptr, gamma_ptr, wf_ptr, N, K, C, stride_wn, stride_wk, str
 def norm_rows_kernel(
     x_ptr, map_ptr, stats_ptr, gamma_ptr, beta_ptr, out_ptr,
     M, K, C, G, stride_xt, stride_xc, stride_map, stride_gamma, stride_beta, stride_om, eps, eps_lo,
-    CENTER: tl.constexpr, ALIGNED: tl.constexpr, TABLE: tl.constexpr, NORM_POST: tl.constexpr, ACC_DTYPE: tl.constexpr,
+    CENTER: tl.constexpr, ALIGNED: tl.constexpr, TABLE: tl.constexpr, NORM_POST: tl.constexpr,
+    ACC_DTYPE: tl.constexpr,
     STATS: tl.constexpr,        # compute and store this program's statistics first (else read them)
     BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
@@ -492,8 +493,8 @@ def norm_bwd_block(x_ptr, da_ptr, gamma_ptr, map_ptr, rows, row_ok, k0, mean, rs
 def norm_bwd_kernel(
     da_ptr, x_ptr, map_ptr, stats_ptr, gamma_ptr, dx_ptr, dgamma_ptr, dbeta_ptr,
     R, C, G, stride_xt, stride_xc, stride_dat, stride_dac, stride_dxt, stride_dxc, stride_map, stride_gamma,
-    CENTER: tl.constexpr, NORM_POST: tl.constexpr, ALIGNED: tl.constexpr, TABLE: tl.constexpr, ACC_DTYPE: tl.constexpr,
-    BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
+    CENTER: tl.constexpr, NORM_POST: tl.constexpr, ALIGNED: tl.constexpr, TABLE: tl.constexpr,
+    ACC_DTYPE: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
     """dx of the norm for BLOCK_R normalised rows (tokens map[r, 0..G-1], as in norm_stats_kernel), from
     dA (the gradient at the norm's output, in x's layout): with g = dA * gamma, xhat = (x - mean) * rstd,
@@ -539,7 +540,8 @@ def pool_norm_fwd_kernel(
     x_ptr, map_ptr, gamma_ptr, beta_ptr, pooled_ptr, out_ptr, stats_ptr,
     M, C, G, stride_xt, stride_xc, stride_map, stride_gamma, stride_beta, stride_pm, stride_om,
     eps, eps_lo, gamma_shift, gamma_shift_lo,
-    CENTER: tl.constexpr, NORM: tl.constexpr, ACC_DTYPE: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
+    CENTER: tl.constexpr, NORM: tl.constexpr, ACC_DTYPE: tl.constexpr, BLOCK_R: tl.constexpr,
+    BLOCK_C: tl.constexpr,
 ):
     """Average pooling then the norm, for BLOCK_R pooled rows: pooled[m] = mean of x over tokens map[m, :]
     (rounded to x's dtype, as AvgPool2d returns it), out[m] = (pooled[m] - mean) * rstd * (gamma +
@@ -604,7 +606,8 @@ def pool_norm_bwd_kernel(
     da_ptr, pooled_ptr, stats_ptr, map_ptr, gamma_ptr, dx_ptr, dgamma_ptr, dbeta_ptr,
     M, C, G, stride_dam, stride_dac, stride_pm, stride_map, stride_gamma, stride_dxt, stride_dxc,
     gamma_shift, gamma_shift_lo,
-    CENTER: tl.constexpr, NORM: tl.constexpr, ACC_DTYPE: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
+    CENTER: tl.constexpr, NORM: tl.constexpr, ACC_DTYPE: tl.constexpr, BLOCK_R: tl.constexpr,
+    BLOCK_C: tl.constexpr,
 ):
     """dx of ``pool_norm_fwd_kernel`` for BLOCK_R pooled rows, from dA (M, C) at its output: the norm's
     backward as in norm_bwd_kernel (g = dA * gamma, dp = rstd * (g - mean(g) - xhat *

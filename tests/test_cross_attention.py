@@ -783,9 +783,10 @@ def test_packed_grouped_heads_give_the_one_head_results(Bq, B, Hq, Hkv, Lq, Lk, 
     (one, one_grid, bm), (packed, grid, packed_bm) = launched
     assert not one and one_grid[:2] == (math.ceil(Lq / bm), B * Hq)
     assert packed and grid[:2] == (math.ceil(Hq // Hkv * Lq / packed_bm), B * Hkv) and grid[2] == one_grid[2]
-    assert grid[0] * grid[1] == KA.fwd_programs(B, Hq, Hkv, Lq, packed_bm, True) <= KA.fwd_programs(B, Hq, Hkv, Lq, bm)
+    programs = grid[0] * grid[1]
+    assert programs == KA.fwd_programs(B, Hq, Hkv, Lq, packed_bm, True) <= KA.fwd_programs(B, Hq, Hkv, Lq, bm)
     if bm == KA.INTERPRETER_BLOCKS["BLOCK_M"]:  # these cases leave the 16-row tile's rows idle per head
-        assert grid[0] * grid[1] < KA.fwd_programs(B, Hq, Hkv, Lq, bm)
+        assert programs < KA.fwd_programs(B, Hq, Hkv, Lq, bm)
     # a few units of the output's rounding at its scale (the rows' sums of products may round apart)
     eps = torch.finfo(dtype).eps
     torch.testing.assert_close(got[0].float(), want[0].float(), rtol=8 * eps,
