@@ -51,6 +51,8 @@ def main(argv=None) -> int:
     p_check.add_argument("--out-dir", default=os.path.join("bench", "results"), help="where results are written")
     p_check.add_argument("--budget", type=float, default=480.0, help="seconds for all steps together")
     p_check.add_argument("--steps", nargs="*", default=None, help="only these steps (verify tests bench profile)")
+    p_check.add_argument("--archive", default=None,
+                         help="after every step, pack the out-dir into this .tar.gz (one file to bring back)")
     p_models = sub.add_parser("models", help="the model registry: every family, class and recipe mmfuse.patch covers")
     p_models.add_argument("--declined", action="store_true",
                           help="list the recognised classes left alone, with the reason, instead")
@@ -77,7 +79,7 @@ def main(argv=None) -> int:
     if args.command == "gpu-check":
         from mmfuse import gpu_check
 
-        return gpu_check.main(args.out_dir, budget_s=args.budget, steps=args.steps)
+        return gpu_check.main(args.out_dir, budget_s=args.budget, steps=args.steps, archive=args.archive)
     if args.command == "models":
         from mmfuse import registry
 

@@ -31,6 +31,7 @@ import json
 import os
 import subprocess
 import sys
+import tarfile
 import tempfile
 import time
 
@@ -123,10 +124,28 @@ def _run_step(step: str, out_dir: str, log: str, timeout: float, run, shards: in
     return next((rc for rc in rcs if rc == "timeout"), None) or next((rc for rc in rcs if rc != 0), 0)
 
 
+def pack(out_dir: str, archive: str) -> None:
+    """Every file under ``out_dir`` into the gzipped tar ``archive`` (named from ``out_dir``'s own folder
+    down; the archive itself left out if it lies inside), written to a temporary name and renamed, so a
+    reader never finds half an archive."""
+    out_dir, archive = os.path.abspath(out_dir), os.path.abspath(archive)
+    tmp = archive + ".part"
+    with tarfile.open(tmp, "w:gz") as tar:
+        for root, dirs, files in os.walk(out_dir):
+            dirs.sort()
+            for name in sorted(files):
+                path = os.path.join(root, name)
+                if path not in (archive, tmp):
+                    tar.add(path, arcname=os.path.relpath(path, os.path.dirname(out_dir)))
+    os.replace(tmp, archive)
+
+
 def main(out_dir: str, budget_s: float = 480.0, steps=None, run=subprocess.run, env_info=None,
-         clock=time.monotonic, print=print, verify_shards: int | None = None) -> int:
+         clock=time.monotonic, print=print, verify_shards: int | None = None, archive: str | None = None) -> int:
     """Run the steps in order within ``budget_s``; 0 when every step passed. ``run``/``env_info``/
-    ``clock`` are parameters so the logic is tested on CPU without a GPU."""
+    ``clock`` are parameters so the logic is tested on CPU without a GPU. ``archive``: after every step,
+    pack ``out_dir`` into this gzipped tar (``pack``): one file for a tool that brings back only a few
+    (session 20's first H100 call lost every result that way)."""
     steps = list(steps or STEPS)
     for s in steps:
         if s not in STEPS:
@@ -170,8 +189,13 @@ def main(out_dir: str, budget_s: float = 480.0, steps=None, run=subprocess.run, 
         # Written after every step: a later step that runs out of time leaves the earlier results.
         with open(os.path.join(folder, "summary.json"), "w") as f:
             json.dump(summary, f, indent=1)
+        if archive:
+            pack(out_dir, archive)
         print(f"mmfuse gpu-check: {step}: {'ok' if rc == 0 else f'FAILED ({rc})'} in {seconds:.0f} s -> {log}")
     with open(os.path.join(folder, "summary.json"), "w") as f:
         json.dump(summary, f, indent=1)
+    if archive:
+        pack(out_dir, archive)
+        print(f"mmfuse gpu-check: everything under {out_dir} packed into {archive}")
     print(f"mmfuse gpu-check: {len(steps) - failed} of {len(steps)} steps passed")
     return 1 if failed else 0

@@ -746,3 +746,38 @@ def test_every_covered_family_has_a_shape_row_or_a_reason():
             assert entry and set(entry) <= rows, (name, set(entry) - rows)
         else:
             assert entry.startswith("no row"), (name, entry)
+
+
+def test_gpu_check_archive_packs_every_result_after_each_step(tmp_path):
+    """``--archive``: the out-dir packed into one .tar.gz after each step (a step's files are in it even if a
+    later step is cut off), the archive itself left out when it lies inside the out-dir."""
+    import tarfile
+
+    from mmfuse import gpu_check
+
+    out = tmp_path / "r"
+    archive = out / "r.tgz"
+    clock = FakeClock()
+    seen = []
+
+    class Run(FakeRun):
+        def __call__(self, argv, cwd, env, stdout, stderr, timeout):
+            if archive.exists():  # what the previous steps left, packed before this one started
+                with tarfile.open(archive) as tar:
+                    seen.append(sorted(tar.getnames()))
+            if "bench" in argv and "verify" not in argv:
+                (out / "NVIDIA_H100_80GB_HBM3-2026-11-27.json").write_text("{}")
+            return super().__call__(argv, cwd, env, stdout, stderr, timeout)
+
+    rc = gpu_check.main(str(out), budget_s=480, steps=["verify", "bench"], run=Run(clock, seconds=30.0),
+                        env_info=lambda: ENV, clock=clock, print=lambda *a: None, verify_shards=1,
+                        archive=str(archive))
+    assert rc == 0
+    folder = next(p.name for p in out.glob("gpu-check-*"))
+    assert seen == [[f"r/{folder}/summary.json", f"r/{folder}/verify.txt"]]
+    with tarfile.open(archive) as tar:
+        names = sorted(tar.getnames())
+        assert tar.extractfile(f"r/{folder}/bench.txt").read() == b"bench output\n"
+    assert names == ["r/NVIDIA_H100_80GB_HBM3-2026-11-27.json", f"r/{folder}/bench.txt", f"r/{folder}/summary.json",
+                     f"r/{folder}/verify.txt"]
+    assert not (out / "r.tgz.part").exists()
