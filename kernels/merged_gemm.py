@@ -1266,18 +1266,17 @@ def aot_specs():
                                       ("per merged row", T // G, G, C, every[:2]),
                                       ("per token (C % 128 != 0)", T, 1, 1176, every)):
         br, bc = ROWWISE if C_ % ROWWISE[1] == 0 else ROWWISE_GATHER
-        # CENTER: LayerNorm, else RMSNorm: different compiles. RMSNorm per token (Qwen2.5-VL's merger) in
-        # every dtype class as well (Triton 3.6 failed to compile the fp32 one while CENTER was a runtime
-        # int, which only an H100 run found: bench/NOTES.md, session 20).
-        norms = (1, 0) if g == 1 and C_ == C else (1,)
-        for dtype, ptr, center in [(d, p, c) for c in norms for d, p in dtypes]:
+        # CENTER: LayerNorm, else RMSNorm: different compiles, both in every form and dtype class (Triton
+        # 3.6 failed to compile the fp32 RMSNorm per token while CENTER was a runtime int and the specs
+        # held RMSNorm in bf16 only; an H100 run found it: bench/NOTES.md, session 20).
+        for dtype, ptr, center in [(d, p, c) for c in (1, 0) for d, p in dtypes]:
             acc = tl.float64 if ptr == "*fp64" else tl.float32
             acc_ptr = "*fp64" if ptr == "*fp64" else "*fp32"
             norm_name = "" if center else " (RMSNorm)"
             # The folded RMSNorm forward's launch also writes gamma * W (5120 x 5120): per token in every
             # dtype class, per merged row in bf16 (without FOLD the launcher passes stats as the weight
             # pointers, never read).
-            folds = (g == 1 and C_ == C and center == 0) or (g > 1 and ptr == "*bf16")
+            folds = center == 0 and ((g == 1 and C_ == C) or (g > 1 and ptr == "*bf16"))
             for fold in (False, True) if folds else (False,):
                 w_ptr = ptr if fold else acc_ptr
                 stats = dict(x_ptr=ptr, map_ptr="*i32", stats_ptr=acc_ptr, w_ptr=w_ptr, gamma_ptr=w_ptr, wf_ptr=w_ptr,
@@ -1305,7 +1304,7 @@ def aot_specs():
                 specs.append(CompileSpec(
                     kernel="merged_gemm/norm_rows_kernel",
                     variant=(f"normalised operand and its statistics, norm {what}{'' if table else ', no table'}"
-                             f"{norm_name}" if stats else f"normalised operand, norm {what}"),
+                             f"{norm_name}" if stats else f"normalised operand, norm {what}{norm_name}"),
                     dtype=dtype, config=f"{br}x{bc} w4", fn=norm_rows_kernel, args=tuple(rows_args.items()),
                     constexprs=(("CENTER", bool(center)), ("ALIGNED", C_ % bc == 0), ("TABLE", table),
                                 ("NORM_POST", g > 1),
