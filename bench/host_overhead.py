@@ -267,14 +267,18 @@ def measure(images: int = 1, decisions: str = "gpu", calls: int = 200, rounds: i
 
 
 def profile(case: str, mode: str = "fwd", images: int = 1, decisions: str = "gpu", calls: int = 500,
-            top: int = 25, sort: str = "tottime") -> str:
-    """cProfile of ``calls`` calls of the first case whose name contains ``case``: the top functions."""
+            top: int = 25, sort: str = "tottime", launch: str = "recorder", tiny: bool = False) -> str:
+    """cProfile of ``calls`` calls of the first case whose name contains ``case``: the top functions.
+    ``launch`` as in ``measure`` (with "triton" the profile holds Triton's launch path; without it, the
+    interpreter off, the ops would have run their PyTorch reference)."""
     import cProfile
     import io
     import pstats
 
-    with kernels_recorded(decisions=decisions):
-        name, make = next((n, m) for n, m in cases(images).items() if case in n)
+    if launch not in ("recorder", "triton"):
+        raise ValueError(f"launch: expected 'recorder' or 'triton', got {launch!r}")
+    with kernels_recorded(decisions=decisions) if launch == "recorder" else triton_launch_path():
+        name, make = next((n, m) for n, m in cases(images, tiny=tiny).items() if case in n)
         step = step_for(make, mode)
         for _ in range(20):
             step()
@@ -316,7 +320,8 @@ def main(argv=None) -> None:
         argv = sys.argv[1:] if argv is None else list(argv)
         os.execve(sys.executable, [sys.executable, "-m", "mmfuse.bench.host_overhead", *argv], env)
     if args.profile:
-        print(profile(args.profile, args.mode, args.images, args.decisions, sort=args.sort))
+        print(profile(args.profile, args.mode, args.images, args.decisions, sort=args.sort, launch=args.launch,
+                      tiny=args.tiny, calls=args.calls))
         return
     import triton
 

@@ -216,6 +216,12 @@ def test_triton_launch_path_mode_runs_tritons_own_launch_path():
     assert "Triton's launch path" in out.stdout
     row = next(line for line in out.stdout.splitlines() if line.startswith("linear"))
     assert float(row.split()[-3]) > 0 and row.endswith("1: fused_gemm_kernel"), row
+    # `--profile` in that mode profiles the same path (it once ran the PyTorch reference instead)
+    out = subprocess.run([sys.executable, "-m", "mmfuse.bench.host_overhead", "--launch", "triton", "--tiny",
+                          "--calls", "3", "--profile", "linear", "--sort", "cumtime"],
+                         capture_output=True, text=True, env=env, timeout=600)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "linear" in out.stdout and "(run)" in out.stdout and "linear_reference" not in out.stdout, out.stdout
 
 
 def test_triton_launch_path_refuses_the_interpreter():
