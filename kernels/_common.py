@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import contextlib
 import math
+import struct
 
-import numpy as np
 import torch
 import triton
 import triton.language as tl
@@ -154,12 +154,18 @@ def fp32_pair(value: float, acc: torch.dtype) -> tuple[float, float]:
     value alone ran with it rounded to fp32: cross-attention's softmax scale then put ~6e-8 relative
     error in fp64 outputs. For an fp64 accumulator lo carries the rest (hi + lo = value to ~2^-48, for
     values in fp32's normal range); any other accumulator takes hi alone (lo = 0). The kernel reads the
-    pair with ``pair_value``."""
-    with np.errstate(over="ignore"):
-        hi = float(np.float32(value))
-    if math.isfinite(value) and not math.isfinite(hi):
+    pair with ``pair_value``. The rounding to fp32 goes through ``struct`` (round to nearest even, as
+    numpy's float32 does; 0.2 us against 2.2 under ``np.errstate``, on every launch with a scalar)."""
+    try:
+        hi = _FP32.unpack(_FP32.pack(value))[0]
+    except OverflowError:  # (struct refuses some values far past fp32's range; others round to inf)
+        hi = math.inf
+    if math.isinf(hi) and math.isfinite(value):
         raise ValueError(f"fp32_pair: expected a value within fp32's range, got {value!r}")
-    return hi, (float(np.float32(value - hi)) if acc == torch.float64 else 0.0)
+    return hi, (_FP32.unpack(_FP32.pack(value - hi))[0] if acc == torch.float64 else 0.0)
+
+
+_FP32 = struct.Struct("f")
 
 
 @triton.jit

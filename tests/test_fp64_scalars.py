@@ -7,6 +7,8 @@ takes a float scalar is compared with its fp64 reference at fp64's tolerance."""
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import pytest
 import torch
@@ -75,6 +77,24 @@ def test_scale_pairs_are_fp32_values_summing_to_the_scale():
         assert fp32_pair(value, torch.float32) == (hi, 0.0)  # fp32 accumulators: hi alone
     with pytest.raises(ValueError, match="fp32's range"):
         fp32_pair(1e39, torch.float64)
+
+
+def test_scale_pairs_round_to_fp32_as_ieee_does_at_the_edges():
+    # hi is the value rounded to nearest even in fp32 (torch's float64 -> float32 conversion), subnormals,
+    # the largest finite value and the infinities included; a finite value that rounds past fp32's range
+    # (FLT_MAX plus half an ulp or more) is an error, not inf.
+    big = float(np.finfo(np.float32).max)
+    edges = [1e-45, 7e-46, 1e-40, -1e-40, 2.0 ** -149, 0.1, -1 / 3, big, -big, 3.4028235677973362e38,
+             float("inf"), float("-inf")]
+    for value in edges:
+        hi, lo = fp32_pair(value, torch.float64)
+        assert hi == torch.tensor(value, dtype=torch.float64).float().item(), value
+        if math.isfinite(value):
+            assert lo == torch.tensor(value - hi, dtype=torch.float64).float().item(), value
+    assert math.isnan(fp32_pair(float("nan"), torch.float32)[0])
+    for value in (3.4028235677973366e38, 3.40282357e38, -1e39, 1e300):
+        with pytest.raises(ValueError, match="fp32's range"):
+            fp32_pair(value, torch.float32)
 
 
 @pytest.mark.parametrize("norm", ["layer", "rms"])
