@@ -1269,14 +1269,14 @@ def aot_specs():
         # CENTER: LayerNorm, else RMSNorm: different compiles, both in every form and dtype class (Triton
         # 3.6 failed to compile the fp32 RMSNorm per token while CENTER was a runtime int and the specs
         # held RMSNorm in bf16 only; an H100 run found it: bench/NOTES.md, session 20).
-        for dtype, ptr, center in [(d, p, c) for c in (1, 0) for d, p in dtypes]:
+        for dtype, ptr, center in [(d, p, c) for c in (True, False) for d, p in dtypes]:
             acc = tl.float64 if ptr == "*fp64" else tl.float32
             acc_ptr = "*fp64" if ptr == "*fp64" else "*fp32"
             norm_name = "" if center else " (RMSNorm)"
             # The folded RMSNorm forward's launch also writes gamma * W (5120 x 5120): per token in every
             # dtype class, per merged row in bf16 (without FOLD the launcher passes stats as the weight
             # pointers, never read).
-            folds = center == 0 and ((g == 1 and C_ == C) or (g > 1 and ptr == "*bf16"))
+            folds = not center and ((g == 1 and C_ == C) or (g > 1 and ptr == "*bf16"))
             for fold in (False, True) if folds else (False,):
                 w_ptr = ptr if fold else acc_ptr
                 stats = dict(x_ptr=ptr, map_ptr="*i32", stats_ptr=acc_ptr, w_ptr=w_ptr, gamma_ptr=w_ptr, wf_ptr=w_ptr,
@@ -1288,8 +1288,8 @@ def aot_specs():
                     variant=(f"mean, rstd {what} (RMSNorm) + gamma folded into W" if fold
                              else f"mean, rstd {what}{norm_name}"),
                     dtype=dtype, config=f"{br}x{bc} w4", fn=norm_stats_kernel, args=tuple(stats.items()),
-                    constexprs=(("CENTER", bool(center) and not fold), ("ALIGNED", C_ % bc == 0), ("TABLE", g > 1),
-                                ("FOLD", fold), ("FOLD_POST", g > 1),
+                    constexprs=(("CENTER", center), ("ALIGNED", C_ % bc == 0), ("TABLE", g > 1), ("FOLD", fold),
+                                ("FOLD_POST", g > 1),
                                 ("ACC_DTYPE", acc), ("BLOCK_R", br), ("BLOCK_C", bc)),
                     num_warps=4, num_stages=1, tensor_cores=False))
             # The normalised operand (``normalised_rows``), written once for an unmapped GEMM: the backward's
@@ -1306,7 +1306,7 @@ def aot_specs():
                     variant=(f"normalised operand and its statistics, norm {what}{'' if table else ', no table'}"
                              f"{norm_name}" if stats else f"normalised operand, norm {what}{norm_name}"),
                     dtype=dtype, config=f"{br}x{bc} w4", fn=norm_rows_kernel, args=tuple(rows_args.items()),
-                    constexprs=(("CENTER", bool(center)), ("ALIGNED", C_ % bc == 0), ("TABLE", table),
+                    constexprs=(("CENTER", center), ("ALIGNED", C_ % bc == 0), ("TABLE", table),
                                 ("NORM_POST", g > 1),
                                 ("ACC_DTYPE", acc), ("STATS", stats), ("BLOCK_R", br), ("BLOCK_C", bc)),
                     num_warps=4, num_stages=1, tensor_cores=False))
@@ -1316,7 +1316,7 @@ def aot_specs():
             specs.append(CompileSpec(
                 kernel="merged_gemm/norm_bwd_kernel", variant=f"dx, dgamma, dbeta {what}{norm_name}", dtype=dtype,
                 config=f"{br}x{bc} w4", fn=norm_bwd_kernel, args=tuple(bwd.items()),
-                constexprs=(("CENTER", bool(center)), ("NORM_POST", g > 1), ("ALIGNED", C_ % bc == 0), ("TABLE", g > 1),
+                constexprs=(("CENTER", center), ("NORM_POST", g > 1), ("ALIGNED", C_ % bc == 0), ("TABLE", g > 1),
                             ("ACC_DTYPE", acc),
                             ("BLOCK_R", br),
                             ("BLOCK_C", bc)),

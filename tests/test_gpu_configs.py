@@ -89,9 +89,9 @@ def run_key(spec):
             + (("FOLDED",) if cx["FOLDED"] else ())
     if name in ("norm_stats_kernel", "norm_bwd_kernel"):
         post = dict(spec.args)["G"] > 1
-        # an RMSNorm (not CENTER) unfolded runs on its own (CENTER is a compile-time flag); folded, its run
+        # CENTER is a compile-time flag: an unfolded RMSNorm has runs of its own (a folded one is always RMS)
         return ("merged", None, True, post, spec.dtype, None, cx["ALIGNED"], None, cx["TABLE"], False) \
-            + (("FOLDED",) if cx.get("FOLD") else ()) + ((() if cx["CENTER"] or cx.get("FOLD") else ("RMS",)))
+            + (("FOLDED",) if cx.get("FOLD") else () if cx["CENTER"] else ("RMS",))
     if name == "norm_rows_kernel":  # the normalised operand: the backward's (from FOLD_MIN_ROWS rows), or the
         # forward's with its statistics (STATS: ``written_forward_applies``, forced in the run)
         return ("merged", None, True, cx["NORM_POST"], spec.dtype, None, cx["ALIGNED"], None, cx["TABLE"], False,
