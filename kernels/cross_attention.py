@@ -277,15 +277,6 @@ def attn_combine_kernel(
              mask=mask_m)
 
 
-#: The forward with its mask-free fast paths chosen from the launch: EVEN_D (D is a power of two) and
-#: EVEN_N (no padding and Lk a multiple of BLOCK_N, so every key block is full; splits are whole
-#: blocks).
-_attn_fwd = triton.heuristics({
-    "EVEN_D": lambda a: a["D"] == a["BLOCK_D"],
-    "EVEN_N": lambda a: not a["HAS_LENS"] and not a["HAS_MASK"] and a["Lk"] % a["BLOCK_N"] == 0,
-})(attn_fwd_kernel)
-
-
 @triton.jit
 def attn_delta_kernel(
     o_ptr, do_ptr, delta_ptr,
@@ -947,10 +938,15 @@ def attention_fwd(q, k, v, kv_lens, key_mask, scale, splits=None, acc=torch.floa
     grid = (cdiv(rows, BM), row_sets, splits)
     arrivals = _arrival_counters(q.device, grid[0] * grid[1]) if in_kernel else lse
     try:
-        _attn_fwd[grid](
+        attn_fwd_kernel[grid](
             q, k, v, k2, v2, o_t, l_t, o, lse, arrivals, lens, mask, *qs, *_strides4(k), *_strides4(v), *s2, *os_,
             *ls_, *o.stride(), *lse.stride(), *mask_strides, Hkv, Lq, Lk, L1, D, group, chunk, splits,
             *fp32_pair(scale * LOG2E, acc),
+            # The mask-free fast paths: EVEN_D (D is a power of two), EVEN_N (no padding and Lk a multiple
+            # of BLOCK_N, so every key block is full; splits are whole blocks). Decided here, not by
+            # ``triton.heuristics``, whose wrapper rebuilds a dict of all 61 arguments per flag on every
+            # launch (~7 us of host time; bench/NOTES.md, "Host time, session 21").
+            EVEN_D=D == BD, EVEN_N=kv_lens is None and key_mask is None and Lk % BN == 0,
             HAS_LENS=kv_lens is not None, HAS_MASK=key_mask is not None, TWO_SOURCES=two, PARTIAL=splits > 1,
             COMBINE=in_kernel, INPUT_PRECISION=precision, ACC_DTYPE=_tl_acc(acc), BLOCK_M=BM, BLOCK_N=BN,
             BLOCK_D=BD, PACK_GQA=packed, num_warps=blk["num_warps"], num_stages=blk["num_stages"], **LAUNCH_OPTIONS,

@@ -19,7 +19,7 @@ TMA descriptors in a persistent grid. ``MMFUSE_TMA=auto`` takes it only where it
 Layout (pointer kernel): A (M, K), B (K, N), C (M, N), any strides (the launcher folds leading dims into M).
 Tile order is grouped (GROUP_M rows of tiles share B in L2). Loads along M and N are clamped with
 ``% M`` / ``% N`` instead of masked (the wrapped rows are never stored); the K tail is masked only
-when ``K % BLOCK_K != 0`` (EVEN_K heuristic). No atomics anywhere: every output element is written
+when ``K % BLOCK_K != 0`` (EVEN_K, set by the launcher). No atomics anywhere: every output element is written
 by exactly one program, so results are bitwise reproducible.
 """
 
@@ -372,6 +372,7 @@ def wave_efficiency(M: int, N: int, block_m: int, block_n: int, sms: int) -> flo
 
 
 @functools.lru_cache(maxsize=4096)  # a pure function of its ints (and a tile tuple), asked on every launch
+@functools.lru_cache(maxsize=4096)  # a pure function of its arguments, asked on every launch
 def candidate_tiles(M: int, N: int, sms: int, tiles: tuple = GEMM_TILES) -> tuple:
     """Tiles worth autotuning at (M, N): those with wave efficiency >= MIN_WAVE_EFFICIENCY,
     or the best two when none reaches it (tiny problems)."""
@@ -382,10 +383,6 @@ def candidate_tiles(M: int, N: int, sms: int, tiles: tuple = GEMM_TILES) -> tupl
     return tuple(keep)
 
 
-_even_k = triton.heuristics({"EVEN_K": lambda args: args["K"] % args["BLOCK_K"] == 0})
-
-#: The one entry point: every launch passes its tile (kernels/_tuning.py decides which on a GPU).
-_gemm = _even_k(fused_gemm_kernel)
 #: Tile choice on a GPU: the wave model's pick, or timed once per octave of M with MMFUSE_AUTOTUNE=1.
 TUNER = TileChooser("linear/fused_gemm_kernel")
 
@@ -432,6 +429,7 @@ def tma_gated_tiles(kind: str, elem_bytes: int = 2) -> tuple:
     return TMA_GATE_GRAD_TF32_TILES if (kind == "gate_grad" and elem_bytes == 4) else TMA_GATED_TILES[kind]
 
 
+@functools.lru_cache(maxsize=64)  # as ``candidate_tiles``
 def pointer_tiles(act_grad: bool, elem_bytes: int, ieee: bool = False, a_trans: bool = False) -> tuple:
     """Tiles the pointer kernel takes (fp64 takes FP64_TILE). fp32's dX * act' spills on the 128-row
     tiles: 8 B at 128x128 w8 (TF32, sm_90, Triton 3.6 and 3.9), 32 B at 128x64 w4; that GEMM keeps the
@@ -575,9 +573,10 @@ def _launch_gemm(a, b, c, *, bias=None, aux=None, activation=0,
         if gpu_tile:  # a GPU tile: BLOCK_K as the GPU takes it (halved for 4-byte dtypes)
             bk = block_k_for(bk, a.element_size())
         grid = (cdiv(M, bm) * cdiv(N, bn),)
-        _gemm[grid](a, b, *outs, M, N, K, a.stride(0), a.stride(1), b.stride(0), b.stride(1), *out_strides,
-                    **flags, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=GROUP_M,
-                    num_warps=warps, num_stages=stages, **LAUNCH_OPTIONS)
+        # EVEN_K from here, not ``triton.heuristics`` (its wrapper costs host time on every launch).
+        fused_gemm_kernel[grid](a, b, *outs, M, N, K, a.stride(0), a.stride(1), b.stride(0), b.stride(1),
+                                *out_strides, **flags, EVEN_K=K % bk == 0, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk,
+                                GROUP_M=GROUP_M, num_warps=warps, num_stages=stages, **LAUNCH_OPTIONS)
 
     # Whether TMA can read every operand, and how (alignment does not depend on the tile); a second
     # operand must be read as its first is (the kernel has one A_TRANS and one B_TRANS).

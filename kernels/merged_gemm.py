@@ -689,8 +689,6 @@ POOL_ROWWISE = (16, 128)
 POOL_ROWWISE_FP64 = (16, 64)
 INTERPRETER_ROWWISE = (8, 32)
 
-_even_k = triton.heuristics({"EVEN_K": lambda args: args["K"] % args["BLOCK_K"] == 0})
-_mapped_gemm = _even_k(mapped_gemm_kernel)
 TUNER = TileChooser("merged_gemm/mapped_gemm_kernel")
 
 
@@ -877,13 +875,13 @@ def _launch(a, b, c, merge: Merge, mapped: int, M, N, K, strides, *, bias=None, 
                    KL._tma_operand(b2, bk, bn, b_trans) if gated else seconds[0])
             grid = (min(programs, grid[0]),)
             hopper = dict(TMA=True, A_TRANS=a_trans, B_TRANS=b_trans, NUM_PROGRAMS=programs)
-        _mapped_gemm[grid](
+        mapped_gemm_kernel[grid](
             ops[0], ops[1], c, bias if bias is not None else dummy, aux_t, merge.token_map, stats, gamma, beta,
             ops[2], *seconds[1:],
             M, N, K, merge.C, merge.G, *strides, aux_t.stride(0), aux_t.stride(1),
             bias.stride(0) if bias is not None else 0, bias2.stride(0) if bias2 is not None else 0,
             merge.token_map.stride(0), gamma.stride(0) if norm else 0, beta.stride(0) if norm else 0,
-            **flags, ALIGNED=merge.C % (bk if mapped == 0 else bn) == 0, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk,
+            **flags, EVEN_K=K % bk == 0, ALIGNED=merge.C % (bk if mapped == 0 else bn) == 0, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk,
             GROUP_M=GROUP_M, **hopper, num_warps=warps, num_stages=stages, **LAUNCH_OPTIONS)
 
     forced = forced_tile("mapped_gemm_kernel")

@@ -450,14 +450,13 @@ def candidate_tiles(gemm: str, rows: int, cols: int, sms: int, tma: bool = False
     return tuple(keep or [t for _, t in sorted(scored, key=lambda s: -s[0])[:2]])
 
 
-#: Reduction-length argument of each GEMM (its EVEN_K heuristic).
-_REDUCTION = {"fwd": "K", "dx": "D", "dw": "M"}
-_kernels = {"fwd": patch_embed_fwd_kernel, "dx": patch_embed_dx_kernel, "dw": patch_embed_dw_kernel}
 #: One entry point per GEMM; every launch passes its tile (kernels/_tuning.py decides which on a GPU).
-_fixed = {name: triton.heuristics({"EVEN_K": lambda args, _red=_REDUCTION[name]: args[_red] % args["BLOCK_K"] == 0})(fn)
-          for name, fn in _kernels.items()}
+_kernels = {"fwd": patch_embed_fwd_kernel, "dx": patch_embed_dx_kernel, "dw": patch_embed_dw_kernel}
+_KERNEL_NAMES = {name: fn.__name__ for name, fn in _kernels.items()}
+#: Where each GEMM's reduction length sits among its arguments (EVEN_K: it divides BLOCK_K).
+_REDUCTION_ARG = {name: fn.arg_names.index(red) for (name, fn), red in zip(_kernels.items(), ("K", "D", "M"))}
 #: Tile choice on a GPU: the wave model's pick, or timed once per octave of the token count.
-TUNERS = {name: TileChooser(f"patch_embed/{fn.__name__}") for name, fn in _kernels.items()}
+TUNERS = {name: TileChooser(f"patch_embed/{fn}") for name, fn in _KERNEL_NAMES.items()}
 
 
 def _launch(name, rows, cols, args, flags, elem_bytes, tile=None, *, red, key=(), splits=1, tma=None):
@@ -482,11 +481,13 @@ def _launch(name, rows, cols, args, flags, elem_bytes, tile=None, *, red, key=()
             for i, t, block in tma:
                 run_args[i] = KL._tma_operand(t, *block(bm, bn, bk), False)
             grid, hopper = (min(grid[0] * splits, programs), 1), dict(TMA=True, NUM_PROGRAMS=programs)
-        _fixed[name][grid](*run_args, **flags, **hopper, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=GROUP_M,
-                           num_warps=warps, num_stages=stages, **LAUNCH_OPTIONS)
+        # EVEN_K from here, not ``triton.heuristics`` (its wrapper costs host time on every launch).
+        _kernels[name][grid](*run_args, **flags, **hopper, EVEN_K=args[_REDUCTION_ARG[name]] % bk == 0, BLOCK_M=bm,
+                             BLOCK_N=bn, BLOCK_K=bk, GROUP_M=GROUP_M, num_warps=warps, num_stages=stages,
+                             **LAUNCH_OPTIONS)
 
     if tile is None:  # a GPU tile chosen by the tests (gpu_config), else None
-        tile = forced_tile(_kernels[name].__name__)
+        tile = forced_tile(_KERNEL_NAMES[name])
     if tile is not None:
         launch(tile)
     elif INTERPRET and not gpu_config_on():  # (under gpu_config: the GPU's choice, which is also faster here)

@@ -74,13 +74,13 @@ def test_fully_masked_rows_have_zero_gradients():
 
 def test_even_key_blocks_take_the_mask_free_path(launches, monkeypatch):
     seen = []
-    real = KA._attn_fwd.run
+    real = KA.attn_fwd_kernel.run
 
     def spy(*args, **kwargs):
-        seen.append(KA._attn_fwd.values["EVEN_N"](dict(zip(KA.attn_fwd_kernel.arg_names, args), **kwargs)))
+        seen.append(kwargs["EVEN_N"])
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(KA._attn_fwd, "run", spy)
+    monkeypatch.setattr(KA.attn_fwd_kernel, "run", spy)
     q, k, v = _qkv(1, 2, 4, 2, 17, 64, 32)
     _check(q, k, v, splits=2)
     cross_attention(q, k, v, kv_lens=torch.tensor([64, 30]))
@@ -618,7 +618,7 @@ def _forward_launches(monkeypatch, q, k, v, splits, combine=None):
             return launch
 
     with monkeypatch.context() as m:
-        m.setattr(KA, "_attn_fwd", Recorder(KA._attn_fwd))
+        m.setattr(KA, "attn_fwd_kernel", Recorder(KA.attn_fwd_kernel))
         m.setattr(KA, "attn_combine_kernel", Recorder(KA.attn_combine_kernel))
         out = KA.attention_fwd(q, k, v, None, None, 0.25, splits=splits, combine=combine)
     return launched, out
@@ -768,13 +768,13 @@ def test_packed_grouped_heads_give_the_one_head_results(Bq, B, Hq, Hkv, Lq, Lk, 
     dtype's rounding (the interpreter's matmul is the CPU's BLAS, whose kernels may round a row
     differently by its place in the block: the same bits under one BLAS, not under another)."""
     launched = []
-    real = KA._attn_fwd.run
+    real = KA.attn_fwd_kernel.run
 
     def spy(*args, **kwargs):
         launched.append((kwargs["PACK_GQA"], tuple(kwargs["grid"]), kwargs["BLOCK_M"]))
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(KA._attn_fwd, "run", spy)
+    monkeypatch.setattr(KA.attn_fwd_kernel, "run", spy)
     q, k, v, lens, mask, k2, v2 = _combine_inputs(Bq, B, Hq, Hkv, Lq, Lk, D, dtype, padding, two)
     kw = dict(splits=splits, acc=torch.float32, k2=k2, v2=v2, combine=combine)
     want = KA.attention_fwd(q, k, v, lens, mask, 0.3, **kw)

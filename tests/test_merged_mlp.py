@@ -220,7 +220,7 @@ def folded_launches(monkeypatch):
     """FOLDED of every mapped GEMM launch, in order (the kernel object wrapped, not the interpreter)."""
     from mmfuse.kernels import merged_gemm as KM
 
-    flags, real = [], KM._mapped_gemm
+    flags, real = [], KM.mapped_gemm_kernel
 
     class Spy:
         def __getitem__(self, grid):
@@ -229,7 +229,7 @@ def folded_launches(monkeypatch):
                 return real[grid](*args, **kw)
             return launch
 
-    monkeypatch.setattr(KM, "_mapped_gemm", Spy())
+    monkeypatch.setattr(KM, "mapped_gemm_kernel", Spy())
     return flags
 
 

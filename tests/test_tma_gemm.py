@@ -334,14 +334,14 @@ def test_launcher_passes_precision_and_layout_to_the_tile_set(monkeypatch):
     real = KL.pointer_tiles
     monkeypatch.setattr(KL, "pointer_tiles", lambda *a: seen.append(a) or real(*a))
     launched = []
-    real_gemm = KL._gemm
+    real_gemm = KL.fused_gemm_kernel
 
     class Recording:
         def __getitem__(self, grid):
             # (tile, A read M-major (a.stride(0) == 1, after a, b and the 8 outputs and M, N, K), ACT_GRAD)
             return lambda *a, **kw: (launched.append(((kw["BLOCK_M"], kw["BLOCK_N"]), a[13] == 1, kw["ACT_GRAD"])),
                                      real_gemm[grid](*a, **kw))
-    monkeypatch.setattr(KL, "_gemm", Recording())
+    monkeypatch.setattr(KL, "fused_gemm_kernel", Recording())
     x = torch.randn(5, 16, requires_grad=True)
     w1, w2 = torch.randn(24, 16, requires_grad=True), torch.randn(8, 24, requires_grad=True)
     with _common.gpu_config({}):

@@ -51,8 +51,8 @@ def gpu_path(monkeypatch):
 
     for mod in (KL, KP):
         monkeypatch.setattr(mod, "INTERPRET", False)
-    monkeypatch.setattr(KL, "_gemm", _Recorder(launches, "linear"))
-    monkeypatch.setattr(KP, "_fixed", {n: _Recorder(launches, n) for n in KP._fixed})
+    monkeypatch.setattr(KL, "fused_gemm_kernel", _Recorder(launches, "linear"))
+    monkeypatch.setattr(KP, "_kernels", {n: _Recorder(launches, n) for n in KP._kernels})
     monkeypatch.setattr(KP, "dw_combine_kernel", _Recorder([], "dw_combine"))  # dW's split-K sum: no tile
     monkeypatch.setattr(_tuning, "_bench", fake_bench)
     monkeypatch.setattr(KL, "TUNER", _tuning.TileChooser("linear"))
