@@ -11,6 +11,7 @@ here, at import of ``mmfuse`` (which imports this module before any kernel), and
 
 from __future__ import annotations
 
+import inspect
 import os
 
 import torch
@@ -100,22 +101,28 @@ _PLAIN_TENSORS = (torch.Tensor, torch.nn.Parameter)
 
 
 def custom_op(name: str, **kwargs):
-    """``torch.library.custom_op(name, **kwargs)`` that also keeps the undecorated implementation, for
-    ``call_op``."""
+    """``torch.library.custom_op(name, **kwargs)`` that also keeps the undecorated implementation and its
+    parameters' defaults, for ``call_op``."""
     def register(fn):
         op = torch.library.custom_op(name, **kwargs)(fn)
         op._mmfuse_impl = fn
+        op._mmfuse_defaults = tuple(p.default for p in inspect.signature(fn).parameters.values())
         return op
     return register
 
 
-def _direct_call_is_invisible(tensors) -> bool:
-    """True when calling an op's implementation is indistinguishable from calling the op: no autograd
-    graph to record, plain tensors (no subclass, FakeTensor or DTensor), and no tracer, compiler,
-    dispatch or function mode, functorch transform or profiler that would want to see the op. (A kernel
-    registered for an mmfuse op with ``torch.library.register_kernel`` is not consulted on this path.)"""
-    if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
-        return False
+def register_autograd(op, backward, setup_context) -> None:
+    """``op.register_autograd(backward, setup_context=setup_context)``, the pair also kept for
+    ``call_op``'s eager autograd path (``_EagerAutograd``)."""
+    op.register_autograd(backward, setup_context=setup_context)
+    op._mmfuse_autograd = (setup_context, backward)
+
+
+def _nothing_watches(tensors) -> bool:
+    """Plain tensors (no subclass, FakeTensor or DTensor), and no tracer, compiler, dispatch or function
+    mode, functorch transform or profiler that would want to see the op: then calling its implementation
+    (or its autograd formula around it) is indistinguishable from calling it. (A kernel registered for an
+    mmfuse op with ``torch.library.register_kernel`` is not consulted on these paths.)"""
     if any(type(t) not in _PLAIN_TENSORS for t in tensors):
         return False
     try:
@@ -126,13 +133,108 @@ def _direct_call_is_invisible(tensors) -> bool:
         return False
 
 
+def _needs_grad(tensors) -> bool:
+    return torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
+
+
+_TENSOR, _TENSORS, _VALUE = 0, 1, 2
+
+
+def _flatten(values):
+    """(tensors, layout) of a sequence of op arguments or outputs, each a tensor, a list or tuple of
+    tensors, or another value: the tensors in order, and what puts the sequence back (``_unflatten``).
+    None where a list mixes tensors with other values (no op of ours takes one; such a call keeps
+    torch.library's path, which flattens any structure)."""
+    flat, layout = [], []
+    for v in values:
+        if isinstance(v, torch.Tensor):
+            flat.append(v)
+            layout.append((_TENSOR,))
+        elif isinstance(v, (list, tuple)) and any(isinstance(t, torch.Tensor) for t in v):
+            if not all(isinstance(t, torch.Tensor) for t in v):
+                return None
+            flat.extend(v)
+            layout.append((_TENSORS, type(v), len(v)))
+        else:
+            layout.append((_VALUE, v))
+    return flat, layout
+
+
+def _unflatten(layout, flat):
+    out, i = [], 0
+    for entry in layout:
+        if entry[0] == _TENSOR:
+            out.append(flat[i])
+            i += 1
+        elif entry[0] == _TENSORS:
+            out.append(entry[1](flat[i:i + entry[2]]))
+            i += entry[2]
+        else:
+            out.append(entry[1])
+    return out
+
+
+class _EagerAutograd(torch.autograd.Function):
+    """An op's own autograd formula (``register_autograd``'s pair) as a plain ``autograd.Function``
+    around its implementation: what torch.library's autograd runs, without its dispatch and argument
+    handling, which cost about as much host time as the op's launches (bench/NOTES.md, "Host time,
+    session 21"). ``call_op`` takes it only where nothing but autograd watches the call."""
+
+    @staticmethod
+    def forward(ctx, op, layout, out_box, *flat):
+        args = _unflatten(layout, flat)
+        out = op._mmfuse_impl(*args)
+        setup, _ = op._mmfuse_autograd
+        setup(ctx, tuple(args), out)
+        flat_out, out_layout = _flatten(out if isinstance(out, tuple) else (out,))
+        ctx._mmfuse_eager = (op, layout, out_layout, isinstance(out, tuple))
+        out_box.append((out_layout, isinstance(out, tuple)))
+        return tuple(flat_out)
+
+    @staticmethod
+    def backward(ctx, *flat_grads):
+        op, layout, out_layout, is_tuple = ctx._mmfuse_eager
+        grads = _unflatten(out_layout, flat_grads)
+        arg_grads = op._mmfuse_autograd[1](ctx, *grads) if is_tuple else op._mmfuse_autograd[1](ctx, grads[0])
+        if not isinstance(arg_grads, tuple):
+            arg_grads = (arg_grads,)
+        if len(arg_grads) != len(layout):
+            raise RuntimeError(f"{op._qualname}: its backward returned {len(arg_grads)} gradients, expected "
+                               f"{len(layout)} (one per argument)")
+        flat = []
+        for entry, g in zip(layout, arg_grads):
+            if entry[0] == _TENSOR:
+                flat.append(g)
+            elif entry[0] == _TENSORS:
+                flat.extend(g if g is not None else [None] * entry[2])
+        return (None, None, None, *flat)
+
+
 def call_op(op, *args):
-    """``op(*args)`` (an op made by ``custom_op``); where no autograd, tracing, compiling or mode could see
-    the difference (``_direct_call_is_invisible``), its implementation called directly: the same
-    kernels and results without torch.library's dispatch, which costs about a third of an inference
-    forward's host time (bench/NOTES.md, "Host overhead per call")."""
+    """``op(*args)`` (an op made by ``custom_op``), or what it would do, with less host time where nothing
+    could see the difference (``_nothing_watches``): without an autograd graph to record, its
+    implementation called directly; with one, its registered autograd formula run by ``_EagerAutograd``.
+    The same kernels and results, without torch.library's dispatch, which costs about a third of an
+    inference forward's host time and half of a training forward's (bench/NOTES.md, "Host overhead per
+    call" and "Host time, session 21")."""
     tensors = [a for a in args if isinstance(a, torch.Tensor)]
     tensors += [t for a in args if isinstance(a, (list, tuple)) for t in a if isinstance(t, torch.Tensor)]
-    if _direct_call_is_invisible(tensors):
+    if not _nothing_watches(tensors):
+        return op(*args)
+    if not _needs_grad(tensors):
         return op._mmfuse_impl(*args)
-    return op(*args)
+    if not hasattr(op, "_mmfuse_autograd"):
+        return op(*args)
+    defaults = op._mmfuse_defaults[len(args):]  # torch.library hands setup_context every argument
+    if any(d is inspect.Parameter.empty for d in defaults):
+        return op(*args)  # (an argument missing: the op's own error)
+    args = (*args, *defaults)
+    flattened = _flatten(args)
+    if flattened is None:
+        return op(*args)
+    flat, layout = flattened
+    box = []
+    flat_out = _EagerAutograd.apply(op, layout, box, *flat)
+    out_layout, is_tuple = box[0]
+    out = _unflatten(out_layout, flat_out)
+    return tuple(out) if is_tuple else out[0]

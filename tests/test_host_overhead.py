@@ -5,6 +5,7 @@ runs. No wall-clock thresholds: what is checked is counted, not timed."""
 from __future__ import annotations
 
 import hashlib
+import inspect
 import itertools
 
 import pytest
@@ -155,8 +156,9 @@ def test_overhead_script_runs_and_restores_the_kernels(decisions):
 
 def test_inference_calls_skip_torch_library_only_where_nothing_can_tell(monkeypatch):
     """``call_op`` runs an op's implementation directly for inference on plain tensors (the same result,
-    bit for bit) and in the backward's engine, and the op itself wherever autograd, a dispatch mode or the
-    profiler would see it (torch.compile: tests/test_compile_autocast_distributed.py)."""
+    bit for bit), in the backward's engine, and under its own autograd formula where autograd records it,
+    and the op itself wherever a dispatch mode or the profiler would see it (torch.compile:
+    tests/test_compile_autocast_distributed.py)."""
     import mmfuse
     from mmfuse.ops import cross_attention as ops_attn
     from mmfuse.ops import linear as ops_linear
@@ -187,11 +189,15 @@ def test_inference_calls_skip_torch_library_only_where_nothing_can_tell(monkeypa
     assert len(direct) == 2 and any("mmfuse.linear_fwd" in op for op in mode.ops)
     assert any("mmfuse.cross_attention_fwd" in op for op in mode.ops)
     assert torch.equal(y1, y2) and torch.equal(o1, o2)
-    y3 = mmfuse.linear(x, w.requires_grad_(), b, "gelu")  # autograd records the op
-    assert len(direct) == 2 and y3.grad_fn is not None and torch.equal(y3.detach(), y1)
+    y3 = mmfuse.linear(x, w.requires_grad_(), b, "gelu")  # autograd records the op's own formula
+    assert len(direct) == 3 and _eager_recorded(y3) and torch.equal(y3.detach(), y1)
+    with Record() as mode:  # ... and the op itself where a mode watches
+        y4 = mmfuse.linear(x, w, b, "gelu")
+    assert len(direct) == 3 and not _eager_recorded(y4)
+    assert any("mmfuse.linear_fwd" in op for op in mode.ops) and torch.equal(y4.detach(), y1)
     with torch.no_grad(), torch.profiler.profile() as prof:  # the profiler sees the op
         mmfuse.linear(x, w, b, "gelu")
-    assert len(direct) == 2 and any("mmfuse::linear_fwd" in e.name for e in prof.events())
+    assert len(direct) == 3 and any("mmfuse::linear_fwd" in e.name for e in prof.events())
 
     # The backward's op, inside the autograd engine with grad off, is called directly too.
     bwd = ops_linear.linear_bwd_op
@@ -230,3 +236,101 @@ def test_triton_launch_path_refuses_the_interpreter():
     with pytest.raises(RuntimeError, match="interpreter off"):
         with H.triton_launch_path():
             pass
+
+
+def _eager_recorded(t) -> bool:
+    """Whether the op behind ``t`` (past the views and reshapes the functional API puts after it) was
+    recorded by ``_EagerAutograd`` rather than torch.library's autograd."""
+    node = t.grad_fn
+    while node is not None and "EagerAutograd" not in type(node).__name__ and node.next_functions:
+        if not any(w in type(node).__name__ for w in ("View", "Reshape", "Transpose", "Unsafe", "Permute", "Slice")):
+            return False
+        node = node.next_functions[0][0]
+    return node is not None and "EagerAutograd" in type(node).__name__
+
+
+def _training_cases():
+    """(name, inputs, call) of every op with an autograd formula: small shapes, odd sizes, fp32."""
+    from mmfuse.ops.merged import merged_mlp
+    import mmfuse
+
+    def r(*shape):
+        return torch.randn(*shape)
+
+    x, w1, b1, w2, b2 = r(5, 24), r(40, 24), r(40), r(8, 40), r(8)
+    wg, wu, wd = r(16, 24), r(16, 24), r(8, 16)
+    q, k, v, k2, v2 = r(1, 2, 3, 16), r(2, 1, 9, 16), r(2, 1, 9, 16), r(2, 1, 4, 16), r(2, 1, 4, 16)
+    px, pw, pb, pos = r(2, 3, 8, 12), r(24, 3, 4, 4), r(24), r(6, 24)
+    tokens, gamma, beta, mw = r(16, 6), r(6), r(6), r(10, 24)
+    tmap = torch.randperm(16).reshape(4, 4)
+    return [
+        ("linear", [x, w1, b1], lambda x, w, b: mmfuse.linear(x, w, b, "gelu")),
+        ("mlp", [x, w1, b1, w2, b2], lambda x, w1, b1, w2, b2: mmfuse.mlp(x, [w1, w2], [b1, b2])),
+        ("gated_mlp", [x, wg, wu, wd], lambda x, wg, wu, wd: mmfuse.gated_mlp(x, wg, wu, wd)),
+        ("merged_mlp", [tokens, mw, gamma, beta],
+         lambda t, w, g, b: merged_mlp(t, [w], None, "gelu", group=4, token_map=tmap, norm="layer",
+                                       norm_weight=g, norm_bias=b)),
+        ("merged_mlp, pooled", [tokens, r(10, 6), gamma],
+         lambda t, w, g: merged_mlp(t, [w], None, "gelu", group=4, token_map=tmap, norm="rms", norm_weight=g,
+                                    norm_after_merge=True, pool=True)),
+        ("patch_embed", [px, pw, pb, pos], lambda *a: mmfuse.patch_embed(*a)),
+        ("cross_attention, two sources", [q, k, v, k2, v2],
+         lambda q, k, v, k2, v2: mmfuse.cross_attention(q, (k, k2), (v, v2))),
+    ]
+
+
+@pytest.mark.parametrize("case", range(7), ids=[c[0] for c in _training_cases()])
+def test_training_calls_run_the_ops_autograd_formula_without_torch_library(case, monkeypatch):
+    """With autograd recording, ``call_op`` runs the op's registered formula (setup_context and backward)
+    as a plain autograd.Function (``_EagerAutograd``): outputs and every input's gradient equal, bit for bit,
+    those of the op through torch.library (taken here by making ``_nothing_watches`` say no), for every op
+    that has a formula, tensor-list arguments and outputs included (mlp's weights, merged_mlp's hidden)."""
+    from mmfuse import _dispatch
+
+    torch.manual_seed(case)
+    name, inputs, call = _training_cases()[case]
+    results = []
+    for eager in (True, False):
+        if not eager:
+            monkeypatch.setattr(_dispatch, "_nothing_watches", lambda tensors: False)
+        leaves = [t.clone().requires_grad_() for t in inputs]
+        out = call(*leaves)
+        assert _eager_recorded(out) == eager, name
+        grad = torch.randn_like(out, generator=torch.Generator().manual_seed(1))
+        grads = torch.autograd.grad(out, leaves, grad)
+        results.append((out.detach(), grads))
+    (o1, g1), (o2, g2) = results
+    assert torch.equal(o1, o2), name
+    for i, (a, b) in enumerate(zip(g1, g2)):
+        assert torch.equal(a, b), (name, i)
+
+
+def test_eager_autograd_path_keeps_the_ops_contract():
+    """The eager path fills the op's defaults as torch.library does (the formula's setup_context unpacks every
+    argument), takes only what its gradients need (an input without requires_grad gets None), leaves
+    ``torch.autograd.gradcheck`` in fp64 passing, and a backward returning the wrong number of gradients is
+    an error naming the op."""
+    import mmfuse
+    from mmfuse import _dispatch
+    from mmfuse.ops import cross_attention as ops_attn
+
+    q, k, v = (torch.randn(1, 2, 3, 8, dtype=torch.float64) for _ in range(3))
+    q.requires_grad_()
+    # cross_attention_fwd_op's last two arguments (k2, v2) have defaults: leave them out
+    o, lse = _dispatch.call_op(ops_attn.cross_attention_fwd_op, q, k, v, None, None, 0.3, 0)
+    assert _eager_recorded(o)
+    (dq,) = torch.autograd.grad(o.sum(), [q])
+    assert dq.shape == q.shape and torch.isfinite(dq).all()
+    k.requires_grad_()
+    assert torch.autograd.gradcheck(lambda q, k: mmfuse.cross_attention(q, k, v), (q, k), eps=1e-6, atol=1e-5)
+
+    class Op:  # an op whose formula returns one gradient too few
+        _qualname = "mmfuse::broken"
+        _mmfuse_defaults = (inspect.Parameter.empty,) * 2
+        _mmfuse_impl = staticmethod(lambda x, y: x * 2)
+        _mmfuse_autograd = (lambda ctx, inputs, output: None, lambda ctx, g: (g,))
+
+    x = torch.randn(3, requires_grad=True)
+    y = _dispatch.call_op(Op, x, 1.0)
+    with pytest.raises(RuntimeError, match="mmfuse::broken: its backward returned 1 gradients, expected 2"):
+        y.sum().backward()

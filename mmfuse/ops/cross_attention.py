@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from mmfuse._checks import check_like, check_tensor
-from mmfuse._dispatch import REFERENCE, autocast_inputs, backend_for, call_op, custom_op
+from mmfuse._dispatch import REFERENCE, autocast_inputs, backend_for, call_op, custom_op, register_autograd
 from mmfuse.kernels import cross_attention as K
 from mmfuse.kernels._common import dot_precision
 
@@ -207,7 +207,7 @@ def _backward(ctx, do, _dlse):
             dk2 if kv and ctx.two else None, dv2 if kv and ctx.two else None)
 
 
-cross_attention_fwd_op.register_autograd(_backward, setup_context=_setup)
+register_autograd(cross_attention_fwd_op, _backward, _setup)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from mmfuse._checks import check_choice, check_like, check_size, check_tensor
-from mmfuse._dispatch import REFERENCE, autocast_inputs, backend_for, call_op, custom_op
+from mmfuse._dispatch import REFERENCE, autocast_inputs, backend_for, call_op, custom_op, register_autograd
 from mmfuse.kernels import linear as K
 
 ACTIVATION_NAMES = (None, "gelu", "gelu_tanh", "quick_gelu", "silu", "relu", "relu2")
@@ -146,7 +146,7 @@ def _linear_backward(ctx, dy, _dh):
     return dx if need_x else None, dw if need_w else None, db if need_b else None, None, None
 
 
-linear_fwd_op.register_autograd(_linear_backward, setup_context=_linear_setup)
+register_autograd(linear_fwd_op, _linear_backward, _linear_setup)
 
 
 @custom_op("mmfuse::mlp_fwd", mutates_args=())
@@ -237,7 +237,7 @@ def _mlp_backward(ctx, dy, _hidden, _preacts):
             [g if nb else None for g, nb in zip(dbs, ctx.need_b)], None, None, None)
 
 
-mlp_fwd_op.register_autograd(_mlp_backward, setup_context=_mlp_setup)
+register_autograd(mlp_fwd_op, _mlp_backward, _mlp_setup)
 
 
 def _needs_grad(*tensors) -> bool:
@@ -444,7 +444,7 @@ def _gated_backward(ctx, dy, _h, _gu):
             dbgu[:N] if nbg else None, dbgu[N:] if nbu else None, dbd if nbd else None, None, None)
 
 
-gated_mlp_fwd_op.register_autograd(_gated_backward, setup_context=_gated_setup)
+register_autograd(gated_mlp_fwd_op, _gated_backward, _gated_setup)
 
 GATE_ACTIVATIONS = ("silu", "gelu", "gelu_tanh", "quick_gelu", "relu")
 

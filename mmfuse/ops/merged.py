@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 
 from mmfuse._checks import check_choice, check_like, check_size, check_tensor
-from mmfuse._dispatch import REFERENCE, autocast_inputs, backend_for, call_op, custom_op
+from mmfuse._dispatch import REFERENCE, autocast_inputs, backend_for, call_op, custom_op, register_autograd
 from mmfuse.kernels import linear as KL
 from mmfuse.kernels import merged_gemm as KM
 from mmfuse.ops.linear import (ACTIVATION_NAMES, GATE_ACTIVATIONS, _acc_sum_rows, _check_layer, _needs_grad, _nothing,
@@ -231,7 +231,7 @@ def _merged_backward(ctx, dy, _stats, _hidden, _preacts):
             [g if nb else None for g, nb in zip(dbs, need_b)], None, None, None, None, None)
 
 
-merged_mlp_fwd_op.register_autograd(_merged_backward, setup_context=_merged_setup)
+register_autograd(merged_mlp_fwd_op, _merged_backward, _merged_setup)
 
 
 # Average pooling (Gemma 3): a row-wise kernel, then the MLP's GEMMs on its (M, C) output
@@ -291,7 +291,7 @@ def _pool_backward(ctx, dout, _pooled, _stats):
             dbeta if need_beta else None, None, None, None)
 
 
-pool_norm_fwd_op.register_autograd(_pool_backward, setup_context=_pool_setup)
+register_autograd(pool_norm_fwd_op, _pool_backward, _pool_setup)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 
 from mmfuse._checks import check_like, check_tensor
-from mmfuse._dispatch import REFERENCE, autocast_inputs, backend_for, call_op, custom_op
+from mmfuse._dispatch import REFERENCE, autocast_inputs, backend_for, call_op, custom_op, register_autograd
 from mmfuse.kernels import patch_embed as K
 
 
@@ -225,7 +225,7 @@ def _backward(ctx, g):
     return tuple(gr if need else None for gr, need in zip(grads, ctx.needs)) + (None,)
 
 
-patch_embed_fwd_op.register_autograd(_backward, setup_context=_setup)
+register_autograd(patch_embed_fwd_op, _backward, _setup)
 
 
 class PackedWeight:
