@@ -18,7 +18,9 @@ The quick benchmark says *that* a case is slow; this says *which launch* and *wh
    (and 4 or 8 warps, 64 or 128 query rows per program in the forward: 128 packs two grouped heads)
    for Idefics2's resampler at batch 1, 8 and 64 and BLIP-2's at batch 8, beside SDPA with
    ``enable_gqa`` (``attention_pipeline_sweep``; session 20 timed the first set and moved the forward
-   to 4 warps: these rows watch that choice and the packed tile, which won at batch 8 only).
+   to 4 warps: these rows watch that choice and the packed tile, which won at batch 8 only). The
+   backward rows at Idefics2 batch 8 give dQ tiles of its own (64 x 32 at 4 warps: wgmma on sm_90; 32 x
+   64 at 4) and time each backward kernel apart: session 21's predictions (bench/NOTES.md).
 
 4b. ``attention_splits``: the cross-attention forward at batch 1 of each resampler shape
    (``ATTENTION_SHAPES``), where the key split decides: the split merged by a second launch, merged in
@@ -223,9 +225,10 @@ def gemm_tile_sweep(M: int = 8 * 576, K: int = 1024, N: int = 4096, device: str 
 SWEEP_SHAPES = (("llava-1.5-7b, 1 image", 576, 1024, 4096), ("llava-1.5-7b, 8 images", 4608, 1024, 4096),
                 ("qwen2.5-vl-7b-merger, 8 images", 8192, 5120, 5120))
 
-def device_ms(fn, calls: int = 20) -> float:
+def device_ms(fn, calls: int = 20, by_kernel: bool = False):
     """Milliseconds of device (kernel) time per call of ``fn``: the CUDA kernels torch.profiler records
-    over ``calls`` calls, summed, whatever the host spent around them."""
+    over ``calls`` calls, summed, whatever the host spent around them. ``by_kernel``: {kernel name: ms
+    per call} instead (each backward kernel of the attention sweep apart)."""
     from torch.profiler import ProfilerActivity, profile
 
     fn()
@@ -234,10 +237,15 @@ def device_ms(fn, calls: int = 20) -> float:
         for _ in range(calls):
             fn()
         torch.cuda.synchronize()
-    spans = [us for _, us in _device_spans(prof)]
+    spans = _device_spans(prof)
     if not spans:  # a profiler that saw no kernel must not read as "no device time"
         raise RuntimeError("device_ms: expected CUDA kernel events from torch.profiler, got none")
-    return sum(spans) / calls / 1e3
+    if by_kernel:
+        named = {}
+        for name, us in spans:
+            named[name] = named.get(name, 0.0) + us / calls / 1e3
+        return named
+    return sum(us for _, us in spans) / calls / 1e3
 
 
 def attention_split_sweep(batch: int = 1, device: str = "cuda", bench=None, shapes=None, dtype=None,
@@ -310,12 +318,14 @@ def attention_split_sweep(batch: int = 1, device: str = "cuda", bench=None, shap
 
 
 #: (shape name, batch, forward (stages, warps, query rows per program[, key splits]) forms, backward
-#: stages) of
+#: forms: stages, or (stages, dQ's query rows, dQ's keys per block, dQ's warps)) of
 #: ``attention_pipeline_sweep``. 128 rows: two of Idefics2's grouped query heads per program, each
 #: warpgroup on 64 rows of its own (at 64 rows and 8 warps both warpgroups compute the same Q.K^T and
-#: softmax: the TTGIR's layout is 8 warps along 64 rows; bench/NOTES.md, session 18).
+#: softmax: the TTGIR's layout is 8 warps along 64 rows; bench/NOTES.md, session 18). dQ at 64 rows takes
+#: wgmma on sm_90 (32 rows cannot); 64 x 32 at 4 warps and 32 x 64 at 4 compile without spills or
+#: duplicated products on Triton 3.6-3.9 (bench/NOTES.md, session 21).
 PIPELINE_CASES = (("idefics2-resampler", 8, ((3, 4, 64), (3, 8, 64), (4, 4, 64), (3, 8, 128), (3, 4, 64, 2),
-                                             (3, 4, 64, 3)), (2, 3)),
+                                             (3, 4, 64, 3)), (3, (3, 64, 32, 4), (3, 32, 64, 4))),
                   ("idefics2-resampler", 1, ((3, 4, 64), (3, 8, 64), (3, 8, 128), (3, 4, 64, 12), (3, 4, 64, 16)),
                    ()),
                   ("idefics2-resampler", 64, ((3, 4, 64), (3, 8, 128)), ()),
@@ -369,13 +379,24 @@ def attention_pipeline_sweep(device: str = "cuda", cases=PIPELINE_CASES, timer=N
         if bwd_stages:
             o, lse = KA.attention_fwd(q, k, v, None, None, scale)
             do = torch.randn_like(o)
-        for stages in bwd_stages:
-            def tiles(Lq, D, backward=False, *a, stages=stages, **kw):
+        for form in bwd_stages:
+            stages, dq = (form, None) if isinstance(form, int) else (form[0], form[1:])
+            def tiles(Lq, D, backward=False, *a, stages=stages, dq=dq, **kw):
                 blk = original(Lq, D, backward, *a, **kw)
-                return dict(blk, num_stages=stages, dkdv_num_stages=stages) if backward else blk
+                if not backward:
+                    return blk
+                blk = dict(blk, num_stages=stages, dkdv_num_stages=stages)
+                return blk if dq is None else dict(blk, dq=dict(BLOCK_M=dq[0], BLOCK_N=dq[1], num_warps=dq[2]))
 
-            rows.append(timed({"shape": name, "batch": batch, "pass": "bwd", "stages": stages, "warps": 8},
-                              lambda: KA.attention_bwd(do, q, k, v, o, lse, None, None, scale), tiles))
+            row = {"shape": name, "batch": batch, "pass": "bwd", "stages": stages, "warps": 8 if dq is None else dq[2]}
+            if dq is not None:
+                row["dq_tile"] = f"{dq[0]}x{dq[1]}"
+            def fn():
+                return KA.attention_bwd(do, q, k, v, o, lse, None, None, scale)
+            rows.append(timed(row, fn, tiles))
+            if device == "cuda" and "device_ms" in row:  # each kernel's share (delta, dK/dV, dQ, the sum)
+                with mock.patch.object(KA, "gpu_blocks", tiles):
+                    row["kernels_ms"] = device_ms(fn, by_kernel=True)
         qe = q.expand(batch, -1, -1, -1)
         rows.append(timed({"shape": name, "batch": batch, "pass": "fwd", "impl": "sdpa enable_gqa"},
                           lambda: F.scaled_dot_product_attention(qe, k, v, enable_gqa=s.heads != s.kv_heads)))
@@ -618,14 +639,18 @@ def markdown(result: dict) -> str:
             lines.append("")
     pipe = result.get("attention_pipeline")
     if isinstance(pipe, list):
-        lines += _table_head("Cross-attention pipeline depth and rows per program (bf16, device time)", "shape",
-                             "batch", "pass", "kernel", "stages", "warps", "query rows", "key splits", "device ms")
+        lines += _table_head("Cross-attention pipeline depth and rows per program (bf16, device time; backward: "
+                             "warps and tile are dQ's)", "shape", "batch", "pass", "kernel", "stages", "warps",
+                             "query rows", "key splits", "device ms", "by kernel (ms)")
         for r in pipe:
             dev = f"{r['device_ms']:.4f}" if "device_ms" in r else f"failed: {r.get('error', '')[:100]}"
+            rows_cell = r.get("dq_tile", r.get("block_m", ""))
+            parts = ", ".join(f"{k.split('_kernel')[0]} {v:.4f}" for k, v in sorted(r.get("kernels_ms", {}).items()))
             lines.append(f"| {r['shape']} | {r['batch']} | {r['pass']} | {r.get('impl', 'mmfuse')} | "
-                         f"{r.get('stages', '')} | {r.get('warps', '')} | {r.get('block_m', '')}"
+                         f"{r.get('stages', '')} | {r.get('warps', '')} | {rows_cell}"
                          f"{' (packed)' if r.get('packed') else ''} | "
-                         f"{(r.get('splits') or 'auto') if r['pass'] == 'fwd' and 'impl' not in r else ''} | {dev} |")
+                         f"{(r.get('splits') or 'auto') if r['pass'] == 'fwd' and 'impl' not in r else ''} | {dev} | "
+                         f"{parts} |")
         lines.append("")
     splits = result.get("attention_splits")
     if isinstance(splits, list):

@@ -320,10 +320,10 @@ def attn_bwd_dkdv_kernel(
     Hkv, Lq, Lk, L1, D, GROUP, qk_scale, qk_scale_lo, sm_scale, sm_scale_lo,
     HAS_LENS: tl.constexpr, HAS_MASK: tl.constexpr, TWO_SOURCES: tl.constexpr,
     INPUT_PRECISION: tl.constexpr, ACC_DTYPE: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr,
 ):
     """dK, dV of one key block of one (batch, kv head): sums over the GROUP query heads sharing it
-    and over every query block, in that fixed order."""
+    and over every query block, in that fixed order. EVEN_D: D is a power of two (no column masks)."""
     qk_scale = pair_value(qk_scale, qk_scale_lo, ACC_DTYPE)  # (hi, lo): ``fp32_pair``
     sm_scale = pair_value(sm_scale, sm_scale_lo, ACC_DTYPE)
     pid_n = tl.program_id(0)
@@ -332,7 +332,9 @@ def attn_bwd_dkdv_kernel(
     hkv = pid_bh % Hkv
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
-    mask_d = offs_d < D
+    # (Without column masks the 2-byte D = 64 tile keeps to 255 registers on sm_80 with Triton 3.6, where
+    # the one loop below spilled 16 B with them.)
+    mask_d = (offs_d < BLOCK_D) if EVEN_D else (offs_d < D)
     n_end = Lk
     if HAS_LENS:
         n_end = tl.minimum(n_end, tl.load(kv_lens_ptr + b * stride_lens).to(tl.int32))
@@ -346,27 +348,34 @@ def attn_bwd_dkdv_kernel(
                 mask=kv_mask, other=0.0)
     dk = tl.zeros((BLOCK_N, BLOCK_D), dtype=ACC_DTYPE)
     dv = tl.zeros((BLOCK_N, BLOCK_D), dtype=ACC_DTYPE)
-    for g in range(0, GROUP):
-        h = hkv * GROUP + g
-        for m0 in range(0, Lq, BLOCK_M):
-            offs_m = m0 + tl.arange(0, BLOCK_M)
-            mask_m = offs_m < Lq
-            q = tl.load(q_ptr + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_qm
-                        + offs_d[None, :] * stride_qd, mask=mask_m[:, None] & mask_d[None, :], other=0.0)
-            do = tl.load(do_ptr + b * stride_gb + h * stride_gh + offs_m[:, None] * stride_gm
-                         + offs_d[None, :] * stride_gd, mask=mask_m[:, None] & mask_d[None, :], other=0.0)
-            row = b * stride_lb + h * stride_lh + offs_m * stride_lm
-            lse = tl.load(lse_ptr + row, mask=mask_m, other=float("inf"))  # padded rows: P = 0
-            delta = tl.load(delta_ptr + row, mask=mask_m, other=0.0)
-            qk = tl.dot(q, tl.trans(k), input_precision=INPUT_PRECISION, out_dtype=ACC_DTYPE).to(ACC_DTYPE)
-            # Padding query rows are left out too: their q = 0 meets a key of -inf as 0 * inf = NaN.
-            # (Selecting before the exp2 kept D = 256 spill-free on Triton 3.6-3.8 sm_90; after it, not.)
-            p = tl.exp2(tl.where(mask_m[:, None] & valid[None, :], tl.fma(qk, qk_scale, -lse[:, None]),
-                                 float("-inf")))
-            dv += tl.dot(tl.trans(p.to(do.dtype)), do, input_precision=INPUT_PRECISION, out_dtype=ACC_DTYPE).to(ACC_DTYPE)
-            dp = tl.dot(do, tl.trans(v), input_precision=INPUT_PRECISION, out_dtype=ACC_DTYPE).to(ACC_DTYPE)
-            ds = p * (dp - delta[:, None])
-            dk += tl.dot(tl.trans(ds.to(q.dtype)), q, input_precision=INPUT_PRECISION, out_dtype=ACC_DTYPE).to(ACC_DTYPE)
+    # One loop over (query head of the group, query block), head-major: the sums' fixed order, and one
+    # pipeline. Nested loops let the pipeliner prefetch within a head only: it drained every copy and
+    # waited for the next head's first block at each head (Idefics2: 4 exposed waits a program, not 1).
+    m_blocks = tl.cdiv(Lq, BLOCK_M)
+    rows = tl.arange(0, BLOCK_M)
+    q_tile = rows[:, None] * stride_qm + offs_d[None, :] * stride_qd  # (the same offsets every iteration)
+    do_tile = rows[:, None] * stride_gm + offs_d[None, :] * stride_gd
+    for it in range(0, GROUP * m_blocks):
+        h = hkv * GROUP + it // m_blocks
+        m0 = (it % m_blocks) * BLOCK_M
+        offs_m = m0 + rows
+        mask_m = offs_m < Lq
+        q = tl.load(q_ptr + (b * stride_qb + h * stride_qh + m0 * stride_qm) + q_tile,
+                    mask=mask_m[:, None] & mask_d[None, :], other=0.0)
+        do = tl.load(do_ptr + (b * stride_gb + h * stride_gh + m0 * stride_gm) + do_tile,
+                     mask=mask_m[:, None] & mask_d[None, :], other=0.0)
+        row = b * stride_lb + h * stride_lh + offs_m * stride_lm
+        lse = tl.load(lse_ptr + row, mask=mask_m, other=float("inf"))  # padded rows: P = 0
+        delta = tl.load(delta_ptr + row, mask=mask_m, other=0.0)
+        qk = tl.dot(q, tl.trans(k), input_precision=INPUT_PRECISION, out_dtype=ACC_DTYPE).to(ACC_DTYPE)
+        # Padding query rows are left out too: their q = 0 meets a key of -inf as 0 * inf = NaN.
+        # (Selecting before the exp2 kept D = 256 spill-free on Triton 3.6-3.8 sm_90; after it, not.)
+        p = tl.exp2(tl.where(mask_m[:, None] & valid[None, :], tl.fma(qk, qk_scale, -lse[:, None]),
+                             float("-inf")))
+        dv += tl.dot(tl.trans(p.to(do.dtype)), do, input_precision=INPUT_PRECISION, out_dtype=ACC_DTYPE).to(ACC_DTYPE)
+        dp = tl.dot(do, tl.trans(v), input_precision=INPUT_PRECISION, out_dtype=ACC_DTYPE).to(ACC_DTYPE)
+        ds = p * (dp - delta[:, None])
+        dk += tl.dot(tl.trans(ds.to(q.dtype)), q, input_precision=INPUT_PRECISION, out_dtype=ACC_DTYPE).to(ACC_DTYPE)
     # Two sources: the rows of a straddling block go to their own output.
     dk_ptrs = _kv_ptrs(dk_ptr + b * stride_dkb + hkv * stride_dkh, dk2_ptr + b * stride_dk2b + hkv * stride_dk2h,
                        offs_n, offs_d, stride_dkn, stride_dkd, stride_dk2n, stride_dk2d, L1, TWO_SOURCES, False)
@@ -541,13 +550,15 @@ def gpu_blocks(Lq: int, D: int, backward: bool = False, elem_bytes: int = 2, com
     the forward takes 64 x 32 at D <= 64 and 32 x 16 beyond (the TF32 tiles spilled 72-7936 B; these
     compile clean with or without the combine on Triton 3.6-3.9, 63-164 registers); the backward 16
     queries x 32 keys at D <= 64 and 16 x 16 beyond, 8 warps, two stages except dQ and the single pass
-    at D = 65-128: one (with two they spilled 8 B on sm_90, while dK/dV, ``dkdv_num_stages``, spilled
-    8-16 B on sm_80 with one). dK/dV at D = 256 spilled on every tile tried (320-400 B at 16 x 16)."""
+    at D = 65-128 (one: with two they spilled 8 B on sm_90) and dK/dV (``dkdv_num_stages``: one; its loop
+    over the group's heads and query blocks, one loop since session 21, spilled 1.6 KB at two stages on
+    Triton 3.9 and takes 62-80 registers at one). dK/dV at D = 256 spilled on every tile tried (320-400 B
+    at 16 x 16)."""
     bd = block_d(D, gpu=True)
     if ieee and elem_bytes == 4:
         if backward:
             return dict(BLOCK_M=16, BLOCK_N=32 if bd <= 64 else 16, num_warps=8,
-                        num_stages=1 if bd == 128 else 2, dkdv_num_stages=2)
+                        num_stages=1 if bd == 128 else 2, dkdv_num_stages=1)
         return dict(BLOCK_M=64 if bd <= 64 else 32, BLOCK_N=32 if bd <= 64 else 16, num_warps=8, num_stages=2)
     if elem_bytes == 8:
         if backward:
@@ -570,6 +581,12 @@ def gpu_blocks(Lq: int, D: int, backward: bool = False, elem_bytes: int = 2, com
         warps = 8
     return dict(BLOCK_M=32 if short else 64, BLOCK_N=32 if wide else 64, num_warps=warps,
                 num_stages=TENSOR_CORE_STAGES)
+
+
+def dq_blocks(blk: dict) -> dict:
+    """dQ's tiles at backward tiles ``blk``: the same, unless ``blk["dq"]`` overrides some of them (the
+    kernel profile's sweep times dQ's tile apart from dK/dV's, which share it; no rule sets it yet)."""
+    return dict(blk, **blk["dq"]) if "dq" in blk else blk
 
 
 def dkdv_stages(blk: dict) -> int:
@@ -1023,18 +1040,20 @@ def attention_bwd(do, q, k, v, o, lse, kv_lens, key_mask, scale, need_q=True, ne
                 q, k, v, k2, v2, do, lse, delta, dk, dv, dk2, dv2, lens, mask,
                 *qs, *_strides4(k), *_strides4(v), *s2, *_strides4(do), *lse.stride(), *mask_strides,
                 *kv_out, Hkv, Lq, Lk, L1, D, Hq // Hkv, *fp32_pair(scale * LOG2E, acc), *fp32_pair(scale, acc),
-                **dict(common, num_stages=dkdv_stages(blk)))
+                EVEN_D=D == BD, **dict(common, num_stages=dkdv_stages(blk)))
     if need_q:
         dq = empty(q.shape, dtype=q.dtype, device=q.device)
         if dq.numel() and B == 0:  # shared queries over an empty batch: an empty sum
             dq.zero_()
         elif dq.numel():
             batch_loop = B if Bq == 1 else 1
+            qblk = blk if single else dq_blocks(blk)
+            BM, BN = qblk["BLOCK_M"], qblk["BLOCK_N"]
             key_blocks = max(1, cdiv(Lk, BN))
-            if plan is not None:
+            if plan is not None and qblk is blk:
                 splits, key_splits = plan[1:]
             else:
-                splits, key_splits = dq_splits_for(B, Bq, Hq, Hkv, Lq, Lk, D, elem, blk, num_sms(q.device),
+                splits, key_splits = dq_splits_for(B, Bq, Hq, Hkv, Lq, Lk, D, elem, qblk, num_sms(q.device),
                                                    single_pass=single)
             if dq_splits is not None:
                 splits, key_splits = (dq_splits, 1) if isinstance(dq_splits, int) else dq_splits
@@ -1051,7 +1070,8 @@ def attention_bwd(do, q, k, v, o, lse, kv_lens, key_mask, scale, need_q=True, ne
                 target.stride(0) if splits > 1 else 0, *_strides4(target[0] if splits > 1 else dq),
                 *_strides4(o), *kv_out,
                 Hq, Lq, Lk, L1, D, Hq // Hkv, batch_loop, chunk, key_chunk, key_splits,
-                *fp32_pair(scale * LOG2E, acc), *fp32_pair(scale, acc), SINGLE_PASS=single, **common)
+                *fp32_pair(scale * LOG2E, acc), *fp32_pair(scale, acc), SINGLE_PASS=single,
+                **dict(common, BLOCK_M=BM, BLOCK_N=BN, num_warps=qblk["num_warps"], num_stages=qblk["num_stages"]))
             if splits > 1:
                 dq = target.sum(0).to(q.dtype)  # over the leading dim: a fixed order, no atomics
     if need_kv and two:
@@ -1181,7 +1201,7 @@ def aot_specs():
                                 **dict(zip(["stride_dvb", "stride_dvh", "stride_dvn", "stride_dvd"], k_s)),
                                 **{f"stride_d{t}2{a}": 0 for t in "kv" for a in "bhnd"})
                     specs.append(spec("attn_bwd_dkdv_kernel", attn_bwd_dkdv_kernel, "dK, dV over the group",
-                                      dtype, ptr, D, args, common, precision == "tf32" or elem != 4, warps, stages,
+                                      dtype, ptr, D, args, dict(common, EVEN_D=D == BD), precision == "tf32" or elem != 4, warps, stages,
                                       sm90="wgmma" if BN >= 64 and elem != 8 else "mma.sync"))
                 else:
                     # Shared queries over batch 8: 2 x 16 programs, the batch split 4 ways (fp32 partials).

@@ -88,6 +88,7 @@ class CompileReport:
     tf32_rounds: int = 0    # `and.b32 ..., -8192`: fp32 operands rounded to TF32 before the MMA (``mma``)
     wgmma_a_registers: bool = False  # a wgmma whose A operand comes from registers, not a shared-memory descriptor
     exposed_copy_waits: int = 0  # in-loop waits for every async copy in flight (``exposed_copy_waits``)
+    drained_loops: int = 0  # loops that restart a nested loop's pipeline every iteration (``drained_loops``)
     replicated_dots: int = 0  # matrix products whose warps cover more than the tile (``replicated_dots``)
 
     @property
@@ -114,6 +115,28 @@ def exposed_copy_waits(ttgir: str) -> int:
     found = 0
     for i, line in enumerate(lines):
         if not re.search(r"async_wait %[^{]*\{num = 0 : i32\}", line):
+            continue
+        indent = len(line) - len(line.lstrip())
+        for later in lines[i + 1:]:
+            depth = len(later) - len(later.lstrip())
+            if later.strip() and depth < indent:
+                break
+            if depth == indent and later.lstrip().startswith("scf.yield"):
+                found += 1
+                break
+    return found
+
+
+def drained_loops(ttgir: str) -> int:
+    """Loops whose every iteration drains the copies of a pipelined loop nested in them: a token-less
+    ``ttg.async_wait {num = 0}`` (the drain after a pipelined loop) followed by a ``scf.yield`` at its own
+    indentation, so inside an enclosing loop's body. Each iteration of the enclosing loop then restarts the
+    inner pipeline and waits for its first copies: dK/dV's loop over a group's query heads around its loop
+    over query blocks did, 4 waits a program at Idefics2's shape (bench/NOTES.md, session 21)."""
+    lines = ttgir.splitlines()
+    found = 0
+    for i, line in enumerate(lines):
+        if not re.search(r"async_wait\s*\{num = 0 : i32\}", line):
             continue
         indent = len(line) - len(line.lstrip())
         for later in lines[i + 1:]:
@@ -225,6 +248,7 @@ def compile_spec(spec: CompileSpec, arch: int) -> CompileReport:
         # wgmma D, A, B: the accumulator's register list, then A as a register list or a descriptor
         wgmma_a_registers=bool(re.search(r"wgmma\.mma_async[^;{]*\{[^}]*\},\s*\{", ptx)),
         exposed_copy_waits=exposed_copy_waits(kernel.asm["ttgir"]),
+        drained_loops=drained_loops(kernel.asm["ttgir"]),
         replicated_dots=replicated_dots(kernel.asm["ttgir"]),
     )
 
@@ -244,7 +268,7 @@ def all_specs() -> list[CompileSpec]:
 # ----------------------------------------------------------------------------------------------
 _FIELDS = ("registers", "spill_bytes", "shared_bytes", "mma", "wgmma", "cp_async_16B", "tma",
            "vec128_loads", "seconds", "tf32_rounds", "wgmma_a_registers", "exposed_copy_waits",
-           "replicated_dots")
+           "drained_loops", "replicated_dots")
 
 
 def _compile_index(job):

@@ -34,6 +34,11 @@ def test_compiles_without_spills(spec, arch):
     if spec.num_stages >= 3:
         assert r.exposed_copy_waits == 0, f"{spec.label} on {facts['name']}: {r.exposed_copy_waits} in-loop " \
                                           "waits for every async copy"
+    # dK/dV walks its group's query heads and query blocks as one loop: nested, the pipeline restarted at
+    # every head (bench/NOTES.md, session 21). (dQ restarts per sample of its batch loop, after ~all the
+    # keys: kept.)
+    if spec.kernel.endswith("attn_bwd_dkdv_kernel"):
+        assert r.drained_loops == 0, f"{spec.label} on {facts['name']}: {r.drained_loops} loops drain every copy"
     # fp32 under TF32: the GEMM families round their operands to nearest first (Triton's TF32 MMA would
     # truncate them: twice the error of PyTorch's TF32 GEMMs; kernels/_common.py, ``mma``); nothing else
     # rounds. Cross-attention
@@ -57,9 +62,10 @@ def test_compiles_without_spills(spec, arch):
 @pytest.mark.aot
 @pytest.mark.xdist_group("aot")
 def test_the_exposed_wait_check_sees_two_stage_loops():
-    """The check above can fail: the 2-stage loops that remain (IEEE fp32 and fp64 attention, TF32's
-    dK/dV) wait for every copy in their loops, and it sees them."""
-    from mmfuse._aot import exposed_copy_waits
+    """The checks above can fail: the 2-stage loops that remain (IEEE fp32 and fp64 attention, TF32's
+    dK/dV) wait for every copy in their loops, and it sees them; dQ's loop over the batch drains its key
+    loop's copies per sample, and the drain check sees that."""
+    from mmfuse._aot import drained_loops, exposed_copy_waits
 
     two = [r for (label, arch), r in compile_all().items() if r.spec.num_stages == 2
            and r.spec.kernel.startswith("cross_attention/attn_")]
@@ -72,6 +78,20 @@ def test_the_exposed_wait_check_sees_two_stage_loops():
   %e = ttg.async_wait {num = 0 : i32}
 """
     assert exposed_copy_waits(loop) == 1
+    # ... and the drain check sees dQ's batch loop, which restarts its key loop's pipeline per sample
+    dq = [r for (label, arch), r in compile_all().items() if r.spec.kernel.endswith("attn_bwd_dq_kernel")
+          and r.spec.num_stages >= 2]  # (one stage: no pipeline to drain)
+    assert dq and all(r.drained_loops == 1 for r in dq), [r.spec.label for r in dq if r.drained_loops != 1]
+    nest = """  scf.for %g = %a to %b step %c {
+    %r = scf.for %i = %a to %n step %c {
+      %w = ttg.async_wait %k {num = 2 : i32}
+      scf.yield %x
+    }
+    %e = ttg.async_wait {num = 0 : i32}
+    scf.yield %y
+  }
+"""
+    assert drained_loops(nest) == 1 and drained_loops(loop) == 0  # (a drain after the outermost loop: none)
 
 
 def test_replicated_dots_counts_products_whose_warps_cover_more_than_the_tile():

@@ -531,20 +531,27 @@ def test_kernel_profile_attention_pipeline_sweep():
     with _common.gpu_config(), pytest.MonkeyPatch.context() as mp:
         mp.setattr(KA, "attention_fwd", recording_fwd)
         rows = kernel_profile.attention_pipeline_sweep(device="cpu", timer=timer, shapes=[shape],
-                                                       cases=(("tiny", 2, ((2, 8, 16), (4, 4, 64, 3)), (2,)),))
+                                                       cases=(("tiny", 2, ((2, 8, 16), (4, 4, 64, 3)),
+                                                                       (2, (3, 16, 32, 4))),))
         after = (KA.gpu_blocks(17, 24), KA.gpu_blocks(17, 24, backward=True))
     assert after == before
     assert [(r["pass"], r.get("stages"), r.get("warps"), r.get("impl")) for r in rows] == [
-        ("fwd", 2, 8, None), ("fwd", 4, 4, None), ("bwd", 2, 8, None), ("fwd", None, None, "sdpa enable_gqa")]
+        ("fwd", 2, 8, None), ("fwd", 4, 4, None), ("bwd", 2, 8, None), ("bwd", 3, 4, None),
+        ("fwd", None, None, "sdpa enable_gqa")]
     assert [(f["num_stages"], f["num_warps"], f["BLOCK_M"]) for f, _ in seen[:2]] == [(2, 8, 16), (4, 4, 64)]
     # a tile taller than one head's 17 queries packs the grouped heads; the backward's forward does not
     assert [r.get("packed") for r in rows[:2]] == [False, True] and packs == [False, True, False]
     assert (seen[2][1]["num_stages"], KA.dkdv_stages(seen[2][1])) == (2, 2) and seen[2][0] == before[0]
+    # the second backward row gives dQ a tile of its own (``dq_blocks``), dK/dV keeping the launcher's
+    dq, kv = KA.dq_blocks(seen[3][1]), seen[3][1]
+    assert (dq["BLOCK_M"], dq["BLOCK_N"], dq["num_warps"], dq["num_stages"]) == (16, 32, 4, 3), dq
+    assert (kv["BLOCK_M"], kv["BLOCK_N"], kv["num_warps"]) == tuple(before[1][n] for n in ("BLOCK_M", "BLOCK_N", "num_warps"))
     md = kernel_profile.markdown({"gpu": "x", "date": "d", "attention_pipeline": rows})
-    assert "| tiny | 2 | fwd | mmfuse | 4 | 4 | 64 (packed) | 3 | 0.5000 |" in md
-    assert "| tiny | 2 | fwd | mmfuse | 2 | 8 | 16 | auto | 0.5000 |" in md
-    assert "| tiny | 2 | bwd | mmfuse | 2 | 8 |  |  | 0.5000 |" in md
-    assert "| tiny | 2 | fwd | sdpa enable_gqa |  |  |  |  | 0.5000 |" in md
+    assert "| tiny | 2 | fwd | mmfuse | 4 | 4 | 64 (packed) | 3 | 0.5000 |  |" in md
+    assert "| tiny | 2 | fwd | mmfuse | 2 | 8 | 16 | auto | 0.5000 |  |" in md
+    assert "| tiny | 2 | bwd | mmfuse | 2 | 8 |  |  | 0.5000 |  |" in md
+    assert "| tiny | 2 | bwd | mmfuse | 3 | 4 | 16x32 |  | 0.5000 |  |" in md
+    assert "| tiny | 2 | fwd | sdpa enable_gqa |  |  |  |  | 0.5000 |  |" in md
     assert [r.get("splits") for r in rows[:2]] == [None, 3] and split_counts[1] == 3
 
 

@@ -813,3 +813,34 @@ def test_packed_grouped_heads_at_a_gpu_tile_and_in_fp64():
     q, k, v = _qkv(1, 2, 6, 2, 7, 41, 12, torch.float64)
     o, _ = KA.attention_fwd(q, k, v, None, None, 0.3, acc=torch.float64, pack_gqa=True)
     assert (o - cross_attention_reference(q, k, v, scale=0.3)).abs().max().item() < 1e-12
+
+
+def test_dq_takes_its_own_tile_where_the_backward_tiles_give_one(monkeypatch):
+    """``dq_blocks``: a ``dq`` entry in the backward's tiles (the kernel profile's sweep sets one) reaches
+    dQ's launch alone, dK/dV keeping the shared tile; dQ's split rule then counts dQ's programs. The
+    gradients match the shared tile's to rounding, and dK, dV bit for bit (their launch is unchanged)."""
+    from mmfuse.kernels import _common
+
+    torch.manual_seed(3)
+    q, k, v = _qkv(1, 3, 4, 2, 37, 150, 24)
+    o, lse = KA.attention_fwd(q, k, v, None, None, 0.3)
+    do = torch.randn_like(o)
+    launched = {}
+    for name in ("attn_bwd_dq_kernel", "attn_bwd_dkdv_kernel"):
+        kernel = getattr(KA, name)
+        real = kernel.run
+        monkeypatch.setattr(kernel, "run", lambda *a, real=real, name=name, **kw: launched.setdefault(name, []).append(
+            (kw["BLOCK_M"], kw["BLOCK_N"], kw["num_warps"], kw["num_stages"])) or real(*a, **kw))
+    original = KA.gpu_blocks
+    with _common.gpu_config():
+        shared = KA.attention_bwd(do, q, k, v, o, lse, None, None, 0.3)
+        monkeypatch.setattr(KA, "gpu_blocks", lambda Lq, D, backward=False, *a, **kw: dict(
+            original(Lq, D, backward, *a, **kw), dq=dict(BLOCK_M=64, BLOCK_N=32, num_warps=4)) if backward
+            else original(Lq, D, backward, *a, **kw))
+        own = KA.attention_bwd(do, q, k, v, o, lse, None, None, 0.3)
+    blk = original(37, 24, True, elem_bytes=4, ieee=True)  # (fp32 without TF32: the FMA tiles)
+    assert launched["attn_bwd_dkdv_kernel"][0] == launched["attn_bwd_dkdv_kernel"][1]
+    assert launched["attn_bwd_dq_kernel"][0] == (blk["BLOCK_M"], blk["BLOCK_N"], blk["num_warps"], blk["num_stages"])
+    assert launched["attn_bwd_dq_kernel"][1] == (64, 32, 4, blk["num_stages"])
+    torch.testing.assert_close(own[0], shared[0], rtol=1e-5, atol=1e-5)
+    assert torch.equal(own[1], shared[1]) and torch.equal(own[2], shared[2])
