@@ -117,10 +117,12 @@ def _attention_grids(s, batch: int) -> dict:
 def compile_section(reports) -> list[str]:
     lines = ["## Compiled kernel configs (Triton AOT, no GPU)", "",
              "Duplicated products: tensor-core products whose warps cover more of M or N than the tile holds, "
-             "so surplus warps compute copies of it (``mmfuse._aot.replicated_dots``; 0 is the goal).", "",
+             "so surplus warps compute copies of it (``mmfuse._aot.replicated_dots``; 0 is the goal). Drained "
+             "loops: loops that restart a nested loop's copy pipeline at every iteration "
+             "(``mmfuse._aot.drained_loops``: dQ's loop over the batch, per sample).", "",
              "| kernel | variant | dtype | config | arch | regs | spill B | smem KB | tensor cores "
-             "| 128-bit loads | grid | CTAs/SM | duplicated products |",
-             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+             "| 128-bit loads | grid | CTAs/SM | duplicated products | drained loops |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for (_, arch), r in sorted(reports.items(), key=lambda kv: kv[0]):
         s = r.spec
         wide = "TMA" if r.tma else ("cp.async 16B" if r.cp_async_16B else ("v4" if r.vec128_loads else "no"))
@@ -130,7 +132,7 @@ def compile_section(reports) -> list[str]:
         grid = f"persistent ({programs})" if programs else "a program per tile"
         lines.append(f"| {s.kernel} | {s.variant} | {s.dtype} | {s.config} | sm_{arch} | {r.registers} | "
                      f"{r.spill_bytes} | {r.shared_bytes / 1024:.0f} | {r.tensor_core_instr} | {wide} | {grid} | "
-                     f"{r.max_ctas_per_sm()} | {r.replicated_dots} |")
+                     f"{r.max_ctas_per_sm()} | {r.replicated_dots} | {r.drained_loops} |")
     return lines
 
 
