@@ -105,48 +105,40 @@ class CompileReport:
         return max(0, min(by_regs, by_smem, 2048 // threads, 32))
 
 
+def _in_loop_body(ttgir: str, pattern: str) -> int:
+    """Lines matching ``pattern`` that a ``scf.yield`` at their own indentation follows before the
+    enclosing body closes: they run once per iteration of a loop."""
+    lines = ttgir.splitlines()
+    found = 0
+    for i, line in enumerate(lines):
+        if not re.search(pattern, line):
+            continue
+        indent = len(line) - len(line.lstrip())
+        for later in lines[i + 1:]:
+            depth = len(later) - len(later.lstrip())
+            if later.strip() and depth < indent:
+                break
+            if depth == indent and later.lstrip().startswith("scf.yield"):
+                found += 1
+                break
+    return found
+
+
 def exposed_copy_waits(ttgir: str) -> int:
     """Waits inside a loop body for *every* asynchronous copy in flight (``ttg.async_wait {num = 0}``
     at loop level): each iteration then exposes the copies' latency instead of keeping the next ones in
     flight (the cross-attention kernels at 2 stages; bench/NOTES.md, session 18). A wait counts when it
-    names copy tokens (the drain after a loop names none, and may sit in an outer loop) and a
-    ``scf.yield`` at its own indentation follows it before the enclosing body closes."""
-    lines = ttgir.splitlines()
-    found = 0
-    for i, line in enumerate(lines):
-        if not re.search(r"async_wait %[^{]*\{num = 0 : i32\}", line):
-            continue
-        indent = len(line) - len(line.lstrip())
-        for later in lines[i + 1:]:
-            depth = len(later) - len(later.lstrip())
-            if later.strip() and depth < indent:
-                break
-            if depth == indent and later.lstrip().startswith("scf.yield"):
-                found += 1
-                break
-    return found
+    names copy tokens (the drain after a loop names none: ``drained_loops``)."""
+    return _in_loop_body(ttgir, r"async_wait %[^{]*\{num = 0 : i32\}")
 
 
 def drained_loops(ttgir: str) -> int:
     """Loops whose every iteration drains the copies of a pipelined loop nested in them: a token-less
-    ``ttg.async_wait {num = 0}`` (the drain after a pipelined loop) followed by a ``scf.yield`` at its own
-    indentation, so inside an enclosing loop's body. Each iteration of the enclosing loop then restarts the
-    inner pipeline and waits for its first copies: dK/dV's loop over a group's query heads around its loop
-    over query blocks did, 4 waits a program at Idefics2's shape (bench/NOTES.md, session 21)."""
-    lines = ttgir.splitlines()
-    found = 0
-    for i, line in enumerate(lines):
-        if not re.search(r"async_wait\s*\{num = 0 : i32\}", line):
-            continue
-        indent = len(line) - len(line.lstrip())
-        for later in lines[i + 1:]:
-            depth = len(later) - len(later.lstrip())
-            if later.strip() and depth < indent:
-                break
-            if depth == indent and later.lstrip().startswith("scf.yield"):
-                found += 1
-                break
-    return found
+    ``ttg.async_wait {num = 0}`` (the drain after a pipelined loop) in an enclosing loop's body. Each
+    iteration of the enclosing loop then restarts the inner pipeline and waits for its first copies:
+    dK/dV's loop over a group's query heads around its loop over query blocks did, 4 waits a program at
+    Idefics2's shape (bench/NOTES.md, session 21)."""
+    return _in_loop_body(ttgir, r"async_wait\s*\{num = 0 : i32\}")
 
 
 _MMA_LAYOUT = re.compile(r"^(#mma\d*) = #ttg\.nvidia_mma<\{[^}]*warpsPerCTA = \[(\d+), (\d+)\][^}]*"
