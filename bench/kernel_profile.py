@@ -318,18 +318,24 @@ def attention_split_sweep(batch: int = 1, device: str = "cuda", bench=None, shap
 
 
 #: (shape name, batch, forward (stages, warps, query rows per program[, key splits]) forms, backward
-#: forms: stages, or (stages, dQ's query rows, dQ's keys per block, dQ's warps)) of
+#: forms: stages, or {"stages", "dq_tile": (dQ's query rows, keys per block, warps), "dq_splits": (batch
+#: splits, key splits) forced}) of
 #: ``attention_pipeline_sweep``. 128 rows: two of Idefics2's grouped query heads per program, each
 #: warpgroup on 64 rows of its own (at 64 rows and 8 warps both warpgroups compute the same Q.K^T and
 #: softmax: the TTGIR's layout is 8 warps along 64 rows; bench/NOTES.md, session 18). dQ at 64 rows takes
 #: wgmma on sm_90 (32 rows cannot); 64 x 32 at 4 warps and 32 x 64 at 4 compile without spills or
 #: duplicated products on Triton 3.6-3.9 (bench/NOTES.md, session 21).
 PIPELINE_CASES = (("idefics2-resampler", 8, ((3, 4, 64), (3, 8, 64), (4, 4, 64), (3, 8, 128), (3, 4, 64, 2),
-                                             (3, 4, 64, 3)), (3, (3, 64, 32, 4), (3, 32, 64, 4))),
+                                             (3, 4, 64, 3)),
+                   (3, {"stages": 3, "dq_tile": (64, 32, 4)}, {"stages": 3, "dq_tile": (32, 64, 4)})),
                   ("idefics2-resampler", 1, ((3, 4, 64), (3, 8, 64), (3, 8, 128), (3, 4, 64, 12), (3, 4, 64, 16)),
                    ()),
                   ("idefics2-resampler", 64, ((3, 4, 64), (3, 8, 128)), ()),
-                  ("blip2-qformer-xattn", 8, ((2, 4, 32), (3, 4, 32)), (2, 3)))
+                  ("blip2-qformer-xattn", 8, ((2, 4, 32), (3, 4, 32)), (2, 3)),
+                  # the single pass at batch 1 on 8 / 12 programs, and its keys split (dQ's fp32 partials)
+                  ("openflamingo-resampler", 1, ((3, 4, 64),),
+                   (3, {"stages": 3, "dq_splits": (1, 2)}, {"stages": 3, "dq_splits": (1, 4)})),
+                  ("blip2-qformer-xattn", 1, ((3, 4, 32),), (3, {"stages": 3, "dq_splits": (1, 3)})))
 
 
 def attention_pipeline_sweep(device: str = "cuda", cases=PIPELINE_CASES, timer=None, shapes=None) -> list[dict]:
@@ -380,7 +386,8 @@ def attention_pipeline_sweep(device: str = "cuda", cases=PIPELINE_CASES, timer=N
             o, lse = KA.attention_fwd(q, k, v, None, None, scale)
             do = torch.randn_like(o)
         for form in bwd_stages:
-            stages, dq = (form, None) if isinstance(form, int) else (form[0], form[1:])
+            form = {"stages": form} if isinstance(form, int) else form
+            stages, dq, dq_splits = form["stages"], form.get("dq_tile"), form.get("dq_splits")
             def tiles(Lq, D, backward=False, *a, stages=stages, dq=dq, **kw):
                 blk = original(Lq, D, backward, *a, **kw)
                 if not backward:
@@ -391,8 +398,11 @@ def attention_pipeline_sweep(device: str = "cuda", cases=PIPELINE_CASES, timer=N
             row = {"shape": name, "batch": batch, "pass": "bwd", "stages": stages, "warps": 8 if dq is None else dq[2]}
             if dq is not None:
                 row["dq_tile"] = f"{dq[0]}x{dq[1]}"
-            def fn():
-                return KA.attention_bwd(do, q, k, v, o, lse, None, None, scale)
+            if dq_splits is not None:
+                row["dq_splits"] = f"{dq_splits[0]}x{dq_splits[1]}"
+
+            def fn(dq_splits=dq_splits):
+                return KA.attention_bwd(do, q, k, v, o, lse, None, None, scale, dq_splits=dq_splits)
             rows.append(timed(row, fn, tiles))
             if device == "cuda" and "device_ms" in row:  # each kernel's share (delta, dK/dV, dQ, the sum)
                 with mock.patch.object(KA, "gpu_blocks", tiles):
@@ -649,7 +659,8 @@ def markdown(result: dict) -> str:
             lines.append(f"| {r['shape']} | {r['batch']} | {r['pass']} | {r.get('impl', 'mmfuse')} | "
                          f"{r.get('stages', '')} | {r.get('warps', '')} | {rows_cell}"
                          f"{' (packed)' if r.get('packed') else ''} | "
-                         f"{(r.get('splits') or 'auto') if r['pass'] == 'fwd' and 'impl' not in r else ''} | {dev} | "
+                         f"{(r.get('splits') or 'auto') if r['pass'] == 'fwd' and 'impl' not in r else ''}"
+                         f"{r.get('dq_splits', '')} | {dev} | "
                          f"{parts} |")
         lines.append("")
     splits = result.get("attention_splits")

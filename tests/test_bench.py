@@ -532,11 +532,12 @@ def test_kernel_profile_attention_pipeline_sweep():
         mp.setattr(KA, "attention_fwd", recording_fwd)
         rows = kernel_profile.attention_pipeline_sweep(device="cpu", timer=timer, shapes=[shape],
                                                        cases=(("tiny", 2, ((2, 8, 16), (4, 4, 64, 3)),
-                                                                       (2, (3, 16, 32, 4))),))
+                                                                       (2, {"stages": 3, "dq_tile": (16, 32, 4)},
+                                                                        {"stages": 3, "dq_splits": (1, 2)})),))
         after = (KA.gpu_blocks(17, 24), KA.gpu_blocks(17, 24, backward=True))
     assert after == before
     assert [(r["pass"], r.get("stages"), r.get("warps"), r.get("impl")) for r in rows] == [
-        ("fwd", 2, 8, None), ("fwd", 4, 4, None), ("bwd", 2, 8, None), ("bwd", 3, 4, None),
+        ("fwd", 2, 8, None), ("fwd", 4, 4, None), ("bwd", 2, 8, None), ("bwd", 3, 4, None), ("bwd", 3, 8, None),
         ("fwd", None, None, "sdpa enable_gqa")]
     assert [(f["num_stages"], f["num_warps"], f["BLOCK_M"]) for f, _ in seen[:2]] == [(2, 8, 16), (4, 4, 64)]
     # a tile taller than one head's 17 queries packs the grouped heads; the backward's forward does not
@@ -545,12 +546,14 @@ def test_kernel_profile_attention_pipeline_sweep():
     # the second backward row gives dQ a tile of its own (``dq_blocks``), dK/dV keeping the launcher's
     dq, kv = KA.dq_blocks(seen[3][1]), seen[3][1]
     assert (dq["BLOCK_M"], dq["BLOCK_N"], dq["num_warps"], dq["num_stages"]) == (16, 32, 4, 3), dq
-    assert (kv["BLOCK_M"], kv["BLOCK_N"], kv["num_warps"]) == tuple(before[1][n] for n in ("BLOCK_M", "BLOCK_N", "num_warps"))
+    shared = ("BLOCK_M", "BLOCK_N", "num_warps")
+    assert tuple(kv[n] for n in shared) == tuple(before[1][n] for n in shared)
     md = kernel_profile.markdown({"gpu": "x", "date": "d", "attention_pipeline": rows})
     assert "| tiny | 2 | fwd | mmfuse | 4 | 4 | 64 (packed) | 3 | 0.5000 |  |" in md
     assert "| tiny | 2 | fwd | mmfuse | 2 | 8 | 16 | auto | 0.5000 |  |" in md
     assert "| tiny | 2 | bwd | mmfuse | 2 | 8 |  |  | 0.5000 |  |" in md
     assert "| tiny | 2 | bwd | mmfuse | 3 | 4 | 16x32 |  | 0.5000 |  |" in md
+    assert "| tiny | 2 | bwd | mmfuse | 3 | 8 |  | 1x2 | 0.5000 |  |" in md
     assert "| tiny | 2 | fwd | sdpa enable_gqa |  |  |  |  | 0.5000 |  |" in md
     assert [r.get("splits") for r in rows[:2]] == [None, 3] and split_counts[1] == 3
 
@@ -788,3 +791,21 @@ def test_gpu_check_archive_packs_every_result_after_each_step(tmp_path):
     assert names == ["r/NVIDIA_H100_80GB_HBM3-2026-11-27.json", f"r/{folder}/bench.txt", f"r/{folder}/summary.json",
                      f"r/{folder}/verify.txt"]
     assert not (out / "r.tgz.part").exists()
+
+
+def test_kernel_profile_pipeline_cases_all_parse():
+    """Every form of ``PIPELINE_CASES`` (the GPU run's list) is read and run by the sweep: each shape stood
+    in by a tiny one of the same name (interpreted at the interpreter's tiles, a timer that runs once), so a
+    malformed entry fails here and not on the one GPU run a session gets."""
+    from mmfuse.bench import kernel_profile
+    from mmfuse.bench.shapes import ATTENTION_SHAPES, AttentionShape
+
+    tiny = [AttentionShape(s.name, 5, 40, 2 * (s.heads // s.kv_heads), 2, 16) for s in ATTENTION_SHAPES]
+    ran = []
+    rows = kernel_profile.attention_pipeline_sweep(device="cpu", timer=lambda fn: ran.append(fn()) or 0.5,
+                                                   shapes=tiny)
+    forms = sum(len(fwd) + len(bwd) + 1 for _, _, fwd, bwd in kernel_profile.PIPELINE_CASES)
+    failed = [r for r in rows if "error" in r]
+    assert len(rows) == forms == len(ran) and not failed, failed
+    assert {r.get("dq_splits") for r in rows} >= {"1x2", "1x4", "1x3"} and {"64x32", "32x64"} <= {
+        r.get("dq_tile") for r in rows}
