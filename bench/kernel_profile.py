@@ -655,7 +655,8 @@ def markdown(result: dict) -> str:
         for r in pipe:
             dev = f"{r['device_ms']:.4f}" if "device_ms" in r else f"failed: {r.get('error', '')[:100]}"
             rows_cell = r.get("dq_tile", r.get("block_m", ""))
-            parts = ", ".join(f"{k.split('_kernel')[0]} {v:.4f}" for k, v in sorted(r.get("kernels_ms", {}).items()))
+            parts = ", ".join(f"{k.split('_kernel')[0][:40]} {v:.4f}"  # (ATen's names run long)
+                              for k, v in sorted(r.get("kernels_ms", {}).items()))
             lines.append(f"| {r['shape']} | {r['batch']} | {r['pass']} | {r.get('impl', 'mmfuse')} | "
                          f"{r.get('stages', '')} | {r.get('warps', '')} | {rows_cell}"
                          f"{' (packed)' if r.get('packed') else ''} | "

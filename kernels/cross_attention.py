@@ -1201,7 +1201,8 @@ def aot_specs():
                                 **dict(zip(["stride_dvb", "stride_dvh", "stride_dvn", "stride_dvd"], k_s)),
                                 **{f"stride_d{t}2{a}": 0 for t in "kv" for a in "bhnd"})
                     specs.append(spec("attn_bwd_dkdv_kernel", attn_bwd_dkdv_kernel, "dK, dV over the group",
-                                      dtype, ptr, D, args, dict(common, EVEN_D=D == BD), precision == "tf32" or elem != 4, warps, stages,
+                                      dtype, ptr, D, args, dict(common, EVEN_D=D == BD),
+                                      precision == "tf32" or elem != 4, warps, stages,
                                       sm90="wgmma" if BN >= 64 and elem != 8 else "mma.sync"))
                 else:
                     # Shared queries over batch 8: 2 x 16 programs, the batch split 4 ways (fp32 partials).

@@ -372,7 +372,6 @@ def wave_efficiency(M: int, N: int, block_m: int, block_n: int, sms: int) -> flo
 
 
 @functools.lru_cache(maxsize=4096)  # a pure function of its ints (and a tile tuple), asked on every launch
-@functools.lru_cache(maxsize=4096)  # a pure function of its arguments, asked on every launch
 def candidate_tiles(M: int, N: int, sms: int, tiles: tuple = GEMM_TILES) -> tuple:
     """Tiles worth autotuning at (M, N): those with wave efficiency >= MIN_WAVE_EFFICIENCY,
     or the best two when none reaches it (tiny problems)."""

@@ -881,8 +881,8 @@ def _launch(a, b, c, merge: Merge, mapped: int, M, N, K, strides, *, bias=None, 
             M, N, K, merge.C, merge.G, *strides, aux_t.stride(0), aux_t.stride(1),
             bias.stride(0) if bias is not None else 0, bias2.stride(0) if bias2 is not None else 0,
             merge.token_map.stride(0), gamma.stride(0) if norm else 0, beta.stride(0) if norm else 0,
-            **flags, EVEN_K=K % bk == 0, ALIGNED=merge.C % (bk if mapped == 0 else bn) == 0, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk,
-            GROUP_M=GROUP_M, **hopper, num_warps=warps, num_stages=stages, **LAUNCH_OPTIONS)
+            **flags, EVEN_K=K % bk == 0, ALIGNED=merge.C % (bk if mapped == 0 else bn) == 0, BLOCK_M=bm,
+            BLOCK_N=bn, BLOCK_K=bk, GROUP_M=GROUP_M, **hopper, num_warps=warps, num_stages=stages, **LAUNCH_OPTIONS)
 
     forced = forced_tile("mapped_gemm_kernel")
     if forced is not None:

@@ -357,8 +357,9 @@ def test_gpu_tile_choice_adapts_to_dtype_and_waves(monkeypatch):
     # The GPU launch at LLaVA-1.5, one image: the wave model's pick, 4-byte inputs halve BLOCK_K.
     seen = []
     monkeypatch.setattr(KL, "INTERPRET", False)
-    monkeypatch.setattr(KL, "fused_gemm_kernel", type("K", (), {"__getitem__": lambda self, grid: lambda *a, **m: seen.append(
-        (m["BLOCK_M"], m["BLOCK_N"], m["BLOCK_K"]))})())
+    record = type("K", (), {"__getitem__": lambda self, grid: lambda *a, **m: seen.append(
+        (m["BLOCK_M"], m["BLOCK_N"], m["BLOCK_K"]))})()
+    monkeypatch.setattr(KL, "fused_gemm_kernel", record)
     for dtype in (torch.float32, torch.float16):
         KL.linear_fwd(torch.empty(576, 1024, device="meta", dtype=dtype), torch.empty(4096, 1024, device="meta",
                                                                                   dtype=dtype))
