@@ -556,8 +556,8 @@ def test_kernel_profile_attention_pipeline_sweep():
     assert "| tiny | 2 | bwd | mmfuse | 3 | 8 |  | 1x2 | 0.5000 |  |" in md
     # on a GPU each backward row also carries every kernel's device time (``device_ms(by_kernel=True)``)
     row = dict(rows[3], kernels_ms={"attn_bwd_dq_kernel": 0.125, "void at::native::reduce_kernel<512, 1>(...)": 0.01})
-    md = kernel_profile.markdown({"gpu": "x", "date": "d", "attention_pipeline": [row]})
-    assert "| 0.5000 | attn_bwd_dq 0.1250, void at::native::reduce 0.0100 |" in md
+    by_kernel = kernel_profile.markdown({"gpu": "x", "date": "d", "attention_pipeline": [row]})
+    assert "| 0.5000 | attn_bwd_dq 0.1250, void at::native::reduce 0.0100 |" in by_kernel
     assert "| tiny | 2 | fwd | sdpa enable_gqa |  |  |  |  | 0.5000 |  |" in md
     assert [r.get("splits") for r in rows[:2]] == [None, 3] and split_counts[1] == 3
 
