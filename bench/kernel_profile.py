@@ -22,6 +22,10 @@ The quick benchmark says *that* a case is slow; this says *which launch* and *wh
    backward rows at Idefics2 batch 8 give dQ tiles of its own (64 x 32 at 4 warps: wgmma on sm_90; 32 x
    64 at 4) and time each backward kernel apart: session 21's predictions (bench/NOTES.md).
 
+4a. ``attention_vs_sdpa``: the cross-attention at its defaults against SDPA with ``enable_gqa`` at every
+   resampler shape and batch 1 / 8 / 64, forward and forward + backward, device time and wall time per
+   call (``attention_against_sdpa``: issue 13's table; session 20 took it with a probe of its own).
+
 4b. ``attention_splits``: the cross-attention forward at batch 1 of each resampler shape
    (``ATTENTION_SHAPES``), where the key split decides: the split merged by a second launch, merged in
    the split kernel at the in-kernel model's split count (``MMFUSE_SPLIT_COMBINE=kernel``) and at the
@@ -554,7 +558,62 @@ def dynamic_m_loop(counts=None, widths=(1024, 4096, 4096), device: str = "cuda",
     return rows
 
 
-PARTS = ("kernels", "compiled", "attention_pipeline", "gemm_tiles", "attention_splits", "dynamic_m", "mapped_forms")
+def host_ms(fn, calls: int = 50) -> float:
+    """Milliseconds per call of ``fn`` by the wall clock, the device drained before and after: the host's
+    time where it is the bound, the device's where that is (``device_ms`` tells which)."""
+    fn()
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for _ in range(calls):
+        fn()
+    torch.cuda.synchronize()
+    return (time.perf_counter() - t0) / calls * 1e3
+
+
+def attention_against_sdpa(device: str = "cuda", shapes=None, batches=(1, 8, 64), timer=None,
+                           wall=None) -> list[dict]:
+    """mmfuse's cross-attention at its defaults against SDPA with ``enable_gqa`` (transformers' route
+    without a mask), forward and forward + backward, at every resampler shape and batch (bf16; shared
+    queries): device time (``timer``: ``device_ms``) and wall time per call (``wall``: ``host_ms``). Session
+    20 took these with a probe of its own (``h100-2026-11-27-session20/call3``); issue 13's goal is
+    this table at >= 1.0x, and session 21's host-time predictions are read from its wall column."""
+    import torch.nn.functional as F
+
+    import mmfuse
+    from mmfuse.bench.shapes import ATTENTION_SHAPES
+
+    timer, wall = timer or device_ms, wall or host_ms
+    dt = torch.bfloat16 if device == "cuda" else torch.float32
+    rows = []
+    for s in shapes or ATTENTION_SHAPES:
+        for batch in batches:
+            q = torch.randn(1, s.heads, s.queries, s.head_dim, device=device, dtype=dt, requires_grad=True)
+            k = torch.randn(batch, s.kv_heads, s.keys, s.head_dim, device=device, dtype=dt, requires_grad=True)
+            v = torch.randn_like(k, requires_grad=True)
+            do = torch.randn(batch, s.heads, s.queries, s.head_dim, device=device, dtype=dt)
+            gqa = s.heads != s.kv_heads
+            calls = {
+                "mmfuse": lambda: mmfuse.cross_attention(q, k, v),
+                "sdpa": lambda: F.scaled_dot_product_attention(q.expand(batch, -1, -1, -1), k, v, enable_gqa=gqa),
+            }
+            for impl, call in calls.items():
+                row = {"shape": s.name, "batch": batch, "impl": impl}
+                for mode in ("fwd", "fwd+bwd"):
+                    def step(call=call, mode=mode):
+                        if mode == "fwd":
+                            with torch.no_grad():
+                                return call()
+                        return torch.autograd.grad(call(), (q, k, v), do)
+                    try:
+                        row[f"{mode} device ms"], row[f"{mode} wall ms"] = timer(step), wall(step)
+                    except Exception as e:  # a backend that refuses a shape is a finding, not a stop
+                        row[f"{mode} error"] = f"{type(e).__name__}: {str(e)[:160]}"
+                rows.append(row)
+    return rows
+
+
+PARTS = ("kernels", "compiled", "attention_pipeline", "attention_vs_sdpa", "gemm_tiles", "attention_splits",
+         "dynamic_m", "mapped_forms")
 
 
 def main(out_dir: str, parts=PARTS, print=print) -> int:
@@ -588,6 +647,8 @@ def main(out_dir: str, parts=PARTS, print=print) -> int:
                 result[part] = attention_split_sweep() + attention_split_sweep(dtype=torch.float32)
             elif part == "attention_pipeline":
                 result[part] = attention_pipeline_sweep()
+            elif part == "attention_vs_sdpa":
+                result[part] = attention_against_sdpa()
             elif part == "dynamic_m":
                 result[part] = dynamic_m_loop()
             elif part == "mapped_forms":
@@ -663,6 +724,24 @@ def markdown(result: dict) -> str:
                          f"{(r.get('splits') or 'auto') if r['pass'] == 'fwd' and 'impl' not in r else ''}"
                          f"{r.get('dq_splits', '')} | {dev} | "
                          f"{parts} |")
+        lines.append("")
+    versus = result.get("attention_vs_sdpa")
+    if isinstance(versus, list):
+        lines += _table_head("Cross-attention at its defaults against SDPA (enable_gqa), bf16, shared queries: "
+                             "device and wall ms per call", "shape", "batch", "implementation", "fwd device",
+                             "fwd wall", "fwd+bwd device", "fwd+bwd wall", "x SDPA (device: fwd, fwd+bwd)")
+        sdpa = {(r["shape"], r["batch"]): r for r in versus if r["impl"] == "sdpa"}
+
+        def cell(r, key):
+            return f"{r[key]:.4f}" if key in r else "failed"
+
+        for r in versus:
+            base = sdpa.get((r["shape"], r["batch"]), {})
+            ratio = ", ".join(f"{base[k] / r[k]:.2f}" if k in r and k in base else "-"
+                              for k in ("fwd device ms", "fwd+bwd device ms")) if r["impl"] == "mmfuse" else ""
+            lines.append(f"| {r['shape']} | {r['batch']} | {r['impl']} | {cell(r, 'fwd device ms')} | "
+                         f"{cell(r, 'fwd wall ms')} | {cell(r, 'fwd+bwd device ms')} | {cell(r, 'fwd+bwd wall ms')} | "
+                         f"{ratio} |")
         lines.append("")
     splits = result.get("attention_splits")
     if isinstance(splits, list):

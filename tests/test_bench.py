@@ -813,3 +813,29 @@ def test_kernel_profile_pipeline_cases_all_parse():
     assert len(rows) == forms == len(ran) and not failed, failed
     assert {r.get("dq_splits") for r in rows} >= {"1x2", "1x4", "1x3"} and {"64x32", "32x64"} <= {
         r.get("dq_tile") for r in rows}
+
+
+def test_kernel_profile_attention_against_sdpa():
+    """Issue 13's table: every shape and batch for mmfuse and SDPA, forward and forward + backward (the
+    gradients reached, interpreted on tiny shapes; the timers stand in), and the markdown's ratio column
+    is SDPA's device time over mmfuse's."""
+    from mmfuse.bench import kernel_profile
+    from mmfuse.bench.shapes import AttentionShape
+
+    shapes = [AttentionShape("gqa", 5, 40, 4, 2, 16), AttentionShape("mha", 3, 20, 2, 2, 8)]
+    ran = []
+
+    def timer(step):
+        out = step()
+        ran.append(all(torch.isfinite(t).all() for t in (out if isinstance(out, tuple) else (out,))))
+        return 0.5 if len(ran) % 4 else 0.25
+
+    rows = kernel_profile.attention_against_sdpa(device="cpu", shapes=shapes, batches=(1, 3), timer=timer,
+                                                 wall=lambda step: 2.0)
+    assert [(r["shape"], r["batch"], r["impl"]) for r in rows] == [
+        (s, b, i) for s in ("gqa", "mha") for b in (1, 3) for i in ("mmfuse", "sdpa")]
+    assert all(ran) and len(ran) == 16 and not [r for r in rows if any("error" in k for k in r)]
+    md = kernel_profile.markdown({"gpu": "x", "date": "d", "attention_vs_sdpa": rows})
+    assert "| gqa | 1 | mmfuse | 0.5000 | 2.0000 | 0.5000 | 2.0000 | 1.00, 0.50 |" in md
+    assert "| gqa | 1 | sdpa | 0.5000 | 2.0000 | 0.2500 | 2.0000 |  |" in md
+    assert "attention_vs_sdpa" in kernel_profile.PARTS
