@@ -118,12 +118,20 @@ def register_autograd(op, backward, setup_context) -> None:
     op._mmfuse_autograd = (setup_context, backward)
 
 
+#: Legacy vmap's batched tensors (``autograd.grad(is_grads_batched=True)``, ``gradcheck(check_batched_grad=
+#: True)``, ``jacobian(vectorize=True)``) are plain ``torch.Tensor``s to ``type``: only this tells them apart.
+_IS_LEGACY_BATCHED = getattr(getattr(torch._C, "_functorch", None), "is_legacy_batchedtensor", None)
+
+
 def _nothing_watches(tensors) -> bool:
-    """Plain tensors (no subclass, FakeTensor or DTensor), and no tracer, compiler, dispatch or function
-    mode, functorch transform or profiler that would want to see the op: then calling its implementation
-    (or its autograd formula around it) is indistinguishable from calling it. (A kernel registered for an
-    mmfuse op with ``torch.library.register_kernel`` is not consulted on these paths.)"""
+    """Plain tensors (no subclass, FakeTensor or DTensor, no legacy-vmap batched tensor), and no tracer,
+    compiler, dispatch or function mode, functorch transform or profiler that would want to see the op:
+    then calling its implementation (or its autograd formula around it) is indistinguishable from calling
+    it. (A kernel registered for an mmfuse op with ``torch.library.register_kernel`` is not consulted on
+    these paths.) Batched tensors take the op, whose batching fallback runs it per batch entry."""
     if any(type(t) not in _PLAIN_TENSORS for t in tensors):
+        return False
+    if _IS_LEGACY_BATCHED is not None and any(_IS_LEGACY_BATCHED(t) for t in tensors):
         return False
     try:
         return not (torch.compiler.is_compiling() or torch.jit.is_tracing() or torch._C._len_torch_dispatch_stack()
@@ -183,6 +191,11 @@ class _EagerAutograd(torch.autograd.Function):
     @staticmethod
     def forward(ctx, op, layout, out_box, *flat):
         args = _unflatten(layout, flat)
+        # As torch.library hands it to a formula: one entry per argument of the op (False where it is not
+        # a tensor, a list for a list of tensors), not per argument of this Function.
+        needs = iter(ctx.needs_input_grad[3:])
+        ctx.needs_input_grad = tuple(next(needs) if e[0] == _TENSOR else [next(needs) for _ in range(e[2])]
+                                     if e[0] == _TENSORS else False for e in layout)
         out = op._mmfuse_impl(*args)
         setup, _ = op._mmfuse_autograd
         setup(ctx, tuple(args), out)

@@ -334,3 +334,41 @@ def test_eager_autograd_path_keeps_the_ops_contract():
     y = _dispatch.call_op(Op, x, 1.0)
     with pytest.raises(RuntimeError, match="mmfuse::broken: its backward returned 1 gradients, expected 2"):
         y.sum().backward()
+
+
+def test_eager_autograd_path_hands_the_formula_needs_input_grad_per_argument():
+    """A formula reads ``ctx.needs_input_grad`` as torch.library builds it: one entry per argument of the op
+    (False for a non-tensor, a list for a list of tensors), not per argument of ``_EagerAutograd``."""
+    from mmfuse import _dispatch
+
+    seen = []
+
+    class Listed:  # op(x, s, ws) = x * s + ws[0] * ws[1]
+        _qualname = "mmfuse::listed"
+        _mmfuse_defaults = (inspect.Parameter.empty,) * 3
+        _mmfuse_impl = staticmethod(lambda x, s, ws: x * s + ws[0] * ws[1])
+        _mmfuse_autograd = (lambda ctx, inputs, output: seen.append(ctx.needs_input_grad),
+                            lambda ctx, g: seen.append(ctx.needs_input_grad) or (g * 2.0, None, [None, g]))
+
+    x, a, b = torch.randn(3, requires_grad=True), torch.randn(3), torch.randn(3, requires_grad=True)
+    y = _dispatch.call_op(Listed, x, 2.0, [a, b])
+    (gx, gb) = torch.autograd.grad(y.sum(), [x, b])
+    assert seen == [(True, False, [False, True])] * 2
+    assert torch.equal(gx, torch.full((3,), 2.0)) and torch.equal(gb, torch.ones(3))
+
+
+def test_batched_gradients_take_the_op():
+    """Legacy vmap's batched tensors (``autograd.grad(is_grads_batched=True)``, ``gradcheck``'s batched-grad
+    check, ``jacobian(vectorize=True)``) are plain tensors to ``type``: ``_nothing_watches`` tells them
+    apart, so the op's batching fallback runs each entry (the kernels take no batched tensor) and the
+    gradients equal the unbatched ones, row by row."""
+    import mmfuse
+
+    torch.manual_seed(0)
+    x, w, b = torch.randn(5, 24, requires_grad=True), torch.randn(40, 24), torch.randn(40)
+    y = mmfuse.linear(x, w, b, "gelu")
+    grads = torch.randn(3, *y.shape)
+    (batched,) = torch.autograd.grad(y, x, grads, retain_graph=True, is_grads_batched=True)
+    for i in range(3):
+        (one,) = torch.autograd.grad(y, x, grads[i], retain_graph=True)
+        torch.testing.assert_close(batched[i], one, rtol=1e-6, atol=1e-6)
