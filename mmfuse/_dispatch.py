@@ -131,14 +131,15 @@ def _nothing_watches(tensors) -> bool:
     these paths.) Batched tensors take the op, whose batching fallback runs it per batch entry."""
     if any(type(t) not in _PLAIN_TENSORS for t in tensors):
         return False
-    if _IS_LEGACY_BATCHED is not None and any(_IS_LEGACY_BATCHED(t) for t in tensors):
-        return False
     try:
-        return not (torch.compiler.is_compiling() or torch.jit.is_tracing() or torch._C._len_torch_dispatch_stack()
-                    or torch._C._is_torch_function_mode_enabled() or torch._C._are_functorch_transforms_active()
-                    or torch.autograd._profiler_enabled())
+        if (torch.compiler.is_compiling() or torch.jit.is_tracing() or torch._C._len_torch_dispatch_stack()
+                or torch._C._is_torch_function_mode_enabled() or torch._C._are_functorch_transforms_active()
+                or torch.autograd._profiler_enabled()):
+            return False
     except AttributeError:  # (a torch without one of these queries: take the op)
         return False
+    # (After the compiler's query: Dynamo cannot trace this one, and while compiling the op is taken anyway.)
+    return _IS_LEGACY_BATCHED is None or not any(_IS_LEGACY_BATCHED(t) for t in tensors)
 
 
 def _needs_grad(tensors) -> bool:
