@@ -201,15 +201,14 @@ class _EagerAutograd(torch.autograd.Function):
         setup, _ = op._mmfuse_autograd
         setup(ctx, tuple(args), out)
         flat_out, out_layout = _flatten(out if isinstance(out, tuple) else (out,))
-        ctx._mmfuse_eager = (op, layout, out_layout, isinstance(out, tuple))
+        ctx._mmfuse_eager = (op, layout, out_layout)
         out_box.append((out_layout, isinstance(out, tuple)))
         return tuple(flat_out)
 
     @staticmethod
     def backward(ctx, *flat_grads):
-        op, layout, out_layout, is_tuple = ctx._mmfuse_eager
-        grads = _unflatten(out_layout, flat_grads)
-        arg_grads = op._mmfuse_autograd[1](ctx, *grads) if is_tuple else op._mmfuse_autograd[1](ctx, grads[0])
+        op, layout, out_layout = ctx._mmfuse_eager
+        arg_grads = op._mmfuse_autograd[1](ctx, *_unflatten(out_layout, flat_grads))
         if not isinstance(arg_grads, tuple):
             arg_grads = (arg_grads,)
         if len(arg_grads) != len(layout):
