@@ -21,11 +21,13 @@ here without a GPU:
 The op dispatch needs TRITON_INTERPRET=1 before mmfuse is imported (CPU tensors go to the kernel
 path): ``main`` restarts the interpreter with it set when it was not.
 
-``--launch triton``: the launches go through Triton's own launch path instead of a recorder
-(``triton_launch_path``): the real ``JITFunction`` (heuristics, argument binding and specialisation,
-the cache key, launch metadata) over a stand-in CUDA driver whose target is sm_90 and whose launcher
-does nothing. The first call of each kernel compiles it for sm_90 (as ahead of time, no GPU); later calls
-time what a GPU host spends in Triton per launch, less the driver's own launch. This needs the
+``--launch triton``: the launches go through Triton instead of a recorder (``triton_launch_path``), as
+mmfuse launches them (``kernels/_launch.py``): the real ``JITFunction`` on a specialisation's first
+launch (argument binding and specialisation, the cache key, compiling), its kept launcher after, over a
+stand-in CUDA driver whose target is sm_90 and whose launcher does nothing. ``--launch triton-full``:
+``JITFunction.run`` on every launch. The first call of each kernel compiles it for sm_90 (as ahead of
+time, no GPU); later calls time what a GPU host spends in Triton per launch, less the driver's own
+launch. Both need the
 interpreter *off* (``@triton.jit`` then makes real JIT functions): ``main`` restarts without it, and
 the ops are pointed at their GPU path for CPU tensors.
 
@@ -137,11 +139,14 @@ class _StandInDriver:
 
 
 @contextlib.contextmanager
-def triton_launch_path(log: list | None = None):
+def triton_launch_path(log: list | None = None, replay: bool = True):
     """Within: every launch runs Triton's own launch path (``JITFunction.run``) over ``_StandInDriver``
-    and appends its kernel's name to ``log``; the ops take their GPU path for CPU tensors."""
+    and appends its kernel's name to ``log``; the ops take their GPU path for CPU tensors. ``replay``:
+    as mmfuse launches (``kernels/_launch.py``: a kept specialisation's launcher replayed, Triton's path
+    on a new one); False: Triton's path on every launch."""
     import mmfuse
     from mmfuse import _dispatch
+    from mmfuse.kernels import _launch
     from mmfuse.ops import cross_attention, linear, merged, patch_embed
     from triton.runtime.driver import driver
 
@@ -151,8 +156,9 @@ def triton_launch_path(log: list | None = None):
     log = [] if log is None else log
     ops = (cross_attention, linear, merged, patch_embed)
     saved = [(op, op.backend_for) for op in ops]
-    previous = driver._active
+    previous, previous_replay = driver._active, _launch.REPLAY
     driver.set_active(_StandInDriver(log))
+    _launch.REPLAY = replay
     try:
         for op in ops:
             op.backend_for = lambda *tensors: _dispatch.TRITON
@@ -161,6 +167,22 @@ def triton_launch_path(log: list | None = None):
         for op, fn in saved:
             op.backend_for = fn
         driver._active = previous
+        _launch.REPLAY = previous_replay
+        _launch.forget()  # (launchers of the stand-in driver)
+
+
+LAUNCHES = ("recorder", "triton", "triton-full")
+
+
+def launches(launch: str, decisions: str):
+    """The context ``launch`` names: "recorder" (``kernels_recorded``: no Triton code runs), "triton"
+    (``triton_launch_path``, as mmfuse launches) or "triton-full" (the same, Triton's path on every
+    launch); the last two take the GPU's decisions."""
+    if launch not in LAUNCHES:
+        raise ValueError(f"launch: expected one of {LAUNCHES}, got {launch!r}")
+    if launch == "recorder":
+        return kernels_recorded(decisions=decisions)
+    return triton_launch_path(replay=launch == "triton")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -246,13 +268,10 @@ def time_per_call(step, calls: int = 200, rounds: int = 5, warmup: int = 20) -> 
 def measure(images: int = 1, decisions: str = "gpu", calls: int = 200, rounds: int = 5, warmup: int = 20,
             tiny: bool = False, modes=("fwd", "fwd+bwd"), only: str | None = None,
             launch: str = "recorder") -> list[dict]:
-    """One row per (case, mode): microseconds per call and the kernels one call launched. ``launch``:
-    "recorder" (no Triton code runs) or "triton" (Triton's launch path, ``triton_launch_path``; GPU
-    decisions)."""
-    if launch not in ("recorder", "triton"):
-        raise ValueError(f"launch: expected 'recorder' or 'triton', got {launch!r}")
+    """One row per (case, mode): microseconds per call and the kernels one call launched. ``launch``: as
+    ``launches`` takes it."""
     rows = []
-    with (kernels_recorded(decisions=decisions) if launch == "recorder" else triton_launch_path()) as log:
+    with launches(launch, decisions) as log:
         for name, make in cases(images, tiny=tiny).items():
             if only and only not in name:
                 continue
@@ -269,15 +288,13 @@ def measure(images: int = 1, decisions: str = "gpu", calls: int = 200, rounds: i
 def profile(case: str, mode: str = "fwd", images: int = 1, decisions: str = "gpu", calls: int = 500,
             top: int = 25, sort: str = "tottime", launch: str = "recorder", tiny: bool = False) -> str:
     """cProfile of ``calls`` calls of the first case whose name contains ``case``: the top functions.
-    ``launch`` as in ``measure`` (with "triton" the profile holds Triton's launch path; without it, the
-    interpreter off, the ops would have run their PyTorch reference)."""
+    ``launch`` as in ``measure`` (with "triton" or "triton-full" the profile holds Triton's launch path;
+    without it, the interpreter off, the ops would have run their PyTorch reference)."""
     import cProfile
     import io
     import pstats
 
-    if launch not in ("recorder", "triton"):
-        raise ValueError(f"launch: expected 'recorder' or 'triton', got {launch!r}")
-    with kernels_recorded(decisions=decisions) if launch == "recorder" else triton_launch_path():
+    with launches(launch, decisions):
         name, make = next((n, m) for n, m in cases(images, tiny=tiny).items() if case in n)
         step = step_for(make, mode)
         for _ in range(20):
@@ -303,8 +320,9 @@ def main(argv=None) -> None:
     p.add_argument("--profile", metavar="CASE", default=None, help="cProfile the first case matching CASE")
     p.add_argument("--mode", choices=("fwd", "fwd+bwd"), default="fwd", help="mode of --profile")
     p.add_argument("--sort", default="tottime", help="cProfile sort key of --profile (tottime, cumtime)")
-    p.add_argument("--launch", choices=("recorder", "triton"), default="recorder",
-                   help="recorder: no Triton code runs; triton: Triton's launch path over a stand-in driver")
+    p.add_argument("--launch", choices=LAUNCHES, default="recorder",
+                   help="recorder: no Triton code runs; triton: Triton's launch path over a stand-in driver, as "
+                        "mmfuse launches; triton-full: the same without replaying a kept specialisation")
     p.add_argument("--modes", default="fwd,fwd+bwd", help="comma-separated: fwd, fwd+bwd")
     p.add_argument("--tiny", action="store_true", help="the cases at small shapes (tests)")
     args = p.parse_args(argv)
@@ -325,7 +343,8 @@ def main(argv=None) -> None:
         return
     import triton
 
-    what = "launches recorded" if args.launch == "recorder" else "Triton's launch path, a stand-in sm_90 driver"
+    what = {"recorder": "launches recorded", "triton": "Triton's launch path, a stand-in sm_90 driver",
+            "triton-full": "Triton's launch path on every launch (no replay), a stand-in sm_90 driver"}[args.launch]
     print(f"host time per call, kernels not run ({what}; decisions: "
           f"{args.decisions if args.launch == 'recorder' else 'gpu'}, images: {args.images}, "
           f"torch {torch.__version__}, "

@@ -64,6 +64,7 @@ from mmfuse.kernels._common import (
     num_sms,
     pair_value,
 )
+from mmfuse.kernels._launch import launch_kernel
 
 LOG2E = 1.4426950408889634
 
@@ -955,7 +956,7 @@ def attention_fwd(q, k, v, kv_lens, key_mask, scale, splits=None, acc=torch.floa
     grid = (cdiv(rows, BM), row_sets, splits)
     arrivals = _arrival_counters(q.device, grid[0] * grid[1]) if in_kernel else lse
     try:
-        attn_fwd_kernel[grid](
+        launch_kernel(attn_fwd_kernel, grid,
             q, k, v, k2, v2, o_t, l_t, o, lse, arrivals, lens, mask, *qs, *_strides4(k), *_strides4(v), *s2, *os_,
             *ls_, *o.stride(), *lse.stride(), *mask_strides, Hkv, Lq, Lk, L1, D, group, chunk, splits,
             *fp32_pair(scale * LOG2E, acc),
@@ -976,7 +977,7 @@ def attention_fwd(q, k, v, kv_lens, key_mask, scale, splits=None, acc=torch.floa
         raise
     if splits > 1 and not in_kernel:
         rb = rowwise_blocks(D)
-        attn_combine_kernel[(cdiv(Lq, rb["BLOCK_M"]), B * Hq)](
+        launch_kernel(attn_combine_kernel, (cdiv(Lq, rb["BLOCK_M"]), B * Hq),
             o_t, l_t, o, lse, *o_t.stride(), *l_t.stride(), *o.stride(), *lse.stride(), Hq, Lq, D, splits,
             ACC_DTYPE=_tl_acc(acc), **rb, num_stages=1, **LAUNCH_OPTIONS,
         )
@@ -1024,7 +1025,7 @@ def attention_bwd(do, q, k, v, o, lse, kv_lens, key_mask, scale, need_q=True, ne
                   num_warps=blk["num_warps"], num_stages=blk["num_stages"], **LAUNCH_OPTIONS)
     if delta.numel() and not single:
         rb = rowwise_blocks(D)
-        attn_delta_kernel[(cdiv(Lq, rb["BLOCK_M"]), B * Hq)](
+        launch_kernel(attn_delta_kernel, (cdiv(Lq, rb["BLOCK_M"]), B * Hq),
             o, do, delta, *_strides4(o), *_strides4(do), *delta.stride(), Hq, Lq, D,
             ACC_DTYPE=_tl_acc(acc), **rb, num_stages=1, **LAUNCH_OPTIONS)
     dq = dk = dv = None
@@ -1036,7 +1037,7 @@ def attention_bwd(do, q, k, v, o, lse, kv_lens, key_mask, scale, need_q=True, ne
         dv2 = empty(v2.shape, dtype=v.dtype, device=v.device) if two else dv
         kv_out = _strides4(dk) + _strides4(dv) + (_strides4(dk2) + _strides4(dv2) if two else [0] * 8)
         if B * Hkv * Lk * D and not single:
-            attn_bwd_dkdv_kernel[(cdiv(Lk, BN), B * Hkv)](
+            launch_kernel(attn_bwd_dkdv_kernel, (cdiv(Lk, BN), B * Hkv),
                 q, k, v, k2, v2, do, lse, delta, dk, dv, dk2, dv2, lens, mask,
                 *qs, *_strides4(k), *_strides4(v), *s2, *_strides4(do), *lse.stride(), *mask_strides,
                 *kv_out, Hkv, Lq, Lk, L1, D, Hq // Hkv, *fp32_pair(scale * LOG2E, acc), *fp32_pair(scale, acc),
@@ -1063,7 +1064,7 @@ def attention_bwd(do, q, k, v, o, lse, kv_lens, key_mask, scale, need_q=True, ne
             splits = cdiv(batch_loop, chunk) * key_splits
             # Shared queries, split over the batch: fp32 partials, summed below in split order.
             target = empty((splits, *q.shape), dtype=acc, device=q.device) if splits > 1 else dq
-            attn_bwd_dq_kernel[(cdiv(Lq, BM), Bq * Hq, splits)](
+            launch_kernel(attn_bwd_dq_kernel, (cdiv(Lq, BM), Bq * Hq, splits),
                 q, k, v, k2, v2, do, lse, delta, target, lens, mask,
                 o, *((dk, dv, dk2, dv2) if single else (delta,) * 4),
                 *qs, *_strides4(k), *_strides4(v), *s2, *_strides4(do), *lse.stride(), *mask_strides,

@@ -49,6 +49,7 @@ from mmfuse.kernels._common import (
     mma,
     num_sms,
 )
+from mmfuse.kernels._launch import launch_kernel
 from mmfuse.kernels._tuning import TileChooser
 
 
@@ -573,9 +574,9 @@ def _launch_gemm(a, b, c, *, bias=None, aux=None, activation=0,
             bk = block_k_for(bk, a.element_size())
         grid = (cdiv(M, bm) * cdiv(N, bn),)
         # EVEN_K from here, not ``triton.heuristics`` (its wrapper costs host time on every launch).
-        fused_gemm_kernel[grid](a, b, *outs, M, N, K, a.stride(0), a.stride(1), b.stride(0), b.stride(1),
-                                *out_strides, **flags, EVEN_K=K % bk == 0, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk,
-                                GROUP_M=GROUP_M, num_warps=warps, num_stages=stages, **LAUNCH_OPTIONS)
+        launch_kernel(fused_gemm_kernel, grid, a, b, *outs, M, N, K, a.stride(0), a.stride(1), b.stride(0),
+                      b.stride(1), *out_strides, **flags, EVEN_K=K % bk == 0, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk,
+                      GROUP_M=GROUP_M, num_warps=warps, num_stages=stages, **LAUNCH_OPTIONS)
 
     # Whether TMA can read every operand, and how (alignment does not depend on the tile); a second
     # operand must be read as its first is (the kernel has one A_TRANS and one B_TRANS).
@@ -596,7 +597,7 @@ def _launch_gemm(a, b, c, *, bias=None, aux=None, activation=0,
         a_desc, b_desc = _tma_operand(a, bm, bk, a_trans), _tma_operand(b, bk, bn, b_trans)
         a2_desc = _tma_operand(a2, bm, bk, a_trans) if two_k else a_desc  # (the same when unused)
         b2_desc = _tma_operand(b2, bk, bn, b_trans) if b2 is not None else b_desc
-        tma_gemm_kernel[(min(programs, cdiv(M, bm) * cdiv(N, bn)),)](
+        launch_kernel(tma_gemm_kernel, (min(programs, cdiv(M, bm) * cdiv(N, bn)),),
             a_desc, b_desc, *outs[:3], a2_desc, b2_desc, *outs[5:], M, N, K, *out_strides,
             **epilogue, **gate_flags, INPUT_PRECISION=flags["INPUT_PRECISION"], A_TRANS=a_trans, B_TRANS=b_trans,
             BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=GROUP_M, NUM_PROGRAMS=programs,
@@ -650,7 +651,7 @@ def act_grad(dy, h, activation):
     dh = empty((M, N), dtype=dy.dtype, device=dy.device)
     if dh.numel():
         bm, bn = ACT_GRAD_BLOCKS[dy.element_size()]
-        act_grad_kernel[(cdiv(M, bm), cdiv(N, bn))](
+        launch_kernel(act_grad_kernel, (cdiv(M, bm), cdiv(N, bn)),
             dy, h, dh, M, N,
             dy.stride(0), dy.stride(1), h.stride(0), h.stride(1), dh.stride(0), dh.stride(1),
             ACTIVATION=ACTIVATIONS[activation], ACC_DTYPE=acc_dtype(dy.dtype), BLOCK_M=bm, BLOCK_N=bn,

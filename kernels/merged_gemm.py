@@ -61,6 +61,7 @@ from mmfuse.kernels._common import (
     num_sms,
     pair_value,
 )
+from mmfuse.kernels._launch import launch_kernel
 from mmfuse.kernels.linear import (GROUP_M, INTERPRETER_TILE, _tma_tile, block_k_for, candidate_tiles,
                                    gated_epilogue, gemm_epilogue)
 from mmfuse.kernels import linear as KL
@@ -755,7 +756,7 @@ def norm_stats(merge: Merge, fold=None):
     w, wf = (fold, empty(fold.shape, dtype=fold.dtype, device=fold.device)) if fold is not None else (stats, stats)
     folds = cdiv(w.shape[0], br) if fold is not None else 0
     if programs + folds:
-        norm_stats_kernel[(programs + folds,)](
+        launch_kernel(norm_stats_kernel, (programs + folds,),
             x, merge.token_map, stats, w, merge.gamma if fold is not None else stats, wf,
             R, merge.C, G, x.stride(0), x.stride(1), merge.token_map.stride(0),
             *fp32_pair(merge.eps, stats.dtype),
@@ -875,7 +876,7 @@ def _launch(a, b, c, merge: Merge, mapped: int, M, N, K, strides, *, bias=None, 
                    KL._tma_operand(b2, bk, bn, b_trans) if gated else seconds[0])
             grid = (min(programs, grid[0]),)
             hopper = dict(TMA=True, A_TRANS=a_trans, B_TRANS=b_trans, NUM_PROGRAMS=programs)
-        mapped_gemm_kernel[grid](
+        launch_kernel(mapped_gemm_kernel, grid,
             ops[0], ops[1], c, bias if bias is not None else dummy, aux_t, merge.token_map, stats, gamma, beta,
             ops[2], *seconds[1:],
             M, N, K, merge.C, merge.G, *strides, aux_t.stride(0), aux_t.stride(1),
@@ -953,7 +954,7 @@ def normalised_rows(merge: Merge, stats: bool = False) -> torch.Tensor:
             merge.stats.fill_(float("nan"))
     if merge.M and merge.K:
         br, bc = _rowwise(merge.C)
-        norm_rows_kernel[(cdiv(merge.M, br),)](
+        launch_kernel(norm_rows_kernel, (cdiv(merge.M, br),),
             x, merge.token_map, merge.stats, merge.gamma, merge.beta, out, merge.M, merge.K, merge.C, merge.G,
             x.stride(0), x.stride(1), merge.token_map.stride(0), merge.gamma.stride(0), merge.beta.stride(0),
             out.stride(0), *fp32_pair(merge.eps, merge.stats.dtype), CENTER=merge.norm == "layer",
@@ -1063,7 +1064,7 @@ def norm_bwd(da, merge: Merge):
     dgamma_p = empty((programs, width), dtype=acc, device=x.device)
     dbeta_p = empty((programs, width), dtype=acc, device=x.device)
     if R:
-        norm_bwd_kernel[(programs,)](
+        launch_kernel(norm_bwd_kernel, (programs,),
             da, x, merge.token_map, merge.stats, merge.gamma, dx, dgamma_p, dbeta_p,
             R, merge.C, G, x.stride(0), x.stride(1), da.stride(0), da.stride(1), dx.stride(0), dx.stride(1),
             merge.token_map.stride(0), merge.gamma.stride(0), CENTER=merge.norm == "layer",
@@ -1093,7 +1094,7 @@ def pool_norm_fwd(x, table, G, norm=None, gamma=None, beta=None, eps=1e-6, gamma
     stats = empty((M, 2), dtype=acc, device=x.device) if norm else out
     if M and C:
         br, bc = pool_blocks(x.dtype)
-        pool_norm_fwd_kernel[(cdiv(M, br),)](
+        launch_kernel(pool_norm_fwd_kernel, (cdiv(M, br),),
             x, table, gamma if norm else out, beta if norm == "layer" else out, pooled, out, stats,
             M, C, G, x.stride(0), x.stride(1), table.stride(0), gamma.stride(0) if norm else 0,
             beta.stride(0) if norm == "layer" else 0, pooled.stride(0), out.stride(0), *fp32_pair(eps, acc),
@@ -1116,7 +1117,7 @@ def pool_norm_bwd(da, T, table, G, norm=None, gamma=None, pooled=None, stats=Non
     dgamma_p = empty((programs, C), dtype=acc, device=da.device) if norm else dx
     dbeta_p = empty((programs, C), dtype=acc, device=da.device) if norm else dx
     if M and C:
-        pool_norm_bwd_kernel[(programs,)](
+        launch_kernel(pool_norm_bwd_kernel, (programs,),
             da, pooled if norm else da, stats if norm else da, table, gamma if norm else da, dx, dgamma_p, dbeta_p,
             M, C, G, da.stride(0), da.stride(1), pooled.stride(0) if norm else 0, table.stride(0),
             gamma.stride(0) if norm else 0, dx.stride(0), dx.stride(1), *fp32_pair(gamma_shift, acc),

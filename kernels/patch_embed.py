@@ -59,6 +59,7 @@ from mmfuse.kernels._common import (
     PEAK_BYTES,
     PEAK_FLOPS,
 )
+from mmfuse.kernels._launch import launch_kernel
 from mmfuse.kernels._tuning import TileChooser, largest_tile
 from mmfuse.kernels.linear import MIN_WAVE_EFFICIENCY, block_k_for, wave_efficiency
 
@@ -482,9 +483,9 @@ def _launch(name, rows, cols, args, flags, elem_bytes, tile=None, *, red, key=()
                 run_args[i] = KL._tma_operand(t, *block(bm, bn, bk), False)
             grid, hopper = (min(grid[0] * splits, programs), 1), dict(TMA=True, NUM_PROGRAMS=programs)
         # EVEN_K from here, not ``triton.heuristics`` (its wrapper costs host time on every launch).
-        _kernels[name][grid](*run_args, **flags, **hopper, EVEN_K=args[_REDUCTION_ARG[name]] % bk == 0, BLOCK_M=bm,
-                             BLOCK_N=bn, BLOCK_K=bk, GROUP_M=GROUP_M, num_warps=warps, num_stages=stages,
-                             **LAUNCH_OPTIONS)
+        launch_kernel(_kernels[name], grid, *run_args, **flags, **hopper, EVEN_K=args[_REDUCTION_ARG[name]] % bk == 0,
+                      BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=GROUP_M, num_warps=warps, num_stages=stages,
+                      **LAUNCH_OPTIONS)
 
     if tile is None:  # a GPU tile chosen by the tests (gpu_config), else None
         tile = forced_tile(_KERNEL_NAMES[name])
@@ -718,7 +719,7 @@ def patch_embed_dw(dout, pixels5, weight_shape, with_bias: bool, tile=None, spli
     _launch("dw", D, KR, args, flags, dout.element_size(), tile, red=M, splits=splits, tma=tma)
     if splits > 1:
         bd, bk = COMBINE_BLOCK
-        dw_combine_kernel[(cdiv(D, bd), cdiv(K, bk))](
+        launch_kernel(dw_combine_kernel, (cdiv(D, bd), cdiv(K, bk)),
             part, dw, splits, D, K, *part.stride(), *dw.stride(), ACC_DTYPE=acc_dtype(dout.dtype), BLOCK_D=bd,
             BLOCK_K=bk, num_warps=4, num_stages=1, **LAUNCH_OPTIONS)  # as compiled by the compile check (aot_specs)
     return dw, db
@@ -741,7 +742,7 @@ def batch_sum(g, bias_from=None):
         return out, (torch.zeros(D, dtype=g.dtype, device=g.device) if bias_from is not None else None)
     bn, bd = BATCH_SUM_BLOCK
     colsum = empty((cdiv(N, bn), D), dtype=acc, device=g.device) if bias_from is not None else out
-    batch_sum_kernel[(cdiv(N, bn), cdiv(D, bd))](
+    launch_kernel(batch_sum_kernel, (cdiv(N, bn), cdiv(D, bd)),
         g, out, colsum, B, N, D, bias_from or 0, *g.stride(), *out.stride(), COL_SUMS=bias_from is not None,
         ACC_DTYPE=acc_dtype(g.dtype), BLOCK_N=bn, BLOCK_D=bd,
         num_warps=4, num_stages=1, **LAUNCH_OPTIONS)  # as compiled by the compile check (aot_specs)

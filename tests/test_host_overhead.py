@@ -207,7 +207,7 @@ def test_inference_calls_skip_torch_library_only_where_nothing_can_tell(monkeypa
 
 
 def test_triton_launch_path_mode_runs_tritons_own_launch_path():
-    # `--launch triton`: each launch goes through Triton's JITFunction (compiled for sm_90 on the first
+    # `--launch triton-full`: each launch goes through Triton's JITFunction (compiled for sm_90 on the first
     # call, no GPU) to a stand-in driver's launcher, which counts it; the script restarts itself without
     # the interpreter.
     import os
@@ -215,19 +215,21 @@ def test_triton_launch_path_mode_runs_tritons_own_launch_path():
     import sys
 
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    out = subprocess.run([sys.executable, "-m", "mmfuse.bench.host_overhead", "--launch", "triton", "--tiny",
+    out = subprocess.run([sys.executable, "-m", "mmfuse.bench.host_overhead", "--launch", "triton-full", "--tiny",
                           "--calls", "2", "--rounds", "1", "--modes", "fwd", "--only", "linear"],
                          capture_output=True, text=True, env=env, timeout=600)
     assert out.returncode == 0, out.stderr[-2000:]
     assert "Triton's launch path" in out.stdout
     row = next(line for line in out.stdout.splitlines() if line.startswith("linear"))
     assert float(row.split()[-3]) > 0 and row.endswith("1: fused_gemm_kernel"), row
-    # `--profile` in that mode profiles the same path (it once ran the PyTorch reference instead)
+    # `--profile` with `--launch triton` profiles mmfuse's launches (it once ran the PyTorch reference
+    # instead): after the warm-up, kept launchers replayed, no JITFunction.run
     out = subprocess.run([sys.executable, "-m", "mmfuse.bench.host_overhead", "--launch", "triton", "--tiny",
                           "--calls", "3", "--profile", "linear", "--sort", "cumtime"],
                          capture_output=True, text=True, env=env, timeout=600)
     assert out.returncode == 0, out.stderr[-2000:]
-    assert "linear" in out.stdout and "(run)" in out.stdout and "linear_reference" not in out.stdout, out.stdout
+    assert "linear" in out.stdout and "(launch_kernel)" in out.stdout and "(run)" not in out.stdout, out.stdout
+    assert "linear_reference" not in out.stdout, out.stdout
 
 
 def test_triton_launch_path_refuses_the_interpreter():
