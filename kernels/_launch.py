@@ -49,9 +49,6 @@ REPLAY = _REPLAY_SETTING == "1"
 #: compiled kernel). Listed here too, so that ``forget`` can empty them all.
 _REPLAYS: list = []
 
-_I32_MIN, _I32_MAX, _U64_FROM = -(2 ** 31), 2 ** 31 - 1, 2 ** 63
-
-
 class _Unkeyed(Exception):
     """An argument of a kind ``launch_kernel`` does not key: the launch takes Triton's path."""
 
@@ -61,16 +58,20 @@ def _other_class(a):
         return None
     if a.__class__ is float or a.__class__ is bool:
         return a.__class__
+    if isinstance(a, torch.Tensor):  # (a subclass: a Parameter)
+        return a.dtype, a.data_ptr() & 15 == 0
     raise _Unkeyed
 
 
 def _argument_classes(args) -> tuple:
-    # One expression per argument, the common kinds first: this runs on every launch. An int's class is -1
-    # for 1 (a constexpr to Triton), else bits: divisible by 16, fits i32, needs u64.
+    # One expression per argument, the common kinds first, constants inline: this runs on every launch.
+    # An int within i32: -1 for 1 (a constexpr to Triton), else whether 16 divides it; beyond: 2 + that,
+    # + 2 from 2^63 (i64 or u64).
     return tuple([
-        (-1 if a == 1 else (a & 15 == 0) | (_I32_MIN <= a <= _I32_MAX) << 1 | (a >= _U64_FROM) << 2)
+        ((-1 if a == 1 else a & 15 == 0) if -0x80000000 <= a <= 0x7FFFFFFF else
+         2 + (a & 15 == 0) + 2 * (a >= 0x8000000000000000))
         if a.__class__ is int else
-        (a.dtype, a.data_ptr() & 15 == 0) if isinstance(a, torch.Tensor) else
+        (a.dtype, a.data_ptr() & 15 == 0) if a.__class__ is torch.Tensor else
         _other_class(a)
         for a in args])
 
