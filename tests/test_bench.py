@@ -830,12 +830,25 @@ def test_kernel_profile_attention_against_sdpa():
         ran.append(all(torch.isfinite(t).all() for t in (out if isinstance(out, tuple) else (out,))))
         return 0.5 if len(ran) % 4 else 0.25
 
+    from mmfuse.kernels import _launch
+
+    replays = []
+
+    def wall(step):
+        replays.append(_launch.REPLAY)
+        step()
+        return 2.0
+
     rows = kernel_profile.attention_against_sdpa(device="cpu", shapes=shapes, batches=(1, 3), timer=timer,
-                                                 wall=lambda step: 2.0)
+                                                 wall=wall)
+    impls = ("mmfuse", "mmfuse, Triton's path", "sdpa")
     assert [(r["shape"], r["batch"], r["impl"]) for r in rows] == [
-        (s, b, i) for s in ("gqa", "mha") for b in (1, 3) for i in ("mmfuse", "sdpa")]
+        (s, b, i) for s in ("gqa", "mha") for b in (1, 3) for i in impls]
     assert all(ran) and len(ran) == 16 and not [r for r in rows if any("error" in k for k in r)]
+    # the middle row's calls ran with the replay off (wall time only), every other with it as it was
+    assert replays == [True, True, False, False, True, True] * 4 and _launch.REPLAY
     md = kernel_profile.markdown({"gpu": "x", "date": "d", "attention_vs_sdpa": rows})
     assert "| gqa | 1 | mmfuse | 0.5000 | 2.0000 | 0.5000 | 2.0000 | 1.00, 0.50 |" in md
+    assert "| gqa | 1 | mmfuse, Triton's path | not timed | 2.0000 | not timed | 2.0000 |  |" in md
     assert "| gqa | 1 | sdpa | 0.5000 | 2.0000 | 0.2500 | 2.0000 |  |" in md
     assert "attention_vs_sdpa" in kernel_profile.PARTS
