@@ -1,14 +1,17 @@
 """Every kernel launch: Triton's launch path, without re-binding arguments it has already specialised.
 
 ``kernel[grid](*args, **meta)`` (``JITFunction.run``) binds every argument, specialises each one, builds
-a cache key and looks up the compiled kernel, on every launch. For the attention forward's 61 arguments
-that is ~45 us of host time on this project's CPU, against ~1 us in the launcher itself (bench/NOTES.md,
-"Session 22"). ``launch_kernel`` makes the same lookup with a key of its own:
+a cache key and looks up the compiled kernel, on every launch: 21-29 us of host time per launch on this
+project's CPU (the attention forward passes 61 arguments), against ~1 us in the launcher itself; replayed,
+9-14 us (bench/NOTES.md, "Session 22"). ``launch_kernel`` makes the same lookup with a key of its own:
 
 * per argument, the classes Triton specialises on, never coarser: a tensor's dtype and whether its
   address is a multiple of 16; an int's equality with 1, divisibility by 16 and width (i32, i64, u64);
   a float, a bool or None by kind. Any other argument (a TMA descriptor) takes Triton's path;
 * every keyword (constexprs and compile options), the device, and the knobs that enter Triton's options.
+
+That is what Triton's own in-memory key holds (its specialisations and the options it is handed); what
+Triton reads only when compiling (the target override, the fp-fusion default) it does not key either.
 
 A key seen before replays the compiled kernel's launcher with the values Triton's path passes it (the
 positional arguments, then the constexprs and defaults in parameter order) on the device's current
