@@ -113,6 +113,9 @@ class _StandInDriver:
         def load_binary(self, name, kernel, shared, device):
             return 1, 1, 128, 0, 1024  # module, function, registers, spills, max threads
 
+        def unload_module(self, module):  # (Triton 3.9 unloads a freed kernel's module)
+            pass
+
     def __init__(self, log: list):
         self.log, self.utils, self.backend = log, self._Utils(), "cuda"
 
@@ -159,6 +162,7 @@ def triton_launch_path(log: list | None = None, replay: bool = True):
     previous, previous_replay = driver._active, _launch.REPLAY
     driver.set_active(_StandInDriver(log))
     _launch.REPLAY = replay
+    _launch.forget()  # (launchers of another driver)
     try:
         for op in ops:
             op.backend_for = lambda *tensors: _dispatch.TRITON

@@ -24,7 +24,9 @@ Not replayed: Triton's check that the globals a kernel reads are unchanged (mmfu
 Contract of every call site, checked on every key's first launch (and on every interpreted launch, so
 the test suite checks each site): runtime arguments by position, constexprs by keyword. A constexpr
 passed by position would be keyed by its class and replay the wrong kernel; a runtime argument passed by
-keyword would be keyed by its value and grow the cache with every new value.
+keyword would be keyed by its value and grow the cache with every new value. Not checked: a compile
+option (``num_warps``...) keeps one type per call site (keyed by equality, where Triton's key formats it:
+``4.0`` after ``4`` would replay where Triton's path raises).
 """
 
 from __future__ import annotations
@@ -32,6 +34,7 @@ from __future__ import annotations
 import functools
 import inspect
 import os
+import weakref
 
 import torch
 from triton import knobs
@@ -49,11 +52,21 @@ REPLAY = _REPLAY_SETTING == "1"
 
 #: Each kernel's replays, kept on the kernel (a ``JITFunction`` hashes by its source's cache key, under a
 #: lock): (device, knobs, keywords, argument classes) -> (launcher, function, packed metadata, tail,
-#: compiled kernel). Listed here too, so that ``forget`` can empty them all.
-_REPLAYS: list = []
+#: compiled kernel). The kernels holding some, weakly (a kernel made again goes with its replays), so that
+#: ``forget`` can empty them all.
+_REPLAYING = weakref.WeakSet()
 
 class _Unkeyed(Exception):
     """An argument of a kind ``launch_kernel`` does not key: the launch takes Triton's path."""
+
+
+def _wide_int_class(a: int) -> int:
+    """An int beyond i32: 2 + whether 16 divides it, + 2 from 2^63 (i64 or u64). Beyond u64 and i64
+    Triton's specialiser raises OverflowError, and Triton 3.6's launcher would wrap such a value silently:
+    Triton's path takes it."""
+    if not -0x8000000000000000 <= a <= 0xFFFFFFFFFFFFFFFF:
+        raise _Unkeyed
+    return 2 + (a & 15 == 0) + 2 * (a >= 0x8000000000000000)
 
 
 def _other_class(a):
@@ -68,11 +81,9 @@ def _other_class(a):
 
 def _argument_classes(args) -> tuple:
     # One expression per argument, the common kinds first, constants inline: this runs on every launch.
-    # An int within i32: -1 for 1 (a constexpr to Triton), else whether 16 divides it; beyond: 2 + that,
-    # + 2 from 2^63 (i64 or u64).
+    # An int within i32: -1 for 1 (a constexpr to Triton), else whether 16 divides it.
     return tuple([
-        ((-1 if a == 1 else a & 15 == 0) if -0x80000000 <= a <= 0x7FFFFFFF else
-         2 + (a & 15 == 0) + 2 * (a >= 0x8000000000000000))
+        ((-1 if a == 1 else a & 15 == 0) if -0x80000000 <= a <= 0x7FFFFFFF else _wide_int_class(a))
         if a.__class__ is int else
         (a.dtype, a.data_ptr() & 15 == 0) if a.__class__ is torch.Tensor else
         _other_class(a)
@@ -138,12 +149,12 @@ def launch_kernel(kernel, grid, *args, **meta):
     replays = kernel.__dict__.get("_mmfuse_replays")
     if replays is None:
         replays = kernel._mmfuse_replays = {}
-        _REPLAYS.append(replays)
+        _REPLAYING.add(kernel)
     entry = replays.get(key)
     if entry is None:
         check_call(kernel.fn, len(args), tuple(meta))
         compiled = kernel[grid](*args, **meta)
-        if compiled is not None:  # (None: Triton did not launch, e.g. compiling asynchronously)
+        if compiled is not None:  # (None: a ``jit_cache_hook`` skipped the compile; nothing launched)
             replays[key] = (compiled.run, compiled.function, compiled.packed_metadata,
                             _tail(kernel.fn, len(args), meta), compiled)
         return compiled
@@ -156,5 +167,5 @@ def launch_kernel(kernel, grid, *args, **meta):
 
 def forget() -> None:
     """Drops every kept replay: each key's next launch takes Triton's path again."""
-    for replays in _REPLAYS:
-        replays.clear()
+    for kernel in list(_REPLAYING):
+        kernel._mmfuse_replays.clear()

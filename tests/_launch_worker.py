@@ -50,6 +50,8 @@ def calls():
     q, k, v = t(1, 2, 5, 16), t(2, 1, 19, 16), t(2, 1, 19, 16)
     k2, v2 = t(2, 1, 6, 16), t(2, 1, 6, 16)
     lens = torch.tensor([19, 7], dtype=torch.int32)
+    xm, w1m, w2m, gm = t(6, 12), t(16, 24), t(8, 16), t(12) + 1
+    kl, vl = t(2, 1, 150, 16), t(2, 1, 150, 16)  # keys enough for two splits of the GPU's key blocks
     from mmfuse.kernels.cross_attention import attention_fwd
 
     def backward(fn, *inputs):
@@ -73,6 +75,10 @@ def calls():
         lambda: attention_fwd(q, k, v, None, None, 0.25, k2=k2, v2=v2),
         lambda: backward(lambda x, w, b: mmfuse.linear(x, w, b, "gelu"), x, w, b),
         lambda: backward(mmfuse.cross_attention, q, k, v),
+        lambda: backward(mmfuse.patch_embed, px, pw, pb, pos),
+        lambda: attention_fwd(q, kl, vl, None, None, 0.25, splits=2, combine="launch"),  # + the merge launch
+        lambda: backward(lambda x, w1, w2, g: mmfuse.merged_mlp(x, [w1, w2], None, "gelu", group=2, norm="rms",
+                                                                norm_weight=g), xm, w1m, w2m, gm),
     ]
 
 

@@ -22,7 +22,7 @@ def _specimens():
     base = torch.empty(64, dtype=torch.float32)
     ints = [0, 1, 2, 15, 16, 17, 32, -1, -15, -16, -17, 2 ** 31 - 16, 2 ** 31 - 1, 2 ** 31, 2 ** 31 + 16,
             -(2 ** 31), -(2 ** 31) - 1, -(2 ** 31) - 16, 2 ** 32, 2 ** 40 + 1, 2 ** 63 - 16, 2 ** 63, 2 ** 63 + 16,
-            2 ** 64 - 16]
+            2 ** 64 - 16, 2 ** 64 - 1, -(2 ** 63), -(2 ** 63) + 16]
     tensors = [base[i:] for i in range(5)] + [base.to(dt)[i:] for dt in (torch.float16, torch.bfloat16)
                                               for i in (0, 1, 8)]
     tensors += [torch.empty(4, dtype=torch.int32), torch.empty(4, dtype=torch.int64)[1:], torch.empty(3, 5).t()]
@@ -42,6 +42,12 @@ def test_argument_classes_never_coarser_than_tritons_specialisation():
         assert seen.setdefault(cls, spec) == spec, (a, cls, spec, seen[cls])
     # ... and the classes are not trivially fine: ints fall into Triton's few classes
     assert len({_launch._argument_classes((i,))[0] for i in range(1, 1000)}) == 3
+    # Past u64 and i64 Triton raises (and 3.6's launcher would wrap the value): Triton's path takes them
+    for a in (2 ** 64, 2 ** 64 + 16, -(2 ** 63) - 1, -(2 ** 63) - 16):
+        with pytest.raises(OverflowError):
+            native_specialize_impl(CUDABackend, a, False, True, True)
+        with pytest.raises(_launch._Unkeyed):
+            _launch._argument_classes((a,))
 
 
 @pytest.mark.parametrize("arg", [object(), "tf32", torch.float16, [1, 2]])
@@ -87,7 +93,8 @@ def test_interpreted_launches_check_the_contract():
 def test_replayed_launches_are_tritons_own():
     # With the interpreter off, over the stand-in sm_90 driver: every launch of a spread of calls (each op,
     # forward and backward, and arguments that change a specialisation: an address off 16 bytes, a stride
-    # of 1, another dtype, no bias, a padding mask, a second key source) made as mmfuse makes it and again
+    # of 1, another dtype, no bias, a padding mask, a second key source, the split forward's merge launch)
+    # made as mmfuse makes it and again
     # by Triton's own path; the launchers must be handed the same compiled kernel and the same values.
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     worker = os.path.join(os.path.dirname(__file__), "_launch_worker.py")
@@ -98,8 +105,10 @@ def test_replayed_launches_are_tritons_own():
     per_sweep = report["launches"] // 2
     # the first sweep replays only repeats of a key it has seen; the second replays every launch
     assert 0 < report["replayed_sweep_0"] < per_sweep and report["replayed_sweep_1"] == per_sweep, report
-    assert {"fused_gemm_kernel", "act_grad_kernel", "patch_embed_fwd_kernel", "attn_fwd_kernel",
-            "attn_delta_kernel", "attn_bwd_dkdv_kernel", "attn_bwd_dq_kernel"} <= set(report["kernels"]), report
+    assert {"fused_gemm_kernel", "act_grad_kernel", "patch_embed_fwd_kernel", "patch_embed_dx_kernel",
+            "patch_embed_dw_kernel", "batch_sum_kernel", "attn_fwd_kernel", "attn_combine_kernel",
+            "attn_delta_kernel", "attn_bwd_dkdv_kernel", "attn_bwd_dq_kernel", "norm_stats_kernel",
+            "mapped_gemm_kernel", "norm_bwd_kernel"} <= set(report["kernels"]), report
     # with a launch hook installed (a profiler), every launch takes Triton's path
     assert report["hooked_jit_runs"] == report["hooked_launches"] > 0, report
 
