@@ -27,9 +27,8 @@ launch (argument binding and specialisation, the cache key, compiling), its kept
 stand-in CUDA driver whose target is sm_90 and whose launcher does nothing. ``--launch triton-full``:
 ``JITFunction.run`` on every launch. The first call of each kernel compiles it for sm_90 (as ahead of
 time, no GPU); later calls time what a GPU host spends in Triton per launch, less the driver's own
-launch. Both need the
-interpreter *off* (``@triton.jit`` then makes real JIT functions): ``main`` restarts without it, and
-the ops are pointed at their GPU path for CPU tensors.
+launch. Both need the interpreter *off* (``@triton.jit`` then makes real JIT functions): ``main``
+restarts without it, and the ops are pointed at their GPU path for CPU tensors.
 
 Per call: the median over ``--rounds`` rounds of the mean of ``--calls`` calls, after a warm-up.
 """
@@ -143,10 +142,10 @@ class _StandInDriver:
 
 @contextlib.contextmanager
 def triton_launch_path(log: list | None = None, replay: bool = True):
-    """Within: every launch runs Triton's own launch path (``JITFunction.run``) over ``_StandInDriver``
-    and appends its kernel's name to ``log``; the ops take their GPU path for CPU tensors. ``replay``:
-    as mmfuse launches (``kernels/_launch.py``: a kept specialisation's launcher replayed, Triton's path
-    on a new one); False: Triton's path on every launch."""
+    """Within: every launch goes through Triton over ``_StandInDriver`` and appends its kernel's name to
+    ``log``; the ops take their GPU path for CPU tensors. ``replay``: as mmfuse launches
+    (``kernels/_launch.py``: a kept specialisation's launcher replayed, ``JITFunction.run`` on a new
+    one); False: ``JITFunction.run`` on every launch."""
     import mmfuse
     from mmfuse import _dispatch
     from mmfuse.kernels import _launch
