@@ -570,6 +570,10 @@ def host_ms(fn, calls: int = 50) -> float:
     return (time.perf_counter() - t0) / calls * 1e3
 
 
+#: The row of ``attention_against_sdpa`` timing mmfuse with every launch through ``JITFunction.run``.
+WITHOUT_REPLAY = "mmfuse, Triton's path"
+
+
 def attention_against_sdpa(device: str = "cuda", shapes=None, batches=(1, 8, 64), timer=None,
                            wall=None) -> list[dict]:
     """mmfuse's cross-attention at its defaults against SDPA with ``enable_gqa`` (transformers' route
@@ -577,7 +581,7 @@ def attention_against_sdpa(device: str = "cuda", shapes=None, batches=(1, 8, 64)
     queries): device time (``timer``: ``device_ms``) and wall time per call (``wall``: ``host_ms``). Session
     20 took these with a probe of its own (``h100-2026-11-27-session20/call3``); issue 13's goal is
     this table at >= 1.0x, and session 21's host-time predictions are read from its wall column. The row
-    "mmfuse, Triton's path" is the same call with every launch through ``JITFunction.run``
+    ``WITHOUT_REPLAY`` is the same call with every launch through ``JITFunction.run``
     (``MMFUSE_LAUNCH_REPLAY=0``): wall time only, the kernels being the same (session 22's prediction)."""
     import torch.nn.functional as F
 
@@ -597,7 +601,7 @@ def attention_against_sdpa(device: str = "cuda", shapes=None, batches=(1, 8, 64)
             gqa = s.heads != s.kv_heads
             calls = {
                 "mmfuse": lambda: mmfuse.cross_attention(q, k, v),
-                "mmfuse, Triton's path": lambda: mmfuse.cross_attention(q, k, v),
+                WITHOUT_REPLAY: lambda: mmfuse.cross_attention(q, k, v),
                 "sdpa": lambda: F.scaled_dot_product_attention(q.expand(batch, -1, -1, -1), k, v, enable_gqa=gqa),
             }
             for impl, call in calls.items():
@@ -610,7 +614,7 @@ def attention_against_sdpa(device: str = "cuda", shapes=None, batches=(1, 8, 64)
                         return torch.autograd.grad(call(), (q, k, v), do)
                     replay = _launch.REPLAY
                     try:
-                        if impl == "mmfuse, Triton's path":
+                        if impl == WITHOUT_REPLAY:
                             _launch.REPLAY = False
                             row[f"{mode} wall ms"] = wall(step)
                         else:
@@ -746,7 +750,7 @@ def markdown(result: dict) -> str:
         def cell(r, key):
             if key in r:
                 return f"{r[key]:.4f}"
-            return "not timed" if r["impl"] == "mmfuse, Triton's path" and "device" in key else "failed"
+            return "not timed" if r["impl"] == WITHOUT_REPLAY and "device" in key else "failed"
 
         for r in versus:
             base = sdpa.get((r["shape"], r["batch"]), {})
